@@ -1,0 +1,162 @@
+//! The container engine as the agent sees it: a small trait over the Docker Engine API.
+//!
+//! [`docker::DockerEngine`] speaks the Docker Engine API v1.41 over a unix socket (it
+//! works against `dockerd`, balenaEngine and podman's compatible service);
+//! [`fake::FakeEngine`] is an in-memory engine for tests of the core.
+//!
+//! Ownership: every object the agent creates carries the label [`LABEL_MANAGED`]`=true`;
+//! the agent lists, changes and removes only objects with that label, and never touches
+//! anything else on the engine.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use fleet_spec::model::{ContainerSpec, ImageRef, NetworkSpec, VolumeSpec};
+
+pub mod docker;
+pub mod fake;
+
+/// Marks an object as managed by the agent.
+pub const LABEL_MANAGED: &str = "io.fleet.managed";
+/// The fleet the object belongs to.
+pub const LABEL_FLEET: &str = "io.fleet.fleet";
+/// The app (fleet repo `apps/<app>`) a container belongs to.
+pub const LABEL_APP: &str = "io.fleet.app";
+/// `DesiredState::container_hash` of the spec the container was created from.
+pub const LABEL_SPEC_HASH: &str = "io.fleet.spec-hash";
+
+/// A managed container as the engine reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedContainer {
+    pub id: String,
+    pub name: String,
+    /// The image reference the container was created from.
+    pub image: String,
+    pub labels: BTreeMap<String, String>,
+    pub running: bool,
+    pub health: Health,
+    pub restart_count: u64,
+    /// Exit code of the last run, when it has stopped.
+    pub exit_code: Option<i64>,
+}
+
+impl ObservedContainer {
+    pub fn spec_hash(&self) -> Option<&str> {
+        self.labels.get(LABEL_SPEC_HASH).map(String::as_str)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// The container has no healthcheck.
+    None,
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::None => "none",
+            Health::Starting => "starting",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// Credentials for one registry, from `agent.toml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+    pub server: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The engine cannot be reached: the device is `degraded` until it is back.
+    #[error("container engine at {socket} is unreachable: {reason} (is dockerd/podman running?)")]
+    Unreachable { socket: String, reason: String },
+    #[error("engine refused {op} on {object}: HTTP {status}: {message}")]
+    Api { op: &'static str, object: String, status: u16, message: String },
+    #[error("image {image} cannot be pulled: {message}")]
+    Pull { image: String, message: String },
+    #[error("engine answered {op} with a body that cannot be read: {reason}")]
+    Protocol { op: &'static str, reason: String },
+}
+
+/// Something the engine reports about a managed container (from `/events`), which
+/// makes the agent reconcile now instead of at its next tick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineEvent {
+    /// Container name.
+    pub name: String,
+    /// Docker's action: `die`, `stop`, `destroy`, `health_status: unhealthy`, ...
+    pub action: String,
+}
+
+/// The operations the agent needs from a container engine. Names are engine-wide
+/// container/network/volume names; `labels` are added on top of the spec's own.
+#[allow(async_fn_in_trait)]
+pub trait Engine {
+    /// Is the engine reachable?
+    fn ping(&self) -> impl Future<Output = Result<(), EngineError>>;
+
+    /// All containers (running or not) with `LABEL_MANAGED=true`.
+    fn list_managed(&self) -> impl Future<Output = Result<Vec<ObservedContainer>, EngineError>>;
+
+    /// Is this image (by `ImageRef::pull_reference()`) present locally?
+    fn image_present(&self, image: &ImageRef) -> impl Future<Output = Result<bool, EngineError>>;
+
+    /// Pulls the image (by digest when pinned). Waits until the pull finished and
+    /// reports a pull that failed half-way as an error.
+    fn pull(
+        &self,
+        image: &ImageRef,
+        auth: Option<&RegistryAuth>,
+    ) -> impl Future<Output = Result<(), EngineError>>;
+
+    /// Creates (does not start) a container from the spec, attached to its networks with
+    /// their aliases, with `labels` added. Returns the container id.
+    fn create(
+        &self,
+        spec: &ContainerSpec,
+        labels: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<String, EngineError>>;
+
+    /// Starts a container; starting a running one is not an error.
+    fn start(&self, name: &str) -> impl Future<Output = Result<(), EngineError>>;
+
+    /// Stops (with the given grace period) and removes a container, and its anonymous
+    /// volumes; a missing container is not an error.
+    fn remove(&self, name: &str, grace_secs: u32) -> impl Future<Output = Result<(), EngineError>>;
+
+    /// One managed container by name, `None` when it does not exist.
+    fn inspect(&self, name: &str) -> impl Future<Output = Result<Option<ObservedContainer>, EngineError>>;
+
+    /// Names of networks with `LABEL_MANAGED=true`.
+    fn list_managed_networks(&self) -> impl Future<Output = Result<Vec<String>, EngineError>>;
+    /// Creates a bridge network (no error if it exists).
+    fn create_network(
+        &self,
+        spec: &NetworkSpec,
+        labels: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), EngineError>>;
+    fn remove_network(&self, name: &str) -> impl Future<Output = Result<(), EngineError>>;
+
+    /// Names of volumes with `LABEL_MANAGED=true`.
+    fn list_managed_volumes(&self) -> impl Future<Output = Result<Vec<String>, EngineError>>;
+    /// Creates a local volume (no error if it exists; its data is kept).
+    fn create_volume(
+        &self,
+        spec: &VolumeSpec,
+        labels: &BTreeMap<String, String>,
+    ) -> impl Future<Output = Result<(), EngineError>>;
+    fn remove_volume(&self, name: &str) -> impl Future<Output = Result<(), EngineError>>;
+
+    /// Waits for the next event about a managed container. Returns `Ok(None)` when the
+    /// event stream ended (the caller reconnects later).
+    fn next_event(&self) -> impl Future<Output = Result<Option<EngineEvent>, EngineError>>;
+}

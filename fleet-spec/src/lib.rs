@@ -1,0 +1,23 @@
+//! The shared vocabulary of the fleet.
+//!
+//! - [`model`]: a device's desired state (files, containers, networks, volumes).
+//! - [`bundle`]: the signed bundle format and its verification in numbered steps.
+//! - [`keys`]: ed25519 keys and key ids.
+//! - [`messages`]: the JSON announcement, status report and events on MQTT.
+//! - [`topic`]: the MQTT topic scheme.
+//!
+//! Architecture invariant: this crate does no I/O, reads no clock and knows no async
+//! runtime. Callers pass `now` and their trust state in, and persist what comes out. The
+//! one exception is the opt-in `keyfile` feature ([`keys::file`]).
+
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod keys;
+pub mod messages;
+pub mod model;
+pub mod topic;
+
+pub use bundle::{verify, Expectation, Limits, Manifest, TrustState, TrustedKeys, Verified, VerifyError};
+pub use keys::{KeyId, PublicKey, SigningKey};
+pub use model::DesiredState;

@@ -1,0 +1,386 @@
+//! The desired state of one device: the files it should hold and the containers,
+//! networks and volumes it should run.
+//!
+//! This is what a bundle's payload carries. It is built by the bundler and applied by
+//! the agent. Every collection is ordered (`Vec` sorted by [`DesiredState::canonicalize`],
+//! `BTreeMap` for maps), so the same state always encodes to the same bytes.
+//!
+//! This module never does I/O.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Everything one device should hold, as declared by the fleet repository at one commit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    /// Managed files, sorted by path.
+    pub files: Vec<ManagedFile>,
+    /// Managed containers, sorted by name.
+    pub containers: Vec<ContainerSpec>,
+    /// Networks the containers attach to, sorted by name.
+    pub networks: Vec<NetworkSpec>,
+    /// Named volumes the containers mount, sorted by name.
+    pub volumes: Vec<VolumeSpec>,
+}
+
+/// A file the agent writes atomically and keeps in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagedFile {
+    /// Absolute path on the device. The agent refuses paths outside its allowed roots.
+    pub path: String,
+    /// Unix permission bits, e.g. `0o644`.
+    pub mode: u32,
+    /// Owner; `None` keeps the agent's own user.
+    pub owner: Option<Owner>,
+    /// The bytes of the file.
+    #[serde(with = "serde_bytes_compat")]
+    pub content: Vec<u8>,
+}
+
+/// Numeric owner of a managed file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl ManagedFile {
+    /// Hex sha256 of the content: how drift and "mounted file changed" are detected.
+    pub fn content_sha256(&self) -> String {
+        hex::encode(Sha256::digest(&self.content))
+    }
+}
+
+/// One container, in the terms of the Docker Engine API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// Engine-wide container name, `<app>-<service>` unless the Compose file sets
+    /// `container_name`. Matches `[a-zA-Z0-9][a-zA-Z0-9_.-]+`.
+    pub name: String,
+    /// The app (fleet repo `apps/<app>`) this container belongs to.
+    pub app: String,
+    /// The Compose service name.
+    pub service: String,
+    pub image: ImageRef,
+    /// Overrides the image's `CMD`.
+    pub command: Option<Vec<String>>,
+    /// Overrides the image's `ENTRYPOINT`.
+    pub entrypoint: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    pub user: Option<String>,
+    pub hostname: Option<String>,
+    pub ports: Vec<PortMapping>,
+    /// Ports exposed to other containers only (`expose:`), e.g. `"8080/tcp"`.
+    pub expose: Vec<String>,
+    pub mounts: Vec<Mount>,
+    pub networks: Vec<NetworkAttachment>,
+    /// Docker's network mode (`host`, `none`, ...) when set; then `networks` is empty.
+    pub network_mode: Option<String>,
+    pub restart: RestartPolicy,
+    pub healthcheck: Option<Healthcheck>,
+    pub labels: BTreeMap<String, String>,
+    pub depends_on: Vec<Dependency>,
+    pub devices: Vec<DeviceMapping>,
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    pub privileged: bool,
+    pub stop_signal: Option<String>,
+    /// Memory limit in bytes.
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in billionths of a CPU (Docker's `NanoCpus`).
+    pub nano_cpus: Option<u64>,
+}
+
+/// An image reference, pinned by digest where the bundler could resolve one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRef {
+    /// The reference as written, e.g. `registry:5000/app:1.2` (without `@digest`).
+    pub reference: String,
+    /// `sha256:<hex>` when pinned.
+    pub digest: Option<String>,
+}
+
+impl ImageRef {
+    /// What to ask the engine for: `repo@sha256:...` when pinned, else the tag reference.
+    pub fn pull_reference(&self) -> String {
+        match &self.digest {
+            Some(d) => {
+                let repo = strip_tag(&self.reference);
+                format!("{repo}@{d}")
+            }
+            None => self.reference.clone(),
+        }
+    }
+}
+
+/// `host:5000/a/b:tag` → `host:5000/a/b` (a registry port is not a tag).
+fn strip_tag(reference: &str) -> &str {
+    let name_start = reference.rfind('/').map_or(0, |i| i + 1);
+    match reference[name_start..].rfind(':') {
+        Some(i) => &reference[..name_start + i],
+        None => reference,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    /// Host address to bind, e.g. `127.0.0.1`; `None` binds all.
+    pub host_ip: Option<String>,
+    pub host_port: Option<u16>,
+    pub container_port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    pub source: MountSource,
+    /// Path inside the container.
+    pub target: String,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MountSource {
+    /// A host path. When it is a managed file, the container is recreated when the
+    /// file's content changes.
+    Bind(String),
+    /// A named volume of [`DesiredState::volumes`].
+    Volume(String),
+    /// An anonymous tmpfs.
+    Tmpfs,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkAttachment {
+    /// A network of [`DesiredState::networks`].
+    pub network: String,
+    /// Names other containers on the network resolve to this one (the service name).
+    pub aliases: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RestartPolicy {
+    #[default]
+    No,
+    Always,
+    OnFailure,
+    UnlessStopped,
+}
+
+impl RestartPolicy {
+    /// The Docker Engine API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::No => "no",
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::UnlessStopped => "unless-stopped",
+        }
+    }
+}
+
+/// A healthcheck in Docker's terms; durations in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Healthcheck {
+    /// `["CMD", ...]`, `["CMD-SHELL", "..."]` or `["NONE"]`.
+    pub test: Vec<String>,
+    pub interval_ms: Option<u64>,
+    pub timeout_ms: Option<u64>,
+    pub retries: Option<u32>,
+    pub start_period_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dependency {
+    /// The container name this one depends on.
+    pub container: String,
+    pub condition: DependencyCondition,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DependencyCondition {
+    #[default]
+    Started,
+    Healthy,
+    CompletedSuccessfully,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceMapping {
+    pub host_path: String,
+    pub container_path: String,
+    /// cgroup permissions, e.g. `rwm`.
+    pub permissions: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    /// Engine-wide name, e.g. `<app>_default`.
+    pub name: String,
+    pub internal: bool,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeSpec {
+    /// Engine-wide name, e.g. `<app>_data`.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl DesiredState {
+    /// Sorts every collection so equal states encode to equal bytes.
+    pub fn canonicalize(&mut self) {
+        self.files.sort_by(|a, b| a.path.cmp(&b.path));
+        self.containers.sort_by(|a, b| a.name.cmp(&b.name));
+        self.networks.sort_by(|a, b| a.name.cmp(&b.name));
+        self.volumes.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+
+    /// The canonical postcard encoding (the bundle payload before compression).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut canonical = self.clone();
+        canonical.canonicalize();
+        postcard::to_stdvec(&canonical).expect("encoding into a Vec cannot fail")
+    }
+
+    /// Decodes a payload; trailing bytes are an error.
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        let (state, rest) = postcard::take_from_bytes::<DesiredState>(bytes)?;
+        if rest.is_empty() {
+            Ok(state)
+        } else {
+            Err(postcard::Error::DeserializeBadEncoding)
+        }
+    }
+
+    /// Hex sha256 of the canonical encoding: "did this device's desired state change?"
+    pub fn digest(&self) -> String {
+        hex::encode(Sha256::digest(self.encode()))
+    }
+
+    pub fn file(&self, path: &str) -> Option<&ManagedFile> {
+        self.files.iter().find(|f| f.path == path)
+    }
+
+    /// The hash the agent stores in a container's label to know whether it must be
+    /// recreated: the spec itself plus the content of every managed file it bind-mounts
+    /// (so editing a mounted config file in Git restarts the container).
+    pub fn container_hash(&self, container: &ContainerSpec) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(postcard::to_stdvec(container).expect("encoding into a Vec cannot fail"));
+        for mount in &container.mounts {
+            if let MountSource::Bind(source) = &mount.source {
+                let mounted = self
+                    .files
+                    .iter()
+                    .filter(|f| f.path == *source || is_under(&f.path, source));
+                for file in mounted {
+                    hasher.update(file.path.as_bytes());
+                    hasher.update([0]);
+                    hasher.update(Sha256::digest(&file.content));
+                }
+            }
+        }
+        hex::encode(hasher.finalize())
+    }
+}
+
+/// True when `path` lies strictly below directory `dir`.
+fn is_under(path: &str, dir: &str) -> bool {
+    let dir = dir.trim_end_matches('/');
+    path.len() > dir.len() + 1 && path.starts_with(dir) && path.as_bytes()[dir.len()] == b'/'
+}
+
+/// Serializes `Vec<u8>` as a byte string (compact in postcard, base-16-free in JSON).
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(Visitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pull_reference_pins_by_digest_and_keeps_registry_port() {
+        let image = ImageRef {
+            reference: "127.0.0.1:5000/team/app:1.2".into(),
+            digest: Some("sha256:ab".into()),
+        };
+        assert_eq!(image.pull_reference(), "127.0.0.1:5000/team/app@sha256:ab");
+        let untagged = ImageRef { reference: "127.0.0.1:5000/app".into(), digest: Some("sha256:cd".into()) };
+        assert_eq!(untagged.pull_reference(), "127.0.0.1:5000/app@sha256:cd");
+        let tag_only = ImageRef { reference: "busybox:1".into(), digest: None };
+        assert_eq!(tag_only.pull_reference(), "busybox:1");
+    }
+
+    #[test]
+    fn container_hash_changes_when_a_mounted_file_changes() {
+        let container = ContainerSpec {
+            name: "web".into(),
+            mounts: vec![Mount {
+                source: MountSource::Bind("/etc/app".into()),
+                target: "/conf".into(),
+                read_only: true,
+            }],
+            ..Default::default()
+        };
+        let mut state = DesiredState {
+            files: vec![ManagedFile { path: "/etc/app/a.conf".into(), mode: 0o644, owner: None, content: b"1".to_vec() }],
+            containers: vec![container.clone()],
+            ..Default::default()
+        };
+        let before = state.container_hash(&container);
+        state.files[0].content = b"2".to_vec();
+        assert_ne!(before, state.container_hash(&container));
+        state.files.push(ManagedFile { path: "/etc/application".into(), mode: 0o644, owner: None, content: b"x".to_vec() });
+        let unrelated = state.container_hash(&container);
+        state.files[1].content = b"y".to_vec();
+        assert_eq!(unrelated, state.container_hash(&container), "a sibling path is not under the mount");
+    }
+}

@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# Installs everything the fleet test suite and demo need on a fresh Debian 12 machine.
+#
+#   scripts/setup.sh            # MQTT broker, Docker Engine, podman, registry, busybox, tools
+#   scripts/setup.sh --cross    # ... plus the Debian Rust toolchain for aarch64 cross builds
+#                               #     (same as FLEET_SETUP_CROSS=1)
+#
+# Idempotent: when everything is already installed it returns in about a second.
+# Starts no services (package maintainer scripts are kept from starting daemons too):
+# the tests start their own instances on free loopback ports.
+# See /work/shared/ENVIRONMENT.md (or the project docs) for the recipes this follows.
+set -euo pipefail
+
+export DEBIAN_FRONTEND=noninteractive
+
+BASE_PKGS=(
+    mosquitto mosquitto-clients
+    docker.io
+    podman runc
+    docker-registry
+    busybox-static
+    time curl git ca-certificates jq
+)
+CROSS_ARCH=arm64
+CROSS_PKGS=(
+    rustc-web cargo-web "libstd-rust-web-dev:${CROSS_ARCH}"
+    gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+    qemu-user-static
+)
+APT_ATTEMPTS=5
+
+CROSS="${FLEET_SETUP_CROSS:-0}"
+for arg in "$@"; do
+    case "$arg" in
+        --cross) CROSS=1 ;;
+        -h | --help)
+            sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "setup.sh: unknown argument: $arg (try --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+warn() { printf '\033[1;33m[setup] WARNING:\033[0m %s\n' "$*" >&2; }
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo --preserve-env=DEBIAN_FRONTEND)
+    else
+        echo "setup.sh: must run as root (or with sudo available)" >&2
+        exit 1
+    fi
+fi
+as_root() { "${SUDO[@]}" "$@"; }
+
+# Prints the packages (of the arguments) that are not installed, one per line.
+missing_pkgs() {
+    local p
+    for p in "$@"; do
+        if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then
+            echo "$p"
+        fi
+    done
+}
+
+# Keep maintainer scripts from starting daemons (mosquitto, dockerd, registry) on install.
+# Docker-style images already ship a policy-rc.d; only add (and later remove) our own.
+POLICY_RC=/usr/sbin/policy-rc.d
+OWN_POLICY_RC=0
+block_service_starts() {
+    if [ ! -e "$POLICY_RC" ]; then
+        printf '#!/bin/sh\n# temporary, from fleet scripts/setup.sh\nexit 101\n' |
+            as_root tee "$POLICY_RC" >/dev/null
+        as_root chmod 755 "$POLICY_RC"
+        OWN_POLICY_RC=1
+    fi
+}
+restore_service_starts() {
+    if [ "$OWN_POLICY_RC" = 1 ]; then
+        as_root rm -f "$POLICY_RC"
+        OWN_POLICY_RC=0
+    fi
+}
+trap restore_service_starts EXIT
+
+# apt_install PKG...: runs `apt-get update` + `apt-get install` up to APT_ATTEMPTS times,
+# until every package is installed. The exit code of `apt-get update` is not trusted
+# either way (a mirror mid-sync or an unreachable third-party list makes it fail while
+# the lists we need are fine): success means `dpkg -s` shows every package installed.
+apt_install() {
+    local attempt missing
+    for attempt in $(seq 1 "$APT_ATTEMPTS"); do
+        mapfile -t missing < <(missing_pkgs "$@")
+        [ "${#missing[@]}" -eq 0 ] && return 0
+        log "attempt $attempt/$APT_ATTEMPTS: installing ${missing[*]}"
+        if ! as_root apt-get update -q 2>&1 | tail -n 5 >&2; then
+            :
+        fi
+        if as_root apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; then
+            :
+        else
+            warn "apt-get install failed (attempt $attempt/$APT_ATTEMPTS)"
+        fi
+        mapfile -t missing < <(missing_pkgs "$@")
+        [ "${#missing[@]}" -eq 0 ] && return 0
+        if [ "$attempt" -lt "$APT_ATTEMPTS" ]; then
+            sleep $((attempt * 5))
+        fi
+    done
+    mapfile -t missing < <(missing_pkgs "$@")
+    warn "still missing after $APT_ATTEMPTS attempts: ${missing[*]}"
+    return 1
+}
+
+setup_base() {
+    local missing
+    mapfile -t missing < <(missing_pkgs "${BASE_PKGS[@]}")
+    if [ "${#missing[@]}" -eq 0 ]; then
+        log "base packages already installed"
+        return 0
+    fi
+    block_service_starts
+    apt_install "${BASE_PKGS[@]}"
+}
+
+# Never fails the caller: reports what is missing instead.
+setup_cross() {
+    local missing
+    if ! dpkg --print-foreign-architectures | grep -qx "$CROSS_ARCH"; then
+        log "adding dpkg architecture $CROSS_ARCH"
+        if ! as_root dpkg --add-architecture "$CROSS_ARCH"; then
+            warn "dpkg --add-architecture $CROSS_ARCH failed"
+            return 1
+        fi
+    fi
+    mapfile -t missing < <(missing_pkgs "${CROSS_PKGS[@]}")
+    if [ "${#missing[@]}" -eq 0 ]; then
+        log "cross packages already installed"
+    else
+        block_service_starts
+        if ! apt_install "${CROSS_PKGS[@]}"; then
+            mapfile -t missing < <(missing_pkgs "${CROSS_PKGS[@]}")
+            warn "cross toolchain incomplete; missing packages: ${missing[*]}"
+            warn "(an arm64 index may be mid-sync: re-run 'scripts/setup.sh --cross' later)"
+            return 1
+        fi
+    fi
+    if ! command -v rustup >/dev/null 2>&1; then
+        warn "rustup not found: cannot link the Debian toolchain as 'debian'" \
+            "(use /usr/bin/cargo directly)"
+        return 1
+    fi
+    if rustup toolchain list | grep -q '^debian'; then
+        log "rustup toolchain 'debian' already linked"
+    elif ! rustup toolchain link debian /usr; then
+        warn "'rustup toolchain link debian /usr' failed"
+        return 1
+    fi
+    log "cross: $(/usr/bin/rustc --version 2>/dev/null || echo 'rustc missing'), " \
+        "$(aarch64-linux-gnu-gcc --version 2>/dev/null | head -n 1 || echo 'gcc missing')"
+    return 0
+}
+
+first_line() { "$@" 2>&1 | head -n 1 || true; }
+
+summary() {
+    echo "---- fleet setup summary ----"
+    echo "mosquitto:       $(first_line mosquitto -h)"
+    echo "dockerd:         $(first_line dockerd --version)"
+    echo "podman:          $(first_line podman --version)"
+    echo "runc:            $(first_line runc --version)"
+    echo "docker-registry: $(first_line docker-registry --version)"
+    echo "busybox:         $(first_line busybox)"
+    if [ "$CROSS" = 1 ]; then
+        echo "rustc (debian):  $(first_line /usr/bin/rustc --version)"
+        echo "aarch64 gcc:     $(first_line aarch64-linux-gnu-gcc --version)"
+        echo "qemu-aarch64:    $(first_line qemu-aarch64-static --version)"
+    fi
+}
+
+status=0
+if ! setup_base; then
+    status=1
+fi
+if [ "$CROSS" = 1 ]; then
+    if ! setup_cross; then
+        warn "cross-compilation setup incomplete (the base setup is unaffected)"
+    fi
+fi
+restore_service_starts
+summary
+if [ "$status" -ne 0 ]; then
+    echo "setup.sh: base packages missing: $(missing_pkgs "${BASE_PKGS[@]}" | tr '\n' ' ')" >&2
+fi
+exit "$status"
