@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Everything one device should hold, as declared by the fleet repository at one commit.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DesiredState {
     /// Managed files, sorted by path.
     pub files: Vec<ManagedFile>,
@@ -26,7 +26,7 @@ pub struct DesiredState {
 }
 
 /// A file the agent writes atomically and keeps in place.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ManagedFile {
     /// Absolute path on the device. The agent refuses paths outside its allowed roots.
     pub path: String,
@@ -40,7 +40,7 @@ pub struct ManagedFile {
 }
 
 /// Numeric owner of a managed file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Owner {
     pub uid: u32,
     pub gid: u32,
@@ -54,7 +54,7 @@ impl ManagedFile {
 }
 
 /// One container, in the terms of the Docker Engine API.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ContainerSpec {
     /// Engine-wide container name, `<app>-<service>` unless the Compose file sets
     /// `container_name`. Matches `[a-zA-Z0-9][a-zA-Z0-9_.-]+`.
@@ -94,7 +94,7 @@ pub struct ContainerSpec {
 }
 
 /// An image reference, pinned by digest where the bundler could resolve one.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ImageRef {
     /// The reference as written, e.g. `registry:5000/app:1.2` (without `@digest`).
     pub reference: String,
@@ -124,7 +124,7 @@ fn strip_tag(reference: &str) -> &str {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PortMapping {
     /// Host address to bind, e.g. `127.0.0.1`; `None` binds all.
     pub host_ip: Option<String>,
@@ -133,7 +133,7 @@ pub struct PortMapping {
     pub protocol: Protocol,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -148,7 +148,7 @@ impl Protocol {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Mount {
     pub source: MountSource,
     /// Path inside the container.
@@ -156,7 +156,7 @@ pub struct Mount {
     pub read_only: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum MountSource {
     /// A host path. When it is a managed file, the container is recreated when the
     /// file's content changes.
@@ -167,7 +167,7 @@ pub enum MountSource {
     Tmpfs,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NetworkAttachment {
     /// A network of [`DesiredState::networks`].
     pub network: String,
@@ -175,7 +175,7 @@ pub struct NetworkAttachment {
     pub aliases: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum RestartPolicy {
     #[default]
     No,
@@ -197,7 +197,7 @@ impl RestartPolicy {
 }
 
 /// A healthcheck in Docker's terms; durations in milliseconds.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Healthcheck {
     /// `["CMD", ...]`, `["CMD-SHELL", "..."]` or `["NONE"]`.
     pub test: Vec<String>,
@@ -207,14 +207,14 @@ pub struct Healthcheck {
     pub start_period_ms: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Dependency {
     /// The container name this one depends on.
     pub container: String,
     pub condition: DependencyCondition,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum DependencyCondition {
     #[default]
     Started,
@@ -222,7 +222,7 @@ pub enum DependencyCondition {
     CompletedSuccessfully,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DeviceMapping {
     pub host_path: String,
     pub container_path: String,
@@ -230,7 +230,7 @@ pub struct DeviceMapping {
     pub permissions: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NetworkSpec {
     /// Engine-wide name, e.g. `<app>_default`.
     pub name: String,
@@ -238,7 +238,7 @@ pub struct NetworkSpec {
     pub labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct VolumeSpec {
     /// Engine-wide name, e.g. `<app>_data`.
     pub name: String,
@@ -248,10 +248,12 @@ pub struct VolumeSpec {
 impl DesiredState {
     /// Sorts every collection so equal states encode to equal bytes.
     pub fn canonicalize(&mut self) {
-        self.files.sort_by(|a, b| a.path.cmp(&b.path));
-        self.containers.sort_by(|a, b| a.name.cmp(&b.name));
-        self.networks.sort_by(|a, b| a.name.cmp(&b.name));
-        self.volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        // By name first (what readers expect), then by everything, so that even
+        // duplicates (which the bundler refuses) have one order.
+        self.files.sort_by(|a, b| a.path.cmp(&b.path).then_with(|| a.cmp(b)));
+        self.containers.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.cmp(b)));
+        self.networks.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.cmp(b)));
+        self.volumes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.cmp(b)));
     }
 
     /// The canonical postcard encoding (the bundle payload before compression).

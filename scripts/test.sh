@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it. Installs what it needs first (idempotent).
+#
+#   scripts/test.sh          # setup, format, lint, unit + integration + end-to-end tests, fuzz smoke
+#   FUZZ_SECONDS=0 scripts/test.sh    # skip the fuzz smoke run
+#
+# Tests start their own Mosquitto, dockerd, podman and registry on free loopback ports
+# and temp dirs; nothing needs to be running beforehand. Run as root (dockerd, podman).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+step "setup (packages for the real components)"
+bash scripts/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test (unit, integration, end-to-end on real components)"
+cargo test --workspace --locked --no-fail-fast
+
+FUZZ_SECONDS="${FUZZ_SECONDS:-15}"
+if [ "$FUZZ_SECONDS" -gt 0 ]; then
+    step "fuzz smoke run (${FUZZ_SECONDS}s per target)"
+    if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+        echo "nightly toolchain missing: skipping the fuzz smoke run (rustup toolchain install nightly)"
+    else
+        command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+        for target in bundle announcement; do
+            (cd fleet-spec/fuzz && cargo +nightly fuzz run "$target" -- \
+                -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 2>&1 | tail -n 3)
+        done
+    fi
+fi
+step "all tests passed"
