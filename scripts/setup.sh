@@ -8,7 +8,7 @@
 # Idempotent: when everything is already installed it returns in about a second.
 # Starts no services (package maintainer scripts are kept from starting daemons too):
 # the tests start their own instances on free loopback ports.
-# See /work/shared/ENVIRONMENT.md (or the project docs) for the recipes this follows.
+# Environment knobs: FLEET_SETUP_CROSS=1 (same as --cross), FLEET_SETUP_APT_ATTEMPTS (default 5).
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -17,9 +17,11 @@ BASE_PKGS=(
     mosquitto mosquitto-clients
     docker.io
     podman runc
+    netavark aardvark-dns # podman's network stack: containers resolve each other by alias
     docker-registry
     busybox-static
     time curl git ca-certificates jq
+    iproute2 # the test harness gives each dockerd its own bridge (`ip link add`)
 )
 CROSS_ARCH=arm64
 CROSS_PKGS=(
@@ -27,7 +29,9 @@ CROSS_PKGS=(
     gcc-aarch64-linux-gnu libc6-dev-arm64-cross
     qemu-user-static
 )
-APT_ATTEMPTS=5
+APT_ATTEMPTS="${FLEET_SETUP_APT_ATTEMPTS:-5}"
+# Wait for another apt/dpkg run to finish instead of failing on its lock.
+APT_OPTS=(-o DPkg::Lock::Timeout=300)
 
 CROSS="${FLEET_SETUP_CROSS:-0}"
 for arg in "$@"; do
@@ -59,12 +63,17 @@ fi
 as_root() { "${SUDO[@]}" "$@"; }
 
 # Prints the packages (of the arguments) that are not installed, one per line.
+# "triggers-pending/-awaited" count as installed: another dpkg run (another user on this
+# machine, say) can leave installed packages in those states for a while.
+# (No `dpkg -s | grep -q`: with pipefail, grep exiting early makes dpkg die of SIGPIPE.)
 missing_pkgs() {
-    local p
+    local p status
     for p in "$@"; do
-        if ! dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed'; then
-            echo "$p"
-        fi
+        status="$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)"
+        case "$status" in
+            "install ok installed" | "install ok triggers-pending" | "install ok triggers-awaited") ;;
+            *) echo "$p" ;;
+        esac
     done
 }
 
@@ -98,10 +107,10 @@ apt_install() {
         mapfile -t missing < <(missing_pkgs "$@")
         [ "${#missing[@]}" -eq 0 ] && return 0
         log "attempt $attempt/$APT_ATTEMPTS: installing ${missing[*]}"
-        if ! as_root apt-get update -q 2>&1 | tail -n 5 >&2; then
+        if ! as_root apt-get "${APT_OPTS[@]}" update -q 2>&1 | tail -n 5 >&2; then
             :
         fi
-        if as_root apt-get install -y -q --no-install-recommends "${missing[@]}" >&2; then
+        if as_root apt-get "${APT_OPTS[@]}" install -y -q --no-install-recommends "${missing[@]}" >&2; then
             :
         else
             warn "apt-get install failed (attempt $attempt/$APT_ATTEMPTS)"
@@ -131,7 +140,7 @@ setup_base() {
 # Never fails the caller: reports what is missing instead.
 setup_cross() {
     local missing
-    if ! dpkg --print-foreign-architectures | grep -qx "$CROSS_ARCH"; then
+    if ! dpkg --print-foreign-architectures | grep -x "$CROSS_ARCH" >/dev/null; then
         log "adding dpkg architecture $CROSS_ARCH"
         if ! as_root dpkg --add-architecture "$CROSS_ARCH"; then
             warn "dpkg --add-architecture $CROSS_ARCH failed"
@@ -155,7 +164,7 @@ setup_cross() {
             "(use /usr/bin/cargo directly)"
         return 1
     fi
-    if rustup toolchain list | grep -q '^debian'; then
+    if rustup toolchain list | grep "^debian" >/dev/null; then
         log "rustup toolchain 'debian' already linked"
     elif ! rustup toolchain link debian /usr; then
         warn "'rustup toolchain link debian /usr' failed"

@@ -1,1 +1,451 @@
-fn main() {}
+//! `fleet-bundler`: the command line. Parses arguments, wires the library modules
+//! together and maps outcomes to the documented exit codes. No logic of its own
+//! beyond presentation.
+
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use fleet_spec::bundle::{self, Expectation, Limits, TrustState, TrustedKeys};
+use fleet_spec::keys::file as keyfile;
+use fleet_spec::{PublicKey, SigningKey};
+
+use fleet_bundler::build::{self, BuildOptions};
+use fleet_bundler::diag::{self, Diagnostic};
+use fleet_bundler::registry::{self, Registry};
+use fleet_bundler::{duration, mqtt, plan, render, repo, timefmt};
+
+/// Exit codes, also listed in `--help` and the README.
+mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const CHANGES: u8 = 2;
+    pub const DEVICE_FAILED: u8 = 3;
+    pub const TIMEOUT: u8 = 4;
+    pub const USAGE: u8 = 64;
+    pub const INVALID_REPO: u8 = 65;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "fleet-bundler",
+    version,
+    about = "Turns a fleet Git repository into signed per-device bundles, announces them over MQTT and gates CI on fleet status.",
+    after_help = concat!("Typical CI flow:
+  fleet-bundler validate --repo .
+  fleet-bundler plan --repo . --from origin/main --to HEAD
+  fleet-bundler build --repo . --rev HEAD --key signing.key --out out/
+  fleet-bundler publish --out out/ --broker mqtts://broker:8883 --base-url https://cdn.example/fleet
+  fleet-bundler status --broker mqtts://broker:8883 --index out/index.json --selector channel=canary --wait --timeout 10m
+
+Repository format and rules: bundler/README.md
+
+Exit codes:
+  0   success (plan: no changes; status --wait: every device converged)
+  1   failure: I/O, Git, keys, registry, broker, or a bundle that does not verify
+  2   plan: there are changes
+  3   status --wait: a device failed or rolled back on the indexed version
+  4   status --wait: timeout before every device converged
+  64  usage error (bad flags)
+  65  the repository is invalid (validation errors are printed with file:line:column)")
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a signing key pair: DIR/signing.key (0600) and DIR/signing.pub.
+    #[command(after_help = "Example:\n  fleet-bundler keygen --out keys/\n\nPut the one line of signing.key into a CI secret (FLEET_SIGNING_KEY) and signing.pub into every agent's trusted keys.")]
+    Keygen {
+        /// Directory for the key files (created if needed; existing keys are never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check a repository revision: every file, every device; all problems at once.
+    #[command(after_help = "Examples:\n  fleet-bundler validate --repo .\n  fleet-bundler validate --repo /srv/git/fleet.git --rev feature/x --json")]
+    Validate {
+        #[command(flatten)]
+        source: Source,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Render, sign and write bundles for every device, plus DIR/index.json.
+    #[command(after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.")]
+    Build(BuildArgs),
+    /// Show what changes per device between two revisions (secrets-free).
+    #[command(after_help = "Examples:\n  fleet-bundler plan --repo . --from origin/main --to HEAD\n  fleet-bundler plan --repo . --from v1 --to v2 --json\n\nExit code 0: no changes, 2: changes, 1/65: error.")]
+    Plan {
+        /// Repository: a clone, a bare repository or its .git directory.
+        #[arg(long, default_value = ".")]
+        repo: PathBuf,
+        /// The revision deployed now.
+        #[arg(long)]
+        from: String,
+        /// The revision to deploy.
+        #[arg(long, default_value = "HEAD")]
+        to: String,
+        /// Print the plan as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Lines of context around each change in file diffs.
+        #[arg(long, default_value_t = 3)]
+        context: usize,
+    },
+    /// Announce changed bundles over MQTT (retained, QoS 1, confirmed).
+    #[command(after_help = "Examples:\n  fleet-bundler publish --out out/ --broker mqtt://127.0.0.1:1883 --base-url http://files.local/fleet\n  fleet-bundler publish --out out/ --broker mqtts://broker:8883 --ca-file ca.pem --username ci --blobs-over-mqtt\n\nOnly devices whose bundle changed since the last publish from this directory (DIR/published.json) are announced; --force announces all.")]
+    Publish(mqtt::PublishArgs),
+    /// Check a bundle exactly as a device would and print its manifest.
+    #[command(after_help = "Examples:\n  fleet-bundler verify --pub keys/signing.pub out/bundles/<digest>.bundle\n  fleet-bundler verify --pub a.pub --pub b.pub --threshold 2 --json bundle")]
+    Verify {
+        /// A trusted public key file (repeatable).
+        #[arg(long = "pub", required = true)]
+        pubs: Vec<PathBuf>,
+        /// How many distinct trusted keys must have signed.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        /// Expected fleet (default: the one the manifest names).
+        #[arg(long)]
+        fleet: Option<String>,
+        /// Expected device (default: the one the manifest names).
+        #[arg(long)]
+        device: Option<String>,
+        /// Print the manifest as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// The bundle file.
+        bundle: PathBuf,
+    },
+    /// Show the fleet's status from MQTT; with --wait, gate CI on convergence.
+    #[command(after_help = "Examples:\n  fleet-bundler status --broker mqtt://127.0.0.1:1883 --fleet acme\n  fleet-bundler status --broker mqtt://broker:1883 --index out/index.json --selector channel=canary --wait --timeout 10m\n\nWith --wait: exit 0 when every selected device of the index runs its indexed version and is converged, 3 as soon as one failed or rolled back on it, 4 at the timeout.")]
+    Status(mqtt::StatusArgs),
+}
+
+/// Where the repository is.
+#[derive(Args)]
+struct Source {
+    /// Repository: a clone, a bare repository or its .git directory.
+    #[arg(long, default_value = ".")]
+    repo: PathBuf,
+    /// Revision: branch, tag, commit id, HEAD~1, ...
+    #[arg(long, default_value = "HEAD")]
+    rev: String,
+}
+
+#[derive(Args)]
+struct BuildArgs {
+    #[command(flatten)]
+    source: Source,
+    /// Signing key file (repeatable, for k-of-n signing).
+    #[arg(long = "key")]
+    keys: Vec<PathBuf>,
+    /// The signing key line itself, for CI secrets (used when no --key is given).
+    #[arg(long = "key-env", env = "FLEET_SIGNING_KEY", hide_env_values = true, hide = true)]
+    key_line: Option<String>,
+    /// Output directory: bundles/ and index.json.
+    #[arg(long)]
+    out: PathBuf,
+    /// Pin image tags to digests through the Docker Registry HTTP API v2.
+    #[arg(long)]
+    resolve_digests: bool,
+    /// A registry (host[:port]) spoken to over plain HTTP (loopback ones always are).
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// Timeout of each registry request.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    registry_timeout: Duration,
+    /// zstd compression level (1-22).
+    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
+    level: i32,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Progress on stderr (default: when stderr is a terminal).
+    #[arg(long)]
+    progress: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    duration::parse_duration_ms(s).map(Duration::from_millis)
+}
+
+/// An error that maps to a specific exit code.
+#[derive(Debug)]
+struct Exit(u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => exit::OK,
+                _ => exit::USAGE,
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
+                return ExitCode::from(*code);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Keygen { out } => keygen(&out),
+        Command::Validate { source, json } => validate(&source, json),
+        Command::Build(args) => build_cmd(args),
+        Command::Plan { repo, from, to, json, context } => plan_cmd(&repo, &from, &to, json, context),
+        Command::Publish(args) => {
+            let summary = mqtt::publish(&args)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            }
+            Ok(exit::OK)
+        }
+        Command::Verify { pubs, threshold, fleet, device, json, bundle } => {
+            verify(&pubs, threshold, fleet.as_deref(), device.as_deref(), json, &bundle)
+        }
+        Command::Status(args) => Ok(match mqtt::status(&args)? {
+            mqtt::StatusOutcome::Shown | mqtt::StatusOutcome::Converged => exit::OK,
+            mqtt::StatusOutcome::Failed => exit::DEVICE_FAILED,
+            mqtt::StatusOutcome::Timeout => exit::TIMEOUT,
+        }),
+    }
+}
+
+fn keygen(out: &Path) -> anyhow::Result<u8> {
+    let key = SigningKey::generate(&mut rand_core::OsRng);
+    let (secret, public) = keyfile::save_pair(out, &key)?;
+    println!("{}", key.public().id());
+    eprintln!("wrote {} (secret, 0600) and {}", secret.display(), public.display());
+    Ok(exit::OK)
+}
+
+/// Loads and renders a revision, printing diagnostics on stderr. Fails with exit 65
+/// when the repository has errors.
+fn load_and_render(
+    source: &Source,
+    quiet_json: bool,
+) -> anyhow::Result<(repo::Snapshot, render::Fleet, std::collections::BTreeMap<String, fleet_spec::DesiredState>, Vec<Diagnostic>)> {
+    let snapshot = repo::read(&source.repo, &source.rev)?;
+    let (fleet, mut diags) = render::load(&snapshot);
+    let (states, render_diags) = fleet.render_all();
+    diags.extend(render_diags);
+    let diags = diag::merge(diags);
+    if !quiet_json {
+        for d in &diags {
+            eprintln!("{d}");
+        }
+    }
+    Ok((snapshot, fleet, states, diags))
+}
+
+fn validate(source: &Source, json: bool) -> anyhow::Result<u8> {
+    let (snapshot, fleet, _states, diags) = load_and_render(source, json)?;
+    let errors = diag::error_count(&diags);
+    let warnings = diags.len() - errors;
+    if json {
+        let out = serde_json::json!({
+            "ok": errors == 0,
+            "fleet": fleet.name,
+            "commit": snapshot.commit,
+            "devices": fleet.devices.len(),
+            "apps": fleet.apps.len(),
+            "errors": errors,
+            "warnings": warnings,
+            "diagnostics": diags,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        eprintln!(
+            "{}: fleet {} at {} ({}): {} devices, {} apps, {errors} error(s), {warnings} warning(s)",
+            if errors == 0 { "ok" } else { "invalid" },
+            fleet.name,
+            short(&snapshot.commit),
+            snapshot.subject,
+            fleet.devices.len(),
+            fleet.apps.len(),
+        );
+    }
+    Ok(if errors == 0 { exit::OK } else { exit::INVALID_REPO })
+}
+
+fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(12)]
+}
+
+fn load_keys(args: &BuildArgs) -> anyhow::Result<Vec<SigningKey>> {
+    if !args.keys.is_empty() {
+        return args.keys.iter().map(|p| keyfile::load_signing(p).map_err(anyhow::Error::from)).collect();
+    }
+    match &args.key_line {
+        Some(line) => Ok(vec![line.parse::<SigningKey>().context("FLEET_SIGNING_KEY")?]),
+        None => bail!("no signing key: pass --key FILE or set FLEET_SIGNING_KEY to the key line (make one with `fleet-bundler keygen`)"),
+    }
+}
+
+fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
+    let keys = load_keys(&args)?;
+    let progress = args.progress || std::io::stderr().is_terminal();
+    let started = std::time::Instant::now();
+    if progress {
+        eprintln!("reading {} at {}", args.source.repo.display(), args.source.rev);
+    }
+    let (snapshot, fleet, mut states, diags) = load_and_render(&args.source, false)?;
+    let errors = diag::error_count(&diags);
+    if errors > 0 {
+        eprintln!("build stopped: {errors} error(s) in the repository (nothing was written)");
+        return Err(Exit(exit::INVALID_REPO).into());
+    }
+    if progress {
+        eprintln!("rendered {} devices in {:.1?}", states.len(), started.elapsed());
+    }
+    if args.resolve_digests {
+        let registry = Registry::new(args.registry_timeout, args.insecure_registries.clone());
+        let failures = registry::pin_states(&registry, &mut states);
+        if !failures.is_empty() {
+            for (image, e) in &failures {
+                eprintln!("error: cannot resolve image {image}: {e}");
+            }
+            bail!("{} image(s) could not be pinned to a digest (nothing was written)", failures.len());
+        }
+    } else {
+        for image in registry::unpinned(states.values()) {
+            eprintln!("warning: image {image} is not pinned by digest: devices may run different builds of it (pass --resolve-digests or write image@sha256:...)");
+        }
+    }
+    let summary = build::build(
+        &fleet,
+        &snapshot,
+        &states,
+        &BuildOptions { out: &args.out, keys: &keys, level: args.level, progress },
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    eprintln!(
+        "built fleet {} at {}: {} devices, {} new bundle(s), {} unchanged, {} removed, in {:.1?}",
+        summary.fleet,
+        short(&summary.commit),
+        summary.devices,
+        summary.written,
+        summary.unchanged,
+        summary.removed.len(),
+        started.elapsed()
+    );
+    Ok(exit::OK)
+}
+
+fn plan_cmd(repo_path: &Path, from: &str, to: &str, json: bool, context: usize) -> anyhow::Result<u8> {
+    let mut states = Vec::new();
+    for rev in [from, to] {
+        let source = Source { repo: repo_path.into(), rev: rev.into() };
+        let (snapshot, fleet, rendered, diags) = load_and_render(&source, false)?;
+        let errors = diag::error_count(&diags);
+        if errors > 0 {
+            eprintln!("plan stopped: {errors} error(s) in the repository at {rev}");
+            return Err(Exit(exit::INVALID_REPO).into());
+        }
+        states.push((snapshot, fleet, rendered));
+    }
+    let (to_snap, to_fleet, to_states) = states.pop().expect("two revisions");
+    let (from_snap, from_fleet, from_states) = states.pop().expect("two revisions");
+    let secret_paths = plan::secret_paths(&from_fleet, &to_fleet);
+    let p = plan::plan(&from_snap.commit, &to_snap.commit, &from_states, &to_states, &secret_paths, context);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&p)?);
+    } else {
+        print!("{}", p.render_text());
+    }
+    Ok(if p.has_changes() { exit::CHANGES } else { exit::OK })
+}
+
+fn verify(
+    pubs: &[PathBuf],
+    threshold: usize,
+    fleet: Option<&str>,
+    device: Option<&str>,
+    json: bool,
+    path: &Path,
+) -> anyhow::Result<u8> {
+    let keys: Vec<PublicKey> = pubs.iter().map(|p| keyfile::load_public(p)).collect::<Result<_, _>>()?;
+    let trusted = TrustedKeys::new(keys, threshold)?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let limits = Limits::default();
+    // Fleet and device come from the manifest unless given; they are checked after the
+    // signature like on a device, so an unsigned manifest can never pass.
+    let claimed = bundle::parse(&bytes, &limits)
+        .and_then(|p| bundle::decode_manifest(p.manifest_bytes))
+        .map_err(|e| anyhow::anyhow!("{} does not verify ({}): {e}", path.display(), e.code()))?;
+    let expect = Expectation { fleet: fleet.unwrap_or(&claimed.fleet), device: device.unwrap_or(&claimed.device) };
+    let now = timefmt::now();
+    let verified = bundle::verify(&bytes, &trusted, expect, TrustState::default(), now, &limits)
+        .map_err(|e| anyhow::anyhow!("{} does not verify ({}): {e}", path.display(), e.code()))?;
+    let m = &verified.manifest;
+    let state = &verified.state;
+    if json {
+        let out = serde_json::json!({
+            "ok": true,
+            "digest": verified.digest,
+            "fleet": m.fleet,
+            "device": m.device,
+            "version": m.version,
+            "commit": m.commit,
+            "subject": m.subject,
+            "created_at": m.created_at,
+            "expires_at": m.expires_at,
+            "payload_sha256": m.payload_sha256_hex(),
+            "compressed_size": m.compressed_size,
+            "uncompressed_size": m.uncompressed_size,
+            "signed_by": verified.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+            "state_digest": state.digest(),
+            "files": state.files.iter().map(|f| serde_json::json!({"path": f.path, "mode": format!("{:04o}", f.mode), "size": f.content.len(), "sha256": f.content_sha256()})).collect::<Vec<_>>(),
+            "containers": state.containers.iter().map(|c| serde_json::json!({"name": c.name, "app": c.app, "service": c.service, "image": c.image.pull_reference()})).collect::<Vec<_>>(),
+            "networks": state.networks.iter().map(|n| n.name.clone()).collect::<Vec<_>>(),
+            "volumes": state.volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("OK: {} verifies", path.display());
+        println!("  digest        {}", verified.digest);
+        println!("  fleet/device  {}/{}", m.fleet, m.device);
+        println!("  version       {}", m.version);
+        println!("  commit        {} {}", m.commit, m.subject);
+        println!("  created       {}", timefmt::rfc3339(m.created_at));
+        println!("  expires       {} (in {})", timefmt::rfc3339(m.expires_at), timefmt::age(m.expires_at - now));
+        println!("  signed by     {}", verified.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", "));
+        println!("  payload       {} bytes compressed, {} bytes raw", m.compressed_size, m.uncompressed_size);
+        println!("  files ({})", state.files.len());
+        for f in &state.files {
+            println!("    {:04o} {:>8} {}", f.mode, f.content.len(), f.path);
+        }
+        println!("  containers ({})", state.containers.len());
+        for c in &state.containers {
+            println!("    {} ({}/{}) {}", c.name, c.app, c.service, c.image.pull_reference());
+        }
+    }
+    Ok(exit::OK)
+}

@@ -67,11 +67,22 @@ impl Health {
 }
 
 /// Credentials for one registry, from `agent.toml`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RegistryAuth {
     pub username: String,
     pub password: String,
     pub server: String,
+}
+
+/// Never prints the password (credentials end up in logs otherwise).
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .field("server", &self.server)
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

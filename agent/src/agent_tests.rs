@@ -1,0 +1,635 @@
+//! The agent driven with the in-memory `FakeEngine`, a temp-dir filesystem and paused
+//! tokio time: the apply path, health and rollback, rejected bundles, file safety,
+//! drift repair, and recovery from a crash at every journal record.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+use fleet_spec::bundle::{self, BundleMeta};
+use fleet_spec::keys::SigningKey;
+use fleet_spec::messages::{Announcement, DeviceState, DriftKind, EventKind};
+use fleet_spec::model::{
+    ContainerSpec, Dependency, DependencyCondition, DesiredState, Healthcheck, ImageRef, ManagedFile, Mount,
+    MountSource, NetworkAttachment, NetworkSpec, RestartPolicy, VolumeSpec,
+};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::*;
+use crate::clock::TokioClock;
+use crate::config::Config;
+use crate::engine::fake::{Call, FakeEngine};
+use crate::engine::{Health, LABEL_SPEC_HASH};
+
+const NOW: i64 = 1_800_000_000;
+const IMAGE: &str = "registry.local:5000/app:1";
+
+struct H {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    cfg: Config,
+    fake: Rc<FakeEngine>,
+    clock: Rc<TokioClock>,
+    key: SigningKey,
+}
+
+impl H {
+    fn new() -> H {
+        H::with_engine(true)
+    }
+
+    fn with_engine(engine: bool) -> H {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(&root).expect("mkdir root");
+        let key = SigningKey::from_seed(&[9; 32]);
+        let engine_line = if engine { "" } else { "[engine]\nsocket = \"none\"\n" };
+        let text = format!(
+            "device = \"gw\"\nfleet = \"acme\"\nstate_dir = \"{}\"\nallowed_roots = [\"{}\"]\nhealth_timeout_secs = 30\n[trust]\npublic_keys = [\"{}\"]\n{engine_line}",
+            dir.path().join("state").display(),
+            root.display(),
+            key.public()
+        );
+        let cfg = Config::parse(&text, Path::new("/etc/agent.toml")).expect("valid config");
+        H {
+            _dir: dir,
+            root,
+            cfg,
+            fake: Rc::new(FakeEngine::with_images([IMAGE])),
+            clock: Rc::new(TokioClock::starting_at(NOW)),
+            key,
+        }
+    }
+
+    fn agent(&self) -> (Agent<FakeEngine>, UnboundedReceiver<Report>) {
+        let (tx, rx) = unbounded_channel();
+        let agent =
+            Agent::new(self.cfg.clone(), self.fake.clone(), self.clock.clone(), Some(tx)).expect("agent");
+        (agent, rx)
+    }
+
+    fn path(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.root.display())
+    }
+
+    fn file(&self, rel: &str, content: &str) -> ManagedFile {
+        ManagedFile { path: self.path(rel), mode: 0o644, owner: None, content: content.as_bytes().to_vec() }
+    }
+
+    fn read(&self, rel: &str) -> Option<String> {
+        std::fs::read_to_string(self.path(rel)).ok()
+    }
+
+    fn bundle(&self, version: u64, state: &DesiredState) -> Vec<u8> {
+        self.bundle_with(version, state, &self.key, "gw", NOW + 86_400)
+    }
+
+    fn bundle_with(
+        &self,
+        version: u64,
+        state: &DesiredState,
+        key: &SigningKey,
+        device: &str,
+        expires_at: i64,
+    ) -> Vec<u8> {
+        let meta = BundleMeta {
+            fleet: "acme".into(),
+            device: device.into(),
+            version,
+            commit: format!("c{version}"),
+            subject: "test".into(),
+            created_at: NOW - 60,
+            expires_at,
+        };
+        bundle::build(meta, state, &[key], 3)
+    }
+}
+
+fn container(name: &str, healthcheck: bool) -> ContainerSpec {
+    ContainerSpec {
+        name: name.into(),
+        app: "app".into(),
+        service: name.into(),
+        image: ImageRef { reference: IMAGE.into(), digest: None },
+        restart: RestartPolicy::Always,
+        networks: vec![NetworkAttachment { network: "app_default".into(), aliases: vec![name.into()] }],
+        healthcheck: healthcheck
+            .then(|| Healthcheck { test: vec!["CMD".into(), "true".into()], ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn state(files: Vec<ManagedFile>, containers: Vec<ContainerSpec>) -> DesiredState {
+    let mut s = DesiredState {
+        files,
+        containers,
+        networks: vec![NetworkSpec { name: "app_default".into(), ..Default::default() }],
+        volumes: vec![],
+    };
+    s.canonicalize();
+    s
+}
+
+fn drain(rx: &mut UnboundedReceiver<Report>) -> Vec<Report> {
+    let mut out = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        out.push(r);
+    }
+    out
+}
+
+fn events(reports: &[Report]) -> Vec<EventKind> {
+    reports
+        .iter()
+        .filter_map(|r| match r {
+            Report::Event(e) => Some(e.kind.clone()),
+            Report::Status(_) => None,
+        })
+        .collect()
+}
+
+/// The distinct consecutive device states reported.
+fn states(reports: &[Report]) -> Vec<DeviceState> {
+    let mut out: Vec<DeviceState> = Vec::new();
+    for r in reports {
+        if let Report::Status(s) = r {
+            if out.last() != Some(&s.state) {
+                out.push(s.state);
+            }
+        }
+    }
+    out
+}
+
+fn spec_hash(fake: &FakeEngine, name: &str) -> Option<String> {
+    fake.container(name).and_then(|c| c.labels.get(LABEL_SPEC_HASH).cloned())
+}
+
+fn v1(h: &H) -> DesiredState {
+    state(vec![h.file("app/a.conf", "a1"), h.file("app/b.conf", "b1")], vec![container("app-web", false)])
+}
+
+async fn commit_v1(h: &H, agent: &mut Agent<FakeEngine>) {
+    let outcome = agent.apply_bundle(&h.bundle(1, &v1(h))).await.expect("apply v1");
+    assert_eq!(outcome, Outcome::Committed { version: 1 });
+}
+
+#[tokio::test(start_paused = true)]
+async fn applies_files_and_containers_then_commits() {
+    let h = H::new();
+    let (mut agent, mut rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let mut s = v1(&h);
+    s.containers.push(container("app-db", true));
+    s.volumes.push(VolumeSpec { name: "app_data".into(), ..Default::default() });
+    s.containers[0].mounts.push(Mount {
+        source: MountSource::Volume("app_data".into()),
+        target: "/d".into(),
+        read_only: false,
+    });
+    s.canonicalize();
+    let bytes = h.bundle(1, &s);
+    let healthy_later = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        h.fake.set_health("app-db", Health::Healthy);
+    };
+    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bytes), healthy_later);
+    assert_eq!(outcome.expect("apply"), Outcome::Committed { version: 1 });
+
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a1"));
+    assert_eq!(h.read("app/b.conf").as_deref(), Some("b1"));
+    for c in &s.containers {
+        let got = h.fake.container(&c.name).expect("created");
+        assert!(got.running, "{} runs", c.name);
+        assert_eq!(spec_hash(&h.fake, &c.name), Some(s.container_hash(c)));
+    }
+    assert!(h.fake.network_names().contains(&"app_default".to_string()));
+    assert!(h.fake.volume_names().contains(&"app_data".to_string()));
+    assert!(
+        !h.fake.calls().iter().any(|c| matches!(c, Call::Pull { .. })),
+        "a present image is never pulled"
+    );
+
+    let store = agent.store();
+    assert_eq!(store.trust().expect("trust").last_version, Some(1));
+    assert_eq!(store.applied().expect("applied").expect("some").version, 1);
+    assert!(
+        Journal::read(&store.journal_path()).expect("journal").is_empty(),
+        "journal emptied after commit"
+    );
+    assert_eq!(store.managed().expect("managed").len(), 2);
+
+    let reports = drain(&mut rx);
+    assert_eq!(
+        states(&reports),
+        [
+            DeviceState::Idle,
+            DeviceState::Downloading,
+            DeviceState::Applying,
+            DeviceState::AwaitingHealth,
+            DeviceState::Converged
+        ]
+    );
+    let ev = events(&reports);
+    assert!(matches!(ev.first(), Some(EventKind::ApplyStarted { version: 1, .. })), "{ev:?}");
+    assert!(matches!(ev.last(), Some(EventKind::ApplyFinished { version: 1, .. })), "{ev:?}");
+    let status = agent.status_report();
+    assert_eq!(status.state, DeviceState::Converged);
+    assert_eq!(status.applied.expect("applied").version, 1);
+    assert_eq!(status.containers.len(), 2);
+    assert_eq!(status.files.managed, 2);
+    assert!(status.last_error.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_timeout_rolls_back_to_the_last_good_state_and_never_retries_the_bad_bundle() {
+    let h = H::new();
+    let (mut agent, mut rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let good = v1(&h);
+    let web_hash = good.container_hash(&good.containers[0]);
+
+    // v2 edits a.conf, drops b.conf, adds c.conf and changes the container to one whose
+    // healthcheck never passes.
+    let bad =
+        state(vec![h.file("app/a.conf", "a2"), h.file("app/c.conf", "c2")], vec![container("app-web", true)]);
+    let bad_bytes = h.bundle(2, &bad);
+    drain(&mut rx);
+    let start = tokio::time::Instant::now();
+    let outcome = agent.apply_bundle(&bad_bytes).await.expect("apply v2");
+    assert!(matches!(&outcome, Outcome::RolledBack { code, .. } if code == "health_timeout"), "{outcome:?}");
+    assert!(start.elapsed() >= Duration::from_secs(30), "waited the health timeout");
+
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a1"), "edited file restored");
+    assert_eq!(h.read("app/b.conf").as_deref(), Some("b1"), "removed file restored");
+    assert_eq!(h.read("app/c.conf"), None, "file only the bad bundle added is deleted");
+    assert_eq!(spec_hash(&h.fake, "app-web"), Some(web_hash), "container back to the good spec");
+    assert!(h.fake.container("app-web").expect("exists").running);
+
+    let digest = bundle::content_address(&bad_bytes);
+    let rejected = agent.store().rejected().expect("rejected");
+    assert_eq!(rejected.get(&digest).map(|r| r.code.as_str()), Some("health_timeout"));
+    let status = agent.status_report();
+    assert_eq!(status.state, DeviceState::RolledBack);
+    assert_eq!(status.last_error.as_ref().map(|e| e.code.as_str()), Some("health_timeout"));
+    assert_eq!(status.applied.as_ref().map(|a| a.version), Some(1));
+    let ev = events(&drain(&mut rx));
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, EventKind::ApplyFailed { version: 2, code, .. } if code == "health_timeout")));
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, EventKind::RolledBack { from_version: 2, to_version: Some(1), .. })));
+
+    // The bad bundle is not fetched again...
+    let ann = Announcement {
+        fleet: "acme".into(),
+        device: "gw".into(),
+        version: 2,
+        commit: "c2".into(),
+        digest: digest.clone(),
+        size: bad_bytes.len() as u64,
+        urls: vec![],
+        mqtt_blob: false,
+    };
+    assert_eq!(agent.offer(&ann).expect("offer"), Offer::Skip("rejected before"));
+    assert!(matches!(agent.apply_bundle(&bad_bytes).await.expect("again"), Outcome::Rejected { .. }));
+    // ...but a newer one is tried normally.
+    let fixed = state(vec![h.file("app/a.conf", "a3")], vec![container("app-web", false)]);
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(3, &fixed)).await.expect("v3"),
+        Outcome::Committed { version: 3 }
+    );
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a3"));
+    assert_eq!(h.read("app/b.conf"), None, "b.conf no longer desired");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_container_that_exits_fails_fast_with_its_reason() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let mut once = container("app-once", false);
+    once.restart = RestartPolicy::No;
+    let mut s = v1(&h);
+    s.containers.push(once);
+    s.canonicalize();
+    let bytes = h.bundle(2, &s);
+    let exit_soon = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        h.fake.exit("app-once", 3);
+    };
+    let start = tokio::time::Instant::now();
+    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bytes), exit_soon);
+    let outcome = outcome.expect("apply");
+    assert!(
+        matches!(&outcome, Outcome::RolledBack { code, .. } if code == "container_exited"),
+        "{outcome:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(10), "did not wait for the timeout");
+    assert!(h.fake.container("app-once").is_none(), "the container only the bad bundle had is removed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_pull_changes_nothing_and_is_retried() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let mut s = v1(&h);
+    s.containers[0].image.reference = "registry.local:5000/other:2".into();
+    let bytes = h.bundle(1, &s);
+    h.fake.fail_pulls(true);
+    let outcome = agent.apply_bundle(&bytes).await.expect("apply");
+    assert!(matches!(&outcome, Outcome::Deferred { code, .. } if code == "pull_failed"), "{outcome:?}");
+    assert_eq!(h.read("app/a.conf"), None, "no file written");
+    assert!(h.fake.container_names().is_empty());
+    assert_eq!(agent.store().trust().expect("trust").last_version, None, "trust not advanced");
+    assert!(agent.store().rejected().expect("rejected").is_empty(), "not rejected: it may work later");
+    assert_eq!(agent.status_report().state, DeviceState::Failed);
+    h.fake.fail_pulls(false);
+    assert_eq!(agent.apply_bundle(&bytes).await.expect("retry"), Outcome::Committed { version: 1 });
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_rejection_reason_changes_nothing() {
+    let h = H::new();
+    let (mut agent, mut rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let outside = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(outside.path(), h.root.join("escape")).expect("symlink");
+    let other_key = SigningKey::from_seed(&[1; 32]);
+    let good = state(vec![h.file("app/a.conf", "changed")], vec![]);
+    let mut tampered = h.bundle(5, &good);
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x01;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("unknown_key", h.bundle_with(5, &good, &other_key, "gw", NOW + 86_400)),
+        ("wrong_device", h.bundle_with(5, &good, &h.key, "other", NOW + 86_400)),
+        ("expired", h.bundle_with(5, &good, &h.key, "gw", NOW - 1)),
+        ("not_newer", h.bundle(1, &good)),
+        ("truncated", h.bundle(5, &good)[..20].to_vec()),
+        ("bad_magic", b"definitely not a bundle".to_vec()),
+        ("payload_digest", tampered),
+        (
+            "path_not_allowed",
+            h.bundle(
+                5,
+                &state(
+                    vec![ManagedFile {
+                        path: "/etc/passwd".into(),
+                        mode: 0o644,
+                        owner: None,
+                        content: b"x".to_vec(),
+                    }],
+                    vec![],
+                ),
+            ),
+        ),
+        ("path_not_allowed", h.bundle(6, &state(vec![h.file("app/../../etc/passwd", "x")], vec![]))),
+        (
+            "symlink_escape",
+            h.bundle(7, &state(vec![h.file("app/a.conf", "a2"), h.file("escape/passwd", "x")], vec![])),
+        ),
+    ];
+    let before_files = (h.read("app/a.conf"), h.read("app/b.conf"));
+    h.fake.clear_calls();
+    for (code, bytes) in cases {
+        drain(&mut rx);
+        let outcome = agent.apply_bundle(&bytes).await.expect("apply");
+        assert!(matches!(&outcome, Outcome::Rejected { code: c, .. } if c == code), "{code}: {outcome:?}");
+        assert_eq!((h.read("app/a.conf"), h.read("app/b.conf")), before_files, "{code}: files unchanged");
+        assert!(h.fake.mutations().is_empty(), "{code}: engine unchanged: {:?}", h.fake.mutations());
+        assert_eq!(agent.store().trust().expect("trust").last_version, Some(1), "{code}: trust unchanged");
+        let ev = events(&drain(&mut rx));
+        assert!(
+            ev.iter().any(|e| matches!(e, EventKind::BundleRejected { code: c, .. } if c == code)),
+            "{code}: {ev:?}"
+        );
+        let status = agent.status_report();
+        assert_eq!(status.state, DeviceState::Failed, "{code}");
+        assert_eq!(status.last_error.as_ref().map(|e| e.code.as_str()), Some(code));
+        assert_eq!(status.applied.as_ref().map(|a| a.version), Some(1), "{code}: still on v1");
+        assert!(agent.store().rejected().expect("rejected").contains_key(&bundle::content_address(&bytes)));
+    }
+    assert!(
+        std::fs::read_dir(outside.path()).expect("ls").next().is_none(),
+        "nothing written outside the root"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wrong_clock_is_deferred_not_rejected() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    h.clock.jump(-3600);
+    let bytes = h.bundle(2, &v1(&h));
+    let outcome = agent.apply_bundle(&bytes).await.expect("apply");
+    assert!(matches!(&outcome, Outcome::Deferred { code, .. } if code == "clock_rollback"), "{outcome:?}");
+    assert!(agent.store().rejected().expect("rejected").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn containers_on_a_files_only_device_are_refused() {
+    let h = H::with_engine(false);
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let outcome = agent.apply_bundle(&h.bundle(1, &v1(&h))).await.expect("apply");
+    assert!(matches!(&outcome, Outcome::Rejected { code, .. } if code == "engine_disabled"), "{outcome:?}");
+    let files_only = state(vec![h.file("a", "1")], vec![]);
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(2, &files_only)).await.expect("apply"),
+        Outcome::Committed { version: 2 }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn files_and_containers_never_managed_are_never_touched() {
+    let h = H::new();
+    std::fs::create_dir_all(h.root.join("app")).expect("mkdir");
+    std::fs::write(h.root.join("app/local.conf"), "mine").expect("write");
+    h.fake.add_unmanaged("someone-elses", BTreeMap::new());
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let smaller = state(vec![h.file("app/a.conf", "a2")], vec![]);
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(2, &smaller)).await.expect("v2"),
+        Outcome::Committed { version: 2 }
+    );
+    assert_eq!(h.read("app/b.conf"), None, "managed and no longer desired: removed");
+    assert!(h.fake.container("app-web").is_none(), "managed container no longer desired: removed");
+    assert_eq!(h.read("app/local.conf").as_deref(), Some("mine"), "never managed: untouched");
+    assert!(h.fake.container("someone-elses").is_some(), "foreign container untouched");
+    agent.reconcile().await.expect("reconcile");
+    assert_eq!(h.read("app/local.conf").as_deref(), Some("mine"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn drift_is_repaired_and_reported() {
+    let h = H::new();
+    let (mut agent, mut rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let mut s = v1(&h);
+    s.containers.push(container("app-worker", false));
+    s.canonicalize();
+    assert_eq!(agent.apply_bundle(&h.bundle(1, &s)).await.expect("v1"), Outcome::Committed { version: 1 });
+    assert!(agent.reconcile().await.expect("reconcile").is_empty(), "no drift, no repair");
+
+    std::fs::write(h.path("app/a.conf"), "edited by hand").expect("edit");
+    std::fs::remove_file(h.path("app/b.conf")).expect("rm");
+    h.fake.kill("app-web");
+    h.fake.delete("app-worker");
+    drain(&mut rx);
+    let repaired = agent.reconcile().await.expect("reconcile");
+    let mut kinds: Vec<(DriftKind, String)> = repaired;
+    kinds.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        kinds,
+        [
+            (DriftKind::FileChanged, h.path("app/a.conf")),
+            (DriftKind::FileMissing, h.path("app/b.conf")),
+            (DriftKind::ContainerStopped, "app-web".to_string()),
+            (DriftKind::ContainerMissing, "app-worker".to_string()),
+        ]
+    );
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a1"));
+    assert_eq!(h.read("app/b.conf").as_deref(), Some("b1"));
+    assert!(h.fake.container("app-web").expect("there").running);
+    assert!(h.fake.container("app-worker").expect("recreated").running);
+    let ev = events(&drain(&mut rx));
+    assert_eq!(ev.iter().filter(|e| matches!(e, EventKind::DriftRepaired { .. })).count(), 4);
+    assert_eq!(agent.status_report().files.drift_repaired, 2);
+
+    // A container whose spec drifted (recreated by hand with other labels) is recreated.
+    h.fake.delete("app-web");
+    let mut labels = plan::container_labels(&s.containers[0], "acme", "stale-hash");
+    labels.insert("x".into(), "y".into());
+    h.fake.create(&s.containers[0], &labels).await.expect("create");
+    let repaired = agent.reconcile().await.expect("reconcile");
+    assert_eq!(repaired, [(DriftKind::ContainerChanged, "app-web".to_string())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn engine_down_means_degraded_and_deferred() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    h.fake.set_unreachable(true);
+    agent.reconcile().await.expect("reconcile");
+    assert_eq!(agent.status_report().state, DeviceState::Degraded);
+    let outcome = agent.apply_bundle(&h.bundle(2, &v1(&h))).await.expect("apply");
+    assert!(
+        matches!(&outcome, Outcome::Deferred { code, .. } if code == "engine_unavailable"),
+        "{outcome:?}"
+    );
+    h.fake.set_unreachable(false);
+    agent.reconcile().await.expect("reconcile");
+    assert_ne!(agent.status_report().state, DeviceState::Degraded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dependencies_start_first_and_healthy_conditions_are_awaited() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let db = container("app-db", true);
+    let mut web = container("app-web", false);
+    web.depends_on.push(Dependency { container: "app-db".into(), condition: DependencyCondition::Healthy });
+    let s = state(vec![], vec![web, db]);
+    let bytes = h.bundle(1, &s);
+    let db_healthy = async {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(h.fake.container("app-web").is_none(), "web waits for db to be healthy");
+        h.fake.set_health("app-db", Health::Healthy);
+    };
+    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bytes), db_healthy);
+    assert_eq!(outcome.expect("apply"), Outcome::Committed { version: 1 });
+    let calls = h.fake.calls();
+    let pos = |c: &Call| calls.iter().position(|x| x == c).expect("call made");
+    assert!(pos(&Call::Start("app-db".into())) < pos(&Call::Create("app-web".into())));
+}
+
+/// The scenario of the crash tests: v1 is committed, then v2 is applied; v2 is either
+/// healthy (commit) or not (rollback).
+async fn crash_scenario(crash_at: Option<(usize, bool)>, healthy: bool) -> (H, usize) {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let v2 = state(
+        vec![h.file("app/a.conf", "a2"), h.file("app/c.conf", "c2")],
+        vec![container("app-web", !healthy), container("app-new", false)],
+    );
+    let appended_before = agent.journal_mut().appended;
+    agent.journal_mut().crash_at = crash_at.map(|(at, torn)| (appended_before + at, torn));
+    let result = agent.apply_bundle(&h.bundle(2, &v2)).await;
+    let appended = agent.journal_mut().appended - appended_before;
+    if crash_at.is_none() {
+        let outcome = result.expect("no crash");
+        assert_eq!(matches!(outcome, Outcome::Committed { .. }), healthy, "{outcome:?}");
+    }
+    drop(agent);
+    (h, appended)
+}
+
+fn v2_files(h: &H) -> (Option<String>, Option<String>, Option<String>) {
+    (h.read("app/a.conf"), h.read("app/b.conf"), h.read("app/c.conf"))
+}
+
+async fn assert_recovers_consistently(healthy: bool) {
+    let (_, total) = crash_scenario(None, healthy).await;
+    assert!(total >= 8, "the scenario journals its steps ({total} records)");
+    for at in 0..=total {
+        for torn in [false, true] {
+            let (h, _) = crash_scenario(Some((at, torn)), healthy).await;
+            let (mut agent, _rx) = h.agent();
+            let outcome = agent.recover().await.unwrap_or_else(|e| panic!("crash at {at} torn={torn}: {e}"));
+            let files = v2_files(&h);
+            let committed_v2 = agent.store().applied().expect("applied").expect("some").version == 2;
+            let why = format!("crash at record {at}/{total} torn={torn}: {outcome:?}");
+            if committed_v2 {
+                assert!(healthy, "{why}: an unhealthy bundle never commits");
+                assert_eq!(files, (Some("a2".into()), None, Some("c2".into())), "{why}");
+                assert!(h.fake.container("app-new").is_some(), "{why}");
+            } else {
+                assert_eq!(files, (Some("a1".into()), Some("b1".into()), None), "{why}");
+                assert!(h.fake.container("app-new").is_none(), "{why}");
+                let v1 = v1(&h);
+                assert_eq!(
+                    spec_hash(&h.fake, "app-web"),
+                    Some(v1.container_hash(&v1.containers[0])),
+                    "{why}"
+                );
+            }
+            assert!(agent.state().is_rest(), "{why}: {:?}", agent.state());
+            assert!(
+                Journal::read(&agent.store().journal_path()).expect("read").is_empty(),
+                "{why}: journal done"
+            );
+            let managed: Vec<String> = agent.store().managed().expect("managed").into_keys().collect();
+            let expect: Vec<String> = if committed_v2 {
+                vec![h.path("app/a.conf"), h.path("app/c.conf")]
+            } else {
+                vec![h.path("app/a.conf"), h.path("app/b.conf")]
+            };
+            assert_eq!(managed, expect, "{why}: managed record matches the files");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_after_a_crash_at_every_journal_record_of_a_healthy_update() {
+    assert_recovers_consistently(true).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn recovery_after_a_crash_at_every_journal_record_of_an_update_that_rolls_back() {
+    assert_recovers_consistently(false).await;
+}

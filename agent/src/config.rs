@@ -1,0 +1,523 @@
+//! `agent.toml`: the device's own configuration, parsed and validated into [`Config`].
+//!
+//! Two steps, as in ripgrep: [`RawConfig`] mirrors the file (unknown keys are errors),
+//! then [`Config::from_raw`] checks every value and names the key when one is wrong.
+//! Every key is documented with an example in `agent/agent.toml.example`.
+//!
+//! This module reads the config file and the files it points to (keys, password
+//! files), and nothing else; it never connects anywhere.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleet_spec::bundle::{Limits, TrustedKeys};
+use fleet_spec::keys::PublicKey;
+use fleet_spec::topic;
+use serde::Deserialize;
+
+use crate::engine::RegistryAuth;
+
+/// A config error, naming the key (or the file) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+fn key_err(key: impl Into<String>, message: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Key { key: key.into(), message: message.to_string() }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub device: String,
+    pub fleet: String,
+    pub topic_prefix: Option<String>,
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub allowed_roots: Vec<PathBuf>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+    pub reconcile_interval_secs: Option<u64>,
+    pub health_timeout_secs: Option<u64>,
+    pub status_min_interval_ms: Option<u64>,
+    pub mqtt: Option<RawMqtt>,
+    pub trust: RawTrust,
+    pub fetch: Option<RawFetch>,
+    pub engine: Option<RawEngine>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMqtt {
+    pub url: String,
+    pub client_id: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub keepalive_secs: Option<u64>,
+    pub reconnect_max_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrust {
+    pub public_keys: Vec<String>,
+    pub threshold: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFetch {
+    pub base_url: Option<String>,
+    pub poll_interval_secs: Option<u64>,
+    pub ca_file: Option<PathBuf>,
+    pub max_bundle_bytes: Option<u64>,
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEngine {
+    pub socket: Option<String>,
+    #[serde(default)]
+    pub registry_auth: Vec<RawRegistryAuth>,
+    pub stop_grace_secs: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegistryAuth {
+    pub server: String,
+    pub username: String,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// Where the broker is and how to authenticate.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub client_id: String,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub keepalive: Duration,
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// `<base_url>/index.json` is polled; `<base_url>/bundles/<digest>.bundle` fetched.
+    pub base_url: Option<String>,
+    pub poll_interval: Duration,
+    pub ca_file: Option<PathBuf>,
+    pub timeout: Duration,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub device: String,
+    pub fleet: String,
+    pub topic_prefix: String,
+    pub state_dir: PathBuf,
+    pub allowed_roots: Vec<PathBuf>,
+    pub log_format: LogFormat,
+    pub log_level: tracing::Level,
+    pub reconcile_interval: Duration,
+    pub health_timeout: Duration,
+    pub status_min_interval: Duration,
+    pub mqtt: Option<MqttConfig>,
+    pub trusted: TrustedKeys,
+    pub limits: Limits,
+    pub fetch: FetchConfig,
+    /// `None` for a files-only device (`socket = "none"`).
+    pub engine_socket: Option<PathBuf>,
+    pub registry_auth: Vec<RegistryAuth>,
+    pub stop_grace_secs: u32,
+}
+
+pub const DEFAULT_ENGINE_SOCKET: &str = "/var/run/docker.sock";
+pub const DEFAULT_MAX_BUNDLE: u64 = 64 << 20;
+
+impl Config {
+    /// Reads and validates `agent.toml`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses config text; relative paths in it are relative to `path`'s directory.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.into(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_raw(raw, base)
+    }
+
+    pub fn from_raw(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
+        topic::validate_id("device id", &raw.device).map_err(|e| key_err("device", e))?;
+        topic::validate_id("fleet id", &raw.fleet).map_err(|e| key_err("fleet", e))?;
+        let topic_prefix = raw.topic_prefix.unwrap_or_else(|| topic::DEFAULT_PREFIX.to_string());
+        topic::validate_prefix(&topic_prefix).map_err(|e| key_err("topic_prefix", e))?;
+        if !raw.state_dir.is_absolute() {
+            return Err(key_err("state_dir", "must be an absolute path, e.g. \"/var/lib/fleet-agent\""));
+        }
+        let mut allowed_roots = Vec::new();
+        for (i, root) in raw.allowed_roots.iter().enumerate() {
+            let key = format!("allowed_roots[{i}]");
+            let text = root.to_str().ok_or_else(|| key_err(&key, "must be UTF-8"))?;
+            if !root.is_absolute() || text.split('/').skip(1).any(|c| c.is_empty() || c == "." || c == "..") {
+                return Err(key_err(
+                    &key,
+                    format!("{text:?} must be an absolute, normalized directory path"),
+                ));
+            }
+            if root == Path::new("/") {
+                return Err(key_err(
+                    &key,
+                    "\"/\" would let bundles write anywhere: name a dedicated directory",
+                ));
+            }
+            allowed_roots.push(root.clone());
+        }
+        let log_format = match raw.log_format.as_deref() {
+            None | Some("human") => LogFormat::Human,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(key_err("log_format", format!("{other:?} is not \"human\" or \"json\"")))
+            }
+        };
+        let log_level =
+            parse_level(raw.log_level.as_deref().unwrap_or("info")).map_err(|m| key_err("log_level", m))?;
+        let secs = |key: &str, v: Option<u64>, default: u64, min: u64| -> Result<Duration, ConfigError> {
+            let v = v.unwrap_or(default);
+            if v < min {
+                return Err(key_err(key, format!("{v} is below the minimum of {min}")));
+            }
+            Ok(Duration::from_secs(v))
+        };
+        let reconcile_interval = secs("reconcile_interval_secs", raw.reconcile_interval_secs, 60, 1)?;
+        let health_timeout = secs("health_timeout_secs", raw.health_timeout_secs, 60, 1)?;
+        let status_min_interval = Duration::from_millis(raw.status_min_interval_ms.unwrap_or(1000));
+
+        let mqtt = raw.mqtt.map(|m| mqtt_config(m, &raw.device, base)).transpose()?;
+
+        let mut keys = Vec::new();
+        for (i, entry) in raw.trust.public_keys.iter().enumerate() {
+            let key = format!("trust.public_keys[{i}]");
+            let entry = entry.trim();
+            let parsed: PublicKey = if entry.starts_with("fleet-ed25519-public:") {
+                entry.parse().map_err(|e| key_err(&key, e))?
+            } else {
+                let path = resolve_path(base, Path::new(entry));
+                fleet_spec::keys::file::load_public(&path).map_err(|e| key_err(&key, e))?
+            };
+            keys.push(parsed);
+        }
+        let threshold = raw.trust.threshold.unwrap_or(1);
+        let trusted = TrustedKeys::new(keys, threshold).map_err(|e| key_err("trust", e))?;
+
+        let fetch_raw = raw.fetch.unwrap_or(RawFetch {
+            base_url: None,
+            poll_interval_secs: None,
+            ca_file: None,
+            max_bundle_bytes: None,
+            timeout_secs: None,
+        });
+        let mut limits = Limits::default();
+        let max_bundle = fetch_raw.max_bundle_bytes.unwrap_or(DEFAULT_MAX_BUNDLE);
+        if max_bundle < 1024 {
+            return Err(key_err(
+                "fetch.max_bundle_bytes",
+                format!("{max_bundle} is below the minimum of 1024"),
+            ));
+        }
+        limits.max_compressed = max_bundle;
+        limits.max_uncompressed = limits.max_uncompressed.max(max_bundle.saturating_mul(4));
+        let base_url = match fetch_raw.base_url {
+            None => None,
+            Some(u) => {
+                let u = u.trim_end_matches('/').to_string();
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return Err(key_err(
+                        "fetch.base_url",
+                        format!("{u:?} must start with http:// or https://"),
+                    ));
+                }
+                crate::fetch::Url::parse(&format!("{u}/index.json"))
+                    .map_err(|e| key_err("fetch.base_url", e))?;
+                Some(u)
+            }
+        };
+        let fetch = FetchConfig {
+            base_url,
+            poll_interval: secs("fetch.poll_interval_secs", fetch_raw.poll_interval_secs, 300, 5)?,
+            ca_file: fetch_raw.ca_file.map(|p| resolve_path(base, &p)),
+            timeout: secs("fetch.timeout_secs", fetch_raw.timeout_secs, 60, 1)?,
+        };
+        if let Some(ca) = &fetch.ca_file {
+            check_readable("fetch.ca_file", ca)?;
+        }
+
+        let engine = raw.engine.unwrap_or(RawEngine {
+            socket: None,
+            registry_auth: Vec::new(),
+            stop_grace_secs: None,
+        });
+        let engine_socket = match engine.socket.as_deref() {
+            None => Some(PathBuf::from(DEFAULT_ENGINE_SOCKET)),
+            Some("none") => None,
+            Some(s) => {
+                let s = s.strip_prefix("unix://").unwrap_or(s);
+                if !s.starts_with('/') {
+                    return Err(key_err(
+                        "engine.socket",
+                        format!("{s:?} must be an absolute socket path or \"none\""),
+                    ));
+                }
+                Some(PathBuf::from(s))
+            }
+        };
+        let mut registry_auth = Vec::new();
+        for (i, a) in engine.registry_auth.into_iter().enumerate() {
+            let key = format!("engine.registry_auth[{i}]");
+            let password = secret(&key, a.password, a.password_file, base)?
+                .ok_or_else(|| key_err(&key, "needs password or password_file"))?;
+            registry_auth.push(RegistryAuth { username: a.username, password, server: a.server });
+        }
+
+        Ok(Config {
+            device: raw.device,
+            fleet: raw.fleet,
+            topic_prefix,
+            state_dir: raw.state_dir,
+            allowed_roots,
+            log_format,
+            log_level,
+            reconcile_interval,
+            health_timeout,
+            status_min_interval,
+            mqtt,
+            trusted,
+            limits,
+            fetch,
+            engine_socket,
+            registry_auth,
+            stop_grace_secs: engine.stop_grace_secs.unwrap_or(10),
+        })
+    }
+
+    /// The registry credentials for an image reference (matched by registry host).
+    pub fn auth_for(&self, reference: &str) -> Option<&RegistryAuth> {
+        let first = reference.split('/').next().unwrap_or("");
+        let host = if reference.contains('/')
+            && (first.contains('.') || first.contains(':') || first == "localhost")
+        {
+            first
+        } else {
+            "docker.io"
+        };
+        self.registry_auth
+            .iter()
+            .find(|a| a.server.trim_end_matches('/').trim_start_matches("https://") == host)
+    }
+}
+
+fn mqtt_config(m: RawMqtt, device: &str, base: &Path) -> Result<MqttConfig, ConfigError> {
+    let (tls, rest) = if let Some(r) = m.url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = m.url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(key_err("mqtt.url", format!("{:?} must start with mqtt:// or mqtts://", m.url)));
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
+            let port =
+                p.parse::<u16>().map_err(|_| key_err("mqtt.url", format!("port {p:?} is not a number")))?;
+            (h.trim_start_matches('[').trim_end_matches(']').to_string(), port)
+        }
+        _ => (rest.to_string(), if tls { 8883 } else { 1883 }),
+    };
+    if host.is_empty() || host.contains('/') {
+        return Err(key_err("mqtt.url", format!("{:?} has no valid host", m.url)));
+    }
+    let client_id = m.client_id.unwrap_or_else(|| device.to_string());
+    let ca_file = m.ca_file.map(|p| resolve_path(base, &p));
+    let client_cert = m.client_cert.map(|p| resolve_path(base, &p));
+    let client_key = m.client_key.map(|p| resolve_path(base, &p));
+    if !tls && (ca_file.is_some() || client_cert.is_some()) {
+        return Err(key_err("mqtt.url", "ca_file/client_cert need an mqtts:// url"));
+    }
+    if client_cert.is_some() != client_key.is_some() {
+        return Err(key_err("mqtt.client_key", "client_cert and client_key go together"));
+    }
+    for (key, p) in
+        [("mqtt.ca_file", &ca_file), ("mqtt.client_cert", &client_cert), ("mqtt.client_key", &client_key)]
+    {
+        if let Some(p) = p {
+            check_readable(key, p)?;
+        }
+    }
+    let password = secret("mqtt", m.password, m.password_file, base)?;
+    if password.is_some() && m.username.is_none() {
+        return Err(key_err("mqtt.username", "a password needs a username"));
+    }
+    let keepalive = m.keepalive_secs.unwrap_or(30);
+    if !(5..=3600).contains(&keepalive) {
+        return Err(key_err("mqtt.keepalive_secs", format!("{keepalive} is outside 5..=3600")));
+    }
+    let reconnect_max = m.reconnect_max_secs.unwrap_or(60).max(1);
+    Ok(MqttConfig {
+        host,
+        port,
+        tls,
+        client_id,
+        ca_file,
+        client_cert,
+        client_key,
+        username: m.username,
+        password,
+        keepalive: Duration::from_secs(keepalive),
+        reconnect_max: Duration::from_secs(reconnect_max),
+    })
+}
+
+fn secret(
+    key: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+    base: &Path,
+) -> Result<Option<String>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => {
+            Err(key_err(format!("{key}.password_file"), "set password or password_file, not both"))
+        }
+        (Some(p), None) => Ok(Some(p)),
+        (None, Some(f)) => {
+            let path = resolve_path(base, &f);
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| key_err(format!("{key}.password_file"), format!("{}: {e}", path.display())))?;
+            Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn check_readable(key: &str, path: &Path) -> Result<(), ConfigError> {
+    std::fs::metadata(path).map(|_| ()).map_err(|e| key_err(key, format!("{}: {e}", path.display())))
+}
+
+fn resolve_path(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Parses a log level name (`error`, `warn`, `info`, `debug`, `trace`).
+pub fn parse_level(s: &str) -> Result<tracing::Level, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "error" => Ok(tracing::Level::ERROR),
+        "warn" | "warning" => Ok(tracing::Level::WARN),
+        "info" => Ok(tracing::Level::INFO),
+        "debug" => Ok(tracing::Level::DEBUG),
+        "trace" => Ok(tracing::Level::TRACE),
+        other => Err(format!("{other:?} is not one of error, warn, info, debug, trace")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "fleet-ed25519-public:d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/fleet/agent.toml"))
+    }
+
+    fn minimal() -> String {
+        format!("device = \"gw-01\"\nfleet = \"acme\"\nstate_dir = \"/var/lib/fleet-agent\"\nallowed_roots = [\"/srv/fleet\"]\n[trust]\npublic_keys = [\"{KEY}\"]\n")
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = parse(&minimal()).expect("valid");
+        assert_eq!(c.topic_prefix, "fleet");
+        assert_eq!(c.reconcile_interval, Duration::from_secs(60));
+        assert_eq!(c.health_timeout, Duration::from_secs(60));
+        assert_eq!(c.engine_socket.as_deref(), Some(Path::new(DEFAULT_ENGINE_SOCKET)));
+        assert!(c.mqtt.is_none());
+        assert_eq!(c.trusted.threshold(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            (minimal() + "bogus = 1\n", "bogus"),
+            (minimal().replace("gw-01", "gw/01"), "`device`"),
+            (minimal() + "[mqtt]\nurl = \"tcp://x\"\n", "`mqtt.url`"),
+            (minimal() + "[engine]\nsocket = \"relative.sock\"\n", "`engine.socket`"),
+            (minimal().replace("/srv/fleet", "/srv/../etc"), "`allowed_roots[0]`"),
+            (minimal().replace(KEY, "fleet-ed25519-public:zz"), "`trust.public_keys[0]`"),
+            (minimal() + "threshold = 2\n", "`trust`"),
+            (minimal() + "[fetch]\nbase_url = \"ftp://x\"\n", "`fetch.base_url`"),
+            (minimal().replace("state_dir = \"/var/lib/fleet-agent\"\n", ""), "state_dir"),
+            (minimal() + "log_format = \"xml\"\n", "`log_format`"),
+        ];
+        for (text, key) in cases {
+            let err = parse(&text).expect_err(key).to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let text = include_str!("../agent.toml.example").replace(&"0".repeat(64), KEY.split(':').nth(1).expect("hex"));
+        let c = parse(&text).expect("agent.toml.example parses");
+        assert_eq!(c.device, "gw-01");
+        assert!(c.mqtt.expect("mqtt").tls);
+        assert_eq!(c.fetch.base_url.as_deref(), Some("https://bundles.example.com/acme"));
+    }
+
+    #[test]
+    fn mqtt_url_and_engine_none() {
+        let c =
+            parse(&(minimal() + "[mqtt]\nurl = \"mqtt://broker.local:1884\"\n[engine]\nsocket = \"none\"\n"))
+                .expect("valid");
+        let m = c.mqtt.expect("mqtt");
+        assert_eq!(
+            (m.host.as_str(), m.port, m.tls, m.client_id.as_str()),
+            ("broker.local", 1884, false, "gw-01")
+        );
+        assert!(c.engine_socket.is_none());
+        let c = parse(&(minimal() + "[mqtt]\nurl = \"mqtts://broker\"\n")).expect("valid");
+        assert_eq!(c.mqtt.expect("mqtt").port, 8883);
+    }
+}

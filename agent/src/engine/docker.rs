@@ -1,0 +1,1232 @@
+//! [`DockerEngine`]: the [`Engine`] trait over the Docker Engine API v1.41, spoken over a
+//! unix socket with a bare hyper 1.x HTTP/1 client (no bollard: the agent must stay small).
+//!
+//! It works against `dockerd` (and balenaEngine, its fork) and against podman's
+//! Docker-compatible service (`podman system service`). Where the two answer differently
+//! this module takes both answers; the differences it handles, each checked by
+//! `agent/tests/engine_docker.rs` against the real engines:
+//!
+//! - A pull that fails before it starts (unknown tag, registry down, no or wrong
+//!   credentials) is an HTTP 404/500 from `dockerd` but an HTTP 200 with an
+//!   `error`/`errorDetail` line from podman; both become [`EngineError::Pull`].
+//! - Creating a container whose name is taken is HTTP 409 from `dockerd` and HTTP 500
+//!   ("... is already in use") from podman: reported as 409 for both.
+//! - Creating a network that exists is HTTP 409 from `dockerd` and HTTP 500 ("network
+//!   already exists") from podman; both are accepted once the network is seen to exist.
+//! - `dockerd` 20.10 (API 1.41) refuses more than one network in `EndpointsConfig` at
+//!   create time, podman accepts it: the container is created on its first network and
+//!   connected to the others with `POST /networks/{id}/connect`, which both accept (and
+//!   both resolve the aliases given there).
+//! - Events: podman 4.3's compat stream says `die` like `dockerd` (podman's native name
+//!   `died` is taken as `die` too); its health event is a bare `health_status` with a top-level `HealthStatus`,
+//!   normalised to `dockerd`'s `health_status: <status>`. `dockerd` sends `exec_*`
+//!   events for every healthcheck run and podman sends `init`/`cleanup`: only changes of
+//!   state are passed on.
+//! - podman runs healthchecks from systemd timers: on a host without systemd its
+//!   `State.Health.Status` stays `starting` until something runs `podman healthcheck
+//!   run`. `dockerd` runs them itself.
+//! - podman reports `Config.StopSignal` as a number and drops `CgroupPermissions` from
+//!   `HostConfig.Devices` in inspect output (this adapter does not read them back).
+//!
+//! Ownership (see [`super`]): everything this adapter creates carries
+//! [`LABEL_MANAGED`]`=true` whatever labels the caller passes, lists filter on it, and
+//! `remove*` refuses (HTTP-409-style [`EngineError::Api`]) to touch an object that exists
+//! without it.
+//!
+//! It never panics on what the engine sends: every answer is read as untyped JSON with
+//! defaults, bodies are size-capped, and every call but the event stream has a deadline
+//! (a pull: ten minutes without progress).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Map, Value};
+use tokio::net::UnixStream;
+
+use fleet_spec::model::{ContainerSpec, ImageRef, MountSource, NetworkSpec, VolumeSpec};
+
+use super::{Engine, EngineError, EngineEvent, Health, ObservedContainer, RegistryAuth, LABEL_MANAGED};
+
+/// The API version every request names; dockerd ≥ 20.10 and podman ≥ 3 serve it.
+const API: &str = "/v1.41";
+/// How long connecting to the socket may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline of an ordinary request (not a pull, not the event stream), answer included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// A pull that shows no progress for this long is given up.
+const PULL_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Cap on a whole (non-streamed) answer; a device lists tens of containers, not thousands.
+const MAX_BODY: usize = 16 << 20;
+/// Cap on one streamed JSON message (pull progress line, event).
+const MAX_MESSAGE: usize = 1 << 20;
+/// `filters` value selecting the managed objects: `{"label":["io.fleet.managed=true"]}`.
+fn managed_filter() -> String {
+    json!({ "label": [format!("{LABEL_MANAGED}=true")] }).to_string()
+}
+
+/// The Docker Engine API over a unix socket. One connection per request; the event
+/// stream keeps its own connection open between calls to [`Engine::next_event`].
+pub struct DockerEngine {
+    socket: PathBuf,
+    events: tokio::sync::Mutex<Option<EventStream>>,
+}
+
+/// The answer to a request that has been sent (`'static`: it owns what it needs).
+type PendingResponse = Pin<Box<dyn Future<Output = hyper::Result<Response<Incoming>>> + Send>>;
+
+/// The `/events` subscription, kept across [`Engine::next_event`] calls.
+enum EventStream {
+    /// Subscribed, waiting for the response head: both `dockerd` and podman send it only
+    /// together with the first event, which may be hours away.
+    Subscribed(PendingResponse),
+    /// Receiving events.
+    Open(JsonStream),
+}
+
+impl std::fmt::Debug for DockerEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerEngine").field("socket", &self.socket).finish_non_exhaustive()
+    }
+}
+
+/// A whole answer: status and body.
+struct Reply {
+    status: StatusCode,
+    body: Bytes,
+}
+
+impl Reply {
+    fn json(&self, op: &'static str) -> Result<Value, EngineError> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| EngineError::Protocol { op, reason: format!("invalid JSON: {e}") })
+    }
+
+    /// The engine's own explanation: `message` of its JSON error body (both engines
+    /// send one), else the body as text, else the HTTP reason phrase.
+    fn message(&self) -> String {
+        error_message(self.status, &self.body)
+    }
+
+    fn api_error(&self, op: &'static str, object: &str) -> EngineError {
+        EngineError::Api {
+            op,
+            object: object.to_owned(),
+            status: self.status.as_u16(),
+            message: self.message(),
+        }
+    }
+}
+
+fn error_message(status: StatusCode, body: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        if let Some(m) = v.get("message").and_then(Value::as_str) {
+            return m.to_owned();
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    if text.is_empty() {
+        status.canonical_reason().unwrap_or("no message").to_owned()
+    } else {
+        text.chars().take(512).collect()
+    }
+}
+
+impl DockerEngine {
+    /// An engine at `socket_path`, e.g. `/var/run/docker.sock` or
+    /// `/run/podman/podman.sock`. Nothing is connected until the first call.
+    pub fn new(socket_path: PathBuf) -> Self {
+        DockerEngine { socket: socket_path, events: tokio::sync::Mutex::new(None) }
+    }
+
+    /// The socket this engine talks to.
+    pub fn socket_path(&self) -> &std::path::Path {
+        &self.socket
+    }
+
+    fn unreachable(&self, reason: impl std::fmt::Display) -> EngineError {
+        EngineError::Unreachable { socket: self.socket.display().to_string(), reason: reason.to_string() }
+    }
+
+    /// Sends one request on a fresh connection and returns the response with its body
+    /// still to be read. `path` is below `/v1.41` and already encoded.
+    async fn open(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        extra_header: Option<(&'static str, String)>,
+    ) -> Result<Response<Incoming>, EngineError> {
+        let pending = self.send(method, path, body, extra_header).await?;
+        pending.await.map_err(|e| self.unreachable(format!("request failed: {e}")))
+    }
+
+    /// Connects and sends one request; the returned future waits for the answer.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        extra_header: Option<(&'static str, String)>,
+    ) -> Result<PendingResponse, EngineError> {
+        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(&self.socket)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(self.unreachable(e)),
+            Err(_) => return Err(self.unreachable(format!("no connection within {CONNECT_TIMEOUT:?}"))),
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| self.unreachable(format!("HTTP handshake failed: {e}")))?;
+        // The connection is driven by its own task; it ends when the response body has
+        // been read or dropped.
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+
+        let bytes = match body {
+            Some(v) => Bytes::from(v.to_string()),
+            None => Bytes::new(),
+        };
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{API}{path}"))
+            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::USER_AGENT, concat!("fleet-agent/", env!("CARGO_PKG_VERSION")));
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some((name, value)) = extra_header {
+            request = request.header(name, value);
+        }
+        let request = request.body(Full::new(bytes)).map_err(|e| EngineError::Protocol {
+            op: "request",
+            reason: format!("cannot build request: {e}"),
+        })?;
+        // The connection task keeps the connection up until the answer has been read;
+        // the sender is not needed for that.
+        Ok(Box::pin(sender.send_request(request)))
+    }
+
+    /// One request, whole answer, with a deadline.
+    async fn call_with_timeout(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<Reply, EngineError> {
+        let exchange = async {
+            let response = self.open(method, path, body, None).await?;
+            let status = response.status();
+            let body = read_capped(response.into_body(), MAX_BODY)
+                .await
+                .map_err(|reason| EngineError::Protocol { op, reason })?;
+            Ok(Reply { status, body })
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(self.unreachable(format!("{op}: no answer within {timeout:?}"))),
+        }
+    }
+
+    async fn call(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Reply, EngineError> {
+        self.call_with_timeout(op, method, path, body, REQUEST_TIMEOUT).await
+    }
+
+    /// `GET` of an object's JSON; `None` on 404.
+    async fn get_object(
+        &self,
+        op: &'static str,
+        path: &str,
+        object: &str,
+    ) -> Result<Option<Value>, EngineError> {
+        let reply = self.call(op, Method::GET, path, None).await?;
+        match reply.status {
+            s if s.is_success() => reply.json(op).map(Some),
+            StatusCode::NOT_FOUND => Ok(None),
+            _ => Err(reply.api_error(op, object)),
+        }
+    }
+
+    async fn inspect_value(&self, name: &str) -> Result<Option<Value>, EngineError> {
+        self.get_object("inspect", &format!("/containers/{}/json", enc(name)), name).await
+    }
+
+    /// The container called exactly `name` (or with exactly that id). The engines also
+    /// resolve a unique id prefix, so a name like `beef` could otherwise hit another
+    /// container whose id starts with it.
+    async fn container_named(&self, name: &str) -> Result<Option<Value>, EngineError> {
+        Ok(self.inspect_value(name).await?.filter(|v| {
+            let own_name = v.get("Name").and_then(Value::as_str).map(|n| n.trim_start_matches('/'));
+            own_name == Some(name) || v.get("Id").and_then(Value::as_str) == Some(name)
+        }))
+    }
+
+    /// Refuses to go on when `object` exists but is not managed by the agent.
+    fn refuse_unmanaged(op: &'static str, object: &str, labels: Option<&Value>) -> Result<(), EngineError> {
+        let managed = labels.and_then(|l| l.get(LABEL_MANAGED)).and_then(Value::as_str) == Some("true");
+        if managed {
+            Ok(())
+        } else {
+            Err(EngineError::Api {
+                op,
+                object: object.to_owned(),
+                status: StatusCode::CONFLICT.as_u16(),
+                message: format!("refusing to touch it: it exists but has no {LABEL_MANAGED}=true label"),
+            })
+        }
+    }
+
+    /// Removes a container just created whose setup failed half-way; best effort.
+    async fn discard(&self, id: &str) {
+        let _ =
+            self.call("remove", Method::DELETE, &format!("/containers/{}?force=1&v=1", enc(id)), None).await;
+    }
+
+    async fn pull_stream(&self, image: &ImageRef, auth: Option<&RegistryAuth>) -> Result<(), EngineError> {
+        let reference = image.pull_reference();
+        let pull_error = |message: String| EngineError::Pull { image: reference.clone(), message };
+        let (repo, tag) = split_reference(&reference);
+        let path = format!("/images/create?fromImage={}&tag={}", enc(repo), enc(tag));
+        let header = auth.map(|a| ("x-registry-auth", registry_auth_header(a)));
+
+        // The answer's head may come only with the first progress message.
+        let response = tokio::time::timeout(PULL_IDLE_TIMEOUT, self.open(Method::POST, &path, None, header))
+            .await
+            .map_err(|_| pull_error(format!("no answer within {PULL_IDLE_TIMEOUT:?}")))??;
+        let status = response.status();
+        if !status.is_success() {
+            // dockerd answers a pull that cannot start (unknown image, registry down,
+            // bad credentials) with 404/500 and a JSON message.
+            let body = tokio::time::timeout(REQUEST_TIMEOUT, read_capped(response.into_body(), MAX_BODY))
+                .await
+                .map_err(|_| pull_error(format!("HTTP {status} and no body within {REQUEST_TIMEOUT:?}")))?
+                .unwrap_or_default();
+            return Err(pull_error(error_message(status, &body)));
+        }
+
+        // Both engines stream JSON progress messages and report a failure (also one
+        // that happens half-way) as a message with `error` / `errorDetail.message`;
+        // podman does so with HTTP 200 even when the pull never started.
+        let mut stream = JsonStream::new(response.into_body());
+        loop {
+            let next = tokio::time::timeout(PULL_IDLE_TIMEOUT, stream.next())
+                .await
+                .map_err(|_| pull_error(format!("no progress for {PULL_IDLE_TIMEOUT:?}")))?;
+            match next {
+                Ok(Some(message)) => {
+                    if let Some(error) = pull_message_error(&message) {
+                        return Err(pull_error(error));
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(reason) => return Err(pull_error(format!("progress stream broke off: {reason}"))),
+            }
+        }
+    }
+
+    /// Subscribes to the events of managed containers. Returns once the request is
+    /// sent: the answer comes with the first event.
+    async fn subscribe(&self) -> Result<PendingResponse, EngineError> {
+        let filters = json!({
+            "type": ["container"],
+            "label": [format!("{LABEL_MANAGED}=true")],
+        })
+        .to_string();
+        let path = format!("/events?filters={}", enc(&filters));
+        tokio::time::timeout(REQUEST_TIMEOUT, self.send(Method::GET, &path, None, None))
+            .await
+            .map_err(|_| self.unreachable(format!("events: no connection within {REQUEST_TIMEOUT:?}")))?
+    }
+}
+
+impl Engine for DockerEngine {
+    async fn ping(&self) -> Result<(), EngineError> {
+        let reply = self.call("ping", Method::GET, "/_ping", None).await?;
+        if reply.status.is_success() {
+            Ok(())
+        } else {
+            Err(reply.api_error("ping", "/_ping"))
+        }
+    }
+
+    async fn list_managed(&self) -> Result<Vec<ObservedContainer>, EngineError> {
+        let path = format!("/containers/json?all=1&filters={}", enc(&managed_filter()));
+        let reply = self.call("list containers", Method::GET, &path, None).await?;
+        if !reply.status.is_success() {
+            return Err(reply.api_error("list containers", "/containers/json"));
+        }
+        let list = reply.json("list containers")?;
+        let ids: Vec<String> = list
+            .as_array()
+            .map(|items| {
+                items.iter().filter_map(|c| c.get("Id").and_then(Value::as_str)).map(str::to_owned).collect()
+            })
+            .unwrap_or_default();
+        // The list lacks the restart count and (on dockerd) states health only inside
+        // a human-readable `Status`: inspect each one.
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            // Gone between list and inspect: it is not there any more.
+            if let Some(v) = self.inspect_value(&id).await? {
+                let observed = observed_from_inspect(&v)
+                    .ok_or_else(|| EngineError::Protocol { op: "inspect", reason: format!("{id}: no Id") })?;
+                if observed.labels.get(LABEL_MANAGED).map(String::as_str) == Some("true") {
+                    out.push(observed);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn image_present(&self, image: &ImageRef) -> Result<bool, EngineError> {
+        let reference = image.pull_reference();
+        let path = format!("/images/{}/json", enc_path(&reference));
+        Ok(self.get_object("inspect image", &path, &reference).await?.is_some())
+    }
+
+    async fn pull(&self, image: &ImageRef, auth: Option<&RegistryAuth>) -> Result<(), EngineError> {
+        self.pull_stream(image, auth).await
+    }
+
+    async fn create(
+        &self,
+        spec: &ContainerSpec,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<String, EngineError> {
+        let body = create_body(spec, labels);
+        let path = format!("/containers/create?name={}", enc(&spec.name));
+        let reply = self.call("create", Method::POST, &path, Some(&body)).await?;
+        if !reply.status.is_success() {
+            let mut error = reply.api_error("create", &spec.name);
+            // A taken name is 409 on dockerd but 500 "... is already in use" on podman:
+            // report it as dockerd does.
+            if let EngineError::Api { status, message, .. } = &mut error {
+                if *status == 500 && message.contains("already in use") {
+                    *status = StatusCode::CONFLICT.as_u16();
+                }
+            }
+            return Err(error);
+        }
+        let id =
+            reply.json("create")?.get("Id").and_then(Value::as_str).map(str::to_owned).ok_or_else(|| {
+                EngineError::Protocol { op: "create", reason: "answer has no Id".to_owned() }
+            })?;
+
+        // dockerd (API 1.41) takes one network at create time: connect the others now.
+        if spec.network_mode.is_none() {
+            for attachment in spec.networks.iter().skip(1) {
+                let body = json!({
+                    "Container": id,
+                    "EndpointConfig": { "Aliases": attachment.aliases },
+                });
+                let path = format!("/networks/{}/connect", enc(&attachment.network));
+                let result = self.call("connect network", Method::POST, &path, Some(&body)).await;
+                let error = match result {
+                    Ok(reply) if reply.status.is_success() => continue,
+                    Ok(reply) => reply
+                        .api_error("connect network", &format!("{} to {}", spec.name, attachment.network)),
+                    Err(e) => e,
+                };
+                // A container missing one of its networks is not the one desired.
+                self.discard(&id).await;
+                return Err(error);
+            }
+        }
+        Ok(id)
+    }
+
+    async fn start(&self, name: &str) -> Result<(), EngineError> {
+        let reply =
+            self.call("start", Method::POST, &format!("/containers/{}/start", enc(name)), None).await?;
+        match reply.status {
+            // 304: already running.
+            s if s.is_success() || s == StatusCode::NOT_MODIFIED => Ok(()),
+            _ => Err(reply.api_error("start", name)),
+        }
+    }
+
+    async fn remove(&self, name: &str, grace_secs: u32) -> Result<(), EngineError> {
+        let Some(v) = self.container_named(name).await? else { return Ok(()) };
+        Self::refuse_unmanaged("remove", name, v.pointer("/Config/Labels"))?;
+        // From here on by id: exactly the container that was checked.
+        let id = v.get("Id").and_then(Value::as_str).unwrap_or(name);
+
+        let path = format!("/containers/{}/stop?t={grace_secs}", enc(id));
+        let timeout = REQUEST_TIMEOUT + Duration::from_secs(grace_secs.into());
+        let reply = self.call_with_timeout("stop", Method::POST, &path, None, timeout).await?;
+        match reply.status {
+            // 304: not running; 404: gone meanwhile.
+            s if s.is_success() || s == StatusCode::NOT_MODIFIED || s == StatusCode::NOT_FOUND => {}
+            _ => return Err(reply.api_error("stop", name)),
+        }
+        let path = format!("/containers/{}?force=1&v=1", enc(id));
+        let reply = self.call("remove", Method::DELETE, &path, None).await?;
+        match reply.status {
+            s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
+            _ => Err(reply.api_error("remove", name)),
+        }
+    }
+
+    async fn inspect(&self, name: &str) -> Result<Option<ObservedContainer>, EngineError> {
+        let Some(v) = self.container_named(name).await? else { return Ok(None) };
+        let observed = observed_from_inspect(&v)
+            .ok_or_else(|| EngineError::Protocol { op: "inspect", reason: format!("{name}: no Id") })?;
+        // Not ours: as far as the agent is concerned, there is no managed container.
+        Ok(observed.labels.get(LABEL_MANAGED).is_some_and(|v| v == "true").then_some(observed))
+    }
+
+    async fn list_managed_networks(&self) -> Result<Vec<String>, EngineError> {
+        let path = format!("/networks?filters={}", enc(&managed_filter()));
+        let reply = self.call("list networks", Method::GET, &path, None).await?;
+        if !reply.status.is_success() {
+            return Err(reply.api_error("list networks", "/networks"));
+        }
+        Ok(names_with_managed_label(reply.json("list networks")?.as_array()))
+    }
+
+    async fn create_network(
+        &self,
+        spec: &NetworkSpec,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), EngineError> {
+        let body = json!({
+            "Name": spec.name,
+            "CheckDuplicate": true,
+            "Driver": "bridge",
+            "Internal": spec.internal,
+            "Labels": merged_labels(&spec.labels, labels),
+        });
+        let reply = self.call("create network", Method::POST, "/networks/create", Some(&body)).await?;
+        if reply.status.is_success() {
+            return Ok(());
+        }
+        // dockerd: 409 "already exists"; podman: 500 "network already exists".
+        let path = format!("/networks/{}", enc(&spec.name));
+        if self.get_object("inspect network", &path, &spec.name).await?.is_some() {
+            return Ok(());
+        }
+        Err(reply.api_error("create network", &spec.name))
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<(), EngineError> {
+        let path = format!("/networks/{}", enc(name));
+        let Some(v) = self.get_object("inspect network", &path, name).await? else { return Ok(()) };
+        Self::refuse_unmanaged("remove network", name, v.get("Labels"))?;
+        let reply = self.call("remove network", Method::DELETE, &path, None).await?;
+        match reply.status {
+            s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
+            _ => Err(reply.api_error("remove network", name)),
+        }
+    }
+
+    async fn list_managed_volumes(&self) -> Result<Vec<String>, EngineError> {
+        let path = format!("/volumes?filters={}", enc(&managed_filter()));
+        let reply = self.call("list volumes", Method::GET, &path, None).await?;
+        if !reply.status.is_success() {
+            return Err(reply.api_error("list volumes", "/volumes"));
+        }
+        let v = reply.json("list volumes")?;
+        Ok(names_with_managed_label(v.get("Volumes").and_then(Value::as_array)))
+    }
+
+    async fn create_volume(
+        &self,
+        spec: &VolumeSpec,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), EngineError> {
+        let body = json!({
+            "Name": spec.name,
+            "Driver": "local",
+            "Labels": merged_labels(&spec.labels, labels),
+        });
+        // Both engines answer 201 with the existing volume (data kept) when it exists.
+        let reply = self.call("create volume", Method::POST, "/volumes/create", Some(&body)).await?;
+        match reply.status {
+            s if s.is_success() || s == StatusCode::CONFLICT => Ok(()),
+            _ => Err(reply.api_error("create volume", &spec.name)),
+        }
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<(), EngineError> {
+        let path = format!("/volumes/{}", enc(name));
+        let Some(v) = self.get_object("inspect volume", &path, name).await? else { return Ok(()) };
+        Self::refuse_unmanaged("remove volume", name, v.get("Labels"))?;
+        let reply = self.call("remove volume", Method::DELETE, &path, None).await?;
+        match reply.status {
+            s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
+            _ => Err(reply.api_error("remove volume", name)),
+        }
+    }
+
+    /// Cancel-safe: a call dropped while it waits (e.g. in a `select!` with a timer)
+    /// loses no event and keeps the subscription for the next call.
+    async fn next_event(&self) -> Result<Option<EngineEvent>, EngineError> {
+        let mut slot = self.events.lock().await;
+        loop {
+            let state = match &mut *slot {
+                Some(state) => state,
+                None => slot.insert(EventStream::Subscribed(self.subscribe().await?)),
+            };
+            match state {
+                EventStream::Subscribed(pending) => match pending.as_mut().await {
+                    Ok(response) if response.status().is_success() => {
+                        *state = EventStream::Open(JsonStream::new(response.into_body()));
+                    }
+                    Ok(response) => {
+                        *slot = None;
+                        let status = response.status();
+                        let body = tokio::time::timeout(
+                            REQUEST_TIMEOUT,
+                            read_capped(response.into_body(), MAX_BODY),
+                        )
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or_default();
+                        return Err(EngineError::Api {
+                            op: "events",
+                            object: "/events".to_owned(),
+                            status: status.as_u16(),
+                            message: error_message(status, &body),
+                        });
+                    }
+                    // The engine closed the connection (restarted, stopped).
+                    Err(_) => {
+                        *slot = None;
+                        return Ok(None);
+                    }
+                },
+                EventStream::Open(stream) => match stream.next().await {
+                    Ok(Some(message)) => {
+                        if let Some(event) = parse_event(&message) {
+                            return Ok(Some(event));
+                        }
+                    }
+                    // Ended, or broke off (engine restarted): the caller reconnects
+                    // later, and the next call subscribes anew.
+                    Ok(None) | Err(_) => {
+                        *slot = None;
+                        return Ok(None);
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Reads a whole body, refusing more than `cap` bytes.
+async fn read_capped(mut body: Incoming, cap: usize) -> Result<Bytes, String> {
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("body broke off: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > cap {
+                return Err(format!("body larger than {cap} bytes"));
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(out))
+}
+
+/// A body carrying a sequence of JSON values (newline-separated on both engines, but
+/// separators are not relied on). Cancel-safe: data is buffered before any await.
+struct JsonStream {
+    body: Incoming,
+    buf: Vec<u8>,
+}
+
+impl JsonStream {
+    fn new(body: Incoming) -> Self {
+        JsonStream { body, buf: Vec::new() }
+    }
+
+    /// The next value; `None` when the stream ended. A line that is not JSON is skipped.
+    async fn next(&mut self) -> Result<Option<Value>, String> {
+        loop {
+            if let Some(value) = self.take_buffered() {
+                return Ok(Some(value));
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(e.to_string()),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                        if self.buf.len() > MAX_MESSAGE {
+                            return Err(format!("a message longer than {MAX_MESSAGE} bytes"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A complete value from the buffer, if there is one.
+    fn take_buffered(&mut self) -> Option<Value> {
+        loop {
+            let mut values = serde_json::Deserializer::from_slice(&self.buf).into_iter::<Value>();
+            match values.next() {
+                None => {
+                    // Only whitespace.
+                    self.buf.clear();
+                    return None;
+                }
+                Some(Ok(value)) => {
+                    let used = values.byte_offset();
+                    self.buf.drain(..used);
+                    return Some(value);
+                }
+                Some(Err(e)) if e.is_eof() => return None,
+                Some(Err(_)) => {
+                    // Not JSON: drop through the end of the line, or wait for it.
+                    let newline = self.buf.iter().position(|&b| b == b'\n')?;
+                    self.buf.drain(..=newline);
+                }
+            }
+        }
+    }
+}
+
+/// The failure a pull progress message reports, if any.
+fn pull_message_error(message: &Value) -> Option<String> {
+    let detail = message.pointer("/errorDetail/message").and_then(Value::as_str).filter(|m| !m.is_empty());
+    let error = message.get("error").and_then(Value::as_str).filter(|m| !m.is_empty());
+    error.or(detail).map(str::to_owned)
+}
+
+/// The event the core cares about, from one `/events` message of either engine.
+fn parse_event(message: &Value) -> Option<EngineEvent> {
+    if let Some(kind) = message.get("Type").and_then(Value::as_str) {
+        if kind != "container" {
+            return None;
+        }
+    }
+    let action = message
+        .get("Action")
+        .and_then(Value::as_str)
+        .filter(|a| !a.is_empty())
+        .or_else(|| message.get("status").and_then(Value::as_str))?;
+    // podman: `died` for `die`, and `health_status` with the status beside it.
+    let action = match action {
+        "died" => "die".to_owned(),
+        "health_status" => match message.get("HealthStatus").and_then(Value::as_str) {
+            Some(status) if !status.is_empty() => format!("health_status: {status}"),
+            _ => "health_status".to_owned(),
+        },
+        other => other.to_owned(),
+    };
+    let action = action.as_str();
+    // Only changes of state: not the exec_* that every healthcheck run makes, nor
+    // attach/resize/top/archive noise.
+    const STATE_CHANGES: &[&str] = &[
+        "create", "start", "restart", "die", "kill", "oom", "stop", "destroy", "remove", "pause", "unpause",
+        "rename", "update",
+    ];
+    if !(STATE_CHANGES.contains(&action) || action.starts_with("health_status")) {
+        return None;
+    }
+    let attributes = message.pointer("/Actor/Attributes");
+    let name = attributes.and_then(|a| a.get("name")).and_then(Value::as_str).filter(|n| !n.is_empty())?;
+    // The filter asked for managed containers only; check anyway, where the engine
+    // copies the labels into the attributes (both do).
+    if let Some(managed) = attributes.and_then(|a| a.get(LABEL_MANAGED)) {
+        if managed.as_str() != Some("true") {
+            return None;
+        }
+    }
+    Some(EngineEvent { name: name.to_owned(), action: action.to_owned() })
+}
+
+/// A container as `GET /containers/{id}/json` describes it; `None` without an `Id`.
+fn observed_from_inspect(v: &Value) -> Option<ObservedContainer> {
+    let id = v.get("Id").and_then(Value::as_str)?.to_owned();
+    let str_at = |pointer: &str| v.pointer(pointer).and_then(Value::as_str).unwrap_or_default();
+    let name = str_at("/Name").trim_start_matches('/').to_owned();
+    let image = match str_at("/Config/Image") {
+        "" => str_at("/Image").to_owned(),
+        image => image.to_owned(),
+    };
+    let labels = string_map(v.pointer("/Config/Labels"));
+    let running = v.pointer("/State/Running").and_then(Value::as_bool).unwrap_or(false);
+    let health = match str_at("/State/Health/Status") {
+        "starting" => Health::Starting,
+        "healthy" => Health::Healthy,
+        "unhealthy" => Health::Unhealthy,
+        _ => Health::None,
+    };
+    let restart_count = v.get("RestartCount").and_then(Value::as_u64).unwrap_or(0);
+    // A container that never ran has no exit code, whatever `ExitCode: 0` says.
+    let never_ran = str_at("/State/Status") == "created" || str_at("/State/StartedAt").starts_with("0001-");
+    let exit_code =
+        if running || never_ran { None } else { v.pointer("/State/ExitCode").and_then(Value::as_i64) };
+    Some(ObservedContainer { id, name, image, labels, running, health, restart_count, exit_code })
+}
+
+fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
+    v.and_then(Value::as_object)
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect())
+        .unwrap_or_default()
+}
+
+/// `Name`s of the listed objects that carry the managed label.
+fn names_with_managed_label(items: Option<&Vec<Value>>) -> Vec<String> {
+    let mut names: Vec<String> = items
+        .into_iter()
+        .flatten()
+        .filter(|item| {
+            item.pointer(&format!("/Labels/{LABEL_MANAGED}")).and_then(Value::as_str) == Some("true")
+        })
+        .filter_map(|item| item.get("Name").and_then(Value::as_str).map(str::to_owned))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The spec's labels, then the caller's, then the managed mark (which always wins).
+fn merged_labels(
+    own: &BTreeMap<String, String>,
+    added: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut labels = own.clone();
+    labels.extend(added.iter().map(|(k, v)| (k.clone(), v.clone())));
+    labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
+    labels
+}
+
+/// The body of `POST /containers/create` for `spec`.
+fn create_body(spec: &ContainerSpec, labels: &BTreeMap<String, String>) -> Value {
+    let mut config = Map::new();
+    let mut host = Map::new();
+
+    config.insert("Image".into(), json!(spec.image.pull_reference()));
+    if let Some(cmd) = &spec.command {
+        config.insert("Cmd".into(), json!(cmd));
+    }
+    if let Some(entrypoint) = &spec.entrypoint {
+        config.insert("Entrypoint".into(), json!(entrypoint));
+    }
+    let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    config.insert("Env".into(), json!(env));
+    if let Some(user) = &spec.user {
+        config.insert("User".into(), json!(user));
+    }
+    if let Some(hostname) = &spec.hostname {
+        config.insert("Hostname".into(), json!(hostname));
+    }
+    if let Some(signal) = &spec.stop_signal {
+        config.insert("StopSignal".into(), json!(signal));
+    }
+    config.insert("Labels".into(), json!(merged_labels(&spec.labels, labels)));
+
+    // Ports: `ExposedPorts` for every published and `expose:`d port, bindings per port.
+    let mut exposed = Map::new();
+    let mut bindings: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for port in &spec.ports {
+        let key = format!("{}/{}", port.container_port, port.protocol.as_str());
+        exposed.insert(key.clone(), json!({}));
+        bindings.entry(key).or_default().push(json!({
+            "HostIp": port.host_ip.clone().unwrap_or_default(),
+            "HostPort": port.host_port.map(|p| p.to_string()).unwrap_or_default(),
+        }));
+    }
+    for port in &spec.expose {
+        let key = if port.contains('/') { port.clone() } else { format!("{port}/tcp") };
+        exposed.insert(key, json!({}));
+    }
+    if !exposed.is_empty() {
+        config.insert("ExposedPorts".into(), Value::Object(exposed));
+    }
+    if !bindings.is_empty() {
+        host.insert("PortBindings".into(), json!(bindings));
+    }
+
+    if let Some(hc) = &spec.healthcheck {
+        let mut check = Map::new();
+        check.insert("Test".into(), json!(hc.test));
+        let ns = |ms: u64| ms.saturating_mul(1_000_000);
+        if let Some(ms) = hc.interval_ms {
+            check.insert("Interval".into(), json!(ns(ms)));
+        }
+        if let Some(ms) = hc.timeout_ms {
+            check.insert("Timeout".into(), json!(ns(ms)));
+        }
+        if let Some(ms) = hc.start_period_ms {
+            check.insert("StartPeriod".into(), json!(ns(ms)));
+        }
+        if let Some(retries) = hc.retries {
+            check.insert("Retries".into(), json!(retries));
+        }
+        config.insert("Healthcheck".into(), Value::Object(check));
+    }
+
+    // Mounts: `Binds` for host paths and named volumes (both engines take them and
+    // neither needs the source to exist beforehand), `Tmpfs` for tmpfs.
+    let mut binds = Vec::new();
+    let mut tmpfs = Map::new();
+    for mount in &spec.mounts {
+        let mode = if mount.read_only { ":ro" } else { "" };
+        match &mount.source {
+            MountSource::Bind(source) | MountSource::Volume(source) => {
+                binds.push(format!("{source}:{}{mode}", mount.target));
+            }
+            MountSource::Tmpfs => {
+                tmpfs.insert(mount.target.clone(), json!(if mount.read_only { "ro" } else { "" }));
+            }
+        }
+    }
+    if !binds.is_empty() {
+        host.insert("Binds".into(), json!(binds));
+    }
+    if !tmpfs.is_empty() {
+        host.insert("Tmpfs".into(), Value::Object(tmpfs));
+    }
+
+    host.insert("RestartPolicy".into(), json!({ "Name": spec.restart.as_str(), "MaximumRetryCount": 0 }));
+    if !spec.devices.is_empty() {
+        let devices: Vec<Value> = spec
+            .devices
+            .iter()
+            .map(|d| {
+                json!({
+                    "PathOnHost": d.host_path,
+                    "PathInContainer": d.container_path,
+                    "CgroupPermissions": if d.permissions.is_empty() { "rwm" } else { d.permissions.as_str() },
+                })
+            })
+            .collect();
+        host.insert("Devices".into(), json!(devices));
+    }
+    if !spec.cap_add.is_empty() {
+        host.insert("CapAdd".into(), json!(spec.cap_add));
+    }
+    if !spec.cap_drop.is_empty() {
+        host.insert("CapDrop".into(), json!(spec.cap_drop));
+    }
+    if spec.privileged {
+        host.insert("Privileged".into(), json!(true));
+    }
+    if let Some(memory) = spec.memory_bytes {
+        host.insert("Memory".into(), json!(memory));
+    }
+    if let Some(nano_cpus) = spec.nano_cpus {
+        host.insert("NanoCpus".into(), json!(nano_cpus));
+    }
+
+    // Networks: the first one at create time, with its aliases; `create` connects the
+    // others afterwards.
+    let mut body = Value::Object(config);
+    if let Some(mode) = &spec.network_mode {
+        host.insert("NetworkMode".into(), json!(mode));
+    } else if let Some(first) = spec.networks.first() {
+        host.insert("NetworkMode".into(), json!(first.network));
+        body["NetworkingConfig"] = json!({
+            "EndpointsConfig": { first.network.clone(): { "Aliases": first.aliases } },
+        });
+    }
+    body["HostConfig"] = Value::Object(host);
+    body
+}
+
+/// `repo@sha256:..` → (`repo`, `sha256:..`); `host:5000/a/b:tag` → (`host:5000/a/b`,
+/// `tag`); no tag → `latest` (an empty tag would make dockerd pull every tag).
+fn split_reference(reference: &str) -> (&str, &str) {
+    if let Some((repo, digest)) = reference.split_once('@') {
+        return (repo, digest);
+    }
+    let name_start = reference.rfind('/').map_or(0, |i| i + 1);
+    match reference[name_start..].rfind(':') {
+        Some(i) => (&reference[..name_start + i], &reference[name_start + i + 1..]),
+        None => (reference, "latest"),
+    }
+}
+
+/// `X-Registry-Auth`: base64url (padded) of the JSON both engines expect.
+fn registry_auth_header(auth: &RegistryAuth) -> String {
+    let json = json!({
+        "username": auth.username,
+        "password": auth.password,
+        "serveraddress": auth.server,
+    })
+    .to_string();
+    base64url(json.as_bytes())
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters (query values, names).
+fn enc(s: &str) -> String {
+    percent_encode(s, b"")
+}
+
+/// Like [`enc`] but keeps `/`, `:` and `@`, which image references in a path need.
+fn enc_path(s: &str) -> String {
+    percent_encode(s, b"/:@")
+}
+
+fn percent_encode(s: &str, keep: &[u8]) -> String {
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_spec::model::{
+        DeviceMapping, Healthcheck, Mount, NetworkAttachment, PortMapping, Protocol, RestartPolicy,
+    };
+
+    #[test]
+    fn base64url_matches_rfc4648_vectors() {
+        let cases = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(base64url(input.as_bytes()), expected, "{input:?}");
+        }
+        // The URL-safe alphabet: 0xfb 0xff → "-_8=" rather than "+/8=".
+        assert_eq!(base64url(&[0xfb, 0xff]), "-_8=");
+    }
+
+    #[test]
+    fn percent_encoding_keeps_only_unreserved() {
+        assert_eq!(
+            enc(r#"{"label":["io.fleet.managed=true"]}"#),
+            "%7B%22label%22%3A%5B%22io.fleet.managed%3Dtrue%22%5D%7D"
+        );
+        assert_eq!(enc_path("127.0.0.1:5000/a/b@sha256:ab"), "127.0.0.1:5000/a/b@sha256:ab");
+        assert_eq!(enc_path("a b?#"), "a%20b%3F%23");
+    }
+
+    #[test]
+    fn references_split_into_repo_and_tag_or_digest() {
+        assert_eq!(split_reference("127.0.0.1:5000/a/b@sha256:ab"), ("127.0.0.1:5000/a/b", "sha256:ab"));
+        assert_eq!(split_reference("127.0.0.1:5000/a/b:1.2"), ("127.0.0.1:5000/a/b", "1.2"));
+        assert_eq!(split_reference("127.0.0.1:5000/a/b"), ("127.0.0.1:5000/a/b", "latest"));
+        assert_eq!(split_reference("busybox"), ("busybox", "latest"));
+    }
+
+    #[test]
+    fn create_body_maps_every_field() {
+        let spec = ContainerSpec {
+            name: "app-web".into(),
+            image: ImageRef { reference: "reg:5000/web:1".into(), digest: Some("sha256:ab".into()) },
+            command: Some(vec!["httpd".into(), "-f".into()]),
+            entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]),
+            env: BTreeMap::from([("A".into(), "1".into()), ("B".into(), "x=y".into())]),
+            user: Some("1000:1000".into()),
+            hostname: Some("web".into()),
+            ports: vec![
+                PortMapping {
+                    host_ip: Some("127.0.0.1".into()),
+                    host_port: Some(8080),
+                    container_port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                PortMapping { host_ip: None, host_port: None, container_port: 53, protocol: Protocol::Udp },
+            ],
+            expose: vec!["9000".into(), "9001/udp".into()],
+            mounts: vec![
+                Mount {
+                    source: MountSource::Bind("/etc/app.conf".into()),
+                    target: "/conf".into(),
+                    read_only: true,
+                },
+                Mount {
+                    source: MountSource::Volume("app_data".into()),
+                    target: "/data".into(),
+                    read_only: false,
+                },
+                Mount { source: MountSource::Tmpfs, target: "/run".into(), read_only: false },
+            ],
+            networks: vec![
+                NetworkAttachment { network: "app_default".into(), aliases: vec!["web".into()] },
+                NetworkAttachment { network: "app_back".into(), aliases: vec!["web-back".into()] },
+            ],
+            restart: RestartPolicy::UnlessStopped,
+            healthcheck: Some(Healthcheck {
+                test: vec!["CMD-SHELL".into(), "test -f /tmp/ok".into()],
+                interval_ms: Some(500),
+                timeout_ms: Some(1000),
+                retries: Some(2),
+                start_period_ms: Some(1500),
+            }),
+            labels: BTreeMap::from([("team".into(), "a".into()), (LABEL_MANAGED.into(), "false".into())]),
+            devices: vec![DeviceMapping {
+                host_path: "/dev/ttyS0".into(),
+                container_path: "/dev/ttyS0".into(),
+                permissions: "".into(),
+            }],
+            cap_add: vec!["NET_ADMIN".into()],
+            cap_drop: vec!["MKNOD".into()],
+            privileged: true,
+            stop_signal: Some("SIGINT".into()),
+            memory_bytes: Some(64 << 20),
+            nano_cpus: Some(500_000_000),
+            ..Default::default()
+        };
+        let labels = BTreeMap::from([("io.fleet.app".to_owned(), "app".to_owned())]);
+        let body = create_body(&spec, &labels);
+        let expected = json!({
+            "Image": "reg:5000/web@sha256:ab",
+            "Cmd": ["httpd", "-f"],
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Env": ["A=1", "B=x=y"],
+            "User": "1000:1000",
+            "Hostname": "web",
+            "StopSignal": "SIGINT",
+            "Labels": {"team": "a", "io.fleet.app": "app", "io.fleet.managed": "true"},
+            "ExposedPorts": {"80/tcp": {}, "53/udp": {}, "9000/tcp": {}, "9001/udp": {}},
+            "Healthcheck": {
+                "Test": ["CMD-SHELL", "test -f /tmp/ok"],
+                "Interval": 500_000_000u64, "Timeout": 1_000_000_000u64, "StartPeriod": 1_500_000_000u64, "Retries": 2,
+            },
+            "NetworkingConfig": {"EndpointsConfig": {"app_default": {"Aliases": ["web"]}}},
+            "HostConfig": {
+                "PortBindings": {
+                    "80/tcp": [{"HostIp": "127.0.0.1", "HostPort": "8080"}],
+                    "53/udp": [{"HostIp": "", "HostPort": ""}],
+                },
+                "Binds": ["/etc/app.conf:/conf:ro", "app_data:/data"],
+                "Tmpfs": {"/run": ""},
+                "RestartPolicy": {"Name": "unless-stopped", "MaximumRetryCount": 0},
+                "Devices": [{"PathOnHost": "/dev/ttyS0", "PathInContainer": "/dev/ttyS0", "CgroupPermissions": "rwm"}],
+                "CapAdd": ["NET_ADMIN"],
+                "CapDrop": ["MKNOD"],
+                "Privileged": true,
+                "Memory": 64u64 << 20,
+                "NanoCpus": 500_000_000u64,
+                "NetworkMode": "app_default",
+            },
+        });
+        assert_eq!(body, expected);
+    }
+
+    #[test]
+    fn network_mode_replaces_networks() {
+        let spec =
+            ContainerSpec { name: "h".into(), network_mode: Some("host".into()), ..Default::default() };
+        let body = create_body(&spec, &BTreeMap::new());
+        assert_eq!(body["HostConfig"]["NetworkMode"], "host");
+        assert!(body.get("NetworkingConfig").is_none());
+    }
+
+    #[test]
+    fn inspect_reads_both_engines_and_survives_odd_json() {
+        let docker = json!({
+            "Id": "abc", "Name": "/web", "RestartCount": 3,
+            "Config": {"Image": "reg/web@sha256:ab", "Labels": {"io.fleet.managed": "true", "n": 1}},
+            "State": {"Status": "exited", "Running": false, "ExitCode": 137, "StartedAt": "2026-01-01T00:00:00Z",
+                      "Health": {"Status": "unhealthy", "FailingStreak": 2}},
+        });
+        let observed = observed_from_inspect(&docker).expect("has an Id");
+        assert_eq!(observed.name, "web");
+        assert_eq!(observed.image, "reg/web@sha256:ab");
+        assert_eq!(observed.health, Health::Unhealthy);
+        assert_eq!(observed.restart_count, 3);
+        assert_eq!(observed.exit_code, Some(137));
+        assert_eq!(observed.labels.len(), 1, "a non-string label value is skipped");
+
+        let created = json!({"Id": "x", "State": {"Status": "created", "Running": false, "ExitCode": 0,
+                                                  "Health": {"Status": ""}}, "Config": {"Labels": null}});
+        let observed = observed_from_inspect(&created).expect("has an Id");
+        assert_eq!((observed.exit_code, observed.health, observed.running), (None, Health::None, false));
+
+        for odd in [json!(null), json!([]), json!({"Id": 5}), json!("x")] {
+            assert!(observed_from_inspect(&odd).is_none());
+        }
+        let partial = json!({"Id": "y", "State": "weird", "Config": 7, "RestartCount": -1});
+        assert!(observed_from_inspect(&partial).is_some());
+    }
+
+    #[test]
+    fn events_of_both_engines_are_parsed_and_noise_dropped() {
+        let docker = json!({"status": "die", "Type": "container", "Action": "die",
+                            "Actor": {"ID": "abc", "Attributes": {"name": "web", "io.fleet.managed": "true", "exitCode": "137"}}});
+        assert_eq!(parse_event(&docker), Some(EngineEvent { name: "web".into(), action: "die".into() }));
+        let podman = json!({"status": "died", "Type": "container", "Action": "died",
+                            "Actor": {"ID": "abc", "Attributes": {"name": "web", "io.fleet.managed": "true"}}});
+        assert_eq!(parse_event(&podman), Some(EngineEvent { name: "web".into(), action: "die".into() }));
+        let old_style = json!({"status": "health_status: unhealthy", "id": "abc", "Actor": {"Attributes": {"name": "w"}}});
+        assert_eq!(parse_event(&old_style).map(|e| e.action), Some("health_status: unhealthy".to_owned()));
+
+        let exec = json!({"Type": "container", "Action": "exec_start: /bin/sh -c test", "Actor": {"Attributes": {"name": "w"}}});
+        let network = json!({"Type": "network", "Action": "connect", "Actor": {"Attributes": {"name": "n"}}});
+        let unmanaged = json!({"Type": "container", "Action": "die", "Actor": {"Attributes": {"name": "w", "io.fleet.managed": "no"}}});
+        for ignored in [exec, network, unmanaged, json!({}), json!(null), json!({"Action": 5})] {
+            assert_eq!(parse_event(&ignored), None, "{ignored}");
+        }
+    }
+
+    #[test]
+    fn pull_errors_are_found_in_either_field() {
+        assert_eq!(pull_message_error(&json!({"status": "Downloading", "progressDetail": {}})), None);
+        assert_eq!(pull_message_error(&json!({"error": "boom"})).as_deref(), Some("boom"));
+        assert_eq!(pull_message_error(&json!({"errorDetail": {"message": "deep"}})).as_deref(), Some("deep"));
+    }
+
+    #[test]
+    fn api_error_message_prefers_the_engines_message() {
+        let podman =
+            br#"{"cause":"network already exists","message":"network name n1 already used","response":500}"#;
+        assert_eq!(error_message(StatusCode::INTERNAL_SERVER_ERROR, podman), "network name n1 already used");
+        assert_eq!(error_message(StatusCode::BAD_REQUEST, b"  plain text\n"), "plain text");
+        assert_eq!(error_message(StatusCode::NOT_FOUND, b""), "Not Found");
+    }
+
+    #[test]
+    fn managed_names_are_filtered_again_on_our_side() {
+        let items = vec![
+            json!({"Name": "b", "Labels": {"io.fleet.managed": "true"}}),
+            json!({"Name": "a", "Labels": {"io.fleet.managed": "true"}}),
+            json!({"Name": "c", "Labels": null}),
+            json!({"Labels": {"io.fleet.managed": "true"}}),
+        ];
+        assert_eq!(names_with_managed_label(Some(&items)), ["a", "b"]);
+        assert!(names_with_managed_label(None).is_empty());
+    }
+}

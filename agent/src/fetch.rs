@@ -1,0 +1,458 @@
+//! Getting bundles: HTTP(S) with resumable `Range` downloads, and the bundler's
+//! `index.json` for polling.
+//!
+//! A download lands in `state_dir/partial/<digest>`; after a dropped connection it
+//! resumes with `Range: bytes=<have>-`. The announced size and the `Content-Length`
+//! are checked against the limit before any byte is stored, and the whole file's
+//! sha256 must equal the announced digest before the bytes are handed to verification.
+//!
+//! Nothing fetched here is trusted: the caller verifies the bundle's signature. This
+//! module never writes outside the partial directory it is given.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleet_spec::messages::{is_sha256_hex, Announcement};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("invalid URL {url:?}: {reason}")]
+    Url { url: String, reason: &'static str },
+    #[error("{url}: {reason}")]
+    Network { url: String, reason: String },
+    #[error("{url}: HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url}: {size} bytes is over the limit of {limit} (fetch.max_bundle_bytes)")]
+    TooLarge { url: String, size: u64, limit: u64 },
+    #[error("{url}: downloaded bytes have sha256 {got}, the announcement says {expected}")]
+    Digest { url: String, expected: String, got: String },
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("no URL to fetch bundle {digest} from (announcement has none and fetch.base_url is not set)")]
+    NoSource { digest: String },
+    #[error("index {url}: {reason}")]
+    Index { url: String, reason: String },
+}
+
+impl FetchError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            FetchError::TooLarge { .. } => "too_large",
+            FetchError::Digest { .. } => "download_digest",
+            _ => "fetch_failed",
+        }
+    }
+
+    /// Whether retrying later cannot help (the bundle is what is wrong).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, FetchError::TooLarge { .. })
+    }
+}
+
+/// A parsed `http://` or `https://` URL (the small subset the agent needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    pub https: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+}
+
+impl Url {
+    pub fn parse(url: &str) -> Result<Url, FetchError> {
+        let err = |reason| FetchError::Url { url: url.into(), reason };
+        let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(err("only http:// and https:// are supported"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.contains('@') {
+            return Err(err("credentials in URLs are not supported"));
+        }
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !p.contains(']') => (h, p.parse::<u16>().map_err(|_| err("bad port"))?),
+            _ => (authority, if https { 443 } else { 80 }),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || path.contains(char::is_whitespace) {
+            return Err(err("no host, or whitespace in the path"));
+        }
+        Ok(Url { https, host: host.into(), port, path: path.into() })
+    }
+
+    fn host_header(&self) -> String {
+        let default = if self.https { 443 } else { 80 };
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        if self.port == default {
+            host
+        } else {
+            format!("{host}:{}", self.port)
+        }
+    }
+}
+
+/// The bundler's `index.json`: device id → the bundle it should run.
+#[derive(Debug, Deserialize)]
+pub struct Index {
+    pub devices: std::collections::BTreeMap<String, IndexEntry>,
+    #[serde(default)]
+    pub fleet: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct IndexEntry {
+    pub version: u64,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default)]
+    pub commit: String,
+}
+
+/// Largest `index.json` read.
+pub const MAX_INDEX: u64 = 4 << 20;
+/// Reconnects within one download before giving up until the next attempt.
+pub const MAX_RESUMES: u32 = 8;
+
+/// An HTTP(S) client for bundles and the index.
+pub struct Fetcher {
+    ca_file: Option<std::path::PathBuf>,
+    tls: std::cell::OnceCell<Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+    max_bytes: u64,
+}
+
+impl Fetcher {
+    pub fn new(ca_file: Option<std::path::PathBuf>, timeout: Duration, max_bytes: u64) -> Self {
+        Fetcher { ca_file, tls: std::cell::OnceCell::new(), timeout, max_bytes }
+    }
+
+    fn tls(&self) -> Result<Arc<rustls::ClientConfig>, FetchError> {
+        if let Some(c) = self.tls.get() {
+            return Ok(c.clone());
+        }
+        let config = crate::tls::client_config(self.ca_file.as_deref(), None)?;
+        Ok(self.tls.get_or_init(|| config).clone())
+    }
+
+    async fn get(&self, url: &Url, range_from: u64) -> Result<Response<Incoming>, FetchError> {
+        let text =
+            format!("{}://{}{}", if url.https { "https" } else { "http" }, url.host_header(), url.path);
+        let net = |reason: String| FetchError::Network { url: text.clone(), reason };
+        let connect = async {
+            let tcp =
+                TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| net(e.to_string()))?;
+            let _ = tcp.set_nodelay(true);
+            if url.https {
+                let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+                    .map_err(|_| net("invalid TLS server name".into()))?;
+                let tls = tokio_rustls::TlsConnector::from(self.tls()?)
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| net(format!("TLS: {e}")))?;
+                request(tls, url, range_from).await.map_err(net)
+            } else {
+                request(tcp, url, range_from).await.map_err(net)
+            }
+        };
+        tokio::time::timeout(self.timeout, connect).await.map_err(|_| net("timed out".into()))?
+    }
+
+    /// GETs a small document (the index), capped at `MAX_INDEX` bytes.
+    pub async fn get_small(&self, url: &str) -> Result<Vec<u8>, FetchError> {
+        let parsed = Url::parse(url)?;
+        let resp = self.get(&parsed, 0).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(FetchError::Status { url: url.into(), status: resp.status().as_u16() });
+        }
+        let mut body = resp.into_body();
+        let mut out = Vec::new();
+        while let Some(frame) = self.next_frame(&mut body, url).await? {
+            out.extend_from_slice(&frame);
+            if out.len() as u64 > MAX_INDEX {
+                return Err(FetchError::TooLarge {
+                    url: url.into(),
+                    size: out.len() as u64,
+                    limit: MAX_INDEX,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn next_frame(&self, body: &mut Incoming, url: &str) -> Result<Option<Bytes>, FetchError> {
+        loop {
+            let frame = tokio::time::timeout(self.timeout, body.frame())
+                .await
+                .map_err(|_| FetchError::Network { url: url.into(), reason: "body timed out".into() })?;
+            match frame {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(FetchError::Network { url: url.into(), reason: e.to_string() }),
+                Some(Ok(f)) => {
+                    if let Ok(data) = f.into_data() {
+                        return Ok(Some(data));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Downloads bundle `digest` from the first URL that works, resuming into
+    /// `partial`, and returns its bytes once their sha256 equals `digest`.
+    pub async fn fetch_bundle(
+        &self,
+        urls: &[String],
+        digest: &str,
+        size: u64,
+        partial: &Path,
+    ) -> Result<Vec<u8>, FetchError> {
+        if size > self.max_bytes {
+            return Err(FetchError::TooLarge { url: "announcement".into(), size, limit: self.max_bytes });
+        }
+        if urls.is_empty() {
+            return Err(FetchError::NoSource { digest: digest.into() });
+        }
+        let mut last = None;
+        for url in urls {
+            match self.fetch_one(url, digest, partial).await {
+                Ok(bytes) => return Ok(bytes),
+                Err(e) if e.is_permanent() => return Err(e),
+                Err(e) => {
+                    tracing::warn!("download from {url} failed: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one URL was tried"))
+    }
+
+    async fn fetch_one(&self, url: &str, digest: &str, partial: &Path) -> Result<Vec<u8>, FetchError> {
+        let parsed = Url::parse(url)?;
+        let io = |source| FetchError::Io { path: partial.display().to_string(), source };
+        let mut resumes = 0;
+        loop {
+            let have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
+            if have > self.max_bytes {
+                let _ = std::fs::remove_file(partial);
+                continue;
+            }
+            let attempt = async {
+                let resp = self.get(&parsed, have).await?;
+                let (append, total) = match resp.status() {
+                    StatusCode::PARTIAL_CONTENT if have > 0 => {
+                        (true, content_length(&resp).map(|l| have + l))
+                    }
+                    StatusCode::OK => (false, content_length(&resp)),
+                    StatusCode::RANGE_NOT_SATISFIABLE if have > 0 => return Ok(true),
+                    s => return Err(FetchError::Status { url: url.into(), status: s.as_u16() }),
+                };
+                if let Some(total) = total {
+                    if total > self.max_bytes {
+                        return Err(FetchError::TooLarge {
+                            url: url.into(),
+                            size: total,
+                            limit: self.max_bytes,
+                        });
+                    }
+                }
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .append(append)
+                    .truncate(!append)
+                    .open(partial)
+                    .map_err(io)?;
+                let mut written = if append { have } else { 0 };
+                let mut body = resp.into_body();
+                let result = async {
+                    while let Some(data) = self.next_frame(&mut body, url).await? {
+                        written += data.len() as u64;
+                        if written > self.max_bytes {
+                            return Err(FetchError::TooLarge {
+                                url: url.into(),
+                                size: written,
+                                limit: self.max_bytes,
+                            });
+                        }
+                        file.write_all(&data).map_err(io)?;
+                    }
+                    Ok(())
+                }
+                .await;
+                file.sync_data().map_err(io)?;
+                result.map(|()| true)
+            };
+            match attempt.await {
+                Ok(_) => {}
+                Err(e @ FetchError::Network { .. }) if resumes < MAX_RESUMES => {
+                    resumes += 1;
+                    let wait = Duration::from_millis(250u64 << resumes.min(6));
+                    tracing::info!("download interrupted ({e}); resuming in {wait:?}");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                Err(e) => {
+                    if matches!(e, FetchError::TooLarge { .. }) {
+                        let _ = std::fs::remove_file(partial);
+                    }
+                    return Err(e);
+                }
+            }
+            let bytes = std::fs::read(partial).map_err(io)?;
+            let got = hex::encode(Sha256::digest(&bytes));
+            let _ = std::fs::remove_file(partial);
+            if got != digest {
+                return Err(FetchError::Digest { url: url.into(), expected: digest.into(), got });
+            }
+            return Ok(bytes);
+        }
+    }
+}
+
+fn content_length(resp: &Response<Incoming>) -> Option<u64> {
+    resp.headers().get(hyper::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+async fn request<S>(io: S, url: &Url, range_from: u64) -> Result<Response<Incoming>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut req = Request::get(url.path.as_str())
+        .header(hyper::header::HOST, url.host_header())
+        .header(hyper::header::USER_AGENT, concat!("fleet-agent/", env!("CARGO_PKG_VERSION")));
+    if range_from > 0 {
+        req = req.header(hyper::header::RANGE, format!("bytes={range_from}-"));
+    }
+    let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+    sender.send_request(req).await.map_err(|e| e.to_string())
+}
+
+/// Where to fetch an announced bundle: the announcement's URLs (a URL ending in
+/// `.bundle` is used as is, any other as a base URL: `<url>/bundles/<digest>.bundle`),
+/// then the configured base URL.
+pub fn bundle_urls(ann: &Announcement, base_url: Option<&str>) -> Vec<String> {
+    let mut urls: Vec<String> = ann
+        .urls
+        .iter()
+        .map(|u| {
+            if u.ends_with(".bundle") {
+                u.clone()
+            } else {
+                format!("{}/bundles/{}.bundle", u.trim_end_matches('/'), ann.digest)
+            }
+        })
+        .collect();
+    if let Some(base) = base_url {
+        let u = format!("{base}/bundles/{}.bundle", ann.digest);
+        if !urls.contains(&u) {
+            urls.push(u);
+        }
+    }
+    urls
+}
+
+/// Turns this device's index entry into an announcement.
+pub fn announcement_from_index(
+    bytes: &[u8],
+    base_url: &str,
+    fleet: &str,
+    device: &str,
+) -> Result<Option<Announcement>, FetchError> {
+    let url = format!("{base_url}/index.json");
+    let index: Index = serde_json::from_slice(bytes)
+        .map_err(|e| FetchError::Index { url: url.clone(), reason: e.to_string() })?;
+    if index.fleet.as_deref().is_some_and(|f| f != fleet) {
+        return Err(FetchError::Index { url, reason: format!("index is for fleet {:?}", index.fleet) });
+    }
+    let Some(entry) = index.devices.get(device) else { return Ok(None) };
+    if !is_sha256_hex(&entry.digest) {
+        return Err(FetchError::Index {
+            url,
+            reason: format!("digest {:?} is not sha256 hex", entry.digest),
+        });
+    }
+    Ok(Some(Announcement {
+        fleet: fleet.into(),
+        device: device.into(),
+        version: entry.version,
+        commit: entry.commit.clone(),
+        digest: entry.digest.clone(),
+        size: entry.size,
+        urls: vec![format!("{base_url}/bundles/{}.bundle", entry.digest)],
+        mqtt_blob: false,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse() {
+        let u = Url::parse("https://cdn.example:8443/fleet/bundles/x.bundle?sig=1").expect("valid");
+        assert_eq!(
+            (u.https, u.host.as_str(), u.port, u.path.as_str()),
+            (true, "cdn.example", 8443, "/fleet/bundles/x.bundle?sig=1")
+        );
+        let u = Url::parse("http://127.0.0.1").expect("valid");
+        assert_eq!((u.port, u.path.as_str()), (80, "/"));
+        assert!(Url::parse("ftp://x/").is_err());
+        assert!(Url::parse("http://user:pw@x/").is_err());
+    }
+
+    #[test]
+    fn bundle_urls_from_announcement_and_base() {
+        let ann = Announcement {
+            fleet: "f".into(),
+            device: "d".into(),
+            version: 1,
+            commit: "c".into(),
+            digest: "ab".repeat(32),
+            size: 1,
+            urls: vec!["http://a/x.bundle".into(), "http://b/base/".into()],
+            mqtt_blob: false,
+        };
+        let urls = bundle_urls(&ann, Some("http://c"));
+        assert_eq!(urls[0], "http://a/x.bundle");
+        assert_eq!(urls[1], format!("http://b/base/bundles/{}.bundle", "ab".repeat(32)));
+        assert_eq!(urls[2], format!("http://c/bundles/{}.bundle", "ab".repeat(32)));
+    }
+
+    #[test]
+    fn index_entry_becomes_an_announcement() {
+        let d = "cd".repeat(32);
+        let json = format!(
+            r#"{{"fleet":"f","devices":{{"gw":{{"version":3,"digest":"{d}","size":10,"commit":"abc"}}}}}}"#
+        );
+        let ann =
+            announcement_from_index(json.as_bytes(), "http://h", "f", "gw").expect("ok").expect("present");
+        assert_eq!((ann.version, ann.size), (3, 10));
+        assert_eq!(ann.urls, [format!("http://h/bundles/{d}.bundle")]);
+        assert!(announcement_from_index(json.as_bytes(), "http://h", "f", "other").expect("ok").is_none());
+        assert!(announcement_from_index(json.as_bytes(), "http://h", "g", "gw").is_err());
+    }
+}

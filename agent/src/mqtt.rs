@@ -1,0 +1,348 @@
+//! The MQTT adapter (rumqttc): announcements in, status and events out.
+//!
+//! Two tasks:
+//! - the *pump* owns the rumqttc event loop and is the only one polling it (its
+//!   cancellation safety is not documented, so it is never raced in a `select!`); it
+//!   forwards the device's `desired` and `bundle` messages and connection changes, and
+//!   sleeps with exponential backoff plus jitter between failed connection attempts;
+//! - the *publisher* takes the agent's [`Report`]s: events go out at once (QoS 1, not
+//!   retained), status reports through the [`StatusLimiter`] (retained, on change, at
+//!   most one per `status_min_interval`, always the last). On every (re)connection it
+//!   publishes `online = true` (retained; the last will says `false`), subscribes again
+//!   (clean session), and republishes the newest status.
+//!
+//! With the broker down nothing here blocks the agent: reports that cannot be queued
+//! are dropped, the newest status is kept and sent on reconnection. This module never
+//! interprets a message beyond routing it by topic.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_spec::messages::{OFFLINE, ONLINE};
+use fleet_spec::topic::{Topic, TopicKind};
+use rumqttc::{
+    AsyncClient, Event, Incoming, LastWill, MqttOptions, Outgoing, QoS, TlsConfiguration, Transport,
+};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::agent::Report;
+use crate::config::MqttConfig;
+use crate::status::StatusLimiter;
+use crate::tls::TlsError;
+
+/// What the broker sends the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound {
+    /// Payload of the retained announcement on `.../desired`.
+    Desired(Vec<u8>),
+    /// Payload of the retained bundle on `.../bundle`.
+    Bundle(Vec<u8>),
+}
+
+/// The device's topics.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub desired: String,
+    pub status: String,
+    pub online: String,
+    pub events: String,
+    pub bundle: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str, fleet: &str, device: &str) -> Result<Topics, fleet_spec::topic::TopicError> {
+        let t = |kind| Topic::new(prefix, fleet, device, kind).map(|t| t.to_string());
+        Ok(Topics {
+            desired: t(TopicKind::Desired)?,
+            status: t(TopicKind::Status)?,
+            online: t(TopicKind::Online)?,
+            events: t(TopicKind::Events)?,
+            bundle: t(TopicKind::Bundle)?,
+        })
+    }
+}
+
+/// Exponential backoff with jitter: `min(cap, base·2ⁿ)`, scaled by a random factor in
+/// [0.5, 1.0) so a fleet that lost its broker does not reconnect in lockstep.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+    rng: u64,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration, seed: u64) -> Self {
+        Backoff { base, cap, attempt: 0, rng: seed | 1 }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let exp = self.base.saturating_mul(1u32 << self.attempt.min(16));
+        self.attempt = self.attempt.saturating_add(1);
+        let ceiling = exp.min(self.cap);
+        // xorshift64: jitter needs no cryptographic randomness.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let fraction = 0.5 + (self.rng % 1000) as f64 / 2000.0;
+        ceiling.mul_f64(fraction)
+    }
+}
+
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+enum Ctl {
+    Connected,
+    Disconnected,
+}
+
+/// A running MQTT session.
+pub struct Mqtt {
+    client: AsyncClient,
+    topics: Topics,
+    want_blob: Arc<AtomicBool>,
+    pump: JoinHandle<()>,
+    publisher: JoinHandle<()>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Builds the rumqttc options: client id, keepalive, credentials, last will, TLS.
+pub fn options(cfg: &MqttConfig, topics: &Topics, max_incoming: usize) -> Result<MqttOptions, TlsError> {
+    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+    opts.set_keep_alive(cfg.keepalive);
+    opts.set_clean_session(true);
+    opts.set_max_packet_size(max_incoming, 256 * 1024);
+    opts.set_last_will(LastWill::new(&topics.online, OFFLINE.to_vec(), QoS::AtLeastOnce, true));
+    if let Some(user) = &cfg.username {
+        opts.set_credentials(user, cfg.password.clone().unwrap_or_default());
+    }
+    if cfg.tls {
+        let client = cfg.client_cert.as_deref().zip(cfg.client_key.as_deref());
+        let config = crate::tls::client_config(cfg.ca_file.as_deref(), client)?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
+    }
+    Ok(opts)
+}
+
+impl Mqtt {
+    /// Starts the session. `reports` is the agent's report channel; inbound messages
+    /// arrive on the returned receiver.
+    pub fn start(
+        cfg: &MqttConfig,
+        topics: Topics,
+        reports: UnboundedReceiver<Report>,
+        status_min_interval: Duration,
+        max_incoming: usize,
+    ) -> Result<(Mqtt, UnboundedReceiver<Inbound>), TlsError> {
+        let opts = options(cfg, &topics, max_incoming)?;
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let (in_tx, in_rx) = unbounded_channel();
+        let (ctl_tx, ctl_rx) = unbounded_channel();
+        let want_blob = Arc::new(AtomicBool::new(false));
+        let reconnect_max = cfg.reconnect_max;
+        let broker = format!("{}:{}", cfg.host, cfg.port);
+
+        let pump_topics = topics.clone();
+        let pump = tokio::spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(500), reconnect_max, seed());
+            let mut connected = false;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                        backoff.reset();
+                        connected = true;
+                        tracing::info!(%broker, "connected to the MQTT broker");
+                        let _ = ctl_tx.send(Ctl::Connected);
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(p))) => {
+                        let msg = if p.topic == pump_topics.desired {
+                            Inbound::Desired(p.payload.to_vec())
+                        } else if p.topic == pump_topics.bundle {
+                            Inbound::Bundle(p.payload.to_vec())
+                        } else {
+                            continue;
+                        };
+                        let _ = in_tx.send(msg);
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                        tracing::debug!("MQTT disconnect sent");
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if connected {
+                            tracing::warn!(%broker, "MQTT connection lost: {e}");
+                            let _ = ctl_tx.send(Ctl::Disconnected);
+                        } else {
+                            tracing::debug!(%broker, "MQTT connection failed: {e}");
+                        }
+                        connected = false;
+                        let delay = backoff.next_delay();
+                        tracing::debug!(?delay, "reconnecting to the MQTT broker later");
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        });
+
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let publisher = tokio::spawn(publisher(
+            client.clone(),
+            topics.clone(),
+            want_blob.clone(),
+            reports,
+            ctl_rx,
+            stop_rx,
+            status_min_interval,
+        ));
+        Ok((Mqtt { client, topics, want_blob, pump, publisher, stop: Some(stop_tx) }, in_rx))
+    }
+
+    /// Subscribes to (or leaves) the retained bundle topic.
+    pub fn want_blob(&self, want: bool) {
+        if self.want_blob.swap(want, Ordering::SeqCst) != want {
+            let r = if want {
+                self.client.try_subscribe(&self.topics.bundle, QoS::AtLeastOnce)
+            } else {
+                self.client.try_unsubscribe(&self.topics.bundle)
+            };
+            if let Err(e) = r {
+                tracing::debug!("bundle topic (un)subscribe queued for reconnection: {e}");
+            }
+        }
+    }
+
+    /// Publishes the last status and `online = false`, disconnects, and waits (at most
+    /// `grace`) for that to reach the broker.
+    pub async fn shutdown(mut self, grace: Duration) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = tokio::time::timeout(grace, &mut self.publisher).await;
+        if tokio::time::timeout(grace, &mut self.pump).await.is_err() {
+            self.pump.abort();
+        }
+        self.publisher.abort();
+    }
+}
+
+async fn publisher(
+    client: AsyncClient,
+    topics: Topics,
+    want_blob: Arc<AtomicBool>,
+    mut reports: UnboundedReceiver<Report>,
+    mut ctl: UnboundedReceiver<Ctl>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    min_interval: Duration,
+) {
+    let mut limiter = StatusLimiter::new(min_interval);
+    let publish_status = |report: &fleet_spec::messages::StatusReport| {
+        if let Err(e) = client.try_publish(&topics.status, QoS::AtLeastOnce, true, report.to_json()) {
+            tracing::debug!("status not queued: {e}");
+        }
+    };
+    loop {
+        let due = limiter.due_at();
+        tokio::select! {
+            _ = &mut stop => break,
+            c = ctl.recv() => match c {
+                Some(Ctl::Connected) => {
+                    let _ = client.try_subscribe(&topics.desired, QoS::AtLeastOnce);
+                    if want_blob.load(Ordering::SeqCst) {
+                        let _ = client.try_subscribe(&topics.bundle, QoS::AtLeastOnce);
+                    }
+                    let _ = client.try_publish(&topics.online, QoS::AtLeastOnce, true, ONLINE.to_vec());
+                    if let Some(latest) = limiter.latest() {
+                        publish_status(latest);
+                    }
+                    limiter.sent_latest(Instant::now());
+                }
+                Some(Ctl::Disconnected) => {}
+                None => break,
+            },
+            r = reports.recv() => match r {
+                Some(Report::Status(s)) => {
+                    if let Some(s) = limiter.offer(s, Instant::now()) {
+                        publish_status(&s);
+                    }
+                }
+                Some(Report::Event(e)) => {
+                    if let Err(err) = client.try_publish(&topics.events, QoS::AtLeastOnce, false, e.to_json()) {
+                        tracing::debug!("event not queued: {err}");
+                    }
+                }
+                None => break,
+            },
+            _ = sleep_until_opt(due), if due.is_some() => {
+                if let Some(s) = limiter.take_due(Instant::now()) {
+                    publish_status(&s);
+                }
+            }
+        }
+    }
+    // Drain what the agent said last, then say goodbye.
+    while let Ok(r) = reports.try_recv() {
+        match r {
+            Report::Status(s) => {
+                limiter.offer(s, Instant::now());
+            }
+            Report::Event(e) => {
+                let _ = client.try_publish(&topics.events, QoS::AtLeastOnce, false, e.to_json());
+            }
+        }
+    }
+    if let Some(latest) = limiter.latest() {
+        publish_status(latest);
+    }
+    let _ = client.try_publish(&topics.online, QoS::AtLeastOnce, true, OFFLINE.to_vec());
+    let _ = client.try_disconnect();
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60), 42);
+        let delays: Vec<Duration> = (0..12).map(|_| b.next_delay()).collect();
+        for (i, d) in delays.iter().enumerate() {
+            let ceiling = Duration::from_secs(1 << i.min(6)).min(Duration::from_secs(60));
+            assert!(
+                *d >= ceiling / 2 && *d < ceiling,
+                "attempt {i}: {d:?} not in [{:?}, {ceiling:?})",
+                ceiling / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn topics_follow_the_scheme() {
+        let t = Topics::new("fleet", "acme", "gw-01").expect("valid");
+        assert_eq!(t.status, "fleet/acme/devices/gw-01/status");
+        assert_eq!(t.online, "fleet/acme/devices/gw-01/online");
+    }
+}

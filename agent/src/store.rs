@@ -1,0 +1,249 @@
+//! The state directory: everything the agent remembers across restarts.
+//!
+//! ```text
+//! state_dir/
+//!   lock                      held (flock) by the one agent process using this dir
+//!   journal                   write-ahead journal of the apply in flight (journal.rs)
+//!   trust.json                TrustState: last accepted version, last known time
+//!   applied.json              the last good bundle: digest, version, commit, when
+//!   managed.json              files the agent wrote: path → sha256
+//!   rejected.json             bundles never to try again: digest → code, reason
+//!   status.json               the last status report (for `fleet-agent status`)
+//!   bundles/<digest>.bundle   the last good bundle and the one being applied
+//!   partial/<digest>          a download in progress (resumed with Range)
+//! ```
+//!
+//! Every JSON file is replaced atomically. This module only stores and loads; it never
+//! decides what to do with what it loads.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use fleet_spec::bundle::TrustState;
+use fleet_spec::messages::{Applied, StatusReport};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::files::{self, FileError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is corrupt: {source} (move it away to start over)")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+    #[error("state directory {path} is in use by another fleet-agent process (stop the service first, e.g. `systemctl stop fleet-agent`)")]
+    Locked { path: PathBuf },
+}
+
+/// Why a bundle is never tried again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub code: String,
+    pub reason: String,
+    pub version: Option<u64>,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// Rejected bundles kept at most (oldest dropped first).
+pub const MAX_REJECTED: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Store { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates the directory layout (0700: bundles may hold secrets).
+    pub fn create(&self) -> Result<(), StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        for d in [self.dir.clone(), self.dir.join("bundles"), self.dir.join("partial")] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .map_err(|source| StoreError::Io { path: d.clone(), source })?;
+        }
+        Ok(())
+    }
+
+    /// Takes the exclusive lock for this process's lifetime (released on exit).
+    pub fn lock(&self) -> Result<fs::File, StoreError> {
+        let path = self.dir.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StoreError::Io { path: path.clone(), source })?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(fs::TryLockError::WouldBlock) => Err(StoreError::Locked { path: self.dir.clone() }),
+            Err(fs::TryLockError::Error(source)) => Err(StoreError::Io { path, source }),
+        }
+    }
+
+    pub fn journal_path(&self) -> PathBuf {
+        self.dir.join("journal")
+    }
+
+    pub fn bundle_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("bundles").join(format!("{digest}.bundle"))
+    }
+
+    pub fn partial_path(&self, digest: &str) -> PathBuf {
+        self.dir.join("partial").join(digest)
+    }
+
+    fn load<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T, StoreError> {
+        let path = self.dir.join(name);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path, source })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
+    }
+
+    fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(value).expect("state files always serialize");
+        files::write_atomic(&self.dir.join(name), &bytes, 0o600, None)?;
+        Ok(())
+    }
+
+    pub fn trust(&self) -> Result<TrustState, StoreError> {
+        self.load("trust.json")
+    }
+
+    pub fn save_trust(&self, trust: &TrustState) -> Result<(), StoreError> {
+        self.save("trust.json", trust)
+    }
+
+    /// The last good bundle.
+    pub fn applied(&self) -> Result<Option<AppliedRecord>, StoreError> {
+        self.load("applied.json")
+    }
+
+    pub fn save_applied(&self, applied: &AppliedRecord) -> Result<(), StoreError> {
+        self.save("applied.json", &Some(applied))
+    }
+
+    pub fn managed(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        self.load("managed.json")
+    }
+
+    pub fn save_managed(&self, managed: &BTreeMap<String, String>) -> Result<(), StoreError> {
+        self.save("managed.json", managed)
+    }
+
+    pub fn rejected(&self) -> Result<BTreeMap<String, Rejection>, StoreError> {
+        self.load("rejected.json")
+    }
+
+    /// Remembers a rejected bundle (bounded: the oldest entries are dropped).
+    pub fn add_rejected(&self, digest: &str, rejection: Rejection) -> Result<(), StoreError> {
+        let mut all = self.rejected()?;
+        all.insert(digest.to_string(), rejection);
+        while all.len() > MAX_REJECTED {
+            let oldest = all.iter().min_by_key(|(_, r)| r.at).map(|(d, _)| d.clone()).expect("not empty");
+            all.remove(&oldest);
+        }
+        self.save("rejected.json", &all)
+    }
+
+    pub fn last_status(&self) -> Result<Option<StatusReport>, StoreError> {
+        self.load("status.json")
+    }
+
+    pub fn save_status(&self, status: &StatusReport) -> Result<(), StoreError> {
+        self.save("status.json", &Some(status))
+    }
+
+    /// Stores a bundle under its content address.
+    pub fn save_bundle(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.bundle_path(digest);
+        if path.exists() {
+            return Ok(());
+        }
+        files::write_atomic(&path, bytes, 0o600, None)?;
+        Ok(())
+    }
+
+    pub fn read_bundle(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
+        let path = self.bundle_path(digest);
+        fs::read(&path).map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// Deletes stored bundles except those named.
+    pub fn prune_bundles(&self, keep: &[&str]) -> Result<(), StoreError> {
+        let dir = self.dir.join("bundles");
+        let entries = fs::read_dir(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let digest = name.strip_suffix(".bundle").unwrap_or(&name);
+            if !keep.contains(&digest) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `applied.json`: the last good bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedRecord {
+    pub digest: String,
+    pub version: u64,
+    pub commit: String,
+    /// Unix seconds of the commit.
+    pub at: i64,
+}
+
+impl AppliedRecord {
+    pub fn to_status(&self) -> Applied {
+        Applied {
+            version: self.version,
+            digest: self.digest.clone(),
+            commit: self.commit.clone(),
+            at: self.at,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_files_round_trip_and_the_lock_is_exclusive() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path().join("state"));
+        store.create().expect("create");
+        let _held = store.lock().expect("lock");
+        assert!(matches!(Store::new(store.dir()).lock(), Err(StoreError::Locked { .. })));
+        assert_eq!(store.trust().expect("default"), TrustState::default());
+        let trust = TrustState { last_version: Some(3), last_known_time: 10 };
+        store.save_trust(&trust).expect("save");
+        assert_eq!(store.trust().expect("load"), trust);
+        for i in 0..(MAX_REJECTED + 3) {
+            let r = Rejection { code: "expired".into(), reason: "r".into(), version: None, at: i as i64 };
+            store.add_rejected(&format!("{i:064}"), r).expect("add");
+        }
+        let rejected = store.rejected().expect("load");
+        assert_eq!(rejected.len(), MAX_REJECTED);
+        assert!(!rejected.contains_key(&format!("{:064}", 0)), "oldest dropped");
+    }
+}

@@ -1,0 +1,509 @@
+//! End-to-end tests of the `fleet-agent` binary against a real Mosquitto broker and a
+//! real (tiny, in-test) HTTP server that can drop a connection mid-body.
+//!
+//! Each test starts its own broker on a free loopback port and its own temp dirs, and
+//! stops what it started by PID. Needs `mosquitto` and `mosquitto_sub`/`mosquitto_pub`
+//! (`apt-get install -y mosquitto mosquitto-clients`). Containers are not involved here
+//! (`engine.socket = "none"`); the engine adapter has its own tests against dockerd.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fleet_spec::bundle::{self, BundleMeta};
+use fleet_spec::keys::SigningKey;
+use fleet_spec::messages::{Announcement, StatusReport};
+use fleet_spec::model::{DesiredState, ManagedFile};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleet-agent");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() as i64
+}
+
+/// A child process killed (by its PID) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill").args([sig, &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+}
+
+struct Broker {
+    port: u16,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+fn mosquitto() -> Broker {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let conf = dir.path().join("mosq.conf");
+    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"))
+        .expect("write conf");
+    let child = Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto must be installed: apt-get install -y mosquitto mosquitto-clients");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not start on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Broker { port, _proc: Proc(child), _dir: dir }
+}
+
+/// `mosquitto_sub -v` on a filter, lines collected on a channel.
+struct Sub {
+    _proc: Proc,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    pending: Vec<String>,
+}
+
+impl Sub {
+    fn new(port: u16, filter: &str) -> Sub {
+        let mut child = Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", filter, "-v", "-q", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto_sub");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        Sub { _proc: Proc(child), lines: rx, seen: Vec::new(), pending: Vec::new() }
+    }
+
+    /// Waits for a line on `topic` whose payload satisfies `pred` (looking first at lines
+    /// received earlier and not matched yet); returns the payload and consumes the line.
+    fn wait(&mut self, topic: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let matches = |line: &str| line.split_once(' ').is_some_and(|(t, p)| t == topic && pred(p));
+        if let Some(i) = self.pending.iter().position(|l| matches(l)) {
+            let line = self.pending.remove(i);
+            return line.split_once(' ').map(|(_, p)| p.to_string()).expect("matched");
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if matches(&line) {
+                        return line.split_once(' ').map(|(_, p)| p.to_string()).expect("matched");
+                    }
+                    self.pending.push(line);
+                }
+                Err(_) => panic!(
+                    "no matching message on {topic} within {timeout:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+fn publish_retained(port: u16, topic: &str, payload: &str) {
+    let status = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-r", "-q", "1", "-m", payload])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(status.success());
+}
+
+/// A static file server on a free port. The first request for a `.bundle` is answered
+/// with a full `Content-Length` but only half the body, then the connection is closed,
+/// so the client must resume with `Range`. Records each request's Range header.
+struct Http {
+    port: u16,
+    ranges: Arc<Mutex<Vec<Option<String>>>>,
+}
+
+fn http_server(files: Vec<(String, Vec<u8>)>, drop_first: bool) -> Http {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let ranges = Arc::new(Mutex::new(Vec::new()));
+    let seen = ranges.clone();
+    std::thread::spawn(move || {
+        let mut dropped = !drop_first;
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let mut range = None;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':') {
+                    if k.eq_ignore_ascii_case("range") {
+                        range = Some(v.trim().to_string());
+                    }
+                }
+            }
+            let Some((_, body)) = files.iter().find(|(p, _)| *p == path) else {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                continue;
+            };
+            if path.ends_with(".bundle") {
+                seen.lock().expect("lock").push(range.clone());
+            }
+            let start = range
+                .as_deref()
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok())
+                .unwrap_or(0)
+                .min(body.len());
+            let rest = &body[start..];
+            let head = if start > 0 {
+                format!(
+                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nConnection: close\r\n\r\n",
+                    rest.len(),
+                    body.len() - 1,
+                    body.len()
+                )
+            } else {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", rest.len())
+            };
+            let _ = stream.write_all(head.as_bytes());
+            if path.ends_with(".bundle") && !dropped {
+                dropped = true;
+                let _ = stream.write_all(&rest[..rest.len() / 2]);
+                let _ = stream.flush();
+                drop(stream);
+                continue;
+            }
+            let _ = stream.write_all(rest);
+        }
+    });
+    Http { port, ranges }
+}
+
+struct Device {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    root: PathBuf,
+    key: SigningKey,
+}
+
+fn device(extra: &str) -> Device {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("root");
+    let key = SigningKey::from_seed(&[42; 32]);
+    let config = dir.path().join("agent.toml");
+    let text = format!(
+        "device = \"gw-01\"\nfleet = \"acme\"\nstate_dir = \"{}\"\nallowed_roots = [\"{}\"]\nhealth_timeout_secs = 10\nstatus_min_interval_ms = 100\n{extra}\n[trust]\npublic_keys = [\"{}\"]\n[engine]\nsocket = \"none\"\n",
+        dir.path().join("state").display(),
+        root.display(),
+        key.public()
+    );
+    // `extra` holds top-level keys or whole tables placed before [trust]: keep tables last.
+    std::fs::write(&config, text).expect("write config");
+    Device { dir, config, root, key }
+}
+
+impl Device {
+    fn bundle(&self, version: u64, files: &[(&str, &str)]) -> Vec<u8> {
+        let mut state = DesiredState {
+            files: files
+                .iter()
+                .map(|(p, c)| ManagedFile {
+                    path: format!("{}/{p}", self.root.display()),
+                    mode: 0o644,
+                    owner: None,
+                    content: c.as_bytes().to_vec(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        state.canonicalize();
+        let meta = BundleMeta {
+            fleet: "acme".into(),
+            device: "gw-01".into(),
+            version,
+            commit: format!("commit{version}"),
+            subject: "test".into(),
+            created_at: now() - 60,
+            expires_at: now() + 86_400,
+        };
+        bundle::build(meta, &state, &[&self.key], 3)
+    }
+
+    fn read(&self, rel: &str) -> Option<String> {
+        std::fs::read_to_string(self.root.join(rel)).ok()
+    }
+
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args).arg("--config").arg(&self.config);
+        cmd.output().expect("run fleet-agent")
+    }
+
+    fn run(&self) -> Proc {
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("FLEET_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(self.dir.path().join("agent.log")).expect("log")))
+            .spawn()
+            .expect("spawn agent");
+        Proc(child)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+}
+
+fn status_of(payload: &str) -> StatusReport {
+    StatusReport::from_json(payload.as_bytes()).expect("status JSON")
+}
+
+#[test]
+fn announcement_fetch_with_resume_apply_and_status_over_a_real_broker() {
+    let broker = mosquitto();
+    let dev = device(&format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nkeepalive_secs = 5", broker.port));
+    let bytes = dev.bundle(1, &[("app/app.conf", "hello"), ("app/other.conf", "x")]);
+    let digest = bundle::content_address(&bytes);
+    let http = http_server(vec![(format!("/bundles/{digest}.bundle"), bytes.clone())], true);
+
+    let mut sub = Sub::new(broker.port, "fleet/acme/devices/gw-01/#");
+    let agent = dev.run();
+    sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(10), |p| p == "true");
+    let idle = sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(10), |_| true);
+    assert_eq!(status_of(&idle).agent_version, env!("CARGO_PKG_VERSION"));
+
+    let ann = Announcement {
+        fleet: "acme".into(),
+        device: "gw-01".into(),
+        version: 1,
+        commit: "commit1".into(),
+        digest: digest.clone(),
+        size: bytes.len() as u64,
+        urls: vec![format!("http://127.0.0.1:{}", http.port)],
+        mqtt_blob: false,
+    };
+    publish_retained(
+        broker.port,
+        "fleet/acme/devices/gw-01/desired",
+        &String::from_utf8(ann.to_json()).expect("utf8"),
+    );
+
+    let converged = sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(20), |p| {
+        status_of(p).state.as_str() == "converged"
+    });
+    let status = status_of(&converged);
+    assert_eq!(status.applied.as_ref().map(|a| a.version), Some(1), "{converged}");
+    assert_eq!(status.desired.as_ref().map(|d| d.digest.as_str()), Some(digest.as_str()));
+    assert_eq!(status.files.managed, 2);
+    assert_eq!(dev.read("app/app.conf").as_deref(), Some("hello"));
+    let ranges = http.ranges.lock().expect("lock").clone();
+    assert_eq!(ranges.len(), 2, "one dropped download, one resumed: {ranges:?}\n{}", dev.log());
+    assert_eq!(ranges[0], None);
+    assert_eq!(ranges[1], Some(format!("bytes={}-", bytes.len() / 2)), "resumed where the drop happened");
+    let finished =
+        sub.wait("fleet/acme/devices/gw-01/events", Duration::from_secs(5), |p| p.contains("apply_finished"));
+    assert!(finished.contains("\"version\":1"), "{finished}");
+
+    // Drift: edit a managed file; the reconcile timer is long, so restart is not what fixes
+    // it: the reconcile on start is. Stop gracefully: status stays, online goes false.
+    signal(&agent.0, "-TERM");
+    sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(10), |p| p == "false");
+    std::fs::write(dev.root.join("app/app.conf"), "edited").expect("edit");
+    let agent = dev.run();
+    sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(10), |p| p == "true");
+    let drift = sub
+        .wait("fleet/acme/devices/gw-01/events", Duration::from_secs(10), |p| p.contains("drift_repaired"));
+    assert!(drift.contains("file_changed"), "{drift}");
+    assert_eq!(dev.read("app/app.conf").as_deref(), Some("hello"));
+
+    // A crash (SIGKILL) leaves the last will: online = false, published by the broker.
+    signal(&agent.0, "-KILL");
+    sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(15), |p| p == "false");
+}
+
+#[test]
+fn a_rejected_announced_bundle_is_reported_and_not_refetched() {
+    let broker = mosquitto();
+    let dev = device(&format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", broker.port));
+    let other = Device { key: SigningKey::from_seed(&[7; 32]), ..device("") };
+    let bytes = Device { root: dev.root.clone(), ..other }.bundle(1, &[("a", "1")]);
+    let digest = bundle::content_address(&bytes);
+    let http = http_server(vec![(format!("/bundles/{digest}.bundle"), bytes.clone())], false);
+    let mut sub = Sub::new(broker.port, "fleet/acme/devices/gw-01/#");
+    let _agent = dev.run();
+    sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(10), |p| p == "true");
+    let ann = Announcement {
+        fleet: "acme".into(),
+        device: "gw-01".into(),
+        version: 1,
+        commit: "c".into(),
+        digest: digest.clone(),
+        size: bytes.len() as u64,
+        urls: vec![format!("http://127.0.0.1:{}/bundles/{digest}.bundle", http.port)],
+        mqtt_blob: false,
+    };
+    let json = String::from_utf8(ann.to_json()).expect("utf8");
+    publish_retained(broker.port, "fleet/acme/devices/gw-01/desired", &json);
+    let rejected = sub
+        .wait("fleet/acme/devices/gw-01/events", Duration::from_secs(10), |p| p.contains("bundle_rejected"));
+    assert!(rejected.contains("unknown_key"), "{rejected}");
+    let failed = sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(10), |p| {
+        status_of(p).state.as_str() == "failed"
+    });
+    assert_eq!(status_of(&failed).last_error.map(|e| e.code), Some("unknown_key".to_string()));
+    // Announce it again: it is not downloaded again.
+    publish_retained(broker.port, "fleet/acme/devices/gw-01/desired", "");
+    publish_retained(broker.port, "fleet/acme/devices/gw-01/desired", &json);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(http.ranges.lock().expect("lock").len(), 1, "fetched once");
+    assert!(dev.read("a").is_none());
+}
+
+#[test]
+fn polling_the_index_applies_without_a_broker() {
+    let dev = device("");
+    let bytes = dev.bundle(3, &[("conf/x.conf", "polled")]);
+    let digest = bundle::content_address(&bytes);
+    let index = format!(
+        r#"{{"fleet":"acme","devices":{{"gw-01":{{"version":3,"digest":"{digest}","size":{},"commit":"commit3"}}}}}}"#,
+        bytes.len()
+    );
+    let http = http_server(
+        vec![("/index.json".into(), index.into_bytes()), (format!("/bundles/{digest}.bundle"), bytes)],
+        false,
+    );
+    let text = std::fs::read_to_string(&dev.config).expect("read");
+    let text = text.replace(
+        "[trust]",
+        &format!("[fetch]\nbase_url = \"http://127.0.0.1:{}\"\npoll_interval_secs = 5\n[trust]", http.port),
+    );
+    std::fs::write(&dev.config, text).expect("write");
+    let agent = dev.run();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while dev.read("conf/x.conf").is_none() {
+        assert!(Instant::now() < deadline, "not applied:\n{}", dev.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&agent.0, "-TERM");
+    let mut child = agent;
+    let code = child.0.wait().expect("wait").code();
+    assert_eq!(code, Some(0), "graceful stop exits 0:\n{}", dev.log());
+    let out = dev.cli(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    assert_eq!(json["status"]["state"], "converged", "{json}");
+    assert_eq!(json["applied"]["version"], 3);
+    assert_eq!(json["journal"], "clean");
+}
+
+#[test]
+fn sideload_apply_and_the_documented_exit_codes() {
+    let dev = device("");
+    let good = dev.dir.path().join("good.bundle");
+    std::fs::write(&good, dev.bundle(1, &[("a.conf", "one")])).expect("write");
+    let out = dev.cli(&["apply", good.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(dev.read("a.conf").as_deref(), Some("one"));
+    let out = dev.cli(&["apply", good.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(0), "already applied is fine");
+
+    let escape = dev.dir.path().join("escape.bundle");
+    let mut evil = DesiredState {
+        files: vec![ManagedFile {
+            path: "/etc/passwd".into(),
+            mode: 0o644,
+            owner: None,
+            content: b"x".to_vec(),
+        }],
+        ..Default::default()
+    };
+    evil.canonicalize();
+    let meta = BundleMeta {
+        fleet: "acme".into(),
+        device: "gw-01".into(),
+        version: 2,
+        commit: "c2".into(),
+        subject: "evil".into(),
+        created_at: now() - 60,
+        expires_at: now() + 3600,
+    };
+    std::fs::write(&escape, bundle::build(meta, &evil, &[&dev.key], 3)).expect("write");
+    let out = dev.cli(&["apply", escape.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(65), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("path_not_allowed"));
+
+    let out = dev.cli(&["apply", "/nonexistent.bundle"]);
+    assert_eq!(out.status.code(), Some(66));
+    let out = dev.cli(&["check-config"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("gw-01"));
+    let out = dev.cli(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("state     failed"), "the last bundle was refused: {text}");
+    assert!(text.contains("applied   version 1"), "still running version 1: {text}");
+    assert!(text.contains("path_not_allowed"), "{text}");
+
+    let bad = dev.dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "device = \"gw-01\"\nfleet = \"acme\"\nstate_dir = \"/x\"\nbogus = 1\n[trust]\npublic_keys = []\n",
+    )
+    .expect("write");
+    let out = Command::new(BIN).args(["check-config", "--config"]).arg(&bad).output().expect("run");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bogus"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN).arg("frobnicate").output().expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(BIN).arg("--help").output().expect("run");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("EXIT CODES"));
+
+    // The state dir is locked while an agent runs: apply says so (75).
+    let agent = dev.run();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = dev.cli(&["apply", good.to_str().expect("utf8")]);
+        if out.status.code() == Some(75) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "apply never saw the lock");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(agent);
+}

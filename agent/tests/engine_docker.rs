@@ -1,0 +1,950 @@
+//! `DockerEngine` against the real engines: a `dockerd` and a podman Docker-compatible
+//! service, each started by the test in its own temp dir on a short socket path, with a
+//! real Docker Distribution registry holding a tiny FROM-scratch busybox image.
+//!
+//! One test per engine walks through everything the agent does with containers (pull by
+//! digest, create with every kind of mount/port/network/healthcheck, list, health,
+//! events, remove, volumes surviving recreation) and checks that unmanaged objects are
+//! never listed nor touched. The two run in parallel; each takes about 10 s.
+//!
+//! Needs root and the packages `docker.io`, `podman`, `runc`, `netavark`,
+//! `aardvark-dns`, `docker-registry` and `busybox-static` (see ENVIRONMENT.md).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fleet_agent::engine::docker::DockerEngine;
+use fleet_agent::engine::{
+    Engine, EngineError, EngineEvent, Health, ObservedContainer, RegistryAuth, LABEL_APP, LABEL_MANAGED,
+};
+use fleet_spec::model::{
+    ContainerSpec, DeviceMapping, Healthcheck, ImageRef, Mount, MountSource, NetworkAttachment, NetworkSpec,
+    PortMapping, Protocol, RestartPolicy, VolumeSpec,
+};
+use serde_json::{json, Value};
+
+// ---------------------------------------------------------------------------------------
+// The lab: one engine, one registry, one image, all in one temp dir, stopped on drop.
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Docker,
+    Podman,
+}
+
+struct Lab {
+    kind: Kind,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    daemon: Option<Child>,
+    registry: Option<Child>,
+    registry_port: u16,
+    /// The test image, pushed to the registry and then removed from the engine.
+    image: ImageRef,
+}
+
+const REGISTRY_USER: &str = "fleet";
+const REGISTRY_PASSWORD: &str = "fleet-s3cret";
+/// bcrypt (cost 4, to keep the registry quick) of `REGISTRY_PASSWORD`.
+const REGISTRY_BCRYPT: &str = "$2b$04$BmIXv13M/W4b2hkZ6pj7B.CrJLElK1nF.JLwx6reAUZ/mOhmQlSjq";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding 127.0.0.1:0 works on a test machine")
+}
+
+fn require(program: &str) -> PathBuf {
+    let path = Path::new(program);
+    assert!(
+        path.is_file(),
+        "{program} is missing: apt-get install -y docker.io podman runc netavark aardvark-dns docker-registry busybox-static"
+    );
+    path.to_path_buf()
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+/// One blocking HTTP/1.0 exchange on a unix socket (the server closes the connection):
+/// for what the test does behind the adapter's back.
+fn raw(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let mut stream = UnixStream::connect(socket).expect("engine socket accepts");
+    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let request = format!(
+        "{method} /v1.41{path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("request sent");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("answer read");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, body.to_owned())
+}
+
+fn run(command: &mut Command) -> String {
+    let output = command.output().unwrap_or_else(|e| panic!("{command:?} cannot run: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+fn wait_for(what: &str, deadline: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(start.elapsed() < deadline, "{what} not ready within {deadline:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Lab {
+    fn start(kind: Kind) -> Lab {
+        let busybox = require("/bin/busybox");
+        let dir = tempfile::Builder::new().prefix("fe").tempdir_in("/tmp").expect("temp dir under /tmp");
+        let d = dir.path().to_path_buf();
+
+        // The registry.
+        // The registry, with basic auth (htpasswd) so that pulls need credentials.
+        let registry_port = free_port();
+        std::fs::write(d.join("htpasswd"), format!("{REGISTRY_USER}:{REGISTRY_BCRYPT}\n")).expect("htpasswd");
+        std::fs::write(
+            d.join("reg.yml"),
+            format!(
+                "version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\n\
+                 http: {{addr: 127.0.0.1:{registry_port}}}\nauth: {{htpasswd: {{realm: fleet-test, path: {}}}}}\n",
+                d.join("regdata").display(),
+                d.join("htpasswd").display(),
+            ),
+        )
+        .expect("registry config");
+        let registry = Command::new(require("/usr/bin/docker-registry"))
+            .arg("serve")
+            .arg(d.join("reg.yml"))
+            .stdin(Stdio::null())
+            .stdout(log_file(&d, "registry.log"))
+            .stderr(log_file(&d, "registry.log"))
+            .spawn()
+            .expect("docker-registry starts");
+
+        // The engine, on its own address pool so that engines run side by side.
+        let socket = d.join(match kind {
+            Kind::Docker => "d.sock",
+            Kind::Podman => "p.sock",
+        });
+        let mut daemon = match kind {
+            Kind::Docker => Command::new(require("/usr/sbin/dockerd"))
+                .arg("--data-root")
+                .arg(d.join("data"))
+                .arg("--exec-root")
+                .arg(d.join("x"))
+                .arg("--pidfile")
+                .arg(d.join("dockerd.pid"))
+                .arg("-H")
+                .arg(format!("unix://{}", socket.display()))
+                // No default bridge: every test container is on a user-defined network.
+                .arg("--bridge=none")
+                .args(["--default-address-pool", "base=10.236.0.0/16,size=24"])
+                .stdin(Stdio::null())
+                .stdout(log_file(&d, "engine.log"))
+                .stderr(log_file(&d, "engine.log"))
+                .spawn()
+                .expect("dockerd starts"),
+            Kind::Podman => {
+                write_podman_config(&d, registry_port);
+                let mut command = podman_command(&d);
+                command
+                    .args(["system", "service", "--time=0"])
+                    .arg(format!("unix://{}", socket.display()))
+                    .stdin(Stdio::null())
+                    .stdout(log_file(&d, "engine.log"))
+                    .stderr(log_file(&d, "engine.log"));
+                command.spawn().expect("podman system service starts")
+            }
+        };
+
+        let mut lab = Lab {
+            kind,
+            dir,
+            socket,
+            daemon: None,
+            registry: Some(registry),
+            registry_port,
+            image: ImageRef::default(),
+        };
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = daemon.try_wait() {
+                panic!("{kind:?} exited at start ({status}):\n{}", log_tail(&d.join("engine.log")));
+            }
+            if UnixStream::connect(&lab.socket).is_ok() && raw(&lab.socket, "GET", "/_ping", None).0 == 200 {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{kind:?} not up:\n{}",
+                log_tail(&d.join("engine.log"))
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        lab.daemon = Some(daemon);
+        wait_for("registry", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", registry_port)).is_ok()
+        });
+
+        // The image: busybox and a few applets, FROM scratch, built by the engine's own
+        // CLI, pushed, then removed from the engine so that the test pulls it.
+        let context = d.join("img");
+        std::fs::create_dir_all(context.join("bin")).expect("image dir");
+        std::fs::copy(&busybox, context.join("bin/busybox")).expect("busybox copied");
+        for applet in ["sh", "sleep", "httpd", "cat", "wget", "test", "echo", "touch"] {
+            std::os::unix::fs::symlink("busybox", context.join("bin").join(applet)).expect("applet link");
+        }
+        std::fs::write(
+            context.join("Dockerfile"),
+            "FROM scratch\nCOPY bin /bin\nCMD [\"/bin/sh\",\"-c\",\"sleep 3600\"]\n",
+        )
+        .expect("Dockerfile");
+        let tag = format!("127.0.0.1:{registry_port}/fleet-test:1");
+        let digest = match kind {
+            Kind::Docker => {
+                run(lab.cli().args(["build", "-q", "-t", &tag]).arg(&context));
+                let registry = format!("127.0.0.1:{registry_port}");
+                run(lab.cli().args(["login", "-u", REGISTRY_USER, "-p", REGISTRY_PASSWORD, &registry]));
+                run(lab.cli().args(["push", &tag]));
+                let repo_digest =
+                    run(lab.cli().args(["inspect", "--format", "{{index .RepoDigests 0}}", &tag]));
+                run(lab.cli().args(["rmi", &tag]));
+                repo_digest.split_once('@').map(|(_, d)| d.to_owned()).expect("a repo digest")
+            }
+            Kind::Podman => {
+                let digest_file = d.join("digest");
+                run(lab.cli().args(["build", "-q", "-t", &tag]).arg(&context));
+                let creds = format!("{REGISTRY_USER}:{REGISTRY_PASSWORD}");
+                run(lab
+                    .cli()
+                    .args(["push", "-q", "--creds", &creds, "--digestfile"])
+                    .arg(&digest_file)
+                    .arg(&tag));
+                run(lab.cli().args(["rmi", &tag]));
+                std::fs::read_to_string(&digest_file).expect("digest file").trim().to_owned()
+            }
+        };
+        assert!(digest.starts_with("sha256:"), "{digest}");
+        lab.image = ImageRef { reference: tag, digest: Some(digest) };
+        lab
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The engine's own CLI, pointed at this engine.
+    fn cli(&self) -> Command {
+        match self.kind {
+            Kind::Docker => {
+                let mut command = Command::new(require("/usr/bin/docker"));
+                command
+                    .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
+                    .env("DOCKER_CONFIG", self.path("cli"))
+                    .env("DOCKER_BUILDKIT", "0");
+                command
+            }
+            Kind::Podman => podman_command(self.dir.path()),
+        }
+    }
+
+    fn raw(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+        raw(&self.socket, method, path, body)
+    }
+
+    /// What a systemd timer does for podman on a real device: run the healthcheck.
+    /// (Without systemd, podman runs no healthcheck by itself; dockerd runs its own.)
+    fn tick_healthcheck(&self, name: &str) {
+        if self.kind == Kind::Podman {
+            let _ = self.cli().args(["healthcheck", "run", name]).output();
+        }
+    }
+}
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).expect("log file")
+}
+
+/// podman with storage, locks, events and networks all inside the lab dir, so that it
+/// runs beside other podman instances (`lock_type = "file"` keeps its locks out of the
+/// machine-wide `/dev/shm/libpod_lock`).
+fn write_podman_config(d: &Path, registry_port: u16) {
+    let conf = format!(
+        r#"[containers]
+default_ulimits = []
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+lock_type = "file"
+tmp_dir = "{tmp}"
+[network]
+network_backend = "netavark"
+network_config_dir = "{net}"
+default_subnet_pools = [{{"base" = "10.237.0.0/16", "size" = 24}}]
+"#,
+        tmp = d.join("tmp").display(),
+        net = d.join("net").display(),
+    );
+    std::fs::create_dir_all(d.join("net")).expect("net dir");
+    std::fs::write(d.join("containers.conf"), conf).expect("containers.conf");
+    let registries = format!(
+        "unqualified-search-registries = []\n[[registry]]\nlocation = \"127.0.0.1:{registry_port}\"\ninsecure = true\n"
+    );
+    std::fs::write(d.join("registries.conf"), registries).expect("registries.conf");
+}
+
+fn podman_command(d: &Path) -> Command {
+    let mut command = Command::new(require("/usr/bin/podman"));
+    command
+        .env("CONTAINERS_CONF", d.join("containers.conf"))
+        .env("CONTAINERS_REGISTRIES_CONF", d.join("registries.conf"))
+        .arg("--root")
+        .arg(d.join("root"))
+        .arg("--runroot")
+        .arg(d.join("run"));
+    command
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {:?} log ---\n{}", self.kind, log_tail(&self.path("engine.log")));
+        }
+        if let Some(mut daemon) = self.daemon.take() {
+            // Containers first (no shim or conmon may outlive the engine), then the
+            // networks (podman's firewall rules and bridges), then the engine itself.
+            if let Ok(list) =
+                serde_json::from_str::<Value>(&self.raw("GET", "/containers/json?all=1", None).1)
+            {
+                for id in list.as_array().into_iter().flatten().filter_map(|c| c["Id"].as_str()) {
+                    self.raw("DELETE", &format!("/containers/{id}?force=1&v=1"), None);
+                }
+            }
+            if let Ok(list) = serde_json::from_str::<Value>(&self.raw("GET", "/networks", None).1) {
+                for name in list.as_array().into_iter().flatten().filter_map(|n| n["Name"].as_str()) {
+                    if name.starts_with("ft_") {
+                        self.raw("DELETE", &format!("/networks/{name}"), None);
+                    }
+                }
+            }
+            let _ = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status();
+            let start = Instant::now();
+            while matches!(daemon.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(15) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+        if let Some(mut registry) = self.registry.take() {
+            let _ = registry.kill();
+            let _ = registry.wait();
+        }
+        // Whatever the engine left mounted under the lab dir (podman's storage root is
+        // a bind mount of itself).
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let prefix = self.dir.path().display().to_string();
+        let mut points: Vec<&str> =
+            mounts.lines().filter_map(|l| l.split(' ').nth(1)).filter(|p| p.starts_with(&prefix)).collect();
+        points.reverse();
+        for point in points {
+            let _ = Command::new("umount").args(["-l", point]).status();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Helpers for the scenario.
+// ---------------------------------------------------------------------------------------
+
+fn labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(LABEL_APP.to_owned(), "ft".to_owned())])
+}
+
+/// Polls `inspect(name)` until `done` holds for it.
+async fn inspect_until(
+    lab: &Lab,
+    engine: &DockerEngine,
+    name: &str,
+    what: &str,
+    done: impl Fn(&ObservedContainer) -> bool,
+) -> ObservedContainer {
+    let start = Instant::now();
+    loop {
+        lab.tick_healthcheck(name);
+        let observed =
+            engine.inspect(name).await.expect("inspect works").unwrap_or_else(|| panic!("{name} exists"));
+        if done(&observed) {
+            return observed;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{name}: {what} never happened; last: {observed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let ok = answer.split_whitespace().nth(1) == Some("200");
+    ok.then(|| answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()))?
+}
+
+fn image_spec(lab: &Lab, name: &str, command: &str) -> ContainerSpec {
+    ContainerSpec {
+        name: name.to_owned(),
+        app: "ft".to_owned(),
+        service: name.trim_start_matches("ft-").to_owned(),
+        image: lab.image.clone(),
+        command: Some(vec!["sh".into(), "-c".into(), command.into()]),
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The scenario, the same for both engines.
+// ---------------------------------------------------------------------------------------
+
+async fn scenario(lab: &Lab) {
+    let engine = DockerEngine::new(lab.socket.clone());
+    engine.ping().await.expect("ping");
+
+    // 1. Images: absent, pulled by digest with credentials (X-Registry-Auth), present;
+    //    failed pulls (no or wrong credentials, unknown tag, registry down) are `Pull`
+    //    errors.
+    let image = &lab.image;
+    assert!(
+        !engine.image_present(image).await.expect("image_present"),
+        "the image was removed after the push"
+    );
+    let server = format!("127.0.0.1:{}", lab.registry_port);
+    let auth = RegistryAuth { username: REGISTRY_USER.into(), password: REGISTRY_PASSWORD.into(), server };
+    let wrong = RegistryAuth { password: "wrong".into(), ..auth.clone() };
+    for credentials in [None, Some(&wrong)] {
+        match engine.pull(image, credentials).await {
+            Err(EngineError::Pull { image: reference, message }) => {
+                assert_eq!(reference, image.pull_reference());
+                assert!(!message.is_empty());
+            }
+            other => panic!("pulling with credentials {credentials:?}: {other:?}"),
+        }
+    }
+    assert!(!engine.image_present(image).await.expect("image_present"));
+    engine.pull(image, Some(&auth)).await.expect("pull by digest");
+    assert!(engine.image_present(image).await.expect("image_present"));
+    let by_tag = ImageRef { reference: image.reference.clone(), digest: None };
+    engine.pull(&by_tag, Some(&auth)).await.expect("pull by tag");
+    assert!(engine.image_present(&by_tag).await.expect("image_present"));
+    let missing =
+        ImageRef { reference: format!("127.0.0.1:{}/fleet-test:nope", lab.registry_port), digest: None };
+    match engine.pull(&missing, Some(&auth)).await {
+        Err(EngineError::Pull { image, message }) => {
+            assert_eq!(image, missing.reference);
+            assert!(message.contains("nope") || message.contains("manifest"), "{message}");
+        }
+        other => panic!("pulling a missing tag: {other:?}"),
+    }
+    let dead_registry = ImageRef { reference: format!("127.0.0.1:{}/x:1", free_port()), digest: None };
+    assert!(matches!(engine.pull(&dead_registry, None).await, Err(EngineError::Pull { .. })));
+
+    // 2. Networks and volumes: created twice (idempotent), listed by label.
+    for name in ["ft_front", "ft_back"] {
+        let spec = NetworkSpec { name: name.into(), internal: false, labels: BTreeMap::new() };
+        engine.create_network(&spec, &labels()).await.expect("create network");
+        engine.create_network(&spec, &labels()).await.expect("create an existing network");
+    }
+    assert_eq!(engine.list_managed_networks().await.expect("list networks"), ["ft_back", "ft_front"]);
+    let volume = VolumeSpec { name: "ft_data".into(), labels: BTreeMap::from([("k".into(), "v".into())]) };
+    engine.create_volume(&volume, &labels()).await.expect("create volume");
+    engine.create_volume(&volume, &labels()).await.expect("create an existing volume");
+    assert_eq!(engine.list_managed_volumes().await.expect("list volumes"), ["ft_data"]);
+
+    // 3. A web server with env, a bind-mounted host file, a named volume, a tmpfs, a
+    //    published port, a healthcheck on a host-controlled flag, labels, two networks.
+    std::fs::write(lab.path("index.html"), "served from a host file\n").expect("index.html");
+    let flags = lab.path("flags");
+    std::fs::create_dir_all(&flags).expect("flags dir");
+    let port = free_port();
+    let mut web = image_spec(
+        lab,
+        "ft-web",
+        "echo \"$GREETING\" > /data/greeting && test -d /scratch && exec httpd -f -p 8080 -h /www",
+    );
+    web.env = BTreeMap::from([("GREETING".into(), "hello from env".into())]);
+    web.hostname = Some("webhost".into());
+    web.ports = vec![PortMapping {
+        host_ip: Some("127.0.0.1".into()),
+        host_port: Some(port),
+        container_port: 8080,
+        protocol: Protocol::Tcp,
+    }];
+    web.mounts = vec![
+        Mount {
+            source: MountSource::Bind(lab.path("index.html").display().to_string()),
+            target: "/www/index.html".into(),
+            read_only: true,
+        },
+        Mount {
+            source: MountSource::Bind(flags.display().to_string()),
+            target: "/flags".into(),
+            read_only: false,
+        },
+        Mount { source: MountSource::Volume("ft_data".into()), target: "/data".into(), read_only: false },
+        Mount { source: MountSource::Tmpfs, target: "/scratch".into(), read_only: false },
+    ];
+    web.networks = vec![
+        NetworkAttachment { network: "ft_front".into(), aliases: vec!["web".into()] },
+        NetworkAttachment { network: "ft_back".into(), aliases: vec!["web-back".into()] },
+    ];
+    web.healthcheck = Some(Healthcheck {
+        test: vec!["CMD-SHELL".into(), "test -f /flags/ok".into()],
+        interval_ms: Some(300),
+        timeout_ms: Some(2000),
+        retries: Some(1),
+        start_period_ms: None,
+    });
+    web.labels = BTreeMap::from([("team".into(), "qa".into())]);
+    web.stop_signal = Some("SIGTERM".into());
+
+    let id = engine.create(&web, &labels()).await.expect("create web");
+    assert_eq!(id.len(), 64, "{id}");
+    let created = engine.inspect("ft-web").await.expect("inspect").expect("ft-web exists");
+    assert_eq!((created.running, created.exit_code), (false, None), "created, never started: {created:?}");
+    // The engines resolve id prefixes too; the adapter does not take one for a name.
+    assert_eq!(engine.inspect(&id[..12]).await.expect("inspect"), None);
+    engine.remove(&id[..12], 1).await.expect("no container has that name");
+    assert!(engine.inspect("ft-web").await.expect("inspect").is_some(), "ft-web survived");
+    let (_, inspected) = lab.raw("GET", "/containers/ft-web/json", None);
+    let inspected: Value = serde_json::from_str(&inspected).expect("inspect JSON");
+    assert_eq!(inspected["Config"]["Hostname"], "webhost");
+    // podman reports the signal by number.
+    let signal = &inspected["Config"]["StopSignal"];
+    assert!(signal == "SIGTERM" || signal == "15", "{signal}");
+    assert_eq!(inspected["Config"]["Healthcheck"]["Interval"], 300_000_000u64);
+    assert_eq!(inspected["Config"]["Healthcheck"]["Retries"], 1);
+    let env = inspected["Config"]["Env"].as_array().cloned().unwrap_or_default();
+    assert!(env.contains(&json!("GREETING=hello from env")), "{env:?}");
+    match engine.create(&web, &labels()).await {
+        Err(EngineError::Api { status: 409, .. }) => {}
+        other => panic!("creating a second ft-web: {other:?}"),
+    }
+    engine.start("ft-web").await.expect("start");
+    engine.start("ft-web").await.expect("starting a running container is not an error");
+
+    let listed = engine.list_managed().await.expect("list_managed");
+    let observed = listed.iter().find(|c| c.name == "ft-web").expect("ft-web is listed");
+    assert_eq!(observed.id, id);
+    assert_eq!(observed.image, image.pull_reference());
+    assert!(observed.running);
+    for (key, value) in [("team", "qa"), (LABEL_APP, "ft"), (LABEL_MANAGED, "true")] {
+        assert_eq!(observed.labels.get(key).map(String::as_str), Some(value), "label {key}: {observed:?}");
+    }
+    assert_ne!(observed.health, Health::None, "it has a healthcheck");
+
+    let start = Instant::now();
+    let page = loop {
+        if let Some(page) = http_get(port, "/index.html") {
+            break page;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "nothing answers on published port {port}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(page, "served from a host file\n");
+
+    // Health follows the flag file, both ways.
+    std::fs::write(flags.join("ok"), "").expect("flag");
+    inspect_until(lab, &engine, "ft-web", "healthy", |c| c.health == Health::Healthy).await;
+    std::fs::remove_file(flags.join("ok")).expect("flag removed");
+    inspect_until(lab, &engine, "ft-web", "unhealthy", |c| c.health == Health::Unhealthy).await;
+    let listed = engine.list_managed().await.expect("list_managed");
+    assert_eq!(listed.iter().find(|c| c.name == "ft-web").map(|c| c.health), Some(Health::Unhealthy));
+
+    // 4. Another container reaches ft-web by its alias on each network; the second
+    //    network of each was attached by `POST /networks/{id}/connect`.
+    let out = lab.path("out");
+    std::fs::create_dir_all(&out).expect("out dir");
+    let fetch = |alias: &str, file: &str| {
+        format!("for i in 1 2 3 4 5 6 7 8 9 10; do wget -q -O /out/{file} http://{alias}:8080/index.html && break; sleep 0.5; done")
+    };
+    let mut client = image_spec(
+        lab,
+        "ft-client",
+        &format!(
+            "{} && {} && test -s /out/front && test -s /out/back",
+            fetch("web", "front"),
+            fetch("web-back", "back")
+        ),
+    );
+    client.mounts = vec![Mount {
+        source: MountSource::Bind(out.display().to_string()),
+        target: "/out".into(),
+        read_only: false,
+    }];
+    client.networks = vec![
+        NetworkAttachment { network: "ft_back".into(), aliases: vec!["client".into()] },
+        NetworkAttachment { network: "ft_front".into(), aliases: vec![] },
+    ];
+    engine.create(&client, &labels()).await.expect("create client");
+    engine.start("ft-client").await.expect("start client");
+    let finished =
+        inspect_until(lab, &engine, "ft-client", "exit", |c| !c.running && c.exit_code.is_some()).await;
+    assert_eq!(finished.exit_code, Some(0), "the client could not fetch both aliases");
+    assert_eq!(std::fs::read_to_string(out.join("front")).expect("front"), "served from a host file\n");
+    assert_eq!(std::fs::read_to_string(out.join("back")).expect("back"), "served from a host file\n");
+
+    // 5. A container the agent does not manage is neither listed nor touched; nor are
+    //    foreign networks and volumes.
+    let unmanaged = json!({
+        "Image": image.pull_reference(),
+        "Cmd": ["sleep", "300"],
+        "Labels": {LABEL_APP: "ft"},
+        "HostConfig": {"NetworkMode": "none"},
+    });
+    let (status, body) = lab.raw("POST", "/containers/create?name=ft-unmanaged", Some(&unmanaged));
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(lab.raw("POST", "/containers/ft-unmanaged/start", None).0, 204);
+    let names: Vec<String> = engine.list_managed().await.expect("list").into_iter().map(|c| c.name).collect();
+    assert_eq!(names, ["ft-client", "ft-web"]);
+    assert_eq!(engine.inspect("ft-unmanaged").await.expect("inspect"), None);
+    match engine.remove("ft-unmanaged", 1).await {
+        Err(EngineError::Api { status: 409, message, .. }) => {
+            assert!(message.contains(LABEL_MANAGED), "{message}")
+        }
+        other => panic!("removing an unmanaged container: {other:?}"),
+    }
+    assert_eq!(lab.raw("GET", "/containers/ft-unmanaged/json", None).0, 200, "it is still there");
+    let (status, body) = lab.raw("POST", "/networks/create", Some(&json!({"Name": "ft_foreign"})));
+    assert_eq!(status, 201, "{body}");
+    assert!(matches!(engine.remove_network("ft_foreign").await, Err(EngineError::Api { status: 409, .. })));
+    let (status, body) = lab.raw("POST", "/volumes/create", Some(&json!({"Name": "ft_foreign_vol"})));
+    assert_eq!(status, 201, "{body}");
+    assert!(matches!(
+        engine.remove_volume("ft_foreign_vol").await,
+        Err(EngineError::Api { status: 409, .. })
+    ));
+    assert_eq!(engine.list_managed_networks().await.expect("list"), ["ft_back", "ft_front"]);
+    assert_eq!(engine.list_managed_volumes().await.expect("list"), ["ft_data"]);
+
+    // 6. Events: killing ft-web behind the agent's back yields its `die`; killing the
+    //    unmanaged one yields nothing. The subscription is made by a wait that is given
+    //    up (the engines answer only with the first event) and kept for the next one.
+    let quiet = tokio::time::timeout(Duration::from_millis(300), engine.next_event()).await;
+    assert!(quiet.is_err(), "no event yet: {quiet:?}");
+    let watch = async {
+        let mut seen: Vec<EngineEvent> = Vec::new();
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(20), engine.next_event())
+                .await
+                .unwrap_or_else(|_| panic!("no die event within 20 s; saw {seen:?}"))
+                .expect("event stream works")
+                .expect("the stream did not end");
+            let done = event.name == "ft-web" && event.action == "die";
+            seen.push(event);
+            if done {
+                return seen;
+            }
+        }
+    };
+    let act = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(lab.raw("POST", "/containers/ft-unmanaged/kill", None).0, 204);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(lab.raw("POST", "/containers/ft-web/kill", None).0, 204);
+    };
+    let (seen, ()) = tokio::join!(watch, act);
+    assert!(seen.iter().all(|e| e.name != "ft-unmanaged"), "events about an unmanaged container: {seen:?}");
+    assert!(seen.iter().all(|e| !e.action.starts_with("exec_")), "healthcheck noise: {seen:?}");
+    let killed = engine.inspect("ft-web").await.expect("inspect").expect("ft-web is still there");
+    assert_eq!((killed.running, killed.exit_code), (false, Some(137)), "{killed:?}");
+
+    // 7. A crashing container with on-failure restarts counts its restarts.
+    let mut crasher = image_spec(lab, "ft-crash", "exit 3");
+    crasher.restart = RestartPolicy::OnFailure;
+    crasher.network_mode = Some("none".into());
+    engine.create(&crasher, &labels()).await.expect("create crasher");
+    engine.start("ft-crash").await.expect("start crasher");
+    inspect_until(lab, &engine, "ft-crash", "a restart", |c| c.restart_count >= 1).await;
+    engine.remove("ft-crash", 0).await.expect("remove a restarting container");
+
+    // 8. Remove: stopped, running, never started and missing containers.
+    engine.remove("ft-web", 1).await.expect("remove a stopped container");
+    assert_eq!(engine.inspect("ft-web").await.expect("inspect"), None);
+    engine.remove("ft-web", 1).await.expect("removing a missing container is not an error");
+    let mut idle = image_spec(lab, "ft-idle", "sleep 300");
+    idle.privileged = true;
+    idle.network_mode = Some("none".into());
+    engine.create(&idle, &labels()).await.expect("create idle");
+    let (_, inspected) = lab.raw("GET", "/containers/ft-idle/json", None);
+    let inspected: Value = serde_json::from_str(&inspected).expect("inspect JSON");
+    assert_eq!(inspected["HostConfig"]["Privileged"], true);
+    engine.remove("ft-idle", 1).await.expect("remove a never-started container");
+    // (It also carries the fields not exercised so far, checked as the engine took them.)
+    let mut sleeper = image_spec(lab, "ft-sleeper", "trap 'exit 0' TERM; sleep 300 & wait");
+    sleeper.entrypoint = Some(vec!["/bin/sh".into(), "-c".into()]);
+    sleeper.command = Some(vec!["trap 'exit 0' TERM; sleep 300 & wait".into()]);
+    sleeper.network_mode = Some("none".into());
+    sleeper.user = Some("65534:65534".into());
+    sleeper.devices = vec![DeviceMapping {
+        host_path: "/dev/null".into(),
+        container_path: "/dev/fleet-null".into(),
+        permissions: "rw".into(),
+    }];
+    sleeper.cap_add = vec!["NET_ADMIN".into()];
+    sleeper.cap_drop = vec!["MKNOD".into()];
+    sleeper.memory_bytes = Some(64 << 20);
+    sleeper.nano_cpus = Some(500_000_000);
+    sleeper.restart = RestartPolicy::UnlessStopped;
+    engine.create(&sleeper, &labels()).await.expect("create sleeper");
+    engine.start("ft-sleeper").await.expect("start sleeper");
+    let (_, inspected) = lab.raw("GET", "/containers/ft-sleeper/json", None);
+    let inspected: Value = serde_json::from_str(&inspected).expect("inspect JSON");
+    assert_eq!(inspected["Config"]["User"], "65534:65534");
+    assert_eq!(inspected["Config"]["Entrypoint"], json!(["/bin/sh", "-c"]));
+    assert_eq!(inspected["HostConfig"]["Memory"], 64u64 << 20);
+    assert_eq!(inspected["HostConfig"]["NanoCpus"], 500_000_000u64);
+    assert_eq!(inspected["HostConfig"]["RestartPolicy"]["Name"], "unless-stopped");
+    assert_eq!(inspected["HostConfig"]["Devices"][0]["PathInContainer"], "/dev/fleet-null");
+    let caps = |key: &str| inspected["HostConfig"][key].to_string();
+    assert!(caps("CapAdd").contains("NET_ADMIN"), "{}", caps("CapAdd"));
+    assert!(caps("CapDrop").contains("MKNOD"), "{}", caps("CapDrop"));
+    assert!(engine.inspect("ft-sleeper").await.expect("inspect").is_some_and(|c| c.running));
+    engine.remove("ft-sleeper", 5).await.expect("remove a running container");
+    assert_eq!(engine.inspect("ft-sleeper").await.expect("inspect"), None);
+
+    // 9. The volume's data survives the container: a new ft-web reads what the old one
+    //    wrote.
+    let mut reader = image_spec(lab, "ft-web", "cat /data/greeting > /out/greeting");
+    reader.mounts = vec![
+        Mount { source: MountSource::Volume("ft_data".into()), target: "/data".into(), read_only: true },
+        Mount {
+            source: MountSource::Bind(out.display().to_string()),
+            target: "/out".into(),
+            read_only: false,
+        },
+    ];
+    reader.network_mode = Some("none".into());
+    engine.create(&reader, &labels()).await.expect("recreate ft-web");
+    engine.start("ft-web").await.expect("start the new ft-web");
+    let done = inspect_until(lab, &engine, "ft-web", "exit", |c| !c.running && c.exit_code.is_some()).await;
+    assert_eq!(done.exit_code, Some(0));
+    assert_eq!(std::fs::read_to_string(out.join("greeting")).expect("greeting"), "hello from env\n");
+
+    // 10. Tear down what is managed; the unmanaged objects stay.
+    for name in ["ft-web", "ft-client"] {
+        engine.remove(name, 1).await.expect("remove");
+    }
+    assert!(engine.list_managed().await.expect("list").is_empty());
+    for name in ["ft_front", "ft_back"] {
+        engine.remove_network(name).await.expect("remove network");
+    }
+    assert!(engine.list_managed_networks().await.expect("list").is_empty());
+    engine.remove_network("ft_back").await.expect("removing a missing network is not an error");
+    engine.remove_volume("ft_data").await.expect("remove volume");
+    engine.remove_volume("ft_data").await.expect("removing a missing volume is not an error");
+    assert!(engine.list_managed_volumes().await.expect("list").is_empty());
+    assert_eq!(lab.raw("GET", "/containers/ft-unmanaged/json", None).0, 200);
+    assert_eq!(lab.raw("GET", "/volumes/ft_foreign_vol", None).0, 200);
+    assert_eq!(lab.raw("GET", "/networks/ft_foreign", None).0, 200);
+}
+
+fn run_scenario(kind: Kind) {
+    let started = Instant::now();
+    let lab = Lab::start(kind);
+    eprintln!("{kind:?} lab up in {:?}", started.elapsed());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(100), scenario(&lab)).await.expect("scenario within 100 s");
+    });
+    eprintln!("{kind:?} scenario done in {:?}", started.elapsed());
+}
+
+#[test]
+fn dockerd_runs_the_whole_container_lifecycle() {
+    run_scenario(Kind::Docker);
+}
+
+#[test]
+fn podman_runs_the_whole_container_lifecycle() {
+    run_scenario(Kind::Podman);
+}
+
+// ---------------------------------------------------------------------------------------
+// Without an engine.
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_missing_or_dead_socket_is_unreachable() {
+    let dir = tempfile::Builder::new().prefix("fe").tempdir_in("/tmp").expect("temp dir");
+    let missing = DockerEngine::new(dir.path().join("none.sock"));
+    for result in
+        [missing.ping().await, missing.list_managed().await.map(drop), missing.next_event().await.map(drop)]
+    {
+        match result {
+            Err(EngineError::Unreachable { socket, .. }) => {
+                assert!(socket.ends_with("none.sock"), "{socket}")
+            }
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+    }
+    // A socket file nobody listens on any more: connection refused.
+    let path = dir.path().join("dead.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("bind"));
+    let dead = DockerEngine::new(path);
+    assert!(matches!(dead.ping().await, Err(EngineError::Unreachable { .. })));
+}
+
+/// A one-shot fake engine on a unix socket: answers every connection with `answer`.
+async fn serve(path: PathBuf, answer: &'static str) -> tokio::task::JoinHandle<()> {
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_event_stream_that_ends_gives_none_after_its_events_and_skips_garbage() {
+    let dir = tempfile::Builder::new().prefix("fe").tempdir_in("/tmp").expect("temp dir");
+    let body = concat!(
+        "{\"Type\":\"container\",\"Action\":\"exec_start: sh\",\"Actor\":{\"Attributes\":{\"name\":\"a\"}}}\n",
+        "this is not json\n",
+        "{\"Type\":\"container\",\"status\":\"died\",\"Action\":\"died\",\"Actor\":{\"Attributes\":{\"name\":\"a\"}}}",
+        "{\"Type\":\"container\",\"Action\":\"health_status\",\"HealthStatus\":\"unhealthy\",",
+        "\"Actor\":{\"Attributes\":{\"name\":\"b\",\"io.fleet.managed\":\"true\"}}}\n",
+    );
+    let answer: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_boxed_str(),
+    );
+    let server = serve(dir.path().join("e.sock"), answer).await;
+    let engine = DockerEngine::new(dir.path().join("e.sock"));
+    let first = engine.next_event().await.expect("ok").expect("an event");
+    assert_eq!(first, EngineEvent { name: "a".into(), action: "die".into() });
+    let second = engine.next_event().await.expect("ok").expect("an event");
+    assert_eq!(second, EngineEvent { name: "b".into(), action: "health_status: unhealthy".into() });
+    assert_eq!(engine.next_event().await.expect("ok"), None, "the stream ended");
+    // The next call reconnects and reads the stream again from the start.
+    assert_eq!(engine.next_event().await.expect("ok").map(|e| e.name), Some("a".into()));
+    server.abort();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn api_errors_carry_the_engines_message_and_odd_bodies_do_not_panic() {
+    let dir = tempfile::Builder::new().prefix("fe").tempdir_in("/tmp").expect("temp dir");
+    let path = dir.path().join("a.sock");
+    let body = r#"{"cause":"x","message":"no such container: web","response":404}"#;
+    let answer: &'static str = Box::leak(
+        format!("HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+            .into_boxed_str(),
+    );
+    let server = serve(path.clone(), answer).await;
+    let engine = DockerEngine::new(path.clone());
+    match engine.start("web").await {
+        Err(EngineError::Api { op: "start", object, status: 500, message }) => {
+            assert_eq!((object.as_str(), message.as_str()), ("web", "no such container: web"));
+        }
+        other => panic!("{other:?}"),
+    }
+    server.abort();
+    let _ = server.await;
+    std::fs::remove_file(&path).expect("socket removed");
+
+    let server = serve(path.clone(), "HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n[1,{},\"x\"").await;
+    match engine.list_managed().await {
+        Err(EngineError::Protocol { .. }) => {}
+        other => panic!("truncated JSON: {other:?}"),
+    }
+    server.abort();
+    let _ = server.await;
+    std::fs::remove_file(&path).expect("socket removed");
+
+    let server = serve(path.clone(), "HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n[1,{},\"x\",[]]").await;
+    assert_eq!(engine.list_managed().await.expect("odd items are skipped"), []);
+    server.abort();
+}
+
+/// Both engines send the head of the `/events` answer only with the first event. A
+/// `next_event` dropped while waiting for it (as in a `select!` with a timer) must keep
+/// the subscription: the event comes through on the next call, on the same connection.
+#[tokio::test(flavor = "current_thread")]
+async fn a_cancelled_wait_for_events_keeps_the_subscription() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::Builder::new().prefix("fe").tempdir_in("/tmp").expect("temp dir");
+    let path = dir.path().join("q.sock");
+    let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+    let connections = Arc::new(AtomicUsize::new(0));
+    let go = Arc::new(tokio::sync::Notify::new());
+    let server = tokio::spawn({
+        let (connections, go) = (connections.clone(), go.clone());
+        async move {
+            let mut open = Vec::new();
+            while let Ok((mut stream, _)) = listener.accept().await {
+                connections.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                go.notified().await;
+                let event = r#"{"Type":"container","Action":"die","Actor":{"Attributes":{"name":"web"}}}"#;
+                let chunk = format!("{:x}\r\n{event}\n\r\n", event.len() + 1);
+                let head =
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+                let _ = stream.write_all(format!("{head}{chunk}").as_bytes()).await;
+                open.push(stream);
+            }
+        }
+    });
+
+    let engine = DockerEngine::new(path);
+    for _ in 0..3 {
+        let waited = tokio::time::timeout(Duration::from_millis(100), engine.next_event()).await;
+        assert!(waited.is_err(), "nothing to report yet: {waited:?}");
+    }
+    go.notify_one();
+    let event = tokio::time::timeout(Duration::from_secs(5), engine.next_event())
+        .await
+        .expect("the event arrives")
+        .expect("ok")
+        .expect("an event");
+    assert_eq!(event, EngineEvent { name: "web".into(), action: "die".into() });
+    assert_eq!(connections.load(Ordering::SeqCst), 1, "one subscription, kept across cancelled waits");
+    let waited = tokio::time::timeout(Duration::from_millis(100), engine.next_event()).await;
+    assert!(waited.is_err(), "the stream stays open and quiet: {waited:?}");
+    server.abort();
+}

@@ -1,0 +1,260 @@
+//! Building: signed, content-addressed bundles and `index.json`.
+//!
+//! Output layout:
+//!
+//! ```text
+//! DIR/bundles/<sha256 of the bundle>.bundle
+//! DIR/index.json   {"fleet", "commit", "topic_prefix",
+//!                   "devices": {"<id>": {"version", "digest", "size", "commit",
+//!                                        "state_digest", "labels"}}}
+//! ```
+//!
+//! Versioning rule: when `DIR/index.json` exists from an earlier build and a device's
+//! `state_digest` (sha256 of its canonical desired state) is unchanged, its bundle and
+//! version are kept and nothing is written for it. Otherwise its new version is
+//! `max(commit committer time in seconds, previous version + 1)`. Versions therefore
+//! only grow across successive builds into the same directory, also from shallow
+//! clones and rebased history; building the same commit into an empty directory gives
+//! identical bytes (`created_at` is the committer time, `expires_at` adds the fleet's
+//! `bundle_expiry`).
+//!
+//! Renewal: a kept bundle is rebuilt (with a new version) once the commit being built
+//! is past half of its validity, so devices never end up with an expired bundle as
+//! long as something is committed and built regularly (an empty commit will do).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use fleet_spec::bundle::{self, BundleMeta, Limits};
+use fleet_spec::{DesiredState, SigningKey};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::render::Fleet;
+use crate::repo::Snapshot;
+
+/// `DIR/index.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Index {
+    pub fleet: String,
+    /// The commit of the latest build.
+    pub commit: String,
+    /// MQTT topic prefix of the fleet (from fleet.yaml), for `publish` and `status`.
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    pub devices: BTreeMap<String, IndexEntry>,
+}
+
+fn default_prefix() -> String {
+    fleet_spec::topic::DEFAULT_PREFIX.into()
+}
+
+/// One device's current bundle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexEntry {
+    pub version: u64,
+    /// Hex sha256 of the bundle: `bundles/<digest>.bundle`.
+    pub digest: String,
+    pub size: u64,
+    /// The commit this bundle was built from (older than the index's commit when the
+    /// device's state did not change since).
+    pub commit: String,
+    /// [`DesiredState::digest`] of the bundle's state.
+    pub state_digest: String,
+    /// The device's labels, so `status --selector` can pick devices.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Index {
+    pub fn read(path: &Path) -> Result<Option<Index>, BuildError> {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| BuildError::BadIndex { path: path.into(), message: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(BuildError::Io { path: path.into(), source }),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a valid index: {message} (remove it to start a fresh version history)")]
+    BadIndex { path: PathBuf, message: String },
+    #[error("{path} belongs to fleet {found:?}, this repository is fleet {expected:?}: use another output directory")]
+    OtherFleet { path: PathBuf, found: String, expected: String },
+}
+
+pub struct BuildOptions<'a> {
+    pub out: &'a Path,
+    pub keys: &'a [SigningKey],
+    pub level: i32,
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BuildSummary {
+    pub fleet: String,
+    pub commit: String,
+    pub devices: usize,
+    /// Bundles written by this build.
+    pub written: usize,
+    /// Devices whose bundle was kept.
+    pub unchanged: usize,
+    /// Devices renewed because their kept bundle was past half its validity.
+    pub renewed: usize,
+    /// Devices in the previous index but not in this commit.
+    pub removed: Vec<String>,
+    /// Devices that got a new bundle.
+    pub changed: Vec<String>,
+}
+
+enum Outcome {
+    Kept(IndexEntry),
+    New { entry: IndexEntry, renewed: bool, wrote: bool },
+}
+
+/// Builds every device's bundle into `opts.out` and writes `index.json` last.
+pub fn build(
+    fleet: &Fleet,
+    snapshot: &Snapshot,
+    states: &BTreeMap<String, DesiredState>,
+    opts: &BuildOptions<'_>,
+) -> Result<BuildSummary, BuildError> {
+    let bundles_dir = opts.out.join("bundles");
+    std::fs::create_dir_all(&bundles_dir).map_err(|source| BuildError::Io { path: bundles_dir.clone(), source })?;
+    let index_path = opts.out.join("index.json");
+    let previous = Index::read(&index_path)?;
+    if let Some(prev) = &previous {
+        if prev.fleet != fleet.name {
+            return Err(BuildError::OtherFleet { path: index_path, found: prev.fleet.clone(), expected: fleet.name.clone() });
+        }
+    }
+    let prev_devices = previous.as_ref().map(|p| &p.devices);
+    let keys: Vec<&SigningKey> = opts.keys.iter().collect();
+    let done = AtomicUsize::new(0);
+    let total = states.len();
+    let commit_time = snapshot.commit_time.max(0) as u64;
+
+    let outcomes: Vec<Result<(String, Outcome), BuildError>> = states
+        .par_iter()
+        .map(|(id, state)| {
+            let labels = fleet.devices.get(id).map(|d| d.labels.clone()).unwrap_or_default();
+            let state_digest = state.digest();
+            let prev = prev_devices.and_then(|d| d.get(id));
+            let mut renewed = false;
+            if let Some(prev) = prev {
+                if prev.state_digest == state_digest {
+                    match kept_bundle_created_at(&bundles_dir, &prev.digest) {
+                        Some(created_at) if snapshot.commit_time < created_at + fleet.bundle_expiry / 2 => {
+                            tick(&done, total, opts.progress);
+                            return Ok((id.clone(), Outcome::Kept(IndexEntry { labels, ..prev.clone() })));
+                        }
+                        Some(_) => renewed = true,
+                        None => {}
+                    }
+                }
+            }
+            let version = prev.map_or(commit_time, |p| commit_time.max(p.version + 1));
+            let meta = BundleMeta {
+                fleet: fleet.name.clone(),
+                device: id.clone(),
+                version,
+                commit: snapshot.commit.clone(),
+                subject: snapshot.subject.clone(),
+                created_at: snapshot.commit_time,
+                expires_at: snapshot.commit_time + fleet.bundle_expiry,
+            };
+            let bytes = bundle::build(meta, state, &keys, opts.level);
+            let digest = bundle::content_address(&bytes);
+            let wrote = write_bundle(&bundles_dir, &digest, &bytes)?;
+            tick(&done, total, opts.progress);
+            let entry = IndexEntry {
+                version,
+                digest,
+                size: bytes.len() as u64,
+                commit: snapshot.commit.clone(),
+                state_digest,
+                labels,
+            };
+            Ok((id.clone(), Outcome::New { entry, renewed, wrote }))
+        })
+        .collect();
+
+    let mut summary = BuildSummary {
+        fleet: fleet.name.clone(),
+        commit: snapshot.commit.clone(),
+        devices: states.len(),
+        ..Default::default()
+    };
+    let mut devices = BTreeMap::new();
+    for outcome in outcomes {
+        let (id, outcome) = outcome?;
+        match outcome {
+            Outcome::Kept(entry) => {
+                summary.unchanged += 1;
+                devices.insert(id, entry);
+            }
+            Outcome::New { entry, renewed, wrote } => {
+                summary.written += usize::from(wrote);
+                summary.renewed += usize::from(renewed);
+                summary.changed.push(id.clone());
+                devices.insert(id, entry);
+            }
+        }
+    }
+    if let Some(prev) = prev_devices {
+        summary.removed = prev.keys().filter(|id| !devices.contains_key(*id)).cloned().collect();
+    }
+    let index = Index {
+        fleet: fleet.name.clone(),
+        commit: snapshot.commit.clone(),
+        topic_prefix: fleet.topic_prefix.clone(),
+        devices,
+    };
+    let mut json = serde_json::to_vec(&index).expect("an index always serializes");
+    json.push(b'\n');
+    write_atomic(&index_path, &json)?;
+    Ok(summary)
+}
+
+fn tick(done: &AtomicUsize, total: usize, progress: bool) {
+    let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+    if progress && (n % 1000 == 0 || n == total) {
+        eprintln!("  signed {n}/{total} devices");
+    }
+}
+
+/// `created_at` of a kept bundle, or `None` when the file is gone or unreadable (then
+/// the device gets a fresh bundle).
+fn kept_bundle_created_at(dir: &Path, digest: &str) -> Option<i64> {
+    let bytes = std::fs::read(dir.join(format!("{digest}.bundle"))).ok()?;
+    let parsed = bundle::parse(&bytes, &Limits::default()).ok()?;
+    bundle::decode_manifest(parsed.manifest_bytes).ok().map(|m| m.created_at)
+}
+
+/// Writes `<digest>.bundle` unless it exists; returns whether it wrote.
+fn write_bundle(dir: &Path, digest: &str, bytes: &[u8]) -> Result<bool, BuildError> {
+    let path = dir.join(format!("{digest}.bundle"));
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
+        return Ok(false);
+    }
+    write_atomic(&path, bytes)?;
+    Ok(true)
+}
+
+/// Temp file in the same directory, write, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
+    let io = |source| BuildError::Io { path: path.into(), source };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}

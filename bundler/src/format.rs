@@ -1,0 +1,97 @@
+//! The fleet repository format: the YAML documents of `fleet.yaml`, `devices/<id>.yaml`
+//! and `apps/<app>/app.yaml`. Unknown keys are errors everywhere.
+//!
+//! The reference for users is `bundler/README.md`; keep the two in step.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::yaml::{Scalar, Spanned, Vars};
+
+/// `fleet.yaml` at the repository root.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetFile {
+    /// The fleet id (`[A-Za-z0-9][A-Za-z0-9._-]*`), part of every MQTT topic and bundle.
+    pub name: Spanned<String>,
+    /// MQTT topic prefix, default `fleet`.
+    #[serde(default)]
+    pub topic_prefix: Option<Spanned<String>>,
+    /// How long a bundle stays valid after its commit, default `90d`.
+    #[serde(default)]
+    pub bundle_expiry: Option<Spanned<String>>,
+    /// Where app files land on devices by default: `<file_root>/<app>/<source>`.
+    /// Default `/srv/fleet`.
+    #[serde(default)]
+    pub file_root: Option<Spanned<String>>,
+    /// Variables for every device (`fleet.vars.*`), also the defaults of `device.vars.*`.
+    #[serde(default)]
+    pub vars: Vars,
+}
+
+/// `devices/<id>.yaml`; the id is the file name.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceFile {
+    /// Labels apps select on (`site`, `hardware`, `channel`, ...).
+    #[serde(default)]
+    pub labels: BTreeMap<String, Spanned<Scalar>>,
+    /// Variables for templates (`device.vars.*`) and Compose `${VAR}` interpolation.
+    #[serde(default)]
+    pub vars: Vars,
+}
+
+/// `apps/<app>/app.yaml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppFile {
+    /// Free text for people.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Which devices run the app: every label listed must match (a list of values
+    /// means any of them). Absent: every device.
+    #[serde(default)]
+    pub selector: Option<Spanned<BTreeMap<String, Spanned<SelectorValue>>>>,
+    /// Files delivered to the devices.
+    #[serde(default)]
+    pub files: Vec<Spanned<FileEntry>>,
+    /// The Compose file of the app, relative to the app directory. Default
+    /// `compose.yaml` when it exists.
+    #[serde(default)]
+    pub compose: Option<Spanned<String>>,
+}
+
+/// One label's accepted value(s).
+#[derive(Debug, Clone)]
+pub struct SelectorValue(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for SelectorValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(SelectorValue(crate::yaml::StringOrListOfScalars::deserialize(d)?.0))
+    }
+}
+
+/// One file of an app.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Path relative to the app directory, e.g. `files/nginx.conf`.
+    pub source: Spanned<String>,
+    /// Absolute path on the device. Default `<file_root>/<app>/<source>`.
+    #[serde(default)]
+    pub target: Option<Spanned<String>>,
+    /// Octal permission bits, e.g. `"0644"` (default `0644`).
+    #[serde(default)]
+    pub mode: Option<Spanned<Scalar>>,
+    /// Numeric owner `"uid:gid"`; default: the agent's user.
+    #[serde(default)]
+    pub owner: Option<Spanned<Scalar>>,
+    /// Render the file with minijinja (`{{ device.vars.x }}`). Default false.
+    #[serde(default)]
+    pub template: bool,
+    /// Never show the content in `plan` output. Files named `*.key`, `*.pem` or
+    /// containing `secret`, `password` or `token` are treated as secret anyway.
+    #[serde(default)]
+    pub secret: bool,
+}

@@ -1,0 +1,33 @@
+//! `fleet-bundler`: turns a fleet Git repository into signed per-device bundles.
+//!
+//! The pipeline, one module per step:
+//!
+//! - [`repo`]: reads the repository at one revision through gix, without a checkout.
+//! - [`yaml`] and [`diag`]: location-aware YAML parsing and the diagnostics that name
+//!   file, line and column.
+//! - [`format`]: the repository format (`fleet.yaml`, `devices/*.yaml`, `apps/*/app.yaml`).
+//! - [`compose`]: the supported Compose subset and its translation to container specs.
+//! - [`render`]: loads a whole fleet and renders each device's [`fleet_spec::DesiredState`].
+//! - [`registry`]: pins image tags to digests through the Registry HTTP API v2.
+//! - [`build`]: versioning, signing, content-addressed bundles and `index.json`.
+//! - [`plan`]: the per-device difference between two revisions.
+//! - [`mqtt`]: `publish` (retained announcements) and `status` (the fleet table).
+//!
+//! Architecture invariant: only [`repo`], [`build`], [`registry`] and [`mqtt`] do I/O;
+//! loading and rendering are pure functions of the repository snapshot, so the same
+//! commit always renders the same states.
+
+#![forbid(unsafe_code)]
+
+pub mod build;
+pub mod compose;
+pub mod diag;
+pub mod duration;
+pub mod format;
+pub mod mqtt;
+pub mod plan;
+pub mod registry;
+pub mod render;
+pub mod repo;
+pub mod timefmt;
+pub mod yaml;

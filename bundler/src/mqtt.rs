@@ -1,0 +1,693 @@
+//! MQTT: `publish` (retained announcements, optionally retained bundle blobs) and
+//! `status` (the fleet table from the agents' retained status and online topics).
+//!
+//! Every network wait is bounded: connecting, each acknowledgement and the whole
+//! `status --wait` have deadlines, so an unreachable broker is an error after
+//! `--timeout`, never a hang.
+//!
+//! `publish` remembers what it announced in `DIR/published.json` (device → sha256 of
+//! the announcement payload) and only announces devices whose announcement changed
+//! since; `--force` announces every device. Devices that left the index get their
+//! retained topics cleared.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleet_spec::messages::{Announcement, DeviceState, StatusReport};
+use fleet_spec::topic::{Topic, TopicKind, DEFAULT_PREFIX};
+use rumqttc::{Client, ConnectReturnCode, Connection, Event, MqttOptions, Packet, QoS, RecvTimeoutError, Transport};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::build::{self, Index};
+use crate::timefmt;
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    crate::duration::parse_duration_ms(s).map(Duration::from_millis)
+}
+
+/// How to reach the broker.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// Broker URL: mqtt://host[:1883] or mqtts://host[:8883].
+    #[arg(long, env = "FLEET_BROKER")]
+    pub broker: String,
+    /// CA certificate (PEM) for mqtts:// (default: the system's roots).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    #[arg(long, env = "FLEET_MQTT_USERNAME")]
+    pub username: Option<String>,
+    #[arg(long, env = "FLEET_MQTT_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// MQTT client id (default: fleet-bundler-<pid>).
+    #[arg(long)]
+    pub client_id: Option<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct PublishArgs {
+    /// The build output directory (index.json, bundles/).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Base URL devices fetch `<base-url>/bundles/<digest>.bundle` from (repeatable: mirrors).
+    #[arg(long = "base-url")]
+    pub base_urls: Vec<String>,
+    /// Also retain each bundle's bytes on `<prefix>/<fleet>/devices/<id>/bundle`.
+    #[arg(long)]
+    pub blobs_over_mqtt: bool,
+    /// Announce every device, not only those that changed since the last publish.
+    #[arg(long)]
+    pub force: bool,
+    /// Longest wait for the broker: to connect, and for each acknowledgement.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Fleet id (default: the index's).
+    #[arg(long)]
+    pub fleet: Option<String>,
+    /// Topic prefix (default: the index's, else "fleet").
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// index.json of the build to compare with (desired versions, device list).
+    #[arg(long)]
+    pub index: Option<PathBuf>,
+    /// Only devices with this label (`key=value`, repeatable; needs --index).
+    #[arg(long = "selector")]
+    pub selectors: Vec<String>,
+    /// Only this device (repeatable).
+    #[arg(long = "device")]
+    pub devices: Vec<String>,
+    /// Print JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Wait until every selected device of the index converged (exit 0), one failed
+    /// (exit 3) or the timeout passed (exit 4). Needs --index.
+    #[arg(long, requires = "index")]
+    pub wait: bool,
+    /// How long --wait waits for convergence.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Longest wait to connect to the broker.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+    /// Without --wait: how long to collect retained messages after the last one arrived.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub settle: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("broker URL {0:?} is not mqtt://host[:port] or mqtts://host[:port]")]
+    Url(String),
+    #[error("cannot read {path}: {source}")]
+    File { path: PathBuf, source: std::io::Error },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("cannot connect to {broker}: {message}")]
+    Connect { broker: String, message: String },
+    #[error("broker {broker} refused the connection: {code:?} (check --username/--password, the client certificate or the ACL)")]
+    Refused { broker: String, code: ConnectReturnCode },
+    #[error("no answer from {broker} within {timeout:?} while {what} (is the broker up and reachable?)")]
+    Timeout { broker: String, timeout: Duration, what: String },
+    #[error("connection to {broker} failed while {what}: {message}")]
+    Lost { broker: String, what: String, message: String },
+    #[error("{0}")]
+    Topic(#[from] fleet_spec::topic::TopicError),
+    #[error(transparent)]
+    Build(#[from] build::BuildError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+struct Url {
+    tls: bool,
+    host: String,
+    port: u16,
+}
+
+fn parse_url(url: &str) -> Result<Url, MqttError> {
+    let bad = || MqttError::Url(url.into());
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else {
+        return Err(bad());
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse().map_err(|_| bad())?),
+        _ => (rest, if tls { 8883 } else { 1883 }),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok(Url { tls, host: host.into(), port })
+}
+
+fn tls_config(args: &BrokerArgs) -> Result<rumqttc::TlsConfiguration, MqttError> {
+    let read = |p: &Path| std::fs::read(p).map_err(|source| MqttError::File { path: p.into(), source });
+    let mut roots = rustls::RootCertStore::empty();
+    match &args.ca_file {
+        Some(ca) => {
+            let pem = read(ca)?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| MqttError::Tls(format!("{}: {e}", ca.display())))?;
+                roots.add(cert).map_err(|e| MqttError::Tls(format!("{}: {e}", ca.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(MqttError::Tls(format!("{} holds no PEM certificate", ca.display())));
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MqttError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    let config = match (&args.client_cert, &args.client_key) {
+        (Some(cert), Some(key)) => {
+            let cert_pem = read(cert)?;
+            let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| MqttError::Tls(format!("{}: {e}", cert.display())))?;
+            let key_pem = read(key)?;
+            let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
+                .map_err(|e| MqttError::Tls(format!("{}: {e}", key.display())))?
+                .ok_or_else(|| MqttError::Tls(format!("{} holds no PEM private key", key.display())))?;
+            builder.with_client_auth_cert(certs, key_der).map_err(|e| MqttError::Tls(e.to_string()))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
+}
+
+/// A connected MQTT session with bounded waits.
+struct Session {
+    client: Client,
+    connection: Connection,
+    broker: String,
+    timeout: Duration,
+}
+
+impl Session {
+    fn connect(args: &BrokerArgs, timeout: Duration, capacity: usize) -> Result<Session, MqttError> {
+        let url = parse_url(&args.broker)?;
+        let client_id = args.client_id.clone().unwrap_or_else(|| format!("fleet-bundler-{}", std::process::id()));
+        let mut options = MqttOptions::new(client_id, url.host.clone(), url.port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_clean_session(true);
+        options.set_max_packet_size(256 << 20, 256 << 20);
+        if let Some(user) = &args.username {
+            options.set_credentials(user.clone(), args.password.clone().unwrap_or_default());
+        }
+        if url.tls {
+            options.set_transport(Transport::tls_with_config(tls_config(args)?));
+        }
+        let (client, connection) = Client::new(options, capacity.max(10));
+        let mut session = Session { client, connection, broker: args.broker.clone(), timeout };
+        let deadline = Instant::now() + timeout;
+        loop {
+            match session.next(deadline, "connecting")? {
+                Event::Incoming(Packet::ConnAck(ack)) => {
+                    if ack.code != ConnectReturnCode::Success {
+                        return Err(MqttError::Refused { broker: session.broker, code: ack.code });
+                    }
+                    return Ok(session);
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next event before `deadline`; connection errors are final (no reconnect).
+    fn next(&mut self, deadline: Instant, what: &str) -> Result<Event, MqttError> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(MqttError::Timeout { broker: self.broker.clone(), timeout: self.timeout, what: what.into() });
+        }
+        match self.connection.recv_timeout(remaining) {
+            Ok(Ok(event)) => Ok(event),
+            Ok(Err(rumqttc::ConnectionError::ConnectionRefused(code))) => {
+                Err(MqttError::Refused { broker: self.broker.clone(), code })
+            }
+            Ok(Err(e)) => {
+                let message = e.to_string();
+                if what == "connecting" {
+                    Err(MqttError::Connect { broker: self.broker.clone(), message })
+                } else {
+                    Err(MqttError::Lost { broker: self.broker.clone(), what: what.into(), message })
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                Err(MqttError::Timeout { broker: self.broker.clone(), timeout: self.timeout, what: what.into() })
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(MqttError::Lost {
+                broker: self.broker.clone(),
+                what: what.into(),
+                message: "disconnected".into(),
+            }),
+        }
+    }
+
+    fn disconnect(mut self) {
+        let _ = self.client.disconnect();
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while self.next(deadline, "disconnecting").is_ok() {}
+    }
+}
+
+/// `DIR/published.json`: what the last publish from this directory announced.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Published {
+    /// Device → hex sha256 of its retained announcement payload.
+    pub devices: BTreeMap<String, String>,
+    /// Whether bundle blobs were retained for the devices.
+    #[serde(default)]
+    pub blobs: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PublishSummary {
+    pub fleet: String,
+    pub broker: String,
+    pub announced: Vec<String>,
+    pub unchanged: usize,
+    pub cleared: Vec<String>,
+}
+
+/// Announces every device whose announcement changed since the last publish.
+pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
+    if args.base_urls.is_empty() && !args.blobs_over_mqtt {
+        return Err(MqttError::Usage(
+            "nothing tells devices where to fetch bundles: pass --base-url URL and/or --blobs-over-mqtt".into(),
+        ));
+    }
+    let index_path = args.out.join("index.json");
+    let index = Index::read(&index_path)?
+        .ok_or_else(|| MqttError::Usage(format!("{} does not exist: run `fleet-bundler build --out {}` first", index_path.display(), args.out.display())))?;
+    let published_path = args.out.join("published.json");
+    let previous: Published = match std::fs::read(&published_path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        Err(_) => Published::default(),
+    };
+    let mut next = Published { devices: BTreeMap::new(), blobs: args.blobs_over_mqtt };
+
+    // (topic, payload) in order: a blob before its announcement.
+    let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut summary = PublishSummary { fleet: index.fleet.clone(), broker: args.broker.broker.clone(), ..Default::default() };
+    for (device, entry) in &index.devices {
+        let urls = args
+            .base_urls
+            .iter()
+            .map(|base| format!("{}/bundles/{}.bundle", base.trim_end_matches('/'), entry.digest))
+            .collect();
+        let announcement = Announcement {
+            fleet: index.fleet.clone(),
+            device: device.clone(),
+            version: entry.version,
+            commit: entry.commit.clone(),
+            digest: entry.digest.clone(),
+            size: entry.size,
+            urls,
+            mqtt_blob: args.blobs_over_mqtt,
+        };
+        let payload = announcement.to_json();
+        let hash = hex::encode(Sha256::digest(&payload));
+        next.devices.insert(device.clone(), hash.clone());
+        if !args.force && previous.devices.get(device) == Some(&hash) {
+            summary.unchanged += 1;
+            continue;
+        }
+        if args.blobs_over_mqtt {
+            let path = args.out.join("bundles").join(format!("{}.bundle", entry.digest));
+            let bytes = std::fs::read(&path).map_err(|source| MqttError::File { path, source })?;
+            messages.push((Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Bundle)?.to_string(), bytes));
+        }
+        messages.push((Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Desired)?.to_string(), payload));
+        summary.announced.push(device.clone());
+    }
+    for device in previous.devices.keys().filter(|d| !index.devices.contains_key(*d)) {
+        // An empty retained message deletes the retained one.
+        messages.push((Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Desired)?.to_string(), Vec::new()));
+        if previous.blobs {
+            messages.push((Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Bundle)?.to_string(), Vec::new()));
+        }
+        summary.cleared.push(device.clone());
+    }
+    if !previous.blobs || args.blobs_over_mqtt {
+        // nothing to clean up
+    } else {
+        for device in index.devices.keys() {
+            messages.push((Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Bundle)?.to_string(), Vec::new()));
+        }
+    }
+
+    if !messages.is_empty() {
+        let mut session = Session::connect(&args.broker, args.timeout, messages.len() + 10)?;
+        let total = messages.len();
+        for (topic, payload) in messages {
+            session.client.publish(topic, QoS::AtLeastOnce, true, payload).map_err(|e| MqttError::Lost {
+                broker: session.broker.clone(),
+                what: "queueing announcements".into(),
+                message: e.to_string(),
+            })?;
+        }
+        let mut acked = 0;
+        // Each acknowledgement must come within --timeout of the previous one.
+        let mut deadline = Instant::now() + session.timeout;
+        while acked < total {
+            if let Event::Incoming(Packet::PubAck(_)) = session.next(deadline, "waiting for PUBACKs")? {
+                acked += 1;
+                deadline = Instant::now() + session.timeout;
+            }
+        }
+        session.disconnect();
+    }
+    let mut json = serde_json::to_vec_pretty(&next).expect("published state serializes");
+    json.push(b'\n');
+    build::write_atomic(&published_path, &json)?;
+    eprintln!(
+        "published fleet {} to {}: {} announced, {} unchanged, {} cleared",
+        summary.fleet,
+        summary.broker,
+        summary.announced.len(),
+        summary.unchanged,
+        summary.cleared.len()
+    );
+    Ok(summary)
+}
+
+/// One device's row in the status table.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeviceRow {
+    pub device: String,
+    pub online: Option<bool>,
+    /// The index's version for the device (or what the agent says it wants).
+    pub desired_version: Option<u64>,
+    pub desired_commit: Option<String>,
+    pub applied_version: Option<u64>,
+    pub applied_commit: Option<String>,
+    pub state: Option<String>,
+    pub last_error: Option<String>,
+    /// Seconds since the agent's last report.
+    pub age: Option<i64>,
+    pub report: Option<StatusReport>,
+}
+
+/// What `status` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusOutcome {
+    /// Without --wait: the table was shown.
+    Shown,
+    Converged,
+    Failed,
+    Timeout,
+}
+
+/// Reads the fleet's status topics and prints the table; with `--wait`, waits for
+/// convergence or failure of the selected indexed devices.
+pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
+    let index = match &args.index {
+        Some(p) => Some(Index::read(p)?.ok_or_else(|| MqttError::Usage(format!("{} does not exist", p.display())))?),
+        None => None,
+    };
+    let fleet = args
+        .fleet
+        .clone()
+        .or_else(|| index.as_ref().map(|i| i.fleet.clone()))
+        .ok_or_else(|| MqttError::Usage("pass --fleet NAME or --index DIR/index.json".into()))?;
+    let prefix = args
+        .prefix
+        .clone()
+        .or_else(|| index.as_ref().map(|i| i.topic_prefix.clone()))
+        .unwrap_or_else(|| DEFAULT_PREFIX.into());
+    let mut selectors = Vec::new();
+    for s in &args.selectors {
+        let (k, v) = s.split_once('=').ok_or_else(|| MqttError::Usage(format!("selector {s:?} is not key=value")))?;
+        selectors.push((k.to_string(), v.to_string()));
+    }
+    if !selectors.is_empty() && index.is_none() {
+        return Err(MqttError::Usage("--selector needs --index (labels come from the build's index)".into()));
+    }
+    // The devices that count: the index's (filtered), else whatever reports.
+    let expected: Option<BTreeMap<String, build::IndexEntry>> = index.as_ref().map(|i| {
+        i.devices
+            .iter()
+            .filter(|(id, e)| {
+                (args.devices.is_empty() || args.devices.contains(id))
+                    && selectors.iter().all(|(k, v)| e.labels.get(k) == Some(v))
+            })
+            .map(|(id, e)| (id.clone(), e.clone()))
+            .collect()
+    });
+    if let Some(exp) = &expected {
+        if exp.is_empty() && args.wait {
+            return Err(MqttError::Usage("no device of the index matches --device/--selector: nothing to wait for".into()));
+        }
+    }
+
+    let status_filter = Topic::fleet_filter(&prefix, &fleet, TopicKind::Status)?;
+    let online_filter = Topic::fleet_filter(&prefix, &fleet, TopicKind::Online)?;
+    let mut session = Session::connect(&args.broker, args.connect_timeout, 10)?;
+    session.client.subscribe(status_filter, QoS::AtLeastOnce).map_err(|e| lost(&session, e))?;
+    session.client.subscribe(online_filter, QoS::AtLeastOnce).map_err(|e| lost(&session, e))?;
+
+    let mut reports: BTreeMap<String, StatusReport> = BTreeMap::new();
+    let mut online: BTreeMap<String, bool> = BTreeMap::new();
+    let started = Instant::now();
+    let wait_deadline = started + args.timeout;
+    let mut subacks = 0;
+    let mut last_message = Instant::now();
+    let mut last_progress = String::new();
+    let outcome = loop {
+        let now = Instant::now();
+        let deadline = if args.wait {
+            wait_deadline
+        } else if subacks < 2 {
+            now + session.timeout
+        } else {
+            (last_message + args.settle).min(started + session.timeout + args.settle)
+        };
+        let event = match session.next(deadline, "reading status") {
+            Ok(e) => e,
+            Err(MqttError::Timeout { .. }) if args.wait && subacks >= 2 => break StatusOutcome::Timeout,
+            Err(MqttError::Timeout { .. }) if !args.wait && subacks >= 2 => break StatusOutcome::Shown,
+            Err(e) => return Err(e),
+        };
+        match event {
+            Event::Incoming(Packet::SubAck(_)) => {
+                subacks += 1;
+                last_message = Instant::now();
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                last_message = Instant::now();
+                let Ok(topic) = Topic::parse(&prefix, &p.topic) else { continue };
+                if topic.fleet != fleet {
+                    continue;
+                }
+                match topic.kind {
+                    TopicKind::Status => {
+                        if let Ok(r) = StatusReport::from_json(&p.payload) {
+                            reports.insert(topic.device, r);
+                        } else if p.payload.is_empty() {
+                            reports.remove(&topic.device);
+                        }
+                    }
+                    TopicKind::Online => {
+                        online.insert(topic.device, p.payload.as_ref() == b"true");
+                    }
+                    _ => {}
+                }
+                if args.wait {
+                    if let Some(exp) = &expected {
+                        match judge(exp, &reports) {
+                            Judgement::Converged => break StatusOutcome::Converged,
+                            Judgement::Failed => break StatusOutcome::Failed,
+                            Judgement::Pending { converged, total } => {
+                                let line = format!("waiting: {converged}/{total} device(s) converged");
+                                if line != last_progress && !args.json {
+                                    eprintln!("{line}");
+                                    last_progress = line;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    };
+    session.disconnect();
+
+    let rows = rows(expected.as_ref(), &args.devices, &reports, &online);
+    if args.json {
+        let out = serde_json::json!({ "fleet": fleet, "outcome": outcome, "devices": rows });
+        println!("{}", serde_json::to_string_pretty(&out).expect("status serializes"));
+    } else {
+        print!("{}", table(&rows));
+        match outcome {
+            StatusOutcome::Converged => eprintln!("every selected device converged"),
+            StatusOutcome::Failed => eprintln!("a device failed or rolled back on the indexed version"),
+            StatusOutcome::Timeout => eprintln!("timeout after {:?}: not every device converged", args.timeout),
+            StatusOutcome::Shown => {}
+        }
+    }
+    Ok(outcome)
+}
+
+fn lost(session: &Session, e: rumqttc::ClientError) -> MqttError {
+    MqttError::Lost { broker: session.broker.clone(), what: "subscribing".into(), message: e.to_string() }
+}
+
+enum Judgement {
+    Converged,
+    Failed,
+    Pending { converged: usize, total: usize },
+}
+
+/// Converged: every expected device applied its indexed version and is `converged`.
+/// Failed: some expected device is `failed`/`rolled_back` while wanting (or having
+/// tried) its indexed version.
+fn judge(expected: &BTreeMap<String, build::IndexEntry>, reports: &BTreeMap<String, StatusReport>) -> Judgement {
+    let mut converged = 0;
+    for (id, entry) in expected {
+        let Some(r) = reports.get(id) else { continue };
+        let applied = r.applied.as_ref().is_some_and(|a| a.version == entry.version && a.digest == entry.digest);
+        if applied && r.state == DeviceState::Converged {
+            converged += 1;
+            continue;
+        }
+        let tried = r.desired.as_ref().is_some_and(|d| d.version == entry.version || d.digest == entry.digest);
+        if tried && matches!(r.state, DeviceState::Failed | DeviceState::RolledBack) {
+            return Judgement::Failed;
+        }
+    }
+    if converged == expected.len() {
+        Judgement::Converged
+    } else {
+        Judgement::Pending { converged, total: expected.len() }
+    }
+}
+
+fn rows(
+    expected: Option<&BTreeMap<String, build::IndexEntry>>,
+    only: &[String],
+    reports: &BTreeMap<String, StatusReport>,
+    online: &BTreeMap<String, bool>,
+) -> Vec<DeviceRow> {
+    let ids: Vec<String> = match expected {
+        Some(e) => e.keys().cloned().collect(),
+        None => {
+            let mut all: Vec<String> = reports.keys().chain(online.keys()).cloned().collect();
+            all.sort();
+            all.dedup();
+            all.retain(|d| only.is_empty() || only.contains(d));
+            all
+        }
+    };
+    let now = timefmt::now();
+    ids.into_iter()
+        .map(|id| {
+            let r = reports.get(&id);
+            let entry = expected.and_then(|e| e.get(&id));
+            DeviceRow {
+                online: online.get(&id).copied(),
+                desired_version: entry.map(|e| e.version).or_else(|| r.and_then(|r| r.desired.as_ref().map(|d| d.version))),
+                desired_commit: entry.map(|e| e.commit.clone()).or_else(|| r.and_then(|r| r.desired.as_ref().map(|d| d.commit.clone()))),
+                applied_version: r.and_then(|r| r.applied.as_ref().map(|a| a.version)),
+                applied_commit: r.and_then(|r| r.applied.as_ref().map(|a| a.commit.clone())),
+                state: r.map(|r| r.state.as_str().to_string()),
+                last_error: r.and_then(|r| r.last_error.as_ref().map(|e| format!("{}: {}", e.code, e.message))),
+                age: r.map(|r| now - r.timestamp),
+                report: r.cloned(),
+                device: id,
+            }
+        })
+        .collect()
+}
+
+fn table(rows: &[DeviceRow]) -> String {
+    let short = |c: &Option<String>| c.as_deref().map(|c| c[..c.len().min(8)].to_string()).unwrap_or_default();
+    let version = |v: Option<u64>, c: &Option<String>| match v {
+        Some(v) => format!("{v} {}", short(c)),
+        None => "-".into(),
+    };
+    let mut lines = vec![[
+        "DEVICE".to_string(),
+        "ONLINE".into(),
+        "DESIRED".into(),
+        "APPLIED".into(),
+        "STATE".into(),
+        "AGE".into(),
+        "LAST ERROR".into(),
+    ]];
+    for r in rows {
+        lines.push([
+            r.device.clone(),
+            match r.online {
+                Some(true) => "yes".into(),
+                Some(false) => "no".into(),
+                None => "?".into(),
+            },
+            version(r.desired_version, &r.desired_commit),
+            version(r.applied_version, &r.applied_commit),
+            r.state.clone().unwrap_or_else(|| "no report".into()),
+            r.age.map(timefmt::age).unwrap_or_else(|| "-".into()),
+            r.last_error.clone().unwrap_or_default(),
+        ]);
+    }
+    let mut widths = [0usize; 7];
+    for l in &lines {
+        for (w, cell) in widths.iter_mut().zip(l.iter()) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for l in &lines {
+        let cells: Vec<String> = l.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let u = parse_url("mqtt://127.0.0.1:18830").expect("valid");
+        assert_eq!((u.tls, u.host.as_str(), u.port), (false, "127.0.0.1", 18830));
+        let u = parse_url("mqtts://broker.example").expect("valid");
+        assert_eq!((u.tls, u.port), (true, 8883));
+        assert!(parse_url("http://x").is_err());
+        assert!(parse_url("mqtt://:1883").is_err());
+    }
+}

@@ -1,0 +1,299 @@
+//! Plan: what changes on which device between two revisions.
+//!
+//! Per device: files added, removed or changed (with a unified diff), containers added,
+//! removed or changed (with the names of the changed fields), networks and volumes
+//! added or removed. Secrets-free by construction: file content is hidden for files
+//! marked `secret: true` or named like secrets (see [`crate::render::looks_secret`]),
+//! and container changes name fields (`env.DB_PASSWORD`), never values, except the
+//! image reference.
+//!
+//! Pure: takes two sets of rendered states, returns a [`Plan`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write;
+
+use fleet_spec::model::{ContainerSpec, ManagedFile};
+use fleet_spec::DesiredState;
+use serde::Serialize;
+
+use crate::render::{looks_secret, Fleet};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    Added,
+    Removed,
+    Changed,
+}
+
+impl Change {
+    fn sign(self) -> char {
+        match self {
+            Change::Added => '+',
+            Change::Removed => '-',
+            Change::Changed => '~',
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FileChange {
+    pub path: String,
+    pub change: Change,
+    /// `[from, to]` in octal text when the mode changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<[String; 2]>,
+    /// Whether the content changed (for `changed`).
+    pub content_changed: bool,
+    /// True when the content is not shown (secret or binary).
+    pub hidden: bool,
+    /// Unified diff of the content, when shown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diff: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ContainerChange {
+    pub name: String,
+    pub change: Change,
+    /// Changed fields (`image`, `ports`, `env.KEY`, ...). `mounted_files` when only a
+    /// bind-mounted managed file changed: the agent recreates the container.
+    pub fields: Vec<String>,
+    /// `[from, to]` when the image changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<[String; 2]>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NamedChange {
+    pub name: String,
+    pub change: Change,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DevicePlan {
+    pub device: String,
+    pub change: Change,
+    pub files: Vec<FileChange>,
+    pub containers: Vec<ContainerChange>,
+    pub networks: Vec<NamedChange>,
+    pub volumes: Vec<NamedChange>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub from: String,
+    pub to: String,
+    /// Devices with changes only.
+    pub devices: Vec<DevicePlan>,
+    pub unchanged: usize,
+}
+
+impl Plan {
+    pub fn has_changes(&self) -> bool {
+        !self.devices.is_empty()
+    }
+
+    /// A readable summary for people and CI comments.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        let short = |c: &str| c[..c.len().min(12)].to_string();
+        let _ = writeln!(
+            out,
+            "Plan {} -> {}: {} device(s) change, {} unchanged",
+            short(&self.from),
+            short(&self.to),
+            self.devices.len(),
+            self.unchanged
+        );
+        for d in &self.devices {
+            let _ = writeln!(out, "\n{} device {}", d.change.sign(), d.device);
+            for f in &d.files {
+                let mut line = format!("    {} file {}", f.change.sign(), f.path);
+                if let Some([a, b]) = &f.mode {
+                    let _ = write!(line, " (mode {a} -> {b})");
+                }
+                if f.hidden && f.content_changed {
+                    line.push_str(": content changed (hidden)");
+                }
+                let _ = writeln!(out, "{line}");
+                if let Some(diff) = &f.diff {
+                    for l in diff.lines() {
+                        let _ = writeln!(out, "        {l}");
+                    }
+                }
+            }
+            for c in &d.containers {
+                let mut line = format!("    {} container {}", c.change.sign(), c.name);
+                if c.change == Change::Changed {
+                    if c.fields == ["mounted_files"] {
+                        line.push_str(": restarts (a mounted file changed)");
+                    } else {
+                        let _ = write!(line, ": {}", c.fields.join(", "));
+                    }
+                }
+                let _ = writeln!(out, "{line}");
+                if let Some([a, b]) = &c.image {
+                    let _ = writeln!(out, "        image {a} -> {b}");
+                }
+            }
+            for n in &d.networks {
+                let _ = writeln!(out, "    {} network {}", n.change.sign(), n.name);
+            }
+            for v in &d.volumes {
+                let _ = writeln!(out, "    {} volume {}", v.change.sign(), v.name);
+            }
+        }
+        out
+    }
+}
+
+/// Device paths whose content must not be shown, from either revision.
+pub fn secret_paths(from: &Fleet, to: &Fleet) -> BTreeSet<String> {
+    [from, to]
+        .iter()
+        .flat_map(|f| f.apps.iter())
+        .flat_map(|a| a.files.iter())
+        .filter(|f| f.secret)
+        .map(|f| f.target.clone())
+        .collect()
+}
+
+/// Compares two renderings.
+pub fn plan(
+    from_commit: &str,
+    to_commit: &str,
+    from: &BTreeMap<String, DesiredState>,
+    to: &BTreeMap<String, DesiredState>,
+    secret: &BTreeSet<String>,
+    context: usize,
+) -> Plan {
+    let empty = DesiredState::default();
+    let ids: BTreeSet<&String> = from.keys().chain(to.keys()).collect();
+    let mut devices = Vec::new();
+    let mut unchanged = 0;
+    for id in ids {
+        let (a, b) = (from.get(id), to.get(id));
+        let change = match (a, b) {
+            (None, Some(_)) => Change::Added,
+            (Some(_), None) => Change::Removed,
+            _ => Change::Changed,
+        };
+        let (a, b) = (a.unwrap_or(&empty), b.unwrap_or(&empty));
+        if change == Change::Changed && a == b {
+            unchanged += 1;
+            continue;
+        }
+        let d = DevicePlan {
+            device: id.clone(),
+            change,
+            files: diff_files(a, b, secret, context),
+            containers: diff_containers(a, b),
+            networks: diff_names(a.networks.iter().map(|n| &n.name), b.networks.iter().map(|n| &n.name)),
+            volumes: diff_names(a.volumes.iter().map(|v| &v.name), b.volumes.iter().map(|v| &v.name)),
+        };
+        devices.push(d);
+    }
+    Plan { from: from_commit.into(), to: to_commit.into(), devices, unchanged }
+}
+
+fn diff_names<'a>(a: impl Iterator<Item = &'a String>, b: impl Iterator<Item = &'a String>) -> Vec<NamedChange> {
+    let a: BTreeSet<&String> = a.collect();
+    let b: BTreeSet<&String> = b.collect();
+    let mut out: Vec<NamedChange> =
+        a.difference(&b).map(|n| NamedChange { name: (*n).clone(), change: Change::Removed }).collect();
+    out.extend(b.difference(&a).map(|n| NamedChange { name: (*n).clone(), change: Change::Added }));
+    out.sort_by(|x, y| x.name.cmp(&y.name));
+    out
+}
+
+fn diff_files(a: &DesiredState, b: &DesiredState, secret: &BTreeSet<String>, context: usize) -> Vec<FileChange> {
+    let a_files: BTreeMap<&str, &ManagedFile> = a.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let b_files: BTreeMap<&str, &ManagedFile> = b.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let paths: BTreeSet<&str> = a_files.keys().chain(b_files.keys()).copied().collect();
+    let mut out = Vec::new();
+    for path in paths {
+        let hidden_by_name = secret.contains(path) || looks_secret(path);
+        let (fa, fb) = (a_files.get(path), b_files.get(path));
+        let (change, old, new) = match (fa, fb) {
+            (None, Some(f)) => (Change::Added, &[][..], f.content.as_slice()),
+            (Some(f), None) => (Change::Removed, f.content.as_slice(), &[][..]),
+            (Some(x), Some(y)) if x == y => continue,
+            (Some(x), Some(y)) => (Change::Changed, x.content.as_slice(), y.content.as_slice()),
+            (None, None) => continue,
+        };
+        let mode = match (fa, fb) {
+            (Some(x), Some(y)) if x.mode != y.mode => Some([format!("{:04o}", x.mode), format!("{:04o}", y.mode)]),
+            _ => None,
+        };
+        let content_changed = old != new;
+        let text = std::str::from_utf8(old).ok().zip(std::str::from_utf8(new).ok());
+        let hidden = hidden_by_name || text.is_none();
+        let diff = match text {
+            Some((o, n)) if !hidden && content_changed => Some(
+                similar::TextDiff::from_lines(o, n)
+                    .unified_diff()
+                    .context_radius(context)
+                    .header(&format!("a{path}"), &format!("b{path}"))
+                    .to_string(),
+            ),
+            _ => None,
+        };
+        out.push(FileChange { path: path.to_string(), change, mode, content_changed, hidden, diff });
+    }
+    out
+}
+
+fn diff_containers(a: &DesiredState, b: &DesiredState) -> Vec<ContainerChange> {
+    let a_c: BTreeMap<&str, &ContainerSpec> = a.containers.iter().map(|c| (c.name.as_str(), c)).collect();
+    let b_c: BTreeMap<&str, &ContainerSpec> = b.containers.iter().map(|c| (c.name.as_str(), c)).collect();
+    let names: BTreeSet<&str> = a_c.keys().chain(b_c.keys()).copied().collect();
+    let mut out = Vec::new();
+    for name in names {
+        match (a_c.get(name), b_c.get(name)) {
+            (None, Some(_)) => out.push(ContainerChange { name: name.into(), change: Change::Added, fields: vec![], image: None }),
+            (Some(_), None) => out.push(ContainerChange { name: name.into(), change: Change::Removed, fields: vec![], image: None }),
+            (Some(x), Some(y)) => {
+                let mut fields = changed_fields(x, y);
+                if fields.is_empty() && a.container_hash(x) != b.container_hash(y) {
+                    fields.push("mounted_files".into());
+                }
+                if fields.is_empty() {
+                    continue;
+                }
+                let image = (x.image != y.image).then(|| [x.image.pull_reference(), y.image.pull_reference()]);
+                out.push(ContainerChange { name: name.into(), change: Change::Changed, fields, image });
+            }
+            (None, None) => {}
+        }
+    }
+    out
+}
+
+/// Names of the top-level fields that differ; for maps (`env`, `labels`), the keys.
+fn changed_fields(a: &ContainerSpec, b: &ContainerSpec) -> Vec<String> {
+    let (serde_json::Value::Object(ja), serde_json::Value::Object(jb)) =
+        (serde_json::to_value(a).unwrap_or_default(), serde_json::to_value(b).unwrap_or_default())
+    else {
+        return vec!["spec".into()];
+    };
+    let mut out = Vec::new();
+    for (key, va) in &ja {
+        let vb = jb.get(key).unwrap_or(&serde_json::Value::Null);
+        if va == vb {
+            continue;
+        }
+        match (va, vb) {
+            (serde_json::Value::Object(ma), serde_json::Value::Object(mb)) if key == "env" || key == "labels" => {
+                let keys: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
+                for k in keys {
+                    if ma.get(k) != mb.get(k) {
+                        out.push(format!("{key}.{k}"));
+                    }
+                }
+            }
+            _ => out.push(key.clone()),
+        }
+    }
+    out
+}

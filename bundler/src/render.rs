@@ -1,0 +1,600 @@
+//! Loads a whole fleet from a repository snapshot and renders each device's desired
+//! state.
+//!
+//! [`load`] parses and checks every file independently and returns every problem at
+//! once; [`Fleet::render`] then renders one device (label selectors, templated files,
+//! Compose translation). Both are pure: the same snapshot always renders the same
+//! states. Image digests are pinned afterwards by [`crate::registry`].
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use fleet_spec::model::{DesiredState, ManagedFile, Owner};
+use fleet_spec::topic::{validate_id, validate_prefix, DEFAULT_PREFIX};
+use minijinja::value::Serde;
+use minijinja::{Environment, UndefinedBehavior};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::compose::{self, AppContext, ComposeFile, Translated};
+use crate::diag::Diagnostic;
+use crate::duration::parse_duration_ms;
+use crate::format::{AppFile, DeviceFile, FleetFile};
+use crate::repo::Snapshot;
+use crate::yaml::{self, Pos, Vars};
+
+pub const DEFAULT_EXPIRY: &str = "90d";
+pub const DEFAULT_FILE_ROOT: &str = "/srv/fleet";
+
+/// A fleet, loaded and checked.
+pub struct Fleet {
+    pub name: String,
+    pub topic_prefix: String,
+    /// Seconds a bundle stays valid after its commit.
+    pub bundle_expiry: i64,
+    pub file_root: String,
+    pub vars: Vars,
+    pub devices: BTreeMap<String, Device>,
+    pub apps: Vec<App>,
+    templates: Environment<'static>,
+}
+
+/// One device file.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub id: String,
+    pub labels: BTreeMap<String, String>,
+    pub vars: Vars,
+}
+
+/// One app directory.
+pub struct App {
+    pub name: String,
+    /// `None`: every device. Otherwise every label must have one of the values.
+    pub selector: Option<BTreeMap<String, Vec<String>>>,
+    pub files: Vec<FileSpec>,
+    compose: Option<ComposeApp>,
+}
+
+/// A file an app delivers.
+#[derive(Debug, Clone)]
+pub struct FileSpec {
+    /// Repository path of the source, e.g. `apps/web/files/nginx.conf`.
+    pub repo_path: String,
+    pub target: String,
+    pub mode: u32,
+    pub owner: Option<Owner>,
+    /// Content hidden from `plan`.
+    pub secret: bool,
+    content: FileContent,
+}
+
+#[derive(Debug, Clone)]
+enum FileContent {
+    Static(Vec<u8>),
+    /// A minijinja template, registered under the repository path.
+    Template,
+}
+
+struct ComposeApp {
+    file: String,
+    parsed: ComposeFile,
+    file_targets: BTreeMap<String, String>,
+    app_root: String,
+    /// The translation when the file uses no `${VAR}`: the same for every device.
+    fixed: Option<Translated>,
+    /// Diagnostics already reported by the device-independent check.
+    known: HashSet<(u64, u64, String)>,
+}
+
+impl App {
+    pub fn selects(&self, device: &Device) -> bool {
+        match &self.selector {
+            None => true,
+            Some(sel) => sel.iter().all(|(k, values)| device.labels.get(k).is_some_and(|v| values.contains(v))),
+        }
+    }
+}
+
+/// True for file names whose content `plan` never shows.
+pub fn looks_secret(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path).to_ascii_lowercase();
+    name.ends_with(".key")
+        || name.ends_with(".pem")
+        || name.contains("secret")
+        || name.contains("password")
+        || name.contains("token")
+}
+
+/// Parses and checks a snapshot. Always returns a fleet (with defaults where a file
+/// was broken) so that every file's problems are found in one run; the caller stops
+/// when there is any error diagnostic.
+pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
+    let mut diags = Vec::new();
+
+    // fleet.yaml
+    let mut name = String::from("invalid");
+    let mut topic_prefix = DEFAULT_PREFIX.to_string();
+    let mut bundle_expiry = 90 * 86_400;
+    let mut file_root = DEFAULT_FILE_ROOT.to_string();
+    let mut vars = Vars::new();
+    match snapshot.files.get("fleet.yaml") {
+        None => diags.push(Diagnostic::error(
+            "fleet.yaml",
+            0,
+            0,
+            "missing: the repository root needs a fleet.yaml with at least `name: <fleet id>`",
+        )),
+        Some(bytes) => match text("fleet.yaml", bytes).and_then(|t| yaml::parse::<FleetFile>("fleet.yaml", t)) {
+            Err(d) => diags.push(d),
+            Ok(f) => {
+                let at = Pos::of(&f.name);
+                match validate_id("fleet id", &f.name.value) {
+                    Ok(()) => name = f.name.value.clone(),
+                    Err(e) => diags.push(Diagnostic::error("fleet.yaml", at.line, at.column, e.to_string())),
+                }
+                if let Some(p) = &f.topic_prefix {
+                    match validate_prefix(&p.value) {
+                        Ok(()) => topic_prefix = p.value.clone(),
+                        Err(e) => {
+                            let at = Pos::of(p);
+                            diags.push(Diagnostic::error("fleet.yaml", at.line, at.column, e.to_string()));
+                        }
+                    }
+                }
+                if let Some(e) = &f.bundle_expiry {
+                    let at = Pos::of(e);
+                    match parse_duration_ms(&e.value) {
+                        Ok(ms) if ms >= 3_600_000 => bundle_expiry = (ms / 1000) as i64,
+                        Ok(_) => diags.push(Diagnostic::error("fleet.yaml", at.line, at.column, "bundle_expiry must be at least 1h: devices refuse expired bundles")),
+                        Err(m) => diags.push(Diagnostic::error("fleet.yaml", at.line, at.column, m)),
+                    }
+                }
+                if let Some(r) = &f.file_root {
+                    let at = Pos::of(r);
+                    match normalize_absolute(&r.value) {
+                        Some(p) => file_root = p,
+                        None => diags.push(Diagnostic::error("fleet.yaml", at.line, at.column, format!("file_root `{}` must be an absolute path without `..`", r.value))),
+                    }
+                }
+                vars = f.vars;
+            }
+        },
+    }
+
+    // devices/<id>.yaml, parsed in parallel (large fleets have thousands).
+    let device_files: Vec<(&String, &Vec<u8>)> =
+        snapshot.files.iter().filter(|(p, _)| p.starts_with("devices/")).collect();
+    let parsed: Vec<Result<Device, Diagnostic>> = device_files.par_iter().map(|(path, bytes)| load_device(path, bytes)).collect();
+    let mut devices = BTreeMap::new();
+    for r in parsed {
+        match r {
+            Ok(d) => {
+                devices.insert(d.id.clone(), d);
+            }
+            Err(d) => diags.push(d),
+        }
+    }
+    if devices.is_empty() && !diags.iter().any(|d| d.file.starts_with("devices/")) {
+        diags.push(Diagnostic::warning("devices/", 0, 0, "no devices: add devices/<id>.yaml files"));
+    }
+
+    // apps/<app>/
+    let mut templates = Environment::new();
+    templates.set_undefined_behavior(UndefinedBehavior::Strict);
+    templates.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+    if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder().keep_trailing_newline(true).build() {
+        templates.set_syntax(syntax);
+    }
+    let app_names: BTreeSet<&str> = snapshot
+        .files
+        .keys()
+        .filter_map(|p| p.strip_prefix("apps/"))
+        .filter_map(|rest| rest.split_once('/').map(|(app, _)| app))
+        .collect();
+    let mut apps = Vec::new();
+    for app in app_names {
+        if let Some(a) = load_app(snapshot, app, &file_root, &vars, &mut templates, &mut diags) {
+            apps.push(a);
+        }
+    }
+    for path in snapshot.files.keys() {
+        if let Some(rest) = path.strip_prefix("apps/") {
+            if !rest.contains('/') {
+                diags.push(Diagnostic::warning(path.as_str(), 0, 0, "ignored: apps/ holds one directory per app"));
+            }
+        }
+    }
+
+    let fleet = Fleet { name, topic_prefix, bundle_expiry, file_root, vars, devices, apps, templates };
+    (fleet, diags)
+}
+
+fn text<'a>(path: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
+    std::str::from_utf8(bytes).map_err(|e| Diagnostic::error(path, 0, 0, format!("not UTF-8 text: {e}")))
+}
+
+fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Diagnostic> {
+    let rest = &path["devices/".len()..];
+    let Some(id) = rest.strip_suffix(".yaml").filter(|id| !id.contains('/')) else {
+        return Err(Diagnostic::error(path, 0, 0, "devices/ holds one <device id>.yaml file per device, nothing else"));
+    };
+    validate_id("device id", id).map_err(|e| Diagnostic::error(path, 0, 0, format!("the file name is the device id: {e}")))?;
+    let text = text(path, bytes)?;
+    let file: DeviceFile = if text.trim().is_empty() { DeviceFile::default() } else { yaml::parse(path, text)? };
+    let labels = file.labels.into_iter().map(|(k, v)| (k, v.value.0)).collect();
+    Ok(Device { id: id.to_string(), labels, vars: file.vars })
+}
+
+fn load_app(
+    snapshot: &Snapshot,
+    app: &str,
+    file_root: &str,
+    fleet_vars: &Vars,
+    templates: &mut Environment<'static>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<App> {
+    let dir = format!("apps/{app}");
+    let app_yaml = format!("{dir}/app.yaml");
+    if let Err(e) = validate_id("app name", app) {
+        diags.push(Diagnostic::error(dir.as_str(), 0, 0, format!("the directory name is the app name: {e}")));
+        return None;
+    }
+    let Some(bytes) = snapshot.files.get(&app_yaml) else {
+        diags.push(Diagnostic::error(app_yaml.as_str(), 0, 0, "missing: every app directory needs an app.yaml (it may be empty: `{}`)"));
+        return None;
+    };
+    let parsed: AppFile = match text(&app_yaml, bytes) {
+        Ok(t) if t.trim().is_empty() => AppFile::default(),
+        Ok(t) => match yaml::parse(&app_yaml, t) {
+            Ok(a) => a,
+            Err(d) => {
+                diags.push(d);
+                return None;
+            }
+        },
+        Err(d) => {
+            diags.push(d);
+            return None;
+        }
+    };
+    let app_root = format!("{file_root}/{app}");
+    let err = |diags: &mut Vec<Diagnostic>, pos: Pos, msg: String| {
+        diags.push(Diagnostic::error(app_yaml.as_str(), pos.line, pos.column, msg));
+    };
+
+    let selector = parsed
+        .selector
+        .as_ref()
+        .map(|s| s.value.iter().map(|(k, v)| (k.clone(), v.value.0.clone())).collect::<BTreeMap<_, _>>());
+    if let Some(sel) = &parsed.selector {
+        for (k, v) in &sel.value {
+            if v.value.0.is_empty() {
+                err(diags, Pos::of(v), format!("selector label `{k}` lists no value: give a value or a list of values"));
+            }
+        }
+    }
+
+    let mut files = Vec::new();
+    let mut file_targets = BTreeMap::new();
+    let mut targets_seen: BTreeMap<String, Pos> = BTreeMap::new();
+    for entry in &parsed.files {
+        let e = &entry.value;
+        let src_pos = Pos::of(&e.source);
+        let Some(source) = compose::normalize_relative(&e.source.value).filter(|s| !s.is_empty()) else {
+            err(diags, src_pos, format!("file source `{}` must be a path inside apps/{app}/", e.source.value));
+            continue;
+        };
+        let repo_path = format!("{dir}/{source}");
+        let Some(content) = snapshot.files.get(&repo_path) else {
+            err(diags, src_pos, format!("file source `{}` does not exist: expected {repo_path} in the commit", e.source.value));
+            continue;
+        };
+        let target = match &e.target {
+            None => format!("{app_root}/{source}"),
+            Some(t) => match normalize_absolute(&t.value) {
+                Some(p) if p != "/" => p,
+                _ => {
+                    err(diags, Pos::of(t), format!("file target `{}` must be an absolute file path without `..`", t.value));
+                    continue;
+                }
+            },
+        };
+        if let Some(first) = targets_seen.insert(target.clone(), src_pos) {
+            err(diags, src_pos, format!("target {target} is also written by the file at line {}", first.line));
+        }
+        let mode = match &e.mode {
+            None => 0o644,
+            Some(m) => match u32::from_str_radix(m.value.0.trim_start_matches("0o"), 8) {
+                Ok(v) if v <= 0o7777 => v,
+                _ => {
+                    err(diags, Pos::of(m), format!("mode `{}` is not octal permission bits such as \"0644\" or \"0600\"", m.value.0));
+                    continue;
+                }
+            },
+        };
+        let owner = match &e.owner {
+            None => None,
+            Some(o) => {
+                let parsed = o.value.0.split_once(':').and_then(|(u, g)| Some(Owner { uid: u.parse().ok()?, gid: g.parse().ok()? }));
+                if parsed.is_none() {
+                    err(diags, Pos::of(o), format!("owner `{}` must be numeric \"uid:gid\", e.g. \"1000:1000\"", o.value.0));
+                    continue;
+                }
+                parsed
+            }
+        };
+        let content = if e.template {
+            let Ok(source_text) = std::str::from_utf8(content) else {
+                err(diags, src_pos, format!("{repo_path} is not UTF-8 text, so it cannot be a template: drop `template: true`"));
+                continue;
+            };
+            if let Err(te) = templates.add_template_owned(repo_path.clone(), source_text.to_string()) {
+                diags.push(template_diagnostic(&repo_path, &te));
+                continue;
+            }
+            FileContent::Template
+        } else {
+            FileContent::Static(content.clone())
+        };
+        file_targets.insert(source, target.clone());
+        files.push(FileSpec {
+            secret: e.secret || looks_secret(&target) || looks_secret(&repo_path),
+            repo_path,
+            target,
+            mode,
+            owner,
+            content,
+        });
+    }
+
+    let compose_name = match &parsed.compose {
+        Some(c) => match compose::normalize_relative(&c.value).filter(|s| !s.is_empty()) {
+            Some(n) if snapshot.files.contains_key(&format!("{dir}/{n}")) => Some(n),
+            _ => {
+                err(diags, Pos::of(c), format!("compose file `{}` does not exist in apps/{app}/", c.value));
+                None
+            }
+        },
+        None => {
+            let default = format!("{dir}/compose.yaml");
+            if snapshot.files.contains_key(&default) {
+                Some("compose.yaml".to_string())
+            } else {
+                for alt in ["docker-compose.yaml", "docker-compose.yml", "compose.yml"] {
+                    if snapshot.files.contains_key(&format!("{dir}/{alt}")) {
+                        diags.push(Diagnostic::warning(format!("{dir}/{alt}"), 0, 0, format!("ignored: name it compose.yaml or set `compose: {alt}` in app.yaml")));
+                    }
+                }
+                None
+            }
+        }
+    };
+    let compose = compose_name.and_then(|name| {
+        let file = format!("{dir}/{name}");
+        let bytes = snapshot.files.get(&file)?;
+        let source = match text(&file, bytes) {
+            Ok(t) => t,
+            Err(d) => {
+                diags.push(d);
+                return None;
+            }
+        };
+        let parsed: ComposeFile = match yaml::parse(&file, source) {
+            Ok(p) => p,
+            Err(d) => {
+                diags.push(d);
+                return None;
+            }
+        };
+        // Check once for every device: unset variables are not errors here.
+        let ctx = AppContext { app, file: &file, app_root: &app_root, file_targets: &file_targets };
+        let has_vars = source.contains('$');
+        let lookup = |name: &str| fleet_vars.get(name).and_then(scalar_var);
+        let (translated, found) = compose::translate(&parsed, &ctx, &lookup, has_vars);
+        let known = found.iter().map(|d| (d.line, d.column, d.message.clone())).collect();
+        let failed = found.iter().any(Diagnostic::is_error);
+        diags.extend(found);
+        if failed {
+            return None;
+        }
+        Some(ComposeApp {
+            file,
+            parsed,
+            file_targets: file_targets.clone(),
+            app_root: app_root.clone(),
+            fixed: (!has_vars).then_some(translated),
+            known,
+        })
+    });
+    Some(App { name: app.to_string(), selector, files, compose })
+}
+
+/// A variable's value for `${VAR}`: scalars only.
+fn scalar_var(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn template_diagnostic(repo_path: &str, e: &minijinja::Error) -> Diagnostic {
+    let detail = match e.detail() {
+        Some(d) => format!("{}: {d}", e.kind()),
+        None => e.kind().to_string(),
+    };
+    Diagnostic::error(e.name().unwrap_or(repo_path), e.line().unwrap_or(0) as u64, 0, format!("template: {detail}"))
+}
+
+/// `/a//b/./c/` → `/a/b/c`; `None` for relative paths or `..`.
+pub fn normalize_absolute(path: &str) -> Option<String> {
+    if !path.starts_with('/') {
+        return None;
+    }
+    let mut parts = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => return None,
+            p => parts.push(p),
+        }
+    }
+    Some(format!("/{}", parts.join("/")))
+}
+
+#[derive(Serialize)]
+struct TemplateDevice<'a> {
+    id: &'a str,
+    labels: &'a BTreeMap<String, String>,
+    vars: &'a Vars,
+}
+
+#[derive(Serialize)]
+struct TemplateFleet<'a> {
+    name: &'a str,
+    topic_prefix: &'a str,
+    vars: &'a Vars,
+}
+
+#[derive(Serialize)]
+struct TemplateApp<'a> {
+    name: &'a str,
+}
+
+impl Fleet {
+    /// The apps a device runs.
+    pub fn apps_of<'a>(&'a self, device: &'a Device) -> impl Iterator<Item = &'a App> + 'a {
+        self.apps.iter().filter(move |a| a.selects(device))
+    }
+
+    /// Renders one device's desired state (images not yet pinned). Diagnostics name
+    /// the device.
+    pub fn render(&self, device: &Device) -> (DesiredState, Vec<Diagnostic>) {
+        let mut diags = Vec::new();
+        let mut state = DesiredState::default();
+        let mut merged_vars = self.vars.clone();
+        merged_vars.extend(device.vars.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let tdevice = TemplateDevice { id: &device.id, labels: &device.labels, vars: &merged_vars };
+        let tfleet = TemplateFleet { name: &self.name, topic_prefix: &self.topic_prefix, vars: &self.vars };
+        let device_value = minijinja::Value::from(Serde(&tdevice));
+        let fleet_value = minijinja::Value::from(Serde(&tfleet));
+        let mut file_owner: BTreeMap<String, &str> = BTreeMap::new();
+        let mut container_owner: BTreeMap<String, &str> = BTreeMap::new();
+        let tag = |mut d: Diagnostic| {
+            d.devices = vec![device.id.clone()];
+            d
+        };
+        for app in self.apps_of(device) {
+            for f in &app.files {
+                let content = match &f.content {
+                    FileContent::Static(bytes) => bytes.clone(),
+                    FileContent::Template => {
+                        let ctx = minijinja::context! {
+                            device => device_value.clone(),
+                            fleet => fleet_value.clone(),
+                            app => minijinja::Value::from(Serde(TemplateApp { name: &app.name })),
+                        };
+                        match self.templates.get_template(&f.repo_path).and_then(|t| t.render(ctx)) {
+                            Ok(s) => s.into_bytes(),
+                            Err(e) => {
+                                diags.push(tag(template_diagnostic(&f.repo_path, &e)));
+                                continue;
+                            }
+                        }
+                    }
+                };
+                if let Some(other) = file_owner.insert(f.target.clone(), &app.name) {
+                    diags.push(tag(Diagnostic::error(
+                        f.repo_path.as_str(),
+                        0,
+                        0,
+                        format!("target {} is also delivered by app `{other}` to this device", f.target),
+                    )));
+                    continue;
+                }
+                state.files.push(ManagedFile { path: f.target.clone(), mode: f.mode, owner: f.owner, content });
+            }
+            let Some(c) = &app.compose else { continue };
+            let translated = match &c.fixed {
+                Some(t) => t.clone(),
+                None => {
+                    let ctx = AppContext { app: &app.name, file: &c.file, app_root: &c.app_root, file_targets: &c.file_targets };
+                    let lookup = |name: &str| merged_vars.get(name).and_then(scalar_var);
+                    let (t, found) = compose::translate(&c.parsed, &ctx, &lookup, false);
+                    for d in found {
+                        if !c.known.contains(&(d.line, d.column, d.message.clone())) {
+                            diags.push(tag(d));
+                        }
+                    }
+                    t
+                }
+            };
+            for spec in translated.containers {
+                if let Some(other) = container_owner.insert(spec.name.clone(), &app.name) {
+                    diags.push(tag(Diagnostic::error(
+                        c.file.as_str(),
+                        0,
+                        0,
+                        format!("container name `{}` is also used by app `{other}` on this device", spec.name),
+                    )));
+                    continue;
+                }
+                state.containers.push(spec);
+            }
+            for n in translated.networks {
+                if !state.networks.iter().any(|x| x.name == n.name) {
+                    state.networks.push(n);
+                }
+            }
+            for v in translated.volumes {
+                if !state.volumes.iter().any(|x| x.name == v.name) {
+                    state.volumes.push(v);
+                }
+            }
+        }
+        state.canonicalize();
+        (state, diags)
+    }
+
+    /// Renders every device in parallel. Returns the states of the devices that
+    /// rendered without error, and all diagnostics (merged across devices).
+    pub fn render_all(&self) -> (BTreeMap<String, DesiredState>, Vec<Diagnostic>) {
+        let results: Vec<(String, DesiredState, Vec<Diagnostic>)> = self
+            .devices
+            .par_iter()
+            .map(|(id, device)| {
+                let (state, diags) = self.render(device);
+                (id.clone(), state, diags)
+            })
+            .collect();
+        let mut states = BTreeMap::new();
+        let mut diags = Vec::new();
+        for (id, state, d) in results {
+            if !d.iter().any(Diagnostic::is_error) {
+                states.insert(id, state);
+            }
+            diags.extend(d);
+        }
+        (states, crate::diag::merge(diags))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_looking_names() {
+        assert!(looks_secret("/etc/app/tls.key"));
+        assert!(looks_secret("apps/x/files/db-password.txt"));
+        assert!(!looks_secret("/etc/nginx/nginx.conf"));
+    }
+
+    #[test]
+    fn absolute_paths_normalize() {
+        assert_eq!(normalize_absolute("/a//b/./c/").as_deref(), Some("/a/b/c"));
+        assert_eq!(normalize_absolute("a/b"), None);
+        assert_eq!(normalize_absolute("/a/../b"), None);
+    }
+}

@@ -1,0 +1,252 @@
+//! Location-aware YAML parsing (serde-saphyr) and the small value shapes the repository
+//! format shares: any scalar as a string, "a string or a list", "a list or a map".
+//!
+//! The shapes are written as visitors rather than `#[serde(untagged)]` enums because
+//! untagged enums buffer their input and lose the YAML location of errors.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, DeserializeOwned, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+pub use serde_saphyr::Spanned;
+
+use crate::diag::Diagnostic;
+
+/// A 1-based line and column; `(0, 0)` when unknown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pos {
+    pub line: u64,
+    pub column: u64,
+}
+
+impl Pos {
+    pub fn of<T>(spanned: &Spanned<T>) -> Pos {
+        Pos { line: spanned.referenced.line(), column: spanned.referenced.column() }
+    }
+}
+
+/// Parses one YAML document into `T`, turning a parse error into a diagnostic that
+/// names the file, line and column.
+pub fn parse<T: DeserializeOwned>(file: &str, text: &str) -> Result<T, Diagnostic> {
+    serde_saphyr::from_str::<T>(text).map_err(|e| to_diagnostic(file, &e))
+}
+
+fn to_diagnostic(file: &str, e: &serde_saphyr::Error) -> Diagnostic {
+    let options = serde_saphyr::render_options! { snippets: serde_saphyr::SnippetMode::Off };
+    let rendered = e.render_with_options(options);
+    let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+    let suffix = format!(" at line {line}, column {column}");
+    let message = rendered.strip_suffix(&suffix).unwrap_or(&rendered).to_string();
+    Diagnostic::error(file, line, column, message)
+}
+
+/// Any YAML scalar, kept as its string form: `80`, `true` and `"x"` are all accepted
+/// where Compose accepts "a string" (environment values, ports, user ids).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Scalar(pub String);
+
+impl<'de> Deserialize<'de> for Scalar {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Scalar;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a scalar (string, number or boolean)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Scalar, E> {
+                Ok(Scalar(v))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+                Ok(Scalar(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A value that is either one string or a list of strings (`command:`, `test:`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StringOrList {
+    String(String),
+    List(Vec<Spanned<Scalar>>),
+}
+
+impl<'de> Deserialize<'de> for StringOrList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StringOrList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StringOrList, E> {
+                Ok(StringOrList::String(v.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StringOrList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<Spanned<Scalar>>()? {
+                    out.push(item);
+                }
+                Ok(StringOrList::List(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Compose's "list or map" shape (`environment:`, `labels:`): either `["K=V", ...]` or
+/// `{K: V}`. Map values may be null (`K:`), kept as `None`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListOrMap {
+    List(Vec<Spanned<Scalar>>),
+    Map(Vec<(Spanned<String>, Option<Spanned<Scalar>>)>),
+}
+
+impl<'de> Deserialize<'de> for ListOrMap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ListOrMap;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of \"KEY=VALUE\" strings or a map of KEY: VALUE")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ListOrMap, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<Spanned<Scalar>>()? {
+                    out.push(item);
+                }
+                Ok(ListOrMap::List(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ListOrMap, A::Error> {
+                let mut out = Vec::new();
+                while let Some(key) = map.next_key::<Spanned<String>>()? {
+                    let value = map.next_value::<Option<Spanned<Scalar>>>()?;
+                    out.push((key, value));
+                }
+                Ok(ListOrMap::Map(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A list of names or a map of name → optional settings (`depends_on:`, service
+/// `networks:`). List items come with `None` settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamesOrMap<T>(pub Vec<(Spanned<String>, Option<T>)>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for NamesOrMap<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = NamesOrMap<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of names or a map of name: settings")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<NamesOrMap<T>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<Spanned<String>>()? {
+                    out.push((item, None));
+                }
+                Ok(NamesOrMap(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NamesOrMap<T>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(key) = map.next_key::<Spanned<String>>()? {
+                    let value = map.next_value::<Option<T>>()?;
+                    out.push((key, value));
+                }
+                Ok(NamesOrMap(out))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// A map that keeps each key's location, in document order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpannedMap<T>(pub Vec<(Spanned<String>, T)>);
+
+impl<T> Default for SpannedMap<T> {
+    fn default() -> Self {
+        SpannedMap(Vec::new())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for SpannedMap<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = SpannedMap<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<SpannedMap<T>, E> {
+                Ok(SpannedMap(Vec::new()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<SpannedMap<T>, A::Error> {
+                let mut out = Vec::new();
+                while let Some(key) = map.next_key::<Spanned<String>>()? {
+                    out.push((key, map.next_value::<T>()?));
+                }
+                Ok(SpannedMap(out))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// Converts YAML variables (any shape) to JSON values for templates.
+pub type Vars = BTreeMap<String, serde_json::Value>;
+
+/// One scalar or a list of scalars, as strings (selector values).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StringOrListOfScalars(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for StringOrListOfScalars {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StringOrListOfScalars;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a value or a list of values")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(StringOrListOfScalars(vec![v.to_string()]))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(StringOrListOfScalars(vec![v.to_string()]))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(StringOrListOfScalars(vec![v.to_string()]))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(StringOrListOfScalars(vec![v.to_string()]))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(StringOrListOfScalars(vec![v.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<Scalar>()? {
+                    out.push(item.0);
+                }
+                Ok(StringOrListOfScalars(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests of `fleet-bundler` on real components: Git repositories made with
+//! the `git` CLI, Mosquitto, and the Docker registry.
+
+mod awesome;
+mod build;
+mod common;
+mod mqtt;
+mod plan;
+mod registry;
+mod validate;

@@ -1,0 +1,295 @@
+//! `publish` and `status` against a real Mosquitto broker.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fleet_spec::messages::{Announcement, Applied, DeviceState, FileCounts, LastError, StatusReport, VersionRef};
+
+use crate::common::{build, bundler, free_port, mosquitto, read_index, Keys, Repo};
+
+fn broker_url(port: u16) -> String {
+    format!("mqtt://127.0.0.1:{port}")
+}
+
+/// Reads `count` retained messages under `filter` with mosquitto_sub: (topic, payload).
+fn retained(port: u16, filter: &str, count: usize) -> Vec<(String, String)> {
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", filter, "-v", "-C", &count.to_string(), "-W", "5"])
+        .output()
+        .expect("mosquitto_sub");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(t, p)| (t.to_string(), p.to_string())))
+        .collect()
+}
+
+fn retained_bytes(port: u16, topic: &str) -> Vec<u8> {
+    Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-C", "1", "-N", "-W", "5"])
+        .output()
+        .expect("mosquitto_sub")
+        .stdout
+}
+
+fn publish(out: &Path, port: u16, extra: &[&str]) -> crate::common::Output {
+    let url = broker_url(port);
+    let mut args = vec!["publish", "--out", out.to_str().expect("utf-8"), "--broker", &url, "--json"];
+    args.extend_from_slice(extra);
+    bundler(&args)
+}
+
+fn built_example() -> (Repo, Keys, tempfile::TempDir) {
+    let repo = Repo::example();
+    let keys = Keys::new();
+    let out = tempfile::tempdir().expect("tempdir");
+    build(repo.path(), "HEAD", &keys, out.path()).assert_code(0);
+    (repo, keys, out)
+}
+
+#[test]
+fn publish_announces_retained_and_only_what_changed() {
+    let broker = mosquitto("allow_anonymous true");
+    let (repo, keys, out) = built_example();
+    let first = publish(out.path(), broker.port, &["--base-url", "http://files.local/fleet/"]);
+    first.assert_code(0);
+    assert_eq!(first.json()["announced"].as_array().expect("list").len(), 4);
+
+    let index = read_index(out.path());
+    let messages = retained(broker.port, "fleet/acme/devices/+/desired", 4);
+    assert_eq!(messages.len(), 4, "{messages:?}");
+    for (topic, payload) in &messages {
+        let a = Announcement::from_json(payload.as_bytes()).expect("announcement parses");
+        assert_eq!(topic, &format!("fleet/acme/devices/{}/desired", a.device));
+        let entry = &index["devices"][&a.device];
+        assert_eq!(a.fleet, "acme");
+        assert_eq!(a.version, entry["version"].as_u64().expect("version"));
+        assert_eq!(a.digest, entry["digest"].as_str().expect("digest"));
+        assert_eq!(a.size, entry["size"].as_u64().expect("size"));
+        assert_eq!(a.commit, entry["commit"].as_str().expect("commit"));
+        assert_eq!(a.urls, vec![format!("http://files.local/fleet/bundles/{}.bundle", a.digest)]);
+        assert!(!a.mqtt_blob);
+    }
+
+    // Nothing changed: nothing announced.
+    let again = publish(out.path(), broker.port, &["--base-url", "http://files.local/fleet/"]);
+    again.assert_code(0);
+    assert_eq!(again.json()["announced"], serde_json::json!([]));
+    assert_eq!(again.json()["unchanged"], 4);
+
+    // One device changed: one announcement.
+    repo.write("devices/gw-munich-01.yaml", "labels:\n  site: munich\n  hardware: cm4\n  channel: stable\nvars:\n  location: \"Munich, line 4\"\n  upstream_port: 9000\n  MODBUS_DEVICE: /dev/ttyUSB0\n  MODBUS_BAUD: 19200\n");
+    repo.commit_at("move", 1_800_000_100);
+    build(repo.path(), "HEAD", &keys, out.path()).assert_code(0);
+    let third = publish(out.path(), broker.port, &["--base-url", "http://files.local/fleet/"]);
+    third.assert_code(0);
+    assert_eq!(third.json()["announced"], serde_json::json!(["gw-munich-01"]));
+    let munich = retained(broker.port, "fleet/acme/devices/gw-munich-01/desired", 1);
+    let a = Announcement::from_json(munich[0].1.as_bytes()).expect("announcement");
+    assert_eq!(a.version, 1_800_000_100);
+
+    // --force announces everything again.
+    let forced = publish(out.path(), broker.port, &["--base-url", "http://files.local/fleet/", "--force"]);
+    assert_eq!(forced.json()["announced"].as_array().expect("list").len(), 4);
+}
+
+#[test]
+fn bundles_can_travel_as_retained_blobs() {
+    let broker = mosquitto("allow_anonymous true");
+    let (_repo, _keys, out) = built_example();
+    publish(out.path(), broker.port, &["--blobs-over-mqtt"]).assert_code(0);
+    let index = read_index(out.path());
+    let digest = index["devices"]["gw-berlin-01"]["digest"].as_str().expect("digest");
+    let blob = retained_bytes(broker.port, "fleet/acme/devices/gw-berlin-01/bundle");
+    let file = std::fs::read(out.path().join(format!("bundles/{digest}.bundle"))).expect("bundle");
+    assert_eq!(blob, file);
+    let a = retained(broker.port, "fleet/acme/devices/gw-berlin-01/desired", 1);
+    let a = Announcement::from_json(a[0].1.as_bytes()).expect("announcement");
+    assert!(a.mqtt_blob);
+    assert!(a.urls.is_empty());
+}
+
+#[test]
+fn publish_needs_a_delivery_route() {
+    let (_repo, _keys, out) = built_example();
+    let o = publish(out.path(), free_port(), &[]);
+    o.assert_code(1);
+    o.assert_stderr_has("pass --base-url URL and/or --blobs-over-mqtt");
+}
+
+#[test]
+fn an_unreachable_broker_fails_fast_and_clearly() {
+    let (_repo, _keys, out) = built_example();
+    let port = free_port();
+    let started = Instant::now();
+    let o = publish(out.path(), port, &["--base-url", "http://x", "--timeout", "2s"]);
+    o.assert_code(1);
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    o.assert_stderr_has(&format!("cannot connect to mqtt://127.0.0.1:{port}"));
+    assert!(!out.path().join("published.json").exists(), "nothing recorded as published");
+
+    // A port that accepts TCP but never speaks MQTT: bounded by --timeout.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let silent = listener.local_addr().expect("addr").port();
+    let started = Instant::now();
+    let o = publish(out.path(), silent, &["--base-url", "http://x", "--timeout", "2s"]);
+    o.assert_code(1);
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(o.stderr.contains("no answer from") || o.stderr.contains("cannot connect"), "{}", o.stderr);
+    drop(listener);
+}
+
+#[test]
+fn a_refused_login_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let passwd = dir.path().join("passwd");
+    let status = Command::new("mosquitto_passwd")
+        .args(["-b", "-c", passwd.to_str().expect("utf-8"), "ci", "s3cret"])
+        .status()
+        .expect("mosquitto_passwd");
+    assert!(status.success());
+    let broker = mosquitto(&format!("allow_anonymous false\npassword_file {}", passwd.display()));
+    let (_repo, _keys, out) = built_example();
+    let o = publish(out.path(), broker.port, &["--base-url", "http://x", "--username", "ci", "--password", "wrong"]);
+    o.assert_code(1);
+    o.assert_stderr_has("refused the connection");
+    let o = publish(out.path(), broker.port, &["--base-url", "http://x", "--username", "ci", "--password", "s3cret"]);
+    o.assert_code(0);
+}
+
+#[test]
+fn publish_over_tls_with_a_private_ca() {
+    if !crate::common::have("openssl") {
+        eprintln!("skipped: openssl is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().to_str().expect("utf-8");
+    let sh = format!(
+        "set -e; cd {d}
+openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=fleet-test-ca 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1 2>/dev/null
+printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext 2>/dev/null
+chmod 755 {d}; chmod 644 server.key  # mosquitto drops root privileges before reading them"
+    );
+    assert!(Command::new("sh").args(["-c", &sh]).status().expect("openssl").success());
+    let tls_port = free_port();
+    let broker = mosquitto(&format!(
+        "allow_anonymous true\nlistener {tls_port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key"
+    ));
+    crate::common::wait_for_port(tls_port, "mosquitto tls");
+    let (_repo, _keys, out) = built_example();
+    let url = format!("mqtts://127.0.0.1:{tls_port}");
+    let ca = format!("{d}/ca.pem");
+    let o = bundler(&["publish", "--out", out.path().to_str().expect("utf-8"), "--broker", &url, "--ca-file", &ca, "--base-url", "http://x"]);
+    o.assert_code(0);
+    assert_eq!(retained(broker.port, "fleet/acme/devices/+/desired", 4).len(), 4);
+    // Without the CA the server is not trusted.
+    let o = bundler(&["publish", "--out", out.path().to_str().expect("utf-8"), "--broker", &url, "--base-url", "http://y", "--timeout", "3s"]);
+    o.assert_code(1);
+    o.assert_stderr_has("cannot connect");
+}
+
+fn report(device: &str, state: DeviceState, applied: Option<(u64, &str)>, desired: (u64, &str)) -> String {
+    let r = StatusReport {
+        device: device.into(),
+        fleet: "acme".into(),
+        agent_version: "0.1.0".into(),
+        state,
+        desired: Some(VersionRef { version: desired.0, digest: desired.1.into(), commit: "c".into() }),
+        applied: applied.map(|(version, digest)| Applied { version, digest: digest.into(), commit: "c".into(), at: 1 }),
+        containers: vec![],
+        files: FileCounts::default(),
+        last_error: (state == DeviceState::Failed).then(|| LastError {
+            code: "health_timeout".into(),
+            message: "api did not become healthy".into(),
+            at: 1,
+        }),
+        timestamp: fleet_bundler::timefmt::now(),
+    };
+    String::from_utf8(r.to_json()).expect("utf-8")
+}
+
+fn pub_retained(port: u16, topic: &str, payload: &str) {
+    let ok = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic, "-r", "-q", "1", "-m", payload])
+        .status()
+        .expect("mosquitto_pub")
+        .success();
+    assert!(ok);
+}
+
+fn status(port: u16, index: &Path, extra: &[&str]) -> crate::common::Output {
+    let url = broker_url(port);
+    let mut args = vec!["status", "--broker", &url, "--index", index.to_str().expect("utf-8")];
+    args.extend_from_slice(extra);
+    bundler(&args)
+}
+
+#[test]
+fn status_shows_the_table_and_gates_on_convergence() {
+    let broker = mosquitto("allow_anonymous true");
+    let (_repo, _keys, out) = built_example();
+    let index = read_index(out.path());
+    let index_path = out.path().join("index.json");
+    let entry = |d: &str| {
+        let e = &index["devices"][d];
+        (e["version"].as_u64().expect("version"), e["digest"].as_str().expect("digest").to_string())
+    };
+
+    // Canary converged; the rest have not reported yet.
+    let (v, dg) = entry("gw-berlin-01");
+    pub_retained(broker.port, "fleet/acme/devices/gw-berlin-01/status", &report("gw-berlin-01", DeviceState::Converged, Some((v, &dg)), (v, &dg)));
+    pub_retained(broker.port, "fleet/acme/devices/gw-berlin-01/online", "true");
+
+    let table = status(broker.port, &index_path, &[]);
+    table.assert_code(0);
+    assert!(table.stdout.starts_with("DEVICE"), "{}", table.stdout);
+    let canary_line = table.stdout.lines().find(|l| l.starts_with("gw-berlin-01")).expect("canary row");
+    assert!(canary_line.contains("yes") && canary_line.contains("converged"), "{canary_line}");
+    assert!(table.stdout.lines().any(|l| l.starts_with("sensor-hub-01") && l.contains("no report")), "{}", table.stdout);
+
+    let json = status(broker.port, &index_path, &["--json"]);
+    json.assert_code(0);
+    let rows = json.json()["devices"].as_array().expect("rows").clone();
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[0]["device"], "gw-berlin-01");
+    assert_eq!(rows[0]["applied_version"], v);
+
+    // The canary gate passes: every selected device converged.
+    status(broker.port, &index_path, &["--selector", "channel=canary", "--wait", "--timeout", "5s"]).assert_code(0);
+    // The whole fleet times out (exit 4), within the bound.
+    let started = Instant::now();
+    let o = status(broker.port, &index_path, &["--wait", "--timeout", "2s"]);
+    o.assert_code(4);
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // One device fails on its indexed version: exit 3 at once.
+    let (v2, d2) = entry("gw-berlin-02");
+    pub_retained(broker.port, "fleet/acme/devices/gw-berlin-02/status", &report("gw-berlin-02", DeviceState::Failed, None, (v2, &d2)));
+    let started = Instant::now();
+    let o = status(broker.port, &index_path, &["--wait", "--timeout", "30s"]);
+    o.assert_code(3);
+    assert!(started.elapsed() < Duration::from_secs(10), "failure is reported at once");
+    assert!(o.stdout.contains("health_timeout: api did not become healthy"), "{}", o.stdout);
+
+    // Everyone converges: exit 0.
+    for d in ["gw-berlin-02", "gw-munich-01", "sensor-hub-01"] {
+        let (v, dg) = entry(d);
+        pub_retained(broker.port, &format!("fleet/acme/devices/{d}/status"), &report(d, DeviceState::Converged, Some((v, &dg)), (v, &dg)));
+    }
+    status(broker.port, &index_path, &["--wait", "--timeout", "10s"]).assert_code(0);
+}
+
+#[test]
+fn status_needs_a_fleet_and_a_reachable_broker() {
+    let o = bundler(&["status", "--broker", "mqtt://127.0.0.1:1"]);
+    o.assert_code(1);
+    o.assert_stderr_has("pass --fleet NAME or --index DIR/index.json");
+    let started = Instant::now();
+    let o = bundler(&["status", "--broker", &broker_url(free_port()), "--fleet", "acme", "--connect-timeout", "2s"]);
+    o.assert_code(1);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    o.assert_stderr_has("cannot connect");
+}
