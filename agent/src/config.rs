@@ -499,7 +499,8 @@ mod tests {
 
     #[test]
     fn the_documented_example_is_valid() {
-        let text = include_str!("../agent.toml.example").replace(&"0".repeat(64), KEY.split(':').nth(1).expect("hex"));
+        let text = include_str!("../agent.toml.example")
+            .replace(&"0".repeat(64), KEY.split(':').nth(1).expect("hex"));
         let c = parse(&text).expect("agent.toml.example parses");
         assert_eq!(c.device, "gw-01");
         assert!(c.mqtt.expect("mqtt").tls);

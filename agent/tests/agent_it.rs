@@ -497,6 +497,10 @@ fn sideload_apply_and_the_documented_exit_codes() {
     // The state dir is locked while an agent runs: apply says so (75).
     let agent = dev.run();
     let deadline = Instant::now() + Duration::from_secs(10);
+    while !dev.log().contains("fleet-agent starting") {
+        assert!(Instant::now() < deadline, "agent did not start:\n{}", dev.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     loop {
         let out = dev.cli(&["apply", good.to_str().expect("utf8")]);
         if out.status.code() == Some(75) {
@@ -506,4 +510,122 @@ fn sideload_apply_and_the_documented_exit_codes() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(agent);
+}
+
+fn sh(dir: &std::path::Path, script: &str) {
+    let out = Command::new("bash").arg("-ec").arg(script).current_dir(dir).output().expect("bash");
+    assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// mqtts:// with a private CA and a client certificate (mutual TLS), as production
+/// brokers are set up: rustls on ring, the CA from `ca_file`, the client cert and key
+/// from PEM files.
+#[test]
+fn mqtts_with_a_client_certificate() {
+    let pki = tempfile::tempdir().expect("tempdir");
+    sh(
+        pki.path(),
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca 2>/dev/null
+         for n in server client; do
+           openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $n.key -out $n.csr -subj /CN=$n 2>/dev/null
+         done
+         printf 'subjectAltName=IP:127.0.0.1\\nextendedKeyUsage=serverAuth\\n' > server.ext
+         printf 'extendedKeyUsage=clientAuth\\n' > client.ext
+         openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext 2>/dev/null
+         openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.ext 2>/dev/null",
+    );
+    // Mosquitto drops root privileges before reading its key: let it read the files.
+    sh(pki.path(), "chmod 0755 . && chmod 0644 *");
+    let p = |f: &str| pki.path().join(f).display().to_string();
+    let (tls_port, plain_port) = (free_port(), free_port());
+    let conf = pki.path().join("mosq.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "per_listener_settings false\nallow_anonymous true\npersistence false\n\
+             listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n\
+             listener {plain_port} 127.0.0.1\n",
+            p("ca.pem"),
+            p("server.pem"),
+            p("server.key")
+        ),
+    )
+    .expect("conf");
+    let broker = Proc(
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", plain_port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dev = device(&format!(
+        "[mqtt]\nurl = \"mqtts://127.0.0.1:{tls_port}\"\nca_file = \"{}\"\nclient_cert = \"{}\"\nclient_key = \"{}\"",
+        p("ca.pem"),
+        p("client.pem"),
+        p("client.key")
+    ));
+    let mut sub = Sub::new(plain_port, "fleet/acme/devices/gw-01/#");
+    let agent = dev.run();
+    sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(10), |p| p == "true");
+    let status = sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(10), |_| true);
+    assert_eq!(status_of(&status).device, "gw-01", "{}", dev.log());
+    drop(agent);
+    drop(broker);
+}
+
+/// Broker-only fleets: the bundle itself is retained on `.../bundle`.
+#[test]
+fn a_bundle_retained_on_mqtt_is_applied() {
+    let broker = mosquitto();
+    let dev = device(&format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", broker.port));
+    let bytes = dev.bundle(4, &[("blob.conf", "via mqtt")]);
+    let digest = bundle::content_address(&bytes);
+    let file = dev.dir.path().join("blob.bundle");
+    std::fs::write(&file, &bytes).expect("write");
+    let status = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-t",
+            "fleet/acme/devices/gw-01/bundle",
+            "-r",
+            "-q",
+            "1",
+            "-f",
+        ])
+        .arg(&file)
+        .status()
+        .expect("mosquitto_pub");
+    assert!(status.success());
+    let ann = Announcement {
+        fleet: "acme".into(),
+        device: "gw-01".into(),
+        version: 4,
+        commit: "commit4".into(),
+        digest,
+        size: bytes.len() as u64,
+        urls: vec![],
+        mqtt_blob: true,
+    };
+    publish_retained(
+        broker.port,
+        "fleet/acme/devices/gw-01/desired",
+        &String::from_utf8(ann.to_json()).expect("utf8"),
+    );
+    let mut sub = Sub::new(broker.port, "fleet/acme/devices/gw-01/status");
+    let _agent = dev.run();
+    let converged = sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(15), |p| {
+        status_of(p).state.as_str() == "converged"
+    });
+    assert_eq!(status_of(&converged).applied.map(|a| a.version), Some(4), "{}", dev.log());
+    assert_eq!(dev.read("blob.conf").as_deref(), Some("via mqtt"));
 }
