@@ -22,6 +22,7 @@
 //! is past half of its validity, so devices never end up with an expired bundle as
 //! long as something is committed and built regularly (an empty commit will do).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ use fleet_spec::bundle::{self, BundleMeta, Limits};
 use fleet_spec::{DesiredState, SigningKey};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::render::Fleet;
 use crate::repo::Snapshot;
@@ -88,6 +90,10 @@ pub enum BuildError {
     BadIndex { path: PathBuf, message: String },
     #[error("{path} belongs to fleet {found:?}, this repository is fleet {expected:?}: use another output directory")]
     OtherFleet { path: PathBuf, found: String, expected: String },
+    #[error("device {device} no longer renders: {message}")]
+    Render { device: String, message: String },
+    #[error("zstd: {0}")]
+    Compress(std::io::Error),
 }
 
 pub struct BuildOptions<'a> {
@@ -95,6 +101,8 @@ pub struct BuildOptions<'a> {
     pub keys: &'a [SigningKey],
     pub level: i32,
     pub progress: bool,
+    /// Image reference → `sha256:` digest, applied to every tag-only image.
+    pub digests: &'a BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -119,33 +127,50 @@ enum Outcome {
     New { entry: IndexEntry, renewed: bool, wrote: bool },
 }
 
-/// Builds every device's bundle into `opts.out` and writes `index.json` last.
+/// Renders, signs and writes every device's bundle into `opts.out`, one device at a
+/// time per thread (memory stays flat for large fleets), then writes `index.json`.
+/// The fleet must have been checked ([`Fleet::check_all`]) before: a device that fails
+/// to render here aborts the build before the index is written.
 pub fn build(
     fleet: &Fleet,
     snapshot: &Snapshot,
-    states: &BTreeMap<String, DesiredState>,
     opts: &BuildOptions<'_>,
 ) -> Result<BuildSummary, BuildError> {
     let bundles_dir = opts.out.join("bundles");
-    std::fs::create_dir_all(&bundles_dir).map_err(|source| BuildError::Io { path: bundles_dir.clone(), source })?;
+    std::fs::create_dir_all(&bundles_dir)
+        .map_err(|source| BuildError::Io { path: bundles_dir.clone(), source })?;
     let index_path = opts.out.join("index.json");
     let previous = Index::read(&index_path)?;
     if let Some(prev) = &previous {
         if prev.fleet != fleet.name {
-            return Err(BuildError::OtherFleet { path: index_path, found: prev.fleet.clone(), expected: fleet.name.clone() });
+            return Err(BuildError::OtherFleet {
+                path: index_path,
+                found: prev.fleet.clone(),
+                expected: fleet.name.clone(),
+            });
         }
     }
     let prev_devices = previous.as_ref().map(|p| &p.devices);
     let keys: Vec<&SigningKey> = opts.keys.iter().collect();
     let done = AtomicUsize::new(0);
-    let total = states.len();
+    let total = fleet.devices.len();
     let commit_time = snapshot.commit_time.max(0) as u64;
 
-    let outcomes: Vec<Result<(String, Outcome), BuildError>> = states
+    let outcomes: Vec<Result<(String, Outcome), BuildError>> = fleet
+        .devices
         .par_iter()
-        .map(|(id, state)| {
-            let labels = fleet.devices.get(id).map(|d| d.labels.clone()).unwrap_or_default();
-            let state_digest = state.digest();
+        .map(|(id, device)| {
+            let (mut state, diags) = fleet.render(device);
+            if let Some(d) = diags.iter().find(|d| d.is_error()) {
+                return Err(BuildError::Render { device: id.clone(), message: d.to_string() });
+            }
+            crate::registry::pin(&mut state, opts.digests);
+            // One canonical encoding serves the state digest and the payload.
+            state.canonicalize();
+            let raw = postcard_encode(&state);
+            let state_digest = hex::encode(Sha256::digest(&raw));
+            drop(state);
+            let labels = device.labels.clone();
             let prev = prev_devices.and_then(|d| d.get(id));
             let mut renewed = false;
             if let Some(prev) = prev {
@@ -170,7 +195,9 @@ pub fn build(
                 created_at: snapshot.commit_time,
                 expires_at: snapshot.commit_time + fleet.bundle_expiry,
             };
-            let bytes = bundle::build(meta, state, &keys, opts.level);
+            let payload = compress(&raw, opts.level)?;
+            let manifest = bundle::manifest_for(meta, &raw, &payload);
+            let bytes = bundle::assemble(&manifest, &payload, &keys);
             let digest = bundle::content_address(&bytes);
             let wrote = write_bundle(&bundles_dir, &digest, &bytes)?;
             tick(&done, total, opts.progress);
@@ -189,7 +216,7 @@ pub fn build(
     let mut summary = BuildSummary {
         fleet: fleet.name.clone(),
         commit: snapshot.commit.clone(),
-        devices: states.len(),
+        devices: fleet.devices.len(),
         ..Default::default()
     };
     let mut devices = BTreeMap::new();
@@ -219,21 +246,50 @@ pub fn build(
     };
     let mut json = serde_json::to_vec(&index).expect("an index always serializes");
     json.push(b'\n');
-    write_atomic(&index_path, &json)?;
+    write_atomic(&index_path, &json, true)?;
     Ok(summary)
+}
+
+/// The canonical postcard encoding of an already canonical state (what
+/// [`DesiredState::encode`] gives, without its defensive copy).
+fn postcard_encode(state: &DesiredState) -> Vec<u8> {
+    let raw = postcard::to_stdvec(state).expect("encoding into a Vec cannot fail");
+    debug_assert_eq!(raw, state.encode());
+    raw
+}
+
+thread_local! {
+    /// One zstd context per thread and level: contexts are large at high levels.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+}
+
+/// zstd at `level`; the same bytes as `zstd::bulk::compress` (a reused context
+/// compresses each frame from scratch), so bundles stay deterministic.
+fn compress(raw: &[u8], level: i32) -> Result<Vec<u8>, BuildError> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).map_err(BuildError::Compress)?));
+        }
+        let (_, compressor) = slot.as_mut().expect("set above");
+        compressor.compress(raw).map_err(BuildError::Compress)
+    })
 }
 
 fn tick(done: &AtomicUsize, total: usize, progress: bool) {
     let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-    if progress && (n % 1000 == 0 || n == total) {
+    if progress && (n.is_multiple_of(1000) || n == total) {
         eprintln!("  signed {n}/{total} devices");
     }
 }
 
-/// `created_at` of a kept bundle, or `None` when the file is gone or unreadable (then
-/// the device gets a fresh bundle).
+/// `created_at` of a kept bundle, or `None` when the file is gone, damaged or
+/// unreadable (then the device gets a fresh bundle).
 fn kept_bundle_created_at(dir: &Path, digest: &str) -> Option<i64> {
     let bytes = std::fs::read(dir.join(format!("{digest}.bundle"))).ok()?;
+    if bundle::content_address(&bytes) != digest {
+        return None;
+    }
     let parsed = bundle::parse(&bytes, &Limits::default()).ok()?;
     bundle::decode_manifest(parsed.manifest_bytes).ok().map(|m| m.created_at)
 }
@@ -241,20 +297,63 @@ fn kept_bundle_created_at(dir: &Path, digest: &str) -> Option<i64> {
 /// Writes `<digest>.bundle` unless it exists; returns whether it wrote.
 fn write_bundle(dir: &Path, digest: &str, bytes: &[u8]) -> Result<bool, BuildError> {
     let path = dir.join(format!("{digest}.bundle"));
-    if std::fs::metadata(&path).is_ok_and(|m| m.len() == bytes.len() as u64) {
+    if std::fs::read(&path).is_ok_and(|existing| existing == bytes) {
         return Ok(false);
     }
-    write_atomic(&path, bytes)?;
+    // No fsync per bundle: the index is synced last, and a damaged bundle is detected
+    // by its digest and rebuilt by the next build.
+    write_atomic(&path, bytes, false)?;
     Ok(true)
 }
 
-/// Temp file in the same directory, write, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), BuildError> {
+/// Temp file in the same directory, write, (fsync,) rename.
+pub fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<(), BuildError> {
     let io = |source| BuildError::Io { path: path.into(), source };
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    if sync {
+        f.sync_all().map_err(io)?;
+    }
     std::fs::rename(&tmp, path).map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_spec::model::ManagedFile;
+
+    #[test]
+    fn the_streaming_path_gives_fleet_spec_bytes() {
+        let mut state = DesiredState {
+            files: vec![
+                ManagedFile { path: "/b".into(), mode: 0o644, owner: None, content: b"bee\n".repeat(100) },
+                ManagedFile { path: "/a".into(), mode: 0o600, owner: None, content: b"a".to_vec() },
+            ],
+            ..Default::default()
+        };
+        let key = SigningKey::from_seed(&[9; 32]);
+        let meta = BundleMeta {
+            fleet: "f".into(),
+            device: "d".into(),
+            version: 7,
+            commit: "c".into(),
+            subject: "s".into(),
+            created_at: 1,
+            expires_at: 2,
+        };
+        let expected = bundle::build(meta.clone(), &state, &[&key], 19);
+        state.canonicalize();
+        let raw = postcard_encode(&state);
+        assert_eq!(hex::encode(Sha256::digest(&raw)), state.digest());
+        for _ in 0..2 {
+            // Twice: a reused context gives the same bytes.
+            let payload = compress(&raw, 19).expect("compress");
+            let bytes =
+                bundle::assemble(&bundle::manifest_for(meta.clone(), &raw, &payload), &payload, &[&key]);
+            assert_eq!(bytes, expected);
+        }
+    }
 }

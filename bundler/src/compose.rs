@@ -578,9 +578,14 @@ impl Translator<'_, '_> {
                 if let Some(x) = &d.external {
                     self.error(Pos::of(x), "`external:` networks are not supported: the agent creates and owns every network of an app");
                 }
-                for (what, v) in [("ipam", &d.ipam), ("enable_ipv6", &d.enable_ipv6), ("driver_opts", &d.driver_opts)] {
+                for (what, v) in
+                    [("ipam", &d.ipam), ("enable_ipv6", &d.enable_ipv6), ("driver_opts", &d.driver_opts)]
+                {
                     if let Some(v) = v {
-                        self.warning(Pos::of(v), format!("network `{what}:` is ignored: the engine assigns addresses"));
+                        self.warning(
+                            Pos::of(v),
+                            format!("network `{what}:` is ignored: the engine assigns addresses"),
+                        );
                     }
                 }
                 spec.internal = d.internal;
@@ -591,7 +596,8 @@ impl Translator<'_, '_> {
             network_names.insert(key.value.clone(), name.clone());
             networks.insert(name, spec);
         }
-        let default_network = network_names.get("default").cloned().unwrap_or_else(|| format!("{app}_default"));
+        let default_network =
+            network_names.get("default").cloned().unwrap_or_else(|| format!("{app}_default"));
 
         // Top-level volumes.
         let mut volumes: BTreeMap<String, VolumeSpec> = BTreeMap::new();
@@ -606,7 +612,13 @@ impl Translator<'_, '_> {
                 let d = &def.value;
                 if let Some(driver) = &d.driver {
                     if driver.value != "local" {
-                        self.error(Pos::of(driver), format!("volume driver `{}` is not supported: devices use `local` volumes", driver.value));
+                        self.error(
+                            Pos::of(driver),
+                            format!(
+                                "volume driver `{}` is not supported: devices use `local` volumes",
+                                driver.value
+                            ),
+                        );
                     }
                 }
                 if let Some(x) = &d.external {
@@ -645,7 +657,16 @@ impl Translator<'_, '_> {
             if !valid_service_name(service) {
                 self.error(pos, format!("service name `{service}` is invalid: use letters, digits, '.', '_' and '-', starting with a letter or digit"));
             }
-            let Some(spec) = self.service(service, &svc.value, pos, &container_names, &network_names, &volume_names, &default_network, &mut volumes) else {
+            let Some(spec) = self.service(
+                service,
+                &svc.value,
+                pos,
+                &container_names,
+                &network_names,
+                &volume_names,
+                &default_network,
+                &mut volumes,
+            ) else {
                 continue;
             };
             if let Some(first) = seen_names.insert(spec.name.clone(), pos) {
@@ -655,10 +676,15 @@ impl Translator<'_, '_> {
             containers.push(spec);
         }
         if default_used && !networks.contains_key(&default_network) {
-            networks.insert(default_network.clone(), NetworkSpec { name: default_network, ..Default::default() });
+            networks
+                .insert(default_network.clone(), NetworkSpec { name: default_network, ..Default::default() });
         }
         self.check_cycles(file, &container_names);
-        Translated { containers, networks: networks.into_values().collect(), volumes: volumes.into_values().collect() }
+        Translated {
+            containers,
+            networks: networks.into_values().collect(),
+            volumes: volumes.into_values().collect(),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -675,7 +701,9 @@ impl Translator<'_, '_> {
     ) -> Option<ContainerSpec> {
         let app = self.ctx.app;
         let mut refused = svc.refused();
-        if let Some(r) = svc.deploy.as_ref().and_then(|d| d.value.resources.as_ref()).and_then(|r| r.reservations.as_ref()) {
+        if let Some(r) =
+            svc.deploy.as_ref().and_then(|d| d.value.resources.as_ref()).and_then(|r| r.reservations.as_ref())
+        {
             refused.push(("deploy.resources.reservations", Pos::of(r)));
         }
         for (key, at) in &refused {
@@ -685,14 +713,19 @@ impl Translator<'_, '_> {
             Some(image) => {
                 let text = self.s(image);
                 let text = text.trim();
-                if (text.is_empty() || text.contains(char::is_whitespace)) && !self.tainted.contains(&Pos::of(image)) {
+                if (text.is_empty() || text.contains(char::is_whitespace))
+                    && !self.tainted.contains(&Pos::of(image))
+                {
                     self.error(Pos::of(image), format!("image `{text}` is not a valid image reference"));
                 }
                 parse_image(text)
             }
             None => {
                 if svc.build.is_none() {
-                    self.error(pos, format!("service `{service}` has no `image:`: every service runs a prebuilt image"));
+                    self.error(
+                        pos,
+                        format!("service `{service}` has no `image:`: every service runs a prebuilt image"),
+                    );
                 }
                 return None;
             }
@@ -700,7 +733,10 @@ impl Translator<'_, '_> {
         let name = container_names.get(service).cloned().unwrap_or_default();
         if !valid_container_name(&name) {
             let at = svc.container_name.as_ref().map(Pos::of).unwrap_or(pos);
-            self.error(at, format!("container name `{name}` is invalid: it must match [a-zA-Z0-9][a-zA-Z0-9_.-]+"));
+            self.error(
+                at,
+                format!("container name `{name}` is invalid: it must match [a-zA-Z0-9][a-zA-Z0-9_.-]+"),
+            );
         }
         let mut spec = ContainerSpec {
             name,
@@ -758,7 +794,10 @@ impl Translator<'_, '_> {
                 match container_names.get(other) {
                     Some(c) => format!("container:{c}"),
                     None => {
-                        self.error(Pos::of(mode), format!("network_mode `{text}` names no service of this app"));
+                        self.error(
+                            Pos::of(mode),
+                            format!("network_mode `{text}` names no service of this app"),
+                        );
                         text.clone()
                     }
                 }
@@ -788,7 +827,13 @@ impl Translator<'_, '_> {
                             match network_names.get(&net.value) {
                                 Some(n) => n.clone(),
                                 None => {
-                                    self.error(Pos::of(net), format!("network `{}` is not declared under the top-level `networks:`", net.value));
+                                    self.error(
+                                        Pos::of(net),
+                                        format!(
+                                            "network `{}` is not declared under the top-level `networks:`",
+                                            net.value
+                                        ),
+                                    );
                                     continue;
                                 }
                             }
@@ -801,7 +846,10 @@ impl Translator<'_, '_> {
                                     aliases.push(alias);
                                 }
                             }
-                            for (what, v) in [("ipv4_address", &settings.ipv4_address), ("ipv6_address", &settings.ipv6_address)] {
+                            for (what, v) in [
+                                ("ipv4_address", &settings.ipv4_address),
+                                ("ipv6_address", &settings.ipv6_address),
+                            ] {
                                 if let Some(v) = v {
                                     self.warning(Pos::of(v), format!("`{what}:` is ignored: the engine assigns addresses; reach services by name"));
                                 }
@@ -820,7 +868,10 @@ impl Translator<'_, '_> {
                 "unless-stopped" => RestartPolicy::UnlessStopped,
                 t if t == "on-failure" || t.starts_with("on-failure:") => {
                     if t != "on-failure" {
-                        self.warning(Pos::of(r), "the retry count of `on-failure:N` is ignored: the engine retries without limit");
+                        self.warning(
+                            Pos::of(r),
+                            "the retry count of `on-failure:N` is ignored: the engine retries without limit",
+                        );
                     }
                     RestartPolicy::OnFailure
                 }
@@ -836,7 +887,10 @@ impl Translator<'_, '_> {
         if let Some(deps) = &svc.depends_on {
             for (dep, settings) in &deps.0 {
                 let Some(container) = container_names.get(&dep.value) else {
-                    self.error(Pos::of(dep), format!("depends_on names `{}`, which is not a service of this app", dep.value));
+                    self.error(
+                        Pos::of(dep),
+                        format!("depends_on names `{}`, which is not a service of this app", dep.value),
+                    );
                     continue;
                 };
                 if dep.value == service {
@@ -870,17 +924,26 @@ impl Translator<'_, '_> {
                     continue;
                 }
             };
-            if !host.starts_with('/') || !container.starts_with('/') || perms.is_empty() || !perms.chars().all(|c| "rwm".contains(c)) {
+            if !host.starts_with('/')
+                || !container.starts_with('/')
+                || perms.is_empty()
+                || !perms.chars().all(|c| "rwm".contains(c))
+            {
                 self.error(Pos::of(d), format!("device `{text}` is not HOST[:CONTAINER[:PERMISSIONS]] with absolute paths and permissions of r, w, m"));
                 continue;
             }
-            spec.devices.push(DeviceMapping { host_path: host.into(), container_path: container.into(), permissions: perms.into() });
+            spec.devices.push(DeviceMapping {
+                host_path: host.into(),
+                container_path: container.into(),
+                permissions: perms.into(),
+            });
         }
         spec.cap_add = svc.cap_add.iter().map(|c| c.value.clone()).collect();
         spec.cap_drop = svc.cap_drop.iter().map(|c| c.value.clone()).collect();
         spec.stop_signal = svc.stop_signal.as_ref().map(|s| s.value.clone());
         // Resource limits: `mem_limit`/`cpus` or `deploy.resources.limits`, not both.
-        let limits = svc.deploy.as_ref().and_then(|d| d.value.resources.as_ref()).and_then(|r| r.limits.as_ref());
+        let limits =
+            svc.deploy.as_ref().and_then(|d| d.value.resources.as_ref()).and_then(|r| r.limits.as_ref());
         let memory = match (&svc.mem_limit, limits.and_then(|l| l.memory.as_ref())) {
             (Some(a), Some(_)) => {
                 self.error(Pos::of(a), "set the memory limit either with `mem_limit:` or with `deploy.resources.limits.memory:`, not both");
@@ -897,7 +960,10 @@ impl Translator<'_, '_> {
         }
         let cpus = match (&svc.cpus, limits.and_then(|l| l.cpus.as_ref())) {
             (Some(a), Some(_)) => {
-                self.error(Pos::of(a), "set the CPU limit either with `cpus:` or with `deploy.resources.limits.cpus:`, not both");
+                self.error(
+                    Pos::of(a),
+                    "set the CPU limit either with `cpus:` or with `deploy.resources.limits.cpus:`, not both",
+                );
                 None
             }
             (a, b) => a.as_ref().or(b),
@@ -920,7 +986,12 @@ impl Translator<'_, '_> {
                 match shell_words::split(&text) {
                     Ok(words) => words,
                     Err(e) => {
-                        self.error(Pos::of(v), format!("cannot split `{text}` into words ({e}): check the quotes, or write a list"));
+                        self.error(
+                            Pos::of(v),
+                            format!(
+                                "cannot split `{text}` into words ({e}): check the quotes, or write a list"
+                            ),
+                        );
                         Vec::new()
                     }
                 }
@@ -938,7 +1009,12 @@ impl Translator<'_, '_> {
     }
 
     /// `environment:`/`labels:` in list or map form.
-    fn key_values(&mut self, v: &Spanned<ListOrMap>, what: &str, need_value: bool) -> BTreeMap<String, String> {
+    fn key_values(
+        &mut self,
+        v: &Spanned<ListOrMap>,
+        what: &str,
+        need_value: bool,
+    ) -> BTreeMap<String, String> {
         let mut out = BTreeMap::new();
         match &v.value {
             ListOrMap::List(items) => {
@@ -998,7 +1074,10 @@ impl Translator<'_, '_> {
                     }
                 };
                 let Ok(container_port) = target_text.parse::<u16>() else {
-                    self.error(Pos::of(&p.target), format!("port target `{target_text}` is not a port number (1-65535)"));
+                    self.error(
+                        Pos::of(&p.target),
+                        format!("port target `{target_text}` is not a port number (1-65535)"),
+                    );
                     return Vec::new();
                 };
                 let host_port = match &p.published {
@@ -1008,7 +1087,10 @@ impl Translator<'_, '_> {
                         match text.parse::<u16>() {
                             Ok(n) if n > 0 => Some(n),
                             _ => {
-                                self.error(Pos::of(pub_), format!("published port `{text}` is not a port number (1-65535)"));
+                                self.error(
+                                    Pos::of(pub_),
+                                    format!("published port `{text}` is not a port number (1-65535)"),
+                                );
                                 None
                             }
                         }
@@ -1065,7 +1147,10 @@ impl Translator<'_, '_> {
             }
         };
         if !target.starts_with('/') {
-            self.error(pos, format!("volume target `{target}` must be an absolute path inside the container"));
+            self.error(
+                pos,
+                format!("volume target `{target}` must be an absolute path inside the container"),
+            );
             return None;
         }
         let source = match (kind.as_str(), source) {
@@ -1077,7 +1162,10 @@ impl Translator<'_, '_> {
             ("volume", Some(name)) => match volume_names.get(&name) {
                 Some(engine) => MountSource::Volume(engine.clone()),
                 None => {
-                    self.error(pos, format!("volume `{name}` is not declared under the top-level `volumes:`"));
+                    self.error(
+                        pos,
+                        format!("volume `{name}` is not declared under the top-level `volumes:`"),
+                    );
                     return None;
                 }
             },
@@ -1089,7 +1177,9 @@ impl Translator<'_, '_> {
                     .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' })
                     .collect();
                 let name = format!("{}_{service}_{suffix}", self.ctx.app);
-                volumes.entry(name.clone()).or_insert_with(|| VolumeSpec { name: name.clone(), ..Default::default() });
+                volumes
+                    .entry(name.clone())
+                    .or_insert_with(|| VolumeSpec { name: name.clone(), ..Default::default() });
                 MountSource::Volume(name)
             }
             ("tmpfs", _) => MountSource::Tmpfs,
@@ -1125,7 +1215,9 @@ impl Translator<'_, '_> {
             self.ctx.file_targets.iter().filter(|(source, _)| source.starts_with(&prefix)).collect();
         if under.is_empty() {
             self.warning(pos, format!("bind source `{src}` is not a file delivered by this app (see `files:` in app.yaml): the device path {device_path} is mounted as it is"));
-        } else if let Some((source, target)) = under.iter().find(|(source, target)| **target != format!("{root}/{source}")) {
+        } else if let Some((source, target)) =
+            under.iter().find(|(source, target)| **target != format!("{root}/{source}"))
+        {
             self.error(pos, format!("directory bind `{src}` contains `{source}`, which is delivered to {target}: a directory bind only covers files at their default place under {device_path}; bind the file itself or drop its `target:`"));
         }
         Some(device_path)
@@ -1172,7 +1264,13 @@ impl Translator<'_, '_> {
         let interval_ms = dur(&d.interval);
         let timeout_ms = dur(&d.timeout);
         let start_period_ms = dur(&d.start_period);
-        Some(Healthcheck { test, interval_ms, timeout_ms, retries: d.retries.as_ref().map(|r| r.value), start_period_ms })
+        Some(Healthcheck {
+            test,
+            interval_ms,
+            timeout_ms,
+            retries: d.retries.as_ref().map(|r| r.value),
+            start_period_ms,
+        })
     }
 
     /// Reports dependency cycles between services.
@@ -1248,7 +1346,9 @@ pub fn normalize_relative(path: &str) -> Option<String> {
 /// Compose's short port syntax: `[HOST_IP:][HOST_PORT:]CONTAINER_PORT[/PROTOCOL]`, with
 /// port ranges (`8000-8002:8000-8002`) and bracketed IPv6 host addresses.
 pub fn parse_port(text: &str) -> Result<Vec<PortMapping>, String> {
-    let err = |why: &str| format!("port `{text}` is not valid ({why}): use [HOST_IP:][HOST_PORT:]CONTAINER_PORT[/tcp|udp], e.g. \"8080:80\"");
+    let err = |why: &str| {
+        format!("port `{text}` is not valid ({why}): use [HOST_IP:][HOST_PORT:]CONTAINER_PORT[/tcp|udp], e.g. \"8080:80\"")
+    };
     let (spec, protocol) = match text.rsplit_once('/') {
         Some((s, "tcp")) => (s, Protocol::Tcp),
         Some((s, "udp")) => (s, Protocol::Udp),
@@ -1337,10 +1437,12 @@ pub fn interpolate(text: &str, vars: &dyn VarLookup) -> Result<String, InterpErr
             out.push('$');
             rest = r;
         } else if let Some(r) = rest.strip_prefix('{') {
-            let end = r.find('}').ok_or_else(|| InterpError::Syntax(format!("unclosed `${{` in `{text}`")))?;
+            let end =
+                r.find('}').ok_or_else(|| InterpError::Syntax(format!("unclosed `${{` in `{text}`")))?;
             let inner = &r[..end];
             rest = &r[end + 1..];
-            let name_len = inner.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(inner.len());
+            let name_len =
+                inner.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(inner.len());
             let (name, op) = inner.split_at(name_len);
             if name.is_empty() {
                 return Err(InterpError::Syntax(format!("`${{{inner}}}` has no variable name")));
@@ -1374,7 +1476,8 @@ pub fn interpolate(text: &str, vars: &dyn VarLookup) -> Result<String, InterpErr
             };
             out.push_str(&resolved);
         } else {
-            let name_len = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+            let name_len =
+                rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
             if name_len == 0 {
                 // A lone `$` stays as it is, as in Compose.
                 out.push('$');
@@ -1433,7 +1536,10 @@ mod tests {
         let p = parse_port("127.0.0.1::80").expect("valid");
         assert_eq!((p[0].host_port, p[0].container_port), (None, 80));
         let p = parse_port("8000-8002:9000-9002").expect("valid");
-        assert_eq!(p.iter().map(|m| (m.host_port, m.container_port)).collect::<Vec<_>>(), vec![(Some(8000), 9000), (Some(8001), 9001), (Some(8002), 9002)]);
+        assert_eq!(
+            p.iter().map(|m| (m.host_port, m.container_port)).collect::<Vec<_>>(),
+            vec![(Some(8000), 9000), (Some(8001), 9001), (Some(8002), 9002)]
+        );
         for bad in ["x", "80:80/sctp", "70000", "8000-8001:80", "::1:80:80"] {
             assert!(parse_port(bad).is_err(), "{bad}");
         }

@@ -43,7 +43,8 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
 /// Parses a byte size: a plain number of bytes, or a number with a unit `b`, `k`, `m`,
 /// `g` (optionally followed by `b`, any case; powers of 1024), e.g. `512m`, `1.5G`.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let err = || format!("invalid size {text:?}: use bytes or a number with k, m or g, e.g. \"512m\", \"1.5g\"");
+    let err =
+        || format!("invalid size {text:?}: use bytes or a number with k, m or g, e.g. \"512m\", \"1.5g\"");
     let s = text.trim().to_ascii_lowercase();
     let num_len = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     if num_len == 0 {

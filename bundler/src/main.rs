@@ -62,14 +62,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create a signing key pair: DIR/signing.key (0600) and DIR/signing.pub.
-    #[command(after_help = "Example:\n  fleet-bundler keygen --out keys/\n\nPut the one line of signing.key into a CI secret (FLEET_SIGNING_KEY) and signing.pub into every agent's trusted keys.")]
+    #[command(
+        after_help = "Example:\n  fleet-bundler keygen --out keys/\n\nPut the one line of signing.key into a CI secret (FLEET_SIGNING_KEY) and signing.pub into every agent's trusted keys.\n\nExit codes: 0 ok, 1 failure (e.g. the key files exist already)."
+    )]
     Keygen {
         /// Directory for the key files (created if needed; existing keys are never overwritten).
         #[arg(long)]
         out: PathBuf,
     },
     /// Check a repository revision: every file, every device; all problems at once.
-    #[command(after_help = "Examples:\n  fleet-bundler validate --repo .\n  fleet-bundler validate --repo /srv/git/fleet.git --rev feature/x --json")]
+    #[command(
+        after_help = "Examples:\n  fleet-bundler validate --repo .\n  fleet-bundler validate --repo /srv/git/fleet.git --rev feature/x --json\n\nExit codes: 0 valid (warnings allowed), 65 invalid (each problem printed as file:line:column), 1 failure (Git, I/O), 64 usage."
+    )]
     Validate {
         #[command(flatten)]
         source: Source,
@@ -78,10 +82,14 @@ enum Command {
         json: bool,
     },
     /// Render, sign and write bundles for every device, plus DIR/index.json.
-    #[command(after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.")]
+    #[command(
+        after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.\nThe signing key may also come from the environment: FLEET_SIGNING_KEY=<the line of signing.key>.\n\nExit codes: 0 built, 65 invalid repository (nothing written), 1 failure (Git, key, registry, I/O), 64 usage."
+    )]
     Build(BuildArgs),
     /// Show what changes per device between two revisions (secrets-free).
-    #[command(after_help = "Examples:\n  fleet-bundler plan --repo . --from origin/main --to HEAD\n  fleet-bundler plan --repo . --from v1 --to v2 --json\n\nExit code 0: no changes, 2: changes, 1/65: error.")]
+    #[command(
+        after_help = "Examples:\n  fleet-bundler plan --repo . --from origin/main --to HEAD\n  fleet-bundler plan --repo . --from v1 --to v2 --json\n\nExit codes: 0 no changes, 2 changes, 65 a revision is invalid, 1 failure, 64 usage."
+    )]
     Plan {
         /// Repository: a clone, a bare repository or its .git directory.
         #[arg(long, default_value = ".")]
@@ -100,10 +108,14 @@ enum Command {
         context: usize,
     },
     /// Announce changed bundles over MQTT (retained, QoS 1, confirmed).
-    #[command(after_help = "Examples:\n  fleet-bundler publish --out out/ --broker mqtt://127.0.0.1:1883 --base-url http://files.local/fleet\n  fleet-bundler publish --out out/ --broker mqtts://broker:8883 --ca-file ca.pem --username ci --blobs-over-mqtt\n\nOnly devices whose bundle changed since the last publish from this directory (DIR/published.json) are announced; --force announces all.")]
+    #[command(
+        after_help = "Examples:\n  fleet-bundler publish --out out/ --broker mqtt://127.0.0.1:1883 --base-url http://files.local/fleet\n  fleet-bundler publish --out out/ --broker mqtts://broker:8883 --ca-file ca.pem --username ci --blobs-over-mqtt\n\nOnly devices whose bundle changed since the last publish from this directory (DIR/published.json) are announced; --force announces all.\n\nExit codes: 0 every announcement acknowledged, 1 failure (broker unreachable or refused, timeout, missing index), 64 usage."
+    )]
     Publish(mqtt::PublishArgs),
     /// Check a bundle exactly as a device would and print its manifest.
-    #[command(after_help = "Examples:\n  fleet-bundler verify --pub keys/signing.pub out/bundles/<digest>.bundle\n  fleet-bundler verify --pub a.pub --pub b.pub --threshold 2 --json bundle")]
+    #[command(
+        after_help = "Examples:\n  fleet-bundler verify --pub keys/signing.pub out/bundles/<digest>.bundle\n  fleet-bundler verify --pub a.pub --pub b.pub --threshold 2 --json bundle\n\nExit codes: 0 the bundle verifies, 1 it does not (the reason code is printed, e.g. (expired), (unknown_key)), 64 usage."
+    )]
     Verify {
         /// A trusted public key file (repeatable).
         #[arg(long = "pub", required = true)]
@@ -124,7 +136,9 @@ enum Command {
         bundle: PathBuf,
     },
     /// Show the fleet's status from MQTT; with --wait, gate CI on convergence.
-    #[command(after_help = "Examples:\n  fleet-bundler status --broker mqtt://127.0.0.1:1883 --fleet acme\n  fleet-bundler status --broker mqtt://broker:1883 --index out/index.json --selector channel=canary --wait --timeout 10m\n\nWith --wait: exit 0 when every selected device of the index runs its indexed version and is converged, 3 as soon as one failed or rolled back on it, 4 at the timeout.")]
+    #[command(
+        after_help = "Examples:\n  fleet-bundler status --broker mqtt://127.0.0.1:1883 --fleet acme\n  fleet-bundler status --broker mqtt://broker:1883 --index out/index.json --selector channel=canary --wait --timeout 10m\n\nWith --wait: exit 0 when every selected device of the index runs its indexed version and is converged, 3 as soon as one failed or rolled back on it, 4 at the timeout.\nExit codes: 0 ok/converged, 3 failed or rolled back, 4 timeout, 1 failure (broker), 64 usage."
+    )]
     Status(mqtt::StatusArgs),
 }
 
@@ -161,8 +175,8 @@ struct BuildArgs {
     /// Timeout of each registry request.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     registry_timeout: Duration,
-    /// zstd compression level (1-22).
-    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(i32).range(1..=22))]
+    /// zstd compression level (1-22). 19 makes bundles ~10% smaller at ~10x the time.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
     level: i32,
     /// Print a JSON summary on stdout.
     #[arg(long)]
@@ -244,27 +258,37 @@ fn keygen(out: &Path) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
-/// Loads and renders a revision, printing diagnostics on stderr. Fails with exit 65
-/// when the repository has errors.
-fn load_and_render(
-    source: &Source,
-    quiet_json: bool,
-) -> anyhow::Result<(repo::Snapshot, render::Fleet, std::collections::BTreeMap<String, fleet_spec::DesiredState>, Vec<Diagnostic>)> {
+/// One revision, rendered.
+struct Rendered {
+    snapshot: repo::Snapshot,
+    fleet: render::Fleet,
+    states: std::collections::BTreeMap<String, fleet_spec::DesiredState>,
+    diags: Vec<Diagnostic>,
+}
+
+/// Loads and renders a revision, printing diagnostics on stderr.
+fn load_and_render(source: &Source) -> anyhow::Result<Rendered> {
     let snapshot = repo::read(&source.repo, &source.rev)?;
     let (fleet, mut diags) = render::load(&snapshot);
     let (states, render_diags) = fleet.render_all();
     diags.extend(render_diags);
     let diags = diag::merge(diags);
-    if !quiet_json {
+    for d in &diags {
+        eprintln!("{d}");
+    }
+    Ok(Rendered { snapshot, fleet, states, diags })
+}
+
+fn validate(source: &Source, json: bool) -> anyhow::Result<u8> {
+    let snapshot = repo::read(&source.repo, &source.rev)?;
+    let (fleet, mut diags) = render::load(&snapshot);
+    diags.extend(fleet.check_all().0);
+    let diags = diag::merge(diags);
+    if !json {
         for d in &diags {
             eprintln!("{d}");
         }
     }
-    Ok((snapshot, fleet, states, diags))
-}
-
-fn validate(source: &Source, json: bool) -> anyhow::Result<u8> {
-    let (snapshot, fleet, _states, diags) = load_and_render(source, json)?;
     let errors = diag::error_count(&diags);
     let warnings = diags.len() - errors;
     if json {
@@ -314,34 +338,42 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     if progress {
         eprintln!("reading {} at {}", args.source.repo.display(), args.source.rev);
     }
-    let (snapshot, fleet, mut states, diags) = load_and_render(&args.source, false)?;
+    let snapshot = repo::read(&args.source.repo, &args.source.rev)?;
+    let (fleet, mut diags) = render::load(&snapshot);
+    let (render_diags, images) = fleet.check_all();
+    diags.extend(render_diags);
+    let diags = diag::merge(diags);
+    for d in &diags {
+        eprintln!("{d}");
+    }
     let errors = diag::error_count(&diags);
     if errors > 0 {
         eprintln!("build stopped: {errors} error(s) in the repository (nothing was written)");
         return Err(Exit(exit::INVALID_REPO).into());
     }
     if progress {
-        eprintln!("rendered {} devices in {:.1?}", states.len(), started.elapsed());
+        eprintln!("checked {} devices in {:.1?}", fleet.devices.len(), started.elapsed());
     }
+    let mut digests = std::collections::BTreeMap::new();
     if args.resolve_digests {
         let registry = Registry::new(args.registry_timeout, args.insecure_registries.clone());
-        let failures = registry::pin_states(&registry, &mut states);
+        let (found, failures) = registry::resolve_all(&registry, &images);
         if !failures.is_empty() {
             for (image, e) in &failures {
                 eprintln!("error: cannot resolve image {image}: {e}");
             }
             bail!("{} image(s) could not be pinned to a digest (nothing was written)", failures.len());
         }
+        digests = found;
     } else {
-        for image in registry::unpinned(states.values()) {
+        for image in &images {
             eprintln!("warning: image {image} is not pinned by digest: devices may run different builds of it (pass --resolve-digests or write image@sha256:...)");
         }
     }
     let summary = build::build(
         &fleet,
         &snapshot,
-        &states,
-        &BuildOptions { out: &args.out, keys: &keys, level: args.level, progress },
+        &BuildOptions { out: &args.out, keys: &keys, level: args.level, progress, digests: &digests },
     )?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -363,18 +395,25 @@ fn plan_cmd(repo_path: &Path, from: &str, to: &str, json: bool, context: usize) 
     let mut states = Vec::new();
     for rev in [from, to] {
         let source = Source { repo: repo_path.into(), rev: rev.into() };
-        let (snapshot, fleet, rendered, diags) = load_and_render(&source, false)?;
-        let errors = diag::error_count(&diags);
+        let r = load_and_render(&source)?;
+        let errors = diag::error_count(&r.diags);
         if errors > 0 {
             eprintln!("plan stopped: {errors} error(s) in the repository at {rev}");
             return Err(Exit(exit::INVALID_REPO).into());
         }
-        states.push((snapshot, fleet, rendered));
+        states.push(r);
     }
-    let (to_snap, to_fleet, to_states) = states.pop().expect("two revisions");
-    let (from_snap, from_fleet, from_states) = states.pop().expect("two revisions");
-    let secret_paths = plan::secret_paths(&from_fleet, &to_fleet);
-    let p = plan::plan(&from_snap.commit, &to_snap.commit, &from_states, &to_states, &secret_paths, context);
+    let to = states.pop().expect("two revisions");
+    let from = states.pop().expect("two revisions");
+    let secret_paths = plan::secret_paths(&from.fleet, &to.fleet);
+    let p = plan::plan(
+        &from.snapshot.commit,
+        &to.snapshot.commit,
+        &from.states,
+        &to.states,
+        &secret_paths,
+        context,
+    );
     if json {
         println!("{}", serde_json::to_string_pretty(&p)?);
     } else {
@@ -400,7 +439,8 @@ fn verify(
     let claimed = bundle::parse(&bytes, &limits)
         .and_then(|p| bundle::decode_manifest(p.manifest_bytes))
         .map_err(|e| anyhow::anyhow!("{} does not verify ({}): {e}", path.display(), e.code()))?;
-    let expect = Expectation { fleet: fleet.unwrap_or(&claimed.fleet), device: device.unwrap_or(&claimed.device) };
+    let expect =
+        Expectation { fleet: fleet.unwrap_or(&claimed.fleet), device: device.unwrap_or(&claimed.device) };
     let now = timefmt::now();
     let verified = bundle::verify(&bytes, &trusted, expect, TrustState::default(), now, &limits)
         .map_err(|e| anyhow::anyhow!("{} does not verify ({}): {e}", path.display(), e.code()))?;
@@ -435,8 +475,15 @@ fn verify(
         println!("  version       {}", m.version);
         println!("  commit        {} {}", m.commit, m.subject);
         println!("  created       {}", timefmt::rfc3339(m.created_at));
-        println!("  expires       {} (in {})", timefmt::rfc3339(m.expires_at), timefmt::age(m.expires_at - now));
-        println!("  signed by     {}", verified.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", "));
+        println!(
+            "  expires       {} (in {})",
+            timefmt::rfc3339(m.expires_at),
+            timefmt::age(m.expires_at - now)
+        );
+        println!(
+            "  signed by     {}",
+            verified.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>().join(", ")
+        );
         println!("  payload       {} bytes compressed, {} bytes raw", m.compressed_size, m.uncompressed_size);
         println!("  files ({})", state.files.len());
         for f in &state.files {

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use fleet_spec::messages::{Announcement, DeviceState, StatusReport};
 use fleet_spec::topic::{Topic, TopicKind, DEFAULT_PREFIX};
-use rumqttc::{Client, ConnectReturnCode, Connection, Event, MqttOptions, Packet, QoS, RecvTimeoutError, Transport};
+use rumqttc::{
+    Client, ConnectReturnCode, Connection, Event, MqttOptions, Packet, QoS, RecvTimeoutError, Transport,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -217,7 +219,8 @@ struct Session {
 impl Session {
     fn connect(args: &BrokerArgs, timeout: Duration, capacity: usize) -> Result<Session, MqttError> {
         let url = parse_url(&args.broker)?;
-        let client_id = args.client_id.clone().unwrap_or_else(|| format!("fleet-bundler-{}", std::process::id()));
+        let client_id =
+            args.client_id.clone().unwrap_or_else(|| format!("fleet-bundler-{}", std::process::id()));
         let mut options = MqttOptions::new(client_id, url.host.clone(), url.port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_clean_session(true);
@@ -248,7 +251,11 @@ impl Session {
     fn next(&mut self, deadline: Instant, what: &str) -> Result<Event, MqttError> {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return Err(MqttError::Timeout { broker: self.broker.clone(), timeout: self.timeout, what: what.into() });
+            return Err(MqttError::Timeout {
+                broker: self.broker.clone(),
+                timeout: self.timeout,
+                what: what.into(),
+            });
         }
         match self.connection.recv_timeout(remaining) {
             Ok(Ok(event)) => Ok(event),
@@ -263,9 +270,11 @@ impl Session {
                     Err(MqttError::Lost { broker: self.broker.clone(), what: what.into(), message })
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {
-                Err(MqttError::Timeout { broker: self.broker.clone(), timeout: self.timeout, what: what.into() })
-            }
+            Err(RecvTimeoutError::Timeout) => Err(MqttError::Timeout {
+                broker: self.broker.clone(),
+                timeout: self.timeout,
+                what: what.into(),
+            }),
             Err(RecvTimeoutError::Disconnected) => Err(MqttError::Lost {
                 broker: self.broker.clone(),
                 what: what.into(),
@@ -304,12 +313,18 @@ pub struct PublishSummary {
 pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
     if args.base_urls.is_empty() && !args.blobs_over_mqtt {
         return Err(MqttError::Usage(
-            "nothing tells devices where to fetch bundles: pass --base-url URL and/or --blobs-over-mqtt".into(),
+            "nothing tells devices where to fetch bundles: pass --base-url URL and/or --blobs-over-mqtt"
+                .into(),
         ));
     }
     let index_path = args.out.join("index.json");
-    let index = Index::read(&index_path)?
-        .ok_or_else(|| MqttError::Usage(format!("{} does not exist: run `fleet-bundler build --out {}` first", index_path.display(), args.out.display())))?;
+    let index = Index::read(&index_path)?.ok_or_else(|| {
+        MqttError::Usage(format!(
+            "{} does not exist: run `fleet-bundler build --out {}` first",
+            index_path.display(),
+            args.out.display()
+        ))
+    })?;
     let published_path = args.out.join("published.json");
     let previous: Published = match std::fs::read(&published_path) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
@@ -319,7 +334,11 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
 
     // (topic, payload) in order: a blob before its announcement.
     let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut summary = PublishSummary { fleet: index.fleet.clone(), broker: args.broker.broker.clone(), ..Default::default() };
+    let mut summary = PublishSummary {
+        fleet: index.fleet.clone(),
+        broker: args.broker.broker.clone(),
+        ..Default::default()
+    };
     for (device, entry) in &index.devices {
         let urls = args
             .base_urls
@@ -346,24 +365,38 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
         if args.blobs_over_mqtt {
             let path = args.out.join("bundles").join(format!("{}.bundle", entry.digest));
             let bytes = std::fs::read(&path).map_err(|source| MqttError::File { path, source })?;
-            messages.push((Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Bundle)?.to_string(), bytes));
+            messages.push((
+                Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Bundle)?.to_string(),
+                bytes,
+            ));
         }
-        messages.push((Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Desired)?.to_string(), payload));
+        messages.push((
+            Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Desired)?.to_string(),
+            payload,
+        ));
         summary.announced.push(device.clone());
     }
     for device in previous.devices.keys().filter(|d| !index.devices.contains_key(*d)) {
         // An empty retained message deletes the retained one.
-        messages.push((Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Desired)?.to_string(), Vec::new()));
+        messages.push((
+            Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Desired)?.to_string(),
+            Vec::new(),
+        ));
         if previous.blobs {
-            messages.push((Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Bundle)?.to_string(), Vec::new()));
+            messages.push((
+                Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Bundle)?.to_string(),
+                Vec::new(),
+            ));
         }
         summary.cleared.push(device.clone());
     }
-    if !previous.blobs || args.blobs_over_mqtt {
-        // nothing to clean up
-    } else {
+    if previous.blobs && !args.blobs_over_mqtt {
+        // Blobs were retained before and are not anymore: remove them.
         for device in index.devices.keys() {
-            messages.push((Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Bundle)?.to_string(), Vec::new()));
+            messages.push((
+                Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Bundle)?.to_string(),
+                Vec::new(),
+            ));
         }
     }
 
@@ -390,7 +423,7 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
     }
     let mut json = serde_json::to_vec_pretty(&next).expect("published state serializes");
     json.push(b'\n');
-    build::write_atomic(&published_path, &json)?;
+    build::write_atomic(&published_path, &json, true)?;
     eprintln!(
         "published fleet {} to {}: {} announced, {} unchanged, {} cleared",
         summary.fleet,
@@ -434,7 +467,9 @@ pub enum StatusOutcome {
 /// convergence or failure of the selected indexed devices.
 pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
     let index = match &args.index {
-        Some(p) => Some(Index::read(p)?.ok_or_else(|| MqttError::Usage(format!("{} does not exist", p.display())))?),
+        Some(p) => {
+            Some(Index::read(p)?.ok_or_else(|| MqttError::Usage(format!("{} does not exist", p.display())))?)
+        }
         None => None,
     };
     let fleet = args
@@ -449,7 +484,8 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
         .unwrap_or_else(|| DEFAULT_PREFIX.into());
     let mut selectors = Vec::new();
     for s in &args.selectors {
-        let (k, v) = s.split_once('=').ok_or_else(|| MqttError::Usage(format!("selector {s:?} is not key=value")))?;
+        let (k, v) =
+            s.split_once('=').ok_or_else(|| MqttError::Usage(format!("selector {s:?} is not key=value")))?;
         selectors.push((k.to_string(), v.to_string()));
     }
     if !selectors.is_empty() && index.is_none() {
@@ -468,7 +504,9 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
     });
     if let Some(exp) = &expected {
         if exp.is_empty() && args.wait {
-            return Err(MqttError::Usage("no device of the index matches --device/--selector: nothing to wait for".into()));
+            return Err(MqttError::Usage(
+                "no device of the index matches --device/--selector: nothing to wait for".into(),
+            ));
         }
     }
 
@@ -554,7 +592,9 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
         match outcome {
             StatusOutcome::Converged => eprintln!("every selected device converged"),
             StatusOutcome::Failed => eprintln!("a device failed or rolled back on the indexed version"),
-            StatusOutcome::Timeout => eprintln!("timeout after {:?}: not every device converged", args.timeout),
+            StatusOutcome::Timeout => {
+                eprintln!("timeout after {:?}: not every device converged", args.timeout)
+            }
             StatusOutcome::Shown => {}
         }
     }
@@ -574,16 +614,21 @@ enum Judgement {
 /// Converged: every expected device applied its indexed version and is `converged`.
 /// Failed: some expected device is `failed`/`rolled_back` while wanting (or having
 /// tried) its indexed version.
-fn judge(expected: &BTreeMap<String, build::IndexEntry>, reports: &BTreeMap<String, StatusReport>) -> Judgement {
+fn judge(
+    expected: &BTreeMap<String, build::IndexEntry>,
+    reports: &BTreeMap<String, StatusReport>,
+) -> Judgement {
     let mut converged = 0;
     for (id, entry) in expected {
         let Some(r) = reports.get(id) else { continue };
-        let applied = r.applied.as_ref().is_some_and(|a| a.version == entry.version && a.digest == entry.digest);
+        let applied =
+            r.applied.as_ref().is_some_and(|a| a.version == entry.version && a.digest == entry.digest);
         if applied && r.state == DeviceState::Converged {
             converged += 1;
             continue;
         }
-        let tried = r.desired.as_ref().is_some_and(|d| d.version == entry.version || d.digest == entry.digest);
+        let tried =
+            r.desired.as_ref().is_some_and(|d| d.version == entry.version || d.digest == entry.digest);
         if tried && matches!(r.state, DeviceState::Failed | DeviceState::RolledBack) {
             return Judgement::Failed;
         }
@@ -618,12 +663,17 @@ fn rows(
             let entry = expected.and_then(|e| e.get(&id));
             DeviceRow {
                 online: online.get(&id).copied(),
-                desired_version: entry.map(|e| e.version).or_else(|| r.and_then(|r| r.desired.as_ref().map(|d| d.version))),
-                desired_commit: entry.map(|e| e.commit.clone()).or_else(|| r.and_then(|r| r.desired.as_ref().map(|d| d.commit.clone()))),
+                desired_version: entry
+                    .map(|e| e.version)
+                    .or_else(|| r.and_then(|r| r.desired.as_ref().map(|d| d.version))),
+                desired_commit: entry
+                    .map(|e| e.commit.clone())
+                    .or_else(|| r.and_then(|r| r.desired.as_ref().map(|d| d.commit.clone()))),
                 applied_version: r.and_then(|r| r.applied.as_ref().map(|a| a.version)),
                 applied_commit: r.and_then(|r| r.applied.as_ref().map(|a| a.commit.clone())),
                 state: r.map(|r| r.state.as_str().to_string()),
-                last_error: r.and_then(|r| r.last_error.as_ref().map(|e| format!("{}: {}", e.code, e.message))),
+                last_error: r
+                    .and_then(|r| r.last_error.as_ref().map(|e| format!("{}: {}", e.code, e.message))),
                 age: r.map(|r| now - r.timestamp),
                 report: r.cloned(),
                 device: id,
@@ -633,7 +683,8 @@ fn rows(
 }
 
 fn table(rows: &[DeviceRow]) -> String {
-    let short = |c: &Option<String>| c.as_deref().map(|c| c[..c.len().min(8)].to_string()).unwrap_or_default();
+    let short =
+        |c: &Option<String>| c.as_deref().map(|c| c[..c.len().min(8)].to_string()).unwrap_or_default();
     let version = |v: Option<u64>, c: &Option<String>| match v {
         Some(v) => format!("{v} {}", short(c)),
         None => "-".into(),

@@ -197,7 +197,10 @@ pub fn plan(
     Plan { from: from_commit.into(), to: to_commit.into(), devices, unchanged }
 }
 
-fn diff_names<'a>(a: impl Iterator<Item = &'a String>, b: impl Iterator<Item = &'a String>) -> Vec<NamedChange> {
+fn diff_names<'a>(
+    a: impl Iterator<Item = &'a String>,
+    b: impl Iterator<Item = &'a String>,
+) -> Vec<NamedChange> {
     let a: BTreeSet<&String> = a.collect();
     let b: BTreeSet<&String> = b.collect();
     let mut out: Vec<NamedChange> =
@@ -207,7 +210,12 @@ fn diff_names<'a>(a: impl Iterator<Item = &'a String>, b: impl Iterator<Item = &
     out
 }
 
-fn diff_files(a: &DesiredState, b: &DesiredState, secret: &BTreeSet<String>, context: usize) -> Vec<FileChange> {
+fn diff_files(
+    a: &DesiredState,
+    b: &DesiredState,
+    secret: &BTreeSet<String>,
+    context: usize,
+) -> Vec<FileChange> {
     let a_files: BTreeMap<&str, &ManagedFile> = a.files.iter().map(|f| (f.path.as_str(), f)).collect();
     let b_files: BTreeMap<&str, &ManagedFile> = b.files.iter().map(|f| (f.path.as_str(), f)).collect();
     let paths: BTreeSet<&str> = a_files.keys().chain(b_files.keys()).copied().collect();
@@ -223,7 +231,9 @@ fn diff_files(a: &DesiredState, b: &DesiredState, secret: &BTreeSet<String>, con
             (None, None) => continue,
         };
         let mode = match (fa, fb) {
-            (Some(x), Some(y)) if x.mode != y.mode => Some([format!("{:04o}", x.mode), format!("{:04o}", y.mode)]),
+            (Some(x), Some(y)) if x.mode != y.mode => {
+                Some([format!("{:04o}", x.mode), format!("{:04o}", y.mode)])
+            }
             _ => None,
         };
         let content_changed = old != new;
@@ -251,8 +261,18 @@ fn diff_containers(a: &DesiredState, b: &DesiredState) -> Vec<ContainerChange> {
     let mut out = Vec::new();
     for name in names {
         match (a_c.get(name), b_c.get(name)) {
-            (None, Some(_)) => out.push(ContainerChange { name: name.into(), change: Change::Added, fields: vec![], image: None }),
-            (Some(_), None) => out.push(ContainerChange { name: name.into(), change: Change::Removed, fields: vec![], image: None }),
+            (None, Some(_)) => out.push(ContainerChange {
+                name: name.into(),
+                change: Change::Added,
+                fields: vec![],
+                image: None,
+            }),
+            (Some(_), None) => out.push(ContainerChange {
+                name: name.into(),
+                change: Change::Removed,
+                fields: vec![],
+                image: None,
+            }),
             (Some(x), Some(y)) => {
                 let mut fields = changed_fields(x, y);
                 if fields.is_empty() && a.container_hash(x) != b.container_hash(y) {
@@ -261,7 +281,8 @@ fn diff_containers(a: &DesiredState, b: &DesiredState) -> Vec<ContainerChange> {
                 if fields.is_empty() {
                     continue;
                 }
-                let image = (x.image != y.image).then(|| [x.image.pull_reference(), y.image.pull_reference()]);
+                let image =
+                    (x.image != y.image).then(|| [x.image.pull_reference(), y.image.pull_reference()]);
                 out.push(ContainerChange { name: name.into(), change: Change::Changed, fields, image });
             }
             (None, None) => {}
@@ -284,7 +305,9 @@ fn changed_fields(a: &ContainerSpec, b: &ContainerSpec) -> Vec<String> {
             continue;
         }
         match (va, vb) {
-            (serde_json::Value::Object(ma), serde_json::Value::Object(mb)) if key == "env" || key == "labels" => {
+            (serde_json::Value::Object(ma), serde_json::Value::Object(mb))
+                if key == "env" || key == "labels" =>
+            {
                 let keys: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
                 for k in keys {
                     if ma.get(k) != mb.get(k) {

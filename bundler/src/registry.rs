@@ -46,12 +46,13 @@ pub struct ImageName {
 pub fn parse_reference(reference: &str) -> Result<ImageName, RegistryError> {
     let bad = || RegistryError::Reference(reference.into());
     let (first, rest) = reference.split_once('/').unwrap_or(("", reference));
-    let (registry, path) = if !first.is_empty() && (first.contains('.') || first.contains(':') || first == "localhost") {
-        (first.to_string(), rest.to_string())
-    } else {
-        let path = if first.is_empty() { format!("library/{rest}") } else { reference.to_string() };
-        ("registry-1.docker.io".to_string(), path)
-    };
+    let (registry, path) =
+        if !first.is_empty() && (first.contains('.') || first.contains(':') || first == "localhost") {
+            (first.to_string(), rest.to_string())
+        } else {
+            let path = if first.is_empty() { format!("library/{rest}") } else { reference.to_string() };
+            ("registry-1.docker.io".to_string(), path)
+        };
     let name_start = path.rfind('/').map_or(0, |i| i + 1);
     let (repository, tag) = match path[name_start..].rfind(':') {
         Some(i) => (path[..name_start + i].to_string(), path[name_start + i + 1..].to_string()),
@@ -60,7 +61,11 @@ pub fn parse_reference(reference: &str) -> Result<ImageName, RegistryError> {
     if repository.is_empty() || tag.is_empty() || repository.contains(char::is_whitespace) {
         return Err(bad());
     }
-    let registry = if registry == "docker.io" || registry == "index.docker.io" { "registry-1.docker.io".into() } else { registry };
+    let registry = if registry == "docker.io" || registry == "index.docker.io" {
+        "registry-1.docker.io".into()
+    } else {
+        registry
+    };
     Ok(ImageName { registry, repository, tag })
 }
 
@@ -72,7 +77,8 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(timeout: Duration, insecure: Vec<String>) -> Self {
-        let config = ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build();
+        let config =
+            ureq::Agent::config_builder().timeout_global(Some(timeout)).http_status_as_error(false).build();
         Registry { agent: ureq::Agent::new_with_config(config), insecure }
     }
 
@@ -89,7 +95,13 @@ impl Registry {
     /// Resolves `reference` (a tag) to its manifest digest `sha256:...`.
     pub fn resolve(&self, reference: &str) -> Result<String, RegistryError> {
         let name = parse_reference(reference)?;
-        let url = format!("{}://{}/v2/{}/manifests/{}", self.scheme(&name.registry), name.registry, name.repository, name.tag);
+        let url = format!(
+            "{}://{}/v2/{}/manifests/{}",
+            self.scheme(&name.registry),
+            name.registry,
+            name.repository,
+            name.tag
+        );
         let http = |e: ureq::Error| RegistryError::Http { url: url.clone(), message: e.to_string() };
         let mut token: Option<String> = None;
         for attempt in 0..2 {
@@ -100,7 +112,8 @@ impl Registry {
             let resp = req.call().map_err(http)?;
             let status = resp.status().as_u16();
             if status == 401 && attempt == 0 {
-                let challenge = resp.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                let challenge =
+                    resp.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or_default();
                 token = Some(self.token(challenge, &name, &url)?);
                 continue;
             }
@@ -156,8 +169,10 @@ impl Registry {
         if resp.status().as_u16() != 200 {
             return Err(fail(format!("token endpoint answered HTTP {}", resp.status().as_u16())));
         }
-        let body = resp.body_mut().with_config().limit(1 << 20).read_to_vec().map_err(|e| fail(e.to_string()))?;
-        let json: serde_json::Value = serde_json::from_slice(&body).map_err(|e| fail(format!("token response: {e}")))?;
+        let body =
+            resp.body_mut().with_config().limit(1 << 20).read_to_vec().map_err(|e| fail(e.to_string()))?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| fail(format!("token response: {e}")))?;
         json.get("token")
             .or_else(|| json.get("access_token"))
             .and_then(|t| t.as_str())
@@ -176,34 +191,35 @@ pub fn unpinned<'a>(states: impl IntoIterator<Item = &'a DesiredState>) -> BTree
         .collect()
 }
 
-/// Resolves every unpinned image once and pins it in every state. Returns the
-/// resolution errors by image.
-pub fn pin_states(
+/// Resolves each image reference; returns the digests and the failures.
+pub fn resolve_all(
     registry: &Registry,
-    states: &mut BTreeMap<String, DesiredState>,
-) -> BTreeMap<String, RegistryError> {
+    images: &BTreeSet<String>,
+) -> (BTreeMap<String, String>, BTreeMap<String, RegistryError>) {
     let mut digests = BTreeMap::new();
     let mut errors = BTreeMap::new();
-    for reference in unpinned(states.values()) {
-        match registry.resolve(&reference) {
+    for reference in images {
+        match registry.resolve(reference) {
             Ok(d) => {
-                digests.insert(reference, d);
+                digests.insert(reference.clone(), d);
             }
             Err(e) => {
-                errors.insert(reference, e);
+                errors.insert(reference.clone(), e);
             }
         }
     }
-    for state in states.values_mut() {
-        for c in &mut state.containers {
-            if c.image.digest.is_none() {
-                if let Some(d) = digests.get(&c.image.reference) {
-                    c.image.digest = Some(d.clone());
-                }
+    (digests, errors)
+}
+
+/// Pins every tag-only image of `state` that `digests` knows.
+pub fn pin(state: &mut DesiredState, digests: &BTreeMap<String, String>) {
+    for c in &mut state.containers {
+        if c.image.digest.is_none() {
+            if let Some(d) = digests.get(&c.image.reference) {
+                c.image.digest = Some(d.clone());
             }
         }
     }
-    errors
 }
 
 #[cfg(test)]
@@ -213,11 +229,17 @@ mod tests {
     #[test]
     fn references_split_like_docker() {
         let n = parse_reference("nginx").expect("valid");
-        assert_eq!((n.registry.as_str(), n.repository.as_str(), n.tag.as_str()), ("registry-1.docker.io", "library/nginx", "latest"));
+        assert_eq!(
+            (n.registry.as_str(), n.repository.as_str(), n.tag.as_str()),
+            ("registry-1.docker.io", "library/nginx", "latest")
+        );
         let n = parse_reference("grafana/grafana:10.1").expect("valid");
         assert_eq!((n.repository.as_str(), n.tag.as_str()), ("grafana/grafana", "10.1"));
         let n = parse_reference("127.0.0.1:5000/team/app:1.2").expect("valid");
-        assert_eq!((n.registry.as_str(), n.repository.as_str(), n.tag.as_str()), ("127.0.0.1:5000", "team/app", "1.2"));
+        assert_eq!(
+            (n.registry.as_str(), n.repository.as_str(), n.tag.as_str()),
+            ("127.0.0.1:5000", "team/app", "1.2")
+        );
         let n = parse_reference("localhost/app").expect("valid");
         assert_eq!((n.registry.as_str(), n.tag.as_str()), ("localhost", "latest"));
     }

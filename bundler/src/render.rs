@@ -22,7 +22,6 @@ use crate::format::{AppFile, DeviceFile, FleetFile};
 use crate::repo::Snapshot;
 use crate::yaml::{self, Pos, Vars};
 
-pub const DEFAULT_EXPIRY: &str = "90d";
 pub const DEFAULT_FILE_ROOT: &str = "/srv/fleet";
 
 /// A fleet, loaded and checked.
@@ -90,7 +89,9 @@ impl App {
     pub fn selects(&self, device: &Device) -> bool {
         match &self.selector {
             None => true,
-            Some(sel) => sel.iter().all(|(k, values)| device.labels.get(k).is_some_and(|v| values.contains(v))),
+            Some(sel) => {
+                sel.iter().all(|(k, values)| device.labels.get(k).is_some_and(|v| values.contains(v)))
+            }
         }
     }
 }
@@ -124,47 +125,67 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
             0,
             "missing: the repository root needs a fleet.yaml with at least `name: <fleet id>`",
         )),
-        Some(bytes) => match text("fleet.yaml", bytes).and_then(|t| yaml::parse::<FleetFile>("fleet.yaml", t)) {
-            Err(d) => diags.push(d),
-            Ok(f) => {
-                let at = Pos::of(&f.name);
-                match validate_id("fleet id", &f.name.value) {
-                    Ok(()) => name = f.name.value.clone(),
-                    Err(e) => diags.push(Diagnostic::error("fleet.yaml", at.line, at.column, e.to_string())),
-                }
-                if let Some(p) = &f.topic_prefix {
-                    match validate_prefix(&p.value) {
-                        Ok(()) => topic_prefix = p.value.clone(),
+        Some(bytes) => {
+            match text("fleet.yaml", bytes).and_then(|t| yaml::parse::<FleetFile>("fleet.yaml", t)) {
+                Err(d) => diags.push(d),
+                Ok(f) => {
+                    let at = Pos::of(&f.name);
+                    match validate_id("fleet id", &f.name.value) {
+                        Ok(()) => name = f.name.value.clone(),
                         Err(e) => {
-                            let at = Pos::of(p);
-                            diags.push(Diagnostic::error("fleet.yaml", at.line, at.column, e.to_string()));
+                            diags.push(Diagnostic::error("fleet.yaml", at.line, at.column, e.to_string()))
                         }
                     }
-                }
-                if let Some(e) = &f.bundle_expiry {
-                    let at = Pos::of(e);
-                    match parse_duration_ms(&e.value) {
-                        Ok(ms) if ms >= 3_600_000 => bundle_expiry = (ms / 1000) as i64,
-                        Ok(_) => diags.push(Diagnostic::error("fleet.yaml", at.line, at.column, "bundle_expiry must be at least 1h: devices refuse expired bundles")),
-                        Err(m) => diags.push(Diagnostic::error("fleet.yaml", at.line, at.column, m)),
+                    if let Some(p) = &f.topic_prefix {
+                        match validate_prefix(&p.value) {
+                            Ok(()) => topic_prefix = p.value.clone(),
+                            Err(e) => {
+                                let at = Pos::of(p);
+                                diags.push(Diagnostic::error(
+                                    "fleet.yaml",
+                                    at.line,
+                                    at.column,
+                                    e.to_string(),
+                                ));
+                            }
+                        }
                     }
-                }
-                if let Some(r) = &f.file_root {
-                    let at = Pos::of(r);
-                    match normalize_absolute(&r.value) {
-                        Some(p) => file_root = p,
-                        None => diags.push(Diagnostic::error("fleet.yaml", at.line, at.column, format!("file_root `{}` must be an absolute path without `..`", r.value))),
+                    if let Some(e) = &f.bundle_expiry {
+                        let at = Pos::of(e);
+                        match parse_duration_ms(&e.value) {
+                            Ok(ms) if ms >= 3_600_000 => bundle_expiry = (ms / 1000) as i64,
+                            Ok(_) => diags.push(Diagnostic::error(
+                                "fleet.yaml",
+                                at.line,
+                                at.column,
+                                "bundle_expiry must be at least 1h: devices refuse expired bundles",
+                            )),
+                            Err(m) => diags.push(Diagnostic::error("fleet.yaml", at.line, at.column, m)),
+                        }
                     }
+                    if let Some(r) = &f.file_root {
+                        let at = Pos::of(r);
+                        match normalize_absolute(&r.value) {
+                            Some(p) => file_root = p,
+                            None => diags.push(Diagnostic::error(
+                                "fleet.yaml",
+                                at.line,
+                                at.column,
+                                format!("file_root `{}` must be an absolute path without `..`", r.value),
+                            )),
+                        }
+                    }
+                    vars = f.vars;
                 }
-                vars = f.vars;
             }
-        },
+        }
     }
 
     // devices/<id>.yaml, parsed in parallel (large fleets have thousands).
     let device_files: Vec<(&String, &Vec<u8>)> =
         snapshot.files.iter().filter(|(p, _)| p.starts_with("devices/")).collect();
-    let parsed: Vec<Result<Device, Diagnostic>> = device_files.par_iter().map(|(path, bytes)| load_device(path, bytes)).collect();
+    let parsed: Vec<Result<Device, Diagnostic>> =
+        device_files.par_iter().map(|(path, bytes)| load_device(path, bytes)).collect();
     let mut devices = BTreeMap::new();
     for r in parsed {
         match r {
@@ -200,7 +221,12 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
     for path in snapshot.files.keys() {
         if let Some(rest) = path.strip_prefix("apps/") {
             if !rest.contains('/') {
-                diags.push(Diagnostic::warning(path.as_str(), 0, 0, "ignored: apps/ holds one directory per app"));
+                diags.push(Diagnostic::warning(
+                    path.as_str(),
+                    0,
+                    0,
+                    "ignored: apps/ holds one directory per app",
+                ));
             }
         }
     }
@@ -216,11 +242,18 @@ fn text<'a>(path: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
 fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Diagnostic> {
     let rest = &path["devices/".len()..];
     let Some(id) = rest.strip_suffix(".yaml").filter(|id| !id.contains('/')) else {
-        return Err(Diagnostic::error(path, 0, 0, "devices/ holds one <device id>.yaml file per device, nothing else"));
+        return Err(Diagnostic::error(
+            path,
+            0,
+            0,
+            "devices/ holds one <device id>.yaml file per device, nothing else",
+        ));
     };
-    validate_id("device id", id).map_err(|e| Diagnostic::error(path, 0, 0, format!("the file name is the device id: {e}")))?;
+    validate_id("device id", id)
+        .map_err(|e| Diagnostic::error(path, 0, 0, format!("the file name is the device id: {e}")))?;
     let text = text(path, bytes)?;
-    let file: DeviceFile = if text.trim().is_empty() { DeviceFile::default() } else { yaml::parse(path, text)? };
+    let file: DeviceFile =
+        if text.trim().is_empty() { DeviceFile::default() } else { yaml::parse(path, text)? };
     let labels = file.labels.into_iter().map(|(k, v)| (k, v.value.0)).collect();
     Ok(Device { id: id.to_string(), labels, vars: file.vars })
 }
@@ -240,7 +273,12 @@ fn load_app(
         return None;
     }
     let Some(bytes) = snapshot.files.get(&app_yaml) else {
-        diags.push(Diagnostic::error(app_yaml.as_str(), 0, 0, "missing: every app directory needs an app.yaml (it may be empty: `{}`)"));
+        diags.push(Diagnostic::error(
+            app_yaml.as_str(),
+            0,
+            0,
+            "missing: every app directory needs an app.yaml (it may be empty: `{}`)",
+        ));
         return None;
     };
     let parsed: AppFile = match text(&app_yaml, bytes) {
@@ -269,7 +307,11 @@ fn load_app(
     if let Some(sel) = &parsed.selector {
         for (k, v) in &sel.value {
             if v.value.0.is_empty() {
-                err(diags, Pos::of(v), format!("selector label `{k}` lists no value: give a value or a list of values"));
+                err(
+                    diags,
+                    Pos::of(v),
+                    format!("selector label `{k}` lists no value: give a value or a list of values"),
+                );
             }
         }
     }
@@ -281,12 +323,23 @@ fn load_app(
         let e = &entry.value;
         let src_pos = Pos::of(&e.source);
         let Some(source) = compose::normalize_relative(&e.source.value).filter(|s| !s.is_empty()) else {
-            err(diags, src_pos, format!("file source `{}` must be a path inside apps/{app}/", e.source.value));
+            err(
+                diags,
+                src_pos,
+                format!("file source `{}` must be a path inside apps/{app}/", e.source.value),
+            );
             continue;
         };
         let repo_path = format!("{dir}/{source}");
         let Some(content) = snapshot.files.get(&repo_path) else {
-            err(diags, src_pos, format!("file source `{}` does not exist: expected {repo_path} in the commit", e.source.value));
+            err(
+                diags,
+                src_pos,
+                format!(
+                    "file source `{}` does not exist: expected {repo_path} in the commit",
+                    e.source.value
+                ),
+            );
             continue;
         };
         let target = match &e.target {
@@ -294,20 +347,35 @@ fn load_app(
             Some(t) => match normalize_absolute(&t.value) {
                 Some(p) if p != "/" => p,
                 _ => {
-                    err(diags, Pos::of(t), format!("file target `{}` must be an absolute file path without `..`", t.value));
+                    err(
+                        diags,
+                        Pos::of(t),
+                        format!("file target `{}` must be an absolute file path without `..`", t.value),
+                    );
                     continue;
                 }
             },
         };
         if let Some(first) = targets_seen.insert(target.clone(), src_pos) {
-            err(diags, src_pos, format!("target {target} is also written by the file at line {}", first.line));
+            err(
+                diags,
+                src_pos,
+                format!("target {target} is also written by the file at line {}", first.line),
+            );
         }
         let mode = match &e.mode {
             None => 0o644,
             Some(m) => match u32::from_str_radix(m.value.0.trim_start_matches("0o"), 8) {
                 Ok(v) if v <= 0o7777 => v,
                 _ => {
-                    err(diags, Pos::of(m), format!("mode `{}` is not octal permission bits such as \"0644\" or \"0600\"", m.value.0));
+                    err(
+                        diags,
+                        Pos::of(m),
+                        format!(
+                            "mode `{}` is not octal permission bits such as \"0644\" or \"0600\"",
+                            m.value.0
+                        ),
+                    );
                     continue;
                 }
             },
@@ -315,9 +383,17 @@ fn load_app(
         let owner = match &e.owner {
             None => None,
             Some(o) => {
-                let parsed = o.value.0.split_once(':').and_then(|(u, g)| Some(Owner { uid: u.parse().ok()?, gid: g.parse().ok()? }));
+                let parsed = o
+                    .value
+                    .0
+                    .split_once(':')
+                    .and_then(|(u, g)| Some(Owner { uid: u.parse().ok()?, gid: g.parse().ok()? }));
                 if parsed.is_none() {
-                    err(diags, Pos::of(o), format!("owner `{}` must be numeric \"uid:gid\", e.g. \"1000:1000\"", o.value.0));
+                    err(
+                        diags,
+                        Pos::of(o),
+                        format!("owner `{}` must be numeric \"uid:gid\", e.g. \"1000:1000\"", o.value.0),
+                    );
                     continue;
                 }
                 parsed
@@ -325,7 +401,13 @@ fn load_app(
         };
         let content = if e.template {
             let Ok(source_text) = std::str::from_utf8(content) else {
-                err(diags, src_pos, format!("{repo_path} is not UTF-8 text, so it cannot be a template: drop `template: true`"));
+                err(
+                    diags,
+                    src_pos,
+                    format!(
+                        "{repo_path} is not UTF-8 text, so it cannot be a template: drop `template: true`"
+                    ),
+                );
                 continue;
             };
             if let Err(te) = templates.add_template_owned(repo_path.clone(), source_text.to_string()) {
@@ -362,7 +444,12 @@ fn load_app(
             } else {
                 for alt in ["docker-compose.yaml", "docker-compose.yml", "compose.yml"] {
                     if snapshot.files.contains_key(&format!("{dir}/{alt}")) {
-                        diags.push(Diagnostic::warning(format!("{dir}/{alt}"), 0, 0, format!("ignored: name it compose.yaml or set `compose: {alt}` in app.yaml")));
+                        diags.push(Diagnostic::warning(
+                            format!("{dir}/{alt}"),
+                            0,
+                            0,
+                            format!("ignored: name it compose.yaml or set `compose: {alt}` in app.yaml"),
+                        ));
                     }
                 }
                 None
@@ -424,7 +511,12 @@ fn template_diagnostic(repo_path: &str, e: &minijinja::Error) -> Diagnostic {
         Some(d) => format!("{}: {d}", e.kind()),
         None => e.kind().to_string(),
     };
-    Diagnostic::error(e.name().unwrap_or(repo_path), e.line().unwrap_or(0) as u64, 0, format!("template: {detail}"))
+    Diagnostic::error(
+        e.name().unwrap_or(repo_path),
+        e.line().unwrap_or(0) as u64,
+        0,
+        format!("template: {detail}"),
+    )
 }
 
 /// `/a//b/./c/` → `/a/b/c`; `None` for relative paths or `..`.
@@ -513,13 +605,23 @@ impl Fleet {
                     )));
                     continue;
                 }
-                state.files.push(ManagedFile { path: f.target.clone(), mode: f.mode, owner: f.owner, content });
+                state.files.push(ManagedFile {
+                    path: f.target.clone(),
+                    mode: f.mode,
+                    owner: f.owner,
+                    content,
+                });
             }
             let Some(c) = &app.compose else { continue };
             let translated = match &c.fixed {
                 Some(t) => t.clone(),
                 None => {
-                    let ctx = AppContext { app: &app.name, file: &c.file, app_root: &c.app_root, file_targets: &c.file_targets };
+                    let ctx = AppContext {
+                        app: &app.name,
+                        file: &c.file,
+                        app_root: &c.app_root,
+                        file_targets: &c.file_targets,
+                    };
                     let lookup = |name: &str| merged_vars.get(name).and_then(scalar_var);
                     let (t, found) = compose::translate(&c.parsed, &ctx, &lookup, false);
                     for d in found {
@@ -536,7 +638,10 @@ impl Fleet {
                         c.file.as_str(),
                         0,
                         0,
-                        format!("container name `{}` is also used by app `{other}` on this device", spec.name),
+                        format!(
+                            "container name `{}` is also used by app `{other}` on this device",
+                            spec.name
+                        ),
                     )));
                     continue;
                 }
@@ -555,6 +660,27 @@ impl Fleet {
         }
         state.canonicalize();
         (state, diags)
+    }
+
+    /// Renders every device in parallel to check it, keeping no state (memory stays
+    /// flat for large fleets). Returns the merged diagnostics and the image references
+    /// that are not pinned by digest.
+    pub fn check_all(&self) -> (Vec<Diagnostic>, BTreeSet<String>) {
+        let results: Vec<(Vec<Diagnostic>, BTreeSet<String>)> = self
+            .devices
+            .par_iter()
+            .map(|(_, device)| {
+                let (state, diags) = self.render(device);
+                (diags, crate::registry::unpinned([&state]))
+            })
+            .collect();
+        let mut diags = Vec::new();
+        let mut images = BTreeSet::new();
+        for (d, i) in results {
+            diags.extend(d);
+            images.extend(i);
+        }
+        (crate::diag::merge(diags), images)
     }
 
     /// Renders every device in parallel. Returns the states of the devices that

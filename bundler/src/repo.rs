@@ -49,7 +49,7 @@ pub fn read(path: &Path, rev: &str) -> Result<Snapshot, RepoError> {
     })?;
     let commit = id
         .object()
-        .and_then(|o| Ok(o.peel_to_commit()?))
+        .and_then(|o| o.peel_to_commit())
         .map_err(|e| RepoError::NotACommit { rev: rev.into(), message: e.to_string() })?;
     let commit_id = commit.id().to_string();
     let read_err = |what: &str, e: &dyn std::fmt::Display| RepoError::Read {

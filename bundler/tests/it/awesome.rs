@@ -45,7 +45,8 @@ fn repo_with(examples: &[&str], dir: &str) -> Repo {
     repo.write("devices/lab-1.yaml", DEVICE);
     for ex in examples {
         let app = app_name(ex);
-        let compose = std::fs::read_to_string(fixtures().join(format!("awesome-compose/{dir}{ex}.yaml"))).expect("fixture");
+        let compose = std::fs::read_to_string(fixtures().join(format!("awesome-compose/{dir}{ex}.yaml")))
+            .expect("fixture");
         repo.write(&format!("apps/{app}/app.yaml"), "{}\n");
         repo.write(&format!("apps/{app}/compose.yaml"), &compose);
     }
@@ -70,8 +71,12 @@ fn accepted_examples_translate_as_compose_would_run_them() {
     let out_dir = tempfile::tempdir().expect("tempdir");
     let out = build(repo.path(), "HEAD", &keys, out_dir.path());
     out.assert_code(0);
-    out.assert_stderr_has("apps/pihole-cloudflared-doh/compose.yaml:16:23: warning: `ipv4_address:` is ignored");
-    out.assert_stderr_has("apps/pihole-cloudflared-doh/compose.yaml:54:7: warning: network `ipam:` is ignored");
+    out.assert_stderr_has(
+        "apps/pihole-cloudflared-doh/compose.yaml:16:23: warning: `ipv4_address:` is ignored",
+    );
+    out.assert_stderr_has(
+        "apps/pihole-cloudflared-doh/compose.yaml:54:7: warning: network `ipam:` is ignored",
+    );
     let state = open_bundle(out_dir.path(), "lab-1", &keys).state;
 
     // gitea: service names as aliases on the per-app default network, named volumes.
@@ -93,7 +98,10 @@ fn accepted_examples_translate_as_compose_would_run_them() {
     assert_eq!(pihole.depends_on[0].condition, DependencyCondition::Started);
     assert_eq!(pihole.networks[0].network, "pihole-cloudflared-doh_dns-net");
     assert_eq!(pihole.cap_add, vec!["NET_ADMIN".to_string()]);
-    assert!(pihole.mounts.iter().any(|m| m.source == MountSource::Bind("/etc/pihole".into()) && m.target == "/etc/pihole/"));
+    assert!(pihole
+        .mounts
+        .iter()
+        .any(|m| m.source == MountSource::Bind("/etc/pihole".into()) && m.target == "/etc/pihole/"));
 
     // nextcloud: command string split like a shell, two named networks.
     let mariadb = state.containers.iter().find(|c| c.name == "nextcloud-redis-mariadb-db").expect("mariadb");
@@ -104,7 +112,10 @@ fn accepted_examples_translate_as_compose_would_run_them() {
     let nc = state.containers.iter().find(|c| c.name == "nextcloud-redis-mariadb-nc").expect("nc");
     let nets: Vec<&str> = nc.networks.iter().map(|n| n.network.as_str()).collect();
     assert_eq!(nets, ["nextcloud-redis-mariadb_redisnet", "nextcloud-redis-mariadb_dbnet"]);
-    assert!(!state.networks.iter().any(|n| n.name == "nextcloud-redis-mariadb_default"), "unused default network");
+    assert!(
+        !state.networks.iter().any(|n| n.name == "nextcloud-redis-mariadb_default"),
+        "unused default network"
+    );
 }
 
 #[test]
@@ -116,6 +127,10 @@ fn examples_that_build_images_or_need_a_home_are_refused() {
     out.assert_stderr_has("apps/nginx-golang-postgres/compose.yaml:4:7: error: `build:` is not supported");
     out.assert_stderr_has("apps/nginx-golang-postgres/compose.yaml:7:7: error: `secrets:` is not supported");
     out.assert_stderr_has("apps/nginx-golang-postgres/compose.yaml:47:3: error: `secrets:` is not supported");
-    out.assert_stderr_has("apps/minecraft/compose.yaml:13:8: error: bind source `~/minecraft_data` is home-relative");
-    out.assert_stderr_has("apps/prometheus-grafana/compose.yaml:12:9: error: /prometheus is already mounted at line 11");
+    out.assert_stderr_has(
+        "apps/minecraft/compose.yaml:13:8: error: bind source `~/minecraft_data` is home-relative",
+    );
+    out.assert_stderr_has(
+        "apps/prometheus-grafana/compose.yaml:12:9: error: /prometheus is already mounted at line 11",
+    );
 }

@@ -35,7 +35,11 @@ fn builds_the_example_fleet_into_bundles_that_verify() {
     assert_eq!(summary["devices"], 4);
     assert_eq!(summary["written"], 4);
     out.assert_stderr_has("warning: image nginx:1.27-alpine is not pinned by digest");
-    assert_eq!(out.stderr.matches("image nginx:1.27-alpine is not pinned").count(), 1, "warned once per image");
+    assert_eq!(
+        out.stderr.matches("image nginx:1.27-alpine is not pinned").count(),
+        1,
+        "warned once per image"
+    );
 
     let index = read_index(out_dir.path());
     let commit = repo.git(&["rev-parse", "HEAD"]).trim().to_string();
@@ -68,9 +72,12 @@ fn builds_the_example_fleet_into_bundles_that_verify() {
     assert!(telegraf.contains("debug = true") && telegraf.contains("channel = \"canary\""), "{telegraf}");
     // The proxy bind-mounts the managed file, so it restarts when the file changes.
     let proxy = state.containers.iter().find(|c| c.name == "edge-proxy-proxy").expect("proxy container");
-    assert!(proxy.mounts.iter().any(|m| m.source == MountSource::Bind("/srv/fleet/edge-proxy/files/nginx.conf".into())
-        && m.target == "/etc/nginx/conf.d/default.conf"
-        && m.read_only));
+    assert!(proxy
+        .mounts
+        .iter()
+        .any(|m| m.source == MountSource::Bind("/srv/fleet/edge-proxy/files/nginx.conf".into())
+            && m.target == "/etc/nginx/conf.d/default.conf"
+            && m.read_only));
     assert_eq!(proxy.networks[0].network, "edge-proxy_default");
     assert_eq!(proxy.networks[0].aliases, vec!["proxy".to_string()]);
     assert_eq!(proxy.depends_on[0].container, "edge-proxy-api");
@@ -103,7 +110,8 @@ fn verify_refuses_like_a_device() {
     let other = Keys::new();
     let out_dir = tempfile::tempdir().expect("tempdir");
     build(repo.path(), "HEAD", &keys, out_dir.path()).assert_code(0);
-    let digest = read_index(out_dir.path())["devices"]["gw-munich-01"]["digest"].as_str().expect("digest").to_string();
+    let digest =
+        read_index(out_dir.path())["devices"]["gw-munich-01"]["digest"].as_str().expect("digest").to_string();
     let path = out_dir.path().join(format!("bundles/{digest}.bundle"));
     let path = path.to_str().expect("utf-8");
     let v = bundler(&["verify", "--pub", &other.public(), path]);
@@ -133,11 +141,17 @@ fn the_same_commit_builds_identical_bytes() {
     let (a, b) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
     build(repo.path(), "HEAD", &keys, a.path()).assert_code(0);
     build(repo.path(), "HEAD", &keys, b.path()).assert_code(0);
-    assert_eq!(std::fs::read(a.path().join("index.json")).expect("a"), std::fs::read(b.path().join("index.json")).expect("b"));
+    assert_eq!(
+        std::fs::read(a.path().join("index.json")).expect("a"),
+        std::fs::read(b.path().join("index.json")).expect("b")
+    );
     let files = bundle_files(a.path());
     assert_eq!(files, bundle_files(b.path()));
     for f in &files {
-        assert_eq!(std::fs::read(a.path().join("bundles").join(f)).expect("a"), std::fs::read(b.path().join("bundles").join(f)).expect("b"));
+        assert_eq!(
+            std::fs::read(a.path().join("bundles").join(f)).expect("a"),
+            std::fs::read(b.path().join("bundles").join(f)).expect("b")
+        );
     }
     // Rebuilding into the same directory writes nothing.
     let again = build(repo.path(), "HEAD", &keys, a.path());
@@ -173,7 +187,10 @@ fn one_changed_device_gets_exactly_one_new_bundle() {
     assert_eq!(after["devices"]["gw-berlin-02"]["version"], 1_800_000_500u64);
     assert_eq!(after["devices"]["gw-berlin-02"]["commit"], commit.as_str());
     for kept in ["gw-berlin-01", "gw-munich-01", "sensor-hub-01"] {
-        assert_eq!(after["devices"][kept], before["devices"][kept], "{kept} keeps bundle, version and commit");
+        assert_eq!(
+            after["devices"][kept], before["devices"][kept],
+            "{kept} keeps bundle, version and commit"
+        );
     }
 }
 
@@ -182,19 +199,28 @@ fn versions_grow_across_rebased_history_and_shallow_clones() {
     let repo = Repo::example();
     let keys = Keys::new();
     let out_dir = tempfile::tempdir().expect("tempdir");
-    repo.write("fleet.yaml", "name: acme\nvars:\n  log_level: warn\n  mqtt_host: m\n  telemetry_interval: 10s\n");
+    repo.write(
+        "fleet.yaml",
+        "name: acme\nvars:\n  log_level: warn\n  mqtt_host: m\n  telemetry_interval: 10s\n",
+    );
     repo.commit_at("later commit", 1_900_000_000);
     build(repo.path(), "HEAD", &keys, out_dir.path()).assert_code(0);
     assert_eq!(read_index(out_dir.path())["devices"]["sensor-hub-01"]["version"], 1_900_000_000u64);
 
     // History is rewritten: a different commit with an older committer time.
     repo.git(&["reset", "-q", "--hard", "HEAD~1"]);
-    repo.write("fleet.yaml", "name: acme\nvars:\n  log_level: warn\n  mqtt_host: m\n  telemetry_interval: 20s\n");
+    repo.write(
+        "fleet.yaml",
+        "name: acme\nvars:\n  log_level: warn\n  mqtt_host: m\n  telemetry_interval: 20s\n",
+    );
     repo.commit_at("rebased", 1_850_000_000);
     let out = build(repo.path(), "HEAD", &keys, out_dir.path());
     out.assert_code(0);
     let index = read_index(out_dir.path());
-    assert_eq!(index["devices"]["sensor-hub-01"]["version"], 1_900_000_001u64, "previous version + 1, never older");
+    assert_eq!(
+        index["devices"]["sensor-hub-01"]["version"], 1_900_000_001u64,
+        "previous version + 1, never older"
+    );
 
     // A shallow clone (one commit, no parents) builds the same bundles.
     let clone_parent = tempfile::tempdir().expect("tempdir");
@@ -209,7 +235,11 @@ fn versions_grow_across_rebased_history_and_shallow_clones() {
     build(&shallow, "HEAD", &keys, fresh.path()).assert_code(0);
     let from_full = tempfile::tempdir().expect("tempdir");
     build(repo.path(), "HEAD", &keys, from_full.path()).assert_code(0);
-    assert_eq!(read_index(fresh.path()), read_index(from_full.path()), "shallow and full clones build the same");
+    assert_eq!(
+        read_index(fresh.path()),
+        read_index(from_full.path()),
+        "shallow and full clones build the same"
+    );
 }
 
 #[test]
@@ -217,13 +247,20 @@ fn bare_clones_and_merges_build_at_any_revision() {
     let repo = Repo::example();
     let keys = Keys::new();
     repo.git(&["checkout", "-q", "-b", "feature"]);
-    repo.write("apps/canary-tools/compose.yaml", "services:\n  netcheck:\n    image: busybox:1.37\n    network_mode: host\n");
+    repo.write(
+        "apps/canary-tools/compose.yaml",
+        "services:\n  netcheck:\n    image: busybox:1.37\n    network_mode: host\n",
+    );
     repo.commit_at("canary: busybox 1.37", 1_800_000_100);
     repo.git(&["checkout", "-q", "main"]);
     repo.write("devices/gw-new-01.yaml", "labels:\n  site: berlin\n  hardware: x86\n  channel: stable\n");
     repo.commit_at("add gw-new-01", 1_800_000_200);
     let date = "@1800000300 +0000";
-    git_in(repo.path(), &["merge", "-q", "--no-ff", "-m", "merge feature", "feature"], &[("GIT_COMMITTER_DATE", date), ("GIT_AUTHOR_DATE", date)]);
+    git_in(
+        repo.path(),
+        &["merge", "-q", "--no-ff", "-m", "merge feature", "feature"],
+        &[("GIT_COMMITTER_DATE", date), ("GIT_AUTHOR_DATE", date)],
+    );
 
     let parent = tempfile::tempdir().expect("tempdir");
     git_in(parent.path(), &["clone", "-q", "--bare", repo.path_str(), "fleet.git"], &[]);
@@ -239,7 +276,8 @@ fn bare_clones_and_merges_build_at_any_revision() {
     let index = read_index(out_dir.path());
     assert_eq!(index["commit"], repo.git(&["rev-parse", "HEAD"]).trim());
     let verified = open_bundle(out_dir.path(), "gw-berlin-01", &keys);
-    let netcheck = verified.state.containers.iter().find(|c| c.name == "canary-tools-netcheck").expect("netcheck");
+    let netcheck =
+        verified.state.containers.iter().find(|c| c.name == "canary-tools-netcheck").expect("netcheck");
     assert_eq!(netcheck.image.reference, "busybox:1.37", "the merge has the feature's change");
     assert!(index["devices"]["gw-new-01"].is_object(), "and main's new device");
 }
@@ -251,13 +289,19 @@ fn the_signing_key_can_come_from_the_environment() {
     let line = std::fs::read_to_string(keys.secret()).expect("key");
     let out_dir = tempfile::tempdir().expect("tempdir");
     let out_path = out_dir.path().to_str().expect("utf-8");
-    let out = bundler_env(&["build", "--repo", repo.path_str(), "--out", out_path], &[("FLEET_SIGNING_KEY", line.trim())]);
+    let out = bundler_env(
+        &["build", "--repo", repo.path_str(), "--out", out_path],
+        &[("FLEET_SIGNING_KEY", line.trim())],
+    );
     out.assert_code(0);
     open_bundle(out_dir.path(), "gw-munich-01", &keys);
     let out = bundler(&["build", "--repo", repo.path_str(), "--out", out_path]);
     out.assert_code(1);
     out.assert_stderr_has("no signing key: pass --key FILE or set FLEET_SIGNING_KEY");
-    let out = bundler_env(&["build", "--repo", repo.path_str(), "--out", out_path], &[("FLEET_SIGNING_KEY", "garbage")]);
+    let out = bundler_env(
+        &["build", "--repo", repo.path_str(), "--out", out_path],
+        &[("FLEET_SIGNING_KEY", "garbage")],
+    );
     out.assert_code(1);
     out.assert_stderr_has("FLEET_SIGNING_KEY: not a secret key");
 }
@@ -281,9 +325,57 @@ fn an_index_of_another_fleet_is_not_overwritten() {
     let keys = Keys::new();
     let out_dir = tempfile::tempdir().expect("tempdir");
     build(repo.path(), "HEAD", &keys, out_dir.path()).assert_code(0);
-    repo.write("fleet.yaml", "name: other\nvars:\n  log_level: info\n  mqtt_host: m\n  telemetry_interval: 1s\n");
+    repo.write(
+        "fleet.yaml",
+        "name: other\nvars:\n  log_level: info\n  mqtt_host: m\n  telemetry_interval: 1s\n",
+    );
     repo.commit_at("rename", 1_800_000_100);
     let out = build(repo.path(), "HEAD", &keys, out_dir.path());
     out.assert_code(1);
     out.assert_stderr_has("belongs to fleet \"acme\", this repository is fleet \"other\"");
+}
+
+#[test]
+fn kept_bundles_are_renewed_past_half_their_validity() {
+    let repo = Repo::example();
+    repo.write("fleet.yaml", "name: acme\nbundle_expiry: 10d\nvars:\n  log_level: info\n  mqtt_host: m\n  telemetry_interval: 30s\n");
+    repo.commit_at("short expiry", 1_800_000_000);
+    let keys = Keys::new();
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    build(repo.path(), "HEAD", &keys, out_dir.path()).assert_code(0);
+    // Four days later nothing changed: bundles are kept.
+    repo.commit_at("day 4", 1_800_000_000 + 4 * 86_400);
+    let out = build(repo.path(), "HEAD", &keys, out_dir.path());
+    assert_eq!(out.json()["written"], 0);
+    // Six days later (past half of 10 days): every bundle is renewed with a new version.
+    let commit = repo.commit_at("day 6", 1_800_000_000 + 6 * 86_400);
+    let out = build(repo.path(), "HEAD", &keys, out_dir.path());
+    out.assert_code(0);
+    assert_eq!(out.json()["renewed"], 4);
+    assert_eq!(out.json()["written"], 4);
+    let index = read_index(out_dir.path());
+    assert_eq!(index["devices"]["gw-berlin-01"]["version"], 1_800_000_000u64 + 6 * 86_400);
+    assert_eq!(index["devices"]["gw-berlin-01"]["commit"], commit.as_str());
+    let verified = open_bundle(out_dir.path(), "gw-berlin-01", &keys);
+    assert_eq!(verified.manifest.expires_at, 1_800_000_000 + 16 * 86_400);
+}
+
+#[test]
+fn a_damaged_kept_bundle_is_rebuilt() {
+    let repo = Repo::example();
+    let keys = Keys::new();
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    build(repo.path(), "HEAD", &keys, out_dir.path()).assert_code(0);
+    let digest = read_index(out_dir.path())["devices"]["sensor-hub-01"]["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string();
+    let path = out_dir.path().join(format!("bundles/{digest}.bundle"));
+    let mut bytes = std::fs::read(&path).expect("bundle");
+    bytes[20] ^= 0xff;
+    std::fs::write(&path, &bytes).expect("damage");
+    let out = build(repo.path(), "HEAD", &keys, out_dir.path());
+    out.assert_code(0);
+    assert_eq!(out.json()["changed"], serde_json::json!(["sensor-hub-01"]));
+    open_bundle(out_dir.path(), "sensor-hub-01", &keys);
 }

@@ -31,7 +31,11 @@ impl Output {
 
     #[track_caller]
     pub fn assert_code(&self, code: i32) -> &Self {
-        assert_eq!(self.code, code, "unexpected exit code\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, code,
+            "unexpected exit code\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
         self
     }
 
@@ -125,7 +129,14 @@ impl Repo {
 pub fn git_in(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     let mut cmd = Command::new("git");
     cmd.current_dir(dir)
-        .args(["-c", "user.name=Fleet Test", "-c", "user.email=test@fleet.invalid", "-c", "commit.gpgsign=false"])
+        .args([
+            "-c",
+            "user.name=Fleet Test",
+            "-c",
+            "user.email=test@fleet.invalid",
+            "-c",
+            "commit.gpgsign=false",
+        ])
         .args(args)
         .env("GIT_CONFIG_NOSYSTEM", "1")
         .env("HOME", dir);
@@ -233,7 +244,8 @@ pub fn free_port() -> u16 {
 /// A child process stopped by PID when dropped.
 pub struct Daemon {
     pub child: Child,
-    pub dir: TempDir,
+    /// Config and data of the daemon, removed after it stopped.
+    pub _dir: TempDir,
     pub port: u16,
 }
 
@@ -278,5 +290,5 @@ pub fn mosquitto(extra: &str) -> Daemon {
         .spawn()
         .expect("start mosquitto");
     wait_for_port(port, "mosquitto");
-    Daemon { child, dir, port }
+    Daemon { child, _dir: dir, port }
 }

@@ -4,7 +4,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fleet_spec::messages::{Announcement, Applied, DeviceState, FileCounts, LastError, StatusReport, VersionRef};
+use fleet_spec::messages::{
+    Announcement, Applied, DeviceState, FileCounts, LastError, StatusReport, VersionRef,
+};
 
 use crate::common::{build, bundler, free_port, mosquitto, read_index, Keys, Repo};
 
@@ -15,7 +17,19 @@ fn broker_url(port: u16) -> String {
 /// Reads `count` retained messages under `filter` with mosquitto_sub: (topic, payload).
 fn retained(port: u16, filter: &str, count: usize) -> Vec<(String, String)> {
     let out = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", filter, "-v", "-C", &count.to_string(), "-W", "5"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            filter,
+            "-v",
+            "-C",
+            &count.to_string(),
+            "-W",
+            "5",
+        ])
         .output()
         .expect("mosquitto_sub");
     String::from_utf8_lossy(&out.stdout)
@@ -91,6 +105,34 @@ fn publish_announces_retained_and_only_what_changed() {
     // --force announces everything again.
     let forced = publish(out.path(), broker.port, &["--base-url", "http://files.local/fleet/", "--force"]);
     assert_eq!(forced.json()["announced"].as_array().expect("list").len(), 4);
+
+    // A device that left the fleet gets its retained announcement cleared.
+    repo.remove("devices/sensor-hub-01.yaml");
+    repo.commit_at("retire sensor-hub-01", 1_800_000_200);
+    build(repo.path(), "HEAD", &keys, out.path()).assert_code(0);
+    let cleared = publish(out.path(), broker.port, &["--base-url", "http://files.local/fleet/"]);
+    cleared.assert_code(0);
+    assert_eq!(cleared.json()["cleared"], serde_json::json!(["sensor-hub-01"]));
+    let out = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-t",
+            "fleet/acme/devices/sensor-hub-01/desired",
+            "-C",
+            "1",
+            "-W",
+            "1",
+        ])
+        .output()
+        .expect("mosquitto_sub");
+    assert!(
+        out.stdout.is_empty(),
+        "retained announcement still there: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -150,10 +192,18 @@ fn a_refused_login_is_a_clear_error() {
     assert!(status.success());
     let broker = mosquitto(&format!("allow_anonymous false\npassword_file {}", passwd.display()));
     let (_repo, _keys, out) = built_example();
-    let o = publish(out.path(), broker.port, &["--base-url", "http://x", "--username", "ci", "--password", "wrong"]);
+    let o = publish(
+        out.path(),
+        broker.port,
+        &["--base-url", "http://x", "--username", "ci", "--password", "wrong"],
+    );
     o.assert_code(1);
     o.assert_stderr_has("refused the connection");
-    let o = publish(out.path(), broker.port, &["--base-url", "http://x", "--username", "ci", "--password", "s3cret"]);
+    let o = publish(
+        out.path(),
+        broker.port,
+        &["--base-url", "http://x", "--username", "ci", "--password", "s3cret"],
+    );
     o.assert_code(0);
 }
 
@@ -182,11 +232,31 @@ chmod 755 {d}; chmod 644 server.key  # mosquitto drops root privileges before re
     let (_repo, _keys, out) = built_example();
     let url = format!("mqtts://127.0.0.1:{tls_port}");
     let ca = format!("{d}/ca.pem");
-    let o = bundler(&["publish", "--out", out.path().to_str().expect("utf-8"), "--broker", &url, "--ca-file", &ca, "--base-url", "http://x"]);
+    let o = bundler(&[
+        "publish",
+        "--out",
+        out.path().to_str().expect("utf-8"),
+        "--broker",
+        &url,
+        "--ca-file",
+        &ca,
+        "--base-url",
+        "http://x",
+    ]);
     o.assert_code(0);
     assert_eq!(retained(broker.port, "fleet/acme/devices/+/desired", 4).len(), 4);
     // Without the CA the server is not trusted.
-    let o = bundler(&["publish", "--out", out.path().to_str().expect("utf-8"), "--broker", &url, "--base-url", "http://y", "--timeout", "3s"]);
+    let o = bundler(&[
+        "publish",
+        "--out",
+        out.path().to_str().expect("utf-8"),
+        "--broker",
+        &url,
+        "--base-url",
+        "http://y",
+        "--timeout",
+        "3s",
+    ]);
     o.assert_code(1);
     o.assert_stderr_has("cannot connect");
 }
@@ -198,7 +268,12 @@ fn report(device: &str, state: DeviceState, applied: Option<(u64, &str)>, desire
         agent_version: "0.1.0".into(),
         state,
         desired: Some(VersionRef { version: desired.0, digest: desired.1.into(), commit: "c".into() }),
-        applied: applied.map(|(version, digest)| Applied { version, digest: digest.into(), commit: "c".into(), at: 1 }),
+        applied: applied.map(|(version, digest)| Applied {
+            version,
+            digest: digest.into(),
+            commit: "c".into(),
+            at: 1,
+        }),
         containers: vec![],
         files: FileCounts::default(),
         last_error: (state == DeviceState::Failed).then(|| LastError {
@@ -240,7 +315,11 @@ fn status_shows_the_table_and_gates_on_convergence() {
 
     // Canary converged; the rest have not reported yet.
     let (v, dg) = entry("gw-berlin-01");
-    pub_retained(broker.port, "fleet/acme/devices/gw-berlin-01/status", &report("gw-berlin-01", DeviceState::Converged, Some((v, &dg)), (v, &dg)));
+    pub_retained(
+        broker.port,
+        "fleet/acme/devices/gw-berlin-01/status",
+        &report("gw-berlin-01", DeviceState::Converged, Some((v, &dg)), (v, &dg)),
+    );
     pub_retained(broker.port, "fleet/acme/devices/gw-berlin-01/online", "true");
 
     let table = status(broker.port, &index_path, &[]);
@@ -248,7 +327,11 @@ fn status_shows_the_table_and_gates_on_convergence() {
     assert!(table.stdout.starts_with("DEVICE"), "{}", table.stdout);
     let canary_line = table.stdout.lines().find(|l| l.starts_with("gw-berlin-01")).expect("canary row");
     assert!(canary_line.contains("yes") && canary_line.contains("converged"), "{canary_line}");
-    assert!(table.stdout.lines().any(|l| l.starts_with("sensor-hub-01") && l.contains("no report")), "{}", table.stdout);
+    assert!(
+        table.stdout.lines().any(|l| l.starts_with("sensor-hub-01") && l.contains("no report")),
+        "{}",
+        table.stdout
+    );
 
     let json = status(broker.port, &index_path, &["--json"]);
     json.assert_code(0);
@@ -258,7 +341,8 @@ fn status_shows_the_table_and_gates_on_convergence() {
     assert_eq!(rows[0]["applied_version"], v);
 
     // The canary gate passes: every selected device converged.
-    status(broker.port, &index_path, &["--selector", "channel=canary", "--wait", "--timeout", "5s"]).assert_code(0);
+    status(broker.port, &index_path, &["--selector", "channel=canary", "--wait", "--timeout", "5s"])
+        .assert_code(0);
     // The whole fleet times out (exit 4), within the bound.
     let started = Instant::now();
     let o = status(broker.port, &index_path, &["--wait", "--timeout", "2s"]);
@@ -267,7 +351,11 @@ fn status_shows_the_table_and_gates_on_convergence() {
 
     // One device fails on its indexed version: exit 3 at once.
     let (v2, d2) = entry("gw-berlin-02");
-    pub_retained(broker.port, "fleet/acme/devices/gw-berlin-02/status", &report("gw-berlin-02", DeviceState::Failed, None, (v2, &d2)));
+    pub_retained(
+        broker.port,
+        "fleet/acme/devices/gw-berlin-02/status",
+        &report("gw-berlin-02", DeviceState::Failed, None, (v2, &d2)),
+    );
     let started = Instant::now();
     let o = status(broker.port, &index_path, &["--wait", "--timeout", "30s"]);
     o.assert_code(3);
@@ -277,7 +365,11 @@ fn status_shows_the_table_and_gates_on_convergence() {
     // Everyone converges: exit 0.
     for d in ["gw-berlin-02", "gw-munich-01", "sensor-hub-01"] {
         let (v, dg) = entry(d);
-        pub_retained(broker.port, &format!("fleet/acme/devices/{d}/status"), &report(d, DeviceState::Converged, Some((v, &dg)), (v, &dg)));
+        pub_retained(
+            broker.port,
+            &format!("fleet/acme/devices/{d}/status"),
+            &report(d, DeviceState::Converged, Some((v, &dg)), (v, &dg)),
+        );
     }
     status(broker.port, &index_path, &["--wait", "--timeout", "10s"]).assert_code(0);
 }
@@ -288,7 +380,15 @@ fn status_needs_a_fleet_and_a_reachable_broker() {
     o.assert_code(1);
     o.assert_stderr_has("pass --fleet NAME or --index DIR/index.json");
     let started = Instant::now();
-    let o = bundler(&["status", "--broker", &broker_url(free_port()), "--fleet", "acme", "--connect-timeout", "2s"]);
+    let o = bundler(&[
+        "status",
+        "--broker",
+        &broker_url(free_port()),
+        "--fleet",
+        "acme",
+        "--connect-timeout",
+        "2s",
+    ]);
     o.assert_code(1);
     assert!(started.elapsed() < Duration::from_secs(10));
     o.assert_stderr_has("cannot connect");

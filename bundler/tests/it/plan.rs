@@ -28,9 +28,15 @@ fn file_and_container_changes_per_device() {
         "devices/gw-berlin-02.yaml",
         "labels:\n  site: berlin\n  hardware: rpi4\n  channel: stable\nvars:\n  location: \"Berlin, hall 2\"\n  upstream_port: 8082\n",
     );
-    repo.write("apps/modbus-gateway/conf/gateway.env", "GATEWAY_ID={{ device.id }}\nAPI_TOKEN=rotated-{{ device.id }}\n");
+    repo.write(
+        "apps/modbus-gateway/conf/gateway.env",
+        "GATEWAY_ID={{ device.id }}\nAPI_TOKEN=rotated-{{ device.id }}\n",
+    );
     let compose = std::fs::read_to_string(repo.path().join("apps/telemetry/compose.yaml")).expect("compose");
-    repo.write("apps/telemetry/compose.yaml", &compose.replace("telegraf:1.32-alpine", "telegraf:1.33-alpine"));
+    repo.write(
+        "apps/telemetry/compose.yaml",
+        &compose.replace("telegraf:1.32-alpine", "telegraf:1.33-alpine"),
+    );
     repo.commit_at("changes", 1_800_000_100);
 
     let out = plan(&repo, "HEAD~1", "HEAD", false);
@@ -44,7 +50,10 @@ fn file_and_container_changes_per_device() {
     assert!(text.contains("~ container edge-proxy-proxy: restarts (a mounted file changed)"), "{text}");
     assert!(text.contains("~ container edge-proxy-api: env.PORT, expose, healthcheck"), "{text}");
     assert!(text.contains("image telegraf:1.32-alpine -> telegraf:1.33-alpine"), "{text}");
-    assert!(text.contains("~ file /srv/fleet/modbus-gateway/conf/gateway.env: content changed (hidden)"), "{text}");
+    assert!(
+        text.contains("~ file /srv/fleet/modbus-gateway/conf/gateway.env: content changed (hidden)"),
+        "{text}"
+    );
     assert!(!text.contains("rotated"), "secret content must never show: {text}");
     assert!(!text.contains("8082") || !text.contains("PORT=8082"), "env values are not shown");
 
@@ -53,11 +62,21 @@ fn file_and_container_changes_per_device() {
     let json = out.json();
     let devices = json["devices"].as_array().expect("devices");
     let berlin = devices.iter().find(|d| d["device"] == "gw-berlin-02").expect("gw-berlin-02");
-    let api = berlin["containers"].as_array().expect("containers").iter().find(|c| c["name"] == "edge-proxy-api").expect("api");
+    let api = berlin["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .find(|c| c["name"] == "edge-proxy-api")
+        .expect("api");
     assert_eq!(api["change"], "changed");
     assert!(api["fields"].as_array().expect("fields").contains(&serde_json::json!("env.PORT")));
     let munich = devices.iter().find(|d| d["device"] == "gw-munich-01").expect("munich");
-    let env = munich["files"].as_array().expect("files").iter().find(|f| f["path"] == "/srv/fleet/modbus-gateway/conf/gateway.env").expect("env file");
+    let env = munich["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .find(|f| f["path"] == "/srv/fleet/modbus-gateway/conf/gateway.env")
+        .expect("env file");
     assert_eq!(env["hidden"], true);
     assert!(env.get("diff").is_none());
     assert!(!out.stdout.contains("rotated"));
@@ -67,7 +86,10 @@ fn file_and_container_changes_per_device() {
 fn added_and_removed_devices_and_apps() {
     let repo = Repo::example();
     repo.remove("devices/sensor-hub-01.yaml");
-    repo.write("devices/gw-hamburg-01.yaml", "labels:\n  site: hamburg\n  hardware: x86\n  channel: canary\n");
+    repo.write(
+        "devices/gw-hamburg-01.yaml",
+        "labels:\n  site: hamburg\n  hardware: x86\n  channel: canary\n",
+    );
     repo.remove("apps/canary-tools");
     repo.commit_at("fleet changes", 1_800_000_100);
     let out = plan(&repo, "HEAD~1", "HEAD", false);

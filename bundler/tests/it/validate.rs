@@ -63,28 +63,61 @@ fn the_base_fleet_is_valid() {
 #[test]
 fn fleet_yaml_errors() {
     check(&[("fleet.yaml", None)], &["fleet.yaml: error: missing: the repository root needs a fleet.yaml"]);
-    check(&[("fleet.yaml", Some("name: test\nbogus: 1\n"))], &["fleet.yaml:2:1: error: unknown field `bogus`, expected one of"]);
-    check(&[("fleet.yaml", Some("name: bad/name\n"))], &["fleet.yaml:1:7: error: fleet id \"bad/name\" contains '/'"]);
-    check(&[("fleet.yaml", Some("name: t\nbundle_expiry: soon\n"))], &["fleet.yaml:2:16: error: invalid duration \"soon\""]);
-    check(&[("fleet.yaml", Some("name: t\nbundle_expiry: 5m\n"))], &["fleet.yaml:2:16: error: bundle_expiry must be at least 1h"]);
-    check(&[("fleet.yaml", Some("name: t\ntopic_prefix: a/+\n"))], &["fleet.yaml:2:15: error: topic prefix level \"+\""]);
-    check(&[("fleet.yaml", Some("name: t\nfile_root: relative\n"))], &["fleet.yaml:2:12: error: file_root `relative` must be an absolute path"]);
+    check(
+        &[("fleet.yaml", Some("name: test\nbogus: 1\n"))],
+        &["fleet.yaml:2:1: error: unknown field `bogus`, expected one of"],
+    );
+    check(
+        &[("fleet.yaml", Some("name: bad/name\n"))],
+        &["fleet.yaml:1:7: error: fleet id \"bad/name\" contains '/'"],
+    );
+    check(
+        &[("fleet.yaml", Some("name: t\nbundle_expiry: soon\n"))],
+        &["fleet.yaml:2:16: error: invalid duration \"soon\""],
+    );
+    check(
+        &[("fleet.yaml", Some("name: t\nbundle_expiry: 5m\n"))],
+        &["fleet.yaml:2:16: error: bundle_expiry must be at least 1h"],
+    );
+    check(
+        &[("fleet.yaml", Some("name: t\ntopic_prefix: a/+\n"))],
+        &["fleet.yaml:2:15: error: topic prefix level \"+\""],
+    );
+    check(
+        &[("fleet.yaml", Some("name: t\nfile_root: relative\n"))],
+        &["fleet.yaml:2:12: error: file_root `relative` must be an absolute path"],
+    );
     check(&[("fleet.yaml", Some("name: [t\n"))], &["fleet.yaml:1:"]);
 }
 
 #[test]
 fn device_file_errors() {
-    check(&[("devices/dev-1.yaml", Some("labels:\n  site: a\ncolour: red\n"))], &["devices/dev-1.yaml:3:1: error: unknown field `colour`, expected one of labels, vars"]);
-    check(&[("devices/bad+id.yaml", Some("labels: {}\n"))], &["devices/bad+id.yaml: error: the file name is the device id: device id \"bad+id\" contains '+'"]);
-    check(&[("devices/readme.txt", Some("x"))], &["devices/readme.txt: error: devices/ holds one <device id>.yaml file per device"]);
+    check(
+        &[("devices/dev-1.yaml", Some("labels:\n  site: a\ncolour: red\n"))],
+        &["devices/dev-1.yaml:3:1: error: unknown field `colour`, expected one of labels, vars"],
+    );
+    check(
+        &[("devices/bad+id.yaml", Some("labels: {}\n"))],
+        &["devices/bad+id.yaml: error: the file name is the device id: device id \"bad+id\" contains '+'"],
+    );
+    check(
+        &[("devices/readme.txt", Some("x"))],
+        &["devices/readme.txt: error: devices/ holds one <device id>.yaml file per device"],
+    );
     check(&[("devices/dev-1.yaml", Some("labels:\n  site: [a\n"))], &["devices/dev-1.yaml:2:"]);
     check(&[("devices/dev-1.yaml", Some("labels:\n  site: {a: b}\n"))], &["devices/dev-1.yaml:2:9: error:"]);
 }
 
 #[test]
 fn app_yaml_errors() {
-    check(&[("apps/web/app.yaml", None)], &["apps/web/app.yaml: error: missing: every app directory needs an app.yaml"]);
-    check(&[("apps/web/app.yaml", Some("files: []\nselect: {}\n"))], &["apps/web/app.yaml:2:1: error: unknown field `select`, expected one of"]);
+    check(
+        &[("apps/web/app.yaml", None)],
+        &["apps/web/app.yaml: error: missing: every app directory needs an app.yaml"],
+    );
+    check(
+        &[("apps/web/app.yaml", Some("files: []\nselect: {}\n"))],
+        &["apps/web/app.yaml:2:1: error: unknown field `select`, expected one of"],
+    );
     check(
         &[("apps/web/app.yaml", Some("files:\n  - source: files/missing.conf\n"))],
         &["apps/web/app.yaml:2:13: error: file source `files/missing.conf` does not exist: expected apps/web/files/missing.conf in the commit"],
@@ -113,8 +146,14 @@ fn app_yaml_errors() {
         &[("apps/web/app.yaml", Some("files:\n  - source: files/web.conf\n    templat: true\n"))],
         &["apps/web/app.yaml:3:5: error: unknown field `templat`, expected one of"],
     );
-    check(&[("apps/web/app.yaml", Some("compose: other.yaml\n"))], &["apps/web/app.yaml:1:10: error: compose file `other.yaml` does not exist"]);
-    check(&[("apps/Bad+App/app.yaml", Some("{}\n"))], &["apps/Bad+App: error: the directory name is the app name"]);
+    check(
+        &[("apps/web/app.yaml", Some("compose: other.yaml\n"))],
+        &["apps/web/app.yaml:1:10: error: compose file `other.yaml` does not exist"],
+    );
+    check(
+        &[("apps/Bad+App/app.yaml", Some("{}\n"))],
+        &["apps/Bad+App: error: the directory name is the app name"],
+    );
 }
 
 #[test]
@@ -139,7 +178,10 @@ fn compose_refused_keys_are_named() {
             "apps/web/compose.yaml:5:19: error: `security_opt:` is not supported",
         ],
     );
-    check(&[("apps/web/compose.yaml", Some("services:\n  web:\n    build: .\n"))], &["apps/web/compose.yaml:3:12: error: `build:` is not supported"]);
+    check(
+        &[("apps/web/compose.yaml", Some("services:\n  web:\n    build: .\n"))],
+        &["apps/web/compose.yaml:3:12: error: `build:` is not supported"],
+    );
     check(
         &[("apps/web/compose.yaml", Some("services:\n  web:\n    image: x:1\n    env_file: .env\n"))],
         &["apps/web/compose.yaml:4:15: error: `env_file:` is not supported"],
@@ -183,7 +225,8 @@ fn compose_value_errors() {
         let repo = repo_with(&[("apps/web/compose.yaml", Some(compose))]);
         let out = bundler(&["validate", "--repo", repo.path_str()]);
         if out.code != 65 || !out.stderr.contains(expected) {
-            failures.push(format!("{compose}\n  expected {expected:?}\n  got ({}): {}", out.code, out.stderr));
+            failures
+                .push(format!("{compose}\n  expected {expected:?}\n  got ({}): {}", out.code, out.stderr));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
@@ -194,10 +237,16 @@ fn unset_compose_variables_name_the_device() {
     let compose = "services:\n  web:\n    image: x:1\n    environment:\n      TZ: ${TIMEZONE}\n";
     check(
         &[("apps/web/compose.yaml", Some(compose))],
-        &["apps/web/compose.yaml:5:11: error: variable `TIMEZONE` is not set for this device", "(device dev-1)"],
+        &[
+            "apps/web/compose.yaml:5:11: error: variable `TIMEZONE` is not set for this device",
+            "(device dev-1)",
+        ],
     );
     // A default makes it valid.
-    let repo = repo_with(&[("apps/web/compose.yaml", Some("services:\n  web:\n    image: x:1\n    environment:\n      TZ: ${TIMEZONE:-UTC}\n"))]);
+    let repo = repo_with(&[(
+        "apps/web/compose.yaml",
+        Some("services:\n  web:\n    image: x:1\n    environment:\n      TZ: ${TIMEZONE:-UTC}\n"),
+    )]);
     bundler(&["validate", "--repo", repo.path_str()]).assert_code(0);
 }
 
@@ -205,9 +254,15 @@ fn unset_compose_variables_name_the_device() {
 fn conflicts_between_apps_on_one_device() {
     check(
         &[
-            ("apps/other/app.yaml", Some("files:\n  - source: f\n    target: /srv/fleet/web/files/web.conf\n")),
+            (
+                "apps/other/app.yaml",
+                Some("files:\n  - source: f\n    target: /srv/fleet/web/files/web.conf\n"),
+            ),
             ("apps/other/f", Some("x")),
-            ("apps/other/compose.yaml", Some("services:\n  x:\n    image: x:1\n    container_name: web-web\n")),
+            (
+                "apps/other/compose.yaml",
+                Some("services:\n  x:\n    image: x:1\n    container_name: web-web\n"),
+            ),
         ],
         &[
             "target /srv/fleet/web/files/web.conf is also delivered by app `other` to this device",
@@ -228,8 +283,12 @@ fn all_errors_of_a_run_are_reported_together() {
     let out = bundler(&["validate", "--repo", repo.path_str(), "--json"]);
     out.assert_code(65);
     let json = out.json();
-    let files: Vec<String> =
-        json["diagnostics"].as_array().expect("list").iter().map(|d| d["file"].as_str().expect("file").to_string()).collect();
+    let files: Vec<String> = json["diagnostics"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|d| d["file"].as_str().expect("file").to_string())
+        .collect();
     for f in ["fleet.yaml", "devices/dev-2.yaml", "apps/db/compose.yaml", "apps/web/files/web.conf"] {
         assert!(files.iter().any(|x| x == f), "no diagnostic for {f}: {files:?}");
     }
@@ -242,7 +301,9 @@ fn warnings_do_not_fail_validation() {
     let repo = repo_with(&[("apps/web/compose.yaml", Some(compose))]);
     let out = bundler(&["validate", "--repo", repo.path_str()]);
     out.assert_code(0);
-    out.assert_stderr_has("apps/web/compose.yaml:4:15: warning: bind source `./data` is not a file delivered by this app");
+    out.assert_stderr_has(
+        "apps/web/compose.yaml:4:15: warning: bind source `./data` is not a file delivered by this app",
+    );
 }
 
 #[test]
