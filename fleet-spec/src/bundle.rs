@@ -169,7 +169,9 @@ pub enum VerifyError {
     Truncated { section: &'static str, needed: u64, available: u64 },
     #[error("not a fleet bundle (bad magic bytes)")]
     BadMagic,
-    #[error("bundle format version {found} is not supported (this build reads {supported}): upgrade the agent")]
+    #[error(
+        "bundle format version {found} is not supported (this build reads {supported}): upgrade the agent"
+    )]
     UnsupportedFormat { found: u16, supported: u16 },
     #[error("manifest is {size} bytes, over the limit of {limit}")]
     ManifestTooLarge { size: u64, limit: u64 },
@@ -177,7 +179,9 @@ pub enum VerifyError {
     BadSignatureCount { count: usize, max: usize },
     #[error("no signature is from a trusted key (signed by {found}): add the bundler's public key to the trusted keys")]
     UnknownKey { found: String },
-    #[error("signature by key {key_id} does not match the manifest: the bundle was tampered with or corrupted")]
+    #[error(
+        "signature by key {key_id} does not match the manifest: the bundle was tampered with or corrupted"
+    )]
     BadSignature { key_id: KeyId },
     #[error("only {valid} distinct trusted key(s) signed, {threshold} required")]
     ThresholdNotMet { valid: usize, threshold: usize },
@@ -278,9 +282,13 @@ pub fn parse<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, VerifyE
     if version != FORMAT_VERSION {
         return Err(VerifyError::UnsupportedFormat { found: version, supported: FORMAT_VERSION });
     }
-    let manifest_len = u32::from_le_bytes(r.take(4, "manifest length")?.try_into().expect("4 bytes")) as usize;
+    let manifest_len =
+        u32::from_le_bytes(r.take(4, "manifest length")?.try_into().expect("4 bytes")) as usize;
     if manifest_len > limits.max_manifest {
-        return Err(VerifyError::ManifestTooLarge { size: manifest_len as u64, limit: limits.max_manifest as u64 });
+        return Err(VerifyError::ManifestTooLarge {
+            size: manifest_len as u64,
+            limit: limits.max_manifest as u64,
+        });
     }
     let manifest_bytes = r.take(manifest_len, "manifest")?;
     let signed = &bytes[..r.pos];
@@ -356,7 +364,10 @@ pub fn verify(
     let state = open_payload(&manifest, parsed.payload, limits)?;
 
     Ok(Verified {
-        next_trust: TrustState { last_version: Some(manifest.version), last_known_time: now.max(trust.last_known_time) },
+        next_trust: TrustState {
+            last_version: Some(manifest.version),
+            last_known_time: now.max(trust.last_known_time),
+        },
         digest: hex::encode(Sha256::digest(bytes)),
         manifest,
         state,
@@ -394,7 +405,10 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest, VerifyError> {
 
 fn open_payload(manifest: &Manifest, payload: &[u8], limits: &Limits) -> Result<DesiredState, VerifyError> {
     if manifest.compressed_size > limits.max_compressed {
-        return Err(VerifyError::PayloadTooLarge { declared: manifest.compressed_size, limit: limits.max_compressed });
+        return Err(VerifyError::PayloadTooLarge {
+            declared: manifest.compressed_size,
+            limit: limits.max_compressed,
+        });
     }
     if manifest.uncompressed_size > limits.max_uncompressed {
         return Err(VerifyError::PayloadTooLarge {
@@ -411,7 +425,10 @@ fn open_payload(manifest: &Manifest, payload: &[u8], limits: &Limits) -> Result<
     }
     let digest: [u8; 32] = Sha256::digest(payload).into();
     if digest != manifest.payload_sha256 {
-        return Err(VerifyError::PayloadDigest { expected: manifest.payload_sha256_hex(), got: hex::encode(digest) });
+        return Err(VerifyError::PayloadDigest {
+            expected: manifest.payload_sha256_hex(),
+            got: hex::encode(digest),
+        });
     }
     let raw = decompress_bounded(payload, manifest.uncompressed_size)?;
     DesiredState::decode(&raw).map_err(|e| VerifyError::BadPayload { reason: e.to_string() })
@@ -431,7 +448,11 @@ pub fn decompress_bounded(payload: &[u8], declared: u64) -> Result<Vec<u8>, Veri
         return Err(VerifyError::DecompressedTooLarge { declared });
     }
     if (out.len() as u64) < declared {
-        return Err(VerifyError::SizeMismatch { section: "decompressed payload", declared, got: out.len() as u64 });
+        return Err(VerifyError::SizeMismatch {
+            section: "decompressed payload",
+            declared,
+            got: out.len() as u64,
+        });
     }
     Ok(out)
 }
@@ -441,7 +462,9 @@ pub fn decompress_bounded(payload: &[u8], declared: u64) -> Result<Vec<u8>, Veri
 pub fn assemble(manifest: &Manifest, payload: &[u8], keys: &[&SigningKey]) -> Vec<u8> {
     assert!(!keys.is_empty() && keys.len() <= MAX_SIGNATURES, "1..=16 signing keys");
     let manifest_bytes = postcard::to_stdvec(manifest).expect("encoding into a Vec cannot fail");
-    let mut out = Vec::with_capacity(HEADER_LEN + manifest_bytes.len() + 1 + keys.len() * SIGNATURE_LEN + payload.len());
+    let mut out = Vec::with_capacity(
+        HEADER_LEN + manifest_bytes.len() + 1 + keys.len() * SIGNATURE_LEN + payload.len(),
+    );
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(manifest_bytes.len() as u32).to_le_bytes());

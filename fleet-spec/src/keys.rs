@@ -201,15 +201,13 @@ pub mod file {
     }
 
     fn write_new(path: &Path, mode: u32, line: &str) -> Result<(), KeyFileError> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(path)
-            .map_err(|source| match source.kind() {
-                std::io::ErrorKind::AlreadyExists => KeyFileError::Exists { path: path.into() },
-                _ => KeyFileError::Write { path: path.into(), source },
-            })?;
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(
+                |source| match source.kind() {
+                    std::io::ErrorKind::AlreadyExists => KeyFileError::Exists { path: path.into() },
+                    _ => KeyFileError::Write { path: path.into(), source },
+                },
+            )?;
         file.write_all(format!("{line}\n").as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(|source| KeyFileError::Write { path: path.into(), source })

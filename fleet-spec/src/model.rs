@@ -290,10 +290,7 @@ impl DesiredState {
         hasher.update(postcard::to_stdvec(container).expect("encoding into a Vec cannot fail"));
         for mount in &container.mounts {
             if let MountSource::Bind(source) = &mount.source {
-                let mounted = self
-                    .files
-                    .iter()
-                    .filter(|f| f.path == *source || is_under(&f.path, source));
+                let mounted = self.files.iter().filter(|f| f.path == *source || is_under(&f.path, source));
                 for file in mounted {
                     hasher.update(file.path.as_bytes());
                     hasher.update([0]);
@@ -350,10 +347,8 @@ mod tests {
 
     #[test]
     fn pull_reference_pins_by_digest_and_keeps_registry_port() {
-        let image = ImageRef {
-            reference: "127.0.0.1:5000/team/app:1.2".into(),
-            digest: Some("sha256:ab".into()),
-        };
+        let image =
+            ImageRef { reference: "127.0.0.1:5000/team/app:1.2".into(), digest: Some("sha256:ab".into()) };
         assert_eq!(image.pull_reference(), "127.0.0.1:5000/team/app@sha256:ab");
         let untagged = ImageRef { reference: "127.0.0.1:5000/app".into(), digest: Some("sha256:cd".into()) };
         assert_eq!(untagged.pull_reference(), "127.0.0.1:5000/app@sha256:cd");
@@ -373,14 +368,24 @@ mod tests {
             ..Default::default()
         };
         let mut state = DesiredState {
-            files: vec![ManagedFile { path: "/etc/app/a.conf".into(), mode: 0o644, owner: None, content: b"1".to_vec() }],
+            files: vec![ManagedFile {
+                path: "/etc/app/a.conf".into(),
+                mode: 0o644,
+                owner: None,
+                content: b"1".to_vec(),
+            }],
             containers: vec![container.clone()],
             ..Default::default()
         };
         let before = state.container_hash(&container);
         state.files[0].content = b"2".to_vec();
         assert_ne!(before, state.container_hash(&container));
-        state.files.push(ManagedFile { path: "/etc/application".into(), mode: 0o644, owner: None, content: b"x".to_vec() });
+        state.files.push(ManagedFile {
+            path: "/etc/application".into(),
+            mode: 0o644,
+            owner: None,
+            content: b"x".to_vec(),
+        });
         let unrelated = state.container_hash(&container);
         state.files[1].content = b"y".to_vec();
         assert_eq!(unrelated, state.container_hash(&container), "a sibling path is not under the mount");

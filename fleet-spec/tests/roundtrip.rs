@@ -24,7 +24,12 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 fn file() -> impl Strategy<Value = ManagedFile> {
-    ("/[a-z]{1,8}/[a-z.]{1,12}", any::<u32>(), option::of((any::<u32>(), any::<u32>())), vec(any::<u8>(), 0..64))
+    (
+        "/[a-z]{1,8}/[a-z.]{1,12}",
+        any::<u32>(),
+        option::of((any::<u32>(), any::<u32>())),
+        vec(any::<u8>(), 0..64),
+    )
         .prop_map(|(path, mode, owner, content)| ManagedFile {
             path,
             mode: mode & 0o7777,
@@ -39,7 +44,11 @@ fn mount() -> impl Strategy<Value = Mount> {
         id().prop_map(MountSource::Volume),
         Just(MountSource::Tmpfs)
     ];
-    (source, text(), any::<bool>()).prop_map(|(source, target, read_only)| Mount { source, target, read_only })
+    (source, text(), any::<bool>()).prop_map(|(source, target, read_only)| Mount {
+        source,
+        target,
+        read_only,
+    })
 }
 
 fn container() -> impl Strategy<Value = ContainerSpec> {
@@ -70,7 +79,15 @@ fn container() -> impl Strategy<Value = ContainerSpec> {
     (basics, more).prop_map(
         |(
             (name, app, service, (reference, digest), command, entrypoint, env, user),
-            (ports, mounts, networks, restart, health, deps, (privileged, memory_bytes, nano_cpus, stop_signal)),
+            (
+                ports,
+                mounts,
+                networks,
+                restart,
+                health,
+                deps,
+                (privileged, memory_bytes, nano_cpus, stop_signal),
+            ),
         )| ContainerSpec {
             name,
             app,
@@ -92,7 +109,10 @@ fn container() -> impl Strategy<Value = ContainerSpec> {
                 .collect(),
             expose: vec![],
             mounts,
-            networks: networks.into_iter().map(|(network, aliases)| NetworkAttachment { network, aliases }).collect(),
+            networks: networks
+                .into_iter()
+                .map(|(network, aliases)| NetworkAttachment { network, aliases })
+                .collect(),
             network_mode: None,
             restart,
             healthcheck: health.map(|(test, interval_ms, retries)| Healthcheck {
@@ -126,13 +146,8 @@ fn container() -> impl Strategy<Value = ContainerSpec> {
 }
 
 fn desired_state() -> impl Strategy<Value = DesiredState> {
-    (
-        vec(file(), 0..4),
-        vec(container(), 0..3),
-        vec((id(), any::<bool>()), 0..3),
-        vec(id(), 0..3),
-    )
-        .prop_map(|(files, containers, networks, volumes)| DesiredState {
+    (vec(file(), 0..4), vec(container(), 0..3), vec((id(), any::<bool>()), 0..3), vec(id(), 0..3)).prop_map(
+        |(files, containers, networks, volumes)| DesiredState {
             files,
             containers,
             networks: networks
@@ -140,7 +155,8 @@ fn desired_state() -> impl Strategy<Value = DesiredState> {
                 .map(|(name, internal)| NetworkSpec { name, internal, labels: BTreeMap::new() })
                 .collect(),
             volumes: volumes.into_iter().map(|name| VolumeSpec { name, labels: BTreeMap::new() }).collect(),
-        })
+        },
+    )
 }
 
 fn meta() -> impl Strategy<Value = BundleMeta> {
@@ -180,35 +196,45 @@ fn status() -> impl Strategy<Value = StatusReport> {
         option::of((id(), text(), any::<i64>())),
         any::<i64>(),
     )
-        .prop_map(|((device, fleet, agent_version, state), desired, applied, containers, files, err, timestamp)| {
-            StatusReport {
-                device,
-                fleet,
-                agent_version,
-                state,
-                desired: desired.map(|(version, digest, commit)| VersionRef { version, digest, commit }),
-                applied: applied.map(|(version, digest, commit, at)| Applied { version, digest, commit, at }),
-                containers: containers
-                    .into_iter()
-                    .map(|(name, image, running, health, restarts)| ContainerStatus {
-                        name,
-                        image,
-                        running,
-                        health,
-                        restarts,
-                    })
-                    .collect(),
-                files: FileCounts { managed: files.0, drift_repaired: files.1 },
-                last_error: err.map(|(code, message, at)| LastError { code, message, at }),
-                timestamp,
-            }
-        })
+        .prop_map(
+            |((device, fleet, agent_version, state), desired, applied, containers, files, err, timestamp)| {
+                StatusReport {
+                    device,
+                    fleet,
+                    agent_version,
+                    state,
+                    desired: desired.map(|(version, digest, commit)| VersionRef { version, digest, commit }),
+                    applied: applied.map(|(version, digest, commit, at)| Applied {
+                        version,
+                        digest,
+                        commit,
+                        at,
+                    }),
+                    containers: containers
+                        .into_iter()
+                        .map(|(name, image, running, health, restarts)| ContainerStatus {
+                            name,
+                            image,
+                            running,
+                            health,
+                            restarts,
+                        })
+                        .collect(),
+                    files: FileCounts { managed: files.0, drift_repaired: files.1 },
+                    last_error: err.map(|(code, message, at)| LastError { code, message, at }),
+                    timestamp,
+                }
+            },
+        )
 }
 
 fn event() -> impl Strategy<Value = Event> {
     let kind = prop_oneof![
-        ("[0-9a-f]{64}", id(), text())
-            .prop_map(|(digest, code, reason)| EventKind::BundleRejected { digest, code, reason }),
+        ("[0-9a-f]{64}", id(), text()).prop_map(|(digest, code, reason)| EventKind::BundleRejected {
+            digest,
+            code,
+            reason
+        }),
         (any::<u64>(), text()).prop_map(|(version, commit)| EventKind::ApplyStarted { version, commit }),
         (any::<u64>(), text()).prop_map(|(version, commit)| EventKind::ApplyFinished { version, commit }),
         (any::<u64>(), id(), text()).prop_map(|(version, code, reason)| EventKind::ApplyFailed {

@@ -2,8 +2,8 @@
 //! happy path. Bundles are made here with the format's own `assemble`.
 
 use fleet_spec::bundle::{
-    assemble, manifest_for, parse, verify, BundleMeta, Expectation, Limits, Manifest, TrustState, TrustedKeys,
-    VerifyError, FORMAT_VERSION, HEADER_LEN, MAX_SIGNATURES, SIGNATURE_LEN,
+    assemble, manifest_for, parse, verify, BundleMeta, Expectation, Limits, Manifest, TrustState,
+    TrustedKeys, VerifyError, FORMAT_VERSION, HEADER_LEN, MAX_SIGNATURES, SIGNATURE_LEN,
 };
 use fleet_spec::keys::SigningKey;
 use fleet_spec::model::{DesiredState, ManagedFile};
@@ -95,7 +95,10 @@ fn tampered_manifest_is_a_bad_signature() {
     // The device id sits inside the manifest; flip one of its bytes.
     let at = bytes.windows(DEVICE.len()).position(|w| w == DEVICE.as_bytes()).expect("device id in manifest");
     bytes[at] ^= 0x01;
-    assert_eq!(check(&bytes).expect_err("refused"), VerifyError::BadSignature { key_id: key(1).public().id() });
+    assert_eq!(
+        check(&bytes).expect_err("refused"),
+        VerifyError::BadSignature { key_id: key(1).public().id() }
+    );
 }
 
 #[test]
@@ -109,7 +112,10 @@ fn tampered_payload_fails_the_digest() {
 #[test]
 fn unknown_key_is_refused_naming_the_key() {
     let bytes = bundle_with(meta(1), &state(), &[&key(9)]);
-    assert_eq!(check(&bytes).expect_err("refused"), VerifyError::UnknownKey { found: key(9).public().id().to_string() });
+    assert_eq!(
+        check(&bytes).expect_err("refused"),
+        VerifyError::UnknownKey { found: key(9).public().id().to_string() }
+    );
 }
 
 #[test]
@@ -119,10 +125,16 @@ fn threshold_counts_distinct_keys_only() {
     let run = |bytes: &[u8]| verify(bytes, &trust, expect(), TrustState::default(), NOW, &Limits::default());
 
     let twice_by_a = bundle_with(meta(1), &state(), &[&a, &a]);
-    assert_eq!(run(&twice_by_a).expect_err("refused"), VerifyError::ThresholdNotMet { valid: 1, threshold: 2 });
+    assert_eq!(
+        run(&twice_by_a).expect_err("refused"),
+        VerifyError::ThresholdNotMet { valid: 1, threshold: 2 }
+    );
 
     let a_and_stranger = bundle_with(meta(1), &state(), &[&a, &key(9)]);
-    assert_eq!(run(&a_and_stranger).expect_err("refused"), VerifyError::ThresholdNotMet { valid: 1, threshold: 2 });
+    assert_eq!(
+        run(&a_and_stranger).expect_err("refused"),
+        VerifyError::ThresholdNotMet { valid: 1, threshold: 2 }
+    );
 
     let both = bundle_with(meta(1), &state(), &[&a, &b]);
     assert_eq!(run(&both).expect("verifies").signed_by.len(), 2);
@@ -159,13 +171,19 @@ fn with_trust(bytes: &[u8], trust: TrustState, now: i64) -> Result<fleet_spec::V
 #[test]
 fn replayed_older_version_is_refused() {
     let trust = TrustState { last_version: Some(5), last_known_time: NOW - 10 };
-    assert_eq!(with_trust(&bundle(4), trust, NOW).expect_err("refused"), VerifyError::NotNewer { got: 4, last: 5 });
+    assert_eq!(
+        with_trust(&bundle(4), trust, NOW).expect_err("refused"),
+        VerifyError::NotNewer { got: 4, last: 5 }
+    );
 }
 
 #[test]
 fn equal_version_is_refused() {
     let trust = TrustState { last_version: Some(5), last_known_time: NOW - 10 };
-    assert_eq!(with_trust(&bundle(5), trust, NOW).expect_err("refused"), VerifyError::NotNewer { got: 5, last: 5 });
+    assert_eq!(
+        with_trust(&bundle(5), trust, NOW).expect_err("refused"),
+        VerifyError::NotNewer { got: 5, last: 5 }
+    );
     assert!(with_trust(&bundle(6), trust, NOW).is_ok());
 }
 
@@ -209,7 +227,10 @@ fn truncation_at_every_section_boundary_is_refused() {
     let cut = bytes.len() - 1;
     assert!(matches!(check(&bytes[..cut]), Err(VerifyError::SizeMismatch { section: "payload", .. })));
     let cut = payload_offset(&bytes);
-    assert!(matches!(check(&bytes[..cut]), Err(VerifyError::SizeMismatch { section: "payload", got: 0, .. })));
+    assert!(matches!(
+        check(&bytes[..cut]),
+        Err(VerifyError::SizeMismatch { section: "payload", got: 0, .. })
+    ));
 }
 
 #[test]
