@@ -23,7 +23,7 @@
 use std::collections::BTreeSet;
 use std::io::Read;
 
-use ed25519_dalek::{Signature, Signer, Verifier};
+use ed25519_dalek::{Signature, Signer};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -379,8 +379,10 @@ fn check_signatures(parsed: &Parsed<'_>, trusted: &TrustedKeys) -> Result<Vec<Ke
     let mut valid = BTreeSet::new();
     for (key_id, signature) in &parsed.signatures {
         let Some(key) = trusted.find(key_id) else { continue };
+        // Strict: rejects non-canonical signatures and small-order components, which
+        // plain `verify` accepts (forgeries against weak keys).
         key.verifying_key()
-            .verify(parsed.signed, signature)
+            .verify_strict(parsed.signed, signature)
             .map_err(|_| VerifyError::BadSignature { key_id: *key_id })?;
         valid.insert(*key_id);
     }

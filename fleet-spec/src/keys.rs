@@ -61,8 +61,14 @@ impl PublicKey {
         self.0.to_bytes()
     }
 
+    /// Refuses bytes that are not a point and weak (small-order) keys, for which
+    /// signatures can be forged.
     pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, KeyError> {
-        VerifyingKey::from_bytes(bytes).map(PublicKey).map_err(|_| KeyError::NotAPoint)
+        let key = VerifyingKey::from_bytes(bytes).map_err(|_| KeyError::NotAPoint)?;
+        if key.is_weak() {
+            return Err(KeyError::Weak);
+        }
+        Ok(PublicKey(key))
     }
 }
 
@@ -153,6 +159,8 @@ pub enum KeyError {
     Hex { kind: &'static str },
     #[error("public key is not a valid ed25519 point")]
     NotAPoint,
+    #[error("public key is a weak (small-order) ed25519 key, for which signatures can be forged: use a key made by `fleet-bundler keygen`")]
+    Weak,
 }
 
 /// Key files on disk: the only I/O of this crate, opt-in through the `keyfile` feature.
@@ -226,6 +234,18 @@ mod tests {
         let public: PublicKey = key.public().to_string().parse().expect("public line parses");
         assert_eq!(public.id(), key.public().id());
         assert_eq!(public.id().to_string().len(), 16);
+    }
+
+    #[test]
+    fn weak_keys_are_refused() {
+        // The identity point (all zeros but the sign byte) and the all-zero encoding
+        // are small-order points.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        for bytes in [[0u8; 32], identity] {
+            let line = format!("{PUBLIC_PREFIX}{}", hex::encode(bytes));
+            assert_eq!(line.parse::<PublicKey>().expect_err("weak"), KeyError::Weak, "{line}");
+        }
     }
 
     #[test]
