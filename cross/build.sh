@@ -123,7 +123,7 @@ armv7_problem() {
         dpkg --add-architecture armhf
         # Its exit code is not trusted either way: an armhf index mid-sync makes it fail
         # while every list we need may be fine (see ../shared/ENVIRONMENT.md).
-        if ! apt-get update -q >"$UPDATE_LOG" 2>&1; then
+        if ! apt-get -o DPkg::Lock::Timeout=300 update -q >"$UPDATE_LOG" 2>&1; then
             cross_warn "apt-get update reported errors (continuing): $(grep -m1 '^Err' "$UPDATE_LOG" || tail -n 1 "$UPDATE_LOG")"
         fi
     fi
@@ -136,7 +136,7 @@ armv7_problem() {
         if apt_offers libstd-rust-web-dev:armhf "$rv"; then
             if can_apt; then
                 cross_log "installing libstd-rust-web-dev:armhf=$rv ${ARMHF_PKGS[*]}"
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+                DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends \
                     "libstd-rust-web-dev:armhf=$rv" "${ARMHF_PKGS[@]}" >&2 ||
                     cross_warn "apt-get install of the armhf toolchain failed"
                 sv="$(deb_installed_version libstd-rust-web-dev:armhf)"
@@ -158,7 +158,7 @@ armv7_problem() {
         echo "armhf std $sv does not match rustc $rv"
     elif ! command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1; then
         if can_apt; then
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${ARMHF_PKGS[@]}" >&2 || true
+            DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${ARMHF_PKGS[@]}" >&2 || true
         fi
         command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 ||
             echo "arm-linux-gnueabihf-gcc not found (apt-get install ${ARMHF_PKGS[*]})"
@@ -211,6 +211,8 @@ printf 'target\tarch\tbytes\tmib\tlinkage\tbuild_secs\ttoolchain\n' >"$SIZES_TSV
 
 for triple in "${TRIPLES[@]}"; do
     debarch="$(target_debarch "$triple")"
+    # A binary from an earlier run must not be packaged as this run's.
+    rm -f "$DIST_DIR/$AGENT_BIN-$triple"
     problem="$(preflight "$triple")"
     if [ -n "$problem" ]; then
         if is_required "$triple"; then

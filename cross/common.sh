@@ -163,15 +163,17 @@ agent_version() {
     echo "${v:-0.0.0}"
 }
 
-# The file packaged as /etc/fleet-agent/agent.toml (see package.sh --help).
-default_agent_config() {
-    if [ -n "${FLEET_AGENT_DEFAULT_CONFIG:-}" ]; then
-        echo "$FLEET_AGENT_DEFAULT_CONFIG"
-    elif [ -f "$REPO_ROOT/agent/agent.toml.example" ]; then
-        echo "$REPO_ROOT/agent/agent.toml.example"
-    else
-        echo "$CROSS_DIR/agent.toml"
-    fi
+# The file packaged as /etc/fleet-agent/agent.toml: cross/agent.toml, which is incomplete
+# on purpose. agent/agent.toml.example is NOT packaged as is: it is a complete, valid
+# example (device gw-01, a placeholder key, an extra allowed root outside the unit's
+# ReadWritePaths), so a device that was never configured would start with it.
+default_agent_config() { echo "${FLEET_AGENT_DEFAULT_CONFIG:-$CROSS_DIR/agent.toml}"; }
+
+# Config keys (`key =` lines, commented out or not, with their [table]) of a TOML file,
+# one per line as table.key: enough to compare the packaged default with the example.
+toml_keys() {
+    sed -n 's/^[# ]*\(\[\{1,2\}[a-z_.]*\]\{1,2\}\).*/\1/p; s/^[# ]*\([a-z_][a-z_0-9]*\) *=.*/\1/p' "$1" |
+        awk '/^\[/ { gsub(/[][]/, ""); t = $0 "."; next } { print t $0 }' | sort -u
 }
 
 # Bytes -> "x.yz" MiB.

@@ -13,9 +13,10 @@
 #   fleet-agent-<version>-<arch>.tar.gz   binary, unit, default config, install.sh
 #   SHA256SUMS
 #
-# The default config is agent/agent.toml.example when it exists, else cross/agent.toml
-# (override: FLEET_AGENT_DEFAULT_CONFIG=path). Timestamps come from the last commit
-# (SOURCE_DATE_EPOCH), so the same tree and binaries give the same packages.
+# The default config is cross/agent.toml (incomplete on purpose: the agent refuses to
+# start until it is filled in; override: FLEET_AGENT_DEFAULT_CONFIG=path); a warning
+# names keys of agent/agent.toml.example it does not mention. Timestamps come from the
+# last commit (SOURCE_DATE_EPOCH): the same tree and binaries give the same packages.
 #
 # Options: --arch LIST, --no-build, -h/--help. Needs dpkg-deb (dpkg), tar, gzip.
 set -euo pipefail
@@ -76,6 +77,13 @@ export SOURCE_DATE_EPOCH
 DEFAULT_CONFIG="$(default_agent_config)"
 [ -f "$DEFAULT_CONFIG" ] || cross_die "default config $DEFAULT_CONFIG does not exist"
 cross_log "default /etc/fleet-agent/agent.toml: $DEFAULT_CONFIG"
+# Keep the packaged default in step with the agent's documented keys.
+if [ -f agent/agent.toml.example ]; then
+    missing="$(comm -23 <(toml_keys agent/agent.toml.example) <(toml_keys "$DEFAULT_CONFIG") | tr '\n' ' ')"
+    if [ -n "$missing" ]; then
+        cross_warn "$DEFAULT_CONFIG does not mention these keys of agent/agent.toml.example: $missing"
+    fi
+fi
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
@@ -96,9 +104,32 @@ Upstream-Name: fleet-agent
 Source: https://example.invalid/fleet
 
 Files: *
+Copyright: $(date -u -d "@$SOURCE_DATE_EPOCH" +%Y) the fleet contributors
 License: Apache-2.0
  On Debian systems, the full text of the Apache License 2.0 is in
  /usr/share/common-licenses/Apache-2.0.
+EOF
+}
+
+changelog() {
+    cat <<EOF
+fleet-agent ($VERSION) unstable; urgency=medium
+
+  * Built from $(git -C "$REPO_ROOT" describe --always --dirty 2>/dev/null || echo "an unknown commit").
+
+ -- Fleet maintainers <fleet@example.invalid>  $(date -u -R -d "@$SOURCE_DATE_EPOCH")
+EOF
+}
+
+# Deliberate departures from Debian's archive rules, so lintian reports what is left.
+lintian_overrides() {
+    cat <<EOF
+# One static binary is the product: devices need no shared library.
+fleet-agent: statically-linked-binary [usr/bin/fleet-agent]
+fleet-agent: shared-library-lacks-prerequisites [usr/bin/fleet-agent]
+# The config may hold secrets (mqtt.password); the state directory holds the journal.
+fleet-agent: non-standard-file-perm 0600 != 0644 [etc/fleet-agent/agent.toml]
+fleet-agent: non-standard-dir-perm 0700 != 0755 [var/lib/fleet-agent/]
 EOF
 }
 
@@ -114,7 +145,11 @@ build_deb() {
     install -m 0644 "$CROSS_DIR/fleet-agent.service" "$root/lib/systemd/system/fleet-agent.service"
     install -m 0644 "$CROSS_DIR/README.md" "$root/usr/share/doc/fleet-agent/README.md"
     copyright >"$root/usr/share/doc/fleet-agent/copyright"
-    chmod 0644 "$root/usr/share/doc/fleet-agent/copyright"
+    changelog | gzip -9n >"$root/usr/share/doc/fleet-agent/changelog.gz"
+    install -d -m 0755 "$root/usr/share/lintian/overrides"
+    lintian_overrides >"$root/usr/share/lintian/overrides/fleet-agent"
+    chmod 0644 "$root/usr/share/doc/fleet-agent/copyright" "$root/usr/share/doc/fleet-agent/changelog.gz" \
+        "$root/usr/share/lintian/overrides/fleet-agent"
     for s in postinst prerm postrm; do
         install -m 0755 "$CROSS_DIR/debian/$s" "$root/DEBIAN/$s"
     done

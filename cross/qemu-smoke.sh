@@ -13,6 +13,7 @@
 #   --help                         exit 0, documents `run` and `--config`
 #   check-config (default config)  exit 64: the packaged agent.toml is incomplete on
 #                                  purpose, and the unit relies on 64 to stop restarting
+#   check-config (filled in)       exit 0: the same file with a device id and a key
 #
 # The last line of output is FLEET_AGENT_AARCH64=<absolute path> (eval-able): the
 # end-to-end test in tests/ reads that variable and runs the agent as
@@ -117,6 +118,12 @@ echo "qemu smoke test of $BINARY:"
 run_check "--version" 0 "^fleet-agent ${VERSION//./\\.}" --version
 run_check "--help" 0 "run.*--config" --help
 run_check "check-config (default)" 64 "." check-config --config "$(default_agent_config)"
+# The packaged default, filled in (RFC 8032's test key, a scratch state dir): accepted.
+sed -e 's/^device = .*/device = "smoke-01"/' -e 's/^fleet = .*/fleet = "smoke"/' \
+    -e "s|^state_dir = .*|state_dir = \"$WORK/state\"|" \
+    -e 's/^public_keys = \[/public_keys = ["fleet-ed25519-public:d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",/' \
+    "$(default_agent_config)" >"$WORK/agent.toml"
+run_check "check-config (filled in)" 0 "smoke-01" check-config --config "$WORK/agent.toml"
 
 if [ "$FAILS" -gt 0 ]; then
     cross_die "$FAILS check(s) failed under $QEMU"
