@@ -58,8 +58,13 @@ fn init_logging(cfg: &Config, format: Option<LogFormat>) {
         .ok()
         .and_then(|v| fleet_agent::config::parse_level(&v).ok())
         .unwrap_or(cfg.log_level);
-    let builder =
-        tracing_subscriber::fmt().with_writer(std::io::stderr).with_max_level(level).with_target(false);
+    // Colours only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(level)
+        .with_target(false)
+        .with_ansi(ansi);
     let _ = match format.unwrap_or(cfg.log_format) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),
