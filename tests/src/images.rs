@@ -56,11 +56,16 @@ pub fn build_image(engine: &impl Engine, tag: &str, context_dir: &Path) -> Resul
     let out = engine
         .docker(&["build", "-q", "-t", tag, &context_dir.to_string_lossy()])
         .with_context(|| format!("building image {tag}"))?;
-    out.lines()
-        .map(str::trim)
-        .rfind(|l| l.starts_with("sha256:"))
-        .map(str::to_string)
-        .ok_or_else(|| anyhow!("docker build printed no image id: {out}"))
+    parse_image_id(&out).ok_or_else(|| anyhow!("docker build printed no image id: {out}"))
+}
+
+/// The image id `docker build -q` printed: `sha256:<hex>` from dockerd, the bare hex from
+/// podman's compatible API.
+fn parse_image_id(out: &str) -> Option<String> {
+    out.lines().map(str::trim).rev().find_map(|l| {
+        let hex = l.strip_prefix("sha256:").unwrap_or(l);
+        (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("sha256:{hex}"))
+    })
 }
 
 /// `docker push reference` (e.g. `registry.image("bb:1")`) from `engine`; returns the
@@ -82,6 +87,14 @@ fn parse_push_digest(out: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_ids_of_both_engines_are_parsed() {
+        let hex = "365b1a189acc43fb0bbb96e0469ac5b3961634cf6624207f45be69d72e20ad92";
+        assert_eq!(parse_image_id(&format!("sha256:{hex}\n")), Some(format!("sha256:{hex}")));
+        assert_eq!(parse_image_id(&format!("{hex}\n")), Some(format!("sha256:{hex}")));
+        assert_eq!(parse_image_id("Step 1/3 : FROM scratch\n"), None);
+    }
 
     #[test]
     fn digest_is_parsed_from_push_output() {

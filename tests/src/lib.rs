@@ -18,6 +18,10 @@
 //! ([`build_busybox_image`], [`push_image`]) and the workspace's own binaries
 //! ([`workspace_bin`]).
 //!
+//! The fleet itself ([`fleet`]): a Git fleet repository with keys and served build
+//! output driven through `fleet-bundler` ([`FleetRepo`]), devices running `fleet-agent`
+//! ([`Device`]) and what they publish on MQTT ([`DeviceWatch`]).
+//!
 //! A missing program makes the constructor fail with "... run scripts/setup.sh"; a
 //! component that does not come up fails with the tail of its log. Set
 //! `FLEET_E2E_KEEP=1` to keep the temp dirs (and logs) of stopped components.
@@ -25,6 +29,7 @@
 mod bins;
 mod dockerd;
 mod engine;
+pub mod fleet;
 mod git;
 mod http_server;
 mod images;
@@ -46,6 +51,7 @@ use anyhow::{bail, Context, Result};
 pub use bins::{workspace_bin, workspace_bin_of};
 pub use dockerd::Dockerd;
 pub use engine::{engine_delete, engine_get, engine_post, engine_request, http_get, Engine, HttpResponse};
+pub use fleet::{CmdOutput, Device, DeviceBuilder, DeviceWatch, FleetRepo, IndexEntry};
 pub use git::GitRepo;
 pub use http_server::{ServedRequest, StaticHttpOptions, StaticHttpServer};
 pub use images::{build_busybox_image, build_image, push_image, BUSYBOX_APPLETS};

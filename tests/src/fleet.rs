@@ -1,0 +1,814 @@
+//! The fleet as its operator and its devices see it, for the end-to-end scenarios.
+//!
+//! - [`FleetRepo`]: the operator's side. A Git fleet repository in a temp dir, a signing
+//!   key made with `fleet-bundler keygen`, the build output directory served over HTTP
+//!   by a [`StaticHttpServer`] (the "CDN"), and the `fleet-bundler` commands CI runs
+//!   (`build`, `publish`, `status`), each run as the real binary.
+//! - [`Device`]: one device. Its own `agent.toml`, state dir and log in a temp dir, and a
+//!   `fleet-agent run` child process (stopped by PID on drop). With
+//!   [`DeviceBuilder::private_root`] the agent runs in its own mount namespace where the
+//!   fleet's file root is a private directory, so many devices on one machine each have
+//!   their own files.
+//! - [`DeviceWatch`]: everything one device publishes on MQTT (status, events, online),
+//!   collected from before the agent starts, with waits on conditions.
+//!
+//! Status JSON helpers ([`state`], [`applied_commit`], [`last_error_code`], ...) read the
+//! fields of `fleet-spec/MESSAGES.md`.
+
+use std::fmt;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use fleet_spec::messages::Announcement;
+use fleet_spec::SigningKey;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+use crate::mqtt::{Mqtt, Subscription};
+use crate::process::signal;
+use crate::{log_tail, wait_until, workspace_bin, GitRepo, StaticHttpOptions, StaticHttpServer};
+
+/// Current unix time in seconds.
+pub fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Hex sha256 of the file at `path`, `None` when it does not exist (or is unreadable).
+pub fn file_sha256(path: &Path) -> Option<String> {
+    fs::read(path).ok().map(|b| sha256_hex(&b))
+}
+
+/// What a command printed and how it exited.
+#[derive(Debug, Clone)]
+pub struct CmdOutput {
+    pub command: String,
+    /// `None` when killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// Fails (with the whole output) unless the command exited 0.
+    pub fn check(self) -> Result<CmdOutput> {
+        if self.success() {
+            Ok(self)
+        } else {
+            Err(anyhow!("{self}"))
+        }
+    }
+
+    /// Stdout parsed as JSON.
+    pub fn json(&self) -> Result<Value> {
+        serde_json::from_str(&self.stdout).with_context(|| format!("stdout is not JSON: {self}"))
+    }
+}
+
+impl fmt::Display for CmdOutput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let code = self.code.map_or_else(|| "a signal".to_string(), |c| c.to_string());
+        write!(
+            f,
+            "`{}` exited with {code}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.command, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `cmd` to completion (stdin closed) and captures its output.
+pub fn run_command(cmd: &mut Command) -> Result<CmdOutput> {
+    let command = format!("{cmd:?}");
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {command}"))?;
+    Ok(CmdOutput {
+        command,
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// `fleet-bundler ARGS`, built from this workspace.
+pub fn bundler(args: &[&str]) -> Result<CmdOutput> {
+    let bin = workspace_bin("fleet-bundler")?;
+    run_command(Command::new(bin).args(args).env_remove("FLEET_SIGNING_KEY").env_remove("FLEET_BROKER"))
+}
+
+/// One device's bundle as `index.json` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub version: u64,
+    pub digest: String,
+    pub size: u64,
+    pub commit: String,
+}
+
+/// The operator's side of a fleet. See the module docs.
+pub struct FleetRepo {
+    pub name: String,
+    repo: GitRepo,
+    root: PathBuf,
+    out: PathBuf,
+    keys: PathBuf,
+    file_root: PathBuf,
+    server: StaticHttpServer,
+    last_commit_time: i64,
+    tmp: Option<TempDir>,
+}
+
+impl FleetRepo {
+    /// A fleet repository with `fleet.yaml` (name, a file root in the temp dir, 30 days
+    /// bundle expiry) and a fresh signing key, its build output served over HTTP.
+    pub fn new(name: &str) -> Result<FleetRepo> {
+        Self::with_server(name, StaticHttpOptions::default())
+    }
+
+    /// Like [`FleetRepo::new`], with options for the bundle server (dropped transfers).
+    pub fn with_server(name: &str, opts: StaticHttpOptions) -> Result<FleetRepo> {
+        let tmp = crate::short_tempdir("f")?;
+        let root = tmp.path().to_path_buf();
+        let repo = GitRepo::init(root.join("repo"))?;
+        let (out, keys, file_root) = (root.join("out"), root.join("keys"), root.join("root"));
+        for dir in [&out, &file_root] {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        bundler(&["keygen", "--out", &keys.to_string_lossy()])?.check()?;
+        let server = StaticHttpServer::start_with(&out, opts)?;
+        let fleet = FleetRepo {
+            name: name.to_string(),
+            repo,
+            root,
+            out,
+            keys,
+            file_root,
+            server,
+            last_commit_time: 0,
+            tmp: Some(tmp),
+        };
+        fleet.write(
+            "fleet.yaml",
+            format!("name: {name}\nbundle_expiry: 30d\nfile_root: {}\n", fleet.file_root.display()),
+        )?;
+        Ok(fleet)
+    }
+
+    /// The fleet's `file_root` on devices (a directory in the temp dir, so that a
+    /// container engine on this machine can bind-mount the files the agent writes).
+    pub fn file_root(&self) -> &Path {
+        &self.file_root
+    }
+
+    /// Where app `app`'s file `source` lands on a device by default.
+    pub fn app_file(&self, app: &str, source: &str) -> String {
+        format!("{}/{app}/{source}", self.file_root.display())
+    }
+
+    /// A scratch directory of this fleet's temp dir (created), e.g. for paths outside
+    /// the allowed roots.
+    pub fn scratch(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.root.join(name);
+        fs::create_dir_all(&dir)?;
+        Ok(dir)
+    }
+
+    /// Writes a repository file (relative path), creating directories.
+    pub fn write(&self, path: &str, content: impl AsRef<[u8]>) -> Result<()> {
+        self.repo.write(path, content)
+    }
+
+    /// Deletes a repository file or directory.
+    pub fn remove(&self, path: &str) -> Result<()> {
+        self.repo.remove(path)
+    }
+
+    /// Writes `devices/<id>.yaml` with these labels (and no variables).
+    pub fn add_device(&self, id: &str, labels: &[(&str, &str)]) -> Result<()> {
+        let mut text = String::from("labels:\n");
+        for (k, v) in labels {
+            text.push_str(&format!("  {k}: \"{v}\"\n"));
+        }
+        if labels.is_empty() {
+            text = String::new();
+        }
+        self.write(&format!("devices/{id}.yaml"), text)
+    }
+
+    /// Commits everything with the current time as committer date (strictly growing, so
+    /// bundle versions grow and bundles are fresh); returns the commit id.
+    pub fn commit(&mut self, message: &str) -> Result<String> {
+        let time = now_unix().max(self.last_commit_time + 1);
+        self.last_commit_time = time;
+        self.repo.set_date(&format!("{time} +0000"));
+        self.repo.commit(message)
+    }
+
+    /// `fleet-bundler build --repo R --rev HEAD --key K --out O --resolve-digests [extra]`.
+    pub fn build_output(&self, extra: &[&str]) -> Result<CmdOutput> {
+        let (repo, key, out) =
+            (self.repo.path().to_string_lossy(), self.signing_key_path(), self.out.to_string_lossy());
+        let mut args =
+            vec!["build", "--repo", &repo, "--rev", "HEAD", "--out", &out, "--resolve-digests", "--json"];
+        let key = key.to_string_lossy();
+        args.extend(["--key", &key]);
+        args.extend(extra);
+        bundler(&args)
+    }
+
+    /// Builds HEAD; fails unless the build succeeds. Returns the `--json` summary.
+    pub fn build(&self) -> Result<Value> {
+        self.build_output(&[])?.check()?.json()
+    }
+
+    /// `fleet-bundler publish --out O --broker URL --base-url <bundle server> [extra]`.
+    pub fn publish_output(&self, broker: &str, extra: &[&str]) -> Result<CmdOutput> {
+        let (out, base) = (self.out.to_string_lossy(), self.base_url());
+        let mut args = vec![
+            "publish",
+            "--out",
+            &out,
+            "--broker",
+            broker,
+            "--base-url",
+            &base,
+            "--json",
+            "--timeout",
+            "5s",
+        ];
+        args.extend(extra);
+        bundler(&args)
+    }
+
+    /// Publishes what changed since the last publish; returns the `--json` summary.
+    pub fn publish(&self, broker: &str) -> Result<Value> {
+        self.publish_output(broker, &[])?.check()?.json()
+    }
+
+    /// `fleet-bundler status --broker URL --index O/index.json [extra]`.
+    pub fn status(&self, broker: &str, extra: &[&str]) -> Result<CmdOutput> {
+        let index = self.out.join("index.json");
+        let index = index.to_string_lossy();
+        let mut args = vec!["status", "--broker", broker, "--index", &index];
+        args.extend(extra);
+        bundler(&args)
+    }
+
+    /// `status --wait --timeout T` (exit 0 converged, 3 failed, 4 timeout).
+    pub fn status_wait(&self, broker: &str, timeout: Duration) -> Result<CmdOutput> {
+        let t = format!("{}s", timeout.as_secs().max(1));
+        self.status(broker, &["--wait", "--timeout", &t])
+    }
+
+    /// The build output's `index.json`.
+    pub fn index(&self) -> Result<Value> {
+        let path = self.out.join("index.json");
+        let bytes = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", path.display()))
+    }
+
+    /// `device`'s entry in `index.json`.
+    pub fn entry(&self, device: &str) -> Result<IndexEntry> {
+        let index = self.index()?;
+        let e = index
+            .pointer(&format!("/devices/{device}"))
+            .with_context(|| format!("{device} is not in the index"))?;
+        Ok(IndexEntry {
+            version: e["version"].as_u64().context("version")?,
+            digest: e["digest"].as_str().context("digest")?.to_string(),
+            size: e["size"].as_u64().context("size")?,
+            commit: e["commit"].as_str().context("commit")?.to_string(),
+        })
+    }
+
+    /// The build output directory (`index.json`, `bundles/`).
+    pub fn out_dir(&self) -> &Path {
+        &self.out
+    }
+
+    /// Path of bundle `digest` in the build output.
+    pub fn bundle_path(&self, digest: &str) -> PathBuf {
+        self.out.join("bundles").join(format!("{digest}.bundle"))
+    }
+
+    /// The bytes of `device`'s current bundle.
+    pub fn bundle_of(&self, device: &str) -> Result<Vec<u8>> {
+        let entry = self.entry(device)?;
+        let path = self.bundle_path(&entry.digest);
+        fs::read(&path).with_context(|| format!("reading {}", path.display()))
+    }
+
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.keys.join("signing.key")
+    }
+
+    /// The fleet's signing key (CI's secret), for crafting validly signed bundles.
+    pub fn signing_key(&self) -> Result<SigningKey> {
+        Ok(fleet_spec::keys::file::load_signing(&self.signing_key_path())?)
+    }
+
+    /// The public key line devices trust.
+    pub fn public_key_line(&self) -> Result<String> {
+        let path = self.keys.join("signing.pub");
+        Ok(fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_string())
+    }
+
+    /// The bundle server's base URL (`http://127.0.0.1:PORT`, no trailing slash).
+    pub fn base_url(&self) -> String {
+        self.server.url("").trim_end_matches('/').to_string()
+    }
+
+    pub fn server(&self) -> &StaticHttpServer {
+        &self.server
+    }
+
+    /// Serves `bytes` at `<base_url>/extra/<name>` (files an attacker controls, say);
+    /// returns the URL.
+    pub fn serve_extra(&self, name: &str, bytes: &[u8]) -> Result<String> {
+        let dir = self.out.join("extra");
+        fs::create_dir_all(&dir)?;
+        fs::write(dir.join(name), bytes)?;
+        Ok(self.server.url(&format!("extra/{name}")))
+    }
+
+    /// `fleet/<fleet>/devices/<device>/<kind>`.
+    pub fn topic(&self, device: &str, kind: &str) -> String {
+        format!("fleet/{}/devices/{device}/{kind}", self.name)
+    }
+
+    /// Retains `ann` on its device's `desired` topic, as a publisher would.
+    pub fn announce(&self, mqtt: &Mqtt, ann: &Announcement) -> Result<()> {
+        mqtt.publish(&self.topic(&ann.device, "desired"), ann.to_json(), true)
+    }
+}
+
+impl Drop for FleetRepo {
+    fn drop(&mut self) {
+        keep_if_asked(&mut self.tmp);
+    }
+}
+
+/// With `FLEET_E2E_KEEP=1`, keeps a temp dir instead of deleting it.
+fn keep_if_asked(tmp: &mut Option<TempDir>) {
+    if crate::keep_tempdirs() {
+        if let Some(dir) = tmp.take() {
+            eprintln!("fleet-e2e: keeping {} (FLEET_E2E_KEEP=1)", dir.keep().display());
+        }
+    }
+}
+
+/// Configures a [`Device`] before it starts. Defaults: trusts the fleet's key; the
+/// fleet's file root is the one allowed root; polls the fleet's bundle server every
+/// 5 s; no broker; no container engine; reconcile every 2 s; health timeout 8 s;
+/// status at most every 100 ms.
+#[derive(Debug, Clone)]
+pub struct DeviceBuilder {
+    id: String,
+    fleet: String,
+    file_root: PathBuf,
+    public_keys: Vec<String>,
+    allowed_roots: Vec<PathBuf>,
+    broker: Option<String>,
+    credentials: Option<(String, String)>,
+    base_url: Option<String>,
+    poll_interval_secs: u64,
+    engine_socket: Option<PathBuf>,
+    reconcile_interval_secs: u64,
+    health_timeout_secs: u64,
+    private_root: bool,
+}
+
+impl DeviceBuilder {
+    /// The MQTT broker URL (`mqtt://127.0.0.1:PORT`).
+    pub fn broker(mut self, url: &str) -> Self {
+        self.broker = Some(url.to_string());
+        self
+    }
+
+    /// MQTT username and password (the client id stays the device id).
+    pub fn credentials(mut self, user: &str, password: &str) -> Self {
+        self.credentials = Some((user.to_string(), password.to_string()));
+        self
+    }
+
+    /// No `fetch.base_url`: bundles come only from announcements (or sideloading).
+    pub fn no_polling(mut self) -> Self {
+        self.base_url = None;
+        self
+    }
+
+    /// The container engine's API socket (default: none, a files-only device).
+    pub fn engine(mut self, socket: &Path) -> Self {
+        self.engine_socket = Some(socket.to_path_buf());
+        self
+    }
+
+    pub fn reconcile_interval_secs(mut self, secs: u64) -> Self {
+        self.reconcile_interval_secs = secs;
+        self
+    }
+
+    pub fn health_timeout_secs(mut self, secs: u64) -> Self {
+        self.health_timeout_secs = secs;
+        self
+    }
+
+    /// Replaces the trusted public key lines.
+    pub fn trust(mut self, keys: Vec<String>) -> Self {
+        self.public_keys = keys;
+        self
+    }
+
+    /// Runs the agent in its own mount namespace, where the fleet's file root is this
+    /// device's private directory (for several files-only devices on one machine).
+    pub fn private_root(mut self) -> Self {
+        self.private_root = true;
+        self
+    }
+
+    /// Writes `agent.toml` and the directories; the agent is not started.
+    pub fn create(self) -> Result<Device> {
+        let tmp = crate::short_tempdir("a")?;
+        let root = tmp.path().to_path_buf();
+        let state_dir = root.join("state");
+        let private_root = if self.private_root {
+            let host = root.join("files");
+            fs::create_dir_all(&host)?;
+            Some((self.file_root.clone(), host))
+        } else {
+            None
+        };
+        let mut toml = String::new();
+        let q = |s: &str| serde_json::to_string(s).expect("a string serializes");
+        toml.push_str(&format!("device = {}\nfleet = {}\n", q(&self.id), q(&self.fleet)));
+        toml.push_str(&format!("state_dir = {}\n", q(&state_dir.to_string_lossy())));
+        let roots: Vec<String> = self.allowed_roots.iter().map(|r| q(&r.to_string_lossy())).collect();
+        toml.push_str(&format!("allowed_roots = [{}]\n", roots.join(", ")));
+        toml.push_str(&format!(
+            "reconcile_interval_secs = {}\nhealth_timeout_secs = {}\nstatus_min_interval_ms = 100\nlog_level = \"debug\"\n",
+            self.reconcile_interval_secs, self.health_timeout_secs
+        ));
+        if let Some(url) = &self.broker {
+            toml.push_str(&format!(
+                "\n[mqtt]\nurl = {}\nkeepalive_secs = 5\nreconnect_max_secs = 2\n",
+                q(url)
+            ));
+            if let Some((user, password)) = &self.credentials {
+                toml.push_str(&format!("username = {}\npassword = {}\n", q(user), q(password)));
+            }
+        }
+        let keys: Vec<String> = self.public_keys.iter().map(|k| q(k)).collect();
+        toml.push_str(&format!("\n[trust]\npublic_keys = [{}]\n", keys.join(", ")));
+        toml.push_str("\n[fetch]\ntimeout_secs = 10\n");
+        if let Some(url) = &self.base_url {
+            toml.push_str(&format!(
+                "base_url = {}\npoll_interval_secs = {}\n",
+                q(url),
+                self.poll_interval_secs
+            ));
+        }
+        let socket = self
+            .engine_socket
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |s| s.to_string_lossy().into_owned());
+        toml.push_str(&format!("\n[engine]\nsocket = {}\nstop_grace_secs = 1\n", q(&socket)));
+        let config = root.join("agent.toml");
+        fs::write(&config, toml).with_context(|| format!("writing {}", config.display()))?;
+        Ok(Device {
+            id: self.id,
+            fleet: self.fleet,
+            config,
+            state_dir,
+            log: root.join("agent.log"),
+            private_root,
+            child: None,
+            tmp: Some(tmp),
+        })
+    }
+
+    /// Creates the device and starts `fleet-agent run`.
+    pub fn start(self) -> Result<Device> {
+        let mut device = self.create()?;
+        device.start()?;
+        Ok(device)
+    }
+}
+
+/// One device: `agent.toml`, state dir, log, and the `fleet-agent run` process.
+pub struct Device {
+    pub id: String,
+    fleet: String,
+    config: PathBuf,
+    state_dir: PathBuf,
+    log: PathBuf,
+    /// (the fleet's file root as the agent sees it, the directory it really is)
+    private_root: Option<(PathBuf, PathBuf)>,
+    child: Option<Child>,
+    tmp: Option<TempDir>,
+}
+
+impl Device {
+    /// A device of `fleet` with the defaults of [`DeviceBuilder`].
+    pub fn builder(fleet: &FleetRepo, id: &str) -> Result<DeviceBuilder> {
+        Ok(DeviceBuilder {
+            id: id.to_string(),
+            fleet: fleet.name.clone(),
+            file_root: fleet.file_root().to_path_buf(),
+            public_keys: vec![fleet.public_key_line()?],
+            allowed_roots: vec![fleet.file_root().to_path_buf()],
+            broker: None,
+            credentials: None,
+            base_url: Some(fleet.base_url()),
+            poll_interval_secs: 5,
+            engine_socket: None,
+            reconcile_interval_secs: 2,
+            health_timeout_secs: 8,
+            private_root: false,
+        })
+    }
+
+    /// Starts `fleet-agent run --config agent.toml` (its output appended to the log).
+    pub fn start(&mut self) -> Result<()> {
+        if self.is_running() {
+            bail!("agent {} is already running", self.id);
+        }
+        let bin = workspace_bin("fleet-agent")?;
+        let log = fs::File::options().create(true).append(true).open(&self.log)?;
+        let mut cmd = match &self.private_root {
+            None => {
+                let mut cmd = Command::new(&bin);
+                cmd.arg("run").arg("--config").arg(&self.config);
+                cmd
+            }
+            Some((mount_point, host_dir)) => {
+                // unshare and sh exec: the child's PID is the agent's.
+                let mut cmd = Command::new(crate::require_program("unshare")?);
+                cmd.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+                    .arg(r#"mount --bind "$0" "$1" && exec "$2" run --config "$3""#)
+                    .arg(host_dir)
+                    .arg(mount_point)
+                    .arg(&bin)
+                    .arg(&self.config);
+                cmd
+            }
+        };
+        cmd.env("FLEET_LOG", "debug").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        self.child = Some(cmd.spawn().with_context(|| format!("starting the agent of {}", self.id))?);
+        Ok(())
+    }
+
+    /// Whether the agent process is alive.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// The agent's PID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `kill -9` the agent (a crash or power loss) and reap it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM (a graceful stop, as systemd does), waiting up to 10 s, then SIGKILL.
+    /// Returns the exit code when it exited by itself.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        signal(child.id(), libc::SIGTERM);
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("fleet-e2e: agent {} ignored SIGTERM for 10 s: killing it", self.id);
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
+    /// `fleet-agent apply --config agent.toml BUNDLE` (the sideload path).
+    pub fn apply(&self, bundle: &Path) -> Result<CmdOutput> {
+        let bin = workspace_bin("fleet-agent")?;
+        let mut cmd = match &self.private_root {
+            None => Command::new(bin),
+            Some(_) => bail!("apply is not supported for devices with a private root"),
+        };
+        run_command(cmd.arg("apply").arg("--config").arg(&self.config).arg(bundle).env("FLEET_LOG", "debug"))
+    }
+
+    /// `fleet-agent status --config agent.toml --json`: the local view of the state dir.
+    pub fn local_status(&self) -> Result<Value> {
+        let bin = workspace_bin("fleet-agent")?;
+        run_command(Command::new(bin).arg("status").arg("--config").arg(&self.config).arg("--json"))?
+            .check()?
+            .json()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Where a device path really is on this machine (differs with a private root).
+    pub fn host_path(&self, device_path: &str) -> PathBuf {
+        if let Some((mount_point, host_dir)) = &self.private_root {
+            if let Ok(rest) = Path::new(device_path).strip_prefix(mount_point) {
+                return host_dir.join(rest);
+            }
+        }
+        PathBuf::from(device_path)
+    }
+
+    /// Content of a file on the device, `None` when it does not exist.
+    pub fn read(&self, device_path: &str) -> Option<Vec<u8>> {
+        fs::read(self.host_path(device_path)).ok()
+    }
+
+    /// Hex sha256 of a file on the device, `None` when it does not exist.
+    pub fn sha256(&self, device_path: &str) -> Option<String> {
+        file_sha256(&self.host_path(device_path))
+    }
+
+    /// `fleet/<fleet>/devices/<id>/<kind>`.
+    pub fn topic(&self, kind: &str) -> String {
+        format!("fleet/{}/devices/{}/{kind}", self.fleet, self.id)
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of the agent's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log, 60)
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            if std::thread::panicking() || crate::keep_tempdirs() {
+                eprintln!("fleet-e2e: agent {} log:\n{}", self.id, self.log_tail());
+            }
+            self.stop();
+        }
+        keep_if_asked(&mut self.tmp);
+    }
+}
+
+/// Everything a device publishes (`fleet/<fleet>/devices/<id>/#`), collected in the
+/// background from the moment the watch is made.
+pub struct DeviceWatch {
+    sub: Subscription,
+    base: String,
+}
+
+impl DeviceWatch {
+    /// Subscribes (waiting for the SUBACK) as `mqtt` to the device's topics.
+    pub fn new(mqtt: &Mqtt, fleet: &str, device: &str) -> Result<DeviceWatch> {
+        let base = format!("fleet/{fleet}/devices/{device}/");
+        let sub = mqtt.subscribe(&format!("{base}#"))?;
+        Ok(DeviceWatch { sub, base })
+    }
+
+    /// The watch of `device` on `mqtt`.
+    pub fn of(mqtt: &Mqtt, device: &Device) -> Result<DeviceWatch> {
+        DeviceWatch::new(mqtt, &device.fleet, &device.id)
+    }
+
+    fn payloads(&self, kind: &str) -> Vec<Vec<u8>> {
+        let topic = format!("{}{kind}", self.base);
+        self.sub
+            .messages()
+            .into_iter()
+            .filter(|m| m.topic == topic && !m.payload.is_empty())
+            .map(|m| m.payload)
+            .collect()
+    }
+
+    /// Every status report received, oldest first.
+    pub fn statuses(&self) -> Vec<Value> {
+        self.payloads("status").iter().filter_map(|p| serde_json::from_slice(p).ok()).collect()
+    }
+
+    /// The newest status report.
+    pub fn latest_status(&self) -> Option<Value> {
+        self.statuses().pop()
+    }
+
+    /// Every event received, oldest first.
+    pub fn events(&self) -> Vec<Value> {
+        self.payloads("events").iter().filter_map(|p| serde_json::from_slice(p).ok()).collect()
+    }
+
+    /// Events of kind `event` (`apply_started`, `bundle_rejected`, ...).
+    pub fn events_of(&self, event: &str) -> Vec<Value> {
+        self.events().into_iter().filter(|e| e["event"] == event).collect()
+    }
+
+    /// The newest `online` payload.
+    pub fn online(&self) -> Option<String> {
+        self.payloads("online").pop().map(|p| String::from_utf8_lossy(&p).into_owned())
+    }
+
+    /// Forgets what was received so far (only newer messages count afterwards).
+    pub fn clear(&self) {
+        self.sub.clear();
+    }
+
+    /// Waits until the newest status report satisfies `pred`; returns it.
+    pub fn wait_status(
+        &self,
+        deadline: Duration,
+        what: &str,
+        mut pred: impl FnMut(&Value) -> bool,
+    ) -> Result<Value> {
+        let mut found = None;
+        wait_until(deadline, what, || {
+            found = self.latest_status().filter(|s| pred(s));
+            Ok(found.is_some())
+        })
+        .map_err(|e| e.context(self.describe()))?;
+        found.ok_or_else(|| anyhow!("unreachable"))
+    }
+
+    /// Waits until some received event satisfies `pred`; returns it.
+    pub fn wait_event(
+        &self,
+        deadline: Duration,
+        what: &str,
+        mut pred: impl FnMut(&Value) -> bool,
+    ) -> Result<Value> {
+        let mut found = None;
+        wait_until(deadline, what, || {
+            found = self.events().into_iter().find(|e| pred(e));
+            Ok(found.is_some())
+        })
+        .map_err(|e| e.context(self.describe()))?;
+        found.ok_or_else(|| anyhow!("unreachable"))
+    }
+
+    /// The newest status and all events, for failure messages.
+    pub fn describe(&self) -> String {
+        let events: Vec<String> = self.events().iter().map(Value::to_string).collect();
+        format!(
+            "newest status of {}: {}\nevents:\n  {}",
+            self.base,
+            self.latest_status().map_or_else(|| "none".to_string(), |s| s.to_string()),
+            events.join("\n  ")
+        )
+    }
+}
+
+/// `state` of a status report.
+pub fn state(status: &Value) -> &str {
+    status["state"].as_str().unwrap_or("")
+}
+
+/// `applied.commit` of a status report.
+pub fn applied_commit(status: &Value) -> Option<&str> {
+    status.pointer("/applied/commit").and_then(Value::as_str)
+}
+
+/// `applied.version` of a status report.
+pub fn applied_version(status: &Value) -> Option<u64> {
+    status.pointer("/applied/version").and_then(Value::as_u64)
+}
+
+/// `last_error.code` of a status report.
+pub fn last_error_code(status: &Value) -> Option<&str> {
+    status.pointer("/last_error/code").and_then(Value::as_str)
+}
+
+/// Whether a status report says `converged` on `commit`.
+pub fn converged_on(status: &Value, commit: &str) -> bool {
+    state(status) == "converged" && applied_commit(status) == Some(commit)
+}

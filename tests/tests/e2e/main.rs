@@ -1,0 +1,38 @@
+//! End-to-end scenarios: the whole loop on real components, as an operator uses it.
+//!
+//! A Git commit goes in (a fleet repository made by the test), `fleet-bundler build` and
+//! `publish` run as CI runs them, a real Mosquitto carries the announcements, a static
+//! HTTP server serves the bundles, and `fleet-agent run` processes apply them to files
+//! and to containers on a real `dockerd` or podman; the scenarios assert the device's
+//! files by content hash, its containers through the engine API, and the retained
+//! status JSON and the events it publishes.
+//!
+//! Each scenario starts its own components on free loopback ports and temp dirs, and
+//! stops them by PID when it ends (see `fleet_e2e`). Waits are on conditions with
+//! deadlines, never sleeps. Needs root and the packages of `scripts/setup.sh`.
+//!
+//! `FLEET_E2E_KEEP=1` keeps every temp dir (agent logs, state dirs, broker logs) and
+//! prints each agent's log when it stops.
+//!
+//! | module | scenarios (issue 5) |
+//! |---|---|
+//! | [`first_deploy`] | 1 first deploy (files only) |
+//! | [`containers`] | 1 first deploy, 2 updates, 3 failed update → rollback, 4 drift, each on dockerd and podman (8) |
+//! | [`engines`] | (the engines, images and `web` app the container scenarios share) |
+//! | [`attacks`] | 5 attacks and bad input |
+//! | [`outages`] | 6 broker and bundle server outages |
+//! | [`crash`] | 7 crash safety, files only and on dockerd (`FLEET_E2E_CRASH_ITERATIONS`, default 5) |
+//! | [`small_fleet`] | 9 twenty devices |
+//! | [`acl`] | 10 broker ACLs |
+//! | [`sideload`] | 11 `fleet-agent apply` without a broker |
+
+mod acl;
+mod attacks;
+mod common;
+mod containers;
+mod crash;
+mod engines;
+mod first_deploy;
+mod outages;
+mod sideload;
+mod small_fleet;
