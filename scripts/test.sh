@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it. Installs what it needs first (idempotent).
 #
-#   scripts/test.sh          # setup, format, lint, unit + integration + end-to-end tests, fuzz smoke
+#   scripts/test.sh          # setup, format, lint, aarch64 build, unit + integration +
+#                            # end-to-end tests (one under qemu), fuzz smoke, quick benchmarks
 #   FUZZ_SECONDS=0 scripts/test.sh    # skip the fuzz smoke run
 #
 # Tests start their own Mosquitto, dockerd, podman and registry on free loopback ports
@@ -11,14 +12,18 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-step "setup (packages for the real components)"
-bash scripts/setup.sh
+step "setup (packages for the real components, and the Debian toolchain for ARM)"
+bash scripts/setup.sh --cross
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cross-build the aarch64 agent (static, size profile) for the emulated end-to-end test"
+bash cross/build.sh --targets aarch64
+export FLEET_AGENT_AARCH64="$PWD/dist/fleet-agent-aarch64-unknown-linux-gnu"
 
 step "cargo test (unit, integration, end-to-end on real components)"
 cargo test --workspace --locked --no-fail-fast

@@ -390,9 +390,37 @@ pub struct DeviceBuilder {
     reconcile_interval_secs: u64,
     health_timeout_secs: u64,
     private_root: bool,
+    agent: Option<AgentCommand>,
+}
+
+/// Which agent binary runs, and through what (e.g. qemu for a cross-built agent).
+#[derive(Debug, Clone)]
+pub struct AgentCommand {
+    pub binary: PathBuf,
+    /// A program that runs the binary, e.g. `qemu-aarch64-static`.
+    pub runner: Option<PathBuf>,
+}
+
+impl AgentCommand {
+    fn command(&self) -> Command {
+        match &self.runner {
+            Some(runner) => {
+                let mut cmd = Command::new(runner);
+                cmd.arg(&self.binary);
+                cmd
+            }
+            None => Command::new(&self.binary),
+        }
+    }
 }
 
 impl DeviceBuilder {
+    /// Runs this agent binary (through `runner` when given) instead of the workspace's.
+    pub fn agent(mut self, agent: AgentCommand) -> Self {
+        self.agent = Some(agent);
+        self
+    }
+
     /// The MQTT broker URL (`mqtt://127.0.0.1:PORT`).
     pub fn broker(mut self, url: &str) -> Self {
         self.broker = Some(url.to_string());
@@ -491,6 +519,7 @@ impl DeviceBuilder {
         Ok(Device {
             id: self.id,
             fleet: self.fleet,
+            agent: self.agent,
             config,
             state_dir,
             log: root.join("agent.log"),
@@ -512,6 +541,7 @@ impl DeviceBuilder {
 pub struct Device {
     pub id: String,
     fleet: String,
+    agent: Option<AgentCommand>,
     config: PathBuf,
     state_dir: PathBuf,
     log: PathBuf,
@@ -538,6 +568,7 @@ impl Device {
             reconcile_interval_secs: 2,
             health_timeout_secs: 8,
             private_root: false,
+            agent: None,
         })
     }
 
@@ -546,15 +577,15 @@ impl Device {
         if self.is_running() {
             bail!("agent {} is already running", self.id);
         }
-        let bin = workspace_bin("fleet-agent")?;
         let log = fs::File::options().create(true).append(true).open(&self.log)?;
         let mut cmd = match &self.private_root {
             None => {
-                let mut cmd = Command::new(&bin);
+                let mut cmd = self.agent_command()?;
                 cmd.arg("run").arg("--config").arg(&self.config);
                 cmd
             }
             Some((mount_point, host_dir)) => {
+                let bin = workspace_bin("fleet-agent")?;
                 // unshare and sh exec: the child's PID is the agent's.
                 let mut cmd = Command::new(crate::require_program("unshare")?);
                 cmd.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
@@ -569,6 +600,13 @@ impl Device {
         cmd.env("FLEET_LOG", "debug").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
         self.child = Some(cmd.spawn().with_context(|| format!("starting the agent of {}", self.id))?);
         Ok(())
+    }
+
+    fn agent_command(&self) -> Result<Command> {
+        match &self.agent {
+            Some(agent) => Ok(agent.command()),
+            None => Ok(Command::new(workspace_bin("fleet-agent")?)),
+        }
     }
 
     /// Whether the agent process is alive.

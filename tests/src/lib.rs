@@ -51,7 +51,7 @@ use anyhow::{bail, Context, Result};
 pub use bins::{workspace_bin, workspace_bin_of};
 pub use dockerd::Dockerd;
 pub use engine::{engine_delete, engine_get, engine_post, engine_request, http_get, Engine, HttpResponse};
-pub use fleet::{CmdOutput, Device, DeviceBuilder, DeviceWatch, FleetRepo, IndexEntry};
+pub use fleet::{AgentCommand, CmdOutput, Device, DeviceBuilder, DeviceWatch, FleetRepo, IndexEntry};
 pub use git::GitRepo;
 pub use http_server::{ServedRequest, StaticHttpOptions, StaticHttpServer};
 pub use images::{build_busybox_image, build_image, push_image, BUSYBOX_APPLETS};

@@ -25,7 +25,9 @@
 //! | [`small_fleet`] | 9 twenty devices |
 //! | [`acl`] | 10 broker ACLs |
 //! | [`sideload`] | 11 `fleet-agent apply` without a broker |
+//! | [`aarch64`] | the cross-built aarch64 agent under qemu, on dockerd (issue 6) |
 
+mod aarch64;
 mod acl;
 mod attacks;
 mod common;
