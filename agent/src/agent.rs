@@ -5,6 +5,9 @@
 //!   await health → commit, or roll back to the last good bundle.
 //! - [`Agent::recover`]: on start, reads the journal and resumes or rolls back.
 //! - [`Agent::reconcile`]: repairs drift of the committed state (timer, engine events).
+//! - [`Agent::run_due_healthchecks`]: runs the healthchecks an engine does not run by
+//!   itself (podman without systemd; see [`Engine::run_healthcheck`]), which the health
+//!   waits also do while they wait.
 //!
 //! It owns the state machine ([`crate::core::Machine`]) and reports every change as a
 //! status report or event on its [`Reports`] channel. It never decides what the
@@ -30,7 +33,7 @@ use crate::config::Config;
 use crate::core::health::{self, Verdict};
 use crate::core::plan::{self, EngineView, Need};
 use crate::core::{ApplyState, Command, Machine};
-use crate::engine::{Engine, EngineError, ObservedContainer};
+use crate::engine::{Engine, EngineError, Health, ObservedContainer};
 use crate::files::{self, FileError};
 use crate::journal::{self, Journal, Record, Recovery, Step};
 use crate::store::{AppliedRecord, Rejection, Store, StoreError};
@@ -40,6 +43,9 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// How long every container must stay running (and healthy) before an update counts
 /// as healthy (capped at half the health timeout).
 pub const HEALTH_SETTLE: Duration = Duration::from_secs(5);
+
+/// When asking the engine to run a healthcheck failed, ask again after this long.
+const HEALTHCHECK_RETRY: Duration = Duration::from_secs(10);
 
 /// What the agent tells the world.
 #[derive(Debug, Clone)]
@@ -129,6 +135,16 @@ struct Current {
     state: DesiredState,
 }
 
+/// The healthchecks the agent runs because the engine does not (see
+/// [`Engine::run_healthcheck`]): per running container with a healthcheck, when to ask
+/// the engine next.
+#[derive(Debug, Default)]
+struct Healthchecks {
+    /// The engine runs them itself: nothing to do.
+    by_engine: bool,
+    next: BTreeMap<String, Instant>,
+}
+
 /// A rollback still to finish (its first attempt failed).
 #[derive(Debug, Clone)]
 struct PendingRollback {
@@ -154,6 +170,7 @@ pub struct Agent<E: Engine> {
     pending_rollback: Option<PendingRollback>,
     reports: Reports,
     last_saved_status: Option<StatusReport>,
+    healthchecks: Healthchecks,
 }
 
 impl<E: Engine> Agent<E> {
@@ -186,6 +203,7 @@ impl<E: Engine> Agent<E> {
             pending_rollback: None,
             reports,
             last_saved_status,
+            healthchecks: Healthchecks::default(),
         })
     }
 
@@ -312,19 +330,20 @@ impl<E: Engine> Agent<E> {
         Ok(())
     }
 
-    /// A fetch failed: nothing changed; the announcement is tried again later. An
-    /// oversized bundle is remembered as rejected.
+    /// A fetch failed: nothing changed; the announcement is tried again later. A
+    /// permanent failure (an oversized bundle, or a finished download that does not match
+    /// the announced digest) is remembered as rejected, with a `bundle_rejected` event.
     pub fn fetch_failed(&mut self, digest: &str, code: &str, reason: &str, permanent: bool) -> Outcome {
+        self.set_error(code, reason);
         if self.machine.state() == ApplyState::Fetching {
             let _ = self.on(Command::Refuse);
         }
-        self.set_error(code, reason);
         tracing::warn!(digest, code, "fetch failed: {reason}");
+        self.publish_status();
         if permanent {
             self.reject(digest, code, reason, None);
             return Outcome::Rejected { code: code.into(), reason: reason.into() };
         }
-        self.publish_status();
         Outcome::Deferred { code: code.into(), reason: reason.into() }
     }
 
@@ -742,7 +761,7 @@ impl<E: Engine> Agent<E> {
     /// Waits until the dependencies of `spec` meet their conditions (bounded by the
     /// health timeout; then it goes on and health judges the result).
     async fn wait_dependencies(
-        &self,
+        &mut self,
         spec: &fleet_spec::model::ContainerSpec,
         state: &DesiredState,
     ) -> Result<(), AgentError> {
@@ -771,6 +790,9 @@ impl<E: Engine> Agent<E> {
                 if ok || Instant::now() >= deadline {
                     break;
                 }
+                if let Some(c) = &seen {
+                    self.drive_healthchecks(std::slice::from_ref(c)).await;
+                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -795,6 +817,10 @@ impl<E: Engine> Agent<E> {
                     });
                     let verdict = health::judge(state, &ours, base);
                     self.containers = container_statuses(state, &ours);
+                    self.track_healthchecks(&ours);
+                    if !matches!(verdict, Verdict::Failed { .. }) {
+                        self.drive_healthchecks(&ours).await;
+                    }
                     verdict
                 }
                 Err(e) => Verdict::Waiting { reason: format!("engine: {e}") },
@@ -829,21 +855,99 @@ impl<E: Engine> Agent<E> {
     async fn refresh_containers(&mut self) {
         let Some(current) = &self.current else {
             self.containers.clear();
+            self.healthchecks.next.clear();
             return;
         };
         if current.state.containers.is_empty() {
             self.containers.clear();
+            self.healthchecks.next.clear();
             return;
         }
         match self.engine.list_managed().await {
             Ok(observed) => {
                 self.containers = container_statuses(&current.state, &observed);
+                let ours: Vec<ObservedContainer> =
+                    observed.into_iter().filter(|c| plan::is_ours(c, &self.cfg.fleet)).collect();
+                self.track_healthchecks(&ours);
                 self.engine_down = false;
             }
             Err(e) => {
                 self.engine_down = matches!(e, EngineError::Unreachable { .. });
                 tracing::warn!("cannot list containers: {e}");
             }
+        }
+    }
+
+    // ---- healthchecks the engine does not run -----------------------------------------
+
+    /// Follows the observed managed containers: a running one with a healthcheck is
+    /// due for a check now when it is new; the others are forgotten.
+    fn track_healthchecks(&mut self, observed: &[ObservedContainer]) {
+        let checked = |c: &ObservedContainer| c.running && c.health != Health::None;
+        let hc = &mut self.healthchecks;
+        hc.next.retain(|name, _| observed.iter().any(|c| &c.name == name && checked(c)));
+        if !hc.by_engine {
+            let now = Instant::now();
+            for c in observed.iter().filter(|c| checked(c)) {
+                hc.next.entry(c.name.clone()).or_insert(now);
+            }
+        }
+    }
+
+    /// Runs the due healthchecks of these containers (running ones with a healthcheck),
+    /// where the engine does not run them itself.
+    async fn drive_healthchecks(&mut self, observed: &[ObservedContainer]) {
+        for c in observed {
+            if self.healthchecks.by_engine {
+                return;
+            }
+            let due = self.healthchecks.next.get(&c.name).is_none_or(|at| *at <= Instant::now());
+            if c.running && c.health != Health::None && due {
+                self.run_healthcheck(&c.name).await;
+            }
+        }
+    }
+
+    /// Asks the engine to run the healthcheck of `name` if due, and when to ask again.
+    async fn run_healthcheck(&mut self, name: &str) {
+        let after = match self.engine.run_healthcheck(name).await {
+            Ok(Some(after)) => after.max(Duration::from_millis(100)),
+            Ok(None) => {
+                tracing::debug!("the engine runs healthchecks itself");
+                self.healthchecks.by_engine = true;
+                self.healthchecks.next.clear();
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(container = name, "cannot run the healthcheck: {e}");
+                HEALTHCHECK_RETRY
+            }
+        };
+        self.healthchecks.next.insert(name.to_owned(), Instant::now() + after);
+    }
+
+    /// When [`Agent::run_due_healthchecks`] has something to do; `None`: nothing
+    /// planned (no container with a healthcheck, or the engine runs them itself).
+    pub fn next_healthcheck(&self) -> Option<Instant> {
+        self.healthchecks.next.values().min().copied()
+    }
+
+    /// Runs the due healthchecks of the applied state's containers that the engine does
+    /// not run itself (the daemon calls this at [`Agent::next_healthcheck`]).
+    pub async fn run_due_healthchecks(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .healthchecks
+            .next
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            if self.healthchecks.by_engine {
+                return;
+            }
+            self.run_healthcheck(&name).await;
         }
     }
 

@@ -404,11 +404,16 @@ async fn every_rejection_reason_changes_nothing() {
         assert_eq!((h.read("app/a.conf"), h.read("app/b.conf")), before_files, "{code}: files unchanged");
         assert!(h.fake.mutations().is_empty(), "{code}: engine unchanged: {:?}", h.fake.mutations());
         assert_eq!(agent.store().trust().expect("trust").last_version, Some(1), "{code}: trust unchanged");
-        let ev = events(&drain(&mut rx));
+        let reports = drain(&mut rx);
+        let ev = events(&reports);
         assert!(
             ev.iter().any(|e| matches!(e, EventKind::BundleRejected { code: c, .. } if c == code)),
             "{code}: {ev:?}"
         );
+        // A refused bundle never shows `applying`: checks run while `downloading`.
+        let seen = states(&reports);
+        assert!(!seen.contains(&DeviceState::Applying), "{code}: {seen:?}");
+        assert_eq!(seen.last(), Some(&DeviceState::Failed), "{code}: {seen:?}");
         let status = agent.status_report();
         assert_eq!(status.state, DeviceState::Failed, "{code}");
         assert_eq!(status.last_error.as_ref().map(|e| e.code.as_str()), Some(code));
@@ -554,6 +559,70 @@ async fn dependencies_start_first_and_healthy_conditions_are_awaited() {
     let calls = h.fake.calls();
     let pos = |c: &Call| calls.iter().position(|x| x == c).expect("call made");
     assert!(pos(&Call::Start("app-db".into())) < pos(&Call::Create("app-web".into())));
+}
+
+/// podman without systemd runs no healthcheck by itself: the agent runs them, while it
+/// waits for a dependency, while it waits for health, and at rest.
+#[tokio::test(start_paused = true)]
+async fn healthchecks_the_engine_does_not_run_are_run_by_the_agent() {
+    let h = H::new();
+    h.fake.healthchecks_by_caller(Health::Healthy, Duration::from_secs(2));
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    assert_eq!(agent.next_healthcheck(), None, "nothing to check yet");
+    let db = container("app-db", true);
+    let mut web = container("app-web", true);
+    web.depends_on.push(Dependency { container: "app-db".into(), condition: DependencyCondition::Healthy });
+    let s = state(vec![], vec![web, db]);
+    let outcome = agent.apply_bundle(&h.bundle(1, &s)).await.expect("apply");
+    assert_eq!(outcome, Outcome::Committed { version: 1 });
+    let calls = h.fake.calls();
+    let pos = |c: &Call| calls.iter().position(|x| x == c).expect("call made");
+    assert!(pos(&Call::RunHealthcheck("app-db".into())) < pos(&Call::Create("app-web".into())));
+    assert!(calls.contains(&Call::RunHealthcheck("app-web".into())));
+    assert_eq!(h.fake.container("app-web").expect("web").health, Health::Healthy);
+
+    // At rest, at the pace the engine asks for (here every 2 s).
+    let at = agent.next_healthcheck().expect("a check is planned");
+    assert!(at > tokio::time::Instant::now() && at <= tokio::time::Instant::now() + Duration::from_secs(2));
+    h.fake.set_check_result("app-web", Health::Unhealthy);
+    h.fake.clear_calls();
+    tokio::time::sleep_until(at).await;
+    agent.run_due_healthchecks().await;
+    tokio::time::sleep_until(agent.next_healthcheck().expect("planned")).await;
+    agent.run_due_healthchecks().await;
+    assert_eq!(h.fake.container("app-web").expect("web").health, Health::Unhealthy);
+    let runs = h.fake.calls().iter().filter(|c| matches!(c, Call::RunHealthcheck(_))).count();
+    assert_eq!(runs, 4, "two rounds, each container once per round: {:?}", h.fake.calls());
+
+    // An update whose healthcheck fails (the check result set above) is rolled back as
+    // unhealthy, not timed out.
+    let mut bad = container("app-web", true);
+    bad.command = Some(vec!["serve".into(), "--broken".into()]);
+    let v2 = state(vec![], vec![bad]);
+    let outcome = agent.apply_bundle(&h.bundle(2, &v2)).await.expect("apply v2");
+    assert!(matches!(&outcome, Outcome::RolledBack { code, .. } if code == "unhealthy"), "{outcome:?}");
+}
+
+/// `dockerd` runs its own healthchecks: the agent finds that out once and leaves them be.
+#[tokio::test(start_paused = true)]
+async fn an_engine_that_runs_its_own_healthchecks_is_asked_once() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let s = state(vec![], vec![container("app-db", true), container("app-web", true)]);
+    let healthy_later = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        h.fake.set_health("app-db", Health::Healthy);
+        h.fake.set_health("app-web", Health::Healthy);
+    };
+    let bytes = h.bundle(1, &s);
+    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bytes), healthy_later);
+    assert_eq!(outcome.expect("apply"), Outcome::Committed { version: 1 });
+    agent.reconcile().await.expect("reconcile");
+    assert_eq!(agent.next_healthcheck(), None);
+    let runs = h.fake.calls().iter().filter(|c| matches!(c, Call::RunHealthcheck(_))).count();
+    assert_eq!(runs, 1);
 }
 
 /// The scenario of the crash tests: v1 is committed, then v2 is applied; v2 is either

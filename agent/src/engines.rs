@@ -5,6 +5,7 @@
 //! This module only delegates; it never talks to an engine itself.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use fleet_spec::model::{ContainerSpec, ImageRef, NetworkSpec, VolumeSpec};
 
@@ -80,6 +81,9 @@ impl Engine for NoEngine {
     }
     async fn next_event(&self) -> Result<Option<EngineEvent>, EngineError> {
         std::future::pending().await
+    }
+    async fn run_healthcheck(&self, _name: &str) -> Result<Option<Duration>, EngineError> {
+        Ok(None)
     }
 }
 
@@ -162,5 +166,8 @@ impl Engine for AnyEngine {
     }
     async fn next_event(&self) -> Result<Option<EngineEvent>, EngineError> {
         delegate!(self, e => e.next_event())
+    }
+    async fn run_healthcheck(&self, name: &str) -> Result<Option<Duration>, EngineError> {
+        delegate!(self, e => e.run_healthcheck(name))
     }
 }

@@ -6,6 +6,14 @@
 //! are checked against the limit before any byte is stored, and the whole file's
 //! sha256 must equal the announced digest before the bytes are handed to verification.
 //!
+//! A download that *finished* (the body ended normally, or the server answered `416`:
+//! it has nothing more) but whose bytes do not match the announced digest is a
+//! [`FetchError::Digest`], which is permanent: the partial file is deleted and the
+//! caller rejects the digest. When the mismatching file was stitched together from a
+//! resume, it is downloaded once more from byte 0 first (a stale or foreign partial file
+//! must not get a good bundle rejected). A connection dropped mid-body is a
+//! [`FetchError::Network`] and is resumed, never rejected.
+//!
 //! Nothing fetched here is trusted: the caller verifies the bundle's signature. This
 //! module never writes outside the partial directory it is given.
 
@@ -35,8 +43,10 @@ pub enum FetchError {
     Status { url: String, status: u16 },
     #[error("{url}: {size} bytes is over the limit of {limit} (fetch.max_bundle_bytes)")]
     TooLarge { url: String, size: u64, limit: u64 },
-    #[error("{url}: downloaded bytes have sha256 {got}, the announcement says {expected}")]
-    Digest { url: String, expected: String, got: String },
+    #[error(
+        "{url}: the download ended after {got_size} bytes with sha256 {got}, the announcement says {expected_size} bytes with sha256 {expected}"
+    )]
+    Digest { url: String, expected: String, got: String, expected_size: u64, got_size: u64 },
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("TLS: {0}")]
@@ -56,9 +66,10 @@ impl FetchError {
         }
     }
 
-    /// Whether retrying later cannot help (the bundle is what is wrong).
+    /// Whether retrying later cannot help (the bundle is what is wrong): too large, or
+    /// a finished download whose bytes are not the announced ones.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, FetchError::TooLarge { .. })
+        matches!(self, FetchError::TooLarge { .. } | FetchError::Digest { .. })
     }
 }
 
@@ -218,6 +229,10 @@ impl Fetcher {
 
     /// Downloads bundle `digest` from the first URL that works, resuming into
     /// `partial`, and returns its bytes once their sha256 equals `digest`.
+    ///
+    /// Every URL is tried until one delivers the announced bytes. When none does and at
+    /// least one finished with other bytes, that [`FetchError::Digest`] is returned (a
+    /// permanent error) even if other URLs failed transiently; `TooLarge` stops at once.
     pub async fn fetch_bundle(
         &self,
         urls: &[String],
@@ -232,23 +247,36 @@ impl Fetcher {
             return Err(FetchError::NoSource { digest: digest.into() });
         }
         let mut last = None;
+        let mut mismatch = None;
         for url in urls {
-            match self.fetch_one(url, digest, partial).await {
+            match self.fetch_one(url, digest, size, partial).await {
                 Ok(bytes) => return Ok(bytes),
-                Err(e) if e.is_permanent() => return Err(e),
+                Err(e @ FetchError::TooLarge { .. }) => return Err(e),
+                Err(e @ FetchError::Digest { .. }) => {
+                    tracing::warn!("download from {url} does not match the announcement: {e}");
+                    mismatch = Some(e);
+                }
                 Err(e) => {
                     tracing::warn!("download from {url} failed: {e}");
                     last = Some(e);
                 }
             }
         }
-        Err(last.expect("at least one URL was tried"))
+        Err(mismatch.or(last).expect("at least one URL was tried"))
     }
 
-    async fn fetch_one(&self, url: &str, digest: &str, partial: &Path) -> Result<Vec<u8>, FetchError> {
+    async fn fetch_one(
+        &self,
+        url: &str,
+        digest: &str,
+        size: u64,
+        partial: &Path,
+    ) -> Result<Vec<u8>, FetchError> {
         let parsed = Url::parse(url)?;
         let io = |source| FetchError::Io { path: partial.display().to_string(), source };
         let mut resumes = 0;
+        // Whether a mismatching file was already downloaded again from byte 0.
+        let mut restarted = false;
         loop {
             let have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
             if have > self.max_bytes {
@@ -262,6 +290,7 @@ impl Fetcher {
                         (true, content_length(&resp).map(|l| have + l))
                     }
                     StatusCode::OK => (false, content_length(&resp)),
+                    // The server has nothing past what we hold: the download is finished.
                     StatusCode::RANGE_NOT_SATISFIABLE if have > 0 => return Ok(true),
                     s => return Err(FetchError::Status { url: url.into(), status: s.as_u16() }),
                 };
@@ -299,10 +328,12 @@ impl Fetcher {
                 }
                 .await;
                 file.sync_data().map_err(io)?;
-                result.map(|()| true)
+                result.map(|()| append)
             };
-            match attempt.await {
-                Ok(_) => {}
+            // Whether the finished file holds bytes from an earlier response (a resume, a
+            // leftover from a previous attempt, or all of it on a 416).
+            let spliced = match attempt.await {
+                Ok(appended) => appended,
                 Err(e @ FetchError::Network { .. }) if resumes < MAX_RESUMES => {
                     resumes += 1;
                     let wait = Duration::from_millis(250u64 << resumes.min(6));
@@ -316,12 +347,25 @@ impl Fetcher {
                     }
                     return Err(e);
                 }
-            }
+            };
             let bytes = std::fs::read(partial).map_err(io)?;
             let got = hex::encode(Sha256::digest(&bytes));
             let _ = std::fs::remove_file(partial);
             if got != digest {
-                return Err(FetchError::Digest { url: url.into(), expected: digest.into(), got });
+                if spliced && !restarted {
+                    tracing::info!(
+                        "{url}: resumed download does not match the announced digest; downloading it again from the start"
+                    );
+                    restarted = true;
+                    continue;
+                }
+                return Err(FetchError::Digest {
+                    url: url.into(),
+                    expected: digest.into(),
+                    got,
+                    expected_size: size,
+                    got_size: bytes.len() as u64,
+                });
             }
             return Ok(bytes);
         }
@@ -410,6 +454,140 @@ pub fn announcement_from_index(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::sync::Mutex;
+
+    /// A one-response-per-connection HTTP server: `respond(n, range_from)` gives the
+    /// raw response to the `n`th request (then the connection is closed). Returns the
+    /// port and each request's `Range` start.
+    fn serve(
+        respond: impl Fn(usize, Option<u64>) -> Vec<u8> + Send + 'static,
+    ) -> (u16, Arc<Mutex<Vec<Option<u64>>>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut range = None;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        range = v.trim().trim_end_matches('-').parse().ok();
+                    }
+                }
+                let n = {
+                    let mut log = log.lock().expect("lock");
+                    log.push(range);
+                    log.len() - 1
+                };
+                let _ = stream.write_all(&respond(n, range));
+            }
+        });
+        (port, seen)
+    }
+
+    fn ok(body: &[u8], content_length: usize) -> Vec<u8> {
+        let mut r =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {content_length}\r\nConnection: close\r\n\r\n")
+                .into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    fn partial_content(full: &[u8], from: usize) -> Vec<u8> {
+        let rest = &full[from..];
+        let mut r = format!(
+            "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\nConnection: close\r\n\r\n",
+            rest.len(),
+            full.len() - 1,
+            full.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(rest);
+        r
+    }
+
+    fn fetcher() -> Fetcher {
+        Fetcher::new(None, Duration::from_secs(5), 1 << 20)
+    }
+
+    fn bundle_bytes() -> Vec<u8> {
+        (0..20_000u32).flat_map(|i| i.to_le_bytes()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_finished_download_that_does_not_match_is_a_permanent_digest_error() {
+        let full = bundle_bytes();
+        let digest = hex::encode(Sha256::digest(&full));
+        let half = full[..full.len() / 2].to_vec();
+        // The server has only half the bundle and says so: the body ends normally.
+        let (port, seen) = serve(move |n, _| match n {
+            0 => ok(&half, half.len()),
+            _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let partial = dir.path().join(&digest);
+        let url = format!("http://127.0.0.1:{port}/b.bundle");
+        let missing = format!("http://127.0.0.1:{port}/missing.bundle");
+        let err = fetcher()
+            .fetch_bundle(&[url, missing], &digest, full.len() as u64, &partial)
+            .await
+            .expect_err("half a bundle");
+        assert!(matches!(err, FetchError::Digest { .. }), "{err}");
+        assert!(err.is_permanent(), "a mismatch is not retried forever");
+        assert_eq!(err.code(), "download_digest");
+        assert!(err.to_string().contains(&format!("{} bytes", full.len() / 2)), "{err}");
+        assert!(!partial.exists(), "the partial file is deleted");
+        // Each URL once: a download from byte 0 is not repeated; the other URL's
+        // failure (404 here) does not hide the mismatch.
+        assert_eq!(seen.lock().expect("lock").as_slice(), [None, None]);
+    }
+
+    #[tokio::test]
+    async fn a_connection_dropped_mid_body_is_resumed_not_rejected() {
+        let full = bundle_bytes();
+        let digest = hex::encode(Sha256::digest(&full));
+        let served = full.clone();
+        let (port, seen) = serve(move |n, range| match (n, range) {
+            // The full Content-Length, half the body, then the connection closes.
+            (0, _) => ok(&served[..served.len() / 2], served.len()),
+            (_, Some(from)) => partial_content(&served, from as usize),
+            (_, None) => ok(&served, served.len()),
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let partial = dir.path().join(&digest);
+        let url = format!("http://127.0.0.1:{port}/b.bundle");
+        let got =
+            fetcher().fetch_bundle(&[url], &digest, full.len() as u64, &partial).await.expect("resumed");
+        assert_eq!(got, full);
+        assert_eq!(seen.lock().expect("lock").as_slice(), [None, Some(full.len() as u64 / 2)]);
+    }
+
+    #[tokio::test]
+    async fn a_resumed_download_that_does_not_match_is_downloaded_again_from_the_start() {
+        let full = bundle_bytes();
+        let digest = hex::encode(Sha256::digest(&full));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let partial = dir.path().join(&digest);
+        std::fs::write(&partial, b"stale bytes").expect("write");
+        let served = full.clone();
+        let (port, seen) = serve(move |_, range| match range {
+            Some(from) => partial_content(&served, from as usize),
+            None => ok(&served, served.len()),
+        });
+        let url = format!("http://127.0.0.1:{port}/b.bundle");
+        let got =
+            fetcher().fetch_bundle(&[url], &digest, full.len() as u64, &partial).await.expect("restarted");
+        assert_eq!(got, full);
+        assert_eq!(seen.lock().expect("lock").as_slice(), [Some(11), None]);
+        assert!(!partial.exists());
+    }
 
     #[test]
     fn urls_parse() {

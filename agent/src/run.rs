@@ -3,10 +3,12 @@
 //!
 //! One task drives the agent, so only one bundle is ever in flight. Work comes from:
 //! announcements and MQTT blobs, the reconcile timer (which also retries a deferred
-//! bundle), the poll timer (`<fetch.base_url>/index.json`), and engine events about
-//! managed containers (coalesced, then a reconcile). A shutdown signal stops the work
-//! in progress at its next await point: every effect is journaled and idempotent, so
-//! the next start resumes or rolls back (see `journal`), then publishes `online=false`.
+//! bundle), the poll timer (`<fetch.base_url>/index.json`), engine events about
+//! managed containers (coalesced, then a reconcile), and the healthchecks the engine
+//! does not run itself (podman without systemd: [`Agent::run_due_healthchecks`]). A
+//! shutdown signal stops the work in progress at its next await point: every effect is
+//! journaled and idempotent, so the next start resumes or rolls back (see `journal`),
+//! then publishes `online=false`.
 //!
 //! This module decides nothing about bundles itself; it routes work to the agent.
 
@@ -17,7 +19,7 @@ use std::time::Duration;
 
 use fleet_spec::messages::{Announcement, VersionRef};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
-use tokio::time::{interval_at, Instant, MissedTickBehavior};
+use tokio::time::{interval_at, sleep_until, Instant, MissedTickBehavior};
 
 use crate::agent::{Agent, AgentError, Offer, Outcome};
 use crate::clock::Clock;
@@ -51,6 +53,7 @@ enum Work {
     Poll,
     EngineEvent(EngineEvent),
     EngineStreamEnded,
+    Healthchecks,
 }
 
 struct Runner<E: Engine> {
@@ -99,6 +102,7 @@ pub async fn run<E: Engine>(
         let mut stream_retry = Duration::from_secs(1);
 
         loop {
+            let healthcheck_at = runner.agent.next_healthcheck();
             let work = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -109,6 +113,9 @@ pub async fn run<E: Engine>(
                 },
                 _ = reconcile_tick.tick() => Work::Reconcile,
                 _ = poll_tick.tick(), if polling => Work::Poll,
+                _ = sleep_until(healthcheck_at.unwrap_or_else(Instant::now)), if healthcheck_at.is_some() => {
+                    Work::Healthchecks
+                }
             };
             match &work {
                 Work::EngineEvent(_) => {
@@ -228,6 +235,7 @@ impl<E: Engine> Runner<E> {
                 }
             }
             Work::EngineStreamEnded => {}
+            Work::Healthchecks => self.agent.run_due_healthchecks().await,
         }
         Ok(())
     }

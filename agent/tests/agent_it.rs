@@ -393,6 +393,61 @@ fn a_rejected_announced_bundle_is_reported_and_not_refetched() {
 }
 
 #[test]
+fn a_truncated_download_is_rejected_once_and_a_new_announcement_still_applies() {
+    let broker = mosquitto();
+    let dev =
+        device(&format!("reconcile_interval_secs = 1\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", broker.port));
+    let full = dev.bundle(1, &[("a", "1")]);
+    let digest = bundle::content_address(&full);
+    let good = dev.bundle(2, &[("a", "2")]);
+    let good_digest = bundle::content_address(&good);
+    // The server holds only half of the announced bundle, and the body ends normally.
+    let http = http_server(
+        vec![
+            ("/half.bundle".to_string(), full[..full.len() / 2].to_vec()),
+            (format!("/bundles/{good_digest}.bundle"), good.clone()),
+        ],
+        false,
+    );
+    let mut sub = Sub::new(broker.port, "fleet/acme/devices/gw-01/#");
+    let _agent = dev.run();
+    sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(10), |p| p == "true");
+    let announce = |version: u64, digest: &str, size: usize, url: String| {
+        let ann = Announcement {
+            fleet: "acme".into(),
+            device: "gw-01".into(),
+            version,
+            commit: format!("commit{version}"),
+            digest: digest.into(),
+            size: size as u64,
+            urls: vec![url],
+            mqtt_blob: false,
+        };
+        let json = String::from_utf8(ann.to_json()).expect("utf8");
+        publish_retained(broker.port, "fleet/acme/devices/gw-01/desired", &json);
+    };
+    announce(1, &digest, full.len(), format!("http://127.0.0.1:{}/half.bundle", http.port));
+    let rejected = sub
+        .wait("fleet/acme/devices/gw-01/events", Duration::from_secs(10), |p| p.contains("bundle_rejected"));
+    assert!(rejected.contains("download_digest") && rejected.contains(&digest), "{rejected}");
+    let failed = sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(10), |p| {
+        status_of(p).last_error.is_some_and(|e| e.code == "download_digest")
+    });
+    assert_eq!(status_of(&failed).state.as_str(), "failed", "{failed}");
+    // Several reconcile ticks later, it was still downloaded only once.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(http.ranges.lock().expect("lock").len(), 1, "fetched once\n{}", dev.log());
+    assert!(dev.read("a").is_none(), "nothing on the device changed");
+
+    // A new announcement with another digest is fetched and applied.
+    announce(2, &good_digest, good.len(), format!("http://127.0.0.1:{}", http.port));
+    sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(20), |p| {
+        status_of(p).state.as_str() == "converged"
+    });
+    assert_eq!(dev.read("a").as_deref(), Some("2"));
+}
+
+#[test]
 fn polling_the_index_applies_without_a_broker() {
     let dev = device("");
     let bytes = dev.bundle(3, &[("conf/x.conf", "polled")]);

@@ -273,14 +273,6 @@ impl Lab {
     fn raw(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
         raw(&self.socket, method, path, body)
     }
-
-    /// What a systemd timer does for podman on a real device: run the healthcheck.
-    /// (Without systemd, podman runs no healthcheck by itself; dockerd runs its own.)
-    fn tick_healthcheck(&self, name: &str) {
-        if self.kind == Kind::Podman {
-            let _ = self.cli().args(["healthcheck", "run", name]).output();
-        }
-    }
 }
 
 fn log_file(dir: &Path, name: &str) -> std::fs::File {
@@ -393,7 +385,10 @@ async fn inspect_until(
 ) -> ObservedContainer {
     let start = Instant::now();
     loop {
-        lab.tick_healthcheck(name);
+        // What the agent does for podman, which runs no healthcheck by itself without
+        // systemd (this machine has none); dockerd runs its own and says so.
+        let next = engine.run_healthcheck(name).await.expect("run_healthcheck works");
+        assert_eq!(next.is_some(), lab.kind == Kind::Podman, "{:?}: {next:?}", lab.kind);
         let observed =
             engine.inspect(name).await.expect("inspect works").unwrap_or_else(|| panic!("{name} exists"));
         if done(&observed) {
@@ -860,6 +855,54 @@ async fn an_event_stream_that_ends_gives_none_after_its_events_and_skips_garbage
     assert_eq!(engine.next_event().await.expect("ok"), None, "the stream ended");
     // The next call reconnects and reads the stream again from the start.
     assert_eq!(engine.next_event().await.expect("ok").map(|e| e.name), Some("a".into()));
+    server.abort();
+}
+
+/// podman sends a health event at every check: only changes of a container's health
+/// are passed on, and any other event about it makes the next one news again.
+#[tokio::test(flavor = "current_thread")]
+async fn repeated_health_events_are_passed_on_once() {
+    let dir = tempfile::Builder::new().prefix("fe").tempdir_in("/tmp").expect("temp dir");
+    let health = |name: &str, status: &str| {
+        format!(
+            "{{\"Type\":\"container\",\"Action\":\"health_status\",\"HealthStatus\":\"{status}\",\"Actor\":{{\"Attributes\":{{\"name\":\"{name}\"}}}}}}\n"
+        )
+    };
+    let die = "{\"Type\":\"container\",\"Action\":\"died\",\"Actor\":{\"Attributes\":{\"name\":\"a\"}}}\n";
+    let body = [
+        health("a", "unhealthy"),
+        health("a", "unhealthy"),
+        health("b", "unhealthy"),
+        health("a", "unhealthy"),
+        health("a", "healthy"),
+        health("a", "healthy"),
+        die.to_owned(),
+        health("a", "healthy"),
+    ]
+    .concat();
+    let answer: &'static str = Box::leak(
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_boxed_str(),
+    );
+    let server = serve(dir.path().join("h.sock"), answer).await;
+    let engine = DockerEngine::new(dir.path().join("h.sock"));
+    let mut got = Vec::new();
+    while let Some(event) = engine.next_event().await.expect("ok") {
+        got.push(format!("{} {}", event.name, event.action));
+    }
+    assert_eq!(
+        got,
+        [
+            "a health_status: unhealthy",
+            "b health_status: unhealthy",
+            "a health_status: healthy",
+            "a die",
+            "a health_status: healthy",
+        ]
+    );
     server.abort();
 }
 

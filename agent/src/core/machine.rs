@@ -66,14 +66,14 @@ impl ApplyState {
         matches!(self, ApplyState::Idle | ApplyState::Committed | ApplyState::RolledBack | ApplyState::Failed)
     }
 
-    /// The state reported on MQTT (the documented small set).
+    /// The state reported on MQTT (the documented small set). `verified` and `staged`
+    /// still report `downloading`: the bundle may yet be refused there (preflight, image
+    /// pulls), and `applying` means the first change on the device is about to be made.
     pub fn device_state(self) -> DeviceState {
         match self {
             ApplyState::Idle => DeviceState::Idle,
-            ApplyState::Fetching => DeviceState::Downloading,
-            ApplyState::Verified | ApplyState::Staged | ApplyState::Applying | ApplyState::RollingBack => {
-                DeviceState::Applying
-            }
+            ApplyState::Fetching | ApplyState::Verified | ApplyState::Staged => DeviceState::Downloading,
+            ApplyState::Applying | ApplyState::RollingBack => DeviceState::Applying,
             ApplyState::AwaitingHealth => DeviceState::AwaitingHealth,
             ApplyState::Committed => DeviceState::Converged,
             ApplyState::RolledBack => DeviceState::RolledBack,
@@ -255,5 +255,13 @@ mod tests {
         let err = m.on(C::Healthy).expect_err("not from rolled_back");
         assert_eq!(err.to_string(), "command Healthy is not allowed in state rolled_back");
         assert_eq!(m.state(), S::RolledBack, "a disallowed command changes nothing");
+    }
+
+    #[test]
+    fn applying_is_reported_only_once_the_first_change_is_made() {
+        for s in [S::Fetching, S::Verified, S::Staged] {
+            assert_eq!(s.device_state(), DeviceState::Downloading, "{s}");
+        }
+        assert_eq!(S::Applying.device_state(), DeviceState::Applying);
     }
 }

@@ -24,7 +24,15 @@
 //!   state are passed on.
 //! - podman runs healthchecks from systemd timers: on a host without systemd its
 //!   `State.Health.Status` stays `starting` until something runs `podman healthcheck
-//!   run`. `dockerd` runs them itself.
+//!   run`. `dockerd` runs them itself. [`Engine::run_healthcheck`] tells the two apart
+//!   once (`GET /version`: podman lists a component `Podman Engine`) and on podman runs
+//!   the check with libpod's `GET /v<version>/libpod/containers/{id}/healthcheck` when
+//!   it is due: one interval after the last check or the start (`Interval`, default
+//!   30 s, as `dockerd`), every second during the start period while `starting` (failures
+//!   do not count there), and not at all while checks run anyway (the last `Health.Log`
+//!   entry is younger than that: a systemd timer or another scheduler runs them).
+//! - podman sends a health event for every check run (`dockerd` only for a change of
+//!   health): repeats of a container's last health are dropped.
 //! - podman reports `Config.StopSignal` as a number and drops `CgroupPermissions` from
 //!   `HostConfig.Devices` in inspect output (this adapter does not read them back).
 //!
@@ -41,7 +49,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -66,6 +74,14 @@ const PULL_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_BODY: usize = 16 << 20;
 /// Cap on one streamed JSON message (pull progress line, event).
 const MAX_MESSAGE: usize = 1 << 20;
+/// Docker's healthcheck interval and timeout when the healthcheck names none.
+const HEALTHCHECK_DEFAULT: Duration = Duration::from_secs(30);
+/// How often a healthcheck runs during its start period, while `starting` (where a
+/// failure does not count; what `dockerd` ≥ 25 calls the start interval).
+const HEALTHCHECK_START_TICK: Duration = Duration::from_secs(1);
+/// A check due by its interval waits this much longer (at most a tenth of the
+/// interval), so that a systemd timer due at the same time runs it, not both.
+const HEALTHCHECK_SLACK: Duration = Duration::from_secs(1);
 /// `filters` value selecting the managed objects: `{"label":["io.fleet.managed=true"]}`.
 fn managed_filter() -> String {
     json!({ "label": [format!("{LABEL_MANAGED}=true")] }).to_string()
@@ -75,7 +91,27 @@ fn managed_filter() -> String {
 /// stream keeps its own connection open between calls to [`Engine::next_event`].
 pub struct DockerEngine {
     socket: PathBuf,
-    events: tokio::sync::Mutex<Option<EventStream>>,
+    events: tokio::sync::Mutex<Events>,
+    /// Which engine answers on the socket, asked once (by [`Engine::run_healthcheck`]).
+    flavor: std::sync::OnceLock<Flavor>,
+}
+
+/// Which engine serves the API, as far as this adapter cares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Flavor {
+    /// `dockerd`, balenaEngine: runs healthchecks itself.
+    Docker,
+    /// podman's compatible service; `libpod` is the prefix of its own API,
+    /// `/v<version>/libpod`.
+    Podman { libpod: String },
+}
+
+/// The event subscription and what it passed on.
+#[derive(Default)]
+struct Events {
+    stream: Option<EventStream>,
+    /// The last health event passed on per container (podman repeats it at every check).
+    health: BTreeMap<String, String>,
 }
 
 /// The answer to a request that has been sent (`'static`: it owns what it needs).
@@ -143,7 +179,11 @@ impl DockerEngine {
     /// An engine at `socket_path`, e.g. `/var/run/docker.sock` or
     /// `/run/podman/podman.sock`. Nothing is connected until the first call.
     pub fn new(socket_path: PathBuf) -> Self {
-        DockerEngine { socket: socket_path, events: tokio::sync::Mutex::new(None) }
+        DockerEngine {
+            socket: socket_path,
+            events: tokio::sync::Mutex::new(Events::default()),
+            flavor: std::sync::OnceLock::new(),
+        }
     }
 
     /// The socket this engine talks to.
@@ -156,7 +196,8 @@ impl DockerEngine {
     }
 
     /// Sends one request on a fresh connection and returns the response with its body
-    /// still to be read. `path` is below `/v1.41` and already encoded.
+    /// still to be read. `path` is below `/v1.41` (unless it names its own version, as
+    /// podman's `/v4.3.1/libpod/...`) and already encoded.
     async fn open(
         &self,
         method: Method,
@@ -194,9 +235,12 @@ impl DockerEngine {
             Some(v) => Bytes::from(v.to_string()),
             None => Bytes::new(),
         };
+        let versioned =
+            path.strip_prefix("/v").is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+        let uri = if versioned { path.to_owned() } else { format!("{API}{path}") };
         let mut request = Request::builder()
             .method(method)
-            .uri(format!("{API}{path}"))
+            .uri(uri)
             .header(hyper::header::HOST, "localhost")
             .header(hyper::header::USER_AGENT, concat!("fleet-agent/", env!("CARGO_PKG_VERSION")));
         if body.is_some() {
@@ -337,6 +381,21 @@ impl DockerEngine {
                 Err(reason) => return Err(pull_error(format!("progress stream broke off: {reason}"))),
             }
         }
+    }
+
+    /// Which engine this is: asked once with `GET /version` (not remembered when the
+    /// engine cannot be asked).
+    async fn flavor(&self) -> Result<&Flavor, EngineError> {
+        if let Some(flavor) = self.flavor.get() {
+            return Ok(flavor);
+        }
+        let reply = self.call("version", Method::GET, "/version", None).await?;
+        if !reply.status.is_success() {
+            return Err(reply.api_error("version", "/version"));
+        }
+        let flavor = flavor_from_version(&reply.json("version")?);
+        // A concurrent caller may have set it meanwhile: from the same answer.
+        Ok(self.flavor.get_or_init(|| flavor))
     }
 
     /// Subscribes to the events of managed containers. Returns once the request is
@@ -577,11 +636,17 @@ impl Engine for DockerEngine {
     /// Cancel-safe: a call dropped while it waits (e.g. in a `select!` with a timer)
     /// loses no event and keeps the subscription for the next call.
     async fn next_event(&self) -> Result<Option<EngineEvent>, EngineError> {
-        let mut slot = self.events.lock().await;
+        let mut events = self.events.lock().await;
+        let Events { stream: slot, health } = &mut *events;
         loop {
-            let state = match &mut *slot {
+            let state = match slot {
                 Some(state) => state,
-                None => slot.insert(EventStream::Subscribed(self.subscribe().await?)),
+                None => {
+                    // A new subscription: what was passed on before may have changed
+                    // unseen.
+                    health.clear();
+                    slot.insert(EventStream::Subscribed(self.subscribe().await?))
+                }
             };
             match state {
                 EventStream::Subscribed(pending) => match pending.as_mut().await {
@@ -615,7 +680,9 @@ impl Engine for DockerEngine {
                 EventStream::Open(stream) => match stream.next().await {
                     Ok(Some(message)) => {
                         if let Some(event) = parse_event(&message) {
-                            return Ok(Some(event));
+                            if is_news(health, &event) {
+                                return Ok(Some(event));
+                            }
                         }
                     }
                     // Ended, or broke off (engine restarted): the caller reconnects
@@ -628,6 +695,184 @@ impl Engine for DockerEngine {
             }
         }
     }
+
+    async fn run_healthcheck(&self, name: &str) -> Result<Option<Duration>, EngineError> {
+        let Flavor::Podman { libpod } = self.flavor().await? else { return Ok(None) };
+        let Some(v) = self.container_named(name).await? else { return Ok(Some(HEALTHCHECK_DEFAULT)) };
+        Self::refuse_unmanaged("healthcheck", name, v.pointer("/Config/Labels"))?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        match healthcheck_plan(&v, now) {
+            HealthcheckPlan::Wait(after) => Ok(Some(after)),
+            HealthcheckPlan::Run { timeout, then } => {
+                let id = v.get("Id").and_then(Value::as_str).unwrap_or(name);
+                let path = format!("{libpod}/containers/{}/healthcheck", enc(id));
+                let reply = self
+                    .call_with_timeout("healthcheck", Method::GET, &path, None, REQUEST_TIMEOUT + timeout)
+                    .await?;
+                match reply.status {
+                    // 200 whatever the check found (the container's health says what it
+                    // means); 404: gone meanwhile; 409: stopped meanwhile, or no check.
+                    s if s.is_success() || s == StatusCode::NOT_FOUND || s == StatusCode::CONFLICT => {
+                        Ok(Some(then))
+                    }
+                    _ => Err(reply.api_error("healthcheck", name)),
+                }
+            }
+        }
+    }
+}
+
+/// Whether an event says something new: podman repeats a container's health event at
+/// every check; any other event about it makes its next health event news again.
+fn is_news(health: &mut BTreeMap<String, String>, event: &EngineEvent) -> bool {
+    if event.action.starts_with("health_status") {
+        if health.get(&event.name) == Some(&event.action) {
+            return false;
+        }
+        health.insert(event.name.clone(), event.action.clone());
+    } else {
+        health.remove(&event.name);
+    }
+    true
+}
+
+/// The engine behind a `GET /version` answer.
+fn flavor_from_version(v: &Value) -> Flavor {
+    let components = v.get("Components").and_then(Value::as_array).into_iter().flatten();
+    let podman = components
+        .into_iter()
+        .find(|c| c.get("Name").and_then(Value::as_str).is_some_and(|n| n.contains("Podman")));
+    match podman {
+        Some(c) => {
+            // The libpod API version (`4.3.1`); every podman ≥ 4 serves `4.0.0`.
+            let version = c
+                .pointer("/Details/APIVersion")
+                .and_then(Value::as_str)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+                .unwrap_or("4.0.0");
+            Flavor::Podman { libpod: format!("/v{version}/libpod") }
+        }
+        None => Flavor::Docker,
+    }
+}
+
+/// What to do about a podman container's healthcheck, from its inspect output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HealthcheckPlan {
+    /// Nothing now (not due, not running, or no healthcheck): ask again after this long.
+    Wait(Duration),
+    /// Run it now (it may take up to `timeout`), then ask again after `then`.
+    Run { timeout: Duration, then: Duration },
+}
+
+/// When a podman container's healthcheck is due (see the module docs). `now_ms`: Unix
+/// time in milliseconds, the clock the engine's timestamps are compared with.
+fn healthcheck_plan(v: &Value, now_ms: i64) -> HealthcheckPlan {
+    let check = v.pointer("/Config/Healthcheck");
+    let test = check.and_then(|c| c.get("Test")).and_then(Value::as_array);
+    let first = test.and_then(|t| t.first()).and_then(Value::as_str);
+    if first.is_none_or(|f| f == "NONE") {
+        return HealthcheckPlan::Wait(HEALTHCHECK_DEFAULT);
+    }
+    let duration = |key: &str| {
+        check.and_then(|c| c.get(key)).and_then(Value::as_u64).filter(|ns| *ns > 0).map(Duration::from_nanos)
+    };
+    let interval = duration("Interval").unwrap_or(HEALTHCHECK_DEFAULT);
+    let timeout = duration("Timeout").unwrap_or(HEALTHCHECK_DEFAULT);
+    let start_period = duration("StartPeriod").unwrap_or_default();
+    if !v.pointer("/State/Running").and_then(Value::as_bool).unwrap_or(false) {
+        return HealthcheckPlan::Wait(interval);
+    }
+    let time_at = |pointer: &str| v.pointer(pointer).and_then(Value::as_str).and_then(unix_millis);
+    let started = time_at("/State/StartedAt");
+    let last = v
+        .pointer("/State/Health/Log")
+        .and_then(Value::as_array)
+        .and_then(|log| log.last())
+        .and_then(|entry| entry.get("End").or_else(|| entry.get("Start")))
+        .and_then(Value::as_str)
+        .and_then(unix_millis);
+    let starting = v.pointer("/State/Health/Status").and_then(Value::as_str) == Some("starting");
+    let in_start_period =
+        starting && started.is_some_and(|s| now_ms >= s && ((now_ms - s) as u128) < start_period.as_millis());
+    let (cadence, slack) = if in_start_period {
+        (HEALTHCHECK_START_TICK, Duration::ZERO)
+    } else {
+        (interval, HEALTHCHECK_SLACK.min(interval / 10))
+    };
+    let run = HealthcheckPlan::Run { timeout, then: cadence };
+    // Since the last check, or since the start when none ran since.
+    let Some(reference) = started.max(last) else { return run };
+    // A reference in the future: the clock went back; do not wait for it to catch up.
+    let Ok(age) = u64::try_from(now_ms - reference).map(Duration::from_millis) else { return run };
+    // A check that ran since the start, by the agent or a systemd timer: wait a little
+    // longer than one interval, so that a timer due then runs it rather than both.
+    let wait = if last.is_some_and(|l| l >= reference) { cadence + slack } else { cadence };
+    if age < wait {
+        HealthcheckPlan::Wait(wait - age)
+    } else {
+        run
+    }
+}
+
+/// An RFC 3339 time (`2026-11-26T03:33:15.573449683Z`, `...+01:00`) as Unix time in
+/// milliseconds; `None` when it is not one or lies before 1971 (Go's zero time).
+fn unix_millis(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let digits = b.get(range)?;
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut millis = 0;
+    if b[i] == b'.' {
+        let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 {
+            return None;
+        }
+        for (k, c) in b[i + 1..i + 1 + digits.min(3)].iter().enumerate() {
+            millis += i64::from(c - b'0') * [100, 10, 1][k];
+        }
+        i += 1 + digits;
+    }
+    let offset_minutes = match b.get(i..)? {
+        [b'Z' | b'z'] => 0,
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let minutes = num(i + 1..i + 3)? * 60 + num(i + 4..i + 6)?;
+            if *sign == b'+' {
+                minutes
+            } else {
+                -minutes
+            }
+        }
+        _ => return None,
+    };
+    if year < 1971 {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_minutes * 60;
+    Some(seconds * 1000 + millis)
 }
 
 /// Reads a whole body, refusing more than `cap` bytes.
@@ -1216,6 +1461,132 @@ mod tests {
         assert_eq!(error_message(StatusCode::INTERNAL_SERVER_ERROR, podman), "network name n1 already used");
         assert_eq!(error_message(StatusCode::BAD_REQUEST, b"  plain text\n"), "plain text");
         assert_eq!(error_message(StatusCode::NOT_FOUND, b""), "Not Found");
+    }
+
+    #[test]
+    fn rfc3339_times_become_unix_millis() {
+        assert_eq!(unix_millis("1970-01-02T00:00:00Z"), None, "before 1971: Go's zero time and the like");
+        assert_eq!(unix_millis("0001-01-01T00:00:00Z"), None);
+        assert_eq!(unix_millis("2001-09-09T01:46:40Z"), Some(1_000_000_000_000));
+        assert_eq!(unix_millis("2026-11-26T03:33:15.573449683Z"), Some(1_795_663_995_573));
+        assert_eq!(unix_millis("2026-11-26T04:33:15.5+01:00"), Some(1_795_663_995_500));
+        assert_eq!(unix_millis("2026-11-25T22:03:15.57-05:30"), Some(1_795_663_995_570));
+        assert_eq!(unix_millis("2024-02-29T12:00:00Z"), Some(1_709_208_000_000), "a leap day");
+        assert_eq!(unix_millis("2000-03-01T00:00:00Z"), Some(951_868_800_000));
+        for bad in [
+            "",
+            "2026-11-26",
+            "2026-11-26T03:33:15",
+            "2026-11-26T03:33:15.Z",
+            "2026-13-01T00:00:00Z",
+            "2026-11-26T03:33:15+0100",
+            "2026-11-26T03:33:15Zjunk",
+            "2026-1a-26T03:33:15Z",
+        ] {
+            assert_eq!(unix_millis(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn podman_is_told_from_dockerd_by_its_version_answer() {
+        let podman = json!({"Components": [{"Name": "Podman Engine", "Version": "4.3.1",
+                                             "Details": {"APIVersion": "4.3.1", "MinAPIVersion": "4.0.0"}},
+                                            {"Name": "Conmon"}], "ApiVersion": "1.41"});
+        assert_eq!(flavor_from_version(&podman), Flavor::Podman { libpod: "/v4.3.1/libpod".into() });
+        let odd = json!({"Components": [{"Name": "Podman Engine", "Details": {"APIVersion": "../x"}}]});
+        assert_eq!(flavor_from_version(&odd), Flavor::Podman { libpod: "/v4.0.0/libpod".into() });
+        let docker =
+            json!({"Components": [{"Name": "Engine", "Version": "20.10.24"}, {"Name": "containerd"}]});
+        assert_eq!(flavor_from_version(&docker), Flavor::Docker);
+        assert_eq!(flavor_from_version(&json!({})), Flavor::Docker);
+    }
+
+    /// A podman inspect answer: started at `started`, last check ended at `last`.
+    fn podman_container(status: &str, started: &str, last: Option<&str>, check: Value) -> Value {
+        let log: Vec<Value> =
+            last.map(|end| json!({"Start": end, "End": end, "ExitCode": 0})).into_iter().collect();
+        json!({"Id": "c1", "Config": {"Healthcheck": check},
+               "State": {"Running": true, "StartedAt": started, "Health": {"Status": status, "Log": log}}})
+    }
+
+    #[test]
+    fn podman_healthchecks_are_due_by_interval_and_start_period() {
+        let t0 = unix_millis("2026-11-26T03:00:00Z").expect("time");
+        let at = |secs: i64| t0 + secs * 1000;
+        let check = json!({"Test": ["CMD-SHELL", "true"], "Interval": 10_000_000_000u64, "Timeout": 2_000_000_000u64});
+        let run = |then: u64| HealthcheckPlan::Run {
+            timeout: Duration::from_secs(2),
+            then: Duration::from_secs(then),
+        };
+
+        // No start period: the first check one interval after the start, as dockerd.
+        let fresh = podman_container("starting", "2026-11-26T03:00:00Z", None, check.clone());
+        assert_eq!(healthcheck_plan(&fresh, at(4)), HealthcheckPlan::Wait(Duration::from_secs(6)));
+        assert_eq!(healthcheck_plan(&fresh, at(10)), run(10));
+        // Then one interval (and a little, for a systemd timer to go first) after the last.
+        let checked =
+            podman_container("healthy", "2026-11-26T03:00:00Z", Some("2026-11-26T03:00:10Z"), check.clone());
+        assert_eq!(healthcheck_plan(&checked, at(12)), HealthcheckPlan::Wait(Duration::from_secs(9)));
+        assert_eq!(healthcheck_plan(&checked, at(21)), run(10));
+        // A clock that went back: run rather than wait for it.
+        assert_eq!(healthcheck_plan(&checked, at(5)), run(10));
+        // Log entries from before a restart do not count.
+        let restarted =
+            podman_container("healthy", "2026-11-26T03:01:00Z", Some("2026-11-26T03:00:10Z"), check.clone());
+        assert_eq!(healthcheck_plan(&restarted, at(62)), HealthcheckPlan::Wait(Duration::from_secs(8)));
+
+        // In the start period, while starting: every second.
+        let mut with_start = check.clone();
+        with_start["StartPeriod"] = json!(30_000_000_000u64);
+        let starting = podman_container("starting", "2026-11-26T03:00:00Z", None, with_start.clone());
+        assert_eq!(healthcheck_plan(&starting, at(0)), HealthcheckPlan::Wait(Duration::from_secs(1)));
+        assert_eq!(healthcheck_plan(&starting, at(1)), run(1));
+        let tried = podman_container(
+            "starting",
+            "2026-11-26T03:00:00Z",
+            Some("2026-11-26T03:00:05Z"),
+            with_start.clone(),
+        );
+        assert_eq!(healthcheck_plan(&tried, at(6)), run(1));
+        // ... but by the interval once healthy, or once the start period is over.
+        let healthy =
+            podman_container("healthy", "2026-11-26T03:00:00Z", Some("2026-11-26T03:00:05Z"), with_start);
+        assert_eq!(healthcheck_plan(&healthy, at(6)), HealthcheckPlan::Wait(Duration::from_secs(10)));
+        assert_eq!(healthcheck_plan(&tried, at(31)), run(10));
+
+        // Defaults: 30 s. Nothing to run without a check, or when stopped.
+        let bare =
+            podman_container("starting", "2026-11-26T03:00:00Z", None, json!({"Test": ["CMD", "true"]}));
+        assert_eq!(
+            healthcheck_plan(&bare, at(30)),
+            HealthcheckPlan::Run { timeout: HEALTHCHECK_DEFAULT, then: HEALTHCHECK_DEFAULT }
+        );
+        let none = podman_container("", "2026-11-26T03:00:00Z", None, json!({"Test": ["NONE"]}));
+        assert_eq!(healthcheck_plan(&none, at(60)), HealthcheckPlan::Wait(HEALTHCHECK_DEFAULT));
+        assert_eq!(healthcheck_plan(&json!({"Id": "x"}), at(60)), HealthcheckPlan::Wait(HEALTHCHECK_DEFAULT));
+        let mut stopped = podman_container("unhealthy", "2026-11-26T03:00:00Z", None, check);
+        stopped["State"]["Running"] = json!(false);
+        assert_eq!(healthcheck_plan(&stopped, at(60)), HealthcheckPlan::Wait(Duration::from_secs(10)));
+        // Odd times: run (the engine's own checks decide what the health is).
+        let odd = podman_container("starting", "yesterday", Some("soon"), json!({"Test": ["CMD", "true"]}));
+        assert_eq!(
+            healthcheck_plan(&odd, at(0)),
+            HealthcheckPlan::Run { timeout: HEALTHCHECK_DEFAULT, then: HEALTHCHECK_DEFAULT }
+        );
+    }
+
+    #[test]
+    fn repeated_health_events_are_dropped_until_something_else_happens() {
+        let mut seen = BTreeMap::new();
+        let ev = |name: &str, action: &str| EngineEvent { name: name.into(), action: action.into() };
+        assert!(is_news(&mut seen, &ev("a", "health_status: unhealthy")));
+        assert!(!is_news(&mut seen, &ev("a", "health_status: unhealthy")));
+        assert!(is_news(&mut seen, &ev("b", "health_status: unhealthy")), "per container");
+        assert!(is_news(&mut seen, &ev("a", "health_status: healthy")));
+        assert!(is_news(&mut seen, &ev("a", "health_status: unhealthy")));
+        assert!(is_news(&mut seen, &ev("a", "die")));
+        assert!(is_news(&mut seen, &ev("a", "die")), "only health events repeat");
+        assert!(is_news(&mut seen, &ev("a", "health_status: unhealthy")), "after a die, news again");
     }
 
     #[test]

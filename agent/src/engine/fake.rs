@@ -2,7 +2,9 @@
 //! networks, volumes and images in maps, logs every call, and lets a test make drift
 //! happen the way a device would see it: a container killed or deleted behind the
 //! agent's back, a healthcheck turning unhealthy, a registry that refuses pulls, an
-//! engine that went away.
+//! engine that went away. By default it runs healthchecks "itself" (the test sets the
+//! health), as `dockerd` does; [`FakeEngine::healthchecks_by_caller`] makes it behave as
+//! podman without systemd, where health changes only when the agent runs the check.
 //!
 //! It answers as `dockerd` does where that matters to the core: creating a container
 //! whose image is absent, whose name is taken or whose network is missing fails with the
@@ -12,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use fleet_spec::model::{ContainerSpec, ImageRef, MountSource, NetworkSpec, VolumeSpec};
 
@@ -42,6 +45,7 @@ pub enum Call {
     CreateVolume(String),
     RemoveVolume(String),
     NextEvent,
+    RunHealthcheck(String),
 }
 
 impl Call {
@@ -114,6 +118,10 @@ struct State {
     fail_pulls: bool,
     unreachable: bool,
     next_id: u64,
+    /// Set: healthchecks run only through `run_healthcheck`, every so often, and
+    /// report this health (unless `check_results` names the container).
+    checks_by_caller: Option<(Health, Duration)>,
+    check_results: BTreeMap<String, Health>,
 }
 
 /// An in-memory container engine; see the module docs.
@@ -324,6 +332,19 @@ impl FakeEngine {
             state.end_events = true;
             self.event_ready.notify_one();
         }
+    }
+
+    /// From now on the fake runs no healthcheck itself, as podman without systemd:
+    /// `run_healthcheck` runs it, makes a running container's health `result` (see
+    /// [`FakeEngine::set_check_result`]) and asks to be called again after `every`.
+    pub fn healthchecks_by_caller(&self, result: Health, every: Duration) {
+        self.lock().checks_by_caller = Some((result, every));
+    }
+
+    /// What the healthcheck of `name` finds from now on (with
+    /// [`FakeEngine::healthchecks_by_caller`]).
+    pub fn set_check_result(&self, name: &str, result: Health) {
+        self.lock().check_results.insert(name.to_owned(), result);
     }
 
     /// Queues an event for `next_event`.
@@ -559,6 +580,22 @@ impl Engine for FakeEngine {
             // between the check above and this await is not missed.
             self.event_ready.notified().await;
         }
+    }
+
+    async fn run_healthcheck(&self, name: &str) -> Result<Option<Duration>, EngineError> {
+        let mut state = self.enter(Call::RunHealthcheck(name.to_owned()))?;
+        let Some((default, every)) = state.checks_by_caller else { return Ok(None) };
+        let result = state.check_results.get(name).copied().unwrap_or(default);
+        let Some(container) = state.containers.get_mut(name) else { return Ok(Some(every)) };
+        if container.is_managed() && container.running && container.has_healthcheck() {
+            let changed = container.health != result;
+            container.health = result;
+            if changed {
+                let action = format!("health_status: {}", result.as_str());
+                self.push_event_locked(&mut state, name, &action);
+            }
+        }
+        Ok(Some(every))
     }
 }
 

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::time::Duration;
 
 use fleet_spec::model::{ContainerSpec, ImageRef, NetworkSpec, VolumeSpec};
 
@@ -170,4 +171,19 @@ pub trait Engine {
     /// Waits for the next event about a managed container. Returns `Ok(None)` when the
     /// event stream ended (the caller reconnects later).
     fn next_event(&self) -> impl Future<Output = Result<Option<EngineEvent>, EngineError>>;
+
+    /// Drives the healthcheck of a managed container on an engine that does not run
+    /// healthchecks by itself (podman, which leaves that to systemd timers: without
+    /// systemd a container's health stays `starting` for ever).
+    ///
+    /// `Ok(None)`: the engine runs healthchecks itself (`dockerd`, balenaEngine); the
+    /// caller need not call again. `Ok(Some(after))`: the check ran if it was due (the
+    /// engine decides from the container's healthcheck interval and start period, and
+    /// runs nothing when a check ran recently, e.g. from a systemd timer); call again
+    /// after `after`. A container that is gone, stopped or without a healthcheck is not
+    /// an error.
+    ///
+    /// (No default on purpose: a wrapper that forgot to pass it on would leave podman's
+    /// containers `starting` for ever.)
+    fn run_healthcheck(&self, name: &str) -> impl Future<Output = Result<Option<Duration>, EngineError>>;
 }
