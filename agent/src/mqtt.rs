@@ -6,8 +6,8 @@
 //!   forwards the device's `desired` and `bundle` messages and connection changes, and
 //!   sleeps with exponential backoff plus jitter between failed connection attempts;
 //! - the *publisher* takes the agent's [`Report`]s: events go out at once (QoS 1, not
-//!   retained), status reports through the [`StatusLimiter`] (retained, on change, at
-//!   most one per `status_min_interval`, always the last). On every (re)connection it
+//!   retained), status reports through the [`StatusLimiter`] (retained, on change, a
+//!   burst of a few, then one per `status_min_interval`, always the last). On every (re)connection it
 //!   publishes `online = true` (retained; the last will says `false`), subscribes again
 //!   (clean session), and republishes the newest status.
 //!

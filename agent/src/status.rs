@@ -2,53 +2,86 @@
 //! report goes out, given the reports offered and `now`.
 //!
 //! Rules: a report whose content equals the last one sent is dropped (timestamps do
-//! not count); otherwise it is sent at once if the last send was at least
-//! `min_interval` ago, else it waits, replaced by any newer report, and is sent when
-//! the interval has passed: so the final state is always published. Pure: the caller
-//! passes `now` (a `tokio::time::Instant`).
+//! not count). Otherwise it goes out at once while the token bucket has a token: the
+//! bucket holds [`BURST`] tokens and gains one per `min_interval`, so the few
+//! transitions of one apply (downloading, applying, converged) are published without
+//! delay, while a flapping device sends at most one report per `min_interval` over time.
+//! Without a token the report waits, replaced by any newer report, and is sent when the
+//! next token arrives: so the final state is always published. Pure: the caller passes
+//! `now` (a `tokio::time::Instant`).
 
 use std::time::Duration;
 
 use fleet_spec::messages::StatusReport;
 use tokio::time::Instant;
 
+/// Reports that may go out back to back before the rate limit applies.
+pub const BURST: u32 = 4;
+
 #[derive(Debug)]
 pub struct StatusLimiter {
     min_interval: Duration,
-    last_sent: Option<(Instant, StatusReport)>,
+    /// Tokens left, and when the bucket was last topped up.
+    tokens: u32,
+    refilled_at: Option<Instant>,
+    last_sent: Option<StatusReport>,
     pending: Option<StatusReport>,
 }
 
 impl StatusLimiter {
     pub fn new(min_interval: Duration) -> Self {
-        StatusLimiter { min_interval, last_sent: None, pending: None }
+        StatusLimiter { min_interval, tokens: BURST, refilled_at: None, last_sent: None, pending: None }
+    }
+
+    /// Adds the tokens earned since the last top-up.
+    fn refill(&mut self, now: Instant) {
+        let Some(at) = self.refilled_at else {
+            self.refilled_at = Some(now);
+            return;
+        };
+        if self.min_interval.is_zero() {
+            self.tokens = BURST;
+            self.refilled_at = Some(now);
+            return;
+        }
+        let earned = (now.saturating_duration_since(at).as_nanos() / self.min_interval.as_nanos()) as u32;
+        if earned > 0 {
+            self.tokens = self.tokens.saturating_add(earned).min(BURST);
+            self.refilled_at = Some(if self.tokens == BURST { now } else { at + self.min_interval * earned });
+        }
+    }
+
+    fn send(&mut self, report: StatusReport, now: Instant) -> StatusReport {
+        self.refill(now);
+        self.tokens = self.tokens.saturating_sub(1);
+        self.pending = None;
+        self.last_sent = Some(report.clone());
+        report
     }
 
     /// Offers a report; returns it when it should be sent now.
     pub fn offer(&mut self, report: StatusReport, now: Instant) -> Option<StatusReport> {
-        if let Some((_, last)) = &self.last_sent {
-            if last.same_content(&report) {
-                self.pending = None;
-                return None;
-            }
+        if self.last_sent.as_ref().is_some_and(|last| last.same_content(&report)) {
+            self.pending = None;
+            return None;
         }
-        match &self.last_sent {
-            Some((at, _)) if now.duration_since(*at) < self.min_interval => {
-                self.pending = Some(report);
-                None
-            }
-            _ => {
-                self.pending = None;
-                self.last_sent = Some((now, report.clone()));
-                Some(report)
-            }
+        self.refill(now);
+        if self.tokens > 0 {
+            Some(self.send(report, now))
+        } else {
+            self.pending = Some(report);
+            None
         }
     }
 
-    /// When a waiting report is due.
+    /// When a waiting report is due: when the next token arrives.
     pub fn due_at(&self) -> Option<Instant> {
-        let (at, _) = self.last_sent.as_ref()?;
-        self.pending.as_ref().map(|_| *at + self.min_interval)
+        self.pending.as_ref()?;
+        match self.refilled_at {
+            Some(at) if self.tokens == 0 => Some(at + self.min_interval),
+            Some(at) => Some(at),
+            None => Some(Instant::now()),
+        }
     }
 
     /// The waiting report, if it is due.
@@ -57,19 +90,18 @@ impl StatusLimiter {
             return None;
         }
         let report = self.pending.take()?;
-        self.last_sent = Some((now, report.clone()));
-        Some(report)
+        Some(self.send(report, now))
     }
 
     /// The report to send at shutdown or after reconnecting: the newest one known.
     pub fn latest(&self) -> Option<&StatusReport> {
-        self.pending.as_ref().or(self.last_sent.as_ref().map(|(_, r)| r))
+        self.pending.as_ref().or(self.last_sent.as_ref())
     }
 
     /// Marks the waiting report as sent (shutdown flush, reconnect).
     pub fn sent_latest(&mut self, now: Instant) {
         if let Some(report) = self.pending.take() {
-            self.last_sent = Some((now, report));
+            self.send(report, now);
         }
     }
 }
@@ -95,19 +127,44 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn sends_on_change_at_most_once_per_interval_and_always_the_last() {
-        let mut l = StatusLimiter::new(Duration::from_secs(1));
+    async fn one_apply_goes_out_at_once_then_at_most_once_per_interval_and_always_the_last() {
+        let second = Duration::from_secs(1);
+        let mut l = StatusLimiter::new(second);
         let t0 = Instant::now();
         assert!(l.offer(report(DeviceState::Idle, 1), t0).is_some(), "first goes out");
         assert!(l.offer(report(DeviceState::Idle, 2), t0).is_none(), "same content is dropped");
-        assert!(l.offer(report(DeviceState::Downloading, 3), t0).is_none(), "too soon: waits");
-        assert!(l.offer(report(DeviceState::Applying, 4), t0).is_none(), "replaced");
-        assert_eq!(l.due_at(), Some(t0 + Duration::from_secs(1)));
+        // An apply's transitions use the burst: no delay.
+        for (i, state) in
+            [DeviceState::Downloading, DeviceState::Applying, DeviceState::Converged].into_iter().enumerate()
+        {
+            assert!(l.offer(report(state, 3 + i as i64), t0).is_some(), "{state:?} goes out at once");
+        }
+        // The bucket is empty: a flapping device waits for tokens, the newest report wins.
+        assert!(l.offer(report(DeviceState::Degraded, 7), t0).is_none(), "no token: waits");
+        assert!(l.offer(report(DeviceState::Failed, 8), t0).is_none(), "replaced");
+        assert_eq!(l.due_at(), Some(t0 + second));
         assert!(l.take_due(t0 + Duration::from_millis(500)).is_none());
-        let sent = l.take_due(t0 + Duration::from_secs(1)).expect("due");
-        assert_eq!(sent.state, DeviceState::Applying, "the newest waiting report wins");
+        let sent = l.take_due(t0 + second).expect("due");
+        assert_eq!(sent.state, DeviceState::Failed, "the newest waiting report wins");
         assert_eq!(l.due_at(), None);
-        let later = t0 + Duration::from_secs(5);
-        assert!(l.offer(report(DeviceState::Converged, 5), later).is_some(), "after the interval: at once");
+        assert!(l.offer(report(DeviceState::Degraded, 9), t0 + second).is_none(), "one per interval");
+        assert_eq!(l.take_due(t0 + second * 2).map(|r| r.state), Some(DeviceState::Degraded));
+        // After a quiet spell the burst is back.
+        let later = t0 + Duration::from_secs(60);
+        for state in
+            [DeviceState::Downloading, DeviceState::Applying, DeviceState::Converged, DeviceState::Idle]
+        {
+            assert!(l.offer(report(state, 100), later).is_some(), "{state:?} after a quiet spell");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_interval_never_delays() {
+        let mut l = StatusLimiter::new(Duration::ZERO);
+        let t0 = Instant::now();
+        for i in 0..20 {
+            let state = if i % 2 == 0 { DeviceState::Applying } else { DeviceState::Converged };
+            assert!(l.offer(report(state, i), t0).is_some());
+        }
     }
 }
