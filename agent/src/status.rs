@@ -6,13 +6,17 @@
 //! bucket holds [`BURST`] tokens and gains one per `min_interval`, so the few
 //! transitions of one apply (downloading, applying, converged) are published without
 //! delay, while a flapping device sends at most one report per `min_interval` over time.
-//! Without a token the report waits, replaced by any newer report, and is sent when the
-//! next token arrives: so the final state is always published. Pure: the caller passes
+//! The last token is kept for outcomes (`converged`, `failed`, `rolled_back`, ...): a
+//! transient state (`downloading`, `applying`, `awaiting_health`) never takes it, so
+//! under a stream of updates the intermediate reports are the ones coalesced and each
+//! outcome still goes out at once. Without a token the report waits, replaced by any
+//! newer report, and is sent when the next token arrives: so the final state is always
+//! published. Pure: the caller passes
 //! `now` (a `tokio::time::Instant`).
 
 use std::time::Duration;
 
-use fleet_spec::messages::StatusReport;
+use fleet_spec::messages::{DeviceState, StatusReport};
 use tokio::time::Instant;
 
 /// Reports that may go out back to back before the rate limit applies.
@@ -66,7 +70,8 @@ impl StatusLimiter {
             return None;
         }
         self.refill(now);
-        if self.tokens > 0 {
+        let reserve = u32::from(is_transient(report.state));
+        if self.tokens > reserve {
             Some(self.send(report, now))
         } else {
             self.pending = Some(report);
@@ -104,6 +109,11 @@ impl StatusLimiter {
             self.send(report, now);
         }
     }
+}
+
+/// States the device passes through on its way to an outcome.
+fn is_transient(state: DeviceState) -> bool {
+    matches!(state, DeviceState::Downloading | DeviceState::Applying | DeviceState::AwaitingHealth)
 }
 
 #[cfg(test)]
@@ -156,6 +166,30 @@ mod tests {
         {
             assert!(l.offer(report(state, 100), later).is_some(), "{state:?} after a quiet spell");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_a_stream_of_updates_outcomes_go_out_at_once_and_transients_are_coalesced() {
+        let second = Duration::from_secs(1);
+        let mut l = StatusLimiter::new(second);
+        let mut now = Instant::now();
+        let mut outcomes_delayed = 0;
+        for update in 0..20i64 {
+            // One update a second, each passing through three transient states.
+            let version = |state| StatusReport {
+                files: FileCounts { managed: update as u64, drift_repaired: 0 },
+                ..report(state, update)
+            };
+            for state in [DeviceState::Downloading, DeviceState::Applying, DeviceState::AwaitingHealth] {
+                let _ = l.offer(version(state), now);
+            }
+            if l.offer(version(DeviceState::Converged), now).is_none() {
+                outcomes_delayed += 1;
+            }
+            now += second;
+            let _ = l.take_due(now);
+        }
+        assert_eq!(outcomes_delayed, 0, "every converged report went out without delay");
     }
 
     #[tokio::test(start_paused = true)]
