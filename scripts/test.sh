@@ -41,4 +41,7 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
         done
     fi
 fi
+step "benchmarks, quick mode (numbers are not judged here; the suite itself must run)"
+bash bench/run.sh --quick --out "$(mktemp -d)/BENCHMARKS.md"
+
 step "all tests passed"
