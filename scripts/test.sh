@@ -25,6 +25,10 @@ step "cross-build the aarch64 agent (static, size profile) for the emulated end-
 bash cross/build.sh --targets aarch64
 export FLEET_AGENT_AARCH64="$PWD/dist/fleet-agent-aarch64-unknown-linux-gnu"
 
+step "package the aarch64 agent (.deb, tarball) and check the packages"
+bash cross/package.sh --no-build --arch arm64
+bash cross/check-packages.sh arm64
+
 step "cargo test (unit, integration, end-to-end on real components)"
 cargo test --workspace --locked --no-fail-fast
 
