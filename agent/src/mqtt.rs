@@ -150,6 +150,11 @@ impl Mqtt {
     ) -> Result<(Mqtt, UnboundedReceiver<Inbound>), TlsError> {
         let opts = options(cfg, &topics, max_incoming)?;
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        // Small packets, sent one after another (status, events): without TCP_NODELAY
+        // each waits for the broker's delayed ACK of the previous one (~40 ms each).
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let (in_tx, in_rx) = unbounded_channel();
         let (ctl_tx, ctl_rx) = unbounded_channel();
         let want_blob = Arc::new(AtomicBool::new(false));
