@@ -70,8 +70,7 @@ impl StatusLimiter {
             return None;
         }
         self.refill(now);
-        let reserve = u32::from(is_transient(report.state));
-        if self.tokens > reserve {
+        if self.tokens >= Self::needed(&report) {
             Some(self.send(report, now))
         } else {
             self.pending = Some(report);
@@ -79,14 +78,18 @@ impl StatusLimiter {
         }
     }
 
-    /// When a waiting report is due: when the next token arrives.
+    /// Tokens a report needs in the bucket to go out: a transient state leaves the last
+    /// one for an outcome.
+    fn needed(report: &StatusReport) -> u32 {
+        1 + u32::from(is_transient(report.state))
+    }
+
+    /// When a waiting report is due: when the bucket holds the tokens it needs.
     pub fn due_at(&self) -> Option<Instant> {
-        self.pending.as_ref()?;
-        match self.refilled_at {
-            Some(at) if self.tokens == 0 => Some(at + self.min_interval),
-            Some(at) => Some(at),
-            None => Some(Instant::now()),
-        }
+        let needed = Self::needed(self.pending.as_ref()?);
+        let at = self.refilled_at?;
+        let missing = needed.saturating_sub(self.tokens);
+        Some(at + self.min_interval * missing)
     }
 
     /// The waiting report, if it is due.
@@ -190,6 +193,22 @@ mod tests {
             let _ = l.take_due(now);
         }
         assert_eq!(outcomes_delayed, 0, "every converged report went out without delay");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_transient_does_not_take_the_last_token() {
+        let second = Duration::from_secs(1);
+        let mut l = StatusLimiter::new(second);
+        let t0 = Instant::now();
+        for state in [DeviceState::Converged, DeviceState::Downloading, DeviceState::Applying] {
+            assert!(l.offer(report(state, 1), t0).is_some(), "{state:?}");
+        }
+        assert!(l.offer(report(DeviceState::AwaitingHealth, 2), t0).is_none(), "keeps the last token");
+        assert_eq!(l.due_at(), Some(t0 + second), "due when a second token arrives, not now");
+        assert!(l.take_due(t0).is_none(), "not due yet");
+        let sent = l.offer(report(DeviceState::Converged, 3), t0).expect("the outcome goes out at once");
+        assert_eq!(sent.state, DeviceState::Converged);
+        assert_eq!(l.due_at(), None, "the outcome replaced the waiting transient");
     }
 
     #[tokio::test(start_paused = true)]
