@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Builds the device agent (`fleet-agent`) as a static release binary for ARM devices.
 #
-#   cross/build.sh                      # aarch64 (required) + armv7 (when its std fits)
-#   cross/build.sh --all                # ... plus x86_64 (native, for the amd64 .deb)
+#   cross/build.sh                      # aarch64 (required) + armv7 (when armhf is set up)
+#   cross/build.sh --all                # ... plus x86_64 (for the amd64 .deb)
 #   cross/build.sh --targets aarch64    # just some: aarch64, armv7, x86_64 (or triples)
 #   cross/build.sh --print-env aarch64  # the env a hand-run `cargo --target` needs
+#
+# Every target is a static musl binary (aarch64-unknown-linux-musl,
+# armv7-unknown-linux-musleabihf, x86_64-unknown-linux-musl): no glibc, no NSS, no
+# loader on the device; why, and what it saves, in cross/README.md ("Why musl").
 #
 # Output: $CARGO_TARGET_DIR/<triple>/release/fleet-agent (CARGO_TARGET_DIR defaults to
 # `target`, relative to the repository root), copied to dist/fleet-agent-<triple>, and a
@@ -13,19 +17,24 @@
 # Options:
 #   --targets LIST   comma- or space-separated targets (default: aarch64,armv7)
 #   --all            aarch64,armv7,x86_64
-#   --setup-armhf    enable the armhf dpkg architecture and install the armv7 toolchain
-#                    when Debian offers libstd-rust-web-dev:armhf at rustc-web's version
+#   --setup-armhf    enable the armhf dpkg architecture and install the armv7 C toolchain
+#                    and musl (musl-dev:armhf gcc-arm-linux-gnueabihf)
+#   --enforce-budget fail when a binary is over its size budget (aarch64 and armv7
+#                    2.5 MiB, x86_64 3 MiB: issue #4's footprint targets); without it,
+#                    the table only marks the binary "OVER"
 #   --unlocked       do not pass --locked to cargo (default: the workspace's Cargo.lock
 #                    is used as is, never rewritten)
 #   --print-env T    print the `export` lines for target T and exit
 #   -h, --help       this help
 #
-# Toolchains: cross targets use Debian's Rust (`cargo +debian`, see scripts/setup.sh
-# --cross); x86_64 uses the default toolchain. Override with FLEET_CROSS_CARGO /
-# FLEET_NATIVE_CARGO. Set FLEET_CROSS_NO_APT=1 to never run apt-get from here.
+# Toolchain: Debian's Rust for every target (`cargo +debian`, see scripts/setup.sh
+# --cross), which compiles std itself from rust-web-src (-Z build-std). Override with
+# FLEET_CROSS_CARGO. Set FLEET_CROSS_NO_APT=1 to never install packages from here
+# (LLVM's libunwind is still fetched with `apt-get download`, see common.sh).
 #
-# Exit status: 0 when every required target (aarch64, x86_64 if asked) built static;
-# armv7 never fails the script: when it cannot be built, the reason is printed.
+# Exit status: 0 when every required target (aarch64, x86_64 if asked) built static (and,
+# with --enforce-budget, within budget); armv7 never fails the script when it cannot be
+# built (the reason is printed), but a built armv7 binary is held to its budget.
 set -euo pipefail
 
 CROSS_SCRIPT=build
@@ -36,6 +45,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 TARGETS_ARG="aarch64,armv7"
 SETUP_ARMHF=0
+ENFORCE_BUDGET=0
 LOCKED=(--locked)
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -54,6 +64,10 @@ while [ $# -gt 0 ]; do
             ;;
         --setup-armhf)
             SETUP_ARMHF=1
+            shift
+            ;;
+        --enforce-budget)
+            ENFORCE_BUDGET=1
             shift
             ;;
         --unlocked)
@@ -96,109 +110,82 @@ debian_rustc_version() {
     echo "$v"
 }
 
-# Newest version of a package that apt offers (empty when none).
-apt_candidate() {
-    apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { if ($2 != "(none)") print $2; exit }'
+# Debian's std source (rust-web-src, else rust-src), empty when neither is installed.
+debian_rust_src_version() {
+    local v
+    v="$(deb_installed_version rust-web-src)"
+    [ -n "$v" ] || v="$(deb_installed_version rust-src)"
+    echo "$v"
 }
 
-# True when apt offers exactly version $2 of package $1.
-apt_offers() {
-    apt-cache madison "$1" 2>/dev/null | awk -F'|' -v v="$2" '{ gsub(/ /, "", $2) } $2 == v { found = 1 } END { exit !found }'
-}
-
-# Why the armv7 toolchain is unusable (empty output: usable). May install packages when
-# Debian offers the matching std (see --setup-armhf).
-ARMHF_PKGS=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
-UPDATE_LOG="$(mktemp)"
-trap 'rm -f "$UPDATE_LOG"' EXIT
-armv7_problem() {
-    local rv sv cand
-    rv="$(debian_rustc_version)"
-    if [ -z "$rv" ]; then
-        echo "Debian's rustc-web is not installed (run scripts/setup.sh --cross)"
+# --setup-armhf: the armhf dpkg architecture and armv7's C side, installed with apt.
+ARMHF_PKGS=(musl-dev:armhf gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
+setup_armhf() {
+    local log
+    can_apt || {
+        cross_warn "--setup-armhf needs root and apt-get (and FLEET_CROSS_NO_APT unset)"
         return 0
-    fi
-    if [ "$SETUP_ARMHF" = 1 ] && can_apt && ! dpkg --print-foreign-architectures | grep -qx armhf; then
+    }
+    if ! dpkg --print-foreign-architectures | grep -qx armhf; then
         cross_log "enabling dpkg architecture armhf"
         dpkg --add-architecture armhf
-        # Its exit code is not trusted either way: an armhf index mid-sync makes it fail
-        # while every list we need may be fine (see ../shared/ENVIRONMENT.md).
-        if ! apt-get -o DPkg::Lock::Timeout=300 update -q >"$UPDATE_LOG" 2>&1; then
-            cross_warn "apt-get update reported errors (continuing): $(grep -m1 '^Err' "$UPDATE_LOG" || tail -n 1 "$UPDATE_LOG")"
-        fi
     fi
-    sv="$(deb_installed_version libstd-rust-web-dev:armhf)"
-    if [ -z "$sv" ]; then
-        if ! dpkg --print-foreign-architectures | grep -qx armhf; then
-            echo "dpkg architecture armhf is not enabled, so libstd-rust-web-dev:armhf (rustc $rv) is not installed; run cross/build.sh --setup-armhf to try"
-            return 0
-        fi
-        if apt_offers libstd-rust-web-dev:armhf "$rv"; then
-            if can_apt; then
-                cross_log "installing libstd-rust-web-dev:armhf=$rv ${ARMHF_PKGS[*]}"
-                DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends \
-                    "libstd-rust-web-dev:armhf=$rv" "${ARMHF_PKGS[@]}" >&2 ||
-                    cross_warn "apt-get install of the armhf toolchain failed"
-                sv="$(deb_installed_version libstd-rust-web-dev:armhf)"
-            else
-                echo "libstd-rust-web-dev:armhf $rv is installable but not installed (as root: apt-get install libstd-rust-web-dev:armhf=$rv ${ARMHF_PKGS[*]})"
-                return 0
-            fi
-        else
-            cand="$(apt_candidate libstd-rust-web-dev:armhf)"
-            local err=""
-            err="$(grep -m1 '^Err.*armhf' "$UPDATE_LOG" 2>/dev/null || true)"
-            echo "armhf std ${cand:-(none offered)} does not match rustc $rv: apt offers no libstd-rust-web-dev:armhf $rv (Debian's armhf security index probably lags amd64's${err:+; apt-get update said: $err}; retry after apt-get update)"
-            return 0
-        fi
+    if [ -f /usr/lib/arm-linux-musleabihf/libc.a ] && command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 &&
+        apt-cache policy "$LIBUNWIND_PKG:armhf" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        return 0
     fi
-    if [ -z "$sv" ]; then
-        echo "libstd-rust-web-dev:armhf $rv could not be installed"
-    elif [ "$sv" != "$rv" ]; then
-        echo "armhf std $sv does not match rustc $rv"
-    elif ! command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1; then
-        if can_apt; then
-            DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${ARMHF_PKGS[@]}" >&2 || true
-        fi
-        command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 ||
-            echo "arm-linux-gnueabihf-gcc not found (apt-get install ${ARMHF_PKGS[*]})"
+    log="$(mktemp)"
+    # Its exit code is not trusted either way: an armhf index mid-sync makes it fail
+    # while every list we need may be fine (see ../shared/ENVIRONMENT.md).
+    if ! apt-get -o DPkg::Lock::Timeout=300 update -q >"$log" 2>&1; then
+        cross_warn "apt-get update reported errors (continuing): $(grep -m1 '^Err' "$log" || tail -n 1 "$log")"
     fi
+    rm -f "$log"
+    cross_log "installing ${ARMHF_PKGS[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends \
+        "${ARMHF_PKGS[@]}" >&2 || cross_warn "apt-get install of the armhf toolchain failed"
 }
 
 # Why TRIPLE cannot be built here (empty output: it can). Sets CARGO_CMD / RUSTC_CMD.
 preflight() {
-    local triple="$1" prefix libdir rv sv debarch
-    if ! select_cargo "$triple"; then
+    local triple="$1" rv sv src
+    if ! select_cargo; then
         echo "no Debian Rust toolchain (neither 'cargo +debian' nor /usr/bin/cargo): run scripts/setup.sh --cross"
         return 0
     fi
-    select_rustc "$triple"
-    if [ "$triple" = armv7-unknown-linux-gnueabihf ]; then
-        armv7_problem
+    select_rustc
+    if [ "$triple" = armv7-unknown-linux-musleabihf ] && ! dpkg --print-foreign-architectures | grep -qx armhf; then
+        echo "dpkg architecture armhf is not enabled (run cross/build.sh --setup-armhf as root)"
         return 0
     fi
-    if is_native_triple "$triple"; then
-        [ "$(uname -m)" = x86_64 ] || echo "x86_64 is only built natively, and this machine is $(uname -m)"
+    src="$("${RUSTC_CMD[@]}" --print sysroot 2>/dev/null || true)/lib/rustlib/src/rust/library"
+    if [ ! -f "$src/std/Cargo.toml" ]; then
+        echo "no std source for build-std in $src (apt-get install rust-web-src; scripts/setup.sh --cross does)"
         return 0
     fi
-    debarch="$(target_debarch "$triple")"
     rv="$(debian_rustc_version)"
-    sv="$(deb_installed_version "libstd-rust-web-dev:$debarch")"
+    sv="$(debian_rust_src_version)"
     if [ -n "$rv" ] && [ -n "$sv" ] && [ "$sv" != "$rv" ]; then
-        echo "$debarch std $sv does not match rustc $rv"
+        echo "std source $sv does not match rustc $rv (apt-get install rust-web-src=$rv)"
         return 0
     fi
-    libdir="$("${RUSTC_CMD[@]}" --print target-libdir --target "$triple" 2>/dev/null || true)"
-    if [ -z "$libdir" ] || ! compgen -G "$libdir/libstd-*.rlib" >/dev/null; then
-        echo "no Rust std for $triple in ${libdir:-the Debian toolchain} (install $(target_cross_pkgs "$triple"); scripts/setup.sh --cross does)"
-        return 0
-    fi
-    prefix="$(target_gcc_prefix "$triple")"
-    command -v "$prefix-gcc" >/dev/null 2>&1 ||
-        echo "$prefix-gcc not found (install $(target_cross_pkgs "$triple"); scripts/setup.sh --cross does)"
+    # musl, gcc and libunwind: musl_toolchain says what is missing.
+    { musl_toolchain "$triple" >/dev/null; } 2>&1 || true
 }
 
-is_required() { [ "$1" != armv7-unknown-linux-gnueabihf ]; }
+if [ "$SETUP_ARMHF" = 1 ]; then
+    setup_armhf
+fi
+
+# Size budget of a target's stripped binary, in bytes.
+size_budget() {
+    case "$1" in
+        x86_64-unknown-linux-musl) echo $((3 * 1048576)) ;;
+        *) echo $((5 * 1048576 / 2)) ;;
+    esac
+}
+
+is_required() { [ "$1" != armv7-unknown-linux-musleabihf ]; }
 
 mkdir -p "$DIST_DIR"
 # dist/ holds build outputs only: keep it out of git even without a root .gitignore entry.
@@ -226,12 +213,13 @@ for triple in "${TRIPLES[@]}"; do
         continue
     fi
     # preflight ran in a subshell: select the toolchain again here.
-    select_cargo "$triple"
+    select_cargo
     toolchain="$("${CARGO_CMD[@]}" --version 2>/dev/null | awk '{ print $2 }')"
     cross_log "$triple: ${CARGO_CMD[*]} build --release ${LOCKED[*]} -p $AGENT_PKG (cargo $toolchain)"
     start=$(date +%s)
     if (
-        eval "$(cross_env_lines "$triple")"
+        env_lines="$(cross_env_lines "$triple")" || exit 1
+        eval "$env_lines"
         exec "${CARGO_CMD[@]}" build --release "${LOCKED[@]}" --target "$triple" \
             -p "$AGENT_PKG" --bin "$AGENT_BIN"
     ); then
@@ -265,23 +253,33 @@ for triple in "${TRIPLES[@]}"; do
     mv -f "$out.tmp" "$out"
     linkage="$(elf_linkage "$out")"
     if [ "$linkage" != static ]; then
-        cross_warn "$triple: $out is dynamically linked (was +crt-static dropped?)"
+        cross_warn "$triple: $out has a program interpreter (was +crt-static dropped?)"
         if is_required "$triple"; then
             FAILED+=("$triple")
         fi
     fi
     bytes=$(stat -c %s "$out")
-    ROWS+=("$(printf '%-31s %-6s %-8s %10s  %6s MiB  %4ss  %s' "$triple" "$debarch" "$linkage" "$bytes" "$(mib "$bytes")" "$secs" "$out")")
+    budget="$(size_budget "$triple")"
+    if [ "$bytes" -le "$budget" ]; then
+        verdict="≤ $(mib "$budget")"
+    else
+        verdict="OVER $(mib "$budget")"
+        cross_warn "$triple: $bytes bytes is over the size budget of $budget ($(mib "$budget") MiB)"
+        if [ "$ENFORCE_BUDGET" = 1 ]; then
+            FAILED+=("$triple")
+        fi
+    fi
+    ROWS+=("$(printf '%-31s %-6s %-8s %10s  %6s MiB  %-9s  %4ss  %s' "$triple" "$debarch" "$linkage" "$bytes" "$(mib "$bytes")" "$verdict" "$secs" "$out")")
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$triple" "$debarch" "$bytes" "$(mib "$bytes")" "$linkage" "$secs" "$toolchain" >>"$SIZES_TSV.tmp"
 done
 mv -f "$SIZES_TSV.tmp" "$SIZES_TSV"
 
 echo
-echo "fleet-agent $(agent_version): stripped release binaries (profile: opt-level z, fat LTO, panic abort)"
-printf '%-31s %-6s %-8s %10s  %10s  %5s  %s\n' target arch linkage bytes size build file
+echo "fleet-agent $(agent_version): stripped static musl release binaries (opt-level z, fat LTO, panic abort, std built for size)"
+printf '%-31s %-6s %-8s %10s  %10s  %-9s  %5s  %s\n' target arch linkage bytes size budget build file
 for row in "${ROWS[@]}"; do
     echo "$row"
 done
 if [ "${#FAILED[@]}" -gt 0 ]; then
-    cross_die "required target(s) failed: ${FAILED[*]}"
+    cross_die "target(s) failed: ${FAILED[*]}"
 fi

@@ -5,14 +5,17 @@
 # (under qemu for arm64). Run after `cross/package.sh`; CI runs it from scripts/test.sh.
 #
 #   cross/check-packages.sh [ARCH]     # ARCH: arm64 (default), armhf, amd64
+#
+# Reads $DIST_DIR (default dist), as cross/package.sh writes it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ARCH="${1:-arm64}"
-case "$ARCH" in -h | --help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+case "$ARCH" in -h | --help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
-DEB="dist/fleet-agent_${VERSION}_${ARCH}.deb"
-TARBALL="dist/fleet-agent-${VERSION}-${ARCH}.tar.gz"
+DIST_DIR="${DIST_DIR:-dist}"
+DEB="$DIST_DIR/fleet-agent_${VERSION}_${ARCH}.deb"
+TARBALL="$DIST_DIR/fleet-agent-${VERSION}-${ARCH}.tar.gz"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 

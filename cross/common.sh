@@ -15,12 +15,20 @@ DIST_DIR="${DIST_DIR:-dist}"
 AGENT_PKG=fleet-agent
 AGENT_BIN=fleet-agent
 
-# Canonical triple for a short name or a triple; empty when unknown.
+# Canonical triple for a short name or a triple; empty when unknown. The agent ships as
+# a static musl binary (cross/README.md, "Why musl"); the glibc triples are accepted as
+# other names of the same architecture.
 target_triple() {
     case "$1" in
-        aarch64 | arm64 | aarch64-unknown-linux-gnu) echo aarch64-unknown-linux-gnu ;;
-        armv7 | armhf | armv7-unknown-linux-gnueabihf) echo armv7-unknown-linux-gnueabihf ;;
-        x86_64 | amd64 | native | x86_64-unknown-linux-gnu) echo x86_64-unknown-linux-gnu ;;
+        aarch64 | arm64 | aarch64-unknown-linux-musl | aarch64-unknown-linux-gnu)
+            echo aarch64-unknown-linux-musl
+            ;;
+        armv7 | armhf | armv7-unknown-linux-musleabihf | armv7-unknown-linux-gnueabihf)
+            echo armv7-unknown-linux-musleabihf
+            ;;
+        x86_64 | amd64 | native | x86_64-unknown-linux-musl | x86_64-unknown-linux-gnu)
+            echo x86_64-unknown-linux-musl
+            ;;
         *) echo "" ;;
     esac
 }
@@ -28,38 +36,48 @@ target_triple() {
 # Debian architecture of a triple.
 target_debarch() {
     case "$1" in
-        aarch64-unknown-linux-gnu) echo arm64 ;;
-        armv7-unknown-linux-gnueabihf) echo armhf ;;
-        x86_64-unknown-linux-gnu) echo amd64 ;;
+        aarch64-unknown-linux-musl) echo arm64 ;;
+        armv7-unknown-linux-musleabihf) echo armhf ;;
+        x86_64-unknown-linux-musl) echo amd64 ;;
     esac
 }
 
-# GNU toolchain prefix of a cross triple (empty for the native one).
+# Prefix of the GNU gcc/binutils that compile and link for a triple (with musl's specs).
 target_gcc_prefix() {
     case "$1" in
-        aarch64-unknown-linux-gnu) echo aarch64-linux-gnu ;;
-        armv7-unknown-linux-gnueabihf) echo arm-linux-gnueabihf ;;
-        *) echo "" ;;
+        aarch64-unknown-linux-musl) echo aarch64-linux-gnu ;;
+        armv7-unknown-linux-musleabihf) echo arm-linux-gnueabihf ;;
+        x86_64-unknown-linux-musl) echo x86_64-linux-gnu ;;
     esac
 }
 
-# Debian packages a cross triple needs besides rustc-web/cargo-web.
-target_cross_pkgs() {
+# Debian's multiarch name of musl for a triple: /usr/lib/<it>/libc.a, /usr/include/<it>.
+target_musl_dir() {
     case "$1" in
-        aarch64-unknown-linux-gnu)
-            echo "libstd-rust-web-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
-            ;;
-        armv7-unknown-linux-gnueabihf)
-            echo "libstd-rust-web-dev:armhf gcc-arm-linux-gnueabihf libc6-dev-armhf-cross"
-            ;;
+        aarch64-unknown-linux-musl) echo aarch64-linux-musl ;;
+        armv7-unknown-linux-musleabihf) echo arm-linux-musleabihf ;;
+        x86_64-unknown-linux-musl) echo x86_64-linux-musl ;;
     esac
 }
+
+# Debian packages a triple needs besides rustc-web, cargo-web and rust-web-src.
+target_cross_pkgs() {
+    case "$1" in
+        aarch64-unknown-linux-musl) echo "musl-dev:arm64 gcc-aarch64-linux-gnu libc6-dev-arm64-cross" ;;
+        armv7-unknown-linux-musleabihf) echo "musl-dev:armhf gcc-arm-linux-gnueabihf libc6-dev-armhf-cross" ;;
+        x86_64-unknown-linux-musl) echo "musl-dev gcc" ;;
+    esac
+}
+
+# LLVM's libunwind, unpacked per architecture from this Debian package (see musl_toolchain).
+LIBUNWIND_PKG=libunwind-14-dev
+LIBUNWIND_PATH=usr/lib/llvm-14/lib/libunwind.a
 
 # qemu-user binary that runs a triple's binaries (empty for the native one).
 target_qemu() {
     case "$1" in
-        aarch64-unknown-linux-gnu) echo qemu-aarch64-static ;;
-        armv7-unknown-linux-gnueabihf) echo qemu-arm-static ;;
+        aarch64-unknown-linux-musl) echo qemu-aarch64-static ;;
+        armv7-unknown-linux-musleabihf) echo qemu-arm-static ;;
         *) echo "" ;;
     esac
 }
@@ -73,54 +91,153 @@ debarch_unames() {
     esac
 }
 
-is_native_triple() { [ "$1" = x86_64-unknown-linux-gnu ]; }
+is_native_triple() { [ "$1" = x86_64-unknown-linux-musl ]; }
 
 # TRIPLE -> TRIPLE with '-' replaced by '_' (cc-rs: CC_<triple>) or upper-cased (cargo).
 triple_underscored() { printf '%s' "${1//-/_}"; }
 triple_cargo_env() { triple_underscored "$1" | tr '[:lower:]' '[:upper:]'; }
 
-# Prints `export` lines with everything a static build of TRIPLE needs: the linker,
-# the C compiler and archiver for crates with C/asm code (ring, zstd-sys), the qemu
-# runner for `cargo run`/`cargo test --target`, and +crt-static. Used by build.sh and by
-# `cross/build.sh --print-env TRIPLE` (eval it to run cargo by hand).
+# Where musl_toolchain writes its files (absolute: the cc wrapper names its specs file).
+musl_toolchain_root() {
+    local d="${FLEET_MUSL_TOOLCHAIN_DIR:-$CARGO_TARGET_DIR/musl-toolchain}"
+    case "$d" in
+        /*) echo "$d" ;;
+        *) echo "$REPO_ROOT/$d" ;;
+    esac
+}
+
+# Writes the C side of a static musl build of TRIPLE into $(musl_toolchain_root)/TRIPLE
+# and prints that directory. Every piece is a Debian package; nothing is compiled here.
+#   cc           the target's GNU gcc with musl.specs: musl's headers, crt objects and
+#                libc.a instead of glibc's. cargo links with it and cc-rs compiles ring's
+#                C with it.
+#   musl.specs   Debian's musl-gcc.specs (musl-dev) plus what that file lacks: rustc links
+#                with -static-pie, which needs rcrt1.o (musl's self-relocating start) and
+#                no program interpreter.
+#   libunwind.a  LLVM's libunwind for the target: std's backtrace printer calls
+#                _Unwind_Backtrace. Unpacked from $LIBUNWIND_PKG:<arch> with `apt-get
+#                download`, never installed (its arm64 and amd64 files have one path),
+#                plus musl-fortify-shim.c (the one glibc symbol it needs).
+# Fails with a message on stderr naming what to install.
+musl_toolchain() {
+    local triple="$1" prefix musl debarch dir tmp deb
+    prefix="$(target_gcc_prefix "$triple")"
+    musl="$(target_musl_dir "$triple")"
+    debarch="$(target_debarch "$triple")"
+    dir="$(musl_toolchain_root)/$triple"
+    if [ ! -f "/usr/lib/$musl/libc.a" ] || [ ! -f "/usr/lib/$musl/rcrt1.o" ]; then
+        echo "musl for $debarch is not installed (/usr/lib/$musl/libc.a): apt-get install $(target_cross_pkgs "$triple")" >&2
+        return 1
+    fi
+    if ! command -v "$prefix-gcc" >/dev/null 2>&1; then
+        echo "$prefix-gcc not found: apt-get install $(target_cross_pkgs "$triple")" >&2
+        return 1
+    fi
+    mkdir -p "$dir"
+    if [ ! -f "$dir/libunwind.a" ]; then
+        tmp="$(mktemp -d)"
+        # -o APT::Sandbox::User=root: the _apt user may not write to this directory.
+        if ! (cd "$tmp" && apt-get -q -o APT::Sandbox::User=root download "$LIBUNWIND_PKG:$debarch" >/dev/null 2>&1); then
+            rm -rf "$tmp"
+            echo "cannot download $LIBUNWIND_PKG:$debarch (is the dpkg architecture $debarch enabled, and apt's index fresh? try: apt-get update)" >&2
+            return 1
+        fi
+        deb="$(find "$tmp" -name '*.deb' | head -n 1)"
+        dpkg-deb -x "$deb" "$tmp/x"
+        cp "$tmp/x/$LIBUNWIND_PATH" "$dir/libunwind.a.tmp"
+        rm -rf "$tmp"
+    fi
+    cat >"$dir/musl.specs.tmp" <<EOF
+%rename cpp_options old_cpp_options
+
+*cpp_options:
+-nostdinc -isystem /usr/include/$musl -isystem include%s %(old_cpp_options)
+
+*cc1:
+%(cc1_cpu) -nostdinc -isystem /usr/include/$musl -isystem include%s
+
+*link_libgcc:
+-L/usr/lib/$musl -L$dir -L .%s
+
+*libgcc:
+libgcc.a%s
+
+*startfile:
+%{static-pie:/usr/lib/$musl/rcrt1.o;!shared:/usr/lib/$musl/Scrt1.o} /usr/lib/$musl/crti.o crtbeginS.o%s
+
+*endfile:
+crtendS.o%s /usr/lib/$musl/crtn.o
+
+*link:
+%{static-pie:-static -pie --no-dynamic-linker -z text;static:-static} -nostdlib %{shared:-shared} %{rdynamic:-export-dynamic}
+
+EOF
+    mv -f "$dir/musl.specs.tmp" "$dir/musl.specs"
+    printf '#!/bin/sh\n# Written by cross/common.sh (musl_toolchain): %s gcc against musl.\nexec %q "$@" -specs %q\n' \
+        "$triple" "$prefix-gcc" "$dir/musl.specs" >"$dir/cc.tmp"
+    chmod +x "$dir/cc.tmp"
+    mv -f "$dir/cc.tmp" "$dir/cc"
+    if [ -f "$dir/libunwind.a.tmp" ]; then
+        # libunwind.a appears only complete: with musl-fortify-shim.c's object inside.
+        if ! "$dir/cc" -c -Os -fPIC -o "$dir/fortify-shim.o" "$CROSS_DIR/musl-fortify-shim.c" ||
+            ! "$prefix-ar" rs "$dir/libunwind.a.tmp" "$dir/fortify-shim.o" 2>/dev/null; then
+            echo "cannot compile cross/musl-fortify-shim.c with $prefix-gcc against musl" >&2
+            return 1
+        fi
+        mv -f "$dir/libunwind.a.tmp" "$dir/libunwind.a"
+    fi
+    echo "$dir"
+}
+
+# std is compiled from Debian's rust-web-src for every target (cargo -Z build-std):
+# rustup cannot download a musl std on these machines and Debian ships none. A stable
+# compiler accepts -Z flags under RUSTC_BOOTSTRAP=1; cargo reads them from
+# CARGO_UNSTABLE_* variables. optimize_for_size selects std's smaller algorithms.
+BUILD_STD_CRATES=std,panic_abort
+BUILD_STD_FEATURES=optimize_for_size
+
+# Prints `export` lines with everything a static musl build of TRIPLE needs: the linker
+# and C compiler (musl_toolchain), the archiver, build-std, the qemu runner for
+# `cargo run`/`cargo test --target`, and +crt-static. Used by build.sh and by
+# `cross/build.sh --print-env TRIPLE` (eval it, then `cargo +debian build --target TRIPLE`).
+# Fails (printing nothing on stdout) when musl_toolchain does.
 #
-# RUSTFLAGS (not target.<triple>.rustflags) carries +crt-static, appended to the caller's
+# RUSTFLAGS (not target.<triple>.rustflags) carries the flags, appended to the caller's
 # RUSTFLAGS: cargo ignores target rustflags whenever RUSTFLAGS is set, so appending is the
 # only way to honour both. With an explicit --target, RUSTFLAGS reaches only the target's
-# crates, not build scripts or proc-macros (which must stay dynamic).
+# crates, not build scripts or proc-macros (which stay native and dynamic).
+# -C link-self-contained=no: use musl.specs' crt objects, not rustc's own (which a
+# build-std sysroot does not have).
 cross_env_lines() {
-    local triple="$1" prefix up low qemu flags
+    local triple="$1" prefix up low qemu flags dir
+    dir="$(musl_toolchain "$triple")" || return 1
     prefix="$(target_gcc_prefix "$triple")"
     up="$(triple_cargo_env "$triple")"
     low="$(triple_underscored "$triple")"
     qemu="$(target_qemu "$triple")"
-    flags="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static"
-    if [ -n "$prefix" ]; then
-        printf 'export CARGO_TARGET_%s_LINKER=%q\n' "$up" "$prefix-gcc"
-        printf 'export CC_%s=%q\n' "$low" "$prefix-gcc"
-        printf 'export AR_%s=%q\n' "$low" "$prefix-ar"
+    flags="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static -C link-self-contained=no"
+    printf 'export CARGO_TARGET_%s_LINKER=%q\n' "$up" "$dir/cc"
+    printf 'export CC_%s=%q\n' "$low" "$dir/cc"
+    printf 'export AR_%s=%q\n' "$low" "$prefix-ar"
+    if [ -n "$qemu" ]; then
         printf 'export CARGO_TARGET_%s_RUNNER=%q\n' "$up" "$qemu"
     fi
+    printf 'export RUSTC_BOOTSTRAP=1\n'
+    printf 'export CARGO_UNSTABLE_BUILD_STD=%q\n' "$BUILD_STD_CRATES"
+    printf 'export CARGO_UNSTABLE_BUILD_STD_FEATURES=%q\n' "$BUILD_STD_FEATURES"
     printf 'export RUSTFLAGS=%q\n' "$flags"
     printf 'unset CARGO_ENCODED_RUSTFLAGS\n'
 }
 
-# The cargo command for a triple, into the array CARGO_CMD. Cross targets use Debian's
-# toolchain (rustup cannot download targets on these machines): `cargo +debian` when
-# rustup has it linked, else /usr/bin/cargo with RUSTC=/usr/bin/rustc (without RUSTC,
-# /usr/bin/cargo would pick rustup's `rustc` proxy from PATH, i.e. stable, which has no
-# ARM std). The native target uses the default toolchain. Override with FLEET_CROSS_CARGO
-# / FLEET_NATIVE_CARGO (a command line, split on spaces).
+# The cargo command, into the array CARGO_CMD: Debian's toolchain for every target, since
+# build-std needs the std source of the very compiler it runs (rust-web-src matches
+# rustc-web). `cargo +debian` when rustup has it linked, else /usr/bin/cargo with
+# RUSTC=/usr/bin/rustc (without RUSTC, /usr/bin/cargo would pick rustup's `rustc` proxy
+# from PATH). Override with FLEET_CROSS_CARGO (a command line, split on spaces).
 CARGO_CMD=()
 select_cargo() {
-    local triple="$1"
-    if is_native_triple "$triple"; then
-        # shellcheck disable=SC2206 # intended word splitting of a command line
-        CARGO_CMD=(${FLEET_NATIVE_CARGO:-cargo})
-        return 0
-    fi
     if [ -n "${FLEET_CROSS_CARGO:-}" ]; then
-        # shellcheck disable=SC2206
+        # shellcheck disable=SC2206 # intended word splitting of a command line
         CARGO_CMD=(${FLEET_CROSS_CARGO})
     elif command -v rustup >/dev/null 2>&1 && rustup toolchain list 2>/dev/null | grep -q '^debian'; then
         CARGO_CMD=(cargo +debian)
@@ -134,10 +251,7 @@ select_cargo() {
 # The rustc matching CARGO_CMD (for --print queries).
 RUSTC_CMD=()
 select_rustc() {
-    local triple="$1"
-    if is_native_triple "$triple"; then
-        RUSTC_CMD=(rustc)
-    elif [ "${CARGO_CMD[0]}" = cargo ] && [ "${CARGO_CMD[1]:-}" = +debian ]; then
+    if [ "${CARGO_CMD[0]}" = cargo ] && [ "${CARGO_CMD[1]:-}" = +debian ]; then
         RUSTC_CMD=(rustc +debian)
     else
         RUSTC_CMD=(/usr/bin/rustc)

@@ -2,7 +2,7 @@
 # Smoke-tests the cross-built agent under qemu-user: the ARM binary really starts,
 # parses its command line and its config on an emulated CPU.
 #
-#   cross/qemu-smoke.sh                  # $CARGO_TARGET_DIR/aarch64-unknown-linux-gnu/release/fleet-agent
+#   cross/qemu-smoke.sh                  # $CARGO_TARGET_DIR/aarch64-unknown-linux-musl/release/fleet-agent
 #   cross/qemu-smoke.sh --build          # cross/build.sh --targets aarch64 first
 #   cross/qemu-smoke.sh --target armv7   # the armv7 binary, under qemu-arm-static
 #   cross/qemu-smoke.sh --binary PATH    # any fleet-agent binary

@@ -2,7 +2,8 @@
 # Installs everything the fleet test suite and demo need on a fresh Debian 12 machine.
 #
 #   scripts/setup.sh            # MQTT broker, Docker Engine, podman, registry, busybox, tools
-#   scripts/setup.sh --cross    # ... plus the Debian Rust toolchain for aarch64 cross builds
+#   scripts/setup.sh --cross    # ... plus the Debian Rust toolchain, std source and musl
+#                               #     for the static agent builds (x86_64, aarch64)
 #                               #     (same as FLEET_SETUP_CROSS=1)
 #
 # Idempotent: when everything is already installed it returns in about a second.
@@ -24,8 +25,11 @@ BASE_PKGS=(
     iproute2 # the test harness gives each dockerd its own bridge (`ip link add`)
 )
 CROSS_ARCH=arm64
+# The agent is built static against musl, with std compiled from rust-web-src
+# (cross/README.md, "Why musl"): musl for the host (x86_64 agent) and for arm64.
 CROSS_PKGS=(
-    rustc-web cargo-web "libstd-rust-web-dev:${CROSS_ARCH}"
+    rustc-web cargo-web rust-web-src
+    musl-dev "musl-dev:${CROSS_ARCH}"
     gcc-aarch64-linux-gnu libc6-dev-arm64-cross
     qemu-user-static
 )
