@@ -121,7 +121,7 @@ debian_rust_src_version() {
 # --setup-armhf: the armhf dpkg architecture and armv7's C side, installed with apt.
 ARMHF_PKGS=(musl-dev:armhf gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
 setup_armhf() {
-    local log
+    local log policy
     can_apt || {
         cross_warn "--setup-armhf needs root and apt-get (and FLEET_CROSS_NO_APT unset)"
         return 0
@@ -130,8 +130,11 @@ setup_armhf() {
         cross_log "enabling dpkg architecture armhf"
         dpkg --add-architecture armhf
     fi
+    # (apt-cache's output is read whole: `| grep -q` would end the pipe early, and under
+    # pipefail apt-cache's SIGPIPE would make the test fail.)
+    policy="$(apt-cache policy "$LIBUNWIND_PKG:armhf" 2>/dev/null || true)"
     if [ -f /usr/lib/arm-linux-musleabihf/libc.a ] && command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 &&
-        apt-cache policy "$LIBUNWIND_PKG:armhf" 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+        [[ "$policy" == *"Candidate: "[0-9]* ]]; then
         return 0
     fi
     log="$(mktemp)"
