@@ -1,19 +1,18 @@
 //! `DockerEngine` against the real engines: a `dockerd` and a podman Docker-compatible
-//! service, each started by the test in its own temp dir on a short socket path, with a
-//! real Docker Distribution registry holding a tiny FROM-scratch busybox image.
+//! service, each started by the fleet-e2e harness ([`Dockerd`], [`Podman`]), with a real
+//! Docker Distribution registry that wants credentials, holding a tiny FROM-scratch
+//! busybox image built by the engine under test ([`build_busybox_image`]).
 //!
 //! One test per engine walks through everything the agent does with containers (pull by
 //! digest, create with every kind of mount/port/network/healthcheck, list, health,
 //! events, remove, volumes surviving recreation) and checks that unmanaged objects are
-//! never listed nor touched. The two run in parallel; each takes about 10 s.
+//! never listed nor touched. The two run in parallel (the podman one waits while another
+//! test process holds the harness's podman lock); each takes about 10 s.
 //!
-//! Needs root and the packages `docker.io`, `podman`, `runc`, `netavark`,
-//! `aardvark-dns`, `docker-registry` and `busybox-static` (see ENVIRONMENT.md).
+//! Needs root and the packages of `scripts/setup.sh` (`docker.io`, `podman`, `runc`,
+//! `netavark`, `aardvark-dns`, `docker-registry`, `busybox-static`).
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +21,10 @@ use fleet_agent::engine::docker::DockerEngine;
 use fleet_agent::engine::{
     Engine, EngineError, EngineEvent, Health, ObservedContainer, RegistryAuth, LABEL_APP, LABEL_MANAGED,
 };
+use fleet_e2e::{
+    build_busybox_image, engine_request, free_port, http_get, log_tail, push_image, require_program,
+    wait_until, Dockerd, Engine as HarnessEngine, Podman,
+};
 use fleet_spec::model::{
     ContainerSpec, DeviceMapping, Healthcheck, ImageRef, Mount, MountSource, NetworkAttachment, NetworkSpec,
     PortMapping, Protocol, RestartPolicy, VolumeSpec,
@@ -29,24 +32,47 @@ use fleet_spec::model::{
 use serde_json::{json, Value};
 
 // ---------------------------------------------------------------------------------------
-// The lab: one engine, one registry, one image, all in one temp dir, stopped on drop.
+// The lab: one engine, one registry, one image; stopped on drop.
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Docker,
-    Podman,
+/// The engine under test. The harness removes its containers and networks, stops it and
+/// unmounts what it left when it is dropped.
+enum TestEngine {
+    Docker(Dockerd),
+    Podman(Podman),
 }
 
-struct Lab {
-    kind: Kind,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    daemon: Option<Child>,
-    registry: Option<Child>,
-    registry_port: u16,
-    /// The test image, pushed to the registry and then removed from the engine.
-    image: ImageRef,
+impl HarnessEngine for TestEngine {
+    fn socket_path(&self) -> &Path {
+        match self {
+            TestEngine::Docker(dockerd) => dockerd.socket_path(),
+            TestEngine::Podman(podman) => podman.socket_path(),
+        }
+    }
+
+    fn work_dir(&self) -> &Path {
+        match self {
+            TestEngine::Docker(dockerd) => dockerd.dir(),
+            TestEngine::Podman(podman) => podman.dir(),
+        }
+    }
+}
+
+impl TestEngine {
+    fn name(&self) -> &'static str {
+        match self {
+            TestEngine::Docker(_) => "dockerd",
+            TestEngine::Podman(_) => "podman",
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = match self {
+            TestEngine::Docker(_) => "dockerd.log",
+            TestEngine::Podman(_) => "podman.log",
+        };
+        log_tail(&self.work_dir().join(log), 25)
+    }
 }
 
 const REGISTRY_USER: &str = "fleet";
@@ -54,315 +80,140 @@ const REGISTRY_PASSWORD: &str = "fleet-s3cret";
 /// bcrypt (cost 4, to keep the registry quick) of `REGISTRY_PASSWORD`.
 const REGISTRY_BCRYPT: &str = "$2b$04$BmIXv13M/W4b2hkZ6pj7B.CrJLElK1nF.JLwx6reAUZ/mOhmQlSjq";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("binding 127.0.0.1:0 works on a test machine")
+/// Docker Distribution with basic auth (htpasswd), so that pulls need credentials: the
+/// harness's `Registry` serves anyone.
+struct AuthRegistry {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
 }
 
-fn require(program: &str) -> PathBuf {
-    let path = Path::new(program);
-    assert!(
-        path.is_file(),
-        "{program} is missing: apt-get install -y docker.io podman runc netavark aardvark-dns docker-registry busybox-static"
-    );
-    path.to_path_buf()
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(25)..].join("\n")
-}
-
-/// One blocking HTTP/1.0 exchange on a unix socket (the server closes the connection):
-/// for what the test does behind the adapter's back.
-fn raw(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-    let mut stream = UnixStream::connect(socket).expect("engine socket accepts");
-    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-    let body = body.map(Value::to_string).unwrap_or_default();
-    let request = format!(
-        "{method} /v1.41{path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).expect("request sent");
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).expect("answer read");
-    let answer = String::from_utf8_lossy(&answer).into_owned();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, body.to_owned())
-}
-
-fn run(command: &mut Command) -> String {
-    let output = command.output().unwrap_or_else(|e| panic!("{command:?} cannot run: {e}"));
-    assert!(
-        output.status.success(),
-        "{command:?} failed: {}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_owned()
-}
-
-fn wait_for(what: &str, deadline: Duration, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(start.elapsed() < deadline, "{what} not ready within {deadline:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-impl Lab {
-    fn start(kind: Kind) -> Lab {
-        let busybox = require("/bin/busybox");
+impl AuthRegistry {
+    fn start() -> AuthRegistry {
+        let program = require_program("docker-registry").expect("docker-registry is installed");
         let dir = tempfile::Builder::new().prefix("fe").tempdir_in("/tmp").expect("temp dir under /tmp");
-        let d = dir.path().to_path_buf();
-
-        // The registry.
-        // The registry, with basic auth (htpasswd) so that pulls need credentials.
-        let registry_port = free_port();
+        let d = dir.path();
+        let port = free_port();
         std::fs::write(d.join("htpasswd"), format!("{REGISTRY_USER}:{REGISTRY_BCRYPT}\n")).expect("htpasswd");
         std::fs::write(
             d.join("reg.yml"),
             format!(
                 "version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\n\
-                 http: {{addr: 127.0.0.1:{registry_port}}}\nauth: {{htpasswd: {{realm: fleet-test, path: {}}}}}\n",
+                 http: {{addr: 127.0.0.1:{port}}}\nauth: {{htpasswd: {{realm: fleet-test, path: {}}}}}\n",
                 d.join("regdata").display(),
                 d.join("htpasswd").display(),
             ),
         )
         .expect("registry config");
-        let registry = Command::new(require("/usr/bin/docker-registry"))
+        let log = std::fs::File::create(d.join("registry.log")).expect("registry log");
+        let child = Command::new(program)
             .arg("serve")
             .arg(d.join("reg.yml"))
             .stdin(Stdio::null())
-            .stdout(log_file(&d, "registry.log"))
-            .stderr(log_file(&d, "registry.log"))
+            .stdout(log.try_clone().expect("registry log"))
+            .stderr(log)
             .spawn()
             .expect("docker-registry starts");
+        let mut registry = AuthRegistry { child, dir, port };
+        let addr = registry.addr();
+        wait_until(Duration::from_secs(20), "the registry to ask for credentials", || {
+            if let Ok(Some(status)) = registry.child.try_wait() {
+                panic!(
+                    "docker-registry exited ({status}):\n{}",
+                    log_tail(&registry.dir.path().join("registry.log"), 25)
+                );
+            }
+            Ok(http_get(&addr, "/v2/")?.0 == 401)
+        })
+        .expect("docker-registry is up");
+        registry
+    }
 
-        // The engine, on its own address pool so that engines run side by side.
-        let socket = d.join(match kind {
-            Kind::Docker => "d.sock",
-            Kind::Podman => "p.sock",
-        });
-        let mut daemon = match kind {
-            Kind::Docker => Command::new(require("/usr/sbin/dockerd"))
-                .arg("--data-root")
-                .arg(d.join("data"))
-                .arg("--exec-root")
-                .arg(d.join("x"))
-                .arg("--pidfile")
-                .arg(d.join("dockerd.pid"))
-                .arg("-H")
-                .arg(format!("unix://{}", socket.display()))
-                // No default bridge: every test container is on a user-defined network.
-                .arg("--bridge=none")
-                .args(["--default-address-pool", "base=10.236.0.0/16,size=24"])
-                .stdin(Stdio::null())
-                .stdout(log_file(&d, "engine.log"))
-                .stderr(log_file(&d, "engine.log"))
-                .spawn()
-                .expect("dockerd starts"),
-            Kind::Podman => {
-                write_podman_config(&d, registry_port);
-                let mut command = podman_command(&d);
-                command
-                    .args(["system", "service", "--time=0"])
-                    .arg(format!("unix://{}", socket.display()))
-                    .stdin(Stdio::null())
-                    .stdout(log_file(&d, "engine.log"))
-                    .stderr(log_file(&d, "engine.log"));
-                command.spawn().expect("podman system service starts")
-            }
-        };
+    /// `"127.0.0.1:PORT"`.
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
 
-        let mut lab = Lab {
-            kind,
-            dir,
-            socket,
-            daemon: None,
-            registry: Some(registry),
-            registry_port,
-            image: ImageRef::default(),
-        };
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = daemon.try_wait() {
-                panic!("{kind:?} exited at start ({status}):\n{}", log_tail(&d.join("engine.log")));
-            }
-            if UnixStream::connect(&lab.socket).is_ok() && raw(&lab.socket, "GET", "/_ping", None).0 == 200 {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "{kind:?} not up:\n{}",
-                log_tail(&d.join("engine.log"))
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        lab.daemon = Some(daemon);
-        wait_for("registry", Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", registry_port)).is_ok()
-        });
+    /// A reference in this registry: `image("x:1")` is `"127.0.0.1:PORT/x:1"`.
+    fn image(&self, name_and_tag: &str) -> String {
+        format!("{}/{name_and_tag}", self.addr())
+    }
+}
 
-        // The image: busybox and a few applets, FROM scratch, built by the engine's own
-        // CLI, pushed, then removed from the engine so that the test pulls it.
-        let context = d.join("img");
-        std::fs::create_dir_all(context.join("bin")).expect("image dir");
-        std::fs::copy(&busybox, context.join("bin/busybox")).expect("busybox copied");
-        for applet in ["sh", "sleep", "httpd", "cat", "wget", "test", "echo", "touch"] {
-            std::os::unix::fs::symlink("busybox", context.join("bin").join(applet)).expect("applet link");
-        }
-        std::fs::write(
-            context.join("Dockerfile"),
-            "FROM scratch\nCOPY bin /bin\nCMD [\"/bin/sh\",\"-c\",\"sleep 3600\"]\n",
-        )
-        .expect("Dockerfile");
-        let tag = format!("127.0.0.1:{registry_port}/fleet-test:1");
-        let digest = match kind {
-            Kind::Docker => {
-                run(lab.cli().args(["build", "-q", "-t", &tag]).arg(&context));
-                let registry = format!("127.0.0.1:{registry_port}");
-                run(lab.cli().args(["login", "-u", REGISTRY_USER, "-p", REGISTRY_PASSWORD, &registry]));
-                run(lab.cli().args(["push", &tag]));
-                let repo_digest =
-                    run(lab.cli().args(["inspect", "--format", "{{index .RepoDigests 0}}", &tag]));
-                run(lab.cli().args(["rmi", &tag]));
-                repo_digest.split_once('@').map(|(_, d)| d.to_owned()).expect("a repo digest")
+impl Drop for AuthRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Lab {
+    // Dropped in this order: the engine (and its containers, which bind-mount `files`)
+    // first.
+    engine: TestEngine,
+    registry: AuthRegistry,
+    /// Host files and directories the containers mount.
+    files: tempfile::TempDir,
+    /// The test image, pushed to the registry and then removed from the engine.
+    image: ImageRef,
+}
+
+impl Lab {
+    fn start(engine: TestEngine) -> Lab {
+        let registry = AuthRegistry::start();
+        let files = tempfile::Builder::new().prefix("fe").tempdir_in("/tmp").expect("temp dir under /tmp");
+
+        // The image: busybox and its applets, FROM scratch, built by the engine under
+        // test, pushed with credentials, then removed from the engine so that the test
+        // pulls it.
+        let tag = registry.image("fleet-test:1");
+        build_busybox_image(&engine, &tag, &["/bin/sh", "-c", "sleep 3600"]).expect("image built");
+        let digest = match &engine {
+            TestEngine::Docker(dockerd) => {
+                let login = ["login", "-u", REGISTRY_USER, "-p", REGISTRY_PASSWORD, &registry.addr()];
+                dockerd.docker(&login).expect("docker login");
+                push_image(dockerd, &tag).expect("image pushed")
             }
-            Kind::Podman => {
-                let digest_file = d.join("digest");
-                run(lab.cli().args(["build", "-q", "-t", &tag]).arg(&context));
+            // `docker login` does not work here: podman's compatible `/auth` pings the
+            // registry over HTTPS only, whatever registries.conf allows. Its own CLI
+            // pushes with the credentials given.
+            TestEngine::Podman(podman) => {
+                let digest_file = podman.dir().join("digest");
                 let creds = format!("{REGISTRY_USER}:{REGISTRY_PASSWORD}");
-                run(lab
-                    .cli()
-                    .args(["push", "-q", "--creds", &creds, "--digestfile"])
-                    .arg(&digest_file)
-                    .arg(&tag));
-                run(lab.cli().args(["rmi", &tag]));
+                let digest_path = digest_file.to_str().expect("UTF-8 temp path");
+                podman
+                    .podman(&["push", "-q", "--creds", &creds, "--digestfile", digest_path, &tag])
+                    .expect("image pushed");
                 std::fs::read_to_string(&digest_file).expect("digest file").trim().to_owned()
             }
         };
+        engine.docker(&["rmi", &tag]).expect("image removed from the engine");
         assert!(digest.starts_with("sha256:"), "{digest}");
-        lab.image = ImageRef { reference: tag, digest: Some(digest) };
-        lab
+        Lab { engine, registry, files, image: ImageRef { reference: tag, digest: Some(digest) } }
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.files.path().join(name)
     }
 
-    /// The engine's own CLI, pointed at this engine.
-    fn cli(&self) -> Command {
-        match self.kind {
-            Kind::Docker => {
-                let mut command = Command::new(require("/usr/bin/docker"));
-                command
-                    .env("DOCKER_HOST", format!("unix://{}", self.socket.display()))
-                    .env("DOCKER_CONFIG", self.path("cli"))
-                    .env("DOCKER_BUILDKIT", "0");
-                command
-            }
-            Kind::Podman => podman_command(self.dir.path()),
-        }
+    fn is_podman(&self) -> bool {
+        matches!(self.engine, TestEngine::Podman(_))
     }
 
+    /// One request to the engine's API, behind the adapter's back.
     fn raw(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-        raw(&self.socket, method, path, body)
+        let body = body.map(Value::to_string);
+        let response =
+            engine_request(self.engine.socket_path(), method, &format!("/v1.41{path}"), body.as_deref())
+                .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"));
+        (response.status, response.text())
     }
-}
-
-fn log_file(dir: &Path, name: &str) -> std::fs::File {
-    std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)).expect("log file")
-}
-
-/// podman with storage, locks, events and networks all inside the lab dir, so that it
-/// runs beside other podman instances (`lock_type = "file"` keeps its locks out of the
-/// machine-wide `/dev/shm/libpod_lock`).
-fn write_podman_config(d: &Path, registry_port: u16) {
-    let conf = format!(
-        r#"[containers]
-default_ulimits = []
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-lock_type = "file"
-tmp_dir = "{tmp}"
-[network]
-network_backend = "netavark"
-network_config_dir = "{net}"
-default_subnet_pools = [{{"base" = "10.237.0.0/16", "size" = 24}}]
-"#,
-        tmp = d.join("tmp").display(),
-        net = d.join("net").display(),
-    );
-    std::fs::create_dir_all(d.join("net")).expect("net dir");
-    std::fs::write(d.join("containers.conf"), conf).expect("containers.conf");
-    let registries = format!(
-        "unqualified-search-registries = []\n[[registry]]\nlocation = \"127.0.0.1:{registry_port}\"\ninsecure = true\n"
-    );
-    std::fs::write(d.join("registries.conf"), registries).expect("registries.conf");
-}
-
-fn podman_command(d: &Path) -> Command {
-    let mut command = Command::new(require("/usr/bin/podman"));
-    command
-        .env("CONTAINERS_CONF", d.join("containers.conf"))
-        .env("CONTAINERS_REGISTRIES_CONF", d.join("registries.conf"))
-        .arg("--root")
-        .arg(d.join("root"))
-        .arg("--runroot")
-        .arg(d.join("run"));
-    command
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- {:?} log ---\n{}", self.kind, log_tail(&self.path("engine.log")));
-        }
-        if let Some(mut daemon) = self.daemon.take() {
-            // Containers first (no shim or conmon may outlive the engine), then the
-            // networks (podman's firewall rules and bridges), then the engine itself.
-            if let Ok(list) =
-                serde_json::from_str::<Value>(&self.raw("GET", "/containers/json?all=1", None).1)
-            {
-                for id in list.as_array().into_iter().flatten().filter_map(|c| c["Id"].as_str()) {
-                    self.raw("DELETE", &format!("/containers/{id}?force=1&v=1"), None);
-                }
-            }
-            if let Ok(list) = serde_json::from_str::<Value>(&self.raw("GET", "/networks", None).1) {
-                for name in list.as_array().into_iter().flatten().filter_map(|n| n["Name"].as_str()) {
-                    if name.starts_with("ft_") {
-                        self.raw("DELETE", &format!("/networks/{name}"), None);
-                    }
-                }
-            }
-            let _ = Command::new("kill").args(["-TERM", &daemon.id().to_string()]).status();
-            let start = Instant::now();
-            while matches!(daemon.try_wait(), Ok(None)) && start.elapsed() < Duration::from_secs(15) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = daemon.kill();
-            let _ = daemon.wait();
-        }
-        if let Some(mut registry) = self.registry.take() {
-            let _ = registry.kill();
-            let _ = registry.wait();
-        }
-        // Whatever the engine left mounted under the lab dir (podman's storage root is
-        // a bind mount of itself).
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let prefix = self.dir.path().display().to_string();
-        let mut points: Vec<&str> =
-            mounts.lines().filter_map(|l| l.split(' ').nth(1)).filter(|p| p.starts_with(&prefix)).collect();
-        points.reverse();
-        for point in points {
-            let _ = Command::new("umount").args(["-l", point]).status();
+            eprintln!("--- {} log ---\n{}", self.engine.name(), self.engine.log_tail());
         }
     }
 }
@@ -388,7 +239,7 @@ async fn inspect_until(
         // What the agent does for podman, which runs no healthcheck by itself without
         // systemd (this machine has none); dockerd runs its own and says so.
         let next = engine.run_healthcheck(name).await.expect("run_healthcheck works");
-        assert_eq!(next.is_some(), lab.kind == Kind::Podman, "{:?}: {next:?}", lab.kind);
+        assert_eq!(next.is_some(), lab.is_podman(), "{}: {next:?}", lab.engine.name());
         let observed =
             engine.inspect(name).await.expect("inspect works").unwrap_or_else(|| panic!("{name} exists"));
         if done(&observed) {
@@ -400,16 +251,6 @@ async fn inspect_until(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    let ok = answer.split_whitespace().nth(1) == Some("200");
-    ok.then(|| answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()))?
 }
 
 fn image_spec(lab: &Lab, name: &str, command: &str) -> ContainerSpec {
@@ -428,7 +269,7 @@ fn image_spec(lab: &Lab, name: &str, command: &str) -> ContainerSpec {
 // ---------------------------------------------------------------------------------------
 
 async fn scenario(lab: &Lab) {
-    let engine = DockerEngine::new(lab.socket.clone());
+    let engine = DockerEngine::new(lab.engine.socket_path().to_path_buf());
     engine.ping().await.expect("ping");
 
     // 1. Images: absent, pulled by digest with credentials (X-Registry-Auth), present;
@@ -439,7 +280,7 @@ async fn scenario(lab: &Lab) {
         !engine.image_present(image).await.expect("image_present"),
         "the image was removed after the push"
     );
-    let server = format!("127.0.0.1:{}", lab.registry_port);
+    let server = lab.registry.addr();
     let auth = RegistryAuth { username: REGISTRY_USER.into(), password: REGISTRY_PASSWORD.into(), server };
     let wrong = RegistryAuth { password: "wrong".into(), ..auth.clone() };
     for credentials in [None, Some(&wrong)] {
@@ -457,8 +298,7 @@ async fn scenario(lab: &Lab) {
     let by_tag = ImageRef { reference: image.reference.clone(), digest: None };
     engine.pull(&by_tag, Some(&auth)).await.expect("pull by tag");
     assert!(engine.image_present(&by_tag).await.expect("image_present"));
-    let missing =
-        ImageRef { reference: format!("127.0.0.1:{}/fleet-test:nope", lab.registry_port), digest: None };
+    let missing = ImageRef { reference: lab.registry.image("fleet-test:nope"), digest: None };
     match engine.pull(&missing, Some(&auth)).await {
         Err(EngineError::Pull { image, message }) => {
             assert_eq!(image, missing.reference);
@@ -565,7 +405,7 @@ async fn scenario(lab: &Lab) {
 
     let start = Instant::now();
     let page = loop {
-        if let Some(page) = http_get(port, "/index.html") {
+        if let Ok((200, page)) = http_get(&format!("127.0.0.1:{port}"), "/index.html") {
             break page;
         }
         assert!(start.elapsed() < Duration::from_secs(20), "nothing answers on published port {port}");
@@ -769,25 +609,26 @@ async fn scenario(lab: &Lab) {
     assert_eq!(lab.raw("GET", "/networks/ft_foreign", None).0, 200);
 }
 
-fn run_scenario(kind: Kind) {
+fn run_scenario(start_engine: impl FnOnce() -> TestEngine) {
     let started = Instant::now();
-    let lab = Lab::start(kind);
-    eprintln!("{kind:?} lab up in {:?}", started.elapsed());
+    let lab = Lab::start(start_engine());
+    let name = lab.engine.name();
+    eprintln!("{name} lab up in {:?}", started.elapsed());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     runtime.block_on(async {
         tokio::time::timeout(Duration::from_secs(100), scenario(&lab)).await.expect("scenario within 100 s");
     });
-    eprintln!("{kind:?} scenario done in {:?}", started.elapsed());
+    eprintln!("{name} scenario done in {:?}", started.elapsed());
 }
 
 #[test]
 fn dockerd_runs_the_whole_container_lifecycle() {
-    run_scenario(Kind::Docker);
+    run_scenario(|| TestEngine::Docker(Dockerd::start().expect("dockerd starts")));
 }
 
 #[test]
 fn podman_runs_the_whole_container_lifecycle() {
-    run_scenario(Kind::Podman);
+    run_scenario(|| TestEngine::Podman(Podman::start().expect("podman starts")));
 }
 
 // ---------------------------------------------------------------------------------------
