@@ -108,6 +108,13 @@ Copyright: $(date -u -d "@$SOURCE_DATE_EPOCH" +%Y) the fleet contributors
 License: Apache-2.0
  On Debian systems, the full text of the Apache License 2.0 is in
  /usr/share/common-licenses/Apache-2.0.
+Comment:
+ /usr/bin/fleet-agent is statically linked. Besides the fleet's own code it contains
+ musl libc (Copyright 2005-2020 Rich Felker, et al.; MIT), LLVM's libunwind
+ (Apache-2.0 WITH LLVM-exception), the Rust standard library (MIT OR Apache-2.0) and
+ the Rust crates pinned in the source's Cargo.lock, under their own permissive
+ licenses (MIT, Apache-2.0, ISC, BSD, Unicode-3.0, Zlib, CDLA-Permissive-2.0; ring:
+ Apache-2.0 AND ISC); `cargo metadata` in the source lists them per crate.
 EOF
 }
 
