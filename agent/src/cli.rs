@@ -44,7 +44,7 @@ USAGE:
 
 COMMANDS:
     run           Run the agent (as a systemd service): listen for announcements,
-                  poll <fetch.base_url>/index.json, reconcile, report.
+                  poll <fetch.base_url>/devices/<device>.json, reconcile, report.
     apply         Sideload a bundle file (USB, air-gapped): full verification and the
                   same apply path as `run`; works without broker or network. Stop the
                   service first (the state directory is locked while it runs).

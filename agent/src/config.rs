@@ -126,7 +126,8 @@ pub struct MqttConfig {
 
 #[derive(Debug, Clone)]
 pub struct FetchConfig {
-    /// `<base_url>/index.json` is polled; `<base_url>/bundles/<digest>.bundle` fetched.
+    /// `<base_url>/devices/<device>.json` (the bundler's pointer file for this device) is
+    /// polled; `<base_url>/bundles/<digest>.bundle` fetched.
     pub base_url: Option<String>,
     pub poll_interval: Duration,
     pub ca_file: Option<PathBuf>,
@@ -267,7 +268,7 @@ impl Config {
                         format!("{u:?} must start with http:// or https://"),
                     ));
                 }
-                crate::fetch::Url::parse(&format!("{u}/index.json"))
+                crate::fetch::Url::parse(&crate::fetch::pointer_url(&u, &raw.device))
                     .map_err(|e| key_err("fetch.base_url", e))?;
                 Some(u)
             }

@@ -1,5 +1,5 @@
-//! Getting bundles: HTTP(S) with resumable `Range` downloads, and the bundler's
-//! `index.json` for polling.
+//! Getting bundles: HTTP(S) with resumable `Range` downloads, and this device's pointer
+//! file (`<base_url>/devices/<id>.json`, a few hundred bytes) for polling.
 //!
 //! A download lands in `state_dir/partial/<digest>`; after a dropped connection it
 //! resumes with `Range: bytes=<have>-`. The announced size and the `Content-Length`
@@ -23,12 +23,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fleet_spec::messages::{is_sha256_hex, Announcement};
+use fleet_spec::messages::{pointer_path, Announcement, MAX_ANNOUNCEMENT_LEN};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -53,8 +52,8 @@ pub enum FetchError {
     Tls(#[from] crate::tls::TlsError),
     #[error("no URL to fetch bundle {digest} from (announcement has none and fetch.base_url is not set)")]
     NoSource { digest: String },
-    #[error("index {url}: {reason}")]
-    Index { url: String, reason: String },
+    #[error("pointer file {url}: {reason}")]
+    Pointer { url: String, reason: String },
 }
 
 impl FetchError {
@@ -122,29 +121,12 @@ impl Url {
     }
 }
 
-/// The bundler's `index.json`: device id → the bundle it should run.
-#[derive(Debug, Deserialize)]
-pub struct Index {
-    pub devices: std::collections::BTreeMap<String, IndexEntry>,
-    #[serde(default)]
-    pub fleet: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct IndexEntry {
-    pub version: u64,
-    pub digest: String,
-    pub size: u64,
-    #[serde(default)]
-    pub commit: String,
-}
-
-/// Largest `index.json` read.
-pub const MAX_INDEX: u64 = 4 << 20;
+/// Largest pointer file read: what `Announcement::from_json` accepts.
+pub const MAX_POINTER: u64 = MAX_ANNOUNCEMENT_LEN as u64;
 /// Reconnects within one download before giving up until the next attempt.
 pub const MAX_RESUMES: u32 = 8;
 
-/// An HTTP(S) client for bundles and the index.
+/// An HTTP(S) client for bundles and pointer files.
 pub struct Fetcher {
     ca_file: Option<std::path::PathBuf>,
     tls: std::cell::OnceCell<Arc<rustls::ClientConfig>>,
@@ -188,26 +170,29 @@ impl Fetcher {
         tokio::time::timeout(self.timeout, connect).await.map_err(|_| net("timed out".into()))?
     }
 
-    /// GETs a small document (the index), capped at `MAX_INDEX` bytes.
-    pub async fn get_small(&self, url: &str) -> Result<Vec<u8>, FetchError> {
+    /// GETs a small document (a pointer file) of at most `limit` bytes; `None` when the
+    /// server answers `404 Not Found`.
+    pub async fn get_small(&self, url: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
         let parsed = Url::parse(url)?;
         let resp = self.get(&parsed, 0).await?;
-        if resp.status() != StatusCode::OK {
-            return Err(FetchError::Status { url: url.into(), status: resp.status().as_u16() });
+        match resp.status() {
+            StatusCode::OK => {}
+            StatusCode::NOT_FOUND => return Ok(None),
+            s => return Err(FetchError::Status { url: url.into(), status: s.as_u16() }),
+        }
+        let too_large = |size| FetchError::TooLarge { url: url.into(), size, limit };
+        if let Some(size) = content_length(&resp).filter(|&l| l > limit) {
+            return Err(too_large(size));
         }
         let mut body = resp.into_body();
         let mut out = Vec::new();
         while let Some(frame) = self.next_frame(&mut body, url).await? {
             out.extend_from_slice(&frame);
-            if out.len() as u64 > MAX_INDEX {
-                return Err(FetchError::TooLarge {
-                    url: url.into(),
-                    size: out.len() as u64,
-                    limit: MAX_INDEX,
-                });
+            if out.len() as u64 > limit {
+                return Err(too_large(out.len() as u64));
             }
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     async fn next_frame(&self, body: &mut Incoming, url: &str) -> Result<Option<Bytes>, FetchError> {
@@ -419,36 +404,32 @@ pub fn bundle_urls(ann: &Announcement, base_url: Option<&str>) -> Vec<String> {
     urls
 }
 
-/// Turns this device's index entry into an announcement.
-pub fn announcement_from_index(
+/// `<base_url>/devices/<device>.json`, the pointer file the bundler writes for `device`
+/// (a valid id needs no escaping in a URL path).
+pub fn pointer_url(base_url: &str, device: &str) -> String {
+    format!("{base_url}/{}", pointer_path(device))
+}
+
+/// Turns this device's pointer file (its announcement with no URLs, see
+/// `fleet-spec/MESSAGES.md`) into an announcement of `<base_url>/bundles/<digest>.bundle`.
+/// The file must be a valid announcement (sha256 digest, no unknown fields, at most
+/// 16 KiB) for this fleet and this device; its `urls` and `mqtt_blob` are not used.
+pub fn announcement_from_pointer(
     bytes: &[u8],
     base_url: &str,
     fleet: &str,
     device: &str,
-) -> Result<Option<Announcement>, FetchError> {
-    let url = format!("{base_url}/index.json");
-    let index: Index = serde_json::from_slice(bytes)
-        .map_err(|e| FetchError::Index { url: url.clone(), reason: e.to_string() })?;
-    if index.fleet.as_deref().is_some_and(|f| f != fleet) {
-        return Err(FetchError::Index { url, reason: format!("index is for fleet {:?}", index.fleet) });
+) -> Result<Announcement, FetchError> {
+    let err = |reason| FetchError::Pointer { url: pointer_url(base_url, device), reason };
+    let pointer = Announcement::from_json(bytes).map_err(|e| err(e.to_string()))?;
+    if pointer.fleet != fleet || pointer.device != device {
+        return Err(err(format!(
+            "it is for device {:?} of fleet {:?}, this is device {device:?} of fleet {fleet:?}",
+            pointer.device, pointer.fleet
+        )));
     }
-    let Some(entry) = index.devices.get(device) else { return Ok(None) };
-    if !is_sha256_hex(&entry.digest) {
-        return Err(FetchError::Index {
-            url,
-            reason: format!("digest {:?} is not sha256 hex", entry.digest),
-        });
-    }
-    Ok(Some(Announcement {
-        fleet: fleet.into(),
-        device: device.into(),
-        version: entry.version,
-        commit: entry.commit.clone(),
-        digest: entry.digest.clone(),
-        size: entry.size,
-        urls: vec![format!("{base_url}/bundles/{}.bundle", entry.digest)],
-        mqtt_blob: false,
-    }))
+    let url = format!("{base_url}/bundles/{}.bundle", pointer.digest);
+    Ok(Announcement { urls: vec![url], mqtt_blob: false, ..pointer })
 }
 
 #[cfg(test)]
@@ -620,17 +601,95 @@ mod tests {
         assert_eq!(urls[2], format!("http://c/bundles/{}.bundle", "ab".repeat(32)));
     }
 
+    fn pointer(fleet: &str, device: &str, digest: &str) -> Vec<u8> {
+        let mut json = format!(
+            r#"{{"fleet":"{fleet}","device":"{device}","version":3,"commit":"abc","digest":"{digest}","size":10,"urls":[],"mqtt_blob":false}}"#
+        )
+        .into_bytes();
+        json.push(b'\n');
+        json
+    }
+
     #[test]
-    fn index_entry_becomes_an_announcement() {
+    fn a_pointer_file_becomes_an_announcement_of_the_base_urls_bundle() {
         let d = "cd".repeat(32);
-        let json = format!(
-            r#"{{"fleet":"f","devices":{{"gw":{{"version":3,"digest":"{d}","size":10,"commit":"abc"}}}}}}"#
-        );
+        assert_eq!(pointer_url("http://h/fleet", "gw"), "http://h/fleet/devices/gw.json");
         let ann =
-            announcement_from_index(json.as_bytes(), "http://h", "f", "gw").expect("ok").expect("present");
-        assert_eq!((ann.version, ann.size), (3, 10));
-        assert_eq!(ann.urls, [format!("http://h/bundles/{d}.bundle")]);
-        assert!(announcement_from_index(json.as_bytes(), "http://h", "f", "other").expect("ok").is_none());
-        assert!(announcement_from_index(json.as_bytes(), "http://h", "g", "gw").is_err());
+            announcement_from_pointer(&pointer("f", "gw", &d), "http://h/fleet", "f", "gw").expect("ok");
+        assert_eq!(
+            ann,
+            Announcement {
+                fleet: "f".into(),
+                device: "gw".into(),
+                version: 3,
+                commit: "abc".into(),
+                digest: d.clone(),
+                size: 10,
+                urls: vec![format!("http://h/fleet/bundles/{d}.bundle")],
+                mqtt_blob: false,
+            }
+        );
+        // Only the base URL's bundle is fetched, whatever the file says.
+        let elsewhere = String::from_utf8(pointer("f", "gw", &d))
+            .expect("utf-8")
+            .replace(r#""urls":[]"#, r#""urls":["http://evil/x.bundle"]"#)
+            .replace("false", "true");
+        let ann = announcement_from_pointer(elsewhere.as_bytes(), "http://h", "f", "gw").expect("ok");
+        assert_eq!((ann.urls, ann.mqtt_blob), (vec![format!("http://h/bundles/{d}.bundle")], false));
+    }
+
+    #[test]
+    fn a_pointer_file_for_another_device_or_fleet_or_malformed_is_refused() {
+        let d = "cd".repeat(32);
+        let refused = |bytes: &[u8]| {
+            let err = announcement_from_pointer(bytes, "http://h", "f", "gw").expect_err("refused");
+            assert!(matches!(err, FetchError::Pointer { .. }), "{err}");
+            assert!(err.to_string().starts_with("pointer file http://h/devices/gw.json: "), "{err}");
+            err.to_string()
+        };
+        let other_device = refused(&pointer("f", "gw-2", &d));
+        assert!(other_device.contains(r#"for device "gw-2" of fleet "f""#), "{other_device}");
+        let other_fleet = refused(&pointer("g", "gw", &d));
+        assert!(other_fleet.contains(r#"of fleet "g""#), "{other_fleet}");
+        let bad_digest = refused(&pointer("f", "gw", "../../etc/passwd"));
+        assert!(bad_digest.contains("not 64 lowercase hex"), "{bad_digest}");
+        refused(&pointer("f", "gw", &"CD".repeat(32)));
+        // The old index.json shape, an unknown field, truncation, garbage.
+        refused(format!(r#"{{"devices":{{"gw":{{"version":3,"digest":"{d}","size":10}}}}}}"#).as_bytes());
+        let extra = String::from_utf8(pointer("f", "gw", &d)).expect("utf-8").replacen('{', r#"{"x":1,"#, 1);
+        refused(extra.as_bytes());
+        refused(&pointer("f", "gw", &d)[..40]);
+        refused(b"\x00\xff");
+        let huge =
+            format!(r#"{{"fleet":"f","device":"gw","commit":"{}"}}"#, "a".repeat(MAX_POINTER as usize));
+        assert!(refused(huge.as_bytes()).contains("over the limit"));
+    }
+
+    #[tokio::test]
+    async fn get_small_maps_404_to_none_and_caps_the_size() {
+        let (port, _) = serve(|n, _| match n {
+            0 => ok(b"{}", 2),
+            1 => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+            2 => b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                .to_vec(),
+            // Refused by its Content-Length, before the body.
+            3 => ok(b"", 1 << 30),
+            // No Content-Length: refused once the body passes the limit.
+            _ => {
+                let mut r = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
+                r.resize(r.len() + MAX_POINTER as usize + 1, b' ');
+                r
+            }
+        });
+        let url = format!("http://127.0.0.1:{port}/devices/gw.json");
+        let f = fetcher();
+        assert_eq!(f.get_small(&url, MAX_POINTER).await.expect("200"), Some(b"{}".to_vec()));
+        assert_eq!(f.get_small(&url, MAX_POINTER).await.expect("404"), None);
+        let err = f.get_small(&url, MAX_POINTER).await.expect_err("500");
+        assert!(matches!(err, FetchError::Status { status: 500, .. }), "{err}");
+        for _ in 0..2 {
+            let err = f.get_small(&url, MAX_POINTER).await.expect_err("too large");
+            assert!(matches!(err, FetchError::TooLarge { limit: MAX_POINTER, .. }), "{err}");
+        }
     }
 }

@@ -14,6 +14,7 @@ use fleet_agent::config::{Config, LogFormat};
 use fleet_agent::engine::docker::DockerEngine;
 use fleet_agent::engine::Engine;
 use fleet_agent::engines::{AnyEngine, NoEngine};
+use fleet_agent::fetch;
 use fleet_agent::store::{Store, StoreError};
 
 fn main() -> ExitCode {
@@ -230,7 +231,11 @@ fn check_config(cfg: &Config, path: &Path) -> u8 {
         None => println!("  mqtt          none (poll only)"),
     }
     match &cfg.fetch.base_url {
-        Some(u) => println!("  fetch         {u}/index.json every {} s", cfg.fetch.poll_interval.as_secs()),
+        Some(u) => println!(
+            "  fetch         {} every {} s",
+            fetch::pointer_url(u, &cfg.device),
+            cfg.fetch.poll_interval.as_secs()
+        ),
         None => println!("  fetch         announcement URLs only"),
     }
     match &cfg.engine_socket {

@@ -3,7 +3,7 @@
 //!
 //! One task drives the agent, so only one bundle is ever in flight. Work comes from:
 //! announcements and MQTT blobs, the reconcile timer (which also retries a deferred
-//! bundle), the poll timer (`<fetch.base_url>/index.json`), engine events about
+//! bundle), the poll timer (`<fetch.base_url>/devices/<id>.json`), engine events about
 //! managed containers (coalesced, then a reconcile), and the healthchecks the engine
 //! does not run itself (podman without systemd: [`Agent::run_due_healthchecks`]). A
 //! shutdown signal stops the work in progress at its next await point: every effect is
@@ -213,16 +213,16 @@ impl<E: Engine> Runner<E> {
             }
             Work::Poll => {
                 let base = self.agent.config().fetch.base_url.clone().expect("polling needs a base url");
-                let url = format!("{base}/index.json");
-                match self.fetcher.get_small(&url).await {
-                    Ok(bytes) => {
+                let url = fetch::pointer_url(&base, &self.agent.config().device);
+                match self.fetcher.get_small(&url, fetch::MAX_POINTER).await {
+                    Ok(Some(bytes)) => {
                         let cfg = self.agent.config();
-                        match fetch::announcement_from_index(&bytes, &base, &cfg.fleet, &cfg.device) {
-                            Ok(Some(ann)) => self.announced(ann).await?,
-                            Ok(None) => tracing::debug!("{url} has no entry for this device"),
+                        match fetch::announcement_from_pointer(&bytes, &base, &cfg.fleet, &cfg.device) {
+                            Ok(ann) => self.announced(ann).await?,
                             Err(e) => tracing::warn!("{e}"),
                         }
                     }
+                    Ok(None) => tracing::debug!("{url}: 404, no bundle for this device"),
                     Err(e) => tracing::info!("polling {url} failed: {e}"),
                 }
             }

@@ -136,19 +136,29 @@ fn publish_retained(port: u16, topic: &str, payload: &str) {
     assert!(status.success());
 }
 
-/// A static file server on a free port. The first request for a `.bundle` is answered
-/// with a full `Content-Length` but only half the body, then the connection is closed,
-/// so the client must resume with `Range`. Records each request's Range header.
+/// A static file server on a free port, `404` for paths it does not hold. With
+/// `drop_first`, the first request for a `.bundle` is answered with a full
+/// `Content-Length` but only half the body, then the connection is closed, so the client
+/// must resume with `Range`. Records each `.bundle` request's Range header, and every
+/// requested path.
+/// Path → body.
+type Files = Vec<(String, Vec<u8>)>;
+
 struct Http {
     port: u16,
     ranges: Arc<Mutex<Vec<Option<String>>>>,
+    paths: Arc<Mutex<Vec<String>>>,
+    /// What it serves; may change while it runs.
+    files: Arc<Mutex<Files>>,
 }
 
-fn http_server(files: Vec<(String, Vec<u8>)>, drop_first: bool) -> Http {
+fn http_server(files: Files, drop_first: bool) -> Http {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let ranges = Arc::new(Mutex::new(Vec::new()));
-    let seen = ranges.clone();
+    let paths = Arc::new(Mutex::new(Vec::new()));
+    let files = Arc::new(Mutex::new(files));
+    let (seen, requested, served) = (ranges.clone(), paths.clone(), files.clone());
     std::thread::spawn(move || {
         let mut dropped = !drop_first;
         for stream in listener.incoming() {
@@ -171,7 +181,9 @@ fn http_server(files: Vec<(String, Vec<u8>)>, drop_first: bool) -> Http {
                     }
                 }
             }
-            let Some((_, body)) = files.iter().find(|(p, _)| *p == path) else {
+            requested.lock().expect("lock").push(path.clone());
+            let body = served.lock().expect("lock").iter().find(|(p, _)| *p == path).map(|(_, b)| b.clone());
+            let Some(body) = body else {
                 let _ = stream
                     .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
                 continue;
@@ -207,7 +219,7 @@ fn http_server(files: Vec<(String, Vec<u8>)>, drop_first: bool) -> Http {
             let _ = stream.write_all(rest);
         }
     });
-    Http { port, ranges }
+    Http { port, ranges, paths, files }
 }
 
 struct Device {
@@ -448,30 +460,61 @@ fn a_truncated_download_is_rejected_once_and_a_new_announcement_still_applies() 
 }
 
 #[test]
-fn polling_the_index_applies_without_a_broker() {
+fn polling_the_device_pointer_file_applies_without_a_broker() {
     let dev = device("");
     let bytes = dev.bundle(3, &[("conf/x.conf", "polled")]);
     let digest = bundle::content_address(&bytes);
-    let index = format!(
-        r#"{{"fleet":"acme","devices":{{"gw-01":{{"version":3,"digest":"{digest}","size":{},"commit":"commit3"}}}}}}"#,
-        bytes.len()
-    );
-    let http = http_server(
-        vec![("/index.json".into(), index.into_bytes()), (format!("/bundles/{digest}.bundle"), bytes)],
-        false,
-    );
+    // What `fleet-bundler build` writes as devices/gw-01.json.
+    let pointer = Announcement {
+        fleet: "acme".into(),
+        device: "gw-01".into(),
+        version: 3,
+        commit: "commit3".into(),
+        digest: digest.clone(),
+        size: bytes.len() as u64,
+        urls: vec![],
+        mqtt_blob: false,
+    };
+    // The bundle is there, the pointer file not yet (a 404: no bundle for this device).
+    let http = http_server(vec![(format!("/bundles/{digest}.bundle"), bytes)], false);
     let text = std::fs::read_to_string(&dev.config).expect("read");
     let text = text.replace(
         "[trust]",
-        &format!("[fetch]\nbase_url = \"http://127.0.0.1:{}\"\npoll_interval_secs = 5\n[trust]", http.port),
+        &format!("[fetch]\nbase_url = \"http://127.0.0.1:{}/\"\npoll_interval_secs = 5\n[trust]", http.port),
     );
     std::fs::write(&dev.config, text).expect("write");
+    let out = dev.cli(&["check-config"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("fetch         http://127.0.0.1:{}/devices/gw-01.json every 5 s", http.port)),
+        "{text}"
+    );
     let agent = dev.run();
+    let polled =
+        |http: &Http| http.paths.lock().expect("lock").iter().filter(|p| *p == "/devices/gw-01.json").count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while polled(&http) == 0 || !dev.log().contains("no bundle for this device") {
+        assert!(Instant::now() < deadline, "no poll:\n{}", dev.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(dev.read("conf/x.conf").is_none());
+    let mut json = pointer.to_json();
+    json.push(b'\n');
+    http.files.lock().expect("lock").push(("/devices/gw-01.json".into(), json));
+    // The next poll (5 s later) finds it.
     let deadline = Instant::now() + Duration::from_secs(15);
     while dev.read("conf/x.conf").is_none() {
         assert!(Instant::now() < deadline, "not applied:\n{}", dev.log());
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert_eq!(dev.read("conf/x.conf").as_deref(), Some("polled"));
+    let paths = http.paths.lock().expect("lock").clone();
+    assert_eq!(
+        paths.iter().filter(|p| !p.starts_with("/devices/")).collect::<Vec<_>>(),
+        [&format!("/bundles/{digest}.bundle")],
+        "only its pointer file and its bundle, never index.json"
+    );
+    assert!(polled(&http) >= 2);
     std::thread::sleep(Duration::from_millis(300));
     signal(&agent.0, "-TERM");
     let mut child = agent;

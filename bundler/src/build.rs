@@ -1,4 +1,5 @@
-//! Building: signed, content-addressed bundles and `index.json`.
+//! Building: signed, content-addressed bundles, `index.json` and the per-device
+//! pointer files.
 //!
 //! Output layout:
 //!
@@ -7,7 +8,17 @@
 //! DIR/index.json   {"fleet", "commit", "topic_prefix",
 //!                   "devices": {"<id>": {"version", "digest", "size", "commit",
 //!                                        "state_digest", "labels"}}}
+//! DIR/devices/<id>.json   the device's fleet_spec Announcement, `urls` empty
 //! ```
+//!
+//! `index.json` is for `publish`, `status` and people; agents poll only their own
+//! pointer file (`fleet_spec::messages::pointer_path`), so what a device downloads per
+//! poll does not grow with the fleet. Bundles are written first, then the index (the
+//! record the versioning rule reads), then the pointer files from the index: a pointer
+//! file is (re)written when its content differs from the index entry, so unchanged
+//! devices' files are left untouched and a build interrupted before its pointer files
+//! is completed by the next one. Pointer files of devices no longer in the fleet are
+//! deleted.
 //!
 //! Versioning rule: when `DIR/index.json` exists from an earlier build and a device's
 //! `state_digest` (sha256 of its canonical desired state) is unchanged, its bundle and
@@ -29,6 +40,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fleet_spec::bundle::{self, BundleMeta, Limits};
+use fleet_spec::messages::{pointer_path, Announcement};
+use fleet_spec::topic::{validate_id, TopicError};
 use fleet_spec::{DesiredState, SigningKey};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -70,6 +83,23 @@ pub struct IndexEntry {
     pub labels: BTreeMap<String, String>,
 }
 
+impl IndexEntry {
+    /// `device`'s announcement without URLs: the content of its pointer file, and what
+    /// `publish` completes with the base URLs.
+    pub fn announcement(&self, fleet: &str, device: &str) -> Announcement {
+        Announcement {
+            fleet: fleet.into(),
+            device: device.into(),
+            version: self.version,
+            commit: self.commit.clone(),
+            digest: self.digest.clone(),
+            size: self.size,
+            urls: Vec::new(),
+            mqtt_blob: false,
+        }
+    }
+}
+
 impl Index {
     pub fn read(path: &Path) -> Result<Option<Index>, BuildError> {
         match std::fs::read(path) {
@@ -92,6 +122,8 @@ pub enum BuildError {
     OtherFleet { path: PathBuf, found: String, expected: String },
     #[error("device {device} no longer renders: {message}")]
     Render { device: String, message: String },
+    #[error("{0}: a device id names the file devices/<id>.json of the build output")]
+    DeviceId(TopicError),
     #[error("zstd: {0}")]
     Compress(std::io::Error),
 }
@@ -120,6 +152,11 @@ pub struct BuildSummary {
     pub removed: Vec<String>,
     /// Devices that got a new bundle.
     pub changed: Vec<String>,
+    /// Pointer files (`devices/<id>.json`) written because they were missing or held
+    /// another announcement.
+    pub pointers_written: usize,
+    /// Devices whose pointer file was deleted because they are no longer in the fleet.
+    pub pointers_deleted: Vec<String>,
 }
 
 enum Outcome {
@@ -128,14 +165,18 @@ enum Outcome {
 }
 
 /// Renders, signs and writes every device's bundle into `opts.out`, one device at a
-/// time per thread (memory stays flat for large fleets), then writes `index.json`.
-/// The fleet must have been checked ([`Fleet::check_all`]) before: a device that fails
-/// to render here aborts the build before the index is written.
+/// time per thread (memory stays flat for large fleets), then writes `index.json`, then
+/// the pointer files. The fleet must have been checked ([`Fleet::check_all`]) before: a
+/// device that fails to render here aborts the build before the index is written.
 pub fn build(
     fleet: &Fleet,
     snapshot: &Snapshot,
     opts: &BuildOptions<'_>,
 ) -> Result<BuildSummary, BuildError> {
+    // Loading the fleet checked the ids already; they become file names below.
+    for id in fleet.devices.keys() {
+        validate_id("device id", id).map_err(BuildError::DeviceId)?;
+    }
     let bundles_dir = opts.out.join("bundles");
     std::fs::create_dir_all(&bundles_dir)
         .map_err(|source| BuildError::Io { path: bundles_dir.clone(), source })?;
@@ -247,7 +288,50 @@ pub fn build(
     let mut json = serde_json::to_vec(&index).expect("an index always serializes");
     json.push(b'\n');
     write_atomic(&index_path, &json, true)?;
+    (summary.pointers_written, summary.pointers_deleted) = write_pointers(opts.out, &index)?;
     Ok(summary)
+}
+
+/// Writes `DIR/devices/<id>.json` for every device of `index` whose file does not hold
+/// its announcement yet, and deletes the pointer files of devices that are not in
+/// `index` (only files named `<valid device id>.json`: nothing else there is touched).
+/// Returns how many files were written and which devices' files were deleted.
+fn write_pointers(out: &Path, index: &Index) -> Result<(usize, Vec<String>), BuildError> {
+    // The directory of `pointer_path`.
+    let dir = out.join("devices");
+    std::fs::create_dir_all(&dir).map_err(|source| BuildError::Io { path: dir.clone(), source })?;
+    let written: Vec<bool> = index
+        .devices
+        .par_iter()
+        .map(|(id, entry)| {
+            let path = out.join(pointer_path(id));
+            let mut json = entry.announcement(&index.fleet, id).to_json();
+            json.push(b'\n');
+            if std::fs::read(&path).is_ok_and(|existing| existing == json) {
+                return Ok(false);
+            }
+            // No fsync, as for bundles: the next build rewrites a damaged file.
+            write_atomic(&path, &json, false)?;
+            Ok(true)
+        })
+        .collect::<Result<_, BuildError>>()?;
+    let io = |source| BuildError::Io { path: dir.clone(), source };
+    let mut deleted = Vec::new();
+    for file in std::fs::read_dir(&dir).map_err(io)? {
+        let file = file.map_err(io)?;
+        let name = file.file_name();
+        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else { continue };
+        if index.devices.contains_key(id) || validate_id("device id", id).is_err() {
+            continue;
+        }
+        match std::fs::remove_file(file.path()) {
+            Ok(()) => deleted.push(id.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(BuildError::Io { path: file.path(), source }),
+        }
+    }
+    deleted.sort();
+    Ok((written.into_iter().filter(|w| *w).count(), deleted))
 }
 
 /// The canonical postcard encoding of an already canonical state (what
@@ -324,6 +408,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<(), BuildEr
 mod tests {
     use super::*;
     use fleet_spec::model::ManagedFile;
+
+    #[test]
+    fn a_device_id_that_is_not_a_safe_file_name_is_refused_before_anything_is_written() {
+        let snapshot = Snapshot {
+            commit: "c".repeat(40),
+            commit_time: 1_800_000_000,
+            subject: "s".into(),
+            files: [("fleet.yaml".to_string(), b"name: acme\n".to_vec())].into(),
+        };
+        let (mut fleet, diags) = crate::render::load(&snapshot);
+        assert!(!diags.iter().any(|d| d.is_error()), "{diags:?}");
+        // Loading refuses such ids; a library caller could still put one in.
+        let id = "../../etc/x".to_string();
+        let device =
+            crate::render::Device { id: id.clone(), labels: BTreeMap::new(), vars: Default::default() };
+        fleet.devices.insert(id, device);
+        let out = tempfile::tempdir().expect("tempdir");
+        let key = SigningKey::from_seed(&[9; 32]);
+        let digests = BTreeMap::new();
+        let opts =
+            BuildOptions { out: out.path(), keys: &[key], level: 3, progress: false, digests: &digests };
+        let err = build(&fleet, &snapshot, &opts).expect_err("refused");
+        assert!(matches!(err, BuildError::DeviceId(_)), "{err}");
+        assert!(err.to_string().contains("devices/<id>.json"), "{err}");
+        assert_eq!(std::fs::read_dir(out.path()).expect("read").count(), 0, "nothing written");
+    }
 
     #[test]
     fn the_streaming_path_gives_fleet_spec_bytes() {

@@ -9,7 +9,8 @@
 //! - [`compose`]: the supported Compose subset and its translation to container specs.
 //! - [`render`]: loads a whole fleet and renders each device's [`fleet_spec::DesiredState`].
 //! - [`registry`]: pins image tags to digests through the Registry HTTP API v2.
-//! - [`build`]: versioning, signing, content-addressed bundles and `index.json`.
+//! - [`build`]: versioning, signing, content-addressed bundles, `index.json` and the
+//!   per-device pointer files (`devices/<id>.json`) that agents poll.
 //! - [`plan`]: the per-device difference between two revisions.
 //! - [`mqtt`]: `publish` (retained announcements) and `status` (the fleet table).
 //!

@@ -81,9 +81,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Render, sign and write bundles for every device, plus DIR/index.json.
+    /// Render, sign and write every device's bundle, DIR/index.json and DIR/devices/<id>.json.
     #[command(
-        after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.\nThe signing key may also come from the environment: FLEET_SIGNING_KEY=<the line of signing.key>.\n\nExit codes: 0 built, 65 invalid repository (nothing written), 1 failure (Git, key, registry, I/O), 64 usage."
+        after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.\nUpload DIR as is: agents poll DIR/devices/<their id>.json and fetch DIR/bundles/<digest>.bundle.\nThe signing key may also come from the environment: FLEET_SIGNING_KEY=<the line of signing.key>.\n\nExit codes: 0 built, 65 invalid repository (nothing written), 1 failure (Git, key, registry, I/O), 64 usage."
     )]
     Build(BuildArgs),
     /// Show what changes per device between two revisions (secrets-free).
@@ -321,6 +321,16 @@ fn short(commit: &str) -> &str {
     &commit[..commit.len().min(12)]
 }
 
+/// The first few of `ids`, then how many more.
+fn some_of(ids: &[String]) -> String {
+    const SHOWN: usize = 5;
+    let mut text = ids.iter().take(SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
+    if ids.len() > SHOWN {
+        text.push_str(&format!(" and {} more", ids.len() - SHOWN));
+    }
+    text
+}
+
 fn load_keys(args: &BuildArgs) -> anyhow::Result<Vec<SigningKey>> {
     if !args.keys.is_empty() {
         return args.keys.iter().map(|p| keyfile::load_signing(p).map_err(anyhow::Error::from)).collect();
@@ -378,14 +388,22 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
+    if !summary.pointers_deleted.is_empty() {
+        eprintln!(
+            "deleted the pointer files of {} device(s) no longer in the fleet: {}",
+            summary.pointers_deleted.len(),
+            some_of(&summary.pointers_deleted)
+        );
+    }
     eprintln!(
-        "built fleet {} at {}: {} devices, {} new bundle(s), {} unchanged, {} removed, in {:.1?}",
+        "built fleet {} at {}: {} devices, {} new bundle(s), {} unchanged, {} removed, {} pointer file(s) written, in {:.1?}",
         summary.fleet,
         short(&summary.commit),
         summary.devices,
         summary.written,
         summary.unchanged,
         summary.removed.len(),
+        summary.pointers_written,
         started.elapsed()
     );
     Ok(exit::OK)

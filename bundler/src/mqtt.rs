@@ -346,14 +346,9 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
             .map(|base| format!("{}/bundles/{}.bundle", base.trim_end_matches('/'), entry.digest))
             .collect();
         let announcement = Announcement {
-            fleet: index.fleet.clone(),
-            device: device.clone(),
-            version: entry.version,
-            commit: entry.commit.clone(),
-            digest: entry.digest.clone(),
-            size: entry.size,
             urls,
             mqtt_blob: args.blobs_over_mqtt,
+            ..entry.announcement(&index.fleet, device)
         };
         let payload = announcement.to_json();
         let hash = hex::encode(Sha256::digest(&payload));

@@ -3,7 +3,8 @@
 //! - [`model`]: a device's desired state (files, containers, networks, volumes).
 //! - [`bundle`]: the signed bundle format and its verification in numbered steps.
 //! - [`keys`]: ed25519 keys and key ids.
-//! - [`messages`]: the JSON announcement, status report and events on MQTT.
+//! - [`messages`]: the JSON announcement, status report and events on MQTT; the
+//!   announcement is also each device's pointer file in the bundler's output.
 //! - [`topic`]: the MQTT topic scheme.
 //!
 //! Architecture invariant: this crate does no I/O, reads no clock and knows no async

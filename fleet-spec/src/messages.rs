@@ -4,10 +4,16 @@
 //!
 //! An announcement is only a hint: the agent trusts nothing in it but uses it to know
 //! where to fetch; the bundle's signature is what it trusts.
+//!
+//! The same [`Announcement`] type is the bundler's per-device pointer file
+//! ([`pointer_path`]), which agents poll over HTTP(S) so that a missed MQTT announcement
+//! is not a missed update.
 
 use serde::{Deserialize, Serialize};
 
-/// Retained on `<prefix>/<fleet>/devices/<id>/desired` by `fleet-bundler publish`.
+/// Retained on `<prefix>/<fleet>/devices/<id>/desired` by `fleet-bundler publish`, and
+/// written by `fleet-bundler build` as each device's pointer file ([`pointer_path`]),
+/// there with `urls` empty and `mqtt_blob` false.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Announcement {
@@ -58,6 +64,17 @@ impl Announcement {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("an announcement always serializes")
     }
+}
+
+/// Where a build output directory holds `device`'s pointer file, relative to that
+/// directory (and so to an agent's `fetch.base_url`): `devices/<device>.json`.
+///
+/// The file is the device's current [`Announcement`] as JSON, with `urls` empty and
+/// `mqtt_blob` false: the bundle it names is `bundles/<digest>.bundle` in the same
+/// directory. `device` must be a valid id ([`crate::topic::validate_id`]), which makes
+/// this a plain file name and a URL path that needs no escaping.
+pub fn pointer_path(device: &str) -> String {
+    format!("devices/{device}.json")
 }
 
 /// True for 64 lowercase hex characters.

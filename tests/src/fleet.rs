@@ -292,7 +292,8 @@ impl FleetRepo {
         })
     }
 
-    /// The build output directory (`index.json`, `bundles/`).
+    /// The build output directory (`index.json`, `bundles/`, `devices/<id>.json`), which
+    /// the bundle server serves.
     pub fn out_dir(&self) -> &Path {
         &self.out
     }

@@ -1,8 +1,11 @@
 //! `build`, `verify` and `keygen` on real Git repositories: determinism, the
 //! versioning rule, shallow and bare clones, merges, and bundles that verify.
 
-use std::os::unix::fs::PermissionsExt;
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 
+use fleet_spec::messages::Announcement;
 use fleet_spec::model::MountSource;
 
 use crate::common::{build, bundle_files, bundler, bundler_env, git_in, open_bundle, read_index, Keys, Repo};
@@ -145,6 +148,13 @@ fn the_same_commit_builds_identical_bytes() {
         std::fs::read(a.path().join("index.json")).expect("a"),
         std::fs::read(b.path().join("index.json")).expect("b")
     );
+    for device in ["gw-berlin-01", "sensor-hub-01"] {
+        let pointer = fleet_spec::messages::pointer_path(device);
+        assert_eq!(
+            std::fs::read(a.path().join(&pointer)).expect("a"),
+            std::fs::read(b.path().join(&pointer)).expect("b")
+        );
+    }
     let files = bundle_files(a.path());
     assert_eq!(files, bundle_files(b.path()));
     for f in &files {
@@ -317,6 +327,7 @@ fn an_invalid_repository_writes_nothing() {
     out.assert_code(65);
     out.assert_stderr_has("apps/canary-tools/compose.yaml:3:12: error: `build:` is not supported");
     assert!(!out_dir.path().join("index.json").exists());
+    assert!(!out_dir.path().join("devices").exists());
 }
 
 #[test]
@@ -378,4 +389,123 @@ fn a_damaged_kept_bundle_is_rebuilt() {
     out.assert_code(0);
     assert_eq!(out.json()["changed"], serde_json::json!(["sensor-hub-01"]));
     open_bundle(out_dir.path(), "sensor-hub-01", &keys);
+}
+
+/// `out/devices/<id>.json` → (inode, mtime in ns) of every pointer file.
+fn pointer_files(out: &Path) -> BTreeMap<String, (u64, i128)> {
+    std::fs::read_dir(out.join("devices"))
+        .expect("devices/")
+        .map(|e| {
+            let e = e.expect("entry");
+            let meta = e.metadata().expect("metadata");
+            let mtime = i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec());
+            (e.file_name().to_string_lossy().into_owned(), (meta.ino(), mtime))
+        })
+        .collect()
+}
+
+/// Every device of the index has a pointer file holding its entry as an announcement.
+#[track_caller]
+fn assert_pointers_match_the_index(out: &Path) {
+    let index = read_index(out);
+    let devices = index["devices"].as_object().expect("devices");
+    let mut names: Vec<String> = devices.keys().map(|id| format!("{id}.json")).collect();
+    names.sort();
+    assert_eq!(pointer_files(out).into_keys().collect::<Vec<_>>(), names, "one pointer file per device");
+    for (id, entry) in devices {
+        let bytes = std::fs::read(out.join(fleet_spec::messages::pointer_path(id))).expect("pointer file");
+        assert!(bytes.ends_with(b"}\n") && bytes.len() < 1024, "one short line: {bytes:?}");
+        let pointer = Announcement::from_json(&bytes).expect("a valid announcement");
+        assert_eq!(
+            pointer,
+            Announcement {
+                fleet: index["fleet"].as_str().expect("fleet").into(),
+                device: id.clone(),
+                version: entry["version"].as_u64().expect("version"),
+                commit: entry["commit"].as_str().expect("commit").into(),
+                digest: entry["digest"].as_str().expect("digest").into(),
+                size: entry["size"].as_u64().expect("size"),
+                urls: vec![],
+                mqtt_blob: false,
+            },
+            "{id}"
+        );
+    }
+}
+
+#[test]
+fn pointer_files_follow_the_index_and_only_changed_ones_are_rewritten() {
+    let repo = Repo::example();
+    let keys = Keys::new();
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = build(repo.path(), "HEAD", &keys, out_dir.path());
+    out.assert_code(0);
+    assert_eq!(out.json()["pointers_written"], 4);
+    assert_eq!(out.json()["pointers_deleted"], serde_json::json!([]));
+    out.assert_stderr_has("4 pointer file(s) written");
+    assert_pointers_match_the_index(out_dir.path());
+    let first = pointer_files(out_dir.path());
+
+    // The same commit again: no pointer file is touched.
+    let out = build(repo.path(), "HEAD", &keys, out_dir.path());
+    assert_eq!(out.json()["pointers_written"], 0);
+    assert_eq!(pointer_files(out_dir.path()), first, "inodes and mtimes unchanged");
+
+    // One device changes: only its pointer file is replaced.
+    repo.write(
+        "devices/gw-berlin-02.yaml",
+        "labels:\n  site: berlin\n  hardware: rpi4\n  channel: stable\nvars:\n  location: \"Berlin, hall 2b\"\n  upstream_port: 8081\n",
+    );
+    repo.commit_at("move gw-berlin-02", 1_800_000_500);
+    let out = build(repo.path(), "HEAD", &keys, out_dir.path());
+    out.assert_code(0);
+    assert_eq!(out.json()["pointers_written"], 1);
+    assert_pointers_match_the_index(out_dir.path());
+    let second = pointer_files(out_dir.path());
+    for (name, before) in &first {
+        if name == "gw-berlin-02.json" {
+            assert_ne!(&second[name], before, "{name} was rewritten");
+        } else {
+            assert_eq!(&second[name], before, "{name} was left alone");
+        }
+    }
+
+    // A device leaves the fleet: its pointer file is deleted, and the build says so.
+    // Other files in devices/ are not the bundler's and stay.
+    std::fs::write(out_dir.path().join("devices/README"), "not a pointer\n").expect("write");
+    std::fs::write(out_dir.path().join("devices/.x.json"), "{}").expect("write");
+    repo.remove("devices/sensor-hub-01.yaml");
+    repo.commit_at("retire sensor-hub-01", 1_800_000_600);
+    let out = build(repo.path(), "HEAD", &keys, out_dir.path());
+    out.assert_code(0);
+    assert_eq!(out.json()["removed"], serde_json::json!(["sensor-hub-01"]));
+    assert_eq!(out.json()["pointers_deleted"], serde_json::json!(["sensor-hub-01"]));
+    out.assert_stderr_has("deleted the pointer files of 1 device(s) no longer in the fleet: sensor-hub-01");
+    assert!(!out_dir.path().join("devices/sensor-hub-01.json").exists());
+    assert!(
+        out_dir.path().join("devices/README").exists() && out_dir.path().join("devices/.x.json").exists()
+    );
+    std::fs::remove_file(out_dir.path().join("devices/README")).expect("rm");
+    std::fs::remove_file(out_dir.path().join("devices/.x.json")).expect("rm");
+    assert_pointers_match_the_index(out_dir.path());
+}
+
+#[test]
+fn damaged_or_missing_pointer_files_are_written_again() {
+    let repo = Repo::example();
+    let keys = Keys::new();
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    build(repo.path(), "HEAD", &keys, out_dir.path()).assert_code(0);
+    // A truncated file (a crash, a bad upload), a missing one, and a stray device's file
+    // left by an output directory whose index.json was deleted.
+    let devices = out_dir.path().join("devices");
+    std::fs::write(devices.join("gw-munich-01.json"), "{\"fleet\":").expect("truncate");
+    std::fs::remove_file(devices.join("gw-berlin-01.json")).expect("rm");
+    std::fs::write(devices.join("gw-gone-01.json"), "{}").expect("stray");
+    let out = build(repo.path(), "HEAD", &keys, out_dir.path());
+    out.assert_code(0);
+    assert_eq!(out.json()["written"], 0, "no bundle changed");
+    assert_eq!(out.json()["pointers_written"], 2);
+    assert_eq!(out.json()["pointers_deleted"], serde_json::json!(["gw-gone-01"]));
+    assert_pointers_match_the_index(out_dir.path());
 }

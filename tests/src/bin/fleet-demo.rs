@@ -861,7 +861,7 @@ impl Demo {
     }
 
     fn build(&mut self) -> Result<()> {
-        self.ui.heading("Build signed bundles, one per device, and index.json");
+        self.ui.heading("Build signed bundles, one per device, their pointer files and index.json");
         let (repo, key, out) =
             (disp(&self.layout.repo), disp(&self.layout.keys.join("signing.key")), disp(&self.layout.out));
         self.bundler(&["build", "--repo", &repo, "--rev", "HEAD", "--key", &key, "--out", &out], &[0])?;
@@ -1002,8 +1002,9 @@ impl Demo {
         Ok(())
     }
 
-    /// Copies the build output to the served directory: bundles first, then the index,
-    /// so that the index never names a bundle the server does not have.
+    /// Copies the build output to the served directory: bundles first, then the
+    /// devices' pointer files and the index, so that neither names a bundle the server
+    /// does not have.
     fn upload(&mut self) -> Result<()> {
         check_interrupt()?;
         self.ui.heading("Upload the build output to the bundle server");
@@ -1012,6 +1013,7 @@ impl Demo {
             "cp".into(),
             "-r".into(),
             format!("{out}/bundles"),
+            format!("{out}/devices"),
             format!("{out}/index.json"),
             www,
         ]);
@@ -1025,8 +1027,14 @@ impl Demo {
                 count += 1;
             }
         }
+        // The pointer file the agent polls (`devices/<id>.json`), then the index.
+        let devices = self.layout.www.join("devices");
+        fs::create_dir_all(&devices)?;
+        for e in fs::read_dir(self.layout.out.join("devices"))?.flatten() {
+            fs::copy(e.path(), devices.join(e.file_name()))?;
+        }
         fs::copy(self.layout.out.join("index.json"), self.layout.www.join("index.json"))?;
-        self.ui.output(&format!("{count} new bundle(s) and index.json"));
+        self.ui.output(&format!("{count} new bundle(s), the pointer file(s) in devices/ and index.json"));
         Ok(())
     }
 

@@ -333,6 +333,7 @@ fn validly_signed_files_outside_the_allowed_roots_are_rejected() -> Result<()> {
 fn broken_fleet_repo_fails_the_build_with_file_and_line_and_publishes_nothing() -> Result<()> {
     let mut t = target()?;
     let index_before = fs::read(t.fleet.out_dir().join("index.json"))?;
+    let pointer_before = fs::read(t.fleet.out_dir().join("devices/gw-1.json"))?;
     let bundles_before = fs::read_dir(t.fleet.out_dir().join("bundles"))?.count();
     let announced_before = t.broker.client().retained(&t.fleet.topic("gw-1", "desired"))?;
 
@@ -347,6 +348,11 @@ fn broken_fleet_repo_fails_the_build_with_file_and_line_and_publishes_nothing() 
 
     // Nothing was written, so nothing is published.
     assert_eq!(fs::read(t.fleet.out_dir().join("index.json"))?, index_before, "index.json changed");
+    assert_eq!(
+        fs::read(t.fleet.out_dir().join("devices/gw-1.json"))?,
+        pointer_before,
+        "the pointer file that polling devices read changed"
+    );
     assert_eq!(
         fs::read_dir(t.fleet.out_dir().join("bundles"))?.count(),
         bundles_before,

@@ -210,13 +210,15 @@ fn failed_update_rolls_back(engine: &TestEngine, images: &Images) -> Result<()> 
     assert_eq!(web.image(), images.pinned(1));
     assert_eq!(web.label("io.fleet.spec-hash").map(str::to_string), spec_hash);
 
-    // No retry loop: two more polls of the index and a repeated announcement later,
-    // the bad bundle was fetched once and applied once.
-    let polls =
-        |fleet: &FleetRepo| fleet.server().requests().iter().filter(|r| r.path == "/index.json").count();
+    // No retry loop: two more polls of the device's pointer file (which still names the
+    // bad bundle) and a repeated announcement later, the bad bundle was fetched once and
+    // applied once.
+    let polls = |fleet: &FleetRepo| {
+        fleet.server().requests().iter().filter(|r| r.path == "/devices/gw-1.json" && r.status == 200).count()
+    };
     let polled = polls(&s.fleet);
     s.fleet.publish_output(&s.broker.url(), &["--force"])?.check()?;
-    wait_until(secs(30), "two more polls of index.json", || Ok(polls(&s.fleet) >= polled + 2))?;
+    wait_until(secs(30), "two more polls of devices/gw-1.json", || Ok(polls(&s.fleet) >= polled + 2))?;
     let bad_path = format!("/bundles/{}.bundle", bad_entry.digest);
     let bad_fetches = s.fleet.server().requests().iter().filter(|r| r.path == bad_path).count();
     assert_eq!(bad_fetches, 1, "the bad bundle was downloaded {bad_fetches} times");

@@ -20,7 +20,7 @@
 //! | [`containers`] | 1 first deploy, 2 updates, 3 failed update → rollback, 4 drift, each on dockerd and podman (8) |
 //! | [`engines`] | (the engines, images and `web` app the container scenarios share) |
 //! | [`attacks`] | 5 attacks and bad input |
-//! | [`outages`] | 6 broker and bundle server outages |
+//! | [`outages`] | 6 broker and bundle server outages, an update never announced (polling) |
 //! | [`crash`] | 7 crash safety, files only and on dockerd (`FLEET_E2E_CRASH_ITERATIONS`, default 5) |
 //! | [`small_fleet`] | 9 twenty devices |
 //! | [`acl`] | 10 broker ACLs |

@@ -1,6 +1,7 @@
 //! Scenario 6: outages. The broker goes away in the middle of a rollout and comes back;
-//! an agent starts while the broker is down; the bundle server drops the connection in
-//! the middle of a download.
+//! an agent starts while the broker is down; an update is never announced at all and
+//! arrives by polling; the bundle server drops the connection in the middle of a
+//! download.
 
 use anyhow::{Context, Result};
 use fleet_e2e::fleet::{converged_on, sha256_hex};
@@ -99,6 +100,52 @@ fn agent_started_while_the_broker_is_down_keeps_its_state_then_catches_up() -> R
     wait_converged(&watch, &device, &c2)?;
     assert_file(&device, &conf, "release = 2\n");
     assert_eq!(broker.client().retained(&device.topic("online"))?.as_deref(), Some("true"));
+    Ok(())
+}
+
+#[test]
+fn an_update_never_announced_arrives_by_polling_the_devices_pointer_file() -> Result<()> {
+    let broker = Mosquitto::start()?;
+    let mut fleet = FleetRepo::new("acme")?;
+    fleet.add_device("gw-1", &[])?;
+    fleet.add_device("gw-2", &[])?;
+    let conf = fleet.app_file("conf", "app.conf");
+    files_app(&fleet, "conf", None, &[("app.conf", "id = {{ device.id }}\nrelease = 1\n")])?;
+    // Polling every 5 s; nothing is ever published on the broker.
+    let mut device = Device::builder(&fleet, "gw-1")?.broker(&broker.url()).create()?;
+    let watch = DeviceWatch::of(&broker.client(), &device)?;
+    device.start()?;
+    let c1 = fleet.commit("release 1")?;
+    fleet.build()?;
+    wait_converged(&watch, &device, &c1)?;
+    assert_file(&device, &conf, "id = gw-1\nrelease = 1\n");
+
+    // The device read its own pointer file and its bundle from the bundle server, nothing
+    // else: not index.json, not another device's file.
+    let pointer = "/devices/gw-1.json";
+    let bundle = format!("/bundles/{}.bundle", fleet.entry("gw-1")?.digest);
+    let requests = fleet.server().requests();
+    assert!(requests.iter().any(|r| r.path == pointer && r.status == 200), "{requests:#?}");
+    assert!(requests.iter().any(|r| r.path == bundle && r.status == 200), "{requests:#?}");
+    let others: Vec<_> = requests.iter().filter(|r| r.path != pointer && r.path != bundle).collect();
+    assert!(others.is_empty(), "{others:#?}");
+
+    // The device leaves the fleet: the build deletes its pointer file, the next poll gets a
+    // 404, and the device keeps what it runs.
+    fleet.remove("devices/gw-1.yaml")?;
+    fleet.commit("retire gw-1")?;
+    let summary = fleet.build()?;
+    assert_eq!(summary["pointers_deleted"], serde_json::json!(["gw-1"]), "{summary}");
+    assert!(!fleet.out_dir().join("devices/gw-1.json").exists());
+    assert!(fleet.out_dir().join("devices/gw-2.json").exists());
+    let seen = fleet.server().requests().len();
+    wait_until(secs(15), "a poll answered 404", || {
+        Ok(fleet.server().requests()[seen..].iter().any(|r| r.path == pointer && r.status == 404))
+    })?;
+    wait_until(REPORT, "the agent to log the 404", || Ok(device.log().contains("no bundle for this device")))
+        .with_context(|| device.log_tail())?;
+    assert!(device.is_running(), "{}", device.log_tail());
+    assert_file(&device, &conf, "id = gw-1\nrelease = 1\n");
     Ok(())
 }
 
