@@ -57,8 +57,10 @@ pub enum Report {
 /// The sending side of the report channel (`None`: reports are dropped).
 pub type Reports = Option<UnboundedSender<Report>>;
 
-/// How an offered bundle ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How an offered bundle ended. Serialized for `fleet-agent apply`'s answer from a
+/// running agent (`sideload`): `{"outcome": "committed", "version": 7}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     /// Applied and healthy.
     Committed { version: u64 },

@@ -24,8 +24,8 @@ pub mod exit {
     pub const NO_INPUT: u8 = 66;
     /// `apply`: the container engine is unavailable.
     pub const UNAVAILABLE: u8 = 69;
-    /// The state directory is locked by a running agent, or a temporary failure
-    /// (image pull failed, ...): try again later.
+    /// A temporary failure (image pull failed, ...; or the state directory is locked by
+    /// a running agent that takes no sideloads): try again later.
     pub const TEMPFAIL: u8 = 75;
 }
 
@@ -46,8 +46,9 @@ COMMANDS:
     run           Run the agent (as a systemd service): listen for announcements,
                   poll <fetch.base_url>/devices/<device>.json, reconcile, report.
     apply         Sideload a bundle file (USB, air-gapped): full verification and the
-                  same apply path as `run`; works without broker or network. Stop the
-                  service first (the state directory is locked while it runs).
+                  same apply path as `run`; works without broker or network. When the
+                  service runs, it applies the bundle itself (over <state_dir>/agent.sock)
+                  and `apply` waits for its outcome; otherwise `apply` does it here.
     status        Show this device's state from the state directory (no network).
     check-config  Validate agent.toml and print what it configures.
 
@@ -76,7 +77,8 @@ EXIT CODES:
     65  apply: bundle rejected (signature, version, expiry, paths...); nothing changed
     66  apply: bundle file cannot be read
     69  apply: container engine unavailable; nothing changed
-    75  state directory in use by a running agent, or a temporary failure: retry
+    75  temporary failure (apply: image pull failed, ...; or a running agent that
+        takes no sideloads): retry
 ";
 
 pub const DEFAULT_CONFIG: &str = "/etc/fleet-agent/agent.toml";

@@ -11,7 +11,8 @@
 //!   [`engines`] (engine choice), [`fetch`] (HTTP(S) with Range resume), [`mqtt`],
 //!   [`tls`], [`clock`].
 //! - [`config`]: `agent.toml`; [`cli`]: argv, help and exit codes; [`status`]: the
-//!   status rate limiter; [`report`]: the local `status` command.
+//!   status rate limiter; [`report`]: the local `status` command; [`sideload`]: how
+//!   `apply` hands a bundle to a running agent (a unix socket in the state directory).
 //!
 //! Architecture invariants: only bundles that pass `fleet_spec::bundle::verify` are
 //! applied; nothing outside `allowed_roots` is written; no file, container, network or
@@ -33,6 +34,7 @@ pub mod journal;
 pub mod mqtt;
 pub mod report;
 pub mod run;
+pub mod sideload;
 pub mod status;
 pub mod store;
 pub mod tls;

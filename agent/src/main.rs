@@ -129,10 +129,7 @@ async fn apply(cfg: Config, bundle: &Path) -> u8 {
     let lock = store.create().and_then(|()| store.lock());
     let _lock = match lock {
         Ok(l) => l,
-        Err(e @ StoreError::Locked { .. }) => {
-            eprintln!("fleet-agent: {e}");
-            return exit::TEMPFAIL;
-        }
+        Err(StoreError::Locked { .. }) => return apply_through_daemon(&cfg, &bytes).await,
         Err(e) => {
             eprintln!("fleet-agent: {e}");
             return exit::FAILURE;
@@ -156,36 +153,70 @@ async fn apply(cfg: Config, bundle: &Path) -> u8 {
         return exit::FAILURE;
     }
     match agent.apply_bundle(&bytes).await {
-        Ok(Outcome::Committed { version }) => {
-            println!("applied version {version}: converged");
-            exit::OK
+        Ok(outcome) => report_outcome(&outcome),
+        Err(e) => {
+            eprintln!("fleet-agent: {e}");
+            exit::FAILURE
         }
-        Ok(Outcome::AlreadyApplied) => {
-            println!("already applied: nothing to do");
-            exit::OK
+    }
+}
+
+/// `apply` while `run` holds the state directory: the running agent applies the bundle
+/// (`sideload`), on the same path, and answers with the outcome.
+async fn apply_through_daemon(cfg: &Config, bytes: &[u8]) -> u8 {
+    use fleet_agent::sideload::{self, Reply, SideloadError};
+    eprintln!("fleet-agent: the agent service is running: handing the bundle to it");
+    match sideload::submit(&cfg.state_dir, bytes).await {
+        Ok(Reply::Outcome(outcome)) => report_outcome(&outcome),
+        Ok(Reply::Error(e)) => {
+            eprintln!("fleet-agent: the running agent could not apply the bundle: {e}");
+            exit::FAILURE
         }
-        Ok(Outcome::Rejected { code, reason }) => {
-            eprintln!("fleet-agent: bundle rejected ({code}): {reason}; nothing was changed");
-            exit::REJECTED
-        }
-        Ok(Outcome::Deferred { code, reason }) if code == "engine_unavailable" => {
-            eprintln!("fleet-agent: {reason}; nothing was changed");
-            exit::UNAVAILABLE
-        }
-        Ok(Outcome::Deferred { code, reason }) => {
-            eprintln!("fleet-agent: not applied ({code}): {reason}; nothing was changed, try again");
+        Err(e @ SideloadError::NotListening { .. }) => {
+            eprintln!(
+                "fleet-agent: the state directory {} is locked by a running agent, and {e}; \
+                 stop the service (systemctl stop fleet-agent) and run apply again",
+                cfg.state_dir.display()
+            );
             exit::TEMPFAIL
-        }
-        Ok(Outcome::RolledBack { code, reason }) => {
-            eprintln!("fleet-agent: the bundle was applied but failed ({code}): {reason}; rolled back to the last good state");
-            exit::FAILURE
-        }
-        Ok(Outcome::RollbackIncomplete { code, reason }) => {
-            eprintln!("fleet-agent: the bundle failed ({code}): {reason}; the rollback is incomplete and resumes on the next start");
-            exit::FAILURE
         }
         Err(e) => {
             eprintln!("fleet-agent: {e}");
+            exit::FAILURE
+        }
+    }
+}
+
+/// Prints how an apply ended and returns its exit code (the same for a local apply and
+/// one made by the running agent).
+fn report_outcome(outcome: &Outcome) -> u8 {
+    match outcome {
+        Outcome::Committed { version } => {
+            println!("applied version {version}: converged");
+            exit::OK
+        }
+        Outcome::AlreadyApplied => {
+            println!("already applied: nothing to do");
+            exit::OK
+        }
+        Outcome::Rejected { code, reason } => {
+            eprintln!("fleet-agent: bundle rejected ({code}): {reason}; nothing was changed");
+            exit::REJECTED
+        }
+        Outcome::Deferred { code, reason } if code == "engine_unavailable" => {
+            eprintln!("fleet-agent: {reason}; nothing was changed");
+            exit::UNAVAILABLE
+        }
+        Outcome::Deferred { code, reason } => {
+            eprintln!("fleet-agent: not applied ({code}): {reason}; nothing was changed, try again");
+            exit::TEMPFAIL
+        }
+        Outcome::RolledBack { code, reason } => {
+            eprintln!("fleet-agent: the bundle was applied but failed ({code}): {reason}; rolled back to the last good state");
+            exit::FAILURE
+        }
+        Outcome::RollbackIncomplete { code, reason } => {
+            eprintln!("fleet-agent: the bundle failed ({code}): {reason}; the rollback is incomplete and resumes on the next start");
             exit::FAILURE
         }
     }

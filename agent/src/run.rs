@@ -5,7 +5,9 @@
 //! announcements and MQTT blobs, the reconcile timer (which also retries a deferred
 //! bundle), the poll timer (`<fetch.base_url>/devices/<id>.json`), engine events about
 //! managed containers (coalesced, then a reconcile), and the healthchecks the engine
-//! does not run itself (podman without systemd: [`Agent::run_due_healthchecks`]). A
+//! does not run itself (podman without systemd: [`Agent::run_due_healthchecks`]), and
+//! bundles sideloaded by `fleet-agent apply` over the state directory's socket
+//! ([`crate::sideload`]). A
 //! shutdown signal stops the work in progress at its next await point: every effect is
 //! journaled and idempotent, so the next start resumes or rolls back (see `journal`),
 //! then publishes `online=false`.
@@ -54,6 +56,7 @@ enum Work {
     EngineEvent(EngineEvent),
     EngineStreamEnded,
     Healthchecks,
+    Sideload(tokio::net::UnixStream),
 }
 
 struct Runner<E: Engine> {
@@ -74,6 +77,14 @@ pub async fn run<E: Engine>(
     let store = Store::new(&cfg.state_dir);
     store.create()?;
     let _lock = store.lock()?;
+    // Without the socket the daemon still runs; `apply` then asks to stop it first.
+    let sideload = match crate::sideload::listen(&cfg.state_dir) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!("no sideload socket ({e}): `fleet-agent apply` will need the service stopped");
+            None
+        }
+    };
     let (report_tx, report_rx) = unbounded_channel();
     let (mqtt, mut inbound) = start_mqtt(&cfg, report_rx)?;
     let agent = Agent::new(cfg.clone(), engine.clone(), clock, Some(report_tx))?;
@@ -113,6 +124,7 @@ pub async fn run<E: Engine>(
                 },
                 _ = reconcile_tick.tick() => Work::Reconcile,
                 _ = poll_tick.tick(), if polling => Work::Poll,
+                Ok((stream, _)) = accept(sideload.as_ref()) => Work::Sideload(stream),
                 _ = sleep_until(healthcheck_at.unwrap_or_else(Instant::now)), if healthcheck_at.is_some() => {
                     Work::Healthchecks
                 }
@@ -147,11 +159,24 @@ pub async fn run<E: Engine>(
         }
     }
     tracing::info!("fleet-agent stopping");
+    if sideload.is_some() {
+        let _ = std::fs::remove_file(crate::sideload::socket_path(&cfg.state_dir));
+    }
     drop(runner.agent);
     if let Some(mqtt) = runner.mqtt {
         mqtt.shutdown(Duration::from_secs(3)).await;
     }
     Ok(())
+}
+
+/// The next sideload connection; never, without a socket.
+async fn accept(
+    listener: Option<&tokio::net::UnixListener>,
+) -> std::io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn next_event<E: Engine>(engine: &E, delay: Duration) -> Option<EngineEvent> {
@@ -236,6 +261,22 @@ impl<E: Engine> Runner<E> {
             }
             Work::EngineStreamEnded => {}
             Work::Healthchecks => self.agent.run_due_healthchecks().await,
+            Work::Sideload(mut stream) => {
+                let max = self.agent.config().limits.max_bundle_len();
+                let reply = match crate::sideload::read_bundle(&mut stream, max).await {
+                    Ok(bytes) => {
+                        tracing::info!(bytes = bytes.len(), "sideloaded bundle received");
+                        match self.agent.apply_bundle(&bytes).await {
+                            Ok(outcome) => crate::sideload::Reply::Outcome(outcome),
+                            Err(e) => crate::sideload::Reply::Error(e.to_string()),
+                        }
+                    }
+                    Err(reply) => reply,
+                };
+                crate::sideload::send_reply(&mut stream, &reply).await;
+                // A bundle announced meanwhile may still be newer.
+                self.try_pending().await?;
+            }
         }
         Ok(())
     }

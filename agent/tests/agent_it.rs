@@ -592,22 +592,47 @@ fn sideload_apply_and_the_documented_exit_codes() {
     let out = Command::new(BIN).arg("--help").output().expect("run");
     assert!(String::from_utf8_lossy(&out.stdout).contains("EXIT CODES"));
 
-    // The state dir is locked while an agent runs: apply says so (75).
+    // While the service runs, apply hands the bundle to it over <state_dir>/agent.sock
+    // and reports the outcome it answers, with the same exit codes.
     let agent = dev.run();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !dev.log().contains("fleet-agent starting") {
-        assert!(Instant::now() < deadline, "agent did not start:\n{}", dev.log());
+    while !dev.dir.path().join("state/agent.sock").exists() {
+        assert!(Instant::now() < deadline, "agent did not open its socket:\n{}", dev.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    loop {
-        let out = dev.cli(&["apply", good.to_str().expect("utf8")]);
-        if out.status.code() == Some(75) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "apply never saw the lock");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let out = dev.cli(&["apply", good.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already applied"));
+    let three = dev.dir.path().join("three.bundle");
+    let three_bytes = dev.bundle(3, &[("a.conf", "three")]);
+    std::fs::write(&three, &three_bytes).expect("write");
+    let out = dev.cli(&["apply", three.to_str().expect("utf8")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{}", dev.log());
+    assert!(stderr.contains("the agent service is running"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applied version 3"));
+    assert_eq!(dev.read("a.conf").as_deref(), Some("three"), "the running agent applied it");
+    assert!(dev.log().contains("sideloaded bundle received"), "{}", dev.log());
+    let mut tampered = three_bytes.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    let tampered_path = dev.dir.path().join("tampered.bundle");
+    std::fs::write(&tampered_path, &tampered).expect("write");
+    let out = dev.cli(&["apply", tampered_path.to_str().expect("utf8")]);
+    assert_eq!(out.status.code(), Some(65), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rejected"));
+    assert_eq!(dev.read("a.conf").as_deref(), Some("three"), "a refused sideload changes nothing");
     drop(agent);
+
+    // A lock held by something that takes no sideloads (here: this test): 75, and why.
+    let lock =
+        std::fs::OpenOptions::new().write(true).open(dev.dir.path().join("state/lock")).expect("open lock");
+    lock.try_lock().expect("take the lock");
+    let _ = std::fs::remove_file(dev.dir.path().join("state/agent.sock"));
+    let out = dev.cli(&["apply", three.to_str().expect("utf8")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("systemctl stop fleet-agent"), "{stderr}");
 }
 
 fn sh(dir: &std::path::Path, script: &str) {

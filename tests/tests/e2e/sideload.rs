@@ -1,5 +1,6 @@
 //! Scenario 11: sideloading with `fleet-agent apply` while the broker is unreachable
-//! (a USB stick on an air-gapped device): the same verification and apply path.
+//! (a USB stick on an air-gapped device): the same verification and apply path, with
+//! the service stopped and with it running (it then applies the bundle itself).
 
 use std::fs;
 
@@ -75,21 +76,30 @@ fn sideloaded_bundles_apply_without_a_broker_with_full_verification() -> Result<
     // A missing file is its own error.
     assert_eq!(device.apply(&usb.join("nope.bundle"))?.code, Some(66));
 
-    // While the service runs, the state dir is locked: apply says to retry later.
+    // While the service runs (offline: its broker is unreachable), apply hands the stick
+    // to it over the state directory's socket and waits for the outcome.
     device.start()?;
     let stick3 = copy_to_usb(&fleet, "release-3.bundle")?;
-    fleet_e2e::wait_until(secs(20), "the running agent to hold the lock", || {
+    fleet_e2e::wait_until(secs(20), "the running agent to open its sideload socket", || {
         Ok(device.log().contains("fleet-agent starting"))
     })?;
-    let locked = device.apply(&stick3)?;
-    assert_eq!(locked.code, Some(75), "{locked}");
-    assert_file(&device, &conf, "release = 2\n");
+    let handed = device.apply(&stick3)?;
+    assert_eq!(handed.code, Some(0), "{handed}\n{}", device.log_tail());
+    assert!(handed.stderr.contains("the agent service is running"), "{handed}");
+    assert_file(&device, &conf, "release = 3\n");
+    assert!(device.log().contains("sideloaded bundle received"), "{}", device.log_tail());
+    assert!(device.is_running(), "the offline agent exited:\n{}", device.log_tail());
+    // The running agent refuses a replay as the local path does, and keeps running.
+    let replay = device.apply(&stick1)?;
+    assert_eq!(replay.code, Some(65), "{replay}");
+    assert_file(&device, &conf, "release = 3\n");
     assert!(device.is_running(), "the offline agent exited:\n{}", device.log_tail());
     device.stop();
 
-    // With the service stopped, the stick applies.
+    // With the service stopped, the same stick is applied locally: nothing left to do.
     let out = device.apply(&stick3)?;
     assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("already applied"), "{out}");
     assert_file(&device, &conf, "release = 3\n");
     Ok(())
 }
