@@ -12,22 +12,18 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use fleet_e2e::{free_port, Mosquitto};
 use fleet_spec::bundle::{self, BundleMeta};
 use fleet_spec::keys::SigningKey;
 use fleet_spec::messages::{Announcement, StatusReport};
 use fleet_spec::model::{DesiredState, ManagedFile};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fleet-agent");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() as i64
-}
+// Only `BIN` and `now` are used here; the rest serves the engine tests.
+#[allow(dead_code)]
+mod common;
+use common::{now, BIN};
 
 /// A child process killed (by its PID) when dropped.
 struct Proc(Child);
@@ -44,31 +40,9 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success());
 }
 
-struct Broker {
-    port: u16,
-    _proc: Proc,
-    _dir: tempfile::TempDir,
-}
-
-fn mosquitto() -> Broker {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let conf = dir.path().join("mosq.conf");
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"))
-        .expect("write conf");
-    let child = Command::new("mosquitto")
-        .arg("-c")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto must be installed: apt-get install -y mosquitto mosquitto-clients");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "mosquitto did not start on port {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Broker { port, _proc: Proc(child), _dir: dir }
+/// A private anonymous broker (the harness's) on a free loopback port.
+fn mosquitto() -> Mosquitto {
+    Mosquitto::start().expect("mosquitto must be installed: apt-get install -y mosquitto mosquitto-clients")
 }
 
 /// `mosquitto_sub -v` on a filter, lines collected on a channel.
@@ -126,6 +100,34 @@ impl Sub {
             }
         }
     }
+}
+
+/// The announcement of bundle `version` (`digest`, `size` bytes) for `gw-01` of `acme`.
+fn announcement(
+    version: u64,
+    commit: &str,
+    digest: &str,
+    size: usize,
+    urls: Vec<String>,
+    mqtt_blob: bool,
+) -> Announcement {
+    Announcement {
+        fleet: "acme".into(),
+        device: "gw-01".into(),
+        version,
+        commit: commit.into(),
+        digest: digest.into(),
+        size: size as u64,
+        urls,
+        mqtt_blob,
+    }
+}
+
+/// Publishes `ann` retained on `gw-01`'s `desired` topic; returns the JSON published.
+fn publish_announcement(port: u16, ann: &Announcement) -> String {
+    let json = String::from_utf8(ann.to_json()).expect("utf8");
+    publish_retained(port, "fleet/acme/devices/gw-01/desired", &json);
+    json
 }
 
 fn publish_retained(port: u16, topic: &str, payload: &str) {
@@ -306,32 +308,26 @@ fn status_of(payload: &str) -> StatusReport {
 #[test]
 fn announcement_fetch_with_resume_apply_and_status_over_a_real_broker() {
     let broker = mosquitto();
-    let dev = device(&format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nkeepalive_secs = 5", broker.port));
+    let dev = device(&format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nkeepalive_secs = 5", broker.port()));
     let bytes = dev.bundle(1, &[("app/app.conf", "hello"), ("app/other.conf", "x")]);
     let digest = bundle::content_address(&bytes);
     let http = http_server(vec![(format!("/bundles/{digest}.bundle"), bytes.clone())], true);
 
-    let mut sub = Sub::new(broker.port, "fleet/acme/devices/gw-01/#");
+    let mut sub = Sub::new(broker.port(), "fleet/acme/devices/gw-01/#");
     let agent = dev.run();
     sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(10), |p| p == "true");
     let idle = sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(10), |_| true);
     assert_eq!(status_of(&idle).agent_version, env!("CARGO_PKG_VERSION"));
 
-    let ann = Announcement {
-        fleet: "acme".into(),
-        device: "gw-01".into(),
-        version: 1,
-        commit: "commit1".into(),
-        digest: digest.clone(),
-        size: bytes.len() as u64,
-        urls: vec![format!("http://127.0.0.1:{}", http.port)],
-        mqtt_blob: false,
-    };
-    publish_retained(
-        broker.port,
-        "fleet/acme/devices/gw-01/desired",
-        &String::from_utf8(ann.to_json()).expect("utf8"),
+    let ann = announcement(
+        1,
+        "commit1",
+        &digest,
+        bytes.len(),
+        vec![format!("http://127.0.0.1:{}", http.port)],
+        false,
     );
+    publish_announcement(broker.port(), &ann);
 
     let converged = sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(20), |p| {
         status_of(p).state.as_str() == "converged"
@@ -369,26 +365,23 @@ fn announcement_fetch_with_resume_apply_and_status_over_a_real_broker() {
 #[test]
 fn a_rejected_announced_bundle_is_reported_and_not_refetched() {
     let broker = mosquitto();
-    let dev = device(&format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", broker.port));
+    let dev = device(&format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", broker.port()));
     let other = Device { key: SigningKey::from_seed(&[7; 32]), ..device("") };
     let bytes = Device { root: dev.root.clone(), ..other }.bundle(1, &[("a", "1")]);
     let digest = bundle::content_address(&bytes);
     let http = http_server(vec![(format!("/bundles/{digest}.bundle"), bytes.clone())], false);
-    let mut sub = Sub::new(broker.port, "fleet/acme/devices/gw-01/#");
+    let mut sub = Sub::new(broker.port(), "fleet/acme/devices/gw-01/#");
     let _agent = dev.run();
     sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(10), |p| p == "true");
-    let ann = Announcement {
-        fleet: "acme".into(),
-        device: "gw-01".into(),
-        version: 1,
-        commit: "c".into(),
-        digest: digest.clone(),
-        size: bytes.len() as u64,
-        urls: vec![format!("http://127.0.0.1:{}/bundles/{digest}.bundle", http.port)],
-        mqtt_blob: false,
-    };
-    let json = String::from_utf8(ann.to_json()).expect("utf8");
-    publish_retained(broker.port, "fleet/acme/devices/gw-01/desired", &json);
+    let ann = announcement(
+        1,
+        "c",
+        &digest,
+        bytes.len(),
+        vec![format!("http://127.0.0.1:{}/bundles/{digest}.bundle", http.port)],
+        false,
+    );
+    let json = publish_announcement(broker.port(), &ann);
     let rejected = sub
         .wait("fleet/acme/devices/gw-01/events", Duration::from_secs(10), |p| p.contains("bundle_rejected"));
     assert!(rejected.contains("unknown_key"), "{rejected}");
@@ -397,8 +390,8 @@ fn a_rejected_announced_bundle_is_reported_and_not_refetched() {
     });
     assert_eq!(status_of(&failed).last_error.map(|e| e.code), Some("unknown_key".to_string()));
     // Announce it again: it is not downloaded again.
-    publish_retained(broker.port, "fleet/acme/devices/gw-01/desired", "");
-    publish_retained(broker.port, "fleet/acme/devices/gw-01/desired", &json);
+    publish_retained(broker.port(), "fleet/acme/devices/gw-01/desired", "");
+    publish_retained(broker.port(), "fleet/acme/devices/gw-01/desired", &json);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(http.ranges.lock().expect("lock").len(), 1, "fetched once");
     assert!(dev.read("a").is_none());
@@ -408,7 +401,7 @@ fn a_rejected_announced_bundle_is_reported_and_not_refetched() {
 fn a_truncated_download_is_rejected_once_and_a_new_announcement_still_applies() {
     let broker = mosquitto();
     let dev =
-        device(&format!("reconcile_interval_secs = 1\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", broker.port));
+        device(&format!("reconcile_interval_secs = 1\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", broker.port()));
     let full = dev.bundle(1, &[("a", "1")]);
     let digest = bundle::content_address(&full);
     let good = dev.bundle(2, &[("a", "2")]);
@@ -421,22 +414,12 @@ fn a_truncated_download_is_rejected_once_and_a_new_announcement_still_applies() 
         ],
         false,
     );
-    let mut sub = Sub::new(broker.port, "fleet/acme/devices/gw-01/#");
+    let mut sub = Sub::new(broker.port(), "fleet/acme/devices/gw-01/#");
     let _agent = dev.run();
     sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(10), |p| p == "true");
     let announce = |version: u64, digest: &str, size: usize, url: String| {
-        let ann = Announcement {
-            fleet: "acme".into(),
-            device: "gw-01".into(),
-            version,
-            commit: format!("commit{version}"),
-            digest: digest.into(),
-            size: size as u64,
-            urls: vec![url],
-            mqtt_blob: false,
-        };
-        let json = String::from_utf8(ann.to_json()).expect("utf8");
-        publish_retained(broker.port, "fleet/acme/devices/gw-01/desired", &json);
+        let ann = announcement(version, &format!("commit{version}"), digest, size, vec![url], false);
+        publish_announcement(broker.port(), &ann);
     };
     announce(1, &digest, full.len(), format!("http://127.0.0.1:{}/half.bundle", http.port));
     let rejected = sub
@@ -465,16 +448,7 @@ fn polling_the_device_pointer_file_applies_without_a_broker() {
     let bytes = dev.bundle(3, &[("conf/x.conf", "polled")]);
     let digest = bundle::content_address(&bytes);
     // What `fleet-bundler build` writes as devices/gw-01.json.
-    let pointer = Announcement {
-        fleet: "acme".into(),
-        device: "gw-01".into(),
-        version: 3,
-        commit: "commit3".into(),
-        digest: digest.clone(),
-        size: bytes.len() as u64,
-        urls: vec![],
-        mqtt_blob: false,
-    };
+    let pointer = announcement(3, "commit3", &digest, bytes.len(), vec![], false);
     // The bundle is there, the pointer file not yet (a 404: no bundle for this device).
     let http = http_server(vec![(format!("/bundles/{digest}.bundle"), bytes)], false);
     let text = std::fs::read_to_string(&dev.config).expect("read");
@@ -707,7 +681,7 @@ fn mqtts_with_a_client_certificate() {
 #[test]
 fn a_bundle_retained_on_mqtt_is_applied() {
     let broker = mosquitto();
-    let dev = device(&format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", broker.port));
+    let dev = device(&format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", broker.port()));
     let bytes = dev.bundle(4, &[("blob.conf", "via mqtt")]);
     let digest = bundle::content_address(&bytes);
     let file = dev.dir.path().join("blob.bundle");
@@ -717,7 +691,7 @@ fn a_bundle_retained_on_mqtt_is_applied() {
             "-h",
             "127.0.0.1",
             "-p",
-            &broker.port.to_string(),
+            &broker.port().to_string(),
             "-t",
             "fleet/acme/devices/gw-01/bundle",
             "-r",
@@ -729,22 +703,9 @@ fn a_bundle_retained_on_mqtt_is_applied() {
         .status()
         .expect("mosquitto_pub");
     assert!(status.success());
-    let ann = Announcement {
-        fleet: "acme".into(),
-        device: "gw-01".into(),
-        version: 4,
-        commit: "commit4".into(),
-        digest,
-        size: bytes.len() as u64,
-        urls: vec![],
-        mqtt_blob: true,
-    };
-    publish_retained(
-        broker.port,
-        "fleet/acme/devices/gw-01/desired",
-        &String::from_utf8(ann.to_json()).expect("utf8"),
-    );
-    let mut sub = Sub::new(broker.port, "fleet/acme/devices/gw-01/status");
+    let ann = announcement(4, "commit4", &digest, bytes.len(), vec![], true);
+    publish_announcement(broker.port(), &ann);
+    let mut sub = Sub::new(broker.port(), "fleet/acme/devices/gw-01/status");
     let _agent = dev.run();
     let converged = sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(15), |p| {
         status_of(p).state.as_str() == "converged"

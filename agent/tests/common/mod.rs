@@ -3,7 +3,7 @@
 //! root in a temp dir; signed bundles; `fleet-agent apply` and `run`), the app both
 //! deploy ([`Device::app`]), and what the engine's API says about a container
 //! ([`health`], [`spec_hash`], [`label`]). The engines themselves come from the
-//! fleet-e2e harness.
+//! fleet-e2e harness. `agent_it.rs` uses only [`BIN`] and [`now`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -19,6 +19,11 @@ use fleet_spec::model::{
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_fleet-agent");
+
+/// Seconds since the Unix epoch (bundle validity windows).
+pub fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() as i64
+}
 
 /// A device of fleet `acme`: its `agent.toml`, state dir, managed root, bundles and
 /// agent log, all in one temp dir.
@@ -103,7 +108,7 @@ impl Device {
     /// `state` as version `version`, signed with the trusted key, valid for an hour;
     /// written to `v<version>.bundle` in the device's temp dir.
     pub fn bundle_file(&self, version: u64, state: &DesiredState) -> PathBuf {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs() as i64;
+        let now = now();
         let meta = BundleMeta {
             fleet: "acme".into(),
             device: self.id.clone(),
