@@ -790,13 +790,7 @@ impl DeviceWatch {
         what: &str,
         mut pred: impl FnMut(&Value) -> bool,
     ) -> Result<Value> {
-        let mut found = None;
-        wait_until(deadline, what, || {
-            found = self.latest_status().filter(|s| pred(s));
-            Ok(found.is_some())
-        })
-        .map_err(|e| e.context(self.describe()))?;
-        found.ok_or_else(|| anyhow!("unreachable"))
+        self.wait_found(deadline, what, || self.latest_status().filter(|s| pred(s)))
     }
 
     /// Waits until some received event satisfies `pred`; returns it.
@@ -806,9 +800,19 @@ impl DeviceWatch {
         what: &str,
         mut pred: impl FnMut(&Value) -> bool,
     ) -> Result<Value> {
+        self.wait_found(deadline, what, || self.events().into_iter().find(|e| pred(e)))
+    }
+
+    /// Waits until `find` finds something; on a timeout the error shows what was received.
+    fn wait_found(
+        &self,
+        deadline: Duration,
+        what: &str,
+        mut find: impl FnMut() -> Option<Value>,
+    ) -> Result<Value> {
         let mut found = None;
         wait_until(deadline, what, || {
-            found = self.events().into_iter().find(|e| pred(e));
+            found = find();
             Ok(found.is_some())
         })
         .map_err(|e| e.context(self.describe()))?;
