@@ -13,6 +13,23 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
+# CI machines run short of disk before they run short of CPU. Everything here is built
+# once, so incremental caches are dead weight, and line tables are all the debug info a
+# failing test's backtrace needs (file:line). Set either variable to override.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+export CARGO_PROFILE_DEV_DEBUG="${CARGO_PROFILE_DEV_DEBUG:-line-tables-only}"
+
+# A full run needs about NEED_GIB free where target/ and the temp dir live. Say so up
+# front: running out halfway shows up as a linker crash, not as "disk full".
+NEED_GIB=8
+for dir in . "${TMPDIR:-/tmp}"; do
+    free_gib=$(( $(df -Pk "$dir" | awk 'NR==2 {print $4}') / 1024 / 1024 ))
+    if [ "$free_gib" -lt "$NEED_GIB" ]; then
+        echo "warning: only ${free_gib} GiB free on $(df -P "$dir" | awk 'NR==2 {print $6}') (for $dir);" \
+            "a full run needs about ${NEED_GIB} GiB. Free space (cargo clean in old checkouts) if it fails." >&2
+    fi
+done
+
 step "setup (packages for the real components, and the Debian toolchain for ARM)"
 bash scripts/setup.sh --cross
 
