@@ -27,9 +27,12 @@ BASE_PKGS=(
 CROSS_ARCH=arm64
 # The agent is built static against musl, with std compiled from rust-web-src
 # (cross/README.md, "Why musl"): musl for the host (x86_64 agent) and for arm64.
+# musl-dev is named with its architecture: once it is installed for two, a bare name is
+# ambiguous to dpkg-query, and the package would look missing forever.
+NATIVE_ARCH="$(dpkg --print-architecture 2>/dev/null || echo amd64)"
 CROSS_PKGS=(
     rustc-web cargo-web rust-web-src
-    musl-dev "musl-dev:${CROSS_ARCH}"
+    "musl-dev:${NATIVE_ARCH}" "musl-dev:${CROSS_ARCH}"
     gcc-aarch64-linux-gnu libc6-dev-arm64-cross
     qemu-user-static
 )
