@@ -22,6 +22,7 @@ BASE_PKGS=(
     docker-registry
     busybox-static
     time curl git ca-certificates jq
+    strace # the benchmark counts the agent's fsyncs
     iproute2 # the test harness gives each dockerd its own bridge (`ip link add`)
 )
 CROSS_ARCH=arm64

@@ -640,13 +640,29 @@ impl<E: Engine> Agent<E> {
             on_disk.insert(f.path.clone(), files::observe(&f.path, &roots)?);
         }
         let file_plan = plan::plan_files(state, &on_disk, &self.managed);
+        // Every file is recorded as managed before its write, so a crash never leaves an
+        // unrecorded file of ours behind. Files that are absent or already ours are
+        // recorded all at once (one durable write of managed.json, not one per file: each
+        // costs two fsyncs). A file that exists and was never ours is recorded just before
+        // it is replaced, so a crash cannot make the agent own, and a rollback delete, a
+        // file it never wrote.
+        let mut recorded = false;
+        for w in &file_plan.write {
+            let ours = self.managed.contains_key(&w.path) || on_disk.get(&w.path).is_none_or(Option::is_none);
+            let sha = state.file(&w.path).expect("planned from the state").content_sha256();
+            if ours && self.managed.get(&w.path) != Some(&sha) {
+                self.managed.insert(w.path.clone(), sha);
+                recorded = true;
+            }
+        }
+        if recorded {
+            self.store.save_managed(&self.managed)?;
+        }
         for w in &file_plan.write {
             let file = state.file(&w.path).expect("planned from the state");
             let sha = file.content_sha256();
             let step = Step::WriteFile { path: w.path.clone(), sha256: sha.clone() };
             self.step(journaled, true, &step)?;
-            // Recorded as managed before the write, so a crash never leaves an
-            // unrecorded file of ours behind.
             if self.managed.get(&w.path) != Some(&sha) {
                 self.managed.insert(w.path.clone(), sha);
                 self.store.save_managed(&self.managed)?;

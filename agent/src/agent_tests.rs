@@ -702,3 +702,42 @@ async fn recovery_after_a_crash_at_every_journal_record_of_a_healthy_update() {
 async fn recovery_after_a_crash_at_every_journal_record_of_an_update_that_rolls_back() {
     assert_recovers_consistently(false).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn new_files_are_recorded_as_managed_at_once_and_a_foreign_file_only_when_replaced() {
+    let h = H::new();
+    std::fs::create_dir_all(h.root.join("app")).expect("mkdir");
+    std::fs::write(h.root.join("app/local.conf"), "mine").expect("write");
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    // v2 edits a.conf, adds new.conf, and takes over local.conf, which exists and was
+    // never the agent's.
+    let v2 = state(
+        vec![h.file("app/a.conf", "a2"), h.file("app/local.conf", "taken"), h.file("app/new.conf", "n2")],
+        vec![container("app-web", false)],
+    );
+    // Crash while journaling the first file's intent (record 0 is `begin`).
+    let before = agent.journal_mut().appended;
+    agent.journal_mut().crash_at = Some((before + 1, false));
+    assert!(agent.apply_bundle(&h.bundle(2, &v2)).await.is_err(), "crashed");
+    drop(agent);
+
+    let managed = Store::new(&h.cfg.state_dir).managed().expect("managed");
+    assert!(managed.contains_key(&h.path("app/new.conf")), "absent file recorded before any write");
+    assert!(managed.contains_key(&h.path("app/a.conf")));
+    assert!(
+        !managed.contains_key(&h.path("app/local.conf")),
+        "a foreign file is not ours before it is replaced"
+    );
+    assert_eq!(h.read("app/local.conf").as_deref(), Some("mine"), "nothing written yet");
+
+    // The next start resumes the apply; then the taken-over file is ours.
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    assert_eq!(agent.store().applied().expect("applied").map(|a| a.version), Some(2));
+    assert_eq!(h.read("app/local.conf").as_deref(), Some("taken"));
+    assert_eq!(h.read("app/new.conf").as_deref(), Some("n2"));
+    let managed: Vec<String> = agent.store().managed().expect("managed").into_keys().collect();
+    assert_eq!(managed, [h.path("app/a.conf"), h.path("app/local.conf"), h.path("app/new.conf")]);
+}

@@ -119,12 +119,31 @@ pub fn write_managed(file: &ManagedFile, roots: &[PathBuf]) -> Result<PathBuf, F
 }
 
 /// Atomic replace: temp file in the same directory, write, chmod, chown, fsync, rename,
-/// fsync the directory. The target's old content stays in place until the rename.
+/// fsync the directory. The target's old content stays in place until the rename, and
+/// the new content survives a power cut once this returns.
 pub fn write_atomic(
     target: &Path,
     content: &[u8],
     mode: u32,
     owner: Option<(u32, u32)>,
+) -> Result<(), FileError> {
+    replace(target, content, mode, owner, true)
+}
+
+/// [`write_atomic`] without the two fsyncs, for caches the agent can rebuild: a crash
+/// leaves the old or the new content, but after a power cut the file may also be empty
+/// or missing, so its reader must treat a damaged file as absent. Each fsync costs
+/// 10-50 ms and some wear on an SD card.
+pub fn write_cache(target: &Path, content: &[u8], mode: u32) -> Result<(), FileError> {
+    replace(target, content, mode, None, false)
+}
+
+fn replace(
+    target: &Path,
+    content: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+    durable: bool,
 ) -> Result<(), FileError> {
     let dir = target.parent().ok_or_else(|| FileError::NotADirectory { path: target.into() })?;
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -143,9 +162,14 @@ pub fn write_atomic(
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)).map_err(io("chown", &tmp))?;
         }
-        f.sync_all().map_err(io("fsync", &tmp))?;
+        if durable {
+            f.sync_all().map_err(io("fsync", &tmp))?;
+        }
         fs::rename(&tmp, target).map_err(io("rename into place", target))?;
-        sync_dir(dir)
+        if durable {
+            sync_dir(dir)?;
+        }
+        Ok(())
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

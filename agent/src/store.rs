@@ -8,13 +8,15 @@
 //!   applied.json              the last good bundle: digest, version, commit, when
 //!   managed.json              files the agent wrote: path → sha256
 //!   rejected.json             bundles never to try again: digest → code, reason
-//!   status.json               the last status report (for `fleet-agent status`)
+//!   status.json               the last status report (for `fleet-agent status`; a cache)
 //!   bundles/<digest>.bundle   the last good bundle and the one being applied
 //!   partial/<digest>          a download in progress (resumed with Range)
 //! ```
 //!
-//! Every JSON file is replaced atomically. This module only stores and loads; it never
-//! decides what to do with what it loads.
+//! Every JSON file is replaced atomically, and durably (fsync) but for `status.json`: it
+//! is rewritten at every state change, rebuilt by the running agent, and a damaged copy
+//! reads as absent. This module only stores and loads; it never decides what to do with
+//! what it loads.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -164,12 +166,23 @@ impl Store {
         self.save("rejected.json", &all)
     }
 
+    /// The last status report saved, or `None` when there is none or it is damaged (it is
+    /// saved without fsync, so a power cut can leave it empty).
     pub fn last_status(&self) -> Result<Option<StatusReport>, StoreError> {
-        self.load("status.json")
+        match self.load("status.json") {
+            Err(StoreError::Corrupt { path, source }) => {
+                tracing::warn!("ignoring {} ({source}): it is rewritten at the next status", path.display());
+                Ok(None)
+            }
+            other => other,
+        }
     }
 
+    /// Saves the status report for `fleet-agent status`, without fsync (see the module doc).
     pub fn save_status(&self, status: &StatusReport) -> Result<(), StoreError> {
-        self.save("status.json", &Some(status))
+        let bytes = serde_json::to_vec_pretty(&Some(status)).expect("state files always serialize");
+        files::write_cache(&self.dir.join("status.json"), &bytes, 0o600)?;
+        Ok(())
     }
 
     /// Stores a bundle under its content address.
@@ -245,5 +258,41 @@ mod tests {
         let rejected = store.rejected().expect("load");
         assert_eq!(rejected.len(), MAX_REJECTED);
         assert!(!rejected.contains_key(&format!("{:064}", 0)), "oldest dropped");
+    }
+
+    #[test]
+    fn a_damaged_status_cache_reads_as_absent_but_damaged_state_is_an_error() {
+        use fleet_spec::messages::{DeviceState, FileCounts};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path().join("state"));
+        store.create().expect("create");
+        let report = StatusReport {
+            device: "d".into(),
+            fleet: "f".into(),
+            agent_version: "0".into(),
+            state: DeviceState::Converged,
+            desired: None,
+            applied: None,
+            containers: vec![],
+            files: FileCounts::default(),
+            last_error: None,
+            timestamp: 7,
+        };
+        store.save_status(&report).expect("save");
+        assert_eq!(store.last_status().expect("load"), Some(report));
+        let leftovers: Vec<_> = fs::read_dir(store.dir())
+            .expect("list")
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|n| n.contains("fleet-tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+
+        // What a power cut can leave of a file renamed without fsync.
+        for damaged in [&b""[..], b"{\"device\": \"d\", \"fle", b"\0\0\0\0"] {
+            fs::write(store.dir().join("status.json"), damaged).expect("write");
+            assert_eq!(store.last_status().expect("damaged cache is not an error"), None);
+        }
+        fs::write(store.dir().join("trust.json"), b"").expect("write");
+        assert!(matches!(store.trust(), Err(StoreError::Corrupt { .. })), "state files stay strict");
     }
 }
