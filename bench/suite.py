@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -404,8 +405,9 @@ class DeviceBench:
     def mqtt_url(self):
         return self.broker.tls_url if self.tls else self.broker.url
 
-    def spawn_agent(self, device, binary, extra=None, env=None, tag="agent"):
-        """Starts an agent for `device` and waits for its first status after the start."""
+    def spawn_agent(self, device, binary, extra=None, env=None, tag="agent", wrap=()):
+        """Starts an agent for `device` (under the `wrap` command, if any) and waits for its
+        first status after the start."""
         cfg = agent_config(os.path.join(self.dir, f"{tag}.toml"), device, os.path.join(self.dir, f"state-{device}"),
                            [os.path.join(self.roots, device)], self.fleet.pubkey, self.mqtt_url,
                            self.tls and self.tls["ca"], self.http.url, self.engine, extra)
@@ -414,7 +416,7 @@ class DeviceBench:
         e = dict(os.environ)
         e.pop("FLEET_LOG", None)
         e.update(env or {})
-        proc = self.ctx.procs.spawn("fleet-agent", [binary, "run", "--config", cfg],
+        proc = self.ctx.procs.spawn("fleet-agent", [*wrap, binary, "run", "--config", cfg],
                                     os.path.join(self.dir, f"{tag}.log"), env=e)
         proc.started = t
         try:
@@ -424,13 +426,22 @@ class DeviceBench:
             raise RuntimeError(f"the agent did not report within 30 s: {tail(proc.bench_log, 8)}")
         return proc
 
-    def start_agent(self, extra=None, env=None, tag="agent"):
+    def start_agent(self, extra=None, env=None, tag="agent", wrap=()):
         if self.agent is not None:
-            self.ctx.procs.stop(self.agent)
-            self.agent = None
-        self.agent = self.spawn_agent(self.DEV, self.ctx.device_agent, extra, env, tag)
+            self.stop_agent()
+        self.agent = self.spawn_agent(self.DEV, self.ctx.device_agent, extra, env, tag, wrap)
         self.agent_started = self.agent.started
         return self.agent
+
+    def stop_agent(self):
+        # The whole process group: under strace (which ignores SIGTERM when it started the
+        # program) the agent must get the SIGTERM itself.
+        try:
+            os.killpg(self.agent.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        self.ctx.procs.stop(self.agent)
+        self.agent = None
 
     def version(self):
         return self.fleet.index()["devices"][self.DEV]["version"]
@@ -620,6 +631,73 @@ def measure_bytes(ctx, dev):
         ctx.wire = dict(pointer=len(f.read()))
 
 
+SYNC_CALL = re.compile(r"^\d+\s+(fsync|fdatasync|sync_file_range|syncfs|msync)\(\d+<([^>]*)>")
+
+
+def sync_target(path, state_dir):
+    """What an fsync'd path is, in words: temp files and digests folded into one name."""
+    name = os.path.basename(path)
+    name = re.sub(r"^\.(.*)\.fleet-tmp\.\d+$", r"\1", name)
+    name = re.sub(r"[0-9a-f]{64}", "<digest>", name)
+    if os.path.realpath(path).startswith(os.path.realpath(state_dir)):
+        rel = os.path.relpath(os.path.join(os.path.dirname(path), name), state_dir)
+        return "state dir (directory)" if rel == "." else f"state dir: {rel}"
+    return "managed file or its directory"
+
+
+def sync_tracer(dev, tag):
+    """The strace command line that logs the agent's fsync-family calls (with the paths)
+    to a file, and a function that reads them back. seccomp-bpf stops the agent only at
+    those calls, so the rest of its work runs at full speed."""
+    strace = shutil.which("strace")
+    if not strace:
+        raise Skip("strace is not installed (apt-get install strace)")
+    trace = os.path.join(dev.dir, f"{tag}.strace")
+    if os.path.exists(trace):
+        os.unlink(trace)
+    wrap = (strace, "-f", "--seccomp-bpf", "-qq", "-y", "-e", "signal=none", "-e",
+            "trace=fsync,fdatasync,sync_file_range,syncfs,msync", "-o", trace)
+
+    def calls():
+        with open(trace, errors="replace") as f:
+            return [m.groups() for m in map(SYNC_CALL.match, f) if m]
+    return wrap, calls
+
+
+def measure_fsyncs(ctx, dev, n=3):
+    """fsync-family calls per config-only change, counted by strace on the agent."""
+    res = ctx.res
+    wrap, calls = sync_tracer(dev, "fsync")
+    dev.start_agent(tag="fsync", wrap=wrap)
+    dev.obs.wait_converged({dev.DEV: dev.version()}, 60)
+    state_dir = os.path.join(dev.dir, f"state-{dev.DEV}")
+    per_change = []
+    time.sleep(1.5)
+    for _ in range(n):
+        before = len(calls())
+        dev.change()
+        time.sleep(1.5)  # the trailing status writes
+        per_change.append(calls()[before:])
+    dev.stop_agent()
+    median_run = sorted(per_change, key=len)[len(per_change) // 2]
+    median = len(median_run)
+    res.row("Footprint", f"fsync-family calls per config-only change (median, n = {n})", f"{median}",
+            "", None, "strace -f on the agent: fsync, fdatasync, sync_file_range, syncfs, msync from the "
+            "announcement to the trailing status; one managed file changes; each costs ~10-50 ms on an SD card")
+    by = {}
+    for call, path in median_run:
+        key = (sync_target(path, state_dir), call)
+        by[key] = by.get(key, 0) + 1
+    lines = ["| what | call | count |", "|---|---|---:|"]
+    for (what, call), k in sorted(by.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"| {what} | `{call}` | {k} |")
+    lines.append("")
+    lines.append("One config-only change (the median one), by the file each call synced (`strace -y`). The journal "
+                 "takes one `fdatasync` per record (intent before each effect, done after it); a file replaced "
+                 "atomically takes an `fsync` of the file and one of its directory.")
+    res.detail("fsync calls per config change", "\n".join(lines))
+
+
 def log_time(ts):
     """RFC 3339 timestamp of a tracing JSON log line → unix seconds."""
     secs = time.mktime(time.strptime(ts[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
@@ -747,11 +825,18 @@ def bulk_state(dev, reg_ref, with_containers):
 def measure_apply_peak(ctx, dev):
     res = ctx.res
     containers = dev.dockerd is not None and ctx.image1 is not None
-    dev.start_agent(tag="peak")
+    try:
+        wrap, calls = sync_tracer(dev, "peak")
+    except Skip:
+        wrap, calls = (), None
+    dev.start_agent(tag="peak", wrap=wrap)
     dev.obs.wait_converged({dev.DEV: dev.version()}, 60)
     time.sleep(0.5)
-    pid = dev.agent.pid
+    # Under strace, the agent is strace's child.
+    pid = int(open(f"/proc/{dev.agent.pid}/task/{dev.agent.pid}/children").read().split()[0]) if wrap \
+        else dev.agent.pid
     before = proc_status(pid)
+    synced_before = len(calls()) if calls else 0
     bulk_state(dev, ctx.image1, containers)
     dev.fleet.commit("200 files" + (" and 10 containers" if containers else ""))
     dev.fleet.build()
@@ -776,6 +861,7 @@ def measure_apply_peak(ctx, dev):
         stop.set()
         th.join()
     after = proc_status(pid)
+    synced = len(calls()) - synced_before if calls else None
     took = done[dev.DEV] - t0
     what = "200 files (~1.6 KiB each, templated)" + (" and 10 containers (busybox image already on the device, 3 "
                                                    "with healthchecks, one mounting a managed file)" if containers else "")
@@ -786,6 +872,10 @@ def measure_apply_peak(ctx, dev):
             f"{kib_to_mib(after['VmRSS'])})", "", None,
             f"freshly started agent converged on the one-file bundle, then a bundle ({bsize:,} B) adding {what}; "
             f"VmHWM read after `converged` (publish → converged {took:.1f} s, {note})")
+    if synced is not None:
+        res.row("Footprint", "… fsync-family calls during that apply", f"{synced:,}", "", None,
+                "counted as for the config-only change (strace with seccomp-bpf, which stops the agent only "
+                "at those calls); 200 files and managed.json journaled and synced, plus the trailing status")
 
 
 def measure_image_change(ctx, dev):
@@ -873,6 +963,9 @@ def run_device(ctx):
                                                     "p50 ≤ 50 ms")], measure_latency, ctx, dev, ctx.changes)
         guarded(ctx.res, "bytes on the wire", [("Wire", "bytes per device for a one-line config change", "")],
                 measure_bytes, ctx, dev)
+        guarded(ctx.res, "fsyncs per change",
+                [("Footprint", "fsync-family calls per config-only change (median, n = 3)", "")],
+                measure_fsyncs, ctx, dev)
         guarded(ctx.res, "pointer poll",
                 [("Footprint", "agent peak RSS polling its pointer file in a 10,000-device fleet", "")],
                 measure_poll, ctx, dev)
