@@ -13,10 +13,11 @@
 //!   partial/<digest>          a download in progress (resumed with Range)
 //! ```
 //!
-//! Every JSON file is replaced atomically, and durably (fsync) but for `status.json`: it
-//! is rewritten at every state change, rebuilt by the running agent, and a damaged copy
-//! reads as absent. This module only stores and loads; it never decides what to do with
-//! what it loads.
+//! Every JSON file is replaced atomically (fsync, rename) and durably (fsync of the
+//! directory), but for `status.json`: it is rewritten at every state change, so it skips
+//! the directory fsync, and a power cut may bring back the previous report. A damaged
+//! `status.json` (a failing card) reads as absent; a damaged state file is an error. This
+//! module only stores and loads; it never decides what to do with what it loads.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -166,8 +167,8 @@ impl Store {
         self.save("rejected.json", &all)
     }
 
-    /// The last status report saved, or `None` when there is none or it is damaged (it is
-    /// saved without fsync, so a power cut can leave it empty).
+    /// The last status report saved, or `None` when there is none or it is damaged: it is
+    /// only a cache, and must not keep the agent from starting.
     pub fn last_status(&self) -> Result<Option<StatusReport>, StoreError> {
         match self.load("status.json") {
             Err(StoreError::Corrupt { path, source }) => {
@@ -178,7 +179,8 @@ impl Store {
         }
     }
 
-    /// Saves the status report for `fleet-agent status`, without fsync (see the module doc).
+    /// Saves the status report for `fleet-agent status`, without the directory fsync (see
+    /// the module doc).
     pub fn save_status(&self, status: &StatusReport) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec_pretty(&Some(status)).expect("state files always serialize");
         files::write_cache(&self.dir.join("status.json"), &bytes, 0o600)?;
@@ -287,7 +289,7 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
 
-        // What a power cut can leave of a file renamed without fsync.
+        // What a failing card can leave.
         for damaged in [&b""[..], b"{\"device\": \"d\", \"fle", b"\0\0\0\0"] {
             fs::write(store.dir().join("status.json"), damaged).expect("write");
             assert_eq!(store.last_status().expect("damaged cache is not an error"), None);
