@@ -631,7 +631,8 @@ def measure_bytes(ctx, dev):
         ctx.wire = dict(pointer=len(f.read()))
 
 
-SYNC_CALL = re.compile(r"^\d+\s+(fsync|fdatasync|sync_file_range|syncfs|msync)\(\d+<([^>]*)>")
+SYNC_CALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs", "msync")
+SYNC_CALL = re.compile(rf"^\d+\s+({'|'.join(SYNC_CALLS)})\(\d+<([^>]*)>")
 
 
 def sync_target(path, state_dir):
@@ -655,8 +656,8 @@ def sync_tracer(dev, tag):
     trace = os.path.join(dev.dir, f"{tag}.strace")
     if os.path.exists(trace):
         os.unlink(trace)
-    wrap = (strace, "-f", "--seccomp-bpf", "-qq", "-y", "-e", "signal=none", "-e",
-            "trace=fsync,fdatasync,sync_file_range,syncfs,msync", "-o", trace)
+    wrap = (strace, "-f", "--seccomp-bpf", "-qq", "-y", "-e", "signal=none", "-e", "trace=" + ",".join(SYNC_CALLS),
+            "-o", trace)
 
     def calls():
         with open(trace, errors="replace") as f:
@@ -682,8 +683,8 @@ def measure_fsyncs(ctx, dev, n=3):
     median_run = sorted(per_change, key=len)[len(per_change) // 2]
     median = len(median_run)
     res.row("Footprint", f"fsync-family calls per config-only change (median, n = {n})", f"{median}",
-            "", None, "strace -f on the agent: fsync, fdatasync, sync_file_range, syncfs, msync from the "
-            "announcement to the trailing status; one managed file changes; each costs ~10-50 ms on an SD card")
+            "", None, f"strace -f on the agent: {', '.join(SYNC_CALLS)} from the announcement to the trailing "
+            "status; one managed file changes; each costs ~10-50 ms on an SD card")
     by = {}
     for call, path in median_run:
         key = (sync_target(path, state_dir), call)
@@ -778,8 +779,7 @@ def measure_poll(ctx, dev, fleet_size=10000):
     finally:
         dev.http = saved
         if dev.agent is not None:
-            ctx.procs.stop(dev.agent)
-            dev.agent = None
+            dev.stop_agent()
         ctx.procs.stop(srv.proc)
     if reqs:
         if ctx.wire is None:
@@ -975,7 +975,7 @@ def run_device(ctx):
                 measure_image_change, ctx, dev)
     finally:
         if dev.agent is not None:
-            ctx.procs.stop(dev.agent)
+            dev.stop_agent()
         dev.close()
 
 

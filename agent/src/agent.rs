@@ -646,21 +646,26 @@ impl<E: Engine> Agent<E> {
         // costs two fsyncs). A file that exists and was never ours is recorded just before
         // it is replaced, so a crash cannot make the agent own, and a rollback delete, a
         // file it never wrote.
+        let writes: Vec<_> = file_plan
+            .write
+            .iter()
+            .map(|w| {
+                let file = state.file(&w.path).expect("planned from the state");
+                (w, file, file.content_sha256())
+            })
+            .collect();
         let mut recorded = false;
-        for w in &file_plan.write {
+        for (w, _, sha) in &writes {
             let ours = self.managed.contains_key(&w.path) || on_disk.get(&w.path).is_none_or(Option::is_none);
-            let sha = state.file(&w.path).expect("planned from the state").content_sha256();
-            if ours && self.managed.get(&w.path) != Some(&sha) {
-                self.managed.insert(w.path.clone(), sha);
+            if ours && self.managed.get(&w.path) != Some(sha) {
+                self.managed.insert(w.path.clone(), sha.clone());
                 recorded = true;
             }
         }
         if recorded {
             self.store.save_managed(&self.managed)?;
         }
-        for w in &file_plan.write {
-            let file = state.file(&w.path).expect("planned from the state");
-            let sha = file.content_sha256();
+        for (w, file, sha) in writes {
             let step = Step::WriteFile { path: w.path.clone(), sha256: sha.clone() };
             self.step(journaled, true, &step)?;
             if self.managed.get(&w.path) != Some(&sha) {

@@ -312,9 +312,8 @@ impl Fetcher {
                     Ok(())
                 }
                 .await;
-                // No fsync: what a power cut does to the partial file (a short or garbled
-                // tail) is caught by the digest check below, which downloads it again.
-                drop(file);
+                // The partial file is not fsynced: what a power cut does to it (a short or
+                // garbled tail) is caught by the digest check below, which downloads it again.
                 result.map(|()| append)
             };
             // Whether the finished file holds bytes from an earlier response (a resume, a

@@ -122,8 +122,7 @@ impl Store {
     }
 
     fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec_pretty(value).expect("state files always serialize");
-        files::write_atomic(&self.dir.join(name), &bytes, 0o600, None)?;
+        files::write_atomic(&self.dir.join(name), &encode(value), 0o600, None)?;
         Ok(())
     }
 
@@ -182,8 +181,7 @@ impl Store {
     /// Saves the status report for `fleet-agent status`, without the directory fsync (see
     /// the module doc).
     pub fn save_status(&self, status: &StatusReport) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec_pretty(&Some(status)).expect("state files always serialize");
-        files::write_cache(&self.dir.join("status.json"), &bytes, 0o600)?;
+        files::write_cache(&self.dir.join("status.json"), &encode(&Some(status)), 0o600)?;
         Ok(())
     }
 
@@ -215,6 +213,10 @@ impl Store {
         }
         Ok(())
     }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec_pretty(value).expect("state files always serialize")
 }
 
 /// `applied.json`: the last good bundle.
