@@ -74,7 +74,7 @@ pub struct RawTrust {
     pub threshold: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFetch {
     pub base_url: Option<String>,
@@ -82,6 +82,8 @@ pub struct RawFetch {
     pub ca_file: Option<PathBuf>,
     pub max_bundle_bytes: Option<u64>,
     pub timeout_secs: Option<u64>,
+    pub deadline_secs: Option<u64>,
+    pub min_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,7 +133,14 @@ pub struct FetchConfig {
     pub base_url: Option<String>,
     pub poll_interval: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Connecting, and each read of a response: longer without a byte is a failure.
     pub timeout: Duration,
+    /// A whole download from one URL, resumes included.
+    pub deadline: Duration,
+    /// After the first `timeout` of a download, its average rate must stay at or above
+    /// this (bytes per second), or the URL is left for now: a server that trickles a
+    /// byte now and then cannot hold the agent for the whole deadline.
+    pub min_bytes_per_sec: u64,
 }
 
 /// The validated configuration.
@@ -159,6 +168,11 @@ pub struct Config {
 
 pub const DEFAULT_ENGINE_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_MAX_BUNDLE: u64 = 64 << 20;
+/// A whole download from one URL: 15 minutes (64 MiB at 75 KB/s, a poor cellular link).
+pub const DEFAULT_DEADLINE_SECS: u64 = 900;
+/// 1 KiB/s: slower than any link a device updates over, faster than a server that
+/// trickles bytes to hold the agent.
+pub const DEFAULT_MIN_BYTES_PER_SEC: u64 = 1024;
 
 impl Config {
     /// Reads and validates `agent.toml`.
@@ -241,13 +255,7 @@ impl Config {
         let threshold = raw.trust.threshold.unwrap_or(1);
         let trusted = TrustedKeys::new(keys, threshold).map_err(|e| key_err("trust", e))?;
 
-        let fetch_raw = raw.fetch.unwrap_or(RawFetch {
-            base_url: None,
-            poll_interval_secs: None,
-            ca_file: None,
-            max_bundle_bytes: None,
-            timeout_secs: None,
-        });
+        let fetch_raw = raw.fetch.unwrap_or_default();
         let mut limits = Limits::default();
         let max_bundle = fetch_raw.max_bundle_bytes.unwrap_or(DEFAULT_MAX_BUNDLE);
         if max_bundle < 1024 {
@@ -278,6 +286,8 @@ impl Config {
             poll_interval: secs("fetch.poll_interval_secs", fetch_raw.poll_interval_secs, 300, 5)?,
             ca_file: fetch_raw.ca_file.map(|p| resolve_path(base, &p)),
             timeout: secs("fetch.timeout_secs", fetch_raw.timeout_secs, 60, 1)?,
+            deadline: secs("fetch.deadline_secs", fetch_raw.deadline_secs, DEFAULT_DEADLINE_SECS, 1)?,
+            min_bytes_per_sec: fetch_raw.min_bytes_per_sec.unwrap_or(DEFAULT_MIN_BYTES_PER_SEC),
         };
         if let Some(ca) = &fetch.ca_file {
             check_readable("fetch.ca_file", ca)?;

@@ -32,6 +32,7 @@ pub mod fetch;
 pub mod files;
 pub mod journal;
 pub mod mqtt;
+pub mod originals;
 pub mod report;
 pub mod run;
 pub mod sideload;
