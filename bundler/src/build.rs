@@ -416,6 +416,7 @@ mod tests {
             commit_time: 1_800_000_000,
             subject: "s".into(),
             files: [("fleet.yaml".to_string(), b"name: acme\n".to_vec())].into(),
+            ..Default::default()
         };
         let (mut fleet, diags) = crate::render::load(&snapshot);
         assert!(!diags.iter().any(|d| d.is_error()), "{diags:?}");

@@ -106,6 +106,8 @@ enum Command {
         /// Lines of context around each change in file diffs.
         #[arg(long, default_value_t = 3)]
         context: usize,
+        #[command(flatten)]
+        limits: ReadLimits,
     },
     /// Announce changed bundles over MQTT (retained, QoS 1, confirmed).
     #[command(
@@ -151,6 +153,17 @@ struct Source {
     /// Revision: branch, tag, commit id, HEAD~1, ...
     #[arg(long, default_value = "HEAD")]
     rev: String,
+    #[command(flatten)]
+    limits: ReadLimits,
+}
+
+/// Limits of what is read from Git.
+#[derive(Args, Clone, Copy)]
+struct ReadLimits {
+    /// Largest file read from Git, in bytes or with k/m/g (powers of 1024). A larger file
+    /// is an error that names it; its size is read from the Git object header first.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size, env = "FLEET_MAX_FILE_SIZE")]
+    max_file_size: u64,
 }
 
 #[derive(Args)]
@@ -188,6 +201,10 @@ struct BuildArgs {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     duration::parse_duration_ms(s).map(Duration::from_millis)
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    duration::parse_bytes(s)
 }
 
 /// An error that maps to a specific exit code.
@@ -231,7 +248,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Keygen { out } => keygen(&out),
         Command::Validate { source, json } => validate(&source, json),
         Command::Build(args) => build_cmd(args),
-        Command::Plan { repo, from, to, json, context } => plan_cmd(&repo, &from, &to, json, context),
+        Command::Plan { repo, from, to, json, context, limits } => {
+            plan_cmd(&repo, &from, &to, json, context, limits)
+        }
         Command::Publish(args) => {
             let summary = mqtt::publish(&args)?;
             if args.json {
@@ -268,7 +287,7 @@ struct Rendered {
 
 /// Loads and renders a revision, printing diagnostics on stderr.
 fn load_and_render(source: &Source) -> anyhow::Result<Rendered> {
-    let snapshot = repo::read(&source.repo, &source.rev)?;
+    let snapshot = repo::read(&source.repo, &source.rev, source.limits.max_file_size)?;
     let (fleet, mut diags) = render::load(&snapshot);
     let (states, render_diags) = fleet.render_all();
     diags.extend(render_diags);
@@ -280,7 +299,7 @@ fn load_and_render(source: &Source) -> anyhow::Result<Rendered> {
 }
 
 fn validate(source: &Source, json: bool) -> anyhow::Result<u8> {
-    let snapshot = repo::read(&source.repo, &source.rev)?;
+    let snapshot = repo::read(&source.repo, &source.rev, source.limits.max_file_size)?;
     let (fleet, mut diags) = render::load(&snapshot);
     diags.extend(fleet.check_all().0);
     let diags = diag::merge(diags);
@@ -348,7 +367,7 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     if progress {
         eprintln!("reading {} at {}", args.source.repo.display(), args.source.rev);
     }
-    let snapshot = repo::read(&args.source.repo, &args.source.rev)?;
+    let snapshot = repo::read(&args.source.repo, &args.source.rev, args.source.limits.max_file_size)?;
     let (fleet, mut diags) = render::load(&snapshot);
     let (render_diags, images) = fleet.check_all();
     diags.extend(render_diags);
@@ -409,10 +428,17 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
-fn plan_cmd(repo_path: &Path, from: &str, to: &str, json: bool, context: usize) -> anyhow::Result<u8> {
+fn plan_cmd(
+    repo_path: &Path,
+    from: &str,
+    to: &str,
+    json: bool,
+    context: usize,
+    limits: ReadLimits,
+) -> anyhow::Result<u8> {
     let mut states = Vec::new();
     for rev in [from, to] {
-        let source = Source { repo: repo_path.into(), rev: rev.into() };
+        let source = Source { repo: repo_path.into(), rev: rev.into(), limits };
         let r = load_and_render(&source)?;
         let errors = diag::error_count(&r.diags);
         if errors > 0 {
