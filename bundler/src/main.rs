@@ -18,7 +18,7 @@ use fleet_spec::{PublicKey, SigningKey};
 use fleet_bundler::build::{self, BuildOptions};
 use fleet_bundler::diag::{self, Diagnostic};
 use fleet_bundler::registry::{self, Registry};
-use fleet_bundler::{duration, mqtt, plan, render, repo, timefmt};
+use fleet_bundler::{duration, mqtt, plan, previous, render, repo, timefmt};
 
 /// Exit codes, also listed in `--help` and the README.
 mod exit {
@@ -27,6 +27,7 @@ mod exit {
     pub const CHANGES: u8 = 2;
     pub const DEVICE_FAILED: u8 = 3;
     pub const TIMEOUT: u8 = 4;
+    pub const NOT_NEWER: u8 = 5;
     pub const USAGE: u8 = 64;
     pub const INVALID_REPO: u8 = 65;
 }
@@ -51,6 +52,7 @@ Exit codes:
   2   plan: there are changes
   3   status --wait: a device failed or rolled back on the indexed version
   4   status --wait: timeout before every device converged
+  5   publish: the broker retains a version for a device that this build's is not newer than (nothing published)
   64  usage error (bad flags)
   65  the repository is invalid (validation errors are printed with file:line:column)")
 )]
@@ -83,7 +85,7 @@ enum Command {
     },
     /// Render, sign and write every device's bundle, DIR/index.json and DIR/devices/<id>.json.
     #[command(
-        after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.\nUpload DIR as is: agents poll DIR/devices/<their id>.json and fetch DIR/bundles/<digest>.bundle.\nThe signing key may also come from the environment: FLEET_SIGNING_KEY=<the line of signing.key>.\n\nExit codes: 0 built, 65 invalid repository (nothing written), 1 failure (Git, key, registry, I/O), 64 usage."
+        after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n  fleet-bundler build --repo . --key keys/signing.key --out out/ --previous https://cdn.example/fleet\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.\nWithout it (no CI cache), pass --previous with the published output: versions stay newer than what devices hold.\nA commit dated more than 5 minutes ahead of this machine's clock, or whose bundles would already be expired, is refused (exit 1).\nUpload DIR as is: agents poll DIR/devices/<their id>.json and fetch DIR/bundles/<digest>.bundle.\nThe signing key may also come from the environment: FLEET_SIGNING_KEY=<the line of signing.key>.\n\nExit codes: 0 built, 65 invalid repository (nothing written), 1 failure (Git, key, registry, I/O), 64 usage."
     )]
     Build(BuildArgs),
     /// Show what changes per device between two revisions (secrets-free).
@@ -111,7 +113,7 @@ enum Command {
     },
     /// Announce changed bundles over MQTT (retained, QoS 1, confirmed).
     #[command(
-        after_help = "Examples:\n  fleet-bundler publish --out out/ --broker mqtt://127.0.0.1:1883 --base-url http://files.local/fleet\n  fleet-bundler publish --out out/ --broker mqtts://broker:8883 --ca-file ca.pem --username ci --blobs-over-mqtt\n\nOnly devices whose bundle changed since the last publish from this directory (DIR/published.json) are announced; --force announces all.\n\nExit codes: 0 every announcement acknowledged, 1 failure (broker unreachable or refused, timeout, missing index), 64 usage."
+        after_help = "Examples:\n  fleet-bundler publish --out out/ --broker mqtt://127.0.0.1:1883 --base-url http://files.local/fleet\n  fleet-bundler publish --out out/ --broker mqtts://broker:8883 --ca-file ca.pem --username ci --blobs-over-mqtt\n\nOnly devices whose bundle changed since the last publish from this directory (DIR/published.json) are announced; --force announces all.\nThe retained announcements are read first: a device whose retained version is newer than this build's (or equal with another bundle) would refuse it, so nothing is published (exit 5).\n\nExit codes: 0 every announcement acknowledged, 5 a device already has a newer (or equal) version (nothing published; rebuild with --previous), 1 failure (broker unreachable or refused, timeout, missing index), 64 usage."
     )]
     Publish(mqtt::PublishArgs),
     /// Check a bundle exactly as a device would and print its manifest.
@@ -191,6 +193,19 @@ struct BuildArgs {
     /// zstd compression level (1-22). 19 makes bundles ~10% smaller at ~10x the time.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
     level: i32,
+    /// The published build (an http(s) URL of the uploaded output, or a directory):
+    /// versions are chosen newer than its index's, and unchanged devices keep its
+    /// bundles. Use it when the output directory is not kept between CI runs.
+    #[arg(long, value_name = "URL|DIR")]
+    previous: Option<String>,
+    /// Timeout of each request to the --previous server.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    previous_timeout: Duration,
+    /// Check the commit's date against this time (unix seconds) instead of this
+    /// machine's clock; the bundles do not depend on it. For tests and for rebuilding a
+    /// past commit as it was built then.
+    #[arg(long, env = "FLEET_BUILD_NOW", value_name = "UNIX_SECONDS")]
+    now: Option<i64>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -252,7 +267,13 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             plan_cmd(&repo, &from, &to, json, context, limits)
         }
         Command::Publish(args) => {
-            let summary = mqtt::publish(&args)?;
+            let summary = match mqtt::publish(&args) {
+                Err(e @ mqtt::MqttError::NotNewer { .. }) => {
+                    eprintln!("error: {e}");
+                    return Err(Exit(exit::NOT_NEWER).into());
+                }
+                other => other?,
+            };
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             }
@@ -399,11 +420,26 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
             eprintln!("warning: image {image} is not pinned by digest: devices may run different builds of it (pass --resolve-digests or write image@sha256:...)");
         }
     }
+    let previous = match &args.previous {
+        Some(p) => Some(previous::Previous::load(p, args.previous_timeout)?),
+        None => None,
+    };
     let summary = build::build(
         &fleet,
         &snapshot,
-        &BuildOptions { out: &args.out, keys: &keys, level: args.level, progress, digests: &digests },
+        &BuildOptions {
+            out: &args.out,
+            keys: &keys,
+            level: args.level,
+            progress,
+            digests: &digests,
+            now: args.now.unwrap_or_else(timefmt::now),
+            previous: previous.as_ref(),
+        },
     )?;
+    for w in &summary.warnings {
+        eprintln!("warning: {w}");
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
