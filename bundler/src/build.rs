@@ -139,10 +139,12 @@ pub enum BuildError {
     DeviceId(TopicError),
     #[error("zstd: {0}")]
     Compress(std::io::Error),
-    #[error("commit {commit} is dated {date}, {ahead} ahead of this machine's clock ({now}; {skew} of skew allowed): bundles carry the commit time as their signed creation time and as their version, and devices take the signed creation time as a floor for their own clock, so this build would move every device's clock and versions into the future; fix the clock that is wrong, then re-date the commit (`git commit --amend --no-edit` on a machine whose clock is right) and build again (nothing was written)")]
-    FutureCommit { commit: String, date: String, ahead: String, now: String, skew: String },
-    #[error("the bundles of commit {commit} would expire at {expires} (its committer date {date} + bundle_expiry {expiry}), which is already past ({now}): devices refuse expired bundles; build a newer commit (`git commit --allow-empty -m renew`) or raise bundle_expiry in fleet.yaml (nothing was written)")]
-    ExpiredAtBuild { commit: String, expires: String, date: String, expiry: String, now: String },
+    #[error("commit {commit} is dated {}, {} ahead of this machine's clock ({}; {} of skew allowed): bundles carry the commit time as their signed creation time and as their version, and devices take the signed creation time as a floor for their own clock, so this build would move every device's clock and versions into the future; fix the clock that is wrong, then re-date the commit (`git commit --amend --no-edit` on a machine whose clock is right) and build again (nothing was written)",
+        timefmt::rfc3339(*commit_time), timefmt::age(commit_time - now), timefmt::rfc3339(*now), timefmt::age(MAX_CLOCK_SKEW))]
+    FutureCommit { commit: String, commit_time: i64, now: i64 },
+    #[error("the bundles of commit {commit} would expire at {} (its committer date {} + bundle_expiry {}), which is already past ({}): devices refuse expired bundles; build a newer commit (`git commit --allow-empty -m renew`) or raise bundle_expiry in fleet.yaml (nothing was written)",
+        timefmt::rfc3339(commit_time.saturating_add(*expiry)), timefmt::rfc3339(*commit_time), timefmt::age(*expiry), timefmt::rfc3339(*now))]
+    ExpiredAtBuild { commit: String, commit_time: i64, expiry: i64, now: i64 },
     #[error("--previous {location} belongs to fleet {found:?}, this repository is fleet {expected:?}: pass the published output of this fleet")]
     PreviousOtherFleet { location: String, found: String, expected: String },
 }
@@ -159,23 +161,11 @@ pub fn check_commit_time(
 ) -> Result<Option<String>, BuildError> {
     let short = commit[..commit.len().min(12)].to_string();
     if commit_time > now + MAX_CLOCK_SKEW {
-        return Err(BuildError::FutureCommit {
-            commit: short,
-            date: timefmt::rfc3339(commit_time),
-            ahead: timefmt::age(commit_time - now),
-            now: timefmt::rfc3339(now),
-            skew: timefmt::age(MAX_CLOCK_SKEW),
-        });
+        return Err(BuildError::FutureCommit { commit: short, commit_time, now });
     }
     let expires_at = commit_time.saturating_add(expiry);
     if expires_at <= now {
-        return Err(BuildError::ExpiredAtBuild {
-            commit: short,
-            expires: timefmt::rfc3339(expires_at),
-            date: timefmt::rfc3339(commit_time),
-            expiry: timefmt::age(expiry),
-            now: timefmt::rfc3339(now),
-        });
+        return Err(BuildError::ExpiredAtBuild { commit: short, commit_time, expiry, now });
     }
     if expires_at - now < expiry / 2 {
         return Ok(Some(format!(
@@ -579,6 +569,28 @@ mod tests {
         assert!(matches!(err, BuildError::DeviceId(_)), "{err}");
         assert!(err.to_string().contains("devices/<id>.json"), "{err}");
         assert_eq!(std::fs::read_dir(out.path()).expect("read").count(), 0, "nothing written");
+    }
+
+    #[test]
+    fn commit_dates_against_the_clock() {
+        let day = 86_400;
+        let c = "c".repeat(40);
+        let t = 1_800_000_000;
+        assert!(matches!(check_commit_time(&c, t, 90 * day, t), Ok(None)));
+        assert!(
+            matches!(check_commit_time(&c, t + MAX_CLOCK_SKEW, 90 * day, t), Ok(None)),
+            "within the skew"
+        );
+        assert!(matches!(
+            check_commit_time(&c, t + MAX_CLOCK_SKEW + 1, 90 * day, t),
+            Err(BuildError::FutureCommit { .. })
+        ));
+        assert!(matches!(check_commit_time(&c, t, 90 * day, t + 44 * day), Ok(None)));
+        assert!(matches!(check_commit_time(&c, t, 90 * day, t + 46 * day), Ok(Some(_))), "under half left");
+        assert!(matches!(
+            check_commit_time(&c, t, 90 * day, t + 90 * day),
+            Err(BuildError::ExpiredAtBuild { .. })
+        ));
     }
 
     #[test]

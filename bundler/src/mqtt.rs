@@ -855,6 +855,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_an_older_retained_version_or_the_same_bundle_may_be_announced_over() {
+        let topic = "fleet/acme/devices/d/desired".to_string();
+        let announcing: BTreeMap<_, _> = [(topic.clone(), ("d".to_string(), 10, "a".repeat(64)))].into();
+        let retained = |version: u64, digest: &str| -> BTreeMap<String, Vec<u8>> {
+            let a = Announcement {
+                fleet: "acme".into(),
+                device: "d".into(),
+                version,
+                commit: "c".into(),
+                digest: digest.into(),
+                size: 1,
+                urls: Vec::new(),
+                mqtt_blob: false,
+            };
+            [(topic.clone(), a.to_json())].into()
+        };
+        assert!(not_newer(&announcing, &BTreeMap::new()).is_empty(), "nothing retained");
+        assert!(not_newer(&announcing, &retained(9, &"b".repeat(64))).is_empty(), "older");
+        assert!(
+            not_newer(&announcing, &retained(10, &"a".repeat(64))).is_empty(),
+            "the same announcement again"
+        );
+        let same_version = not_newer(&announcing, &retained(10, &"c".repeat(64)));
+        assert_eq!(same_version.len(), 1);
+        assert!(same_version[0].to_string().contains("the same version with other content"));
+        let newer = not_newer(&announcing, &retained(11, &"d".repeat(64)));
+        assert_eq!((newer[0].retained_version, newer[0].new_version), (11, 10));
+        let garbage: BTreeMap<String, Vec<u8>> = [(topic.clone(), b"not json".to_vec())].into();
+        assert!(not_newer(&announcing, &garbage).is_empty(), "not an announcement: a hint, ignored");
+    }
+
+    #[test]
     fn broker_urls() {
         let u = parse_url("mqtt://127.0.0.1:18830").expect("valid");
         assert_eq!((u.tls, u.host.as_str(), u.port), (false, "127.0.0.1", 18830));
