@@ -159,7 +159,7 @@ pub fn check_commit_time(
     expiry: i64,
     now: i64,
 ) -> Result<Option<String>, BuildError> {
-    let short = commit[..commit.len().min(12)].to_string();
+    let short: String = commit.chars().take(12).collect();
     if commit_time > now + MAX_CLOCK_SKEW {
         return Err(BuildError::FutureCommit { commit: short, commit_time, now });
     }

@@ -164,7 +164,7 @@ pub struct NotNewer {
 
 impl std::fmt::Display for NotNewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let short = |d: &str| d[..d.len().min(12)].to_string();
+        let short = |d: &str| d.chars().take(12).collect::<String>();
         write!(
             f,
             "device {}: the broker retains version {} (bundle {}) on {}, this build has version {} (bundle {})",
