@@ -383,6 +383,8 @@ fn load_keys(args: &BuildArgs) -> anyhow::Result<Vec<SigningKey>> {
 
 fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     let keys = load_keys(&args)?;
+    // One reading of the clock for the whole build.
+    let now = args.now.unwrap_or_else(timefmt::now);
     let progress = args.progress || std::io::stderr().is_terminal();
     let started = std::time::Instant::now();
     if progress {
@@ -390,6 +392,10 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     }
     let snapshot = repo::read(&args.source.repo, &args.source.rev, args.source.limits.max_file_size)?;
     let (fleet, mut diags) = render::load(&snapshot);
+    if diag::error_count(&diags) == 0 {
+        // Before the expensive part: the commit date alone can stop the build.
+        build::check_commit_time(&snapshot.commit, snapshot.commit_time, fleet.bundle_expiry, now)?;
+    }
     let (render_diags, images) = fleet.check_all();
     diags.extend(render_diags);
     let diags = diag::merge(diags);
@@ -433,7 +439,7 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
             level: args.level,
             progress,
             digests: &digests,
-            now: args.now.unwrap_or_else(timefmt::now),
+            now,
             previous: previous.as_ref(),
         },
     )?;

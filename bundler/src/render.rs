@@ -355,6 +355,9 @@ fn load_app(
         return None;
     }
     let Some(bytes) = snapshot.files.get(&app_yaml) else {
+        if snapshot.too_large.contains_key(&app_yaml) {
+            return None; // reported with its size
+        }
         diags.push(Diagnostic::error(
             app_yaml.as_str(),
             0,
@@ -525,7 +528,7 @@ fn load_app(
 
     let compose_name = match &parsed.compose {
         Some(c) => match compose::normalize_relative(&c.value).filter(|s| !s.is_empty()) {
-            Some(n) if snapshot.files.contains_key(&format!("{dir}/{n}")) => Some(n),
+            Some(n) if committed(snapshot, &format!("{dir}/{n}")) => Some(n),
             _ => {
                 err(diags, Pos::of(c), format!("compose file `{}` does not exist in apps/{app}/", c.value));
                 None
@@ -533,7 +536,7 @@ fn load_app(
         },
         None => {
             let default = format!("{dir}/compose.yaml");
-            if snapshot.files.contains_key(&default) {
+            if committed(snapshot, &default) {
                 Some("compose.yaml".to_string())
             } else {
                 for alt in ["docker-compose.yaml", "docker-compose.yml", "compose.yml"] {
@@ -588,6 +591,11 @@ fn load_app(
         })
     });
     Some(App { name: app.to_string(), selector, files, compose })
+}
+
+/// Whether the commit holds `path`, read or too large to read (reported with its size).
+fn committed(snapshot: &Snapshot, path: &str) -> bool {
+    snapshot.files.contains_key(path) || snapshot.too_large.contains_key(path)
 }
 
 /// A variable's value for `${VAR}`: scalars only.
