@@ -54,7 +54,7 @@ fn lfs_diagnostic(path: &str, size: Option<u64>, line: u64, column: u64) -> Diag
             "is a Git LFS pointer, not the file{real}: the bundler reads what is committed to Git \
              and does not fetch LFS objects (`git lfs pull` changes only the working tree, which the \
              bundler never reads); commit the file itself without LFS (`git lfs untrack` its pattern, \
-             `git add --renormalize`); large-file delivery as artifacts is not supported yet"
+             `git add --renormalize .`); large-file delivery as artifacts is not supported yet"
         ),
     )
 }
