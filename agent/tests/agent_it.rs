@@ -235,7 +235,9 @@ fn device(extra: &str) -> Device {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().join("root");
     let key = SigningKey::from_seed(&[42; 32]);
-    let config = dir.path().join("agent.toml");
+    // Not beside root/: an allowed root must lie apart from the directory of agent.toml.
+    std::fs::create_dir(dir.path().join("etc")).expect("mkdir etc");
+    let config = dir.path().join("etc/agent.toml");
     let text = format!(
         "device = \"gw-01\"\nfleet = \"acme\"\nstate_dir = \"{}\"\nallowed_roots = [\"{}\"]\nhealth_timeout_secs = 10\nstatus_min_interval_ms = 100\n{extra}\n[trust]\npublic_keys = [\"{}\"]\n[engine]\nsocket = \"none\"\n",
         dir.path().join("state").display(),
