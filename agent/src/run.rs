@@ -63,6 +63,11 @@ fn is_drift_action(action: &str) -> bool {
         || action.starts_with("health_status") && action.contains("unhealthy")
 }
 
+/// How long one step of work (an apply with its health waits, a recovery) keeps the
+/// systemd watchdog fed beyond twice the health timeout. Past that the pings stop and
+/// systemd restarts a hung agent; recovery resumes from the journal.
+const MAX_STEP_BESIDES_HEALTH: Duration = Duration::from_secs(30 * 60);
+
 /// Network work that runs beside the main loop.
 type Task<T> = Pin<Box<dyn Future<Output = T>>>;
 
@@ -130,10 +135,34 @@ pub async fn run<E: Engine>(
     let mut shutdown = pin!(shutdown);
     let mut result = Ok(());
 
+    // systemd's notify protocol: READY once started, WATCHDOG keep-alives from this loop
+    // (a hung loop stops them, and systemd restarts the agent), STOPPING at the end.
+    let notifier = crate::notify::Notifier::from_env();
+    let keepalive_every = notifier.as_ref().and_then(|n| n.keepalive_interval());
+    let mut keepalive = tokio::time::interval(keepalive_every.unwrap_or(Duration::from_secs(3600)));
+    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let max_step = cfg.health_timeout * 2 + MAX_STEP_BESIDES_HEALTH;
+    let ping = |since: Instant| {
+        if let Some(n) = notifier.as_ref().filter(|_| since.elapsed() < max_step) {
+            n.ping();
+        }
+    };
+    // Before recovery: it may wait for health longer than systemd's start timeout.
+    if let Some(n) = &notifier {
+        n.ready();
+    }
+
     tracing::info!(device = %cfg.device, fleet = %cfg.fleet, version = crate::agent::AGENT_VERSION, "fleet-agent starting");
-    let started = tokio::select! {
-        r = runner.agent.recover() => Some(r),
-        _ = &mut shutdown => None,
+    let step_started = Instant::now();
+    let started = {
+        let mut recovering = pin!(runner.agent.recover());
+        loop {
+            tokio::select! {
+                r = &mut recovering => break Some(r),
+                _ = &mut shutdown => break None,
+                _ = keepalive.tick(), if keepalive_every.is_some() => ping(step_started),
+            }
+        }
     };
     if let Some(r) = started {
         if let Err(e) = r {
@@ -157,6 +186,10 @@ pub async fn run<E: Engine>(
             // timers.
             let work = tokio::select! {
                 _ = &mut shutdown => break,
+                _ = keepalive.tick(), if keepalive_every.is_some() => {
+                    ping(Instant::now());
+                    continue;
+                }
                 r = maybe(runner.download.as_mut().map(|d| &mut d.task)) => Work::Fetched(r),
                 r = maybe(runner.poll.as_mut()) => Work::Polled(r),
                 msg = inbound.recv() => Work::Inbound(msg),
@@ -184,24 +217,34 @@ pub async fn run<E: Engine>(
                 }
                 _ => {}
             }
-            let interrupted = tokio::select! {
-                r = runner.handle(work) => {
-                    if let Err(e) = r {
-                        tracing::error!("{e}");
-                        if !runner.agent.state().is_rest() {
-                            // Mid-flight with the journal unwritable: only a restart's
-                            // recovery can finish this (case 4).
-                            tracing::error!(
-                                state = %runner.agent.state(),
-                                "the apply path cannot continue; exiting so that journal recovery runs on the restart"
-                            );
-                            result = Err(RunError::Wedged(e));
-                            break;
-                        }
+            let step_started = Instant::now();
+            let handled = {
+                let mut handling = pin!(runner.handle(work));
+                loop {
+                    tokio::select! {
+                        r = &mut handling => break Some(r),
+                        _ = &mut shutdown => break None,
+                        _ = keepalive.tick(), if keepalive_every.is_some() => ping(step_started),
                     }
+                }
+            };
+            let interrupted = match handled {
+                None => true,
+                Some(Err(e)) if !runner.agent.state().is_rest() => {
+                    // Mid-flight with the journal unwritable: only a restart's recovery
+                    // can finish this (case 4).
+                    tracing::error!(
+                        state = %runner.agent.state(),
+                        "{e}; the apply path cannot continue: exiting so that journal recovery runs on the restart"
+                    );
+                    result = Err(RunError::Wedged(e));
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::error!("{e}");
                     false
                 }
-                _ = &mut shutdown => true,
+                Some(Ok(())) => false,
             };
             if interrupted {
                 tracing::warn!(
@@ -212,6 +255,9 @@ pub async fn run<E: Engine>(
         }
     }
     tracing::info!("fleet-agent stopping");
+    if let Some(n) = &notifier {
+        n.stopping();
+    }
     if sideload.is_some() {
         let _ = std::fs::remove_file(crate::sideload::socket_path(&cfg.state_dir));
     }
