@@ -333,6 +333,8 @@ impl<E: Engine> Runner<E> {
             }
             Work::Inbound(Inbound::Bundle(bytes)) => {
                 if !bytes.is_empty() {
+                    // The candidate that waits for these bytes is due now.
+                    self.candidates.wake(&fleet_spec::bundle::content_address(&bytes), Instant::now());
                     self.blob = Some(bytes);
                     self.try_next().await?;
                 }

@@ -116,6 +116,15 @@ impl Candidates {
         }
     }
 
+    /// Makes every candidate naming `digest` due at `now` (its bytes just arrived).
+    pub fn wake(&mut self, digest: &str, now: Instant) {
+        for c in [&mut self.pointer, &mut self.mqtt].into_iter().flatten() {
+            if c.ann.digest == digest {
+                c.next_try = now;
+            }
+        }
+    }
+
     /// Whether a candidate expects its bundle as a retained MQTT message.
     pub fn wants_blob(&self) -> bool {
         [&self.pointer, &self.mqtt].into_iter().flatten().any(|c| c.ann.mqtt_blob)
