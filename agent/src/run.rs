@@ -371,10 +371,9 @@ impl<E: Engine> Runner<E> {
             Work::Fetched(result) => {
                 let d = self.download.take().expect("a download was in flight");
                 match result {
-                    Ok(bytes) => {
-                        self.agent.set_downloading(false);
-                        self.apply(d.source, &d.digest, &bytes).await?;
-                    }
+                    // Still `downloading` until the apply path takes over (one status
+                    // change, one status.json write, less).
+                    Ok(bytes) => self.apply(d.source, &d.digest, &bytes).await?,
                     Err(e) => {
                         self.agent.fetch_failed(&d.digest, e.code(), &e.to_string());
                         self.candidates.failed(d.source, &d.digest, Instant::now());

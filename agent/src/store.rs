@@ -326,6 +326,34 @@ mod tests {
         assert!(!rejected.contains_key(&format!("{:064}", 0)), "oldest dropped");
     }
 
+    /// Hardening I, case 7: `partial/` holds only the downloads still wanted.
+    #[test]
+    fn partial_downloads_of_digests_no_longer_wanted_are_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path().join("state"));
+        store.create().expect("create");
+        let (keep, gone) = ("a".repeat(64), "b".repeat(64));
+        fs::write(store.partial_path(&keep), b"half").expect("write");
+        fs::write(store.partial_path(&gone), b"junk from a hostile server").expect("write");
+        store.prune_partials(&[&keep]).expect("prune");
+        assert!(store.partial_path(&keep).exists());
+        assert!(!store.partial_path(&gone).exists());
+    }
+
+    #[test]
+    fn originals_round_trip_and_are_forgotten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::new(dir.path().join("state"));
+        store.create().expect("create");
+        let original = Original { mode: 0o600, uid: 0, gid: 0, sha256: "x".into() };
+        store.save_original("/srv/app/device.pem", original.clone(), b"cert").expect("save");
+        assert_eq!(store.original("/srv/app/device.pem").expect("load"), Some((original, b"cert".to_vec())));
+        assert_eq!(store.original("/srv/app/other").expect("load"), None);
+        store.forget_original("/srv/app/device.pem").expect("forget");
+        assert_eq!(store.original("/srv/app/device.pem").expect("load"), None);
+        assert_eq!(fs::read_dir(store.dir().join("originals")).expect("ls").count(), 0);
+    }
+
     #[test]
     fn a_damaged_status_cache_reads_as_absent_but_damaged_state_is_an_error() {
         use fleet_spec::messages::{DeviceState, FileCounts};

@@ -63,7 +63,10 @@ impl<E: Engine> Agent<E> {
 
     async fn try_apply(&mut self, digest: &str, bytes: &[u8]) -> Result<Outcome, AgentError> {
         let digest = digest.to_string();
+        // A download beside the loop ends here: `fetching` reports `downloading` too.
+        self.downloading = false;
         if self.applied_digest() == Some(digest.as_str()) {
+            self.publish_status();
             return Ok(Outcome::AlreadyApplied);
         }
         self.on(Command::Fetch)?;
