@@ -133,7 +133,7 @@ pub const MAX_RESUMES: u32 = 8;
 /// An HTTP(S) client for bundles and pointer files.
 pub struct Fetcher {
     ca_file: Option<std::path::PathBuf>,
-    tls: std::cell::OnceCell<Arc<rustls::ClientConfig>>,
+    tls: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
     timeout: Duration,
     deadline: Duration,
     min_bytes_per_sec: u64,
@@ -183,7 +183,7 @@ impl Fetcher {
     pub fn new(cfg: &FetchConfig, max_bytes: u64) -> Self {
         Fetcher {
             ca_file: cfg.ca_file.clone(),
-            tls: std::cell::OnceCell::new(),
+            tls: std::sync::OnceLock::new(),
             timeout: cfg.timeout,
             deadline: cfg.deadline,
             min_bytes_per_sec: cfg.min_bytes_per_sec,

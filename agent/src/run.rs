@@ -68,8 +68,28 @@ fn is_drift_action(action: &str) -> bool {
 /// systemd restarts a hung agent; recovery resumes from the journal.
 const MAX_STEP_BESIDES_HEALTH: Duration = Duration::from_secs(30 * 60);
 
-/// Network work that runs beside the main loop.
-type Task<T> = Pin<Box<dyn Future<Output = T>>>;
+/// Network work that runs beside the main loop: a task of its own, so it makes progress
+/// whenever the loop awaits (an apply's engine calls, a health wait), not only between
+/// work items; aborted when dropped.
+struct Task<T>(tokio::task::JoinHandle<Result<T, FetchError>>);
+
+impl<T: Send + 'static> Task<T> {
+    fn spawn(work: impl Future<Output = Result<T, FetchError>> + Send + 'static) -> Self {
+        Task(tokio::spawn(work))
+    }
+
+    async fn join(&mut self) -> Result<T, FetchError> {
+        (&mut self.0).await.unwrap_or_else(|e| {
+            Err(FetchError::Network { url: "(download task)".into(), reason: e.to_string() })
+        })
+    }
+}
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 enum Work {
     Inbound(Inbound),
@@ -88,17 +108,17 @@ enum Work {
 struct Download {
     source: Source,
     digest: String,
-    task: Task<Result<Vec<u8>, FetchError>>,
+    task: Task<Vec<u8>>,
 }
 
 struct Runner<E: Engine> {
     agent: Agent<E>,
-    fetcher: Rc<Fetcher>,
+    fetcher: std::sync::Arc<Fetcher>,
     mqtt: Option<Mqtt>,
     candidates: Candidates,
     blob: Option<Vec<u8>>,
     download: Option<Download>,
-    poll: Option<Task<Result<Option<Vec<u8>>, FetchError>>>,
+    poll: Option<Task<Option<Vec<u8>>>>,
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -122,7 +142,7 @@ pub async fn run<E: Engine>(
     let (report_tx, report_rx) = unbounded_channel();
     let (mqtt, mut inbound) = start_mqtt(&cfg, report_rx)?;
     let agent = Agent::new(cfg.clone(), engine.clone(), clock, Some(report_tx))?;
-    let fetcher = Rc::new(Fetcher::new(&cfg.fetch, cfg.limits.max_bundle_len()));
+    let fetcher = std::sync::Arc::new(Fetcher::new(&cfg.fetch, cfg.limits.max_bundle_len()));
     let mut runner = Runner {
         agent,
         fetcher,
@@ -268,10 +288,10 @@ pub async fn run<E: Engine>(
     result
 }
 
-/// Runs a task to completion; never, without one.
-async fn maybe<T>(task: Option<&mut Task<T>>) -> T {
+/// Waits for a task; never, without one.
+async fn maybe<T: Send + 'static>(task: Option<&mut Task<T>>) -> Result<T, FetchError> {
     match task {
-        Some(task) => task.await,
+        Some(task) => task.join().await,
         None => std::future::pending().await,
     }
 }
@@ -349,7 +369,7 @@ impl<E: Engine> Runner<E> {
                     let url = fetch::pointer_url(&base, &self.agent.config().device);
                     let fetcher = self.fetcher.clone();
                     self.poll =
-                        Some(Box::pin(async move { fetcher.get_small(&url, fetch::MAX_POINTER).await }));
+                        Some(Task::spawn(async move { fetcher.get_small(&url, fetch::MAX_POINTER).await }));
                 }
             }
             Work::Polled(result) => {
@@ -499,7 +519,7 @@ impl<E: Engine> Runner<E> {
             let partial = self.agent.store().partial_path(&digest);
             let fetcher = self.fetcher.clone();
             let wanted = digest.clone();
-            let task: Task<_> = Box::pin(async move { fetcher.fetch_bundle(&urls, &wanted, &partial).await });
+            let task = Task::spawn(async move { fetcher.fetch_bundle(&urls, &wanted, &partial).await });
             self.download = Some(Download { source: c.source, digest, task });
             self.agent.set_downloading(true);
             return Ok(());
