@@ -20,6 +20,11 @@ use sha2::{Digest, Sha256};
 use crate::core::paths::{self, PathError};
 use crate::core::plan::OnDisk;
 
+mod hook;
+use hook::Point;
+#[cfg(test)]
+mod attack_tests;
+
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
     #[error(transparent)]
@@ -114,6 +119,7 @@ pub fn resolve(path: &str, roots: &[PathBuf], create: bool) -> Result<PathBuf, F
 /// Writes a managed file atomically at its resolved path.
 pub fn write_managed(file: &ManagedFile, roots: &[PathBuf]) -> Result<PathBuf, FileError> {
     let target = resolve(&file.path, roots, true)?;
+    hook::at(Point::AfterResolve, &target);
     write_atomic(&target, &file.content, file.mode, file.owner.map(|o| (o.uid, o.gid)))?;
     Ok(target)
 }
@@ -149,6 +155,7 @@ fn replace(
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.fleet-tmp.{}", std::process::id()));
     let result = (|| {
+        hook::at(Point::BeforeTempOpen, &tmp);
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -158,11 +165,13 @@ fn replace(
             .open(&tmp)
             .map_err(io("create temp file", &tmp))?;
         f.write_all(content).map_err(io("write", &tmp))?;
+        hook::at(Point::BeforeChmod, &tmp);
         fs::set_permissions(&tmp, Permissions::from_mode(mode & 0o7777)).map_err(io("chmod", &tmp))?;
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(&tmp, Some(uid), Some(gid)).map_err(io("chown", &tmp))?;
         }
         f.sync_all().map_err(io("fsync", &tmp))?;
+        hook::at(Point::BeforeRename, &tmp);
         fs::rename(&tmp, target).map_err(io("rename into place", target))?;
         if durable_rename {
             sync_dir(dir)?;
@@ -211,6 +220,7 @@ pub fn remove_managed(path: &str, roots: &[PathBuf]) -> Result<(), FileError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io("inspect", &target)(e)),
     }
+    hook::at(Point::BeforeUnlink, &target);
     fs::remove_file(&target).map_err(io("remove", &target))?;
     if let Some(dir) = target.parent() {
         sync_dir(dir)?;
@@ -234,6 +244,7 @@ pub fn observe(path: &str, roots: &[PathBuf]) -> Result<Option<OnDisk>, FileErro
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io("inspect", &target)(e)),
     };
+    hook::at(Point::BeforeRead, &target);
     Ok(Some(OnDisk { sha256: sha256_file(&target)?, mode: meta.permissions().mode() & 0o7777 }))
 }
 
