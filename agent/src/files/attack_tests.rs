@@ -175,8 +175,9 @@ fn symlink_renamed_over_temp_file_leaves_outside_mode_and_owner() {
             }
         });
         let target = s.path("app/new.conf");
-        let _ = write_managed(&file(&target, b"x", 0o4755, Some((4242, 4242))), &s.roots);
+        let result = write_managed(&file(&target, b"x", 0o4755, Some((4242, 4242))), &s.roots);
         assert_eq!(snapshot(&s.outside), before, "{how}: outside mode and owner unchanged");
+        assert!(matches!(result, Err(FileError::TempReplaced { .. })), "{how}: reported: {result:?}");
         if let Ok(m) = fs::symlink_metadata(&target) {
             assert!(!m.file_type().is_symlink(), "{how}: the attacker's symlink was not put in place");
         }

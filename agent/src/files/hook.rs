@@ -5,8 +5,6 @@
 //! Compiled only for the crate's own tests; in any other build [`at`] is an empty inline
 //! function. A hook is per thread, so tests running in parallel do not see each other's.
 
-use std::path::Path;
-
 /// Where the adapter is between a check and a use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Point {
@@ -72,7 +70,7 @@ pub(crate) use imp::{at, install};
 /// No hooks outside the crate's tests.
 #[cfg(not(test))]
 #[inline(always)]
-pub(crate) fn at(_point: Point, _path: &Path) {}
+pub(crate) fn at(_point: Point, _path: &std::path::Path) {}
 
 #[cfg(test)]
 mod walk_switch {
@@ -97,11 +95,34 @@ mod walk_switch {
         }
     }
 
-    #[allow(dead_code)]
     pub(crate) fn walk_forced() -> bool {
         FORCE_WALK.with(Cell::get)
+    }
+
+    thread_local! {
+        static OPENAT2_HITS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// Counts the directories this thread opened with one `openat2` call.
+    pub(crate) fn note_openat2() {
+        OPENAT2_HITS.with(|n| n.set(n.get() + 1));
+    }
+
+    pub(crate) fn openat2_hits() -> u64 {
+        OPENAT2_HITS.with(Cell::get)
     }
 }
 
 #[cfg(test)]
-pub(crate) use walk_switch::{force_walk, walk_forced};
+pub(crate) use walk_switch::{force_walk, note_openat2, openat2_hits, walk_forced};
+
+/// Outside the crate's tests the resolver is never forced.
+#[cfg(not(test))]
+#[inline(always)]
+pub(crate) fn walk_forced() -> bool {
+    false
+}
+
+#[cfg(not(test))]
+#[inline(always)]
+pub(crate) fn note_openat2() {}
