@@ -526,6 +526,65 @@ mod tests {
     }
 
     #[test]
+    fn a_directory_at_a_managed_path_is_never_replaced_nor_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("app/conf.d")).expect("mkdir");
+        let roots = vec![root.clone()];
+        let path = format!("{}/app/conf.d", root.display());
+        let err = write_managed(&file(&path, b"x"), &roots).expect_err("write over a directory");
+        assert!(matches!(err, FileError::IsADirectory { .. }), "{err}");
+        let err = remove_managed(&path, &roots).expect_err("remove a directory");
+        assert!(matches!(err, FileError::IsADirectory { .. }), "{err}");
+        assert!(root.join("app/conf.d").is_dir());
+        let leftovers: Vec<_> = fs::read_dir(root.join("app")).expect("ls").collect();
+        assert_eq!(leftovers.len(), 1, "the temp file was cleaned up");
+    }
+
+    #[test]
+    fn a_file_as_a_parent_directory_is_named_in_the_error() {
+        for walk in [false, true] {
+            let _walk = hook::force_walk(walk);
+            let dir = tempfile::tempdir().expect("tempdir");
+            let root = dir.path().join("root");
+            fs::create_dir_all(&root).expect("mkdir");
+            fs::write(root.join("app"), b"a file").expect("write");
+            let roots = vec![root.clone()];
+            let err = write_managed(&file(&format!("{}/app/a.conf", root.display()), b"x"), &roots)
+                .expect_err("parent is a file");
+            assert!(matches!(&err, FileError::NotADirectory { path } if path == &root.join("app")), "{err}");
+            assert_eq!(err.code(), "file_write_failed");
+        }
+    }
+
+    #[test]
+    fn the_reserved_owner_id_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        let roots = vec![root.clone()];
+        let mut f = file(&format!("{}/a", root.display()), b"x");
+        f.owner = Some(fleet_spec::model::Owner { uid: u32::MAX, gid: 0 });
+        let err = write_managed(&f, &roots).expect_err("uid -1 means 'unchanged' to the kernel");
+        assert!(matches!(err, FileError::BadOwner { .. }), "{err}");
+        assert!(!root.join("a").exists());
+    }
+
+    #[test]
+    fn preflight_through_a_symlinked_directory_creates_nothing_and_names_the_link() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        fs::create_dir_all(&root).expect("mkdir");
+        symlink(dir.path(), root.join("up")).expect("symlink");
+        let roots = vec![root.clone()];
+        let err = resolve(&format!("{}/up/new/x", root.display()), &roots, false).expect_err("refused");
+        assert!(
+            matches!(&err, FileError::Policy(PathError::SymlinkEscape { link, .. }) if link == &root.join("up")),
+            "{err}"
+        );
+        assert!(!dir.path().join("new").exists());
+    }
+
+    #[test]
     fn preflight_changes_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("root");
