@@ -72,11 +72,14 @@ pub(super) fn open_dir(
                 super::hook::note_openat2();
                 return Ok(Some(fd));
             }
-            // Not in this kernel, or refused by a seccomp filter: walk from now on.
-            Err(Errno::NOSYS | Errno::PERM) => OPENAT2.store(OPENAT2_NO, Ordering::Relaxed),
+            // Not in this kernel, refused by a seccomp filter, or a kernel that does not
+            // know these flags: walk from now on (just as safe, one call per component).
+            Err(Errno::NOSYS | Errno::PERM | Errno::INVAL | Errno::TOOBIG) => {
+                OPENAT2.store(OPENAT2_NO, Ordering::Relaxed)
+            }
             // A missing directory (to create), a symlink or a non-directory on the way:
             // the walk below creates the first, and names the component for the others.
-            Err(_) => OPENAT2.store(OPENAT2_YES, Ordering::Relaxed),
+            Err(_) => {}
         }
     }
     walk(root, root_path, parts, create, path)
