@@ -112,7 +112,8 @@ fn locate(path: &str, roots: &[PathBuf], create: bool) -> Result<Option<Located>
     for c in rel.components() {
         match c {
             Component::Normal(p) => parts.push(p),
-            _ => unreachable!("paths::check refuses '.', '..' and empty components"),
+            // paths::check refuses these already; never panic on a bundle's path.
+            _ => return Err(PathError::NotNormal { path: path.into() }.into()),
         }
     }
     let name = parts.pop().expect("a path strictly under its root has a last component").to_os_string();
