@@ -2,7 +2,8 @@
 //!
 //! A managed file's path must be absolute, free of `.`/`..`/empty components and NUL
 //! bytes, and lie strictly below one of the device's `allowed_roots`. The other half,
-//! symlinks on the real filesystem, is checked by `files::resolve` right before writing.
+//! symlinks on the real filesystem, is enforced by `files`, which opens every directory
+//! below the root without following symlinks.
 //!
 //! Pure: never touches the filesystem.
 
@@ -18,17 +19,16 @@ pub enum PathError {
     Nul { path: String },
     #[error("path {path:?} is outside the allowed roots {roots:?} (see allowed_roots in agent.toml)")]
     OutsideRoots { path: String, roots: Vec<PathBuf> },
-    #[error("path {path:?} leaves the allowed roots through the symlink {link:?}")]
+    /// A symlinked directory below the root, wherever it points: never followed.
+    #[error("path {path:?} goes through the symlink {link:?}; the agent never follows a symlinked directory below an allowed root: make it a real directory, or name the real path in the repository")]
     SymlinkEscape { path: String, link: PathBuf },
-    #[error("path {path:?} is a symlink; the agent never writes through a symlink")]
-    FinalSymlink { path: String },
 }
 
 impl PathError {
     /// Stable reason code for status reports.
     pub fn code(&self) -> &'static str {
         match self {
-            PathError::SymlinkEscape { .. } | PathError::FinalSymlink { .. } => "symlink_escape",
+            PathError::SymlinkEscape { .. } => "symlink_escape",
             _ => "path_not_allowed",
         }
     }
