@@ -171,6 +171,9 @@ pub fn check(policy: &EnginePolicy, state: &DesiredState, paths: &DevicePaths) -
 
 /// The policy's paths and names, normalized once.
 struct Limits {
+    /// The device's `allowed_roots`, normalized.
+    allowed_roots: Vec<String>,
+    /// `allowed_roots` and `bind_roots`.
     bind_roots: Vec<String>,
     /// Normalized protected paths with their `/run` ⇄ `/var/run` aliases.
     protected: Vec<String>,
@@ -185,7 +188,8 @@ impl Limits {
     fn new(policy: &EnginePolicy, paths: &DevicePaths) -> Limits {
         let norm_all =
             |list: &[String]| -> Vec<String> { list.iter().filter_map(|p| normalize(p)).collect() };
-        let mut bind_roots = norm_all(&paths.allowed_roots);
+        let allowed_roots = norm_all(&paths.allowed_roots);
+        let mut bind_roots = allowed_roots.clone();
         bind_roots.extend(norm_all(&policy.bind_roots));
         let own_socket: Vec<String> =
             paths.engine_socket.iter().filter_map(|s| normalize(s)).flat_map(|s| with_alias(&s)).collect();
@@ -194,6 +198,7 @@ impl Limits {
         protected.extend(WELL_KNOWN_SOCKETS.iter().flat_map(|s| with_alias(s)));
         protected.extend(own_socket.iter().cloned());
         Limits {
+            allowed_roots,
             bind_roots,
             protected,
             own_socket,
@@ -354,7 +359,13 @@ fn check_bind(
         }
         return;
     }
-    if let Some(p) = limits.protected.iter().find(|p| at_or_below(&path, p) || at_or_below(p, &path)) {
+    // A root the device put inside a protected directory (a test's temp dir holding
+    // `agent.toml` and the root) is the device's choice: binds inside it pass that one.
+    let nested_root = |p: &String| {
+        limits.allowed_roots.iter().any(|r| r != p && at_or_below(r, p) && at_or_below(&path, r))
+    };
+    let reaches = |p: &&String| (at_or_below(&path, p) || at_or_below(p, &path)) && !nested_root(p);
+    if let Some(p) = limits.protected.iter().find(reaches) {
         let why = if WELL_KNOWN_SOCKETS.iter().any(|s| with_alias(s).contains(p)) {
             "it is or holds a container engine's socket"
         } else {
@@ -671,6 +682,28 @@ mod tests {
             assert!(v[0].to_string().contains("no policy key allows it"), "{}", v[0]);
         }
         assert!(rules(&wide_open, bind("/etc/nginx")).is_empty());
+    }
+
+    #[test]
+    fn an_allowed_root_inside_the_config_dir_is_bindable_but_not_its_parent() {
+        let nested = DevicePaths {
+            allowed_roots: vec!["/tmp/dev/root".into()],
+            engine_socket: None,
+            protected: vec!["/tmp/dev".into(), "/tmp/dev/state".into()],
+        };
+        let check_one = |source: &str| {
+            check(&EnginePolicy::default(), &state_of(bind(source)), &nested)
+                .into_iter()
+                .map(|v| v.rule)
+                .collect::<Vec<_>>()
+        };
+        assert!(check_one("/tmp/dev/root/app").is_empty());
+        assert!(check_one("/tmp/dev/root").is_empty());
+        assert_eq!(check_one("/tmp/dev/root/../agent.toml"), [Rule::ProtectedPath]);
+        assert_eq!(check_one("/tmp/dev"), [Rule::ProtectedPath]);
+        let wide = EnginePolicy { bind_roots: vec!["/tmp".into()], ..Default::default() };
+        assert_eq!(check(&wide, &state_of(bind("/tmp/dev/state")), &nested)[0].rule, Rule::ProtectedPath);
+        assert_eq!(check(&wide, &state_of(bind("/tmp/dev/other")), &nested)[0].rule, Rule::ProtectedPath);
     }
 
     #[test]
