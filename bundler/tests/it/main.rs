@@ -6,5 +6,6 @@ mod build;
 mod common;
 mod mqtt;
 mod plan;
+mod policy;
 mod registry;
 mod validate;
