@@ -35,15 +35,37 @@ pub fn device_paths(cfg: &Config) -> DevicePaths {
     }
 }
 
-/// Why `state` exceeds the device's engine policy (every violation, `; `-separated),
-/// or `None` when it does not.
+/// How many violations a refusal spells out; the rest are counted.
+const SHOWN: usize = 8;
+/// The longest refusal reason (it goes to the log, `rejected.json`, status and events).
+const MAX_REASON: usize = 4096;
+
+/// Why `state` exceeds the device's engine policy (the violations, `; `-separated, the
+/// first [`SHOWN`] spelled out and the text bounded, control characters escaped: the
+/// bundle's names and paths are not to be trusted), or `None` when it does not.
 pub fn refusal(cfg: &Config, state: &DesiredState) -> Option<String> {
     let violations = policy::check(&cfg.engine_policy.policy, state, &device_paths(cfg));
     if violations.is_empty() {
         return None;
     }
-    let all: Vec<String> = violations.iter().map(|v| v.describe(KeyStyle::AgentToml)).collect();
-    Some(all.join("; "))
+    let shown: Vec<String> = violations.iter().take(SHOWN).map(|v| v.describe(KeyStyle::AgentToml)).collect();
+    let mut reason: String = shown
+        .join("; ")
+        .chars()
+        .flat_map(|c| if c.is_control() { c.escape_default().collect() } else { vec![c] })
+        .collect();
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push_str("...");
+    }
+    if violations.len() > SHOWN {
+        reason.push_str(&format!("; and {} more violation(s)", violations.len() - SHOWN));
+    }
+    Some(reason)
 }
 
 #[cfg(test)]
@@ -102,5 +124,22 @@ mod tests {
         assert!(reason.contains("engine.policy.allow_engine_socket = true"), "{reason}");
         let open = config("[engine.policy]\nallow_privileged = true\nallow_engine_socket = true\n");
         assert_eq!(refusal(&open, &state), None);
+    }
+
+    #[test]
+    fn a_bundle_with_many_violations_gets_a_bounded_reason_with_control_characters_escaped() {
+        let cfg = config("");
+        let mut state = with_bind(&format!("/evil\n{}", "x".repeat(10_000)));
+        let template = state.containers[0].clone();
+        for i in 0..100 {
+            let mut c = template.clone();
+            c.name = format!("c{i}");
+            c.privileged = true;
+            state.containers.push(c);
+        }
+        let reason = refusal(&cfg, &state).expect("refused");
+        assert!(!reason.contains('\n'), "control characters are escaped");
+        assert!(reason.len() < MAX_REASON + 100, "bounded: {} bytes", reason.len());
+        assert!(reason.ends_with("; and 193 more violation(s)"), "{}", &reason[reason.len() - 60..]);
     }
 }
