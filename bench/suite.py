@@ -408,7 +408,9 @@ class DeviceBench:
     def spawn_agent(self, device, binary, extra=None, env=None, tag="agent", wrap=()):
         """Starts an agent for `device` (under the `wrap` command, if any) and waits for its
         first status after the start."""
-        cfg = agent_config(os.path.join(self.dir, f"{tag}.toml"), device, os.path.join(self.dir, f"state-{device}"),
+        # The config lives beside the roots, never above them (the agent refuses an
+        # allowed root inside its config directory).
+        cfg = agent_config(os.path.join(self.dir, "cfg", f"{tag}.toml"), device, os.path.join(self.dir, f"state-{device}"),
                            [os.path.join(self.roots, device)], self.fleet.pubkey, self.mqtt_url,
                            self.tls and self.tls["ca"], self.http.url, self.engine, extra)
         os.makedirs(os.path.join(self.roots, device), exist_ok=True)

@@ -24,6 +24,7 @@ BASE_PKGS=(
     time curl git ca-certificates jq
     strace # the benchmark counts the agent's fsyncs
     iproute2 # the test harness gives each dockerd its own bridge (`ip link add`)
+    git-lfs # the bundler's tests make real Git LFS pointer files
 )
 CROSS_ARCH=arm64
 # The agent is built static against musl, with std compiled from rust-web-src

@@ -74,7 +74,7 @@ pub struct RawTrust {
     pub threshold: Option<usize>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFetch {
     pub base_url: Option<String>,
@@ -82,6 +82,8 @@ pub struct RawFetch {
     pub ca_file: Option<PathBuf>,
     pub max_bundle_bytes: Option<u64>,
     pub timeout_secs: Option<u64>,
+    pub deadline_secs: Option<u64>,
+    pub min_bytes_per_sec: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,7 +165,14 @@ pub struct FetchConfig {
     pub base_url: Option<String>,
     pub poll_interval: Duration,
     pub ca_file: Option<PathBuf>,
+    /// Connecting, and each read of a response: longer without a byte is a failure.
     pub timeout: Duration,
+    /// A whole download from one URL, resumes included.
+    pub deadline: Duration,
+    /// After the first `timeout` of a download, its average rate must stay at or above
+    /// this (bytes per second), or the URL is left for now: a server that trickles a
+    /// byte now and then cannot hold the agent for the whole deadline.
+    pub min_bytes_per_sec: u64,
 }
 
 /// The validated configuration.
@@ -192,6 +201,11 @@ pub struct Config {
 
 pub const DEFAULT_ENGINE_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_MAX_BUNDLE: u64 = 64 << 20;
+/// A whole download from one URL: 15 minutes (64 MiB at 75 KB/s, a poor cellular link).
+pub const DEFAULT_DEADLINE_SECS: u64 = 900;
+/// 1 KiB/s: slower than any link a device updates over, faster than a server that
+/// trickles bytes to hold the agent.
+pub const DEFAULT_MIN_BYTES_PER_SEC: u64 = 1024;
 
 impl Config {
     /// Reads and validates `agent.toml`.
@@ -237,6 +251,7 @@ impl Config {
             }
             allowed_roots.push(root.clone());
         }
+        check_roots_apart(&allowed_roots, &raw.state_dir, base)?;
         let log_format = match raw.log_format.as_deref() {
             None | Some("human") => LogFormat::Human,
             Some("json") => LogFormat::Json,
@@ -274,13 +289,7 @@ impl Config {
         let threshold = raw.trust.threshold.unwrap_or(1);
         let trusted = TrustedKeys::new(keys, threshold).map_err(|e| key_err("trust", e))?;
 
-        let fetch_raw = raw.fetch.unwrap_or(RawFetch {
-            base_url: None,
-            poll_interval_secs: None,
-            ca_file: None,
-            max_bundle_bytes: None,
-            timeout_secs: None,
-        });
+        let fetch_raw = raw.fetch.unwrap_or_default();
         let mut limits = Limits::default();
         let max_bundle = fetch_raw.max_bundle_bytes.unwrap_or(DEFAULT_MAX_BUNDLE);
         if max_bundle < 1024 {
@@ -311,9 +320,11 @@ impl Config {
             poll_interval: secs("fetch.poll_interval_secs", fetch_raw.poll_interval_secs, 300, 5)?,
             ca_file: fetch_raw.ca_file.map(|p| resolve_path(base, &p)),
             timeout: secs("fetch.timeout_secs", fetch_raw.timeout_secs, 60, 1)?,
+            deadline: secs("fetch.deadline_secs", fetch_raw.deadline_secs, DEFAULT_DEADLINE_SECS, 1)?,
+            min_bytes_per_sec: fetch_raw.min_bytes_per_sec.unwrap_or(DEFAULT_MIN_BYTES_PER_SEC),
         };
         if let Some(ca) = &fetch.ca_file {
-            check_readable("fetch.ca_file", ca)?;
+            check_ca_file("fetch.ca_file", ca)?;
         }
 
         let engine = raw.engine.unwrap_or(RawEngine {
@@ -364,6 +375,20 @@ impl Config {
             stop_grace_secs: engine.stop_grace_secs.unwrap_or(10),
             engine_policy: engine_policy(engine.policy.unwrap_or_default(), base)?,
         })
+    }
+
+    /// Settings that are valid but unwise, one sentence each (`check-config` prints
+    /// them, `run` logs them at start).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some(m) = self.mqtt.as_ref().filter(|m| !m.tls && m.password.is_some()) {
+            warnings.push(format!(
+                "config key `mqtt.password`: the password (or password_file) is sent in clear text to \
+                 mqtt://{}:{} (no TLS), readable by anyone on the network path: use an mqtts:// url",
+                m.host, m.port
+            ));
+        }
+        warnings
     }
 
     /// The registry credentials for an image reference (matched by registry host).
@@ -464,12 +489,11 @@ fn mqtt_config(m: RawMqtt, device: &str, base: &Path) -> Result<MqttConfig, Conf
     if client_cert.is_some() != client_key.is_some() {
         return Err(key_err("mqtt.client_key", "client_cert and client_key go together"));
     }
-    for (key, p) in
-        [("mqtt.ca_file", &ca_file), ("mqtt.client_cert", &client_cert), ("mqtt.client_key", &client_key)]
-    {
-        if let Some(p) = p {
-            check_readable(key, p)?;
-        }
+    if let Some(ca) = &ca_file {
+        check_ca_file("mqtt.ca_file", ca)?;
+    }
+    if let (Some(cert), Some(key)) = (&client_cert, &client_key) {
+        check_client_files(cert, key)?;
     }
     let password = secret("mqtt", m.password, m.password_file, base)?;
     if password.is_some() && m.username.is_none() {
@@ -516,15 +540,120 @@ fn secret(
     }
 }
 
-fn check_readable(key: &str, path: &Path) -> Result<(), ConfigError> {
-    std::fs::metadata(path).map(|_| ()).map_err(|e| key_err(key, format!("{}: {e}", path.display())))
-}
-
 fn resolve_path(base: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
         base.join(p)
+    }
+}
+
+// Checks that read the files a key names (TLS) or compare paths on this machine
+// (allowed roots), each on its own so that `from_raw` only calls them.
+
+/// A PEM CA file, loaded as `run` loads it: at least one certificate, each a valid
+/// trust anchor.
+fn check_ca_file(key: &str, path: &Path) -> Result<(), ConfigError> {
+    crate::tls::load_roots(path).map(drop).map_err(|e| key_err(key, e))
+}
+
+/// The client certificate chain and key, loaded as `run` loads them: at least one
+/// certificate, a key the ring provider can sign with, and the two must go together.
+fn check_client_files(cert: &Path, key: &Path) -> Result<(), ConfigError> {
+    use crate::tls::{self, TlsError};
+    let chain = tls::load_certs(cert).map_err(|e| key_err("mqtt.client_cert", e))?;
+    let der = tls::load_key(key).map_err(|e| key_err("mqtt.client_key", e))?;
+    tls::check_client_auth(chain, der).map_err(|e| match e {
+        TlsError::Rustls(e @ rustls::Error::InvalidCertificate(_)) => {
+            key_err("mqtt.client_cert", format!("{}: the certificate does not parse ({e})", cert.display()))
+        }
+        e => key_err(
+            "mqtt.client_key",
+            format!("{} does not go with the certificate in {} ({e})", key.display(), cert.display()),
+        ),
+    })
+}
+
+/// Refuses an allowed root that is, contains or lies inside the state directory or the
+/// config directory (`base`, where agent.toml is): a bundle could otherwise rewrite the
+/// agent's trust state, journal, bundles, config or keys. Paths are compared lexically
+/// (after applying `.` and `..`), then with symlinks resolved as far as they exist.
+fn check_roots_apart(roots: &[PathBuf], state_dir: &Path, base: &Path) -> Result<(), ConfigError> {
+    let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
+    let config_dir = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+    let dirs = [
+        ("the state directory", "state_dir", normalize(state_dir)),
+        ("the config directory", "the directory of agent.toml", normalize(&config_dir)),
+    ];
+    for (i, root) in roots.iter().enumerate() {
+        let root = normalize(root);
+        let real_root = resolve_existing(&root);
+        for (what, which, dir) in &dirs {
+            let real_dir = resolve_existing(dir);
+            let (relation, via) = match (overlap(&root, dir), overlap(&real_root, &real_dir)) {
+                (Some(r), _) => (r, String::new()),
+                (None, Some(r)) => (r, format!(" (through symlinks: {real_root:?} and {real_dir:?})")),
+                (None, None) => continue,
+            };
+            return Err(key_err(
+                format!("allowed_roots[{i}]"),
+                format!(
+                    "{root:?} {relation} {what} {dir:?} ({which}){via}: bundles could rewrite the \
+                     agent's own files; allowed roots must lie apart from state_dir and the config directory"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How `root` and `dir` overlap, if they do (component-wise: `/srv/a` does not contain
+/// `/srv/ab`).
+fn overlap(root: &Path, dir: &Path) -> Option<&'static str> {
+    if root == dir {
+        Some("is")
+    } else if dir.starts_with(root) {
+        Some("contains")
+    } else if root.starts_with(dir) {
+        Some("is inside")
+    } else {
+        None
+    }
+}
+
+/// `path` with `.` dropped and `..` applied lexically, without a trailing slash
+/// (`/a/b/../c/.` is `/a/c`).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `path` with symlinks resolved as far as it exists: its longest existing ancestor
+/// canonicalized, the rest appended. Unchanged when nothing of it can be resolved.
+fn resolve_existing(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut cur = path;
+    loop {
+        if let Ok(mut real) = std::fs::canonicalize(cur) {
+            real.extend(rest.iter().rev());
+            return real;
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name);
+                cur = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
     }
 }
 
@@ -547,7 +676,7 @@ mod tests {
     const KEY: &str = "fleet-ed25519-public:d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(text, Path::new("/etc/fleet/agent.toml"))
+        Config::parse(text, Path::new("/etc/fleet-agent/agent.toml"))
     }
 
     fn minimal() -> String {
@@ -614,7 +743,7 @@ mod tests {
     fn engine_policy_defaults_to_closed_and_parses_every_key() {
         let c = parse(&minimal()).expect("valid");
         assert_eq!(c.engine_policy.policy, fleet_spec::policy::EnginePolicy::default());
-        assert_eq!(c.engine_policy.config_dir, Path::new("/etc/fleet"));
+        assert_eq!(c.engine_policy.config_dir, Path::new("/etc/fleet-agent"));
         let text = minimal()
             + "[engine.policy]\nallow_privileged = true\nallow_host_network = true\nallow_engine_socket = true\n"
             + "bind_roots = [\"/data\"]\ndevices = [\"/dev/ttyUSB0\"]\ncapabilities = [\"NET_ADMIN\"]\n"
@@ -640,5 +769,218 @@ mod tests {
         assert!(c.engine_socket.is_none());
         let c = parse(&(minimal() + "[mqtt]\nurl = \"mqtts://broker\"\n")).expect("valid");
         assert_eq!(c.mqtt.expect("mqtt").port, 8883);
+    }
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls").join(name)
+    }
+
+    /// A file holding `text`, in a temp dir that lives as long as the returned guard.
+    fn file_with(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("file.pem");
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    const PEM_WRAPPED_GARBAGE: &str =
+        "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n";
+    const PEM_WRAPPED_GARBAGE_KEY: &str =
+        "-----BEGIN PRIVATE KEY-----\nAAECAwQFBgcICQ==\n-----END PRIVATE KEY-----\n";
+
+    fn mqtts(lines: &str) -> String {
+        minimal() + "[mqtt]\nurl = \"mqtts://broker\"\n" + lines
+    }
+
+    fn assert_key_and_file(err: ConfigError, key: &str, file: &Path) {
+        let text = err.to_string();
+        assert!(text.contains(&format!("`{key}`")), "names {key}: {text}");
+        assert!(text.contains(&file.display().to_string()), "names {}: {text}", file.display());
+    }
+
+    #[test]
+    fn mqtt_ca_file_without_a_certificate_is_refused() {
+        let (_d, garbage) = file_with("this is not PEM\n");
+        let err = parse(&mqtts(&format!("ca_file = {garbage:?}\n"))).expect_err("garbage CA");
+        assert_key_and_file(err, "mqtt.ca_file", &garbage);
+    }
+
+    #[test]
+    fn mqtt_ca_file_with_a_certificate_that_does_not_parse_is_refused() {
+        let (_d, garbage) = file_with(PEM_WRAPPED_GARBAGE);
+        let err = parse(&mqtts(&format!("ca_file = {garbage:?}\n"))).expect_err("garbage CA");
+        assert_key_and_file(err, "mqtt.ca_file", &garbage);
+    }
+
+    #[test]
+    fn fetch_ca_file_with_garbage_is_refused() {
+        let (_d, garbage) = file_with(PEM_WRAPPED_GARBAGE);
+        let err = parse(&(minimal() + &format!("[fetch]\nca_file = {garbage:?}\n"))).expect_err("garbage");
+        assert_key_and_file(err, "fetch.ca_file", &garbage);
+    }
+
+    #[test]
+    fn client_cert_file_without_a_certificate_is_refused() {
+        let (_d, garbage) = file_with("-----BEGIN NOTHING-----\n-----END NOTHING-----\n");
+        let key = fixture("client-key.pem");
+        let err = parse(&mqtts(&format!("client_cert = {garbage:?}\nclient_key = {key:?}\n")))
+            .expect_err("no certificate");
+        assert_key_and_file(err, "mqtt.client_cert", &garbage);
+    }
+
+    #[test]
+    fn client_cert_that_does_not_parse_is_refused() {
+        let (_d, garbage) = file_with(PEM_WRAPPED_GARBAGE);
+        let key = fixture("client-key.pem");
+        let err = parse(&mqtts(&format!("client_cert = {garbage:?}\nclient_key = {key:?}\n")))
+            .expect_err("garbage certificate");
+        assert_key_and_file(err, "mqtt.client_cert", &garbage);
+    }
+
+    #[test]
+    fn client_key_that_is_not_pem_is_refused() {
+        let (_d, garbage) = file_with("not a key\n");
+        let cert = fixture("client.pem");
+        let err = parse(&mqtts(&format!("client_cert = {cert:?}\nclient_key = {garbage:?}\n")))
+            .expect_err("garbage key");
+        assert_key_and_file(err, "mqtt.client_key", &garbage);
+    }
+
+    #[test]
+    fn client_key_that_does_not_parse_is_refused() {
+        let (_d, garbage) = file_with(PEM_WRAPPED_GARBAGE_KEY);
+        let cert = fixture("client.pem");
+        let err = parse(&mqtts(&format!("client_cert = {cert:?}\nclient_key = {garbage:?}\n")))
+            .expect_err("garbage key");
+        assert_key_and_file(err, "mqtt.client_key", &garbage);
+    }
+
+    #[test]
+    fn client_key_of_another_certificate_is_refused() {
+        let (cert, other) = (fixture("client.pem"), fixture("other-key.pem"));
+        let err = parse(&mqtts(&format!("client_cert = {cert:?}\nclient_key = {other:?}\n")))
+            .expect_err("mismatched key");
+        assert_key_and_file(err, "mqtt.client_key", &other);
+    }
+
+    #[test]
+    fn valid_ca_and_client_files_are_accepted() {
+        let (ca, cert, key) = (fixture("ca.pem"), fixture("client.pem"), fixture("client-key.pem"));
+        let c = parse(&mqtts(&format!("ca_file = {ca:?}\nclient_cert = {cert:?}\nclient_key = {key:?}\n")))
+            .expect("valid TLS files");
+        assert!(c.mqtt.expect("mqtt").tls);
+        parse(&(minimal() + &format!("[fetch]\nca_file = {ca:?}\n"))).expect("valid fetch CA");
+    }
+
+    #[test]
+    fn password_over_plain_mqtt_warns() {
+        let c = parse(
+            &(minimal() + "[mqtt]\nurl = \"mqtt://broker\"\nusername = \"gw\"\npassword = \"s3cret\"\n"),
+        )
+        .expect("valid");
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("mqtt.password") && warnings[0].contains("mqtt://"), "{warnings:?}");
+    }
+
+    #[test]
+    fn password_over_mqtts_or_no_password_does_not_warn() {
+        let tls = parse(&mqtts("username = \"gw\"\npassword = \"s3cret\"\n")).expect("valid");
+        assert!(tls.warnings().is_empty(), "{:?}", tls.warnings());
+        let anonymous = parse(&(minimal() + "[mqtt]\nurl = \"mqtt://broker\"\n")).expect("valid");
+        assert!(anonymous.warnings().is_empty(), "{:?}", anonymous.warnings());
+    }
+
+    fn with_roots(state_dir: &str, roots: &str) -> String {
+        minimal()
+            .replace("state_dir = \"/var/lib/fleet-agent\"", &format!("state_dir = {state_dir:?}"))
+            .replace("allowed_roots = [\"/srv/fleet\"]", &format!("allowed_roots = [{roots}]"))
+    }
+
+    fn assert_overlap_refused(text: &str, config: &Path, key: &str, both: [&str; 2]) {
+        let err = Config::parse(text, config).expect_err("overlap").to_string();
+        assert!(err.contains(&format!("`{key}`")), "names {key}: {err}");
+        for path in both {
+            assert!(err.contains(&format!("{path:?}")), "names {path}: {err}");
+        }
+    }
+
+    #[test]
+    fn allowed_root_containing_the_state_dir_is_refused() {
+        let text = with_roots("/var/lib/fleet-agent", "\"/srv/fleet\", \"/var/lib\"");
+        assert_overlap_refused(
+            &text,
+            Path::new("/etc/fleet-agent/agent.toml"),
+            "allowed_roots[1]",
+            ["/var/lib", "/var/lib/fleet-agent"],
+        );
+    }
+
+    #[test]
+    fn allowed_root_equal_to_or_inside_the_state_dir_is_refused() {
+        let config = Path::new("/etc/fleet-agent/agent.toml");
+        let text = with_roots("/var/lib/fleet-agent", "\"/var/lib/fleet-agent\"");
+        assert_overlap_refused(
+            &text,
+            config,
+            "allowed_roots[0]",
+            ["/var/lib/fleet-agent", "/var/lib/fleet-agent"],
+        );
+        let text = with_roots("/var/lib/fleet-agent", "\"/var/lib/fleet-agent/bundles\"");
+        assert_overlap_refused(
+            &text,
+            config,
+            "allowed_roots[0]",
+            ["/var/lib/fleet-agent/bundles", "/var/lib/fleet-agent"],
+        );
+    }
+
+    #[test]
+    fn allowed_root_overlapping_the_config_dir_is_refused() {
+        let config = Path::new("/etc/fleet-agent/agent.toml");
+        for root in ["/etc", "/etc/fleet-agent", "/etc/fleet-agent/files"] {
+            let text = with_roots("/var/lib/fleet-agent", &format!("{root:?}"));
+            assert_overlap_refused(&text, config, "allowed_roots[0]", [root, "/etc/fleet-agent"]);
+        }
+    }
+
+    #[test]
+    fn overlap_is_found_after_normalizing_dot_dot_and_trailing_slashes() {
+        let config = Path::new("/etc/fleet-agent/../fleet-agent/./agent.toml");
+        let text = with_roots("/srv/fleet/state/../agent-state/", "\"/srv/fleet\"");
+        assert_overlap_refused(
+            &text,
+            Path::new("/etc/x/agent.toml"),
+            "allowed_roots[0]",
+            ["/srv/fleet", "/srv/fleet/agent-state"],
+        );
+        let text = with_roots("/var/lib/fleet-agent", "\"/etc/fleet-agent/keys\"");
+        assert_overlap_refused(
+            &text,
+            config,
+            "allowed_roots[0]",
+            ["/etc/fleet-agent/keys", "/etc/fleet-agent"],
+        );
+    }
+
+    #[test]
+    fn allowed_root_reaching_the_state_dir_through_a_symlink_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).expect("mkdir");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&state, &link).expect("symlink");
+        let text = with_roots(&state.display().to_string(), &format!("{:?}", link.join("files")));
+        let err = parse(&text).expect_err("symlinked root inside the state dir").to_string();
+        assert!(err.contains("`allowed_roots[0]`"), "{err}");
+        assert!(err.contains(&link.join("files").display().to_string()), "{err}");
+        assert!(err.contains(&state.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn allowed_roots_beside_the_state_and_config_dirs_are_accepted() {
+        let text =
+            with_roots("/var/lib/fleet-agent", "\"/srv/fleet\", \"/etc/fleet\", \"/var/lib/fleet-agent2\"");
+        let c = parse(&text).expect("disjoint roots");
+        assert_eq!(c.allowed_roots.len(), 3);
     }
 }

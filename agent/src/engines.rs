@@ -53,7 +53,7 @@ impl Engine for NoEngine {
     async fn inspect(&self, _name: &str) -> Result<Option<ObservedContainer>, EngineError> {
         Ok(None)
     }
-    async fn list_managed_networks(&self) -> Result<Vec<String>, EngineError> {
+    async fn list_managed_networks(&self, _fleet: &str) -> Result<Vec<String>, EngineError> {
         Ok(Vec::new())
     }
     async fn create_network(
@@ -66,7 +66,7 @@ impl Engine for NoEngine {
     async fn remove_network(&self, _name: &str) -> Result<(), EngineError> {
         Ok(())
     }
-    async fn list_managed_volumes(&self) -> Result<Vec<String>, EngineError> {
+    async fn list_managed_volumes(&self, _fleet: &str) -> Result<Vec<String>, EngineError> {
         Ok(Vec::new())
     }
     async fn create_volume(
@@ -138,8 +138,8 @@ impl Engine for AnyEngine {
     async fn inspect(&self, name: &str) -> Result<Option<ObservedContainer>, EngineError> {
         delegate!(self, e => e.inspect(name))
     }
-    async fn list_managed_networks(&self) -> Result<Vec<String>, EngineError> {
-        delegate!(self, e => e.list_managed_networks())
+    async fn list_managed_networks(&self, fleet: &str) -> Result<Vec<String>, EngineError> {
+        delegate!(self, e => e.list_managed_networks(fleet))
     }
     async fn create_network(
         &self,
@@ -151,8 +151,8 @@ impl Engine for AnyEngine {
     async fn remove_network(&self, name: &str) -> Result<(), EngineError> {
         delegate!(self, e => e.remove_network(name))
     }
-    async fn list_managed_volumes(&self) -> Result<Vec<String>, EngineError> {
-        delegate!(self, e => e.list_managed_volumes())
+    async fn list_managed_volumes(&self, fleet: &str) -> Result<Vec<String>, EngineError> {
+        delegate!(self, e => e.list_managed_volumes(fleet))
     }
     async fn create_volume(
         &self,

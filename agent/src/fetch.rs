@@ -2,20 +2,26 @@
 //! file (`<base_url>/devices/<id>.json`, a few hundred bytes) for polling.
 //!
 //! A download lands in `state_dir/partial/<digest>`; after a dropped connection it
-//! resumes with `Range: bytes=<have>-`. The announced size and the `Content-Length`
-//! are checked against the limit before any byte is stored, and the whole file's
+//! resumes with `Range: bytes=<have>-`. The `Content-Length` and the bytes received are
+//! checked against `fetch.max_bundle_bytes` before they are stored, and the whole file's
 //! sha256 must equal the announced digest before the bytes are handed to verification.
 //!
-//! A download that *finished* (the body ended normally, or the server answered `416`:
-//! it has nothing more) but whose bytes do not match the announced digest is a
-//! [`FetchError::Digest`], which is permanent: the partial file is deleted and the
-//! caller rejects the digest. When the mismatching file was stitched together from a
-//! resume, it is downloaded once more from byte 0 first (a stale or foreign partial file
-//! must not get a good bundle rejected). A connection dropped mid-body is a
-//! [`FetchError::Network`] and is resumed, never rejected.
+//! **Every failure here is about one URL and is temporary** ([`FetchError`]): a server
+//! that is down, slow, answers an error, sends too much, or sends other bytes than the
+//! announced digest says nothing about the bundle itself, only about that server (an
+//! announcement is unsigned: anyone who can publish on the broker can point it anywhere).
+//! The next URL is tried, and the caller tries again later. Only bytes that were parsed
+//! and failed verification are ever rejected, by the caller, keyed by their own hash.
+//! The announced size is not used at all: it is as unsigned as the URL.
+//!
+//! Time is bounded too: each request has `fetch.timeout_secs` to connect and to deliver
+//! each chunk, a whole download from one URL (resumes included) has
+//! `fetch.deadline_secs`, and after its first `timeout` it must average
+//! `fetch.min_bytes_per_sec`. The caller runs downloads beside its main loop, so even a
+//! download that uses all of that never holds reconcile, health or sideloads.
 //!
 //! Nothing fetched here is trusted: the caller verifies the bundle's signature. This
-//! module never writes outside the partial directory it is given.
+//! module never writes outside the partial file it is given.
 
 use std::io::Write;
 use std::path::Path;
@@ -31,6 +37,9 @@ use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::config::FetchConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -42,33 +51,28 @@ pub enum FetchError {
     Status { url: String, status: u16 },
     #[error("{url}: {size} bytes is over the limit of {limit} (fetch.max_bundle_bytes)")]
     TooLarge { url: String, size: u64, limit: u64 },
+    #[error("{url}: {got} bytes in {secs} s is below fetch.min_bytes_per_sec ({min}/s) or past fetch.deadline_secs; trying elsewhere or later")]
+    TooSlow { url: String, got: u64, secs: u64, min: u64 },
     #[error(
-        "{url}: the download ended after {got_size} bytes with sha256 {got}, the announcement says {expected_size} bytes with sha256 {expected}"
+        "{url}: the download ended after {got_size} bytes with sha256 {got}, not the announced {expected}"
     )]
-    Digest { url: String, expected: String, got: String, expected_size: u64, got_size: u64 },
+    Digest { url: String, expected: String, got: String, got_size: u64 },
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("no URL to fetch bundle {digest} from (announcement has none and fetch.base_url is not set)")]
     NoSource { digest: String },
+    #[error("no URL delivered bundle {digest}: {}", .failures.join("; "))]
+    AllFailed { digest: String, failures: Vec<String> },
     #[error("pointer file {url}: {reason}")]
     Pointer { url: String, reason: String },
 }
 
 impl FetchError {
+    /// Reason code for reports. Every fetch error is temporary: see the module doc.
     pub fn code(&self) -> &'static str {
-        match self {
-            FetchError::TooLarge { .. } => "too_large",
-            FetchError::Digest { .. } => "download_digest",
-            _ => "fetch_failed",
-        }
-    }
-
-    /// Whether retrying later cannot help (the bundle is what is wrong): too large, or
-    /// a finished download whose bytes are not the announced ones.
-    pub fn is_permanent(&self) -> bool {
-        matches!(self, FetchError::TooLarge { .. } | FetchError::Digest { .. })
+        "fetch_failed"
     }
 }
 
@@ -131,12 +135,60 @@ pub struct Fetcher {
     ca_file: Option<std::path::PathBuf>,
     tls: std::cell::OnceCell<Arc<rustls::ClientConfig>>,
     timeout: Duration,
+    deadline: Duration,
+    min_bytes_per_sec: u64,
     max_bytes: u64,
 }
 
+/// When a download from one URL must give up: its deadline, and the floor of its rate.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    started: Instant,
+    deadline: Instant,
+    /// The rate is judged only after this long (the first `timeout`).
+    grace: Duration,
+    min_bytes_per_sec: u64,
+}
+
+impl Pace {
+    /// `Err` once the download is past its deadline, or slower than the floor.
+    fn check(&self, url: &str, got: u64, now: Instant) -> Result<(), FetchError> {
+        let elapsed = now.saturating_duration_since(self.started);
+        let judged = elapsed.saturating_sub(self.grace);
+        let floor = self.min_bytes_per_sec.saturating_mul(judged.as_secs());
+        if now >= self.deadline || got < floor {
+            return Err(FetchError::TooSlow {
+                url: url.into(),
+                got,
+                secs: elapsed.as_secs(),
+                min: self.min_bytes_per_sec,
+            });
+        }
+        Ok(())
+    }
+
+    /// How long the next read may wait: the idle timeout, but never past the deadline
+    /// nor past the moment the rate falls below the floor with no more bytes.
+    fn wait(&self, got: u64, timeout: Duration, now: Instant) -> Duration {
+        let until_deadline = self.deadline.saturating_duration_since(now);
+        let rate_ok_until = match got.checked_div(self.min_bytes_per_sec) {
+            Some(secs) => self.started + self.grace + Duration::from_secs(secs + 1),
+            None => self.deadline,
+        };
+        timeout.min(until_deadline).min(rate_ok_until.saturating_duration_since(now))
+    }
+}
+
 impl Fetcher {
-    pub fn new(ca_file: Option<std::path::PathBuf>, timeout: Duration, max_bytes: u64) -> Self {
-        Fetcher { ca_file, tls: std::cell::OnceCell::new(), timeout, max_bytes }
+    pub fn new(cfg: &FetchConfig, max_bytes: u64) -> Self {
+        Fetcher {
+            ca_file: cfg.ca_file.clone(),
+            tls: std::cell::OnceCell::new(),
+            timeout: cfg.timeout,
+            deadline: cfg.deadline,
+            min_bytes_per_sec: cfg.min_bytes_per_sec,
+            max_bytes,
+        }
     }
 
     fn tls(&self) -> Result<Arc<rustls::ClientConfig>, FetchError> {
@@ -147,7 +199,12 @@ impl Fetcher {
         Ok(self.tls.get_or_init(|| config).clone())
     }
 
-    async fn get(&self, url: &Url, range_from: u64) -> Result<Response<Incoming>, FetchError> {
+    async fn get(
+        &self,
+        url: &Url,
+        range_from: u64,
+        limit: Duration,
+    ) -> Result<Response<Incoming>, FetchError> {
         let text =
             format!("{}://{}{}", if url.https { "https" } else { "http" }, url.host_header(), url.path);
         let net = |reason: String| FetchError::Network { url: text.clone(), reason };
@@ -167,109 +224,94 @@ impl Fetcher {
                 request(tcp, url, range_from).await.map_err(net)
             }
         };
-        tokio::time::timeout(self.timeout, connect).await.map_err(|_| net("timed out".into()))?
+        tokio::time::timeout(self.timeout.min(limit), connect).await.map_err(|_| net("timed out".into()))?
     }
 
     /// GETs a small document (a pointer file) of at most `limit` bytes; `None` when the
-    /// server answers `404 Not Found`.
+    /// server answers `404 Not Found`. The whole request has `fetch.timeout_secs`.
     pub async fn get_small(&self, url: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
-        let parsed = Url::parse(url)?;
-        let resp = self.get(&parsed, 0).await?;
-        match resp.status() {
-            StatusCode::OK => {}
-            StatusCode::NOT_FOUND => return Ok(None),
-            s => return Err(FetchError::Status { url: url.into(), status: s.as_u16() }),
-        }
-        let too_large = |size| FetchError::TooLarge { url: url.into(), size, limit };
-        if let Some(size) = content_length(&resp).filter(|&l| l > limit) {
-            return Err(too_large(size));
-        }
-        let mut body = resp.into_body();
-        let mut out = Vec::new();
-        while let Some(frame) = self.next_frame(&mut body, url).await? {
-            out.extend_from_slice(&frame);
-            if out.len() as u64 > limit {
-                return Err(too_large(out.len() as u64));
+        let work = async {
+            let parsed = Url::parse(url)?;
+            let resp = self.get(&parsed, 0, self.timeout).await?;
+            match resp.status() {
+                StatusCode::OK => {}
+                StatusCode::NOT_FOUND => return Ok(None),
+                s => return Err(FetchError::Status { url: url.into(), status: s.as_u16() }),
             }
-        }
-        Ok(Some(out))
-    }
-
-    async fn next_frame(&self, body: &mut Incoming, url: &str) -> Result<Option<Bytes>, FetchError> {
-        loop {
-            let frame = tokio::time::timeout(self.timeout, body.frame())
-                .await
-                .map_err(|_| FetchError::Network { url: url.into(), reason: "body timed out".into() })?;
-            match frame {
-                None => return Ok(None),
-                Some(Err(e)) => return Err(FetchError::Network { url: url.into(), reason: e.to_string() }),
-                Some(Ok(f)) => {
-                    if let Ok(data) = f.into_data() {
-                        return Ok(Some(data));
-                    }
+            let too_large = |size| FetchError::TooLarge { url: url.into(), size, limit };
+            if let Some(size) = content_length(&resp).filter(|&l| l > limit) {
+                return Err(too_large(size));
+            }
+            let mut body = resp.into_body();
+            let mut out = Vec::new();
+            while let Some(frame) = next_frame(&mut body, url, self.timeout).await? {
+                out.extend_from_slice(&frame);
+                if out.len() as u64 > limit {
+                    return Err(too_large(out.len() as u64));
                 }
             }
-        }
+            Ok(Some(out))
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| FetchError::Network { url: url.into(), reason: "timed out".into() })?
     }
 
-    /// Downloads bundle `digest` from the first URL that works, resuming into
-    /// `partial`, and returns its bytes once their sha256 equals `digest`.
-    ///
-    /// Every URL is tried until one delivers the announced bytes. When none does and at
-    /// least one finished with other bytes, that [`FetchError::Digest`] is returned (a
-    /// permanent error) even if other URLs failed transiently; `TooLarge` stops at once.
+    /// Downloads bundle `digest`, resuming into `partial`, and returns its bytes once
+    /// their sha256 equals `digest`. Every URL is tried in order until one delivers;
+    /// each failure is that URL's ([`FetchError::AllFailed`] lists them all).
     pub async fn fetch_bundle(
         &self,
         urls: &[String],
         digest: &str,
-        size: u64,
         partial: &Path,
     ) -> Result<Vec<u8>, FetchError> {
-        if size > self.max_bytes {
-            return Err(FetchError::TooLarge { url: "announcement".into(), size, limit: self.max_bytes });
-        }
         if urls.is_empty() {
             return Err(FetchError::NoSource { digest: digest.into() });
         }
-        let mut last = None;
-        let mut mismatch = None;
+        let mut failures = Vec::new();
         for url in urls {
-            match self.fetch_one(url, digest, size, partial).await {
+            match self.fetch_one(url, digest, partial).await {
                 Ok(bytes) => return Ok(bytes),
-                Err(e @ FetchError::TooLarge { .. }) => return Err(e),
-                Err(e @ FetchError::Digest { .. }) => {
-                    tracing::warn!("download from {url} does not match the announcement: {e}");
-                    mismatch = Some(e);
-                }
                 Err(e) => {
                     tracing::warn!("download from {url} failed: {e}");
-                    last = Some(e);
+                    // A dropped or slow transfer is worth resuming (from here or another
+                    // URL: a resumed file that does not match is downloaded again from
+                    // the start); what an erring server sent is not.
+                    if !matches!(e, FetchError::Network { .. } | FetchError::TooSlow { .. }) {
+                        let _ = std::fs::remove_file(partial);
+                    }
+                    failures.push(e.to_string());
                 }
             }
         }
-        Err(mismatch.or(last).expect("at least one URL was tried"))
+        Err(FetchError::AllFailed { digest: digest.into(), failures })
     }
 
-    async fn fetch_one(
-        &self,
-        url: &str,
-        digest: &str,
-        size: u64,
-        partial: &Path,
-    ) -> Result<Vec<u8>, FetchError> {
+    async fn fetch_one(&self, url: &str, digest: &str, partial: &Path) -> Result<Vec<u8>, FetchError> {
         let parsed = Url::parse(url)?;
         let io = |source| FetchError::Io { path: partial.display().to_string(), source };
+        let started = Instant::now();
+        let pace = Pace {
+            started,
+            deadline: started + self.deadline,
+            grace: self.timeout,
+            min_bytes_per_sec: self.min_bytes_per_sec,
+        };
         let mut resumes = 0;
+        // Bytes received from this URL in this download (the pace is judged on these).
+        let mut received: u64 = 0;
         // Whether a mismatching file was already downloaded again from byte 0.
         let mut restarted = false;
         loop {
             let have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
             if have > self.max_bytes {
-                let _ = std::fs::remove_file(partial);
+                std::fs::remove_file(partial).map_err(io)?;
                 continue;
             }
+            pace.check(url, received, Instant::now())?;
             let attempt = async {
-                let resp = self.get(&parsed, have).await?;
+                let resp = self.get(&parsed, have, pace.wait(received, self.timeout, Instant::now())).await?;
                 let (append, total) = match resp.status() {
                     StatusCode::PARTIAL_CONTENT if have > 0 => {
                         (true, content_length(&resp).map(|l| have + l))
@@ -279,14 +321,8 @@ impl Fetcher {
                     StatusCode::RANGE_NOT_SATISFIABLE if have > 0 => return Ok(true),
                     s => return Err(FetchError::Status { url: url.into(), status: s.as_u16() }),
                 };
-                if let Some(total) = total {
-                    if total > self.max_bytes {
-                        return Err(FetchError::TooLarge {
-                            url: url.into(),
-                            size: total,
-                            limit: self.max_bytes,
-                        });
-                    }
+                if let Some(total) = total.filter(|&t| t > self.max_bytes) {
+                    return Err(FetchError::TooLarge { url: url.into(), size: total, limit: self.max_bytes });
                 }
                 let mut file = std::fs::OpenOptions::new()
                     .create(true)
@@ -297,24 +333,32 @@ impl Fetcher {
                     .map_err(io)?;
                 let mut written = if append { have } else { 0 };
                 let mut body = resp.into_body();
-                let result = async {
-                    while let Some(data) = self.next_frame(&mut body, url).await? {
-                        written += data.len() as u64;
-                        if written > self.max_bytes {
-                            return Err(FetchError::TooLarge {
-                                url: url.into(),
-                                size: written,
-                                limit: self.max_bytes,
-                            });
+                loop {
+                    let wait = pace.wait(received, self.timeout, Instant::now());
+                    let frame = match next_frame(&mut body, url, wait).await {
+                        Ok(f) => f,
+                        // Out of time: say why (the pace), not just "timed out".
+                        Err(e) => {
+                            pace.check(url, received, Instant::now())?;
+                            return Err(e);
                         }
-                        file.write_all(&data).map_err(io)?;
+                    };
+                    let Some(data) = frame else { break };
+                    written += data.len() as u64;
+                    received += data.len() as u64;
+                    if written > self.max_bytes {
+                        return Err(FetchError::TooLarge {
+                            url: url.into(),
+                            size: written,
+                            limit: self.max_bytes,
+                        });
                     }
-                    Ok(())
+                    file.write_all(&data).map_err(io)?;
+                    pace.check(url, received, Instant::now())?;
                 }
-                .await;
                 // The partial file is not fsynced: what a power cut does to it (a short or
                 // garbled tail) is caught by the digest check below, which downloads it again.
-                result.map(|()| append)
+                Ok(append)
             };
             // Whether the finished file holds bytes from an earlier response (a resume, a
             // leftover from a previous attempt, or all of it on a 416).
@@ -324,15 +368,11 @@ impl Fetcher {
                     resumes += 1;
                     let wait = Duration::from_millis(250u64 << resumes.min(6));
                     tracing::info!("download interrupted ({e}); resuming in {wait:?}");
-                    tokio::time::sleep(wait).await;
+                    tokio::time::sleep(wait.min(pace.deadline.saturating_duration_since(Instant::now())))
+                        .await;
                     continue;
                 }
-                Err(e) => {
-                    if matches!(e, FetchError::TooLarge { .. }) {
-                        let _ = std::fs::remove_file(partial);
-                    }
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             };
             let bytes = std::fs::read(partial).map_err(io)?;
             let got = hex::encode(Sha256::digest(&bytes));
@@ -349,11 +389,27 @@ impl Fetcher {
                     url: url.into(),
                     expected: digest.into(),
                     got,
-                    expected_size: size,
                     got_size: bytes.len() as u64,
                 });
             }
             return Ok(bytes);
+        }
+    }
+}
+
+async fn next_frame(body: &mut Incoming, url: &str, wait: Duration) -> Result<Option<Bytes>, FetchError> {
+    loop {
+        let frame = tokio::time::timeout(wait, body.frame())
+            .await
+            .map_err(|_| FetchError::Network { url: url.into(), reason: "body timed out".into() })?;
+        match frame {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(FetchError::Network { url: url.into(), reason: e.to_string() }),
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    return Ok(Some(data));
+                }
+            }
         }
     }
 }
@@ -495,40 +551,139 @@ mod tests {
         r
     }
 
+    fn fetch_config(timeout: u64, deadline: u64, min_bytes_per_sec: u64) -> FetchConfig {
+        FetchConfig {
+            base_url: None,
+            poll_interval: Duration::from_secs(300),
+            ca_file: None,
+            timeout: Duration::from_secs(timeout),
+            deadline: Duration::from_secs(deadline),
+            min_bytes_per_sec,
+        }
+    }
+
     fn fetcher() -> Fetcher {
-        Fetcher::new(None, Duration::from_secs(5), 1 << 20)
+        Fetcher::new(&fetch_config(5, 60, 1024), 1 << 20)
     }
 
     fn bundle_bytes() -> Vec<u8> {
         (0..20_000u32).flat_map(|i| i.to_le_bytes()).collect()
     }
 
+    const NOT_FOUND: &[u8] = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+    /// Hardening I, case 1: other bytes than the announced digest are that server's
+    /// failure, not the bundle's: the next URL (the base URL) still delivers it.
     #[tokio::test]
-    async fn a_finished_download_that_does_not_match_is_a_permanent_digest_error() {
+    async fn wrong_bytes_from_one_url_are_that_urls_failure_and_the_next_url_delivers() {
         let full = bundle_bytes();
         let digest = hex::encode(Sha256::digest(&full));
-        let half = full[..full.len() / 2].to_vec();
-        // The server has only half the bundle and says so: the body ends normally.
+        let wrong: Vec<u8> = full.iter().map(|b| b ^ 0xff).collect();
+        let served = full.clone();
         let (port, seen) = serve(move |n, _| match n {
-            0 => ok(&half, half.len()),
-            _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+            0 => ok(&wrong, wrong.len()),
+            1 => NOT_FOUND.to_vec(),
+            _ => ok(&served, served.len()),
         });
         let dir = tempfile::tempdir().expect("tempdir");
         let partial = dir.path().join(&digest);
-        let url = format!("http://127.0.0.1:{port}/b.bundle");
-        let missing = format!("http://127.0.0.1:{port}/missing.bundle");
+        let urls: Vec<String> = ["evil", "missing", "good"]
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{port}/{p}.bundle"))
+            .collect();
+        let got = fetcher().fetch_bundle(&urls, &digest, &partial).await.expect("the good URL delivers");
+        assert_eq!(got, full);
+        assert_eq!(seen.lock().expect("lock").len(), 3, "every URL was tried in order");
+        assert!(!partial.exists());
+
+        // With no good URL, the error names every URL's failure, and is temporary.
+        let (port, _) = serve(|_, _| NOT_FOUND.to_vec());
         let err = fetcher()
-            .fetch_bundle(&[url, missing], &digest, full.len() as u64, &partial)
+            .fetch_bundle(&[format!("http://127.0.0.1:{port}/x.bundle")], &digest, &partial)
             .await
-            .expect_err("half a bundle");
-        assert!(matches!(err, FetchError::Digest { .. }), "{err}");
-        assert!(err.is_permanent(), "a mismatch is not retried forever");
-        assert_eq!(err.code(), "download_digest");
-        assert!(err.to_string().contains(&format!("{} bytes", full.len() / 2)), "{err}");
-        assert!(!partial.exists(), "the partial file is deleted");
-        // Each URL once: a download from byte 0 is not repeated; the other URL's
-        // failure (404 here) does not hide the mismatch.
-        assert_eq!(seen.lock().expect("lock").as_slice(), [None, None]);
+            .expect_err("nothing delivers");
+        assert!(matches!(err, FetchError::AllFailed { .. }), "{err}");
+        assert!(err.to_string().contains("HTTP 404"), "{err}");
+        assert_eq!(err.code(), "fetch_failed");
+    }
+
+    /// Hardening I, case 1: a huge `Content-Length` is refused before a byte is stored,
+    /// for that URL only.
+    #[tokio::test]
+    async fn a_huge_content_length_is_that_urls_failure_and_the_next_url_delivers() {
+        let full = bundle_bytes();
+        let digest = hex::encode(Sha256::digest(&full));
+        let served = full.clone();
+        let (port, _) = serve(move |n, _| match n {
+            0 => ok(b"", 10 << 30),
+            _ => ok(&served, served.len()),
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let partial = dir.path().join(&digest);
+        let urls =
+            [format!("http://127.0.0.1:{port}/huge.bundle"), format!("http://127.0.0.1:{port}/b.bundle")];
+        let got = fetcher().fetch_bundle(&urls, &digest, &partial).await.expect("the second URL delivers");
+        assert_eq!(got, full);
+    }
+
+    /// Hardening I, case 3: a server that trickles bytes is left once the download's
+    /// average rate falls below `min_bytes_per_sec` after the first `timeout`.
+    #[tokio::test]
+    async fn a_server_that_trickles_bytes_is_left_at_the_rate_floor() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n");
+                // One byte every 300 ms: each read is within the idle timeout.
+                for _ in 0..100 {
+                    std::thread::sleep(Duration::from_millis(300));
+                    if stream.write_all(b"x").is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let partial = dir.path().join("ab".repeat(32));
+        let f = Fetcher::new(&fetch_config(1, 600, 1024), 1 << 20);
+        let started = std::time::Instant::now();
+        let err = f
+            .fetch_bundle(&[format!("http://127.0.0.1:{port}/slow.bundle")], &"ab".repeat(32), &partial)
+            .await
+            .expect_err("too slow");
+        let took = started.elapsed();
+        assert!(err.to_string().contains("min_bytes_per_sec"), "{err}");
+        // Left within about grace + 1 s, not after the 30 s the trickle would last.
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+    }
+
+    /// Hardening I, case 3: a download has a total deadline whatever its rate.
+    #[tokio::test]
+    async fn a_download_stops_at_its_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n");
+                for _ in 0..100 {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if stream.write_all(&[b'x'; 4096]).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let partial = dir.path().join("ab".repeat(32));
+        let f = Fetcher::new(&fetch_config(1, 2, 1), 1 << 20);
+        let started = std::time::Instant::now();
+        let err = f
+            .fetch_bundle(&[format!("http://127.0.0.1:{port}/long.bundle")], &"ab".repeat(32), &partial)
+            .await
+            .expect_err("past the deadline");
+        assert!(err.to_string().contains("deadline_secs"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(8), "took {:?}", started.elapsed());
     }
 
     #[tokio::test]
@@ -545,8 +700,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let partial = dir.path().join(&digest);
         let url = format!("http://127.0.0.1:{port}/b.bundle");
-        let got =
-            fetcher().fetch_bundle(&[url], &digest, full.len() as u64, &partial).await.expect("resumed");
+        let got = fetcher().fetch_bundle(&[url], &digest, &partial).await.expect("resumed");
         assert_eq!(got, full);
         assert_eq!(seen.lock().expect("lock").as_slice(), [None, Some(full.len() as u64 / 2)]);
     }
@@ -564,8 +718,7 @@ mod tests {
             None => ok(&served, served.len()),
         });
         let url = format!("http://127.0.0.1:{port}/b.bundle");
-        let got =
-            fetcher().fetch_bundle(&[url], &digest, full.len() as u64, &partial).await.expect("restarted");
+        let got = fetcher().fetch_bundle(&[url], &digest, &partial).await.expect("restarted");
         assert_eq!(got, full);
         assert_eq!(seen.lock().expect("lock").as_slice(), [Some(11), None]);
         assert!(!partial.exists());

@@ -175,6 +175,9 @@ fn replace(
     result
 }
 
+/// `O_NOFOLLOW` on Linux.
+pub const O_NOFOLLOW: i32 = libc_o_nofollow();
+
 /// `O_NOFOLLOW` on Linux (all architectures the agent targets use this value).
 const fn libc_o_nofollow() -> i32 {
     #[cfg(any(

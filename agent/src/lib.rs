@@ -9,7 +9,7 @@
 //! - Adapters: [`files`] (atomic writes, symlink-safe paths), [`journal`] (write-ahead
 //!   log), [`store`] (state directory), [`engine`] (Docker API; by another hand),
 //!   [`engines`] (engine choice), [`fetch`] (HTTP(S) with Range resume), [`mqtt`],
-//!   [`tls`], [`clock`].
+//!   [`tls`], [`clock`], [`notify`] (systemd readiness and watchdog keep-alives).
 //! - [`policy`]: the engine policy a bundle's containers must keep (pure).
 //! - [`config`]: `agent.toml`; [`cli`]: argv, help and exit codes; [`status`]: the
 //!   status rate limiter; [`report`]: the local `status` command; [`sideload`]: how
@@ -33,6 +33,8 @@ pub mod fetch;
 pub mod files;
 pub mod journal;
 pub mod mqtt;
+pub mod notify;
+pub mod originals;
 pub mod policy;
 pub mod report;
 pub mod run;

@@ -103,6 +103,9 @@ async fn shutdown_signal() {
 }
 
 async fn run(cfg: Config) -> u8 {
+    for warning in cfg.warnings() {
+        tracing::warn!("{warning}");
+    }
     let engine = Rc::new(engine_for(&cfg));
     match fleet_agent::run::run(cfg, engine, Rc::new(SystemClock), shutdown_signal()).await {
         Ok(()) => exit::OK,
@@ -241,6 +244,9 @@ fn status(cfg: &Config, json: bool) -> u8 {
 }
 
 fn check_config(cfg: &Config, path: &Path) -> u8 {
+    for warning in cfg.warnings() {
+        eprintln!("fleet-agent: warning: {warning}");
+    }
     println!("{}: ok", path.display());
     println!(
         "  device        {} (fleet {}, topics {}/{}/devices/{}/...)",

@@ -3,8 +3,12 @@
 //! Two tasks:
 //! - the *pump* owns the rumqttc event loop and is the only one polling it (its
 //!   cancellation safety is not documented, so it is never raced in a `select!`); it
-//!   forwards the device's `desired` and `bundle` messages and connection changes, and
-//!   sleeps with exponential backoff plus jitter between failed connection attempts;
+//!   hands the device's `desired` and `bundle` messages to the [`Inbox`] and forwards
+//!   connection changes, and sleeps with exponential backoff plus jitter between failed
+//!   connection attempts. Inbound is bounded whatever the broker sends: the inbox keeps
+//!   the latest message per topic (a flood is one message, not a queue), an announcement
+//!   over 16 KiB is dropped, and a bundle payload is taken only while the agent waits for
+//!   one (`want_blob`);
 //! - the *publisher* takes the agent's [`Report`]s: events go out at once (QoS 1, not
 //!   retained), status reports through the [`StatusLimiter`] (retained, on change, a
 //!   burst of a few, then one per `status_min_interval`, always the last). On every (re)connection it
@@ -19,12 +23,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_spec::messages::MAX_ANNOUNCEMENT_LEN;
 use fleet_spec::messages::{OFFLINE, ONLINE};
 use fleet_spec::topic::{Topic, TopicKind};
 use rumqttc::{
     AsyncClient, Event, Incoming, LastWill, MqttOptions, Outgoing, QoS, TlsConfiguration, Transport,
 };
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -40,6 +46,59 @@ pub enum Inbound {
     Desired(Vec<u8>),
     /// Payload of the retained bundle on `.../bundle`.
     Bundle(Vec<u8>),
+}
+
+/// What the broker sent last on each of the device's inbound topics. Latest wins: a
+/// message that arrives before the agent read the previous one replaces it.
+pub struct Inbox {
+    desired: watch::Receiver<Option<Vec<u8>>>,
+    bundle: watch::Receiver<Option<Vec<u8>>>,
+}
+
+struct InboxSender {
+    desired: watch::Sender<Option<Vec<u8>>>,
+    bundle: watch::Sender<Option<Vec<u8>>>,
+}
+
+fn inbox() -> (InboxSender, Inbox) {
+    let (desired_tx, desired) = watch::channel(None);
+    let (bundle_tx, bundle) = watch::channel(None);
+    (InboxSender { desired: desired_tx, bundle: bundle_tx }, Inbox { desired, bundle })
+}
+
+impl Inbox {
+    /// An inbox nothing is ever sent to (no broker configured).
+    pub fn none() -> Inbox {
+        let (tx, rx) = inbox();
+        // Keep the senders alive for the process: a closed channel would end `recv`.
+        std::mem::forget(tx);
+        rx
+    }
+
+    /// The next message, the latest of its topic; pending for ever once the MQTT
+    /// session is gone.
+    pub async fn recv(&mut self) -> Inbound {
+        loop {
+            tokio::select! {
+                r = self.desired.changed() => {
+                    if r.is_err() {
+                        return std::future::pending().await;
+                    }
+                    if let Some(m) = self.desired.borrow_and_update().clone() {
+                        return Inbound::Desired(m);
+                    }
+                }
+                r = self.bundle.changed() => {
+                    if r.is_err() {
+                        return std::future::pending().await;
+                    }
+                    if let Some(m) = self.bundle.borrow_and_update().clone() {
+                        return Inbound::Bundle(m);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The device's topics.
@@ -147,7 +206,7 @@ impl Mqtt {
         reports: UnboundedReceiver<Report>,
         status_min_interval: Duration,
         max_incoming: usize,
-    ) -> Result<(Mqtt, UnboundedReceiver<Inbound>), TlsError> {
+    ) -> Result<(Mqtt, Inbox), TlsError> {
         let opts = options(cfg, &topics, max_incoming)?;
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         // Small packets, sent one after another (status, events): without TCP_NODELAY
@@ -155,9 +214,10 @@ impl Mqtt {
         let mut network = rumqttc::NetworkOptions::new();
         network.set_tcp_nodelay(true);
         eventloop.set_network_options(network);
-        let (in_tx, in_rx) = unbounded_channel();
+        let (in_tx, in_rx) = inbox();
         let (ctl_tx, ctl_rx) = unbounded_channel();
         let want_blob = Arc::new(AtomicBool::new(false));
+        let pump_want_blob = want_blob.clone();
         let reconnect_max = cfg.reconnect_max;
         let broker = format!("{}:{}", cfg.host, cfg.port);
 
@@ -174,14 +234,22 @@ impl Mqtt {
                         let _ = ctl_tx.send(Ctl::Connected);
                     }
                     Ok(Event::Incoming(Incoming::Publish(p))) => {
-                        let msg = if p.topic == pump_topics.desired {
-                            Inbound::Desired(p.payload.to_vec())
+                        if p.topic == pump_topics.desired {
+                            if p.payload.len() > MAX_ANNOUNCEMENT_LEN {
+                                tracing::warn!(
+                                    bytes = p.payload.len(),
+                                    "dropping an announcement over {MAX_ANNOUNCEMENT_LEN} bytes"
+                                );
+                                continue;
+                            }
+                            in_tx.desired.send_replace(Some(p.payload.to_vec()));
                         } else if p.topic == pump_topics.bundle {
-                            Inbound::Bundle(p.payload.to_vec())
-                        } else {
-                            continue;
-                        };
-                        let _ = in_tx.send(msg);
+                            if !pump_want_blob.load(Ordering::SeqCst) {
+                                tracing::debug!("dropping a bundle payload nobody waits for");
+                                continue;
+                            }
+                            in_tx.bundle.send_replace(Some(p.payload.to_vec()));
+                        }
                     }
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                         tracing::debug!("MQTT disconnect sent");

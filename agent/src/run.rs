@@ -1,16 +1,27 @@
 //! The daemon (`fleet-agent run`): wires the agent to MQTT, the bundle source, the
 //! engine's event stream and the timers, and runs until SIGTERM/SIGINT.
 //!
-//! One task drives the agent, so only one bundle is ever in flight. Work comes from:
-//! announcements and MQTT blobs, the reconcile timer (which also retries a deferred
-//! bundle), the poll timer (`<fetch.base_url>/devices/<id>.json`), engine events about
-//! managed containers (coalesced, then a reconcile), and the healthchecks the engine
-//! does not run itself (podman without systemd: [`Agent::run_due_healthchecks`]), and
+//! One task drives the agent, so only one bundle is ever applied at a time. Work comes
+//! from: announcements and MQTT blobs (latest per topic, see `mqtt::Inbox`), the
+//! reconcile timer, the poll timer (`<fetch.base_url>/devices/<id>.json`), engine events
+//! about managed containers (coalesced, then a reconcile), the healthchecks the engine
+//! does not run itself (podman without systemd: [`Agent::run_due_healthchecks`]),
 //! bundles sideloaded by `fleet-agent apply` over the state directory's socket
-//! ([`crate::sideload`]). A
-//! shutdown signal stops the work in progress at its next await point: every effect is
+//! ([`crate::sideload`]), and the network work that runs *beside* the loop: the pointer
+//! poll and at most one bundle download. A download, however slow, never holds
+//! reconcile, health or sideloads (Hardening I, case 3); its bytes are applied by the
+//! loop when they are complete.
+//!
+//! Announcements are candidates ([`Candidates`]): one per source, the latest, tried in
+//! order (the pointer file first), backed off when they fail, never ranked by anything
+//! unsigned. A bundle deferred after verification (engine down, pull failed, expired) is
+//! retried from its stored copy, not downloaded again.
+//!
+//! A shutdown signal stops the work in progress at its next await point: every effect is
 //! journaled and idempotent, so the next start resumes or rolls back (see `journal`),
-//! then publishes `online=false`.
+//! then publishes `online=false`. An error that leaves the apply path mid-flight (the
+//! journal cannot be written) ends the daemon too, so that journal recovery runs on the
+//! restart (systemd restarts it).
 //!
 //! This module decides nothing about bundles itself; it routes work to the agent.
 
@@ -20,15 +31,16 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use fleet_spec::messages::{Announcement, VersionRef};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::unbounded_channel;
 use tokio::time::{interval_at, sleep_until, Instant, MissedTickBehavior};
 
 use crate::agent::{Agent, AgentError, Offer, Outcome};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::core::candidates::{Candidates, Source};
 use crate::engine::{Engine, EngineEvent};
-use crate::fetch::{self, Fetcher};
-use crate::mqtt::{Inbound, Mqtt, Topics};
+use crate::fetch::{self, FetchError, Fetcher};
+use crate::mqtt::{Inbound, Inbox, Mqtt, Topics};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +53,8 @@ pub enum RunError {
     Tls(#[from] crate::tls::TlsError),
     #[error("MQTT topics: {0}")]
     Topic(#[from] fleet_spec::topic::TopicError),
+    #[error("the apply path cannot continue ({0}); restart the agent (systemd does) so that journal recovery finishes it")]
+    Wedged(AgentError),
 }
 
 /// Engine actions that may mean drift (others are the agent's own doing).
@@ -49,22 +63,42 @@ fn is_drift_action(action: &str) -> bool {
         || action.starts_with("health_status") && action.contains("unhealthy")
 }
 
+/// How long one step of work (an apply with its health waits, a recovery) keeps the
+/// systemd watchdog fed beyond twice the health timeout. Past that the pings stop and
+/// systemd restarts a hung agent; recovery resumes from the journal.
+const MAX_STEP_BESIDES_HEALTH: Duration = Duration::from_secs(30 * 60);
+
+/// Network work that runs beside the main loop.
+type Task<T> = Pin<Box<dyn Future<Output = T>>>;
+
 enum Work {
     Inbound(Inbound),
     Reconcile,
     Poll,
+    Polled(Result<Option<Vec<u8>>, FetchError>),
+    Fetched(Result<Vec<u8>, FetchError>),
+    Retry,
     EngineEvent(EngineEvent),
     EngineStreamEnded,
     Healthchecks,
     Sideload(tokio::net::UnixStream),
 }
 
+/// The one bundle download in flight.
+struct Download {
+    source: Source,
+    digest: String,
+    task: Task<Result<Vec<u8>, FetchError>>,
+}
+
 struct Runner<E: Engine> {
     agent: Agent<E>,
-    fetcher: Fetcher,
+    fetcher: Rc<Fetcher>,
     mqtt: Option<Mqtt>,
-    pending: Option<Announcement>,
+    candidates: Candidates,
     blob: Option<Vec<u8>>,
+    download: Option<Download>,
+    poll: Option<Task<Result<Option<Vec<u8>>, FetchError>>>,
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -88,14 +122,47 @@ pub async fn run<E: Engine>(
     let (report_tx, report_rx) = unbounded_channel();
     let (mqtt, mut inbound) = start_mqtt(&cfg, report_rx)?;
     let agent = Agent::new(cfg.clone(), engine.clone(), clock, Some(report_tx))?;
-    let fetcher = Fetcher::new(cfg.fetch.ca_file.clone(), cfg.fetch.timeout, cfg.limits.max_bundle_len());
-    let mut runner = Runner { agent, fetcher, mqtt, pending: None, blob: None };
+    let fetcher = Rc::new(Fetcher::new(&cfg.fetch, cfg.limits.max_bundle_len()));
+    let mut runner = Runner {
+        agent,
+        fetcher,
+        mqtt,
+        candidates: Candidates::default(),
+        blob: None,
+        download: None,
+        poll: None,
+    };
     let mut shutdown = pin!(shutdown);
+    let mut result = Ok(());
+
+    // systemd's notify protocol: READY once started, WATCHDOG keep-alives from this loop
+    // (a hung loop stops them, and systemd restarts the agent), STOPPING at the end.
+    let notifier = crate::notify::Notifier::from_env();
+    let keepalive_every = notifier.as_ref().and_then(|n| n.keepalive_interval());
+    let mut keepalive = tokio::time::interval(keepalive_every.unwrap_or(Duration::from_secs(3600)));
+    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let max_step = cfg.health_timeout * 2 + MAX_STEP_BESIDES_HEALTH;
+    let ping = |since: Instant| {
+        if let Some(n) = notifier.as_ref().filter(|_| since.elapsed() < max_step) {
+            n.ping();
+        }
+    };
+    // Before recovery: it may wait for health longer than systemd's start timeout.
+    if let Some(n) = &notifier {
+        n.ready();
+    }
 
     tracing::info!(device = %cfg.device, fleet = %cfg.fleet, version = crate::agent::AGENT_VERSION, "fleet-agent starting");
-    let started = tokio::select! {
-        r = runner.agent.recover() => Some(r),
-        _ = &mut shutdown => None,
+    let step_started = Instant::now();
+    let started = {
+        let mut recovering = pin!(runner.agent.recover());
+        loop {
+            tokio::select! {
+                r = &mut recovering => break Some(r),
+                _ = &mut shutdown => break None,
+                _ = keepalive.tick(), if keepalive_every.is_some() => ping(step_started),
+            }
+        }
     };
     if let Some(r) = started {
         if let Err(e) = r {
@@ -114,10 +181,18 @@ pub async fn run<E: Engine>(
 
         loop {
             let healthcheck_at = runner.agent.next_healthcheck();
+            let retry_at = runner.candidates.wake_at();
+            // Not `biased`: a flood on one source (the broker, say) must not starve the
+            // timers.
             let work = tokio::select! {
-                biased;
                 _ = &mut shutdown => break,
-                Some(msg) = inbound.recv() => Work::Inbound(msg),
+                _ = keepalive.tick(), if keepalive_every.is_some() => {
+                    ping(Instant::now());
+                    continue;
+                }
+                r = maybe(runner.download.as_mut().map(|d| &mut d.task)) => Work::Fetched(r),
+                r = maybe(runner.poll.as_mut()) => Work::Polled(r),
+                msg = inbound.recv() => Work::Inbound(msg),
                 ev = &mut events => match ev {
                     Some(ev) => Work::EngineEvent(ev),
                     None => Work::EngineStreamEnded,
@@ -128,6 +203,7 @@ pub async fn run<E: Engine>(
                 _ = sleep_until(healthcheck_at.unwrap_or_else(Instant::now)), if healthcheck_at.is_some() => {
                     Work::Healthchecks
                 }
+                _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => Work::Retry,
             };
             match &work {
                 Work::EngineEvent(_) => {
@@ -141,14 +217,34 @@ pub async fn run<E: Engine>(
                 }
                 _ => {}
             }
-            let interrupted = tokio::select! {
-                r = runner.handle(work) => {
-                    if let Err(e) = r {
-                        tracing::error!("{e}");
+            let step_started = Instant::now();
+            let handled = {
+                let mut handling = pin!(runner.handle(work));
+                loop {
+                    tokio::select! {
+                        r = &mut handling => break Some(r),
+                        _ = &mut shutdown => break None,
+                        _ = keepalive.tick(), if keepalive_every.is_some() => ping(step_started),
                     }
+                }
+            };
+            let interrupted = match handled {
+                None => true,
+                Some(Err(e)) if !runner.agent.state().is_rest() => {
+                    // Mid-flight with the journal unwritable: only a restart's recovery
+                    // can finish this (case 4).
+                    tracing::error!(
+                        state = %runner.agent.state(),
+                        "{e}; the apply path cannot continue: exiting so that journal recovery runs on the restart"
+                    );
+                    result = Err(RunError::Wedged(e));
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::error!("{e}");
                     false
                 }
-                _ = &mut shutdown => true,
+                Some(Ok(())) => false,
             };
             if interrupted {
                 tracing::warn!(
@@ -159,6 +255,9 @@ pub async fn run<E: Engine>(
         }
     }
     tracing::info!("fleet-agent stopping");
+    if let Some(n) = &notifier {
+        n.stopping();
+    }
     if sideload.is_some() {
         let _ = std::fs::remove_file(crate::sideload::socket_path(&cfg.state_dir));
     }
@@ -166,7 +265,15 @@ pub async fn run<E: Engine>(
     if let Some(mqtt) = runner.mqtt {
         mqtt.shutdown(Duration::from_secs(3)).await;
     }
-    Ok(())
+    result
+}
+
+/// Runs a task to completion; never, without one.
+async fn maybe<T>(task: Option<&mut Task<T>>) -> T {
+    match task {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next sideload connection; never, without a socket.
@@ -194,8 +301,8 @@ async fn next_event<E: Engine>(engine: &E, delay: Duration) -> Option<EngineEven
 
 fn start_mqtt(
     cfg: &Config,
-    reports: UnboundedReceiver<crate::agent::Report>,
-) -> Result<(Option<Mqtt>, UnboundedReceiver<Inbound>), RunError> {
+    reports: tokio::sync::mpsc::UnboundedReceiver<crate::agent::Report>,
+) -> Result<(Option<Mqtt>, Inbox), RunError> {
     match &cfg.mqtt {
         Some(m) => {
             let topics = Topics::new(&cfg.topic_prefix, &cfg.fleet, &cfg.device)?;
@@ -207,9 +314,7 @@ fn start_mqtt(
             // No broker: reports are only logged (and status.json written by the agent).
             let mut reports = reports;
             tokio::spawn(async move { while reports.recv().await.is_some() {} });
-            let (tx, rx) = unbounded_channel();
-            std::mem::forget(tx);
-            Ok((None, rx))
+            Ok((None, Inbox::none()))
         }
     }
 }
@@ -222,28 +327,40 @@ impl<E: Engine> Runner<E> {
                     return Ok(()); // a cleared retained message
                 }
                 match Announcement::from_json(&bytes) {
-                    Ok(ann) => self.announced(ann).await?,
+                    Ok(ann) => self.announced(Source::Mqtt, ann).await?,
                     Err(e) => tracing::warn!("ignoring a malformed announcement: {e}"),
                 }
             }
             Work::Inbound(Inbound::Bundle(bytes)) => {
                 if !bytes.is_empty() {
+                    // The candidate that waits for these bytes is due now.
+                    self.candidates.wake(&fleet_spec::bundle::content_address(&bytes), Instant::now());
                     self.blob = Some(bytes);
-                    self.try_pending().await?;
+                    self.try_next().await?;
                 }
             }
             Work::Reconcile => {
                 self.agent.reconcile().await?;
-                self.try_pending().await?;
+                self.try_next().await?;
             }
             Work::Poll => {
-                let base = self.agent.config().fetch.base_url.clone().expect("polling needs a base url");
-                let url = fetch::pointer_url(&base, &self.agent.config().device);
-                match self.fetcher.get_small(&url, fetch::MAX_POINTER).await {
+                if self.poll.is_none() {
+                    let base = self.agent.config().fetch.base_url.clone().expect("polling needs a base url");
+                    let url = fetch::pointer_url(&base, &self.agent.config().device);
+                    let fetcher = self.fetcher.clone();
+                    self.poll =
+                        Some(Box::pin(async move { fetcher.get_small(&url, fetch::MAX_POINTER).await }));
+                }
+            }
+            Work::Polled(result) => {
+                self.poll = None;
+                let cfg = self.agent.config();
+                let base = cfg.fetch.base_url.clone().expect("polling needs a base url");
+                let url = fetch::pointer_url(&base, &cfg.device);
+                match result {
                     Ok(Some(bytes)) => {
-                        let cfg = self.agent.config();
                         match fetch::announcement_from_pointer(&bytes, &base, &cfg.fleet, &cfg.device) {
-                            Ok(ann) => self.announced(ann).await?,
+                            Ok(ann) => self.announced(Source::Pointer, ann).await?,
                             Err(e) => tracing::warn!("{e}"),
                         }
                     }
@@ -251,6 +368,21 @@ impl<E: Engine> Runner<E> {
                     Err(e) => tracing::info!("polling {url} failed: {e}"),
                 }
             }
+            Work::Fetched(result) => {
+                let d = self.download.take().expect("a download was in flight");
+                match result {
+                    Ok(bytes) => {
+                        self.agent.set_downloading(false);
+                        self.apply(d.source, &d.digest, &bytes).await?;
+                    }
+                    Err(e) => {
+                        self.agent.fetch_failed(&d.digest, e.code(), &e.to_string());
+                        self.candidates.failed(d.source, &d.digest, Instant::now());
+                    }
+                }
+                self.try_next().await?;
+            }
+            Work::Retry => self.try_next().await?,
             Work::EngineEvent(ev) => {
                 if is_drift_action(&ev.action) {
                     tracing::info!(container = %ev.name, action = %ev.action, "engine event");
@@ -275,86 +407,134 @@ impl<E: Engine> Runner<E> {
                 };
                 crate::sideload::send_reply(&mut stream, &reply).await;
                 // A bundle announced meanwhile may still be newer.
-                self.try_pending().await?;
+                self.try_next().await?;
             }
         }
         Ok(())
     }
 
-    async fn announced(&mut self, ann: Announcement) -> Result<(), AgentError> {
-        let newer = self.pending.as_ref().is_none_or(|p| p.version < ann.version || p.digest == ann.digest);
-        if !newer {
-            return Ok(());
-        }
-        if self.agent.applied_digest() != Some(ann.digest.as_str()) {
-            self.agent.set_desired(VersionRef {
-                version: ann.version,
-                digest: ann.digest.clone(),
-                commit: ann.commit.clone(),
-            });
-        }
-        if ann.mqtt_blob {
-            if let Some(m) = &self.mqtt {
-                m.want_blob(true);
+    /// Takes an announcement as a candidate (see `core::candidates`).
+    async fn announced(&mut self, source: Source, ann: Announcement) -> Result<(), AgentError> {
+        let digest = ann.digest.clone();
+        self.candidates.offer(source, ann, Instant::now());
+        // What the device is told to run: the preferred candidate, whatever the source
+        // of this one.
+        if let Some(p) = self.candidates.preferred() {
+            if self.agent.applied_digest() != Some(p.ann.digest.as_str()) {
+                let desired = VersionRef {
+                    version: p.ann.version,
+                    digest: p.ann.digest.clone(),
+                    commit: p.ann.commit.clone(),
+                };
+                self.agent.set_desired(desired);
             }
         }
-        self.pending = Some(ann);
-        self.try_pending().await
+        // A download nobody wants any more, or of an MQTT hint while the pointer file
+        // names another bundle this device does not run, makes way.
+        if let Some(d) = &self.download {
+            let pointer_disagrees = source == Source::Pointer
+                && d.source == Source::Mqtt
+                && digest != d.digest
+                && self.agent.applied_digest() != Some(digest.as_str());
+            if !self.candidates.holds(d.source, &d.digest) || pointer_disagrees {
+                tracing::info!(digest = %d.digest, "download superseded by a newer announcement");
+                self.download = None;
+                self.agent.set_downloading(false);
+            }
+        }
+        self.try_next().await
     }
 
-    /// Fetches and applies the pending announcement if the agent wants it.
-    async fn try_pending(&mut self) -> Result<(), AgentError> {
-        let Some(ann) = self.pending.clone() else { return Ok(()) };
-        match self.agent.offer(&ann)? {
-            Offer::Skip("busy") => return Ok(()),
-            Offer::Skip(why) => {
-                tracing::debug!(digest = %ann.digest, "not fetching: {why}");
-                self.done_with(&ann);
+    /// Starts on the next due candidate: from its stored copy or the MQTT blob if there
+    /// is one (applied now), else a download beside the loop.
+    async fn try_next(&mut self) -> Result<(), AgentError> {
+        // Each pass settles one candidate (applied, dropped, backed off) or returns.
+        for _ in 0..4 {
+            if self.download.is_some() {
                 return Ok(());
             }
-            Offer::Fetch => {}
-        }
-        let blob_matches =
-            self.blob.as_ref().is_some_and(|b| fleet_spec::bundle::content_address(b) == ann.digest);
-        let urls = fetch::bundle_urls(&ann, self.agent.config().fetch.base_url.as_deref());
-        if ann.mqtt_blob && !blob_matches && urls.is_empty() {
-            tracing::debug!("waiting for the bundle on MQTT");
-            return Ok(());
-        }
-        self.agent.begin_fetch()?;
-        let bytes = if blob_matches {
-            self.blob.take().expect("checked above")
-        } else {
-            let partial = self.agent.store().partial_path(&ann.digest);
-            match self.fetcher.fetch_bundle(&urls, &ann.digest, ann.size, &partial).await {
-                Ok(b) => b,
-                Err(e) => {
-                    let outcome =
-                        self.agent.fetch_failed(&ann.digest, e.code(), &e.to_string(), e.is_permanent());
-                    if matches!(outcome, Outcome::Rejected { .. }) {
-                        self.done_with(&ann);
-                    }
+            let now = Instant::now();
+            let Some(c) = self.candidates.due(now).cloned() else {
+                break;
+            };
+            let digest = c.ann.digest.clone();
+            match self.agent.offer(&c.ann)? {
+                Offer::Fetch => {}
+                Offer::Skip("busy") => {
+                    self.candidates.postpone(c.source, &digest, now + Duration::from_secs(1));
                     return Ok(());
                 }
+                Offer::Skip(why) => {
+                    tracing::debug!(%digest, "not fetching: {why}");
+                    self.candidates.done(&digest);
+                    continue;
+                }
             }
-        };
-        let outcome = self.agent.apply_bundle(&bytes).await?;
-        tracing::info!(?outcome, version = ann.version, "bundle handled");
-        if !matches!(outcome, Outcome::Deferred { .. }) {
-            self.done_with(&ann);
+            if let Some(bytes) = self.stored_copy(&digest) {
+                tracing::info!(%digest, "retrying the stored copy of a deferred bundle");
+                self.apply(c.source, &digest, &bytes).await?;
+                continue;
+            }
+            if self.blob.as_ref().is_some_and(|b| fleet_spec::bundle::content_address(b) == digest) {
+                let bytes = self.blob.take().expect("checked above");
+                self.apply(c.source, &digest, &bytes).await?;
+                continue;
+            }
+            let urls = fetch::bundle_urls(&c.ann, self.agent.config().fetch.base_url.as_deref());
+            if urls.is_empty() {
+                if c.ann.mqtt_blob {
+                    tracing::debug!("waiting for the bundle on MQTT");
+                    self.want_blob(true);
+                    self.candidates.postpone(c.source, &digest, now + Duration::from_secs(60));
+                } else {
+                    let e = FetchError::NoSource { digest: digest.clone() };
+                    self.agent.fetch_failed(&digest, e.code(), &e.to_string());
+                    self.candidates.failed(c.source, &digest, now);
+                }
+                continue;
+            }
+            // partial/ holds at most the downloads still wanted.
+            if let Err(e) = self.agent.store().prune_partials(&self.candidates.digests()) {
+                tracing::warn!("cannot prune partial downloads: {e}");
+            }
+            let partial = self.agent.store().partial_path(&digest);
+            let fetcher = self.fetcher.clone();
+            let wanted = digest.clone();
+            let task: Task<_> = Box::pin(async move { fetcher.fetch_bundle(&urls, &wanted, &partial).await });
+            self.download = Some(Download { source: c.source, digest, task });
+            self.agent.set_downloading(true);
+            return Ok(());
+        }
+        self.want_blob(self.candidates.wants_blob());
+        Ok(())
+    }
+
+    /// Applies a bundle's bytes, and settles its candidate: done when applied or refused
+    /// for good, backed off when deferred.
+    async fn apply(&mut self, source: Source, digest: &str, bytes: &[u8]) -> Result<(), AgentError> {
+        let outcome = self.agent.apply_bundle(bytes).await?;
+        tracing::info!(?outcome, digest, "bundle handled");
+        let refused = self.agent.store().rejected().map(|r| r.contains_key(digest)).unwrap_or(false);
+        let settled =
+            matches!(outcome, Outcome::Committed { .. } | Outcome::AlreadyApplied | Outcome::Rejected { .. });
+        if settled || refused {
+            self.candidates.done(digest);
+        } else {
+            self.candidates.failed(source, digest, Instant::now());
         }
         Ok(())
     }
 
-    fn done_with(&mut self, ann: &Announcement) {
-        if self.pending.as_ref().is_some_and(|p| p.digest == ann.digest) {
-            self.pending = None;
-        }
-        if ann.mqtt_blob {
-            self.blob = None;
-            if let Some(m) = &self.mqtt {
-                m.want_blob(false);
-            }
+    /// The stored copy of a bundle deferred after verification, if it is intact.
+    fn stored_copy(&self, digest: &str) -> Option<Vec<u8>> {
+        let path = self.agent.store().bundle_path(digest);
+        let bytes = std::fs::read(path).ok()?;
+        (fleet_spec::bundle::content_address(&bytes) == digest).then_some(bytes)
+    }
+
+    fn want_blob(&self, want: bool) {
+        if let Some(m) = &self.mqtt {
+            m.want_blob(want);
         }
     }
 }

@@ -9,8 +9,11 @@
 //!   managed.json              files the agent wrote: path → sha256
 //!   rejected.json             bundles never to try again: digest → code, reason
 //!   status.json               the last status report (for `fleet-agent status`; a cache)
-//!   bundles/<digest>.bundle   the last good bundle and the one being applied
-//!   partial/<digest>          a download in progress (resumed with Range)
+//!   bundles/<digest>.bundle   the last good bundle, and the one being applied or deferred
+//!   partial/<digest>          a download in progress (resumed with Range); at most one
+//!   originals.json            files the device had before a bundle took them over:
+//!                             path → mode, owner, sha256 (restored when the bundle lets go)
+//!   originals/<sha256(path)>  their content
 //! ```
 //!
 //! Every JSON file is replaced atomically (fsync, rename) and durably (fsync of the
@@ -72,7 +75,9 @@ impl Store {
     /// Creates the directory layout (0700: bundles may hold secrets).
     pub fn create(&self) -> Result<(), StoreError> {
         use std::os::unix::fs::DirBuilderExt;
-        for d in [self.dir.clone(), self.dir.join("bundles"), self.dir.join("partial")] {
+        for d in
+            [self.dir.clone(), self.dir.join("bundles"), self.dir.join("partial"), self.dir.join("originals")]
+        {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -200,6 +205,54 @@ impl Store {
         fs::read(&path).map_err(|source| StoreError::Io { path, source })
     }
 
+    /// Deletes partial downloads except those of the digests named: what `partial/` may
+    /// hold is bounded by the downloads the agent still wants.
+    pub fn prune_partials(&self, keep: &[&str]) -> Result<(), StoreError> {
+        let dir = self.dir.join("partial");
+        let entries = fs::read_dir(&dir).map_err(|source| StoreError::Io { path: dir.clone(), source })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name.as_str()) {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn original_path(&self, path: &str) -> PathBuf {
+        use sha2::{Digest, Sha256};
+        self.dir.join("originals").join(hex::encode(Sha256::digest(path.as_bytes())))
+    }
+
+    /// Keeps a file the device had before a bundle took it over: its content first, then
+    /// the record (a crash between the two leaves an orphan content file, never a record
+    /// without content).
+    pub fn save_original(&self, path: &str, original: Original, content: &[u8]) -> Result<(), StoreError> {
+        files::write_atomic(&self.original_path(path), content, 0o600, None)?;
+        let mut all: BTreeMap<String, Original> = self.load("originals.json")?;
+        all.insert(path.to_string(), original);
+        self.save("originals.json", &all)
+    }
+
+    /// The original kept for `path`, with its content.
+    pub fn original(&self, path: &str) -> Result<Option<(Original, Vec<u8>)>, StoreError> {
+        let all: BTreeMap<String, Original> = self.load("originals.json")?;
+        let Some(original) = all.get(path).cloned() else { return Ok(None) };
+        let file = self.original_path(path);
+        let content = fs::read(&file).map_err(|source| StoreError::Io { path: file, source })?;
+        Ok(Some((original, content)))
+    }
+
+    /// Forgets the original of `path` (it was put back).
+    pub fn forget_original(&self, path: &str) -> Result<(), StoreError> {
+        let mut all: BTreeMap<String, Original> = self.load("originals.json")?;
+        if all.remove(path).is_some() {
+            self.save("originals.json", &all)?;
+        }
+        let _ = fs::remove_file(self.original_path(path));
+        Ok(())
+    }
+
     /// Deletes stored bundles except those named.
     pub fn prune_bundles(&self, keep: &[&str]) -> Result<(), StoreError> {
         let dir = self.dir.join("bundles");
@@ -217,6 +270,15 @@ impl Store {
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec_pretty(value).expect("state files always serialize")
+}
+
+/// A file the device had before a bundle named it (`originals.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Original {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub sha256: String,
 }
 
 /// `applied.json`: the last good bundle.

@@ -235,7 +235,9 @@ fn device(extra: &str) -> Device {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().join("root");
     let key = SigningKey::from_seed(&[42; 32]);
-    let config = dir.path().join("agent.toml");
+    // Not beside root/: an allowed root must lie apart from the directory of agent.toml.
+    std::fs::create_dir(dir.path().join("etc")).expect("mkdir etc");
+    let config = dir.path().join("etc/agent.toml");
     let text = format!(
         "device = \"gw-01\"\nfleet = \"acme\"\nstate_dir = \"{}\"\nallowed_roots = [\"{}\"]\nhealth_timeout_secs = 10\nstatus_min_interval_ms = 100\n{extra}\n[trust]\npublic_keys = [\"{}\"]\n[engine]\nsocket = \"none\"\n",
         dir.path().join("state").display(),
@@ -259,6 +261,32 @@ impl Device {
                     content: c.as_bytes().to_vec(),
                 })
                 .collect(),
+            ..Default::default()
+        };
+        state.canonicalize();
+        let meta = BundleMeta {
+            fleet: "acme".into(),
+            device: "gw-01".into(),
+            version,
+            commit: format!("commit{version}"),
+            subject: "test".into(),
+            created_at: now() - 60,
+            expires_at: now() + 86_400,
+        };
+        bundle::build(meta, &state, &[&self.key], 3)
+    }
+
+    /// A bundle with one container (for a device whose engine is not there).
+    fn bundle_with_container(&self, version: u64) -> Vec<u8> {
+        use fleet_spec::model::{ContainerSpec, ImageRef};
+        let mut state = DesiredState {
+            containers: vec![ContainerSpec {
+                name: "app-web".into(),
+                app: "app".into(),
+                service: "web".into(),
+                image: ImageRef { reference: "127.0.0.1:5000/web:1".into(), digest: None },
+                ..Default::default()
+            }],
             ..Default::default()
         };
         state.canonicalize();
@@ -397,49 +425,95 @@ fn a_rejected_announced_bundle_is_reported_and_not_refetched() {
     assert!(dev.read("a").is_none());
 }
 
+/// Hardening I, case 1: bytes that do not match the announced digest are that URL's
+/// failure. Nothing is rejected; the candidate backs off (it is not downloaded again at
+/// every tick); and the genuine bytes of the same digest, from another URL, apply.
 #[test]
-fn a_truncated_download_is_rejected_once_and_a_new_announcement_still_applies() {
+fn a_truncated_download_is_not_rejected_backs_off_and_the_genuine_bytes_still_apply() {
     let broker = mosquitto();
     let dev =
         device(&format!("reconcile_interval_secs = 1\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", broker.port()));
     let full = dev.bundle(1, &[("a", "1")]);
     let digest = bundle::content_address(&full);
-    let good = dev.bundle(2, &[("a", "2")]);
-    let good_digest = bundle::content_address(&good);
     // The server holds only half of the announced bundle, and the body ends normally.
     let http = http_server(
         vec![
             ("/half.bundle".to_string(), full[..full.len() / 2].to_vec()),
-            (format!("/bundles/{good_digest}.bundle"), good.clone()),
+            (format!("/bundles/{digest}.bundle"), full.clone()),
         ],
         false,
     );
     let mut sub = Sub::new(broker.port(), "fleet/acme/devices/gw-01/#");
     let _agent = dev.run();
     sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(10), |p| p == "true");
-    let announce = |version: u64, digest: &str, size: usize, url: String| {
-        let ann = announcement(version, &format!("commit{version}"), digest, size, vec![url], false);
+    let announce = |url: String| {
+        let ann = announcement(1, "commit1", &digest, full.len(), vec![url], false);
         publish_announcement(broker.port(), &ann);
     };
-    announce(1, &digest, full.len(), format!("http://127.0.0.1:{}/half.bundle", http.port));
-    let rejected = sub
-        .wait("fleet/acme/devices/gw-01/events", Duration::from_secs(10), |p| p.contains("bundle_rejected"));
-    assert!(rejected.contains("download_digest") && rejected.contains(&digest), "{rejected}");
+    announce(format!("http://127.0.0.1:{}/half.bundle", http.port));
     let failed = sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(10), |p| {
-        status_of(p).last_error.is_some_and(|e| e.code == "download_digest")
+        status_of(p).last_error.is_some_and(|e| e.code == "fetch_failed")
     });
-    assert_eq!(status_of(&failed).state.as_str(), "failed", "{failed}");
-    // Several reconcile ticks later, it was still downloaded only once.
+    assert!(failed.contains(&digest) || failed.contains("sha256"), "{failed}");
+    // Several reconcile ticks later: downloaded once (backing off), never rejected.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(http.ranges.lock().expect("lock").len(), 1, "fetched once\n{}", dev.log());
     assert!(dev.read("a").is_none(), "nothing on the device changed");
+    assert!(!sub.seen.iter().any(|l| l.contains("bundle_rejected")), "no rejection: {:?}", sub.seen);
+    let rejected = std::fs::read_to_string(dev.dir.path().join("state/rejected.json")).unwrap_or_default();
+    assert!(!rejected.contains(&digest), "{rejected}");
 
-    // A new announcement with another digest is fetched and applied.
-    announce(2, &good_digest, good.len(), format!("http://127.0.0.1:{}", http.port));
+    // The same digest from a server that has it: applied at once (a changed
+    // announcement is due at once).
+    announce(format!("http://127.0.0.1:{}", http.port));
     sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(20), |p| {
         status_of(p).state.as_str() == "converged"
     });
-    assert_eq!(dev.read("a").as_deref(), Some("2"));
+    assert_eq!(dev.read("a").as_deref(), Some("1"));
+}
+
+/// Hardening I, case 7: a bundle deferred after verification (here: its engine is not
+/// there) is retried from the stored copy, with backoff; it is not downloaded again.
+#[test]
+fn a_deferred_bundle_is_retried_from_its_stored_copy_not_downloaded_again() {
+    let broker = mosquitto();
+    let dev =
+        device(&format!("reconcile_interval_secs = 1\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", broker.port()));
+    // An engine socket nobody listens on: containers cannot be prepared.
+    let config = std::fs::read_to_string(&dev.config).expect("read config");
+    let socket = dev.dir.path().join("no-engine.sock");
+    std::fs::write(
+        &dev.config,
+        config.replace("socket = \"none\"", &format!("socket = \"{}\"", socket.display())),
+    )
+    .expect("write config");
+    let bytes = dev.bundle_with_container(1);
+    let digest = bundle::content_address(&bytes);
+    let http = http_server(vec![(format!("/bundles/{digest}.bundle"), bytes.clone())], false);
+    let mut sub = Sub::new(broker.port(), "fleet/acme/devices/gw-01/#");
+    let _agent = dev.run();
+    sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(10), |p| p == "true");
+    let ann = announcement(
+        1,
+        "commit1",
+        &digest,
+        bytes.len(),
+        vec![format!("http://127.0.0.1:{}", http.port)],
+        false,
+    );
+    publish_announcement(broker.port(), &ann);
+    sub.wait("fleet/acme/devices/gw-01/status", Duration::from_secs(10), |p| {
+        status_of(p).last_error.is_some_and(|e| e.code == "engine_unavailable")
+    });
+    // The first retry comes after the first backoff (10 s), from disk.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dev.log().contains("retrying the stored copy") {
+        assert!(Instant::now() < deadline, "no retry from the stored copy\n{}", dev.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(http.ranges.lock().expect("lock").len(), 1, "downloaded once\n{}", dev.log());
+    let rejected = std::fs::read_to_string(dev.dir.path().join("state/rejected.json")).unwrap_or_default();
+    assert!(!rejected.contains(&digest), "deferred, not rejected: {rejected}");
 }
 
 #[test]

@@ -315,11 +315,11 @@ async fn scenario(lab: &Lab) {
         engine.create_network(&spec, &labels()).await.expect("create network");
         engine.create_network(&spec, &labels()).await.expect("create an existing network");
     }
-    assert_eq!(engine.list_managed_networks().await.expect("list networks"), ["ft_back", "ft_front"]);
+    assert_eq!(engine.list_managed_networks("acme").await.expect("list networks"), ["ft_back", "ft_front"]);
     let volume = VolumeSpec { name: "ft_data".into(), labels: BTreeMap::from([("k".into(), "v".into())]) };
     engine.create_volume(&volume, &labels()).await.expect("create volume");
     engine.create_volume(&volume, &labels()).await.expect("create an existing volume");
-    assert_eq!(engine.list_managed_volumes().await.expect("list volumes"), ["ft_data"]);
+    assert_eq!(engine.list_managed_volumes("acme").await.expect("list volumes"), ["ft_data"]);
 
     // 3. A web server with env, a bind-mounted host file, a named volume, a tmpfs, a
     //    published port, a healthcheck on a host-controlled flag, labels, two networks.
@@ -484,8 +484,8 @@ async fn scenario(lab: &Lab) {
         engine.remove_volume("ft_foreign_vol").await,
         Err(EngineError::Api { status: 409, .. })
     ));
-    assert_eq!(engine.list_managed_networks().await.expect("list"), ["ft_back", "ft_front"]);
-    assert_eq!(engine.list_managed_volumes().await.expect("list"), ["ft_data"]);
+    assert_eq!(engine.list_managed_networks("acme").await.expect("list"), ["ft_back", "ft_front"]);
+    assert_eq!(engine.list_managed_volumes("acme").await.expect("list"), ["ft_data"]);
 
     // 6. Events: killing ft-web behind the agent's back yields its `die`; killing the
     //    unmanaged one yields nothing. The subscription is made by a wait that is given
@@ -599,11 +599,11 @@ async fn scenario(lab: &Lab) {
     for name in ["ft_front", "ft_back"] {
         engine.remove_network(name).await.expect("remove network");
     }
-    assert!(engine.list_managed_networks().await.expect("list").is_empty());
+    assert!(engine.list_managed_networks("acme").await.expect("list").is_empty());
     engine.remove_network("ft_back").await.expect("removing a missing network is not an error");
     engine.remove_volume("ft_data").await.expect("remove volume");
     engine.remove_volume("ft_data").await.expect("removing a missing volume is not an error");
-    assert!(engine.list_managed_volumes().await.expect("list").is_empty());
+    assert!(engine.list_managed_volumes("acme").await.expect("list").is_empty());
     assert_eq!(lab.raw("GET", "/containers/ft-unmanaged/json", None).0, 200);
     assert_eq!(lab.raw("GET", "/volumes/ft_foreign_vol", None).0, 200);
     assert_eq!(lab.raw("GET", "/networks/ft_foreign", None).0, 200);

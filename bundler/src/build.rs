@@ -32,6 +32,14 @@
 //! Renewal: a kept bundle is rebuilt (with a new version) once the commit being built
 //! is past half of its validity, so devices never end up with an expired bundle as
 //! long as something is committed and built regularly (an empty commit will do).
+//!
+//! The previous build: `DIR/index.json`, and the published build given with
+//! `--previous` ([`crate::previous`]) when CI lost `DIR`; per device the entry with
+//! the higher version counts, so versions stay above what devices hold.
+//!
+//! Commit dates are checked against the build's `now` before anything is written
+//! ([`check_commit_time`]): a commit dated in the future or whose bundles would be
+//! expired already is refused.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -47,8 +55,13 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::previous::Previous;
 use crate::render::Fleet;
 use crate::repo::Snapshot;
+use crate::timefmt;
+
+/// How far a commit may be dated ahead of the build machine's clock (clock skew).
+pub const MAX_CLOCK_SKEW: i64 = 300;
 
 /// `DIR/index.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +139,44 @@ pub enum BuildError {
     DeviceId(TopicError),
     #[error("zstd: {0}")]
     Compress(std::io::Error),
+    #[error("commit {commit} is dated {}, {} ahead of this machine's clock ({}; {} of skew allowed): bundles carry the commit time as their signed creation time and as their version, and devices take the signed creation time as a floor for their own clock, so this build would move every device's clock and versions into the future; fix the clock that is wrong, then re-date the commit (`git commit --amend --no-edit` on a machine whose clock is right) and build again (nothing was written)",
+        timefmt::rfc3339(*commit_time), timefmt::age(commit_time - now), timefmt::rfc3339(*now), timefmt::age(MAX_CLOCK_SKEW))]
+    FutureCommit { commit: String, commit_time: i64, now: i64 },
+    #[error("the bundles of commit {commit} would expire at {} (its committer date {} + bundle_expiry {}), which is already past ({}): devices refuse expired bundles; build a newer commit (`git commit --allow-empty -m renew`) or raise bundle_expiry in fleet.yaml (nothing was written)",
+        timefmt::rfc3339(commit_time.saturating_add(*expiry)), timefmt::rfc3339(*commit_time), timefmt::age(*expiry), timefmt::rfc3339(*now))]
+    ExpiredAtBuild { commit: String, commit_time: i64, expiry: i64, now: i64 },
+    #[error("--previous {location} belongs to fleet {found:?}, this repository is fleet {expected:?}: pass the published output of this fleet")]
+    PreviousOtherFleet { location: String, found: String, expected: String },
+}
+
+/// Checks the commit date against `now` (unix seconds, the build machine's clock):
+/// refuses a commit dated more than [`MAX_CLOCK_SKEW`] ahead, or whose bundles
+/// (`created_at` = commit time, `expires_at` = + `expiry`) would be expired already.
+/// Returns a warning when less than half of the validity is left.
+pub fn check_commit_time(
+    commit: &str,
+    commit_time: i64,
+    expiry: i64,
+    now: i64,
+) -> Result<Option<String>, BuildError> {
+    let short: String = commit.chars().take(12).collect();
+    if commit_time > now + MAX_CLOCK_SKEW {
+        return Err(BuildError::FutureCommit { commit: short, commit_time, now });
+    }
+    let expires_at = commit_time.saturating_add(expiry);
+    if expires_at <= now {
+        return Err(BuildError::ExpiredAtBuild { commit: short, commit_time, expiry, now });
+    }
+    if expires_at - now < expiry / 2 {
+        return Ok(Some(format!(
+            "the bundles of commit {short} expire at {} (in {}), less than half of bundle_expiry ({}) from now: \
+             devices refuse them after that; build a newer commit before (`git commit --allow-empty -m renew`)",
+            timefmt::rfc3339(expires_at),
+            timefmt::age(expires_at - now),
+            timefmt::age(expiry)
+        )));
+    }
+    Ok(None)
 }
 
 pub struct BuildOptions<'a> {
@@ -135,6 +186,11 @@ pub struct BuildOptions<'a> {
     pub progress: bool,
     /// Image reference → `sha256:` digest, applied to every tag-only image.
     pub digests: &'a BTreeMap<String, String>,
+    /// The build machine's clock (unix seconds), for [`check_commit_time`] and to renew
+    /// kept bundles that expired. Bundles do not depend on it.
+    pub now: i64,
+    /// The published build (`--previous`), when given.
+    pub previous: Option<&'a Previous>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -157,10 +213,14 @@ pub struct BuildSummary {
     pub pointers_written: usize,
     /// Devices whose pointer file was deleted because they are no longer in the fleet.
     pub pointers_deleted: Vec<String>,
+    /// Kept bundles taken over from the `--previous` build (copied into `DIR/bundles`).
+    pub adopted: usize,
+    /// What the build wants people to know (printed on stderr as `warning: ...`).
+    pub warnings: Vec<String>,
 }
 
 enum Outcome {
-    Kept(IndexEntry),
+    Kept { entry: IndexEntry, adopted: bool },
     New { entry: IndexEntry, renewed: bool, wrote: bool },
 }
 
@@ -177,6 +237,10 @@ pub fn build(
     for id in fleet.devices.keys() {
         validate_id("device id", id).map_err(BuildError::DeviceId)?;
     }
+    let mut warnings: Vec<String> =
+        check_commit_time(&snapshot.commit, snapshot.commit_time, fleet.bundle_expiry, opts.now)?
+            .into_iter()
+            .collect();
     let bundles_dir = opts.out.join("bundles");
     std::fs::create_dir_all(&bundles_dir)
         .map_err(|source| BuildError::Io { path: bundles_dir.clone(), source })?;
@@ -191,7 +255,39 @@ pub fn build(
             });
         }
     }
-    let prev_devices = previous.as_ref().map(|p| &p.devices);
+    // Per device, the higher version of this directory's index and the published one.
+    let mut merged: Option<BTreeMap<String, IndexEntry>> = previous.map(|p| p.devices);
+    if let Some(published) = opts.previous {
+        match &published.index {
+            Some(p) if p.fleet != fleet.name => {
+                return Err(BuildError::PreviousOtherFleet {
+                    location: published.describe(),
+                    found: p.fleet.clone(),
+                    expected: fleet.name.clone(),
+                })
+            }
+            Some(p) => {
+                let devices = merged.get_or_insert_with(BTreeMap::new);
+                for (id, e) in &p.devices {
+                    if devices.get(id).is_none_or(|mine| mine.version < e.version) {
+                        devices.insert(id.clone(), e.clone());
+                    }
+                }
+            }
+            None => warnings.push(format!(
+                "--previous {} holds no index.json (nothing published there yet?): versions start at the commit time",
+                published.describe()
+            )),
+        }
+    } else if merged.is_none() {
+        warnings.push(format!(
+            "{} does not exist and no --previous was given: versions start at the commit time; if this fleet was \
+             built and published before (a lost CI cache), devices refuse bundles not newer than theirs: pass \
+             --previous <URL or directory of the published build>",
+            index_path.display()
+        ));
+    }
+    let prev_devices = merged.as_ref();
     let keys: Vec<&SigningKey> = opts.keys.iter().collect();
     let done = AtomicUsize::new(0);
     let total = fleet.devices.len();
@@ -219,10 +315,20 @@ pub fn build(
             let mut renewed = false;
             if let Some(prev) = prev {
                 if prev.state_digest == state_digest {
-                    match kept_bundle_created_at(&bundles_dir, &prev.digest) {
-                        Some(created_at) if snapshot.commit_time < created_at + fleet.bundle_expiry / 2 => {
+                    let mut adopted = false;
+                    let mut times = kept_bundle_times(&bundles_dir, &prev.digest, &fleet.name, id);
+                    if let (None, Some(published)) = (times, opts.previous) {
+                        times = adopt_bundle(published, &bundles_dir, &prev.digest, &fleet.name, id)?;
+                        adopted = times.is_some();
+                    }
+                    match times {
+                        Some((created_at, expires_at))
+                            if snapshot.commit_time < created_at + fleet.bundle_expiry / 2
+                                && opts.now < expires_at =>
+                        {
                             tick(&done, total, opts.progress);
-                            return Ok((id.clone(), Outcome::Kept(IndexEntry { labels, ..prev.clone() })));
+                            let entry = IndexEntry { labels, ..prev.clone() };
+                            return Ok((id.clone(), Outcome::Kept { entry, adopted }));
                         }
                         Some(_) => renewed = true,
                         None => {}
@@ -261,14 +367,16 @@ pub fn build(
         fleet: fleet.name.clone(),
         commit: snapshot.commit.clone(),
         devices: fleet.devices.len(),
+        warnings,
         ..Default::default()
     };
     let mut devices = BTreeMap::new();
     for outcome in outcomes {
         let (id, outcome) = outcome?;
         match outcome {
-            Outcome::Kept(entry) => {
+            Outcome::Kept { entry, adopted } => {
                 summary.unchanged += 1;
+                summary.adopted += usize::from(adopted);
                 devices.insert(id, entry);
             }
             Outcome::New { entry, renewed, wrote } => {
@@ -370,15 +478,35 @@ fn tick(done: &AtomicUsize, total: usize, progress: bool) {
     }
 }
 
-/// `created_at` of a kept bundle, or `None` when the file is gone, damaged or
-/// unreadable (then the device gets a fresh bundle).
-fn kept_bundle_created_at(dir: &Path, digest: &str) -> Option<i64> {
+/// `created_at` and `expires_at` of a kept bundle, or `None` when the file is gone,
+/// damaged, unreadable or not the device's (then the device gets a fresh bundle).
+fn kept_bundle_times(dir: &Path, digest: &str, fleet: &str, device: &str) -> Option<(i64, i64)> {
     let bytes = std::fs::read(dir.join(format!("{digest}.bundle"))).ok()?;
-    if bundle::content_address(&bytes) != digest {
+    bundle_times(&bytes, digest, fleet, device)
+}
+
+fn bundle_times(bytes: &[u8], digest: &str, fleet: &str, device: &str) -> Option<(i64, i64)> {
+    if bundle::content_address(bytes) != digest {
         return None;
     }
-    let parsed = bundle::parse(&bytes, &Limits::default()).ok()?;
-    bundle::decode_manifest(parsed.manifest_bytes).ok().map(|m| m.created_at)
+    let parsed = bundle::parse(bytes, &Limits::default()).ok()?;
+    let m = bundle::decode_manifest(parsed.manifest_bytes).ok()?;
+    (m.fleet == fleet && m.device == device).then_some((m.created_at, m.expires_at))
+}
+
+/// Takes the published bundle `digest` over from the `--previous` build into `dir`,
+/// so an unchanged device keeps its bundle and version after a lost output directory.
+fn adopt_bundle(
+    published: &Previous,
+    dir: &Path,
+    digest: &str,
+    fleet: &str,
+    device: &str,
+) -> Result<Option<(i64, i64)>, BuildError> {
+    let Some(bytes) = published.bundle(digest) else { return Ok(None) };
+    let Some(times) = bundle_times(&bytes, digest, fleet, device) else { return Ok(None) };
+    write_bundle(dir, digest, &bytes)?;
+    Ok(Some(times))
 }
 
 /// Writes `<digest>.bundle` unless it exists; returns whether it wrote.
@@ -419,6 +547,7 @@ mod tests {
             commit_time: 1_800_000_000,
             subject: "s".into(),
             files: [("fleet.yaml".to_string(), b"name: acme\n".to_vec())].into(),
+            ..Default::default()
         };
         let (mut fleet, diags) = crate::render::load(&snapshot);
         assert!(!diags.iter().any(|d| d.is_error()), "{diags:?}");
@@ -434,12 +563,41 @@ mod tests {
         let out = tempfile::tempdir().expect("tempdir");
         let key = SigningKey::from_seed(&[9; 32]);
         let digests = BTreeMap::new();
-        let opts =
-            BuildOptions { out: out.path(), keys: &[key], level: 3, progress: false, digests: &digests };
+        let opts = BuildOptions {
+            out: out.path(),
+            keys: &[key],
+            level: 3,
+            progress: false,
+            digests: &digests,
+            now: snapshot.commit_time,
+            previous: None,
+        };
         let err = build(&fleet, &snapshot, &opts).expect_err("refused");
         assert!(matches!(err, BuildError::DeviceId(_)), "{err}");
         assert!(err.to_string().contains("devices/<id>.json"), "{err}");
         assert_eq!(std::fs::read_dir(out.path()).expect("read").count(), 0, "nothing written");
+    }
+
+    #[test]
+    fn commit_dates_against_the_clock() {
+        let day = 86_400;
+        let c = "c".repeat(40);
+        let t = 1_800_000_000;
+        assert!(matches!(check_commit_time(&c, t, 90 * day, t), Ok(None)));
+        assert!(
+            matches!(check_commit_time(&c, t + MAX_CLOCK_SKEW, 90 * day, t), Ok(None)),
+            "within the skew"
+        );
+        assert!(matches!(
+            check_commit_time(&c, t + MAX_CLOCK_SKEW + 1, 90 * day, t),
+            Err(BuildError::FutureCommit { .. })
+        ));
+        assert!(matches!(check_commit_time(&c, t, 90 * day, t + 44 * day), Ok(None)));
+        assert!(matches!(check_commit_time(&c, t, 90 * day, t + 46 * day), Ok(Some(_))), "under half left");
+        assert!(matches!(
+            check_commit_time(&c, t, 90 * day, t + 90 * day),
+            Err(BuildError::ExpiredAtBuild { .. })
+        ));
     }
 
     #[test]

@@ -13,9 +13,12 @@
 //! - [`build`]: versioning, signing, content-addressed bundles, `index.json` and the
 //!   per-device pointer files (`devices/<id>.json`) that agents poll.
 //! - [`plan`]: the per-device difference between two revisions.
+//! - [`previous`]: the published build (`build --previous`), read from a server or a
+//!   directory, so versions stay newer than what devices hold.
 //! - [`mqtt`]: `publish` (retained announcements) and `status` (the fleet table).
 //!
-//! Architecture invariant: only [`repo`], [`build`], [`registry`] and [`mqtt`] do I/O;
+//! Architecture invariant: only [`repo`], [`build`], [`previous`], [`registry`] and
+//! [`mqtt`] do I/O;
 //! loading and rendering are pure functions of the repository snapshot, so the same
 //! commit always renders the same states.
 
@@ -29,6 +32,7 @@ pub mod format;
 pub mod mqtt;
 pub mod plan;
 pub mod policy;
+pub mod previous;
 pub mod registry;
 pub mod render;
 pub mod repo;

@@ -18,7 +18,7 @@ use fleet_spec::{PublicKey, SigningKey};
 use fleet_bundler::build::{self, BuildOptions};
 use fleet_bundler::diag::{self, Diagnostic};
 use fleet_bundler::registry::{self, Registry};
-use fleet_bundler::{duration, mqtt, plan, render, repo, timefmt};
+use fleet_bundler::{duration, mqtt, plan, previous, render, repo, timefmt};
 
 /// Exit codes, also listed in `--help` and the README.
 mod exit {
@@ -27,6 +27,7 @@ mod exit {
     pub const CHANGES: u8 = 2;
     pub const DEVICE_FAILED: u8 = 3;
     pub const TIMEOUT: u8 = 4;
+    pub const NOT_NEWER: u8 = 5;
     pub const USAGE: u8 = 64;
     pub const INVALID_REPO: u8 = 65;
 }
@@ -51,6 +52,7 @@ Exit codes:
   2   plan: there are changes
   3   status --wait: a device failed or rolled back on the indexed version
   4   status --wait: timeout before every device converged
+  5   publish: the broker retains a version for a device that this build's is not newer than (nothing published)
   64  usage error (bad flags)
   65  the repository is invalid (validation errors are printed with file:line:column)")
 )]
@@ -83,7 +85,7 @@ enum Command {
     },
     /// Render, sign and write every device's bundle, DIR/index.json and DIR/devices/<id>.json.
     #[command(
-        after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.\nUpload DIR as is: agents poll DIR/devices/<their id>.json and fetch DIR/bundles/<digest>.bundle.\nThe signing key may also come from the environment: FLEET_SIGNING_KEY=<the line of signing.key>.\n\nExit codes: 0 built, 65 invalid repository (nothing written), 1 failure (Git, key, registry, I/O), 64 usage."
+        after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n  fleet-bundler build --repo . --key keys/signing.key --out out/ --previous https://cdn.example/fleet\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.\nWithout it (no CI cache), pass --previous with the published output: versions stay newer than what devices hold.\nA commit dated more than 5 minutes ahead of this machine's clock, or whose bundles would already be expired, is refused (exit 1).\nUpload DIR as is: agents poll DIR/devices/<their id>.json and fetch DIR/bundles/<digest>.bundle.\nThe signing key may also come from the environment: FLEET_SIGNING_KEY=<the line of signing.key>.\n\nExit codes: 0 built, 65 invalid repository (nothing written), 1 failure (Git, key, registry, I/O, --previous, a commit dated in the future or already expired; nothing written), 64 usage."
     )]
     Build(BuildArgs),
     /// Show what changes per device between two revisions (secrets-free).
@@ -106,10 +108,12 @@ enum Command {
         /// Lines of context around each change in file diffs.
         #[arg(long, default_value_t = 3)]
         context: usize,
+        #[command(flatten)]
+        limits: ReadLimits,
     },
     /// Announce changed bundles over MQTT (retained, QoS 1, confirmed).
     #[command(
-        after_help = "Examples:\n  fleet-bundler publish --out out/ --broker mqtt://127.0.0.1:1883 --base-url http://files.local/fleet\n  fleet-bundler publish --out out/ --broker mqtts://broker:8883 --ca-file ca.pem --username ci --blobs-over-mqtt\n\nOnly devices whose bundle changed since the last publish from this directory (DIR/published.json) are announced; --force announces all.\n\nExit codes: 0 every announcement acknowledged, 1 failure (broker unreachable or refused, timeout, missing index), 64 usage."
+        after_help = "Examples:\n  fleet-bundler publish --out out/ --broker mqtt://127.0.0.1:1883 --base-url http://files.local/fleet\n  fleet-bundler publish --out out/ --broker mqtts://broker:8883 --ca-file ca.pem --username ci --blobs-over-mqtt\n\nOnly devices whose bundle changed since the last publish from this directory (DIR/published.json) are announced; --force announces all.\nThe retained announcements are read first: a device whose retained version is newer than this build's (or equal with another bundle) would refuse it, so nothing is published (exit 5).\n\nExit codes: 0 every announcement acknowledged, 5 a device already has a newer (or equal) version (nothing published; rebuild with --previous), 1 failure (broker unreachable or refused, timeout, missing index), 64 usage."
     )]
     Publish(mqtt::PublishArgs),
     /// Check a bundle exactly as a device would and print its manifest.
@@ -151,6 +155,17 @@ struct Source {
     /// Revision: branch, tag, commit id, HEAD~1, ...
     #[arg(long, default_value = "HEAD")]
     rev: String,
+    #[command(flatten)]
+    limits: ReadLimits,
+}
+
+/// Limits of what is read from Git.
+#[derive(Args, Clone, Copy)]
+struct ReadLimits {
+    /// Largest file read from Git, in bytes or with k/m/g (powers of 1024). A larger file
+    /// is an error that names it; its size is read from the Git object header first.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size, env = "FLEET_MAX_FILE_SIZE")]
+    max_file_size: u64,
 }
 
 #[derive(Args)]
@@ -178,6 +193,19 @@ struct BuildArgs {
     /// zstd compression level (1-22). 19 makes bundles ~10% smaller at ~10x the time.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
     level: i32,
+    /// The published build (an http(s) URL of the uploaded output, or a directory):
+    /// versions are chosen newer than its index's, and unchanged devices keep its
+    /// bundles. Use it when the output directory is not kept between CI runs.
+    #[arg(long, value_name = "URL|DIR")]
+    previous: Option<String>,
+    /// Timeout of each request to the --previous server.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    previous_timeout: Duration,
+    /// Check the commit's date against this time (unix seconds) instead of this
+    /// machine's clock; the bundles do not depend on it. For tests and for rebuilding a
+    /// past commit as it was built then.
+    #[arg(long, env = "FLEET_BUILD_NOW", value_name = "UNIX_SECONDS")]
+    now: Option<i64>,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
@@ -188,6 +216,10 @@ struct BuildArgs {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     duration::parse_duration_ms(s).map(Duration::from_millis)
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    duration::parse_bytes(s)
 }
 
 /// An error that maps to a specific exit code.
@@ -231,9 +263,17 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Keygen { out } => keygen(&out),
         Command::Validate { source, json } => validate(&source, json),
         Command::Build(args) => build_cmd(args),
-        Command::Plan { repo, from, to, json, context } => plan_cmd(&repo, &from, &to, json, context),
+        Command::Plan { repo, from, to, json, context, limits } => {
+            plan_cmd(&repo, &from, &to, json, context, limits)
+        }
         Command::Publish(args) => {
-            let summary = mqtt::publish(&args)?;
+            let summary = match mqtt::publish(&args) {
+                Err(e @ mqtt::MqttError::NotNewer { .. }) => {
+                    eprintln!("error: {e}");
+                    return Err(Exit(exit::NOT_NEWER).into());
+                }
+                other => other?,
+            };
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             }
@@ -268,7 +308,7 @@ struct Rendered {
 
 /// Loads and renders a revision, printing diagnostics on stderr.
 fn load_and_render(source: &Source) -> anyhow::Result<Rendered> {
-    let snapshot = repo::read(&source.repo, &source.rev)?;
+    let snapshot = repo::read(&source.repo, &source.rev, source.limits.max_file_size)?;
     let (fleet, mut diags) = render::load(&snapshot);
     let (states, render_diags) = fleet.render_all();
     diags.extend(render_diags);
@@ -280,7 +320,7 @@ fn load_and_render(source: &Source) -> anyhow::Result<Rendered> {
 }
 
 fn validate(source: &Source, json: bool) -> anyhow::Result<u8> {
-    let snapshot = repo::read(&source.repo, &source.rev)?;
+    let snapshot = repo::read(&source.repo, &source.rev, source.limits.max_file_size)?;
     let (fleet, mut diags) = render::load(&snapshot);
     diags.extend(fleet.check_all().0);
     let diags = diag::merge(diags);
@@ -343,13 +383,19 @@ fn load_keys(args: &BuildArgs) -> anyhow::Result<Vec<SigningKey>> {
 
 fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     let keys = load_keys(&args)?;
+    // One reading of the clock for the whole build.
+    let now = args.now.unwrap_or_else(timefmt::now);
     let progress = args.progress || std::io::stderr().is_terminal();
     let started = std::time::Instant::now();
     if progress {
         eprintln!("reading {} at {}", args.source.repo.display(), args.source.rev);
     }
-    let snapshot = repo::read(&args.source.repo, &args.source.rev)?;
+    let snapshot = repo::read(&args.source.repo, &args.source.rev, args.source.limits.max_file_size)?;
     let (fleet, mut diags) = render::load(&snapshot);
+    if diag::error_count(&diags) == 0 {
+        // Before the expensive part: the commit date alone can stop the build.
+        build::check_commit_time(&snapshot.commit, snapshot.commit_time, fleet.bundle_expiry, now)?;
+    }
     let (render_diags, images) = fleet.check_all();
     diags.extend(render_diags);
     let diags = diag::merge(diags);
@@ -380,11 +426,26 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
             eprintln!("warning: image {image} is not pinned by digest: devices may run different builds of it (pass --resolve-digests or write image@sha256:...)");
         }
     }
+    let previous = match &args.previous {
+        Some(p) => Some(previous::Previous::load(p, args.previous_timeout)?),
+        None => None,
+    };
     let summary = build::build(
         &fleet,
         &snapshot,
-        &BuildOptions { out: &args.out, keys: &keys, level: args.level, progress, digests: &digests },
+        &BuildOptions {
+            out: &args.out,
+            keys: &keys,
+            level: args.level,
+            progress,
+            digests: &digests,
+            now,
+            previous: previous.as_ref(),
+        },
     )?;
+    for w in &summary.warnings {
+        eprintln!("warning: {w}");
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
@@ -409,10 +470,17 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
-fn plan_cmd(repo_path: &Path, from: &str, to: &str, json: bool, context: usize) -> anyhow::Result<u8> {
+fn plan_cmd(
+    repo_path: &Path,
+    from: &str,
+    to: &str,
+    json: bool,
+    context: usize,
+    limits: ReadLimits,
+) -> anyhow::Result<u8> {
     let mut states = Vec::new();
     for rev in [from, to] {
-        let source = Source { repo: repo_path.into(), rev: rev.into() };
+        let source = Source { repo: repo_path.into(), rev: rev.into(), limits };
         let r = load_and_render(&source)?;
         let errors = diag::error_count(&r.diags);
         if errors > 0 {

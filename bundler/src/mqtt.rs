@@ -9,6 +9,12 @@
 //! the announcement payload) and only announces devices whose announcement changed
 //! since; `--force` announces every device. Devices that left the index get their
 //! retained topics cleared.
+//!
+//! Before announcing, `publish` reads the retained announcements of the devices it is
+//! about to announce: a device whose retained version is newer than the new one (or
+//! equal, with another bundle) has already seen that version and would refuse the new
+//! bundle (`not_newer`), so nothing is published and [`MqttError::NotNewer`] names
+//! every such device.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -73,6 +79,10 @@ pub struct PublishArgs {
     /// Longest wait for the broker: to connect, and for each acknowledgement.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// How long to wait for more retained announcements after the last one arrived,
+    /// when reading what devices were already announced.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub settle: Duration,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
@@ -137,6 +147,39 @@ pub enum MqttError {
     Build(#[from] build::BuildError),
     #[error("{0}")]
     Usage(String),
+    #[error("{}nothing was published: devices refuse a version that is not newer than the one they were announced (not_newer). This happens when a build lost its output directory (CI cache) while the commit is dated before the previous build's: rebuild with `fleet-bundler build --previous <URL or directory of the published build>` so that versions exceed the published ones, then publish again. If the retained announcements are stale (the devices were reset), clear them (`mosquitto_pub -r -n -t TOPIC`).", conflicts.iter().map(|c| format!("{c}; ")).collect::<String>())]
+    NotNewer { conflicts: Vec<NotNewer> },
+}
+
+/// A device whose retained announcement is not older than the one to publish.
+#[derive(Debug, Clone)]
+pub struct NotNewer {
+    pub device: String,
+    pub topic: String,
+    pub retained_version: u64,
+    pub retained_digest: String,
+    pub new_version: u64,
+    pub new_digest: String,
+}
+
+impl std::fmt::Display for NotNewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let short = |d: &str| d.chars().take(12).collect::<String>();
+        write!(
+            f,
+            "device {}: the broker retains version {} (bundle {}) on {}, this build has version {} (bundle {})",
+            self.device,
+            self.retained_version,
+            short(&self.retained_digest),
+            self.topic,
+            self.new_version,
+            short(&self.new_digest)
+        )?;
+        if self.retained_version == self.new_version {
+            f.write_str(", the same version with other content")?;
+        }
+        Ok(())
+    }
 }
 
 struct Url {
@@ -334,6 +377,8 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
 
     // (topic, payload) in order: a blob before its announcement.
     let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
+    // Desired topic → (device, version, digest) of what is announced.
+    let mut announcing: BTreeMap<String, (String, u64, String)> = BTreeMap::new();
     let mut summary = PublishSummary {
         fleet: index.fleet.clone(),
         broker: args.broker.broker.clone(),
@@ -365,10 +410,9 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
                 bytes,
             ));
         }
-        messages.push((
-            Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Desired)?.to_string(),
-            payload,
-        ));
+        let topic = Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Desired)?.to_string();
+        announcing.insert(topic.clone(), (device.clone(), entry.version, entry.digest.clone()));
+        messages.push((topic, payload));
         summary.announced.push(device.clone());
     }
     for device in previous.devices.keys().filter(|d| !index.devices.contains_key(*d)) {
@@ -397,6 +441,15 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
 
     if !messages.is_empty() {
         let mut session = Session::connect(&args.broker, args.timeout, messages.len() + 10)?;
+        if !announcing.is_empty() {
+            let filter = Topic::fleet_filter(&index.topic_prefix, &index.fleet, TopicKind::Desired)?;
+            let retained = read_retained(&mut session, &filter, args.settle)?;
+            let conflicts = not_newer(&announcing, &retained);
+            if !conflicts.is_empty() {
+                session.disconnect();
+                return Err(MqttError::NotNewer { conflicts });
+            }
+        }
         let total = messages.len();
         for (topic, payload) in messages {
             session.client.publish(topic, QoS::AtLeastOnce, true, payload).map_err(|e| MqttError::Lost {
@@ -428,6 +481,80 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
         summary.cleared.len()
     );
     Ok(summary)
+}
+
+/// Reads the retained messages on `filter`: subscribes (QoS 0: retained messages come
+/// right after the SUBACK, unthrottled) and collects until nothing arrived for `settle`
+/// (MQTT 3.1.1 does not mark the end of the retained messages). Unsubscribes before
+/// returning, so the session's own publishes do not come back.
+fn read_retained(
+    session: &mut Session,
+    filter: &str,
+    settle: Duration,
+) -> Result<BTreeMap<String, Vec<u8>>, MqttError> {
+    session.client.subscribe(filter, QoS::AtMostOnce).map_err(|e| lost(session, e))?;
+    let what = "reading the retained announcements";
+    let mut retained = BTreeMap::new();
+    let mut subscribed = false;
+    let mut deadline = Instant::now() + session.timeout;
+    loop {
+        let event = match session.next(deadline, what) {
+            Ok(e) => e,
+            Err(MqttError::Timeout { .. }) if subscribed => break,
+            Err(e) => return Err(e),
+        };
+        match event {
+            Event::Incoming(Packet::SubAck(ack)) => {
+                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                    return Err(MqttError::Lost {
+                        broker: session.broker.clone(),
+                        what: what.into(),
+                        message: format!(
+                            "the broker refused the subscription to {filter}: publish reads the retained \
+                             announcements first, so its user needs read access there (check the ACL)"
+                        ),
+                    });
+                }
+                subscribed = true;
+                deadline = Instant::now() + settle;
+            }
+            Event::Incoming(Packet::Publish(p)) => {
+                if p.retain && !p.payload.is_empty() {
+                    retained.insert(p.topic.clone(), p.payload.to_vec());
+                }
+                if subscribed {
+                    deadline = Instant::now() + settle;
+                }
+            }
+            _ => {}
+        }
+    }
+    session.client.unsubscribe(filter).map_err(|e| lost(session, e))?;
+    Ok(retained)
+}
+
+/// The devices whose retained announcement (topic → payload) has a newer version than
+/// the one to announce, or the same version with another bundle. Payloads that are not
+/// announcements are ignored (they are hints, like every announcement).
+fn not_newer(
+    announcing: &BTreeMap<String, (String, u64, String)>,
+    retained: &BTreeMap<String, Vec<u8>>,
+) -> Vec<NotNewer> {
+    let mut conflicts = Vec::new();
+    for (topic, (device, version, digest)) in announcing {
+        let Some(old) = retained.get(topic).and_then(|p| Announcement::from_json(p).ok()) else { continue };
+        if old.version > *version || (old.version == *version && old.digest != *digest) {
+            conflicts.push(NotNewer {
+                device: device.clone(),
+                topic: topic.clone(),
+                retained_version: old.version,
+                retained_digest: old.digest,
+                new_version: *version,
+                new_digest: digest.clone(),
+            });
+        }
+    }
+    conflicts
 }
 
 /// One device's row in the status table.
@@ -726,6 +853,38 @@ fn table(rows: &[DeviceRow]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_older_retained_version_or_the_same_bundle_may_be_announced_over() {
+        let topic = "fleet/acme/devices/d/desired".to_string();
+        let announcing: BTreeMap<_, _> = [(topic.clone(), ("d".to_string(), 10, "a".repeat(64)))].into();
+        let retained = |version: u64, digest: &str| -> BTreeMap<String, Vec<u8>> {
+            let a = Announcement {
+                fleet: "acme".into(),
+                device: "d".into(),
+                version,
+                commit: "c".into(),
+                digest: digest.into(),
+                size: 1,
+                urls: Vec::new(),
+                mqtt_blob: false,
+            };
+            [(topic.clone(), a.to_json())].into()
+        };
+        assert!(not_newer(&announcing, &BTreeMap::new()).is_empty(), "nothing retained");
+        assert!(not_newer(&announcing, &retained(9, &"b".repeat(64))).is_empty(), "older");
+        assert!(
+            not_newer(&announcing, &retained(10, &"a".repeat(64))).is_empty(),
+            "the same announcement again"
+        );
+        let same_version = not_newer(&announcing, &retained(10, &"c".repeat(64)));
+        assert_eq!(same_version.len(), 1);
+        assert!(same_version[0].to_string().contains("the same version with other content"));
+        let newer = not_newer(&announcing, &retained(11, &"d".repeat(64)));
+        assert_eq!((newer[0].retained_version, newer[0].new_version), (11, 10));
+        let garbage: BTreeMap<String, Vec<u8>> = [(topic.clone(), b"not json".to_vec())].into();
+        assert!(not_newer(&announcing, &garbage).is_empty(), "not an announcement: a hint, ignored");
+    }
 
     #[test]
     fn broker_urls() {

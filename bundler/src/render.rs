@@ -24,6 +24,52 @@ use crate::yaml::{self, Pos, Vars};
 
 pub const DEFAULT_FILE_ROOT: &str = "/srv/fleet";
 
+/// The work one template render may do (minijinja fuel: about one unit per instruction
+/// and per 64 bytes of data the template makes). Real configuration templates need a
+/// few thousand; this bounds a runaway loop to well under a second and the memory it
+/// can take to about 256 MB.
+pub const TEMPLATE_FUEL: u64 = 4_000_000;
+
+/// How every Git LFS pointer file begins (<https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md>).
+const LFS_POINTER_PREFIX: &[u8] = b"version https://git-lfs.github.com/spec/v1";
+
+/// The size the real file of a Git LFS pointer has, if `bytes` is one. Pointer files
+/// are small text files (the spec says under 1024 bytes) with a `size N` line.
+pub fn lfs_pointer(bytes: &[u8]) -> Option<Option<u64>> {
+    if bytes.len() >= 1024 || !bytes.starts_with(LFS_POINTER_PREFIX) {
+        return None;
+    }
+    let text = std::str::from_utf8(bytes).ok()?;
+    Some(text.lines().find_map(|l| l.strip_prefix("size ")).and_then(|n| n.trim().parse().ok()))
+}
+
+/// The diagnostic for a file committed as a Git LFS pointer.
+fn lfs_diagnostic(path: &str, size: Option<u64>, line: u64, column: u64) -> Diagnostic {
+    let real = size.map(|n| format!(" of {}", human_size(n))).unwrap_or_default();
+    Diagnostic::error(
+        path,
+        line,
+        column,
+        format!(
+            "is a Git LFS pointer, not the file{real}: the bundler reads what is committed to Git \
+             and does not fetch LFS objects (`git lfs pull` changes only the working tree, which the \
+             bundler never reads); commit the file itself without LFS (`git lfs untrack` its pattern, \
+             `git add --renormalize .`); large-file delivery as artifacts is not supported yet"
+        ),
+    )
+}
+
+/// `20.0 MiB (20971520 bytes)`.
+pub fn human_size(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB ({bytes} bytes)", bytes as f64 / (1u64 << 20) as f64)
+    } else if bytes >= 1 << 10 {
+        format!("{:.1} KiB ({bytes} bytes)", bytes as f64 / 1024.0)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
 /// A fleet, loaded and checked.
 pub struct Fleet {
     pub name: String,
@@ -37,6 +83,8 @@ pub struct Fleet {
     pub devices: BTreeMap<String, Device>,
     pub apps: Vec<App>,
     templates: Environment<'static>,
+    /// The largest file a template may render (the snapshot's `max_file_size`).
+    max_file_size: u64,
 }
 
 /// One device file.
@@ -115,6 +163,20 @@ pub fn looks_secret(path: &str) -> bool {
 /// when there is any error diagnostic.
 pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
     let mut diags = Vec::new();
+    for (path, size) in &snapshot.too_large {
+        diags.push(Diagnostic::error(
+            path.as_str(),
+            0,
+            0,
+            format!(
+                "{} is larger than the limit of {} for one file read from Git: pass --max-file-size \
+                 (e.g. --max-file-size {}) to raise it; every device that gets the file holds it in its bundle",
+                human_size(*size),
+                human_size(snapshot.max_file_size),
+                suggest_limit(*size)
+            ),
+        ));
+    }
 
     // fleet.yaml
     let mut name = String::from("invalid");
@@ -124,6 +186,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
     let mut vars = Vars::new();
     let mut policy = crate::policy::Settings::default();
     match snapshot.files.get("fleet.yaml") {
+        None if snapshot.too_large.contains_key("fleet.yaml") => {}
         None => diags.push(Diagnostic::error(
             "fleet.yaml",
             0,
@@ -210,6 +273,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
     // apps/<app>/
     let mut templates = Environment::new();
     templates.set_undefined_behavior(UndefinedBehavior::Strict);
+    templates.set_fuel(Some(TEMPLATE_FUEL));
     templates.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
     if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder().keep_trailing_newline(true).build() {
         templates.set_syntax(syntax);
@@ -239,12 +303,30 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         }
     }
 
-    let fleet =
-        Fleet { name, topic_prefix, bundle_expiry, file_root, vars, policy, devices, apps, templates };
+    let fleet = Fleet {
+        name,
+        topic_prefix,
+        bundle_expiry,
+        file_root,
+        vars,
+        policy,
+        devices,
+        apps,
+        templates,
+        max_file_size: snapshot.max_file_size,
+    };
     (fleet, diags)
 }
 
+/// A limit in whole MiB that `size` fits in, for the hint of a too-large file.
+fn suggest_limit(size: u64) -> String {
+    format!("{}MiB", size.div_ceil(1 << 20).next_power_of_two())
+}
+
 fn text<'a>(path: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
+    if let Some(size) = lfs_pointer(bytes) {
+        return Err(lfs_diagnostic(path, size, 0, 0));
+    }
     std::str::from_utf8(bytes).map_err(|e| Diagnostic::error(path, 0, 0, format!("not UTF-8 text: {e}")))
 }
 
@@ -290,6 +372,9 @@ fn load_app(
         return None;
     }
     let Some(bytes) = snapshot.files.get(&app_yaml) else {
+        if snapshot.too_large.contains_key(&app_yaml) {
+            return None; // reported with its size
+        }
         diags.push(Diagnostic::error(
             app_yaml.as_str(),
             0,
@@ -349,6 +434,9 @@ fn load_app(
         };
         let repo_path = format!("{dir}/{source}");
         let Some(content) = snapshot.files.get(&repo_path) else {
+            if snapshot.too_large.contains_key(&repo_path) {
+                continue; // reported with the file's size
+            }
             err(
                 diags,
                 src_pos,
@@ -416,6 +504,15 @@ fn load_app(
                 parsed
             }
         };
+        if let Some(size) = lfs_pointer(content) {
+            diags.push(lfs_diagnostic(&repo_path, size, 0, 0));
+            err(
+                diags,
+                src_pos,
+                format!("file source `{}` is a Git LFS pointer (see {repo_path})", e.source.value),
+            );
+            continue;
+        }
         let content = if e.template {
             let Ok(source_text) = std::str::from_utf8(content) else {
                 err(
@@ -448,7 +545,7 @@ fn load_app(
 
     let compose_name = match &parsed.compose {
         Some(c) => match compose::normalize_relative(&c.value).filter(|s| !s.is_empty()) {
-            Some(n) if snapshot.files.contains_key(&format!("{dir}/{n}")) => Some(n),
+            Some(n) if committed(snapshot, &format!("{dir}/{n}")) => Some(n),
             _ => {
                 err(diags, Pos::of(c), format!("compose file `{}` does not exist in apps/{app}/", c.value));
                 None
@@ -456,7 +553,7 @@ fn load_app(
         },
         None => {
             let default = format!("{dir}/compose.yaml");
-            if snapshot.files.contains_key(&default) {
+            if committed(snapshot, &default) {
                 Some("compose.yaml".to_string())
             } else {
                 for alt in ["docker-compose.yaml", "docker-compose.yml", "compose.yml"] {
@@ -513,6 +610,11 @@ fn load_app(
     Some(App { name: app.to_string(), selector, files, compose })
 }
 
+/// Whether the commit holds `path`, read or too large to read (reported with its size).
+fn committed(snapshot: &Snapshot, path: &str) -> bool {
+    snapshot.files.contains_key(path) || snapshot.too_large.contains_key(path)
+}
+
 /// A variable's value for `${VAR}`: scalars only.
 fn scalar_var(v: &serde_json::Value) -> Option<String> {
     match v {
@@ -524,9 +626,14 @@ fn scalar_var(v: &serde_json::Value) -> Option<String> {
 }
 
 fn template_diagnostic(repo_path: &str, e: &minijinja::Error) -> Diagnostic {
-    let detail = match e.detail() {
-        Some(d) => format!("{}: {d}", e.kind()),
-        None => e.kind().to_string(),
+    let detail = match (e.kind(), e.detail()) {
+        (minijinja::ErrorKind::OutOfFuel, _) => format!(
+            "the template does too much work (more than {TEMPLATE_FUEL} steps or about {} of data in one \
+             render): loops nested over large ranges or lists, or very large strings; make it do less",
+            human_size(TEMPLATE_FUEL * 64)
+        ),
+        (_, Some(d)) => format!("{}: {d}", e.kind()),
+        (_, None) => e.kind().to_string(),
     };
     Diagnostic::error(
         e.name().unwrap_or(repo_path),
@@ -571,7 +678,50 @@ struct TemplateApp<'a> {
     name: &'a str,
 }
 
+/// An output that refuses to grow past `limit` bytes.
+struct Capped {
+    out: Vec<u8>,
+    limit: u64,
+    exceeded: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.out.len() as u64 + buf.len() as u64 > self.limit {
+            self.exceeded = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Fleet {
+    /// Renders one template into at most `max_file_size` bytes, within the fuel limit.
+    fn render_template(&self, repo_path: &str, ctx: minijinja::Value) -> Result<Vec<u8>, Diagnostic> {
+        let template =
+            self.templates.get_template(repo_path).map_err(|e| template_diagnostic(repo_path, &e))?;
+        let mut out = Capped { out: Vec::new(), limit: self.max_file_size, exceeded: false };
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => Ok(out.out),
+            Err(_) if out.exceeded => Err(Diagnostic::error(
+                repo_path,
+                0,
+                0,
+                format!(
+                    "template: renders more than {}, the limit of one file: make it output less, or raise \
+                     --max-file-size",
+                    human_size(self.max_file_size)
+                ),
+            )),
+            Err(e) => Err(template_diagnostic(repo_path, &e)),
+        }
+    }
+
     /// The apps a device runs.
     pub fn apps_of<'a>(&'a self, device: &'a Device) -> impl Iterator<Item = &'a App> + 'a {
         self.apps.iter().filter(move |a| a.selects(device))
@@ -604,10 +754,10 @@ impl Fleet {
                             fleet => fleet_value.clone(),
                             app => minijinja::Value::from(Serde(TemplateApp { name: &app.name })),
                         };
-                        match self.templates.get_template(&f.repo_path).and_then(|t| t.render(ctx)) {
-                            Ok(s) => s.into_bytes(),
-                            Err(e) => {
-                                diags.push(tag(template_diagnostic(&f.repo_path, &e)));
+                        match self.render_template(&f.repo_path, ctx) {
+                            Ok(bytes) => bytes,
+                            Err(d) => {
+                                diags.push(tag(d));
                                 continue;
                             }
                         }

@@ -6,6 +6,11 @@
 //!
 //! Only the paths the repository format uses are loaded: `fleet.yaml`, `devices/**`
 //! and `apps/**`. Everything else (README, CI files) is ignored.
+//!
+//! Every blob's size is read from its object header before the blob is: a file larger
+//! than the limit ([`DEFAULT_MAX_FILE_SIZE`], `--max-file-size`) is never loaded into
+//! memory and is listed in [`Snapshot::too_large`] instead, so that loading reports it
+//! as a problem of that file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,7 +18,7 @@ use std::path::{Path, PathBuf};
 use gix::bstr::ByteSlice;
 
 /// The repository format's files at one commit.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     /// Full hex commit id.
     pub commit: String,
@@ -23,6 +28,27 @@ pub struct Snapshot {
     pub subject: String,
     /// Repository-relative path → file bytes, for `fleet.yaml`, `devices/**`, `apps/**`.
     pub files: BTreeMap<String, Vec<u8>>,
+    /// Files not read because they are larger than the limit: path → size in bytes.
+    pub too_large: BTreeMap<String, u64>,
+    /// The limit the snapshot was read with (bytes per file).
+    pub max_file_size: u64,
+}
+
+/// The default limit of the size of one file read from Git: 16 MiB. Bundles carry
+/// whole files and devices hold a bundle's payload while they apply it.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 16 << 20;
+
+impl Default for Snapshot {
+    fn default() -> Self {
+        Snapshot {
+            commit: String::new(),
+            commit_time: 0,
+            subject: String::new(),
+            files: BTreeMap::new(),
+            too_large: BTreeMap::new(),
+            max_file_size: DEFAULT_MAX_FILE_SIZE,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +64,9 @@ pub enum RepoError {
 }
 
 /// Reads the revision `rev` (anything `git rev-parse` understands: branch, tag, sha,
-/// `HEAD~1`) of the repository at `path`.
-pub fn read(path: &Path, rev: &str) -> Result<Snapshot, RepoError> {
+/// `HEAD~1`) of the repository at `path`. Files larger than `max_file_size` bytes are
+/// not read (see [`Snapshot::too_large`]).
+pub fn read(path: &Path, rev: &str, max_file_size: u64) -> Result<Snapshot, RepoError> {
     let repo = gix::open_opts(path, gix::open::Options::isolated())
         .map_err(|e| RepoError::Open { path: path.into(), message: e.to_string() })?;
     let id = repo.rev_parse_single(rev).map_err(|e| RepoError::Revision {
@@ -64,34 +91,51 @@ pub fn read(path: &Path, rev: &str) -> Result<Snapshot, RepoError> {
         .map_err(|e| read_err("the message", &e))?;
     let tree = commit.tree().map_err(|e| read_err("the tree", &e))?;
 
-    let mut files = BTreeMap::new();
+    let mut out = Files { max_file_size, files: BTreeMap::new(), too_large: BTreeMap::new() };
     for entry in tree.iter() {
         let entry = entry.map_err(|e| read_err("the root tree", &e))?;
         let name = entry.filename().to_str_lossy().into_owned();
         let wanted_dir = name == "devices" || name == "apps";
         if entry.mode().is_tree() && wanted_dir {
-            collect(&repo, entry.object_id(), &name, &mut files).map_err(|e| read_err(&name, &e))?;
+            collect(&repo, entry.object_id(), &name, &mut out).map_err(|e| read_err(&name, &e))?;
         } else if entry.mode().is_blob() && name == "fleet.yaml" {
-            let data = blob(&repo, entry.object_id()).map_err(|e| read_err(&name, &e))?;
-            files.insert(name, data);
+            out.blob(&repo, entry.object_id(), name.clone()).map_err(|e| read_err(&name, &e))?;
         }
     }
-    Ok(Snapshot { commit: commit_id, commit_time, subject, files })
+    Ok(Snapshot {
+        commit: commit_id,
+        commit_time,
+        subject,
+        files: out.files,
+        too_large: out.too_large,
+        max_file_size,
+    })
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-fn blob(repo: &gix::Repository, id: gix::ObjectId) -> Result<Vec<u8>, BoxError> {
-    Ok(repo.find_object(id)?.detach().data)
+/// What [`read`] collects.
+struct Files {
+    max_file_size: u64,
+    files: BTreeMap<String, Vec<u8>>,
+    too_large: BTreeMap<String, u64>,
+}
+
+impl Files {
+    /// Reads the blob `id` as `path` unless its header says it is over the limit.
+    fn blob(&mut self, repo: &gix::Repository, id: gix::ObjectId, path: String) -> Result<(), BoxError> {
+        let size = repo.find_header(id)?.size();
+        if size > self.max_file_size {
+            self.too_large.insert(path, size);
+        } else {
+            self.files.insert(path, repo.find_object(id)?.detach().data);
+        }
+        Ok(())
+    }
 }
 
 /// Collects every blob below the tree `id` into `out`, keyed `prefix/<path>`.
-fn collect(
-    repo: &gix::Repository,
-    id: gix::ObjectId,
-    prefix: &str,
-    out: &mut BTreeMap<String, Vec<u8>>,
-) -> Result<(), BoxError> {
+fn collect(repo: &gix::Repository, id: gix::ObjectId, prefix: &str, out: &mut Files) -> Result<(), BoxError> {
     let tree = repo.find_object(id)?.try_into_tree()?;
     for entry in tree.iter() {
         let entry = entry?;
@@ -99,7 +143,7 @@ fn collect(
         if entry.mode().is_tree() {
             collect(repo, entry.object_id(), &path, out)?;
         } else if entry.mode().is_blob() {
-            out.insert(path, blob(repo, entry.object_id())?);
+            out.blob(repo, entry.object_id(), path)?;
         }
         // Symlinks and submodules are not part of the format; they are skipped.
     }

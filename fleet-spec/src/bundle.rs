@@ -135,8 +135,11 @@ pub enum TrustConfigError {
 pub struct TrustState {
     /// Highest version accepted so far; `None` before the first bundle.
     pub last_version: Option<u64>,
-    /// Latest time (unix seconds) the device has known; a `now` before it means the
-    /// clock went backwards.
+    /// The time floor (unix seconds): the newest signed `created_at` of an accepted
+    /// bundle. Time checks use `max(now, floor)`, so a device whose clock is behind (no
+    /// RTC after a reboot, a clock set back) still checks expiry against a time it can
+    /// trust, and a clock that once jumped ahead leaves nothing behind: the device's own
+    /// clock is never persisted here.
     pub last_known_time: i64,
 }
 
@@ -193,8 +196,6 @@ pub enum VerifyError {
     WrongDevice { expected: String, got: String },
     #[error("bundle version {got} is not newer than the accepted version {last}: replayed or stale bundle")]
     NotNewer { got: u64, last: u64 },
-    #[error("clock went backwards: now is {now}, but the device already saw {last_known}; fix the clock (NTP) before applying")]
-    ClockRollback { now: i64, last_known: i64 },
     #[error("bundle expired at {expires_at} (now {now}): rebuild and publish a fresh bundle")]
     Expired { expires_at: i64, now: i64 },
     #[error("declared payload size {declared} is over the limit of {limit}")]
@@ -228,7 +229,6 @@ impl VerifyError {
             VerifyError::WrongFleet { .. } => "wrong_fleet",
             VerifyError::WrongDevice { .. } => "wrong_device",
             VerifyError::NotNewer { .. } => "not_newer",
-            VerifyError::ClockRollback { .. } => "clock_rollback",
             VerifyError::Expired { .. } => "expired",
             VerifyError::PayloadTooLarge { .. } => "payload_too_large",
             VerifyError::SizeMismatch { .. } => "size_mismatch",
@@ -315,7 +315,8 @@ pub fn parse<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, VerifyE
 /// 3. The manifest decodes.
 /// 4. Fleet and device match the verifier.
 /// 5. The version is strictly newer than the last accepted one (no replay, no rollback).
-/// 6. The clock has not gone backwards, and the bundle has not expired.
+/// 6. The bundle has not expired at `max(now, trust.last_known_time)`: the time floor
+///    of signed `created_at`s already accepted stands in for a clock that is behind.
 /// 7. Declared sizes are within the limits and the payload has the declared length.
 /// 8. The payload's sha256 matches the manifest (before decompressing anything).
 /// 9. Decompression is bounded by the declared size and must produce exactly it.
@@ -353,9 +354,7 @@ pub fn verify(
     }
 
     // 6.
-    if now < trust.last_known_time {
-        return Err(VerifyError::ClockRollback { now, last_known: trust.last_known_time });
-    }
+    let now = now.max(trust.last_known_time);
     if now >= manifest.expires_at {
         return Err(VerifyError::Expired { expires_at: manifest.expires_at, now });
     }
@@ -366,13 +365,26 @@ pub fn verify(
     Ok(Verified {
         next_trust: TrustState {
             last_version: Some(manifest.version),
-            last_known_time: now.max(trust.last_known_time),
+            last_known_time: manifest.created_at.max(trust.last_known_time),
         },
         digest: hex::encode(Sha256::digest(bytes)),
         manifest,
         state,
         signed_by,
     })
+}
+
+/// Opens a bundle the caller accepted earlier (it passed [`verify`] then) and stored
+/// itself: structure, sizes and the payload digest are checked, signatures, addressing,
+/// version and time are not. The caller checks the bytes' content address against the
+/// digest it stored them under (the disk is not trusted). This is how a device keeps its
+/// last good state readable after the key that signed it was rotated out: what it
+/// accepted stays accepted. Never use it for bytes that did not pass `verify` before.
+pub fn open_accepted(bytes: &[u8], limits: &Limits) -> Result<(Manifest, DesiredState), VerifyError> {
+    let parsed = parse(bytes, limits)?;
+    let manifest = decode_manifest(parsed.manifest_bytes)?;
+    let state = open_payload(&manifest, parsed.payload, limits)?;
+    Ok((manifest, state))
 }
 
 fn check_signatures(parsed: &Parsed<'_>, trusted: &TrustedKeys) -> Result<Vec<KeyId>, VerifyError> {

@@ -80,7 +80,10 @@ fn a_good_bundle_verifies_and_advances_trust() {
     assert_eq!(verified.manifest.version, 7);
     assert_eq!(verified.state, state());
     assert_eq!(verified.signed_by, vec![key(1).public().id()]);
-    assert_eq!(verified.next_trust, TrustState { last_version: Some(7), last_known_time: NOW });
+    // The time floor moves to the bundle's signed creation time, never to the clock.
+    let created_at = verified.manifest.created_at;
+    assert!(created_at < NOW);
+    assert_eq!(verified.next_trust, TrustState { last_version: Some(7), last_known_time: created_at });
     assert_eq!(verified.digest, fleet_spec::bundle::content_address(&bytes));
 }
 
@@ -196,10 +199,23 @@ fn expired_bundle_is_refused() {
 }
 
 #[test]
-fn clock_going_backwards_is_refused() {
-    let trust = TrustState { last_version: None, last_known_time: NOW };
-    let err = with_trust(&bundle(1), trust, NOW - 1).expect_err("refused");
-    assert_eq!(err, VerifyError::ClockRollback { now: NOW - 1, last_known: NOW });
+fn a_clock_behind_the_time_floor_checks_expiry_at_the_floor() {
+    let m = meta(1);
+    // A device with no RTC boots at 1970: the floor from earlier bundles stands in.
+    let floor = TrustState { last_version: None, last_known_time: m.created_at };
+    let verified = with_trust(&bundle(1), floor, 0).expect("the floor is before expiry");
+    assert_eq!(verified.next_trust.last_known_time, m.created_at);
+    // A floor past the expiry expires the bundle, whatever the clock says.
+    let late = TrustState { last_version: None, last_known_time: m.expires_at };
+    let err = with_trust(&bundle(1), late, 0).expect_err("expired at the floor");
+    assert_eq!(err, VerifyError::Expired { expires_at: m.expires_at, now: m.expires_at });
+}
+
+#[test]
+fn a_clock_ahead_does_not_move_the_time_floor() {
+    let m = meta(1);
+    let verified = with_trust(&bundle(1), TrustState::default(), m.expires_at - 1).expect("valid");
+    assert_eq!(verified.next_trust.last_known_time, m.created_at, "the clock is not persisted");
 }
 
 #[test]

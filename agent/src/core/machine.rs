@@ -4,9 +4,14 @@
 //!  idle ─fetch→ fetching ─verified→ verified ─stage→ staged ─apply→ applying ─applied→ awaiting_health ─healthy→ committed
 //!                  │                    │              │              │                       │
 //!                  └──── refuse ────────┴──────────────┘→ failed      └──── unhealthy ────────┴→ rolling_back ─rolled_back→ rolled_back
+//!                                                          ↑   └──────── retry_rollback ─────────────────────┘ │
+//!                                                          └──────────── rollback_stuck ───────────────────────┘
 //! ```
 //!
 //! `committed`, `failed` and `rolled_back` are rest states: the next `fetch` starts over.
+//! A rollback that cannot finish (disk full, engine down) rests in `failed` too, so a
+//! newer bundle that verifies is still taken (the fix forward); reconcile retries the
+//! rollback from there.
 //! Recovery after a crash enters `applying`, `awaiting_health` or `rolling_back`
 //! directly from `idle` with the `resume_*` commands.
 //!
@@ -117,6 +122,10 @@ pub enum Command {
     ResumeRollback,
     /// Recovery found a committed state (or none): rest.
     Recovered,
+    /// The rollback could not finish; rest in `failed` until it is retried.
+    RollbackStuck,
+    /// Retry an unfinished rollback.
+    RetryRollback,
 }
 
 impl fmt::Display for Command {
@@ -151,6 +160,8 @@ pub fn transition(state: ApplyState, command: Command) -> Result<ApplyState, Dis
         (C::ResumeHealth, S::Idle) => S::AwaitingHealth,
         (C::ResumeRollback, S::Idle) => S::RollingBack,
         (C::Recovered, S::Idle) => S::Committed,
+        (C::RollbackStuck, S::RollingBack) => S::Failed,
+        (C::RetryRollback, S::Failed) => S::RollingBack,
         (command, state) => return Err(Disallowed { command, state }),
     };
     Ok(next)
@@ -186,7 +197,7 @@ mod tests {
     use ApplyState as S;
     use Command as C;
 
-    const COMMANDS: [Command; 13] = [
+    const COMMANDS: [Command; 15] = [
         C::Fetch,
         C::Verified,
         C::Stage,
@@ -200,6 +211,8 @@ mod tests {
         C::ResumeHealth,
         C::ResumeRollback,
         C::Recovered,
+        C::RollbackStuck,
+        C::RetryRollback,
     ];
 
     /// The whole table, written out: every allowed transition, and nothing else.
@@ -223,6 +236,8 @@ mod tests {
         (S::Idle, C::ResumeHealth, S::AwaitingHealth),
         (S::Idle, C::ResumeRollback, S::RollingBack),
         (S::Idle, C::Recovered, S::Committed),
+        (S::RollingBack, C::RollbackStuck, S::Failed),
+        (S::Failed, C::RetryRollback, S::RollingBack),
     ];
 
     #[test]

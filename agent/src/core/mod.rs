@@ -6,6 +6,7 @@
 //! with plain values. The adapters (`files`, `engine`, `journal`, `mqtt`, `fetch`) and the
 //! driver (`agent`) carry the decisions out.
 
+pub mod candidates;
 pub mod health;
 pub mod machine;
 pub mod paths;

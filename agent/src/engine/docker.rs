@@ -60,7 +60,9 @@ use tokio::net::UnixStream;
 
 use fleet_spec::model::{ContainerSpec, ImageRef, MountSource, NetworkSpec, VolumeSpec};
 
-use super::{Engine, EngineError, EngineEvent, Health, ObservedContainer, RegistryAuth, LABEL_MANAGED};
+use super::{
+    Engine, EngineError, EngineEvent, Health, ObservedContainer, RegistryAuth, LABEL_FLEET, LABEL_MANAGED,
+};
 
 /// The API version every request names; dockerd ≥ 20.10 and podman ≥ 3 serve it.
 const API: &str = "/v1.41";
@@ -550,13 +552,13 @@ impl Engine for DockerEngine {
         Ok(observed.labels.get(LABEL_MANAGED).is_some_and(|v| v == "true").then_some(observed))
     }
 
-    async fn list_managed_networks(&self) -> Result<Vec<String>, EngineError> {
+    async fn list_managed_networks(&self, fleet: &str) -> Result<Vec<String>, EngineError> {
         let path = format!("/networks?filters={}", enc(&managed_filter()));
         let reply = self.call("list networks", Method::GET, &path, None).await?;
         if !reply.status.is_success() {
             return Err(reply.api_error("list networks", "/networks"));
         }
-        Ok(names_with_managed_label(reply.json("list networks")?.as_array()))
+        Ok(names_with_managed_label(reply.json("list networks")?.as_array(), fleet))
     }
 
     async fn create_network(
@@ -594,14 +596,14 @@ impl Engine for DockerEngine {
         }
     }
 
-    async fn list_managed_volumes(&self) -> Result<Vec<String>, EngineError> {
+    async fn list_managed_volumes(&self, fleet: &str) -> Result<Vec<String>, EngineError> {
         let path = format!("/volumes?filters={}", enc(&managed_filter()));
         let reply = self.call("list volumes", Method::GET, &path, None).await?;
         if !reply.status.is_success() {
             return Err(reply.api_error("list volumes", "/volumes"));
         }
         let v = reply.json("list volumes")?;
-        Ok(names_with_managed_label(v.get("Volumes").and_then(Value::as_array)))
+        Ok(names_with_managed_label(v.get("Volumes").and_then(Value::as_array), fleet))
     }
 
     async fn create_volume(
@@ -1031,12 +1033,13 @@ fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
 }
 
 /// `Name`s of the listed objects that carry the managed label.
-fn names_with_managed_label(items: Option<&Vec<Value>>) -> Vec<String> {
+fn names_with_managed_label(items: Option<&Vec<Value>>, fleet: &str) -> Vec<String> {
     let mut names: Vec<String> = items
         .into_iter()
         .flatten()
         .filter(|item| {
-            item.pointer(&format!("/Labels/{LABEL_MANAGED}")).and_then(Value::as_str) == Some("true")
+            let label = |key: &str| item.get("Labels").and_then(|l| l.get(key)).and_then(Value::as_str);
+            label(LABEL_MANAGED) == Some("true") && label(LABEL_FLEET).is_none_or(|f| f == fleet)
         })
         .filter_map(|item| item.get("Name").and_then(Value::as_str).map(str::to_owned))
         .collect();
@@ -1596,8 +1599,11 @@ mod tests {
             json!({"Name": "a", "Labels": {"io.fleet.managed": "true"}}),
             json!({"Name": "c", "Labels": null}),
             json!({"Labels": {"io.fleet.managed": "true"}}),
+            // Hardening I, case 9: another fleet's objects on the same engine.
+            json!({"Name": "d", "Labels": {"io.fleet.managed": "true", "io.fleet.fleet": "other"}}),
+            json!({"Name": "e", "Labels": {"io.fleet.managed": "true", "io.fleet.fleet": "acme"}}),
         ];
-        assert_eq!(names_with_managed_label(Some(&items)), ["a", "b"]);
-        assert!(names_with_managed_label(None).is_empty());
+        assert_eq!(names_with_managed_label(Some(&items), "acme"), ["a", "b", "e"]);
+        assert!(names_with_managed_label(None, "acme").is_empty());
     }
 }

@@ -138,6 +138,10 @@ fn is_managed(labels: &BTreeMap<String, String>) -> bool {
     labels.get(LABEL_MANAGED).map(String::as_str) == Some("true")
 }
 
+fn of_fleet(labels: &BTreeMap<String, String>, fleet: &str) -> bool {
+    labels.get(super::LABEL_FLEET).is_none_or(|f| f == fleet)
+}
+
 fn api(op: &'static str, object: &str, status: u16, message: impl Into<String>) -> EngineError {
     EngineError::Api { op, object: object.to_owned(), status, message: message.into() }
 }
@@ -263,6 +267,15 @@ impl FakeEngine {
     /// A volume somebody else made (no managed label).
     pub fn add_unmanaged_volume(&self, name: &str) {
         self.lock().volumes.insert(name.to_owned(), BTreeMap::new());
+    }
+
+    /// A volume another fleet's agent manages on the same engine.
+    pub fn add_foreign_fleet_volume(&self, name: &str, fleet: &str) {
+        let labels = BTreeMap::from([
+            (LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (super::LABEL_FLEET.to_owned(), fleet.to_owned()),
+        ]);
+        self.lock().volumes.insert(name.to_owned(), labels);
     }
 
     /// The container's process died (`docker kill`): stopped with exit code 137, and a
@@ -467,12 +480,12 @@ impl Engine for FakeEngine {
         Ok(state.containers.get(name).filter(|c| c.is_managed()).map(FakeContainer::observed))
     }
 
-    async fn list_managed_networks(&self) -> Result<Vec<String>, EngineError> {
+    async fn list_managed_networks(&self, fleet: &str) -> Result<Vec<String>, EngineError> {
         let state = self.enter(Call::ListNetworks)?;
         Ok(state
             .networks
             .iter()
-            .filter(|(_, labels)| is_managed(labels))
+            .filter(|(_, labels)| is_managed(labels) && of_fleet(labels, fleet))
             .map(|(name, _)| name.clone())
             .collect())
     }
@@ -512,12 +525,12 @@ impl Engine for FakeEngine {
         Ok(())
     }
 
-    async fn list_managed_volumes(&self) -> Result<Vec<String>, EngineError> {
+    async fn list_managed_volumes(&self, fleet: &str) -> Result<Vec<String>, EngineError> {
         let state = self.enter(Call::ListVolumes)?;
         Ok(state
             .volumes
             .iter()
-            .filter(|(_, labels)| is_managed(labels))
+            .filter(|(_, labels)| is_managed(labels) && of_fleet(labels, fleet))
             .map(|(name, _)| name.clone())
             .collect())
     }
@@ -690,8 +703,8 @@ mod tests {
             engine.add_unmanaged_volume("their_vol");
             assert!(engine.list_managed().await.expect("list").is_empty());
             assert_eq!(engine.inspect("theirs").await.expect("inspect"), None);
-            assert!(engine.list_managed_networks().await.expect("list").is_empty());
-            assert!(engine.list_managed_volumes().await.expect("list").is_empty());
+            assert!(engine.list_managed_networks("acme").await.expect("list").is_empty());
+            assert!(engine.list_managed_volumes("acme").await.expect("list").is_empty());
             assert!(matches!(engine.remove("theirs", 1).await, Err(EngineError::Api { status: 409, .. })));
             assert!(matches!(
                 engine.remove_network("their_net").await,

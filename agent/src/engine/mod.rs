@@ -149,7 +149,9 @@ pub trait Engine {
     fn inspect(&self, name: &str) -> impl Future<Output = Result<Option<ObservedContainer>, EngineError>>;
 
     /// Names of networks with `LABEL_MANAGED=true`.
-    fn list_managed_networks(&self) -> impl Future<Output = Result<Vec<String>, EngineError>>;
+    /// (Of fleet `fleet`: another fleet's objects on the same engine are never listed; an
+    /// object without a fleet label counts as this fleet's, as for containers.)
+    fn list_managed_networks(&self, fleet: &str) -> impl Future<Output = Result<Vec<String>, EngineError>>;
     /// Creates a bridge network (no error if it exists).
     fn create_network(
         &self,
@@ -158,8 +160,8 @@ pub trait Engine {
     ) -> impl Future<Output = Result<(), EngineError>>;
     fn remove_network(&self, name: &str) -> impl Future<Output = Result<(), EngineError>>;
 
-    /// Names of volumes with `LABEL_MANAGED=true`.
-    fn list_managed_volumes(&self) -> impl Future<Output = Result<Vec<String>, EngineError>>;
+    /// Names of volumes with `LABEL_MANAGED=true` of fleet `fleet` (as for networks).
+    fn list_managed_volumes(&self, fleet: &str) -> impl Future<Output = Result<Vec<String>, EngineError>>;
     /// Creates a local volume (no error if it exists; its data is kept).
     fn create_volume(
         &self,

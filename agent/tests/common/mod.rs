@@ -46,7 +46,9 @@ impl Device {
         let d = dir.path();
         let root = d.join("root");
         let key = SigningKey::from_seed(&[3; 32]);
-        let config = d.join("agent.toml");
+        // Not beside root/: an allowed root must lie apart from the directory of agent.toml.
+        std::fs::create_dir(d.join("etc")).expect("mkdir etc");
+        let config = d.join("etc/agent.toml");
         std::fs::write(
             &config,
             format!(

@@ -51,9 +51,25 @@ pub fn bundler(args: &[&str]) -> Output {
     bundler_env(args, &[])
 }
 
+///
+/// A `build` runs as CI runs it, a minute after the commit it builds: tests commit at
+/// fixed dates (some ahead of the real clock, some years apart), so unless the test
+/// sets `--now` or `FLEET_BUILD_NOW` itself, the build's clock is the commit's
+/// committer time + 60 s.
 pub fn bundler_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleet-bundler"));
-    cmd.args(args).env_remove("FLEET_SIGNING_KEY").env_remove("FLEET_BROKER");
+    cmd.args(args).env_remove("FLEET_SIGNING_KEY").env_remove("FLEET_BROKER").env_remove("FLEET_BUILD_NOW");
+    if args.first() == Some(&"build")
+        && !args.contains(&"--now")
+        && !env.iter().any(|(k, _)| *k == "FLEET_BUILD_NOW")
+    {
+        let flag = |name: &str| args.iter().position(|a| *a == name).and_then(|i| args.get(i + 1)).copied();
+        let repo = Path::new(flag("--repo").unwrap_or("."));
+        let rev = flag("--rev").unwrap_or("HEAD");
+        let time = git_in(repo, &["log", "-1", "--format=%ct", rev], &[]);
+        let now = time.trim().parse::<i64>().expect("commit time") + 60;
+        cmd.env("FLEET_BUILD_NOW", now.to_string());
+    }
     for (k, v) in env {
         cmd.env(k, v);
     }

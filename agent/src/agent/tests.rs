@@ -369,7 +369,6 @@ async fn every_rejection_reason_changes_nothing() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("unknown_key", h.bundle_with(5, &good, &other_key, "gw", NOW + 86_400)),
         ("wrong_device", h.bundle_with(5, &good, &h.key, "other", NOW + 86_400)),
-        ("expired", h.bundle_with(5, &good, &h.key, "gw", NOW - 1)),
         ("not_newer", h.bundle(1, &good)),
         ("truncated", h.bundle(5, &good)[..20].to_vec()),
         ("bad_magic", b"definitely not a bundle".to_vec()),
@@ -426,17 +425,320 @@ async fn every_rejection_reason_changes_nothing() {
     );
 }
 
+// ---- Hardening I: clocks (case 10) ------------------------------------------------
+
 #[tokio::test(start_paused = true)]
-async fn a_wrong_clock_is_deferred_not_rejected() {
+async fn a_clock_behind_checks_expiry_at_the_signed_time_floor() {
     let h = H::new();
     let (mut agent, _rx) = h.agent();
     agent.recover().await.expect("recover");
     commit_v1(&h, &mut agent).await;
-    h.clock.jump(-3600);
-    let bytes = h.bundle(2, &v1(&h));
+    assert_eq!(agent.store().trust().expect("trust").last_known_time, NOW - 60, "the floor is created_at");
+    // No RTC: the device boots in 1970. The floor stands in, and a sideload applies.
+    h.clock.jump(-NOW);
+    let outcome = agent.apply_bundle(&h.bundle(2, &v1(&h))).await.expect("apply");
+    assert_eq!(outcome, Outcome::Committed { version: 2 });
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_clock_that_jumped_ahead_once_does_not_block_later_updates() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let far = NOW + 400 * 86_400;
+    let first = h.bundle_with(1, &v1(&h), &h.key, "gw", far);
+    h.clock.jump(30 * 86_400);
+    assert_eq!(agent.apply_bundle(&first).await.expect("apply"), Outcome::Committed { version: 1 });
+    // NTP puts the clock right: the next bundle is not held until the wrong date passes.
+    h.clock.jump(-30 * 86_400);
+    let second = h.bundle_with(2, &v1(&h), &h.key, "gw", far);
+    assert_eq!(agent.apply_bundle(&second).await.expect("apply"), Outcome::Committed { version: 2 });
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_verdict_is_deferred_and_kept_not_blacklisted() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let bytes = h.bundle_with(2, &v1(&h), &h.key, "gw", NOW + 3600);
+    let digest = bundle::content_address(&bytes);
+    // A clock two hours fast sees the bundle as expired.
+    h.clock.jump(7200);
     let outcome = agent.apply_bundle(&bytes).await.expect("apply");
-    assert!(matches!(&outcome, Outcome::Deferred { code, .. } if code == "clock_rollback"), "{outcome:?}");
+    assert!(matches!(&outcome, Outcome::Deferred { code, .. } if code == "expired"), "{outcome:?}");
+    assert!(agent.store().rejected().expect("rejected").is_empty(), "not blacklisted");
+    assert!(agent.store().bundle_path(&digest).exists(), "kept for the retry (case 7)");
+    assert!(agent.state().is_rest());
+    h.clock.jump(-7200);
+    assert_eq!(agent.apply_bundle(&bytes).await.expect("retry"), Outcome::Committed { version: 2 });
+}
+
+// ---- Hardening I: unsigned input and failing disks ---------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_fetch_failure_never_rejects_the_digest_and_a_sideload_of_it_applies() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let bytes = h.bundle(2, &state(vec![h.file("app/a.conf", "a2")], vec![]));
+    let digest = bundle::content_address(&bytes);
+    let outcome =
+        agent.fetch_failed(&digest, "fetch_failed", "http://evil/x: 10737418240 bytes is over the limit");
+    assert!(matches!(outcome, Outcome::Deferred { .. }), "{outcome:?}");
     assert!(agent.store().rejected().expect("rejected").is_empty());
+    // What an older agent wrote for a transport failure is not a rejection either.
+    let legacy =
+        Rejection { code: "download_digest".into(), reason: "mismatch".into(), version: None, at: NOW };
+    agent.store().add_rejected(&digest, legacy).expect("add");
+    let ann = Announcement {
+        fleet: "acme".into(),
+        device: "gw".into(),
+        version: 2,
+        commit: "c2".into(),
+        digest: digest.clone(),
+        size: bytes.len() as u64,
+        urls: vec![],
+        mqtt_blob: false,
+    };
+    assert_eq!(agent.offer(&ann).expect("offer"), Offer::Fetch);
+    assert_eq!(agent.apply_bundle(&bytes).await.expect("sideload"), Outcome::Committed { version: 2 });
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unsigned_version_or_size_in_an_announcement_refuses_nothing() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let ann = |version, size| Announcement {
+        fleet: "acme".into(),
+        device: "gw".into(),
+        version,
+        commit: "c".into(),
+        digest: "ab".repeat(32),
+        size,
+        urls: vec![],
+        mqtt_blob: false,
+    };
+    // A lower version than the accepted one, or a size over the limit, is only a hint.
+    assert_eq!(agent.offer(&ann(0, 1)).expect("offer"), Offer::Fetch);
+    assert_eq!(agent.offer(&ann(2, u64::MAX)).expect("offer"), Offer::Fetch);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_state_dir_error_ends_in_a_rest_state_and_the_same_bundle_applies_later() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    // A failing SD card, as the agent sees it: bundles/ cannot be written.
+    let bundles = agent.store().dir().join("bundles");
+    std::fs::remove_dir_all(&bundles).expect("rm bundles/");
+    std::fs::write(&bundles, b"not a directory").expect("plant a file");
+    let bytes = h.bundle(2, &state(vec![h.file("app/a.conf", "a2")], vec![]));
+    let outcome = agent.apply_bundle(&bytes).await.expect("settled, not an error");
+    assert!(matches!(&outcome, Outcome::Deferred { code, .. } if code == "state_dir_error"), "{outcome:?}");
+    assert!(agent.state().is_rest(), "{:?}", agent.state());
+    let error = agent.status_report().last_error.expect("reported");
+    assert!(!error.message.contains("not allowed in state"), "{}", error.message);
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a1"), "nothing changed");
+    assert!(agent.store().rejected().expect("rejected").is_empty(), "the bundle is not to blame");
+    // The card is replaced; the same bundle applies.
+    std::fs::remove_file(&bundles).expect("rm");
+    std::fs::create_dir(&bundles).expect("mkdir");
+    assert_eq!(agent.apply_bundle(&bytes).await.expect("retry"), Outcome::Committed { version: 2 });
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a2"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stuck_rollback_does_not_refuse_the_fix_forward() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let mut once = container("app-once", false);
+    once.restart = RestartPolicy::No;
+    let mut bad = v1(&h);
+    bad.containers.push(once);
+    bad.canonicalize();
+    // The container exits, and the engine is gone when the rollback starts.
+    let sabotage = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        h.fake.exit("app-once", 3);
+        h.fake.set_unreachable(true);
+    };
+    let bad_bytes = h.bundle(2, &bad);
+    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bad_bytes), sabotage);
+    let outcome = outcome.expect("settled");
+    assert!(matches!(&outcome, Outcome::RollbackIncomplete { .. }), "{outcome:?}");
+    assert!(agent.state().is_rest(), "a stuck rollback rests in failed: {:?}", agent.state());
+    assert_eq!(agent.status_report().state, DeviceState::Degraded, "rests; the engine is down");
+    // The engine is back and the fix is published: it is taken, not refused as "busy".
+    h.fake.set_unreachable(false);
+    let fix = state(
+        vec![h.file("app/a.conf", "a3"), h.file("app/b.conf", "b1")],
+        vec![container("app-web", false)],
+    );
+    let outcome = agent.apply_bundle(&h.bundle(3, &fix)).await.expect("fix forward");
+    assert_eq!(outcome, Outcome::Committed { version: 3 });
+    assert!(h.fake.container("app-once").is_none(), "the failed bundle's container is gone");
+    assert!(Journal::read(&agent.store().journal_path()).expect("read").is_empty());
+    // The failed bundle stays refused.
+    let again = agent.apply_bundle(&h.bundle(2, &bad)).await.expect("again");
+    assert!(matches!(again, Outcome::Rejected { .. }), "{again:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_between_the_journal_begin_and_the_trust_state_still_converges() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let v2 = state(vec![h.file("app/a.conf", "a2")], vec![container("app-web", false)]);
+    agent.crash_after_begin();
+    assert!(agent.apply_bundle(&h.bundle(2, &v2)).await.is_err(), "the process died");
+    drop(agent);
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    assert_eq!(agent.applied_digest(), Some(bundle::content_address(&h.bundle(2, &v2)).as_str()));
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a2"));
+    assert_eq!(agent.store().trust().expect("trust").last_version, Some(2), "trust raised by recovery");
+    let replay = agent.apply_bundle(&h.bundle(1, &v1(&h))).await.expect("replay");
+    assert!(matches!(&replay, Outcome::Rejected { code, .. } if code == "not_newer"), "{replay:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_last_good_bundle_that_cannot_be_read_is_never_rolled_back_to_nothing() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let digest = agent.applied_digest().expect("applied").to_string();
+    drop(agent);
+    // The card damaged the stored last good bundle.
+    std::fs::write(h.cfg.state_dir.join("bundles").join(format!("{digest}.bundle")), b"garbage")
+        .expect("damage");
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    assert_eq!(agent.status_report().state, DeviceState::Degraded);
+    // An update that fails its health "rolls back": nothing of v1 is deleted.
+    let mut once = container("app-once", false);
+    once.restart = RestartPolicy::No;
+    let mut bad = v1(&h);
+    bad.files = vec![h.file("app/a.conf", "a2"), h.file("app/b.conf", "b1")];
+    bad.containers.push(once);
+    bad.canonicalize();
+    let exit_soon = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        h.fake.exit("app-once", 3);
+    };
+    let bad_bytes = h.bundle(2, &bad);
+    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bad_bytes), exit_soon);
+    let outcome = outcome.expect("settled");
+    assert!(!matches!(outcome, Outcome::RolledBack { .. }), "{outcome:?}");
+    assert_eq!(h.read("app/b.conf").as_deref(), Some("b1"), "no managed file deleted");
+    assert!(h.fake.container("app-web").is_some(), "no managed container deleted");
+    assert!(agent.state().is_rest());
+    assert_eq!(agent.status_report().state, DeviceState::Degraded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_last_good_bundle_whose_key_was_rotated_out_stays_the_last_good_state() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    drop(agent);
+    let new_key = SigningKey::from_seed(&[7; 32]);
+    let mut h = h;
+    h.cfg.trusted = fleet_spec::TrustedKeys::new(vec![new_key.public()], 1).expect("keys");
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    assert_eq!(agent.status_report().applied.map(|a| a.version), Some(1));
+    assert_ne!(agent.status_report().state, DeviceState::Degraded);
+}
+
+#[tokio::test(start_paused = true)]
+async fn volumes_no_longer_desired_are_deleted_only_after_the_commit() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let mut with_volume = v1(&h);
+    with_volume.volumes.push(VolumeSpec { name: "app_data".into(), ..Default::default() });
+    with_volume.canonicalize();
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(1, &with_volume)).await.expect("v1"),
+        Outcome::Committed { version: 1 }
+    );
+    // Another fleet's volume on the same engine is never ours to delete.
+    h.fake.add_foreign_fleet_volume("other_data", "other");
+    // v2 drops the volume and fails its health: the rollback finds the volume in place.
+    let mut once = container("app-once", false);
+    once.restart = RestartPolicy::No;
+    let mut bad = v1(&h);
+    bad.containers.push(once);
+    bad.canonicalize();
+    let exit_soon = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(h.fake.volume_names().contains(&"app_data".to_string()), "not deleted during the apply");
+        h.fake.exit("app-once", 3);
+    };
+    let bad_bytes = h.bundle(2, &bad);
+    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bad_bytes), exit_soon);
+    assert!(matches!(outcome.expect("settled"), Outcome::RolledBack { .. }));
+    assert!(h.fake.volume_names().contains(&"app_data".to_string()), "kept through the rollback");
+    // v3 drops it and commits: now it goes; the other fleet's stays.
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(3, &v1(&h))).await.expect("v3"),
+        Outcome::Committed { version: 3 }
+    );
+    assert!(!h.fake.volume_names().contains(&"app_data".to_string()), "deleted after the commit");
+    assert!(h.fake.volume_names().contains(&"other_data".to_string()), "another fleet's volume is kept");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_file_the_device_had_before_is_kept_and_put_back_when_the_bundle_lets_go() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    // A provisioning certificate, there before the agent.
+    let cert = h.root.join("app/device.pem");
+    std::fs::write(&cert, b"the device's own certificate").expect("write");
+    std::fs::set_permissions(&cert, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let mut takes = v1(&h);
+    takes.files.push(h.file("app/device.pem", "a bundle's certificate"));
+    takes.canonicalize();
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(2, &takes)).await.expect("v2"),
+        Outcome::Committed { version: 2 }
+    );
+    assert_eq!(h.read("app/device.pem").as_deref(), Some("a bundle's certificate"));
+    // The next bundle no longer names it: the original comes back, mode and all.
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(3, &v1(&h))).await.expect("v3"),
+        Outcome::Committed { version: 3 }
+    );
+    assert_eq!(h.read("app/device.pem").as_deref(), Some("the device's own certificate"));
+    let mode = std::fs::metadata(&cert).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o600);
+    // And a rollback of a bundle that took it over puts it back too.
+    let mut once = container("app-once", false);
+    once.restart = RestartPolicy::No;
+    let mut bad = takes.clone();
+    bad.containers.push(once);
+    bad.canonicalize();
+    let exit_soon = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        h.fake.exit("app-once", 3);
+    };
+    let bad_bytes = h.bundle(4, &bad);
+    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bad_bytes), exit_soon);
+    assert!(matches!(outcome.expect("settled"), Outcome::RolledBack { .. }));
+    assert_eq!(h.read("app/device.pem").as_deref(), Some("the device's own certificate"));
 }
 
 #[tokio::test(start_paused = true)]

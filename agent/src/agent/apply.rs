@@ -1,0 +1,380 @@
+//! The apply path: verify → preflight → stage → apply → await health → commit, or
+//! roll back to the last good state.
+
+use super::*;
+
+impl<E: Engine> Agent<E> {
+    // ---- the apply path -------------------------------------------------------------
+
+    /// Verifies and applies a bundle: the one path for announced, polled, MQTT-blob and
+    /// sideloaded bundles.
+    ///
+    /// Whatever fails, the machine ends in a rest state (Hardening I, case 4): an error
+    /// before the first change ends in `failed` (nothing changed, the bundle is not
+    /// blamed: it is tried again later); an error after it rolls back to the last good
+    /// state. Only when even that cannot be written (the journal) is the error returned
+    /// with the machine still mid-flight: the daemon then exits, and journal recovery
+    /// finishes the job on the next start.
+    pub async fn apply_bundle(&mut self, bytes: &[u8]) -> Result<Outcome, AgentError> {
+        let digest = bundle::content_address(bytes);
+        match self.try_apply(&digest, bytes).await {
+            Ok(outcome) => Ok(outcome),
+            Err(e) => self.settle(&digest, e).await,
+        }
+    }
+
+    /// Brings the machine to rest after an error on the apply path (see `apply_bundle`).
+    async fn settle(&mut self, digest: &str, e: AgentError) -> Result<Outcome, AgentError> {
+        #[cfg(test)]
+        if self.crash_after_begin {
+            return Err(e); // a dead process settles nothing
+        }
+        let code = e.code();
+        let reason = e.to_string();
+        tracing::error!(digest, code, "apply failed: {reason}");
+        match self.machine.state() {
+            s if s.is_rest() => {
+                self.set_error(code, &reason);
+                self.publish_status();
+                Ok(Outcome::Deferred { code: code.into(), reason })
+            }
+            ApplyState::Fetching | ApplyState::Verified | ApplyState::Staged => {
+                // Nothing on the device changed yet; the bundle is not to blame.
+                if self.journal_holds(digest) {
+                    // The apply was begun in the journal only: take that back.
+                    self.journal.reset()?;
+                }
+                self.set_error(code, &reason);
+                self.on(Command::Refuse)?;
+                Ok(Outcome::Deferred { code: code.into(), reason })
+            }
+            ApplyState::Applying | ApplyState::AwaitingHealth => {
+                self.rollback(digest, None, code, &reason, false).await
+            }
+            _ => Err(e),
+        }
+    }
+
+    /// Whether the journal's open transaction is the apply of `digest`.
+    fn journal_holds(&mut self, digest: &str) -> bool {
+        let records = self.journal.open().unwrap_or_default();
+        matches!(journal::decide(&records), Recovery::ResumeApply { digest: d, .. } if d == digest)
+    }
+
+    async fn try_apply(&mut self, digest: &str, bytes: &[u8]) -> Result<Outcome, AgentError> {
+        let digest = digest.to_string();
+        if self.applied_digest() == Some(digest.as_str()) {
+            return Ok(Outcome::AlreadyApplied);
+        }
+        self.on(Command::Fetch)?;
+        if let Some(r) = self.rejection(&digest)? {
+            let reason = format!("rejected before: {}", r.reason);
+            let code = r.code.clone();
+            self.set_error(&code, &reason);
+            self.on(Command::Refuse)?;
+            return Ok(Outcome::Rejected { code, reason });
+        }
+
+        // 1. Verify, with the persisted trust state (its time floor stands in for a
+        //    clock that is behind) and the clock.
+        let trust = self.store.trust()?;
+        let now = self.clock.now();
+        let expect = Expectation { fleet: &self.cfg.fleet, device: &self.cfg.device };
+        let verified = match bundle::verify(bytes, &self.cfg.trusted, expect, trust, now, &self.cfg.limits) {
+            Ok(v) => v,
+            Err(e @ bundle::VerifyError::Expired { .. }) => {
+                // Expiry is judged by a clock, and this device's may run fast: defer, and
+                // keep the bytes so the retry (when time or the bundle changes) reads
+                // them from disk instead of downloading them again.
+                self.keep_deferred(&digest, bytes)?;
+                return Ok(self.refuse(&digest, e.code(), e.to_string(), false, None));
+            }
+            Err(e) => return Ok(self.refuse(&digest, e.code(), e.to_string(), true, None)),
+        };
+        let m = verified.manifest.clone();
+        self.set_desired(VersionRef { version: m.version, digest: digest.clone(), commit: m.commit.clone() });
+        self.on(Command::Verified)?;
+
+        // 2. Preflight: nothing on the device changes before every check passed.
+        if let Some((code, reason)) = self.preflight(&verified.state) {
+            return Ok(self.refuse(&digest, code, reason, true, Some(m.version)));
+        }
+        self.keep_deferred(&digest, bytes)?;
+        if let Err(e) = self.ensure_images(&verified.state).await {
+            self.engine_down = matches!(e, EngineError::Unreachable { .. });
+            let code = if self.engine_down { "engine_unavailable" } else { "pull_failed" };
+            return Ok(self.refuse(&digest, code, e.to_string(), false, Some(m.version)));
+        }
+        self.engine_down = false;
+        self.on(Command::Stage)?;
+
+        // 3. The journal first, then trust (Hardening I, case 6): a crash between the two
+        //    resumes this apply from the journal, and recovery raises the trust state to
+        //    the resumed bundle. A rollback still to finish is superseded: a newer bundle
+        //    that verifies is the fix forward (case 5); the failed one stays rejected.
+        let prev = self.applied_digest().map(str::to_string);
+        self.journal.open()?;
+        if self.pending_rollback.take().is_some() {
+            tracing::info!(digest, "a newer bundle supersedes the unfinished rollback");
+            self.journal.reset()?;
+        }
+        self.journal.append(&Record::Begin {
+            digest: digest.clone(),
+            version: m.version,
+            commit: m.commit.clone(),
+            prev,
+        })?;
+        #[cfg(test)]
+        if self.crash_after_begin {
+            let crash = std::io::Error::other("simulated crash after Begin");
+            return Err(journal::JournalError::Io { path: self.store.journal_path(), source: crash }.into());
+        }
+        // Trust is persisted here: the bundle passed every check and its images are
+        // present; from now on an older or equal version is never accepted again.
+        self.store.save_trust(&verified.next_trust)?;
+        self.on(Command::Apply)?;
+        self.event(EventKind::ApplyStarted { version: m.version, commit: m.commit.clone() });
+        self.finish_apply(&digest, &m, &verified.state).await
+    }
+
+    /// Stores a verified (or expired-but-signed) bundle under its content address so a
+    /// deferred bundle is retried from disk, not downloaded again (Hardening I, case 7).
+    /// At most one such bundle is kept beside the last good one.
+    fn keep_deferred(&mut self, digest: &str, bytes: &[u8]) -> Result<(), AgentError> {
+        let applied = self.applied_digest().map(str::to_string);
+        let keep: Vec<&str> = applied.iter().map(String::as_str).chain([digest]).collect();
+        self.store.prune_bundles(&keep)?;
+        self.store.save_bundle(digest, bytes)?;
+        Ok(())
+    }
+
+    /// Applies, waits for health, commits or rolls back. Entered from `Applying`.
+    pub(super) async fn finish_apply(
+        &mut self,
+        digest: &str,
+        m: &Manifest,
+        state: &DesiredState,
+    ) -> Result<Outcome, AgentError> {
+        if let Err(e) = self.converge(state, Mode::Apply).await {
+            let code = e.code().to_string();
+            let blame = !is_device_fault(&code);
+            return self.rollback(digest, Some(m.version), &code, &e.to_string(), blame).await;
+        }
+        self.journal.append(&Record::Applied { digest: digest.to_string() })?;
+        self.on(Command::Applied)?;
+        self.await_health(digest, m, state).await
+    }
+
+    /// Waits for health, then commits or rolls back. Entered from `AwaitingHealth`.
+    pub(super) async fn await_health(
+        &mut self,
+        digest: &str,
+        m: &Manifest,
+        state: &DesiredState,
+    ) -> Result<Outcome, AgentError> {
+        match self.wait_healthy(state).await {
+            Verdict::Healthy => {
+                self.commit(digest, m, state)?;
+                // Only now, with no way back needed, are volumes no longer desired deleted
+                // (Hardening I, case 9): a rollback must find its data where it left it.
+                self.remove_stale_volumes(state).await;
+                Ok(Outcome::Committed { version: m.version })
+            }
+            Verdict::Failed { code, reason } => {
+                self.rollback(digest, Some(m.version), code, &reason, true).await
+            }
+            Verdict::Waiting { reason } => {
+                self.rollback(digest, Some(m.version), "health_timeout", &reason, true).await
+            }
+        }
+    }
+
+    pub(super) fn commit(
+        &mut self,
+        digest: &str,
+        m: &Manifest,
+        state: &DesiredState,
+    ) -> Result<(), AgentError> {
+        let record = AppliedRecord {
+            digest: digest.to_string(),
+            version: m.version,
+            commit: m.commit.clone(),
+            at: self.clock.now(),
+        };
+        self.journal.append(&Record::Commit {
+            digest: record.digest.clone(),
+            version: record.version,
+            commit: record.commit.clone(),
+            at: record.at,
+        })?;
+        self.finish_commit(record, state.clone())?;
+        self.last_error = None;
+        self.on(Command::Healthy)?;
+        self.event(EventKind::ApplyFinished { version: m.version, commit: m.commit.clone() });
+        tracing::info!(version = m.version, digest, "bundle committed");
+        Ok(())
+    }
+
+    pub(super) fn finish_commit(
+        &mut self,
+        record: AppliedRecord,
+        state: DesiredState,
+    ) -> Result<(), AgentError> {
+        self.store.save_applied(&record)?;
+        self.store.prune_bundles(&[&record.digest])?;
+        self.journal.reset()?;
+        self.current = Some(Current { record, state });
+        self.last_good_unreadable = None;
+        Ok(())
+    }
+
+    /// Restores the last good state after bundle `from` failed, and rejects `from` when
+    /// it is to `blame` (its health, its containers); a failure of the device itself (its
+    /// disk, its engine) rolls back without blaming the bundle, which is tried again later.
+    pub(super) async fn rollback(
+        &mut self,
+        from: &str,
+        version: Option<u64>,
+        code: &str,
+        reason: &str,
+        blame: bool,
+    ) -> Result<Outcome, AgentError> {
+        tracing::warn!(digest = from, code, "rolling back: {reason}");
+        let to = self.current.as_ref().map(|c| c.record.digest.clone());
+        self.journal.append(&Record::RollbackBegin {
+            from: from.to_string(),
+            to: to.clone(),
+            code: code.into(),
+            reason: reason.into(),
+        })?;
+        // Remembered first: whatever happens next, this bundle is not tried again.
+        if blame {
+            let rejection =
+                Rejection { code: code.into(), reason: reason.into(), version, at: self.clock.now() };
+            self.store.add_rejected(from, rejection)?;
+        }
+        if matches!(self.machine.state(), ApplyState::Applying | ApplyState::AwaitingHealth) {
+            self.on(Command::Unhealthy)?;
+        }
+        self.set_error(code, reason);
+        if let Some(version) = version {
+            self.event(EventKind::ApplyFailed { version, code: code.into(), reason: reason.into() });
+        }
+        self.pending_rollback =
+            Some(PendingRollback { from: from.into(), code: code.into(), reason: reason.into() });
+        self.finish_rollback(version).await
+    }
+
+    pub(super) async fn finish_rollback(&mut self, from_version: Option<u64>) -> Result<Outcome, AgentError> {
+        let Some(p) = self.pending_rollback.clone() else {
+            return Ok(Outcome::AlreadyApplied);
+        };
+        if self.machine.state() == ApplyState::Failed {
+            self.on(Command::RetryRollback)?;
+        }
+        // Never "roll back" to nothing while a last good bundle is on record but cannot
+        // be read (Hardening I, case 8): that would delete every managed file, container
+        // and volume. The device keeps what it runs and reports `degraded`.
+        if let Some(why) = self.last_good_unreadable.clone().filter(|_| self.current.is_none()) {
+            tracing::error!("not rolling back {}: the last good bundle cannot be read ({why})", p.from);
+            self.pending_rollback = None;
+            self.journal.reset()?;
+            self.set_error(
+                &p.code,
+                &format!("{}; not rolled back: the last good bundle cannot be read: {why}", p.reason),
+            );
+            self.on(Command::RollbackStuck)?;
+            return Ok(Outcome::RollbackIncomplete { code: p.code, reason: p.reason });
+        }
+        let target = self.current.as_ref().map(|c| c.state.clone()).unwrap_or_default();
+        if let Err(e) = self.converge(&target, Mode::Rollback).await {
+            // At rest in `failed`: reconcile retries the rollback, and a newer bundle
+            // that verifies is still taken (the fix forward, Hardening I, case 5).
+            tracing::error!("rollback of {} is incomplete, will retry: {e}", p.from);
+            self.engine_down = matches!(e, AgentError::Engine(EngineError::Unreachable { .. }));
+            self.set_error(&p.code, &format!("{}; rollback incomplete: {e}", p.reason));
+            self.on(Command::RollbackStuck)?;
+            return Ok(Outcome::RollbackIncomplete { code: p.code, reason: p.reason });
+        }
+        let to = self.current.as_ref().map(|c| c.record.digest.clone());
+        self.journal.append(&Record::RollbackDone { from: p.from.clone(), to: to.clone() })?;
+        let keep: Vec<&str> = to.iter().map(String::as_str).collect();
+        self.store.prune_bundles(&keep)?;
+        self.journal.reset()?;
+        self.pending_rollback = None;
+        self.refresh_containers().await;
+        self.on(Command::RolledBack)?;
+        self.event(EventKind::RolledBack {
+            from_version: from_version.unwrap_or(0),
+            to_version: self.current.as_ref().map(|c| c.record.version),
+            reason: format!("{}: {}", p.code, p.reason),
+        });
+        Ok(Outcome::RolledBack { code: p.code, reason: p.reason })
+    }
+
+    /// Checks that would refuse the bundle, before anything changes.
+    pub(super) fn preflight(&self, state: &DesiredState) -> Option<(&'static str, String)> {
+        for file in &state.files {
+            if let Err(e) = files::resolve(&file.path, &self.cfg.allowed_roots, false) {
+                return Some((e.code(), e.to_string()));
+            }
+        }
+        if !state.containers.is_empty() && self.cfg.engine_socket.is_none() {
+            return Some((
+                "engine_disabled",
+                format!(
+                    "the bundle has {} container(s) but this device has no engine (engine.socket = \"none\")",
+                    state.containers.len()
+                ),
+            ));
+        }
+        if let Some(reason) = crate::policy::refusal(&self.cfg, state) {
+            return Some((crate::policy::CODE, reason));
+        }
+        if let Err(e) = plan::dependency_order(&state.containers) {
+            return Some(("dependency_cycle", e.to_string()));
+        }
+        None
+    }
+
+    /// Pulls every image that is not present (never re-pulls a present one).
+    pub(super) async fn ensure_images(&self, state: &DesiredState) -> Result<(), EngineError> {
+        for c in &state.containers {
+            if !self.engine.image_present(&c.image).await? {
+                tracing::info!(image = %c.image.pull_reference(), "pulling image");
+                self.engine.pull(&c.image, self.cfg.auth_for(&c.image.reference)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes managed volumes the committed state no longer wants (best effort: a
+    /// volume still in use stays, and the next reconcile tries again).
+    async fn remove_stale_volumes(&mut self, state: &DesiredState) {
+        let view = match self.engine_view().await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("cannot list volumes after the commit: {e}");
+                return;
+            }
+        };
+        let plan = match plan::plan_containers(state, &self.cfg.fleet, &view) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("cannot plan volume removal: {e}");
+                return;
+            }
+        };
+        for name in &plan.remove_volumes {
+            if let Err(e) = self.engine.remove_volume(name).await {
+                tracing::warn!("cannot remove volume {name} (still in use?): {e}");
+            }
+        }
+    }
+}
+
+/// Failures of the device itself (its state directory, its disk, its engine), not of the
+/// bundle: a rollback for one of these does not reject the bundle.
+fn is_device_fault(code: &str) -> bool {
+    matches!(code, "state_dir_error" | "engine_unavailable" | "file_write_failed" | "internal_error")
+}

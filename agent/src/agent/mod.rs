@@ -1,0 +1,438 @@
+//! The driver: carries the core's decisions out through the adapters, one bundle at a
+//! time, writing the journal around every effect.
+//!
+//! - [`Agent::apply_bundle`]: verify → preflight (paths, images) → stage → apply →
+//!   await health → commit, or roll back to the last good bundle.
+//! - [`Agent::recover`]: on start, reads the journal and resumes or rolls back.
+//! - [`Agent::reconcile`]: repairs drift of the committed state (timer, engine events).
+//! - [`Agent::run_due_healthchecks`]: runs the healthchecks an engine does not run by
+//!   itself (podman without systemd; see [`Engine::run_healthcheck`]), which the health
+//!   waits also do while they wait.
+//!
+//! It owns the state machine ([`crate::core::Machine`]) and reports every change as a
+//! status report or event on its [`Reports`] channel. It never decides what the
+//! device should hold (that is the bundle) and never trusts a bundle that did not pass
+//! `fleet_spec::bundle::verify`, except the ones it stored itself after verifying them,
+//! which it still re-checks for signature and digest before use.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use fleet_spec::bundle::{self, Expectation, Manifest, TrustState};
+use fleet_spec::messages::{
+    Announcement, ContainerStatus, DeviceState, DriftKind, Event, EventKind, FileCounts, LastError,
+    StatusReport, VersionRef,
+};
+use fleet_spec::model::{DependencyCondition, DesiredState};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::core::health::{self, Verdict};
+use crate::core::plan::{self, EngineView, Need};
+use crate::core::{ApplyState, Command, Machine};
+use crate::engine::{Engine, EngineError, Health, ObservedContainer};
+use crate::files::{self, FileError};
+use crate::journal::{self, Journal, Record, Recovery, Step};
+use crate::store::{AppliedRecord, Rejection, Store, StoreError};
+
+mod apply;
+mod converge;
+mod healthy;
+mod reconcile;
+mod recover;
+
+use converge::Mode;
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How long every container must stay running (and healthy) before an update counts
+/// as healthy (capped at half the health timeout).
+pub const HEALTH_SETTLE: Duration = Duration::from_secs(5);
+
+/// When asking the engine to run a healthcheck failed, ask again after this long.
+const HEALTHCHECK_RETRY: Duration = Duration::from_secs(10);
+
+/// What the agent tells the world.
+#[derive(Debug, Clone)]
+pub enum Report {
+    Status(StatusReport),
+    Event(Event),
+}
+
+/// The sending side of the report channel (`None`: reports are dropped).
+pub type Reports = Option<UnboundedSender<Report>>;
+
+/// How an offered bundle ended. Serialized for `fleet-agent apply`'s answer from a
+/// running agent (`sideload`): `{"outcome": "committed", "version": 7}`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Applied and healthy.
+    Committed { version: u64 },
+    /// Already the applied bundle.
+    AlreadyApplied,
+    /// Refused before anything changed; never tried again (unless `retry`).
+    Rejected { code: String, reason: String },
+    /// Could not be prepared for a reason that may pass (engine down, pull failed,
+    /// download failed); nothing changed; tried again later.
+    Deferred { code: String, reason: String },
+    /// Applied, failed, and the last good state was restored.
+    RolledBack { code: String, reason: String },
+    /// Applied, failed, and restoring the last good state failed too (retried).
+    RollbackIncomplete { code: String, reason: String },
+}
+
+impl Outcome {
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Outcome::Committed { .. } | Outcome::AlreadyApplied => None,
+            Outcome::Rejected { code, .. }
+            | Outcome::Deferred { code, .. }
+            | Outcome::RolledBack { code, .. }
+            | Outcome::RollbackIncomplete { code, .. } => Some(code),
+        }
+    }
+}
+
+/// Whether to fetch an announced bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offer {
+    Fetch,
+    Skip(&'static str),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
+    #[error(transparent)]
+    File(#[from] FileError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Disallowed(#[from] crate::core::Disallowed),
+    #[error(transparent)]
+    Plan(#[from] plan::PlanError),
+    #[error("stored bundle {digest} cannot be used: {reason}")]
+    StoredBundle { digest: String, reason: String },
+}
+
+impl AgentError {
+    /// Reason code for reports.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AgentError::Engine(EngineError::Unreachable { .. }) => "engine_unavailable",
+            AgentError::Engine(EngineError::Pull { .. }) => "pull_failed",
+            AgentError::Engine(_) => "engine_error",
+            AgentError::File(e) => e.code(),
+            AgentError::Plan(_) => "dependency_cycle",
+            AgentError::StoredBundle { .. } => "stored_bundle_invalid",
+            AgentError::Store(_) | AgentError::Journal(_) => "state_dir_error",
+            AgentError::Disallowed(_) => "internal_error",
+        }
+    }
+}
+
+/// The applied (last good) bundle, loaded.
+#[derive(Debug, Clone)]
+struct Current {
+    record: AppliedRecord,
+    state: DesiredState,
+}
+
+/// The healthchecks the agent runs because the engine does not (see
+/// [`Engine::run_healthcheck`]): per running container with a healthcheck, when to ask
+/// the engine next.
+#[derive(Debug, Default)]
+struct Healthchecks {
+    /// The engine runs them itself: nothing to do.
+    by_engine: bool,
+    next: BTreeMap<String, Instant>,
+}
+
+/// A rollback still to finish (its first attempt failed).
+#[derive(Debug, Clone)]
+struct PendingRollback {
+    from: String,
+    code: String,
+    reason: String,
+}
+
+pub struct Agent<E: Engine> {
+    cfg: Config,
+    engine: Rc<E>,
+    clock: Rc<dyn Clock>,
+    store: Store,
+    journal: Journal,
+    machine: Machine,
+    current: Option<Current>,
+    desired: Option<VersionRef>,
+    last_error: Option<LastError>,
+    file_drift_repaired: u64,
+    engine_down: bool,
+    containers: Vec<ContainerStatus>,
+    managed: BTreeMap<String, String>,
+    pending_rollback: Option<PendingRollback>,
+    /// Why the last good bundle on record cannot be read (its stored copy is missing or
+    /// damaged). While set, nothing is ever converged to "empty" in its place: the device
+    /// keeps what it runs and reports `degraded`.
+    last_good_unreadable: Option<String>,
+    /// A download in flight beside the main loop (status `downloading`).
+    downloading: bool,
+    reports: Reports,
+    last_saved_status: Option<StatusReport>,
+    healthchecks: Healthchecks,
+    /// Test hook: the process dies right after the journal's `Begin` (case 6).
+    #[cfg(test)]
+    crash_after_begin: bool,
+}
+
+impl<E: Engine> Agent<E> {
+    /// Opens the state directory (creating it). The caller holds the state dir lock.
+    pub fn new(
+        cfg: Config,
+        engine: Rc<E>,
+        clock: Rc<dyn Clock>,
+        reports: Reports,
+    ) -> Result<Self, AgentError> {
+        let store = Store::new(&cfg.state_dir);
+        store.create()?;
+        let journal = Journal::new(store.journal_path());
+        let managed = store.managed()?;
+        let last_saved_status = store.last_status()?;
+        Ok(Agent {
+            cfg,
+            engine,
+            clock,
+            store,
+            journal,
+            machine: Machine::default(),
+            current: None,
+            desired: None,
+            last_error: None,
+            file_drift_repaired: 0,
+            engine_down: false,
+            containers: Vec::new(),
+            managed,
+            pending_rollback: None,
+            last_good_unreadable: None,
+            downloading: false,
+            reports,
+            last_saved_status,
+            healthchecks: Healthchecks::default(),
+            #[cfg(test)]
+            crash_after_begin: false,
+        })
+    }
+
+    pub fn state(&self) -> ApplyState {
+        self.machine.state()
+    }
+
+    /// Test hook: the next apply "dies" right after its journal `Begin` record.
+    #[cfg(test)]
+    pub(crate) fn crash_after_begin(&mut self) {
+        self.crash_after_begin = true;
+    }
+
+    /// Test hook: see `Journal::crash_at`.
+    #[cfg(test)]
+    pub(crate) fn journal_mut(&mut self) -> &mut Journal {
+        &mut self.journal
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Digest of the applied (last good) bundle.
+    pub fn applied_digest(&self) -> Option<&str> {
+        self.current.as_ref().map(|c| c.record.digest.as_str())
+    }
+
+    pub(super) fn on(&mut self, command: Command) -> Result<ApplyState, AgentError> {
+        let from = self.machine.state();
+        let to = self.machine.on(command)?;
+        tracing::debug!(%from, %to, %command, "apply state");
+        self.publish_status();
+        Ok(to)
+    }
+
+    // ---- reports --------------------------------------------------------------------
+
+    /// The status report as of now.
+    pub fn status_report(&self) -> StatusReport {
+        let rest = self.machine.state().is_rest();
+        let state = if rest && (self.engine_down || self.last_good_unreadable.is_some()) {
+            DeviceState::Degraded
+        } else if rest && self.downloading {
+            DeviceState::Downloading
+        } else {
+            self.machine.state().device_state()
+        };
+        StatusReport {
+            device: self.cfg.device.clone(),
+            fleet: self.cfg.fleet.clone(),
+            agent_version: AGENT_VERSION.to_string(),
+            state,
+            desired: self.desired.clone(),
+            applied: self.current.as_ref().map(|c| c.record.to_status()),
+            containers: self.containers.clone(),
+            files: FileCounts {
+                managed: self.managed.len() as u64,
+                drift_repaired: self.file_drift_repaired,
+            },
+            last_error: self.last_error.clone(),
+            timestamp: self.clock.now(),
+        }
+    }
+
+    fn publish_status(&mut self) {
+        let report = self.status_report();
+        let changed = self.last_saved_status.as_ref().is_none_or(|last| !last.same_content(&report));
+        if changed {
+            if let Err(e) = self.store.save_status(&report) {
+                tracing::warn!("cannot save status.json: {e}");
+            }
+            self.last_saved_status = Some(report.clone());
+        }
+        if let Some(tx) = &self.reports {
+            let _ = tx.send(Report::Status(report));
+        }
+    }
+
+    fn event(&self, kind: EventKind) {
+        tracing::info!(event = ?kind, "event");
+        if let Some(tx) = &self.reports {
+            let _ =
+                tx.send(Report::Event(Event { device: self.cfg.device.clone(), at: self.clock.now(), kind }));
+        }
+    }
+
+    fn set_error(&mut self, code: &str, message: &str) {
+        self.last_error =
+            Some(LastError { code: code.into(), message: message.into(), at: self.clock.now() });
+    }
+
+    /// Records what the fleet wants this device to run (from an announcement).
+    pub fn set_desired(&mut self, desired: VersionRef) {
+        if self.desired.as_ref() != Some(&desired) {
+            self.desired = Some(desired);
+            self.publish_status();
+        }
+    }
+
+    // ---- offers ---------------------------------------------------------------------
+
+    /// Decides whether an announced bundle is worth fetching. Nothing unsigned in the
+    /// announcement (version, size, URLs) is judged: only whether it is addressed to this
+    /// device, already applied, or bytes already refused (keyed by their own hash).
+    pub fn offer(&self, ann: &Announcement) -> Result<Offer, AgentError> {
+        if ann.fleet != self.cfg.fleet || ann.device != self.cfg.device {
+            return Ok(Offer::Skip("announcement is for another device"));
+        }
+        if self.applied_digest() == Some(ann.digest.as_str()) {
+            return Ok(Offer::Skip("already applied"));
+        }
+        if !self.machine.state().is_rest() {
+            return Ok(Offer::Skip("busy"));
+        }
+        if self.rejection(&ann.digest)?.is_some() {
+            return Ok(Offer::Skip("rejected before"));
+        }
+        Ok(Offer::Fetch)
+    }
+
+    /// Why bytes with this digest were refused before, if they were. Entries an older
+    /// agent wrote for transport failures (which say nothing about the bytes) are not
+    /// rejections.
+    fn rejection(&self, digest: &str) -> Result<Option<Rejection>, AgentError> {
+        const TRANSPORT: [&str; 3] = ["fetch_failed", "download_digest", "too_large"];
+        let all = self.store.rejected()?;
+        Ok(all.get(digest).filter(|r| !TRANSPORT.contains(&r.code.as_str())).cloned())
+    }
+
+    /// A download starts or ends beside the main loop (status `downloading`).
+    pub fn set_downloading(&mut self, downloading: bool) {
+        if self.downloading != downloading {
+            self.downloading = downloading;
+            self.publish_status();
+        }
+    }
+
+    /// A fetch failed: a transport failure says nothing about the bundle, so nothing is
+    /// rejected and nothing changes; the caller tries again later (see `fetch`).
+    pub fn fetch_failed(&mut self, digest: &str, code: &str, reason: &str) -> Outcome {
+        tracing::warn!(digest, code, "fetch failed: {reason}");
+        self.set_error(code, reason);
+        self.downloading = false;
+        self.publish_status();
+        Outcome::Deferred { code: code.into(), reason: reason.into() }
+    }
+
+    fn reject(&mut self, digest: &str, code: &str, reason: &str, version: Option<u64>) {
+        let rejection = Rejection { code: code.into(), reason: reason.into(), version, at: self.clock.now() };
+        if let Err(e) = self.store.add_rejected(digest, rejection) {
+            tracing::error!("cannot remember rejected bundle {digest}: {e}");
+        }
+        self.event(EventKind::BundleRejected {
+            digest: digest.into(),
+            code: code.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn refuse(
+        &mut self,
+        digest: &str,
+        code: &str,
+        reason: String,
+        permanent: bool,
+        version: Option<u64>,
+    ) -> Outcome {
+        tracing::warn!(digest, code, "bundle refused: {reason}");
+        self.set_error(code, &reason);
+        if self.machine.state() != ApplyState::Failed {
+            let _ = self.on(Command::Refuse);
+        }
+        if permanent {
+            self.reject(digest, code, &reason, version);
+            Outcome::Rejected { code: code.into(), reason }
+        } else {
+            if let Some(version) = version {
+                self.event(EventKind::ApplyFailed { version, code: code.into(), reason: reason.clone() });
+            }
+            self.publish_status();
+            Outcome::Deferred { code: code.into(), reason }
+        }
+    }
+}
+
+fn container_statuses(state: &DesiredState, observed: &[ObservedContainer]) -> Vec<ContainerStatus> {
+    state
+        .containers
+        .iter()
+        .map(|spec| {
+            let seen = observed.iter().find(|c| c.name == spec.name);
+            ContainerStatus {
+                name: spec.name.clone(),
+                image: spec.image.pull_reference(),
+                running: seen.is_some_and(|c| c.running),
+                health: seen.map_or("missing", |c| c.health.as_str()).to_string(),
+                restarts: seen.map_or(0, |c| c.restart_count),
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,262 @@
+//! `fleet-agent check-config` and `fleet-agent run` on configurations that are wrong in
+//! ways a `stat` does not see (TLS files that do not parse, allowed roots that overlap
+//! the agent's own directories) or that are unwise (a password over plain `mqtt://`):
+//! the real binary, its exit code and its message. `run` must refuse at start with the
+//! same exit code (64) and message as `check-config`, so systemd does not restart it in
+//! a loop (`RestartPreventExitStatus=64`).
+//!
+//! Nothing here needs a broker: `run` either exits before connecting, or is stopped
+//! (SIGTERM) once it has logged what the test looks for.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleet-agent");
+const KEY: &str = "fleet-ed25519-public:d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+const PEM_WRAPPED_GARBAGE: &str =
+    "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n";
+
+/// A device directory: `etc/agent.toml`, `state/`, `root/` (the allowed root).
+struct Device {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Device {
+    /// `extra` is placed before `[trust]`: top-level keys, or whole tables.
+    fn new(extra: &str) -> Device {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).expect("mkdir etc");
+        let text = format!(
+            "device = \"gw-01\"\nfleet = \"acme\"\nstate_dir = {:?}\nallowed_roots = [{:?}]\n{extra}\n[trust]\npublic_keys = [\"{KEY}\"]\n[engine]\nsocket = \"none\"\n",
+            dir.path().join("state").display().to_string(),
+            dir.path().join("root").display().to_string(),
+        );
+        let config = etc.join("agent.toml");
+        std::fs::write(&config, text).expect("write config");
+        Device { dir, config }
+    }
+
+    /// Replaces the `allowed_roots` line.
+    fn set_roots(&self, roots: &[&Path]) {
+        let list: Vec<String> = roots.iter().map(|r| format!("{:?}", r.display().to_string())).collect();
+        let toml: String = std::fs::read_to_string(&self.config)
+            .expect("read")
+            .lines()
+            .map(|l| {
+                if l.starts_with("allowed_roots") {
+                    format!("allowed_roots = [{}]\n", list.join(", "))
+                } else {
+                    format!("{l}\n")
+                }
+            })
+            .collect();
+        std::fs::write(&self.config, toml).expect("write");
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let path = self.path(rel);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+
+    fn check_config(&self) -> Output {
+        Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&self.config)
+            .output()
+            .expect("run fleet-agent")
+    }
+
+    fn spawn_run(&self) -> Child {
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .env("FLEET_LOG", "info")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fleet-agent run")
+    }
+
+    /// `run`, which must exit by itself within 10 s (it is killed otherwise).
+    fn run_expecting_exit(&self) -> Output {
+        let mut child = self.spawn_run();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().expect("wait").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("wait");
+                panic!("`run` kept running with this config:\n{}", String::from_utf8_lossy(&out.stderr));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().expect("wait")
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The `fleet-agent: ...` line a refused config prints.
+fn error_line(out: &Output) -> String {
+    stderr(out).lines().find(|l| l.starts_with("fleet-agent: ")).unwrap_or_default().to_string()
+}
+
+fn assert_refused(out: &Output, key: &str, paths: &[&Path]) {
+    let text = stderr(out);
+    assert_eq!(out.status.code(), Some(64), "exit 64 expected:\n{text}");
+    assert!(text.contains(&format!("`{key}`")), "names {key}:\n{text}");
+    for path in paths {
+        assert!(text.contains(&path.display().to_string()), "names {}:\n{text}", path.display());
+    }
+}
+
+/// A device whose `[mqtt]` or `[fetch]` table names `file` under `key`.
+fn device_with_file(table: &str, key: &str, text: &str) -> (Device, PathBuf) {
+    let probe = Device::new("");
+    let file = probe.write("file.pem", text);
+    let url = if table == "mqtt" { "url = \"mqtts://127.0.0.1:1\"\n" } else { "" };
+    let toml = std::fs::read_to_string(&probe.config)
+        .expect("read")
+        .replace("[trust]", &format!("[{table}]\n{url}{key} = {file:?}\n[trust]"));
+    std::fs::write(&probe.config, toml).expect("write");
+    (probe, file)
+}
+
+#[test]
+fn check_config_refuses_a_garbage_mqtt_ca_file_with_64_naming_key_and_file() {
+    let (dev, ca) = device_with_file("mqtt", "ca_file", "garbage, not PEM\n");
+    assert_refused(&dev.check_config(), "mqtt.ca_file", &[&ca]);
+}
+
+#[test]
+fn run_refuses_a_garbage_mqtt_ca_file_at_start_with_the_check_config_message() {
+    let (dev, ca) = device_with_file("mqtt", "ca_file", PEM_WRAPPED_GARBAGE);
+    let check = dev.check_config();
+    assert_refused(&check, "mqtt.ca_file", &[&ca]);
+    let run = dev.run_expecting_exit();
+    assert_refused(&run, "mqtt.ca_file", &[&ca]);
+    assert_eq!(error_line(&run), error_line(&check));
+}
+
+#[test]
+fn run_refuses_a_garbage_fetch_ca_file_at_start_with_the_check_config_message() {
+    let (dev, ca) = device_with_file("fetch", "ca_file", PEM_WRAPPED_GARBAGE);
+    let check = dev.check_config();
+    assert_refused(&check, "fetch.ca_file", &[&ca]);
+    let run = dev.run_expecting_exit();
+    assert_refused(&run, "fetch.ca_file", &[&ca]);
+    assert_eq!(error_line(&run), error_line(&check));
+}
+
+#[test]
+fn check_config_refuses_a_client_key_that_does_not_parse() {
+    let probe = Device::new("");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls");
+    let key =
+        probe.write("key.pem", "-----BEGIN PRIVATE KEY-----\nAAECAwQFBgcICQ==\n-----END PRIVATE KEY-----\n");
+    let toml = std::fs::read_to_string(&probe.config).expect("read").replace(
+        "[trust]",
+        &format!(
+            "[mqtt]\nurl = \"mqtts://127.0.0.1:1\"\nclient_cert = {:?}\nclient_key = {key:?}\n[trust]",
+            fixtures.join("client.pem")
+        ),
+    );
+    std::fs::write(&probe.config, toml).expect("write");
+    assert_refused(&probe.check_config(), "mqtt.client_key", &[&key]);
+}
+
+const PLAIN_PASSWORD: &str =
+    "[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\nusername = \"gw-01\"\npassword = \"s3cret\"\n";
+
+#[test]
+fn check_config_warns_about_a_password_over_plain_mqtt() {
+    let dev = Device::new(PLAIN_PASSWORD);
+    let out = dev.check_config();
+    let text = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "still valid:\n{text}");
+    let warning =
+        text.lines().find(|l| l.contains("warning")).unwrap_or_else(|| panic!("no warning:\n{text}"));
+    assert!(warning.contains("mqtt.password") && warning.contains("mqtt://"), "{warning}");
+    assert!(!text.contains("s3cret"), "the warning must not print the password:\n{text}");
+
+    let tls = Device::new(&PLAIN_PASSWORD.replace("mqtt://", "mqtts://"));
+    let out = tls.check_config();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("warning"), "no warning over TLS:\n{}", stderr(&out));
+}
+
+#[test]
+fn run_logs_a_warning_about_a_password_over_plain_mqtt_at_start() {
+    let dev = Device::new(PLAIN_PASSWORD);
+    let mut child = dev.spawn_run();
+    let mut pipe = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        let mut text = String::new();
+        while let Ok(n @ 1..) = pipe.read(&mut buf) {
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            let _ = tx.send(text.clone());
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut log = String::new();
+    while !log.contains("fleet-agent starting") && Instant::now() < deadline {
+        if let Ok(text) = rx.recv_timeout(Duration::from_millis(100)) {
+            log = text;
+        }
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    while let Ok(text) = rx.recv_timeout(Duration::from_millis(200)) {
+        log = text;
+    }
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("mqtt.password"))
+        .unwrap_or_else(|| panic!("no warning in the log:\n{log}"));
+    assert!(warning.contains("mqtt://"), "{warning}");
+    assert!(!log.contains("s3cret"), "the log must not show the password:\n{log}");
+}
+
+#[test]
+fn check_config_and_run_refuse_an_allowed_root_containing_the_state_dir() {
+    let dev = Device::new("");
+    // The device's directory as the root: it holds state/ (and etc/).
+    let (root, state) = (dev.dir.path().to_path_buf(), dev.path("state"));
+    dev.set_roots(&[&root]);
+    let check = dev.check_config();
+    assert_refused(&check, "allowed_roots[0]", &[&root, &state]);
+    let run = dev.run_expecting_exit();
+    assert_refused(&run, "allowed_roots[0]", &[&root, &state]);
+    assert_eq!(error_line(&run), error_line(&check));
+    assert!(!state.exists(), "refused before the state directory was created");
+}
+
+#[test]
+fn check_config_refuses_an_allowed_root_that_holds_agent_toml() {
+    let dev = Device::new("");
+    let etc = dev.path("etc");
+    dev.set_roots(&[&dev.path("root"), &etc]);
+    assert_refused(&dev.check_config(), "allowed_roots[1]", &[&etc]);
+}
+
+#[test]
+fn check_config_accepts_roots_beside_the_state_and_config_dirs() {
+    let dev = Device::new("");
+    dev.set_roots(&[&dev.path("root"), &dev.path("state2"), &dev.path("etc2")]);
+    let out = dev.check_config();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
