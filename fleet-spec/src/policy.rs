@@ -4,7 +4,8 @@
 //! about a refusal before devices do. One rule, [`check`], serves both.
 //!
 //! Secure by default: no privileged containers, no host namespaces (`network_mode:
-//! host`; `container:<name>` only for containers of the same bundle), bind sources
+//! host`; `container:<name>` only for containers of the same bundle; `networks` only
+//! the bundle's own, never a name the engine reads as a mode), bind sources
 //! only at or below the device's roots and never the engine socket, the agent's own
 //! directories, an ancestor of them, nor `/`; named volumes only when declared by the
 //! bundle; no devices; no added capabilities; images from any registry, tags allowed.
@@ -85,6 +86,7 @@ pub enum Rule {
     Privileged,
     HostNetwork,
     NetworkMode,
+    Network,
     BindSource,
     EngineSocket,
     ProtectedPath,
@@ -152,6 +154,7 @@ pub fn check(policy: &EnginePolicy, state: &DesiredState, paths: &DevicePaths) -
     let limits = Limits::new(policy, paths);
     let names: BTreeSet<&str> = state.containers.iter().map(|c| c.name.as_str()).collect();
     let volumes: BTreeSet<&str> = state.volumes.iter().map(|v| v.name.as_str()).collect();
+    let networks: BTreeSet<&str> = state.networks.iter().map(|n| n.name.as_str()).collect();
     let mut out = Vec::new();
     for c in &state.containers {
         let mut deny = |rule: Rule, asked: String, opening: Opening| {
@@ -164,7 +167,8 @@ pub fn check(policy: &EnginePolicy, state: &DesiredState, paths: &DevicePaths) -
                 opening,
             });
         };
-        check_container(policy, &limits, c, &names, &volumes, &mut deny);
+        let declared = Declared { containers: &names, volumes: &volumes, networks: &networks };
+        check_container(policy, &limits, c, &declared, &mut deny);
     }
     out
 }
@@ -209,14 +213,25 @@ impl Limits {
     }
 }
 
+/// What the bundle itself declares.
+struct Declared<'a> {
+    containers: &'a BTreeSet<&'a str>,
+    volumes: &'a BTreeSet<&'a str>,
+    networks: &'a BTreeSet<&'a str>,
+}
+
+/// Network names the engines read as a mode, not as a network: a container attached to
+/// a "network" `host` gets the host's network namespace.
+const RESERVED_NETWORKS: &[&str] = &["host", "bridge", "none", "default", "slirp4netns", "pasta", "private"];
+
 fn check_container(
     policy: &EnginePolicy,
     limits: &Limits,
     c: &ContainerSpec,
-    containers: &BTreeSet<&str>,
-    volumes: &BTreeSet<&str>,
+    declared: &Declared<'_>,
     deny: &mut impl FnMut(Rule, String, Opening),
 ) {
+    let (containers, volumes) = (declared.containers, declared.volumes);
     if c.privileged && !policy.allow_privileged {
         deny(
             Rule::Privileged,
@@ -254,13 +269,33 @@ fn check_container(
         }
     }
 
+    // The first network becomes the engine's `NetworkMode`: only plain names of networks
+    // the bundle declares (and creates as bridges) are networks.
+    if c.network_mode.is_none() {
+        for attachment in &c.networks {
+            let name = attachment.network.as_str();
+            if !is_plain_name(name) || RESERVED_NETWORKS.contains(&name) {
+                deny(
+                    Rule::Network,
+                    format!("networks: {name}"),
+                    Opening::Never("a network name must be plain ([A-Za-z0-9][A-Za-z0-9_.-]*) and not an engine mode (host, bridge, none, ...); use network_mode"),
+                );
+            } else if !declared.networks.contains(name) {
+                deny(
+                    Rule::Network,
+                    format!("networks: {name}"),
+                    Opening::Never("containers may only join networks the bundle declares"),
+                );
+            }
+        }
+    }
     for mount in &c.mounts {
         match &mount.source {
             MountSource::Tmpfs => {}
             MountSource::Volume(name) => {
                 // The engine reads a `Binds` entry whose source starts with `/` as a host
                 // path: only a plain, declared volume name is a volume.
-                if !is_volume_name(name) {
+                if !is_plain_name(name) {
                     deny(
                         Rule::Volume,
                         format!("volume {name}"),
@@ -435,7 +470,7 @@ pub fn normalize_capability(cap: &str) -> String {
     }
 }
 
-fn is_volume_name(name: &str) -> bool {
+fn is_plain_name(name: &str) -> bool {
     let mut chars = name.chars();
     chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
@@ -501,7 +536,7 @@ fn is_pinned(c: &ContainerSpec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DeviceMapping, ImageRef, Mount, VolumeSpec};
+    use crate::model::{DeviceMapping, ImageRef, Mount, NetworkAttachment, NetworkSpec, VolumeSpec};
 
     fn paths() -> DevicePaths {
         DevicePaths {
@@ -598,6 +633,35 @@ mod tests {
             )
             .is_empty());
         }
+    }
+
+    #[test]
+    fn networks_must_be_declared_plain_names_not_engine_modes() {
+        let on = |name: &str| ContainerSpec {
+            networks: vec![NetworkAttachment { network: name.into(), aliases: vec![] }],
+            ..container()
+        };
+        let declare = |c: ContainerSpec, names: &[&str]| DesiredState {
+            containers: vec![c],
+            networks: names.iter().map(|n| NetworkSpec { name: (*n).into(), ..Default::default() }).collect(),
+            ..Default::default()
+        };
+        let all_open =
+            EnginePolicy { allow_host_network: true, allow_privileged: true, ..Default::default() };
+        assert!(check(&EnginePolicy::default(), &declare(on("shop_default"), &["shop_default"]), &paths())
+            .is_empty());
+        // The engine reads a first network named `host` as `NetworkMode: host`: the
+        // host's namespace through the back door, refused even when declared.
+        for name in ["host", "none", "bridge", "container:vpn", "ns:/proc/1/ns/net"] {
+            let v = check(&all_open, &declare(on(name), &[name]), &paths());
+            assert_eq!(v.iter().map(|v| v.rule).collect::<Vec<_>>(), [Rule::Network], "{name}");
+            assert!(v[0].to_string().contains("no policy key allows it"), "{}", v[0]);
+        }
+        let undeclared = check(&EnginePolicy::default(), &declare(on("macvlan_lan"), &[]), &paths());
+        assert_eq!(undeclared[0].rule, Rule::Network);
+        // With a network_mode, the engine ignores `networks` (and so does the check).
+        let moded = ContainerSpec { network_mode: Some("none".into()), ..on("host") };
+        assert!(check(&EnginePolicy::default(), &declare(moded, &[]), &paths()).is_empty());
     }
 
     #[test]
