@@ -290,6 +290,17 @@ fn check_container(
         }
     }
     for mount in &c.mounts {
+        // `Binds` entries are `source:target[:options]`: a `:` in the target would add
+        // options (`rshared` propagation, `Z` relabeling of the host path).
+        if !matches!(mount.source, MountSource::Tmpfs) && mount.target.contains(':') {
+            deny(
+                Rule::BindSource,
+                format!("mount target {}", mount.target),
+                Opening::Never(
+                    "a mount target must not contain `:` (the engine would read mount options from it)",
+                ),
+            );
+        }
         match &mount.source {
             MountSource::Tmpfs => {}
             MountSource::Volume(name) => {
@@ -775,6 +786,13 @@ mod tests {
         for source in ["relative/x", "/srv/fleet/a:/etc", "/srv/fleet/\0"] {
             assert_eq!(rules(&EnginePolicy::default(), bind(source)), [Rule::BindSource], "{source:?}");
         }
+    }
+
+    #[test]
+    fn mount_targets_cannot_smuggle_mount_options() {
+        let mut c = bind("/srv/fleet/app");
+        c.mounts[0].target = "/x:rshared".into();
+        assert_eq!(rules(&EnginePolicy::default(), c), [Rule::BindSource]);
     }
 
     #[test]
