@@ -93,6 +93,38 @@ pub struct RawEngine {
     #[serde(default)]
     pub registry_auth: Vec<RawRegistryAuth>,
     pub stop_grace_secs: Option<u32>,
+    pub policy: Option<RawEnginePolicy>,
+}
+
+/// `[engine.policy]`: what bundles may ask of the engine beyond the secure defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnginePolicy {
+    #[serde(default)]
+    pub allow_privileged: bool,
+    #[serde(default)]
+    pub allow_host_network: bool,
+    #[serde(default)]
+    pub allow_engine_socket: bool,
+    #[serde(default)]
+    pub bind_roots: Vec<String>,
+    #[serde(default)]
+    pub devices: Vec<String>,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub registries: Vec<String>,
+    #[serde(default)]
+    pub require_digest: bool,
+}
+
+/// The validated `[engine.policy]` and the directory of `agent.toml`, which no bind
+/// may reach (see `crate::policy`).
+#[derive(Debug, Clone, Default)]
+pub struct EnginePolicyConfig {
+    pub policy: fleet_spec::policy::EnginePolicy,
+    /// Absolute when the config path could be made absolute.
+    pub config_dir: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,6 +196,7 @@ pub struct Config {
     pub engine_socket: Option<PathBuf>,
     pub registry_auth: Vec<RegistryAuth>,
     pub stop_grace_secs: u32,
+    pub engine_policy: EnginePolicyConfig,
 }
 
 pub const DEFAULT_ENGINE_SOCKET: &str = "/var/run/docker.sock";
@@ -298,6 +331,7 @@ impl Config {
             socket: None,
             registry_auth: Vec::new(),
             stop_grace_secs: None,
+            policy: None,
         });
         let engine_socket = match engine.socket.as_deref() {
             None => Some(PathBuf::from(DEFAULT_ENGINE_SOCKET)),
@@ -339,6 +373,7 @@ impl Config {
             engine_socket,
             registry_auth,
             stop_grace_secs: engine.stop_grace_secs.unwrap_or(10),
+            engine_policy: engine_policy(engine.policy.unwrap_or_default(), base)?,
         })
     }
 
@@ -370,6 +405,58 @@ impl Config {
             .iter()
             .find(|a| a.server.trim_end_matches('/').trim_start_matches("https://") == host)
     }
+}
+
+/// Validates `[engine.policy]`: paths absolute and normalized, names well-formed.
+fn engine_policy(raw: RawEnginePolicy, base: &Path) -> Result<EnginePolicyConfig, ConfigError> {
+    let paths = |key: &str, list: Vec<String>| -> Result<Vec<String>, ConfigError> {
+        for (i, p) in list.iter().enumerate() {
+            let normal = p.starts_with('/')
+                && p != "/"
+                && !p.contains('\0')
+                && p[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+            if !normal {
+                return Err(key_err(
+                    format!("engine.policy.{key}[{i}]"),
+                    format!("{p:?} must be an absolute, normalized path other than \"/\""),
+                ));
+            }
+        }
+        Ok(list)
+    };
+    let bind_roots = paths("bind_roots", raw.bind_roots)?;
+    let devices = paths("devices", raw.devices)?;
+    for (i, c) in raw.capabilities.iter().enumerate() {
+        let name = c.trim();
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(key_err(
+                format!("engine.policy.capabilities[{i}]"),
+                format!("{c:?} is not a capability name like \"NET_ADMIN\""),
+            ));
+        }
+    }
+    for (i, r) in raw.registries.iter().enumerate() {
+        if r.is_empty() || r.starts_with('/') || r.contains("://") || r.contains(char::is_whitespace) {
+            return Err(key_err(
+                format!("engine.policy.registries[{i}]"),
+                format!("{r:?} must be a registry host[:port], optionally with a repository prefix (\"ghcr.io/acme\")"),
+            ));
+        }
+    }
+    let config_dir = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+    Ok(EnginePolicyConfig {
+        policy: fleet_spec::policy::EnginePolicy {
+            allow_privileged: raw.allow_privileged,
+            allow_host_network: raw.allow_host_network,
+            allow_engine_socket: raw.allow_engine_socket,
+            bind_roots,
+            devices,
+            capabilities: raw.capabilities,
+            registries: raw.registries,
+            require_digest: raw.require_digest,
+        },
+        config_dir,
+    })
 }
 
 fn mqtt_config(m: RawMqtt, device: &str, base: &Path) -> Result<MqttConfig, ConfigError> {
@@ -620,6 +707,21 @@ mod tests {
             (minimal() + "[fetch]\nbase_url = \"ftp://x\"\n", "`fetch.base_url`"),
             (minimal().replace("state_dir = \"/var/lib/fleet-agent\"\n", ""), "state_dir"),
             (minimal() + "log_format = \"xml\"\n", "`log_format`"),
+            (
+                minimal() + "[engine.policy]\nbind_roots = [\"/srv/../etc\"]\n",
+                "`engine.policy.bind_roots[0]`",
+            ),
+            (minimal() + "[engine.policy]\nbind_roots = [\"/\"]\n", "`engine.policy.bind_roots[0]`"),
+            (minimal() + "[engine.policy]\ndevices = [\"ttyUSB0\"]\n", "`engine.policy.devices[0]`"),
+            (
+                minimal() + "[engine.policy]\ncapabilities = [\"NET ADMIN\"]\n",
+                "`engine.policy.capabilities[0]`",
+            ),
+            (
+                minimal() + "[engine.policy]\nregistries = [\"https://ghcr.io\"]\n",
+                "`engine.policy.registries[0]`",
+            ),
+            (minimal() + "[engine.policy]\nallow_everything = true\n", "allow_everything"),
         ];
         for (text, key) in cases {
             let err = parse(&text).expect_err(key).to_string();
@@ -635,6 +737,23 @@ mod tests {
         assert_eq!(c.device, "gw-01");
         assert!(c.mqtt.expect("mqtt").tls);
         assert_eq!(c.fetch.base_url.as_deref(), Some("https://bundles.example.com/acme"));
+    }
+
+    #[test]
+    fn engine_policy_defaults_to_closed_and_parses_every_key() {
+        let c = parse(&minimal()).expect("valid");
+        assert_eq!(c.engine_policy.policy, fleet_spec::policy::EnginePolicy::default());
+        assert_eq!(c.engine_policy.config_dir, Path::new("/etc/fleet-agent"));
+        let text = minimal()
+            + "[engine.policy]\nallow_privileged = true\nallow_host_network = true\nallow_engine_socket = true\n"
+            + "bind_roots = [\"/data\"]\ndevices = [\"/dev/ttyUSB0\"]\ncapabilities = [\"NET_ADMIN\"]\n"
+            + "registries = [\"ghcr.io/acme\"]\nrequire_digest = true\n";
+        let p = parse(&text).expect("valid").engine_policy.policy;
+        assert!(p.allow_privileged && p.allow_host_network && p.allow_engine_socket && p.require_digest);
+        assert_eq!(p.bind_roots, ["/data"]);
+        assert_eq!(p.devices, ["/dev/ttyUSB0"]);
+        assert_eq!(p.capabilities, ["NET_ADMIN"]);
+        assert_eq!(p.registries, ["ghcr.io/acme"]);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!   log), [`store`] (state directory), [`engine`] (Docker API; by another hand),
 //!   [`engines`] (engine choice), [`fetch`] (HTTP(S) with Range resume), [`mqtt`],
 //!   [`tls`], [`clock`], [`notify`] (systemd readiness and watchdog keep-alives).
+//! - [`policy`]: the engine policy a bundle's containers must keep (pure).
 //! - [`config`]: `agent.toml`; [`cli`]: argv, help and exit codes; [`status`]: the
 //!   status rate limiter; [`report`]: the local `status` command; [`sideload`]: how
 //!   `apply` hands a bundle to a running agent (a unix socket in the state directory).
@@ -34,6 +35,7 @@ pub mod journal;
 pub mod mqtt;
 pub mod notify;
 pub mod originals;
+pub mod policy;
 pub mod report;
 pub mod run;
 pub mod sideload;

@@ -85,3 +85,59 @@ fn the_agent_runs_containers_on_dockerd_rolls_back_and_repairs_drift() {
         .expect("drift reported");
     assert_eq!(spec_hash(&dockerd, "app-web"), Some(hash));
 }
+
+/// The engine boundary (`[engine.policy]`): a signed bundle asking for a privileged
+/// container that mounts the engine's socket is refused in preflight with
+/// `policy_denied`, naming both, and nothing changes on the device. Once the device's
+/// own config allows the socket, a bundle that still asks for `privileged` is refused
+/// for that alone; one that asks only for the socket runs with it mounted. (Privileged
+/// containers cannot start in the test sandbox, where runc may not apply every
+/// capability: `allow_privileged` itself is covered by the unit tests.)
+#[test]
+fn a_bundle_beyond_the_engine_policy_is_refused_on_dockerd_and_runs_once_the_policy_allows_it() {
+    let dockerd = Dockerd::start().expect("dockerd starts");
+    build_busybox_image(&dockerd, IMAGE, &["/bin/sh", "-c", "sleep 3600"]).expect("image built");
+    let dev = Device::new("gw-p", dockerd.socket_path(), 20);
+    let socket = dockerd.socket_path().to_string_lossy().into_owned();
+    let mut mounts_socket = state(&dev, "one", "sleep 3600", RestartPolicy::UnlessStopped);
+    mounts_socket.containers[0].mounts.push(Mount {
+        source: MountSource::Bind(socket.clone()),
+        target: "/var/run/docker.sock".into(),
+        read_only: true,
+    });
+    let mut privileged = mounts_socket.clone();
+    privileged.containers[0].privileged = true;
+
+    let out = dev.apply(&dev.bundle_file(1, &privileged));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "refused, nothing changed:\n{stderr}");
+    assert!(stderr.contains("policy_denied"), "{stderr}");
+    assert!(stderr.contains("`app-web` (app `app`, service `web`)"), "{stderr}");
+    assert!(stderr.contains("`privileged: true`"), "{stderr}");
+    assert!(stderr.contains("engine.policy.allow_privileged = true"), "{stderr}");
+    assert!(stderr.contains(&format!("`bind source {socket}`")), "{stderr}");
+    assert!(stderr.contains("engine.policy.allow_engine_socket = true"), "{stderr}");
+    assert!(inspect(&dockerd, "app-web").is_none(), "no container was created");
+    let networks = dockerd.docker(&["network", "ls", "--format", "{{.Name}}"]).expect("docker network ls");
+    assert!(!networks.lines().any(|n| n == "app_default"), "no network was created: {networks}");
+    let volumes = dockerd.docker(&["volume", "ls", "--format", "{{.Name}}"]).expect("docker volume ls");
+    assert!(!volumes.lines().any(|v| v == "app_data"), "no volume was created: {volumes}");
+    assert!(!dev.root.join("app/app.conf").exists(), "no file was written");
+
+    // The device opens its policy to the engine socket, not to privileged containers.
+    let mut config = std::fs::read_to_string(&dev.config).expect("agent.toml");
+    config.push_str("\n[engine.policy]\nallow_engine_socket = true\n");
+    std::fs::write(&dev.config, config).expect("agent.toml");
+    let out = dev.apply(&dev.bundle_file(2, &privileged));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "still refused:\n{stderr}");
+    assert!(stderr.contains("`privileged: true`") && !stderr.contains("`bind source"), "{stderr}");
+    assert!(inspect(&dockerd, "app-web").is_none(), "no container was created");
+
+    let out = dev.apply(&dev.bundle_file(3, &mounts_socket));
+    assert_eq!(out.status.code(), Some(0), "applied:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(running(&dockerd, "app-web"));
+    let listing =
+        dockerd.docker(&["exec", "app-web", "ls", "-l", "/var/run/docker.sock"]).expect("docker exec");
+    assert!(listing.starts_with('s'), "the engine socket is mounted: {listing}");
+}

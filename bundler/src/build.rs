@@ -302,6 +302,9 @@ pub fn build(
                 return Err(BuildError::Render { device: id.clone(), message: d.to_string() });
             }
             crate::registry::pin(&mut state, opts.digests);
+            if let Some(message) = fleet.unpinned_refusal(device, &state) {
+                return Err(BuildError::Render { device: id.clone(), message });
+            }
             // One canonical encoding serves the state digest and the payload.
             state.canonicalize();
             let raw = postcard_encode(&state);
@@ -550,8 +553,12 @@ mod tests {
         assert!(!diags.iter().any(|d| d.is_error()), "{diags:?}");
         // Loading refuses such ids; a library caller could still put one in.
         let id = "../../etc/x".to_string();
-        let device =
-            crate::render::Device { id: id.clone(), labels: BTreeMap::new(), vars: Default::default() };
+        let device = crate::render::Device {
+            id: id.clone(),
+            labels: BTreeMap::new(),
+            vars: Default::default(),
+            policy: Default::default(),
+        };
         fleet.devices.insert(id, device);
         let out = tempfile::tempdir().expect("tempdir");
         let key = SigningKey::from_seed(&[9; 32]);

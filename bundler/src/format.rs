@@ -28,6 +28,10 @@ pub struct FleetFile {
     /// Variables for every device (`fleet.vars.*`), also the defaults of `device.vars.*`.
     #[serde(default)]
     pub vars: Vars,
+    /// Every device's engine policy (what the device's `[engine.policy]` allows);
+    /// a device's own `policy:` overrides it key by key. See `crate::policy`.
+    #[serde(default)]
+    pub policy: Option<crate::policy::PolicyFile>,
 }
 
 /// `devices/<id>.yaml`; the id is the file name.
@@ -40,6 +44,9 @@ pub struct DeviceFile {
     /// Variables for templates (`device.vars.*`) and Compose `${VAR}` interpolation.
     #[serde(default)]
     pub vars: Vars,
+    /// This device's engine policy, key by key over `fleet.yaml`'s.
+    #[serde(default)]
+    pub policy: Option<crate::policy::PolicyFile>,
 }
 
 /// `apps/<app>/app.yaml`.

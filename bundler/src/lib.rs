@@ -8,6 +8,7 @@
 //! - [`format`]: the repository format (`fleet.yaml`, `devices/*.yaml`, `apps/*/app.yaml`).
 //! - [`compose`]: the supported Compose subset and its translation to container specs.
 //! - [`render`]: loads a whole fleet and renders each device's [`fleet_spec::DesiredState`].
+//! - [`policy`]: the devices' engine policy (`policy:`), checked while rendering.
 //! - [`registry`]: pins image tags to digests through the Registry HTTP API v2.
 //! - [`build`]: versioning, signing, content-addressed bundles, `index.json` and the
 //!   per-device pointer files (`devices/<id>.json`) that agents poll.
@@ -30,6 +31,7 @@ pub mod duration;
 pub mod format;
 pub mod mqtt;
 pub mod plan;
+pub mod policy;
 pub mod previous;
 pub mod registry;
 pub mod render;

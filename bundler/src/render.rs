@@ -78,6 +78,8 @@ pub struct Fleet {
     pub bundle_expiry: i64,
     pub file_root: String,
     pub vars: Vars,
+    /// `policy:` of `fleet.yaml`: every device's default engine policy.
+    pub policy: crate::policy::Settings,
     pub devices: BTreeMap<String, Device>,
     pub apps: Vec<App>,
     templates: Environment<'static>,
@@ -91,6 +93,8 @@ pub struct Device {
     pub id: String,
     pub labels: BTreeMap<String, String>,
     pub vars: Vars,
+    /// `policy:` of the device file (keys over `fleet.yaml`'s).
+    pub policy: crate::policy::Settings,
 }
 
 /// One app directory.
@@ -180,6 +184,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
     let mut bundle_expiry = 90 * 86_400;
     let mut file_root = DEFAULT_FILE_ROOT.to_string();
     let mut vars = Vars::new();
+    let mut policy = crate::policy::Settings::default();
     match snapshot.files.get("fleet.yaml") {
         None if snapshot.too_large.contains_key("fleet.yaml") => {}
         None => diags.push(Diagnostic::error(
@@ -239,6 +244,9 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
                         }
                     }
                     vars = f.vars;
+                    if let Some(p) = &f.policy {
+                        policy = crate::policy::Settings::from_file("fleet.yaml", p, &mut diags);
+                    }
                 }
             }
         }
@@ -301,6 +309,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         bundle_expiry,
         file_root,
         vars,
+        policy,
         devices,
         apps,
         templates,
@@ -337,7 +346,15 @@ fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Diagnostic> {
     let file: DeviceFile =
         if text.trim().is_empty() { DeviceFile::default() } else { yaml::parse(path, text)? };
     let labels = file.labels.into_iter().map(|(k, v)| (k, v.value.0)).collect();
-    Ok(Device { id: id.to_string(), labels, vars: file.vars })
+    let mut problems = Vec::new();
+    let policy = match &file.policy {
+        Some(p) => crate::policy::Settings::from_file(path, p, &mut problems),
+        None => crate::policy::Settings::default(),
+    };
+    if let Some(first) = problems.into_iter().next() {
+        return Err(first);
+    }
+    Ok(Device { id: id.to_string(), labels, vars: file.vars, policy })
 }
 
 fn load_app(
@@ -809,7 +826,47 @@ impl Fleet {
             }
         }
         state.canonicalize();
+        diags.extend(self.policy_diagnostics(device, &state).into_iter().map(tag));
         (state, diags)
+    }
+
+    /// Where `device`'s engine policy would refuse its `state`, at the Compose service
+    /// (or key) at fault. An unpinned image on a `require_digest` device is a warning
+    /// here (`build --resolve-digests` pins it; the build checks again after pinning).
+    fn policy_diagnostics(&self, device: &Device, state: &DesiredState) -> Vec<Diagnostic> {
+        let settings = device.policy.over(&self.policy);
+        crate::policy::violations(&settings, &self.file_root, state)
+            .iter()
+            .map(|v| {
+                let place =
+                    self.apps.iter().find(|a| a.name == v.app).and_then(|a| a.compose.as_ref()).and_then(
+                        |c| {
+                            let (key, svc) =
+                                c.parsed.services.0.iter().find(|(k, _)| k.value == v.service)?;
+                            Some((c.file.as_str(), crate::policy::position(v, Pos::of(key), &svc.value)))
+                        },
+                    );
+                let (file, at) = place.unwrap_or(("fleet.yaml", Pos::default()));
+                let message = crate::policy::message(v);
+                if v.rule == fleet_spec::policy::Rule::Digest {
+                    Diagnostic::warning(
+                        file,
+                        at.line,
+                        at.column,
+                        format!("{message}; or pin it with `build --resolve-digests`"),
+                    )
+                } else {
+                    Diagnostic::error(file, at.line, at.column, message)
+                }
+            })
+            .collect()
+    }
+
+    /// After pinning: the first image `device`'s policy refuses for want of a digest.
+    pub fn unpinned_refusal(&self, device: &Device, state: &DesiredState) -> Option<String> {
+        let settings = device.policy.over(&self.policy);
+        let v = crate::policy::violations(&settings, &self.file_root, state);
+        v.iter().find(|v| v.rule == fleet_spec::policy::Rule::Digest).map(crate::policy::message)
     }
 
     /// Renders every device in parallel to check it, keeping no state (memory stays

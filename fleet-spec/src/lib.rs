@@ -6,6 +6,7 @@
 //! - [`messages`]: the JSON announcement, status report and events on MQTT; the
 //!   announcement is also each device's pointer file in the bundler's output.
 //! - [`topic`]: the MQTT topic scheme.
+//! - [`policy`]: the engine policy: what a bundle's containers may ask of a device.
 //!
 //! Architecture invariant: this crate does no I/O, reads no clock and knows no async
 //! runtime. Callers pass `now` and their trust state in, and persist what comes out. The
@@ -17,6 +18,7 @@ pub mod bundle;
 pub mod keys;
 pub mod messages;
 pub mod model;
+pub mod policy;
 pub mod topic;
 
 pub use bundle::{verify, Expectation, Limits, Manifest, TrustState, TrustedKeys, Verified, VerifyError};

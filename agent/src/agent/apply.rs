@@ -331,6 +331,9 @@ impl<E: Engine> Agent<E> {
                 ),
             ));
         }
+        if let Some(reason) = crate::policy::refusal(&self.cfg, state) {
+            return Some((crate::policy::CODE, reason));
+        }
         if let Err(e) = plan::dependency_order(&state.containers) {
             return Some(("dependency_cycle", e.to_string()));
         }

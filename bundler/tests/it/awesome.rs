@@ -23,6 +23,11 @@ vars:
   PGADMIN_MAIL: a@b.c
   PGADMIN_PW: pw
   PLEX_MEDIA_PATH: /srv/media
+# What the examples ask of the engine beyond the defaults, allowed by this device.
+policy:
+  allow_host_network: true
+  bind_roots: [/etc/pihole, /etc/dnsmasq.d, /srv/media]
+  capabilities: [NET_ADMIN]
 ";
 
 const ACCEPTED: [&str; 7] = [

@@ -211,7 +211,7 @@ fn versions_grow_across_rebased_history_and_shallow_clones() {
     let out_dir = tempfile::tempdir().expect("tempdir");
     repo.write(
         "fleet.yaml",
-        "name: acme\nvars:\n  log_level: warn\n  mqtt_host: m\n  telemetry_interval: 10s\n",
+        "name: acme\nvars:\n  log_level: warn\n  mqtt_host: m\n  telemetry_interval: 10s\npolicy:\n  allowed_roots: [/srv/fleet, /etc/fleet]\n  bind_roots: [/proc]\n",
     );
     repo.commit_at("later commit", 1_900_000_000);
     build(repo.path(), "HEAD", &keys, out_dir.path()).assert_code(0);
@@ -221,7 +221,7 @@ fn versions_grow_across_rebased_history_and_shallow_clones() {
     repo.git(&["reset", "-q", "--hard", "HEAD~1"]);
     repo.write(
         "fleet.yaml",
-        "name: acme\nvars:\n  log_level: warn\n  mqtt_host: m\n  telemetry_interval: 20s\n",
+        "name: acme\nvars:\n  log_level: warn\n  mqtt_host: m\n  telemetry_interval: 20s\npolicy:\n  allowed_roots: [/srv/fleet, /etc/fleet]\n  bind_roots: [/proc]\n",
     );
     repo.commit_at("rebased", 1_850_000_000);
     let out = build(repo.path(), "HEAD", &keys, out_dir.path());
@@ -338,7 +338,7 @@ fn an_index_of_another_fleet_is_not_overwritten() {
     build(repo.path(), "HEAD", &keys, out_dir.path()).assert_code(0);
     repo.write(
         "fleet.yaml",
-        "name: other\nvars:\n  log_level: info\n  mqtt_host: m\n  telemetry_interval: 1s\n",
+        "name: other\nvars:\n  log_level: info\n  mqtt_host: m\n  telemetry_interval: 1s\npolicy:\n  allowed_roots: [/srv/fleet, /etc/fleet]\n  bind_roots: [/proc]\n",
     );
     repo.commit_at("rename", 1_800_000_100);
     let out = build(repo.path(), "HEAD", &keys, out_dir.path());
@@ -349,7 +349,7 @@ fn an_index_of_another_fleet_is_not_overwritten() {
 #[test]
 fn kept_bundles_are_renewed_past_half_their_validity() {
     let repo = Repo::example();
-    repo.write("fleet.yaml", "name: acme\nbundle_expiry: 10d\nvars:\n  log_level: info\n  mqtt_host: m\n  telemetry_interval: 30s\n");
+    repo.write("fleet.yaml", "name: acme\nbundle_expiry: 10d\nvars:\n  log_level: info\n  mqtt_host: m\n  telemetry_interval: 30s\npolicy:\n  allowed_roots: [/srv/fleet, /etc/fleet]\n  bind_roots: [/proc]\n");
     repo.commit_at("short expiry", 1_800_000_000);
     let keys = Keys::new();
     let out_dir = tempfile::tempdir().expect("tempdir");

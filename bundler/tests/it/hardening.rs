@@ -235,7 +235,7 @@ fn published_then_changed_behind() -> (Repo, Keys, tempfile::TempDir) {
     repo.write(
         "devices/gw-munich-01.yaml",
         "labels:\n  site: munich\n  hardware: cm4\n  channel: stable\nvars:\n  location: \"Munich, line 5\"\n  \
-         upstream_port: 9000\n  MODBUS_DEVICE: /dev/ttyUSB0\n  MODBUS_BAUD: 19200\n",
+         upstream_port: 9000\n  MODBUS_DEVICE: /dev/ttyUSB0\n  MODBUS_BAUD: 19200\npolicy:\n  devices: [/dev/ttyUSB0]\n",
     );
     repo.commit_at("munich: line 5 (committer clock behind)", T - 1000);
     (repo, keys, published)

@@ -7,5 +7,6 @@ mod common;
 mod hardening;
 mod mqtt;
 mod plan;
+mod policy;
 mod registry;
 mod validate;

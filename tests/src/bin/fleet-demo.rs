@@ -955,7 +955,15 @@ impl Demo {
              base_url = {base:?}\n\
              \n\
              [engine]\n\
-             socket = {engine}\n",
+             socket = {engine}\n\
+             \n\
+             # What bundles may ask of the engine beyond the secure defaults: what the\n\
+             # example's devices need (examples/fleet: fleet.yaml and devices/*.yaml, policy:).\n\
+             [engine.policy]\n\
+             allow_host_network = true        # canary-tools (the canary gw-berlin-01)\n\
+             bind_roots = [\"/proc\"]           # telemetry reads the host's /proc\n\
+             devices = [\"/dev/ttyUSB0\", \"/dev/ttyS1\"]   # modbus-gateway (the Munich devices)\n\
+             registries = [\"docker.io\", \"registry.acme.example\"]\n",
             device = self.device,
             state = q(&state),
             real = DEVICE_ROOTS.join(", "),
