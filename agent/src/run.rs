@@ -119,6 +119,8 @@ struct Runner<E: Engine> {
     blob: Option<Vec<u8>>,
     download: Option<Download>,
     poll: Option<Task<Option<Vec<u8>>>>,
+    /// The pointer file's last announcement (what the device's own server says).
+    pointer_said: Option<VersionRef>,
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -151,6 +153,7 @@ pub async fn run<E: Engine>(
         blob: None,
         download: None,
         poll: None,
+        pointer_said: None,
     };
     let mut shutdown = pin!(shutdown);
     let mut result = Ok(());
@@ -435,18 +438,17 @@ impl<E: Engine> Runner<E> {
     /// Takes an announcement as a candidate (see `core::candidates`).
     async fn announced(&mut self, source: Source, ann: Announcement) -> Result<(), AgentError> {
         let digest = ann.digest.clone();
-        self.candidates.offer(source, ann, Instant::now());
-        // What the device is told to run: the preferred candidate, whatever the source
-        // of this one.
-        if let Some(p) = self.candidates.preferred() {
-            if self.agent.applied_digest() != Some(p.ann.digest.as_str()) {
-                let desired = VersionRef {
-                    version: p.ann.version,
-                    digest: p.ann.digest.clone(),
-                    commit: p.ann.commit.clone(),
-                };
-                self.agent.set_desired(desired);
-            }
+        self.candidates.offer(source, ann.clone(), Instant::now());
+        // What the device is told to run: the pointer file's last word when there is one
+        // (the device's own server; a hint on the broker does not override it), else the
+        // latest MQTT announcement.
+        let told =
+            VersionRef { version: ann.version, digest: ann.digest.clone(), commit: ann.commit.clone() };
+        if source == Source::Pointer {
+            self.pointer_said = Some(told.clone());
+        }
+        if let Some(desired) = self.pointer_said.clone().or((source == Source::Mqtt).then_some(told)) {
+            self.agent.set_desired(desired);
         }
         // A download nobody wants any more, or of an MQTT hint while the pointer file
         // names another bundle this device does not run, makes way.
@@ -458,7 +460,7 @@ impl<E: Engine> Runner<E> {
             if !self.candidates.holds(d.source, &d.digest) || pointer_disagrees {
                 tracing::info!(digest = %d.digest, "download superseded by a newer announcement");
                 self.download = None;
-                self.agent.set_downloading(false);
+                self.agent.set_downloading(None);
             }
         }
         self.try_next().await
@@ -520,8 +522,8 @@ impl<E: Engine> Runner<E> {
             let fetcher = self.fetcher.clone();
             let wanted = digest.clone();
             let task = Task::spawn(async move { fetcher.fetch_bundle(&urls, &wanted, &partial).await });
+            self.agent.set_downloading(Some(&digest));
             self.download = Some(Download { source: c.source, digest, task });
-            self.agent.set_downloading(true);
             return Ok(());
         }
         self.want_blob(self.candidates.wants_blob());

@@ -53,6 +53,11 @@ pub struct Rejection {
     pub version: Option<u64>,
     /// Unix seconds.
     pub at: i64,
+    /// For a refusal caused by the device's own config (paths, engine, policy): a
+    /// fingerprint of the config that refused. Under another config the bundle is
+    /// judged again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 /// Rejected bundles kept at most (oldest dropped first).
@@ -318,7 +323,13 @@ mod tests {
         store.save_trust(&trust).expect("save");
         assert_eq!(store.trust().expect("load"), trust);
         for i in 0..(MAX_REJECTED + 3) {
-            let r = Rejection { code: "expired".into(), reason: "r".into(), version: None, at: i as i64 };
+            let r = Rejection {
+                code: "expired".into(),
+                reason: "r".into(),
+                version: None,
+                at: i as i64,
+                config: None,
+            };
             store.add_rejected(&format!("{i:064}"), r).expect("add");
         }
         let rejected = store.rejected().expect("load");

@@ -64,7 +64,7 @@ impl<E: Engine> Agent<E> {
     async fn try_apply(&mut self, digest: &str, bytes: &[u8]) -> Result<Outcome, AgentError> {
         let digest = digest.to_string();
         // A download beside the loop ends here: `fetching` reports `downloading` too.
-        self.downloading = false;
+        self.downloading = None;
         if self.applied_digest() == Some(digest.as_str()) {
             self.publish_status();
             return Ok(Outcome::AlreadyApplied);
@@ -252,8 +252,13 @@ impl<E: Engine> Agent<E> {
         })?;
         // Remembered first: whatever happens next, this bundle is not tried again.
         if blame {
-            let rejection =
-                Rejection { code: code.into(), reason: reason.into(), version, at: self.clock.now() };
+            let rejection = Rejection {
+                code: code.into(),
+                reason: reason.into(),
+                version,
+                at: self.clock.now(),
+                config: None,
+            };
             self.store.add_rejected(from, rejection)?;
         }
         if matches!(self.machine.state(), ApplyState::Applying | ApplyState::AwaitingHealth) {

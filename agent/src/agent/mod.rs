@@ -182,8 +182,10 @@ pub struct Agent<E: Engine> {
     /// damaged). While set, nothing is ever converged to "empty" in its place: the device
     /// keeps what it runs and reports `degraded`.
     last_good_unreadable: Option<String>,
-    /// A download in flight beside the main loop (status `downloading`).
-    downloading: bool,
+    /// The digest of a download in flight beside the main loop (status `downloading`
+    /// when it is the desired bundle; a hint the device was not told to run by its
+    /// preferred source is no state of the device's).
+    downloading: Option<String>,
     reports: Reports,
     last_saved_status: Option<StatusReport>,
     healthchecks: Healthchecks,
@@ -221,7 +223,7 @@ impl<E: Engine> Agent<E> {
             managed,
             pending_rollback: None,
             last_good_unreadable: None,
-            downloading: false,
+            downloading: None,
             reports,
             last_saved_status,
             healthchecks: Healthchecks::default(),
@@ -274,7 +276,10 @@ impl<E: Engine> Agent<E> {
         let rest = self.machine.state().is_rest();
         let state = if rest && (self.engine_down || self.last_good_unreadable.is_some()) {
             DeviceState::Degraded
-        } else if rest && self.downloading {
+        } else if rest
+            && self.downloading.is_some()
+            && self.downloading.as_deref() == self.desired.as_ref().map(|d| d.digest.as_str())
+        {
             DeviceState::Downloading
         } else {
             self.machine.state().device_state()
@@ -358,13 +363,33 @@ impl<E: Engine> Agent<E> {
     fn rejection(&self, digest: &str) -> Result<Option<Rejection>, AgentError> {
         const TRANSPORT: [&str; 3] = ["fetch_failed", "download_digest", "too_large"];
         let all = self.store.rejected()?;
-        Ok(all.get(digest).filter(|r| !TRANSPORT.contains(&r.code.as_str())).cloned())
+        let current = self.config_fingerprint();
+        Ok(all
+            .get(digest)
+            .filter(|r| !TRANSPORT.contains(&r.code.as_str()))
+            // A refusal of the device's own config holds only under that config.
+            .filter(|r| r.config.as_ref().is_none_or(|c| *c == current))
+            .cloned())
     }
 
-    /// A download starts or ends beside the main loop (status `downloading`).
-    pub fn set_downloading(&mut self, downloading: bool) {
-        if self.downloading != downloading {
-            self.downloading = downloading;
+    /// A fingerprint of what in the config can refuse a bundle by itself: the allowed
+    /// roots, whether there is an engine, the engine policy.
+    fn config_fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let what = format!(
+            "{:?}|{}|{:?}|{:?}",
+            self.cfg.allowed_roots,
+            self.cfg.engine_socket.is_some(),
+            self.cfg.engine_policy.policy,
+            self.cfg.engine_policy.config_dir
+        );
+        hex::encode(Sha256::digest(what.as_bytes()))
+    }
+
+    /// A download of `digest` starts (or, `None`, ends) beside the main loop.
+    pub fn set_downloading(&mut self, digest: Option<&str>) {
+        if self.downloading.as_deref() != digest {
+            self.downloading = digest.map(str::to_string);
             self.publish_status();
         }
     }
@@ -374,13 +399,17 @@ impl<E: Engine> Agent<E> {
     pub fn fetch_failed(&mut self, digest: &str, code: &str, reason: &str) -> Outcome {
         tracing::warn!(digest, code, "fetch failed: {reason}");
         self.set_error(code, reason);
-        self.downloading = false;
+        self.downloading = None;
         self.publish_status();
         Outcome::Deferred { code: code.into(), reason: reason.into() }
     }
 
     fn reject(&mut self, digest: &str, code: &str, reason: &str, version: Option<u64>) {
-        let rejection = Rejection { code: code.into(), reason: reason.into(), version, at: self.clock.now() };
+        const CONFIG_CAUSED: [&str; 4] =
+            ["path_not_allowed", "symlink_escape", "engine_disabled", "policy_denied"];
+        let config = CONFIG_CAUSED.contains(&code).then(|| self.config_fingerprint());
+        let rejection =
+            Rejection { code: code.into(), reason: reason.into(), version, at: self.clock.now(), config };
         if let Err(e) = self.store.add_rejected(digest, rejection) {
             tracing::error!("cannot remember rejected bundle {digest}: {e}");
         }

@@ -91,6 +91,7 @@ impl<E: Engine> Agent<E> {
                         reason: "rolled back".into(),
                         version: None,
                         at: self.clock.now(),
+                        config: None,
                     };
                     self.store.add_rejected(&from, r)?;
                 }

@@ -489,8 +489,13 @@ async fn a_fetch_failure_never_rejects_the_digest_and_a_sideload_of_it_applies()
     assert!(matches!(outcome, Outcome::Deferred { .. }), "{outcome:?}");
     assert!(agent.store().rejected().expect("rejected").is_empty());
     // What an older agent wrote for a transport failure is not a rejection either.
-    let legacy =
-        Rejection { code: "download_digest".into(), reason: "mismatch".into(), version: None, at: NOW };
+    let legacy = Rejection {
+        code: "download_digest".into(),
+        reason: "mismatch".into(),
+        version: None,
+        at: NOW,
+        config: None,
+    };
     agent.store().add_rejected(&digest, legacy).expect("add");
     let ann = Announcement {
         fleet: "acme".into(),
@@ -525,6 +530,32 @@ async fn an_unsigned_version_or_size_in_an_announcement_refuses_nothing() {
     // A lower version than the accepted one, or a size over the limit, is only a hint.
     assert_eq!(agent.offer(&ann(0, 1)).expect("offer"), Offer::Fetch);
     assert_eq!(agent.offer(&ann(2, u64::MAX)).expect("offer"), Offer::Fetch);
+}
+
+/// A refusal of the device's own config (its policy, its roots) holds only under that
+/// config: once the device allows it, the same bundle is judged again.
+#[tokio::test(start_paused = true)]
+async fn a_policy_refusal_is_judged_again_under_a_config_that_allows_it() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let mut s = v1(&h);
+    s.containers[0].privileged = true;
+    let bytes = h.bundle(2, &s);
+    let outcome = agent.apply_bundle(&bytes).await.expect("apply");
+    assert!(matches!(&outcome, Outcome::Rejected { code, .. } if code == "policy_denied"), "{outcome:?}");
+    let again = agent.apply_bundle(&bytes).await.expect("again");
+    assert!(
+        matches!(&again, Outcome::Rejected { reason, .. } if reason.starts_with("rejected before")),
+        "{again:?}"
+    );
+    drop(agent);
+    let mut h = h;
+    h.cfg.engine_policy.policy.allow_privileged = true;
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    assert_eq!(agent.apply_bundle(&bytes).await.expect("allowed now"), Outcome::Committed { version: 2 });
 }
 
 #[tokio::test(start_paused = true)]
