@@ -1026,3 +1026,21 @@ pub fn last_error_code(status: &Value) -> Option<&str> {
 pub fn converged_on(status: &Value, commit: &str) -> bool {
     state(status) == "converged" && applied_commit(status) == Some(commit)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::set_toml_key;
+
+    #[test]
+    fn settings_replace_or_add_keys_in_their_table() {
+        let toml = "device = \"gw\"\n\n[fetch]\ntimeout_secs = 10\nbase_url = \"http://b\"\n\n[engine]\nsocket = \"none\"\n";
+        let replaced = set_toml_key(toml, "fetch", "timeout_secs", "2");
+        assert_eq!(replaced, toml.replace("timeout_secs = 10", "timeout_secs = 2"));
+        let added = set_toml_key(toml, "fetch", "deadline_secs", "10");
+        assert_eq!(added, toml.replace("\"http://b\"\n", "\"http://b\"\ndeadline_secs = 10\n"));
+        let top = set_toml_key(toml, "", "log_level", "\"info\"");
+        assert_eq!(top, toml.replace("device = \"gw\"\n", "device = \"gw\"\nlog_level = \"info\"\n"));
+        let table = set_toml_key(toml, "mqtt", "url", "\"mqtt://x\"");
+        assert_eq!(table, format!("{toml}\n[mqtt]\nurl = \"mqtt://x\"\n"));
+    }
+}

@@ -327,3 +327,84 @@ fn client_gone(mut conn: &TcpStream) -> io::Result<bool> {
 fn is_timeout(e: &io::Error) -> bool {
     matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+
+    fn get(server: &HostileHttpServer) -> TcpStream {
+        let url = server.url("x.bundle");
+        let addr = url.trim_start_matches("http://").split('/').next().expect("host:port").to_string();
+        let mut conn = TcpStream::connect(addr).expect("connect");
+        conn.write_all(b"GET /x.bundle HTTP/1.1\r\nHost: x\r\nRange: bytes=5-\r\n\r\n").expect("request");
+        conn
+    }
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !cond() {
+            assert!(start.elapsed() < Duration::from_secs(5), "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_body_is_served_whole_and_logged() {
+        let server = HostileHttpServer::start(Hostility::Body(b"wrong".to_vec()), Duration::from_secs(5))
+            .expect("start");
+        let mut response = Vec::new();
+        get(&server).read_to_end(&mut response).expect("read");
+        assert!(response.starts_with(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"), "{response:?}");
+        assert!(response.ends_with(b"\r\n\r\nwrong"), "{response:?}");
+        wait_for("the connection to end", || !server.connections()[0].is_open());
+        let c = &server.connections()[0];
+        assert_eq!(c.request.as_deref(), Some("GET /x.bundle HTTP/1.1"));
+        assert_eq!(c.range.as_deref(), Some("bytes=5-"));
+        assert_eq!((c.body_bytes, c.ended.map(|(_, how)| how)), (5, Some(Ending::Finished)));
+        assert_eq!(server.requests(), 1);
+    }
+
+    #[test]
+    fn a_trickle_sends_its_head_then_chunks_until_the_client_leaves() {
+        let every = Duration::from_millis(100);
+        let server = HostileHttpServer::start(
+            Hostility::Trickle { content_length: 10 << 30, chunk: 2, every },
+            Duration::from_secs(5),
+        )
+        .expect("start");
+        let conn = get(&server);
+        let mut reader = std::io::BufReader::new(conn.try_clone().expect("clone"));
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("status line");
+        assert_eq!(line, "HTTP/1.1 200 OK\r\n");
+        wait_for("two chunks", || server.connections()[0].body_bytes >= 4);
+        assert!(server.in_flight());
+        drop(reader);
+        drop(conn);
+        wait_for("the connection to end", || !server.in_flight());
+        let c = &server.connections()[0];
+        assert_eq!(c.ended.map(|(_, how)| how), Some(Ending::ClientClosed), "{}", server.describe());
+        assert!(c.body_bytes.is_multiple_of(2) && c.body_bytes >= 4, "{}", server.describe());
+    }
+
+    #[test]
+    fn a_silent_server_holds_the_connection_until_its_limit_and_drop_ends_the_rest() {
+        let server = HostileHttpServer::start(Hostility::Silent, Duration::from_millis(300)).expect("start");
+        let mut conn = get(&server);
+        let mut buf = Vec::new();
+        conn.read_to_end(&mut buf).expect("read");
+        assert!(buf.is_empty(), "no answer at all: {buf:?}");
+        wait_for("the connection to end", || !server.in_flight());
+        let c = &server.connections()[0];
+        assert_eq!(c.ended.map(|(_, how)| how), Some(Ending::TimeLimit), "{}", server.describe());
+        assert!(c.duration() >= Duration::from_millis(300));
+
+        let server = HostileHttpServer::start(Hostility::Silent, Duration::from_secs(60)).expect("start");
+        let _conn = get(&server);
+        wait_for("the request", || server.requests() == 1);
+        let started = Instant::now();
+        drop(server);
+        assert!(started.elapsed() < Duration::from_secs(2), "drop took {:?}", started.elapsed());
+    }
+}
