@@ -367,29 +367,49 @@ fn hostile_announcements_and_servers_never_keep_the_genuine_bundle_out() -> Resu
     // CI uploads release 2 (bundle and pointer file) and publishes nothing: the
     // attacker's announcement stays retained. One poll interval later, it runs.
     let during = in_flight();
+    let statuses_before = watch.statuses().len();
     fleet.upload_staged()?;
     let uploaded = Instant::now();
     let bound = secs(POLL_SECS) + SLACK;
-    let converged = converged_within(&watch, bound, &c2);
+    // Applied: what the device holds ...
+    let applied = wait_until(bound, "release 2 applied", || {
+        Ok(device.local_status().is_ok_and(|l| l["applied"]["digest"] == d.as_str()))
+    })
+    .is_ok();
+    let applied_after = uploaded.elapsed();
+    f.check(applied, || {
+        format!(
+            "release 2 was uploaded (while {during}) and not applied within one poll interval ({POLL_SECS} s) \
+             + {SLACK:?}; the device holds {}",
+            device.local_status().map_or_else(|e| format!("({e:#})"), |l| l["applied"].to_string())
+        )
+    });
+    // ... and reported: a status saying converged on it, what `fleet-bundler status
+    // --wait` waits for.
+    let converged = converged_within(&watch, bound.saturating_sub(uploaded.elapsed()).max(secs(1)), &c2);
     match &converged {
         Some(status) => {
-            let sane = state(status) == "converged"
-                && status["applied"]["digest"] == d.as_str()
+            let sane = status["applied"]["digest"] == d.as_str()
                 && status["desired"]["digest"] == d.as_str()
                 && status["last_error"].is_null();
             f.check(sane, || format!("the status on converging on release 2 is not sane: {status}"));
         }
-        None => f.fail(format!(
-            "release 2 was uploaded (while {during}) and the device did not converge on it within one poll \
-             interval ({POLL_SECS} s) + {SLACK:?}; the device holds {}, its newest status: {}",
-            device.local_status().map_or_else(|e| format!("({e:#})"), |l| l["applied"].to_string()),
-            watch.latest_status().unwrap_or_default()
-        )),
+        None => {
+            let states: Vec<String> = watch.statuses()[statuses_before..]
+                .iter()
+                .map(|s| format!("{} (applied {})", state(s), s["applied"]["version"]))
+                .collect();
+            f.fail(format!(
+                "no status said converged on release 2 within {bound:?} of its upload ({}); states published \
+                 since the upload: {states:?}; newest status: {}",
+                if applied { format!("applied after {applied_after:.1?}") } else { "not applied".into() },
+                watch.latest_status().unwrap_or_default()
+            ));
+        }
     }
     eprintln!(
-        "hostile: release 2 uploaded; converged: {} after {:.1?}",
-        converged.is_some(),
-        uploaded.elapsed()
+        "hostile: release 2 uploaded; applied: {applied} after {applied_after:.1?}; reported converged: {}",
+        converged.is_some()
     );
     let local = device.local_status()?;
     f.check(local["applied"]["digest"] == d.as_str() && local["applied"]["version"] == v2.version, || {
@@ -402,9 +422,9 @@ fn hostile_announcements_and_servers_never_keep_the_genuine_bundle_out() -> Resu
         format!("{conf} holds {:?}", device.read(&conf).map(|b| String::from_utf8_lossy(&b).into_owned()))
     });
     f.not_rejected(&device, &d, "after the upload")?;
-    // The slow download was given up at deadline_secs.
+    // The slow download was given up by deadline_secs at the latest.
     let within = secs(DEADLINE_SECS) + SLACK;
-    f.abandoned(&slow, "3 slow (above min_bytes_per_sec)", within, "deadline_secs");
+    f.abandoned(&slow, "3 slow (above min_bytes_per_sec)", within, "deadline_secs, or sooner");
     let rejected_d: Vec<Value> =
         watch.events_of("bundle_rejected").into_iter().filter(|e| e["digest"] == d.as_str()).collect();
     f.check(rejected_d.is_empty(), || {
@@ -550,7 +570,7 @@ fn publish_lines(broker: &Mosquitto, topic: &str, lines: &[String], retain: bool
 /// Issue "Hardening I", MQTT flood bounds: while the agent is busy with a slow download,
 /// 2,000 distinct retained announcements and a 1 MiB junk payload arrive on its
 /// `desired` topic. Its RSS stays within 8 MiB of its idle RSS, and the genuine next
-/// release, built and published afterwards, still lands.
+/// release, uploaded afterwards, lands from the pointer poll within one poll interval.
 #[test]
 fn an_announcement_flood_stays_in_bounded_memory_and_the_genuine_bundle_still_lands() -> Result<()> {
     const FLOOD: u64 = 2_000;
@@ -591,11 +611,17 @@ fn an_announcement_flood_stays_in_bounded_memory_and_the_genuine_bundle_still_la
     attacker.publish(&topic, vec![b'x'; 1 << 20], false)?;
     eprintln!("hostile: flood of {FLOOD} announcements and 1 MiB published in {:.1?}", flooded.elapsed());
 
-    // The genuine release 2, built and published by CI after the flood.
+    // The genuine release 2, built and uploaded by CI after the flood. Not published:
+    // the broker retains the flood's last announcement, whose (unsigned) version is
+    // higher, and `fleet-bundler publish` refuses to announce below it; the device's
+    // pointer poll brings it.
     files_app(&fleet, "conf", None, &[("app.conf", "release = 2\n")])?;
-    let c2 = ship(&mut fleet, &broker, "release 2")?;
-    let converged =
-        watch.wait_status(REPORT, "converged on release 2 after the flood", |s| converged_on(s, &c2));
+    fleet.commit("release 2")?;
+    fleet.build()?;
+    let v2 = fleet.entry("gw-1")?;
+    let landed = wait_until(secs(POLL_SECS) + SLACK, "release 2 applied after the flood", || {
+        Ok(device.local_status().is_ok_and(|l| l["applied"]["digest"] == v2.digest.as_str()))
+    });
     let peak = sampler.finish();
     let running = device.is_running();
     let context = || {
@@ -613,8 +639,14 @@ fn an_announcement_flood_stays_in_bounded_memory_and_the_genuine_bundle_still_la
         peak - idle,
         context()
     );
-    converged
-        .with_context(|| format!("the genuine release 2 did not land after the flood\n{}", context()))?;
+    landed.with_context(|| {
+        format!(
+            "the genuine release 2 did not land within one poll interval ({POLL_SECS} s) + {SLACK:?} after the \
+             flood; the device holds {}\n{}",
+            device.local_status().map_or_else(|e| format!("({e:#})"), |l| l["applied"].to_string()),
+            context()
+        )
+    })?;
     assert_file(&device, &conf, "release = 2\n");
     Ok(())
 }
