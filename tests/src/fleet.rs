@@ -217,8 +217,12 @@ impl FleetRepo {
 
     /// `fleet-bundler build --repo R --rev HEAD --key K --out O --resolve-digests [extra]`.
     pub fn build_output(&self, extra: &[&str]) -> Result<CmdOutput> {
+        self.build_into(&self.out, extra)
+    }
+
+    fn build_into(&self, out: &Path, extra: &[&str]) -> Result<CmdOutput> {
         let (repo, key, out) =
-            (self.repo.path().to_string_lossy(), self.signing_key_path(), self.out.to_string_lossy());
+            (self.repo.path().to_string_lossy(), self.signing_key_path(), out.to_string_lossy());
         let mut args =
             vec!["build", "--repo", &repo, "--rev", "HEAD", "--out", &out, "--resolve-digests", "--json"];
         let key = key.to_string_lossy();
@@ -230,6 +234,53 @@ impl FleetRepo {
     /// Builds HEAD; fails unless the build succeeds. Returns the `--json` summary.
     pub fn build(&self) -> Result<Value> {
         self.build_output(&[])?.check()?.json()
+    }
+
+    /// Builds HEAD into a copy of the build output (the staging directory), as a CI job
+    /// that uploads to the bundle server in a later step: the served output, so what
+    /// devices poll, is untouched until [`FleetRepo::upload_staged`]. Versions follow
+    /// the served output's history. Returns the `--json` summary.
+    pub fn build_staged(&self) -> Result<Value> {
+        let staging = self.staging_dir();
+        if staging.exists() {
+            fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
+        }
+        copy_dir(&self.out, &staging)?;
+        self.build_into(&staging, &[])?.check()?.json()
+    }
+
+    /// `device`'s entry in the staged build's `index.json`.
+    pub fn staged_entry(&self, device: &str) -> Result<IndexEntry> {
+        index_entry(&self.staging_dir().join("index.json"), device)
+    }
+
+    /// Uploads the staged build to the bundle server: its bundles first, then its pointer
+    /// files and `index.json`, each written beside its place and renamed into it (so a
+    /// device never reads half a file). Files the staged build deleted stay.
+    pub fn upload_staged(&self) -> Result<()> {
+        let staging = self.staging_dir();
+        for dir in ["bundles", "devices"] {
+            let from = staging.join(dir);
+            let to = self.out.join(dir);
+            fs::create_dir_all(&to)?;
+            for entry in fs::read_dir(&from).with_context(|| format!("reading {}", from.display()))? {
+                let entry = entry?;
+                let target = to.join(entry.file_name());
+                if fs::read(entry.path()).ok() != fs::read(&target).ok() {
+                    replace_file(&entry.path(), &target)?;
+                }
+            }
+        }
+        replace_file(&staging.join("index.json"), &self.out.join("index.json"))
+    }
+
+    /// Path of bundle `digest` in the staged build.
+    pub fn staged_bundle_path(&self, digest: &str) -> PathBuf {
+        self.staging_dir().join("bundles").join(format!("{digest}.bundle"))
+    }
+
+    fn staging_dir(&self) -> PathBuf {
+        self.root.join("staging")
     }
 
     /// `fleet-bundler publish --out O --broker URL --base-url <bundle server> [extra]`.
@@ -280,16 +331,7 @@ impl FleetRepo {
 
     /// `device`'s entry in `index.json`.
     pub fn entry(&self, device: &str) -> Result<IndexEntry> {
-        let index = self.index()?;
-        let e = index
-            .pointer(&format!("/devices/{device}"))
-            .with_context(|| format!("{device} is not in the index"))?;
-        Ok(IndexEntry {
-            version: e["version"].as_u64().context("version")?,
-            digest: e["digest"].as_str().context("digest")?.to_string(),
-            size: e["size"].as_u64().context("size")?,
-            commit: e["commit"].as_str().context("commit")?.to_string(),
-        })
+        index_entry(&self.out.join("index.json"), device)
     }
 
     /// The build output directory (`index.json`, `bundles/`, `devices/<id>.json`), which
@@ -357,6 +399,46 @@ impl FleetRepo {
     }
 }
 
+/// `device`'s entry in the `index.json` at `path`.
+fn index_entry(path: &Path, device: &str) -> Result<IndexEntry> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let index: Value =
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", path.display()))?;
+    let e = index
+        .pointer(&format!("/devices/{device}"))
+        .with_context(|| format!("{device} is not in {}", path.display()))?;
+    Ok(IndexEntry {
+        version: e["version"].as_u64().context("version")?,
+        digest: e["digest"].as_str().context("digest")?.to_string(),
+        size: e["size"].as_u64().context("size")?,
+        commit: e["commit"].as_str().context("commit")?.to_string(),
+    })
+}
+
+/// Copies the files of directory `from` into `to` (created), recursively.
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for entry in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)
+                .with_context(|| format!("copying {} to {}", entry.path().display(), target.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Copies `from` beside `to`, then renames it over `to`.
+fn replace_file(from: &Path, to: &Path) -> Result<()> {
+    let name = to.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = to.with_file_name(format!(".{name}.upload"));
+    fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    fs::rename(&tmp, to).with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))
+}
+
 impl Drop for FleetRepo {
     fn drop(&mut self) {
         keep_if_asked(&mut self.tmp);
@@ -392,6 +474,8 @@ pub struct DeviceBuilder {
     health_timeout_secs: u64,
     private_root: bool,
     agent: Option<AgentCommand>,
+    /// `(table, key, TOML value)` set last, over the builder's own keys.
+    settings: Vec<(String, String, String)>,
 }
 
 /// Which agent binary runs, and through what (e.g. qemu for a cross-built agent).
@@ -469,6 +553,15 @@ impl DeviceBuilder {
         self
     }
 
+    /// Sets `key = value` in table `table` of `agent.toml` (`""` for the top level),
+    /// replacing the builder's own value of that key, e.g.
+    /// `.setting("fetch", "timeout_secs", "2")`. `value` is a TOML literal (strings
+    /// quoted); the table is added when the builder writes none.
+    pub fn setting(mut self, table: &str, key: &str, value: &str) -> Self {
+        self.settings.push((table.to_string(), key.to_string(), value.to_string()));
+        self
+    }
+
     /// Writes `agent.toml` and the directories; the agent is not started.
     pub fn create(self) -> Result<Device> {
         let tmp = crate::short_tempdir("a")?;
@@ -515,6 +608,9 @@ impl DeviceBuilder {
             .as_ref()
             .map_or_else(|| "none".to_string(), |s| s.to_string_lossy().into_owned());
         toml.push_str(&format!("\n[engine]\nsocket = {}\nstop_grace_secs = 1\n", q(&socket)));
+        for (table, key, value) in &self.settings {
+            toml = set_toml_key(&toml, table, key, value);
+        }
         let config = root.join("agent.toml");
         fs::write(&config, toml).with_context(|| format!("writing {}", config.display()))?;
         Ok(Device {
@@ -536,6 +632,34 @@ impl DeviceBuilder {
         device.start()?;
         Ok(device)
     }
+}
+
+/// `toml` with `key = value` in `[table]` (`""`: the top level): the line of that key
+/// replaced, or added at the end of the table, or the table appended. Only for the
+/// flat, one key per line text [`DeviceBuilder::create`] writes.
+fn set_toml_key(toml: &str, table: &str, key: &str, value: &str) -> String {
+    let mut lines: Vec<String> = toml.lines().map(str::to_string).collect();
+    let line = format!("{key} = {value}");
+    let header = format!("[{table}]");
+    let start = if table.is_empty() { Some(0) } else { lines.iter().position(|l| l.trim() == header) };
+    let Some(start) = start else {
+        lines.extend([String::new(), header, line]);
+        return lines.join("\n") + "\n";
+    };
+    let body = if table.is_empty() { start } else { start + 1 };
+    let end =
+        lines[body..].iter().position(|l| l.trim_start().starts_with('[')).map_or(lines.len(), |i| body + i);
+    let is_key = |l: &String| l.split_once('=').is_some_and(|(k, _)| k.trim() == key);
+    match lines[body..end].iter().position(is_key) {
+        Some(i) => lines[body + i] = line,
+        None => {
+            // At the end of the table, before the blank lines that separate it.
+            let last =
+                lines[body..end].iter().rposition(|l| !l.trim().is_empty()).map_or(body, |i| body + i + 1);
+            lines.insert(last, line);
+        }
+    }
+    lines.join("\n") + "\n"
 }
 
 /// One device: `agent.toml`, state dir, log, and the `fleet-agent run` process.
@@ -570,6 +694,7 @@ impl Device {
             health_timeout_secs: 8,
             private_root: false,
             agent: None,
+            settings: Vec::new(),
         })
     }
 
@@ -657,6 +782,52 @@ impl Device {
             Some(_) => bail!("apply is not supported for devices with a private root"),
         };
         run_command(cmd.arg("apply").arg("--config").arg(&self.config).arg(bundle).env("FLEET_LOG", "debug"))
+    }
+
+    /// [`Device::apply`], given at most `limit` to answer: a `fleet-agent apply` still
+    /// waiting then is killed, and its output has no exit code (`code: None`) and says so.
+    pub fn apply_within(&self, bundle: &Path, limit: Duration) -> Result<CmdOutput> {
+        if self.private_root.is_some() {
+            bail!("apply is not supported for devices with a private root");
+        }
+        let mut cmd = Command::new(workspace_bin("fleet-agent")?);
+        cmd.arg("apply").arg("--config").arg(&self.config).arg(bundle).env("FLEET_LOG", "debug");
+        let command = format!("{cmd:?}");
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("running {command}"))?;
+        let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+            thread::spawn(move || {
+                let mut text = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut text);
+                }
+                String::from_utf8_lossy(&text).into_owned()
+            })
+        };
+        let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+        let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().context("waiting for fleet-agent apply")? {
+                break Some(status);
+            }
+            if start.elapsed() >= limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = stdout.join().unwrap_or_default();
+        let mut stderr = stderr.join().unwrap_or_default();
+        if status.is_none() {
+            stderr.push_str(&format!("\n(fleet-e2e: no answer within {limit:?}; killed)"));
+        }
+        Ok(CmdOutput { command, code: status.and_then(|s| s.code()), stdout, stderr })
     }
 
     /// `fleet-agent status --config agent.toml --json`: the local view of the state dir.
@@ -854,4 +1025,22 @@ pub fn last_error_code(status: &Value) -> Option<&str> {
 /// Whether a status report says `converged` on `commit`.
 pub fn converged_on(status: &Value, commit: &str) -> bool {
     state(status) == "converged" && applied_commit(status) == Some(commit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::set_toml_key;
+
+    #[test]
+    fn settings_replace_or_add_keys_in_their_table() {
+        let toml = "device = \"gw\"\n\n[fetch]\ntimeout_secs = 10\nbase_url = \"http://b\"\n\n[engine]\nsocket = \"none\"\n";
+        let replaced = set_toml_key(toml, "fetch", "timeout_secs", "2");
+        assert_eq!(replaced, toml.replace("timeout_secs = 10", "timeout_secs = 2"));
+        let added = set_toml_key(toml, "fetch", "deadline_secs", "10");
+        assert_eq!(added, toml.replace("\"http://b\"\n", "\"http://b\"\ndeadline_secs = 10\n"));
+        let top = set_toml_key(toml, "", "log_level", "\"info\"");
+        assert_eq!(top, toml.replace("device = \"gw\"\n", "device = \"gw\"\nlog_level = \"info\"\n"));
+        let table = set_toml_key(toml, "mqtt", "url", "\"mqtt://x\"");
+        assert_eq!(table, format!("{toml}\n[mqtt]\nurl = \"mqtt://x\"\n"));
+    }
 }

@@ -10,6 +10,7 @@
 //! | podman 4.3 Docker-compatible API | [`Podman`] | isolated storage; one instance at a time per machine |
 //! | Docker Distribution 2.8 | [`Registry`] | plain HTTP on 127.0.0.1 |
 //! | static HTTP files | [`StaticHttpServer`] | `Range: bytes=N-`, optional dropped first transfer |
+//! | hostile HTTP | [`HostileHttpServer`] | trickling, wrong or no answers; every connection logged |
 //! | Git repositories | [`GitRepo`] | reproducible commit ids |
 //!
 //! Helpers: [`free_port`], [`wait_until`], MQTT clients over the `mosquitto_*` CLIs
@@ -31,6 +32,7 @@ mod dockerd;
 mod engine;
 pub mod fleet;
 mod git;
+pub mod hostile_http;
 mod http_server;
 mod images;
 mod mosquitto;
@@ -53,6 +55,7 @@ pub use dockerd::Dockerd;
 pub use engine::{engine_delete, engine_get, engine_post, engine_request, http_get, Engine, HttpResponse};
 pub use fleet::{AgentCommand, CmdOutput, Device, DeviceBuilder, DeviceWatch, FleetRepo, IndexEntry};
 pub use git::GitRepo;
+pub use hostile_http::{HostileHttpServer, Hostility};
 pub use http_server::{ServedRequest, StaticHttpOptions, StaticHttpServer};
 pub use images::{build_busybox_image, build_image, push_image, BUSYBOX_APPLETS};
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
