@@ -251,7 +251,7 @@ fn device(extra: &str) -> Device {
 
 impl Device {
     fn bundle(&self, version: u64, files: &[(&str, &str)]) -> Vec<u8> {
-        let mut state = DesiredState {
+        let state = DesiredState {
             files: files
                 .iter()
                 .map(|(p, c)| ManagedFile {
@@ -263,6 +263,11 @@ impl Device {
                 .collect(),
             ..Default::default()
         };
+        self.sign(version, state)
+    }
+
+    /// A bundle of `state` for this device, signed with its fleet's key.
+    fn sign(&self, version: u64, mut state: DesiredState) -> Vec<u8> {
         state.canonicalize();
         let meta = BundleMeta {
             fleet: "acme".into(),
@@ -279,7 +284,7 @@ impl Device {
     /// A bundle with one container (for a device whose engine is not there).
     fn bundle_with_container(&self, version: u64) -> Vec<u8> {
         use fleet_spec::model::{ContainerSpec, ImageRef};
-        let mut state = DesiredState {
+        let state = DesiredState {
             containers: vec![ContainerSpec {
                 name: "app-web".into(),
                 app: "app".into(),
@@ -289,17 +294,7 @@ impl Device {
             }],
             ..Default::default()
         };
-        state.canonicalize();
-        let meta = BundleMeta {
-            fleet: "acme".into(),
-            device: "gw-01".into(),
-            version,
-            commit: format!("commit{version}"),
-            subject: "test".into(),
-            created_at: now() - 60,
-            expires_at: now() + 86_400,
-        };
-        bundle::build(meta, &state, &[&self.key], 3)
+        self.sign(version, state)
     }
 
     fn read(&self, rel: &str) -> Option<String> {

@@ -175,6 +175,22 @@ async fn commit_v1(h: &H, agent: &mut Agent<FakeEngine>) {
     assert_eq!(outcome, Outcome::Committed { version: 1 });
 }
 
+/// `base` plus a one-shot container, `app-once`, that [`exit_once_soon`] makes exit: an
+/// update that fails its health.
+fn with_failing_container(mut base: DesiredState) -> DesiredState {
+    let mut once = container("app-once", false);
+    once.restart = RestartPolicy::No;
+    base.containers.push(once);
+    base.canonicalize();
+    base
+}
+
+/// Two seconds into an apply, `app-once` exits with code 3.
+async fn exit_once_soon(h: &H) {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    h.fake.exit("app-once", 3);
+}
+
 #[tokio::test(start_paused = true)]
 async fn applies_files_and_containers_then_commits() {
     let h = H::new();
@@ -312,18 +328,9 @@ async fn a_container_that_exits_fails_fast_with_its_reason() {
     let (mut agent, _rx) = h.agent();
     agent.recover().await.expect("recover");
     commit_v1(&h, &mut agent).await;
-    let mut once = container("app-once", false);
-    once.restart = RestartPolicy::No;
-    let mut s = v1(&h);
-    s.containers.push(once);
-    s.canonicalize();
-    let bytes = h.bundle(2, &s);
-    let exit_soon = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        h.fake.exit("app-once", 3);
-    };
+    let bytes = h.bundle(2, &with_failing_container(v1(&h)));
     let start = tokio::time::Instant::now();
-    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bytes), exit_soon);
+    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bytes), exit_once_soon(&h));
     let outcome = outcome.expect("apply");
     assert!(
         matches!(&outcome, Outcome::RolledBack { code, .. } if code == "container_exited"),
@@ -589,15 +596,10 @@ async fn a_stuck_rollback_does_not_refuse_the_fix_forward() {
     let (mut agent, _rx) = h.agent();
     agent.recover().await.expect("recover");
     commit_v1(&h, &mut agent).await;
-    let mut once = container("app-once", false);
-    once.restart = RestartPolicy::No;
-    let mut bad = v1(&h);
-    bad.containers.push(once);
-    bad.canonicalize();
+    let bad = with_failing_container(v1(&h));
     // The container exits, and the engine is gone when the rollback starts.
     let sabotage = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        h.fake.exit("app-once", 3);
+        exit_once_soon(&h).await;
         h.fake.set_unreachable(true);
     };
     let bad_bytes = h.bundle(2, &bad);
@@ -655,18 +657,10 @@ async fn a_last_good_bundle_that_cannot_be_read_is_never_rolled_back_to_nothing(
     agent.recover().await.expect("recover");
     assert_eq!(agent.status_report().state, DeviceState::Degraded);
     // An update that fails its health "rolls back": nothing of v1 is deleted.
-    let mut once = container("app-once", false);
-    once.restart = RestartPolicy::No;
     let mut bad = v1(&h);
     bad.files = vec![h.file("app/a.conf", "a2"), h.file("app/b.conf", "b1")];
-    bad.containers.push(once);
-    bad.canonicalize();
-    let exit_soon = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        h.fake.exit("app-once", 3);
-    };
-    let bad_bytes = h.bundle(2, &bad);
-    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bad_bytes), exit_soon);
+    let bad_bytes = h.bundle(2, &with_failing_container(bad));
+    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bad_bytes), exit_once_soon(&h));
     let outcome = outcome.expect("settled");
     assert!(!matches!(outcome, Outcome::RolledBack { .. }), "{outcome:?}");
     assert_eq!(h.read("app/b.conf").as_deref(), Some("b1"), "no managed file deleted");
@@ -706,17 +700,11 @@ async fn volumes_no_longer_desired_are_deleted_only_after_the_commit() {
     // Another fleet's volume on the same engine is never ours to delete.
     h.fake.add_foreign_fleet_volume("other_data", "other");
     // v2 drops the volume and fails its health: the rollback finds the volume in place.
-    let mut once = container("app-once", false);
-    once.restart = RestartPolicy::No;
-    let mut bad = v1(&h);
-    bad.containers.push(once);
-    bad.canonicalize();
     let exit_soon = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        exit_once_soon(&h).await;
         assert!(h.fake.volume_names().contains(&"app_data".to_string()), "not deleted during the apply");
-        h.fake.exit("app-once", 3);
     };
-    let bad_bytes = h.bundle(2, &bad);
+    let bad_bytes = h.bundle(2, &with_failing_container(v1(&h)));
     let (outcome, ()) = tokio::join!(agent.apply_bundle(&bad_bytes), exit_soon);
     assert!(matches!(outcome.expect("settled"), Outcome::RolledBack { .. }));
     assert!(h.fake.volume_names().contains(&"app_data".to_string()), "kept through the rollback");
@@ -757,17 +745,8 @@ async fn a_file_the_device_had_before_is_kept_and_put_back_when_the_bundle_lets_
     let mode = std::fs::metadata(&cert).expect("stat").permissions().mode() & 0o7777;
     assert_eq!(mode, 0o600);
     // And a rollback of a bundle that took it over puts it back too.
-    let mut once = container("app-once", false);
-    once.restart = RestartPolicy::No;
-    let mut bad = takes.clone();
-    bad.containers.push(once);
-    bad.canonicalize();
-    let exit_soon = async {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        h.fake.exit("app-once", 3);
-    };
-    let bad_bytes = h.bundle(4, &bad);
-    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bad_bytes), exit_soon);
+    let bad_bytes = h.bundle(4, &with_failing_container(takes.clone()));
+    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bad_bytes), exit_once_soon(&h));
     assert!(matches!(outcome.expect("settled"), Outcome::RolledBack { .. }));
     assert_eq!(h.read("app/device.pem").as_deref(), Some("the device's own certificate"));
 }
