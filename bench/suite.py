@@ -640,7 +640,7 @@ SYNC_CALL = re.compile(rf"^\d+\s+({'|'.join(SYNC_CALLS)})\(\d+<([^>]*)>")
 def sync_target(path, state_dir):
     """What an fsync'd path is, in words: temp files and digests folded into one name."""
     name = os.path.basename(path)
-    name = re.sub(r"^\.(.*)\.fleet-tmp\.\d+$", r"\1", name)
+    name = re.sub(r"^\.(.*)\.fleet-tmp\.[0-9a-f]+$", r"\1", name)  # temp names end in random hex
     name = re.sub(r"[0-9a-f]{64}", "<digest>", name)
     if os.path.realpath(path).startswith(os.path.realpath(state_dir)):
         rel = os.path.relpath(os.path.join(os.path.dirname(path), name), state_dir)

@@ -443,7 +443,7 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
         let mut session = Session::connect(&args.broker, args.timeout, messages.len() + 10)?;
         if !announcing.is_empty() {
             let filter = Topic::fleet_filter(&index.topic_prefix, &index.fleet, TopicKind::Desired)?;
-            let retained = read_retained(&mut session, &filter, args.settle)?;
+            let retained = read_retained(&mut session, &filter, &announcing, args.settle)?;
             let conflicts = not_newer(&announcing, &retained);
             if !conflicts.is_empty() {
                 session.disconnect();
@@ -484,12 +484,15 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
 }
 
 /// Reads the retained messages on `filter`: subscribes (QoS 0: retained messages come
-/// right after the SUBACK, unthrottled) and collects until nothing arrived for `settle`
-/// (MQTT 3.1.1 does not mark the end of the retained messages). Unsubscribes before
-/// returning, so the session's own publishes do not come back.
-fn read_retained(
+/// right after the SUBACK, unthrottled) and collects until every topic in `expected` has
+/// its retained message (the usual case: every device was announced before, so no
+/// waiting at all), or else until nothing arrived for `settle` (MQTT 3.1.1 does not mark
+/// the end of the retained messages; a device never announced has none). Unsubscribes
+/// before returning, so the session's own publishes do not come back.
+fn read_retained<V>(
     session: &mut Session,
     filter: &str,
+    expected: &BTreeMap<String, V>,
     settle: Duration,
 ) -> Result<BTreeMap<String, Vec<u8>>, MqttError> {
     session.client.subscribe(filter, QoS::AtMostOnce).map_err(|e| lost(session, e))?;
@@ -527,6 +530,9 @@ fn read_retained(
                 }
             }
             _ => {}
+        }
+        if subscribed && expected.keys().all(|t| retained.contains_key(t)) {
+            break;
         }
     }
     session.client.unsubscribe(filter).map_err(|e| lost(session, e))?;
