@@ -119,8 +119,6 @@ struct Runner<E: Engine> {
     blob: Option<Vec<u8>>,
     download: Option<Download>,
     poll: Option<Task<Option<Vec<u8>>>>,
-    /// The pointer file's last announcement (what the device's own server says).
-    pointer_said: Option<VersionRef>,
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -153,7 +151,6 @@ pub async fn run<E: Engine>(
         blob: None,
         download: None,
         poll: None,
-        pointer_said: None,
     };
     let mut shutdown = pin!(shutdown);
     let mut result = Ok(());
@@ -439,16 +436,13 @@ impl<E: Engine> Runner<E> {
     async fn announced(&mut self, source: Source, ann: Announcement) -> Result<(), AgentError> {
         let digest = ann.digest.clone();
         self.candidates.offer(source, ann.clone(), Instant::now());
-        // What the device is told to run: the pointer file's last word when there is one
-        // (the device's own server; a hint on the broker does not override it), else the
-        // latest MQTT announcement.
-        let told =
-            VersionRef { version: ann.version, digest: ann.digest.clone(), commit: ann.commit.clone() };
-        if source == Source::Pointer {
-            self.pointer_said = Some(told.clone());
-        }
-        if let Some(desired) = self.pointer_said.clone().or((source == Source::Mqtt).then_some(told)) {
-            self.agent.set_desired(desired);
+        // What the device was told last (informational: unsigned, like the hint itself).
+        if self.agent.applied_digest() != Some(digest.as_str()) {
+            self.agent.set_desired(VersionRef {
+                version: ann.version,
+                digest: digest.clone(),
+                commit: ann.commit.clone(),
+            });
         }
         // A download nobody wants any more, or of an MQTT hint while the pointer file
         // names another bundle this device does not run, makes way.
@@ -522,7 +516,11 @@ impl<E: Engine> Runner<E> {
             let fetcher = self.fetcher.clone();
             let wanted = digest.clone();
             let task = Task::spawn(async move { fetcher.fetch_bundle(&urls, &wanted, &partial).await });
-            self.agent.set_downloading(Some(&digest));
+            // A download is the device's state only when its own server (the pointer
+            // file) asked for it, or when the broker is its only source: a hint on the
+            // broker must not keep a converged device from reporting `converged`.
+            let own = c.source == Source::Pointer || self.agent.config().fetch.base_url.is_none();
+            self.agent.set_downloading(own.then_some(digest.as_str()));
             self.download = Some(Download { source: c.source, digest, task });
             return Ok(());
         }

@@ -182,9 +182,8 @@ pub struct Agent<E: Engine> {
     /// damaged). While set, nothing is ever converged to "empty" in its place: the device
     /// keeps what it runs and reports `degraded`.
     last_good_unreadable: Option<String>,
-    /// The digest of a download in flight beside the main loop (status `downloading`
-    /// when it is the desired bundle; a hint the device was not told to run by its
-    /// preferred source is no state of the device's).
+    /// The digest of a download in flight beside the main loop that is the device's
+    /// state (status `downloading`; see `run`).
     downloading: Option<String>,
     reports: Reports,
     last_saved_status: Option<StatusReport>,
@@ -276,10 +275,7 @@ impl<E: Engine> Agent<E> {
         let rest = self.machine.state().is_rest();
         let state = if rest && (self.engine_down || self.last_good_unreadable.is_some()) {
             DeviceState::Degraded
-        } else if rest
-            && self.downloading.is_some()
-            && self.downloading.as_deref() == self.desired.as_ref().map(|d| d.digest.as_str())
-        {
+        } else if rest && self.downloading.is_some() {
             DeviceState::Downloading
         } else {
             self.machine.state().device_state()
