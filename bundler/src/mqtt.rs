@@ -274,7 +274,12 @@ impl Session {
         if url.tls {
             options.set_transport(Transport::tls_with_config(tls_config(args)?));
         }
-        let (client, connection) = Client::new(options, capacity.max(10));
+        let (client, mut connection) = Client::new(options, capacity.max(10));
+        // Small packets one after another (subscribe, then the announcements): without
+        // TCP_NODELAY each waits for the broker's delayed ACK of the previous (~40 ms).
+        let mut network = rumqttc::NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        connection.eventloop.set_network_options(network);
         let mut session = Session { client, connection, broker: args.broker.clone(), timeout };
         let deadline = Instant::now() + timeout;
         loop {
