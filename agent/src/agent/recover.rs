@@ -42,12 +42,7 @@ impl<E: Engine> Agent<E> {
                 tracing::warn!(digest, ?interrupted, "resuming an interrupted apply");
                 match self.load_stored(&digest) {
                     Ok((m, state)) => {
-                        self.raise_trust(&m)?;
-                        self.desired = Some(VersionRef {
-                            version: m.version,
-                            digest: digest.clone(),
-                            commit: m.commit.clone(),
-                        });
+                        self.resuming(&digest, &m)?;
                         self.journal.append(&Record::Begin {
                             digest: digest.clone(),
                             version: m.version,
@@ -65,12 +60,7 @@ impl<E: Engine> Agent<E> {
             }
             Recovery::ResumeHealth { digest, .. } => match self.load_stored(&digest) {
                 Ok((m, state)) => {
-                    self.raise_trust(&m)?;
-                    self.desired = Some(VersionRef {
-                        version: m.version,
-                        digest: digest.clone(),
-                        commit: m.commit.clone(),
-                    });
+                    self.resuming(&digest, &m)?;
                     self.on(Command::ResumeHealth)?;
                     Some(self.await_health(&digest, &m, &state).await?)
                 }
@@ -106,6 +96,15 @@ impl<E: Engine> Agent<E> {
         self.refresh_containers().await;
         self.publish_status();
         Ok(outcome)
+    }
+
+    /// A bundle resumed from the journal is what the device runs toward: it is desired,
+    /// and trusted as far as its version and creation time.
+    fn resuming(&mut self, digest: &str, m: &Manifest) -> Result<(), AgentError> {
+        self.raise_trust(m)?;
+        self.desired =
+            Some(VersionRef { version: m.version, digest: digest.into(), commit: m.commit.clone() });
+        Ok(())
     }
 
     /// Raises the trust state to a bundle resumed from the journal: the journal's `Begin`

@@ -85,11 +85,6 @@ impl Candidates {
         [&self.pointer, &self.mqtt].into_iter().flatten().find(|c| c.next_try <= now)
     }
 
-    /// The preferred candidate, due or not (what the device is told to run).
-    pub fn preferred(&self) -> Option<&Candidate> {
-        self.pointer.as_ref().or(self.mqtt.as_ref())
-    }
-
     /// When the next candidate falls due (`None`: nothing waits).
     pub fn wake_at(&self) -> Option<Instant> {
         [&self.pointer, &self.mqtt].into_iter().flatten().map(|c| c.next_try).min()
@@ -188,8 +183,7 @@ mod tests {
         let mut c = Candidates::default();
         c.offer(Source::Mqtt, ann(u64::MAX, 'a'), now);
         c.offer(Source::Pointer, ann(3, 'b'), now);
-        assert_eq!(c.due(now).map(|c| c.source), Some(Source::Pointer));
-        assert_eq!(c.preferred().map(|c| c.ann.version), Some(3));
+        assert_eq!(c.due(now).map(|c| c.ann.version), Some(3));
         // While the pointer's candidate backs off, MQTT's is still tried.
         c.failed(Source::Pointer, &"b".repeat(64), now);
         assert_eq!(c.due(now).map(|c| c.source), Some(Source::Mqtt));
