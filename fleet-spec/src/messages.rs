@@ -96,7 +96,8 @@ pub enum DeviceState {
     AwaitingHealth,
     /// The applied bundle is in place and healthy.
     Converged,
-    /// The last bundle was refused or could not be applied, and nothing was changed.
+    /// The bundle the device was told to run was refused or could not be applied, and
+    /// nothing was changed. (Refused bytes that are not that bundle are only an event.)
     Failed,
     /// An update failed after changing things; the last good state was restored.
     RolledBack,

@@ -14,6 +14,7 @@
 //! the temp dir.
 
 use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -91,6 +92,35 @@ pub struct Dockerd {
     slot: Option<NetSlot>,
 }
 
+/// A directory holding an `iptables` that dockerd finds first on its `PATH`: it passes
+/// every call to the real one except flushing or deleting the shared `DOCKER*` chains.
+///
+/// Every dockerd flushes and deletes those chains when it starts, then creates them again.
+/// On one machine with one daemon that is harmless; here several test daemons share the
+/// host's tables, and a daemon that creates a network in that window fails with
+/// `iptables -t nat -I DOCKER …: No chain/target/match by that name` (it once failed a CI
+/// run). Keeping the chains makes each start add to them instead; each daemon still
+/// removes its own rules when it removes a network.
+fn iptables_shim(root: &Path) -> Result<PathBuf> {
+    let real = require_program("iptables").context("dockerd needs iptables")?;
+    let dir = root.join("shims");
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let script = format!(
+        "#!/bin/sh\n\
+         # fleet-e2e: keep the DOCKER* chains other test daemons use (see tests/src/dockerd.rs)\n\
+         case \" $* \" in\n\
+         *\" -F DOCKER\"*|*\" -X DOCKER\"*) exit 0 ;;\n\
+         esac\n\
+         exec '{}' \"$@\"\n",
+        real.display()
+    );
+    let shim = dir.join("iptables");
+    fs::write(&shim, script).with_context(|| format!("writing {}", shim.display()))?;
+    fs::set_permissions(&shim, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("making {} executable", shim.display()))?;
+    Ok(dir)
+}
+
 impl Dockerd {
     /// Starts a dockerd and waits (up to 60 s) until `GET /_ping` answers `OK`.
     pub fn start() -> Result<Dockerd> {
@@ -119,7 +149,12 @@ impl Dockerd {
 
         let config = root.join("daemon.json");
         fs::write(&config, "{}\n").context("writing daemon.json")?;
+        let shims = iptables_shim(&root)?;
         let mut cmd = Command::new(dockerd);
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let path = std::env::join_paths(std::iter::once(shims).chain(std::env::split_paths(&path)))
+            .context("building dockerd's PATH")?;
+        cmd.env("PATH", path);
         cmd.arg("--config-file")
             .arg(&config)
             .arg("--data-root")
@@ -134,7 +169,8 @@ impl Dockerd {
             .arg(format!("--default-address-pool=base=10.{octet}.0.0/17,size=24"));
         // dockerd (re)creates the shared DOCKER* iptables chains while it starts: two
         // daemons starting at once fail with "Chain already exists" / "No chain". Once up,
-        // they coexist (published loopback ports go through docker-proxy).
+        // they coexist (published loopback ports go through docker-proxy), except for the
+        // chains' deletion, which `iptables_shim` takes out.
         let startup = machine_lock("dockerd-startup", Duration::from_secs(300))?;
         let mut daemon = Daemon::spawn("dockerd", cmd, &root.join("dockerd.log"))?;
         let socket = me.socket.clone();

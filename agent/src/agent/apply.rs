@@ -69,11 +69,11 @@ impl<E: Engine> Agent<E> {
             self.publish_status();
             return Ok(Outcome::AlreadyApplied);
         }
-        self.on(Command::Fetch)?;
         if let Some(r) = self.rejection(&digest)? {
             let reason = format!("rejected before: {}", r.reason);
             let code = r.code.clone();
             self.set_error(&code, &reason);
+            self.on(Command::Fetch)?;
             self.on(Command::Refuse)?;
             return Ok(Outcome::Rejected { code, reason });
         }
@@ -90,10 +90,11 @@ impl<E: Engine> Agent<E> {
                 // keep the bytes so the retry (when time or the bundle changes) reads
                 // them from disk instead of downloading them again.
                 self.keep_deferred(&digest, bytes)?;
-                return Ok(self.refuse(&digest, e.code(), e.to_string(), false, None));
+                return self.refuse_unverified(&digest, e, false);
             }
-            Err(e) => return Ok(self.refuse(&digest, e.code(), e.to_string(), true, None)),
+            Err(e) => return self.refuse_unverified(&digest, e, true),
         };
+        self.on(Command::Fetch)?;
         let m = verified.manifest.clone();
         self.set_desired(VersionRef { version: m.version, digest: digest.clone(), commit: m.commit.clone() });
         self.on(Command::Verified)?;

@@ -416,6 +416,38 @@ impl<E: Engine> Agent<E> {
         });
     }
 
+    /// Refuses bytes that did not verify. When they are not what the fleet wants this
+    /// device to run (a stale announcement fetched late, a replay, another device's
+    /// sideload) and the device rests on a bundle it applied, the refusal is an event and
+    /// the last error, not the device's state: it stays `converged` (or `rolled_back`).
+    /// The bundle the device was told to run failing verification is its state: `failed`.
+    fn refuse_unverified(
+        &mut self,
+        digest: &str,
+        e: bundle::VerifyError,
+        permanent: bool,
+    ) -> Result<Outcome, AgentError> {
+        let resting_on_applied =
+            matches!(self.machine.state(), ApplyState::Committed | ApplyState::RolledBack)
+                && self.current.is_some();
+        let wanted = self.desired.as_ref().is_some_and(|d| d.digest == digest);
+        if wanted || !resting_on_applied {
+            self.on(Command::Fetch)?;
+            return Ok(self.refuse(digest, e.code(), e.to_string(), permanent, None));
+        }
+        let (code, reason) = (e.code(), e.to_string());
+        tracing::warn!(digest, code, "bundle refused (not the desired one; state unchanged): {reason}");
+        self.set_error(code, &reason);
+        let outcome = if permanent {
+            self.reject(digest, code, &reason, None);
+            Outcome::Rejected { code: code.into(), reason }
+        } else {
+            Outcome::Deferred { code: code.into(), reason }
+        };
+        self.publish_status();
+        Ok(outcome)
+    }
+
     fn refuse(
         &mut self,
         digest: &str,
