@@ -134,8 +134,6 @@ pub struct ContainerOptions {
     pub dns_search: Vec<String>,
     /// `HostConfig.DnsOptions`.
     pub dns_opt: Vec<String>,
-    /// `Config.Domainname`.
-    pub domainname: Option<String>,
     /// `HostConfig.GroupAdd`: supplementary groups of the container's user.
     pub group_add: Vec<String>,
     /// `HostConfig.OomScoreAdj`.
@@ -483,7 +481,6 @@ mod tests {
             ("dns", |o| o.dns = vec!["1.1.1.1".into()]),
             ("dns_search", |o| o.dns_search = vec!["lan".into()]),
             ("dns_opt", |o| o.dns_opt = vec!["ndots:1".into()]),
-            ("domainname", |o| o.domainname = Some("lan".into())),
             ("group_add", |o| o.group_add = vec!["20".into()]),
             ("oom_score_adj", |o| o.oom_score_adj = Some(-500)),
             ("pids_limit", |o| o.pids_limit = Some(100)),

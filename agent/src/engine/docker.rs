@@ -58,7 +58,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use tokio::net::UnixStream;
 
-use fleet_spec::model::{ContainerSpec, ImageRef, MountSource, NetworkSpec, VolumeSpec};
+use fleet_spec::model::{ContainerOptions, ContainerSpec, ImageRef, MountSource, NetworkSpec, VolumeSpec};
 
 use super::{
     Engine, EngineError, EngineEvent, Health, ObservedContainer, RegistryAuth, LABEL_FLEET, LABEL_MANAGED,
@@ -1177,6 +1177,7 @@ fn create_body(spec: &ContainerSpec, labels: &BTreeMap<String, String>) -> Value
     if let Some(nano_cpus) = spec.nano_cpus {
         host.insert("NanoCpus".into(), json!(nano_cpus));
     }
+    insert_options(&spec.options, &mut config, &mut host);
 
     // Networks: the first one at create time, with its aliases; `create` connects the
     // others afterwards.
@@ -1191,6 +1192,75 @@ fn create_body(spec: &ContainerSpec, labels: &BTreeMap<String, String>) -> Value
     }
     body["HostConfig"] = Value::Object(host);
     body
+}
+
+/// `ContainerSpec::options` into the create body: each setting only when set, so the
+/// engine's defaults stay in force otherwise.
+fn insert_options(o: &ContainerOptions, config: &mut Map<String, Value>, host: &mut Map<String, Value>) {
+    if let Some(log) = &o.logging {
+        host.insert("LogConfig".into(), json!({ "Type": log.driver, "Config": log.options }));
+    }
+    if let Some(init) = o.init {
+        host.insert("Init".into(), json!(init));
+    }
+    if o.read_only {
+        host.insert("ReadonlyRootfs".into(), json!(true));
+    }
+    if !o.security_opt.is_empty() {
+        host.insert("SecurityOpt".into(), json!(o.security_opt));
+    }
+    if let Some(dir) = &o.working_dir {
+        config.insert("WorkingDir".into(), json!(dir));
+    }
+    if let Some(bytes) = o.shm_size_bytes {
+        host.insert("ShmSize".into(), json!(bytes));
+    }
+    if !o.sysctls.is_empty() {
+        host.insert("Sysctls".into(), json!(o.sysctls));
+    }
+    if !o.ulimits.is_empty() {
+        let ulimits: Vec<Value> = o
+            .ulimits
+            .iter()
+            .map(|(name, u)| json!({ "Name": name, "Soft": u.soft, "Hard": u.hard }))
+            .collect();
+        host.insert("Ulimits".into(), json!(ulimits));
+    }
+    if !o.extra_hosts.is_empty() {
+        host.insert("ExtraHosts".into(), json!(o.extra_hosts));
+    }
+    if o.tty {
+        config.insert("Tty".into(), json!(true));
+    }
+    if o.stdin_open {
+        config.insert("OpenStdin".into(), json!(true));
+    }
+    if let Some(seconds) = o.stop_timeout_s {
+        config.insert("StopTimeout".into(), json!(seconds));
+    }
+    for (key, list) in [("Dns", &o.dns), ("DnsSearch", &o.dns_search), ("DnsOptions", &o.dns_opt)] {
+        if !list.is_empty() {
+            host.insert(key.into(), json!(list));
+        }
+    }
+    if !o.group_add.is_empty() {
+        host.insert("GroupAdd".into(), json!(o.group_add));
+    }
+    if let Some(adj) = o.oom_score_adj {
+        host.insert("OomScoreAdj".into(), json!(adj));
+    }
+    if let Some(limit) = o.pids_limit {
+        host.insert("PidsLimit".into(), json!(limit));
+    }
+    if let Some(cpus) = &o.cpuset {
+        host.insert("CpusetCpus".into(), json!(cpus));
+    }
+    if let Some(mode) = &o.ipc {
+        host.insert("IpcMode".into(), json!(mode));
+    }
+    if let Some(mode) = &o.pid {
+        host.insert("PidMode".into(), json!(mode));
+    }
 }
 
 /// `repo@sha256:..` → (`repo`, `sha256:..`); `host:5000/a/b:tag` → (`host:5000/a/b`,
