@@ -580,7 +580,7 @@ fn load_app(
                 return None;
             }
         };
-        let parsed: ComposeFile = match yaml::parse(&file, source) {
+        let parsed: ComposeFile = match compose::parse_file(&file, source) {
             Ok(p) => p,
             Err(d) => {
                 diags.push(d);

@@ -38,6 +38,14 @@ pub use interpolate::{interpolate, InterpError};
 pub use parse::*;
 pub use translate::{normalize_relative, parse_expose, parse_image, parse_port, valid_container_name};
 
+/// Parses a Compose file (`file` names it in diagnostics). Extension fields (`x-*`)
+/// are skipped at the top level, in services, networks, volumes, `deploy` and `logging`;
+/// anchors, aliases and merge keys (`<<: *common`) are expanded by the YAML parser.
+pub fn parse_file(file: &str, text: &str) -> Result<ComposeFile, Diagnostic> {
+    crate::yaml::parse::<Ext<ComposeFile>>(file, text).map(|f| f.0)
+}
+
+/// The containers, networks and volumes of one app on one device.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Translated {
     pub containers: Vec<ContainerSpec>,
@@ -86,17 +94,205 @@ pub(super) struct Translator<'a, 'b> {
     vars: &'a dyn VarLookup,
     lenient: bool,
     diags: Vec<Diagnostic>,
-    /// Places whose values used a variable that is not set (lenient mode only).
+    /// Places whose values used a variable that is not set: no further errors there.
     tainted: HashSet<Pos>,
 }
 
 #[cfg(test)]
 mod tests {
-    use fleet_spec::model::Protocol;
+    use fleet_spec::model::{LogConfig, Protocol, RestartPolicy, Ulimit};
 
     use super::*;
 
+    /// Parses and translates `yaml` as app `shop` for a device with the variables of
+    /// [`vars`]; returns the containers and every diagnostic as `line:column: message`.
+    fn check(yaml: &str) -> (Vec<ContainerSpec>, Vec<String>) {
+        let file = match parse_file("compose.yaml", yaml) {
+            Ok(f) => f,
+            Err(d) => return (Vec::new(), vec![format!("{}:{}: {}", d.line, d.column, d.message)]),
+        };
+        let targets = BTreeMap::new();
+        let ctx = AppContext {
+            app: "shop",
+            file: "compose.yaml",
+            app_root: "/srv/fleet/shop",
+            file_targets: &targets,
+        };
+        let (t, diags) = translate(&file, &ctx, &vars, false);
+        (t.containers, diags.iter().map(|d| format!("{}:{}: {}", d.line, d.column, d.message)).collect())
+    }
+
+    fn ok(yaml: &str) -> ContainerSpec {
+        let (containers, diags) = check(yaml);
+        assert!(diags.is_empty(), "{diags:#?}");
+        let web = containers.iter().position(|c| c.name == "shop-web").unwrap_or(0);
+        containers.into_iter().nth(web).expect("a container")
+    }
+
+    fn has(diags: &[String], part: &str) {
+        assert!(diags.iter().any(|d| d.contains(part)), "no diagnostic with {part:?} in {diags:#?}");
+    }
+
+    #[test]
+    fn extension_fields_are_ignored_at_every_level() {
+        let c = ok("x-top: {a: 1}
+services:
+  web:
+    x-note: anything
+    image: nginx
+    deploy: {x-d: 1, resources: {limits: {memory: 64m}}}
+    logging: {x-l: 1, driver: local}
+networks:
+  front: {x-n: 1}
+volumes:
+  data: {x-v: 1}
+");
+        assert_eq!(c.memory_bytes, Some(64 << 20));
+        assert_eq!(c.options.logging.map(|l| l.driver).as_deref(), Some("local"));
+    }
+
+    #[test]
+    fn unknown_keys_are_still_refused_beside_extension_fields() {
+        let (_, diags) = check("x-a: 1\nservices:\n  web:\n    x-b: 2\n    image: nginx\n    imagee: x\n");
+        has(&diags, "unknown field `imagee`");
+        assert!(diags[0].starts_with("6:"), "the error names its line: {diags:?}");
+    }
+
+    #[test]
+    fn anchors_and_merge_keys_are_expanded_and_the_service_wins() {
+        let c = ok("x-common: &common
+  restart: always
+  environment: {A: \"1\"}
+services:
+  web:
+    <<: *common
+    image: nginx
+    restart: unless-stopped
+");
+        assert_eq!(c.restart, RestartPolicy::UnlessStopped);
+        assert_eq!(c.env.get("A").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn issue_17_example_translates_every_key() {
+        let yaml =
+            include_str!("../../tests/fixtures/compose/issue-17.yaml").replace("    env_file: .env\n", "");
+        let c = ok(&yaml);
+        let o = &c.options;
+        assert_eq!(c.restart, RestartPolicy::UnlessStopped);
+        assert_eq!(
+            o.logging,
+            Some(LogConfig {
+                driver: "json-file".into(),
+                options: BTreeMap::from([("max-file".into(), "3".into()), ("max-size".into(), "10m".into())]),
+            })
+        );
+        assert_eq!(o.sysctls, BTreeMap::from([("net.core.somaxconn".into(), "1024".into())]));
+        assert_eq!(o.ulimits, BTreeMap::from([("nofile".into(), Ulimit { soft: 65536, hard: 65536 })]));
+        assert_eq!(o.extra_hosts, ["broker:10.0.0.5"]);
+        assert_eq!((o.init, o.read_only), (Some(true), true));
+        assert_eq!(o.security_opt, ["no-new-privileges:true"]);
+        assert_eq!(o.working_dir.as_deref(), Some("/srv"));
+        assert_eq!(o.shm_size_bytes, Some(64 << 20));
+    }
+
+    #[test]
+    fn the_other_keys_translate() {
+        let c = ok("services:
+  db: {image: postgres}
+  web:
+    image: nginx
+    tty: true
+    stdin_open: true
+    stop_grace_period: 1m30.5s
+    dns: 10.0.0.53
+    dns_search: [lan, fleet.lan]
+    dns_opt: [ndots:1]
+    group_add: [20, video]
+    oom_score_adj: -500
+    pids_limit: 100
+    cpuset: 0-1
+    ipc: service:db
+    pid: host
+    ulimits: {nproc: {soft: 100, hard: 200}}
+    extra_hosts: {gw: host-gateway, v6: \"::1\"}
+");
+        let o = &c.options;
+        assert!(o.tty && o.stdin_open);
+        assert_eq!(o.stop_timeout_s, Some(91), "rounded up to whole seconds");
+        assert_eq!(o.dns, ["10.0.0.53"]);
+        assert_eq!(o.dns_search, ["lan", "fleet.lan"]);
+        assert_eq!(o.dns_opt, ["ndots:1"]);
+        assert_eq!(o.group_add, ["20", "video"]);
+        assert_eq!((o.oom_score_adj, o.pids_limit), (Some(-500), Some(100)));
+        assert_eq!(o.cpuset.as_deref(), Some("0-1"));
+        assert_eq!(o.ipc.as_deref(), Some("container:shop-db"));
+        assert_eq!(o.pid.as_deref(), Some("host"));
+        assert_eq!(o.ulimits["nproc"], Ulimit { soft: 100, hard: 200 });
+        assert_eq!(o.extra_hosts, ["gw:host-gateway", "v6:::1"]);
+    }
+
+    #[test]
+    fn logging_without_max_size_warns_and_bad_options_are_errors_at_their_line() {
+        let (_, diags) =
+            check("services:\n  web:\n    image: nginx\n    logging:\n      driver: json-file\n");
+        has(&diags, "5:7: the json-file log of this service grows without bound");
+        let (_, diags) = check(
+            "services:\n  web:\n    image: nginx\n    logging:\n      driver: local\n      options: {max-size: ten, max-file: 0}\n",
+        );
+        has(&diags, "6:16: logging option `max-file`");
+        has(&diags, "6:16: logging option `max-size`: invalid size \"ten\"");
+    }
+
+    #[test]
+    fn invalid_values_are_errors_naming_the_key() {
+        let (_, diags) = check(
+            "services:
+  web:
+    image: nginx
+    working_dir: srv
+    shm_size: lots
+    ulimits: {nofile: {soft: 20, hard: 10}, core: many}
+    extra_hosts: [broker]
+    stop_grace_period: soon
+    dns: [resolver]
+    oom_score_adj: 2000
+    pids_limit: 0
+    cpuset: all
+    ipc: service:nope
+    pid: shareable
+",
+        );
+        for part in [
+            "4:18: working_dir `srv` must be an absolute path",
+            "5:15: shm_size: invalid size",
+            "6:23: ulimit `nofile`: soft limit 20 is above the hard limit 10",
+            "6:51: ulimit `core` must be a number",
+            "7:19: extra_hosts entry `broker`",
+            "8:24: stop_grace_period: invalid duration",
+            "9:10: dns server `resolver` is not an IP address",
+            "10:20: oom_score_adj 2000 is out of range",
+            "11:17: pids_limit 0 is not valid",
+            "12:13: cpuset `all` is not a CPU list",
+            "13:10: ipc `service:nope` names no service of this app",
+            "14:10: pid `shareable` is not valid",
+        ] {
+            has(&diags, part);
+        }
+    }
+
+    #[test]
+    fn an_unset_variable_is_named_once_and_not_followed_by_an_empty_one() {
+        let (_, diags) = check(
+            "services:\n  web:\n    image: nginx\n    environment:\n      - ${PG_USER}\n      - B=${PG_PW}\n",
+        );
+        has(&diags, "5:9: variable `PG_USER` is not set");
+        has(&diags, "6:9: variable `PG_PW` is not set");
+        assert_eq!(diags.len(), 2, "{diags:#?}");
+    }
+
     fn vars(name: &str) -> Option<String> {
+        // `TZ` and `EMPTY` only.
         match name {
             "TZ" => Some("Europe/Berlin".into()),
             "EMPTY" => Some(String::new()),

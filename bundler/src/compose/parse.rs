@@ -5,8 +5,9 @@
 //! Parsing only: no interpolation, no I/O.
 
 use std::fmt;
+use std::ops::Deref;
 
-use serde::de::{self, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, IgnoredAny, IntoDeserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 use crate::yaml::{ListOrMap, NamesOrMap, Pos, Scalar, Spanned, SpannedMap, StringOrList};
@@ -23,11 +24,11 @@ pub struct ComposeFile {
     /// The project name; ignored (the app name is the project name).
     #[serde(default)]
     pub name: Option<IgnoredAny>,
-    pub services: SpannedMap<Spanned<Service>>,
+    pub services: SpannedMap<Spanned<Ext<Service>>>,
     #[serde(default)]
-    pub networks: SpannedMap<Option<Spanned<NetworkDef>>>,
+    pub networks: SpannedMap<Option<Spanned<Ext<NetworkDef>>>>,
     #[serde(default)]
-    pub volumes: SpannedMap<Option<Spanned<VolumeDef>>>,
+    pub volumes: SpannedMap<Option<Spanned<Ext<VolumeDef>>>>,
     #[serde(default)]
     pub secrets: Refused,
     #[serde(default)]
@@ -87,7 +88,49 @@ pub struct Service {
     #[serde(default)]
     pub cpus: Option<Spanned<Scalar>>,
     #[serde(default)]
-    pub deploy: Option<Spanned<Deploy>>,
+    pub deploy: Option<Spanned<Ext<Deploy>>>,
+    #[serde(default)]
+    pub logging: Option<Spanned<Ext<LoggingDef>>>,
+    #[serde(default)]
+    pub init: Option<bool>,
+    #[serde(default)]
+    pub read_only: Option<bool>,
+    #[serde(default)]
+    pub security_opt: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub working_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    pub shm_size: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub sysctls: Option<Spanned<ListOrMap>>,
+    #[serde(default)]
+    pub ulimits: SpannedMap<Spanned<ScalarOrMap<UlimitLong>>>,
+    #[serde(default)]
+    pub extra_hosts: Option<Spanned<ListOrMap>>,
+    #[serde(default)]
+    pub tty: Option<bool>,
+    #[serde(default)]
+    pub stdin_open: Option<bool>,
+    #[serde(default)]
+    pub stop_grace_period: Option<Spanned<String>>,
+    #[serde(default)]
+    pub dns: Option<Spanned<StringOrList>>,
+    #[serde(default)]
+    pub dns_search: Option<Spanned<StringOrList>>,
+    #[serde(default)]
+    pub dns_opt: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub group_add: Vec<Spanned<Scalar>>,
+    #[serde(default)]
+    pub oom_score_adj: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub pids_limit: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub cpuset: Option<Spanned<String>>,
+    #[serde(default)]
+    pub ipc: Option<Spanned<String>>,
+    #[serde(default)]
+    pub pid: Option<Spanned<String>>,
 
     // Compose keys the agent cannot apply: refused by name.
     #[serde(default)]
@@ -109,41 +152,11 @@ pub struct Service {
     #[serde(default)]
     pub volumes_from: Refused,
     #[serde(default)]
-    pub ulimits: Refused,
-    #[serde(default)]
-    pub logging: Refused,
-    #[serde(default)]
-    pub sysctls: Refused,
-    #[serde(default)]
-    pub security_opt: Refused,
-    #[serde(default)]
-    pub working_dir: Refused,
-    #[serde(default)]
-    pub tty: Refused,
-    #[serde(default)]
-    pub stdin_open: Refused,
-    #[serde(default)]
-    pub init: Refused,
-    #[serde(default)]
     pub platform: Refused,
     #[serde(default)]
     pub pull_policy: Refused,
     #[serde(default)]
-    pub shm_size: Refused,
-    #[serde(default)]
-    pub extra_hosts: Refused,
-    #[serde(default)]
-    pub dns: Refused,
-    #[serde(default)]
-    pub dns_search: Refused,
-    #[serde(default)]
-    pub ipc: Refused,
-    #[serde(default)]
-    pub pid: Refused,
-    #[serde(default)]
     pub cgroup_parent: Refused,
-    #[serde(default)]
-    pub stop_grace_period: Refused,
     #[serde(default)]
     pub domainname: Refused,
     #[serde(default)]
@@ -153,13 +166,7 @@ pub struct Service {
     #[serde(default)]
     pub scale: Refused,
     #[serde(default)]
-    pub group_add: Refused,
-    #[serde(default)]
-    pub read_only: Refused,
-    #[serde(default)]
     pub userns_mode: Refused,
-    #[serde(default)]
-    pub oom_score_adj: Refused,
     #[serde(default)]
     pub mem_reservation: Refused,
     #[serde(default)]
@@ -167,15 +174,13 @@ pub struct Service {
     #[serde(default)]
     pub cpu_shares: Refused,
     #[serde(default)]
-    pub cpuset: Refused,
-    #[serde(default)]
     pub develop: Refused,
 }
 
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 40] = [
+        let all: [(&'static str, &Refused); 21] = [
             ("build", &self.build),
             ("env_file", &self.env_file),
             ("secrets", &self.secrets),
@@ -185,50 +190,39 @@ impl Service {
             ("links", &self.links),
             ("external_links", &self.external_links),
             ("volumes_from", &self.volumes_from),
-            ("ulimits", &self.ulimits),
-            ("logging", &self.logging),
-            ("sysctls", &self.sysctls),
-            ("security_opt", &self.security_opt),
-            ("working_dir", &self.working_dir),
-            ("tty", &self.tty),
-            ("stdin_open", &self.stdin_open),
-            ("init", &self.init),
             ("platform", &self.platform),
             ("pull_policy", &self.pull_policy),
-            ("shm_size", &self.shm_size),
-            ("extra_hosts", &self.extra_hosts),
-            ("dns", &self.dns),
-            ("dns_search", &self.dns_search),
-            ("ipc", &self.ipc),
-            ("pid", &self.pid),
             ("cgroup_parent", &self.cgroup_parent),
-            ("stop_grace_period", &self.stop_grace_period),
             ("domainname", &self.domainname),
             ("mac_address", &self.mac_address),
             ("runtime", &self.runtime),
             ("scale", &self.scale),
-            ("group_add", &self.group_add),
-            ("read_only", &self.read_only),
             ("userns_mode", &self.userns_mode),
-            ("oom_score_adj", &self.oom_score_adj),
             ("mem_reservation", &self.mem_reservation),
             ("memswap_limit", &self.memswap_limit),
             ("cpu_shares", &self.cpu_shares),
-            ("cpuset", &self.cpuset),
             ("develop", &self.develop),
         ];
         all.iter().filter_map(|(name, v)| v.as_ref().map(|s| (*name, Pos::of(s)))).collect()
     }
 }
 
-/// The message for a refused key.
+/// The message for a refused key: why, and what to write instead.
 pub(super) fn refusal(key: &str) -> String {
-    match key {
-        "build" => "`build:` is not supported: devices pull images, build them in CI and set `image:`".into(),
-        "env_file" => "`env_file:` is not supported: set the variables under `environment:` (values may use ${VAR} from device vars)".into(),
-        "secrets" | "configs" => format!("`{key}:` is not supported: deliver the file with `files:` in app.yaml and bind-mount it"),
-        key => format!("`{key}:` is not supported: the fleet agent cannot apply it (see the supported keys in the bundler README)"),
-    }
+    let why = match key {
+        "build" => "devices pull images, build them in CI and set `image:`",
+        "develop" => "it is for `docker compose watch` on a developer's machine",
+        "secrets" | "configs" => "deliver the file with `files:` in app.yaml and bind-mount it",
+        "extends" => "it reads other files; inline the service (YAML anchors and `<<:` merge keys work)",
+        "links" => "services reach each other by service name on the app's network (use `depends_on:` for the start order)",
+        "external_links" => "the agent connects only the app's own containers",
+        "volumes_from" => "mount the same named volume in both services",
+        "scale" => "a device runs one container per service",
+        "domainname" => "podman ignores it; use `hostname:` or `dns_search:`",
+        "userns_mode" => "not yet (a host namespace, for the device's container policy to govern)",
+        _ => "not yet: the agent does not apply it (see the Compose key table in the bundler README)",
+    };
+    format!("`{key}:` is not supported: {why}")
 }
 
 /// A value written either as a scalar (short syntax) or as a map (long syntax).
@@ -406,4 +400,83 @@ pub struct VolumeDef {
     pub external: Option<Spanned<IgnoredAny>>,
     #[serde(default)]
     pub driver_opts: Option<Spanned<IgnoredAny>>,
+}
+
+/// `logging:` of a service.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingDef {
+    #[serde(default)]
+    pub driver: Option<Spanned<String>>,
+    #[serde(default)]
+    pub options: Option<Spanned<ListOrMap>>,
+}
+
+/// The long form of one `ulimits:` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UlimitLong {
+    pub soft: Spanned<i64>,
+    pub hard: Spanned<i64>,
+}
+
+/// A mapping whose extension fields (`x-*` keys, which the Compose specification lets
+/// users put anywhere for anchors and tools) are skipped before `T` sees the mapping, so
+/// `T` can still refuse every other unknown key. Keys are read as text; values of the
+/// other keys keep their places in the file.
+#[derive(Debug)]
+pub struct Ext<T>(pub T);
+
+impl<T> Deref for Ext<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: Default> Default for Ext<T> {
+    fn default() -> Self {
+        Ext(T::default())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ext<T> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Ext<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(SkipExtensions(map))).map(Ext)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+struct SkipExtensions<A>(A);
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for SkipExtensions<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+        loop {
+            let Some(Scalar(key)) = self.0.next_key::<Scalar>()? else { return Ok(None) };
+            if key.starts_with("x-") {
+                self.0.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            return seed.deserialize(key.into_deserializer()).map(Some);
+        }
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.0.next_value_seed(seed)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        None
+    }
 }

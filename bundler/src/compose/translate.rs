@@ -3,12 +3,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fleet_spec::model::{
-    ContainerSpec, Dependency, DependencyCondition, DeviceMapping, Healthcheck, ImageRef, Mount, MountSource,
-    NetworkAttachment, NetworkSpec, PortMapping, Protocol, RestartPolicy, VolumeSpec,
+    ContainerOptions, ContainerSpec, Dependency, DependencyCondition, DeviceMapping, Healthcheck, ImageRef,
+    LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol, RestartPolicy,
+    Ulimit, VolumeSpec,
 };
 
 use super::interpolate::{interpolate, InterpError};
-use super::parse::{refusal, ComposeFile, HealthcheckDef, PortLong, ScalarOrMap, Service, VolumeLong};
+use super::parse::{
+    refusal, ComposeFile, Ext, HealthcheckDef, LoggingDef, PortLong, ScalarOrMap, Service, VolumeLong,
+};
 use super::{Translated, Translator};
 use crate::diag::Diagnostic;
 use crate::duration::{parse_bytes, parse_duration_ms, parse_nano_cpus};
@@ -30,8 +33,11 @@ pub(super) fn valid_service_name(name: &str) -> bool {
 }
 
 impl Translator<'_, '_> {
+    /// Reports an error at `pos`, unless the value there used a variable that is not set
+    /// (that was reported, or is not an error in lenient mode): a second message about
+    /// the empty value would only hide the first.
     fn error(&mut self, pos: Pos, message: impl Into<String>) {
-        if self.lenient && self.tainted.contains(&pos) {
+        if self.tainted.contains(&pos) {
             return;
         }
         self.diags.push(Diagnostic::error(self.ctx.file, pos.line, pos.column, message));
@@ -49,9 +55,7 @@ impl Translator<'_, '_> {
         match interpolate(text, self.vars) {
             Ok(s) => s,
             Err(InterpError::Unset { name, message }) => {
-                if self.lenient {
-                    self.tainted.insert(pos);
-                } else {
+                if !self.lenient {
                     let msg = match message {
                         Some(m) => format!("variable `{name}` is not set: {m}"),
                         None => format!(
@@ -60,6 +64,7 @@ impl Translator<'_, '_> {
                     };
                     self.error(pos, msg);
                 }
+                self.tainted.insert(pos);
                 String::new()
             }
             Err(InterpError::Syntax(msg)) => {
@@ -502,7 +507,217 @@ impl Translator<'_, '_> {
                 Err(msg) => self.error(Pos::of(c), msg),
             }
         }
+        spec.options = self.options(svc, container_names);
         Some(spec)
+    }
+
+    /// The keys of [`ContainerOptions`]: `logging`, `init`, `read_only`, `sysctls`, ...
+    fn options(&mut self, svc: &Service, container_names: &BTreeMap<String, String>) -> ContainerOptions {
+        let mut o = ContainerOptions {
+            init: svc.init,
+            read_only: svc.read_only.unwrap_or(false),
+            tty: svc.tty.unwrap_or(false),
+            stdin_open: svc.stdin_open.unwrap_or(false),
+            ..Default::default()
+        };
+        if let Some(logging) = &svc.logging {
+            o.logging = Some(self.logging(logging));
+        }
+        o.security_opt = svc.security_opt.iter().map(|v| self.s(v)).collect();
+        if let Some(dir) = &svc.working_dir {
+            let text = self.s(dir);
+            if !text.starts_with('/') {
+                self.error(
+                    Pos::of(dir),
+                    format!("working_dir `{text}` must be an absolute path inside the container"),
+                );
+            }
+            o.working_dir = Some(text);
+        }
+        if let Some(size) = &svc.shm_size {
+            let text = self.scalar(size);
+            match parse_bytes(&text) {
+                Ok(bytes) => o.shm_size_bytes = Some(bytes),
+                Err(msg) => self.error(Pos::of(size), format!("shm_size: {msg}")),
+            }
+        }
+        if let Some(sysctls) = &svc.sysctls {
+            o.sysctls = self.key_values(sysctls, "sysctl", true);
+        }
+        for (name, limit) in &svc.ulimits.0 {
+            let (soft, hard) = match &limit.value {
+                ScalarOrMap::Short(text) => match self.interp(text, Pos::of(limit)).parse::<i64>() {
+                    Ok(n) => (n, n),
+                    Err(_) => {
+                        self.error(
+                            Pos::of(limit),
+                            format!(
+                                "ulimit `{}` must be a number, or a map with `soft:` and `hard:`",
+                                name.value
+                            ),
+                        );
+                        continue;
+                    }
+                },
+                ScalarOrMap::Long(l) => (l.soft.value, l.hard.value),
+            };
+            if soft > hard && hard != -1 || soft < -1 || hard < -1 {
+                self.error(Pos::of(limit), format!("ulimit `{}`: soft limit {soft} is above the hard limit {hard} (or below -1, unlimited)", name.value));
+                continue;
+            }
+            o.ulimits.insert(name.value.clone(), Ulimit { soft, hard });
+        }
+        if let Some(hosts) = &svc.extra_hosts {
+            o.extra_hosts = self.extra_hosts(hosts);
+        }
+        if let Some(period) = &svc.stop_grace_period {
+            let text = self.s(period);
+            match parse_duration_ms(&text) {
+                // The engine takes whole seconds; round up so the grace is never shorter.
+                Ok(ms) => o.stop_timeout_s = Some(ms.div_ceil(1000)),
+                Err(msg) => self.error(Pos::of(period), format!("stop_grace_period: {msg}")),
+            }
+        }
+        if let Some(dns) = &svc.dns {
+            o.dns = self.words_plain(dns);
+            for server in &o.dns {
+                if server.parse::<std::net::IpAddr>().is_err() && !self.tainted.contains(&Pos::of(dns)) {
+                    self.error(Pos::of(dns), format!("dns server `{server}` is not an IP address"));
+                }
+            }
+        }
+        if let Some(search) = &svc.dns_search {
+            o.dns_search = self.words_plain(search);
+        }
+        o.dns_opt = svc.dns_opt.iter().map(|v| self.s(v)).collect();
+        o.group_add = svc.group_add.iter().map(|v| self.scalar(v)).collect();
+        if let Some(adj) = &svc.oom_score_adj {
+            if !(-1000..=1000).contains(&adj.value) {
+                self.error(
+                    Pos::of(adj),
+                    format!("oom_score_adj {} is out of range: use -1000 to 1000", adj.value),
+                );
+            }
+            o.oom_score_adj = Some(adj.value);
+        }
+        if let Some(limit) = &svc.pids_limit {
+            if limit.value == 0 || limit.value < -1 {
+                self.error(
+                    Pos::of(limit),
+                    format!(
+                        "pids_limit {} is not valid: use a positive number, or -1 for no limit",
+                        limit.value
+                    ),
+                );
+            }
+            o.pids_limit = Some(limit.value);
+        }
+        if let Some(cpuset) = &svc.cpuset {
+            let text = self.s(cpuset);
+            if text.is_empty() || !text.chars().all(|c| c.is_ascii_digit() || c == ',' || c == '-') {
+                self.error(
+                    Pos::of(cpuset),
+                    format!("cpuset `{text}` is not a CPU list such as \"0-1\" or \"0,2\""),
+                );
+            }
+            o.cpuset = Some(text);
+        }
+        o.ipc = svc.ipc.as_ref().map(|v| {
+            self.namespace_mode(v, "ipc", &["host", "private", "shareable", "none"], container_names)
+        });
+        o.pid = svc.pid.as_ref().map(|v| self.namespace_mode(v, "pid", &["host"], container_names));
+        o
+    }
+
+    /// `logging:` → driver and options; `max-size`/`max-file` are checked here, as the
+    /// engine would only refuse them on the device.
+    fn logging(&mut self, l: &Spanned<Ext<LoggingDef>>) -> LogConfig {
+        let driver = l.value.driver.as_ref().map(|d| (self.s(d), Pos::of(d)));
+        let options = match &l.value.options {
+            Some(opts) => self.key_values(opts, "logging option", true),
+            None => BTreeMap::new(),
+        };
+        if let Some((name, at)) = &driver {
+            if !matches!(name.as_str(), "json-file" | "local" | "journald" | "none") {
+                self.warning(*at, format!("logging driver `{name}` is not one every engine has (json-file, local, journald, none): the device's engine must provide it"));
+            }
+        }
+        if let Some(opts) = &l.value.options {
+            for (key, value) in &options {
+                let bad = match key.as_str() {
+                    "max-size" => parse_bytes(value).err(),
+                    "max-file" => (value.parse::<u32>().map_or(true, |n| n == 0))
+                        .then(|| format!("invalid file count {value:?}: use a number of at least 1")),
+                    _ => None,
+                };
+                if let Some(msg) = bad {
+                    self.error(Pos::of(opts), format!("logging option `{key}`: {msg}"));
+                }
+            }
+        }
+        let driver_name = driver.map(|(d, _)| d).unwrap_or_default();
+        if matches!(driver_name.as_str(), "json-file") && !options.contains_key("max-size") {
+            self.warning(Pos::of(l), "the json-file log of this service grows without bound: set `options: {max-size: 10m, max-file: \"3\"}` (or use the `local` driver, which rotates)");
+        }
+        LogConfig { driver: driver_name, options }
+    }
+
+    /// `extra_hosts:` as `host:ip` entries (list `host:ip` or `host=ip`, or a map).
+    fn extra_hosts(&mut self, v: &Spanned<ListOrMap>) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut add = |t: &mut Self, host: &str, ip: &str, at: Pos| {
+            if host.is_empty() || (ip != "host-gateway" && ip.parse::<std::net::IpAddr>().is_err()) {
+                if !t.tainted.contains(&at) {
+                    t.error(at, format!("extra_hosts entry `{host}` → `{ip}` is not HOST:IP (or HOST=IP) with an IP address or host-gateway"));
+                }
+                return;
+            }
+            out.push(format!("{host}:{ip}"));
+        };
+        match &v.value {
+            ListOrMap::List(items) => {
+                for item in items {
+                    let text = self.scalar(item);
+                    let (host, ip) =
+                        text.split_once('=').or_else(|| text.split_once(':')).unwrap_or((&text, ""));
+                    add(self, host, ip.trim_start_matches('[').trim_end_matches(']'), Pos::of(item));
+                }
+            }
+            ListOrMap::Map(entries) => {
+                for (host, ip) in entries {
+                    let ip = ip.as_ref().map(|i| self.scalar(i)).unwrap_or_default();
+                    add(self, &host.value, &ip, Pos::of(host));
+                }
+            }
+        }
+        out
+    }
+
+    /// `ipc:`/`pid:`: one of `allowed`, `service:<name>` (→ `container:<its name>`) or
+    /// `container:<name>`. `host` is carried as is; the device's container policy decides.
+    fn namespace_mode(
+        &mut self,
+        v: &Spanned<String>,
+        key: &str,
+        allowed: &[&str],
+        container_names: &BTreeMap<String, String>,
+    ) -> String {
+        let text = self.s(v);
+        if let Some(other) = text.strip_prefix("service:") {
+            match container_names.get(other) {
+                Some(c) => return format!("container:{c}"),
+                None => self.error(Pos::of(v), format!("{key} `{text}` names no service of this app")),
+            }
+        } else if !allowed.contains(&text.as_str()) && !text.starts_with("container:") {
+            self.error(
+                Pos::of(v),
+                format!(
+                    "{key} `{text}` is not valid: use {}, service:<name> or container:<name>",
+                    allowed.join(", ")
+                ),
+            );
+        }
+        text
     }
 
     /// `command:`/`entrypoint:`: a string is split like a shell would (no expansion).
