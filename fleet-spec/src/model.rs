@@ -465,7 +465,8 @@ mod tests {
         let base = plain_container();
         let state = DesiredState::default();
         let h0 = state.container_hash(&base);
-        let variants: Vec<(&str, fn(&mut ContainerOptions))> = vec![
+        type SetOption = fn(&mut ContainerOptions);
+        let variants: Vec<(&str, SetOption)> = vec![
             ("logging", |o| o.logging = Some(LogConfig { driver: "local".into(), options: BTreeMap::new() })),
             ("init", |o| o.init = Some(true)),
             ("read_only", |o| o.read_only = true),

@@ -76,7 +76,7 @@ fn container() -> impl Strategy<Value = ContainerSpec> {
         vec((id(), 0u8..3), 0..3),
         (any::<bool>(), option::of(any::<u64>()), option::of(any::<u64>()), option::of(text())),
     );
-    (basics, more).prop_map(
+    (basics, more, options()).prop_map(
         |(
             (name, app, service, (reference, digest), command, entrypoint, env, user),
             (
@@ -88,6 +88,7 @@ fn container() -> impl Strategy<Value = ContainerSpec> {
                 deps,
                 (privileged, memory_bytes, nano_cpus, stop_signal),
             ),
+            options,
         )| ContainerSpec {
             name,
             app,
@@ -141,8 +142,52 @@ fn container() -> impl Strategy<Value = ContainerSpec> {
             stop_signal,
             memory_bytes,
             nano_cpus,
+            options,
         },
     )
+}
+
+fn options() -> impl Strategy<Value = ContainerOptions> {
+    (
+        option::of((id(), btree_map(id(), text(), 0..3))),
+        (option::of(any::<bool>()), any::<bool>(), any::<bool>(), any::<bool>()),
+        (vec(text(), 0..2), option::of(text()), option::of(any::<u64>()), option::of(any::<u64>())),
+        (btree_map(id(), text(), 0..2), btree_map(id(), (any::<i64>(), any::<i64>()), 0..2)),
+        (vec(text(), 0..2), vec(text(), 0..2), option::of(any::<i64>()), option::of(any::<i64>())),
+        (option::of(text()), option::of(text()), option::of(text())),
+    )
+        .prop_map(
+            |(
+                logging,
+                (init, read_only, tty, stdin_open),
+                (security_opt, working_dir, shm_size_bytes, stop_timeout_s),
+                (sysctls, ulimits),
+                (extra_hosts, dns, oom_score_adj, pids_limit),
+                (cpuset, ipc, pid),
+            )| ContainerOptions {
+                logging: logging.map(|(driver, options)| LogConfig { driver, options }),
+                init,
+                read_only,
+                security_opt,
+                working_dir,
+                shm_size_bytes,
+                sysctls,
+                ulimits: ulimits.into_iter().map(|(k, (soft, hard))| (k, Ulimit { soft, hard })).collect(),
+                extra_hosts,
+                tty,
+                stdin_open,
+                stop_timeout_s,
+                dns,
+                dns_search: vec![],
+                dns_opt: vec![],
+                group_add: vec![],
+                oom_score_adj,
+                pids_limit,
+                cpuset,
+                ipc,
+                pid,
+            },
+        )
 }
 
 fn desired_state() -> impl Strategy<Value = DesiredState> {

@@ -23,6 +23,7 @@
 //!
 //! This module is pure: no I/O. Image tags are pinned to digests later, by the caller.
 
+mod dotenv;
 mod interpolate;
 mod parse;
 mod translate;
@@ -34,6 +35,7 @@ use fleet_spec::model::{ContainerSpec, NetworkSpec, VolumeSpec};
 use crate::diag::Diagnostic;
 use crate::yaml::Pos;
 
+pub use dotenv::{parse_env_file, EnvEntry};
 pub use interpolate::{interpolate, InterpError};
 pub use parse::*;
 pub use translate::{normalize_relative, parse_expose, parse_image, parse_port, valid_container_name};
@@ -73,6 +75,36 @@ pub struct AppContext<'a> {
     pub app_root: &'a str,
     /// App files: normalized source path (relative to the app dir) → device target.
     pub file_targets: &'a BTreeMap<String, String>,
+    /// The `env_file:` files the commit holds: repository path → content (see
+    /// [`env_file_paths`]).
+    pub env_files: &'a BTreeMap<String, Vec<u8>>,
+}
+
+/// The repository path of an `env_file:` entry: relative to the Compose file's
+/// directory, and inside `apps/<app>/` (`None` when it leaves it).
+pub fn env_file_path(compose_file: &str, app: &str, written: &str) -> Option<String> {
+    let app_dir = format!("apps/{app}");
+    let compose_rel = compose_file.strip_prefix(&format!("{app_dir}/")).unwrap_or(compose_file);
+    let compose_dir = compose_rel.rsplit_once('/').map_or("", |(dir, _)| dir);
+    if written.starts_with('/') {
+        return None;
+    }
+    let rel = normalize_relative(&format!("{compose_dir}/{written}")).filter(|r| !r.is_empty())?;
+    Some(format!("{app_dir}/{rel}"))
+}
+
+/// The repository paths of every `env_file:` of `file`, for the caller to read.
+pub fn env_file_paths(file: &ComposeFile, compose_file: &str, app: &str) -> Vec<String> {
+    let mut out: Vec<String> = file
+        .services
+        .0
+        .iter()
+        .flat_map(|(_, svc)| svc.value.env_files())
+        .filter_map(|(written, ..)| env_file_path(compose_file, app, &written))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Translates a Compose file. With `lenient`, unset variables interpolate to "" and
@@ -112,11 +144,16 @@ mod tests {
             Err(d) => return (Vec::new(), vec![format!("{}:{}: {}", d.line, d.column, d.message)]),
         };
         let targets = BTreeMap::new();
+        let env_files = BTreeMap::from([(
+            "apps/shop/conf/web.env".to_string(),
+            b"# defaults\nA=from-file\nB=${TZ}\nC='${LITERAL}'\n".to_vec(),
+        )]);
         let ctx = AppContext {
             app: "shop",
-            file: "compose.yaml",
+            file: "apps/shop/compose.yaml",
             app_root: "/srv/fleet/shop",
             file_targets: &targets,
+            env_files: &env_files,
         };
         let (t, diags) = translate(&file, &ctx, &vars, false);
         (t.containers, diags.iter().map(|d| format!("{}:{}: {}", d.line, d.column, d.message)).collect())
@@ -279,6 +316,31 @@ services:
         ] {
             has(&diags, part);
         }
+    }
+
+    #[test]
+    fn env_file_is_read_relative_to_the_compose_file_and_environment_wins() {
+        let c = ok(
+            "services:\n  web:\n    image: nginx\n    env_file: [conf/web.env]\n    environment: {A: mine}\n",
+        );
+        assert_eq!(c.env.get("A").map(String::as_str), Some("mine"));
+        assert_eq!(
+            c.env.get("B").map(String::as_str),
+            Some("Europe/Berlin"),
+            "interpolated from device vars"
+        );
+        assert_eq!(c.env.get("C").map(String::as_str), Some("${LITERAL}"), "single quotes are literal");
+        let c =
+            ok("services:\n  web:\n    image: nginx\n    env_file: [{path: missing.env, required: false}]\n");
+        assert!(c.env.is_empty());
+    }
+
+    #[test]
+    fn env_file_errors_name_the_file() {
+        let (_, diags) = check("services:\n  web:\n    image: nginx\n    env_file: .env\n");
+        has(&diags, "4:15: env_file `.env` is not in the commit (looked for apps/shop/.env)");
+        let (_, diags) = check("services:\n  web:\n    image: nginx\n    env_file: ../other/.env\n");
+        has(&diags, "4:15: env_file `../other/.env` is outside the app directory");
     }
 
     #[test]

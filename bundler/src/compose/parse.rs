@@ -90,6 +90,8 @@ pub struct Service {
     #[serde(default)]
     pub deploy: Option<Spanned<Ext<Deploy>>>,
     #[serde(default)]
+    pub env_file: Option<Spanned<EnvFiles>>,
+    #[serde(default)]
     pub logging: Option<Spanned<Ext<LoggingDef>>>,
     #[serde(default)]
     pub init: Option<bool>,
@@ -136,8 +138,6 @@ pub struct Service {
     #[serde(default)]
     pub build: Refused,
     #[serde(default)]
-    pub env_file: Refused,
-    #[serde(default)]
     pub secrets: Refused,
     #[serde(default)]
     pub configs: Refused,
@@ -180,9 +180,8 @@ pub struct Service {
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 21] = [
+        let all: [(&'static str, &Refused); 20] = [
             ("build", &self.build),
-            ("env_file", &self.env_file),
             ("secrets", &self.secrets),
             ("configs", &self.configs),
             ("extends", &self.extends),
@@ -478,5 +477,74 @@ impl<'de, A: MapAccess<'de>> MapAccess<'de> for SkipExtensions<A> {
 
     fn size_hint(&self) -> Option<usize> {
         None
+    }
+}
+
+/// `env_file:`: one path, or a list of paths and `{path, required}` maps.
+#[derive(Debug)]
+pub enum EnvFiles {
+    One(String),
+    List(Vec<Spanned<ScalarOrMap<EnvFileLong>>>),
+}
+
+impl<'de> Deserialize<'de> for EnvFiles {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = EnvFiles;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a path or a list of paths")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<EnvFiles, E> {
+                Ok(EnvFiles::One(v.into()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<EnvFiles, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(EnvFiles::List(items))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The long form of one `env_file:` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvFileLong {
+    pub path: String,
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// `raw` (no interpolation) or absent.
+    #[serde(default)]
+    pub format: Option<Spanned<String>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Service {
+    /// Every `env_file:` entry: path as written, whether it must exist, no
+    /// interpolation (`format: raw`), and its place.
+    pub fn env_files(&self) -> Vec<(String, bool, bool, Pos)> {
+        let Some(files) = &self.env_file else { return Vec::new() };
+        match &files.value {
+            EnvFiles::One(path) => vec![(path.clone(), true, false, Pos::of(files))],
+            EnvFiles::List(items) => items
+                .iter()
+                .map(|item| match &item.value {
+                    ScalarOrMap::Short(path) => (path.clone(), true, false, Pos::of(item)),
+                    ScalarOrMap::Long(l) => (
+                        l.path.clone(),
+                        l.required,
+                        l.format.as_ref().is_some_and(|f| f.value == "raw"),
+                        Pos::of(item),
+                    ),
+                })
+                .collect(),
+        }
     }
 }

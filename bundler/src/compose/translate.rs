@@ -8,11 +8,12 @@ use fleet_spec::model::{
     Ulimit, VolumeSpec,
 };
 
+use super::dotenv::parse_env_file;
 use super::interpolate::{interpolate, InterpError};
 use super::parse::{
     refusal, ComposeFile, Ext, HealthcheckDef, LoggingDef, PortLong, ScalarOrMap, Service, VolumeLong,
 };
-use super::{Translated, Translator};
+use super::{env_file_path, Translated, Translator};
 use crate::diag::Diagnostic;
 use crate::duration::{parse_bytes, parse_duration_ms, parse_nano_cpus};
 use crate::yaml::{ListOrMap, Pos, Scalar, Spanned, StringOrList};
@@ -281,8 +282,9 @@ impl Translator<'_, '_> {
         };
         spec.command = svc.command.as_ref().map(|c| self.words(c));
         spec.entrypoint = svc.entrypoint.as_ref().map(|c| self.words(c));
+        spec.env = self.env_files(svc);
         if let Some(env) = &svc.environment {
-            spec.env = self.key_values(env, "environment variable", true);
+            spec.env.extend(self.key_values(env, "environment variable", true));
         }
         if let Some(labels) = &svc.labels {
             spec.labels = self.key_values(labels, "label", false);
@@ -509,6 +511,54 @@ impl Translator<'_, '_> {
         }
         spec.options = self.options(svc, container_names);
         Some(spec)
+    }
+
+    /// The variables of the service's `env_file:`s, later files winning; values are
+    /// interpolated (unless single-quoted or `format: raw`).
+    fn env_files(&mut self, svc: &Service) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        for (written, required, raw, pos) in svc.env_files() {
+            let Some(repo_path) = env_file_path(self.ctx.file, self.ctx.app, &written) else {
+                self.error(pos, format!("env_file `{written}` is outside the app directory: env files must be inside apps/{}/", self.ctx.app));
+                continue;
+            };
+            let Some(bytes) = self.ctx.env_files.get(&repo_path) else {
+                if required {
+                    self.error(pos, format!("env_file `{written}` is not in the commit (looked for {repo_path}): commit it, or write `{{path: {written}, required: false}}`"));
+                }
+                continue;
+            };
+            let Ok(text) = std::str::from_utf8(bytes) else {
+                self.error(pos, format!("env_file {repo_path} is not UTF-8 text"));
+                continue;
+            };
+            match parse_env_file(text) {
+                Ok(entries) => {
+                    for e in entries {
+                        let value = if raw || e.literal || !e.value.contains('$') {
+                            e.value
+                        } else {
+                            match interpolate(&e.value, self.vars) {
+                                Ok(v) => v,
+                                Err(InterpError::Unset { name, .. }) => {
+                                    if !self.lenient {
+                                        self.error(pos, format!("env_file {repo_path}:{}: `{}` uses variable `{name}`, which is not set for this device", e.line, e.key));
+                                    }
+                                    continue;
+                                }
+                                Err(InterpError::Syntax(msg)) => {
+                                    self.error(pos, format!("env_file {repo_path}:{}: {msg}", e.line));
+                                    continue;
+                                }
+                            }
+                        };
+                        env.insert(e.key, value);
+                    }
+                }
+                Err((line, msg)) => self.error(pos, format!("env_file {repo_path}:{line}: {msg}")),
+            }
+        }
+        env
     }
 
     /// The keys of [`ContainerOptions`]: `logging`, `init`, `read_only`, `sysctls`, ...

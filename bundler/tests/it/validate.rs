@@ -184,7 +184,7 @@ fn compose_refused_keys_are_named() {
     );
     check(
         &[("apps/web/compose.yaml", Some("services:\n  web:\n    image: x:1\n    env_file: .env\n"))],
-        &["apps/web/compose.yaml:4:15: error: `env_file:` is not supported"],
+        &["apps/web/compose.yaml:4:15: error: env_file `.env` is not in the commit (looked for apps/web/.env)"],
     );
     check(
         &[("apps/web/compose.yaml", Some("services:\n  web:\n    image: x:1\n    imagee: y\n"))],
