@@ -605,7 +605,10 @@ fn load_app(
             file_targets: &file_targets,
             env_files: &env_files,
         };
-        let has_vars = source.contains('$') || env_files.values().any(|bytes| bytes.contains(&b'$'));
+        // Per device: `${VAR}`s, env files that use them, and profiles (COMPOSE_PROFILES).
+        let has_vars = source.contains('$')
+            || env_files.values().any(|bytes| bytes.contains(&b'$'))
+            || parsed.services.0.iter().any(|(_, svc)| !svc.value.profiles.is_empty());
         let lookup =
             |name: &str| fleet_vars.get(name).and_then(scalar_var).or_else(|| dotenv.get(name).cloned());
         let (translated, found) = compose::translate(&parsed, &ctx, &lookup, has_vars);

@@ -344,6 +344,43 @@ services:
     }
 
     #[test]
+    fn profiles_select_services_by_the_compose_profiles_variable() {
+        let yaml = "services:
+  web: {image: nginx, depends_on: [debug]}
+  debug: {image: busybox, profiles: [debug]}
+  metrics: {image: telegraf, profiles: [metrics, full]}
+";
+        let names = |profiles: Option<&str>| {
+            let lookup =
+                |name: &str| (name == "COMPOSE_PROFILES").then(|| profiles.map(str::to_string)).flatten();
+            let file = parse_file("compose.yaml", yaml).expect("parses");
+            let (targets, env_files) = (BTreeMap::new(), BTreeMap::new());
+            let ctx = AppContext {
+                app: "shop",
+                file: "apps/shop/compose.yaml",
+                app_root: "/srv/fleet/shop",
+                file_targets: &targets,
+                env_files: &env_files,
+            };
+            let (t, diags) = translate(&file, &ctx, &lookup, false);
+            let names: Vec<String> = t.containers.into_iter().map(|c| c.service).collect();
+            (
+                names,
+                diags
+                    .into_iter()
+                    .map(|d| format!("{}:{}: {}", d.line, d.column, d.message))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let (all, diags) = names(Some("debug, full"));
+        assert_eq!(all, ["web", "debug", "metrics"], "{diags:?}");
+        assert_eq!(names(Some("*")).0, ["web", "debug", "metrics"]);
+        let (some, diags) = names(None);
+        assert_eq!(some, ["web"]);
+        has(&diags, "2:36: `web` depends on `debug`, whose profiles (debug) are not enabled on this device");
+    }
+
+    #[test]
     fn an_unset_variable_is_named_once_and_not_followed_by_an_empty_one() {
         let (_, diags) = check(
             "services:\n  web:\n    image: nginx\n    environment:\n      - ${PG_USER}\n      - B=${PG_PW}\n",

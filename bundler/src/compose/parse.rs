@@ -90,6 +90,8 @@ pub struct Service {
     #[serde(default)]
     pub deploy: Option<Spanned<Ext<Deploy>>>,
     #[serde(default)]
+    pub profiles: Vec<Spanned<String>>,
+    #[serde(default)]
     pub env_file: Option<Spanned<EnvFiles>>,
     #[serde(default)]
     pub logging: Option<Spanned<Ext<LoggingDef>>>,
@@ -144,8 +146,6 @@ pub struct Service {
     #[serde(default)]
     pub extends: Refused,
     #[serde(default)]
-    pub profiles: Refused,
-    #[serde(default)]
     pub links: Refused,
     #[serde(default)]
     pub external_links: Refused,
@@ -180,12 +180,11 @@ pub struct Service {
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 20] = [
+        let all: [(&'static str, &Refused); 19] = [
             ("build", &self.build),
             ("secrets", &self.secrets),
             ("configs", &self.configs),
             ("extends", &self.extends),
-            ("profiles", &self.profiles),
             ("links", &self.links),
             ("external_links", &self.external_links),
             ("volumes_from", &self.volumes_from),

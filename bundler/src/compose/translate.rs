@@ -184,11 +184,33 @@ impl Translator<'_, '_> {
         let mut containers = Vec::new();
         let mut default_used = false;
         let mut seen_names: BTreeMap<String, Pos> = BTreeMap::new();
+        let active = self.active_profiles();
+        let mut disabled: BTreeMap<&str, String> = BTreeMap::new();
         for (key, svc) in &file.services.0 {
             let service = key.value.as_str();
             let pos = Pos::of(key);
             if !valid_service_name(service) {
                 self.error(pos, format!("service name `{service}` is invalid: use letters, digits, '.', '_' and '-', starting with a letter or digit"));
+            }
+            for p in &svc.value.profiles {
+                if !valid_service_name(&p.value) {
+                    self.error(
+                        Pos::of(p),
+                        format!(
+                            "profile name `{}` is invalid: use letters, digits, '.', '_' and '-'",
+                            p.value
+                        ),
+                    );
+                }
+            }
+            // The check for every device (lenient) translates every service.
+            let profiles: Vec<&str> = svc.value.profiles.iter().map(|p| p.value.as_str()).collect();
+            if !self.lenient
+                && !profiles.is_empty()
+                && !profiles.iter().any(|p| active.contains(*p) || active.contains("*"))
+            {
+                disabled.insert(service, profiles.join(", "));
+                continue;
             }
             let Some(spec) = self.service(
                 service,
@@ -211,6 +233,16 @@ impl Translator<'_, '_> {
         if default_used && !networks.contains_key(&default_network) {
             networks
                 .insert(default_network.clone(), NetworkSpec { name: default_network, ..Default::default() });
+        }
+        for (key, svc) in &file.services.0 {
+            if disabled.contains_key(key.value.as_str()) {
+                continue;
+            }
+            for (dep, _) in svc.value.depends_on.iter().flat_map(|d| d.0.iter()) {
+                if let Some(profiles) = disabled.get(dep.value.as_str()) {
+                    self.error(Pos::of(dep), format!("`{}` depends on `{}`, whose profiles ({profiles}) are not enabled on this device: add one to the device variable COMPOSE_PROFILES", key.value, dep.value));
+                }
+            }
         }
         self.check_cycles(file, &container_names);
         Translated {
@@ -511,6 +543,15 @@ impl Translator<'_, '_> {
         }
         spec.options = self.options(svc, container_names);
         Some(spec)
+    }
+
+    /// The enabled profiles: the variable `COMPOSE_PROFILES` (comma-separated; `*`
+    /// enables all), as `docker compose` reads it from the environment or `.env`.
+    fn active_profiles(&self) -> BTreeSet<String> {
+        self.vars
+            .get("COMPOSE_PROFILES")
+            .map(|v| v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect())
+            .unwrap_or_default()
     }
 
     /// The variables of the service's `env_file:`s, later files winning; values are
