@@ -1,13 +1,14 @@
-//! The Compose subset fleet accepts, and its translation to container specs.
+//! The Compose keys fleet accepts, and their translation to container specs.
 //!
-//! Accepted service keys: `image`, `container_name`, `command`, `entrypoint`,
-//! `environment`, `labels`, `user`, `hostname`, `ports`, `expose`, `volumes`, `tmpfs`,
-//! `networks`, `network_mode`, `restart`, `healthcheck`, `depends_on`, `devices`,
-//! `cap_add`, `cap_drop`, `privileged`, `stop_signal`, `mem_limit`, `cpus`,
-//! `deploy.resources.limits`. Top level: `services`, `networks`, `volumes`, and the
-//! obsolete `version` and `name` (ignored). Compose keys the agent cannot apply are
-//! refused by name (`build:` above all: devices pull images, CI builds them); anything
-//! else is an unknown key.
+//! Every service key of the Compose Specification is accepted (and applied by the agent
+//! through `ContainerSpec`, most of the newer ones through `ContainerOptions`), or
+//! refused by name with the reason (`build:` above all: devices pull images, CI builds
+//! them); the table is in `bundler/README.md`. Extension fields (`x-*`) are skipped,
+//! anything else is an unknown key.
+//!
+//! - `parse`: the file as YAML (serde-saphyr: anchors and merge keys), with places;
+//! - `interpolate`: `${VAR}` forms; `dotenv`: `.env` and `env_file:` lines;
+//! - `translate`: the specs, with every problem as a diagnostic at its line.
 //!
 //! Translation rules (documented in `bundler/README.md`):
 //! - container name `<app>-<service>` unless `container_name`;
@@ -18,10 +19,12 @@
 //!   where the app's file with `source: P` is delivered (or that file's `target` when
 //!   it sets one), so a container mounting a managed file restarts when it changes;
 //! - `${VAR}` (`${VAR:-default}`, `${VAR-default}`, `${VAR:?message}`, `$VAR`, `$$`)
-//!   is interpolated from the device's variables, then the fleet's; a variable that is
-//!   not set is an error.
+//!   is interpolated from the device's variables, then the fleet's, then the `.env`
+//!   beside the Compose file; a variable that is not set is an error naming it;
+//! - a service with `profiles:` runs only where `COMPOSE_PROFILES` names one of them.
 //!
-//! This module is pure: no I/O. Image tags are pinned to digests later, by the caller.
+//! This module is pure: no I/O. The caller reads `.env` and the `env_file:`s from the
+//! commit, and pins image tags to digests later.
 
 mod dotenv;
 mod interpolate;

@@ -175,12 +175,60 @@ pub struct Service {
     pub cpu_shares: Refused,
     #[serde(default)]
     pub develop: Refused,
+    #[serde(default)]
+    pub annotations: Refused,
+    #[serde(default)]
+    pub attach: Refused,
+    #[serde(default)]
+    pub blkio_config: Refused,
+    #[serde(default)]
+    pub cgroup: Refused,
+    #[serde(default)]
+    pub cpu_count: Refused,
+    #[serde(default)]
+    pub cpu_percent: Refused,
+    #[serde(default)]
+    pub cpu_period: Refused,
+    #[serde(default)]
+    pub cpu_quota: Refused,
+    #[serde(default)]
+    pub cpu_rt_period: Refused,
+    #[serde(default)]
+    pub cpu_rt_runtime: Refused,
+    #[serde(default)]
+    pub credential_spec: Refused,
+    #[serde(default)]
+    pub device_cgroup_rules: Refused,
+    #[serde(default)]
+    pub gpus: Refused,
+    #[serde(default)]
+    pub isolation: Refused,
+    #[serde(default)]
+    pub label_file: Refused,
+    #[serde(default)]
+    pub mem_swappiness: Refused,
+    #[serde(default)]
+    pub oom_kill_disable: Refused,
+    #[serde(default)]
+    pub post_start: Refused,
+    #[serde(default)]
+    pub pre_stop: Refused,
+    #[serde(default)]
+    pub storage_opt: Refused,
+    #[serde(default)]
+    pub uts: Refused,
+    #[serde(default)]
+    pub use_api_socket: Refused,
+    #[serde(default)]
+    pub provider: Refused,
+    #[serde(default)]
+    pub models: Refused,
 }
 
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 19] = [
+        let all: [(&'static str, &Refused); 43] = [
             ("build", &self.build),
             ("secrets", &self.secrets),
             ("configs", &self.configs),
@@ -200,6 +248,30 @@ impl Service {
             ("memswap_limit", &self.memswap_limit),
             ("cpu_shares", &self.cpu_shares),
             ("develop", &self.develop),
+            ("annotations", &self.annotations),
+            ("attach", &self.attach),
+            ("blkio_config", &self.blkio_config),
+            ("cgroup", &self.cgroup),
+            ("cpu_count", &self.cpu_count),
+            ("cpu_percent", &self.cpu_percent),
+            ("cpu_period", &self.cpu_period),
+            ("cpu_quota", &self.cpu_quota),
+            ("cpu_rt_period", &self.cpu_rt_period),
+            ("cpu_rt_runtime", &self.cpu_rt_runtime),
+            ("credential_spec", &self.credential_spec),
+            ("device_cgroup_rules", &self.device_cgroup_rules),
+            ("gpus", &self.gpus),
+            ("isolation", &self.isolation),
+            ("label_file", &self.label_file),
+            ("mem_swappiness", &self.mem_swappiness),
+            ("oom_kill_disable", &self.oom_kill_disable),
+            ("post_start", &self.post_start),
+            ("pre_stop", &self.pre_stop),
+            ("storage_opt", &self.storage_opt),
+            ("uts", &self.uts),
+            ("use_api_socket", &self.use_api_socket),
+            ("provider", &self.provider),
+            ("models", &self.models),
         ];
         all.iter().filter_map(|(name, v)| v.as_ref().map(|s| (*name, Pos::of(s)))).collect()
     }
@@ -217,7 +289,11 @@ pub(super) fn refusal(key: &str) -> String {
         "volumes_from" => "mount the same named volume in both services",
         "scale" => "a device runs one container per service",
         "domainname" => "podman ignores it; use `hostname:` or `dns_search:`",
-        "userns_mode" => "not yet (a host namespace, for the device's container policy to govern)",
+        "userns_mode" | "uts" => "not yet (a host namespace, for the device's container policy to govern)",
+        "credential_spec" | "isolation" => "it is for Windows containers",
+        "use_api_socket" => "it hands the engine's API (root on the device) to the container",
+        "provider" | "models" => "it runs on the machine of `docker compose`, not in a container",
+        "attach" => "it is about `docker compose up` attaching to logs; the agent runs detached",
         _ => "not yet: the agent does not apply it (see the Compose key table in the bundler README)",
     };
     format!("`{key}:` is not supported: {why}")
