@@ -637,8 +637,9 @@ fn podman_runs_the_whole_container_lifecycle() {
 // ---------------------------------------------------------------------------------------
 
 /// Every option at once. The command checks inside the container what it can see (the
-/// working directory, the sysctl, the ulimit, /etc/hosts, a read-only root) and exits 3
-/// when one is missing, so "running after a while" means "in effect".
+/// working directory, the sysctl, the ulimit, /etc/hosts, a read-only root, the MAC
+/// address) and exits with 10 + the number of the first check that
+/// fails, so "running after a while" means "in effect".
 fn options_spec(lab: &Lab) -> ContainerSpec {
     let checks = [
         "test \"$(pwd)\" = /srv",
@@ -646,8 +647,12 @@ fn options_spec(lab: &Lab) -> ContainerSpec {
         "test \"$(ulimit -n)\" = 512",
         "grep -q 'broker' /etc/hosts",
         "! touch /rootfs-is-writable 2>/dev/null",
+        "grep -q 02:42:ac:11:00:09 /sys/class/net/eth0/address",
     ];
-    let mut spec = image_spec(lab, "ft-opts", &format!("{} || exit 3; exec sleep 3600", checks.join(" && ")));
+    // Check N failing exits with 10 + N.
+    let script: String =
+        checks.iter().enumerate().map(|(n, check)| format!("{check} || exit {}; ", 10 + n)).collect();
+    let mut spec = image_spec(lab, "ft-opts", &format!("{script}exec sleep 3600"));
     spec.options = ContainerOptions {
         logging: Some(LogConfig {
             driver: "json-file".into(),
@@ -679,7 +684,15 @@ fn options_spec(lab: &Lab) -> ContainerSpec {
         cpuset: Some("0".into()),
         ipc: Some("shareable".into()),
         pid: None,
+        mac_address: Some("02:42:ac:11:00:09".into()),
+        mem_reservation_bytes: Some(32 << 20),
+        memswap_limit_bytes: Some(96 << 20),
+        cpu_shares: Some(512),
+        cpu_period_us: Some(100_000),
+        cpu_quota_us: Some(50_000),
+        cgroup_parent: Some("/fleet-test".into()),
     };
+    spec.memory_bytes = Some(64 << 20);
     spec
 }
 
@@ -688,14 +701,17 @@ async fn options_scenario(lab: &Lab) {
     let server = lab.registry.addr();
     let auth = RegistryAuth { username: REGISTRY_USER.into(), password: REGISTRY_PASSWORD.into(), server };
     engine.pull(&lab.image, Some(&auth)).await.expect("pull by digest");
-    let spec = options_spec(lab);
+    let mut spec = options_spec(lab);
+    let network = NetworkSpec { name: "ft_opts".into(), internal: false, labels: BTreeMap::new() };
+    engine.create_network(&network, &labels()).await.expect("create network");
+    spec.networks = vec![NetworkAttachment { network: "ft_opts".into(), aliases: vec!["opts".into()] }];
     engine.create(&spec, &labels()).await.expect("create ft-opts");
     engine.start("ft-opts").await.expect("start ft-opts");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (_, inspected) = lab.raw("GET", "/containers/ft-opts/json", None);
     let i: Value = serde_json::from_str(&inspected).expect("inspect JSON");
     let (config, host) = (&i["Config"], &i["HostConfig"]);
-    assert_eq!(i["State"]["Running"], true, "the checks inside failed (exit 3?): {}", i["State"]);
+    assert_eq!(i["State"]["Running"], true, "a check inside failed (exit 10 + its number): {}", i["State"]);
 
     // logging
     let log = &host["LogConfig"];
@@ -758,10 +774,24 @@ async fn options_scenario(lab: &Lab) {
     check(&mut wrong, "HostConfig.PidsLimit", &host["PidsLimit"], json!(100));
     check(&mut wrong, "HostConfig.CpusetCpus", &host["CpusetCpus"], json!("0"));
     check(&mut wrong, "HostConfig.IpcMode", &host["IpcMode"], json!("shareable"));
+    // mac_address, mem_reservation, memswap_limit, cpu_shares, cpu_period, cpu_quota,
+    // cgroup_parent
+    // podman's compatible inspect does not show the MAC address; the check inside the
+    // container saw it.
+    if !lab.is_podman() {
+        check(&mut wrong, "Config.MacAddress", &config["MacAddress"], json!("02:42:ac:11:00:09"));
+    }
+    check(&mut wrong, "HostConfig.MemoryReservation", &host["MemoryReservation"], json!(32u64 << 20));
+    check(&mut wrong, "HostConfig.MemorySwap", &host["MemorySwap"], json!(96u64 << 20));
+    check(&mut wrong, "HostConfig.CpuShares", &host["CpuShares"], json!(512));
+    check(&mut wrong, "HostConfig.CpuPeriod", &host["CpuPeriod"], json!(100_000));
+    check(&mut wrong, "HostConfig.CpuQuota", &host["CpuQuota"], json!(50_000));
+    check(&mut wrong, "HostConfig.CgroupParent", &host["CgroupParent"], json!("/fleet-test"));
 
     assert!(wrong.is_empty(), "{}: not as set in inspect: {wrong:#?}", lab.engine.name());
 
     engine.remove("ft-opts", 1).await.expect("remove ft-opts");
+    engine.remove_network("ft_opts").await.expect("remove network");
 }
 
 /// Records a field of `docker inspect` that differs from what was set.

@@ -147,6 +147,21 @@ pub struct ContainerOptions {
     pub ipc: Option<String>,
     /// `HostConfig.PidMode` (`container:<name>`). *Host access* for `host`.
     pub pid: Option<String>,
+    /// `Config.MacAddress` (of the first network).
+    pub mac_address: Option<String>,
+    /// `HostConfig.MemoryReservation` in bytes (a soft limit).
+    pub mem_reservation_bytes: Option<u64>,
+    /// `HostConfig.MemorySwap` in bytes: memory plus swap (`-1`: unlimited swap).
+    pub memswap_limit_bytes: Option<i64>,
+    /// `HostConfig.CpuShares` (relative weight).
+    pub cpu_shares: Option<u64>,
+    /// `HostConfig.CpuPeriod` in microseconds.
+    pub cpu_period_us: Option<u64>,
+    /// `HostConfig.CpuQuota` in microseconds per period.
+    pub cpu_quota_us: Option<i64>,
+    /// `HostConfig.CgroupParent`. *Host access*: places the container in a cgroup of
+    /// the host's choosing.
+    pub cgroup_parent: Option<String>,
 }
 
 /// A log driver and its options, e.g. `json-file` with `max-size: 10m`, `max-file: 3`.
@@ -488,6 +503,13 @@ mod tests {
             ("cpuset", |o| o.cpuset = Some("0".into())),
             ("ipc", |o| o.ipc = Some("shareable".into())),
             ("pid", |o| o.pid = Some("host".into())),
+            ("mac_address", |o| o.mac_address = Some("02:42:ac:11:00:09".into())),
+            ("mem_reservation", |o| o.mem_reservation_bytes = Some(1 << 20)),
+            ("memswap_limit", |o| o.memswap_limit_bytes = Some(-1)),
+            ("cpu_shares", |o| o.cpu_shares = Some(512)),
+            ("cpu_period", |o| o.cpu_period_us = Some(100_000)),
+            ("cpu_quota", |o| o.cpu_quota_us = Some(50_000)),
+            ("cgroup_parent", |o| o.cgroup_parent = Some("fleet".into())),
         ];
         let mut seen = std::collections::BTreeSet::from([h0]);
         for (key, set) in variants {

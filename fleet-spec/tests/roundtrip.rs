@@ -186,6 +186,7 @@ fn options() -> impl Strategy<Value = ContainerOptions> {
                 cpuset,
                 ipc,
                 pid,
+                ..Default::default()
             },
         )
 }

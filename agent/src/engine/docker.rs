@@ -1186,9 +1186,12 @@ fn create_body(spec: &ContainerSpec, labels: &BTreeMap<String, String>) -> Value
         host.insert("NetworkMode".into(), json!(mode));
     } else if let Some(first) = spec.networks.first() {
         host.insert("NetworkMode".into(), json!(first.network));
-        body["NetworkingConfig"] = json!({
-            "EndpointsConfig": { first.network.clone(): { "Aliases": first.aliases } },
-        });
+        let mut endpoint = json!({ "Aliases": first.aliases });
+        // Docker API 1.41 reads `Config.MacAddress`; podman and newer APIs the endpoint's.
+        if let Some(mac) = &spec.options.mac_address {
+            endpoint["MacAddress"] = json!(mac);
+        }
+        body["NetworkingConfig"] = json!({ "EndpointsConfig": { first.network.clone(): endpoint } });
     }
     body["HostConfig"] = Value::Object(host);
     body
@@ -1260,6 +1263,27 @@ fn insert_options(o: &ContainerOptions, config: &mut Map<String, Value>, host: &
     }
     if let Some(mode) = &o.pid {
         host.insert("PidMode".into(), json!(mode));
+    }
+    if let Some(mac) = &o.mac_address {
+        config.insert("MacAddress".into(), json!(mac));
+    }
+    if let Some(bytes) = o.mem_reservation_bytes {
+        host.insert("MemoryReservation".into(), json!(bytes));
+    }
+    if let Some(bytes) = o.memswap_limit_bytes {
+        host.insert("MemorySwap".into(), json!(bytes));
+    }
+    if let Some(shares) = o.cpu_shares {
+        host.insert("CpuShares".into(), json!(shares));
+    }
+    if let Some(us) = o.cpu_period_us {
+        host.insert("CpuPeriod".into(), json!(us));
+    }
+    if let Some(us) = o.cpu_quota_us {
+        host.insert("CpuQuota".into(), json!(us));
+    }
+    if let Some(parent) = &o.cgroup_parent {
+        host.insert("CgroupParent".into(), json!(parent));
     }
 }
 

@@ -273,6 +273,41 @@ services:
     }
 
     #[test]
+    fn resource_and_cgroup_keys_translate() {
+        let c = ok("services:
+  web:
+    image: nginx
+    mem_limit: 64m
+    mac_address: 02:42:ac:11:00:09
+    mem_reservation: 32m
+    memswap_limit: 128m
+    cpu_shares: 512
+    cpu_period: 100ms
+    cpu_quota: 50000
+    cgroup_parent: /fleet
+");
+        let o = &c.options;
+        assert_eq!(o.mac_address.as_deref(), Some("02:42:ac:11:00:09"));
+        assert_eq!((o.mem_reservation_bytes, o.memswap_limit_bytes), (Some(32 << 20), Some(128 << 20)));
+        assert_eq!((o.cpu_shares, o.cpu_period_us, o.cpu_quota_us), (Some(512), Some(100_000), Some(50_000)));
+        assert_eq!(o.cgroup_parent.as_deref(), Some("/fleet"));
+        let (_, diags) = check(
+            "services:
+  web:
+    image: nginx
+    mac_address: 02:42
+    memswap_limit: 1g
+    cpu_shares: 1
+    cpu_quota: 10
+",
+        );
+        has(&diags, "4:18: mac_address `02:42` is not six hex bytes");
+        has(&diags, "5:20: memswap_limit needs a memory limit");
+        has(&diags, "6:17: cpu_shares `1` is not a weight of at least 2");
+        has(&diags, "7:16: cpu_quota `10` is not a time of at least 1000 microseconds");
+    }
+
+    #[test]
     fn logging_without_max_size_warns_and_bad_options_are_errors_at_their_line() {
         let (_, diags) =
             check("services:\n  web:\n    image: nginx\n    logging:\n      driver: json-file\n");

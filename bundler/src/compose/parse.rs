@@ -135,6 +135,20 @@ pub struct Service {
     pub ipc: Option<Spanned<String>>,
     #[serde(default)]
     pub pid: Option<Spanned<String>>,
+    #[serde(default)]
+    pub mac_address: Option<Spanned<String>>,
+    #[serde(default)]
+    pub mem_reservation: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub memswap_limit: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub cpu_shares: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub cpu_period: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub cpu_quota: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub cgroup_parent: Option<Spanned<String>>,
 
     // Compose keys the agent cannot apply: refused by name.
     #[serde(default)]
@@ -156,23 +170,13 @@ pub struct Service {
     #[serde(default)]
     pub pull_policy: Refused,
     #[serde(default)]
-    pub cgroup_parent: Refused,
-    #[serde(default)]
     pub domainname: Refused,
-    #[serde(default)]
-    pub mac_address: Refused,
     #[serde(default)]
     pub runtime: Refused,
     #[serde(default)]
     pub scale: Refused,
     #[serde(default)]
     pub userns_mode: Refused,
-    #[serde(default)]
-    pub mem_reservation: Refused,
-    #[serde(default)]
-    pub memswap_limit: Refused,
-    #[serde(default)]
-    pub cpu_shares: Refused,
     #[serde(default)]
     pub develop: Refused,
     #[serde(default)]
@@ -187,10 +191,6 @@ pub struct Service {
     pub cpu_count: Refused,
     #[serde(default)]
     pub cpu_percent: Refused,
-    #[serde(default)]
-    pub cpu_period: Refused,
-    #[serde(default)]
-    pub cpu_quota: Refused,
     #[serde(default)]
     pub cpu_rt_period: Refused,
     #[serde(default)]
@@ -228,7 +228,7 @@ pub struct Service {
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 43] = [
+        let all: [(&'static str, &Refused); 36] = [
             ("build", &self.build),
             ("secrets", &self.secrets),
             ("configs", &self.configs),
@@ -238,15 +238,10 @@ impl Service {
             ("volumes_from", &self.volumes_from),
             ("platform", &self.platform),
             ("pull_policy", &self.pull_policy),
-            ("cgroup_parent", &self.cgroup_parent),
             ("domainname", &self.domainname),
-            ("mac_address", &self.mac_address),
             ("runtime", &self.runtime),
             ("scale", &self.scale),
             ("userns_mode", &self.userns_mode),
-            ("mem_reservation", &self.mem_reservation),
-            ("memswap_limit", &self.memswap_limit),
-            ("cpu_shares", &self.cpu_shares),
             ("develop", &self.develop),
             ("annotations", &self.annotations),
             ("attach", &self.attach),
@@ -254,8 +249,6 @@ impl Service {
             ("cgroup", &self.cgroup),
             ("cpu_count", &self.cpu_count),
             ("cpu_percent", &self.cpu_percent),
-            ("cpu_period", &self.cpu_period),
-            ("cpu_quota", &self.cpu_quota),
             ("cpu_rt_period", &self.cpu_rt_period),
             ("cpu_rt_runtime", &self.cpu_rt_runtime),
             ("credential_spec", &self.credential_spec),
@@ -288,7 +281,8 @@ pub(super) fn refusal(key: &str) -> String {
         "external_links" => "the agent connects only the app's own containers",
         "volumes_from" => "mount the same named volume in both services",
         "scale" => "a device runs one container per service",
-        "domainname" => "podman ignores it; use `hostname:` or `dns_search:`",
+        "domainname" => "podman's Docker-compatible API ignores it; use `hostname:` or `dns_search:`",
+        "device_cgroup_rules" => "not yet: podman's Docker-compatible API ignores it (use `devices:` for known device nodes)",
         "userns_mode" | "uts" => "not yet (a host namespace, for the device's container policy to govern)",
         "credential_spec" | "isolation" => "it is for Windows containers",
         "use_api_socket" => "it hands the engine's API (root on the device) to the container",

@@ -713,11 +713,84 @@ impl Translator<'_, '_> {
             }
             o.cpuset = Some(text);
         }
+        if let Some(mac) = &svc.mac_address {
+            let text = self.s(mac);
+            let parts: Vec<&str> = text.split(':').collect();
+            if parts.len() != 6
+                || !parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+            {
+                self.error(
+                    Pos::of(mac),
+                    format!("mac_address `{text}` is not six hex bytes such as 02:42:ac:11:00:02"),
+                );
+            }
+            o.mac_address = Some(text);
+        }
+        if let Some(v) = &svc.mem_reservation {
+            let text = self.scalar(v);
+            match parse_bytes(&text) {
+                Ok(bytes) => o.mem_reservation_bytes = Some(bytes),
+                Err(msg) => self.error(Pos::of(v), format!("mem_reservation: {msg}")),
+            }
+        }
+        if let Some(v) = &svc.memswap_limit {
+            let text = self.scalar(v);
+            match text.as_str() {
+                "-1" => o.memswap_limit_bytes = Some(-1),
+                _ => match parse_bytes(&text).map(i64::try_from) {
+                    Ok(Ok(bytes)) => o.memswap_limit_bytes = Some(bytes),
+                    Ok(Err(_)) | Err(_) => self.error(
+                        Pos::of(v),
+                        format!(
+                            "memswap_limit `{text}` is not a size such as \"1g\", or -1 for unlimited swap"
+                        ),
+                    ),
+                },
+            }
+            if spec_memory_missing(svc) {
+                self.error(Pos::of(v), "memswap_limit needs a memory limit (`mem_limit:` or `deploy.resources.limits.memory:`): it is memory plus swap");
+            }
+        }
+        if let Some(v) = &svc.cpu_shares {
+            let text = self.scalar(v);
+            match text.parse::<u64>() {
+                Ok(n) if n >= 2 => o.cpu_shares = Some(n),
+                _ => self.error(
+                    Pos::of(v),
+                    format!("cpu_shares `{text}` is not a weight of at least 2 (the default is 1024)"),
+                ),
+            }
+        }
+        o.cpu_period_us = svc
+            .cpu_period
+            .as_ref()
+            .and_then(|v| self.micros(v, "cpu_period"))
+            .and_then(|us| u64::try_from(us).ok());
+        o.cpu_quota_us = svc.cpu_quota.as_ref().and_then(|v| self.micros(v, "cpu_quota"));
+        o.cgroup_parent = svc.cgroup_parent.as_ref().map(|v| self.s(v));
         o.ipc = svc.ipc.as_ref().map(|v| {
             self.namespace_mode(v, "ipc", &["host", "private", "shareable", "none"], container_names)
         });
         o.pid = svc.pid.as_ref().map(|v| self.namespace_mode(v, "pid", &["host"], container_names));
         o
+    }
+
+    /// `cpu_period:`/`cpu_quota:`: microseconds as a number, or a duration (`100ms`).
+    fn micros(&mut self, v: &Spanned<Scalar>, key: &str) -> Option<i64> {
+        let text = self.scalar(v);
+        let us = match text.parse::<i64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                parse_duration_ms(&text).ok().and_then(|ms| i64::try_from(ms.saturating_mul(1000)).ok())
+            }
+        };
+        match us {
+            Some(n) if n >= 1000 || (key == "cpu_quota" && n == -1) => Some(n),
+            _ => {
+                self.error(Pos::of(v), format!("{key} `{text}` is not a time of at least 1000 microseconds (a number of microseconds, or e.g. \"100ms\")"));
+                None
+            }
+        }
     }
 
     /// `logging:` → driver and options; `max-size`/`max-file` are checked here, as the
@@ -1249,4 +1322,10 @@ pub fn parse_expose(text: &str) -> Result<Vec<String>, String> {
         return Err(err());
     }
     Ok((a..=b).map(|p| format!("{p}/{proto}")).collect())
+}
+
+/// Whether the service sets no memory limit (which `memswap_limit` extends).
+fn spec_memory_missing(svc: &Service) -> bool {
+    let limits = svc.deploy.as_ref().and_then(|d| d.value.resources.as_ref()).and_then(|r| r.limits.as_ref());
+    svc.mem_limit.is_none() && limits.and_then(|l| l.memory.as_ref()).is_none()
 }
