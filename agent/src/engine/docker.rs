@@ -1393,6 +1393,48 @@ mod tests {
     }
 
     #[test]
+    fn create_body_maps_container_options_and_leaves_unset_ones_to_the_engine() {
+        let mut spec = ContainerSpec {
+            name: "app-web".into(),
+            image: ImageRef { reference: "web:1".into(), digest: None },
+            networks: vec![NetworkAttachment { network: "app_default".into(), aliases: vec!["web".into()] }],
+            ..Default::default()
+        };
+        let plain = create_body(&spec, &BTreeMap::new());
+        for key in
+            ["LogConfig", "Init", "ReadonlyRootfs", "Sysctls", "Ulimits", "ShmSize", "IpcMode", "PidMode"]
+        {
+            assert!(plain["HostConfig"].get(key).is_none(), "{key} set without an option");
+        }
+        assert!(plain.get("StopTimeout").is_none() && plain.get("WorkingDir").is_none());
+        spec.options = ContainerOptions {
+            logging: Some(fleet_spec::model::LogConfig {
+                driver: "local".into(),
+                options: BTreeMap::from([("max-size".into(), "10m".into())]),
+            }),
+            init: Some(true),
+            ulimits: BTreeMap::from([("nofile".into(), fleet_spec::model::Ulimit { soft: 1, hard: 2 })]),
+            stop_timeout_s: Some(30),
+            working_dir: Some("/srv".into()),
+            mac_address: Some("02:42:ac:11:00:09".into()),
+            pid: Some("host".into()),
+            ..Default::default()
+        };
+        let body = create_body(&spec, &BTreeMap::new());
+        let host = &body["HostConfig"];
+        assert_eq!(host["LogConfig"], json!({"Type": "local", "Config": {"max-size": "10m"}}));
+        assert_eq!(host["Init"], true);
+        assert_eq!(host["Ulimits"], json!([{"Name": "nofile", "Soft": 1, "Hard": 2}]));
+        assert_eq!(host["PidMode"], "host");
+        assert_eq!((&body["StopTimeout"], &body["WorkingDir"]), (&json!(30), &json!("/srv")));
+        assert_eq!(body["MacAddress"], "02:42:ac:11:00:09");
+        assert_eq!(
+            body["NetworkingConfig"]["EndpointsConfig"]["app_default"]["MacAddress"],
+            "02:42:ac:11:00:09"
+        );
+    }
+
+    #[test]
     fn create_body_maps_every_field() {
         let spec = ContainerSpec {
             name: "app-web".into(),
