@@ -273,6 +273,20 @@ services:
     }
 
     #[test]
+    fn deploy_replicas_one_is_accepted_and_swarm_keys_are_refused_with_the_reason() {
+        ok("services:\n  web:\n    image: nginx\n    deploy: {replicas: 1}\n");
+        let (_, diags) = check(
+            "services:\n  web:\n    image: nginx\n    deploy:\n      replicas: 3\n      placement: {constraints: []}\n      restart_policy: {condition: any}\n",
+        );
+        has(&diags, "5:17: `deploy.replicas: 3` is not supported: a device runs one container per service");
+        has(&diags, "6:18: `deploy.placement:` is not supported: Swarm schedules services");
+        has(
+            &diags,
+            "7:23: `deploy.restart_policy:` is not supported: Swarm's restart policy: use `restart:`",
+        );
+    }
+
+    #[test]
     fn resource_and_cgroup_keys_translate() {
         let c = ok("services:
   web:

@@ -287,6 +287,11 @@ pub(super) fn refusal(key: &str) -> String {
         "credential_spec" | "isolation" => "it is for Windows containers",
         "use_api_socket" => "it hands the engine's API (root on the device) to the container",
         "provider" | "models" => "it runs on the machine of `docker compose`, not in a container",
+        "deploy.restart_policy" => "Swarm's restart policy: use `restart:`",
+        "deploy.labels" => "Swarm's service labels: use `labels:`",
+        "deploy.mode" | "deploy.placement" | "deploy.endpoint_mode" | "deploy.update_config" | "deploy.rollback_config" => {
+            "Swarm schedules services over nodes; a device runs one container per service (the agent rolls back by itself)"
+        }
         "attach" => "it is about `docker compose up` attaching to logs; the agent runs detached",
         _ => "not yet: the agent does not apply it (see the Compose key table in the bundler README)",
     };
@@ -412,6 +417,40 @@ pub struct HealthcheckDef {
 pub struct Deploy {
     #[serde(default)]
     pub resources: Option<Resources>,
+    /// One container per service on a device: only `1` is accepted.
+    #[serde(default)]
+    pub replicas: Option<Spanned<u64>>,
+    // Swarm's scheduling: refused by name.
+    #[serde(default)]
+    pub mode: Refused,
+    #[serde(default)]
+    pub placement: Refused,
+    #[serde(default)]
+    pub endpoint_mode: Refused,
+    #[serde(default)]
+    pub update_config: Refused,
+    #[serde(default)]
+    pub rollback_config: Refused,
+    #[serde(default)]
+    pub restart_policy: Refused,
+    #[serde(default)]
+    pub labels: Refused,
+}
+
+impl Deploy {
+    /// The refused `deploy.*` keys this service uses, with their places.
+    pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
+        let all: [(&'static str, &Refused); 7] = [
+            ("deploy.mode", &self.mode),
+            ("deploy.placement", &self.placement),
+            ("deploy.endpoint_mode", &self.endpoint_mode),
+            ("deploy.update_config", &self.update_config),
+            ("deploy.rollback_config", &self.rollback_config),
+            ("deploy.restart_policy", &self.restart_policy),
+            ("deploy.labels", &self.labels),
+        ];
+        all.iter().filter_map(|(name, v)| v.as_ref().map(|s| (*name, Pos::of(s)))).collect()
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -271,6 +271,12 @@ impl Translator<'_, '_> {
         {
             refused.push(("deploy.resources.reservations", Pos::of(r)));
         }
+        if let Some(deploy) = &svc.deploy {
+            refused.extend(deploy.value.refused());
+            if let Some(r) = deploy.value.replicas.as_ref().filter(|r| r.value != 1) {
+                self.error(Pos::of(r), format!("`deploy.replicas: {}` is not supported: a device runs one container per service (use `profiles:` to run a service on some devices only)", r.value));
+            }
+        }
         for (key, at) in &refused {
             self.error(*at, refusal(key));
         }
