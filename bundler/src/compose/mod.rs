@@ -181,14 +181,14 @@ services:
     x-note: anything
     image: nginx
     deploy: {x-d: 1, resources: {limits: {memory: 64m}}}
-    logging: {x-l: 1, driver: local}
+    logging: {x-l: 1, driver: json-file, options: {max-size: 1m}}
 networks:
   front: {x-n: 1}
 volumes:
   data: {x-v: 1}
 ");
         assert_eq!(c.memory_bytes, Some(64 << 20));
-        assert_eq!(c.options.logging.map(|l| l.driver).as_deref(), Some("local"));
+        assert_eq!(c.options.logging.map(|l| l.driver).as_deref(), Some("json-file"));
     }
 
     #[test]
@@ -326,6 +326,8 @@ services:
         let (_, diags) =
             check("services:\n  web:\n    image: nginx\n    logging:\n      driver: json-file\n");
         has(&diags, "5:7: the json-file log of this service grows without bound");
+        let (_, diags) = check("services:\n  web:\n    image: nginx\n    logging: {driver: local}\n");
+        has(&diags, "4:23: logging driver `local` exists on dockerd only");
         let (_, diags) = check(
             "services:\n  web:\n    image: nginx\n    logging:\n      driver: local\n      options: {max-size: ten, max-file: 0}\n",
         );
@@ -430,6 +432,32 @@ services:
         let (some, diags) = names(None);
         assert_eq!(some, ["web"]);
         has(&diags, "2:36: `web` depends on `debug`, whose profiles (debug) are not enabled on this device");
+    }
+
+    #[test]
+    fn sysctls_must_be_namespaced_and_ulimits_known() {
+        let (_, diags) = check(
+            "services:
+  web:
+    image: nginx
+    ulimits: {files: 1, nofile: 10}
+    sysctls: [vm.swappiness=10, net.core.somaxconn=1024, kernel.shmmax=1, kernel.sem=1, fs.mqueue.msg_max=10]
+",
+        );
+        has(&diags, "4:15: ulimit `files` is not one the engine knows");
+        has(&diags, "5:14: sysctl `vm.swappiness` is not namespaced");
+        assert_eq!(diags.len(), 2, "{diags:#?}");
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors() {
+        let (_, diags) = check("services:\n  web:\n    image: nginx\n    image: other\n");
+        assert!(!diags.is_empty(), "a duplicate key in a service passed");
+        let (_, diags) =
+            check("services:\n  web:\n    image: nginx\n    ulimits: {nofile: 1}\n    ulimits: {nproc: 1}\n");
+        has(&diags, "5:5: duplicate mapping key: ulimits");
+        let (_, diags) = check("services:\n  web:\n    image: nginx\nservices:\n  db:\n    image: pg\n");
+        assert!(!diags.is_empty(), "a duplicate top-level key passed");
     }
 
     #[test]

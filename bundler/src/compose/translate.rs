@@ -640,6 +640,14 @@ impl Translator<'_, '_> {
         }
         if let Some(sysctls) = &svc.sysctls {
             o.sysctls = self.key_values(sysctls, "sysctl", true);
+            // The engines refuse sysctls that are not namespaced (they would change the host).
+            let namespaced = |k: &str| {
+                ["net.", "kernel.shm", "kernel.msg", "fs.mqueue."].iter().any(|p| k.starts_with(p))
+                    || k == "kernel.sem"
+            };
+            for key in o.sysctls.keys().filter(|k| !namespaced(k)) {
+                self.error(Pos::of(sysctls), format!("sysctl `{key}` is not namespaced: the engine refuses it (only net.*, kernel.shm*, kernel.msg*, kernel.sem and fs.mqueue.* are per container)"));
+            }
         }
         for (name, limit) in &svc.ulimits.0 {
             let (soft, hard) = match &limit.value {
@@ -660,6 +668,35 @@ impl Translator<'_, '_> {
             };
             if soft > hard && hard != -1 || soft < -1 || hard < -1 {
                 self.error(Pos::of(limit), format!("ulimit `{}`: soft limit {soft} is above the hard limit {hard} (or below -1, unlimited)", name.value));
+                continue;
+            }
+            const KNOWN: [&str; 16] = [
+                "as",
+                "core",
+                "cpu",
+                "data",
+                "fsize",
+                "locks",
+                "memlock",
+                "msgqueue",
+                "nice",
+                "nofile",
+                "nproc",
+                "rss",
+                "rtprio",
+                "rttime",
+                "sigpending",
+                "stack",
+            ];
+            if !KNOWN.contains(&name.value.as_str()) {
+                self.error(
+                    Pos::of(name),
+                    format!(
+                        "ulimit `{}` is not one the engine knows: use one of {}",
+                        name.value,
+                        KNOWN.join(", ")
+                    ),
+                );
                 continue;
             }
             o.ulimits.insert(name.value.clone(), Ulimit { soft, hard });
@@ -808,8 +845,10 @@ impl Translator<'_, '_> {
             None => BTreeMap::new(),
         };
         if let Some((name, at)) = &driver {
-            if !matches!(name.as_str(), "json-file" | "local" | "journald" | "none") {
-                self.warning(*at, format!("logging driver `{name}` is not one every engine has (json-file, local, journald, none): the device's engine must provide it"));
+            match name.as_str() {
+                "json-file" | "journald" | "none" => {}
+                "local" => self.warning(*at, "logging driver `local` exists on dockerd only: podman refuses it; `json-file` with `max-size` rotates on both"),
+                _ => self.warning(*at, format!("logging driver `{name}` is not one every engine has (json-file, journald, none): the device's engine must provide it")),
             }
         }
         if let Some(opts) = &l.value.options {
@@ -827,7 +866,7 @@ impl Translator<'_, '_> {
         }
         let driver_name = driver.map(|(d, _)| d).unwrap_or_default();
         if matches!(driver_name.as_str(), "json-file") && !options.contains_key("max-size") {
-            self.warning(Pos::of(l), "the json-file log of this service grows without bound: set `options: {max-size: 10m, max-file: \"3\"}` (or use the `local` driver, which rotates)");
+            self.warning(Pos::of(l), "the json-file log of this service grows without bound: set `options: {max-size: 10m, max-file: \"3\"}`");
         }
         LogConfig { driver: driver_name, options }
     }
