@@ -447,6 +447,9 @@ services:
         has(&diags, "4:15: ulimit `files` is not one the engine knows");
         has(&diags, "5:14: sysctl `vm.swappiness` is not namespaced");
         assert_eq!(diags.len(), 2, "{diags:#?}");
+        let (_, diags) =
+            check("services:\n  web:\n    image: nginx\n    network_mode: host\n    sysctls: {net.core.somaxconn: 1}\n");
+        has(&diags, "5:14: sysctl `net.core.somaxconn` would change the host's network");
     }
 
     #[test]

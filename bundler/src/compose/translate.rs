@@ -648,6 +648,10 @@ impl Translator<'_, '_> {
             for key in o.sysctls.keys().filter(|k| !namespaced(k)) {
                 self.error(Pos::of(sysctls), format!("sysctl `{key}` is not namespaced: the engine refuses it (only net.*, kernel.shm*, kernel.msg*, kernel.sem and fs.mqueue.* are per container)"));
             }
+            let host_network = svc.network_mode.as_ref().is_some_and(|m| m.value == "host");
+            if let Some(key) = o.sysctls.keys().find(|k| host_network && k.starts_with("net.")) {
+                self.error(Pos::of(sysctls), format!("sysctl `{key}` would change the host's network: the engine refuses net.* sysctls with `network_mode: host`"));
+            }
         }
         for (name, limit) in &svc.ulimits.0 {
             let (soft, hard) = match &limit.value {
