@@ -91,10 +91,11 @@ pub struct ContainerSpec {
     pub memory_bytes: Option<u64>,
     /// CPU limit in billionths of a CPU (Docker's `NanoCpus`).
     pub nano_cpus: Option<u64>,
-    /// Further engine settings (Compose `logging`, `init`, `sysctls`, ...). Kept last and
-    /// grouped so that a container using none of them hashes as it did before they
-    /// existed (see [`DesiredState::container_hash`]).
-    #[serde(default)]
+    /// Further engine settings (Compose `logging`, `init`, `sysctls`, ...). Not part of
+    /// the container's own encoding: [`DesiredState::encode`] writes them after the
+    /// state (bundle format 2) when any is set, so a state using none of them encodes,
+    /// and every container hashes, exactly as before they existed.
+    #[serde(skip)]
     pub options: ContainerOptions,
 }
 
@@ -341,16 +342,51 @@ impl DesiredState {
         self.volumes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.cmp(b)));
     }
 
+    /// The bundle format this state needs: 1 unless a container sets engine options.
+    pub fn format(&self) -> u16 {
+        if self.containers.iter().all(|c| c.options == ContainerOptions::default()) {
+            1
+        } else {
+            2
+        }
+    }
+
     /// The canonical postcard encoding (the bundle payload before compression).
+    ///
+    /// Format 1 is the state's own encoding. Format 2 appends the containers' options,
+    /// one per container in canonical order: postcard is not self-describing, so a new
+    /// field inside `ContainerSpec` would have changed every bundle's bytes and made
+    /// every older agent misread them; this way only the bundles that need the new
+    /// fields change, and older agents refuse those by their format version.
     pub fn encode(&self) -> Vec<u8> {
         let mut canonical = self.clone();
         canonical.canonicalize();
-        postcard::to_stdvec(&canonical).expect("encoding into a Vec cannot fail")
+        canonical.encode_canonical()
     }
 
-    /// Decodes a payload; trailing bytes are an error.
-    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
-        let (state, rest) = postcard::take_from_bytes::<DesiredState>(bytes)?;
+    /// [`DesiredState::encode`] of a state that is already canonical, without the copy.
+    pub fn encode_canonical(&self) -> Vec<u8> {
+        let mut out = postcard::to_stdvec(self).expect("encoding into a Vec cannot fail");
+        if self.format() >= 2 {
+            let options: Vec<&ContainerOptions> = self.containers.iter().map(|c| &c.options).collect();
+            out.extend(postcard::to_stdvec(&options).expect("encoding into a Vec cannot fail"));
+        }
+        out
+    }
+
+    /// Decodes a payload written in bundle format `format`; trailing bytes are an error.
+    pub fn decode(bytes: &[u8], format: u16) -> Result<Self, postcard::Error> {
+        let (mut state, mut rest) = postcard::take_from_bytes::<DesiredState>(bytes)?;
+        if format >= 2 {
+            let (options, after) = postcard::take_from_bytes::<Vec<ContainerOptions>>(rest)?;
+            if options.len() != state.containers.len() {
+                return Err(postcard::Error::DeserializeBadEncoding);
+            }
+            for (container, options) in state.containers.iter_mut().zip(options) {
+                container.options = options;
+            }
+            rest = after;
+        }
         if rest.is_empty() {
             Ok(state)
         } else {
@@ -372,18 +408,15 @@ impl DesiredState {
     /// (so editing a mounted config file in Git restarts the container).
     ///
     /// A container whose `options` are all default hashes without them, exactly as
-    /// before `options` existed: `options` is the last field and postcard encodes a
-    /// struct as the concatenation of its fields, so dropping the default tail gives the
-    /// old encoding. An agent upgrade therefore does not recreate unchanged containers.
+    /// before `options` existed, so an agent upgrade does not recreate unchanged
+    /// containers; set options are hashed after the spec (its own encoding skips them).
     pub fn container_hash(&self, container: &ContainerSpec) -> String {
         let mut hasher = Sha256::new();
-        let mut encoded = postcard::to_stdvec(container).expect("encoding into a Vec cannot fail");
-        if container.options == ContainerOptions::default() {
-            let tail =
-                postcard::to_stdvec(&ContainerOptions::default()).expect("encoding into a Vec cannot fail");
-            encoded.truncate(encoded.len() - tail.len());
+        hasher.update(postcard::to_stdvec(container).expect("encoding into a Vec cannot fail"));
+        if container.options != ContainerOptions::default() {
+            hasher.update(b"\0options\0");
+            hasher.update(postcard::to_stdvec(&container.options).expect("encoding into a Vec cannot fail"));
         }
-        hasher.update(&encoded);
         for mount in &container.mounts {
             if let MountSource::Bind(source) = &mount.source {
                 let mounted = self.files.iter().filter(|f| f.path == *source || is_under(&f.path, source));
@@ -516,9 +549,10 @@ mod tests {
             let mut c = base.clone();
             set(&mut c.options);
             assert!(seen.insert(state.container_hash(&c)), "{key} does not change the container hash");
-            let encoded = DesiredState { containers: vec![c.clone()], ..Default::default() }.encode();
+            let with = DesiredState { containers: vec![c.clone()], ..Default::default() };
+            assert_eq!(with.format(), 2, "{key} needs bundle format 2");
             assert_eq!(
-                DesiredState::decode(&encoded).expect("decodes").containers[0],
+                DesiredState::decode(&with.encode(), 2).expect("decodes").containers[0],
                 c,
                 "{key} round-trips"
             );

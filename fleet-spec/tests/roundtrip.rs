@@ -310,7 +310,7 @@ proptest! {
     fn desired_state_round_trips(state in desired_state()) {
         let mut canonical = state.clone();
         canonical.canonicalize();
-        prop_assert_eq!(DesiredState::decode(&state.encode()).expect("decodes"), canonical);
+        prop_assert_eq!(DesiredState::decode(&state.encode(), state.format()).expect("decodes"), canonical);
     }
 
     #[test]
@@ -334,7 +334,7 @@ proptest! {
         let raw = state.encode();
         let payload = zstd::bulk::compress(&raw, 3).expect("compress");
         let manifest = manifest_for(meta, &raw, &payload);
-        let bytes = assemble(&manifest, &payload, &[&key]);
+        let bytes = assemble(&manifest, state.format(), &payload, &[&key]);
         let parsed = parse(&bytes, &Limits::default()).expect("parses");
         prop_assert_eq!(decode_manifest(parsed.manifest_bytes).expect("manifest"), manifest);
         prop_assert_eq!(parsed.payload, &payload[..]);
