@@ -105,6 +105,12 @@ pub struct RawEnginePolicy {
     #[serde(default)]
     pub allow_host_network: bool,
     #[serde(default)]
+    pub allow_host_pid: bool,
+    #[serde(default)]
+    pub allow_host_ipc: bool,
+    #[serde(default)]
+    pub allow_unconfined: bool,
+    #[serde(default)]
     pub allow_engine_socket: bool,
     #[serde(default)]
     pub bind_roots: Vec<String>,
@@ -448,6 +454,9 @@ fn engine_policy(raw: RawEnginePolicy, base: &Path) -> Result<EnginePolicyConfig
         policy: fleet_spec::policy::EnginePolicy {
             allow_privileged: raw.allow_privileged,
             allow_host_network: raw.allow_host_network,
+            allow_host_pid: raw.allow_host_pid,
+            allow_host_ipc: raw.allow_host_ipc,
+            allow_unconfined: raw.allow_unconfined,
             allow_engine_socket: raw.allow_engine_socket,
             bind_roots,
             devices,

@@ -26,8 +26,8 @@ use fleet_e2e::{
     wait_until, Dockerd, Engine as HarnessEngine, Podman,
 };
 use fleet_spec::model::{
-    ContainerSpec, DeviceMapping, Healthcheck, ImageRef, Mount, MountSource, NetworkAttachment, NetworkSpec,
-    PortMapping, Protocol, RestartPolicy, VolumeSpec,
+    ContainerOptions, ContainerSpec, DeviceMapping, Healthcheck, ImageRef, LogConfig, Mount, MountSource,
+    NetworkAttachment, NetworkSpec, PortMapping, Protocol, RestartPolicy, Ulimit, VolumeSpec,
 };
 use serde_json::{json, Value};
 
@@ -629,6 +629,194 @@ fn dockerd_runs_the_whole_container_lifecycle() {
 #[test]
 fn podman_runs_the_whole_container_lifecycle() {
     run_scenario(|| TestEngine::Podman(Podman::start().expect("podman starts")));
+}
+
+// ---------------------------------------------------------------------------------------
+// `ContainerSpec::options` (the Compose keys `logging`, `init`, `sysctls`, ...), applied
+// and visible in `docker inspect`, and in effect inside the running container.
+// ---------------------------------------------------------------------------------------
+
+/// Every option at once. The command checks inside the container what it can see (the
+/// working directory, the sysctl, the ulimit, /etc/hosts, a read-only root, the MAC
+/// address) and exits with 10 + the number of the first check that
+/// fails, so "running after a while" means "in effect".
+fn options_spec(lab: &Lab) -> ContainerSpec {
+    let checks = [
+        "test \"$(pwd)\" = /srv",
+        "test \"$(cat /proc/sys/net/core/somaxconn)\" = 1000",
+        "test \"$(ulimit -n)\" = 512",
+        "grep -q 'broker' /etc/hosts",
+        "! touch /rootfs-is-writable 2>/dev/null",
+        "grep -q 02:42:ac:11:00:09 /sys/class/net/eth0/address",
+    ];
+    // Check N failing exits with 10 + N.
+    let script: String =
+        checks.iter().enumerate().map(|(n, check)| format!("{check} || exit {}; ", 10 + n)).collect();
+    let mut spec = image_spec(lab, "ft-opts", &format!("{script}exec sleep 3600"));
+    spec.options = ContainerOptions {
+        logging: Some(LogConfig {
+            driver: "json-file".into(),
+            options: BTreeMap::from([("max-size".into(), "10m".into()), ("max-file".into(), "3".into())]),
+        }),
+        // podman needs catatonit for `init`, which this machine does not have.
+        init: (!lab.is_podman()).then_some(true),
+        read_only: true,
+        security_opt: vec!["no-new-privileges:true".into()],
+        working_dir: Some("/srv".into()),
+        shm_size_bytes: Some(64 << 20),
+        sysctls: BTreeMap::from([("net.core.somaxconn".into(), "1000".into())]),
+        // podman sets `nproc` to its maximum when only `nofile` is given, which this
+        // sandbox forbids (`setrlimit NPROC: operation not permitted`); real devices do not.
+        ulimits: BTreeMap::from([
+            ("nofile".into(), Ulimit { soft: 512, hard: 1024 }),
+            ("nproc".into(), Ulimit { soft: 100, hard: 100 }),
+        ]),
+        extra_hosts: vec!["broker:10.0.0.5".into()],
+        tty: true,
+        stdin_open: true,
+        stop_timeout_s: Some(7),
+        dns: vec!["10.0.0.53".into()],
+        dns_search: vec!["fleet.lan".into()],
+        dns_opt: vec!["ndots:1".into()],
+        group_add: vec!["20".into()],
+        oom_score_adj: Some(500),
+        pids_limit: Some(100),
+        cpuset: Some("0".into()),
+        ipc: Some("shareable".into()),
+        pid: None,
+        mac_address: Some("02:42:ac:11:00:09".into()),
+        mem_reservation_bytes: Some(32 << 20),
+        memswap_limit_bytes: Some(96 << 20),
+        cpu_shares: Some(512),
+        cpu_period_us: Some(100_000),
+        cpu_quota_us: Some(50_000),
+        cgroup_parent: Some("/fleet-test".into()),
+    };
+    spec.memory_bytes = Some(64 << 20);
+    spec
+}
+
+async fn options_scenario(lab: &Lab) {
+    let engine = DockerEngine::new(lab.engine.socket_path().to_path_buf());
+    let server = lab.registry.addr();
+    let auth = RegistryAuth { username: REGISTRY_USER.into(), password: REGISTRY_PASSWORD.into(), server };
+    engine.pull(&lab.image, Some(&auth)).await.expect("pull by digest");
+    let mut spec = options_spec(lab);
+    let network = NetworkSpec { name: "ft_opts".into(), internal: false, labels: BTreeMap::new() };
+    engine.create_network(&network, &labels()).await.expect("create network");
+    spec.networks = vec![NetworkAttachment { network: "ft_opts".into(), aliases: vec!["opts".into()] }];
+    engine.create(&spec, &labels()).await.expect("create ft-opts");
+    engine.start("ft-opts").await.expect("start ft-opts");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, inspected) = lab.raw("GET", "/containers/ft-opts/json", None);
+    let i: Value = serde_json::from_str(&inspected).expect("inspect JSON");
+    let (config, host) = (&i["Config"], &i["HostConfig"]);
+    assert_eq!(i["State"]["Running"], true, "a check inside failed (exit 10 + its number): {}", i["State"]);
+
+    // logging
+    let log = &host["LogConfig"];
+    if lab.is_podman() {
+        // podman's compatible inspect shows no log options; its own shows the size it
+        // rotates at (podman has no `max-file`: it keeps one file).
+        assert_eq!(log["Type"], "json-file", "{log}");
+        let TestEngine::Podman(podman) = &lab.engine else { unreachable!() };
+        let native = podman
+            .podman(&["inspect", "--format", "{{json .HostConfig.LogConfig}}", "ft-opts"])
+            .expect("podman inspect");
+        let native: Value = serde_json::from_str(native.trim()).expect("LogConfig JSON");
+        assert_eq!(native["Size"], "10MB", "{native}");
+    } else {
+        assert_eq!(*log, json!({"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}}));
+    }
+    // init
+    if !lab.is_podman() {
+        assert_eq!(host["Init"], true);
+    }
+    let mut wrong = Vec::new();
+    // read_only, security_opt, working_dir, shm_size, sysctls, ulimits, extra_hosts
+    check(&mut wrong, "HostConfig.ReadonlyRootfs", &host["ReadonlyRootfs"], json!(true));
+    let security = host["SecurityOpt"].as_array().cloned().unwrap_or_default();
+    assert!(
+        security.iter().any(|o| o.as_str().is_some_and(|o| o.starts_with("no-new-privileges"))),
+        "{security:?}"
+    );
+    check(&mut wrong, "Config.WorkingDir", &config["WorkingDir"], json!("/srv"));
+    check(&mut wrong, "HostConfig.ShmSize", &host["ShmSize"], json!(64u64 << 20));
+    // podman's compatible inspect does not show sysctls; the check inside the container
+    // saw it.
+    if !lab.is_podman() {
+        check(
+            &mut wrong,
+            "HostConfig.Sysctls.net.core.somaxconn",
+            &host["Sysctls"]["net.core.somaxconn"],
+            json!("1000"),
+        );
+    }
+    let ulimits = host["Ulimits"].as_array().cloned().unwrap_or_default();
+    assert!(
+        ulimits.contains(&json!({"Name": "nofile", "Soft": 512, "Hard": 1024}))
+            || ulimits.contains(&json!({"Name": "RLIMIT_NOFILE", "Soft": 512, "Hard": 1024})),
+        "{ulimits:?}"
+    );
+    let hosts = host["ExtraHosts"].as_array().cloned().unwrap_or_default();
+    assert!(hosts.contains(&json!("broker:10.0.0.5")), "{hosts:?}");
+    // tty, stdin_open, stop_grace_period
+    check(&mut wrong, "Config.Tty", &config["Tty"], json!(true));
+    check(&mut wrong, "Config.OpenStdin", &config["OpenStdin"], json!(true));
+    check(&mut wrong, "Config.StopTimeout", &config["StopTimeout"], json!(7));
+    // dns, dns_search, dns_opt
+    check(&mut wrong, "HostConfig.Dns", &host["Dns"], json!(["10.0.0.53"]));
+    check(&mut wrong, "HostConfig.DnsSearch", &host["DnsSearch"], json!(["fleet.lan"]));
+    check(&mut wrong, "HostConfig.DnsOptions", &host["DnsOptions"], json!(["ndots:1"]));
+    // group_add, oom_score_adj, pids_limit, cpuset, ipc
+    check(&mut wrong, "HostConfig.GroupAdd", &host["GroupAdd"], json!(["20"]));
+    check(&mut wrong, "HostConfig.OomScoreAdj", &host["OomScoreAdj"], json!(500));
+    check(&mut wrong, "HostConfig.PidsLimit", &host["PidsLimit"], json!(100));
+    check(&mut wrong, "HostConfig.CpusetCpus", &host["CpusetCpus"], json!("0"));
+    check(&mut wrong, "HostConfig.IpcMode", &host["IpcMode"], json!("shareable"));
+    // mac_address, mem_reservation, memswap_limit, cpu_shares, cpu_period, cpu_quota,
+    // cgroup_parent
+    // podman's compatible inspect does not show the MAC address; the check inside the
+    // container saw it.
+    if !lab.is_podman() {
+        check(&mut wrong, "Config.MacAddress", &config["MacAddress"], json!("02:42:ac:11:00:09"));
+    }
+    check(&mut wrong, "HostConfig.MemoryReservation", &host["MemoryReservation"], json!(32u64 << 20));
+    check(&mut wrong, "HostConfig.MemorySwap", &host["MemorySwap"], json!(96u64 << 20));
+    check(&mut wrong, "HostConfig.CpuShares", &host["CpuShares"], json!(512));
+    check(&mut wrong, "HostConfig.CpuPeriod", &host["CpuPeriod"], json!(100_000));
+    check(&mut wrong, "HostConfig.CpuQuota", &host["CpuQuota"], json!(50_000));
+    check(&mut wrong, "HostConfig.CgroupParent", &host["CgroupParent"], json!("/fleet-test"));
+
+    assert!(wrong.is_empty(), "{}: not as set in inspect: {wrong:#?}", lab.engine.name());
+
+    engine.remove("ft-opts", 1).await.expect("remove ft-opts");
+    engine.remove_network("ft_opts").await.expect("remove network");
+}
+
+/// Records a field of `docker inspect` that differs from what was set.
+fn check(wrong: &mut Vec<String>, what: &str, got: &Value, want: Value) {
+    if *got != want {
+        wrong.push(format!("{what}: {got} (want {want})"));
+    }
+}
+
+fn run_options_scenario(start_engine: impl FnOnce() -> TestEngine) {
+    let lab = Lab::start(start_engine());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), options_scenario(&lab)).await.expect("within 60 s");
+    });
+}
+
+#[test]
+fn dockerd_applies_container_options() {
+    run_options_scenario(|| TestEngine::Docker(Dockerd::start().expect("dockerd starts")));
+}
+
+#[test]
+fn podman_applies_container_options() {
+    run_options_scenario(|| TestEngine::Podman(Podman::start().expect("podman starts")));
 }
 
 // ---------------------------------------------------------------------------------------

@@ -308,6 +308,7 @@ pub fn build(
             // One canonical encoding serves the state digest and the payload.
             state.canonicalize();
             let raw = postcard_encode(&state);
+            let format = state.format();
             let state_digest = hex::encode(Sha256::digest(&raw));
             drop(state);
             let labels = device.labels.clone();
@@ -347,7 +348,7 @@ pub fn build(
             };
             let payload = compress(&raw, opts.level)?;
             let manifest = bundle::manifest_for(meta, &raw, &payload);
-            let bytes = bundle::assemble(&manifest, &payload, &keys);
+            let bytes = bundle::assemble(&manifest, format, &payload, &keys);
             let digest = bundle::content_address(&bytes);
             let wrote = write_bundle(&bundles_dir, &digest, &bytes)?;
             tick(&done, total, opts.progress);
@@ -448,7 +449,7 @@ fn write_pointers(out: &Path, index: &Index) -> Result<(usize, Vec<String>), Bui
 /// The canonical postcard encoding of an already canonical state (what
 /// [`DesiredState::encode`] gives, without its defensive copy).
 fn postcard_encode(state: &DesiredState) -> Vec<u8> {
-    let raw = postcard::to_stdvec(state).expect("encoding into a Vec cannot fail");
+    let raw = state.encode_canonical();
     debug_assert_eq!(raw, state.encode());
     raw
 }
@@ -627,7 +628,7 @@ mod tests {
             // Twice: a reused context gives the same bytes.
             let payload = compress(&raw, 19).expect("compress");
             let bytes =
-                bundle::assemble(&bundle::manifest_for(meta.clone(), &raw, &payload), &payload, &[&key]);
+                bundle::assemble(&bundle::manifest_for(meta.clone(), &raw, &payload), 1, &payload, &[&key]);
             assert_eq!(bytes, expected);
         }
     }

@@ -291,7 +291,8 @@ fn diff_containers(a: &DesiredState, b: &DesiredState) -> Vec<ContainerChange> {
     out
 }
 
-/// Names of the top-level fields that differ; for maps (`env`, `labels`), the keys.
+/// Names of the top-level fields that differ; for maps (`env`, `labels`), the keys; for
+/// `options`, the option (`options.logging`).
 fn changed_fields(a: &ContainerSpec, b: &ContainerSpec) -> Vec<String> {
     let (serde_json::Value::Object(ja), serde_json::Value::Object(jb)) =
         (serde_json::to_value(a).unwrap_or_default(), serde_json::to_value(b).unwrap_or_default())
@@ -305,6 +306,15 @@ fn changed_fields(a: &ContainerSpec, b: &ContainerSpec) -> Vec<String> {
             continue;
         }
         match (va, vb) {
+            (serde_json::Value::Object(ma), serde_json::Value::Object(mb)) if key == "options" => {
+                // `options.logging`, `options.sysctls`, ...: the Compose keys, not one blob.
+                let keys: BTreeSet<&String> = ma.keys().chain(mb.keys()).collect();
+                for k in keys {
+                    if ma.get(k) != mb.get(k) {
+                        out.push(format!("options.{k}"));
+                    }
+                }
+            }
             (serde_json::Value::Object(ma), serde_json::Value::Object(mb))
                 if key == "env" || key == "labels" =>
             {
@@ -319,4 +329,21 @@ fn changed_fields(a: &ContainerSpec, b: &ContainerSpec) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use fleet_spec::model::{ContainerOptions, ContainerSpec};
+
+    use super::changed_fields;
+
+    #[test]
+    fn a_changed_option_is_named() {
+        let a = ContainerSpec::default();
+        let b = ContainerSpec {
+            options: ContainerOptions { read_only: true, tty: true, ..Default::default() },
+            ..Default::default()
+        };
+        assert_eq!(changed_fields(&a, &b), ["options.read_only", "options.tty"]);
+    }
 }

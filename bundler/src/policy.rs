@@ -36,6 +36,12 @@ pub struct PolicyFile {
     #[serde(default)]
     pub allow_host_network: Option<bool>,
     #[serde(default)]
+    pub allow_host_pid: Option<bool>,
+    #[serde(default)]
+    pub allow_host_ipc: Option<bool>,
+    #[serde(default)]
+    pub allow_unconfined: Option<bool>,
+    #[serde(default)]
     pub allow_engine_socket: Option<bool>,
     #[serde(default)]
     pub bind_roots: Option<Vec<Spanned<String>>>,
@@ -55,6 +61,9 @@ pub struct Settings {
     pub allowed_roots: Option<Vec<String>>,
     pub allow_privileged: Option<bool>,
     pub allow_host_network: Option<bool>,
+    pub allow_host_pid: Option<bool>,
+    pub allow_host_ipc: Option<bool>,
+    pub allow_unconfined: Option<bool>,
     pub allow_engine_socket: Option<bool>,
     pub bind_roots: Option<Vec<String>>,
     pub devices: Option<Vec<String>>,
@@ -101,6 +110,9 @@ impl Settings {
             allowed_roots,
             allow_privileged: p.allow_privileged,
             allow_host_network: p.allow_host_network,
+            allow_host_pid: p.allow_host_pid,
+            allow_host_ipc: p.allow_host_ipc,
+            allow_unconfined: p.allow_unconfined,
             allow_engine_socket: p.allow_engine_socket,
             bind_roots,
             devices,
@@ -120,6 +132,9 @@ impl Settings {
             allowed_roots: pick(&self.allowed_roots, &fleet.allowed_roots),
             allow_privileged: pick(&self.allow_privileged, &fleet.allow_privileged),
             allow_host_network: pick(&self.allow_host_network, &fleet.allow_host_network),
+            allow_host_pid: pick(&self.allow_host_pid, &fleet.allow_host_pid),
+            allow_host_ipc: pick(&self.allow_host_ipc, &fleet.allow_host_ipc),
+            allow_unconfined: pick(&self.allow_unconfined, &fleet.allow_unconfined),
             allow_engine_socket: pick(&self.allow_engine_socket, &fleet.allow_engine_socket),
             bind_roots: pick(&self.bind_roots, &fleet.bind_roots),
             devices: pick(&self.devices, &fleet.devices),
@@ -135,6 +150,9 @@ impl Settings {
         let policy = EnginePolicy {
             allow_privileged: self.allow_privileged.unwrap_or(false),
             allow_host_network: self.allow_host_network.unwrap_or(false),
+            allow_host_pid: self.allow_host_pid.unwrap_or(false),
+            allow_host_ipc: self.allow_host_ipc.unwrap_or(false),
+            allow_unconfined: self.allow_unconfined.unwrap_or(false),
             allow_engine_socket: self.allow_engine_socket.unwrap_or(false),
             bind_roots: self.bind_roots.clone().unwrap_or_default(),
             devices: self.devices.clone().unwrap_or_default(),

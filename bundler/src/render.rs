@@ -131,6 +131,11 @@ struct ComposeApp {
     parsed: ComposeFile,
     file_targets: BTreeMap<String, String>,
     app_root: String,
+    /// The `.env` beside the Compose file: variables for `${VAR}` that neither the
+    /// device nor the fleet sets.
+    dotenv: BTreeMap<String, String>,
+    /// The `env_file:`s the commit holds: repository path → content.
+    env_files: BTreeMap<String, Vec<u8>>,
     /// The translation when the file uses no `${VAR}`: the same for every device.
     fixed: Option<Translated>,
     /// Diagnostics already reported by the device-independent check.
@@ -580,17 +585,32 @@ fn load_app(
                 return None;
             }
         };
-        let parsed: ComposeFile = match yaml::parse(&file, source) {
+        let parsed: ComposeFile = match compose::parse_file(&file, source) {
             Ok(p) => p,
             Err(d) => {
                 diags.push(d);
                 return None;
             }
         };
+        let env_files: BTreeMap<String, Vec<u8>> = compose::env_file_paths(&parsed, &file, app)
+            .into_iter()
+            .filter_map(|path| snapshot.files.get(&path).map(|bytes| (path, bytes.clone())))
+            .collect();
+        let dotenv = read_dotenv(snapshot, &file, diags);
         // Check once for every device: unset variables are not errors here.
-        let ctx = AppContext { app, file: &file, app_root: &app_root, file_targets: &file_targets };
-        let has_vars = source.contains('$');
-        let lookup = |name: &str| fleet_vars.get(name).and_then(scalar_var);
+        let ctx = AppContext {
+            app,
+            file: &file,
+            app_root: &app_root,
+            file_targets: &file_targets,
+            env_files: &env_files,
+        };
+        // Per device: `${VAR}`s, env files that use them, and profiles (COMPOSE_PROFILES).
+        let has_vars = source.contains('$')
+            || env_files.values().any(|bytes| bytes.contains(&b'$'))
+            || parsed.services.0.iter().any(|(_, svc)| !svc.value.profiles.is_empty());
+        let lookup =
+            |name: &str| fleet_vars.get(name).and_then(scalar_var).or_else(|| dotenv.get(name).cloned());
         let (translated, found) = compose::translate(&parsed, &ctx, &lookup, has_vars);
         let known = found.iter().map(|d| (d.line, d.column, d.message.clone())).collect();
         let failed = found.iter().any(Diagnostic::is_error);
@@ -603,11 +623,36 @@ fn load_app(
             parsed,
             file_targets: file_targets.clone(),
             app_root: app_root.clone(),
+            dotenv,
+            env_files,
             fixed: (!has_vars).then_some(translated),
             known,
         })
     });
     Some(App { name: app.to_string(), selector, files, compose })
+}
+
+/// The `.env` beside `compose_file` (Compose's default variables), if the commit holds
+/// one; its problems are reported with its path and line.
+fn read_dotenv(
+    snapshot: &Snapshot,
+    compose_file: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> BTreeMap<String, String> {
+    let dir = compose_file.rsplit_once('/').map_or("", |(dir, _)| dir);
+    let path = format!("{dir}/.env");
+    let Some(bytes) = snapshot.files.get(&path) else { return BTreeMap::new() };
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        diags.push(Diagnostic::error(path, 0, 0, "not UTF-8 text: a .env file holds KEY=VALUE lines"));
+        return BTreeMap::new();
+    };
+    match compose::parse_env_file(text) {
+        Ok(entries) => entries.into_iter().map(|e| (e.key, e.value)).collect(),
+        Err((line, message)) => {
+            diags.push(Diagnostic::error(path, line, 0, message));
+            BTreeMap::new()
+        }
+    }
 }
 
 /// Whether the commit holds `path`, read or too large to read (reported with its size).
@@ -788,8 +833,11 @@ impl Fleet {
                         file: &c.file,
                         app_root: &c.app_root,
                         file_targets: &c.file_targets,
+                        env_files: &c.env_files,
                     };
-                    let lookup = |name: &str| merged_vars.get(name).and_then(scalar_var);
+                    let lookup = |name: &str| {
+                        merged_vars.get(name).and_then(scalar_var).or_else(|| c.dotenv.get(name).cloned())
+                    };
                     let (t, found) = compose::translate(&c.parsed, &ctx, &lookup, false);
                     for d in found {
                         if !c.known.contains(&(d.line, d.column, d.message.clone())) {

@@ -31,7 +31,14 @@ use crate::keys::{KeyId, PublicKey, SigningKey};
 use crate::model::DesiredState;
 
 pub const MAGIC: &[u8; 8] = b"FLEETBDL";
-pub const FORMAT_VERSION: u16 = 1;
+/// The newest bundle format this build writes and reads. Format 1 is the desired state
+/// as it was first defined; format 2 adds the containers' engine options after it (see
+/// [`DesiredState::encode`]). A bundle is written in format 1 whenever its state uses
+/// nothing newer, so agents that read only format 1 keep taking it; one that needs
+/// format 2 is refused by them with "upgrade the agent" instead of half applied.
+pub const FORMAT_VERSION: u16 = 2;
+/// The oldest bundle format this build reads.
+pub const OLDEST_FORMAT_VERSION: u16 = 1;
 /// Bytes before the manifest: magic, format version, manifest length.
 pub const HEADER_LEN: usize = 8 + 2 + 4;
 pub const SIGNATURE_LEN: usize = KeyId::LEN + 64;
@@ -173,7 +180,7 @@ pub enum VerifyError {
     #[error("not a fleet bundle (bad magic bytes)")]
     BadMagic,
     #[error(
-        "bundle format version {found} is not supported (this build reads {supported}): upgrade the agent"
+        "bundle format version {found} is not supported (this build reads formats up to {supported}): upgrade the agent"
     )]
     UnsupportedFormat { found: u16, supported: u16 },
     #[error("manifest is {size} bytes, over the limit of {limit}")]
@@ -248,6 +255,8 @@ pub struct Parsed<'a> {
     pub manifest_bytes: &'a [u8],
     pub signatures: Vec<(KeyId, Signature)>,
     pub payload: &'a [u8],
+    /// The format version from the header (signed).
+    pub format: u16,
 }
 
 /// A cursor that reports truncation by section name.
@@ -279,7 +288,7 @@ pub fn parse<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, VerifyE
         return Err(VerifyError::BadMagic);
     }
     let version = u16::from_le_bytes(r.take(2, "format version")?.try_into().expect("2 bytes"));
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(VerifyError::UnsupportedFormat { found: version, supported: FORMAT_VERSION });
     }
     let manifest_len =
@@ -304,7 +313,7 @@ pub fn parse<'a>(bytes: &'a [u8], limits: &Limits) -> Result<Parsed<'a>, VerifyE
         signatures.push((key_id, signature));
     }
     let payload = &bytes[r.pos..];
-    Ok(Parsed { signed, manifest_bytes, signatures, payload })
+    Ok(Parsed { signed, manifest_bytes, signatures, payload, format: version })
 }
 
 /// Checks a bundle in the order of the trust model and returns its state.
@@ -360,7 +369,7 @@ pub fn verify(
     }
 
     // 7. + 8. + 9. + 10.
-    let state = open_payload(&manifest, parsed.payload, limits)?;
+    let state = open_payload(&manifest, parsed.format, parsed.payload, limits)?;
 
     Ok(Verified {
         next_trust: TrustState {
@@ -383,7 +392,7 @@ pub fn verify(
 pub fn open_accepted(bytes: &[u8], limits: &Limits) -> Result<(Manifest, DesiredState), VerifyError> {
     let parsed = parse(bytes, limits)?;
     let manifest = decode_manifest(parsed.manifest_bytes)?;
-    let state = open_payload(&manifest, parsed.payload, limits)?;
+    let state = open_payload(&manifest, parsed.format, parsed.payload, limits)?;
     Ok((manifest, state))
 }
 
@@ -417,7 +426,12 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest, VerifyError> {
     }
 }
 
-fn open_payload(manifest: &Manifest, payload: &[u8], limits: &Limits) -> Result<DesiredState, VerifyError> {
+fn open_payload(
+    manifest: &Manifest,
+    format: u16,
+    payload: &[u8],
+    limits: &Limits,
+) -> Result<DesiredState, VerifyError> {
     if manifest.compressed_size > limits.max_compressed {
         return Err(VerifyError::PayloadTooLarge {
             declared: manifest.compressed_size,
@@ -445,7 +459,7 @@ fn open_payload(manifest: &Manifest, payload: &[u8], limits: &Limits) -> Result<
         });
     }
     let raw = decompress_bounded(payload, manifest.uncompressed_size)?;
-    DesiredState::decode(&raw).map_err(|e| VerifyError::BadPayload { reason: e.to_string() })
+    DesiredState::decode(&raw, format).map_err(|e| VerifyError::BadPayload { reason: e.to_string() })
 }
 
 /// Decompresses a zstd payload, refusing to produce more than `declared` bytes and
@@ -471,16 +485,17 @@ pub fn decompress_bounded(payload: &[u8], declared: u64) -> Result<Vec<u8>, Veri
     Ok(out)
 }
 
-/// Assembles and signs a bundle from an already-compressed payload. The bundler's side;
-/// it lives here so the format has one definition.
-pub fn assemble(manifest: &Manifest, payload: &[u8], keys: &[&SigningKey]) -> Vec<u8> {
+/// Assembles and signs a bundle from an already-compressed payload encoded in `format`
+/// (see [`DesiredState::format`]). The bundler's side; it lives here so the format has
+/// one definition.
+pub fn assemble(manifest: &Manifest, format: u16, payload: &[u8], keys: &[&SigningKey]) -> Vec<u8> {
     assert!(!keys.is_empty() && keys.len() <= MAX_SIGNATURES, "1..=16 signing keys");
     let manifest_bytes = postcard::to_stdvec(manifest).expect("encoding into a Vec cannot fail");
     let mut out = Vec::with_capacity(
         HEADER_LEN + manifest_bytes.len() + 1 + keys.len() * SIGNATURE_LEN + payload.len(),
     );
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&format.to_le_bytes());
     out.extend_from_slice(&(manifest_bytes.len() as u32).to_le_bytes());
     out.extend_from_slice(&manifest_bytes);
     let signature_input = out.clone();
@@ -512,7 +527,7 @@ pub fn build(meta: BundleMeta, state: &DesiredState, keys: &[&SigningKey], level
     let raw = state.encode();
     let payload = zstd::bulk::compress(&raw, level).expect("zstd compression into memory cannot fail");
     let manifest = manifest_for(meta, &raw, &payload);
-    assemble(&manifest, &payload, keys)
+    assemble(&manifest, state.format(), &payload, keys)
 }
 
 /// The manifest for a payload: digest and sizes filled in.

@@ -91,6 +91,92 @@ pub struct ContainerSpec {
     pub memory_bytes: Option<u64>,
     /// CPU limit in billionths of a CPU (Docker's `NanoCpus`).
     pub nano_cpus: Option<u64>,
+    /// Further engine settings (Compose `logging`, `init`, `sysctls`, ...). Not part of
+    /// the container's own encoding: [`DesiredState::encode`] writes them after the
+    /// state (bundle format 2) when any is set, so a state using none of them encodes,
+    /// and every container hashes, exactly as before they existed.
+    #[serde(skip)]
+    pub options: ContainerOptions,
+}
+
+/// Engine settings of a container beyond the basics, in Docker Engine API terms. Every
+/// field's default means "not set: the engine's default". Fields marked *host access*
+/// reach outside the container and are what a device's container policy governs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ContainerOptions {
+    /// `HostConfig.LogConfig`: the log driver and its options (`max-size`, `max-file`).
+    pub logging: Option<LogConfig>,
+    /// `HostConfig.Init`: run an init process (tini) as PID 1.
+    pub init: Option<bool>,
+    /// `HostConfig.ReadonlyRootfs`.
+    pub read_only: bool,
+    /// `HostConfig.SecurityOpt`, e.g. `no-new-privileges:true`. *Host access* for
+    /// `seccomp=unconfined`, `apparmor=unconfined`, `label=disable`.
+    pub security_opt: Vec<String>,
+    /// `Config.WorkingDir`.
+    pub working_dir: Option<String>,
+    /// `HostConfig.ShmSize` in bytes.
+    pub shm_size_bytes: Option<u64>,
+    /// `HostConfig.Sysctls` (namespaced kernel parameters, e.g. `net.core.somaxconn`).
+    pub sysctls: BTreeMap<String, String>,
+    /// `HostConfig.Ulimits`, by name (`nofile`, `nproc`, ...).
+    pub ulimits: BTreeMap<String, Ulimit>,
+    /// `HostConfig.ExtraHosts`: `host:ip` entries for `/etc/hosts`.
+    pub extra_hosts: Vec<String>,
+    /// `Config.Tty`.
+    pub tty: bool,
+    /// `Config.OpenStdin`.
+    pub stdin_open: bool,
+    /// `Config.StopTimeout` in seconds (Compose `stop_grace_period`).
+    pub stop_timeout_s: Option<u64>,
+    /// `HostConfig.Dns`.
+    pub dns: Vec<String>,
+    /// `HostConfig.DnsSearch`.
+    pub dns_search: Vec<String>,
+    /// `HostConfig.DnsOptions`.
+    pub dns_opt: Vec<String>,
+    /// `HostConfig.GroupAdd`: supplementary groups of the container's user.
+    pub group_add: Vec<String>,
+    /// `HostConfig.OomScoreAdj`.
+    pub oom_score_adj: Option<i64>,
+    /// `HostConfig.PidsLimit` (`-1`: unlimited).
+    pub pids_limit: Option<i64>,
+    /// `HostConfig.CpusetCpus`, e.g. `0-1`.
+    pub cpuset: Option<String>,
+    /// `HostConfig.IpcMode` (`private`, `shareable`, `container:<name>`). *Host access*
+    /// for `host`.
+    pub ipc: Option<String>,
+    /// `HostConfig.PidMode` (`container:<name>`). *Host access* for `host`.
+    pub pid: Option<String>,
+    /// `Config.MacAddress` (of the first network).
+    pub mac_address: Option<String>,
+    /// `HostConfig.MemoryReservation` in bytes (a soft limit).
+    pub mem_reservation_bytes: Option<u64>,
+    /// `HostConfig.MemorySwap` in bytes: memory plus swap (`-1`: unlimited swap).
+    pub memswap_limit_bytes: Option<i64>,
+    /// `HostConfig.CpuShares` (relative weight).
+    pub cpu_shares: Option<u64>,
+    /// `HostConfig.CpuPeriod` in microseconds.
+    pub cpu_period_us: Option<u64>,
+    /// `HostConfig.CpuQuota` in microseconds per period.
+    pub cpu_quota_us: Option<i64>,
+    /// `HostConfig.CgroupParent`. *Host access*: places the container in a cgroup of
+    /// the host's choosing.
+    pub cgroup_parent: Option<String>,
+}
+
+/// A log driver and its options, e.g. `json-file` with `max-size: 10m`, `max-file: 3`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LogConfig {
+    pub driver: String,
+    pub options: BTreeMap<String, String>,
+}
+
+/// Soft and hard limit of one ulimit (`-1`: unlimited).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Ulimit {
+    pub soft: i64,
+    pub hard: i64,
 }
 
 /// An image reference, pinned by digest where the bundler could resolve one.
@@ -256,16 +342,51 @@ impl DesiredState {
         self.volumes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.cmp(b)));
     }
 
+    /// The bundle format this state needs: 1 unless a container sets engine options.
+    pub fn format(&self) -> u16 {
+        if self.containers.iter().all(|c| c.options == ContainerOptions::default()) {
+            1
+        } else {
+            2
+        }
+    }
+
     /// The canonical postcard encoding (the bundle payload before compression).
+    ///
+    /// Format 1 is the state's own encoding. Format 2 appends the containers' options,
+    /// one per container in canonical order: postcard is not self-describing, so a new
+    /// field inside `ContainerSpec` would have changed every bundle's bytes and made
+    /// every older agent misread them; this way only the bundles that need the new
+    /// fields change, and older agents refuse those by their format version.
     pub fn encode(&self) -> Vec<u8> {
         let mut canonical = self.clone();
         canonical.canonicalize();
-        postcard::to_stdvec(&canonical).expect("encoding into a Vec cannot fail")
+        canonical.encode_canonical()
     }
 
-    /// Decodes a payload; trailing bytes are an error.
-    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
-        let (state, rest) = postcard::take_from_bytes::<DesiredState>(bytes)?;
+    /// [`DesiredState::encode`] of a state that is already canonical, without the copy.
+    pub fn encode_canonical(&self) -> Vec<u8> {
+        let mut out = postcard::to_stdvec(self).expect("encoding into a Vec cannot fail");
+        if self.format() >= 2 {
+            let options: Vec<&ContainerOptions> = self.containers.iter().map(|c| &c.options).collect();
+            out.extend(postcard::to_stdvec(&options).expect("encoding into a Vec cannot fail"));
+        }
+        out
+    }
+
+    /// Decodes a payload written in bundle format `format`; trailing bytes are an error.
+    pub fn decode(bytes: &[u8], format: u16) -> Result<Self, postcard::Error> {
+        let (mut state, mut rest) = postcard::take_from_bytes::<DesiredState>(bytes)?;
+        if format >= 2 {
+            let (options, after) = postcard::take_from_bytes::<Vec<ContainerOptions>>(rest)?;
+            if options.len() != state.containers.len() {
+                return Err(postcard::Error::DeserializeBadEncoding);
+            }
+            for (container, options) in state.containers.iter_mut().zip(options) {
+                container.options = options;
+            }
+            rest = after;
+        }
         if rest.is_empty() {
             Ok(state)
         } else {
@@ -285,9 +406,17 @@ impl DesiredState {
     /// The hash the agent stores in a container's label to know whether it must be
     /// recreated: the spec itself plus the content of every managed file it bind-mounts
     /// (so editing a mounted config file in Git restarts the container).
+    ///
+    /// A container whose `options` are all default hashes without them, exactly as
+    /// before `options` existed, so an agent upgrade does not recreate unchanged
+    /// containers; set options are hashed after the spec (its own encoding skips them).
     pub fn container_hash(&self, container: &ContainerSpec) -> String {
         let mut hasher = Sha256::new();
         hasher.update(postcard::to_stdvec(container).expect("encoding into a Vec cannot fail"));
+        if container.options != ContainerOptions::default() {
+            hasher.update(b"\0options\0");
+            hasher.update(postcard::to_stdvec(&container.options).expect("encoding into a Vec cannot fail"));
+        }
         for mount in &container.mounts {
             if let MountSource::Bind(source) = &mount.source {
                 let mounted = self.files.iter().filter(|f| f.path == *source || is_under(&f.path, source));
@@ -354,6 +483,80 @@ mod tests {
         assert_eq!(untagged.pull_reference(), "127.0.0.1:5000/app@sha256:cd");
         let tag_only = ImageRef { reference: "busybox:1".into(), digest: None };
         assert_eq!(tag_only.pull_reference(), "busybox:1");
+    }
+
+    fn plain_container() -> ContainerSpec {
+        ContainerSpec {
+            name: "shop-web".into(),
+            app: "shop".into(),
+            service: "web".into(),
+            image: ImageRef { reference: "nginx:1.27".into(), digest: None },
+            env: [("A".to_string(), "1".to_string())].into(),
+            restart: RestartPolicy::UnlessStopped,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn container_hash_without_options_is_the_hash_from_before_options_existed() {
+        // Computed by the model before `ContainerSpec::options` was added (commit 497a0e3).
+        let c = plain_container();
+        let state = DesiredState { containers: vec![c.clone()], ..Default::default() };
+        assert_eq!(
+            state.container_hash(&c),
+            "9e91a59890c9919901ee0ee6512e25499486eb4f07d53f79e4b218cbb3619de6"
+        );
+    }
+
+    #[test]
+    fn container_hash_covers_every_option() {
+        let base = plain_container();
+        let state = DesiredState::default();
+        let h0 = state.container_hash(&base);
+        type SetOption = fn(&mut ContainerOptions);
+        let variants: Vec<(&str, SetOption)> = vec![
+            ("logging", |o| o.logging = Some(LogConfig { driver: "local".into(), options: BTreeMap::new() })),
+            ("init", |o| o.init = Some(true)),
+            ("read_only", |o| o.read_only = true),
+            ("security_opt", |o| o.security_opt = vec!["no-new-privileges:true".into()]),
+            ("working_dir", |o| o.working_dir = Some("/srv".into())),
+            ("shm_size", |o| o.shm_size_bytes = Some(1 << 26)),
+            ("sysctls", |o| o.sysctls = [("net.core.somaxconn".to_string(), "1024".to_string())].into()),
+            ("ulimits", |o| o.ulimits = [("nofile".to_string(), Ulimit { soft: 1, hard: 1 })].into()),
+            ("extra_hosts", |o| o.extra_hosts = vec!["broker:10.0.0.5".into()]),
+            ("tty", |o| o.tty = true),
+            ("stdin_open", |o| o.stdin_open = true),
+            ("stop_grace_period", |o| o.stop_timeout_s = Some(30)),
+            ("dns", |o| o.dns = vec!["1.1.1.1".into()]),
+            ("dns_search", |o| o.dns_search = vec!["lan".into()]),
+            ("dns_opt", |o| o.dns_opt = vec!["ndots:1".into()]),
+            ("group_add", |o| o.group_add = vec!["20".into()]),
+            ("oom_score_adj", |o| o.oom_score_adj = Some(-500)),
+            ("pids_limit", |o| o.pids_limit = Some(100)),
+            ("cpuset", |o| o.cpuset = Some("0".into())),
+            ("ipc", |o| o.ipc = Some("shareable".into())),
+            ("pid", |o| o.pid = Some("host".into())),
+            ("mac_address", |o| o.mac_address = Some("02:42:ac:11:00:09".into())),
+            ("mem_reservation", |o| o.mem_reservation_bytes = Some(1 << 20)),
+            ("memswap_limit", |o| o.memswap_limit_bytes = Some(-1)),
+            ("cpu_shares", |o| o.cpu_shares = Some(512)),
+            ("cpu_period", |o| o.cpu_period_us = Some(100_000)),
+            ("cpu_quota", |o| o.cpu_quota_us = Some(50_000)),
+            ("cgroup_parent", |o| o.cgroup_parent = Some("fleet".into())),
+        ];
+        let mut seen = std::collections::BTreeSet::from([h0]);
+        for (key, set) in variants {
+            let mut c = base.clone();
+            set(&mut c.options);
+            assert!(seen.insert(state.container_hash(&c)), "{key} does not change the container hash");
+            let with = DesiredState { containers: vec![c.clone()], ..Default::default() };
+            assert_eq!(with.format(), 2, "{key} needs bundle format 2");
+            assert_eq!(
+                DesiredState::decode(&with.encode(), 2).expect("decodes").containers[0],
+                c,
+                "{key} round-trips"
+            );
+        }
     }
 
     #[test]

@@ -29,6 +29,14 @@ pub struct EnginePolicy {
     pub allow_privileged: bool,
     /// `network_mode: host` (the host's network namespace).
     pub allow_host_network: bool,
+    /// `pid: host` (the host's process namespace: see and signal every process).
+    pub allow_host_pid: bool,
+    /// `ipc: host` (the host's shared memory and semaphores).
+    pub allow_host_ipc: bool,
+    /// Options that lift the engine's confinement short of `privileged`:
+    /// `security_opt` `seccomp=unconfined`, `apparmor=unconfined`, `label=disable`,
+    /// `systempaths=unconfined`, and a `cgroup_parent` of the bundle's choosing.
+    pub allow_unconfined: bool,
     /// A bind of the engine's own socket (root on the device, like `privileged`).
     pub allow_engine_socket: bool,
     /// Directories bind sources may be at or below, besides the device's allowed roots.
@@ -85,6 +93,9 @@ pub enum Opening {
 pub enum Rule {
     Privileged,
     HostNetwork,
+    HostPid,
+    HostIpc,
+    Unconfined,
     NetworkMode,
     Network,
     BindSource,
@@ -269,6 +280,52 @@ fn check_container(
         }
     }
 
+    // The other host namespaces, and joining another container's, live in the options.
+    let o = &c.options;
+    for (key, mode, rule, allow) in [
+        ("pid", &o.pid, Rule::HostPid, (policy.allow_host_pid, "allow_host_pid")),
+        ("ipc", &o.ipc, Rule::HostIpc, (policy.allow_host_ipc, "allow_host_ipc")),
+    ] {
+        let Some(mode) = mode else { continue };
+        match mode.as_str() {
+            "host" if !allow.0 => {
+                deny(rule, format!("{key}: host"), Opening::Set { key: allow.1, value: "true" })
+            }
+            "host" | "private" | "shareable" | "none" => {}
+            other => match other.strip_prefix("container:") {
+                Some(name) if containers.contains(name) => {}
+                Some(_) => deny(
+                    rule,
+                    format!("{key}: {other}"),
+                    Opening::Never("a container may only join the namespace of a container of the same bundle"),
+                ),
+                None => deny(
+                    rule,
+                    format!("{key}: {other}"),
+                    Opening::Never("must be host, private, shareable, none or container:<name>"),
+                ),
+            },
+        }
+    }
+    if !policy.allow_unconfined {
+        for opt in &o.security_opt {
+            if lifts_confinement(opt) {
+                deny(
+                    Rule::Unconfined,
+                    format!("security_opt: {opt}"),
+                    Opening::Set { key: "allow_unconfined", value: "true" },
+                );
+            }
+        }
+        if let Some(parent) = &o.cgroup_parent {
+            deny(
+                Rule::Unconfined,
+                format!("cgroup_parent: {parent}"),
+                Opening::Set { key: "allow_unconfined", value: "true" },
+            );
+        }
+    }
+
     // The first network becomes the engine's `NetworkMode`: only plain names of networks
     // the bundle declares (and creates as bridges) are networks.
     if c.network_mode.is_none() {
@@ -382,6 +439,21 @@ fn check_container(
             Opening::Set { key: "require_digest", value: "false" },
         );
     }
+}
+
+/// Whether a `security_opt` entry turns a confinement off. Docker reads `key=value` and
+/// the older `key:value`; keys and values are compared without case or spaces.
+fn lifts_confinement(opt: &str) -> bool {
+    let opt = opt.trim().to_ascii_lowercase();
+    let Some((key, value)) = opt.split_once(['=', ':']) else { return false };
+    matches!(
+        (key.trim(), value.trim()),
+        ("seccomp", "unconfined")
+            | ("apparmor", "unconfined")
+            | ("label", "disable")
+            | ("label", "disabled")
+            | ("systempaths", "unconfined")
+    )
 }
 
 fn check_bind(
@@ -547,7 +619,9 @@ fn is_pinned(c: &ContainerSpec) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DeviceMapping, ImageRef, Mount, NetworkAttachment, NetworkSpec, VolumeSpec};
+    use crate::model::{
+        ContainerOptions, DeviceMapping, ImageRef, Mount, NetworkAttachment, NetworkSpec, VolumeSpec,
+    };
 
     fn paths() -> DevicePaths {
         DevicePaths {
@@ -618,6 +692,64 @@ mod tests {
         assert!(v[0].to_string().contains("engine.policy.allow_host_network = true"));
         let open = EnginePolicy { allow_host_network: true, ..Default::default() };
         assert!(violations(&open, c).is_empty());
+    }
+
+    fn with_options(set: impl FnOnce(&mut ContainerOptions)) -> ContainerSpec {
+        let mut c = container();
+        set(&mut c.options);
+        c
+    }
+
+    #[test]
+    fn host_pid_and_ipc_are_denied_by_default_and_allowed_by_their_keys() {
+        let pid = with_options(|o| o.pid = Some("host".into()));
+        let v = violations(&EnginePolicy::default(), pid.clone());
+        assert_eq!(v.iter().map(|v| v.rule).collect::<Vec<_>>(), [Rule::HostPid]);
+        assert!(v[0].to_string().contains("`pid: host`"), "{}", v[0]);
+        assert!(v[0].to_string().contains("engine.policy.allow_host_pid = true"), "{}", v[0]);
+        assert!(violations(&EnginePolicy { allow_host_pid: true, ..Default::default() }, pid).is_empty());
+        let ipc = with_options(|o| o.ipc = Some("host".into()));
+        assert_eq!(rules(&EnginePolicy::default(), ipc.clone()), [Rule::HostIpc]);
+        assert!(violations(&EnginePolicy { allow_host_ipc: true, ..Default::default() }, ipc).is_empty());
+        for fine in ["private", "shareable", "container:shop-web"] {
+            let c = with_options(|o| o.ipc = Some(fine.into()));
+            assert!(rules(&EnginePolicy::default(), c).is_empty(), "ipc: {fine}");
+        }
+        let open = EnginePolicy { allow_host_pid: true, allow_host_ipc: true, ..Default::default() };
+        for (key, bad) in [("pid", "container:vpn"), ("ipc", "container:vpn"), ("pid", "ns:/proc/1/ns/pid")] {
+            let c = with_options(|o| match key {
+                "pid" => o.pid = Some(bad.into()),
+                _ => o.ipc = Some(bad.into()),
+            });
+            assert_eq!(violations(&open, c).len(), 1, "{key}: {bad} is never allowed");
+        }
+    }
+
+    #[test]
+    fn options_that_lift_confinement_are_denied_by_default_and_allowed_by_allow_unconfined() {
+        for opt in [
+            "seccomp=unconfined",
+            "seccomp:unconfined",
+            "apparmor=unconfined",
+            "label=disable",
+            "label:disable",
+            "systempaths=unconfined",
+            " SECCOMP = Unconfined ",
+        ] {
+            let c = with_options(|o| o.security_opt = vec![opt.into()]);
+            let v = violations(&EnginePolicy::default(), c.clone());
+            assert_eq!(v.iter().map(|v| v.rule).collect::<Vec<_>>(), [Rule::Unconfined], "{opt}");
+            assert!(v[0].to_string().contains("engine.policy.allow_unconfined = true"), "{}", v[0]);
+            let open = EnginePolicy { allow_unconfined: true, ..Default::default() };
+            assert!(violations(&open, c).is_empty(), "{opt}");
+        }
+        for harmless in ["no-new-privileges:true", "no-new-privileges", "label=type:svirt_apache_t"] {
+            let c = with_options(|o| o.security_opt = vec![harmless.into()]);
+            assert!(rules(&EnginePolicy::default(), c).is_empty(), "{harmless}");
+        }
+        let c = with_options(|o| o.cgroup_parent = Some("/system.slice".into()));
+        assert_eq!(rules(&EnginePolicy::default(), c.clone()), [Rule::Unconfined]);
+        assert!(violations(&EnginePolicy { allow_unconfined: true, ..Default::default() }, c).is_empty());
     }
 
     #[test]

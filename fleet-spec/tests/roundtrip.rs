@@ -76,7 +76,7 @@ fn container() -> impl Strategy<Value = ContainerSpec> {
         vec((id(), 0u8..3), 0..3),
         (any::<bool>(), option::of(any::<u64>()), option::of(any::<u64>()), option::of(text())),
     );
-    (basics, more).prop_map(
+    (basics, more, options()).prop_map(
         |(
             (name, app, service, (reference, digest), command, entrypoint, env, user),
             (
@@ -88,6 +88,7 @@ fn container() -> impl Strategy<Value = ContainerSpec> {
                 deps,
                 (privileged, memory_bytes, nano_cpus, stop_signal),
             ),
+            options,
         )| ContainerSpec {
             name,
             app,
@@ -141,8 +142,53 @@ fn container() -> impl Strategy<Value = ContainerSpec> {
             stop_signal,
             memory_bytes,
             nano_cpus,
+            options,
         },
     )
+}
+
+fn options() -> impl Strategy<Value = ContainerOptions> {
+    (
+        option::of((id(), btree_map(id(), text(), 0..3))),
+        (option::of(any::<bool>()), any::<bool>(), any::<bool>(), any::<bool>()),
+        (vec(text(), 0..2), option::of(text()), option::of(any::<u64>()), option::of(any::<u64>())),
+        (btree_map(id(), text(), 0..2), btree_map(id(), (any::<i64>(), any::<i64>()), 0..2)),
+        (vec(text(), 0..2), vec(text(), 0..2), option::of(any::<i64>()), option::of(any::<i64>())),
+        (option::of(text()), option::of(text()), option::of(text())),
+    )
+        .prop_map(
+            |(
+                logging,
+                (init, read_only, tty, stdin_open),
+                (security_opt, working_dir, shm_size_bytes, stop_timeout_s),
+                (sysctls, ulimits),
+                (extra_hosts, dns, oom_score_adj, pids_limit),
+                (cpuset, ipc, pid),
+            )| ContainerOptions {
+                logging: logging.map(|(driver, options)| LogConfig { driver, options }),
+                init,
+                read_only,
+                security_opt,
+                working_dir,
+                shm_size_bytes,
+                sysctls,
+                ulimits: ulimits.into_iter().map(|(k, (soft, hard))| (k, Ulimit { soft, hard })).collect(),
+                extra_hosts,
+                tty,
+                stdin_open,
+                stop_timeout_s,
+                dns,
+                dns_search: vec![],
+                dns_opt: vec![],
+                group_add: vec![],
+                oom_score_adj,
+                pids_limit,
+                cpuset,
+                ipc,
+                pid,
+                ..Default::default()
+            },
+        )
 }
 
 fn desired_state() -> impl Strategy<Value = DesiredState> {
@@ -264,7 +310,7 @@ proptest! {
     fn desired_state_round_trips(state in desired_state()) {
         let mut canonical = state.clone();
         canonical.canonicalize();
-        prop_assert_eq!(DesiredState::decode(&state.encode()).expect("decodes"), canonical);
+        prop_assert_eq!(DesiredState::decode(&state.encode(), state.format()).expect("decodes"), canonical);
     }
 
     #[test]
@@ -288,7 +334,7 @@ proptest! {
         let raw = state.encode();
         let payload = zstd::bulk::compress(&raw, 3).expect("compress");
         let manifest = manifest_for(meta, &raw, &payload);
-        let bytes = assemble(&manifest, &payload, &[&key]);
+        let bytes = assemble(&manifest, state.format(), &payload, &[&key]);
         let parsed = parse(&bytes, &Limits::default()).expect("parses");
         prop_assert_eq!(decode_manifest(parsed.manifest_bytes).expect("manifest"), manifest);
         prop_assert_eq!(parsed.payload, &payload[..]);

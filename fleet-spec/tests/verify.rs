@@ -6,7 +6,7 @@ use fleet_spec::bundle::{
     TrustedKeys, VerifyError, FORMAT_VERSION, HEADER_LEN, MAX_SIGNATURES, SIGNATURE_LEN,
 };
 use fleet_spec::keys::SigningKey;
-use fleet_spec::model::{DesiredState, ManagedFile};
+use fleet_spec::model::{ContainerSpec, DesiredState, ImageRef, ManagedFile};
 
 const NOW: i64 = 1_800_000_000;
 const FLEET: &str = "acme";
@@ -48,7 +48,7 @@ fn compress(raw: &[u8]) -> Vec<u8> {
 fn bundle_with(meta: BundleMeta, state: &DesiredState, signers: &[&SigningKey]) -> Vec<u8> {
     let raw = state.encode();
     let payload = compress(&raw);
-    assemble(&manifest_for(meta, &raw, &payload), &payload, signers)
+    assemble(&manifest_for(meta, &raw, &payload), state.format(), &payload, signers)
 }
 
 fn bundle(version: u64) -> Vec<u8> {
@@ -286,7 +286,7 @@ fn lying_bundle(raw: &[u8], declared_uncompressed: u64) -> Vec<u8> {
     let payload = compress(raw);
     let mut manifest: Manifest = manifest_for(meta(1), raw, &payload);
     manifest.uncompressed_size = declared_uncompressed;
-    assemble(&manifest, &payload, &[&key(1)])
+    assemble(&manifest, 1, &payload, &[&key(1)])
 }
 
 #[test]
@@ -344,7 +344,7 @@ fn payload_that_is_not_zstd_is_refused_after_the_digest_check() {
     let raw = state().encode();
     let not_zstd = b"plain bytes, not a zstd frame".to_vec();
     let manifest = manifest_for(meta(1), &raw, &not_zstd);
-    let bytes = assemble(&manifest, &not_zstd, &[&key(1)]);
+    let bytes = assemble(&manifest, 1, &not_zstd, &[&key(1)]);
     assert!(matches!(check(&bytes), Err(VerifyError::BadCompression { .. })));
 }
 
@@ -359,4 +359,72 @@ fn every_error_has_a_distinct_code() {
     ];
     let distinct: std::collections::BTreeSet<_> = errors.iter().collect();
     assert_eq!(distinct.len(), errors.len());
+}
+
+/// A state with one container; `with_options` sets one engine option on it.
+fn container_state(with_options: bool) -> DesiredState {
+    let mut container = ContainerSpec {
+        name: "shop-web".into(),
+        app: "shop".into(),
+        service: "web".into(),
+        image: ImageRef { reference: "nginx:1.27".into(), digest: None },
+        ..Default::default()
+    };
+    if with_options {
+        container.options.read_only = true;
+    }
+    DesiredState { containers: vec![container], ..state() }
+}
+
+fn format_of(bytes: &[u8]) -> u16 {
+    u16::from_le_bytes([bytes[8], bytes[9]])
+}
+
+#[test]
+fn a_state_without_engine_options_is_written_in_format_1_which_older_agents_read() {
+    let state = container_state(false);
+    assert_eq!(state.format(), 1);
+    let bytes = bundle_with(meta(1), &state, &[&key(1)]);
+    assert_eq!(format_of(&bytes), 1, "agents that read only format 1 keep taking it");
+    // Format 1's payload is the state's own encoding, as before options existed.
+    assert_eq!(state.encode(), postcard::to_stdvec(&state).expect("encode"));
+    assert_eq!(check(&bytes).expect("verifies").state, state);
+}
+
+#[test]
+fn a_state_with_engine_options_is_written_in_format_2_and_reads_back_whole() {
+    let state = container_state(true);
+    assert_eq!(state.format(), 2);
+    let bytes = bundle_with(meta(1), &state, &[&key(1)]);
+    // An agent that reads only format 1 refuses this with "upgrade the agent" instead
+    // of running the container without the options it asks for.
+    assert_eq!(format_of(&bytes), 2);
+    let verified = check(&bytes).expect("verifies");
+    assert!(verified.state.containers[0].options.read_only, "the option survives the trip");
+    assert_eq!(verified.state, state);
+}
+
+#[test]
+fn a_format_2_payload_labelled_format_1_is_refused_and_the_reverse_too() {
+    let with = container_state(true);
+    let raw = with.encode();
+    let payload = compress(&raw);
+    let labelled_1 = assemble(&manifest_for(meta(1), &raw, &payload), 1, &payload, &[&key(1)]);
+    assert!(matches!(check(&labelled_1), Err(VerifyError::BadPayload { .. })), "trailing options");
+    let without = container_state(false);
+    let raw = without.encode();
+    let payload = compress(&raw);
+    let labelled_2 = assemble(&manifest_for(meta(1), &raw, &payload), 2, &payload, &[&key(1)]);
+    assert!(matches!(check(&labelled_2), Err(VerifyError::BadPayload { .. })), "options missing");
+}
+
+#[test]
+fn format_2_options_for_more_or_fewer_containers_than_the_state_has_are_refused() {
+    let with = container_state(true);
+    let mut raw = postcard::to_stdvec(&with).expect("encode");
+    let options = vec![with.containers[0].options.clone(), with.containers[0].options.clone()];
+    raw.extend(postcard::to_stdvec(&options).expect("encode"));
+    let payload = compress(&raw);
+    let bytes = assemble(&manifest_for(meta(1), &raw, &payload), 2, &payload, &[&key(1)]);
+    assert!(matches!(check(&bytes), Err(VerifyError::BadPayload { .. })));
 }

@@ -58,7 +58,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use tokio::net::UnixStream;
 
-use fleet_spec::model::{ContainerSpec, ImageRef, MountSource, NetworkSpec, VolumeSpec};
+use fleet_spec::model::{ContainerOptions, ContainerSpec, ImageRef, MountSource, NetworkSpec, VolumeSpec};
 
 use super::{
     Engine, EngineError, EngineEvent, Health, ObservedContainer, RegistryAuth, LABEL_FLEET, LABEL_MANAGED,
@@ -1177,6 +1177,7 @@ fn create_body(spec: &ContainerSpec, labels: &BTreeMap<String, String>) -> Value
     if let Some(nano_cpus) = spec.nano_cpus {
         host.insert("NanoCpus".into(), json!(nano_cpus));
     }
+    insert_options(&spec.options, &mut config, &mut host);
 
     // Networks: the first one at create time, with its aliases; `create` connects the
     // others afterwards.
@@ -1185,12 +1186,105 @@ fn create_body(spec: &ContainerSpec, labels: &BTreeMap<String, String>) -> Value
         host.insert("NetworkMode".into(), json!(mode));
     } else if let Some(first) = spec.networks.first() {
         host.insert("NetworkMode".into(), json!(first.network));
-        body["NetworkingConfig"] = json!({
-            "EndpointsConfig": { first.network.clone(): { "Aliases": first.aliases } },
-        });
+        let mut endpoint = json!({ "Aliases": first.aliases });
+        // Docker API 1.41 reads `Config.MacAddress`; podman and newer APIs the endpoint's.
+        if let Some(mac) = &spec.options.mac_address {
+            endpoint["MacAddress"] = json!(mac);
+        }
+        body["NetworkingConfig"] = json!({ "EndpointsConfig": { first.network.clone(): endpoint } });
     }
     body["HostConfig"] = Value::Object(host);
     body
+}
+
+/// `ContainerSpec::options` into the create body: each setting only when set, so the
+/// engine's defaults stay in force otherwise.
+fn insert_options(o: &ContainerOptions, config: &mut Map<String, Value>, host: &mut Map<String, Value>) {
+    if let Some(log) = &o.logging {
+        host.insert("LogConfig".into(), json!({ "Type": log.driver, "Config": log.options }));
+    }
+    if let Some(init) = o.init {
+        host.insert("Init".into(), json!(init));
+    }
+    if o.read_only {
+        host.insert("ReadonlyRootfs".into(), json!(true));
+    }
+    if !o.security_opt.is_empty() {
+        host.insert("SecurityOpt".into(), json!(o.security_opt));
+    }
+    if let Some(dir) = &o.working_dir {
+        config.insert("WorkingDir".into(), json!(dir));
+    }
+    if let Some(bytes) = o.shm_size_bytes {
+        host.insert("ShmSize".into(), json!(bytes));
+    }
+    if !o.sysctls.is_empty() {
+        host.insert("Sysctls".into(), json!(o.sysctls));
+    }
+    if !o.ulimits.is_empty() {
+        let ulimits: Vec<Value> = o
+            .ulimits
+            .iter()
+            .map(|(name, u)| json!({ "Name": name, "Soft": u.soft, "Hard": u.hard }))
+            .collect();
+        host.insert("Ulimits".into(), json!(ulimits));
+    }
+    if !o.extra_hosts.is_empty() {
+        host.insert("ExtraHosts".into(), json!(o.extra_hosts));
+    }
+    if o.tty {
+        config.insert("Tty".into(), json!(true));
+    }
+    if o.stdin_open {
+        config.insert("OpenStdin".into(), json!(true));
+    }
+    if let Some(seconds) = o.stop_timeout_s {
+        config.insert("StopTimeout".into(), json!(seconds));
+    }
+    for (key, list) in [("Dns", &o.dns), ("DnsSearch", &o.dns_search), ("DnsOptions", &o.dns_opt)] {
+        if !list.is_empty() {
+            host.insert(key.into(), json!(list));
+        }
+    }
+    if !o.group_add.is_empty() {
+        host.insert("GroupAdd".into(), json!(o.group_add));
+    }
+    if let Some(adj) = o.oom_score_adj {
+        host.insert("OomScoreAdj".into(), json!(adj));
+    }
+    if let Some(limit) = o.pids_limit {
+        host.insert("PidsLimit".into(), json!(limit));
+    }
+    if let Some(cpus) = &o.cpuset {
+        host.insert("CpusetCpus".into(), json!(cpus));
+    }
+    if let Some(mode) = &o.ipc {
+        host.insert("IpcMode".into(), json!(mode));
+    }
+    if let Some(mode) = &o.pid {
+        host.insert("PidMode".into(), json!(mode));
+    }
+    if let Some(mac) = &o.mac_address {
+        config.insert("MacAddress".into(), json!(mac));
+    }
+    if let Some(bytes) = o.mem_reservation_bytes {
+        host.insert("MemoryReservation".into(), json!(bytes));
+    }
+    if let Some(bytes) = o.memswap_limit_bytes {
+        host.insert("MemorySwap".into(), json!(bytes));
+    }
+    if let Some(shares) = o.cpu_shares {
+        host.insert("CpuShares".into(), json!(shares));
+    }
+    if let Some(us) = o.cpu_period_us {
+        host.insert("CpuPeriod".into(), json!(us));
+    }
+    if let Some(us) = o.cpu_quota_us {
+        host.insert("CpuQuota".into(), json!(us));
+    }
+    if let Some(parent) = &o.cgroup_parent {
+        host.insert("CgroupParent".into(), json!(parent));
+    }
 }
 
 /// `repo@sha256:..` → (`repo`, `sha256:..`); `host:5000/a/b:tag` → (`host:5000/a/b`,
@@ -1296,6 +1390,48 @@ mod tests {
         assert_eq!(split_reference("127.0.0.1:5000/a/b:1.2"), ("127.0.0.1:5000/a/b", "1.2"));
         assert_eq!(split_reference("127.0.0.1:5000/a/b"), ("127.0.0.1:5000/a/b", "latest"));
         assert_eq!(split_reference("busybox"), ("busybox", "latest"));
+    }
+
+    #[test]
+    fn create_body_maps_container_options_and_leaves_unset_ones_to_the_engine() {
+        let mut spec = ContainerSpec {
+            name: "app-web".into(),
+            image: ImageRef { reference: "web:1".into(), digest: None },
+            networks: vec![NetworkAttachment { network: "app_default".into(), aliases: vec!["web".into()] }],
+            ..Default::default()
+        };
+        let plain = create_body(&spec, &BTreeMap::new());
+        for key in
+            ["LogConfig", "Init", "ReadonlyRootfs", "Sysctls", "Ulimits", "ShmSize", "IpcMode", "PidMode"]
+        {
+            assert!(plain["HostConfig"].get(key).is_none(), "{key} set without an option");
+        }
+        assert!(plain.get("StopTimeout").is_none() && plain.get("WorkingDir").is_none());
+        spec.options = ContainerOptions {
+            logging: Some(fleet_spec::model::LogConfig {
+                driver: "local".into(),
+                options: BTreeMap::from([("max-size".into(), "10m".into())]),
+            }),
+            init: Some(true),
+            ulimits: BTreeMap::from([("nofile".into(), fleet_spec::model::Ulimit { soft: 1, hard: 2 })]),
+            stop_timeout_s: Some(30),
+            working_dir: Some("/srv".into()),
+            mac_address: Some("02:42:ac:11:00:09".into()),
+            pid: Some("host".into()),
+            ..Default::default()
+        };
+        let body = create_body(&spec, &BTreeMap::new());
+        let host = &body["HostConfig"];
+        assert_eq!(host["LogConfig"], json!({"Type": "local", "Config": {"max-size": "10m"}}));
+        assert_eq!(host["Init"], true);
+        assert_eq!(host["Ulimits"], json!([{"Name": "nofile", "Soft": 1, "Hard": 2}]));
+        assert_eq!(host["PidMode"], "host");
+        assert_eq!((&body["StopTimeout"], &body["WorkingDir"]), (&json!(30), &json!("/srv")));
+        assert_eq!(body["MacAddress"], "02:42:ac:11:00:09");
+        assert_eq!(
+            body["NetworkingConfig"]["EndpointsConfig"]["app_default"]["MacAddress"],
+            "02:42:ac:11:00:09"
+        );
     }
 
     #[test]

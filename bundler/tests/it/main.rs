@@ -4,6 +4,7 @@
 mod awesome;
 mod build;
 mod common;
+mod compose_keys;
 mod hardening;
 mod mqtt;
 mod plan;

@@ -13,5 +13,5 @@ fuzz_target!(|data: &[u8]| {
     let _ = verify(data, &trusted, expect, TrustState::default(), 1_800_000_000, &limits);
     // The payload decoder on its own, past the signature check.
     let _ = fleet_spec::bundle::decompress_bounded(data, 1 << 16);
-    let _ = fleet_spec::DesiredState::decode(data);
+    let _ = fleet_spec::DesiredState::decode(data, 2);
 });

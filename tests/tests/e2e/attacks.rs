@@ -308,7 +308,7 @@ fn decompression_bomb_is_rejected() -> Result<()> {
     let payload = zstd::bulk::compress(&raw, 3)?;
     let mut manifest = bundle::manifest_for(meta("gw-1", t.newer(1), now_unix() + 86_400), &raw, &payload);
     manifest.uncompressed_size = 1000;
-    let bytes = bundle::assemble(&manifest, &payload, &[&t.key()?]);
+    let bytes = bundle::assemble(&manifest, 1, &payload, &[&t.key()?]);
     assert!(bytes.len() < 64 << 10, "the bomb is small on the wire: {} bytes", bytes.len());
     let digest = t.announce("bomb.bundle", &bytes, t.newer(1))?;
     t.expect_rejected(&digest, "decompression_bomb")

@@ -18,6 +18,7 @@
 //! |---|---|
 //! | [`first_deploy`] | 1 first deploy (files only) |
 //! | [`containers`] | 1 first deploy, 2 updates, 3 failed update → rollback, 4 drift, each on dockerd and podman (8) |
+//! | [`compose_keys`] | issue 17's Compose example on dockerd and podman; a changed key recreates the container |
 //! | [`engines`] | (the engines, images and `web` app the container scenarios share) |
 //! | [`attacks`] | 5 attacks and bad input |
 //! | [`hostile`] | hostile broker and servers: unsigned hints never keep the genuine bundle out; MQTT flood bounds (issue "Hardening I") |
@@ -32,6 +33,7 @@ mod aarch64;
 mod acl;
 mod attacks;
 mod common;
+mod compose_keys;
 mod containers;
 mod crash;
 mod engines;

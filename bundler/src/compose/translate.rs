@@ -1,491 +1,22 @@
-//! The Compose subset fleet accepts, and its translation to container specs.
-//!
-//! Accepted service keys: `image`, `container_name`, `command`, `entrypoint`,
-//! `environment`, `labels`, `user`, `hostname`, `ports`, `expose`, `volumes`, `tmpfs`,
-//! `networks`, `network_mode`, `restart`, `healthcheck`, `depends_on`, `devices`,
-//! `cap_add`, `cap_drop`, `privileged`, `stop_signal`, `mem_limit`, `cpus`,
-//! `deploy.resources.limits`. Top level: `services`, `networks`, `volumes`, and the
-//! obsolete `version` and `name` (ignored). Compose keys the agent cannot apply are
-//! refused by name (`build:` above all: devices pull images, CI builds them); anything
-//! else is an unknown key.
-//!
-//! Translation rules (documented in `bundler/README.md`):
-//! - container name `<app>-<service>` unless `container_name`;
-//! - every service joins `<app>_default` (alias: the service name) unless it lists
-//!   networks or sets `network_mode`; named networks are `<app>_<net>`, named volumes
-//!   `<app>_<vol>` (unless they set `name:`);
-//! - a relative bind source `./P` is the device path `<file_root>/<app>/P`, which is
-//!   where the app's file with `source: P` is delivered (or that file's `target` when
-//!   it sets one), so a container mounting a managed file restarts when it changes;
-//! - `${VAR}` (`${VAR:-default}`, `${VAR-default}`, `${VAR:?message}`, `$VAR`, `$$`)
-//!   is interpolated from the device's variables, then the fleet's; a variable that is
-//!   not set is an error.
-//!
-//! This module is pure: no I/O. Image tags are pinned to digests later, by the caller.
+//! Translation of a parsed Compose file into container, network and volume specs.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fmt;
+use std::collections::{BTreeMap, BTreeSet};
 
 use fleet_spec::model::{
-    ContainerSpec, Dependency, DependencyCondition, DeviceMapping, Healthcheck, ImageRef, Mount, MountSource,
-    NetworkAttachment, NetworkSpec, PortMapping, Protocol, RestartPolicy, VolumeSpec,
+    ContainerOptions, ContainerSpec, Dependency, DependencyCondition, DeviceMapping, Healthcheck, ImageRef,
+    LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol, RestartPolicy,
+    Ulimit, VolumeSpec,
 };
-use serde::de::{self, IgnoredAny, MapAccess, Visitor};
-use serde::Deserialize;
 
+use super::dotenv::parse_env_file;
+use super::interpolate::{interpolate, InterpError};
+use super::parse::{
+    refusal, ComposeFile, Ext, HealthcheckDef, LoggingDef, PortLong, ScalarOrMap, Service, VolumeLong,
+};
+use super::{env_file_path, Translated, Translator};
 use crate::diag::Diagnostic;
 use crate::duration::{parse_bytes, parse_duration_ms, parse_nano_cpus};
-use crate::yaml::{ListOrMap, NamesOrMap, Pos, Scalar, Spanned, SpannedMap, StringOrList};
-
-type Refused = Option<Spanned<IgnoredAny>>;
-
-/// A Compose file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ComposeFile {
-    /// Obsolete in the Compose specification; ignored.
-    #[serde(default)]
-    pub version: Option<IgnoredAny>,
-    /// The project name; ignored (the app name is the project name).
-    #[serde(default)]
-    pub name: Option<IgnoredAny>,
-    pub services: SpannedMap<Spanned<Service>>,
-    #[serde(default)]
-    pub networks: SpannedMap<Option<Spanned<NetworkDef>>>,
-    #[serde(default)]
-    pub volumes: SpannedMap<Option<Spanned<VolumeDef>>>,
-    #[serde(default)]
-    pub secrets: Refused,
-    #[serde(default)]
-    pub configs: Refused,
-}
-
-/// One service.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Service {
-    #[serde(default)]
-    pub image: Option<Spanned<String>>,
-    #[serde(default)]
-    pub container_name: Option<Spanned<String>>,
-    #[serde(default)]
-    pub command: Option<Spanned<StringOrList>>,
-    #[serde(default)]
-    pub entrypoint: Option<Spanned<StringOrList>>,
-    #[serde(default)]
-    pub environment: Option<Spanned<ListOrMap>>,
-    #[serde(default)]
-    pub labels: Option<Spanned<ListOrMap>>,
-    #[serde(default)]
-    pub user: Option<Spanned<Scalar>>,
-    #[serde(default)]
-    pub hostname: Option<Spanned<String>>,
-    #[serde(default)]
-    pub ports: Vec<Spanned<ScalarOrMap<PortLong>>>,
-    #[serde(default)]
-    pub expose: Vec<Spanned<Scalar>>,
-    #[serde(default)]
-    pub volumes: Vec<Spanned<ScalarOrMap<VolumeLong>>>,
-    #[serde(default)]
-    pub tmpfs: Option<Spanned<StringOrList>>,
-    #[serde(default)]
-    pub networks: Option<NamesOrMap<ServiceNetwork>>,
-    #[serde(default)]
-    pub network_mode: Option<Spanned<String>>,
-    #[serde(default)]
-    pub restart: Option<Spanned<Scalar>>,
-    #[serde(default)]
-    pub healthcheck: Option<Spanned<HealthcheckDef>>,
-    #[serde(default)]
-    pub depends_on: Option<NamesOrMap<DependsOnLong>>,
-    #[serde(default)]
-    pub devices: Vec<Spanned<String>>,
-    #[serde(default)]
-    pub cap_add: Vec<Spanned<String>>,
-    #[serde(default)]
-    pub cap_drop: Vec<Spanned<String>>,
-    #[serde(default)]
-    pub privileged: Option<bool>,
-    #[serde(default)]
-    pub stop_signal: Option<Spanned<String>>,
-    #[serde(default)]
-    pub mem_limit: Option<Spanned<Scalar>>,
-    #[serde(default)]
-    pub cpus: Option<Spanned<Scalar>>,
-    #[serde(default)]
-    pub deploy: Option<Spanned<Deploy>>,
-
-    // Compose keys the agent cannot apply: refused by name.
-    #[serde(default)]
-    pub build: Refused,
-    #[serde(default)]
-    pub env_file: Refused,
-    #[serde(default)]
-    pub secrets: Refused,
-    #[serde(default)]
-    pub configs: Refused,
-    #[serde(default)]
-    pub extends: Refused,
-    #[serde(default)]
-    pub profiles: Refused,
-    #[serde(default)]
-    pub links: Refused,
-    #[serde(default)]
-    pub external_links: Refused,
-    #[serde(default)]
-    pub volumes_from: Refused,
-    #[serde(default)]
-    pub ulimits: Refused,
-    #[serde(default)]
-    pub logging: Refused,
-    #[serde(default)]
-    pub sysctls: Refused,
-    #[serde(default)]
-    pub security_opt: Refused,
-    #[serde(default)]
-    pub working_dir: Refused,
-    #[serde(default)]
-    pub tty: Refused,
-    #[serde(default)]
-    pub stdin_open: Refused,
-    #[serde(default)]
-    pub init: Refused,
-    #[serde(default)]
-    pub platform: Refused,
-    #[serde(default)]
-    pub pull_policy: Refused,
-    #[serde(default)]
-    pub shm_size: Refused,
-    #[serde(default)]
-    pub extra_hosts: Refused,
-    #[serde(default)]
-    pub dns: Refused,
-    #[serde(default)]
-    pub dns_search: Refused,
-    #[serde(default)]
-    pub ipc: Refused,
-    #[serde(default)]
-    pub pid: Refused,
-    #[serde(default)]
-    pub cgroup_parent: Refused,
-    #[serde(default)]
-    pub stop_grace_period: Refused,
-    #[serde(default)]
-    pub domainname: Refused,
-    #[serde(default)]
-    pub mac_address: Refused,
-    #[serde(default)]
-    pub runtime: Refused,
-    #[serde(default)]
-    pub scale: Refused,
-    #[serde(default)]
-    pub group_add: Refused,
-    #[serde(default)]
-    pub read_only: Refused,
-    #[serde(default)]
-    pub userns_mode: Refused,
-    #[serde(default)]
-    pub oom_score_adj: Refused,
-    #[serde(default)]
-    pub mem_reservation: Refused,
-    #[serde(default)]
-    pub memswap_limit: Refused,
-    #[serde(default)]
-    pub cpu_shares: Refused,
-    #[serde(default)]
-    pub cpuset: Refused,
-    #[serde(default)]
-    pub develop: Refused,
-}
-
-impl Service {
-    /// The refused keys this service uses, with their places.
-    fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 40] = [
-            ("build", &self.build),
-            ("env_file", &self.env_file),
-            ("secrets", &self.secrets),
-            ("configs", &self.configs),
-            ("extends", &self.extends),
-            ("profiles", &self.profiles),
-            ("links", &self.links),
-            ("external_links", &self.external_links),
-            ("volumes_from", &self.volumes_from),
-            ("ulimits", &self.ulimits),
-            ("logging", &self.logging),
-            ("sysctls", &self.sysctls),
-            ("security_opt", &self.security_opt),
-            ("working_dir", &self.working_dir),
-            ("tty", &self.tty),
-            ("stdin_open", &self.stdin_open),
-            ("init", &self.init),
-            ("platform", &self.platform),
-            ("pull_policy", &self.pull_policy),
-            ("shm_size", &self.shm_size),
-            ("extra_hosts", &self.extra_hosts),
-            ("dns", &self.dns),
-            ("dns_search", &self.dns_search),
-            ("ipc", &self.ipc),
-            ("pid", &self.pid),
-            ("cgroup_parent", &self.cgroup_parent),
-            ("stop_grace_period", &self.stop_grace_period),
-            ("domainname", &self.domainname),
-            ("mac_address", &self.mac_address),
-            ("runtime", &self.runtime),
-            ("scale", &self.scale),
-            ("group_add", &self.group_add),
-            ("read_only", &self.read_only),
-            ("userns_mode", &self.userns_mode),
-            ("oom_score_adj", &self.oom_score_adj),
-            ("mem_reservation", &self.mem_reservation),
-            ("memswap_limit", &self.memswap_limit),
-            ("cpu_shares", &self.cpu_shares),
-            ("cpuset", &self.cpuset),
-            ("develop", &self.develop),
-        ];
-        all.iter().filter_map(|(name, v)| v.as_ref().map(|s| (*name, Pos::of(s)))).collect()
-    }
-}
-
-/// The message for a refused key.
-fn refusal(key: &str) -> String {
-    match key {
-        "build" => "`build:` is not supported: devices pull images, build them in CI and set `image:`".into(),
-        "env_file" => "`env_file:` is not supported: set the variables under `environment:` (values may use ${VAR} from device vars)".into(),
-        "secrets" | "configs" => format!("`{key}:` is not supported: deliver the file with `files:` in app.yaml and bind-mount it"),
-        key => format!("`{key}:` is not supported: the fleet agent cannot apply it (see the supported keys in the bundler README)"),
-    }
-}
-
-/// A value written either as a scalar (short syntax) or as a map (long syntax).
-#[derive(Debug, Clone)]
-pub enum ScalarOrMap<T> {
-    Short(String),
-    Long(T),
-}
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for ScalarOrMap<T> {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
-            type Value = ScalarOrMap<T>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string (short syntax) or a map (long syntax)")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(ScalarOrMap::Short(v.into()))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(ScalarOrMap::Short(v.to_string()))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(ScalarOrMap::Short(v.to_string()))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(ScalarOrMap::Long)
-            }
-        }
-        d.deserialize_any(V(std::marker::PhantomData))
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PortLong {
-    pub target: Spanned<Scalar>,
-    #[serde(default)]
-    pub published: Option<Spanned<Scalar>>,
-    #[serde(default)]
-    pub host_ip: Option<Spanned<String>>,
-    #[serde(default)]
-    pub protocol: Option<Spanned<String>>,
-    /// `host` or `ingress`; meaningless on one host, accepted.
-    #[serde(default)]
-    pub mode: Option<String>,
-    #[serde(default)]
-    pub name: Option<String>,
-    #[serde(default)]
-    pub app_protocol: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VolumeLong {
-    #[serde(rename = "type")]
-    pub kind: Spanned<String>,
-    #[serde(default)]
-    pub source: Option<Spanned<String>>,
-    pub target: Spanned<String>,
-    #[serde(default)]
-    pub read_only: bool,
-    #[serde(default)]
-    pub bind: Option<IgnoredAny>,
-    #[serde(default)]
-    pub volume: Option<IgnoredAny>,
-    #[serde(default)]
-    pub tmpfs: Option<IgnoredAny>,
-    #[serde(default)]
-    pub consistency: Option<IgnoredAny>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceNetwork {
-    #[serde(default)]
-    pub aliases: Vec<Spanned<String>>,
-    #[serde(default)]
-    pub ipv4_address: Option<Spanned<IgnoredAny>>,
-    #[serde(default)]
-    pub ipv6_address: Option<Spanned<IgnoredAny>>,
-    #[serde(default)]
-    pub priority: Option<IgnoredAny>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DependsOnLong {
-    #[serde(default)]
-    pub condition: Option<Spanned<String>>,
-    #[serde(default)]
-    pub restart: Option<bool>,
-    #[serde(default)]
-    pub required: Option<bool>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthcheckDef {
-    #[serde(default)]
-    pub test: Option<Spanned<StringOrList>>,
-    #[serde(default)]
-    pub interval: Option<Spanned<String>>,
-    #[serde(default)]
-    pub timeout: Option<Spanned<String>>,
-    #[serde(default)]
-    pub start_period: Option<Spanned<String>>,
-    #[serde(default)]
-    pub start_interval: Option<Spanned<IgnoredAny>>,
-    #[serde(default)]
-    pub retries: Option<Spanned<u32>>,
-    #[serde(default)]
-    pub disable: Option<bool>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Deploy {
-    #[serde(default)]
-    pub resources: Option<Resources>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Resources {
-    #[serde(default)]
-    pub limits: Option<Limits>,
-    #[serde(default)]
-    pub reservations: Option<Spanned<IgnoredAny>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    #[serde(default)]
-    pub memory: Option<Spanned<Scalar>>,
-    #[serde(default)]
-    pub cpus: Option<Spanned<Scalar>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NetworkDef {
-    #[serde(default)]
-    pub driver: Option<Spanned<String>>,
-    #[serde(default)]
-    pub internal: bool,
-    #[serde(default)]
-    pub labels: Option<Spanned<ListOrMap>>,
-    #[serde(default)]
-    pub name: Option<Spanned<String>>,
-    #[serde(default)]
-    pub external: Option<Spanned<IgnoredAny>>,
-    #[serde(default)]
-    pub ipam: Option<Spanned<IgnoredAny>>,
-    #[serde(default)]
-    pub enable_ipv6: Option<Spanned<IgnoredAny>>,
-    #[serde(default)]
-    pub driver_opts: Option<Spanned<IgnoredAny>>,
-    #[serde(default)]
-    pub attachable: Option<IgnoredAny>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VolumeDef {
-    #[serde(default)]
-    pub driver: Option<Spanned<String>>,
-    #[serde(default)]
-    pub labels: Option<Spanned<ListOrMap>>,
-    #[serde(default)]
-    pub name: Option<Spanned<String>>,
-    #[serde(default)]
-    pub external: Option<Spanned<IgnoredAny>>,
-    #[serde(default)]
-    pub driver_opts: Option<Spanned<IgnoredAny>>,
-}
-
-/// The containers, networks and volumes of one app on one device.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Translated {
-    pub containers: Vec<ContainerSpec>,
-    pub networks: Vec<NetworkSpec>,
-    pub volumes: Vec<VolumeSpec>,
-}
-
-/// Looks a variable up for `${VAR}` interpolation.
-pub trait VarLookup {
-    fn get(&self, name: &str) -> Option<String>;
-}
-
-impl<F: Fn(&str) -> Option<String>> VarLookup for F {
-    fn get(&self, name: &str) -> Option<String> {
-        self(name)
-    }
-}
-
-/// What the translation needs to know about the app besides its Compose file.
-pub struct AppContext<'a> {
-    pub app: &'a str,
-    /// Repository path of the Compose file, for diagnostics.
-    pub file: &'a str,
-    /// `<file_root>/<app>`: where relative bind sources land on the device.
-    pub app_root: &'a str,
-    /// App files: normalized source path (relative to the app dir) → device target.
-    pub file_targets: &'a BTreeMap<String, String>,
-}
-
-/// Translates a Compose file. With `lenient`, unset variables interpolate to "" and
-/// problems in the values that used them are not reported: that is how a file is
-/// checked once for every device. Returns the translation and its diagnostics.
-pub fn translate(
-    file: &ComposeFile,
-    ctx: &AppContext<'_>,
-    vars: &dyn VarLookup,
-    lenient: bool,
-) -> (Translated, Vec<Diagnostic>) {
-    let mut t = Translator { ctx, vars, lenient, diags: Vec::new(), tainted: HashSet::new() };
-    let out = t.run(file);
-    (out, t.diags)
-}
-
-struct Translator<'a, 'b> {
-    ctx: &'a AppContext<'b>,
-    vars: &'a dyn VarLookup,
-    lenient: bool,
-    diags: Vec<Diagnostic>,
-    /// Places whose values used a variable that is not set (lenient mode only).
-    tainted: HashSet<Pos>,
-}
+use crate::yaml::{ListOrMap, Pos, Scalar, Spanned, StringOrList};
 
 /// Container names Docker accepts: `[a-zA-Z0-9][a-zA-Z0-9_.-]+`.
 pub fn valid_container_name(name: &str) -> bool {
@@ -495,7 +26,7 @@ pub fn valid_container_name(name: &str) -> bool {
         && bytes[1..].iter().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-fn valid_service_name(name: &str) -> bool {
+pub(super) fn valid_service_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     !bytes.is_empty()
         && bytes[0].is_ascii_alphanumeric()
@@ -503,8 +34,11 @@ fn valid_service_name(name: &str) -> bool {
 }
 
 impl Translator<'_, '_> {
+    /// Reports an error at `pos`, unless the value there used a variable that is not set
+    /// (that was reported, or is not an error in lenient mode): a second message about
+    /// the empty value would only hide the first.
     fn error(&mut self, pos: Pos, message: impl Into<String>) {
-        if self.lenient && self.tainted.contains(&pos) {
+        if self.tainted.contains(&pos) {
             return;
         }
         self.diags.push(Diagnostic::error(self.ctx.file, pos.line, pos.column, message));
@@ -522,9 +56,7 @@ impl Translator<'_, '_> {
         match interpolate(text, self.vars) {
             Ok(s) => s,
             Err(InterpError::Unset { name, message }) => {
-                if self.lenient {
-                    self.tainted.insert(pos);
-                } else {
+                if !self.lenient {
                     let msg = match message {
                         Some(m) => format!("variable `{name}` is not set: {m}"),
                         None => format!(
@@ -533,6 +65,7 @@ impl Translator<'_, '_> {
                     };
                     self.error(pos, msg);
                 }
+                self.tainted.insert(pos);
                 String::new()
             }
             Err(InterpError::Syntax(msg)) => {
@@ -550,7 +83,7 @@ impl Translator<'_, '_> {
         self.interp(&v.value.0, Pos::of(v))
     }
 
-    fn run(&mut self, file: &ComposeFile) -> Translated {
+    pub(super) fn run(&mut self, file: &ComposeFile) -> Translated {
         let app = self.ctx.app;
         if let Some(s) = &file.secrets {
             self.error(Pos::of(s), refusal("secrets"));
@@ -651,11 +184,33 @@ impl Translator<'_, '_> {
         let mut containers = Vec::new();
         let mut default_used = false;
         let mut seen_names: BTreeMap<String, Pos> = BTreeMap::new();
+        let active = self.active_profiles();
+        let mut disabled: BTreeMap<&str, String> = BTreeMap::new();
         for (key, svc) in &file.services.0 {
             let service = key.value.as_str();
             let pos = Pos::of(key);
             if !valid_service_name(service) {
                 self.error(pos, format!("service name `{service}` is invalid: use letters, digits, '.', '_' and '-', starting with a letter or digit"));
+            }
+            for p in &svc.value.profiles {
+                if !valid_service_name(&p.value) {
+                    self.error(
+                        Pos::of(p),
+                        format!(
+                            "profile name `{}` is invalid: use letters, digits, '.', '_' and '-'",
+                            p.value
+                        ),
+                    );
+                }
+            }
+            // The check for every device (lenient) translates every service.
+            let profiles: Vec<&str> = svc.value.profiles.iter().map(|p| p.value.as_str()).collect();
+            if !self.lenient
+                && !profiles.is_empty()
+                && !profiles.iter().any(|p| active.contains(*p) || active.contains("*"))
+            {
+                disabled.insert(service, profiles.join(", "));
+                continue;
             }
             let Some(spec) = self.service(
                 service,
@@ -678,6 +233,16 @@ impl Translator<'_, '_> {
         if default_used && !networks.contains_key(&default_network) {
             networks
                 .insert(default_network.clone(), NetworkSpec { name: default_network, ..Default::default() });
+        }
+        for (key, svc) in &file.services.0 {
+            if disabled.contains_key(key.value.as_str()) {
+                continue;
+            }
+            for (dep, _) in svc.value.depends_on.iter().flat_map(|d| d.0.iter()) {
+                if let Some(profiles) = disabled.get(dep.value.as_str()) {
+                    self.error(Pos::of(dep), format!("`{}` depends on `{}`, whose profiles ({profiles}) are not enabled on this device: add one to the device variable COMPOSE_PROFILES", key.value, dep.value));
+                }
+            }
         }
         self.check_cycles(file, &container_names);
         Translated {
@@ -705,6 +270,12 @@ impl Translator<'_, '_> {
             svc.deploy.as_ref().and_then(|d| d.value.resources.as_ref()).and_then(|r| r.reservations.as_ref())
         {
             refused.push(("deploy.resources.reservations", Pos::of(r)));
+        }
+        if let Some(deploy) = &svc.deploy {
+            refused.extend(deploy.value.refused());
+            if let Some(r) = deploy.value.replicas.as_ref().filter(|r| r.value != 1) {
+                self.error(Pos::of(r), format!("`deploy.replicas: {}` is not supported: a device runs one container per service (use `profiles:` to run a service on some devices only)", r.value));
+            }
         }
         for (key, at) in &refused {
             self.error(*at, refusal(key));
@@ -749,8 +320,9 @@ impl Translator<'_, '_> {
         };
         spec.command = svc.command.as_ref().map(|c| self.words(c));
         spec.entrypoint = svc.entrypoint.as_ref().map(|c| self.words(c));
+        spec.env = self.env_files(svc);
         if let Some(env) = &svc.environment {
-            spec.env = self.key_values(env, "environment variable", true);
+            spec.env.extend(self.key_values(env, "environment variable", true));
         }
         if let Some(labels) = &svc.labels {
             spec.labels = self.key_values(labels, "label", false);
@@ -975,7 +547,390 @@ impl Translator<'_, '_> {
                 Err(msg) => self.error(Pos::of(c), msg),
             }
         }
+        spec.options = self.options(svc, container_names);
         Some(spec)
+    }
+
+    /// The enabled profiles: the variable `COMPOSE_PROFILES` (comma-separated; `*`
+    /// enables all), as `docker compose` reads it from the environment or `.env`.
+    fn active_profiles(&self) -> BTreeSet<String> {
+        self.vars
+            .get("COMPOSE_PROFILES")
+            .map(|v| v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// The variables of the service's `env_file:`s, later files winning; values are
+    /// interpolated (unless single-quoted or `format: raw`).
+    fn env_files(&mut self, svc: &Service) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        for (written, required, raw, pos) in svc.env_files() {
+            let Some(repo_path) = env_file_path(self.ctx.file, self.ctx.app, &written) else {
+                self.error(pos, format!("env_file `{written}` is outside the app directory: env files must be inside apps/{}/", self.ctx.app));
+                continue;
+            };
+            let Some(bytes) = self.ctx.env_files.get(&repo_path) else {
+                if required {
+                    self.error(pos, format!("env_file `{written}` is not in the commit (looked for {repo_path}): commit it, or write `{{path: {written}, required: false}}`"));
+                }
+                continue;
+            };
+            let Ok(text) = std::str::from_utf8(bytes) else {
+                self.error(pos, format!("env_file {repo_path} is not UTF-8 text"));
+                continue;
+            };
+            match parse_env_file(text) {
+                Ok(entries) => {
+                    for e in entries {
+                        let value = if raw || e.literal || !e.value.contains('$') {
+                            e.value
+                        } else {
+                            match interpolate(&e.value, self.vars) {
+                                Ok(v) => v,
+                                Err(InterpError::Unset { name, .. }) => {
+                                    if !self.lenient {
+                                        self.error(pos, format!("env_file {repo_path}:{}: `{}` uses variable `{name}`, which is not set for this device", e.line, e.key));
+                                    }
+                                    continue;
+                                }
+                                Err(InterpError::Syntax(msg)) => {
+                                    self.error(pos, format!("env_file {repo_path}:{}: {msg}", e.line));
+                                    continue;
+                                }
+                            }
+                        };
+                        env.insert(e.key, value);
+                    }
+                }
+                Err((line, msg)) => self.error(pos, format!("env_file {repo_path}:{line}: {msg}")),
+            }
+        }
+        env
+    }
+
+    /// The keys of [`ContainerOptions`]: `logging`, `init`, `read_only`, `sysctls`, ...
+    fn options(&mut self, svc: &Service, container_names: &BTreeMap<String, String>) -> ContainerOptions {
+        let mut o = ContainerOptions {
+            init: svc.init,
+            read_only: svc.read_only.unwrap_or(false),
+            tty: svc.tty.unwrap_or(false),
+            stdin_open: svc.stdin_open.unwrap_or(false),
+            ..Default::default()
+        };
+        if let Some(logging) = &svc.logging {
+            o.logging = Some(self.logging(logging));
+        }
+        o.security_opt = svc.security_opt.iter().map(|v| self.s(v)).collect();
+        if let Some(dir) = &svc.working_dir {
+            let text = self.s(dir);
+            if !text.starts_with('/') {
+                self.error(
+                    Pos::of(dir),
+                    format!("working_dir `{text}` must be an absolute path inside the container"),
+                );
+            }
+            o.working_dir = Some(text);
+        }
+        if let Some(size) = &svc.shm_size {
+            let text = self.scalar(size);
+            match parse_bytes(&text) {
+                Ok(bytes) => o.shm_size_bytes = Some(bytes),
+                Err(msg) => self.error(Pos::of(size), format!("shm_size: {msg}")),
+            }
+        }
+        if let Some(sysctls) = &svc.sysctls {
+            o.sysctls = self.key_values(sysctls, "sysctl", true);
+            // The engines refuse sysctls that are not namespaced (they would change the host).
+            let namespaced = |k: &str| {
+                ["net.", "kernel.shm", "kernel.msg", "fs.mqueue."].iter().any(|p| k.starts_with(p))
+                    || k == "kernel.sem"
+            };
+            for key in o.sysctls.keys().filter(|k| !namespaced(k)) {
+                self.error(Pos::of(sysctls), format!("sysctl `{key}` is not namespaced: the engine refuses it (only net.*, kernel.shm*, kernel.msg*, kernel.sem and fs.mqueue.* are per container)"));
+            }
+            let host_network = svc.network_mode.as_ref().is_some_and(|m| m.value == "host");
+            if let Some(key) = o.sysctls.keys().find(|k| host_network && k.starts_with("net.")) {
+                self.error(Pos::of(sysctls), format!("sysctl `{key}` would change the host's network: the engine refuses net.* sysctls with `network_mode: host`"));
+            }
+        }
+        for (name, limit) in &svc.ulimits.0 {
+            let (soft, hard) = match &limit.value {
+                ScalarOrMap::Short(text) => match self.interp(text, Pos::of(limit)).parse::<i64>() {
+                    Ok(n) => (n, n),
+                    Err(_) => {
+                        self.error(
+                            Pos::of(limit),
+                            format!(
+                                "ulimit `{}` must be a number, or a map with `soft:` and `hard:`",
+                                name.value
+                            ),
+                        );
+                        continue;
+                    }
+                },
+                ScalarOrMap::Long(l) => (l.soft.value, l.hard.value),
+            };
+            if soft > hard && hard != -1 || soft < -1 || hard < -1 {
+                self.error(Pos::of(limit), format!("ulimit `{}`: soft limit {soft} is above the hard limit {hard} (or below -1, unlimited)", name.value));
+                continue;
+            }
+            const KNOWN: [&str; 16] = [
+                "as",
+                "core",
+                "cpu",
+                "data",
+                "fsize",
+                "locks",
+                "memlock",
+                "msgqueue",
+                "nice",
+                "nofile",
+                "nproc",
+                "rss",
+                "rtprio",
+                "rttime",
+                "sigpending",
+                "stack",
+            ];
+            if !KNOWN.contains(&name.value.as_str()) {
+                self.error(
+                    Pos::of(name),
+                    format!(
+                        "ulimit `{}` is not one the engine knows: use one of {}",
+                        name.value,
+                        KNOWN.join(", ")
+                    ),
+                );
+                continue;
+            }
+            o.ulimits.insert(name.value.clone(), Ulimit { soft, hard });
+        }
+        if let Some(hosts) = &svc.extra_hosts {
+            o.extra_hosts = self.extra_hosts(hosts);
+        }
+        if let Some(period) = &svc.stop_grace_period {
+            let text = self.s(period);
+            match parse_duration_ms(&text) {
+                // The engine takes whole seconds; round up so the grace is never shorter.
+                Ok(ms) => o.stop_timeout_s = Some(ms.div_ceil(1000)),
+                Err(msg) => self.error(Pos::of(period), format!("stop_grace_period: {msg}")),
+            }
+        }
+        if let Some(dns) = &svc.dns {
+            o.dns = self.words_plain(dns);
+            for server in &o.dns {
+                if server.parse::<std::net::IpAddr>().is_err() && !self.tainted.contains(&Pos::of(dns)) {
+                    self.error(Pos::of(dns), format!("dns server `{server}` is not an IP address"));
+                }
+            }
+        }
+        if let Some(search) = &svc.dns_search {
+            o.dns_search = self.words_plain(search);
+        }
+        o.dns_opt = svc.dns_opt.iter().map(|v| self.s(v)).collect();
+        o.group_add = svc.group_add.iter().map(|v| self.scalar(v)).collect();
+        if let Some(adj) = &svc.oom_score_adj {
+            if !(-1000..=1000).contains(&adj.value) {
+                self.error(
+                    Pos::of(adj),
+                    format!("oom_score_adj {} is out of range: use -1000 to 1000", adj.value),
+                );
+            }
+            o.oom_score_adj = Some(adj.value);
+        }
+        if let Some(limit) = &svc.pids_limit {
+            if limit.value == 0 || limit.value < -1 {
+                self.error(
+                    Pos::of(limit),
+                    format!(
+                        "pids_limit {} is not valid: use a positive number, or -1 for no limit",
+                        limit.value
+                    ),
+                );
+            }
+            o.pids_limit = Some(limit.value);
+        }
+        if let Some(cpuset) = &svc.cpuset {
+            let text = self.s(cpuset);
+            if text.is_empty() || !text.chars().all(|c| c.is_ascii_digit() || c == ',' || c == '-') {
+                self.error(
+                    Pos::of(cpuset),
+                    format!("cpuset `{text}` is not a CPU list such as \"0-1\" or \"0,2\""),
+                );
+            }
+            o.cpuset = Some(text);
+        }
+        if let Some(mac) = &svc.mac_address {
+            let text = self.s(mac);
+            let parts: Vec<&str> = text.split(':').collect();
+            if parts.len() != 6
+                || !parts.iter().all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+            {
+                self.error(
+                    Pos::of(mac),
+                    format!("mac_address `{text}` is not six hex bytes such as 02:42:ac:11:00:02"),
+                );
+            }
+            o.mac_address = Some(text);
+        }
+        if let Some(v) = &svc.mem_reservation {
+            let text = self.scalar(v);
+            match parse_bytes(&text) {
+                Ok(bytes) => o.mem_reservation_bytes = Some(bytes),
+                Err(msg) => self.error(Pos::of(v), format!("mem_reservation: {msg}")),
+            }
+        }
+        if let Some(v) = &svc.memswap_limit {
+            let text = self.scalar(v);
+            match text.as_str() {
+                "-1" => o.memswap_limit_bytes = Some(-1),
+                _ => match parse_bytes(&text).map(i64::try_from) {
+                    Ok(Ok(bytes)) => o.memswap_limit_bytes = Some(bytes),
+                    Ok(Err(_)) | Err(_) => self.error(
+                        Pos::of(v),
+                        format!(
+                            "memswap_limit `{text}` is not a size such as \"1g\", or -1 for unlimited swap"
+                        ),
+                    ),
+                },
+            }
+            if spec_memory_missing(svc) {
+                self.error(Pos::of(v), "memswap_limit needs a memory limit (`mem_limit:` or `deploy.resources.limits.memory:`): it is memory plus swap");
+            }
+        }
+        if let Some(v) = &svc.cpu_shares {
+            let text = self.scalar(v);
+            match text.parse::<u64>() {
+                Ok(n) if n >= 2 => o.cpu_shares = Some(n),
+                _ => self.error(
+                    Pos::of(v),
+                    format!("cpu_shares `{text}` is not a weight of at least 2 (the default is 1024)"),
+                ),
+            }
+        }
+        o.cpu_period_us = svc
+            .cpu_period
+            .as_ref()
+            .and_then(|v| self.micros(v, "cpu_period"))
+            .and_then(|us| u64::try_from(us).ok());
+        o.cpu_quota_us = svc.cpu_quota.as_ref().and_then(|v| self.micros(v, "cpu_quota"));
+        o.cgroup_parent = svc.cgroup_parent.as_ref().map(|v| self.s(v));
+        o.ipc = svc.ipc.as_ref().map(|v| {
+            self.namespace_mode(v, "ipc", &["host", "private", "shareable", "none"], container_names)
+        });
+        o.pid = svc.pid.as_ref().map(|v| self.namespace_mode(v, "pid", &["host"], container_names));
+        o
+    }
+
+    /// `cpu_period:`/`cpu_quota:`: microseconds as a number, or a duration (`100ms`).
+    fn micros(&mut self, v: &Spanned<Scalar>, key: &str) -> Option<i64> {
+        let text = self.scalar(v);
+        let us = match text.parse::<i64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                parse_duration_ms(&text).ok().and_then(|ms| i64::try_from(ms.saturating_mul(1000)).ok())
+            }
+        };
+        match us {
+            Some(n) if n >= 1000 || (key == "cpu_quota" && n == -1) => Some(n),
+            _ => {
+                self.error(Pos::of(v), format!("{key} `{text}` is not a time of at least 1000 microseconds (a number of microseconds, or e.g. \"100ms\")"));
+                None
+            }
+        }
+    }
+
+    /// `logging:` → driver and options; `max-size`/`max-file` are checked here, as the
+    /// engine would only refuse them on the device.
+    fn logging(&mut self, l: &Spanned<Ext<LoggingDef>>) -> LogConfig {
+        let driver = l.value.driver.as_ref().map(|d| (self.s(d), Pos::of(d)));
+        let options = match &l.value.options {
+            Some(opts) => self.key_values(opts, "logging option", true),
+            None => BTreeMap::new(),
+        };
+        if let Some((name, at)) = &driver {
+            match name.as_str() {
+                "json-file" | "journald" | "none" => {}
+                "local" => self.warning(*at, "logging driver `local` exists on dockerd only: podman refuses it; `json-file` with `max-size` rotates on both"),
+                _ => self.warning(*at, format!("logging driver `{name}` is not one every engine has (json-file, journald, none): the device's engine must provide it")),
+            }
+        }
+        if let Some(opts) = &l.value.options {
+            for (key, value) in &options {
+                let bad = match key.as_str() {
+                    "max-size" => parse_bytes(value).err(),
+                    "max-file" => (value.parse::<u32>().map_or(true, |n| n == 0))
+                        .then(|| format!("invalid file count {value:?}: use a number of at least 1")),
+                    _ => None,
+                };
+                if let Some(msg) = bad {
+                    self.error(Pos::of(opts), format!("logging option `{key}`: {msg}"));
+                }
+            }
+        }
+        let driver_name = driver.map(|(d, _)| d).unwrap_or_default();
+        if matches!(driver_name.as_str(), "json-file") && !options.contains_key("max-size") {
+            self.warning(Pos::of(l), "the json-file log of this service grows without bound: set `options: {max-size: 10m, max-file: \"3\"}`");
+        }
+        LogConfig { driver: driver_name, options }
+    }
+
+    /// `extra_hosts:` as `host:ip` entries (list `host:ip` or `host=ip`, or a map).
+    fn extra_hosts(&mut self, v: &Spanned<ListOrMap>) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut add = |t: &mut Self, host: &str, ip: &str, at: Pos| {
+            if host.is_empty() || (ip != "host-gateway" && ip.parse::<std::net::IpAddr>().is_err()) {
+                if !t.tainted.contains(&at) {
+                    t.error(at, format!("extra_hosts entry `{host}` → `{ip}` is not HOST:IP (or HOST=IP) with an IP address or host-gateway"));
+                }
+                return;
+            }
+            out.push(format!("{host}:{ip}"));
+        };
+        match &v.value {
+            ListOrMap::List(items) => {
+                for item in items {
+                    let text = self.scalar(item);
+                    let (host, ip) =
+                        text.split_once('=').or_else(|| text.split_once(':')).unwrap_or((&text, ""));
+                    add(self, host, ip.trim_start_matches('[').trim_end_matches(']'), Pos::of(item));
+                }
+            }
+            ListOrMap::Map(entries) => {
+                for (host, ip) in entries {
+                    let ip = ip.as_ref().map(|i| self.scalar(i)).unwrap_or_default();
+                    add(self, &host.value, &ip, Pos::of(host));
+                }
+            }
+        }
+        out
+    }
+
+    /// `ipc:`/`pid:`: one of `allowed`, `service:<name>` (→ `container:<its name>`) or
+    /// `container:<name>`. `host` is carried as is; the device's container policy decides.
+    fn namespace_mode(
+        &mut self,
+        v: &Spanned<String>,
+        key: &str,
+        allowed: &[&str],
+        container_names: &BTreeMap<String, String>,
+    ) -> String {
+        let text = self.s(v);
+        if let Some(other) = text.strip_prefix("service:") {
+            match container_names.get(other) {
+                Some(c) => return format!("container:{c}"),
+                None => self.error(Pos::of(v), format!("{key} `{text}` names no service of this app")),
+            }
+        } else if !allowed.contains(&text.as_str()) && !text.starts_with("container:") {
+            self.error(
+                Pos::of(v),
+                format!(
+                    "{key} `{text}` is not valid: use {}, service:<name> or container:<name>",
+                    allowed.join(", ")
+                ),
+            );
+        }
+        text
     }
 
     /// `command:`/`entrypoint:`: a string is split like a shell would (no expansion).
@@ -1418,137 +1373,8 @@ pub fn parse_expose(text: &str) -> Result<Vec<String>, String> {
     Ok((a..=b).map(|p| format!("{p}/{proto}")).collect())
 }
 
-/// Why interpolation failed.
-#[derive(Debug, PartialEq)]
-pub enum InterpError {
-    Unset { name: String, message: Option<String> },
-    Syntax(String),
-}
-
-/// Compose-style interpolation: `$$`, `$VAR`, `${VAR}`, `${VAR:-default}`,
-/// `${VAR-default}`, `${VAR:?message}`, `${VAR?message}`, `${VAR:+alt}`, `${VAR+alt}`.
-pub fn interpolate(text: &str, vars: &dyn VarLookup) -> Result<String, InterpError> {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        rest = &rest[i + 1..];
-        if let Some(r) = rest.strip_prefix('$') {
-            out.push('$');
-            rest = r;
-        } else if let Some(r) = rest.strip_prefix('{') {
-            let end =
-                r.find('}').ok_or_else(|| InterpError::Syntax(format!("unclosed `${{` in `{text}`")))?;
-            let inner = &r[..end];
-            rest = &r[end + 1..];
-            let name_len =
-                inner.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(inner.len());
-            let (name, op) = inner.split_at(name_len);
-            if name.is_empty() {
-                return Err(InterpError::Syntax(format!("`${{{inner}}}` has no variable name")));
-            }
-            let value = vars.get(name);
-            let resolved = match op {
-                "" => value.ok_or(InterpError::Unset { name: name.into(), message: None })?,
-                _ if op.starts_with(":-") => value.filter(|v| !v.is_empty()).unwrap_or_else(|| op[2..].to_string()),
-                _ if op.starts_with('-') => value.unwrap_or_else(|| op[1..].to_string()),
-                _ if op.starts_with(":?") => value
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| InterpError::Unset { name: name.into(), message: Some(op[2..].to_string()) })?,
-                _ if op.starts_with('?') => {
-                    value.ok_or_else(|| InterpError::Unset { name: name.into(), message: Some(op[1..].to_string()) })?
-                }
-                _ if op.starts_with(":+") => {
-                    if value.is_some_and(|v| !v.is_empty()) {
-                        op[2..].to_string()
-                    } else {
-                        String::new()
-                    }
-                }
-                _ if op.starts_with('+') => {
-                    if value.is_some() {
-                        op[1..].to_string()
-                    } else {
-                        String::new()
-                    }
-                }
-                _ => return Err(InterpError::Syntax(format!("`${{{inner}}}` is not a supported interpolation: use ${{VAR}}, ${{VAR:-default}} or ${{VAR:?message}}"))),
-            };
-            out.push_str(&resolved);
-        } else {
-            let name_len =
-                rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
-            if name_len == 0 {
-                // A lone `$` stays as it is, as in Compose.
-                out.push('$');
-                continue;
-            }
-            let name = &rest[..name_len];
-            out.push_str(&vars.get(name).ok_or(InterpError::Unset { name: name.into(), message: None })?);
-            rest = &rest[name_len..];
-        }
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn vars(name: &str) -> Option<String> {
-        match name {
-            "TZ" => Some("Europe/Berlin".into()),
-            "EMPTY" => Some(String::new()),
-            _ => None,
-        }
-    }
-
-    #[test]
-    fn interpolation_forms() {
-        let v: &dyn VarLookup = &vars;
-        assert_eq!(interpolate("TZ=${TZ}", v), Ok("TZ=Europe/Berlin".into()));
-        assert_eq!(interpolate("$TZ/x", v), Ok("Europe/Berlin/x".into()));
-        assert_eq!(interpolate("$${TZ}", v), Ok("${TZ}".into()));
-        assert_eq!(interpolate("${NOPE:-d}", v), Ok("d".into()));
-        assert_eq!(interpolate("${EMPTY:-d}", v), Ok("d".into()));
-        assert_eq!(interpolate("${EMPTY-d}", v), Ok("".into()));
-        assert_eq!(interpolate("${TZ:+set}", v), Ok("set".into()));
-        assert_eq!(interpolate("cost $ 5", v), Ok("cost $ 5".into()));
-        assert_eq!(interpolate("${NOPE}", v), Err(InterpError::Unset { name: "NOPE".into(), message: None }));
-        assert_eq!(
-            interpolate("${NOPE:?set NOPE}", v),
-            Err(InterpError::Unset { name: "NOPE".into(), message: Some("set NOPE".into()) })
-        );
-        assert!(matches!(interpolate("${TZ", v), Err(InterpError::Syntax(_))));
-    }
-
-    #[test]
-    fn short_port_syntax() {
-        let p = parse_port("8080:80").expect("valid");
-        assert_eq!((p[0].host_port, p[0].container_port, p[0].protocol), (Some(8080), 80, Protocol::Tcp));
-        let p = parse_port("127.0.0.1:5000:5000/udp").expect("valid");
-        assert_eq!((p[0].host_ip.as_deref(), p[0].protocol), (Some("127.0.0.1"), Protocol::Udp));
-        let p = parse_port("[::1]:53:53").expect("valid");
-        assert_eq!(p[0].host_ip.as_deref(), Some("::1"));
-        let p = parse_port("3000").expect("valid");
-        assert_eq!((p[0].host_port, p[0].container_port), (None, 3000));
-        let p = parse_port("127.0.0.1::80").expect("valid");
-        assert_eq!((p[0].host_port, p[0].container_port), (None, 80));
-        let p = parse_port("8000-8002:9000-9002").expect("valid");
-        assert_eq!(
-            p.iter().map(|m| (m.host_port, m.container_port)).collect::<Vec<_>>(),
-            vec![(Some(8000), 9000), (Some(8001), 9001), (Some(8002), 9002)]
-        );
-        for bad in ["x", "80:80/sctp", "70000", "8000-8001:80", "::1:80:80"] {
-            assert!(parse_port(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn relative_paths_stay_inside() {
-        assert_eq!(normalize_relative("./conf/../files/a.conf").as_deref(), Some("files/a.conf"));
-        assert_eq!(normalize_relative(".").as_deref(), Some(""));
-        assert_eq!(normalize_relative("../other"), None);
-    }
+/// Whether the service sets no memory limit (which `memswap_limit` extends).
+fn spec_memory_missing(svc: &Service) -> bool {
+    let limits = svc.deploy.as_ref().and_then(|d| d.value.resources.as_ref()).and_then(|r| r.limits.as_ref());
+    svc.mem_limit.is_none() && limits.and_then(|l| l.memory.as_ref()).is_none()
 }

@@ -1,0 +1,658 @@
+//! The Compose file as YAML: the keys fleet knows, with their places in the file.
+//!
+//! Every struct refuses unknown keys (serde `deny_unknown_fields`); keys the agent cannot
+//! apply are parsed as "refused" so the translation can name them with the reason.
+//! Parsing only: no interpolation, no I/O.
+
+use std::fmt;
+use std::ops::Deref;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, IntoDeserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+use crate::yaml::{ListOrMap, NamesOrMap, Pos, Scalar, Spanned, SpannedMap, StringOrList};
+
+type Refused = Option<Spanned<IgnoredAny>>;
+
+/// A Compose file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComposeFile {
+    /// Obsolete in the Compose specification; ignored.
+    #[serde(default)]
+    pub version: Option<IgnoredAny>,
+    /// The project name; ignored (the app name is the project name).
+    #[serde(default)]
+    pub name: Option<IgnoredAny>,
+    pub services: SpannedMap<Spanned<Ext<Service>>>,
+    #[serde(default)]
+    pub networks: SpannedMap<Option<Spanned<Ext<NetworkDef>>>>,
+    #[serde(default)]
+    pub volumes: SpannedMap<Option<Spanned<Ext<VolumeDef>>>>,
+    #[serde(default)]
+    pub secrets: Refused,
+    #[serde(default)]
+    pub configs: Refused,
+}
+
+/// One service.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    #[serde(default)]
+    pub image: Option<Spanned<String>>,
+    #[serde(default)]
+    pub container_name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub command: Option<Spanned<StringOrList>>,
+    #[serde(default)]
+    pub entrypoint: Option<Spanned<StringOrList>>,
+    #[serde(default)]
+    pub environment: Option<Spanned<ListOrMap>>,
+    #[serde(default)]
+    pub labels: Option<Spanned<ListOrMap>>,
+    #[serde(default)]
+    pub user: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub hostname: Option<Spanned<String>>,
+    #[serde(default)]
+    pub ports: Vec<Spanned<ScalarOrMap<PortLong>>>,
+    #[serde(default)]
+    pub expose: Vec<Spanned<Scalar>>,
+    #[serde(default)]
+    pub volumes: Vec<Spanned<ScalarOrMap<VolumeLong>>>,
+    #[serde(default)]
+    pub tmpfs: Option<Spanned<StringOrList>>,
+    #[serde(default)]
+    pub networks: Option<NamesOrMap<ServiceNetwork>>,
+    #[serde(default)]
+    pub network_mode: Option<Spanned<String>>,
+    #[serde(default)]
+    pub restart: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub healthcheck: Option<Spanned<HealthcheckDef>>,
+    #[serde(default)]
+    pub depends_on: Option<NamesOrMap<DependsOnLong>>,
+    #[serde(default)]
+    pub devices: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub cap_add: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub cap_drop: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub privileged: Option<bool>,
+    #[serde(default)]
+    pub stop_signal: Option<Spanned<String>>,
+    #[serde(default)]
+    pub mem_limit: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub cpus: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub deploy: Option<Spanned<Ext<Deploy>>>,
+    #[serde(default)]
+    pub profiles: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub env_file: Option<Spanned<EnvFiles>>,
+    #[serde(default)]
+    pub logging: Option<Spanned<Ext<LoggingDef>>>,
+    #[serde(default)]
+    pub init: Option<bool>,
+    #[serde(default)]
+    pub read_only: Option<bool>,
+    #[serde(default)]
+    pub security_opt: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub working_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    pub shm_size: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub sysctls: Option<Spanned<ListOrMap>>,
+    #[serde(default)]
+    pub ulimits: SpannedMap<Spanned<ScalarOrMap<UlimitLong>>>,
+    #[serde(default)]
+    pub extra_hosts: Option<Spanned<ListOrMap>>,
+    #[serde(default)]
+    pub tty: Option<bool>,
+    #[serde(default)]
+    pub stdin_open: Option<bool>,
+    #[serde(default)]
+    pub stop_grace_period: Option<Spanned<String>>,
+    #[serde(default)]
+    pub dns: Option<Spanned<StringOrList>>,
+    #[serde(default)]
+    pub dns_search: Option<Spanned<StringOrList>>,
+    #[serde(default)]
+    pub dns_opt: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub group_add: Vec<Spanned<Scalar>>,
+    #[serde(default)]
+    pub oom_score_adj: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub pids_limit: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub cpuset: Option<Spanned<String>>,
+    #[serde(default)]
+    pub ipc: Option<Spanned<String>>,
+    #[serde(default)]
+    pub pid: Option<Spanned<String>>,
+    #[serde(default)]
+    pub mac_address: Option<Spanned<String>>,
+    #[serde(default)]
+    pub mem_reservation: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub memswap_limit: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub cpu_shares: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub cpu_period: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub cpu_quota: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub cgroup_parent: Option<Spanned<String>>,
+
+    // Compose keys the agent cannot apply: refused by name.
+    #[serde(default)]
+    pub build: Refused,
+    #[serde(default)]
+    pub secrets: Refused,
+    #[serde(default)]
+    pub configs: Refused,
+    #[serde(default)]
+    pub extends: Refused,
+    #[serde(default)]
+    pub links: Refused,
+    #[serde(default)]
+    pub external_links: Refused,
+    #[serde(default)]
+    pub volumes_from: Refused,
+    #[serde(default)]
+    pub platform: Refused,
+    #[serde(default)]
+    pub pull_policy: Refused,
+    #[serde(default)]
+    pub domainname: Refused,
+    #[serde(default)]
+    pub runtime: Refused,
+    #[serde(default)]
+    pub scale: Refused,
+    #[serde(default)]
+    pub userns_mode: Refused,
+    #[serde(default)]
+    pub develop: Refused,
+    #[serde(default)]
+    pub annotations: Refused,
+    #[serde(default)]
+    pub attach: Refused,
+    #[serde(default)]
+    pub blkio_config: Refused,
+    #[serde(default)]
+    pub cgroup: Refused,
+    #[serde(default)]
+    pub cpu_count: Refused,
+    #[serde(default)]
+    pub cpu_percent: Refused,
+    #[serde(default)]
+    pub cpu_rt_period: Refused,
+    #[serde(default)]
+    pub cpu_rt_runtime: Refused,
+    #[serde(default)]
+    pub credential_spec: Refused,
+    #[serde(default)]
+    pub device_cgroup_rules: Refused,
+    #[serde(default)]
+    pub gpus: Refused,
+    #[serde(default)]
+    pub isolation: Refused,
+    #[serde(default)]
+    pub label_file: Refused,
+    #[serde(default)]
+    pub mem_swappiness: Refused,
+    #[serde(default)]
+    pub oom_kill_disable: Refused,
+    #[serde(default)]
+    pub post_start: Refused,
+    #[serde(default)]
+    pub pre_stop: Refused,
+    #[serde(default)]
+    pub storage_opt: Refused,
+    #[serde(default)]
+    pub uts: Refused,
+    #[serde(default)]
+    pub use_api_socket: Refused,
+    #[serde(default)]
+    pub provider: Refused,
+    #[serde(default)]
+    pub models: Refused,
+}
+
+impl Service {
+    /// The refused keys this service uses, with their places.
+    pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
+        let all: [(&'static str, &Refused); 36] = [
+            ("build", &self.build),
+            ("secrets", &self.secrets),
+            ("configs", &self.configs),
+            ("extends", &self.extends),
+            ("links", &self.links),
+            ("external_links", &self.external_links),
+            ("volumes_from", &self.volumes_from),
+            ("platform", &self.platform),
+            ("pull_policy", &self.pull_policy),
+            ("domainname", &self.domainname),
+            ("runtime", &self.runtime),
+            ("scale", &self.scale),
+            ("userns_mode", &self.userns_mode),
+            ("develop", &self.develop),
+            ("annotations", &self.annotations),
+            ("attach", &self.attach),
+            ("blkio_config", &self.blkio_config),
+            ("cgroup", &self.cgroup),
+            ("cpu_count", &self.cpu_count),
+            ("cpu_percent", &self.cpu_percent),
+            ("cpu_rt_period", &self.cpu_rt_period),
+            ("cpu_rt_runtime", &self.cpu_rt_runtime),
+            ("credential_spec", &self.credential_spec),
+            ("device_cgroup_rules", &self.device_cgroup_rules),
+            ("gpus", &self.gpus),
+            ("isolation", &self.isolation),
+            ("label_file", &self.label_file),
+            ("mem_swappiness", &self.mem_swappiness),
+            ("oom_kill_disable", &self.oom_kill_disable),
+            ("post_start", &self.post_start),
+            ("pre_stop", &self.pre_stop),
+            ("storage_opt", &self.storage_opt),
+            ("uts", &self.uts),
+            ("use_api_socket", &self.use_api_socket),
+            ("provider", &self.provider),
+            ("models", &self.models),
+        ];
+        all.iter().filter_map(|(name, v)| v.as_ref().map(|s| (*name, Pos::of(s)))).collect()
+    }
+}
+
+/// The message for a refused key: why, and what to write instead.
+pub(super) fn refusal(key: &str) -> String {
+    let why = match key {
+        "build" => "devices pull images, build them in CI and set `image:`",
+        "develop" => "it is for `docker compose watch` on a developer's machine",
+        "secrets" | "configs" => "deliver the file with `files:` in app.yaml and bind-mount it",
+        "extends" => "it reads other files; inline the service (YAML anchors and `<<:` merge keys work)",
+        "links" => "services reach each other by service name on the app's network (use `depends_on:` for the start order)",
+        "external_links" => "the agent connects only the app's own containers",
+        "volumes_from" => "mount the same named volume in both services",
+        "scale" => "a device runs one container per service",
+        "domainname" => "podman's Docker-compatible API ignores it; use `hostname:` or `dns_search:`",
+        "device_cgroup_rules" => "not yet: podman's Docker-compatible API ignores it (use `devices:` for known device nodes)",
+        "userns_mode" | "uts" => "not yet (a host namespace, for the device's container policy to govern)",
+        "credential_spec" | "isolation" => "it is for Windows containers",
+        "use_api_socket" => "it hands the engine's API (root on the device) to the container",
+        "provider" | "models" => "it runs on the machine of `docker compose`, not in a container",
+        "deploy.restart_policy" => "Swarm's restart policy: use `restart:`",
+        "deploy.labels" => "Swarm's service labels: use `labels:`",
+        "deploy.mode" | "deploy.placement" | "deploy.endpoint_mode" | "deploy.update_config" | "deploy.rollback_config" => {
+            "Swarm schedules services over nodes; a device runs one container per service (the agent rolls back by itself)"
+        }
+        "attach" => "it is about `docker compose up` attaching to logs; the agent runs detached",
+        _ => "not yet: the agent does not apply it (see the Compose key table in the bundler README)",
+    };
+    format!("`{key}:` is not supported: {why}")
+}
+
+/// A value written either as a scalar (short syntax) or as a map (long syntax).
+#[derive(Debug, Clone)]
+pub enum ScalarOrMap<T> {
+    Short(String),
+    Long(T),
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ScalarOrMap<T> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = ScalarOrMap<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string (short syntax) or a map (long syntax)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ScalarOrMap::Short(v.into()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(ScalarOrMap::Short(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(ScalarOrMap::Short(v.to_string()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(ScalarOrMap::Long)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortLong {
+    pub target: Spanned<Scalar>,
+    #[serde(default)]
+    pub published: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub host_ip: Option<Spanned<String>>,
+    #[serde(default)]
+    pub protocol: Option<Spanned<String>>,
+    /// `host` or `ingress`; meaningless on one host, accepted.
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeLong {
+    #[serde(rename = "type")]
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    pub source: Option<Spanned<String>>,
+    pub target: Spanned<String>,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub bind: Option<IgnoredAny>,
+    #[serde(default)]
+    pub volume: Option<IgnoredAny>,
+    #[serde(default)]
+    pub tmpfs: Option<IgnoredAny>,
+    #[serde(default)]
+    pub consistency: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceNetwork {
+    #[serde(default)]
+    pub aliases: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub ipv4_address: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub ipv6_address: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub priority: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DependsOnLong {
+    #[serde(default)]
+    pub condition: Option<Spanned<String>>,
+    #[serde(default)]
+    pub restart: Option<bool>,
+    #[serde(default)]
+    pub required: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthcheckDef {
+    #[serde(default)]
+    pub test: Option<Spanned<StringOrList>>,
+    #[serde(default)]
+    pub interval: Option<Spanned<String>>,
+    #[serde(default)]
+    pub timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub start_period: Option<Spanned<String>>,
+    #[serde(default)]
+    pub start_interval: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub retries: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub disable: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deploy {
+    #[serde(default)]
+    pub resources: Option<Resources>,
+    /// One container per service on a device: only `1` is accepted.
+    #[serde(default)]
+    pub replicas: Option<Spanned<u64>>,
+    // Swarm's scheduling: refused by name.
+    #[serde(default)]
+    pub mode: Refused,
+    #[serde(default)]
+    pub placement: Refused,
+    #[serde(default)]
+    pub endpoint_mode: Refused,
+    #[serde(default)]
+    pub update_config: Refused,
+    #[serde(default)]
+    pub rollback_config: Refused,
+    #[serde(default)]
+    pub restart_policy: Refused,
+    #[serde(default)]
+    pub labels: Refused,
+}
+
+impl Deploy {
+    /// The refused `deploy.*` keys this service uses, with their places.
+    pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
+        let all: [(&'static str, &Refused); 7] = [
+            ("deploy.mode", &self.mode),
+            ("deploy.placement", &self.placement),
+            ("deploy.endpoint_mode", &self.endpoint_mode),
+            ("deploy.update_config", &self.update_config),
+            ("deploy.rollback_config", &self.rollback_config),
+            ("deploy.restart_policy", &self.restart_policy),
+            ("deploy.labels", &self.labels),
+        ];
+        all.iter().filter_map(|(name, v)| v.as_ref().map(|s| (*name, Pos::of(s)))).collect()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default)]
+    pub limits: Option<Limits>,
+    #[serde(default)]
+    pub reservations: Option<Spanned<IgnoredAny>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default)]
+    pub memory: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub cpus: Option<Spanned<Scalar>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkDef {
+    #[serde(default)]
+    pub driver: Option<Spanned<String>>,
+    #[serde(default)]
+    pub internal: bool,
+    #[serde(default)]
+    pub labels: Option<Spanned<ListOrMap>>,
+    #[serde(default)]
+    pub name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub external: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub ipam: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub enable_ipv6: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub driver_opts: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub attachable: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeDef {
+    #[serde(default)]
+    pub driver: Option<Spanned<String>>,
+    #[serde(default)]
+    pub labels: Option<Spanned<ListOrMap>>,
+    #[serde(default)]
+    pub name: Option<Spanned<String>>,
+    #[serde(default)]
+    pub external: Option<Spanned<IgnoredAny>>,
+    #[serde(default)]
+    pub driver_opts: Option<Spanned<IgnoredAny>>,
+}
+
+/// `logging:` of a service.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoggingDef {
+    #[serde(default)]
+    pub driver: Option<Spanned<String>>,
+    #[serde(default)]
+    pub options: Option<Spanned<ListOrMap>>,
+}
+
+/// The long form of one `ulimits:` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UlimitLong {
+    pub soft: Spanned<i64>,
+    pub hard: Spanned<i64>,
+}
+
+/// A mapping whose extension fields (`x-*` keys, which the Compose specification lets
+/// users put anywhere for anchors and tools) are skipped before `T` sees the mapping, so
+/// `T` can still refuse every other unknown key. Keys are read as text; values of the
+/// other keys keep their places in the file.
+#[derive(Debug)]
+pub struct Ext<T>(pub T);
+
+impl<T> Deref for Ext<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T: Default> Default for Ext<T> {
+    fn default() -> Self {
+        Ext(T::default())
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ext<T> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Ext<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(SkipExtensions(map))).map(Ext)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+struct SkipExtensions<A>(A);
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for SkipExtensions<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, A::Error> {
+        loop {
+            let Some(Scalar(key)) = self.0.next_key::<Scalar>()? else { return Ok(None) };
+            if key.starts_with("x-") {
+                self.0.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            return seed.deserialize(key.into_deserializer()).map(Some);
+        }
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.0.next_value_seed(seed)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// `env_file:`: one path, or a list of paths and `{path, required}` maps.
+#[derive(Debug)]
+pub enum EnvFiles {
+    One(String),
+    List(Vec<Spanned<ScalarOrMap<EnvFileLong>>>),
+}
+
+impl<'de> Deserialize<'de> for EnvFiles {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = EnvFiles;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a path or a list of paths")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<EnvFiles, E> {
+                Ok(EnvFiles::One(v.into()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<EnvFiles, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(EnvFiles::List(items))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The long form of one `env_file:` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvFileLong {
+    pub path: String,
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// `raw` (no interpolation) or absent.
+    #[serde(default)]
+    pub format: Option<Spanned<String>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Service {
+    /// Every `env_file:` entry: path as written, whether it must exist, no
+    /// interpolation (`format: raw`), and its place.
+    pub fn env_files(&self) -> Vec<(String, bool, bool, Pos)> {
+        let Some(files) = &self.env_file else { return Vec::new() };
+        match &files.value {
+            EnvFiles::One(path) => vec![(path.clone(), true, false, Pos::of(files))],
+            EnvFiles::List(items) => items
+                .iter()
+                .map(|item| match &item.value {
+                    ScalarOrMap::Short(path) => (path.clone(), true, false, Pos::of(item)),
+                    ScalarOrMap::Long(l) => (
+                        l.path.clone(),
+                        l.required,
+                        l.format.as_ref().is_some_and(|f| f.value == "raw"),
+                        Pos::of(item),
+                    ),
+                })
+                .collect(),
+        }
+    }
+}

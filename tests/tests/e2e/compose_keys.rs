@@ -1,0 +1,128 @@
+//! Issue 17: the Compose file of the issue deployed by the whole loop (build, publish,
+//! agent) on dockerd and podman, every key checked in `docker inspect` of the running
+//! container; changing one key (the log size) recreates the container.
+//!
+//! Two changes to the issue's file, both for this machine: the image is the test
+//! registry's busybox, and the `nofile` ulimit is 16384 because this sandbox's hard
+//! limit is 20000 and forbids raising it; on podman `nproc` is set too (podman raises
+//! it to its maximum when only `nofile` is given, which the sandbox forbids).
+
+use anyhow::{ensure, Result};
+use fleet_e2e::{Dockerd, Engine, FleetRepo, Mosquitto, Podman};
+use serde_json::{json, Value};
+
+use crate::common::*;
+use crate::engines::{Images, TestEngine};
+
+fn issue_17_app(fleet: &FleetRepo, engine: &TestEngine, image: &str, max_size: &str) -> Result<()> {
+    let ulimits = match engine {
+        TestEngine::Podman(_) => "{nofile: 16384, nproc: 4096}",
+        TestEngine::Dockerd(_) => "{nofile: 16384}",
+    };
+    fleet.write("apps/web/app.yaml", "{}\n")?;
+    fleet.write("apps/web/.env", "GREETING=hello from .env\n")?;
+    fleet.write(
+        "apps/web/compose.yaml",
+        format!(
+            "x-common: &common
+  restart: unless-stopped
+  logging: {{driver: json-file, options: {{max-size: \"{max_size}\", max-file: \"3\"}}}}
+services:
+  web:
+    <<: *common
+    image: {image}
+    env_file: .env
+    sysctls: {{net.core.somaxconn: 1024}}
+    ulimits: {ulimits}
+    extra_hosts: [\"broker:10.0.0.5\"]
+    init: {init}
+    read_only: true
+    security_opt: [\"no-new-privileges:true\"]
+    working_dir: /srv
+    shm_size: 64m
+",
+            // podman needs catatonit for `init`, which this machine does not have.
+            init = matches!(engine, TestEngine::Dockerd(_)),
+        ),
+    )
+}
+
+fn issue_17_example_runs(engine: &TestEngine, images: &Images) -> Result<()> {
+    let broker = Mosquitto::start()?;
+    let mut fleet = FleetRepo::new("acme")?;
+    fleet.add_device("gw-1", &[("site", "berlin")])?;
+    let mut device = fleet_e2e::Device::builder(&fleet, "gw-1")?
+        .broker(&broker.url())
+        .engine(engine.socket_path())
+        .create()?;
+    let watch = fleet_e2e::DeviceWatch::of(&broker.client(), &device)?;
+
+    issue_17_app(&fleet, engine, &images.tag(1), "10m")?;
+    let c1 = fleet.commit("issue 17")?;
+    fleet.build()?;
+    device.start()?;
+    fleet.publish(&broker.url())?;
+    wait_converged(&watch, &device, &c1)?;
+
+    let web = engine.container("web-web")?;
+    ensure!(web.running(), "web-web is not running: {}", web.0["State"]);
+    let (config, host) = (&web.0["Config"], &web.0["HostConfig"]);
+    let env = config["Env"].as_array().cloned().unwrap_or_default();
+    ensure!(env.contains(&json!("GREETING=hello from .env")), "env_file: {env:?}");
+    ensure!(host["RestartPolicy"]["Name"] == "unless-stopped", "restart: {}", host["RestartPolicy"]);
+    ensure!(host["LogConfig"]["Type"] == "json-file", "logging: {}", host["LogConfig"]);
+    ensure!(host["ReadonlyRootfs"] == true, "read_only");
+    ensure!(config["WorkingDir"] == "/srv", "working_dir: {}", config["WorkingDir"]);
+    ensure!(host["ShmSize"] == 64 << 20, "shm_size: {}", host["ShmSize"]);
+    let security = host["SecurityOpt"].to_string();
+    ensure!(security.contains("no-new-privileges"), "security_opt: {security}");
+    ensure!(
+        host["ExtraHosts"].to_string().contains("broker:10.0.0.5"),
+        "extra_hosts: {}",
+        host["ExtraHosts"]
+    );
+    ensure!(host["Ulimits"].to_string().contains("16384"), "ulimits: {}", host["Ulimits"]);
+    // podman's compatible inspect shows neither sysctls nor log options: read them inside.
+    let somaxconn = engine.docker(&["exec", "web-web", "cat", "/proc/sys/net/core/somaxconn"])?;
+    ensure!(somaxconn.trim() == "1024", "sysctls: {somaxconn}");
+    ensure!(engine.docker(&["exec", "web-web", "grep", "broker", "/etc/hosts"])?.contains("10.0.0.5"));
+    match engine {
+        TestEngine::Dockerd(_) => {
+            ensure!(host["Init"] == true, "init: {}", host["Init"]);
+            ensure!(
+                host["LogConfig"]["Config"] == json!({"max-size": "10m", "max-file": "3"}),
+                "{}",
+                host["LogConfig"]
+            );
+            ensure!(host["Sysctls"]["net.core.somaxconn"] == "1024", "sysctls: {}", host["Sysctls"]);
+        }
+        TestEngine::Podman(podman) => {
+            let log = podman.podman(&["inspect", "--format", "{{json .HostConfig.LogConfig}}", "web-web"])?;
+            let log: Value = serde_json::from_str(log.trim())?;
+            ensure!(log["Size"] == "10MB", "logging max-size: {log}");
+        }
+    }
+
+    // Changing one key (the log size) recreates the container.
+    let before = web.id().to_string();
+    issue_17_app(&fleet, engine, &images.tag(1), "20m")?;
+    deploy(&mut fleet, &broker, &watch, &device, "bigger logs")?;
+    let web = engine.container("web-web")?;
+    ensure!(web.id() != before, "web-web was not recreated when its logging changed");
+    ensure!(web.running(), "web-web is not running after the change");
+    Ok(())
+}
+
+#[test]
+fn dockerd_runs_the_issue_17_example() -> Result<()> {
+    let engine = TestEngine::Dockerd(Dockerd::start()?);
+    let images = Images::push(&engine)?;
+    issue_17_example_runs(&engine, &images)
+}
+
+#[test]
+fn podman_runs_the_issue_17_example() -> Result<()> {
+    let engine = TestEngine::Podman(Podman::start()?);
+    let images = Images::push(&engine)?;
+    issue_17_example_runs(&engine, &images)
+}
