@@ -34,7 +34,12 @@ impl Engine for NoEngine {
     async fn image_present(&self, _image: &ImageRef) -> Result<bool, EngineError> {
         Err(disabled())
     }
-    async fn pull(&self, _image: &ImageRef, _auth: Option<&RegistryAuth>) -> Result<(), EngineError> {
+    async fn pull(
+        &self,
+        _image: &ImageRef,
+        _platform: Option<&str>,
+        _auth: Option<&RegistryAuth>,
+    ) -> Result<(), EngineError> {
         Err(disabled())
     }
     async fn create(
@@ -119,8 +124,13 @@ impl Engine for AnyEngine {
     async fn image_present(&self, image: &ImageRef) -> Result<bool, EngineError> {
         delegate!(self, e => e.image_present(image))
     }
-    async fn pull(&self, image: &ImageRef, auth: Option<&RegistryAuth>) -> Result<(), EngineError> {
-        delegate!(self, e => e.pull(image, auth))
+    async fn pull(
+        &self,
+        image: &ImageRef,
+        platform: Option<&str>,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<(), EngineError> {
+        delegate!(self, e => e.pull(image, platform, auth))
     }
     async fn create(
         &self,

@@ -284,7 +284,7 @@ async fn scenario(lab: &Lab) {
     let auth = RegistryAuth { username: REGISTRY_USER.into(), password: REGISTRY_PASSWORD.into(), server };
     let wrong = RegistryAuth { password: "wrong".into(), ..auth.clone() };
     for credentials in [None, Some(&wrong)] {
-        match engine.pull(image, credentials).await {
+        match engine.pull(image, None, credentials).await {
             Err(EngineError::Pull { image: reference, message }) => {
                 assert_eq!(reference, image.pull_reference());
                 assert!(!message.is_empty());
@@ -293,13 +293,20 @@ async fn scenario(lab: &Lab) {
         }
     }
     assert!(!engine.image_present(image).await.expect("image_present"));
-    engine.pull(image, Some(&auth)).await.expect("pull by digest");
+    engine.pull(image, None, Some(&auth)).await.expect("pull by digest");
     assert!(engine.image_present(image).await.expect("image_present"));
     let by_tag = ImageRef { reference: image.reference.clone(), digest: None };
-    engine.pull(&by_tag, Some(&auth)).await.expect("pull by tag");
+    engine.pull(&by_tag, None, Some(&auth)).await.expect("pull by tag");
     assert!(engine.image_present(&by_tag).await.expect("image_present"));
+    // Compose `platform`: the engine is asked for that variant.
+    let native = format!("linux/{}", host_arch());
+    engine.pull(&by_tag, Some(&native), Some(&auth)).await.expect("pull for the host's platform");
+    // Both engines take a single-platform image for any platform asked at pull time;
+    // dockerd refuses to create a container of the wrong platform (below).
+    let foreign = engine.pull(&by_tag, Some("linux/s390x"), Some(&auth)).await;
+    eprintln!("pull for linux/s390x: {foreign:?}");
     let missing = ImageRef { reference: lab.registry.image("fleet-test:nope"), digest: None };
-    match engine.pull(&missing, Some(&auth)).await {
+    match engine.pull(&missing, None, Some(&auth)).await {
         Err(EngineError::Pull { image, message }) => {
             assert_eq!(image, missing.reference);
             assert!(message.contains("nope") || message.contains("manifest"), "{message}");
@@ -307,7 +314,7 @@ async fn scenario(lab: &Lab) {
         other => panic!("pulling a missing tag: {other:?}"),
     }
     let dead_registry = ImageRef { reference: format!("127.0.0.1:{}/x:1", free_port()), digest: None };
-    assert!(matches!(engine.pull(&dead_registry, None).await, Err(EngineError::Pull { .. })));
+    assert!(matches!(engine.pull(&dead_registry, None, None).await, Err(EngineError::Pull { .. })));
 
     // 2. Networks and volumes: created twice (idempotent), listed by label.
     for name in ["ft_front", "ft_back"] {
@@ -691,6 +698,9 @@ fn options_spec(lab: &Lab) -> ContainerSpec {
         cpu_period_us: Some(100_000),
         cpu_quota_us: Some(50_000),
         cgroup_parent: Some("/fleet-test".into()),
+        pull_policy: None,
+        // The test images are built here, for the host's platform.
+        platform: Some(format!("linux/{}", host_arch())),
     };
     spec.memory_bytes = Some(64 << 20);
     spec
@@ -700,11 +710,25 @@ async fn options_scenario(lab: &Lab) {
     let engine = DockerEngine::new(lab.engine.socket_path().to_path_buf());
     let server = lab.registry.addr();
     let auth = RegistryAuth { username: REGISTRY_USER.into(), password: REGISTRY_PASSWORD.into(), server };
-    engine.pull(&lab.image, Some(&auth)).await.expect("pull by digest");
+    engine.pull(&lab.image, None, Some(&auth)).await.expect("pull by digest");
     let mut spec = options_spec(lab);
     let network = NetworkSpec { name: "ft_opts".into(), internal: false, labels: BTreeMap::new() };
     engine.create_network(&network, &labels()).await.expect("create network");
     spec.networks = vec![NetworkAttachment { network: "ft_opts".into(), aliases: vec!["opts".into()] }];
+    // `platform` reaches the engine: dockerd refuses an amd64 image for linux/s390x.
+    let foreign = ContainerSpec {
+        name: "ft-foreign".into(),
+        options: ContainerOptions { platform: Some("linux/s390x".into()), ..Default::default() },
+        ..spec.clone()
+    };
+    let refused = engine.create(&foreign, &labels()).await;
+    if lab.is_podman() {
+        eprintln!("podman, create for linux/s390x: {refused:?}");
+        let _ = engine.remove("ft-foreign", 1).await;
+    } else {
+        let err = refused.expect_err("dockerd created an amd64 image's container for linux/s390x");
+        assert!(err.to_string().contains("platform"), "{err}");
+    }
     engine.create(&spec, &labels()).await.expect("create ft-opts");
     engine.start("ft-opts").await.expect("start ft-opts");
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1019,4 +1043,13 @@ async fn a_cancelled_wait_for_events_keeps_the_subscription() {
     let waited = tokio::time::timeout(Duration::from_millis(100), engine.next_event()).await;
     assert!(waited.is_err(), "the stream stays open and quiet: {waited:?}");
     server.abort();
+}
+
+/// The host's architecture as the engines name it.
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
 }

@@ -294,9 +294,15 @@ fn diff_containers(a: &DesiredState, b: &DesiredState) -> Vec<ContainerChange> {
 /// Names of the top-level fields that differ; for maps (`env`, `labels`), the keys; for
 /// `options`, the option (`options.logging`).
 fn changed_fields(a: &ContainerSpec, b: &ContainerSpec) -> Vec<String> {
-    let (serde_json::Value::Object(ja), serde_json::Value::Object(jb)) =
-        (serde_json::to_value(a).unwrap_or_default(), serde_json::to_value(b).unwrap_or_default())
-    else {
+    // `options` is outside the spec's own encoding (bundle format 2 carries it apart).
+    let json = |c: &ContainerSpec| {
+        let mut v = serde_json::to_value(c).unwrap_or_default();
+        if let serde_json::Value::Object(map) = &mut v {
+            map.insert("options".into(), serde_json::to_value(&c.options).unwrap_or_default());
+        }
+        v
+    };
+    let (serde_json::Value::Object(ja), serde_json::Value::Object(jb)) = (json(a), json(b)) else {
         return vec!["spec".into()];
     };
     let mut out = Vec::new();

@@ -163,6 +163,23 @@ pub struct ContainerOptions {
     /// `HostConfig.CgroupParent`. *Host access*: places the container in a cgroup of
     /// the host's choosing.
     pub cgroup_parent: Option<String>,
+    /// Compose `pull_policy`: when the agent pulls the image (`None`: `missing`).
+    pub pull_policy: Option<PullPolicy>,
+    /// Compose `platform` (`linux/arm64/v8`): the image variant pulled and run.
+    pub platform: Option<String>,
+}
+
+/// When the agent pulls a container's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PullPolicy {
+    /// Pull when the image is not on the device (Compose `missing`, `if_not_present`).
+    Missing,
+    /// Pull on every apply of a bundle, even when the image is on the device; drift
+    /// repair still pulls only a missing image.
+    Always,
+    /// Never pull: the image must be on the device already (loaded by other means).
+    Never,
 }
 
 /// A log driver and its options, e.g. `json-file` with `max-size: 10m`, `max-file: 3`.

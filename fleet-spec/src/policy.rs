@@ -297,7 +297,9 @@ fn check_container(
                 Some(_) => deny(
                     rule,
                     format!("{key}: {other}"),
-                    Opening::Never("a container may only join the namespace of a container of the same bundle"),
+                    Opening::Never(
+                        "a container may only join the namespace of a container of the same bundle",
+                    ),
                 ),
                 None => deny(
                     rule,

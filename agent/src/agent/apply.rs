@@ -347,14 +347,29 @@ impl<E: Engine> Agent<E> {
     }
 
     /// Pulls every image that is not present (never re-pulls a present one).
+    /// Every image of `state` on the device, by each container's `pull_policy`.
     pub(super) async fn ensure_images(&self, state: &DesiredState) -> Result<(), EngineError> {
         for c in &state.containers {
-            if !self.engine.image_present(&c.image).await? {
-                tracing::info!(image = %c.image.pull_reference(), "pulling image");
-                self.engine.pull(&c.image, self.cfg.auth_for(&c.image.reference)).await?;
+            let always = c.options.pull_policy == Some(PullPolicy::Always);
+            if always || !self.engine.image_present(&c.image).await? {
+                self.pull(c).await?;
             }
         }
         Ok(())
+    }
+
+    /// Pulls a container's image, unless its `pull_policy` is `never`.
+    pub(super) async fn pull(&self, c: &ContainerSpec) -> Result<(), EngineError> {
+        let image = c.image.pull_reference();
+        if c.options.pull_policy == Some(PullPolicy::Never) {
+            return Err(EngineError::Pull {
+                image,
+                message: "it is not on the device and the service's pull_policy is `never`: load it on the device (docker load) or change pull_policy".into(),
+            });
+        }
+        tracing::info!(image, "pulling image");
+        let platform = c.options.platform.as_deref();
+        self.engine.pull(&c.image, platform, self.cfg.auth_for(&c.image.reference)).await
     }
 
     /// Deletes managed volumes the committed state no longer wants (best effort: a

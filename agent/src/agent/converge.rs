@@ -134,7 +134,7 @@ impl<E: Engine> Agent<E> {
                 if !journaled {
                     // Drift repair: an image removed behind our back comes back too.
                     if !self.engine.image_present(&spec.image).await? {
-                        self.engine.pull(&spec.image, self.cfg.auth_for(&spec.image.reference)).await?;
+                        self.pull(spec).await?;
                     }
                 }
                 if s.need == Need::Recreate {

@@ -24,7 +24,7 @@ use fleet_spec::messages::{
     Announcement, ContainerStatus, DeviceState, DriftKind, Event, EventKind, FileCounts, LastError,
     StatusReport, VersionRef,
 };
-use fleet_spec::model::{DependencyCondition, DesiredState};
+use fleet_spec::model::{ContainerSpec, DependencyCondition, DesiredState, PullPolicy};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 

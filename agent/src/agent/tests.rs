@@ -1104,3 +1104,40 @@ async fn the_desired_bundle_failing_verification_makes_the_device_failed() {
     assert_eq!(status.state, DeviceState::Failed, "the device cannot reach what it was told to run");
     assert_eq!(status.last_error.map(|e| e.code), Some("unknown_key".to_string()));
 }
+
+#[tokio::test(start_paused = true)]
+async fn pull_policy_never_does_not_pull_a_missing_image_and_always_pulls_a_present_one() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let mut never = v1(&h);
+    never.containers[0].image.reference = "registry.local:5000/loaded-by-hand:1".into();
+    never.containers[0].options.pull_policy = Some(PullPolicy::Never);
+    let outcome = agent.apply_bundle(&h.bundle(1, &never)).await.expect("apply");
+    let Outcome::Deferred { code, reason } = &outcome else { panic!("{outcome:?}") };
+    assert_eq!(code, "pull_failed");
+    assert!(reason.contains("pull_policy is `never`"), "{reason}");
+    assert!(!h.fake.calls().iter().any(|c| matches!(c, Call::Pull { .. })), "never pulled");
+    assert!(h.fake.container_names().is_empty(), "nothing changed");
+    // Loaded by other means, the same bundle applies.
+    h.fake.add_image("registry.local:5000/loaded-by-hand:1");
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(1, &never)).await.expect("retry"),
+        Outcome::Committed { version: 1 }
+    );
+
+    let mut always = v1(&h);
+    always.containers[0].options.pull_policy = Some(PullPolicy::Always);
+    let reference = always.containers[0].image.pull_reference();
+    h.fake.add_image(&reference);
+    h.fake.clear_calls();
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(2, &always)).await.expect("apply"),
+        Outcome::Committed { version: 2 }
+    );
+    assert!(
+        h.fake.calls().iter().any(|c| matches!(c, Call::Pull { image, .. } if *image == reference)),
+        "`always` pulls on an apply even when the image is there: {:?}",
+        h.fake.calls()
+    );
+}

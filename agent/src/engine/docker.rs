@@ -343,11 +343,19 @@ impl DockerEngine {
             self.call("remove", Method::DELETE, &format!("/containers/{}?force=1&v=1", enc(id)), None).await;
     }
 
-    async fn pull_stream(&self, image: &ImageRef, auth: Option<&RegistryAuth>) -> Result<(), EngineError> {
+    async fn pull_stream(
+        &self,
+        image: &ImageRef,
+        platform: Option<&str>,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<(), EngineError> {
         let reference = image.pull_reference();
         let pull_error = |message: String| EngineError::Pull { image: reference.clone(), message };
         let (repo, tag) = split_reference(&reference);
-        let path = format!("/images/create?fromImage={}&tag={}", enc(repo), enc(tag));
+        let mut path = format!("/images/create?fromImage={}&tag={}", enc(repo), enc(tag));
+        if let Some(platform) = platform {
+            path.push_str(&format!("&platform={}", enc(platform)));
+        }
         let header = auth.map(|a| ("x-registry-auth", registry_auth_header(a)));
 
         // The answer's head may come only with the first progress message.
@@ -461,8 +469,13 @@ impl Engine for DockerEngine {
         Ok(self.get_object("inspect image", &path, &reference).await?.is_some())
     }
 
-    async fn pull(&self, image: &ImageRef, auth: Option<&RegistryAuth>) -> Result<(), EngineError> {
-        self.pull_stream(image, auth).await
+    async fn pull(
+        &self,
+        image: &ImageRef,
+        platform: Option<&str>,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<(), EngineError> {
+        self.pull_stream(image, platform, auth).await
     }
 
     async fn create(
@@ -471,7 +484,10 @@ impl Engine for DockerEngine {
         labels: &BTreeMap<String, String>,
     ) -> Result<String, EngineError> {
         let body = create_body(spec, labels);
-        let path = format!("/containers/create?name={}", enc(&spec.name));
+        let mut path = format!("/containers/create?name={}", enc(&spec.name));
+        if let Some(platform) = &spec.options.platform {
+            path.push_str(&format!("&platform={}", enc(platform)));
+        }
         let reply = self.call("create", Method::POST, &path, Some(&body)).await?;
         if !reply.status.is_success() {
             let mut error = reply.api_error("create", &spec.name);

@@ -390,7 +390,12 @@ impl Engine for FakeEngine {
         Ok(state.images.contains(&reference))
     }
 
-    async fn pull(&self, image: &ImageRef, auth: Option<&RegistryAuth>) -> Result<(), EngineError> {
+    async fn pull(
+        &self,
+        image: &ImageRef,
+        _platform: Option<&str>,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<(), EngineError> {
         let reference = image.pull_reference();
         let mut state = self.enter(Call::Pull { image: reference.clone(), with_auth: auth.is_some() })?;
         if state.fail_pulls {
@@ -642,7 +647,7 @@ mod tests {
             let engine = FakeEngine::new();
             let spec = web();
             assert!(!engine.image_present(&spec.image).await.expect("reachable"));
-            engine.pull(&spec.image, None).await.expect("pull works");
+            engine.pull(&spec.image, None, None).await.expect("pull works");
             assert!(engine.has_image("reg/web@sha256:ab"));
 
             let no_network = engine.create(&spec, &BTreeMap::new()).await;
@@ -725,9 +730,9 @@ mod tests {
             let engine = FakeEngine::new();
             engine.fail_pulls(true);
             let image = ImageRef { reference: "reg/a:1".into(), digest: None };
-            assert!(matches!(engine.pull(&image, None).await, Err(EngineError::Pull { .. })));
+            assert!(matches!(engine.pull(&image, None, None).await, Err(EngineError::Pull { .. })));
             engine.fail_pulls(false);
-            engine.pull(&image, None).await.expect("pulls again");
+            engine.pull(&image, None, None).await.expect("pulls again");
 
             engine.set_unreachable(true);
             assert!(matches!(engine.ping().await, Err(EngineError::Unreachable { .. })));

@@ -122,11 +122,13 @@ pub trait Engine {
     /// Is this image (by `ImageRef::pull_reference()`) present locally?
     fn image_present(&self, image: &ImageRef) -> impl Future<Output = Result<bool, EngineError>>;
 
-    /// Pulls the image (by digest when pinned). Waits until the pull finished and
-    /// reports a pull that failed half-way as an error.
+    /// Pulls the image (by digest when pinned), for `platform` (`linux/arm64`) when
+    /// given. Waits until the pull finished and reports a pull that failed half-way as
+    /// an error.
     fn pull(
         &self,
         image: &ImageRef,
+        platform: Option<&str>,
         auth: Option<&RegistryAuth>,
     ) -> impl Future<Output = Result<(), EngineError>>;
 

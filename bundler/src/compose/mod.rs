@@ -135,7 +135,7 @@ pub(super) struct Translator<'a, 'b> {
 
 #[cfg(test)]
 mod tests {
-    use fleet_spec::model::{LogConfig, Protocol, RestartPolicy, Ulimit};
+    use fleet_spec::model::{LogConfig, Protocol, PullPolicy, RestartPolicy, Ulimit};
 
     use super::*;
 
@@ -450,6 +450,28 @@ services:
         let (_, diags) =
             check("services:\n  web:\n    image: nginx\n    network_mode: host\n    sysctls: {net.core.somaxconn: 1}\n");
         has(&diags, "5:14: sysctl `net.core.somaxconn` would change the host's network");
+    }
+
+    #[test]
+    fn pull_policy_and_platform_are_translated_and_bad_values_named() {
+        let c =
+            ok("services:\n  web:\n    image: nginx\n    pull_policy: never\n    platform: linux/arm/v7\n");
+        assert_eq!(c.options.pull_policy, Some(PullPolicy::Never));
+        assert_eq!(c.options.platform.as_deref(), Some("linux/arm/v7"));
+        for (text, want) in [
+            ("always", PullPolicy::Always),
+            ("missing", PullPolicy::Missing),
+            ("if_not_present", PullPolicy::Missing),
+        ] {
+            let c = ok(&format!("services:\n  web:\n    image: nginx\n    pull_policy: {text}\n"));
+            assert_eq!(c.options.pull_policy, Some(want), "{text}");
+        }
+        let (_, diags) =
+            check("services:\n  web:\n    image: nginx\n    pull_policy: build\n    platform: arm64\n");
+        has(&diags, "4:18: pull_policy `build` is not supported: devices pull images");
+        has(&diags, "5:15: platform `arm64` must be `os/arch[/variant]`");
+        let (_, diags) = check("services:\n  web:\n    image: nginx\n    pull_policy: daily\n");
+        has(&diags, "pull_policy `daily` is not supported: use `missing`");
     }
 
     #[test]

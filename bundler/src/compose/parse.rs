@@ -166,9 +166,9 @@ pub struct Service {
     #[serde(default)]
     pub volumes_from: Refused,
     #[serde(default)]
-    pub platform: Refused,
+    pub platform: Option<Spanned<String>>,
     #[serde(default)]
-    pub pull_policy: Refused,
+    pub pull_policy: Option<Spanned<String>>,
     #[serde(default)]
     pub domainname: Refused,
     #[serde(default)]
@@ -228,7 +228,7 @@ pub struct Service {
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 36] = [
+        let all: [(&'static str, &Refused); 34] = [
             ("build", &self.build),
             ("secrets", &self.secrets),
             ("configs", &self.configs),
@@ -236,8 +236,6 @@ impl Service {
             ("links", &self.links),
             ("external_links", &self.external_links),
             ("volumes_from", &self.volumes_from),
-            ("platform", &self.platform),
-            ("pull_policy", &self.pull_policy),
             ("domainname", &self.domainname),
             ("runtime", &self.runtime),
             ("scale", &self.scale),

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use fleet_spec::model::{
     ContainerOptions, ContainerSpec, Dependency, DependencyCondition, DeviceMapping, Healthcheck, ImageRef,
-    LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol, RestartPolicy,
-    Ulimit, VolumeSpec,
+    LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol, PullPolicy,
+    RestartPolicy, Ulimit, VolumeSpec,
 };
 
 use super::dotenv::parse_env_file;
@@ -819,6 +819,36 @@ impl Translator<'_, '_> {
             self.namespace_mode(v, "ipc", &["host", "private", "shareable", "none"], container_names)
         });
         o.pid = svc.pid.as_ref().map(|v| self.namespace_mode(v, "pid", &["host"], container_names));
+        if let Some(v) = &svc.pull_policy {
+            o.pull_policy = match self.s(v).as_str() {
+                "missing" | "if_not_present" => Some(PullPolicy::Missing),
+                "always" => Some(PullPolicy::Always),
+                "never" => Some(PullPolicy::Never),
+                "build" => {
+                    self.error(Pos::of(v), "pull_policy `build` is not supported: devices pull images, build them in CI and set `image:`".to_string());
+                    None
+                }
+                other => {
+                    self.error(Pos::of(v), format!("pull_policy `{other}` is not supported: use `missing` (the default), `always` (pull on every update) or `never` (the image is loaded on the device by other means)"));
+                    None
+                }
+            };
+        }
+        if let Some(v) = &svc.platform {
+            let text = self.s(v);
+            let parts: Vec<&str> = text.split('/').collect();
+            let plain = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if (2..=3).contains(&parts.len()) && parts.iter().all(|p| plain(p)) {
+                o.platform = Some(text);
+            } else {
+                self.error(
+                    Pos::of(v),
+                    format!(
+                        "platform `{text}` must be `os/arch[/variant]`, e.g. `linux/arm64` or `linux/arm/v7`"
+                    ),
+                );
+            }
+        }
         o
     }
 
