@@ -94,8 +94,8 @@ impl ExporterArgs {
 pub enum ExporterError {
     #[error(transparent)]
     Mqtt(#[from] MqttError),
-    #[error("cannot listen on {addr}: {source} (is another exporter running there? pick another --listen)")]
-    Listen { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen on {addr}: {error} (is another exporter running there? pick another --listen)")]
+    Listen { addr: SocketAddr, error: io::Error },
     #[error("cannot install the SIGINT/SIGTERM handlers: {0}")]
     Signals(io::Error),
 }
@@ -117,9 +117,9 @@ pub fn run(args: &ExporterArgs) -> Result<(), ExporterError> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&shutdown)).map_err(ExporterError::Signals)?;
     }
-    let (client, mut connection) = mqtt::client(&args.broker, "fleet-exporter", 10)?;
-    let listener = TcpListener::bind(args.listen)
-        .map_err(|source| ExporterError::Listen { addr: args.listen, source })?;
+    let (client, mut connection) = mqtt::client(&args.broker, "fleet-bundler", 10)?;
+    let listener =
+        TcpListener::bind(args.listen).map_err(|error| ExporterError::Listen { addr: args.listen, error })?;
     let local = listener.local_addr().unwrap_or(args.listen);
     eprintln!(
         "serving http://{local}/metrics for fleet {fleet} (prefix {prefix}) from {}",
@@ -130,7 +130,7 @@ pub fn run(args: &ExporterArgs) -> Result<(), ExporterError> {
         std::thread::Builder::new()
             .name("http".into())
             .spawn(move || serve(listener, view, connected))
-            .map_err(|source| ExporterError::Listen { addr: local, source })?;
+            .map_err(|error| ExporterError::Listen { addr: local, error })?;
     }
 
     let filters = [

@@ -20,6 +20,7 @@
 //! | [`containers`] | 1 first deploy, 2 updates, 3 failed update → rollback, 4 drift, each on dockerd and podman (8) |
 //! | [`engines`] | (the engines, images and `web` app the container scenarios share) |
 //! | [`attacks`] | 5 attacks and bad input |
+//! | [`exporter`] | `fleet-bundler exporter`: `/metrics` scraped and parsed after agents converge or fail; hostile retained messages (issue 18) |
 //! | [`hostile`] | hostile broker and servers: unsigned hints never keep the genuine bundle out; MQTT flood bounds (issue "Hardening I") |
 //! | [`outages`] | 6 broker and bundle server outages, an update never announced (polling) |
 //! | [`crash`] | 7 crash safety, files only and on dockerd (`FLEET_E2E_CRASH_ITERATIONS`, default 5) |
@@ -35,6 +36,7 @@ mod common;
 mod containers;
 mod crash;
 mod engines;
+mod exporter;
 mod first_deploy;
 mod hostile;
 mod outages;
