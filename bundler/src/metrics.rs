@@ -750,4 +750,26 @@ mod tests {
         assert_eq!(series(10, false), series(10_000, false));
         assert_eq!(series(10_000, true) - series(10_000, false), 3 * 10_000);
     }
+
+    #[test]
+    fn the_grafana_dashboard_queries_only_metrics_the_exporter_renders() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/grafana/fleet.json");
+        let dashboard = std::fs::read_to_string(path).expect("examples/grafana/fleet.json in the workspace");
+        let mut view = FleetView::new("acme", "fleet", BTreeMap::new(), true);
+        view.apply(Source::Status, "d", &report(DeviceState::Idle, None, None).to_json()).expect("report");
+        let rendered = view.render(&INFO);
+        let mut names: Vec<&str> = dashboard
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("fleet_"))
+            .collect();
+        names.sort();
+        names.dedup();
+        assert!(names.len() >= 10, "{names:?}");
+        for name in names {
+            assert!(
+                rendered.contains(&format!("# TYPE {name} ")),
+                "the dashboard queries {name}, not rendered"
+            );
+        }
+    }
 }
