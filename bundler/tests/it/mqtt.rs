@@ -376,8 +376,15 @@ fn status_shows_the_table_and_gates_on_convergence() {
 
 #[test]
 fn status_needs_a_fleet_and_a_reachable_broker() {
+    // A usage problem found after parsing exits 64 like a bad flag (as --help says).
     let o = bundler(&["status", "--broker", "mqtt://127.0.0.1:1"]);
-    o.assert_code(1);
+    o.assert_code(64);
+    o.assert_stderr_has("pass --fleet NAME or --index DIR/index.json");
+    let o = bundler(&["status", "--broker", "mqtt://127.0.0.1:1", "--fleet", "a/b"]);
+    o.assert_code(64);
+    o.assert_stderr_has("fleet id \"a/b\" contains '/'");
+    let o = bundler(&["exporter", "--broker", "mqtt://127.0.0.1:1"]);
+    o.assert_code(64);
     o.assert_stderr_has("pass --fleet NAME or --index DIR/index.json");
     let started = Instant::now();
     let o = bundler(&[
