@@ -141,6 +141,7 @@ pub fn run(args: &ExporterArgs) -> Result<(), ExporterError> {
     let mut backoff = MIN_BACKOFF;
     let mut last_error: Option<String> = None;
     let mut resync_at: Option<Instant> = None;
+    let mut subacks = 0;
     let mut rejections = 0u32;
     while !shutdown.load(Ordering::Relaxed) {
         match connection.recv_timeout(TICK) {
@@ -152,7 +153,10 @@ pub fn run(args: &ExporterArgs) -> Result<(), ExporterError> {
                     }
                 }
                 view.lock().expect("the view lock is never poisoned").begin_resync();
-                resync_at = Some(Instant::now() + args.settle);
+                // The broker sends the retained messages after each SUBACK: the settle
+                // time runs from the second one.
+                subacks = 0;
+                resync_at = None;
                 connected.store(true, Ordering::Relaxed);
                 backoff = MIN_BACKOFF;
                 last_error = None;
@@ -181,6 +185,12 @@ pub fn run(args: &ExporterArgs) -> Result<(), ExporterError> {
                     if rejections == LOGGED_REJECTIONS {
                         eprintln!("warning: further invalid messages are only counted (fleet_exporter_invalid_messages_total)");
                     }
+                }
+            }
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                subacks += 1;
+                if subacks == filters.len() {
+                    resync_at = Some(Instant::now() + args.settle);
                 }
             }
             Ok(Ok(_)) => {}
