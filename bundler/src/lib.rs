@@ -16,9 +16,11 @@
 //! - [`previous`]: the published build (`build --previous`), read from a server or a
 //!   directory, so versions stay newer than what devices hold.
 //! - [`mqtt`]: `publish` (retained announcements) and `status` (the fleet table).
+//! - [`metrics`] and [`exporter`]: the fleet as Prometheus metrics (`exporter`,
+//!   `status --serve`); `metrics` is pure, `exporter` speaks MQTT and HTTP.
 //!
-//! Architecture invariant: only [`repo`], [`build`], [`previous`], [`registry`] and
-//! [`mqtt`] do I/O;
+//! Architecture invariant: only [`repo`], [`build`], [`previous`], [`registry`],
+//! [`mqtt`] and [`exporter`] do I/O;
 //! loading and rendering are pure functions of the repository snapshot, so the same
 //! commit always renders the same states.
 
@@ -28,7 +30,9 @@ pub mod build;
 pub mod compose;
 pub mod diag;
 pub mod duration;
+pub mod exporter;
 pub mod format;
+pub mod metrics;
 pub mod mqtt;
 pub mod plan;
 pub mod policy;

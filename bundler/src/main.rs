@@ -18,7 +18,7 @@ use fleet_spec::{PublicKey, SigningKey};
 use fleet_bundler::build::{self, BuildOptions};
 use fleet_bundler::diag::{self, Diagnostic};
 use fleet_bundler::registry::{self, Registry};
-use fleet_bundler::{duration, mqtt, plan, previous, render, repo, timefmt};
+use fleet_bundler::{duration, exporter, mqtt, plan, previous, render, repo, timefmt};
 
 /// Exit codes, also listed in `--help` and the README.
 mod exit {
@@ -141,9 +141,28 @@ enum Command {
     },
     /// Show the fleet's status from MQTT; with --wait, gate CI on convergence.
     #[command(
-        after_help = "Examples:\n  fleet-bundler status --broker mqtt://127.0.0.1:1883 --fleet acme\n  fleet-bundler status --broker mqtt://broker:1883 --index out/index.json --selector channel=canary --wait --timeout 10m\n\nWith --wait: exit 0 when every selected device of the index runs its indexed version and is converged, 3 as soon as one failed or rolled back on it, 4 at the timeout.\nExit codes: 0 ok/converged, 3 failed or rolled back, 4 timeout, 1 failure (broker), 64 usage."
+        after_help = "Examples:\n  fleet-bundler status --broker mqtt://127.0.0.1:1883 --fleet acme\n  fleet-bundler status --broker mqtt://broker:1883 --index out/index.json --selector channel=canary --wait --timeout 10m\n  fleet-bundler status --broker mqtt://broker:1883 --fleet acme --serve 127.0.0.1:9810   # Prometheus metrics (see `exporter --help`)\n\nWith --wait: exit 0 when every selected device of the index runs its indexed version and is converged, 3 as soon as one failed or rolled back on it, 4 at the timeout.\nExit codes: 0 ok/converged (--serve: stopped by a signal), 3 failed or rolled back, 4 timeout, 1 failure (broker; --serve: cannot listen), 64 usage."
     )]
     Status(mqtt::StatusArgs),
+    /// Serve the fleet's status as Prometheus metrics on http://ADDR/metrics, live from MQTT.
+    #[command(after_help = "Examples:
+  fleet-bundler exporter --broker mqtt://127.0.0.1:1883 --fleet acme
+  fleet-bundler exporter --broker mqtts://broker:8883 --ca-file ca.pem --username metrics --index out/index.json --listen 0.0.0.0:9810
+  fleet-bundler status --broker mqtt://broker:1883 --fleet acme --serve 127.0.0.1:9810     # the same exporter
+  curl -s http://127.0.0.1:9810/metrics | grep '^fleet_devices_by_state'
+
+Subscribes to <prefix>/<fleet>/devices/+/status and .../online (retained) and updates the metrics as messages arrive; nothing is stored, so a restart shows the same fleet. With --index, the build's devices count before they report, and what they should run is the index's.
+A broker that is down or goes away is retried for as long as the exporter runs (fleet_exporter_broker_connected shows it); the metrics keep the last known state meanwhile.
+Metrics (the README has the table): fleet_devices, fleet_devices_by_state{state}, fleet_devices_by_online{online}, fleet_devices_by_desired_commit{commit}, fleet_devices_by_applied_commit{commit}, fleet_devices_outdated, fleet_devices_in_trouble_by_error{code}, per device (unless --no-device-metrics) fleet_device_state{device,state}, fleet_device_online{device}, fleet_device_last_report_timestamp_seconds{device}; and fleet_exporter_build_info, fleet_exporter_broker_connected, fleet_exporter_*_messages_total.
+For a read-only broker account, the ACL needs only: topic read <prefix>/<fleet>/devices/+/status and topic read <prefix>/<fleet>/devices/+/online.
+Prometheus scrape config:
+  scrape_configs:
+    - job_name: fleet
+      static_configs: [{ targets: ['exporter-host:9810'] }]
+
+Runs until Ctrl-C or SIGTERM (then exit 0).
+Exit codes: 0 stopped by a signal, 1 failure at start (cannot listen on ADDR, unreadable --index or TLS files), 64 usage (bad flags, fleet or prefix).")]
+    Exporter(exporter::ExporterArgs),
 }
 
 /// Where the repository is.
@@ -282,11 +301,37 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Verify { pubs, threshold, fleet, device, json, bundle } => {
             verify(&pubs, threshold, fleet.as_deref(), device.as_deref(), json, &bundle)
         }
-        Command::Status(args) => Ok(match mqtt::status(&args)? {
-            mqtt::StatusOutcome::Shown | mqtt::StatusOutcome::Converged => exit::OK,
-            mqtt::StatusOutcome::Failed => exit::DEVICE_FAILED,
-            mqtt::StatusOutcome::Timeout => exit::TIMEOUT,
-        }),
+        Command::Status(args) => {
+            if let Some(listen) = args.serve {
+                return export(&exporter::ExporterArgs::from_status(&args, listen));
+            }
+            Ok(match mqtt::status(&args).map_err(usage_exit)? {
+                mqtt::StatusOutcome::Shown | mqtt::StatusOutcome::Converged => exit::OK,
+                mqtt::StatusOutcome::Failed => exit::DEVICE_FAILED,
+                mqtt::StatusOutcome::Timeout => exit::TIMEOUT,
+            })
+        }
+        Command::Exporter(args) => export(&args),
+    }
+}
+
+/// A usage problem found after parsing (no fleet named, a bad fleet id or prefix) is
+/// printed and exits 64 like a bad flag; anything else stays an error.
+fn usage_exit(e: mqtt::MqttError) -> anyhow::Error {
+    match e {
+        mqtt::MqttError::Usage(_) | mqtt::MqttError::Topic(_) => {
+            eprintln!("error: {e}");
+            Exit(exit::USAGE).into()
+        }
+        e => e.into(),
+    }
+}
+
+fn export(args: &exporter::ExporterArgs) -> anyhow::Result<u8> {
+    match exporter::run(args) {
+        Ok(()) => Ok(exit::OK),
+        Err(exporter::ExporterError::Mqtt(e)) => Err(usage_exit(e)),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -123,6 +123,14 @@ pub struct StatusArgs {
     /// Without --wait: how long to collect retained messages after the last one arrived.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub settle: Duration,
+    /// Instead of printing the table, serve it as Prometheus metrics on
+    /// http://ADDR/metrics until Ctrl-C or SIGTERM (the same as `fleet-bundler exporter
+    /// --listen ADDR`).
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["wait", "json", "selectors", "devices"])]
+    pub serve: Option<std::net::SocketAddr>,
+    /// With --serve: leave out the per-device series (see `exporter --help`).
+    #[arg(long, requires = "serve")]
+    pub no_device_metrics: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +259,35 @@ fn tls_config(args: &BrokerArgs) -> Result<rumqttc::TlsConfiguration, MqttError>
     Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
 }
 
+/// A client for the broker `args` names (clean session, TCP_NODELAY), not yet
+/// connected: the connection is made when `Connection` is first polled. The client id
+/// defaults to `<default_id>-<pid>`.
+pub(crate) fn client(
+    args: &BrokerArgs,
+    default_id: &str,
+    capacity: usize,
+) -> Result<(Client, Connection), MqttError> {
+    let url = parse_url(&args.broker)?;
+    let client_id = args.client_id.clone().unwrap_or_else(|| format!("{default_id}-{}", std::process::id()));
+    let mut options = MqttOptions::new(client_id, url.host.clone(), url.port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_clean_session(true);
+    options.set_max_packet_size(256 << 20, 256 << 20);
+    if let Some(user) = &args.username {
+        options.set_credentials(user.clone(), args.password.clone().unwrap_or_default());
+    }
+    if url.tls {
+        options.set_transport(Transport::tls_with_config(tls_config(args)?));
+    }
+    let (client, mut connection) = Client::new(options, capacity.max(10));
+    // Small packets one after another (subscribe, then the announcements): without
+    // TCP_NODELAY each waits for the broker's delayed ACK of the previous (~40 ms).
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    connection.eventloop.set_network_options(network);
+    Ok((client, connection))
+}
+
 /// A connected MQTT session with bounded waits.
 struct Session {
     client: Client,
@@ -261,25 +298,7 @@ struct Session {
 
 impl Session {
     fn connect(args: &BrokerArgs, timeout: Duration, capacity: usize) -> Result<Session, MqttError> {
-        let url = parse_url(&args.broker)?;
-        let client_id =
-            args.client_id.clone().unwrap_or_else(|| format!("fleet-bundler-{}", std::process::id()));
-        let mut options = MqttOptions::new(client_id, url.host.clone(), url.port);
-        options.set_keep_alive(Duration::from_secs(30));
-        options.set_clean_session(true);
-        options.set_max_packet_size(256 << 20, 256 << 20);
-        if let Some(user) = &args.username {
-            options.set_credentials(user.clone(), args.password.clone().unwrap_or_default());
-        }
-        if url.tls {
-            options.set_transport(Transport::tls_with_config(tls_config(args)?));
-        }
-        let (client, mut connection) = Client::new(options, capacity.max(10));
-        // Small packets one after another (subscribe, then the announcements): without
-        // TCP_NODELAY each waits for the broker's delayed ACK of the previous (~40 ms).
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        connection.eventloop.set_network_options(network);
+        let (client, connection) = client(args, "fleet-bundler", capacity)?;
         let mut session = Session { client, connection, broker: args.broker.clone(), timeout };
         let deadline = Instant::now() + timeout;
         loop {
@@ -596,25 +615,43 @@ pub enum StatusOutcome {
     Timeout,
 }
 
+/// Which fleet to watch: `--fleet`/`--prefix`, else the index's.
+pub(crate) struct Scope {
+    pub index: Option<Index>,
+    pub fleet: String,
+    pub prefix: String,
+}
+
+impl Scope {
+    pub(crate) fn resolve(
+        fleet: &Option<String>,
+        prefix: &Option<String>,
+        index: &Option<PathBuf>,
+    ) -> Result<Scope, MqttError> {
+        let index = match index {
+            Some(p) => Some(
+                Index::read(p)?.ok_or_else(|| MqttError::Usage(format!("{} does not exist", p.display())))?,
+            ),
+            None => None,
+        };
+        let fleet = fleet
+            .clone()
+            .or_else(|| index.as_ref().map(|i| i.fleet.clone()))
+            .ok_or_else(|| MqttError::Usage("pass --fleet NAME or --index DIR/index.json".into()))?;
+        let prefix = prefix
+            .clone()
+            .or_else(|| index.as_ref().map(|i| i.topic_prefix.clone()))
+            .unwrap_or_else(|| DEFAULT_PREFIX.into());
+        // Checked here, so that a bad id is a usage error before anything connects.
+        Topic::fleet_filter(&prefix, &fleet, TopicKind::Status)?;
+        Ok(Scope { index, fleet, prefix })
+    }
+}
+
 /// Reads the fleet's status topics and prints the table; with `--wait`, waits for
 /// convergence or failure of the selected indexed devices.
 pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
-    let index = match &args.index {
-        Some(p) => {
-            Some(Index::read(p)?.ok_or_else(|| MqttError::Usage(format!("{} does not exist", p.display())))?)
-        }
-        None => None,
-    };
-    let fleet = args
-        .fleet
-        .clone()
-        .or_else(|| index.as_ref().map(|i| i.fleet.clone()))
-        .ok_or_else(|| MqttError::Usage("pass --fleet NAME or --index DIR/index.json".into()))?;
-    let prefix = args
-        .prefix
-        .clone()
-        .or_else(|| index.as_ref().map(|i| i.topic_prefix.clone()))
-        .unwrap_or_else(|| DEFAULT_PREFIX.into());
+    let Scope { index, fleet, prefix } = Scope::resolve(&args.fleet, &args.prefix, &args.index)?;
     let mut selectors = Vec::new();
     for s in &args.selectors {
         let (k, v) =

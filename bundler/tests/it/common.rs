@@ -293,9 +293,13 @@ pub fn have(program: &str) -> bool {
 
 /// Starts Mosquitto on a free loopback port with `extra` config lines.
 pub fn mosquitto(extra: &str) -> Daemon {
+    mosquitto_on(free_port(), extra)
+}
+
+/// Starts Mosquitto on loopback port `port` (e.g. again, after stopping one there).
+pub fn mosquitto_on(port: u16, extra: &str) -> Daemon {
     assert!(have("mosquitto"), "mosquitto is not installed: apt-get install -y mosquitto mosquitto-clients");
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
     let conf = dir.path().join("mosquitto.conf");
     std::fs::write(&conf, format!("listener {port} 127.0.0.1\npersistence false\n{extra}\n")).expect("conf");
     let child = Command::new("mosquitto")

@@ -8,7 +8,7 @@ use fleet_spec::messages::{
     Announcement, Applied, DeviceState, FileCounts, LastError, StatusReport, VersionRef,
 };
 
-use crate::common::{build, bundler, free_port, mosquitto, read_index, Keys, Repo};
+use crate::common::{build, bundler, free_port, mosquitto, mosquitto_on, read_index, Keys, Repo};
 
 fn broker_url(port: u16) -> String {
     format!("mqtt://127.0.0.1:{port}")
@@ -376,8 +376,15 @@ fn status_shows_the_table_and_gates_on_convergence() {
 
 #[test]
 fn status_needs_a_fleet_and_a_reachable_broker() {
+    // A usage problem found after parsing exits 64 like a bad flag (as --help says).
     let o = bundler(&["status", "--broker", "mqtt://127.0.0.1:1"]);
-    o.assert_code(1);
+    o.assert_code(64);
+    o.assert_stderr_has("pass --fleet NAME or --index DIR/index.json");
+    let o = bundler(&["status", "--broker", "mqtt://127.0.0.1:1", "--fleet", "a/b"]);
+    o.assert_code(64);
+    o.assert_stderr_has("fleet id \"a/b\" contains '/'");
+    let o = bundler(&["exporter", "--broker", "mqtt://127.0.0.1:1"]);
+    o.assert_code(64);
     o.assert_stderr_has("pass --fleet NAME or --index DIR/index.json");
     let started = Instant::now();
     let o = bundler(&[
@@ -392,4 +399,88 @@ fn status_needs_a_fleet_and_a_reachable_broker() {
     o.assert_code(1);
     assert!(started.elapsed() < Duration::from_secs(10));
     o.assert_stderr_has("cannot connect");
+}
+
+/// `GET /metrics` on `addr`: the body, or `None` while nothing answers.
+fn scrape(addr: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    Some(body.to_string())
+}
+
+fn wait_metrics(addr: &str, what: &str, lines: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Some(body) = scrape(addr) {
+            if lines.iter().all(|l| body.lines().any(|b| b == *l)) {
+                return body;
+            }
+            last = body;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}: {lines:?}\n{last}");
+}
+
+#[test]
+fn status_serve_follows_the_broker_through_a_restart_and_stops_on_sigterm() {
+    let broker = mosquitto("allow_anonymous true");
+    let port = broker.port;
+    let converged = report("gw-1", DeviceState::Converged, None, (3, &"a".repeat(64)));
+    pub_retained(port, "fleet/acme/devices/gw-1/status", &converged);
+    pub_retained(port, "fleet/acme/devices/gw-1/online", "true");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut exporter = Command::new(env!("CARGO_BIN_EXE_fleet-bundler"))
+        .args(["status", "--broker", &broker_url(port), "--fleet", "acme", "--serve", &addr])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn status --serve");
+    wait_metrics(
+        &addr,
+        "gw-1 converged",
+        &["fleet_exporter_broker_connected 1", "fleet_devices_by_state{state=\"converged\"} 1"],
+    );
+
+    // The broker goes away: the exporter says so and keeps the last known state.
+    drop(broker);
+    wait_metrics(
+        &addr,
+        "the broker gone",
+        &["fleet_exporter_broker_connected 0", "fleet_devices_by_state{state=\"converged\"} 1"],
+    );
+
+    // A fresh broker (nothing retained) on the same port: reconnected, resubscribed,
+    // and gw-1, which the broker no longer retains, forgotten; new reports count.
+    let broker = mosquitto_on(port, "allow_anonymous true");
+    wait_metrics(
+        &addr,
+        "reconnected and gw-1 forgotten",
+        &["fleet_exporter_broker_connected 1", "fleet_devices 0"],
+    );
+    let failed = report("gw-2", DeviceState::Failed, None, (3, &"a".repeat(64)));
+    pub_retained(broker.port, "fleet/acme/devices/gw-2/status", &failed);
+    wait_metrics(&addr, "gw-2 failed", &["fleet_devices 1", "fleet_devices_by_state{state=\"failed\"} 1"]);
+
+    let killed = Command::new("kill").args(["-TERM", &exporter.id().to_string()]).status().expect("kill");
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let code = loop {
+        if let Some(status) = exporter.try_wait().expect("wait") {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = exporter.kill();
+            panic!("SIGTERM did not stop the exporter within 5s");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    };
+    assert_eq!(code, Some(0), "SIGTERM is a clean stop");
 }

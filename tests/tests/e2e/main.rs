@@ -21,6 +21,7 @@
 //! | [`compose_keys`] | issue 17's Compose example on dockerd and podman; a changed key recreates the container |
 //! | [`engines`] | (the engines, images and `web` app the container scenarios share) |
 //! | [`attacks`] | 5 attacks and bad input |
+//! | [`exporter`] | `fleet-bundler exporter`: `/metrics` scraped and parsed after agents converge or fail; hostile retained messages (issue 18) |
 //! | [`hostile`] | hostile broker and servers: unsigned hints never keep the genuine bundle out; MQTT flood bounds (issue "Hardening I") |
 //! | [`outages`] | 6 broker and bundle server outages, an update never announced (polling) |
 //! | [`crash`] | 7 crash safety, files only and on dockerd (`FLEET_E2E_CRASH_ITERATIONS`, default 5) |
@@ -37,6 +38,7 @@ mod compose_keys;
 mod containers;
 mod crash;
 mod engines;
+mod exporter;
 mod first_deploy;
 mod hostile;
 mod outages;
