@@ -18,6 +18,7 @@ BASE_PKGS=(
     mosquitto mosquitto-clients
     docker.io
     podman runc
+    catatonit # podman runs it as PID 1 for Compose `init: true`
     netavark aardvark-dns # podman's network stack: containers resolve each other by alias
     docker-registry
     busybox-static

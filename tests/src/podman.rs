@@ -30,6 +30,7 @@ use crate::require_program;
 /// How long `Podman::start` waits for another instance to finish.
 const LOCK_WAIT: Duration = Duration::from_secs(600);
 const NETAVARK: &str = "/usr/lib/podman/netavark";
+const CATATONIT: &str = "/usr/bin/catatonit";
 
 /// A running podman API service. See the module docs.
 pub struct Podman {
@@ -79,8 +80,15 @@ impl Podman {
             eprintln!("fleet-e2e: netavark missing: podman falls back to CNI, without network aliases (run scripts/setup.sh)");
             "cni"
         };
+        // Compose `init: true` runs catatonit as PID 1 (Debian's package puts it here).
+        let init_path = if Path::new(CATATONIT).exists() {
+            format!("init_path = \"{CATATONIT}\"\n")
+        } else {
+            eprintln!("fleet-e2e: catatonit missing: podman cannot run `init: true` (run scripts/setup.sh)");
+            String::new()
+        };
         let containers_conf = format!(
-            "[containers]\ndefault_ulimits = []\n\n\
+            "[containers]\ndefault_ulimits = []\n{init_path}\n\
              [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
              tmp_dir = \"{tmp}\"\n\n\
              [network]\nnetwork_backend = \"{backend}\"\nnetwork_config_dir = \"{net}\"\n",

@@ -41,8 +41,7 @@ services:
     working_dir: /srv
     shm_size: 64m
 ",
-            // podman needs catatonit for `init`, which this machine does not have.
-            init = matches!(engine, TestEngine::Dockerd(_)),
+            init = true,
         ),
     )
 }
@@ -86,6 +85,9 @@ fn issue_17_example_runs(engine: &TestEngine, images: &Images) -> Result<()> {
     let somaxconn = engine.docker(&["exec", "web-web", "cat", "/proc/sys/net/core/somaxconn"])?;
     ensure!(somaxconn.trim() == "1024", "sysctls: {somaxconn}");
     ensure!(engine.docker(&["exec", "web-web", "grep", "broker", "/etc/hosts"])?.contains("10.0.0.5"));
+    // init: PID 1 is the engine's init (docker-init, or podman's catatonit).
+    let pid1 = engine.docker(&["exec", "web-web", "cat", "/proc/1/cmdline"])?;
+    ensure!(pid1.contains("init") || pid1.contains("catatonit"), "init: PID 1 is {pid1:?}");
     match engine {
         TestEngine::Dockerd(_) => {
             ensure!(host["Init"] == true, "init: {}", host["Init"]);

@@ -310,6 +310,7 @@ fn exporter_survives_garbage_huge_and_hostile_retained_messages() -> Result<()> 
         let m = exporter.scrape()?;
         last = m.text.clone();
         Ok(m.get("fleet_exporter_invalid_messages_total", &[("topic", "status")]) == Some(2.0)
+            && m.get("fleet_exporter_invalid_messages_total", &[("topic", "online")]) == Some(1.0)
             && m.get("fleet_devices_by_state", &[("state", "failed")]) == Some(1.0))
     })
     .with_context(|| format!("{last}\n{}", exporter.log()))?;
