@@ -10,7 +10,7 @@ use std::time::Duration;
 use fleet_spec::model::{ContainerSpec, ImageRef, NetworkSpec, VolumeSpec};
 
 use crate::engine::docker::DockerEngine;
-use crate::engine::{Engine, EngineError, EngineEvent, ObservedContainer, RegistryAuth};
+use crate::engine::{Engine, EngineError, EngineEvent, ObservedContainer, ObservedNetwork, RegistryAuth};
 
 /// A device without a container engine: nothing is managed, and any attempt to run a
 /// container is an error (a bundle with containers is refused before it is applied).
@@ -58,7 +58,7 @@ impl Engine for NoEngine {
     async fn inspect(&self, _name: &str) -> Result<Option<ObservedContainer>, EngineError> {
         Ok(None)
     }
-    async fn list_managed_networks(&self, _fleet: &str) -> Result<Vec<String>, EngineError> {
+    async fn list_managed_networks(&self, _fleet: &str) -> Result<Vec<ObservedNetwork>, EngineError> {
         Ok(Vec::new())
     }
     async fn create_network(
@@ -148,7 +148,7 @@ impl Engine for AnyEngine {
     async fn inspect(&self, name: &str) -> Result<Option<ObservedContainer>, EngineError> {
         delegate!(self, e => e.inspect(name))
     }
-    async fn list_managed_networks(&self, fleet: &str) -> Result<Vec<String>, EngineError> {
+    async fn list_managed_networks(&self, fleet: &str) -> Result<Vec<ObservedNetwork>, EngineError> {
         delegate!(self, e => e.list_managed_networks(fleet))
     }
     async fn create_network(

@@ -20,14 +20,16 @@ use std::time::{Duration, Instant};
 use fleet_agent::engine::docker::DockerEngine;
 use fleet_agent::engine::{
     Engine, EngineError, EngineEvent, Health, ObservedContainer, RegistryAuth, LABEL_APP, LABEL_MANAGED,
+    LABEL_SPEC_HASH,
 };
 use fleet_e2e::{
     build_busybox_image, engine_request, free_port, http_get, log_tail, push_image, require_program,
     wait_until, Dockerd, Engine as HarnessEngine, Podman,
 };
 use fleet_spec::model::{
-    ContainerOptions, ContainerSpec, DeviceMapping, Healthcheck, ImageRef, LogConfig, Mount, MountSource,
-    NetworkAttachment, NetworkSpec, PortMapping, Protocol, RestartPolicy, Ulimit, VolumeSpec,
+    ContainerOptions, ContainerSpec, DesiredState, DeviceMapping, Healthcheck, ImageRef, IpamPool, LogConfig,
+    Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol, RestartPolicy,
+    StaticAddresses, Ulimit, VolumeSpec,
 };
 use serde_json::{json, Value};
 
@@ -318,11 +320,11 @@ async fn scenario(lab: &Lab) {
 
     // 2. Networks and volumes: created twice (idempotent), listed by label.
     for name in ["ft_front", "ft_back"] {
-        let spec = NetworkSpec { name: name.into(), internal: false, labels: BTreeMap::new() };
+        let spec = NetworkSpec { name: name.into(), ..Default::default() };
         engine.create_network(&spec, &labels()).await.expect("create network");
         engine.create_network(&spec, &labels()).await.expect("create an existing network");
     }
-    assert_eq!(engine.list_managed_networks("acme").await.expect("list networks"), ["ft_back", "ft_front"]);
+    assert_eq!(network_names(&engine).await, ["ft_back", "ft_front"]);
     let volume = VolumeSpec { name: "ft_data".into(), labels: BTreeMap::from([("k".into(), "v".into())]) };
     engine.create_volume(&volume, &labels()).await.expect("create volume");
     engine.create_volume(&volume, &labels()).await.expect("create an existing volume");
@@ -491,7 +493,7 @@ async fn scenario(lab: &Lab) {
         engine.remove_volume("ft_foreign_vol").await,
         Err(EngineError::Api { status: 409, .. })
     ));
-    assert_eq!(engine.list_managed_networks("acme").await.expect("list"), ["ft_back", "ft_front"]);
+    assert_eq!(network_names(&engine).await, ["ft_back", "ft_front"]);
     assert_eq!(engine.list_managed_volumes("acme").await.expect("list"), ["ft_data"]);
 
     // 6. Events: killing ft-web behind the agent's back yields its `die`; killing the
@@ -697,6 +699,7 @@ fn options_spec(lab: &Lab) -> ContainerSpec {
         cpu_period_us: Some(100_000),
         cpu_quota_us: Some(50_000),
         cgroup_parent: Some("/fleet-test".into()),
+        addresses: BTreeMap::new(),
         pull_policy: None,
         // The test images are built here, for the host's platform.
         platform: Some(format!("linux/{}", host_arch())),
@@ -711,8 +714,35 @@ async fn options_scenario(lab: &Lab) {
     let auth = RegistryAuth { username: REGISTRY_USER.into(), password: REGISTRY_PASSWORD.into(), server };
     engine.pull(&lab.image, None, Some(&auth)).await.expect("pull by digest");
     let mut spec = options_spec(lab);
-    let network = NetworkSpec { name: "ft_opts".into(), internal: false, labels: BTreeMap::new() };
-    engine.create_network(&network, &labels()).await.expect("create network");
+    // ipam, driver_opts, static addresses: a subnet of its own per engine (both run at once).
+    let subnet = if lab.is_podman() { "172.30.2" } else { "172.30.1" };
+    let mut network = NetworkSpec { name: "ft_opts".into(), ..Default::default() };
+    network.options.ipam = vec![IpamPool {
+        subnet: format!("{subnet}.0/24"),
+        ip_range: Some(format!("{subnet}.128/25")),
+        gateway: Some(format!("{subnet}.1")),
+        aux_addresses: BTreeMap::new(),
+    }];
+    network.options.driver_opts = BTreeMap::from([("com.docker.network.driver.mtu".into(), "1400".into())]);
+    let mut net_labels = labels();
+    net_labels.insert(LABEL_SPEC_HASH.into(), DesiredState::network_hash(&network));
+    engine.create_network(&network, &net_labels).await.expect("create network");
+    let listed = engine.list_managed_networks("acme").await.expect("list");
+    let ft_opts = listed.iter().find(|n| n.name == "ft_opts").expect("listed");
+    assert_eq!(ft_opts.spec_hash.as_deref(), Some(DesiredState::network_hash(&network).as_str()));
+    let (_, inspected) = lab.raw("GET", "/networks/ft_opts", None);
+    let n: Value = serde_json::from_str(&inspected).expect("network JSON");
+    assert_eq!(n["IPAM"]["Config"][0]["Subnet"], format!("{subnet}.0/24"), "{n}");
+    assert_eq!(n["IPAM"]["Config"][0]["Gateway"], format!("{subnet}.1"), "{n}");
+    if !lab.is_podman() {
+        // podman keeps the range but shows no driver options in its compatible inspect.
+        assert_eq!(n["IPAM"]["Config"][0]["IPRange"], format!("{subnet}.128/25"), "{n}");
+        assert_eq!(n["Options"]["com.docker.network.driver.mtu"], "1400", "{n}");
+    }
+    spec.options.addresses = BTreeMap::from([(
+        "ft_opts".to_string(),
+        StaticAddresses { ipv4: Some(format!("{subnet}.9")), ipv6: None },
+    )]);
     spec.networks = vec![NetworkAttachment { network: "ft_opts".into(), aliases: vec!["opts".into()] }];
     // `platform` reaches the engine: dockerd refuses an amd64 image for linux/s390x.
     let foreign = ContainerSpec {
@@ -809,6 +839,14 @@ async fn options_scenario(lab: &Lab) {
     check(&mut wrong, "HostConfig.CpuPeriod", &host["CpuPeriod"], json!(100_000));
     check(&mut wrong, "HostConfig.CpuQuota", &host["CpuQuota"], json!(50_000));
     check(&mut wrong, "HostConfig.CgroupParent", &host["CgroupParent"], json!("/fleet-test"));
+
+    // networks.<name>.ipv4_address
+    check(
+        &mut wrong,
+        "NetworkSettings.Networks.ft_opts.IPAddress",
+        &i["NetworkSettings"]["Networks"]["ft_opts"]["IPAddress"],
+        json!(format!("{subnet}.9")),
+    );
 
     assert!(wrong.is_empty(), "{}: not as set in inspect: {wrong:#?}", lab.engine.name());
 
@@ -1050,4 +1088,8 @@ fn host_arch() -> &'static str {
         "aarch64" => "arm64",
         other => other,
     }
+}
+
+async fn network_names(engine: &DockerEngine) -> Vec<String> {
+    engine.list_managed_networks("acme").await.expect("list networks").into_iter().map(|n| n.name).collect()
 }

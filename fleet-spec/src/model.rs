@@ -167,6 +167,38 @@ pub struct ContainerOptions {
     pub pull_policy: Option<PullPolicy>,
     /// Compose `platform` (`linux/arm64/v8`): the image variant pulled and run.
     pub platform: Option<String>,
+    /// Static addresses per network (Compose `networks.<name>.ipv4_address` and
+    /// `ipv6_address`), by network name.
+    pub addresses: BTreeMap<String, StaticAddresses>,
+}
+
+/// A container's fixed addresses on one network; the network's `ipam` must hold them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StaticAddresses {
+    pub ipv4: Option<String>,
+    pub ipv6: Option<String>,
+}
+
+/// Network settings beyond the basics (Compose `ipam`, `enable_ipv6`, `driver_opts`).
+/// Like [`ContainerOptions`], outside the network's own encoding (bundle format 2).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NetworkOptions {
+    /// `EnableIPv6`.
+    pub enable_ipv6: bool,
+    /// `IPAM.Config`: the address pools (the `default` IPAM driver).
+    pub ipam: Vec<IpamPool>,
+    /// `Options` of the bridge driver, e.g. `com.docker.network.bridge.name`.
+    pub driver_opts: BTreeMap<String, String>,
+}
+
+/// One IPAM pool: `subnet` (CIDR), and optionally the range containers get addresses
+/// from, the gateway, and addresses kept out of the pool by name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IpamPool {
+    pub subnet: String,
+    pub ip_range: Option<String>,
+    pub gateway: Option<String>,
+    pub aux_addresses: BTreeMap<String, String>,
 }
 
 /// When the agent pulls a container's image.
@@ -339,6 +371,9 @@ pub struct NetworkSpec {
     pub name: String,
     pub internal: bool,
     pub labels: BTreeMap<String, String>,
+    /// Outside the network's own encoding: see [`DesiredState::encode`].
+    #[serde(skip)]
+    pub options: NetworkOptions,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -361,7 +396,9 @@ impl DesiredState {
 
     /// The bundle format this state needs: 1 unless a container sets engine options.
     pub fn format(&self) -> u16 {
-        if self.containers.iter().all(|c| c.options == ContainerOptions::default()) {
+        let plain = self.containers.iter().all(|c| c.options == ContainerOptions::default())
+            && self.networks.iter().all(|n| n.options == NetworkOptions::default());
+        if plain {
             1
         } else {
             2
@@ -370,8 +407,8 @@ impl DesiredState {
 
     /// The canonical postcard encoding (the bundle payload before compression).
     ///
-    /// Format 1 is the state's own encoding. Format 2 appends the containers' options,
-    /// one per container in canonical order: postcard is not self-describing, so a new
+    /// Format 1 is the state's own encoding. Format 2 appends the containers' options
+    /// and the networks' options, one per container and per network in canonical order: postcard is not self-describing, so a new
     /// field inside `ContainerSpec` would have changed every bundle's bytes and made
     /// every older agent misread them; this way only the bundles that need the new
     /// fields change, and older agents refuse those by their format version.
@@ -385,8 +422,11 @@ impl DesiredState {
     pub fn encode_canonical(&self) -> Vec<u8> {
         let mut out = postcard::to_stdvec(self).expect("encoding into a Vec cannot fail");
         if self.format() >= 2 {
-            let options: Vec<&ContainerOptions> = self.containers.iter().map(|c| &c.options).collect();
-            out.extend(postcard::to_stdvec(&options).expect("encoding into a Vec cannot fail"));
+            let containers: Vec<&ContainerOptions> = self.containers.iter().map(|c| &c.options).collect();
+            let networks: Vec<&NetworkOptions> = self.networks.iter().map(|n| &n.options).collect();
+            out.extend(
+                postcard::to_stdvec(&(containers, networks)).expect("encoding into a Vec cannot fail"),
+            );
         }
         out
     }
@@ -395,12 +435,16 @@ impl DesiredState {
     pub fn decode(bytes: &[u8], format: u16) -> Result<Self, postcard::Error> {
         let (mut state, mut rest) = postcard::take_from_bytes::<DesiredState>(bytes)?;
         if format >= 2 {
-            let (options, after) = postcard::take_from_bytes::<Vec<ContainerOptions>>(rest)?;
-            if options.len() != state.containers.len() {
+            type Trailer = (Vec<ContainerOptions>, Vec<NetworkOptions>);
+            let ((containers, networks), after) = postcard::take_from_bytes::<Trailer>(rest)?;
+            if containers.len() != state.containers.len() || networks.len() != state.networks.len() {
                 return Err(postcard::Error::DeserializeBadEncoding);
             }
-            for (container, options) in state.containers.iter_mut().zip(options) {
+            for (container, options) in state.containers.iter_mut().zip(containers) {
                 container.options = options;
+            }
+            for (network, options) in state.networks.iter_mut().zip(networks) {
+                network.options = options;
             }
             rest = after;
         }
@@ -424,6 +468,18 @@ impl DesiredState {
     /// recreated: the spec itself plus the content of every managed file it bind-mounts
     /// (so editing a mounted config file in Git restarts the container).
     ///
+    /// The hash the agent stores in a network's label to know whether it must be
+    /// recreated. A network without options hashes as its plain spec.
+    pub fn network_hash(network: &NetworkSpec) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(postcard::to_stdvec(network).expect("encoding into a Vec cannot fail"));
+        if network.options != NetworkOptions::default() {
+            hasher.update(b"\0options\0");
+            hasher.update(postcard::to_stdvec(&network.options).expect("encoding into a Vec cannot fail"));
+        }
+        hex::encode(hasher.finalize())
+    }
+
     /// A container whose `options` are all default hashes without them, exactly as
     /// before `options` existed, so an agent upgrade does not recreate unchanged
     /// containers; set options are hashed after the spec (its own encoding skips them).

@@ -198,7 +198,7 @@ fn desired_state() -> impl Strategy<Value = DesiredState> {
             containers,
             networks: networks
                 .into_iter()
-                .map(|(name, internal)| NetworkSpec { name, internal, labels: BTreeMap::new() })
+                .map(|(name, internal)| NetworkSpec { name, internal, ..Default::default() })
                 .collect(),
             volumes: volumes.into_iter().map(|name| VolumeSpec { name, labels: BTreeMap::new() }).collect(),
         },

@@ -423,7 +423,8 @@ fn format_2_options_for_more_or_fewer_containers_than_the_state_has_are_refused(
     let with = container_state(true);
     let mut raw = postcard::to_stdvec(&with).expect("encode");
     let options = vec![with.containers[0].options.clone(), with.containers[0].options.clone()];
-    raw.extend(postcard::to_stdvec(&options).expect("encode"));
+    let networks: Vec<fleet_spec::model::NetworkOptions> = Vec::new();
+    raw.extend(postcard::to_stdvec(&(options, networks)).expect("encode"));
     let payload = compress(&raw);
     let bytes = assemble(&manifest_for(meta(1), &raw, &payload), 2, &payload, &[&key(1)]);
     assert!(matches!(check(&bytes), Err(VerifyError::BadPayload { .. })));

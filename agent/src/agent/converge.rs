@@ -2,6 +2,7 @@
 //! part of an apply or a rollback.
 
 use super::*;
+use crate::engine::LABEL_SPEC_HASH;
 
 /// Why the device is being converged, which decides what is journaled and what may be
 /// deleted.
@@ -104,11 +105,26 @@ impl<E: Engine> Agent<E> {
         let view = self.engine_view().await?;
         let cplan = plan::plan_containers(state, &self.cfg.fleet, &view)?;
         let obj_labels = plan::object_labels(&self.cfg.fleet);
+        // A network whose spec changed: off with what sits on it, then with it.
+        for name in &cplan.detach {
+            let step = Step::RemoveContainer { name: name.clone() };
+            self.step(journaled, true, &step)?;
+            self.engine.remove(name, self.cfg.stop_grace_secs).await?;
+            self.step(journaled, false, &step)?;
+        }
+        for name in &cplan.recreate_networks {
+            let step = Step::RemoveNetwork { name: name.clone() };
+            self.step(journaled, true, &step)?;
+            self.engine.remove_network(name).await?;
+            self.step(journaled, false, &step)?;
+        }
         for name in &cplan.create_networks {
             let spec = state.networks.iter().find(|n| &n.name == name).expect("planned from the state");
             let step = Step::CreateNetwork { name: name.clone() };
             self.step(journaled, true, &step)?;
-            self.engine.create_network(spec, &obj_labels).await?;
+            let mut labels = obj_labels.clone();
+            labels.insert(LABEL_SPEC_HASH.to_string(), DesiredState::network_hash(spec));
+            self.engine.create_network(spec, &labels).await?;
             self.step(journaled, false, &step)?;
         }
         for name in &cplan.create_volumes {

@@ -8,9 +8,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fleet_spec::messages::DriftKind;
-use fleet_spec::model::{ContainerSpec, DesiredState, RestartPolicy};
+use fleet_spec::model::{ContainerSpec, DesiredState, NetworkOptions, RestartPolicy};
 
-use crate::engine::{ObservedContainer, LABEL_APP, LABEL_FLEET, LABEL_MANAGED, LABEL_SPEC_HASH};
+use crate::engine::{
+    ObservedContainer, ObservedNetwork, LABEL_APP, LABEL_FLEET, LABEL_MANAGED, LABEL_SPEC_HASH,
+};
 
 /// What is on disk at a managed path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +97,13 @@ pub struct ContainerStep {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ContainerPlan {
+    /// Networks whose spec changed (`ipam`, `driver_opts`, ...): the containers on them
+    /// ([`ContainerPlan::detach`]) are removed, the network is removed, and it is
+    /// created again with the others of `create_networks`.
+    pub recreate_networks: Vec<String>,
+    /// Containers to remove before `recreate_networks` are removed; desired ones are
+    /// created again by their step (`Need::Create`).
+    pub detach: Vec<String>,
     pub create_networks: Vec<String>,
     pub create_volumes: Vec<String>,
     /// Managed containers (of this fleet) that are not desired.
@@ -110,6 +119,7 @@ impl ContainerPlan {
     /// Nothing to do.
     pub fn is_noop(&self) -> bool {
         self.create_networks.is_empty()
+            && self.recreate_networks.is_empty()
             && self.create_volumes.is_empty()
             && self.remove_containers.is_empty()
             && self.steps.iter().all(|s| s.need == Need::Keep)
@@ -122,7 +132,7 @@ impl ContainerPlan {
 #[derive(Debug, Clone, Default)]
 pub struct EngineView {
     pub containers: Vec<ObservedContainer>,
-    pub networks: Vec<String>,
+    pub networks: Vec<ObservedNetwork>,
     pub volumes: Vec<String>,
 }
 
@@ -142,13 +152,44 @@ pub fn plan_containers(
     let by_name: BTreeMap<&str, &ObservedContainer> = ours.iter().map(|c| (c.name.as_str(), *c)).collect();
     let wanted: BTreeSet<&str> = desired.containers.iter().map(|c| c.name.as_str()).collect();
 
+    // A network is kept when its label names the desired spec; one made before networks
+    // were labelled is kept while the desired spec has no options (as it was then made).
+    let observed: BTreeMap<&str, &ObservedNetwork> =
+        view.networks.iter().map(|n| (n.name.as_str(), n)).collect();
+    let mut recreate_networks = Vec::new();
+    let mut create_networks = Vec::new();
+    for n in &desired.networks {
+        match observed.get(n.name.as_str()) {
+            None => create_networks.push(n.name.clone()),
+            Some(o) => {
+                let same = match &o.spec_hash {
+                    Some(hash) => *hash == DesiredState::network_hash(n),
+                    None => n.options == NetworkOptions::default(),
+                };
+                if !same {
+                    recreate_networks.push(n.name.clone());
+                    create_networks.push(n.name.clone());
+                }
+            }
+        }
+    }
+    let moved: BTreeSet<&str> = recreate_networks.iter().map(String::as_str).collect();
+    let on_moved = |c: &ContainerSpec| {
+        c.network_mode.is_none() && c.networks.iter().any(|a| moved.contains(a.network.as_str()))
+    };
+    let detach: Vec<String> = if moved.is_empty() {
+        Vec::new()
+    } else {
+        // Desired containers on a recreated network, and every container going away
+        // (it may sit on it too): the engine removes no network with endpoints.
+        ours.iter()
+            .filter(|c| desired.containers.iter().find(|d| d.name == c.name).is_none_or(&on_moved))
+            .map(|c| c.name.clone())
+            .collect()
+    };
     let mut plan = ContainerPlan {
-        create_networks: desired
-            .networks
-            .iter()
-            .filter(|n| !view.networks.contains(&n.name))
-            .map(|n| n.name.clone())
-            .collect(),
+        recreate_networks,
+        create_networks,
         create_volumes: desired
             .volumes
             .iter()
@@ -157,7 +198,7 @@ pub fn plan_containers(
             .collect(),
         remove_containers: ours
             .iter()
-            .filter(|c| !wanted.contains(c.name.as_str()))
+            .filter(|c| !wanted.contains(c.name.as_str()) && !detach.contains(&c.name))
             .map(|c| c.name.clone())
             .collect(),
         ..ContainerPlan::default()
@@ -166,6 +207,7 @@ pub fn plan_containers(
         let spec_hash = desired.container_hash(spec);
         let need = match by_name.get(spec.name.as_str()) {
             None => Need::Create,
+            Some(_) if detach.contains(&spec.name) => Need::Create,
             Some(c) if c.spec_hash() != Some(spec_hash.as_str()) => Need::Recreate,
             Some(c) if c.running || completed_one_shot(spec, c) => Need::Keep,
             Some(_) => Need::Start,
@@ -173,8 +215,13 @@ pub fn plan_containers(
         plan.steps.push(ContainerStep { name: spec.name.clone(), need, spec_hash });
     }
     let wanted_networks: BTreeSet<&str> = desired.networks.iter().map(|n| n.name.as_str()).collect();
-    plan.remove_networks =
-        view.networks.iter().filter(|n| !wanted_networks.contains(n.as_str())).cloned().collect();
+    plan.remove_networks = view
+        .networks
+        .iter()
+        .filter(|n| !wanted_networks.contains(n.name.as_str()))
+        .map(|n| n.name.clone())
+        .collect();
+    plan.detach = detach;
     let wanted_volumes: BTreeSet<&str> = desired.volumes.iter().map(|v| v.name.as_str()).collect();
     let mounted: BTreeSet<&str> = desired
         .containers
@@ -264,7 +311,9 @@ pub fn dependency_order(containers: &[ContainerSpec]) -> Result<Vec<&ContainerSp
 mod tests {
     use super::*;
     use crate::engine::Health;
-    use fleet_spec::model::{Dependency, DependencyCondition, ManagedFile, Mount, MountSource, VolumeSpec};
+    use fleet_spec::model::{
+        Dependency, DependencyCondition, ManagedFile, Mount, MountSource, NetworkSpec, VolumeSpec,
+    };
 
     fn spec(name: &str, deps: &[&str]) -> ContainerSpec {
         ContainerSpec {
@@ -334,6 +383,73 @@ mod tests {
             [("a", Need::Keep), ("b", Need::Start), ("c", Need::Recreate), ("d", Need::Create)]
         );
         assert_eq!(plan.remove_containers, ["old"], "never a foreign or other fleet's container");
+    }
+
+    #[test]
+    fn a_network_whose_spec_changed_is_recreated_with_the_containers_on_it() {
+        let on = |name: &str, net: &str| ContainerSpec {
+            networks: vec![fleet_spec::model::NetworkAttachment { network: net.into(), aliases: vec![] }],
+            ..spec(name, &[])
+        };
+        let mut pinned = NetworkSpec { name: "app_dns".into(), ..Default::default() };
+        pinned.options.ipam =
+            vec![fleet_spec::model::IpamPool { subnet: "10.9.0.0/24".into(), ..Default::default() }];
+        let plain = NetworkSpec { name: "app_default".into(), ..Default::default() };
+        let state = DesiredState {
+            containers: vec![on("dns", "app_dns"), on("web", "app_default")],
+            networks: vec![pinned.clone(), plain.clone()],
+            ..Default::default()
+        };
+        let hash =
+            |n: &str| state.container_hash(state.containers.iter().find(|c| c.name == n).expect("spec"));
+        let containers = vec![
+            observed("dns", &hash("dns"), true),
+            observed("web", &hash("web"), true),
+            observed("old", "h", true),
+        ];
+        // `app_dns` was made without the pool (by an older spec, or before networks were
+        // labelled); `app_default` before networks were labelled, with no options: kept.
+        for stale in [
+            None,
+            Some(DesiredState::network_hash(&NetworkSpec {
+                options: NetworkOptions::default(),
+                ..pinned.clone()
+            })),
+        ] {
+            let view = EngineView {
+                containers: containers.clone(),
+                networks: vec![
+                    ObservedNetwork { name: "app_dns".into(), spec_hash: stale },
+                    ObservedNetwork { name: "app_default".into(), spec_hash: None },
+                ],
+                ..Default::default()
+            };
+            let plan = plan_containers(&state, "acme", &view).expect("plan");
+            assert_eq!(plan.recreate_networks, ["app_dns"]);
+            assert_eq!(plan.create_networks, ["app_dns"]);
+            assert_eq!(plan.detach, ["dns", "old"], "what sits on it, and what goes anyway");
+            assert!(plan.remove_containers.is_empty());
+            let needs: Vec<(&str, Need)> = plan.steps.iter().map(|s| (s.name.as_str(), s.need)).collect();
+            assert_eq!(needs, [("dns", Need::Create), ("web", Need::Keep)]);
+        }
+        let view = EngineView {
+            containers,
+            networks: vec![
+                ObservedNetwork {
+                    name: "app_dns".into(),
+                    spec_hash: Some(DesiredState::network_hash(&pinned)),
+                },
+                ObservedNetwork {
+                    name: "app_default".into(),
+                    spec_hash: Some(DesiredState::network_hash(&plain)),
+                },
+            ],
+            ..Default::default()
+        };
+        let plan = plan_containers(&state, "acme", &view).expect("plan");
+        assert!(
+            plan.recreate_networks.is_empty() && plan.detach.is_empty() && plan.create_networks.is_empty()
+        );
     }
 
     #[test]

@@ -61,7 +61,8 @@ use tokio::net::UnixStream;
 use fleet_spec::model::{ContainerOptions, ContainerSpec, ImageRef, MountSource, NetworkSpec, VolumeSpec};
 
 use super::{
-    Engine, EngineError, EngineEvent, Health, ObservedContainer, RegistryAuth, LABEL_FLEET, LABEL_MANAGED,
+    Engine, EngineError, EngineEvent, Health, ObservedContainer, ObservedNetwork, RegistryAuth, LABEL_FLEET,
+    LABEL_MANAGED, LABEL_SPEC_HASH,
 };
 
 /// The API version every request names; dockerd ≥ 20.10 and podman ≥ 3 serve it.
@@ -510,7 +511,7 @@ impl Engine for DockerEngine {
             for attachment in spec.networks.iter().skip(1) {
                 let body = json!({
                     "Container": id,
-                    "EndpointConfig": { "Aliases": attachment.aliases },
+                    "EndpointConfig": endpoint_config(spec, &attachment.network, &attachment.aliases),
                 });
                 let path = format!("/networks/{}/connect", enc(&attachment.network));
                 let result = self.call("connect network", Method::POST, &path, Some(&body)).await;
@@ -568,13 +569,30 @@ impl Engine for DockerEngine {
         Ok(observed.labels.get(LABEL_MANAGED).is_some_and(|v| v == "true").then_some(observed))
     }
 
-    async fn list_managed_networks(&self, fleet: &str) -> Result<Vec<String>, EngineError> {
+    async fn list_managed_networks(&self, fleet: &str) -> Result<Vec<ObservedNetwork>, EngineError> {
         let path = format!("/networks?filters={}", enc(&managed_filter()));
         let reply = self.call("list networks", Method::GET, &path, None).await?;
         if !reply.status.is_success() {
             return Err(reply.api_error("list networks", "/networks"));
         }
-        Ok(names_with_managed_label(reply.json("list networks")?.as_array(), fleet))
+        let listed = reply.json("list networks")?;
+        let items = listed.as_array();
+        let hash_of = |name: &str| {
+            items
+                .into_iter()
+                .flatten()
+                .find(|n| n.get("Name").and_then(Value::as_str) == Some(name))
+                .and_then(|n| {
+                    n.get("Labels")
+                        .and_then(|l| l.get(LABEL_SPEC_HASH))
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+        };
+        Ok(names_with_managed_label(items, fleet)
+            .into_iter()
+            .map(|name| ObservedNetwork { spec_hash: hash_of(&name), name })
+            .collect())
     }
 
     async fn create_network(
@@ -582,13 +600,7 @@ impl Engine for DockerEngine {
         spec: &NetworkSpec,
         labels: &BTreeMap<String, String>,
     ) -> Result<(), EngineError> {
-        let body = json!({
-            "Name": spec.name,
-            "CheckDuplicate": true,
-            "Driver": "bridge",
-            "Internal": spec.internal,
-            "Labels": merged_labels(&spec.labels, labels),
-        });
+        let body = network_body(spec, labels);
         let reply = self.call("create network", Method::POST, "/networks/create", Some(&body)).await?;
         if reply.status.is_success() {
             return Ok(());
@@ -1202,7 +1214,7 @@ fn create_body(spec: &ContainerSpec, labels: &BTreeMap<String, String>) -> Value
         host.insert("NetworkMode".into(), json!(mode));
     } else if let Some(first) = spec.networks.first() {
         host.insert("NetworkMode".into(), json!(first.network));
-        let mut endpoint = json!({ "Aliases": first.aliases });
+        let mut endpoint = endpoint_config(spec, &first.network, &first.aliases);
         // Docker API 1.41 reads `Config.MacAddress`; podman and newer APIs the endpoint's.
         if let Some(mac) = &spec.options.mac_address {
             endpoint["MacAddress"] = json!(mac);
@@ -1211,6 +1223,61 @@ fn create_body(spec: &ContainerSpec, labels: &BTreeMap<String, String>) -> Value
     }
     body["HostConfig"] = Value::Object(host);
     body
+}
+
+/// The body of `POST /networks/create` for `spec`.
+fn network_body(spec: &NetworkSpec, labels: &BTreeMap<String, String>) -> Value {
+    let o = &spec.options;
+    let mut body = json!({
+        "Name": spec.name,
+        "CheckDuplicate": true,
+        "Driver": "bridge",
+        "Internal": spec.internal,
+        "Labels": merged_labels(&spec.labels, labels),
+    });
+    if o.enable_ipv6 {
+        body["EnableIPv6"] = json!(true);
+    }
+    if !o.ipam.is_empty() {
+        let pools: Vec<Value> = o
+            .ipam
+            .iter()
+            .map(|p| {
+                let mut pool = json!({ "Subnet": p.subnet });
+                if let Some(range) = &p.ip_range {
+                    pool["IPRange"] = json!(range);
+                }
+                if let Some(gateway) = &p.gateway {
+                    pool["Gateway"] = json!(gateway);
+                }
+                if !p.aux_addresses.is_empty() {
+                    pool["AuxiliaryAddresses"] = json!(p.aux_addresses);
+                }
+                pool
+            })
+            .collect();
+        body["IPAM"] = json!({ "Driver": "default", "Config": pools });
+    }
+    if !o.driver_opts.is_empty() {
+        body["Options"] = json!(o.driver_opts);
+    }
+    body
+}
+
+/// The endpoint settings of `spec` on `network`: aliases and static addresses.
+fn endpoint_config(spec: &ContainerSpec, network: &str, aliases: &[String]) -> Value {
+    let mut endpoint = json!({ "Aliases": aliases });
+    if let Some(a) = spec.options.addresses.get(network) {
+        let mut ipam = Map::new();
+        if let Some(v4) = &a.ipv4 {
+            ipam.insert("IPv4Address".into(), json!(v4));
+        }
+        if let Some(v6) = &a.ipv6 {
+            ipam.insert("IPv6Address".into(), json!(v6));
+        }
+        endpoint["IPAMConfig"] = Value::Object(ipam);
+    }
+    endpoint
 }
 
 /// `ContainerSpec::options` into the create body: each setting only when set, so the

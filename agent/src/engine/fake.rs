@@ -18,7 +18,10 @@ use std::time::Duration;
 
 use fleet_spec::model::{ContainerSpec, ImageRef, MountSource, NetworkSpec, VolumeSpec};
 
-use super::{Engine, EngineError, EngineEvent, Health, ObservedContainer, RegistryAuth, LABEL_MANAGED};
+use super::{
+    Engine, EngineError, EngineEvent, Health, ObservedContainer, ObservedNetwork, RegistryAuth,
+    LABEL_MANAGED, LABEL_SPEC_HASH,
+};
 
 /// One call the fake received, in order (see [`FakeEngine::calls`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -485,13 +488,16 @@ impl Engine for FakeEngine {
         Ok(state.containers.get(name).filter(|c| c.is_managed()).map(FakeContainer::observed))
     }
 
-    async fn list_managed_networks(&self, fleet: &str) -> Result<Vec<String>, EngineError> {
+    async fn list_managed_networks(&self, fleet: &str) -> Result<Vec<ObservedNetwork>, EngineError> {
         let state = self.enter(Call::ListNetworks)?;
         Ok(state
             .networks
             .iter()
             .filter(|(_, labels)| is_managed(labels) && of_fleet(labels, fleet))
-            .map(|(name, _)| name.clone())
+            .map(|(name, labels)| ObservedNetwork {
+                name: name.clone(),
+                spec_hash: labels.get(LABEL_SPEC_HASH).cloned(),
+            })
             .collect())
     }
 

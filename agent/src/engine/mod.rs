@@ -26,6 +26,15 @@ pub const LABEL_APP: &str = "io.fleet.app";
 /// `DesiredState::container_hash` of the spec the container was created from.
 pub const LABEL_SPEC_HASH: &str = "io.fleet.spec-hash";
 
+/// A managed network as the engine reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObservedNetwork {
+    pub name: String,
+    /// `LABEL_SPEC_HASH`: what the network was created from (`None` before the agent
+    /// labelled networks).
+    pub spec_hash: Option<String>,
+}
+
 /// A managed container as the engine reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObservedContainer {
@@ -150,11 +159,15 @@ pub trait Engine {
     /// One managed container by name, `None` when it does not exist.
     fn inspect(&self, name: &str) -> impl Future<Output = Result<Option<ObservedContainer>, EngineError>>;
 
-    /// Names of networks with `LABEL_MANAGED=true`.
+    /// Networks with `LABEL_MANAGED=true`, by name.
     /// (Of fleet `fleet`: another fleet's objects on the same engine are never listed; an
     /// object without a fleet label counts as this fleet's, as for containers.)
-    fn list_managed_networks(&self, fleet: &str) -> impl Future<Output = Result<Vec<String>, EngineError>>;
-    /// Creates a bridge network (no error if it exists).
+    fn list_managed_networks(
+        &self,
+        fleet: &str,
+    ) -> impl Future<Output = Result<Vec<ObservedNetwork>, EngineError>>;
+    /// Creates a bridge network with the spec's IPAM pools, IPv6 and driver options (no
+    /// error if it exists).
     fn create_network(
         &self,
         spec: &NetworkSpec,

@@ -119,7 +119,8 @@ pub fn translate(
     vars: &dyn VarLookup,
     lenient: bool,
 ) -> (Translated, Vec<Diagnostic>) {
-    let mut t = Translator { ctx, vars, lenient, diags: Vec::new(), tainted: HashSet::new() };
+    let mut t =
+        Translator { ctx, vars, lenient, diags: Vec::new(), tainted: HashSet::new(), pools: BTreeMap::new() };
     let out = t.run(file);
     (out, t.diags)
 }
@@ -131,6 +132,8 @@ pub(super) struct Translator<'a, 'b> {
     diags: Vec<Diagnostic>,
     /// Places whose values used a variable that is not set: no further errors there.
     tainted: HashSet<Pos>,
+    /// The IPAM pools of each network (by engine name), for static addresses.
+    pools: BTreeMap<String, Vec<fleet_spec::model::IpamPool>>,
 }
 
 #[cfg(test)]
@@ -142,9 +145,17 @@ mod tests {
     /// Parses and translates `yaml` as app `shop` for a device with the variables of
     /// [`vars`]; returns the containers and every diagnostic as `line:column: message`.
     fn check(yaml: &str) -> (Vec<ContainerSpec>, Vec<String>) {
+        let (t, diags) = check_full(yaml);
+        (t.containers, diags)
+    }
+
+    fn check_full(yaml: &str) -> (Translated, Vec<String>) {
         let file = match parse_file("compose.yaml", yaml) {
             Ok(f) => f,
-            Err(d) => return (Vec::new(), vec![format!("{}:{}: {}", d.line, d.column, d.message)]),
+            Err(d) => {
+                let empty = Translated { containers: vec![], networks: vec![], volumes: vec![] };
+                return (empty, vec![format!("{}:{}: {}", d.line, d.column, d.message)]);
+            }
         };
         let targets = BTreeMap::new();
         let env_files = BTreeMap::from([(
@@ -159,7 +170,7 @@ mod tests {
             env_files: &env_files,
         };
         let (t, diags) = translate(&file, &ctx, &vars, false);
-        (t.containers, diags.iter().map(|d| format!("{}:{}: {}", d.line, d.column, d.message)).collect())
+        (t, diags.iter().map(|d| format!("{}:{}: {}", d.line, d.column, d.message)).collect())
     }
 
     fn ok(yaml: &str) -> ContainerSpec {
@@ -472,6 +483,79 @@ services:
         has(&diags, "5:15: platform `arm64` must be `os/arch[/variant]`");
         let (_, diags) = check("services:\n  web:\n    image: nginx\n    pull_policy: daily\n");
         has(&diags, "pull_policy `daily` is not supported: use `missing`");
+    }
+
+    #[test]
+    fn ipam_static_addresses_and_priority_are_translated() {
+        // The shape of awesome-compose's pihole-cloudflared-DoH: a fixed DNS chain.
+        let (t, diags) = check_full(
+            "services:
+  web:
+    image: pihole
+    networks:
+      front: {priority: 1}
+      dns: {ipv4_address: 172.28.0.10, priority: 10}
+  cloudflared:
+    image: cloudflared
+    networks:
+      dns:
+        ipv4_address: 172.28.0.11
+networks:
+  front: {}
+  dns:
+    enable_ipv6: true
+    driver_opts: {com.docker.network.driver.mtu: 1400}
+    ipam:
+      config:
+        - subnet: 172.28.0.0/24
+          ip_range: 172.28.0.128/25
+          gateway: 172.28.0.1
+          aux_addresses: {router: 172.28.0.2}
+",
+        );
+        assert!(diags.is_empty(), "{diags:#?}");
+        let dns = t.networks.iter().find(|n| n.name == "shop_dns").expect("dns network");
+        assert!(dns.options.enable_ipv6);
+        assert_eq!(dns.options.driver_opts["com.docker.network.driver.mtu"], "1400");
+        let pool = &dns.options.ipam[0];
+        assert_eq!(
+            (pool.subnet.as_str(), pool.ip_range.as_deref(), pool.gateway.as_deref()),
+            ("172.28.0.0/24", Some("172.28.0.128/25"), Some("172.28.0.1"))
+        );
+        assert_eq!(pool.aux_addresses["router"], "172.28.0.2");
+        let web = t.containers.iter().find(|c| c.name == "shop-web").expect("web");
+        let order: Vec<&str> = web.networks.iter().map(|n| n.network.as_str()).collect();
+        assert_eq!(order, ["shop_dns", "shop_front"], "the highest priority first");
+        assert_eq!(web.options.addresses["shop_dns"].ipv4.as_deref(), Some("172.28.0.10"));
+        assert!(!web.options.addresses.contains_key("shop_front"));
+    }
+
+    #[test]
+    fn static_addresses_outside_a_declared_subnet_are_errors_naming_the_network() {
+        let (_, diags) = check(
+            "services:
+  web:
+    image: nginx
+    networks:
+      back: {ipv4_address: 10.1.0.5}
+      dns: {ipv4_address: 10.9.9.9, ipv6_address: 10.0.0.1}
+networks:
+  back: {}
+  dns:
+    ipam:
+      driver: dhcp
+      config: [{subnet: 172.28.0.0/24, gateway: 10.0.0.1}, {subnet: nonsense}]
+",
+        );
+        has(
+            &diags,
+            "5:28: ipv4_address `10.1.0.5` is not inside a subnet of network `back`: declare one with `ipam:",
+        );
+        has(&diags, "6:27: ipv4_address `10.9.9.9` is not inside a subnet of network `dns`");
+        has(&diags, "6:51: ipv6_address `10.0.0.1` is not an IPv6 address");
+        has(&diags, "11:15: IPAM driver `dhcp` is not supported");
+        has(&diags, "gateway `10.0.0.1` is not an address inside the subnet `172.28.0.0/24`");
+        has(&diags, "subnet `nonsense` is not an address range");
     }
 
     #[test]

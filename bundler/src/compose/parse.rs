@@ -373,11 +373,11 @@ pub struct ServiceNetwork {
     #[serde(default)]
     pub aliases: Vec<Spanned<String>>,
     #[serde(default)]
-    pub ipv4_address: Option<Spanned<IgnoredAny>>,
+    pub ipv4_address: Option<Spanned<String>>,
     #[serde(default)]
-    pub ipv6_address: Option<Spanned<IgnoredAny>>,
+    pub ipv6_address: Option<Spanned<String>>,
     #[serde(default)]
-    pub priority: Option<IgnoredAny>,
+    pub priority: Option<Spanned<Scalar>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -483,13 +483,38 @@ pub struct NetworkDef {
     #[serde(default)]
     pub external: Option<Spanned<IgnoredAny>>,
     #[serde(default)]
-    pub ipam: Option<Spanned<IgnoredAny>>,
+    pub ipam: Option<Spanned<Ext<IpamDef>>>,
     #[serde(default)]
-    pub enable_ipv6: Option<Spanned<IgnoredAny>>,
+    pub enable_ipv6: Option<bool>,
     #[serde(default)]
-    pub driver_opts: Option<Spanned<IgnoredAny>>,
+    pub driver_opts: Option<Spanned<ListOrMap>>,
     #[serde(default)]
     pub attachable: Option<IgnoredAny>,
+}
+
+/// A network's `ipam:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpamDef {
+    #[serde(default)]
+    pub driver: Option<Spanned<String>>,
+    #[serde(default)]
+    pub config: Vec<Spanned<Ext<IpamPoolDef>>>,
+    #[serde(default)]
+    pub options: Option<Spanned<IgnoredAny>>,
+}
+
+/// One entry of `ipam.config`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpamPoolDef {
+    pub subnet: Spanned<String>,
+    #[serde(default)]
+    pub ip_range: Option<Spanned<String>>,
+    #[serde(default)]
+    pub gateway: Option<Spanned<String>>,
+    #[serde(default)]
+    pub aux_addresses: Option<Spanned<ListOrMap>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -1,17 +1,19 @@
 //! Translation of a parsed Compose file into container, network and volume specs.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 
 use fleet_spec::model::{
     ContainerOptions, ContainerSpec, Dependency, DependencyCondition, DeviceMapping, Healthcheck, ImageRef,
-    LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol, PullPolicy,
-    RestartPolicy, Ulimit, VolumeSpec,
+    IpamPool, LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol,
+    PullPolicy, RestartPolicy, StaticAddresses, Ulimit, VolumeSpec,
 };
 
 use super::dotenv::parse_env_file;
 use super::interpolate::{interpolate, InterpError};
 use super::parse::{
-    refusal, ComposeFile, Ext, HealthcheckDef, LoggingDef, PortLong, ScalarOrMap, Service, VolumeLong,
+    refusal, ComposeFile, Ext, HealthcheckDef, IpamDef, LoggingDef, PortLong, ScalarOrMap, Service,
+    VolumeLong,
 };
 use super::{env_file_path, Translated, Translator};
 use crate::diag::Diagnostic;
@@ -111,15 +113,12 @@ impl Translator<'_, '_> {
                 if let Some(x) = &d.external {
                     self.error(Pos::of(x), "`external:` networks are not supported: the agent creates and owns every network of an app");
                 }
-                for (what, v) in
-                    [("ipam", &d.ipam), ("enable_ipv6", &d.enable_ipv6), ("driver_opts", &d.driver_opts)]
-                {
-                    if let Some(v) = v {
-                        self.warning(
-                            Pos::of(v),
-                            format!("network `{what}:` is ignored: the engine assigns addresses"),
-                        );
-                    }
+                if let Some(ipam) = &d.ipam {
+                    spec.options.ipam = self.ipam(ipam);
+                }
+                spec.options.enable_ipv6 = d.enable_ipv6.unwrap_or(false);
+                if let Some(opts) = &d.driver_opts {
+                    spec.options.driver_opts = self.key_values(opts, "driver option", true);
                 }
                 spec.internal = d.internal;
                 if let Some(labels) = &d.labels {
@@ -131,6 +130,7 @@ impl Translator<'_, '_> {
         }
         let default_network =
             network_names.get("default").cloned().unwrap_or_else(|| format!("{app}_default"));
+        self.pools = networks.iter().map(|(name, n)| (name.clone(), n.options.ipam.clone())).collect();
 
         // Top-level volumes.
         let mut volumes: BTreeMap<String, VolumeSpec> = BTreeMap::new();
@@ -392,6 +392,7 @@ impl Translator<'_, '_> {
                     aliases: vec![service.to_string()],
                 }),
                 Some(nets) => {
+                    let mut attached = Vec::new();
                     for (net, settings) in &nets.0 {
                         let engine_name = if net.value == "default" {
                             default_network.to_string()
@@ -411,6 +412,7 @@ impl Translator<'_, '_> {
                             }
                         };
                         let mut aliases = vec![service.to_string()];
+                        let mut priority = 0;
                         if let Some(settings) = settings {
                             for a in &settings.aliases {
                                 let alias = self.s(a);
@@ -418,17 +420,35 @@ impl Translator<'_, '_> {
                                     aliases.push(alias);
                                 }
                             }
-                            for (what, v) in [
-                                ("ipv4_address", &settings.ipv4_address),
-                                ("ipv6_address", &settings.ipv6_address),
-                            ] {
-                                if let Some(v) = v {
-                                    self.warning(Pos::of(v), format!("`{what}:` is ignored: the engine assigns addresses; reach services by name"));
+                            let pools = self.pools.get(&engine_name).cloned().unwrap_or_default();
+                            let ipv4 = settings.ipv4_address.as_ref().and_then(|v| {
+                                self.static_address(v, "ipv4_address", true, &net.value, &pools)
+                            });
+                            let ipv6 = settings.ipv6_address.as_ref().and_then(|v| {
+                                self.static_address(v, "ipv6_address", false, &net.value, &pools)
+                            });
+                            if ipv4.is_some() || ipv6.is_some() {
+                                spec.options
+                                    .addresses
+                                    .insert(engine_name.clone(), StaticAddresses { ipv4, ipv6 });
+                            }
+                            if let Some(p) = &settings.priority {
+                                let text = self.scalar(p);
+                                match text.parse::<i64>() {
+                                    Ok(n) => priority = n,
+                                    Err(_) => self.error(
+                                        Pos::of(p),
+                                        format!("priority `{text}` is not a whole number"),
+                                    ),
                                 }
                             }
                         }
-                        spec.networks.push(NetworkAttachment { network: engine_name, aliases });
+                        attached.push((priority, NetworkAttachment { network: engine_name, aliases }));
                     }
+                    // The highest priority first: it is the network the container is
+                    // created on (its default route); ties keep the file's order.
+                    attached.sort_by_key(|(priority, _)| std::cmp::Reverse(*priority));
+                    spec.networks.extend(attached.into_iter().map(|(_, a)| a));
                 }
             }
         }
@@ -547,7 +567,8 @@ impl Translator<'_, '_> {
                 Err(msg) => self.error(Pos::of(c), msg),
             }
         }
-        spec.options = self.options(svc, container_names);
+        let addresses = std::mem::take(&mut spec.options.addresses);
+        spec.options = ContainerOptions { addresses, ..self.options(svc, container_names) };
         Some(spec)
     }
 
@@ -994,6 +1015,119 @@ impl Translator<'_, '_> {
     }
 
     /// `environment:`/`labels:` in list or map form.
+    /// A network's `ipam:`: the `default` driver's pools, each checked.
+    fn ipam(&mut self, ipam: &Spanned<Ext<IpamDef>>) -> Vec<IpamPool> {
+        let def = &ipam.value;
+        if let Some(driver) = &def.driver {
+            if driver.value != "default" {
+                self.error(
+                    Pos::of(driver),
+                    format!(
+                        "IPAM driver `{}` is not supported: devices use the engine's `default` driver",
+                        driver.value
+                    ),
+                );
+            }
+        }
+        if let Some(options) = &def.options {
+            self.error(
+                Pos::of(options),
+                "`ipam.options:` is not supported: the `default` IPAM driver takes none",
+            );
+        }
+        let mut pools = Vec::new();
+        for pool in &def.config {
+            let p = &pool.value;
+            let subnet = self.s(&p.subnet);
+            let Some(net) = Cidr::parse(&subnet) else {
+                self.error(
+                    Pos::of(&p.subnet),
+                    format!(
+                        "subnet `{subnet}` is not an address range: write it as CIDR, e.g. 172.28.0.0/16"
+                    ),
+                );
+                continue;
+            };
+            let mut out = IpamPool { subnet, ..Default::default() };
+            if let Some(range) = &p.ip_range {
+                let text = self.s(range);
+                match Cidr::parse(&text) {
+                    Some(r) if net.contains_range(&r) => out.ip_range = Some(text),
+                    Some(_) => self.error(
+                        Pos::of(range),
+                        format!("ip_range `{text}` is not inside the subnet `{}`", out.subnet),
+                    ),
+                    None => self.error(
+                        Pos::of(range),
+                        format!(
+                            "ip_range `{text}` is not an address range: write it as CIDR, e.g. 172.28.5.0/24"
+                        ),
+                    ),
+                }
+            }
+            if let Some(gateway) = &p.gateway {
+                let text = self.s(gateway);
+                match text.parse::<IpAddr>() {
+                    Ok(ip) if net.contains(ip) => out.gateway = Some(text),
+                    _ => self.error(
+                        Pos::of(gateway),
+                        format!("gateway `{text}` is not an address inside the subnet `{}`", out.subnet),
+                    ),
+                }
+            }
+            if let Some(aux) = &p.aux_addresses {
+                for (name, addr) in self.key_values(aux, "aux address", true) {
+                    match addr.parse::<IpAddr>() {
+                        Ok(ip) if net.contains(ip) => {
+                            out.aux_addresses.insert(name, addr);
+                        }
+                        _ => self.error(
+                            Pos::of(aux),
+                            format!(
+                                "aux address `{name}: {addr}` is not an address inside the subnet `{}`",
+                                out.subnet
+                            ),
+                        ),
+                    }
+                }
+            }
+            pools.push(out);
+        }
+        pools
+    }
+
+    /// `ipv4_address:` / `ipv6_address:` of a service on network `net`: an address of
+    /// that family inside one of the network's pools (the engines give a fixed address
+    /// only on a network whose subnet the user set).
+    fn static_address(
+        &mut self,
+        v: &Spanned<String>,
+        key: &str,
+        v4: bool,
+        net: &str,
+        pools: &[IpamPool],
+    ) -> Option<String> {
+        let text = self.s(v);
+        let ip = match text.parse::<IpAddr>() {
+            Ok(ip) if ip.is_ipv4() == v4 => ip,
+            _ => {
+                let family = if v4 { "an IPv4" } else { "an IPv6" };
+                self.error(Pos::of(v), format!("{key} `{text}` is not {family} address"));
+                return None;
+            }
+        };
+        if !pools.iter().filter_map(|p| Cidr::parse(&p.subnet)).any(|c| c.contains(ip)) {
+            self.error(
+                Pos::of(v),
+                format!(
+                    "{key} `{text}` is not inside a subnet of network `{net}`: declare one with `ipam: {{config: [{{subnet: ...}}]}}` under the top-level `networks: {net}:` (the engines give fixed addresses only on networks with a subnet set)"
+                ),
+            );
+            return None;
+        }
+        Some(text)
+    }
+
     fn key_values(
         &mut self,
         v: &Spanned<ListOrMap>,
@@ -1407,4 +1541,44 @@ pub fn parse_expose(text: &str) -> Result<Vec<String>, String> {
 fn spec_memory_missing(svc: &Service) -> bool {
     let limits = svc.deploy.as_ref().and_then(|d| d.value.resources.as_ref()).and_then(|r| r.limits.as_ref());
     svc.mem_limit.is_none() && limits.and_then(|l| l.memory.as_ref()).is_none()
+}
+
+/// An address range in CIDR notation (`172.28.0.0/16`, `fd00::/64`). Hand-written: the
+/// bundler needs only "is this address inside", not a crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cidr {
+    base: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    fn parse(text: &str) -> Option<Cidr> {
+        let (addr, prefix) = text.split_once('/')?;
+        let base: IpAddr = addr.parse().ok()?;
+        let prefix: u8 = prefix.parse().ok()?;
+        let max = if base.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then_some(Cidr { base, prefix })
+    }
+
+    /// The address as a number, and the bit width of its family.
+    fn bits(ip: IpAddr) -> (u128, u32) {
+        match ip {
+            IpAddr::V4(v4) => (u128::from(u32::from(v4)), 32),
+            IpAddr::V6(v6) => (u128::from(v6), 128),
+        }
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        let ((base, width), (ip, ip_width)) = (Self::bits(self.base), Self::bits(ip));
+        if width != ip_width {
+            return false;
+        }
+        let host_bits = width - u32::from(self.prefix);
+        let mask = if host_bits >= 128 { 0 } else { !0u128 << host_bits };
+        (base & mask) == (ip & mask)
+    }
+
+    fn contains_range(&self, other: &Cidr) -> bool {
+        other.prefix >= self.prefix && self.contains(other.base)
+    }
 }

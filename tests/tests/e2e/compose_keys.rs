@@ -46,6 +46,42 @@ services:
     )
 }
 
+/// An app whose resolver has a fixed address on a network with its own subnet (the shape
+/// of awesome-compose's pihole-cloudflared-DoH), and that network's `ip_range`.
+fn fixed_address_app(fleet: &FleetRepo, image: &str, subnet: &str, ip_range: &str) -> Result<()> {
+    fleet.write("apps/dns/app.yaml", "{}\n")?;
+    fleet.write(
+        "apps/dns/compose.yaml",
+        format!(
+            "services:
+  resolver:
+    image: {image}
+    command: [sh, -c, \"sleep 3600\"]
+    networks:
+      dns: {{ipv4_address: {subnet}.53, priority: 5}}
+      default: {{}}
+networks:
+  dns:
+    driver_opts: {{com.docker.network.driver.mtu: \"1400\"}}
+    ipam:
+      config:
+        - {{subnet: {subnet}.0/24, gateway: {subnet}.1, ip_range: {ip_range}}}
+"
+        ),
+    )
+}
+
+/// The resolver's address on `dns_dns`, and that network's id.
+fn fixed_address_state(engine: &TestEngine) -> Result<(String, String)> {
+    let resolver = engine.container("dns-resolver")?;
+    ensure!(resolver.running(), "dns-resolver is not running: {}", resolver.0["State"]);
+    let on_dns = &resolver.0["NetworkSettings"]["Networks"]["dns_dns"];
+    let ip = on_dns["IPAddress"].as_str().unwrap_or_default().to_string();
+    let network: Value = serde_json::from_str(&engine.docker(&["network", "inspect", "dns_dns"])?)?;
+    let id = network[0]["Id"].as_str().unwrap_or_default().to_string();
+    Ok((ip, id))
+}
+
 fn issue_17_example_runs(engine: &TestEngine, images: &Images) -> Result<()> {
     let broker = Mosquitto::start()?;
     let mut fleet = FleetRepo::new("acme")?;
@@ -57,6 +93,12 @@ fn issue_17_example_runs(engine: &TestEngine, images: &Images) -> Result<()> {
     let watch = fleet_e2e::DeviceWatch::of(&broker.client(), &device)?;
 
     issue_17_app(&fleet, engine, &images.tag(1), "10m")?;
+    // Both engines run at once on this host: a subnet each.
+    let subnet = match engine {
+        TestEngine::Dockerd(_) => "172.29.1",
+        TestEngine::Podman(_) => "172.29.2",
+    };
+    fixed_address_app(&fleet, &images.tag(1), subnet, &format!("{subnet}.128/25"))?;
     let c1 = fleet.commit("issue 17")?;
     fleet.build()?;
     device.start()?;
@@ -105,6 +147,23 @@ fn issue_17_example_runs(engine: &TestEngine, images: &Images) -> Result<()> {
         }
     }
 
+    // networks.<name>.ipv4_address on a network with ipam (subnet, gateway, ip_range).
+    let (ip, network_id) = fixed_address_state(engine)?;
+    ensure!(ip == format!("{subnet}.53"), "ipv4_address: {ip}");
+    let network: Value = serde_json::from_str(&engine.docker(&["network", "inspect", "dns_dns"])?)?;
+    let pool = &network[0]["IPAM"]["Config"][0];
+    ensure!(pool["Subnet"] == format!("{subnet}.0/24"), "ipam subnet: {pool}");
+    ensure!(pool["Gateway"] == format!("{subnet}.1"), "ipam gateway: {pool}");
+    // priority: the `dns` network (priority 5) is the one the container was created on
+    // (podman's compatible inspect says `bridge` for any network); both are joined.
+    let resolver = engine.container("dns-resolver")?;
+    let networks = &resolver.0["NetworkSettings"]["Networks"];
+    ensure!(networks.get("dns_default").is_some(), "not on dns_default: {networks}");
+    if matches!(engine, TestEngine::Dockerd(_)) {
+        let mode = &resolver.0["HostConfig"]["NetworkMode"];
+        ensure!(mode == "dns_dns", "priority: created on {mode}");
+    }
+
     // Changing one key (the log size) recreates the container.
     let before = web.id().to_string();
     issue_17_app(&fleet, engine, &images.tag(1), "20m")?;
@@ -112,6 +171,16 @@ fn issue_17_example_runs(engine: &TestEngine, images: &Images) -> Result<()> {
     let web = engine.container("web-web")?;
     ensure!(web.id() != before, "web-web was not recreated when its logging changed");
     ensure!(web.running(), "web-web is not running after the change");
+    let (_, same_network) = fixed_address_state(engine)?;
+    ensure!(same_network == network_id, "dns_dns was recreated although its spec did not change");
+
+    // Changing the network's ipam recreates the network, and its container, which keeps
+    // its fixed address.
+    fixed_address_app(&fleet, &images.tag(1), subnet, &format!("{subnet}.64/26"))?;
+    deploy(&mut fleet, &broker, &watch, &device, "narrower range")?;
+    let (ip, new_network) = fixed_address_state(engine)?;
+    ensure!(new_network != network_id, "dns_dns was not recreated when its ipam changed");
+    ensure!(ip == format!("{subnet}.53"), "ipv4_address after the network was recreated: {ip}");
     Ok(())
 }
 
