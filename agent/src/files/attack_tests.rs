@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -320,13 +320,16 @@ fn racing_symlink_swaps_never_change_anything_outside() {
         let s = Scene::new();
         let before = snapshot(&s.outside);
         let stop = Arc::new(AtomicBool::new(false));
+        let swapped = Arc::new(AtomicU64::new(0));
         let attacker = {
-            let (app, outside, stop) = (s.root.join("app"), s.outside.clone(), stop.clone());
+            let (app, outside, stop, swapped) =
+                (s.root.join("app"), s.outside.clone(), stop.clone(), swapped.clone());
             std::thread::spawn(move || {
                 let aside = app.with_extension("real");
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
+                    swapped.store(i, Ordering::Relaxed);
                     if fs::rename(&app, &aside).is_ok() {
                         let _ = symlink(&outside, &app);
                         std::thread::yield_now();
@@ -351,9 +354,14 @@ fn racing_symlink_swaps_never_change_anything_outside() {
                 i
             })
         };
-        let deadline = Instant::now() + Duration::from_millis(1200);
+        // At least 1.2 s, and on a loaded machine on until both sides did enough work
+        // (bounded: the counts are checked below).
+        let start = Instant::now();
         let mut ops = 0u32;
-        while Instant::now() < deadline {
+        let enough = |ops: u32| ops > 100 && swapped.load(Ordering::Relaxed) > 100;
+        while start.elapsed() < Duration::from_millis(1200)
+            || (!enough(ops) && start.elapsed() < Duration::from_secs(20))
+        {
             for n in 0..4 {
                 let path = s.path(&format!("app/f{n}"));
                 let _ = write_managed(&file(&path, b"agent", 0o4755, Some((4242, 4242))), &s.roots);
