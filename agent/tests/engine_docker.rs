@@ -27,9 +27,9 @@ use fleet_e2e::{
     wait_until, Dockerd, Engine as HarnessEngine, Podman,
 };
 use fleet_spec::model::{
-    ContainerOptions, ContainerSpec, DesiredState, DeviceMapping, Healthcheck, ImageRef, IpamPool, LogConfig,
-    Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol, RestartPolicy,
-    StaticAddresses, Ulimit, VolumeSpec,
+    BlkioConfig, ContainerOptions, ContainerSpec, DesiredState, DeviceMapping, Healthcheck, ImageRef,
+    IpamPool, LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol,
+    RestartPolicy, StaticAddresses, Ulimit, VolumeSpec,
 };
 use serde_json::{json, Value};
 
@@ -700,6 +700,13 @@ fn options_spec(lab: &Lab) -> ContainerSpec {
         cpu_quota_us: Some(50_000),
         cgroup_parent: Some("/fleet-test".into()),
         addresses: BTreeMap::new(),
+        blkio: BlkioConfig {
+            weight: Some(300),
+            device_read_bps: vec![(host_block_device(), 1 << 20)],
+            device_write_iops: vec![(host_block_device(), 100)],
+            ..Default::default()
+        },
+        storage_opt: BTreeMap::new(),
         pull_policy: None,
         // The test images are built here, for the host's platform.
         platform: Some(format!("linux/{}", host_arch())),
@@ -757,6 +764,28 @@ async fn options_scenario(lab: &Lab) {
     } else {
         let err = refused.expect_err("dockerd created an amd64 image's container for linux/s390x");
         assert!(err.to_string().contains("platform"), "{err}");
+    }
+    // storage_opt reaches the engine: overlay2 on this machine's ext4 refuses a size.
+    let sized = ContainerSpec {
+        name: "ft-sized".into(),
+        options: ContainerOptions {
+            storage_opt: BTreeMap::from([("size".into(), "1G".into())]),
+            ..Default::default()
+        },
+        ..spec.clone()
+    };
+    match engine.create(&sized, &labels()).await {
+        Err(e) => {
+            let text = e.to_string();
+            assert!(text.contains("storage") || text.contains("quota"), "{text}");
+        }
+        Ok(_) => {
+            // A storage driver that takes sizes: it must show in inspect.
+            let (_, inspected) = lab.raw("GET", "/containers/ft-sized/json", None);
+            let i: Value = serde_json::from_str(&inspected).expect("inspect JSON");
+            assert_eq!(i["HostConfig"]["StorageOpt"]["size"], "1G", "{}", i["HostConfig"]);
+            engine.remove("ft-sized", 1).await.expect("remove ft-sized");
+        }
     }
     engine.create(&spec, &labels()).await.expect("create ft-opts");
     engine.start("ft-opts").await.expect("start ft-opts");
@@ -840,6 +869,22 @@ async fn options_scenario(lab: &Lab) {
     check(&mut wrong, "HostConfig.CpuQuota", &host["CpuQuota"], json!(50_000));
     check(&mut wrong, "HostConfig.CgroupParent", &host["CgroupParent"], json!("/fleet-test"));
 
+    // blkio_config: the throttles (the weight needs a kernel I/O scheduler that supports
+    // it, which dockerd otherwise discards with a warning).
+    let device = host_block_device();
+    check(
+        &mut wrong,
+        "HostConfig.BlkioDeviceReadBps",
+        &host["BlkioDeviceReadBps"],
+        json!([{"Path": device, "Rate": 1 << 20}]),
+    );
+    check(
+        &mut wrong,
+        "HostConfig.BlkioDeviceWriteIOps",
+        &host["BlkioDeviceWriteIOps"],
+        json!([{"Path": device, "Rate": 100}]),
+    );
+    eprintln!("{}: BlkioWeight {}", lab.engine.name(), host["BlkioWeight"]);
     // networks.<name>.ipv4_address
     check(
         &mut wrong,
@@ -1079,6 +1124,19 @@ async fn a_cancelled_wait_for_events_keeps_the_subscription() {
     let waited = tokio::time::timeout(Duration::from_millis(100), engine.next_event()).await;
     assert!(waited.is_err(), "the stream stays open and quiet: {waited:?}");
     server.abort();
+}
+
+/// A block device of this machine (`/dev/vda`, `/dev/sda`, ...), for I/O throttles.
+fn host_block_device() -> String {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/block")
+        .expect("/sys/block")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("loop") && !n.starts_with("ram") && !n.starts_with("zram"))
+        .filter(|n| Path::new("/dev").join(n).exists())
+        .collect();
+    names.sort();
+    format!("/dev/{}", names.first().expect("a block device under /sys/block"))
 }
 
 /// The host's architecture as the engines name it.

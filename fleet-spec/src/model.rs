@@ -170,6 +170,26 @@ pub struct ContainerOptions {
     /// Static addresses per network (Compose `networks.<name>.ipv4_address` and
     /// `ipv6_address`), by network name.
     pub addresses: BTreeMap<String, StaticAddresses>,
+    /// Compose `blkio_config`: block I/O weight and per-device throttles.
+    pub blkio: BlkioConfig,
+    /// `HostConfig.StorageOpt` (Compose `storage_opt`, e.g. `size: 1G`): what the
+    /// engine's storage driver takes (overlay2 only on xfs with `pquota`).
+    pub storage_opt: BTreeMap<String, String>,
+}
+
+/// Block I/O settings (`HostConfig.BlkioWeight`, `BlkioWeightDevice`,
+/// `BlkioDevice{Read,Write}{Bps,IOps}`); device entries are host paths with a value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlkioConfig {
+    /// 10..=1000; `None`: the engine's default.
+    pub weight: Option<u16>,
+    pub weight_device: Vec<(String, u16)>,
+    /// Bytes per second.
+    pub device_read_bps: Vec<(String, u64)>,
+    pub device_write_bps: Vec<(String, u64)>,
+    /// Operations per second.
+    pub device_read_iops: Vec<(String, u64)>,
+    pub device_write_iops: Vec<(String, u64)>,
 }
 
 /// A container's fixed addresses on one network; the network's `ipam` must hold them.

@@ -1368,6 +1368,32 @@ fn insert_options(o: &ContainerOptions, config: &mut Map<String, Value>, host: &
     if let Some(parent) = &o.cgroup_parent {
         host.insert("CgroupParent".into(), json!(parent));
     }
+    let b = &o.blkio;
+    if let Some(weight) = b.weight {
+        host.insert("BlkioWeight".into(), json!(weight));
+    }
+    let devices = |list: &[(String, u16)]| -> Vec<Value> {
+        list.iter().map(|(path, weight)| json!({ "Path": path, "Weight": weight })).collect()
+    };
+    let rates = |list: &[(String, u64)]| -> Vec<Value> {
+        list.iter().map(|(path, rate)| json!({ "Path": path, "Rate": rate })).collect()
+    };
+    if !b.weight_device.is_empty() {
+        host.insert("BlkioWeightDevice".into(), json!(devices(&b.weight_device)));
+    }
+    for (key, list) in [
+        ("BlkioDeviceReadBps", &b.device_read_bps),
+        ("BlkioDeviceWriteBps", &b.device_write_bps),
+        ("BlkioDeviceReadIOps", &b.device_read_iops),
+        ("BlkioDeviceWriteIOps", &b.device_write_iops),
+    ] {
+        if !list.is_empty() {
+            host.insert(key.into(), json!(rates(list)));
+        }
+    }
+    if !o.storage_opt.is_empty() {
+        host.insert("StorageOpt".into(), json!(o.storage_opt));
+    }
 }
 
 /// `repo@sha256:..` → (`repo`, `sha256:..`); `host:5000/a/b:tag` → (`host:5000/a/b`,

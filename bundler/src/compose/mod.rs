@@ -559,6 +559,40 @@ networks:
     }
 
     #[test]
+    fn blkio_config_and_storage_opt_are_translated_and_bad_values_named() {
+        let c = ok("services:
+  web:
+    image: nginx
+    storage_opt: {size: 1G}
+    blkio_config:
+      weight: 300
+      weight_device: [{path: /dev/sda, weight: 400}]
+      device_read_bps: [{path: /dev/sda, rate: 12mb}]
+      device_write_iops: [{path: /dev/sdb, rate: 120}]
+");
+        let b = &c.options.blkio;
+        assert_eq!(b.weight, Some(300));
+        assert_eq!(b.weight_device, [("/dev/sda".to_string(), 400)]);
+        assert_eq!(b.device_read_bps, [("/dev/sda".to_string(), 12 << 20)]);
+        assert_eq!(b.device_write_iops, [("/dev/sdb".to_string(), 120)]);
+        assert_eq!(c.options.storage_opt["size"], "1G");
+        let (_, diags) = check(
+            "services:
+  web:
+    image: nginx
+    blkio_config:
+      weight: 5
+      device_read_bps: [{path: sda, rate: fast}]
+      device_write_iops: [{path: /dev/sdb}]
+",
+        );
+        has(&diags, "5:15: blkio weight `5` must be a whole number from 10 to 1000");
+        has(&diags, "6:32: blkio device `sda` must be a device path under /dev");
+        has(&diags, "6:43: rate `fast` is not a number of bytes per second");
+        has(&diags, "throttle entries need `path` and `rate`");
+    }
+
+    #[test]
     fn duplicate_keys_are_errors() {
         let (_, diags) = check("services:\n  web:\n    image: nginx\n    image: other\n");
         assert!(!diags.is_empty(), "a duplicate key in a service passed");

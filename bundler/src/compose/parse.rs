@@ -184,7 +184,7 @@ pub struct Service {
     #[serde(default)]
     pub attach: Refused,
     #[serde(default)]
-    pub blkio_config: Refused,
+    pub blkio_config: Option<Spanned<Ext<BlkioDef>>>,
     #[serde(default)]
     pub cgroup: Refused,
     #[serde(default)]
@@ -214,7 +214,7 @@ pub struct Service {
     #[serde(default)]
     pub pre_stop: Refused,
     #[serde(default)]
-    pub storage_opt: Refused,
+    pub storage_opt: Option<Spanned<ListOrMap>>,
     #[serde(default)]
     pub uts: Refused,
     #[serde(default)]
@@ -228,7 +228,7 @@ pub struct Service {
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 34] = [
+        let all: [(&'static str, &Refused); 32] = [
             ("build", &self.build),
             ("secrets", &self.secrets),
             ("configs", &self.configs),
@@ -243,7 +243,6 @@ impl Service {
             ("develop", &self.develop),
             ("annotations", &self.annotations),
             ("attach", &self.attach),
-            ("blkio_config", &self.blkio_config),
             ("cgroup", &self.cgroup),
             ("cpu_count", &self.cpu_count),
             ("cpu_percent", &self.cpu_percent),
@@ -258,7 +257,6 @@ impl Service {
             ("oom_kill_disable", &self.oom_kill_disable),
             ("post_start", &self.post_start),
             ("pre_stop", &self.pre_stop),
-            ("storage_opt", &self.storage_opt),
             ("uts", &self.uts),
             ("use_api_socket", &self.use_api_socket),
             ("provider", &self.provider),
@@ -540,6 +538,35 @@ pub struct LoggingDef {
     pub driver: Option<Spanned<String>>,
     #[serde(default)]
     pub options: Option<Spanned<ListOrMap>>,
+}
+
+/// `blkio_config:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlkioDef {
+    #[serde(default)]
+    pub weight: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub weight_device: Vec<Spanned<BlkioDevice>>,
+    #[serde(default)]
+    pub device_read_bps: Vec<Spanned<BlkioDevice>>,
+    #[serde(default)]
+    pub device_write_bps: Vec<Spanned<BlkioDevice>>,
+    #[serde(default)]
+    pub device_read_iops: Vec<Spanned<BlkioDevice>>,
+    #[serde(default)]
+    pub device_write_iops: Vec<Spanned<BlkioDevice>>,
+}
+
+/// One device entry of `blkio_config`: `{path, weight}` or `{path, rate}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlkioDevice {
+    pub path: Spanned<String>,
+    #[serde(default)]
+    pub weight: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub rate: Option<Spanned<Scalar>>,
 }
 
 /// The long form of one `ulimits:` entry.

@@ -4,15 +4,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use fleet_spec::model::{
-    ContainerOptions, ContainerSpec, Dependency, DependencyCondition, DeviceMapping, Healthcheck, ImageRef,
-    IpamPool, LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol,
-    PullPolicy, RestartPolicy, StaticAddresses, Ulimit, VolumeSpec,
+    BlkioConfig, ContainerOptions, ContainerSpec, Dependency, DependencyCondition, DeviceMapping,
+    Healthcheck, ImageRef, IpamPool, LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec,
+    PortMapping, Protocol, PullPolicy, RestartPolicy, StaticAddresses, Ulimit, VolumeSpec,
 };
 
 use super::dotenv::parse_env_file;
 use super::interpolate::{interpolate, InterpError};
 use super::parse::{
-    refusal, ComposeFile, Ext, HealthcheckDef, IpamDef, LoggingDef, PortLong, ScalarOrMap, Service,
+    refusal, BlkioDef, ComposeFile, Ext, HealthcheckDef, IpamDef, LoggingDef, PortLong, ScalarOrMap, Service,
     VolumeLong,
 };
 use super::{env_file_path, Translated, Translator};
@@ -855,6 +855,12 @@ impl Translator<'_, '_> {
                 }
             };
         }
+        if let Some(b) = &svc.blkio_config {
+            o.blkio = self.blkio(b);
+        }
+        if let Some(opts) = &svc.storage_opt {
+            o.storage_opt = self.key_values(opts, "storage option", true);
+        }
         if let Some(v) = &svc.platform {
             let text = self.s(v);
             let parts: Vec<&str> = text.split('/').collect();
@@ -1015,6 +1021,80 @@ impl Translator<'_, '_> {
     }
 
     /// `environment:`/`labels:` in list or map form.
+    /// `blkio_config:`: a weight of 10..=1000, device paths absolute, rates in bytes (with
+    /// k/m/g) or operations per second.
+    fn blkio(&mut self, b: &Spanned<Ext<BlkioDef>>) -> BlkioConfig {
+        let def = &b.value;
+        let mut out = BlkioConfig::default();
+        let weight = |t: &mut Self, v: &Spanned<Scalar>| -> Option<u16> {
+            let text = t.scalar(v);
+            match text.parse::<u16>() {
+                Ok(w) if (10..=1000).contains(&w) => Some(w),
+                _ => {
+                    t.error(
+                        Pos::of(v),
+                        format!("blkio weight `{text}` must be a whole number from 10 to 1000"),
+                    );
+                    None
+                }
+            }
+        };
+        if let Some(w) = &def.weight {
+            out.weight = weight(self, w);
+        }
+        for d in &def.weight_device {
+            let path = self.blkio_path(&d.value.path);
+            match &d.value.weight {
+                Some(w) => {
+                    if let (Some(path), Some(w)) = (path, weight(self, w)) {
+                        out.weight_device.push((path, w));
+                    }
+                }
+                None => self.error(Pos::of(d), "`weight_device` entries need `path` and `weight`"),
+            }
+        }
+        let lists = [
+            (&def.device_read_bps, &mut out.device_read_bps, true),
+            (&def.device_write_bps, &mut out.device_write_bps, true),
+            (&def.device_read_iops, &mut out.device_read_iops, false),
+            (&def.device_write_iops, &mut out.device_write_iops, false),
+        ];
+        for (entries, into, bytes) in lists {
+            for d in entries {
+                let path = self.blkio_path(&d.value.path);
+                let Some(rate) = &d.value.rate else {
+                    self.error(Pos::of(d), "throttle entries need `path` and `rate`");
+                    continue;
+                };
+                let text = self.scalar(rate);
+                let value = if bytes { parse_bytes(&text).ok() } else { text.parse::<u64>().ok() };
+                match (path, value) {
+                    (Some(path), Some(v)) => into.push((path, v)),
+                    (_, None) => {
+                        let unit = if bytes {
+                            "bytes per second (k, m, g allowed)"
+                        } else {
+                            "operations per second"
+                        };
+                        self.error(Pos::of(rate), format!("rate `{text}` is not a number of {unit}"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    fn blkio_path(&mut self, v: &Spanned<String>) -> Option<String> {
+        let path = self.s(v);
+        if path.starts_with("/dev/") {
+            Some(path)
+        } else {
+            self.error(Pos::of(v), format!("blkio device `{path}` must be a device path under /dev"));
+            None
+        }
+    }
+
     /// A network's `ipam:`: the `default` driver's pools, each checked.
     fn ipam(&mut self, ipam: &Spanned<Ext<IpamDef>>) -> Vec<IpamPool> {
         let def = &ipam.value;
