@@ -96,6 +96,9 @@ pub struct RawEngine {
     pub policy: Option<RawEnginePolicy>,
 }
 
+/// The host namespaces `engine.policy.host_namespaces` may name.
+pub const HOST_NAMESPACES: [&str; 5] = ["pid", "ipc", "uts", "userns", "cgroup"];
+
 /// `[engine.policy]`: what bundles may ask of the engine beyond the secure defaults.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,9 +108,9 @@ pub struct RawEnginePolicy {
     #[serde(default)]
     pub allow_host_network: bool,
     #[serde(default)]
-    pub allow_host_pid: bool,
+    pub host_namespaces: Vec<String>,
     #[serde(default)]
-    pub allow_host_ipc: bool,
+    pub device_cgroup_rules: Vec<String>,
     #[serde(default)]
     pub allow_unconfined: bool,
     #[serde(default)]
@@ -432,6 +435,22 @@ fn engine_policy(raw: RawEnginePolicy, base: &Path) -> Result<EnginePolicyConfig
     };
     let bind_roots = paths("bind_roots", raw.bind_roots)?;
     let devices = paths("devices", raw.devices)?;
+    for (i, ns) in raw.host_namespaces.iter().enumerate() {
+        if !HOST_NAMESPACES.contains(&ns.trim()) {
+            return Err(key_err(
+                format!("engine.policy.host_namespaces[{i}]"),
+                format!("{ns:?} is not one of {HOST_NAMESPACES:?} (the network's is `allow_host_network`)"),
+            ));
+        }
+    }
+    for (i, r) in raw.device_cgroup_rules.iter().enumerate() {
+        if !fleet_spec::policy::is_device_cgroup_rule(r) {
+            return Err(key_err(
+                format!("engine.policy.device_cgroup_rules[{i}]"),
+                format!("{r:?} is not a device cgroup rule like \"c 189:* rmw\" (type a, b or c; major:minor; r, w, m)"),
+            ));
+        }
+    }
     for (i, c) in raw.capabilities.iter().enumerate() {
         let name = c.trim();
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
@@ -454,8 +473,8 @@ fn engine_policy(raw: RawEnginePolicy, base: &Path) -> Result<EnginePolicyConfig
         policy: fleet_spec::policy::EnginePolicy {
             allow_privileged: raw.allow_privileged,
             allow_host_network: raw.allow_host_network,
-            allow_host_pid: raw.allow_host_pid,
-            allow_host_ipc: raw.allow_host_ipc,
+            host_namespaces: raw.host_namespaces,
+            device_cgroup_rules: raw.device_cgroup_rules,
             allow_unconfined: raw.allow_unconfined,
             allow_engine_socket: raw.allow_engine_socket,
             bind_roots,
@@ -731,6 +750,14 @@ mod tests {
                 "`engine.policy.registries[0]`",
             ),
             (minimal() + "[engine.policy]\nallow_everything = true\n", "allow_everything"),
+            (
+                minimal() + "[engine.policy]\nhost_namespaces = [\"net\"]\n",
+                "`engine.policy.host_namespaces[0]`",
+            ),
+            (
+                minimal() + "[engine.policy]\ndevice_cgroup_rules = [\"c 189 rmw\"]\n",
+                "`engine.policy.device_cgroup_rules[0]`",
+            ),
         ];
         for (text, key) in cases {
             let err = parse(&text).expect_err(key).to_string();
@@ -756,13 +783,17 @@ mod tests {
         let text = minimal()
             + "[engine.policy]\nallow_privileged = true\nallow_host_network = true\nallow_engine_socket = true\n"
             + "bind_roots = [\"/data\"]\ndevices = [\"/dev/ttyUSB0\"]\ncapabilities = [\"NET_ADMIN\"]\n"
-            + "registries = [\"ghcr.io/acme\"]\nrequire_digest = true\n";
+            + "registries = [\"ghcr.io/acme\"]\nrequire_digest = true\nallow_unconfined = true\n"
+            + "host_namespaces = [\"pid\", \"uts\"]\ndevice_cgroup_rules = [\"c 189:* rmw\"]\n";
         let p = parse(&text).expect("valid").engine_policy.policy;
         assert!(p.allow_privileged && p.allow_host_network && p.allow_engine_socket && p.require_digest);
         assert_eq!(p.bind_roots, ["/data"]);
         assert_eq!(p.devices, ["/dev/ttyUSB0"]);
         assert_eq!(p.capabilities, ["NET_ADMIN"]);
         assert_eq!(p.registries, ["ghcr.io/acme"]);
+        assert!(p.allow_unconfined);
+        assert_eq!(p.host_namespaces, ["pid", "uts"]);
+        assert_eq!(p.device_cgroup_rules, ["c 189:* rmw"]);
     }
 
     #[test]

@@ -658,6 +658,11 @@ fn options_spec(lab: &Lab) -> ContainerSpec {
         "! touch /rootfs-is-writable 2>/dev/null",
         "grep -q 02:42:ac:11:00:09 /sys/class/net/eth0/address",
     ];
+    let mut checks = checks.to_vec();
+    if !lab.is_podman() {
+        // cgroup: private: the container sees its own cgroup as the root.
+        checks.push("! grep -q -e docker -e fleet-test /proc/self/cgroup");
+    }
     // Check N failing exits with 10 + N.
     let script: String =
         checks.iter().enumerate().map(|(n, check)| format!("{check} || exit {}; ", 10 + n)).collect();
@@ -707,6 +712,18 @@ fn options_spec(lab: &Lab) -> ContainerSpec {
             ..Default::default()
         },
         storage_opt: BTreeMap::new(),
+        uts: None,
+        userns_mode: None,
+        // podman's compatible API does not apply these two: `create` refuses them there
+        // (checked in `options_scenario`).
+        cgroupns: (!lab.is_podman()).then(|| "private".into()),
+        device_cgroup_rules: if lab.is_podman() { vec![] } else { vec!["c 1:3 rmw".into()] },
+        mem_swappiness: Some(10),
+        oom_kill_disable: true,
+        // Real-time CPU time needs a kernel with CONFIG_RT_GROUP_SCHED.
+        cpu_rt_period_us: None,
+        cpu_rt_runtime_us: None,
+        runtime: Some("runc".into()),
         pull_policy: None,
         // The test images are built here, for the host's platform.
         platform: Some(format!("linux/{}", host_arch())),
@@ -764,6 +781,24 @@ async fn options_scenario(lab: &Lab) {
     } else {
         let err = refused.expect_err("dockerd created an amd64 image's container for linux/s390x");
         assert!(err.to_string().contains("platform"), "{err}");
+    }
+    // device_cgroup_rules, cgroup: podman would take them and not apply them; the
+    // adapter refuses.
+    if lab.is_podman() {
+        let ruled = ContainerSpec {
+            name: "ft-ruled".into(),
+            options: ContainerOptions { device_cgroup_rules: vec!["c 1:3 rmw".into()], ..Default::default() },
+            ..spec.clone()
+        };
+        let err = engine.create(&ruled, &labels()).await.expect_err("podman and device_cgroup_rules");
+        assert!(err.to_string().contains("device_cgroup_rules"), "{err}");
+        let private = ContainerSpec {
+            name: "ft-cgroupns".into(),
+            options: ContainerOptions { cgroupns: Some("private".into()), ..Default::default() },
+            ..spec.clone()
+        };
+        let err = engine.create(&private, &labels()).await.expect_err("podman and cgroup");
+        assert!(err.to_string().contains("cgroup"), "{err}");
     }
     // storage_opt reaches the engine: overlay2 on this machine's ext4 refuses a size.
     let sized = ContainerSpec {
@@ -885,6 +920,19 @@ async fn options_scenario(lab: &Lab) {
         json!([{"Path": device, "Rate": 100}]),
     );
     eprintln!("{}: BlkioWeight {}", lab.engine.name(), host["BlkioWeight"]);
+    // cgroup, device_cgroup_rules, mem_swappiness, oom_kill_disable, runtime
+    // (podman's compatible inspect does not name the runtime: its own inspect does.)
+    if lab.is_podman() {
+        let TestEngine::Podman(podman) = &lab.engine else { unreachable!() };
+        let runtime = podman.podman(&["inspect", "--format", "{{.OCIRuntime}}", "ft-opts"]).expect("inspect");
+        check(&mut wrong, "OCIRuntime", &json!(runtime.trim()), json!("runc"));
+    } else {
+        check(&mut wrong, "HostConfig.CgroupnsMode", &host["CgroupnsMode"], json!("private"));
+        check(&mut wrong, "HostConfig.DeviceCgroupRules", &host["DeviceCgroupRules"], json!(["c 1:3 rmw"]));
+        check(&mut wrong, "HostConfig.Runtime", &host["Runtime"], json!("runc"));
+    }
+    check(&mut wrong, "HostConfig.MemorySwappiness", &host["MemorySwappiness"], json!(10));
+    check(&mut wrong, "HostConfig.OomKillDisable", &host["OomKillDisable"], json!(true));
     // networks.<name>.ipv4_address
     check(
         &mut wrong,

@@ -36,9 +36,9 @@ pub struct PolicyFile {
     #[serde(default)]
     pub allow_host_network: Option<bool>,
     #[serde(default)]
-    pub allow_host_pid: Option<bool>,
+    pub host_namespaces: Option<Vec<Spanned<String>>>,
     #[serde(default)]
-    pub allow_host_ipc: Option<bool>,
+    pub device_cgroup_rules: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     pub allow_unconfined: Option<bool>,
     #[serde(default)]
@@ -61,8 +61,8 @@ pub struct Settings {
     pub allowed_roots: Option<Vec<String>>,
     pub allow_privileged: Option<bool>,
     pub allow_host_network: Option<bool>,
-    pub allow_host_pid: Option<bool>,
-    pub allow_host_ipc: Option<bool>,
+    pub host_namespaces: Option<Vec<String>>,
+    pub device_cgroup_rules: Option<Vec<String>>,
     pub allow_unconfined: Option<bool>,
     pub allow_engine_socket: Option<bool>,
     pub bind_roots: Option<Vec<String>>,
@@ -106,12 +106,38 @@ impl Settings {
         let names = |list: &Option<Vec<Spanned<String>>>| {
             list.as_ref().map(|l| l.iter().map(|s| s.value.trim().to_string()).collect::<Vec<_>>())
         };
+        let mut check =
+            |key: &str, list: &Option<Vec<Spanned<String>>>, ok: &dyn Fn(&str) -> bool, what: &str| {
+                for entry in list.iter().flatten() {
+                    if !ok(entry.value.trim()) {
+                        let at = Pos::of(entry);
+                        diags.push(Diagnostic::error(
+                            file,
+                            at.line,
+                            at.column,
+                            format!("policy.{key}: `{}` is not {what}", entry.value),
+                        ));
+                    }
+                }
+            };
+        check(
+            "host_namespaces",
+            &p.host_namespaces,
+            &|ns| ["pid", "ipc", "uts", "userns", "cgroup"].contains(&ns),
+            "one of pid, ipc, uts, userns, cgroup (the network's is `allow_host_network`)",
+        );
+        check(
+            "device_cgroup_rules",
+            &p.device_cgroup_rules,
+            &fleet_spec::policy::is_device_cgroup_rule,
+            "a device cgroup rule like `c 189:* rmw`",
+        );
         Settings {
             allowed_roots,
             allow_privileged: p.allow_privileged,
             allow_host_network: p.allow_host_network,
-            allow_host_pid: p.allow_host_pid,
-            allow_host_ipc: p.allow_host_ipc,
+            host_namespaces: names(&p.host_namespaces),
+            device_cgroup_rules: names(&p.device_cgroup_rules),
             allow_unconfined: p.allow_unconfined,
             allow_engine_socket: p.allow_engine_socket,
             bind_roots,
@@ -132,8 +158,8 @@ impl Settings {
             allowed_roots: pick(&self.allowed_roots, &fleet.allowed_roots),
             allow_privileged: pick(&self.allow_privileged, &fleet.allow_privileged),
             allow_host_network: pick(&self.allow_host_network, &fleet.allow_host_network),
-            allow_host_pid: pick(&self.allow_host_pid, &fleet.allow_host_pid),
-            allow_host_ipc: pick(&self.allow_host_ipc, &fleet.allow_host_ipc),
+            host_namespaces: pick(&self.host_namespaces, &fleet.host_namespaces),
+            device_cgroup_rules: pick(&self.device_cgroup_rules, &fleet.device_cgroup_rules),
             allow_unconfined: pick(&self.allow_unconfined, &fleet.allow_unconfined),
             allow_engine_socket: pick(&self.allow_engine_socket, &fleet.allow_engine_socket),
             bind_roots: pick(&self.bind_roots, &fleet.bind_roots),
@@ -150,8 +176,8 @@ impl Settings {
         let policy = EnginePolicy {
             allow_privileged: self.allow_privileged.unwrap_or(false),
             allow_host_network: self.allow_host_network.unwrap_or(false),
-            allow_host_pid: self.allow_host_pid.unwrap_or(false),
-            allow_host_ipc: self.allow_host_ipc.unwrap_or(false),
+            host_namespaces: self.host_namespaces.clone().unwrap_or_default(),
+            device_cgroup_rules: self.device_cgroup_rules.clone().unwrap_or_default(),
             allow_unconfined: self.allow_unconfined.unwrap_or(false),
             allow_engine_socket: self.allow_engine_socket.unwrap_or(false),
             bind_roots: self.bind_roots.clone().unwrap_or_default(),

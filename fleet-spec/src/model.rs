@@ -175,6 +175,25 @@ pub struct ContainerOptions {
     /// `HostConfig.StorageOpt` (Compose `storage_opt`, e.g. `size: 1G`): what the
     /// engine's storage driver takes (overlay2 only on xfs with `pquota`).
     pub storage_opt: BTreeMap<String, String>,
+    /// `HostConfig.UTSMode` (`host`: the host's name). *Host access*.
+    pub uts: Option<String>,
+    /// `HostConfig.UsernsMode` (`host`: no remapping). *Host access*.
+    pub userns_mode: Option<String>,
+    /// `HostConfig.CgroupnsMode` (Compose `cgroup`: `host` or `private`). *Host access*
+    /// for `host`.
+    pub cgroupns: Option<String>,
+    /// `HostConfig.DeviceCgroupRules` (`c 189:* rmw`). *Host access*: device nodes.
+    pub device_cgroup_rules: Vec<String>,
+    /// `HostConfig.MemorySwappiness` (0..=100).
+    pub mem_swappiness: Option<u8>,
+    /// `HostConfig.OomKillDisable`.
+    pub oom_kill_disable: bool,
+    /// `HostConfig.CpuRealtimePeriod` / `CpuRealtimeRuntime` in microseconds.
+    pub cpu_rt_period_us: Option<u64>,
+    pub cpu_rt_runtime_us: Option<i64>,
+    /// `HostConfig.Runtime` (an OCI runtime the engine is configured with: `runc`,
+    /// `crun`, `nvidia`, ...).
+    pub runtime: Option<String>,
 }
 
 /// Block I/O settings (`HostConfig.BlkioWeight`, `BlkioWeightDevice`,
@@ -636,6 +655,23 @@ mod tests {
             ("cpu_period", |o| o.cpu_period_us = Some(100_000)),
             ("cpu_quota", |o| o.cpu_quota_us = Some(50_000)),
             ("cgroup_parent", |o| o.cgroup_parent = Some("fleet".into())),
+            ("pull_policy", |o| o.pull_policy = Some(PullPolicy::Never)),
+            ("platform", |o| o.platform = Some("linux/arm64".into())),
+            ("ipv4_address", |o| {
+                o.addresses =
+                    [("n".to_string(), StaticAddresses { ipv4: Some("10.0.0.2".into()), ipv6: None })].into()
+            }),
+            ("blkio_config", |o| o.blkio.weight = Some(300)),
+            ("storage_opt", |o| o.storage_opt = [("size".to_string(), "1G".to_string())].into()),
+            ("uts", |o| o.uts = Some("host".into())),
+            ("userns_mode", |o| o.userns_mode = Some("host".into())),
+            ("cgroup", |o| o.cgroupns = Some("private".into())),
+            ("device_cgroup_rules", |o| o.device_cgroup_rules = vec!["c 1:3 rmw".into()]),
+            ("mem_swappiness", |o| o.mem_swappiness = Some(10)),
+            ("oom_kill_disable", |o| o.oom_kill_disable = true),
+            ("cpu_rt_period", |o| o.cpu_rt_period_us = Some(1_000_000)),
+            ("cpu_rt_runtime", |o| o.cpu_rt_runtime_us = Some(950_000)),
+            ("runtime", |o| o.runtime = Some("crun".into())),
         ];
         let mut seen = std::collections::BTreeSet::from([h0]);
         for (key, set) in variants {

@@ -29,10 +29,13 @@ pub struct EnginePolicy {
     pub allow_privileged: bool,
     /// `network_mode: host` (the host's network namespace).
     pub allow_host_network: bool,
-    /// `pid: host` (the host's process namespace: see and signal every process).
-    pub allow_host_pid: bool,
-    /// `ipc: host` (the host's shared memory and semaphores).
-    pub allow_host_ipc: bool,
+    /// Host namespaces besides the network's that containers may join: `pid` (see and
+    /// signal every process), `ipc` (shared memory), `uts` (the host name), `userns`
+    /// (no user namespace remapping), `cgroup` (the host's cgroup tree).
+    pub host_namespaces: Vec<String>,
+    /// Device cgroup rules containers may add (`c 189:* rmw`), compared as written
+    /// (spaces normalized).
+    pub device_cgroup_rules: Vec<String>,
     /// Options that lift the engine's confinement short of `privileged`:
     /// `security_opt` `seccomp=unconfined`, `apparmor=unconfined`, `label=disable`,
     /// `systempaths=unconfined`, and a `cgroup_parent` of the bundle's choosing.
@@ -93,8 +96,8 @@ pub enum Opening {
 pub enum Rule {
     Privileged,
     HostNetwork,
-    HostPid,
-    HostIpc,
+    HostNamespace,
+    DeviceCgroupRule,
     Unconfined,
     NetworkMode,
     Network,
@@ -282,16 +285,21 @@ fn check_container(
 
     // The other host namespaces, and joining another container's, live in the options.
     let o = &c.options;
-    for (key, mode, rule, allow) in [
-        ("pid", &o.pid, Rule::HostPid, (policy.allow_host_pid, "allow_host_pid")),
-        ("ipc", &o.ipc, Rule::HostIpc, (policy.allow_host_ipc, "allow_host_ipc")),
+    let host_allowed = |ns: &str| policy.host_namespaces.iter().any(|n| n.trim() == ns);
+    let rule = Rule::HostNamespace;
+    for (key, ns, mode) in [
+        ("pid", "pid", &o.pid),
+        ("ipc", "ipc", &o.ipc),
+        ("uts", "uts", &o.uts),
+        ("userns_mode", "userns", &o.userns_mode),
+        ("cgroup", "cgroup", &o.cgroupns),
     ] {
         let Some(mode) = mode else { continue };
         match mode.as_str() {
-            "host" if !allow.0 => {
-                deny(rule, format!("{key}: host"), Opening::Set { key: allow.1, value: "true" })
+            "host" if !host_allowed(ns) => {
+                deny(rule, format!("{key}: host"), Opening::Add { key: "host_namespaces", entry: ns.into() })
             }
-            "host" | "private" | "shareable" | "none" => {}
+            "host" | "private" | "shareable" | "none" | "" => {}
             other => match other.strip_prefix("container:") {
                 Some(name) if containers.contains(name) => {}
                 Some(_) => deny(
@@ -307,6 +315,16 @@ fn check_container(
                     Opening::Never("must be host, private, shareable, none or container:<name>"),
                 ),
             },
+        }
+    }
+    for r in &o.device_cgroup_rules {
+        let normal = normalize_rule(r);
+        if !policy.device_cgroup_rules.iter().any(|allowed| normalize_rule(allowed) == normal) {
+            deny(
+                Rule::DeviceCgroupRule,
+                format!("device_cgroup_rules: {r}"),
+                Opening::Add { key: "device_cgroup_rules", entry: normal },
+            );
         }
     }
     if !policy.allow_unconfined {
@@ -441,6 +459,26 @@ fn check_container(
             Opening::Set { key: "require_digest", value: "false" },
         );
     }
+}
+
+/// `TYPE MAJOR:MINOR ACCESS`: `a`, `b` or `c`; numbers or `*`; some of `rwm`.
+pub fn is_device_cgroup_rule(rule: &str) -> bool {
+    let parts: Vec<&str> = rule.split_whitespace().collect();
+    let number = |n: &str| n == "*" || (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    match parts[..] {
+        [kind, numbers, access] => {
+            matches!(kind, "a" | "b" | "c")
+                && numbers.split_once(':').is_some_and(|(major, minor)| number(major) && number(minor))
+                && !access.is_empty()
+                && access.bytes().all(|b| matches!(b, b'r' | b'w' | b'm'))
+        }
+        _ => false,
+    }
+}
+
+/// A device cgroup rule with single spaces (`c 189:* rmw`).
+pub fn normalize_rule(rule: &str) -> String {
+    rule.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Whether a `security_opt` entry turns a confinement off. Docker reads `key=value` and
@@ -702,22 +740,36 @@ mod tests {
         c
     }
 
+    fn namespaces(list: &[&str]) -> EnginePolicy {
+        EnginePolicy { host_namespaces: list.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+    }
+
     #[test]
-    fn host_pid_and_ipc_are_denied_by_default_and_allowed_by_their_keys() {
+    fn host_namespaces_are_denied_by_default_and_allowed_one_by_one() {
         let pid = with_options(|o| o.pid = Some("host".into()));
         let v = violations(&EnginePolicy::default(), pid.clone());
-        assert_eq!(v.iter().map(|v| v.rule).collect::<Vec<_>>(), [Rule::HostPid]);
+        assert_eq!(v.iter().map(|v| v.rule).collect::<Vec<_>>(), [Rule::HostNamespace]);
         assert!(v[0].to_string().contains("`pid: host`"), "{}", v[0]);
-        assert!(v[0].to_string().contains("engine.policy.allow_host_pid = true"), "{}", v[0]);
-        assert!(violations(&EnginePolicy { allow_host_pid: true, ..Default::default() }, pid).is_empty());
-        let ipc = with_options(|o| o.ipc = Some("host".into()));
-        assert_eq!(rules(&EnginePolicy::default(), ipc.clone()), [Rule::HostIpc]);
-        assert!(violations(&EnginePolicy { allow_host_ipc: true, ..Default::default() }, ipc).is_empty());
+        assert!(v[0].to_string().contains("adding \"pid\" to `engine.policy.host_namespaces`"), "{}", v[0]);
+        assert!(violations(&namespaces(&["pid"]), pid.clone()).is_empty());
+        assert_eq!(rules(&namespaces(&["ipc"]), pid), [Rule::HostNamespace], "ipc does not open pid");
+        type Set = fn(&mut ContainerOptions);
+        let each: [(&str, Set); 4] = [
+            ("ipc", |o| o.ipc = Some("host".into())),
+            ("uts", |o| o.uts = Some("host".into())),
+            ("userns", |o| o.userns_mode = Some("host".into())),
+            ("cgroup", |o| o.cgroupns = Some("host".into())),
+        ];
+        for (ns, set) in each {
+            let c = with_options(set);
+            assert_eq!(rules(&EnginePolicy::default(), c.clone()), [Rule::HostNamespace], "{ns}");
+            assert!(violations(&namespaces(&[ns]), c).is_empty(), "{ns}");
+        }
         for fine in ["private", "shareable", "container:shop-web"] {
             let c = with_options(|o| o.ipc = Some(fine.into()));
             assert!(rules(&EnginePolicy::default(), c).is_empty(), "ipc: {fine}");
         }
-        let open = EnginePolicy { allow_host_pid: true, allow_host_ipc: true, ..Default::default() };
+        let open = namespaces(&["pid", "ipc"]);
         for (key, bad) in [("pid", "container:vpn"), ("ipc", "container:vpn"), ("pid", "ns:/proc/1/ns/pid")] {
             let c = with_options(|o| match key {
                 "pid" => o.pid = Some(bad.into()),
@@ -725,6 +777,22 @@ mod tests {
             });
             assert_eq!(violations(&open, c).len(), 1, "{key}: {bad} is never allowed");
         }
+    }
+
+    #[test]
+    fn device_cgroup_rules_must_each_be_allowed_as_written() {
+        let c = with_options(|o| o.device_cgroup_rules = vec!["c  189:*   rmw".into()]);
+        let v = violations(&EnginePolicy::default(), c.clone());
+        assert_eq!(v.iter().map(|v| v.rule).collect::<Vec<_>>(), [Rule::DeviceCgroupRule]);
+        assert!(
+            v[0].to_string().contains("adding \"c 189:* rmw\" to `engine.policy.device_cgroup_rules`"),
+            "{}",
+            v[0]
+        );
+        let open = EnginePolicy { device_cgroup_rules: vec!["c 189:* rmw".into()], ..Default::default() };
+        assert!(violations(&open, c).is_empty());
+        let other = with_options(|o| o.device_cgroup_rules = vec!["a *:* rwm".into()]);
+        assert_eq!(rules(&open, other), [Rule::DeviceCgroupRule], "one rule does not open another");
     }
 
     #[test]

@@ -484,6 +484,18 @@ impl Engine for DockerEngine {
         spec: &ContainerSpec,
         labels: &BTreeMap<String, String>,
     ) -> Result<String, EngineError> {
+        if let Some(key) = podman_ignores(spec) {
+            if matches!(self.flavor().await?, Flavor::Podman { .. }) {
+                // podman's compatible API (4.3) takes these and does not apply them:
+                // refuse rather than run the container without them.
+                return Err(EngineError::Api {
+                    op: "create",
+                    object: spec.name.clone(),
+                    status: 400,
+                    message: format!("podman's Docker-compatible API does not apply `{key}`: remove it for podman devices (for devices, use `devices:`)"),
+                });
+            }
+        }
         let body = create_body(spec, labels);
         let mut path = format!("/containers/create?name={}", enc(&spec.name));
         if let Some(platform) = &spec.options.platform {
@@ -1225,6 +1237,18 @@ fn create_body(spec: &ContainerSpec, labels: &BTreeMap<String, String>) -> Value
     body
 }
 
+/// A setting of `spec` that podman's Docker-compatible API (4.3) accepts and ignores.
+fn podman_ignores(spec: &ContainerSpec) -> Option<&'static str> {
+    let o = &spec.options;
+    if !o.device_cgroup_rules.is_empty() {
+        Some("device_cgroup_rules")
+    } else if o.cgroupns.is_some() {
+        Some("cgroup")
+    } else {
+        None
+    }
+}
+
 /// The body of `POST /networks/create` for `spec`.
 fn network_body(spec: &NetworkSpec, labels: &BTreeMap<String, String>) -> Value {
     let o = &spec.options;
@@ -1393,6 +1417,29 @@ fn insert_options(o: &ContainerOptions, config: &mut Map<String, Value>, host: &
     }
     if !o.storage_opt.is_empty() {
         host.insert("StorageOpt".into(), json!(o.storage_opt));
+    }
+    for (key, mode) in [("UTSMode", &o.uts), ("UsernsMode", &o.userns_mode), ("CgroupnsMode", &o.cgroupns)] {
+        if let Some(mode) = mode {
+            host.insert(key.into(), json!(mode));
+        }
+    }
+    if !o.device_cgroup_rules.is_empty() {
+        host.insert("DeviceCgroupRules".into(), json!(o.device_cgroup_rules));
+    }
+    if let Some(swappiness) = o.mem_swappiness {
+        host.insert("MemorySwappiness".into(), json!(swappiness));
+    }
+    if o.oom_kill_disable {
+        host.insert("OomKillDisable".into(), json!(true));
+    }
+    if let Some(us) = o.cpu_rt_period_us {
+        host.insert("CpuRealtimePeriod".into(), json!(us));
+    }
+    if let Some(us) = o.cpu_rt_runtime_us {
+        host.insert("CpuRealtimeRuntime".into(), json!(us));
+    }
+    if let Some(runtime) = &o.runtime {
+        host.insert("Runtime".into(), json!(runtime));
     }
 }
 

@@ -593,6 +593,44 @@ networks:
     }
 
     #[test]
+    fn namespaces_device_cgroup_rules_and_the_smaller_keys_are_translated() {
+        let c = ok("services:
+  web:
+    image: nginx
+    uts: host
+    userns_mode: host
+    cgroup: private
+    device_cgroup_rules: ['c  189:*  rmw']
+    mem_swappiness: 10
+    oom_kill_disable: true
+    cpu_rt_period: 1s
+    cpu_rt_runtime: 950ms
+    runtime: crun
+");
+        let o = &c.options;
+        assert_eq!((o.uts.as_deref(), o.userns_mode.as_deref()), (Some("host"), Some("host")));
+        assert_eq!(o.cgroupns.as_deref(), Some("private"));
+        assert_eq!(o.device_cgroup_rules, ["c 189:* rmw"]);
+        assert_eq!((o.mem_swappiness, o.oom_kill_disable), (Some(10), true));
+        assert_eq!((o.cpu_rt_period_us, o.cpu_rt_runtime_us), (Some(1_000_000), Some(950_000)));
+        assert_eq!(o.runtime.as_deref(), Some("crun"));
+        let (_, diags) = check(
+            "services:
+  web:
+    image: nginx
+    cgroup: shared
+    device_cgroup_rules: ['c 189 rmw']
+    mem_swappiness: 101
+    cpu_count: 2
+",
+        );
+        has(&diags, "4:13: cgroup `shared` must be `host` or `private`");
+        has(&diags, "5:27: device_cgroup_rules entry `c 189 rmw` is not a rule");
+        has(&diags, "6:21: mem_swappiness `101` must be a whole number from 0 to 100");
+        has(&diags, "`cpu_count:` is not supported: it is for Windows containers");
+    }
+
+    #[test]
     fn duplicate_keys_are_errors() {
         let (_, diags) = check("services:\n  web:\n    image: nginx\n    image: other\n");
         assert!(!diags.is_empty(), "a duplicate key in a service passed");

@@ -172,11 +172,11 @@ pub struct Service {
     #[serde(default)]
     pub domainname: Refused,
     #[serde(default)]
-    pub runtime: Refused,
+    pub runtime: Option<Spanned<String>>,
     #[serde(default)]
     pub scale: Refused,
     #[serde(default)]
-    pub userns_mode: Refused,
+    pub userns_mode: Option<Spanned<String>>,
     #[serde(default)]
     pub develop: Refused,
     #[serde(default)]
@@ -186,19 +186,19 @@ pub struct Service {
     #[serde(default)]
     pub blkio_config: Option<Spanned<Ext<BlkioDef>>>,
     #[serde(default)]
-    pub cgroup: Refused,
+    pub cgroup: Option<Spanned<String>>,
     #[serde(default)]
     pub cpu_count: Refused,
     #[serde(default)]
     pub cpu_percent: Refused,
     #[serde(default)]
-    pub cpu_rt_period: Refused,
+    pub cpu_rt_period: Option<Spanned<Scalar>>,
     #[serde(default)]
-    pub cpu_rt_runtime: Refused,
+    pub cpu_rt_runtime: Option<Spanned<Scalar>>,
     #[serde(default)]
     pub credential_spec: Refused,
     #[serde(default)]
-    pub device_cgroup_rules: Refused,
+    pub device_cgroup_rules: Vec<Spanned<String>>,
     #[serde(default)]
     pub gpus: Refused,
     #[serde(default)]
@@ -206,9 +206,9 @@ pub struct Service {
     #[serde(default)]
     pub label_file: Refused,
     #[serde(default)]
-    pub mem_swappiness: Refused,
+    pub mem_swappiness: Option<Spanned<Scalar>>,
     #[serde(default)]
-    pub oom_kill_disable: Refused,
+    pub oom_kill_disable: Option<bool>,
     #[serde(default)]
     pub post_start: Refused,
     #[serde(default)]
@@ -216,7 +216,7 @@ pub struct Service {
     #[serde(default)]
     pub storage_opt: Option<Spanned<ListOrMap>>,
     #[serde(default)]
-    pub uts: Refused,
+    pub uts: Option<Spanned<String>>,
     #[serde(default)]
     pub use_api_socket: Refused,
     #[serde(default)]
@@ -228,7 +228,7 @@ pub struct Service {
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 32] = [
+        let all: [(&'static str, &Refused); 23] = [
             ("build", &self.build),
             ("secrets", &self.secrets),
             ("configs", &self.configs),
@@ -237,27 +237,18 @@ impl Service {
             ("external_links", &self.external_links),
             ("volumes_from", &self.volumes_from),
             ("domainname", &self.domainname),
-            ("runtime", &self.runtime),
             ("scale", &self.scale),
-            ("userns_mode", &self.userns_mode),
             ("develop", &self.develop),
             ("annotations", &self.annotations),
             ("attach", &self.attach),
-            ("cgroup", &self.cgroup),
             ("cpu_count", &self.cpu_count),
             ("cpu_percent", &self.cpu_percent),
-            ("cpu_rt_period", &self.cpu_rt_period),
-            ("cpu_rt_runtime", &self.cpu_rt_runtime),
             ("credential_spec", &self.credential_spec),
-            ("device_cgroup_rules", &self.device_cgroup_rules),
             ("gpus", &self.gpus),
             ("isolation", &self.isolation),
             ("label_file", &self.label_file),
-            ("mem_swappiness", &self.mem_swappiness),
-            ("oom_kill_disable", &self.oom_kill_disable),
             ("post_start", &self.post_start),
             ("pre_stop", &self.pre_stop),
-            ("uts", &self.uts),
             ("use_api_socket", &self.use_api_socket),
             ("provider", &self.provider),
             ("models", &self.models),
@@ -278,8 +269,7 @@ pub(super) fn refusal(key: &str) -> String {
         "volumes_from" => "mount the same named volume in both services",
         "scale" => "a device runs one container per service",
         "domainname" => "podman's Docker-compatible API ignores it; use `hostname:` or `dns_search:`",
-        "device_cgroup_rules" => "not yet: podman's Docker-compatible API ignores it (use `devices:` for known device nodes)",
-        "userns_mode" | "uts" => "not yet (a host namespace, for the device's container policy to govern)",
+        "cpu_count" | "cpu_percent" => "it is for Windows containers (use `cpus:` or `cpu_quota:`)",
         "credential_spec" | "isolation" => "it is for Windows containers",
         "use_api_socket" => "it hands the engine's API (root on the device) to the container",
         "provider" | "models" => "it runs on the machine of `docker compose`, not in a container",

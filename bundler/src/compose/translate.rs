@@ -855,6 +855,57 @@ impl Translator<'_, '_> {
                 }
             };
         }
+        o.uts = svc.uts.as_ref().map(|v| self.namespace_mode(v, "uts", &["host"], &BTreeMap::new()));
+        o.userns_mode = svc
+            .userns_mode
+            .as_ref()
+            .map(|v| self.namespace_mode(v, "userns_mode", &["host"], &BTreeMap::new()));
+        if let Some(v) = &svc.cgroup {
+            let text = self.s(v);
+            if text == "host" || text == "private" {
+                o.cgroupns = Some(text);
+            } else {
+                self.error(Pos::of(v), format!("cgroup `{text}` must be `host` or `private`"));
+            }
+        }
+        for r in &svc.device_cgroup_rules {
+            let text = self.s(r);
+            if fleet_spec::policy::is_device_cgroup_rule(&text) {
+                o.device_cgroup_rules.push(fleet_spec::policy::normalize_rule(&text));
+            } else {
+                self.error(Pos::of(r), format!("device_cgroup_rules entry `{text}` is not a rule like `c 189:* rmw` (type a, b or c; major:minor with numbers or *; access r, w, m)"));
+            }
+        }
+        if let Some(v) = &svc.mem_swappiness {
+            let text = self.scalar(v);
+            match text.parse::<u8>() {
+                Ok(n) if n <= 100 => o.mem_swappiness = Some(n),
+                _ => self.error(
+                    Pos::of(v),
+                    format!("mem_swappiness `{text}` must be a whole number from 0 to 100"),
+                ),
+            }
+        }
+        o.oom_kill_disable = svc.oom_kill_disable.unwrap_or(false);
+        o.cpu_rt_period_us = svc
+            .cpu_rt_period
+            .as_ref()
+            .and_then(|v| self.micros(v, "cpu_rt_period"))
+            .and_then(|us| u64::try_from(us).ok());
+        o.cpu_rt_runtime_us = svc.cpu_rt_runtime.as_ref().and_then(|v| self.micros(v, "cpu_rt_runtime"));
+        if let Some(v) = &svc.runtime {
+            let text = self.s(v);
+            if !text.is_empty()
+                && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            {
+                o.runtime = Some(text);
+            } else {
+                self.error(
+                    Pos::of(v),
+                    format!("runtime `{text}` is not a runtime name like `runc` or `crun`"),
+                );
+            }
+        }
         if let Some(b) = &svc.blkio_config {
             o.blkio = self.blkio(b);
         }

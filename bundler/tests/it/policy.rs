@@ -116,3 +116,36 @@ fn policy_require_digest_warns_in_validate_and_fails_a_build_without_pinning() {
     out.assert_stderr_has("dev-1").assert_stderr_has("not pinned by digest");
     assert!(!out_dir.path().join("index.json").exists(), "nothing was written");
 }
+
+#[test]
+fn policy_host_namespaces_confinement_and_device_rules_are_refused_until_allowed() {
+    let compose = "services:
+  web:
+    image: nginx:1.27
+    pid: host
+    uts: host
+    security_opt: [seccomp=unconfined, no-new-privileges:true]
+    device_cgroup_rules: ['c 189:* rmw']
+";
+    let repo = repo_with(&[("apps/web/compose.yaml", compose)]);
+    let out = validate(&repo);
+    out.assert_code(65);
+    out.assert_stderr_has("`pid: host` is refused by the device's engine policy: allow it by adding `pid` to `policy.host_namespaces`");
+    out.assert_stderr_has("`uts: host` is refused by the device's engine policy: allow it by adding `uts` to `policy.host_namespaces`");
+    out.assert_stderr_has("`security_opt: seccomp=unconfined` is refused by the device's engine policy: allow it with `policy.allow_unconfined: true`");
+    out.assert_stderr_has("`device_cgroup_rules: c 189:* rmw` is refused by the device's engine policy: allow it by adding `c 189:* rmw` to `policy.device_cgroup_rules`");
+    out.assert_stderr_has("4 error(s)");
+    let fleet = "name: test\npolicy:\n  host_namespaces: [pid, uts]\n  allow_unconfined: true\n  device_cgroup_rules: ['c 189:* rmw']\n";
+    let repo = repo_with(&[("apps/web/compose.yaml", compose), ("fleet.yaml", fleet)]);
+    validate(&repo).assert_code(0);
+    let fleet = "name: test\npolicy:\n  host_namespaces: [net]\n  device_cgroup_rules: ['c 189 rmw']\n";
+    let repo = repo_with(&[("fleet.yaml", fleet)]);
+    let out = validate(&repo);
+    out.assert_code(65);
+    out.assert_stderr_has(
+        "fleet.yaml:3:21: error: policy.host_namespaces: `net` is not one of pid, ipc, uts, userns, cgroup",
+    );
+    out.assert_stderr_has(
+        "fleet.yaml:4:25: error: policy.device_cgroup_rules: `c 189 rmw` is not a device cgroup rule",
+    );
+}
