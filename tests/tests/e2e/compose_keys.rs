@@ -1,6 +1,8 @@
-//! Issue 17: the Compose file of the issue deployed by the whole loop (build, publish,
-//! agent) on dockerd and podman, every key checked in `docker inspect` of the running
-//! container; changing one key (the log size) recreates the container.
+//! Issue 17: the Compose file of the issue, an app with fixed addresses on a network
+//! with `ipam`, and an app with the other keys no policy governs, deployed by the whole
+//! loop (build, publish, agent) on dockerd and podman, every key checked in `docker
+//! inspect` of the running containers; changing one key (the log size) recreates the
+//! container, changing a network's `ipam` recreates the network.
 //!
 //! Two changes to the issue's file, both for this machine: the image is the test
 //! registry's busybox, and the `nofile` ulimit is 16384 because this sandbox's hard
@@ -71,6 +73,106 @@ networks:
     )
 }
 
+/// An app using the other keys the agent applies that no device policy governs.
+fn more_keys_app(fleet: &FleetRepo, image: &str) -> Result<()> {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    fleet.write("apps/more/app.yaml", "{}\n")?;
+    fleet.write(
+        "apps/more/compose.yaml",
+        format!(
+            "services:
+  box:
+    image: {image}
+    command: [sh, -c, \"sleep 3600\"]
+    pull_policy: always
+    platform: linux/{arch}
+    tty: true
+    stdin_open: true
+    stop_grace_period: 7s
+    dns: [10.0.0.53]
+    dns_search: [fleet.lan]
+    group_add: [\"20\"]
+    oom_score_adj: 300
+    pids_limit: 64
+    cpuset: \"0\"
+    cpu_shares: 512
+    mem_limit: 64m
+    mem_reservation: 32m
+    mem_swappiness: 10
+    oom_kill_disable: true
+    ipc: shareable
+    runtime: runc
+    mac_address: 02:42:ac:11:00:42
+    blkio_config:
+      device_read_bps: [{{path: {device}, rate: 1mb}}]
+",
+            device = host_block_device()
+        ),
+    )
+}
+
+/// A block device of this machine, for the I/O throttle.
+fn host_block_device() -> String {
+    let mut names: Vec<String> = std::fs::read_dir("/sys/block")
+        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.retain(|n| !n.starts_with("loop") && !n.starts_with("ram") && !n.starts_with("zram"));
+    names.retain(|n| std::path::Path::new("/dev").join(n).exists());
+    names.sort();
+    format!("/dev/{}", names.first().map_or("sda", String::as_str))
+}
+
+/// Checks the running `more-box` in `docker inspect`.
+fn more_keys_applied(engine: &TestEngine) -> Result<()> {
+    let c = engine.container("more-box")?;
+    ensure!(c.running(), "more-box is not running: {}", c.0["State"]);
+    let (config, host) = (&c.0["Config"], &c.0["HostConfig"]);
+    let mut wrong = Vec::new();
+    let mut want = |what: &str, got: &Value, expected: Value| {
+        if *got != expected {
+            wrong.push(format!("{what}: {got} (want {expected})"));
+        }
+    };
+    want("Config.Tty", &config["Tty"], json!(true));
+    want("Config.OpenStdin", &config["OpenStdin"], json!(true));
+    want("HostConfig.Dns", &host["Dns"], json!(["10.0.0.53"]));
+    want("HostConfig.DnsSearch", &host["DnsSearch"], json!(["fleet.lan"]));
+    want("HostConfig.OomScoreAdj", &host["OomScoreAdj"], json!(300));
+    want("HostConfig.PidsLimit", &host["PidsLimit"], json!(64));
+    want("HostConfig.CpusetCpus", &host["CpusetCpus"], json!("0"));
+    want("HostConfig.CpuShares", &host["CpuShares"], json!(512));
+    want("HostConfig.MemoryReservation", &host["MemoryReservation"], json!(32 << 20));
+    want("HostConfig.MemorySwappiness", &host["MemorySwappiness"], json!(10));
+    want("HostConfig.OomKillDisable", &host["OomKillDisable"], json!(true));
+    want("HostConfig.IpcMode", &host["IpcMode"], json!("shareable"));
+    want(
+        "HostConfig.BlkioDeviceReadBps",
+        &host["BlkioDeviceReadBps"],
+        json!([{"Path": host_block_device(), "Rate": 1 << 20}]),
+    );
+    ensure!(host["GroupAdd"].to_string().contains("20"), "group_add: {}", host["GroupAdd"]);
+    match engine {
+        TestEngine::Dockerd(_) => {
+            want("Config.StopTimeout", &config["StopTimeout"], json!(7));
+            want("HostConfig.Runtime", &host["Runtime"], json!("runc"));
+            want("Config.MacAddress", &config["MacAddress"], json!("02:42:ac:11:00:42"));
+        }
+        TestEngine::Podman(podman) => {
+            // podman's compatible inspect names neither the runtime nor the MAC address.
+            let runtime = podman.podman(&["inspect", "--format", "{{.OCIRuntime}}", "more-box"])?;
+            want("OCIRuntime", &json!(runtime.trim()), json!("runc"));
+        }
+    }
+    let mac = engine.docker(&["exec", "more-box", "cat", "/sys/class/net/eth0/address"])?;
+    ensure!(mac.trim() == "02:42:ac:11:00:42", "mac_address inside: {mac}");
+    ensure!(wrong.is_empty(), "not as set in inspect: {wrong:#?}");
+    Ok(())
+}
+
 /// The resolver's address on `dns_dns`, and that network's id.
 fn fixed_address_state(engine: &TestEngine) -> Result<(String, String)> {
     let resolver = engine.container("dns-resolver")?;
@@ -99,6 +201,7 @@ fn issue_17_example_runs(engine: &TestEngine, images: &Images) -> Result<()> {
         TestEngine::Podman(_) => "172.29.2",
     };
     fixed_address_app(&fleet, &images.tag(1), subnet, &format!("{subnet}.128/25"))?;
+    more_keys_app(&fleet, &images.tag(1))?;
     let c1 = fleet.commit("issue 17")?;
     fleet.build()?;
     device.start()?;
@@ -146,6 +249,8 @@ fn issue_17_example_runs(engine: &TestEngine, images: &Images) -> Result<()> {
             ensure!(log["Size"] == "10MB", "logging max-size: {log}");
         }
     }
+
+    more_keys_applied(engine)?;
 
     // networks.<name>.ipv4_address on a network with ipam (subnet, gateway, ip_range).
     let (ip, network_id) = fixed_address_state(engine)?;
