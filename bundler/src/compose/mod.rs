@@ -96,14 +96,18 @@ pub fn env_file_path(compose_file: &str, app: &str, written: &str) -> Option<Str
     Some(format!("{app_dir}/{rel}"))
 }
 
-/// The repository paths of every `env_file:` of `file`, for the caller to read.
+/// The repository paths of every `env_file:` and `label_file:` of `file`, for the caller
+/// to read.
 pub fn env_file_paths(file: &ComposeFile, compose_file: &str, app: &str) -> Vec<String> {
     let mut out: Vec<String> = file
         .services
         .0
         .iter()
-        .flat_map(|(_, svc)| svc.value.env_files())
-        .filter_map(|(written, ..)| env_file_path(compose_file, app, &written))
+        .flat_map(|(_, svc)| {
+            let env = svc.value.env_files().into_iter().map(|(written, ..)| written);
+            env.chain(svc.value.label_files().into_iter().map(|(written, _)| written)).collect::<Vec<_>>()
+        })
+        .filter_map(|written| env_file_path(compose_file, app, &written))
         .collect();
     out.sort();
     out.dedup();
@@ -158,10 +162,13 @@ mod tests {
             }
         };
         let targets = BTreeMap::new();
-        let env_files = BTreeMap::from([(
-            "apps/shop/conf/web.env".to_string(),
-            b"# defaults\nA=from-file\nB=${TZ}\nC='${LITERAL}'\n".to_vec(),
-        )]);
+        let env_files = BTreeMap::from([
+            (
+                "apps/shop/conf/web.env".to_string(),
+                b"# defaults\nA=from-file\nB=${TZ}\nC='${LITERAL}'\n".to_vec(),
+            ),
+            ("apps/shop/conf/web.labels".to_string(), b"com.example.tier=edge\nteam=ops\n".to_vec()),
+        ]);
         let ctx = AppContext {
             app: "shop",
             file: "apps/shop/compose.yaml",
@@ -628,6 +635,16 @@ networks:
         has(&diags, "5:27: device_cgroup_rules entry `c 189 rmw` is not a rule");
         has(&diags, "6:21: mem_swappiness `101` must be a whole number from 0 to 100");
         has(&diags, "`cpu_count:` is not supported: it is for Windows containers");
+    }
+
+    #[test]
+    fn label_file_labels_are_read_from_the_commit_and_labels_win() {
+        let c = ok("services:\n  web:\n    image: nginx\n    label_file: conf/web.labels\n    labels: {team: platform}\n");
+        assert_eq!(c.labels["com.example.tier"], "edge");
+        assert_eq!(c.labels["team"], "platform", "labels: wins over the file");
+        let (_, diags) =
+            check("services:\n  web:\n    image: nginx\n    label_file: [conf/missing.labels]\n");
+        has(&diags, "4:18: label_file `conf/missing.labels` is not in the commit");
     }
 
     #[test]

@@ -204,7 +204,7 @@ pub struct Service {
     #[serde(default)]
     pub isolation: Refused,
     #[serde(default)]
-    pub label_file: Refused,
+    pub label_file: Option<Spanned<StringOrList>>,
     #[serde(default)]
     pub mem_swappiness: Option<Spanned<Scalar>>,
     #[serde(default)]
@@ -228,7 +228,7 @@ pub struct Service {
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 23] = [
+        let all: [(&'static str, &Refused); 22] = [
             ("build", &self.build),
             ("secrets", &self.secrets),
             ("configs", &self.configs),
@@ -246,7 +246,6 @@ impl Service {
             ("credential_spec", &self.credential_spec),
             ("gpus", &self.gpus),
             ("isolation", &self.isolation),
-            ("label_file", &self.label_file),
             ("post_start", &self.post_start),
             ("pre_stop", &self.pre_stop),
             ("use_api_socket", &self.use_api_socket),
@@ -677,6 +676,17 @@ fn yes() -> bool {
 impl Service {
     /// Every `env_file:` entry: path as written, whether it must exist, no
     /// interpolation (`format: raw`), and its place.
+    /// The `label_file:` paths as written, with their places.
+    pub fn label_files(&self) -> Vec<(String, Pos)> {
+        match &self.label_file {
+            None => Vec::new(),
+            Some(v) => match &v.value {
+                StringOrList::String(path) => vec![(path.clone(), Pos::of(v))],
+                StringOrList::List(paths) => paths.iter().map(|p| (p.value.0.clone(), Pos::of(p))).collect(),
+            },
+        }
+    }
+
     pub fn env_files(&self) -> Vec<(String, bool, bool, Pos)> {
         let Some(files) = &self.env_file else { return Vec::new() };
         match &files.value {

@@ -324,8 +324,9 @@ impl Translator<'_, '_> {
         if let Some(env) = &svc.environment {
             spec.env.extend(self.key_values(env, "environment variable", true));
         }
+        spec.labels = self.label_files(svc);
         if let Some(labels) = &svc.labels {
-            spec.labels = self.key_values(labels, "label", false);
+            spec.labels.extend(self.key_values(labels, "label", false));
         }
         spec.user = svc.user.as_ref().map(|u| self.scalar(u));
         spec.hostname = svc.hostname.as_ref().map(|h| self.s(h));
@@ -579,6 +580,36 @@ impl Translator<'_, '_> {
             .get("COMPOSE_PROFILES")
             .map(|v| v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::to_string).collect())
             .unwrap_or_default()
+    }
+
+    /// The labels of the service's `label_file:`s (`KEY=VALUE` lines, taken as written),
+    /// later files winning; `labels:` wins over them.
+    fn label_files(&mut self, svc: &Service) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::new();
+        for (written, pos) in svc.label_files() {
+            let Some(repo_path) = env_file_path(self.ctx.file, self.ctx.app, &written) else {
+                self.error(pos, format!("label_file `{written}` is outside the app directory: label files must be inside apps/{}/", self.ctx.app));
+                continue;
+            };
+            let Some(bytes) = self.ctx.env_files.get(&repo_path) else {
+                self.error(
+                    pos,
+                    format!(
+                        "label_file `{written}` is not in the commit (looked for {repo_path}): commit it"
+                    ),
+                );
+                continue;
+            };
+            let Ok(text) = std::str::from_utf8(bytes) else {
+                self.error(pos, format!("label_file {repo_path} is not UTF-8 text"));
+                continue;
+            };
+            match parse_env_file(text) {
+                Ok(entries) => labels.extend(entries.into_iter().map(|e| (e.key, e.value))),
+                Err((line, msg)) => self.error(pos, format!("label_file {repo_path}:{line}: {msg}")),
+            }
+        }
+        labels
     }
 
     /// The variables of the service's `env_file:`s, later files winning; values are

@@ -81,6 +81,7 @@ fn more_keys_app(fleet: &FleetRepo, image: &str) -> Result<()> {
         other => other,
     };
     fleet.write("apps/more/app.yaml", "{}\n")?;
+    fleet.write("apps/more/box.labels", "com.example.tier=edge\n")?;
     fleet.write(
         "apps/more/compose.yaml",
         format!(
@@ -90,6 +91,7 @@ fn more_keys_app(fleet: &FleetRepo, image: &str) -> Result<()> {
     command: [sh, -c, \"sleep 3600\"]
     pull_policy: always
     platform: linux/{arch}
+    label_file: box.labels
     tty: true
     stdin_open: true
     stop_grace_period: 7s
@@ -137,6 +139,7 @@ fn more_keys_applied(engine: &TestEngine) -> Result<()> {
             wrong.push(format!("{what}: {got} (want {expected})"));
         }
     };
+    want("Config.Labels.com.example.tier", &config["Labels"]["com.example.tier"], json!("edge"));
     want("Config.Tty", &config["Tty"], json!(true));
     want("Config.OpenStdin", &config["OpenStdin"], json!(true));
     want("HostConfig.Dns", &host["Dns"], json!(["10.0.0.53"]));
