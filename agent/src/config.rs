@@ -114,6 +114,8 @@ pub struct RawEnginePolicy {
     #[serde(default)]
     pub allow_unconfined: bool,
     #[serde(default)]
+    pub allow_gpus: bool,
+    #[serde(default)]
     pub allow_engine_socket: bool,
     #[serde(default)]
     pub bind_roots: Vec<String>,
@@ -476,6 +478,7 @@ fn engine_policy(raw: RawEnginePolicy, base: &Path) -> Result<EnginePolicyConfig
             host_namespaces: raw.host_namespaces,
             device_cgroup_rules: raw.device_cgroup_rules,
             allow_unconfined: raw.allow_unconfined,
+            allow_gpus: raw.allow_gpus,
             allow_engine_socket: raw.allow_engine_socket,
             bind_roots,
             devices,

@@ -27,8 +27,8 @@ use fleet_e2e::{
     wait_until, Dockerd, Engine as HarnessEngine, Podman,
 };
 use fleet_spec::model::{
-    BlkioConfig, ContainerOptions, ContainerSpec, DesiredState, DeviceMapping, Healthcheck, ImageRef,
-    IpamPool, LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol,
+    BlkioConfig, ContainerOptions, ContainerSpec, DesiredState, DeviceMapping, GpuRequest, Healthcheck,
+    ImageRef, IpamPool, LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol,
     RestartPolicy, StaticAddresses, Ulimit, VolumeSpec,
 };
 use serde_json::{json, Value};
@@ -724,6 +724,8 @@ fn options_spec(lab: &Lab) -> ContainerSpec {
         cpu_rt_period_us: None,
         cpu_rt_runtime_us: None,
         runtime: Some("runc".into()),
+        domainname: (!lab.is_podman()).then(|| "fleet.lan".into()),
+        gpus: vec![],
         pull_policy: None,
         // The test images are built here, for the host's platform.
         platform: Some(format!("linux/{}", host_arch())),
@@ -799,6 +801,33 @@ async fn options_scenario(lab: &Lab) {
         };
         let err = engine.create(&private, &labels()).await.expect_err("podman and cgroup");
         assert!(err.to_string().contains("cgroup"), "{err}");
+    }
+    // gpus reach the engine: this machine has no GPU driver, which dockerd says.
+    let gpu = ContainerSpec {
+        name: "ft-gpu".into(),
+        options: ContainerOptions {
+            gpus: vec![GpuRequest {
+                count: Some(-1),
+                capabilities: vec!["gpu".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+        ..spec.clone()
+    };
+    let created = engine.create(&gpu, &labels()).await;
+    if lab.is_podman() {
+        let err = created.expect_err("podman and gpus");
+        assert!(err.to_string().contains("gpus"), "{err}");
+    } else {
+        // dockerd checks device requests when the container starts.
+        let started = match created {
+            Ok(_) => engine.start("ft-gpu").await,
+            Err(e) => Err(e),
+        };
+        let err = started.expect_err("dockerd started a container asking for GPUs on a machine without any");
+        assert!(err.to_string().contains("gpu") || err.to_string().contains("device driver"), "{err}");
+        let _ = engine.remove("ft-gpu", 1).await;
     }
     // storage_opt reaches the engine: overlay2 on this machine's ext4 refuses a size.
     let sized = ContainerSpec {
@@ -933,6 +962,9 @@ async fn options_scenario(lab: &Lab) {
     }
     check(&mut wrong, "HostConfig.MemorySwappiness", &host["MemorySwappiness"], json!(10));
     check(&mut wrong, "HostConfig.OomKillDisable", &host["OomKillDisable"], json!(true));
+    if !lab.is_podman() {
+        check(&mut wrong, "Config.Domainname", &config["Domainname"], json!("fleet.lan"));
+    }
     // networks.<name>.ipv4_address
     check(
         &mut wrong,

@@ -42,6 +42,8 @@ pub struct PolicyFile {
     #[serde(default)]
     pub allow_unconfined: Option<bool>,
     #[serde(default)]
+    pub allow_gpus: Option<bool>,
+    #[serde(default)]
     pub allow_engine_socket: Option<bool>,
     #[serde(default)]
     pub bind_roots: Option<Vec<Spanned<String>>>,
@@ -64,6 +66,7 @@ pub struct Settings {
     pub host_namespaces: Option<Vec<String>>,
     pub device_cgroup_rules: Option<Vec<String>>,
     pub allow_unconfined: Option<bool>,
+    pub allow_gpus: Option<bool>,
     pub allow_engine_socket: Option<bool>,
     pub bind_roots: Option<Vec<String>>,
     pub devices: Option<Vec<String>>,
@@ -139,6 +142,7 @@ impl Settings {
             host_namespaces: names(&p.host_namespaces),
             device_cgroup_rules: names(&p.device_cgroup_rules),
             allow_unconfined: p.allow_unconfined,
+            allow_gpus: p.allow_gpus,
             allow_engine_socket: p.allow_engine_socket,
             bind_roots,
             devices,
@@ -161,6 +165,7 @@ impl Settings {
             host_namespaces: pick(&self.host_namespaces, &fleet.host_namespaces),
             device_cgroup_rules: pick(&self.device_cgroup_rules, &fleet.device_cgroup_rules),
             allow_unconfined: pick(&self.allow_unconfined, &fleet.allow_unconfined),
+            allow_gpus: pick(&self.allow_gpus, &fleet.allow_gpus),
             allow_engine_socket: pick(&self.allow_engine_socket, &fleet.allow_engine_socket),
             bind_roots: pick(&self.bind_roots, &fleet.bind_roots),
             devices: pick(&self.devices, &fleet.devices),
@@ -179,6 +184,7 @@ impl Settings {
             host_namespaces: self.host_namespaces.clone().unwrap_or_default(),
             device_cgroup_rules: self.device_cgroup_rules.clone().unwrap_or_default(),
             allow_unconfined: self.allow_unconfined.unwrap_or(false),
+            allow_gpus: self.allow_gpus.unwrap_or(false),
             allow_engine_socket: self.allow_engine_socket.unwrap_or(false),
             bind_roots: self.bind_roots.clone().unwrap_or_default(),
             devices: self.devices.clone().unwrap_or_default(),

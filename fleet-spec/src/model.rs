@@ -194,6 +194,20 @@ pub struct ContainerOptions {
     /// `HostConfig.Runtime` (an OCI runtime the engine is configured with: `runc`,
     /// `crun`, `nvidia`, ...).
     pub runtime: Option<String>,
+    /// `Config.Domainname` (Compose `domainname`).
+    pub domainname: Option<String>,
+    /// `HostConfig.DeviceRequests` (Compose `gpus`). *Host access*: the host's GPUs.
+    pub gpus: Vec<GpuRequest>,
+}
+
+/// One request for GPUs: `count` of them (`-1`: all) or the listed `device_ids`, from
+/// `driver` (`nvidia`), with `capabilities` (`gpu`, `compute`, `utility`, ...).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GpuRequest {
+    pub driver: Option<String>,
+    pub count: Option<i64>,
+    pub device_ids: Vec<String>,
+    pub capabilities: Vec<String>,
 }
 
 /// Block I/O settings (`HostConfig.BlkioWeight`, `BlkioWeightDevice`,
@@ -672,6 +686,8 @@ mod tests {
             ("cpu_rt_period", |o| o.cpu_rt_period_us = Some(1_000_000)),
             ("cpu_rt_runtime", |o| o.cpu_rt_runtime_us = Some(950_000)),
             ("runtime", |o| o.runtime = Some("crun".into())),
+            ("domainname", |o| o.domainname = Some("lan".into())),
+            ("gpus", |o| o.gpus = vec![GpuRequest { count: Some(1), ..Default::default() }]),
         ];
         let mut seen = std::collections::BTreeSet::from([h0]);
         for (key, set) in variants {

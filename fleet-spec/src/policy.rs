@@ -36,6 +36,8 @@ pub struct EnginePolicy {
     /// Device cgroup rules containers may add (`c 189:* rmw`), compared as written
     /// (spaces normalized).
     pub device_cgroup_rules: Vec<String>,
+    /// `gpus:` (the host's GPUs, through the engine's device requests).
+    pub allow_gpus: bool,
     /// Options that lift the engine's confinement short of `privileged`:
     /// `security_opt` `seccomp=unconfined`, `apparmor=unconfined`, `label=disable`,
     /// `systempaths=unconfined`, and a `cgroup_parent` of the bundle's choosing.
@@ -98,6 +100,7 @@ pub enum Rule {
     HostNetwork,
     HostNamespace,
     DeviceCgroupRule,
+    Gpu,
     Unconfined,
     NetworkMode,
     Network,
@@ -316,6 +319,9 @@ fn check_container(
                 ),
             },
         }
+    }
+    if !o.gpus.is_empty() && !policy.allow_gpus {
+        deny(Rule::Gpu, "gpus".into(), Opening::Set { key: "allow_gpus", value: "true" });
     }
     for r in &o.device_cgroup_rules {
         let normal = normalize_rule(r);
@@ -660,7 +666,8 @@ fn is_pinned(c: &ContainerSpec) -> bool {
 mod tests {
     use super::*;
     use crate::model::{
-        ContainerOptions, DeviceMapping, ImageRef, Mount, NetworkAttachment, NetworkSpec, VolumeSpec,
+        ContainerOptions, DeviceMapping, GpuRequest, ImageRef, Mount, NetworkAttachment, NetworkSpec,
+        VolumeSpec,
     };
 
     fn paths() -> DevicePaths {
@@ -777,6 +784,15 @@ mod tests {
             });
             assert_eq!(violations(&open, c).len(), 1, "{key}: {bad} is never allowed");
         }
+    }
+
+    #[test]
+    fn gpus_are_denied_by_default_and_allowed_by_allow_gpus() {
+        let c = with_options(|o| o.gpus = vec![GpuRequest { count: Some(-1), ..Default::default() }]);
+        let v = violations(&EnginePolicy::default(), c.clone());
+        assert_eq!(v.iter().map(|v| v.rule).collect::<Vec<_>>(), [Rule::Gpu]);
+        assert!(v[0].to_string().contains("engine.policy.allow_gpus = true"), "{}", v[0]);
+        assert!(violations(&EnginePolicy { allow_gpus: true, ..Default::default() }, c).is_empty());
     }
 
     #[test]

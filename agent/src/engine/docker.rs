@@ -1244,6 +1244,10 @@ fn podman_ignores(spec: &ContainerSpec) -> Option<&'static str> {
         Some("device_cgroup_rules")
     } else if o.cgroupns.is_some() {
         Some("cgroup")
+    } else if o.domainname.is_some() {
+        Some("domainname")
+    } else if !o.gpus.is_empty() {
+        Some("gpus")
     } else {
         None
     }
@@ -1440,6 +1444,24 @@ fn insert_options(o: &ContainerOptions, config: &mut Map<String, Value>, host: &
     }
     if let Some(runtime) = &o.runtime {
         host.insert("Runtime".into(), json!(runtime));
+    }
+    if let Some(domain) = &o.domainname {
+        config.insert("Domainname".into(), json!(domain));
+    }
+    if !o.gpus.is_empty() {
+        let requests: Vec<Value> = o
+            .gpus
+            .iter()
+            .map(|g| {
+                json!({
+                    "Driver": g.driver.clone().unwrap_or_default(),
+                    "Count": g.count.unwrap_or(0),
+                    "DeviceIDs": g.device_ids,
+                    "Capabilities": [g.capabilities],
+                })
+            })
+            .collect();
+        host.insert("DeviceRequests".into(), json!(requests));
     }
 }
 

@@ -648,6 +648,33 @@ networks:
     }
 
     #[test]
+    fn gpus_and_domainname_are_translated() {
+        let c = ok("services:\n  web:\n    image: nginx\n    domainname: fleet.lan\n    gpus: all\n");
+        assert_eq!(c.options.domainname.as_deref(), Some("fleet.lan"));
+        assert_eq!(c.options.gpus[0].count, Some(-1));
+        assert_eq!(c.options.gpus[0].capabilities, ["gpu"]);
+        let c = ok("services:
+  web:
+    image: nginx
+    gpus:
+      - {driver: nvidia, device_ids: ['0', '3'], capabilities: [compute, utility]}
+      - {count: 1}
+");
+        let g = &c.options.gpus;
+        assert_eq!((g[0].driver.as_deref(), g[0].count), (Some("nvidia"), None));
+        assert_eq!(
+            (g[0].device_ids.clone(), g[0].capabilities.clone()),
+            (vec!["0".to_string(), "3".into()], vec!["compute".to_string(), "utility".into()])
+        );
+        assert_eq!((g[1].count, g[1].capabilities.clone()), (Some(1), vec!["gpu".to_string()]));
+        let (_, diags) = check(
+            "services:\n  web:\n    image: nginx\n    gpus: [{count: 0}, {count: 1, device_ids: ['0']}]\n",
+        );
+        has(&diags, "gpu count `0` must be `all` or a positive number");
+        has(&diags, "a GPU request takes `count` or `device_ids`, not both");
+    }
+
+    #[test]
     fn duplicate_keys_are_errors() {
         let (_, diags) = check("services:\n  web:\n    image: nginx\n    image: other\n");
         assert!(!diags.is_empty(), "a duplicate key in a service passed");

@@ -170,7 +170,7 @@ pub struct Service {
     #[serde(default)]
     pub pull_policy: Option<Spanned<String>>,
     #[serde(default)]
-    pub domainname: Refused,
+    pub domainname: Option<Spanned<String>>,
     #[serde(default)]
     pub runtime: Option<Spanned<String>>,
     #[serde(default)]
@@ -200,7 +200,7 @@ pub struct Service {
     #[serde(default)]
     pub device_cgroup_rules: Vec<Spanned<String>>,
     #[serde(default)]
-    pub gpus: Refused,
+    pub gpus: Option<Spanned<GpusDef>>,
     #[serde(default)]
     pub isolation: Refused,
     #[serde(default)]
@@ -228,7 +228,7 @@ pub struct Service {
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 22] = [
+        let all: [(&'static str, &Refused); 20] = [
             ("build", &self.build),
             ("secrets", &self.secrets),
             ("configs", &self.configs),
@@ -236,7 +236,6 @@ impl Service {
             ("links", &self.links),
             ("external_links", &self.external_links),
             ("volumes_from", &self.volumes_from),
-            ("domainname", &self.domainname),
             ("scale", &self.scale),
             ("develop", &self.develop),
             ("annotations", &self.annotations),
@@ -244,7 +243,6 @@ impl Service {
             ("cpu_count", &self.cpu_count),
             ("cpu_percent", &self.cpu_percent),
             ("credential_spec", &self.credential_spec),
-            ("gpus", &self.gpus),
             ("isolation", &self.isolation),
             ("post_start", &self.post_start),
             ("pre_stop", &self.pre_stop),
@@ -267,7 +265,6 @@ pub(super) fn refusal(key: &str) -> String {
         "external_links" => "the agent connects only the app's own containers",
         "volumes_from" => "mount the same named volume in both services",
         "scale" => "a device runs one container per service",
-        "domainname" => "podman's Docker-compatible API ignores it; use `hostname:` or `dns_search:`",
         "cpu_count" | "cpu_percent" => "it is for Windows containers (use `cpus:` or `cpu_quota:`)",
         "credential_spec" | "isolation" => "it is for Windows containers",
         "use_api_socket" => "it hands the engine's API (root on the device) to the container",
@@ -527,6 +524,56 @@ pub struct LoggingDef {
     pub driver: Option<Spanned<String>>,
     #[serde(default)]
     pub options: Option<Spanned<ListOrMap>>,
+}
+
+/// `gpus:`: `all`, or a list of requests.
+#[derive(Debug)]
+pub enum GpusDef {
+    All,
+    List(Vec<Spanned<GpuDef>>),
+}
+
+impl<'de> Deserialize<'de> for GpusDef {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = GpusDef;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`all` or a list of GPU requests")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<GpusDef, E> {
+                if v == "all" {
+                    Ok(GpusDef::All)
+                } else {
+                    Err(E::custom(format!("`gpus: {v}`: write `all` or a list of requests")))
+                }
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<GpusDef, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    items.push(item);
+                }
+                Ok(GpusDef::List(items))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One request of `gpus:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuDef {
+    #[serde(default)]
+    pub driver: Option<Spanned<String>>,
+    #[serde(default)]
+    pub count: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub device_ids: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub capabilities: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub options: Option<Spanned<IgnoredAny>>,
 }
 
 /// `blkio_config:`.

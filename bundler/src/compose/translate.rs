@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use fleet_spec::model::{
-    BlkioConfig, ContainerOptions, ContainerSpec, Dependency, DependencyCondition, DeviceMapping,
+    BlkioConfig, ContainerOptions, ContainerSpec, Dependency, DependencyCondition, DeviceMapping, GpuRequest,
     Healthcheck, ImageRef, IpamPool, LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec,
     PortMapping, Protocol, PullPolicy, RestartPolicy, StaticAddresses, Ulimit, VolumeSpec,
 };
@@ -12,8 +12,8 @@ use fleet_spec::model::{
 use super::dotenv::parse_env_file;
 use super::interpolate::{interpolate, InterpError};
 use super::parse::{
-    refusal, BlkioDef, ComposeFile, Ext, HealthcheckDef, IpamDef, LoggingDef, PortLong, ScalarOrMap, Service,
-    VolumeLong,
+    refusal, BlkioDef, ComposeFile, Ext, GpusDef, HealthcheckDef, IpamDef, LoggingDef, PortLong, ScalarOrMap,
+    Service, VolumeLong,
 };
 use super::{env_file_path, Translated, Translator};
 use crate::diag::Diagnostic;
@@ -937,6 +937,10 @@ impl Translator<'_, '_> {
                 );
             }
         }
+        o.domainname = svc.domainname.as_ref().map(|v| self.s(v));
+        if let Some(g) = &svc.gpus {
+            o.gpus = self.gpus(g);
+        }
         if let Some(b) = &svc.blkio_config {
             o.blkio = self.blkio(b);
         }
@@ -1103,6 +1107,56 @@ impl Translator<'_, '_> {
     }
 
     /// `environment:`/`labels:` in list or map form.
+    /// `gpus:`: `all` is every GPU with the `gpu` capability; a request without `count`
+    /// or `device_ids` is all of them too.
+    fn gpus(&mut self, g: &Spanned<GpusDef>) -> Vec<GpuRequest> {
+        let all = || GpuRequest { count: Some(-1), capabilities: vec!["gpu".into()], ..Default::default() };
+        match &g.value {
+            GpusDef::All => vec![all()],
+            GpusDef::List(items) => {
+                let mut out = Vec::new();
+                for item in items {
+                    let d = &item.value;
+                    if let Some(o) = &d.options {
+                        self.error(Pos::of(o), "`gpus.options` is not supported: drivers take their options from the engine's configuration");
+                    }
+                    let count = d.count.as_ref().and_then(|c| {
+                        let text = self.scalar(c);
+                        match text.as_str() {
+                            "all" => Some(-1),
+                            t => match t.parse::<i64>() {
+                                Ok(n) if n > 0 => Some(n),
+                                _ => {
+                                    self.error(
+                                        Pos::of(c),
+                                        format!("gpu count `{text}` must be `all` or a positive number"),
+                                    );
+                                    None
+                                }
+                            },
+                        }
+                    });
+                    let device_ids: Vec<String> = d.device_ids.iter().map(|v| self.s(v)).collect();
+                    if count.is_some() && !device_ids.is_empty() {
+                        self.error(Pos::of(item), "a GPU request takes `count` or `device_ids`, not both");
+                    }
+                    let mut capabilities: Vec<String> = d.capabilities.iter().map(|v| self.s(v)).collect();
+                    if capabilities.is_empty() {
+                        capabilities.push("gpu".into());
+                    }
+                    let count = if count.is_none() && device_ids.is_empty() { Some(-1) } else { count };
+                    out.push(GpuRequest {
+                        driver: d.driver.as_ref().map(|v| self.s(v)),
+                        count,
+                        device_ids,
+                        capabilities,
+                    });
+                }
+                out
+            }
+        }
+    }
+
     /// `blkio_config:`: a weight of 10..=1000, device paths absolute, rates in bytes (with
     /// k/m/g) or operations per second.
     fn blkio(&mut self, b: &Spanned<Ext<BlkioDef>>) -> BlkioConfig {

@@ -170,12 +170,12 @@ fn template_errors_name_file_line_and_device() {
 
 #[test]
 fn compose_refused_keys_are_named() {
-    let compose = "services:\n  web:\n    build: .\n    image: x:1\n    domainname: lan\n";
+    let compose = "services:\n  web:\n    build: .\n    image: x:1\n    annotations: {a: b}\n";
     check(
         &[("apps/web/compose.yaml", Some(compose))],
         &[
             "apps/web/compose.yaml:3:12: error: `build:` is not supported: devices pull images, build them in CI",
-            "apps/web/compose.yaml:5:17: error: `domainname:` is not supported",
+            "apps/web/compose.yaml:5:18: error: `annotations:` is not supported",
         ],
     );
     check(
