@@ -16,9 +16,10 @@
 //! - [`previous`]: the published build (`build --previous`), read from a server or a
 //!   directory, so versions stay newer than what devices hold.
 //! - [`mqtt`]: `publish` (retained announcements) and `status` (the fleet table).
+//! - [`dashboard`]: the static live dashboard written next to the build output.
 //!
-//! Architecture invariant: only [`repo`], [`build`], [`previous`], [`registry`] and
-//! [`mqtt`] do I/O;
+//! Architecture invariant: only [`repo`], [`build`], [`previous`], [`registry`],
+//! [`dashboard`] and [`mqtt`] do I/O;
 //! loading and rendering are pure functions of the repository snapshot, so the same
 //! commit always renders the same states.
 
@@ -26,6 +27,7 @@
 
 pub mod build;
 pub mod compose;
+pub mod dashboard;
 pub mod diag;
 pub mod duration;
 pub mod format;
