@@ -77,7 +77,9 @@ pub fn config_js(index: &Index, broker: Option<&str>) -> String {
         devices: index
             .devices
             .iter()
-            .map(|(id, e)| (id.as_str(), DeviceConfig { labels: &e.labels, commit: &e.commit, version: e.version }))
+            .map(|(id, e)| {
+                (id.as_str(), DeviceConfig { labels: &e.labels, commit: &e.commit, version: e.version })
+            })
             .collect(),
     };
     // serde_json escapes quotes and control characters; `<` is escaped too, so that the
@@ -90,15 +92,18 @@ pub fn config_js(index: &Index, broker: Option<&str>) -> String {
 /// already hold the right bytes are left alone.
 pub fn write(out: &Path, broker: Option<&str>) -> Result<(), BuildError> {
     let index_path = out.join("index.json");
-    let index = Index::read(&index_path)?
-        .ok_or_else(|| BuildError::BadIndex { path: index_path.clone(), message: "missing after the build".into() })?;
+    let index = Index::read(&index_path)?.ok_or_else(|| BuildError::BadIndex {
+        path: index_path.clone(),
+        message: "missing after the build".into(),
+    })?;
     let dir = out.join("dashboard");
     let config = config_js(&index, broker);
     let files = ASSETS.iter().copied().chain([("config.js", config.as_bytes())]);
     for (name, bytes) in files {
         let path = dir.join(name);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|source| BuildError::Io { path: parent.into(), source })?;
+            std::fs::create_dir_all(parent)
+                .map_err(|source| BuildError::Io { path: parent.into(), source })?;
         }
         if std::fs::read(&path).is_ok_and(|existing| existing == bytes) {
             continue;
@@ -164,10 +169,15 @@ mod tests {
     fn write_puts_every_asset_and_the_config_under_dashboard() {
         let out = tempfile::tempdir().expect("tempdir");
         let index = index();
-        std::fs::write(out.path().join("index.json"), serde_json::to_vec(&index).expect("json")).expect("write");
+        std::fs::write(out.path().join("index.json"), serde_json::to_vec(&index).expect("json"))
+            .expect("write");
         write(out.path(), None).expect("write");
         for (name, bytes) in ASSETS {
-            assert_eq!(&std::fs::read(out.path().join("dashboard").join(name)).expect("asset"), bytes, "{name}");
+            assert_eq!(
+                &std::fs::read(out.path().join("dashboard").join(name)).expect("asset"),
+                bytes,
+                "{name}"
+            );
         }
         let config = std::fs::read_to_string(out.path().join("dashboard/config.js")).expect("config.js");
         assert!(config.contains("\"broker\":\"\""), "{config}");

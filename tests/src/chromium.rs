@@ -45,18 +45,25 @@ impl Chromium {
         let root = dir.path().to_path_buf();
         let port = free_port();
         let mut cmd = Command::new(program);
-        cmd.args(["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check"])
-            .args(["--disable-background-networking", "--disable-extensions", "--disable-sync", "--mute-audio"])
-            .args(["--disable-background-timer-throttling", "--disable-renderer-backgrounding"])
-            .arg("--disable-backgrounding-occluded-windows")
-            .arg(format!("--remote-debugging-port={port}"))
-            .arg("--remote-debugging-address=127.0.0.1")
-            .arg(format!("--user-data-dir={}/profile", root.display()))
-            .arg(format!("--window-size={width},{height}"))
-            .arg("about:blank");
+        cmd.args([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--no-default-browser-check",
+        ])
+        .args(["--disable-background-networking", "--disable-extensions", "--disable-sync", "--mute-audio"])
+        .args(["--disable-background-timer-throttling", "--disable-renderer-backgrounding"])
+        .arg("--disable-backgrounding-occluded-windows")
+        .arg(format!("--remote-debugging-port={port}"))
+        .arg("--remote-debugging-address=127.0.0.1")
+        .arg(format!("--user-data-dir={}/profile", root.display()))
+        .arg(format!("--window-size={width},{height}"))
+        .arg("about:blank");
         let mut daemon = Daemon::spawn("chromium", cmd, &root.join("chromium.log"))?;
         daemon.wait_ready(Duration::from_secs(30), || {
-            devtools_get(port, "/json/list").is_ok_and(|(code, body)| code == 200 && body.contains("\"page\""))
+            devtools_get(port, "/json/list")
+                .is_ok_and(|(code, body)| code == 200 && body.contains("\"page\""))
         })?;
         Ok(Chromium { daemon: Some(daemon), dir: Some(dir), root, port })
     }
@@ -98,7 +105,8 @@ fn devtools_get(port: u16, path: &str) -> Result<(u16, String)> {
     let mut reader = BufReader::new(stream);
     let mut status_line = String::new();
     reader.read_line(&mut status_line)?;
-    let code = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("bad status line")?;
+    let code =
+        status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("bad status line")?;
     let mut length = 0usize;
     loop {
         let mut line = String::new();
@@ -197,7 +205,13 @@ impl Page {
     /// Polls `expression` (every 100 ms) until it returns something other than `null`,
     /// `false` or `undefined`; returns that value. On timeout, the error shows the last
     /// value of `describe` (an expression that explains the page's state).
-    pub fn wait_for(&mut self, deadline: Duration, what: &str, expression: &str, describe: &str) -> Result<Value> {
+    pub fn wait_for(
+        &mut self,
+        deadline: Duration,
+        what: &str,
+        expression: &str,
+        describe: &str,
+    ) -> Result<Value> {
         let start = Instant::now();
         loop {
             let v = self.eval(expression)?;
@@ -216,7 +230,8 @@ impl Page {
     pub fn screenshot(&mut self, path: &Path) -> Result<()> {
         let r = self.call("Page.captureScreenshot", json!({"format": "png"}))?;
         let data = r["data"].as_str().context("captureScreenshot returned no data")?;
-        let png = base64::engine::general_purpose::STANDARD.decode(data).context("screenshot is not base64")?;
+        let png =
+            base64::engine::general_purpose::STANDARD.decode(data).context("screenshot is not base64")?;
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }

@@ -28,9 +28,9 @@
 //! `FLEET_E2E_KEEP=1` to keep the temp dirs (and logs) of stopped components.
 
 mod bins;
+pub mod chromium;
 mod dockerd;
 mod engine;
-pub mod chromium;
 pub mod fleet;
 mod git;
 pub mod hostile_http;

@@ -166,7 +166,8 @@ impl Mosquitto {
         let addr = format!("127.0.0.1:{}", self.port);
         let ws_addr = self.ws_port.map(|p| format!("127.0.0.1:{p}"));
         let ready = daemon.wait_ready(Duration::from_secs(10), || {
-            TcpStream::connect(&addr).is_ok() && ws_addr.as_ref().is_none_or(|a| TcpStream::connect(a).is_ok())
+            TcpStream::connect(&addr).is_ok()
+                && ws_addr.as_ref().is_none_or(|a| TcpStream::connect(a).is_ok())
         });
         self.daemon = Some(daemon);
         ready

@@ -3,9 +3,10 @@
 //!
 //! 1. A fleet repository of N devices (labels `site`, `channel`) is built with the
 //!    dashboard (`config.js` then lists every device).
-//! 2. N retained statuses are published (one MQTT connection, QoS 0; a PINGREQ round
-//!    trip at the end proves the broker read them all): 90% converged, 4% failed, 3%
-//!    applying, 2% rolled back, 1% degraded, over 10 commits.
+//! 2. N retained statuses and N retained `online` flags are published (one MQTT
+//!    connection, QoS 0; a PINGREQ round trip at the end proves the broker read them
+//!    all): 90% converged, 4% failed, 3% applying, 2% rolled back, 1% degraded, over 10
+//!    commits; 3% offline.
 //! 3. The page is opened: time until all N devices are counted, and the longest
 //!    main-thread stall (the longest "long task" Chromium reports, and the longest render).
 //! 4. Live: N new statuses (every device converged on a new commit) are published while
@@ -42,7 +43,11 @@ fn run() -> Result<()> {
             other => bail!("unknown argument {other}"),
         }
     }
-    let broker = Mosquitto::builder().websockets(true).start()?;
+    // Mosquitto queues at most max_queued_messages (default 1000) outgoing messages per
+    // client, QoS 0 included: a subscription matching more retained messages than that
+    // loses the rest ("Outgoing messages are being dropped"). The README's dashboard
+    // listener configuration raises it; so does this broker.
+    let broker = Mosquitto::builder().websockets(true).extra("max_queued_messages 100000").start()?;
     let ws = broker.ws_url().context("websockets")?;
 
     eprintln!("building a fleet of {devices} devices with the dashboard");
@@ -64,15 +69,28 @@ fn run() -> Result<()> {
     let first: Vec<(String, Vec<u8>)> = (0..devices)
         .map(|i| {
             let (state, error) = match i % 100 {
-                0..=3 => ("failed", json!({"code": "pull_failed", "message": "registry unreachable", "at": now})),
+                0..=3 => {
+                    ("failed", json!({"code": "pull_failed", "message": "registry unreachable", "at": now}))
+                }
                 4..=6 => ("applying", Value::Null),
-                7..=8 => ("rolled_back", json!({"code": "health_timeout", "message": "web not healthy in 60 s", "at": now})),
-                9 => ("degraded", json!({"code": "engine_unavailable", "message": "docker.sock refused", "at": now})),
+                7..=8 => (
+                    "rolled_back",
+                    json!({"code": "health_timeout", "message": "web not healthy in 60 s", "at": now}),
+                ),
+                9 => (
+                    "degraded",
+                    json!({"code": "engine_unavailable", "message": "docker.sock refused", "at": now}),
+                ),
                 _ => ("converged", Value::Null),
             };
             (topic(i, "status"), status(i, state, &commits[i % commits.len()], error, now).into_bytes())
         })
         .collect();
+    let mut first = first;
+    first.extend(
+        (0..devices)
+            .map(|i| (topic(i, "online"), if i % 33 == 5 { b"false".to_vec() } else { b"true".to_vec() })),
+    );
     let published = Instant::now();
     publish_all(broker.port(), &first)?;
     let publish_secs = published.elapsed().as_secs_f64();
@@ -82,7 +100,12 @@ fn run() -> Result<()> {
     let opened = Instant::now();
     let mut page = browser.open(&url)?;
     let all = format!("window.fleetDashboard && window.fleetDashboard.stats().reported >= {devices}");
-    page.wait_for(Duration::from_secs(300), "every device counted", &all, "JSON.stringify(window.fleetDashboard.stats())")?;
+    page.wait_for(
+        Duration::from_secs(300),
+        "every device counted",
+        &all,
+        "JSON.stringify(window.fleetDashboard.stats())",
+    )?;
     let load_wall = opened.elapsed().as_secs_f64();
     settle(&mut page)?;
     let load = page.eval("window.fleetDashboard.stats()")?;
@@ -96,19 +119,25 @@ fn run() -> Result<()> {
     let live_started = Instant::now();
     publish_all(broker.port(), &second)?;
     let shown = format!("window.fleetDashboard.appliedCount({}) >= {devices}", json!(fresh));
-    page.wait_for(Duration::from_secs(300), "every update shown", &shown, "JSON.stringify(window.fleetDashboard.stats())")?;
+    page.wait_for(
+        Duration::from_secs(300),
+        "every update shown",
+        &shown,
+        "JSON.stringify(window.fleetDashboard.stats())",
+    )?;
     let live_wall = live_started.elapsed().as_secs_f64();
     settle(&mut page)?;
     let live = page.eval("window.fleetDashboard.stats()")?;
 
     let ms = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let chromium = std::process::Command::new("chromium").arg("--version").output().ok();
-    let chromium = chromium.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
-    println!("Dashboard with {devices} devices ({chromium}, Mosquitto WebSockets listener on loopback; config.js {config_size} bytes; build {build_secs:.1} s; {devices} retained statuses published in {publish_secs:.2} s)\n");
+    let chromium =
+        chromium.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    println!("Dashboard with {devices} devices ({chromium}, Mosquitto WebSockets listener on loopback; config.js {config_size} bytes; build {build_secs:.1} s; {devices} retained statuses and online flags published in {publish_secs:.2} s)\n");
     println!("| phase | time until all {devices} shown | longest main-thread stall (long task) | longest render | renders |");
     println!("|---|---|---|---|---|");
     println!(
-        "| page load, {devices} retained statuses | {load_wall:.2} s from navigation ({:.2} s from the page's script start) | {:.0} ms | {:.0} ms | {} |",
+        "| page load, {devices} retained statuses + online flags | {load_wall:.2} s from navigation ({:.2} s from the page's script start) | {:.0} ms | {:.0} ms | {} |",
         (ms(&load, "allReportedAt") - ms(&load, "startedAt")) / 1000.0,
         ms(&load, "longestTaskMs"),
         ms(&load, "longestRenderMs"),

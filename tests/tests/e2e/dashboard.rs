@@ -41,7 +41,12 @@ fn open_dashboard(browser: &Chromium, fleet: &FleetRepo, query: &str) -> Result<
     let index = fleet.out_dir().join("dashboard/index.html");
     ensure!(index.is_file(), "build wrote no {}", index.display());
     let mut page = browser.open(&format!("{}{query}", file_url(&index)))?;
-    page.wait_for(secs(20), "the page to connect to the broker", "document.querySelector('#conn.up') !== null", DESCRIBE)?;
+    page.wait_for(
+        secs(20),
+        "the page to connect to the broker",
+        "document.querySelector('#conn.up') !== null",
+        DESCRIBE,
+    )?;
     Ok(page)
 }
 
@@ -59,15 +64,23 @@ fn dashboard_shows_a_device_converging_and_a_failing_device_red_with_its_reason(
     // gw-bad trusts another key only: it refuses the fleet's bundle, and says why.
     let stranger = SigningKey::from_seed(&[42; 32]).public().to_string();
     let mut ok = Device::builder(&fleet, "gw-ok")?.broker(&broker.url()).no_polling().create()?;
-    let mut bad =
-        Device::builder(&fleet, "gw-bad")?.broker(&broker.url()).no_polling().trust(vec![stranger]).create()?;
+    let mut bad = Device::builder(&fleet, "gw-bad")?
+        .broker(&broker.url())
+        .no_polling()
+        .trust(vec![stranger])
+        .create()?;
     ok.start()?;
     bad.start()?;
 
     // The page is open before the publish: what follows arrives live.
     let browser = Chromium::start(1400, 860)?;
     let mut page = open_dashboard(&browser, &fleet, "")?;
-    page.wait_for(secs(30), "both agents to report", "window.fleetDashboard.stats().reported >= 2", DESCRIBE)?;
+    page.wait_for(
+        secs(30),
+        "both agents to report",
+        "window.fleetDashboard.stats().reported >= 2",
+        DESCRIBE,
+    )?;
     fleet.publish(&broker.url())?;
 
     let converged = page
@@ -78,9 +91,15 @@ fn dashboard_shows_a_device_converging_and_a_failing_device_red_with_its_reason(
             DESCRIBE,
         )
         .with_context(|| ok.log_tail())?;
-    ensure!(converged["text"].as_str().is_some_and(|t| t.contains(&commit[..8])), "short commit shown: {converged}");
+    ensure!(
+        converged["text"].as_str().is_some_and(|t| t.contains(&commit[..8])),
+        "short commit shown: {converged}"
+    );
     ensure!(converged["labels"] == "site=berlin" && converged["online"] == "yes", "{converged}");
-    ensure!(!converged["class"].as_str().unwrap_or("").contains("bad"), "a converged row is not red: {converged}");
+    ensure!(
+        !converged["class"].as_str().unwrap_or("").contains("bad"),
+        "a converged row is not red: {converged}"
+    );
 
     // The failing device: the page agrees with its retained status, in red, with the code.
     let failing = page
@@ -98,7 +117,10 @@ fn dashboard_shows_a_device_converging_and_a_failing_device_red_with_its_reason(
     ensure!(failing["state"] == state(&status), "page {failing} vs status {status}");
     ensure!(failing["error_color"] == "rgb(208, 49, 45)", "the reason is red: {failing}");
     let message = status["last_error"]["message"].as_str().unwrap_or_default();
-    ensure!(failing["error"].as_str().is_some_and(|e| e.contains(message)), "whole reason shown: {failing} vs {status}");
+    ensure!(
+        failing["error"].as_str().is_some_and(|e| e.contains(message)),
+        "whole reason shown: {failing} vs {status}"
+    );
 
     // The summary counts them, and the detail of the failing device shows its reason.
     let stats = page.eval("window.fleetDashboard.stats()")?;
@@ -132,7 +154,8 @@ fn hostile_retained_messages_are_shown_as_text_never_run_as_html() -> Result<()>
     let topic = |device: &str, kind: &str| format!("fleet/acme/devices/{device}/{kind}");
     let now = now_unix();
     // Every payload tries to run script; success would set window.pwned.
-    let html_reason = "<script>window.pwned=1</script><img src=x onerror=\"window.pwned=2\"><b id=injected>bold</b>";
+    let html_reason =
+        "<script>window.pwned=1</script><img src=x onerror=\"window.pwned=2\"><b id=injected>bold</b>";
     let status = json!({
         "device": "gw-1", "fleet": "acme", "state": "failed", "timestamp": now,
         "last_error": {"code": "<img src=x onerror=window.pwned=3>", "message": html_reason},
@@ -140,18 +163,22 @@ fn hostile_retained_messages_are_shown_as_text_never_run_as_html() -> Result<()>
         "applied": {"commit": "<i id=injected2>c</i>", "version": 1},
     });
     mqtt.publish(&topic("gw-1", "status"), status.to_string(), true)?;
-    let hostile_ids = [
-        "<img src=x onerror=window.pwned=6>",
-        "x\"><svg onload=window.pwned=7>",
-        "__proto__",
-        "constructor",
-    ];
+    let hostile_ids =
+        ["<img src=x onerror=window.pwned=6>", "x\"><svg onload=window.pwned=7>", "__proto__", "constructor"];
     mqtt.publish(&topic(hostile_ids[0], "status"), "{not json <b>", true)?;
     mqtt.publish(&topic(hostile_ids[1], "online"), "<script>window.pwned=8</script>", true)?;
-    mqtt.publish(&topic(hostile_ids[2], "status"), r#"{"state":"converged","__proto__":{"polluted":1}}"#, true)?;
+    mqtt.publish(
+        &topic(hostile_ids[2], "status"),
+        r#"{"state":"converged","__proto__":{"polluted":1}}"#,
+        true,
+    )?;
     mqtt.publish(&topic(hostile_ids[3], "status"), "[1,2,3]", true)?;
     mqtt.publish(&topic("gw-huge", "status"), vec![b'{'; 200 * 1024], true)?;
-    mqtt.publish(&topic("gw-state", "status"), json!({"state": "<b id=injected3>odd</b>"}).to_string(), true)?;
+    mqtt.publish(
+        &topic("gw-state", "status"),
+        json!({"state": "<b id=injected3>odd</b>"}).to_string(),
+        true,
+    )?;
     mqtt.publish("fleet/acme/devices/a/b/status", "{}", true)?; // not a device topic
     mqtt.publish("fleet/other/devices/gw-9/status", "{}", true)?; // another fleet
 
@@ -175,10 +202,17 @@ fn hostile_retained_messages_are_shown_as_text_never_run_as_html() -> Result<()>
             DESCRIBE,
         )?;
         if device == "gw-1" {
-            page.wait_for(secs(10), "the hostile event listed", "document.getElementById('detail').textContent.includes('onerror=window.pwned=9')", DESCRIBE)?;
+            page.wait_for(
+                secs(10),
+                "the hostile event listed",
+                "document.getElementById('detail').textContent.includes('onerror=window.pwned=9')",
+                DESCRIBE,
+            )?;
             let detail = page.eval("document.getElementById('detail').textContent")?;
             let detail = detail.as_str().unwrap_or_default();
-            for shown in ["<svg onload=window.pwned=4>", "<iframe src=javascript:window.pwned=5>", html_reason] {
+            for shown in
+                ["<svg onload=window.pwned=4>", "<iframe src=javascript:window.pwned=5>", html_reason]
+            {
                 ensure!(detail.contains(shown), "{shown:?} is not shown as text in the detail: {detail}");
             }
         }
@@ -192,7 +226,11 @@ fn hostile_retained_messages_are_shown_as_text_never_run_as_html() -> Result<()>
           text: document.body.textContent})",
     )?;
     ensure!(verdict["pwned"].is_null(), "a message ran script: {verdict}");
-    ensure!(verdict["injected"] == 0 && verdict["elements"] == 0, "a message became markup: {}", verdict["injected"]);
+    ensure!(
+        verdict["injected"] == 0 && verdict["elements"] == 0,
+        "a message became markup: {}",
+        verdict["injected"]
+    );
     ensure!(verdict["scripts"] == 3, "the page's own three scripts only: {}", verdict["scripts"]);
     ensure!(verdict["polluted"].is_null(), "Object.prototype polluted");
     let text = verdict["text"].as_str().unwrap_or_default();
@@ -202,7 +240,11 @@ fn hostile_retained_messages_are_shown_as_text_never_run_as_html() -> Result<()>
     ensure!(!text.contains("gw-9") && !text.contains("a/b"), "messages of other topics are ignored");
 
     let garbage = page_row(&mut page, hostile_ids[0])?;
-    ensure!(garbage["state"] == "invalid" && garbage["error"].as_str().is_some_and(|e| e.contains("unreadable_status")), "{garbage}");
+    ensure!(
+        garbage["state"] == "invalid"
+            && garbage["error"].as_str().is_some_and(|e| e.contains("unreadable_status")),
+        "{garbage}"
+    );
     ensure!(garbage["text"].as_str().is_some_and(|t| t.contains("(invalid id)")), "{garbage}");
     let array = page_row(&mut page, "constructor")?;
     ensure!(array["state"] == "invalid", "a JSON array is no status: {array}");
@@ -217,4 +259,68 @@ fn page_row(page: &mut Page, device: &str) -> Result<Value> {
     let v = page.eval(&row_js(device))?;
     ensure!(!v.is_null(), "no row for {device:?}");
     Ok(v)
+}
+
+/// The README's broker setup: a `dashboard` account that may only read status, online
+/// and events. The page logs in through its broker form and shows the device; the same
+/// account cannot publish a status, nor read announcements.
+#[test]
+fn a_read_only_dashboard_account_sees_the_fleet_and_can_change_nothing() -> Result<()> {
+    let acl = "user bundler\ntopic readwrite fleet/#\n\n\
+               user dashboard\ntopic read fleet/+/devices/+/status\ntopic read fleet/+/devices/+/online\ntopic read fleet/+/devices/+/events\n";
+    let broker = Mosquitto::builder()
+        .allow_anonymous(false)
+        .user("bundler", "b-secret")
+        .user("dashboard", "d-secret")
+        .acl(acl)
+        .websockets(true)
+        .start()?;
+    let ws = broker.ws_url().context("a websockets listener")?;
+    let mut fleet = FleetRepo::new("acme")?;
+    fleet.add_device("gw-1", &[("site", "berlin")])?;
+    fleet.commit("one device")?;
+    fleet.build_output(&["--dashboard-broker", &ws])?.check()?;
+    let bundler = broker.client_as("bundler", "b-secret");
+    let status = json!({"device": "gw-1", "fleet": "acme", "state": "converged", "timestamp": now_unix(),
+        "applied": {"commit": "a".repeat(40), "version": 1}});
+    bundler.publish(&fleet.topic("gw-1", "status"), status.to_string(), true)?;
+    bundler.publish(&fleet.topic("gw-1", "desired"), "{\"announcement\":1}", true)?;
+
+    let browser = Chromium::start(1200, 800)?;
+    let index = fleet.out_dir().join("dashboard/index.html");
+    let mut page = browser.open(&file_url(&index))?;
+    // Anonymous is refused: the page says so instead of showing an empty fleet as fine.
+    page.wait_for(secs(20), "the refusal shown", "document.querySelector('#conn.down') !== null", DESCRIBE)?;
+    page.eval(
+        "document.getElementById('set-user').value = 'dashboard'; document.getElementById('set-pass').value = 'd-secret'; \
+         document.getElementById('settings-form').requestSubmit(); true",
+    )?;
+    page.wait_for(
+        secs(20),
+        "connected as dashboard",
+        "document.querySelector('#conn.up') !== null",
+        DESCRIBE,
+    )?;
+    let row = page.wait_for(
+        secs(20),
+        "gw-1 converged",
+        &format!(
+            "(() => {{ const r = {}; return r && r.state === 'converged' ? r : null; }})()",
+            row_js("gw-1")
+        ),
+        DESCRIBE,
+    )?;
+    ensure!(row["applied"].as_str().is_some_and(|a| a.starts_with("aaaaaaaa")), "{row}");
+
+    // The same account writes nothing and reads no announcement.
+    let dashboard = broker.client_as("dashboard", "d-secret");
+    dashboard.publish(&fleet.topic("gw-1", "status"), "{\"state\":\"failed\"}", true)?;
+    let stored = bundler.retained(&fleet.topic("gw-1", "status"))?.context("the status")?;
+    let expected = status.to_string();
+    ensure!(stored == expected, "the dashboard account changed the status: {stored}");
+    ensure!(
+        dashboard.retained(&fleet.topic("gw-1", "desired"))?.is_none(),
+        "the dashboard account read an announcement"
+    );
+    Ok(())
 }
