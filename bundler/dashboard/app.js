@@ -29,7 +29,7 @@
   // ---- state ---------------------------------------------------------------------------
   const devices = new Map(); // id -> record
   const stats = { messages: 0, reported: 0, firstMessageAt: null, allReportedAt: null, renders: 0,
-    longestRenderMs: 0, longestTaskMs: 0, startedAt: performance.now() };
+    longestRenderMs: 0, longestTaskMs: 0, longestTaskAt: null, firstRenderAt: null, handlerMs: 0, startedAt: performance.now() };
   let selected = null;
   let sortKey = "state", sortDir = 1;
   let filterText = "";
@@ -75,6 +75,12 @@
   // ---- messages --------------------------------------------------------------------------
   const decoder = new TextDecoder("utf-8");
   function onMessage(topic, payload) {
+    const t0 = performance.now();
+    handle(topic, payload);
+    stats.handlerMs += performance.now() - t0;
+  }
+
+  function handle(topic, payload) {
     stats.messages++;
     if (stats.firstMessageAt === null) stats.firstMessageAt = performance.now();
     if (typeof topic !== "string" || !topic.startsWith(base)) return;
@@ -156,6 +162,7 @@
     render();
     const took = performance.now() - started;
     stats.renders++;
+    if (stats.firstRenderAt === null) stats.firstRenderAt = started;
     if (took > stats.longestRenderMs) stats.longestRenderMs = took;
   }
 
@@ -218,7 +225,8 @@
       all.length, (i, c) => (c === "none" ? "#d5dae0" : palette[i % palette.length]));
   }
 
-  function rank(state) { const i = KNOWN_STATES.indexOf(state); return i < 0 ? 3.5 : i; }
+  const RANK = new Map(KNOWN_STATES.map((s, i) => [s, i]));
+  function rank(state) { const i = RANK.get(state); return i === undefined ? 3.5 : i; }
 
   function drawBar(bar, legend, entries, cls, filterFor, total, color) {
     bar.replaceChildren(...entries.map(([k, n], i) => {
@@ -250,12 +258,15 @@
     const rows = tokens.length ? all.filter((d) => tokens.every((t) => d.search.includes(t))) : all;
     const key = sorters[sortKey] || sorters.id;
     const dir = sortDir;
-    rows.sort((a, b) => {
-      const x = key(a), y = key(b);
+    // Each device's sort key is computed once per render, not once per comparison.
+    const keyed = rows.map((d) => [key(d), d]);
+    keyed.sort((a, b) => {
+      const x = a[0], y = b[0];
       if (x < y) return -dir;
       if (x > y) return dir;
-      return a.id < b.id ? -1 : a.id > b.id ? 1 : 0;
+      return a[1].id < b[1].id ? -1 : a[1].id > b[1].id ? 1 : 0;
     });
+    for (let i = 0; i < keyed.length; i++) rows[i] = keyed[i][1];
     const frag = document.createDocumentFragment();
     const n = Math.min(rows.length, MAX_ROWS);
     for (let i = 0; i < n; i++) frag.append(row(rows[i]));
@@ -430,7 +441,9 @@
   // Long tasks (main-thread stalls over 50 ms), for the benchmark and the curious.
   try {
     new PerformanceObserver((list) => {
-      for (const e of list.getEntries()) if (e.duration > stats.longestTaskMs) stats.longestTaskMs = e.duration;
+      for (const e of list.getEntries()) {
+        if (e.duration > stats.longestTaskMs) { stats.longestTaskMs = e.duration; stats.longestTaskAt = e.startTime; }
+      }
     }).observe({ type: "longtask", buffered: true });
   } catch (e) { /* not supported: stays 0 */ }
 

@@ -109,6 +109,7 @@ fn run() -> Result<()> {
     let load_wall = opened.elapsed().as_secs_f64();
     settle(&mut page)?;
     let load = page.eval("window.fleetDashboard.stats()")?;
+    eprintln!("page stats after load (ms since navigation): {load}");
 
     eprintln!("publishing {devices} live updates with the page open");
     page.eval("window.fleetDashboard.resetStalls()")?;
