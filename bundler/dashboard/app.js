@@ -15,6 +15,7 @@
   const MAX_TEXT = 500; // longest string shown from a message
   const MAX_EVENTS = 20; // recent events kept per device
   const MAX_ROWS = 200; // table rows drawn; the filter finds the others
+  const MAX_DEVICES = 200000; // a flood of made-up device ids cannot exhaust the tab's memory
   const MIN_RENDER_MS = 200; // at most 5 redraws a second
   const KNOWN_STATES = ["failed", "rolled_back", "degraded", "invalid", "downloading", "applying",
     "awaiting_health", "idle", "converged", "unknown"];
@@ -29,7 +30,7 @@
   // ---- state ---------------------------------------------------------------------------
   const devices = new Map(); // id -> record
   const stats = { messages: 0, reported: 0, firstMessageAt: null, allReportedAt: null, renders: 0,
-    longestRenderMs: 0, longestTaskMs: 0, longestTaskAt: null, firstRenderAt: null, handlerMs: 0, startedAt: performance.now() };
+    longestRenderMs: 0, longestTaskMs: 0, longestTaskAt: null, firstRenderAt: null, handlerMs: 0, ignored: 0, startedAt: performance.now() };
   let selected = null;
   let sortKey = "state", sortDir = 1;
   let filterText = "";
@@ -90,6 +91,7 @@
     const id = rest.slice(0, slash), kind = rest.slice(slash + 1);
     if (kind !== "status" && kind !== "online" && kind !== "events") return;
     if (id.length > 256) return; // not a device id; do not keep it
+    if (!devices.has(id) && devices.size >= MAX_DEVICES) { stats.ignored++; markDirty(); return; }
     const d = record(id);
     const text = payload.length > MAX_PAYLOAD ? null : decoder.decode(payload);
     if (kind === "status") onStatus(d, text, payload.length);
@@ -278,7 +280,8 @@
       frag.append(tr);
     }
     $("rows").replaceChildren(frag);
-    $("shown").textContent = rows.length.toLocaleString("en") + " of " + all.length.toLocaleString("en") + " devices";
+    $("shown").textContent = rows.length.toLocaleString("en") + " of " + all.length.toLocaleString("en") + " devices" +
+      (stats.ignored ? " (" + stats.ignored.toLocaleString("en") + " messages of further devices ignored: over " + MAX_DEVICES.toLocaleString("en") + ")" : "");
     for (const th of document.querySelectorAll("th[data-sort]")) {
       th.classList.toggle("asc", th.dataset.sort === sortKey && sortDir > 0);
       th.classList.toggle("desc", th.dataset.sort === sortKey && sortDir < 0);
