@@ -26,6 +26,7 @@ BASE_PKGS=(
     strace # the benchmark counts the agent's fsyncs
     iproute2 # the test harness gives each dockerd its own bridge (`ip link add`)
     git-lfs # the bundler's tests make real Git LFS pointer files
+    chromium # headless, driven by the dashboard's browser tests and bench/dashboard.sh
 )
 CROSS_ARCH=arm64
 # The agent is built static against musl, with std compiled from rust-web-src
@@ -195,6 +196,8 @@ summary() {
     echo "runc:            $(first_line runc --version)"
     echo "docker-registry: $(first_line docker-registry --version)"
     echo "busybox:         $(first_line busybox)"
+    # (Debian's chromium wrapper script complains on stderr about its memory check; not an error)
+    echo "chromium:        $(chromium --version 2>/dev/null | head -n 1 || true)"
     if [ "$CROSS" = 1 ]; then
         echo "rustc (debian):  $(first_line /usr/bin/rustc --version)"
         echo "aarch64 gcc:     $(first_line aarch64-linux-gnu-gcc --version)"

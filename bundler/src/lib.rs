@@ -18,9 +18,10 @@
 //! - [`mqtt`]: `publish` (retained announcements) and `status` (the fleet table).
 //! - [`metrics`] and [`exporter`]: the fleet as Prometheus metrics (`exporter`,
 //!   `status --serve`); `metrics` is pure, `exporter` speaks MQTT and HTTP.
+//! - [`dashboard`]: the static live dashboard written next to the build output.
 //!
 //! Architecture invariant: only [`repo`], [`build`], [`previous`], [`registry`],
-//! [`mqtt`] and [`exporter`] do I/O;
+//! [`dashboard`], [`mqtt`] and [`exporter`] do I/O;
 //! loading and rendering are pure functions of the repository snapshot, so the same
 //! commit always renders the same states.
 
@@ -28,6 +29,7 @@
 
 pub mod build;
 pub mod compose;
+pub mod dashboard;
 pub mod diag;
 pub mod duration;
 pub mod exporter;

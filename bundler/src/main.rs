@@ -83,9 +83,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Render, sign and write every device's bundle, DIR/index.json and DIR/devices/<id>.json.
+    /// Render, sign and write every device's bundle, DIR/index.json, DIR/devices/<id>.json and the live dashboard DIR/dashboard/.
     #[command(
-        after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n  fleet-bundler build --repo . --key keys/signing.key --out out/ --previous https://cdn.example/fleet\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.\nWithout it (no CI cache), pass --previous with the published output: versions stay newer than what devices hold.\nA commit dated more than 5 minutes ahead of this machine's clock, or whose bundles would already be expired, is refused (exit 1).\nUpload DIR as is: agents poll DIR/devices/<their id>.json and fetch DIR/bundles/<digest>.bundle.\nThe signing key may also come from the environment: FLEET_SIGNING_KEY=<the line of signing.key>.\n\nExit codes: 0 built, 65 invalid repository (nothing written), 1 failure (Git, key, registry, I/O, --previous, a commit dated in the future or already expired; nothing written), 64 usage."
+        after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n  fleet-bundler build --repo . --key keys/signing.key --out out/ --previous https://cdn.example/fleet\n  fleet-bundler build --repo . --key keys/signing.key --out out/ --dashboard-broker wss://broker.example.com:8084/mqtt\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.\nWithout it (no CI cache), pass --previous with the published output: versions stay newer than what devices hold.\nA commit dated more than 5 minutes ahead of this machine's clock, or whose bundles would already be expired, is refused (exit 1).\nUpload DIR as is: agents poll DIR/devices/<their id>.json and fetch DIR/bundles/<digest>.bundle.\nDIR/dashboard/index.html is a static live view of the fleet (open it from disk or any static server; it reads the broker over MQTT-over-WebSockets).\nThe signing key may also come from the environment: FLEET_SIGNING_KEY=<the line of signing.key>.\n\nExit codes: 0 built, 65 invalid repository (nothing written), 1 failure (Git, key, registry, I/O, --previous, a commit dated in the future or already expired; nothing written), 64 usage."
     )]
     Build(BuildArgs),
     /// Show what changes per device between two revisions (secrets-free).
@@ -225,12 +225,24 @@ struct BuildArgs {
     /// past commit as it was built then.
     #[arg(long, env = "FLEET_BUILD_NOW", value_name = "UNIX_SECONDS")]
     now: Option<i64>,
+    /// The broker's MQTT-over-WebSockets URL for the live dashboard written into
+    /// OUT/dashboard/ (e.g. ws://broker:9001 or wss://broker/mqtt); without it the page
+    /// asks for one (`index.html?broker=ws://...` overrides it either way).
+    #[arg(long, value_name = "WS_URL", env = "FLEET_DASHBOARD_BROKER", value_parser = parse_ws_url)]
+    dashboard_broker: Option<String>,
+    /// Do not write OUT/dashboard/.
+    #[arg(long, conflicts_with = "dashboard_broker")]
+    no_dashboard: bool,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     json: bool,
     /// Progress on stderr (default: when stderr is a terminal).
     #[arg(long)]
     progress: bool,
+}
+
+fn parse_ws_url(s: &str) -> Result<String, String> {
+    fleet_bundler::dashboard::check_broker_url(s).map(|()| s.to_string())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -490,6 +502,9 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     )?;
     for w in &summary.warnings {
         eprintln!("warning: {w}");
+    }
+    if !args.no_dashboard {
+        fleet_bundler::dashboard::write(&args.out, args.dashboard_broker.as_deref())?;
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

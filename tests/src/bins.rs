@@ -32,6 +32,12 @@ fn target_dir() -> PathBuf {
     }
 }
 
+/// `<cargo target dir>/e2e-artifacts/<name>`: where tests leave files for people and
+/// CI to look at (screenshots), never committed.
+pub fn artifact_path(name: &str) -> PathBuf {
+    target_dir().join("e2e-artifacts").join(name)
+}
+
 /// Path of workspace binary `name` from the package of the same name
 /// (`workspace_bin("fleet-agent")`), building it first (once per process).
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {

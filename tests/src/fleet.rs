@@ -104,7 +104,13 @@ pub fn run_command(cmd: &mut Command) -> Result<CmdOutput> {
 /// `fleet-bundler ARGS`, built from this workspace.
 pub fn bundler(args: &[&str]) -> Result<CmdOutput> {
     let bin = workspace_bin("fleet-bundler")?;
-    run_command(Command::new(bin).args(args).env_remove("FLEET_SIGNING_KEY").env_remove("FLEET_BROKER"))
+    run_command(
+        Command::new(bin)
+            .args(args)
+            .env_remove("FLEET_SIGNING_KEY")
+            .env_remove("FLEET_BROKER")
+            .env_remove("FLEET_DASHBOARD_BROKER"),
+    )
 }
 
 /// One device's bundle as `index.json` lists it.

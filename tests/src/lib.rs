@@ -28,6 +28,7 @@
 //! `FLEET_E2E_KEEP=1` to keep the temp dirs (and logs) of stopped components.
 
 mod bins;
+pub mod chromium;
 mod dockerd;
 mod engine;
 pub mod fleet;
@@ -50,7 +51,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-pub use bins::{workspace_bin, workspace_bin_of};
+pub use bins::{artifact_path, workspace_bin, workspace_bin_of};
+pub use chromium::{Chromium, Page};
 pub use dockerd::Dockerd;
 pub use engine::{engine_delete, engine_get, engine_post, engine_request, http_get, Engine, HttpResponse};
 pub use fleet::{AgentCommand, CmdOutput, Device, DeviceBuilder, DeviceWatch, FleetRepo, IndexEntry};

@@ -2,6 +2,9 @@
 //! ACL file, persistence and extra configuration, which can be stopped and restarted on
 //! the same port (broker outage tests).
 //!
+//! With [`MosquittoBuilder::websockets`] it also listens for MQTT over WebSockets on a
+//! second free loopback port (what the browser dashboard connects to).
+//!
 //! The broker runs as root (`user root`, so it can read its files in the 0700 temp dir)
 //! and logs everything (`log_type all`, including ACL denials) to `mosquitto.log`.
 
@@ -26,6 +29,7 @@ pub struct MosquittoBuilder {
     users: Vec<(String, String)>,
     acl: Option<String>,
     persistence: bool,
+    websockets: bool,
     extra: String,
 }
 
@@ -36,6 +40,7 @@ impl Default for MosquittoBuilder {
             users: Vec::new(),
             acl: None,
             persistence: false,
+            websockets: false,
             extra: String::new(),
         }
     }
@@ -71,6 +76,14 @@ impl MosquittoBuilder {
         self
     }
 
+    /// Also listen for MQTT over WebSockets (`listener PORT 127.0.0.1` + `protocol
+    /// websockets`) on a second free port: [`Mosquitto::ws_url`]. The password file
+    /// and the ACL apply to both listeners (`per_listener_settings false`).
+    pub fn websockets(mut self, on: bool) -> Self {
+        self.websockets = on;
+        self
+    }
+
     /// Extra lines for `mosquitto.conf` (listeners, limits, ...).
     pub fn extra(mut self, config: &str) -> Self {
         self.extra.push_str(config);
@@ -84,8 +97,12 @@ impl MosquittoBuilder {
         let dir = crate::short_tempdir("m")?;
         let root = dir.path().to_path_buf();
         let port = free_port();
+        let ws_port = if self.websockets { Some(free_port()) } else { None };
         let mut conf = String::new();
         writeln!(conf, "listener {port} 127.0.0.1")?;
+        if let Some(ws) = ws_port {
+            writeln!(conf, "listener {ws} 127.0.0.1\nprotocol websockets")?;
+        }
         writeln!(conf, "allow_anonymous {}", self.allow_anonymous)?;
         writeln!(conf, "user root\nlog_dest stderr\nlog_type all\nconnection_messages true")?;
         if self.persistence {
@@ -110,7 +127,7 @@ impl MosquittoBuilder {
         conf.push_str(&self.extra);
         let config = root.join("mosquitto.conf");
         fs::write(&config, conf).context("writing mosquitto.conf")?;
-        let mut broker = Mosquitto { daemon: None, dir: Some(dir), root, port, config, program };
+        let mut broker = Mosquitto { daemon: None, dir: Some(dir), root, port, ws_port, config, program };
         broker.spawn()?;
         Ok(broker)
     }
@@ -122,6 +139,7 @@ pub struct Mosquitto {
     dir: Option<TempDir>,
     root: PathBuf,
     port: u16,
+    ws_port: Option<u16>,
     config: PathBuf,
     program: PathBuf,
 }
@@ -146,7 +164,11 @@ impl Mosquitto {
         cmd.arg("-c").arg(&self.config);
         let mut daemon = Daemon::spawn("mosquitto", cmd, &self.root.join("mosquitto.log"))?;
         let addr = format!("127.0.0.1:{}", self.port);
-        let ready = daemon.wait_ready(Duration::from_secs(10), || TcpStream::connect(&addr).is_ok());
+        let ws_addr = self.ws_port.map(|p| format!("127.0.0.1:{p}"));
+        let ready = daemon.wait_ready(Duration::from_secs(10), || {
+            TcpStream::connect(&addr).is_ok()
+                && ws_addr.as_ref().is_none_or(|a| TcpStream::connect(a).is_ok())
+        });
         self.daemon = Some(daemon);
         ready
     }
@@ -158,6 +180,11 @@ impl Mosquitto {
     /// `"mqtt://127.0.0.1:PORT"`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// `"ws://127.0.0.1:WS_PORT"`, when started with [`MosquittoBuilder::websockets`].
+    pub fn ws_url(&self) -> Option<String> {
+        self.ws_port.map(|p| format!("ws://127.0.0.1:{p}"))
     }
 
     /// An anonymous client of this broker.

@@ -89,6 +89,16 @@ fn demo_runs_the_whole_loop_and_converges_on_the_second_commit() -> Result<()> {
         "no final summary:\n{stdout}"
     );
 
+    // The live dashboard the build wrote, pointed at the in-process broker's WebSockets.
+    let url = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Live dashboard (static page, written by the build): "))
+        .with_context(|| format!("no dashboard URL in the output:\n{stdout}"))?;
+    let page = url.strip_prefix("file://").with_context(|| format!("not a file URL: {url}"))?;
+    ensure!(Path::new(page).is_file(), "{page} does not exist");
+    let config = std::fs::read_to_string(Path::new(page).with_file_name("config.js"))?;
+    ensure!(config.contains("\"broker\":\"ws://127.0.0.1:"), "config.js names no local broker: {config}");
+
     // The device's files are below the work dir, with the second commit's change.
     let conf = work.join("device/srv/fleet/telemetry/files/telegraf.conf");
     let conf = std::fs::read_to_string(&conf).with_context(|| format!("reading {}", conf.display()))?;
@@ -105,7 +115,9 @@ fn help_explains_the_options() -> Result<()> {
     let out = demo(&["--help"], None)?;
     let (stdout, _) = text(&out);
     ensure!(out.status.success(), "--help failed: {}", out.status);
-    for option in ["--work-dir", "--device", "--broker", "--engine-socket", "--keep-running"] {
+    for option in
+        ["--work-dir", "--device", "--broker", "--dashboard-broker", "--engine-socket", "--keep-running"]
+    {
         ensure!(stdout.contains(option), "--help does not mention {option}:\n{stdout}");
     }
     Ok(())

@@ -509,3 +509,49 @@ fn damaged_or_missing_pointer_files_are_written_again() {
     assert_eq!(out.json()["pointers_deleted"], serde_json::json!(["gw-gone-01"]));
     assert_pointers_match_the_index(out_dir.path());
 }
+
+/// Issue 18: `build` writes the static dashboard next to the bundles, with the broker's
+/// WebSocket URL and the fleet in `config.js`; the same commit gives the same bytes.
+#[test]
+fn build_writes_the_dashboard_with_its_broker_url_and_no_dashboard_skips_it() {
+    let repo = Repo::example();
+    let keys = Keys::new();
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = out_dir.path().to_str().expect("utf-8");
+    let key = keys.secret();
+    let base = ["build", "--repo", repo.path_str(), "--rev", "HEAD", "--key", &key, "--out"];
+    let with = |out: &str, extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.push(out);
+        args.extend(extra);
+        bundler(&args)
+    };
+    with(out, &["--dashboard-broker", "wss://broker.example.com:8084/mqtt"]).assert_code(0);
+    let dash = out_dir.path().join("dashboard");
+    let files =
+        ["index.html", "style.css", "app.js", "config.js", "vendor/mqtt.min.js", "vendor/mqtt.LICENSE.md"];
+    let read_all =
+        || files.map(|f| std::fs::read(dash.join(f)).unwrap_or_else(|e| panic!("dashboard/{f}: {e}")));
+    let first = read_all();
+    let config = String::from_utf8(first[3].clone()).expect("utf-8");
+    assert!(config.contains("\"broker\":\"wss://broker.example.com:8084/mqtt\""), "{config}");
+    assert!(
+        config.contains("\"fleet\":\"acme\"") && config.contains("\"topic_prefix\":\"fleet\""),
+        "{config}"
+    );
+    assert!(config.contains("\"gw-berlin-01\":{\"labels\":{\"channel\":\"canary\""), "{config}");
+    with(out, &["--dashboard-broker", "wss://broker.example.com:8084/mqtt"]).assert_code(0);
+    assert!(read_all() == first, "a rebuild of the same commit changed the dashboard");
+
+    // Not a WebSocket URL: a usage error before anything is written.
+    let bad_dir = tempfile::tempdir().expect("tempdir");
+    let bad = with(bad_dir.path().to_str().expect("utf-8"), &["--dashboard-broker", "mqtt://broker:1883"]);
+    bad.assert_code(64);
+    bad.assert_stderr_has("is not a WebSocket URL");
+    assert!(!bad_dir.path().join("index.json").exists(), "nothing is written");
+
+    let none_dir = tempfile::tempdir().expect("tempdir");
+    with(none_dir.path().to_str().expect("utf-8"), &["--no-dashboard"]).assert_code(0);
+    assert!(!none_dir.path().join("dashboard").exists(), "--no-dashboard wrote a dashboard");
+    assert!(none_dir.path().join("index.json").exists());
+}

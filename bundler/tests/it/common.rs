@@ -58,7 +58,11 @@ pub fn bundler(args: &[&str]) -> Output {
 /// committer time + 60 s.
 pub fn bundler_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleet-bundler"));
-    cmd.args(args).env_remove("FLEET_SIGNING_KEY").env_remove("FLEET_BROKER").env_remove("FLEET_BUILD_NOW");
+    cmd.args(args)
+        .env_remove("FLEET_SIGNING_KEY")
+        .env_remove("FLEET_BROKER")
+        .env_remove("FLEET_BUILD_NOW")
+        .env_remove("FLEET_DASHBOARD_BROKER");
     if args.first() == Some(&"build")
         && !args.contains(&"--now")
         && !env.iter().any(|(k, _)| *k == "FLEET_BUILD_NOW")

@@ -53,6 +53,9 @@ Options:
                         <example>/devices, gw-berlin-01 in the example repo).
   --broker URL          Use this MQTT broker (mqtt://host:1883, mqtts://host:8883): Mosquitto,
                         EMQX, HiveMQ... Default: an in-process broker on 127.0.0.1 (free port).
+  --dashboard-broker URL  The broker's MQTT-over-WebSockets URL the dashboard page connects to
+                        (ws://host:9001). Default: the in-process broker's WebSocket listener;
+                        with --broker, the page asks for one (or add ?broker=ws://... to its URL).
   --engine-socket PATH  Also run the apps' containers, through this Docker Engine API socket
                         (dockerd, podman's service; e.g. /var/run/docker.sock). The example's
                         images must then be pullable by that engine: the example names
@@ -91,6 +94,7 @@ struct Options {
     work_dir: PathBuf,
     device: Option<String>,
     broker: Option<String>,
+    dashboard_broker: Option<String>,
     engine_socket: Option<PathBuf>,
     example: Option<PathBuf>,
     timeout: Duration,
@@ -109,6 +113,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Parsed> {
         work_dir: PathBuf::from("demo-work"),
         device: None,
         broker: None,
+        dashboard_broker: None,
         engine_socket: None,
         example: None,
         timeout: Duration::from_secs(120),
@@ -142,6 +147,13 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Parsed> {
                     bail!("--broker must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT], not `{url}`");
                 }
                 opts.broker = Some(url);
+            }
+            "--dashboard-broker" => {
+                let url = value(&flag)?;
+                if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                    bail!("--dashboard-broker must be ws://HOST:PORT[/PATH] or wss://..., not `{url}`");
+                }
+                opts.dashboard_broker = Some(url);
             }
             "--engine-socket" => opts.engine_socket = Some(value(&flag)?.into()),
             "--example" => opts.example = Some(value(&flag)?.into()),
@@ -474,14 +486,14 @@ fn short(commit: &str) -> &str {
 /// Starts rumqttd in this process on `127.0.0.1:<free port>` (MQTT 3.1.1, anonymous,
 /// retained messages and last wills) and waits until it accepts connections. Its
 /// threads end with the process; it logs nothing (no tracing subscriber is installed).
-fn start_embedded_broker() -> Result<u16> {
+fn start_embedded_broker(ws_port: Option<u16>) -> Result<u16> {
     use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
     let mut last_err = None;
     for _ in 0..3 {
         let port = free_port();
         let listen = SocketAddr::from(([127, 0, 0, 1], port));
-        let server = ServerSettings {
-            name: "fleet-demo".into(),
+        let settings = |name: &str, listen| ServerSettings {
+            name: name.into(),
             listen,
             tls: None,
             next_connection_delay_ms: 1,
@@ -494,6 +506,12 @@ fn start_embedded_broker() -> Result<u16> {
                 dynamic_filters: true,
             },
         };
+        let server = settings("fleet-demo", listen);
+        // MQTT over WebSockets, for the dashboard page.
+        let ws = ws_port.map(|p| {
+            let ws = settings("fleet-demo-ws", SocketAddr::from(([127, 0, 0, 1], p)));
+            [("ws".to_string(), ws)].into_iter().collect()
+        });
         let config = Config {
             id: 0,
             router: RouterConfig {
@@ -506,6 +524,7 @@ fn start_embedded_broker() -> Result<u16> {
                 shared_subscriptions_strategy: Default::default(),
             },
             v4: Some([("v4".to_string(), server)].into_iter().collect()),
+            ws,
             ..Default::default()
         };
         let handle = thread::Builder::new().name("mqtt-broker".into()).spawn(move || {
@@ -566,6 +585,9 @@ struct Demo {
     bundler: PathBuf,
     agent_bin: PathBuf,
     broker_url: String,
+    /// The in-process broker's WebSocket port (chosen before the build, which writes it
+    /// into the dashboard).
+    ws_port: Option<u16>,
     server: Option<StaticHttpServer>,
     agent: Option<Child>,
     git_repo: Option<GitRepo>,
@@ -603,6 +625,7 @@ impl Demo {
             bundler,
             agent_bin,
             broker_url: opts.broker.clone().unwrap_or_default(),
+            ws_port: if opts.broker.is_none() { Some(free_port()) } else { None },
             server: None,
             agent: None,
             git_repo: None,
@@ -864,7 +887,12 @@ impl Demo {
         self.ui.heading("Build signed bundles, one per device, their pointer files and index.json");
         let (repo, key, out) =
             (disp(&self.layout.repo), disp(&self.layout.keys.join("signing.key")), disp(&self.layout.out));
-        self.bundler(&["build", "--repo", &repo, "--rev", "HEAD", "--key", &key, "--out", &out], &[0])?;
+        let mut args = vec!["build", "--repo", &repo, "--rev", "HEAD", "--key", &key, "--out", &out];
+        let ws = self.dashboard_broker();
+        if let Some(ws) = &ws {
+            args.extend(["--dashboard-broker", ws]);
+        }
+        self.bundler(&args, &[0])?;
         let index = self.index()?;
         let entry = &index["devices"][&self.device];
         self.ui.output(&format!(
@@ -878,6 +906,21 @@ impl Demo {
         Ok(())
     }
 
+    /// The WebSocket URL the dashboard connects to, if one is known.
+    fn dashboard_broker(&self) -> Option<String> {
+        self.opts.dashboard_broker.clone().or_else(|| self.ws_port.map(|p| format!("ws://127.0.0.1:{p}")))
+    }
+
+    /// The dashboard page `build` wrote, as a URL to open from disk.
+    fn dashboard_url(&self) -> String {
+        let page = self.layout.out.join("dashboard/index.html");
+        let page = fs::canonicalize(&page).unwrap_or(page);
+        match self.dashboard_broker() {
+            Some(_) => format!("file://{}", page.display()),
+            None => format!("file://{}?broker=ws://BROKER:PORT", page.display()),
+        }
+    }
+
     fn index(&self) -> Result<Value> {
         let path = self.layout.out.join("index.json");
         let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
@@ -889,7 +932,7 @@ impl Demo {
         self.ui.heading("Start an MQTT broker and a bundle server (any static HTTP server)");
         fs::create_dir_all(&self.layout.www)?;
         if self.opts.broker.is_none() {
-            let port = start_embedded_broker().context("starting the in-process MQTT broker")?;
+            let port = start_embedded_broker(self.ws_port).context("starting the in-process MQTT broker")?;
             self.broker_url = format!("mqtt://127.0.0.1:{port}");
             self.ui.command(&["mosquitto".into(), "-p".into(), port.to_string()]);
             self.ui.output(&format!(
@@ -1218,9 +1261,10 @@ impl Demo {
             disp(&self.layout.root),
             disp(&self.layout.agent_log())
         );
+        println!("Live dashboard (static page, written by the build): {}", self.dashboard_url());
         if !self.opts.keep_running {
             println!(
-                "Run with --keep-running to keep the broker, bundle server and agent up and poke around."
+                "Run with --keep-running to keep the broker, bundle server and agent up and poke around (and watch the dashboard live)."
             );
             return Ok(());
         }
@@ -1230,6 +1274,7 @@ impl Demo {
         println!("  broker         {}", self.broker_url);
         println!("  bundle server  {}", self.base_url());
         println!("  agent          {} (log {})", self.device, disp(&self.layout.agent_log()));
+        println!("  dashboard      {}", self.dashboard_url());
         println!("Try:");
         if let Some(port) = self.broker_url.strip_prefix("mqtt://127.0.0.1:") {
             println!(

@@ -28,6 +28,7 @@
 //! | [`small_fleet`] | 9 twenty devices |
 //! | [`acl`] | 10 broker ACLs |
 //! | [`sideload`] | 11 `fleet-agent apply` without a broker |
+//! | [`dashboard`] | the static live dashboard in headless Chromium: a device converging, a failing one in red, hostile messages as text (issue 18) |
 //! | [`aarch64`] | the cross-built aarch64 agent under qemu, on dockerd (issue 6) |
 
 mod aarch64;
@@ -37,6 +38,7 @@ mod common;
 mod compose_keys;
 mod containers;
 mod crash;
+mod dashboard;
 mod engines;
 mod exporter;
 mod first_deploy;
