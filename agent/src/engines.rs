@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fleet_spec::model::{ContainerSpec, ImageRef, NetworkSpec, VolumeSpec};
+use fleet_spec::model::{ContainerSpec, Hook, ImageRef, NetworkSpec, VolumeSpec};
 
 use crate::engine::docker::DockerEngine;
 use crate::engine::{Engine, EngineError, EngineEvent, ObservedContainer, ObservedNetwork, RegistryAuth};
@@ -40,6 +40,9 @@ impl Engine for NoEngine {
         _platform: Option<&str>,
         _auth: Option<&RegistryAuth>,
     ) -> Result<(), EngineError> {
+        Err(disabled())
+    }
+    async fn exec(&self, _name: &str, _hook: &Hook, _timeout: Duration) -> Result<i64, EngineError> {
         Err(disabled())
     }
     async fn create(
@@ -131,6 +134,9 @@ impl Engine for AnyEngine {
         auth: Option<&RegistryAuth>,
     ) -> Result<(), EngineError> {
         delegate!(self, e => e.pull(image, platform, auth))
+    }
+    async fn exec(&self, name: &str, hook: &Hook, timeout: Duration) -> Result<i64, EngineError> {
+        delegate!(self, e => e.exec(name, hook, timeout))
     }
     async fn create(
         &self,

@@ -27,7 +27,7 @@ use fleet_e2e::{
     wait_until, Dockerd, Engine as HarnessEngine, Podman,
 };
 use fleet_spec::model::{
-    BlkioConfig, ContainerOptions, ContainerSpec, DesiredState, DeviceMapping, GpuRequest, Healthcheck,
+    BlkioConfig, ContainerOptions, ContainerSpec, DesiredState, DeviceMapping, GpuRequest, Healthcheck, Hook,
     ImageRef, IpamPool, LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec, PortMapping, Protocol,
     RestartPolicy, StaticAddresses, Ulimit, VolumeSpec,
 };
@@ -726,6 +726,8 @@ fn options_spec(lab: &Lab) -> ContainerSpec {
         runtime: Some("runc".into()),
         domainname: (!lab.is_podman()).then(|| "fleet.lan".into()),
         gpus: vec![],
+        post_start: vec![],
+        pre_stop: vec![],
         pull_policy: None,
         // The test images are built here, for the host's platform.
         platform: Some(format!("linux/{}", host_arch())),
@@ -965,6 +967,18 @@ async fn options_scenario(lab: &Lab) {
     if !lab.is_podman() {
         check(&mut wrong, "Config.Domainname", &config["Domainname"], json!("fleet.lan"));
     }
+    // post_start / pre_stop run through exec: exit codes, env, working dir, the timeout.
+    let hook = |cmd: &str| Hook { command: vec!["sh".into(), "-c".into(), cmd.into()], ..Default::default() };
+    let wait = Duration::from_secs(10);
+    assert_eq!(engine.exec("ft-opts", &hook("exit 3"), wait).await.expect("exec"), 3);
+    let shaped = Hook {
+        env: BTreeMap::from([("HOOK".into(), "yes".into())]),
+        working_dir: Some("/proc".into()),
+        ..hook("test \"$HOOK\" = yes && test \"$(pwd)\" = /proc")
+    };
+    assert_eq!(engine.exec("ft-opts", &shaped, wait).await.expect("exec"), 0, "env and working_dir");
+    let slow = engine.exec("ft-opts", &hook("sleep 5"), Duration::from_millis(500)).await;
+    assert!(matches!(slow, Err(EngineError::Api { status: 408, .. })), "{slow:?}");
     // networks.<name>.ipv4_address
     check(
         &mut wrong,

@@ -198,6 +198,23 @@ pub struct ContainerOptions {
     pub domainname: Option<String>,
     /// `HostConfig.DeviceRequests` (Compose `gpus`). *Host access*: the host's GPUs.
     pub gpus: Vec<GpuRequest>,
+    /// Compose `post_start`: commands run in the container after it started; one that
+    /// fails fails the update (which rolls back).
+    pub post_start: Vec<Hook>,
+    /// Compose `pre_stop`: commands run in the container before the agent stops it
+    /// (best effort, within the stop grace period).
+    pub pre_stop: Vec<Hook>,
+}
+
+/// A command run inside a running container (`POST /containers/{id}/exec`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Hook {
+    pub command: Vec<String>,
+    pub user: Option<String>,
+    /// *Host access*, as `privileged: true` is.
+    pub privileged: bool,
+    pub working_dir: Option<String>,
+    pub env: BTreeMap<String, String>,
 }
 
 /// One request for GPUs: `count` of them (`-1`: all) or the listed `device_ids`, from

@@ -320,6 +320,17 @@ fn check_container(
             },
         }
     }
+    if !policy.allow_privileged {
+        let hooks =
+            o.post_start.iter().map(|h| ("post_start", h)).chain(o.pre_stop.iter().map(|h| ("pre_stop", h)));
+        for (key, _) in hooks.filter(|(_, h)| h.privileged) {
+            deny(
+                Rule::Privileged,
+                format!("{key}: privileged: true"),
+                Opening::Set { key: "allow_privileged", value: "true" },
+            );
+        }
+    }
     if !o.gpus.is_empty() && !policy.allow_gpus {
         deny(Rule::Gpu, "gpus".into(), Opening::Set { key: "allow_gpus", value: "true" });
     }
@@ -666,7 +677,7 @@ fn is_pinned(c: &ContainerSpec) -> bool {
 mod tests {
     use super::*;
     use crate::model::{
-        ContainerOptions, DeviceMapping, GpuRequest, ImageRef, Mount, NetworkAttachment, NetworkSpec,
+        ContainerOptions, DeviceMapping, GpuRequest, Hook, ImageRef, Mount, NetworkAttachment, NetworkSpec,
         VolumeSpec,
     };
 
@@ -784,6 +795,16 @@ mod tests {
             });
             assert_eq!(violations(&open, c).len(), 1, "{key}: {bad} is never allowed");
         }
+    }
+
+    #[test]
+    fn privileged_hooks_need_allow_privileged() {
+        let hook = Hook { command: vec!["true".into()], privileged: true, ..Default::default() };
+        let c = with_options(|o| o.pre_stop = vec![hook]);
+        let v = violations(&EnginePolicy::default(), c.clone());
+        assert_eq!(v.iter().map(|v| v.rule).collect::<Vec<_>>(), [Rule::Privileged]);
+        assert!(v[0].to_string().contains("`pre_stop: privileged: true`"), "{}", v[0]);
+        assert!(violations(&EnginePolicy { allow_privileged: true, ..Default::default() }, c).is_empty());
     }
 
     #[test]

@@ -4,6 +4,9 @@
 use super::*;
 use crate::engine::LABEL_SPEC_HASH;
 
+/// How long a `post_start` hook may run.
+const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Why the device is being converged, which decides what is journaled and what may be
 /// deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +112,7 @@ impl<E: Engine> Agent<E> {
         for name in &cplan.detach {
             let step = Step::RemoveContainer { name: name.clone() };
             self.step(journaled, true, &step)?;
+            self.pre_stop(name, state).await;
             self.engine.remove(name, self.cfg.stop_grace_secs).await?;
             self.step(journaled, false, &step)?;
         }
@@ -137,6 +141,7 @@ impl<E: Engine> Agent<E> {
         for name in &cplan.remove_containers {
             let step = Step::RemoveContainer { name: name.clone() };
             self.step(journaled, true, &step)?;
+            self.pre_stop(name, state).await;
             self.engine.remove(name, self.cfg.stop_grace_secs).await?;
             self.step(journaled, false, &step)?;
         }
@@ -156,6 +161,7 @@ impl<E: Engine> Agent<E> {
                 if s.need == Need::Recreate {
                     let step = Step::RemoveContainer { name: s.name.clone() };
                     self.step(journaled, true, &step)?;
+                    self.pre_stop(&s.name, state).await;
                     self.engine.remove(&s.name, self.cfg.stop_grace_secs).await?;
                     self.step(journaled, false, &step)?;
                 }
@@ -169,6 +175,7 @@ impl<E: Engine> Agent<E> {
             let step = Step::StartContainer { name: s.name.clone() };
             self.step(journaled, true, &step)?;
             self.engine.start(&s.name).await?;
+            self.post_start(spec).await?;
             self.step(journaled, false, &step)?;
             if let Some(kind) = s.need.drift() {
                 repaired.push((kind, s.name.clone()));
@@ -214,6 +221,41 @@ impl<E: Engine> Agent<E> {
         }
         self.engine_down = false;
         Ok(repaired)
+    }
+
+    /// Runs the container's `post_start` hooks; one that fails or exits non-zero fails
+    /// the step (an update then rolls back).
+    async fn post_start(&self, spec: &fleet_spec::model::ContainerSpec) -> Result<(), EngineError> {
+        for hook in &spec.options.post_start {
+            let code = self.engine.exec(&spec.name, hook, HOOK_TIMEOUT).await?;
+            if code != 0 {
+                return Err(EngineError::Api {
+                    op: "post_start",
+                    object: spec.name.clone(),
+                    status: 500,
+                    message: format!("post_start `{}` exited with {code}", hook.command.join(" ")),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the `pre_stop` hooks of container `name` as it runs now (its spec in the
+    /// applied state, else in `target`): best effort, each within the stop grace period.
+    async fn pre_stop(&self, name: &str, target: &DesiredState) {
+        let running = self.current.as_ref().and_then(|c| c.state.containers.iter().find(|s| s.name == name));
+        let Some(spec) = running.or_else(|| target.containers.iter().find(|s| s.name == name)) else {
+            return;
+        };
+        let grace = Duration::from_secs(self.cfg.stop_grace_secs.into());
+        for hook in &spec.options.pre_stop {
+            let command = hook.command.join(" ");
+            match self.engine.exec(name, hook, grace).await {
+                Ok(0) => {}
+                Ok(code) => tracing::warn!(container = name, "pre_stop `{command}` exited with {code}"),
+                Err(e) => tracing::warn!(container = name, "pre_stop `{command}`: {e}"),
+            }
+        }
     }
 
     pub(super) async fn engine_view(&self) -> Result<EngineView, EngineError> {

@@ -11,8 +11,8 @@ use fleet_spec::bundle::{self, BundleMeta};
 use fleet_spec::keys::SigningKey;
 use fleet_spec::messages::{Announcement, DeviceState, DriftKind, EventKind};
 use fleet_spec::model::{
-    ContainerSpec, Dependency, DependencyCondition, DesiredState, Healthcheck, ImageRef, ManagedFile, Mount,
-    MountSource, NetworkAttachment, NetworkSpec, RestartPolicy, VolumeSpec,
+    ContainerSpec, Dependency, DependencyCondition, DesiredState, Healthcheck, Hook, ImageRef, ManagedFile,
+    Mount, MountSource, NetworkAttachment, NetworkSpec, RestartPolicy, VolumeSpec,
 };
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -1140,4 +1140,36 @@ async fn pull_policy_never_does_not_pull_a_missing_image_and_always_pulls_a_pres
         "`always` pulls on an apply even when the image is there: {:?}",
         h.fake.calls()
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_post_start_hook_rolls_the_update_back_and_pre_stop_runs_before_a_recreate() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let hook = |cmd: &str| Hook { command: vec!["sh".into(), "-c".into(), cmd.into()], ..Default::default() };
+    let mut v1 = v1(&h);
+    v1.containers[0].options.pre_stop = vec![hook("flush")];
+    v1.containers[0].options.post_start = vec![hook("warm up")];
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(1, &v1)).await.expect("apply"),
+        Outcome::Committed { version: 1 }
+    );
+    assert!(h.fake.calls().contains(&Call::Exec { name: "app-web".into(), command: "sh -c warm up".into() }));
+
+    // v2 changes the container (recreate) and its post_start fails.
+    let mut v2 = v1.clone();
+    v2.containers[0].env.insert("V".into(), "2".into());
+    v2.containers[0].options.post_start = vec![hook("migrate")];
+    h.fake.exec_result("sh -c migrate", 1);
+    h.fake.clear_calls();
+    let outcome = agent.apply_bundle(&h.bundle(2, &v2)).await.expect("apply");
+    let Outcome::RolledBack { reason, .. } = &outcome else { panic!("{outcome:?}") };
+    assert!(reason.contains("post_start `sh -c migrate` exited with 1"), "{reason}");
+    let calls = h.fake.calls();
+    let flush =
+        calls.iter().position(|c| *c == Call::Exec { name: "app-web".into(), command: "sh -c flush".into() });
+    let removed = calls.iter().position(|c| matches!(c, Call::Remove { name, .. } if name == "app-web"));
+    assert!(flush.is_some() && flush < removed, "pre_stop of the running v1 before its removal: {calls:?}");
+    assert_eq!(agent.status_report().applied.map(|a| a.version), Some(1), "back on v1");
 }

@@ -58,7 +58,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::{json, Map, Value};
 use tokio::net::UnixStream;
 
-use fleet_spec::model::{ContainerOptions, ContainerSpec, ImageRef, MountSource, NetworkSpec, VolumeSpec};
+use fleet_spec::model::{
+    ContainerOptions, ContainerSpec, Hook, ImageRef, MountSource, NetworkSpec, VolumeSpec,
+};
 
 use super::{
     Engine, EngineError, EngineEvent, Health, ObservedContainer, ObservedNetwork, RegistryAuth, LABEL_FLEET,
@@ -477,6 +479,80 @@ impl Engine for DockerEngine {
         auth: Option<&RegistryAuth>,
     ) -> Result<(), EngineError> {
         self.pull_stream(image, platform, auth).await
+    }
+
+    async fn exec(&self, name: &str, hook: &Hook, timeout: Duration) -> Result<i64, EngineError> {
+        let env: Vec<String> = hook.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut body = json!({
+            "Cmd": hook.command,
+            "AttachStdout": true,
+            "AttachStderr": true,
+            "Privileged": hook.privileged,
+            "Env": env,
+        });
+        if let Some(user) = &hook.user {
+            body["User"] = json!(user);
+        }
+        if let Some(dir) = &hook.working_dir {
+            body["WorkingDir"] = json!(dir);
+        }
+        let reply =
+            self.call("exec", Method::POST, &format!("/containers/{}/exec", enc(name)), Some(&body)).await?;
+        if !reply.status.is_success() {
+            return Err(reply.api_error("exec", name));
+        }
+        let id = reply
+            .json("exec")?
+            .get("Id")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| EngineError::Protocol { op: "exec", reason: "answer has no Id".to_owned() })?;
+        // Attached (podman 4.3 never reports a detached exec as finished, and wants a
+        // stream attached): the answer ends when the command does.
+        let start = json!({ "Detach": false, "Tty": false });
+        let too_slow = || EngineError::Api {
+            op: "exec",
+            object: name.to_owned(),
+            status: 408,
+            message: format!("`{}` did not finish within {timeout:?}", hook.command.join(" ")),
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        let path = format!("/exec/{}/start", enc(&id));
+        let started = async {
+            let response = self.open(Method::POST, &path, Some(&start), None).await?;
+            let status = response.status();
+            if !status.is_success() {
+                let body = read_capped(response.into_body(), MAX_BODY)
+                    .await
+                    .map_err(|reason| EngineError::Protocol { op: "exec start", reason })?;
+                return Err(Reply { status, body }.api_error("exec start", name));
+            }
+            // The command's output: read and dropped (a chatty hook costs no memory).
+            let mut body = response.into_body();
+            while let Some(frame) = body.frame().await {
+                frame.map_err(|e| EngineError::Protocol { op: "exec start", reason: format!("{e}") })?;
+            }
+            Ok(())
+        };
+        tokio::time::timeout_at(deadline, started).await.map_err(|_| too_slow())??;
+        loop {
+            let reply =
+                self.call("exec inspect", Method::GET, &format!("/exec/{}/json", enc(&id)), None).await?;
+            if !reply.status.is_success() {
+                return Err(reply.api_error("exec inspect", name));
+            }
+            let v = reply.json("exec inspect")?;
+            if v.get("Running").and_then(Value::as_bool) == Some(false) {
+                return v.get("ExitCode").and_then(Value::as_i64).ok_or_else(|| EngineError::Protocol {
+                    op: "exec inspect",
+                    reason: format!("{name}: the finished command has no ExitCode"),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(too_slow());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn create(

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use fleet_spec::model::{ContainerSpec, ImageRef, MountSource, NetworkSpec, VolumeSpec};
+use fleet_spec::model::{ContainerSpec, Hook, ImageRef, MountSource, NetworkSpec, VolumeSpec};
 
 use super::{
     Engine, EngineError, EngineEvent, Health, ObservedContainer, ObservedNetwork, RegistryAuth,
@@ -36,6 +36,11 @@ pub enum Call {
     },
     Create(String),
     Start(String),
+    /// The container, and the hook's command joined with spaces.
+    Exec {
+        name: String,
+        command: String,
+    },
     Remove {
         name: String,
         grace_secs: u32,
@@ -119,6 +124,8 @@ struct State {
     end_events: bool,
     calls: Vec<Call>,
     fail_pulls: bool,
+    /// Exit codes of hooks by their command (joined with spaces); others exit 0.
+    exec_results: BTreeMap<String, i64>,
     unreachable: bool,
     next_id: u64,
     /// Set: healthchecks run only through `run_healthcheck`, every so often, and
@@ -335,6 +342,11 @@ impl FakeEngine {
     }
 
     /// While set, every pull fails with [`EngineError::Pull`].
+    /// Makes a hook whose command (joined with spaces) is `command` exit with `code`.
+    pub fn exec_result(&self, command: &str, code: i64) {
+        self.lock().exec_results.insert(command.to_owned(), code);
+    }
+
     pub fn fail_pulls(&self, fail: bool) {
         self.lock().fail_pulls = fail;
     }
@@ -406,6 +418,15 @@ impl Engine for FakeEngine {
         }
         state.images.insert(reference);
         Ok(())
+    }
+
+    async fn exec(&self, name: &str, hook: &Hook, _timeout: Duration) -> Result<i64, EngineError> {
+        let command = hook.command.join(" ");
+        let state = self.enter(Call::Exec { name: name.to_owned(), command: command.clone() })?;
+        match state.containers.get(name) {
+            Some(c) if c.running => Ok(state.exec_results.get(&command).copied().unwrap_or(0)),
+            _ => Err(api("exec", name, 409, format!("Container {name} is not running"))),
+        }
     }
 
     async fn create(

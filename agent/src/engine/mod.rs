@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
-use fleet_spec::model::{ContainerSpec, ImageRef, NetworkSpec, VolumeSpec};
+use fleet_spec::model::{ContainerSpec, Hook, ImageRef, NetworkSpec, VolumeSpec};
 
 pub mod docker;
 pub mod fake;
@@ -140,6 +140,15 @@ pub trait Engine {
         platform: Option<&str>,
         auth: Option<&RegistryAuth>,
     ) -> impl Future<Output = Result<(), EngineError>>;
+
+    /// Runs `hook` in the running container `name` and waits, up to `timeout`, for its
+    /// exit code (Compose `post_start` / `pre_stop`).
+    fn exec(
+        &self,
+        name: &str,
+        hook: &Hook,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<i64, EngineError>>;
 
     /// Creates (does not start) a container from the spec, attached to its networks with
     /// their aliases, with `labels` added. Returns the container id.

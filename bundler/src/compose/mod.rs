@@ -675,6 +675,34 @@ networks:
     }
 
     #[test]
+    fn post_start_and_pre_stop_hooks_are_translated() {
+        let c = ok("services:
+  web:
+    image: nginx
+    post_start:
+      - command: ./warm-up.sh --fast
+        user: root
+        working_dir: /srv
+        environment: {MODE: fast}
+    pre_stop:
+      - command: [nginx, -s, quit]
+        privileged: true
+");
+        let (post, pre) = (&c.options.post_start[0], &c.options.pre_stop[0]);
+        assert_eq!(post.command, ["./warm-up.sh", "--fast"]);
+        assert_eq!((post.user.as_deref(), post.working_dir.as_deref()), (Some("root"), Some("/srv")));
+        assert_eq!(post.env["MODE"], "fast");
+        assert_eq!(
+            (pre.command.clone(), pre.privileged),
+            (vec!["nginx".to_string(), "-s".into(), "quit".into()], true)
+        );
+        let (_, diags) =
+            check("services:\n  web:\n    image: nginx\n    post_start: [{command: '', working_dir: srv}]\n");
+        has(&diags, "a hook's `command` is empty");
+        has(&diags, "hook working_dir `srv` must be an absolute path");
+    }
+
+    #[test]
     fn duplicate_keys_are_errors() {
         let (_, diags) = check("services:\n  web:\n    image: nginx\n    image: other\n");
         assert!(!diags.is_empty(), "a duplicate key in a service passed");

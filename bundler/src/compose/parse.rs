@@ -210,9 +210,9 @@ pub struct Service {
     #[serde(default)]
     pub oom_kill_disable: Option<bool>,
     #[serde(default)]
-    pub post_start: Refused,
+    pub post_start: Vec<Spanned<Ext<HookDef>>>,
     #[serde(default)]
-    pub pre_stop: Refused,
+    pub pre_stop: Vec<Spanned<Ext<HookDef>>>,
     #[serde(default)]
     pub storage_opt: Option<Spanned<ListOrMap>>,
     #[serde(default)]
@@ -228,7 +228,7 @@ pub struct Service {
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 20] = [
+        let all: [(&'static str, &Refused); 18] = [
             ("build", &self.build),
             ("secrets", &self.secrets),
             ("configs", &self.configs),
@@ -244,8 +244,6 @@ impl Service {
             ("cpu_percent", &self.cpu_percent),
             ("credential_spec", &self.credential_spec),
             ("isolation", &self.isolation),
-            ("post_start", &self.post_start),
-            ("pre_stop", &self.pre_stop),
             ("use_api_socket", &self.use_api_socket),
             ("provider", &self.provider),
             ("models", &self.models),
@@ -524,6 +522,21 @@ pub struct LoggingDef {
     pub driver: Option<Spanned<String>>,
     #[serde(default)]
     pub options: Option<Spanned<ListOrMap>>,
+}
+
+/// One entry of `post_start:` / `pre_stop:`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookDef {
+    pub command: Spanned<StringOrList>,
+    #[serde(default)]
+    pub user: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub privileged: Option<bool>,
+    #[serde(default)]
+    pub working_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    pub environment: Option<Spanned<ListOrMap>>,
 }
 
 /// `gpus:`: `all`, or a list of requests.

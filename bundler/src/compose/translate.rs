@@ -5,15 +5,15 @@ use std::net::IpAddr;
 
 use fleet_spec::model::{
     BlkioConfig, ContainerOptions, ContainerSpec, Dependency, DependencyCondition, DeviceMapping, GpuRequest,
-    Healthcheck, ImageRef, IpamPool, LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec,
+    Healthcheck, Hook, ImageRef, IpamPool, LogConfig, Mount, MountSource, NetworkAttachment, NetworkSpec,
     PortMapping, Protocol, PullPolicy, RestartPolicy, StaticAddresses, Ulimit, VolumeSpec,
 };
 
 use super::dotenv::parse_env_file;
 use super::interpolate::{interpolate, InterpError};
 use super::parse::{
-    refusal, BlkioDef, ComposeFile, Ext, GpusDef, HealthcheckDef, IpamDef, LoggingDef, PortLong, ScalarOrMap,
-    Service, VolumeLong,
+    refusal, BlkioDef, ComposeFile, Ext, GpusDef, HealthcheckDef, HookDef, IpamDef, LoggingDef, PortLong,
+    ScalarOrMap, Service, VolumeLong,
 };
 use super::{env_file_path, Translated, Translator};
 use crate::diag::Diagnostic;
@@ -938,6 +938,8 @@ impl Translator<'_, '_> {
             }
         }
         o.domainname = svc.domainname.as_ref().map(|v| self.s(v));
+        o.post_start = svc.post_start.iter().map(|h| self.hook(h)).collect();
+        o.pre_stop = svc.pre_stop.iter().map(|h| self.hook(h)).collect();
         if let Some(g) = &svc.gpus {
             o.gpus = self.gpus(g);
         }
@@ -1107,6 +1109,35 @@ impl Translator<'_, '_> {
     }
 
     /// `environment:`/`labels:` in list or map form.
+    /// One `post_start:` / `pre_stop:` entry.
+    fn hook(&mut self, h: &Spanned<Ext<HookDef>>) -> Hook {
+        let d = &h.value;
+        let command = self.words(&d.command);
+        if command.is_empty() {
+            self.error(Pos::of(&d.command), "a hook's `command` is empty");
+        }
+        let working_dir = d.working_dir.as_ref().map(|v| self.s(v));
+        if let Some(dir) = &working_dir {
+            if !dir.starts_with('/') {
+                self.error(
+                    Pos::of(h),
+                    format!("hook working_dir `{dir}` must be an absolute path inside the container"),
+                );
+            }
+        }
+        Hook {
+            command,
+            user: d.user.as_ref().map(|v| self.scalar(v)),
+            privileged: d.privileged.unwrap_or(false),
+            working_dir,
+            env: d
+                .environment
+                .as_ref()
+                .map(|e| self.key_values(e, "environment variable", true))
+                .unwrap_or_default(),
+        }
+    }
+
     /// `gpus:`: `all` is every GPU with the `gpu` capability; a request without `count`
     /// or `device_ids` is all of them too.
     fn gpus(&mut self, g: &Spanned<GpusDef>) -> Vec<GpuRequest> {

@@ -92,6 +92,9 @@ fn more_keys_app(fleet: &FleetRepo, image: &str) -> Result<()> {
     pull_policy: always
     platform: linux/{arch}
     label_file: box.labels
+    post_start:
+      - command: [sh, -c, \"echo \\\"$$WHO\\\" > /tmp/post_start\"]
+        environment: {{WHO: hooked}}
     tty: true
     stdin_open: true
     stop_grace_period: 7s
@@ -170,6 +173,8 @@ fn more_keys_applied(engine: &TestEngine) -> Result<()> {
             want("OCIRuntime", &json!(runtime.trim()), json!("runc"));
         }
     }
+    let hooked = engine.docker(&["exec", "more-box", "cat", "/tmp/post_start"])?;
+    ensure!(hooked.trim() == "hooked", "post_start did not run with its environment: {hooked:?}");
     let mac = engine.docker(&["exec", "more-box", "cat", "/sys/class/net/eth0/address"])?;
     ensure!(mac.trim() == "02:42:ac:11:00:42", "mac_address inside: {mac}");
     ensure!(wrong.is_empty(), "not as set in inspect: {wrong:#?}");
