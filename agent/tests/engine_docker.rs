@@ -745,12 +745,17 @@ async fn options_scenario(lab: &Lab) {
     // ipam, driver_opts, static addresses: a subnet of its own per engine (both run at once).
     let subnet = if lab.is_podman() { "172.30.2" } else { "172.30.1" };
     let mut network = NetworkSpec { name: "ft_opts".into(), ..Default::default() };
-    network.options.ipam = vec![IpamPool {
-        subnet: format!("{subnet}.0/24"),
-        ip_range: Some(format!("{subnet}.128/25")),
-        gateway: Some(format!("{subnet}.1")),
-        aux_addresses: BTreeMap::new(),
-    }];
+    let subnet6 = if lab.is_podman() { "fd00:f17:2" } else { "fd00:f17:1" };
+    network.options.ipam = vec![
+        IpamPool {
+            subnet: format!("{subnet}.0/24"),
+            ip_range: Some(format!("{subnet}.128/25")),
+            gateway: Some(format!("{subnet}.1")),
+            aux_addresses: BTreeMap::new(),
+        },
+        IpamPool { subnet: format!("{subnet6}::/64"), ..Default::default() },
+    ];
+    network.options.enable_ipv6 = true;
     network.options.driver_opts = BTreeMap::from([("com.docker.network.driver.mtu".into(), "1400".into())]);
     let mut net_labels = labels();
     net_labels.insert(LABEL_SPEC_HASH.into(), DesiredState::network_hash(&network));
@@ -769,7 +774,7 @@ async fn options_scenario(lab: &Lab) {
     }
     spec.options.addresses = BTreeMap::from([(
         "ft_opts".to_string(),
-        StaticAddresses { ipv4: Some(format!("{subnet}.9")), ipv6: None },
+        StaticAddresses { ipv4: Some(format!("{subnet}.9")), ipv6: Some(format!("{subnet6}::9")) },
     )]);
     spec.networks = vec![NetworkAttachment { network: "ft_opts".into(), aliases: vec!["opts".into()] }];
     // `platform` reaches the engine: dockerd refuses an amd64 image for linux/s390x.
@@ -985,6 +990,13 @@ async fn options_scenario(lab: &Lab) {
         "NetworkSettings.Networks.ft_opts.IPAddress",
         &i["NetworkSettings"]["Networks"]["ft_opts"]["IPAddress"],
         json!(format!("{subnet}.9")),
+    );
+    // networks.<name>.ipv6_address on a network with enable_ipv6 and a v6 pool
+    check(
+        &mut wrong,
+        "NetworkSettings.Networks.ft_opts.GlobalIPv6Address",
+        &i["NetworkSettings"]["Networks"]["ft_opts"]["GlobalIPv6Address"],
+        json!(format!("{subnet6}::9")),
     );
 
     assert!(wrong.is_empty(), "{}: not as set in inspect: {wrong:#?}", lab.engine.name());
