@@ -217,6 +217,25 @@ volumes:
     }
 
     #[test]
+    fn every_service_key_the_parser_knows_is_in_the_readme_table() {
+        // serde lists the fields it knows when it meets an unknown one.
+        let (_, diags) = check("services:\n  web:\n    image: nginx\n    not_a_compose_key: 1\n");
+        let message = diags.iter().find(|d| d.contains("not_a_compose_key")).expect("refused");
+        let list = message.split("expected one of ").nth(1).unwrap_or_default();
+        let known: Vec<&str> = list.split(", ").map(|k| k.trim_matches('`').trim()).collect();
+        assert!(known.len() > 60, "the known keys were not read from {message:?}");
+        let readme = include_str!("../../README.md");
+        let table: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `")).collect();
+        let missing: Vec<&&str> = known
+            .iter()
+            .filter(|k| {
+                !table.iter().any(|row| row.split('|').nth(1).is_some_and(|c| c.contains(&format!("`{k}`"))))
+            })
+            .collect();
+        assert!(missing.is_empty(), "service keys missing from bundler/README.md's table: {missing:?}");
+    }
+
+    #[test]
     fn anchors_and_merge_keys_are_expanded_and_the_service_wins() {
         let c = ok("x-common: &common
   restart: always
