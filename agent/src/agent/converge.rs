@@ -110,11 +110,7 @@ impl<E: Engine> Agent<E> {
         let obj_labels = plan::object_labels(&self.cfg.fleet);
         // A network whose spec changed: off with what sits on it, then with it.
         for name in &cplan.detach {
-            let step = Step::RemoveContainer { name: name.clone() };
-            self.step(journaled, true, &step)?;
-            self.pre_stop(name, state).await;
-            self.engine.remove(name, self.cfg.stop_grace_secs).await?;
-            self.step(journaled, false, &step)?;
+            self.remove_container(journaled, name, state).await?;
         }
         for name in &cplan.recreate_networks {
             let step = Step::RemoveNetwork { name: name.clone() };
@@ -139,11 +135,7 @@ impl<E: Engine> Agent<E> {
             self.step(journaled, false, &step)?;
         }
         for name in &cplan.remove_containers {
-            let step = Step::RemoveContainer { name: name.clone() };
-            self.step(journaled, true, &step)?;
-            self.pre_stop(name, state).await;
-            self.engine.remove(name, self.cfg.stop_grace_secs).await?;
-            self.step(journaled, false, &step)?;
+            self.remove_container(journaled, name, state).await?;
         }
         for s in &cplan.steps {
             let spec = state.containers.iter().find(|c| c.name == s.name).expect("planned from the state");
@@ -159,11 +151,7 @@ impl<E: Engine> Agent<E> {
                     }
                 }
                 if s.need == Need::Recreate {
-                    let step = Step::RemoveContainer { name: s.name.clone() };
-                    self.step(journaled, true, &step)?;
-                    self.pre_stop(&s.name, state).await;
-                    self.engine.remove(&s.name, self.cfg.stop_grace_secs).await?;
-                    self.step(journaled, false, &step)?;
+                    self.remove_container(journaled, &s.name, state).await?;
                 }
                 let step = Step::CreateContainer { name: s.name.clone(), spec_hash: s.spec_hash.clone() };
                 self.step(journaled, true, &step)?;
@@ -221,6 +209,20 @@ impl<E: Engine> Agent<E> {
         }
         self.engine_down = false;
         Ok(repaired)
+    }
+
+    /// Removes a container, journaled, after its `pre_stop` hooks.
+    async fn remove_container(
+        &mut self,
+        journaled: bool,
+        name: &str,
+        target: &DesiredState,
+    ) -> Result<(), AgentError> {
+        let step = Step::RemoveContainer { name: name.to_string() };
+        self.step(journaled, true, &step)?;
+        self.pre_stop(name, target).await;
+        self.engine.remove(name, self.cfg.stop_grace_secs).await?;
+        self.step(journaled, false, &step)
     }
 
     /// Runs the container's `post_start` hooks; one that fails or exits non-zero fails
