@@ -220,9 +220,19 @@ impl<E: Engine> Agent<E> {
     ) -> Result<(), AgentError> {
         let step = Step::RemoveContainer { name: name.to_string() };
         self.step(journaled, true, &step)?;
-        self.pre_stop(name, target).await;
-        self.engine.remove(name, self.cfg.stop_grace_secs).await?;
+        let spec = self.running_spec(name, target);
+        let grace = stop_grace_secs(spec, self.cfg.stop_grace_secs);
+        if let Some(spec) = spec {
+            self.pre_stop(spec, grace).await;
+        }
+        self.engine.remove(name, grace).await?;
         self.step(journaled, false, &step)
+    }
+
+    /// Container `name` as it runs now: its spec in the applied state, else in `target`.
+    fn running_spec<'a>(&'a self, name: &str, target: &'a DesiredState) -> Option<&'a ContainerSpec> {
+        let running = self.current.as_ref().and_then(|c| c.state.containers.iter().find(|s| s.name == name));
+        running.or_else(|| target.containers.iter().find(|s| s.name == name))
     }
 
     /// Runs the container's `post_start` hooks; one that fails or exits non-zero fails
@@ -242,14 +252,10 @@ impl<E: Engine> Agent<E> {
         Ok(())
     }
 
-    /// Runs the `pre_stop` hooks of container `name` as it runs now (its spec in the
-    /// applied state, else in `target`): best effort, each within the stop grace period.
-    async fn pre_stop(&self, name: &str, target: &DesiredState) {
-        let running = self.current.as_ref().and_then(|c| c.state.containers.iter().find(|s| s.name == name));
-        let Some(spec) = running.or_else(|| target.containers.iter().find(|s| s.name == name)) else {
-            return;
-        };
-        let grace = Duration::from_secs(self.cfg.stop_grace_secs.into());
+    /// Runs the `pre_stop` hooks of a container about to stop: best effort, each within
+    /// its stop grace period.
+    async fn pre_stop(&self, spec: &ContainerSpec, grace_secs: u32) {
+        let (name, grace) = (spec.name.as_str(), Duration::from_secs(grace_secs.into()));
         for hook in &spec.options.pre_stop {
             let command = hook.command.join(" ");
             match self.engine.exec(name, hook, grace).await {
@@ -307,5 +313,19 @@ impl<E: Engine> Agent<E> {
             }
         }
         Ok(())
+    }
+}
+
+/// The longest stop grace period the agent waits for (a signed bundle's
+/// `stop_grace_period` beyond it is cut to it): one stopping container must not hold the
+/// agent, and so every other repair and update, for hours.
+const MAX_STOP_GRACE_SECS: u32 = 15 * 60;
+
+/// How long container `spec` gets to stop: its Compose `stop_grace_period` when it has one
+/// (bounded by [`MAX_STOP_GRACE_SECS`]), else the device's `engine.stop_grace_secs`.
+pub(super) fn stop_grace_secs(spec: Option<&ContainerSpec>, default_secs: u32) -> u32 {
+    match spec.and_then(|s| s.options.stop_timeout_s) {
+        Some(secs) => u32::try_from(secs).unwrap_or(u32::MAX).min(MAX_STOP_GRACE_SECS),
+        None => default_secs,
     }
 }

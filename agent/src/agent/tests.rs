@@ -1173,3 +1173,49 @@ async fn a_failing_post_start_hook_rolls_the_update_back_and_pre_stop_runs_befor
     assert!(flush.is_some() && flush < removed, "pre_stop of the running v1 before its removal: {calls:?}");
     assert_eq!(agent.status_report().applied.map(|a| a.version), Some(1), "back on v1");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_container_is_stopped_with_its_own_stop_grace_period() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let mut v1 = v1(&h);
+    v1.containers[0].options.stop_timeout_s = Some(45);
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(1, &v1)).await.expect("apply"),
+        Outcome::Committed { version: 1 }
+    );
+
+    // v2 recreates it: the running v1 stops with its stop_grace_period, not the default.
+    let mut v2 = v1.clone();
+    v2.containers[0].env.insert("V".into(), "2".into());
+    v2.containers[0].options.stop_timeout_s = None;
+    h.fake.clear_calls();
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(2, &v2)).await.expect("apply"),
+        Outcome::Committed { version: 2 }
+    );
+    let graces = |calls: Vec<Call>| -> Vec<u32> {
+        calls
+            .into_iter()
+            .filter_map(|c| if let Call::Remove { grace_secs, .. } = c { Some(grace_secs) } else { None })
+            .collect()
+    };
+    assert_eq!(graces(h.fake.calls()), vec![45], "v1's own period");
+
+    // v3 recreates v2, which has none: the device's engine.stop_grace_secs (10 s).
+    let mut v3 = v2.clone();
+    v3.containers[0].env.insert("V".into(), "3".into());
+    h.fake.clear_calls();
+    agent.apply_bundle(&h.bundle(3, &v3)).await.expect("apply");
+    assert_eq!(graces(h.fake.calls()), vec![10], "the device's default");
+}
+
+#[test]
+fn a_signed_stop_grace_period_cannot_hold_the_agent_for_hours() {
+    let mut spec = ContainerSpec { name: "c".into(), ..Default::default() };
+    assert_eq!(super::converge::stop_grace_secs(Some(&spec), 10), 10);
+    spec.options.stop_timeout_s = Some(u64::MAX);
+    assert_eq!(super::converge::stop_grace_secs(Some(&spec), 10), 15 * 60);
+    assert_eq!(super::converge::stop_grace_secs(None, 7), 7);
+}
