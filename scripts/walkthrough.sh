@@ -107,7 +107,7 @@ stop_pid() { # PID [SECONDS]: TERM, then KILL
 pids_under() {
     local p
     for p in /proc/[0-9]*; do
-        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -qF "$1/" && echo "${p#/proc/}"
+        tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -qF "$1/" && echo "${p#/proc/}"
     done
     return 0
 }
@@ -121,6 +121,8 @@ cleanup() {
         kill -KILL -- "-$STEPS_PGID" 2>/dev/null
         STEPS_PGID=""
     fi
+    for pid in "${PIDS[@]}"; do stop_pid "$pid" 5; done
+    PIDS=()
     if [ -n "$DOCKERD_PID" ]; then
         local ids
         ids="$(docker ps -aq 2>/dev/null)"
@@ -130,8 +132,6 @@ cleanup() {
         DOCKERD_PID=""
         for pid in $(pids_under "$T"); do kill -KILL "$pid" 2>/dev/null; done
     fi
-    for pid in "${PIDS[@]}"; do stop_pid "$pid" 5; done
-    PIDS=()
     if [ -n "$SLOT" ]; then
         ip link del "fe2e-d$SLOT" 2>/dev/null
         exec 8>&-
@@ -224,8 +224,9 @@ start_registry_with_image() {
     cp "$bb" "$T/img/bin/busybox"
     for c in sh httpd wget sleep cat; do ln -s busybox "$T/img/bin/$c"; done
     printf 'FROM scratch\nCOPY bin /bin\nENV PATH=/bin\nCMD ["/bin/sh"]\n' >"$T/img/Dockerfile"
-    DOCKER_BUILDKIT=0 docker build -q -t localhost:5000/busybox:1.36 "$T/img" >/dev/null
-    docker push localhost:5000/busybox:1.36 >/dev/null
+    DOCKER_BUILDKIT=0 docker build -q -t localhost:5000/busybox:1.36 "$T/img" >"$T/image.log" 2>&1 ||
+        die "docker build: $(cat "$T/image.log")"
+    docker push localhost:5000/busybox:1.36 >"$T/image.log" 2>&1 || die "docker push: $(cat "$T/image.log")"
     docker rmi localhost:5000/busybox:1.36 >/dev/null # the agent pulls it from the registry
 }
 
