@@ -4,7 +4,8 @@
 use crate::common::{bundler, Repo};
 
 /// The telemetry app's image in `examples/fleet`.
-const TELEGRAF: &str = "telegraf:1.32@sha256:d2aa551cbd7ce436afdafe3c47360d985f14bb02a631df63976a174b03c33419";
+const TELEGRAF: &str =
+    "telegraf:1.32@sha256:d2aa551cbd7ce436afdafe3c47360d985f14bb02a631df63976a174b03c33419";
 
 fn plan(repo: &Repo, from: &str, to: &str, json: bool) -> crate::common::Output {
     let mut args = vec!["plan", "--repo", repo.path_str(), "--from", from, "--to", to];
@@ -36,10 +37,7 @@ fn file_and_container_changes_per_device() {
         "GATEWAY_ID={{ device.id }}\nAPI_TOKEN=rotated-{{ device.id }}\n",
     );
     let compose = std::fs::read_to_string(repo.path().join("apps/telemetry/compose.yaml")).expect("compose");
-    repo.write(
-        "apps/telemetry/compose.yaml",
-        &compose.replace(TELEGRAF, "telegraf:1.33-alpine"),
-    );
+    repo.write("apps/telemetry/compose.yaml", &compose.replace(TELEGRAF, "telegraf:1.33-alpine"));
     repo.commit_at("changes", 1_800_000_100);
 
     let out = plan(&repo, "HEAD~1", "HEAD", false);
