@@ -247,7 +247,10 @@ run_variant() {
         printf '#!/bin/sh\nexec "$@"\n' >"$T/bin/sudo" # root without sudo: run the command as is
         chmod 755 "$T/bin/sudo"
     fi
-    extract "$variant" >"$T/steps.sh"
+    {
+        echo "PS4='+ [\${SECONDS}s] '  # (walkthrough.sh) the trace: each command, seconds since the start"
+        extract "$variant"
+    } >"$T/steps.sh"
     grep -q 'fleet-bundler publish' "$T/steps.sh" || die "README.md has no walkthrough blocks for $variant"
     say "$variant: the README's commands ($(grep -c . "$T/steps.sh") lines), BROKER=$BROKER BASE_URL=$BASE_URL"
     (
