@@ -124,9 +124,9 @@ cleanup() {
     for pid in "${PIDS[@]}"; do stop_pid "$pid" 5; done
     PIDS=()
     if [ -n "$DOCKERD_PID" ]; then
-        local ids
-        ids="$(docker ps -aq 2>/dev/null)"
-        [ -z "$ids" ] || docker rm -f -v $ids >/dev/null 2>&1
+        local ids=()
+        mapfile -t ids < <(docker ps -aq 2>/dev/null)
+        [ "${#ids[@]}" -eq 0 ] || docker rm -f -v "${ids[@]}" >/dev/null 2>&1
         docker network prune -f >/dev/null 2>&1
         stop_pid "$DOCKERD_PID" 20
         DOCKERD_PID=""
