@@ -64,6 +64,9 @@ fi
 step "cargo test (unit, integration, end-to-end on real components)"
 cargo test --workspace --locked --no-fail-fast
 
+step "walkthrough: the README, verbatim, on a copy of the example (files-only and with containers)"
+PATH="$PWD/target/debug:$PATH" bash scripts/walkthrough.sh
+
 FUZZ_SECONDS="${FUZZ_SECONDS:-15}"
 if [ "$FUZZ_SECONDS" -gt 0 ]; then
     step "fuzz smoke run (${FUZZ_SECONDS}s per target)"

@@ -291,7 +291,7 @@ fn case_12_build_previous_dir_keeps_versions_newer_than_the_published_ones() {
         serde_json::json!(["gw-munich-01"]),
         "only the changed device gets a bundle"
     );
-    assert_eq!(summary["adopted"], 3, "the others keep the published bundles");
+    assert_eq!(summary["adopted"], 5, "the others keep the published bundles");
     let after = read_index(lost_cache.path());
     assert_eq!(after["devices"]["gw-munich-01"]["version"], (T + 1) as u64, "published version + 1");
     for kept in ["gw-berlin-01", "gw-berlin-02", "sensor-hub-01"] {
@@ -334,7 +334,7 @@ fn case_12_build_previous_url_reads_the_published_index_over_http() {
     let lost_cache = tempfile::tempdir().expect("tempdir");
     let o = build_at(&repo, &keys, lost_cache.path(), T + 120, &["--previous", &url]);
     o.assert_code(0);
-    assert_eq!(o.json()["adopted"], 3);
+    assert_eq!(o.json()["adopted"], 5);
     assert_eq!(read_index(lost_cache.path())["devices"]["gw-munich-01"]["version"], (T + 1) as u64);
     device_accepts(lost_cache.path(), "gw-munich-01", &keys, T as u64).expect("the device accepts it");
 
@@ -414,7 +414,7 @@ fn case_12_publish_refuses_a_version_not_newer_than_the_retained_one() {
     build_at(&repo, &keys, rebuilt.path(), T + 120, &["--previous", previous]).assert_code(0);
     let o = publish(rebuilt.path());
     o.assert_code(0);
-    assert_eq!(o.json()["announced"].as_array().expect("list").len(), 4);
+    assert_eq!(o.json()["announced"].as_array().expect("list").len(), 6);
     assert_eq!(retained_version(broker.port, "gw-munich-01"), (T + 1) as u64);
 }
 

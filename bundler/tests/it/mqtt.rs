@@ -67,11 +67,11 @@ fn publish_announces_retained_and_only_what_changed() {
     let (repo, keys, out) = built_example();
     let first = publish(out.path(), broker.port, &["--base-url", "http://files.local/fleet/"]);
     first.assert_code(0);
-    assert_eq!(first.json()["announced"].as_array().expect("list").len(), 4);
+    assert_eq!(first.json()["announced"].as_array().expect("list").len(), 6);
 
     let index = read_index(out.path());
-    let messages = retained(broker.port, "fleet/acme/devices/+/desired", 4);
-    assert_eq!(messages.len(), 4, "{messages:?}");
+    let messages = retained(broker.port, "fleet/acme/devices/+/desired", 6);
+    assert_eq!(messages.len(), 6, "{messages:?}");
     for (topic, payload) in &messages {
         let a = Announcement::from_json(payload.as_bytes()).expect("announcement parses");
         assert_eq!(topic, &format!("fleet/acme/devices/{}/desired", a.device));
@@ -89,7 +89,7 @@ fn publish_announces_retained_and_only_what_changed() {
     let again = publish(out.path(), broker.port, &["--base-url", "http://files.local/fleet/"]);
     again.assert_code(0);
     assert_eq!(again.json()["announced"], serde_json::json!([]));
-    assert_eq!(again.json()["unchanged"], 4);
+    assert_eq!(again.json()["unchanged"], 6);
 
     // One device changed: one announcement.
     repo.write("devices/gw-munich-01.yaml", "labels:\n  site: munich\n  hardware: cm4\n  channel: stable\nvars:\n  location: \"Munich, line 4\"\n  upstream_port: 9000\n  MODBUS_DEVICE: /dev/ttyUSB0\n  MODBUS_BAUD: 19200\npolicy:\n  devices: [/dev/ttyUSB0]\n");
@@ -104,7 +104,7 @@ fn publish_announces_retained_and_only_what_changed() {
 
     // --force announces everything again.
     let forced = publish(out.path(), broker.port, &["--base-url", "http://files.local/fleet/", "--force"]);
-    assert_eq!(forced.json()["announced"].as_array().expect("list").len(), 4);
+    assert_eq!(forced.json()["announced"].as_array().expect("list").len(), 6);
 
     // A device that left the fleet gets its retained announcement cleared.
     repo.remove("devices/sensor-hub-01.yaml");
@@ -244,7 +244,7 @@ chmod 755 {d}; chmod 644 server.key  # mosquitto drops root privileges before re
         "http://x",
     ]);
     o.assert_code(0);
-    assert_eq!(retained(broker.port, "fleet/acme/devices/+/desired", 4).len(), 4);
+    assert_eq!(retained(broker.port, "fleet/acme/devices/+/desired", 6).len(), 6);
     // Without the CA the server is not trusted.
     let o = bundler(&[
         "publish",
@@ -336,7 +336,7 @@ fn status_shows_the_table_and_gates_on_convergence() {
     let json = status(broker.port, &index_path, &["--json"]);
     json.assert_code(0);
     let rows = json.json()["devices"].as_array().expect("rows").clone();
-    assert_eq!(rows.len(), 4);
+    assert_eq!(rows.len(), 6);
     assert_eq!(rows[0]["device"], "gw-berlin-01");
     assert_eq!(rows[0]["applied_version"], v);
 
@@ -363,7 +363,7 @@ fn status_shows_the_table_and_gates_on_convergence() {
     assert!(o.stdout.contains("health_timeout: api did not become healthy"), "{}", o.stdout);
 
     // Everyone converges: exit 0.
-    for d in ["gw-berlin-02", "gw-munich-01", "sensor-hub-01"] {
+    for d in ["gw-berlin-02", "gw-munich-01", "sensor-hub-01", "lab-gateway-01", "lab-kiosk-01"] {
         let (v, dg) = entry(d);
         pub_retained(
             broker.port,

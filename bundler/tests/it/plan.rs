@@ -3,6 +3,10 @@
 
 use crate::common::{bundler, Repo};
 
+/// The telemetry app's image in `examples/fleet`.
+const TELEGRAF: &str =
+    "telegraf:1.32@sha256:d2aa551cbd7ce436afdafe3c47360d985f14bb02a631df63976a174b03c33419";
+
 fn plan(repo: &Repo, from: &str, to: &str, json: bool) -> crate::common::Output {
     let mut args = vec!["plan", "--repo", repo.path_str(), "--from", from, "--to", to];
     if json {
@@ -17,7 +21,7 @@ fn no_changes_exit_0() {
     repo.commit_at("empty", 1_800_000_100);
     let out = plan(&repo, "HEAD~1", "HEAD", false);
     out.assert_code(0);
-    assert!(out.stdout.contains("0 device(s) change, 4 unchanged"), "{}", out.stdout);
+    assert!(out.stdout.contains("0 device(s) change, 6 unchanged"), "{}", out.stdout);
 }
 
 #[test]
@@ -33,23 +37,22 @@ fn file_and_container_changes_per_device() {
         "GATEWAY_ID={{ device.id }}\nAPI_TOKEN=rotated-{{ device.id }}\n",
     );
     let compose = std::fs::read_to_string(repo.path().join("apps/telemetry/compose.yaml")).expect("compose");
-    repo.write(
-        "apps/telemetry/compose.yaml",
-        &compose.replace("telegraf:1.32-alpine", "telegraf:1.33-alpine"),
-    );
+    repo.write("apps/telemetry/compose.yaml", &compose.replace(TELEGRAF, "telegraf:1.33-alpine"));
     repo.commit_at("changes", 1_800_000_100);
 
     let out = plan(&repo, "HEAD~1", "HEAD", false);
     out.assert_code(2);
     let text = &out.stdout;
-    assert!(text.contains("4 device(s) change, 0 unchanged"), "{text}");
+    assert!(text.contains("4 device(s) change, 2 unchanged"), "{text}");
     assert!(text.contains("~ device gw-berlin-02"), "{text}");
     assert!(text.contains("~ file /srv/fleet/edge-proxy/files/nginx.conf"), "{text}");
     assert!(text.contains("-        proxy_pass http://api:8081/;"), "unified diff: {text}");
     assert!(text.contains("+        proxy_pass http://api:8082/;"), "unified diff: {text}");
     assert!(text.contains("~ container edge-proxy-proxy: restarts (a mounted file changed)"), "{text}");
     assert!(text.contains("~ container edge-proxy-api: env.PORT, expose, healthcheck"), "{text}");
-    assert!(text.contains("image telegraf:1.32-alpine -> telegraf:1.33-alpine"), "{text}");
+    // A pinned reference is shown as the engine pulls it: by digest, without the tag.
+    let pinned = TELEGRAF.replace(":1.32@", "@");
+    assert!(text.contains(&format!("image {pinned} -> telegraf:1.33-alpine")), "{text}");
     assert!(
         text.contains("~ file /srv/fleet/modbus-gateway/conf/gateway.env: content changed (hidden)"),
         "{text}"
