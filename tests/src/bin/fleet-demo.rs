@@ -57,10 +57,10 @@ Options:
                         (ws://host:9001). Default: the in-process broker's WebSocket listener;
                         with --broker, the page asks for one (or add ?broker=ws://... to its URL).
   --engine-socket PATH  Also run the apps' containers, through this Docker Engine API socket
-                        (dockerd, podman's service; e.g. /var/run/docker.sock). The example's
-                        images must then be pullable by that engine: the example names
-                        placeholder images (registry.acme.example/...), so point its
-                        compose.yaml files at images you have. Default: files only (no engine).
+                        (dockerd, podman's service; e.g. /var/run/docker.sock). The device's
+                        images must then be pullable by that engine: with the example, play
+                        lab-gateway-01 (one image, localhost:5000/busybox:1.36; acme's own
+                        devices name registry.acme.example). Default: files only (no engine).
   --example DIR         The fleet repository to start from (default examples/fleet).
   --timeout SECS        How long to wait for the device to converge (default 120).
   --keep-running        At the end, leave the broker, bundle server and agent running until
@@ -1006,7 +1006,7 @@ impl Demo {
              allow_host_network = true        # canary-tools (the canary gw-berlin-01)\n\
              bind_roots = [\"/proc\"]           # telemetry reads the host's /proc\n\
              devices = [\"/dev/ttyUSB0\", \"/dev/ttyS1\"]   # modbus-gateway (the Munich devices)\n\
-             registries = [\"docker.io\", \"registry.acme.example\"]\n",
+             registries = [\"docker.io\", \"registry.acme.example\", \"localhost:5000\"]\n",
             device = self.device,
             state = q(&state),
             real = DEVICE_ROOTS.join(", "),
