@@ -61,11 +61,15 @@ pub(crate) enum Command {
     },
     /// Check a repository revision: every file, every device; all problems at once.
     #[command(
-        after_help = "Examples:\n  fleet-bundler validate --repo .\n  fleet-bundler validate --repo /srv/git/fleet.git --rev feature/x --json\n\nExit codes: 0 valid (warnings allowed), 65 invalid (each problem printed as file:line:column), 1 failure (Git, I/O), 64 usage."
+        after_help = "Examples:\n  fleet-bundler validate\n  fleet-bundler validate --worktree          # the files as they are on disk, before committing\n  fleet-bundler validate --repo /srv/git/fleet.git --rev feature/x --json\n\nA commit is what `build` bundles, so validate checks one (default HEAD). When it checks HEAD and the work tree differs from it, it warns and names the files: commit them, or pass --worktree.\nThe repository is found at --repo or in a directory above it, like git does.\n\nExit codes: 0 valid (warnings allowed), 65 invalid (each problem printed as file:line:column), 1 failure (Git, I/O), 64 usage."
     )]
     Validate {
         #[command(flatten)]
         source: Source,
+        /// Check the files on disk (fleet.yaml, devices/, apps/ of the work tree,
+        /// uncommitted changes included) instead of a commit.
+        #[arg(long, conflicts_with = "rev")]
+        worktree: bool,
         /// Print the result as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -77,7 +81,7 @@ pub(crate) enum Command {
     Build(BuildArgs),
     /// Show what changes per device between two revisions (secrets-free).
     #[command(
-        after_help = "Examples:\n  fleet-bundler plan --repo . --from origin/main --to HEAD\n  fleet-bundler plan --repo . --from v1 --to v2 --json\n\nExit codes: 0 no changes, 2 changes, 65 a revision is invalid, 1 failure, 64 usage."
+        after_help = "Examples:\n  fleet-bundler plan --repo . --from origin/main --to HEAD\n  fleet-bundler plan --repo . --from v1 --to v2 --json\n  fleet-bundler plan --from HEAD --worktree      # what the uncommitted changes would do\n\nWhen --to is HEAD and the work tree differs from it, plan warns and names the files: commit them, or pass --worktree.\n\nExit codes: 0 no changes, 2 changes, 65 a revision is invalid, 1 failure, 64 usage."
     )]
     Plan {
         /// Repository: a clone, a bare repository or its .git directory.
@@ -89,6 +93,10 @@ pub(crate) enum Command {
         /// The revision to deploy.
         #[arg(long, default_value = "HEAD")]
         to: String,
+        /// Compare --from with the files on disk (the work tree, uncommitted changes
+        /// included) instead of --to.
+        #[arg(long, conflicts_with = "to")]
+        worktree: bool,
         /// Print the plan as JSON on stdout.
         #[arg(long)]
         json: bool,

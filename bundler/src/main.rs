@@ -62,10 +62,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Keygen { out } => keygen(&out),
-        Command::Validate { source, json } => validate(&source, json),
+        Command::Validate { source, json, worktree } => validate(&source, worktree, json),
         Command::Build(args) => build_cmd(args),
-        Command::Plan { repo, from, to, json, context, limits } => {
-            plan_cmd(&repo, &from, &to, json, context, limits)
+        Command::Plan { repo, from, to, worktree, json, context, limits } => {
+            let to = if worktree { None } else { Some(to.as_str()) };
+            plan_cmd(&repo, &from, to, json, context, limits)
         }
         Command::Publish(args) => {
             let summary = match mqtt::publish(&args) {
@@ -133,9 +134,46 @@ struct Rendered {
     diags: Vec<Diagnostic>,
 }
 
-/// Loads and renders a revision, printing diagnostics on stderr.
-fn load_and_render(source: &Source) -> anyhow::Result<Rendered> {
-    let snapshot = repo::read(&source.repo, &source.rev, source.limits.max_file_size)?;
+/// Reads `rev` of the repository at or above `repo`, or its work tree when `rev` is
+/// `None` (`--worktree`).
+fn read_source(
+    repo: &Path,
+    rev: Option<&str>,
+    limits: ReadLimits,
+) -> Result<repo::Snapshot, repo::RepoError> {
+    match rev {
+        Some(rev) => repo::read(repo, rev, limits.max_file_size),
+        None => repo::read_worktree(repo, limits.max_file_size),
+    }
+}
+
+/// The files of the work tree that differ from `snapshot` when it is HEAD's commit,
+/// with a warning on stderr naming them (unless `quiet`, for `--json`): `validate` and
+/// `plan` check commits, which is what `build` bundles, so an edit that is not
+/// committed yet would otherwise go unseen.
+fn uncommitted(repo: &Path, snapshot: &repo::Snapshot, quiet: bool) -> Vec<(String, repo::Change)> {
+    let changes = match repo::worktree_changes(repo, snapshot) {
+        Ok(changes) => changes.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("warning: cannot compare the work tree with the commit: {e}");
+            return Vec::new();
+        }
+    };
+    if !changes.is_empty() && !quiet {
+        let named: Vec<String> = changes.iter().map(|(path, change)| format!("{path} ({change})")).collect();
+        eprintln!(
+            "warning: the work tree differs from commit {} (HEAD), which is what was checked: {}; \
+             commit the changes (git add . && git commit) or pass --worktree to check the files on disk",
+            short(&snapshot.commit),
+            some_of(&named),
+        );
+    }
+    changes
+}
+
+/// Loads and renders a revision (`None`: the work tree), printing diagnostics on stderr.
+fn load_and_render(repo: &Path, rev: Option<&str>, limits: ReadLimits) -> anyhow::Result<Rendered> {
+    let snapshot = read_source(repo, rev, limits)?;
     let (fleet, mut diags) = render::load(&snapshot);
     let (states, render_diags) = fleet.render_all();
     diags.extend(render_diags);
@@ -146,8 +184,10 @@ fn load_and_render(source: &Source) -> anyhow::Result<Rendered> {
     Ok(Rendered { snapshot, fleet, states, diags })
 }
 
-fn validate(source: &Source, json: bool) -> anyhow::Result<u8> {
-    let snapshot = repo::read(&source.repo, &source.rev, source.limits.max_file_size)?;
+fn validate(source: &Source, worktree: bool, json: bool) -> anyhow::Result<u8> {
+    let rev = (!worktree).then_some(source.rev.as_str());
+    let snapshot = read_source(&source.repo, rev, source.limits)?;
+    let changes = if worktree { Vec::new() } else { uncommitted(&source.repo, &snapshot, json) };
     let (fleet, mut diags) = render::load(&snapshot);
     diags.extend(fleet.check_all().0);
     let diags = diag::merge(diags);
@@ -163,6 +203,8 @@ fn validate(source: &Source, json: bool) -> anyhow::Result<u8> {
             "ok": errors == 0,
             "fleet": fleet.name,
             "commit": snapshot.commit,
+            "worktree": worktree,
+            "uncommitted": changes.iter().map(|(path, change)| serde_json::json!({"path": path, "change": change})).collect::<Vec<_>>(),
             "devices": fleet.devices.len(),
             "apps": fleet.apps.len(),
             "errors": errors,
@@ -172,16 +214,24 @@ fn validate(source: &Source, json: bool) -> anyhow::Result<u8> {
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         eprintln!(
-            "{}: fleet {} at {} ({}): {} devices, {} apps, {errors} error(s), {warnings} warning(s)",
+            "{}: fleet {} {}: {} devices, {} apps, {errors} error(s), {warnings} warning(s)",
             if errors == 0 { "ok" } else { "invalid" },
             fleet.name,
-            short(&snapshot.commit),
-            snapshot.subject,
+            place(&snapshot),
             fleet.devices.len(),
             fleet.apps.len(),
         );
     }
     Ok(if errors == 0 { exit::OK } else { exit::INVALID_REPO })
+}
+
+/// `at <commit> (<subject>)`, or `in the work tree`.
+fn place(snapshot: &repo::Snapshot) -> String {
+    if snapshot.commit == repo::WORKTREE {
+        "in the work tree (uncommitted changes included)".into()
+    } else {
+        format!("at {} ({})", short(&snapshot.commit), snapshot.subject)
+    }
 }
 
 fn short(commit: &str) -> &str {
@@ -303,21 +353,24 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
 fn plan_cmd(
     repo_path: &Path,
     from: &str,
-    to: &str,
+    to: Option<&str>,
     json: bool,
     context: usize,
     limits: ReadLimits,
 ) -> anyhow::Result<u8> {
     let mut states = Vec::new();
-    for rev in [from, to] {
-        let source = Source { repo: repo_path.into(), rev: rev.into(), limits };
-        let r = load_and_render(&source)?;
+    for rev in [Some(from), to] {
+        let r = load_and_render(repo_path, rev, limits)?;
         let errors = diag::error_count(&r.diags);
         if errors > 0 {
-            eprintln!("plan stopped: {errors} error(s) in the repository at {rev}");
+            eprintln!("plan stopped: {errors} error(s) in the repository {}", place(&r.snapshot));
             return Err(Exit(exit::INVALID_REPO).into());
         }
         states.push(r);
+    }
+    if to.is_some() {
+        // Stderr only: the plan on stdout stays what was asked for.
+        uncommitted(repo_path, &states[1].snapshot, false);
     }
     let to = states.pop().expect("two revisions");
     let from = states.pop().expect("two revisions");

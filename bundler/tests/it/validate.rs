@@ -311,10 +311,10 @@ fn a_missing_revision_is_a_clear_failure() {
     let repo = repo_with(&[]);
     let out = bundler(&["validate", "--repo", repo.path_str(), "--rev", "no-such-branch"]);
     out.assert_code(1);
-    out.assert_stderr_has("revision \"no-such-branch\" not found");
+    out.assert_stderr_has("no branch, tag or commit \"no-such-branch\"");
     let out = bundler(&["validate", "--repo", "/nonexistent/repo"]);
     out.assert_code(1);
-    out.assert_stderr_has("cannot open Git repository /nonexistent/repo");
+    out.assert_stderr_has("no Git repository at or above /nonexistent/repo");
 }
 
 #[test]
