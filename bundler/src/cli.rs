@@ -16,6 +16,10 @@ pub mod exit {
     pub const TIMEOUT: u8 = 4;
     pub const NOT_NEWER: u8 = 5;
     pub const USAGE: u8 = 64;
+    /// `status --wait` stopped by SIGINT (Ctrl-C): 128 + 2, as shells report it.
+    pub const INTERRUPTED: u8 = 130;
+    /// `status --wait` stopped by SIGTERM: 128 + 15.
+    pub const TERMINATED: u8 = 143;
     pub const INVALID_REPO: u8 = 65;
 }
 
@@ -40,7 +44,8 @@ Exit codes:
   3   status --wait: a device failed or rolled back on the indexed version
   4   status --wait: timeout before every device converged
   5   publish: the broker retains a version for a device that this build's is not newer than (nothing published)
-  64  usage error (bad flags)
+  130 status --wait: interrupted by Ctrl-C (SIGINT); 143: by SIGTERM
+  64  usage error (bad flags, a bad broker URL, a file named by a flag that does not exist)
   65  the repository is invalid (validation errors are printed with file:line:column)")
 )]
 pub(crate) struct Cli {
@@ -52,12 +57,15 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Create a signing key pair: DIR/signing.key (0600) and DIR/signing.pub.
     #[command(
-        after_help = "Example:\n  fleet-bundler keygen --out keys/\n\nPut the one line of signing.key into a CI secret (FLEET_SIGNING_KEY) and signing.pub into every agent's trusted keys.\n\nExit codes: 0 ok, 1 failure (e.g. the key files exist already)."
+        after_help = "Examples:\n  fleet-bundler keygen --out keys/\n  fleet-bundler keygen --out keys/ --json\n\nPrints the key id on stdout (--json: {key_id, secret, public} with the two paths).\nPut the one line of signing.key into a CI secret (FLEET_SIGNING_KEY) and signing.pub into every agent's trusted keys.\n\nExit codes: 0 ok, 1 failure (e.g. the key files exist already, --out is a file), 64 usage."
     )]
     Keygen {
         /// Directory for the key files (created if needed; existing keys are never overwritten).
         #[arg(long)]
         out: PathBuf,
+        /// Print the key id and the two paths as JSON on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Check a repository revision: every file, every device; all problems at once.
     #[command(
@@ -108,12 +116,12 @@ pub(crate) enum Command {
     },
     /// Announce changed bundles over MQTT (retained, QoS 1, confirmed).
     #[command(
-        after_help = "Examples:\n  fleet-bundler publish --out out/ --broker mqtt://127.0.0.1:1883 --base-url http://files.local/fleet\n  fleet-bundler publish --out out/ --broker mqtts://broker:8883 --ca-file ca.pem --username ci --blobs-over-mqtt\n\nOnly devices whose bundle changed since the last publish from this directory (DIR/published.json) are announced; --force announces all.\nThe retained announcements are read first: a device whose retained version is newer than this build's (or equal with another bundle) would refuse it, so nothing is published (exit 5).\n\nExit codes: 0 every announcement acknowledged, 5 a device already has a newer (or equal) version (nothing published; rebuild with --previous), 1 failure (broker unreachable or refused, timeout, missing index), 64 usage."
+        after_help = "Examples:\n  fleet-bundler publish --out out/ --broker mqtt://127.0.0.1:1883 --base-url http://files.local/fleet\n  fleet-bundler publish --out out/ --broker mqtts://broker:8883 --ca-file ca.pem --username ci --blobs-over-mqtt\n\nOnly devices whose bundle changed since the last publish from this directory (DIR/published.json) are announced; --force announces all.\nThe retained announcements are read first: a device whose retained version is newer than this build's (or equal with another bundle) would refuse it, so nothing is published (exit 5).\n\nExit codes: 0 every announcement acknowledged, 5 a device already has a newer (or equal) version (nothing published; rebuild with --previous), 1 failure (broker unreachable or refused, timeout, an unreadable index or TLS file), 64 usage (bad flags or broker URL, neither --base-url nor --blobs-over-mqtt, no DIR/index.json, a TLS file that does not exist)."
     )]
     Publish(mqtt::PublishArgs),
     /// Check a bundle exactly as a device would and print its manifest.
     #[command(
-        after_help = "Examples:\n  fleet-bundler verify --pub keys/signing.pub out/bundles/<digest>.bundle\n  fleet-bundler verify --pub a.pub --pub b.pub --threshold 2 --json bundle\n\nExit codes: 0 the bundle verifies, 1 it does not (the reason code is printed, e.g. (expired), (unknown_key)), 64 usage."
+        after_help = "Examples:\n  fleet-bundler verify --pub keys/signing.pub out/bundles/<digest>.bundle\n  fleet-bundler verify --pub a.pub --pub b.pub --threshold 2 --json bundle\n\nWith --json a refusal is printed too: {ok: false, bundle, reason, message}.\n\nExit codes: 0 the bundle verifies, 1 it does not or cannot be read (the reason code is printed, e.g. (expired), (unknown_key); key_file, unreadable), 64 usage."
     )]
     Verify {
         /// A trusted public key file (repeatable).
@@ -136,7 +144,7 @@ pub(crate) enum Command {
     },
     /// Show the fleet's status from MQTT; with --wait, gate CI on convergence.
     #[command(
-        after_help = "Examples:\n  fleet-bundler status --broker mqtt://127.0.0.1:1883 --fleet acme\n  fleet-bundler status --broker mqtt://broker:1883 --index out/index.json --selector channel=canary --wait --timeout 10m\n  fleet-bundler status --broker mqtt://broker:1883 --fleet acme --serve 127.0.0.1:9810   # Prometheus metrics (see `exporter --help`)\n\nWith --wait: exit 0 when every selected device of the index runs its indexed version and is converged, 3 as soon as one failed or rolled back on it, 4 at the timeout.\nExit codes: 0 ok/converged (--serve: stopped by a signal), 3 failed or rolled back, 4 timeout, 1 failure (broker; --serve: cannot listen), 64 usage."
+        after_help = "Examples:\n  fleet-bundler status --broker mqtt://127.0.0.1:1883 --fleet acme\n  fleet-bundler status --broker mqtt://broker:1883 --index out/index.json --selector channel=canary --wait --timeout 10m\n  fleet-bundler status --broker mqtt://broker:1883 --fleet acme --serve 127.0.0.1:9810   # Prometheus metrics (see `exporter --help`)\n\nWith --wait: exit 0 when every selected device of the index runs its indexed version and is converged, 3 as soon as one failed or rolled back on it, 4 at the timeout.\nCtrl-C during --wait ends it as interrupted (exit 130; SIGTERM: 143), not as a timeout.\nExit codes: 0 ok/converged (--serve: stopped by a signal), 3 failed or rolled back, 4 timeout, 130 --wait interrupted by Ctrl-C (143: by SIGTERM), 1 failure (broker unreachable or refused, unreadable --index or TLS file; --serve: cannot listen), 64 usage (bad flags, broker URL, fleet id, prefix or --selector; --wait without --index; a --index, --ca-file, --client-cert or --client-key that does not exist)."
     )]
     Status(mqtt::StatusArgs),
     /// Serve the fleet's status as Prometheus metrics on http://ADDR/metrics, live from MQTT.
@@ -156,7 +164,7 @@ Prometheus scrape config:
       static_configs: [{ targets: ['exporter-host:9810'] }]
 
 Runs until Ctrl-C or SIGTERM (then exit 0).
-Exit codes: 0 stopped by a signal, 1 failure at start (cannot listen on ADDR, unreadable --index or TLS files), 64 usage (bad flags, fleet or prefix).")]
+Exit codes: 0 stopped by a signal, 1 failure at start (cannot listen on ADDR, unreadable --index or TLS files), 64 usage (bad flags, broker URL, fleet or prefix; a --index or TLS file that does not exist).")]
     Exporter(exporter::ExporterArgs),
 }
 

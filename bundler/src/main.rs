@@ -53,15 +53,34 @@ fn main() -> ExitCode {
             if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
                 return ExitCode::from(*code);
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain(&e));
             ExitCode::from(exit::FAILURE)
         }
     }
 }
 
+/// The error and its causes, `: `-separated like `{:#}`, but a cause whose text the
+/// message already holds is left out: library errors that name their source in their
+/// own message (`cannot read key file X: No such file or directory (os error 2)`) also
+/// return it as `source()`, which `{:#}` would print a second time.
+fn chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
 fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Keygen { out } => keygen(&out),
+        Command::Keygen { out, json } => keygen(&out, json),
         Command::Validate { source, json, worktree } => validate(&source, worktree, json),
         Command::Build(args) => build_cmd(args),
         Command::Plan { repo, from, to, worktree, json, context, limits } => {
@@ -74,7 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                     eprintln!("error: {e}");
                     return Err(Exit(exit::NOT_NEWER).into());
                 }
-                other => other?,
+                other => other.map_err(usage_exit)?,
             };
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -92,17 +111,20 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 mqtt::StatusOutcome::Shown | mqtt::StatusOutcome::Converged => exit::OK,
                 mqtt::StatusOutcome::Failed => exit::DEVICE_FAILED,
                 mqtt::StatusOutcome::Timeout => exit::TIMEOUT,
+                mqtt::StatusOutcome::Interrupted => exit::INTERRUPTED,
+                mqtt::StatusOutcome::Terminated => exit::TERMINATED,
             })
         }
         Command::Exporter(args) => export(&args),
     }
 }
 
-/// A usage problem found after parsing (no fleet named, a bad fleet id or prefix) is
+/// A usage problem found after parsing (no fleet named, a bad fleet id or prefix, a
+/// bad broker URL, a file named by a flag that does not exist, a bad --selector) is
 /// printed and exits 64 like a bad flag; anything else stays an error.
 fn usage_exit(e: mqtt::MqttError) -> anyhow::Error {
     match e {
-        mqtt::MqttError::Usage(_) | mqtt::MqttError::Topic(_) => {
+        mqtt::MqttError::Usage(_) | mqtt::MqttError::Topic(_) | mqtt::MqttError::Url(_) => {
             eprintln!("error: {e}");
             Exit(exit::USAGE).into()
         }
@@ -118,10 +140,25 @@ fn export(args: &exporter::ExporterArgs) -> anyhow::Result<u8> {
     }
 }
 
-fn keygen(out: &Path) -> anyhow::Result<u8> {
+fn keygen(out: &Path, json: bool) -> anyhow::Result<u8> {
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "--out {} is a file, not a directory: pass the directory for signing.key and signing.pub",
+            out.display()
+        );
+    }
     let key = SigningKey::generate(&mut rand_core::OsRng);
     let (secret, public) = keyfile::save_pair(out, &key)?;
-    println!("{}", key.public().id());
+    if json {
+        let out = serde_json::json!({
+            "key_id": key.public().id().to_string(),
+            "secret": secret,
+            "public": public,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{}", key.public().id());
+    }
     eprintln!("wrote {} (secret, 0600) and {}", secret.display(), public.display());
     Ok(exit::OK)
 }
@@ -391,6 +428,44 @@ fn plan_cmd(
     Ok(if p.has_changes() { exit::CHANGES } else { exit::OK })
 }
 
+/// Why `verify` refused: a reason code (the bundle's refusal code as a device reports
+/// it, or `key_file`, `unreadable`) and the message.
+struct Refusal {
+    reason: String,
+    message: String,
+}
+
+/// Reads the trusted keys and the bundle and verifies it as a device would.
+fn check_bundle(
+    pubs: &[PathBuf],
+    threshold: usize,
+    fleet: Option<&str>,
+    device: Option<&str>,
+    path: &Path,
+) -> Result<bundle::Verified, Refusal> {
+    let refusal = |reason: &str, message: String| Refusal { reason: reason.into(), message };
+    let keys: Vec<PublicKey> = pubs
+        .iter()
+        .map(|p| keyfile::load_public(p))
+        .collect::<Result<_, _>>()
+        .map_err(|e| refusal("key_file", chain(&e.into())))?;
+    let trusted = TrustedKeys::new(keys, threshold).map_err(|e| refusal("key_file", e.to_string()))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| refusal("unreadable", format!("cannot read {}: {e}", path.display())))?;
+    let limits = Limits::default();
+    let refused = |e: bundle::VerifyError| {
+        refusal(e.code(), format!("{} does not verify ({}): {e}", path.display(), e.code()))
+    };
+    // Fleet and device come from the manifest unless given; they are checked after the
+    // signature like on a device, so an unsigned manifest can never pass.
+    let claimed = bundle::parse(&bytes, &limits)
+        .and_then(|p| bundle::decode_manifest(p.manifest_bytes))
+        .map_err(refused)?;
+    let expect =
+        Expectation { fleet: fleet.unwrap_or(&claimed.fleet), device: device.unwrap_or(&claimed.device) };
+    bundle::verify(&bytes, &trusted, expect, TrustState::default(), timefmt::now(), &limits).map_err(refused)
+}
+
 fn verify(
     pubs: &[PathBuf],
     threshold: usize,
@@ -399,20 +474,23 @@ fn verify(
     json: bool,
     path: &Path,
 ) -> anyhow::Result<u8> {
-    let keys: Vec<PublicKey> = pubs.iter().map(|p| keyfile::load_public(p)).collect::<Result<_, _>>()?;
-    let trusted = TrustedKeys::new(keys, threshold)?;
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let limits = Limits::default();
-    // Fleet and device come from the manifest unless given; they are checked after the
-    // signature like on a device, so an unsigned manifest can never pass.
-    let claimed = bundle::parse(&bytes, &limits)
-        .and_then(|p| bundle::decode_manifest(p.manifest_bytes))
-        .map_err(|e| anyhow::anyhow!("{} does not verify ({}): {e}", path.display(), e.code()))?;
-    let expect =
-        Expectation { fleet: fleet.unwrap_or(&claimed.fleet), device: device.unwrap_or(&claimed.device) };
+    let verified = match check_bundle(pubs, threshold, fleet, device, path) {
+        Ok(v) => v,
+        Err(refusal) => {
+            if json {
+                let out = serde_json::json!({
+                    "ok": false,
+                    "bundle": path,
+                    "reason": refusal.reason,
+                    "message": refusal.message,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            }
+            eprintln!("error: {}", refusal.message);
+            return Err(Exit(exit::FAILURE).into());
+        }
+    };
     let now = timefmt::now();
-    let verified = bundle::verify(&bytes, &trusted, expect, TrustState::default(), now, &limits)
-        .map_err(|e| anyhow::anyhow!("{} does not verify ({}): {e}", path.display(), e.code()))?;
     let m = &verified.manifest;
     let state = &verified.state;
     if json {

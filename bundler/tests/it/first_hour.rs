@@ -142,3 +142,174 @@ fn a_shallow_clone_says_to_fetch_more_history() {
     let out = bundler(&["validate", "--repo", path.to_str().expect("utf-8"), "--rev", "HEAD~1"]);
     out.assert_code(1).assert_stderr_has("shallow clone").assert_stderr_has("git fetch --unshallow");
 }
+
+// Point 8: exit codes and flags.
+
+/// A fleet built into a fresh output directory.
+fn built() -> (Repo, crate::common::Keys, tempfile::TempDir) {
+    let repo = fleet();
+    let keys = crate::common::Keys::new();
+    let out = tempfile::tempdir().expect("tempdir");
+    crate::common::build(repo.path(), "HEAD", &keys, out.path()).assert_code(0);
+    (repo, keys, out)
+}
+
+#[test]
+fn publish_usage_errors_exit_64() {
+    let (_repo, _keys, out) = built();
+    let dir = out.path().to_str().expect("utf-8");
+    bundler(&["publish", "--out", dir, "--broker", "http://broker", "--base-url", "http://x"])
+        .assert_code(64)
+        .assert_stderr_has("broker URL \"http://broker\" is not mqtt://host[:port]");
+    let empty = tempfile::tempdir().expect("tempdir");
+    let empty = empty.path().to_str().expect("utf-8");
+    bundler(&["publish", "--out", empty, "--broker", "mqtt://127.0.0.1:1", "--base-url", "http://x"])
+        .assert_code(64)
+        .assert_stderr_has("index.json does not exist: run `fleet-bundler build --out");
+    bundler(&["publish", "--out", dir, "--broker", "mqtt://127.0.0.1:1"])
+        .assert_code(64)
+        .assert_stderr_has("pass --base-url URL and/or --blobs-over-mqtt");
+    let missing_ca = out.path().join("no-ca.pem");
+    bundler(&[
+        "publish",
+        "--out",
+        dir,
+        "--broker",
+        "mqtts://127.0.0.1:1",
+        "--base-url",
+        "http://x",
+        "--ca-file",
+        missing_ca.to_str().expect("utf-8"),
+    ])
+    .assert_code(64)
+    .assert_stderr_has("no-ca.pem does not exist");
+}
+
+#[test]
+fn status_usage_errors_exit_64() {
+    let (_repo, _keys, out) = built();
+    let index = out.path().join("index.json");
+    let index = index.to_str().expect("utf-8");
+    let broker = "mqtt://127.0.0.1:1";
+    for (args, says) in [
+        (vec!["status", "--broker", "foo://x", "--fleet", "acme"], "is not mqtt://host[:port]"),
+        (
+            vec!["status", "--broker", broker, "--index", "/no/such/index.json"],
+            "/no/such/index.json does not exist",
+        ),
+        (vec!["status", "--broker", broker, "--index", index, "--selector", "channel"], "is not key=value"),
+        (
+            vec!["status", "--broker", broker, "--fleet", "acme", "--selector", "a=b"],
+            "--selector needs --index",
+        ),
+        (vec!["status", "--broker", broker, "--fleet", "acme", "--wait"], "--index"),
+        (
+            vec!["status", "--broker", broker, "--fleet", "acme", "--serve", "127.0.0.1:0", "--json"],
+            "cannot be used with",
+        ),
+        (vec!["status", "--broker", broker], "pass --fleet NAME or --index"),
+        (vec!["status", "--broker", broker, "--fleet", "bad/fleet"], "bad/fleet"),
+        (vec!["exporter", "--broker", "foo://x", "--fleet", "acme"], "is not mqtt://host[:port]"),
+    ] {
+        let o = bundler(&args);
+        assert_eq!(o.code, 64, "{args:?}: {o:?}");
+        o.assert_stderr_has(says);
+    }
+}
+
+#[test]
+fn ctrl_c_during_status_wait_is_an_interruption_not_a_timeout() {
+    let broker = crate::common::mosquitto("allow_anonymous true");
+    let (_repo, _keys, out) = built();
+    let index = out.path().join("index.json");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_fleet-bundler"))
+        .args(["status", "--broker", &format!("mqtt://127.0.0.1:{}", broker.port), "--index"])
+        .arg(&index)
+        .args(["--wait", "--timeout", "60s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start status --wait");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    let pid = child.id().to_string();
+    let kill = std::process::Command::new("kill").args(["-INT", &pid]).status().expect("kill -INT");
+    assert!(kill.success());
+    let output = child.wait_with_output().expect("status exits");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted after"), "{stderr}");
+    assert!(!stderr.contains("timeout"), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
+}
+
+#[test]
+fn keygen_json_names_the_key_id_and_both_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("keys");
+    let o = bundler(&["keygen", "--out", keys.to_str().expect("utf-8"), "--json"]);
+    o.assert_code(0);
+    let json = o.json();
+    let id = json["key_id"].as_str().expect("key_id");
+    assert_eq!(id.len(), 16, "{json}");
+    assert_eq!(json["secret"], keys.join("signing.key").to_str().expect("utf-8"));
+    assert_eq!(json["public"], keys.join("signing.pub").to_str().expect("utf-8"));
+    // A file where the directory should be is named as such.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "x").expect("write");
+    bundler(&["keygen", "--out", file.to_str().expect("utf-8")])
+        .assert_code(1)
+        .assert_stderr_has("a-file is a file, not a directory");
+}
+
+#[test]
+fn verify_json_reports_a_refusal_with_its_reason() {
+    let (_repo, keys, out) = built();
+    let dir = out.path().to_str().expect("utf-8");
+    let garbage = out.path().join("garbage.bundle");
+    std::fs::write(&garbage, b"not a bundle").expect("write");
+    let o = bundler(&["verify", "--pub", &keys.public(), "--json", garbage.to_str().expect("utf-8")]);
+    o.assert_code(1);
+    let json = o.json();
+    assert_eq!(json["ok"], false);
+    assert!(json["reason"].as_str().is_some_and(|r| !r.is_empty()), "{json}");
+    assert!(json["message"].as_str().expect("message").contains("does not verify"), "{json}");
+
+    let missing = format!("{dir}/missing.pub");
+    let o = bundler(&["verify", "--pub", &missing, "--json", garbage.to_str().expect("utf-8")]);
+    o.assert_code(1);
+    assert_eq!(o.json()["reason"], "key_file");
+    // The OS error once, naming the file.
+    assert_eq!(o.stderr.matches("(os error 2)").count(), 1, "{}", o.stderr);
+    o.assert_stderr_has("missing.pub");
+}
+
+#[test]
+fn an_os_error_is_printed_once_and_names_the_file() {
+    let repo = fleet();
+    let out = tempfile::tempdir().expect("tempdir");
+    let o = bundler(&[
+        "build",
+        "--repo",
+        repo.path_str(),
+        "--key",
+        "/no/such/signing.key",
+        "--out",
+        out.path().to_str().expect("utf-8"),
+    ]);
+    o.assert_code(1)
+        .assert_stderr_has("cannot read key file /no/such/signing.key: No such file or directory");
+    assert_eq!(o.stderr.matches("(os error 2)").count(), 1, "{}", o.stderr);
+}
+
+#[test]
+fn every_subcommand_help_lists_its_exit_codes() {
+    for sub in ["keygen", "validate", "build", "plan", "publish", "verify", "status", "exporter"] {
+        let o = bundler(&[sub, "--help"]);
+        o.assert_code(0);
+        assert!(o.stdout.contains("Exit codes:"), "{sub} --help has no exit codes:\n{}", o.stdout);
+        assert!(o.stdout.contains("64 usage"), "{sub} --help lacks the usage code:\n{}", o.stdout);
+    }
+    let top = bundler(&["--help"]);
+    assert!(top.stdout.contains("130"), "{}", top.stdout);
+}
