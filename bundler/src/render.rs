@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::compose::{self, AppContext, ComposeFile, Translated};
 use crate::diag::Diagnostic;
 use crate::duration::parse_duration_ms;
-use crate::format::{AppFile, DeviceFile, FleetFile};
+use crate::format::{AppFile, DeviceFile, FleetFile, APP_SHAPE, DEVICE_SHAPE, FLEET_SHAPE};
 use crate::repo::Snapshot;
 use crate::yaml::{self, Pos, Vars};
 
@@ -199,8 +199,11 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
             "missing: the repository root needs a fleet.yaml with at least `name: <fleet id>`",
         )),
         Some(bytes) => {
-            match text("fleet.yaml", bytes).and_then(|t| yaml::parse::<FleetFile>("fleet.yaml", t)) {
-                Err(d) => diags.push(d),
+            let parsed = text("fleet.yaml", bytes)
+                .map_err(|d| vec![d])
+                .and_then(|t| yaml::parse_all::<FleetFile>("fleet.yaml", t, &FLEET_SHAPE));
+            match parsed {
+                Err(found) => diags.extend(found),
                 Ok(f) => {
                     let at = Pos::of(&f.name);
                     match validate_id("fleet id", &f.name.value) {
@@ -260,7 +263,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
     // devices/<id>.yaml, parsed in parallel (large fleets have thousands).
     let device_files: Vec<(&String, &Vec<u8>)> =
         snapshot.files.iter().filter(|(p, _)| p.starts_with("devices/")).collect();
-    let parsed: Vec<Result<Device, Diagnostic>> =
+    let parsed: Vec<Result<Device, Vec<Diagnostic>>> =
         device_files.par_iter().map(|(path, bytes)| load_device(path, bytes)).collect();
     let mut devices = BTreeMap::new();
     for r in parsed {
@@ -268,7 +271,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
             Ok(d) => {
                 devices.insert(d.id.clone(), d);
             }
-            Err(d) => diags.push(d),
+            Err(found) => diags.extend(found),
         }
     }
     if devices.is_empty() && !diags.iter().any(|d| d.file.starts_with("devices/")) {
@@ -335,29 +338,32 @@ fn text<'a>(path: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
     std::str::from_utf8(bytes).map_err(|e| Diagnostic::error(path, 0, 0, format!("not UTF-8 text: {e}")))
 }
 
-fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Diagnostic> {
+fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Vec<Diagnostic>> {
     let rest = &path["devices/".len()..];
     let Some(id) = rest.strip_suffix(".yaml").filter(|id| !id.contains('/')) else {
-        return Err(Diagnostic::error(
+        return Err(vec![Diagnostic::error(
             path,
             0,
             0,
             "devices/ holds one <device id>.yaml file per device, nothing else",
-        ));
+        )]);
     };
     validate_id("device id", id)
-        .map_err(|e| Diagnostic::error(path, 0, 0, format!("the file name is the device id: {e}")))?;
-    let text = text(path, bytes)?;
-    let file: DeviceFile =
-        if text.trim().is_empty() { DeviceFile::default() } else { yaml::parse(path, text)? };
+        .map_err(|e| vec![Diagnostic::error(path, 0, 0, format!("the file name is the device id: {e}"))])?;
+    let text = text(path, bytes).map_err(|d| vec![d])?;
+    let file: DeviceFile = if text.trim().is_empty() {
+        DeviceFile::default()
+    } else {
+        yaml::parse_all(path, text, &DEVICE_SHAPE)?
+    };
     let labels = file.labels.into_iter().map(|(k, v)| (k, v.value.0)).collect();
     let mut problems = Vec::new();
     let policy = match &file.policy {
         Some(p) => crate::policy::Settings::from_file(path, p, &mut problems),
         None => crate::policy::Settings::default(),
     };
-    if let Some(first) = problems.into_iter().next() {
-        return Err(first);
+    if !problems.is_empty() {
+        return Err(problems);
     }
     Ok(Device { id: id.to_string(), labels, vars: file.vars, policy })
 }
@@ -390,10 +396,10 @@ fn load_app(
     };
     let parsed: AppFile = match text(&app_yaml, bytes) {
         Ok(t) if t.trim().is_empty() => AppFile::default(),
-        Ok(t) => match yaml::parse(&app_yaml, t) {
+        Ok(t) => match yaml::parse_all(&app_yaml, t, &APP_SHAPE) {
             Ok(a) => a,
-            Err(d) => {
-                diags.push(d);
+            Err(found) => {
+                diags.extend(found);
                 return None;
             }
         },
@@ -688,6 +694,37 @@ fn template_diagnostic(repo_path: &str, e: &minijinja::Error) -> Diagnostic {
     )
 }
 
+/// What to add to a strict-mode "`device.vars.prot` is undefined" message: the
+/// nearest name defined where the missing one was looked up (`names` holds what the
+/// template sees), or where such a variable is set.
+fn undefined_hint(message: &str, names: &serde_json::Value) -> Option<String> {
+    let (_, rest) = message.split_once('`')?;
+    let (expr, _) = rest.split_once("` is undefined")?;
+    let parts: Vec<&str> = expr.split('.').collect();
+    let (missing, parent) = parts.split_last()?;
+    let mut node = names;
+    for part in parent {
+        node = node.get(part)?;
+    }
+    let defined = node.as_object()?;
+    let nearest = defined
+        .keys()
+        .map(|k| (strsim::jaro_winkler(k, missing), k))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    if let Some((_, name)) = nearest {
+        let path = parent.iter().copied().chain([name.as_str()]).collect::<Vec<_>>().join(".");
+        return Some(format!(": did you mean `{path}`?"));
+    }
+    match parent {
+        ["device", "vars"] => Some(": set it under `vars:` in devices/<id>.yaml or fleet.yaml".into()),
+        ["device", "labels"] => Some(": set it under `labels:` in devices/<id>.yaml".into()),
+        ["fleet", "vars"] => Some(": set it under `vars:` in fleet.yaml".into()),
+        [] => Some(": templates see `device`, `fleet` and `app`".into()),
+        _ => None,
+    }
+}
+
 /// `/a//b/./c/` → `/a/b/c`; `None` for relative paths or `..`.
 pub fn normalize_absolute(path: &str) -> Option<String> {
     if !path.starts_with('/') {
@@ -801,7 +838,15 @@ impl Fleet {
                         };
                         match self.render_template(&f.repo_path, ctx) {
                             Ok(bytes) => bytes,
-                            Err(d) => {
+                            Err(mut d) => {
+                                let names = serde_json::json!({
+                                    "device": &tdevice,
+                                    "fleet": &tfleet,
+                                    "app": TemplateApp { name: &app.name },
+                                });
+                                if let Some(hint) = undefined_hint(&d.message, &names) {
+                                    d.message.push_str(&hint);
+                                }
                                 diags.push(tag(d));
                                 continue;
                             }
@@ -970,6 +1015,33 @@ mod tests {
         assert!(looks_secret("/etc/app/tls.key"));
         assert!(looks_secret("apps/x/files/db-password.txt"));
         assert!(!looks_secret("/etc/nginx/nginx.conf"));
+    }
+
+    #[test]
+    fn an_undefined_variable_gets_the_nearest_defined_name() {
+        let names = serde_json::json!({
+            "device": {"id": "d", "labels": {"site": "a"}, "vars": {"port": 1, "proto": "tcp"}},
+            "fleet": {"name": "f", "topic_prefix": "fleet", "vars": {}},
+            "app": {"name": "web"},
+        });
+        let hint = |m: &str| undefined_hint(m, &names);
+        assert_eq!(
+            hint("undefined value: `device.vars.prot` is undefined").as_deref(),
+            Some(": did you mean `device.vars.proto`?")
+        );
+        assert_eq!(
+            hint("undefined value: `devce` is undefined").as_deref(),
+            Some(": did you mean `device`?")
+        );
+        assert_eq!(
+            hint("undefined value: `device.lables` is undefined").as_deref(),
+            Some(": did you mean `device.labels`?")
+        );
+        assert_eq!(
+            hint("undefined value: `device.vars.zzz` is undefined").as_deref(),
+            Some(": set it under `vars:` in devices/<id>.yaml or fleet.yaml")
+        );
+        assert_eq!(hint("syntax error: unexpected end of input"), None);
     }
 
     #[test]

@@ -29,16 +29,181 @@ impl Pos {
 /// Parses one YAML document into `T`, turning a parse error into a diagnostic that
 /// names the file, line and column.
 pub fn parse<T: DeserializeOwned>(file: &str, text: &str) -> Result<T, Diagnostic> {
-    serde_saphyr::from_str::<T>(text).map_err(|e| to_diagnostic(file, &e))
+    parse_with(file, text, &|_| {})
 }
 
-fn to_diagnostic(file: &str, e: &serde_saphyr::Error) -> Diagnostic {
+/// Like [`parse`]; `accepted` trims the allowed keys an unknown-key message lists (the
+/// Compose file's keys that are known only to be refused are not "allowed").
+pub fn parse_with<T: DeserializeOwned>(
+    file: &str,
+    text: &str,
+    accepted: &dyn Fn(&mut Vec<String>),
+) -> Result<T, Diagnostic> {
+    serde_saphyr::from_str::<T>(text).map_err(|e| to_diagnostic(file, &e, accepted))
+}
+
+/// Like [`parse`], but when the document does not parse, every unknown key of it is
+/// reported (serde stops at the first problem; `shape` knows the keys of every mapping),
+/// and serde's own error unless it is one of those.
+pub fn parse_all<T: DeserializeOwned>(file: &str, text: &str, shape: &Shape) -> Result<T, Vec<Diagnostic>> {
+    parse::<T>(file, text).map_err(|first| {
+        let mut diags = unknown_keys(file, text, shape);
+        if !diags.iter().any(|d| (d.line, d.column) == (first.line, first.column)) {
+            diags.push(first);
+        }
+        diags.sort_by_key(|d| (d.line, d.column));
+        diags
+    })
+}
+
+fn to_diagnostic(file: &str, e: &serde_saphyr::Error, accepted: &dyn Fn(&mut Vec<String>)) -> Diagnostic {
     let options = serde_saphyr::render_options! { snippets: serde_saphyr::SnippetMode::Off };
     let rendered = e.render_with_options(options);
     let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
     let suffix = format!(" at line {line}, column {column}");
-    let message = rendered.strip_suffix(&suffix).unwrap_or(&rendered).to_string();
+    let mut message = rendered.strip_suffix(&suffix).unwrap_or(&rendered).to_string();
+    if let Some((key, mut allowed)) = unknown_field(&message) {
+        accepted(&mut allowed);
+        message = unknown_key_message(&key, &allowed);
+    }
     Diagnostic::error(file, line, column, message)
+}
+
+/// The key and the allowed keys of serde's "unknown field `x`, expected one of a, b".
+pub fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
+    let (key, rest) = message.strip_prefix("unknown field `")?.split_once('`')?;
+    let list = rest.strip_prefix(", expected one of ").or_else(|| rest.strip_prefix(", expected "))?;
+    let allowed = list
+        .split(", ")
+        .flat_map(|part| part.split(" or "))
+        .map(|k| k.trim().trim_matches('`').to_string())
+        .filter(|k| !k.is_empty())
+        .collect();
+    Some((key.to_string(), allowed))
+}
+
+/// `unknown key `imagee`: did you mean `image`? (allowed keys: ...)`.
+pub fn unknown_key_message(key: &str, allowed: &[String]) -> String {
+    let nearest = allowed
+        .iter()
+        .map(|k| (strsim::jaro_winkler(k, key), k))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let hint = nearest.map(|(_, k)| format!(": did you mean `{k}`?")).unwrap_or_default();
+    format!("unknown key `{key}`{hint} (allowed keys: {})", allowed.join(", "))
+}
+
+/// The keys of a YAML mapping and of the mappings below it, for [`parse_all`]. The
+/// lists are the serde structs' fields; tests keep them equal.
+#[derive(Debug)]
+pub enum Shape {
+    /// Anything: variables, labels, free text.
+    Any,
+    /// A mapping with these keys.
+    Keys(&'static [(&'static str, Shape)]),
+    /// A list whose items have this shape.
+    List(&'static Shape),
+}
+
+impl Shape {
+    /// The keys of a [`Shape::Keys`].
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Shape::Keys(keys) => keys.iter().map(|(k, _)| k.to_string()).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A YAML document as mappings with located keys, lists and scalars.
+enum Node {
+    Map(Vec<(Spanned<Scalar>, Node)>),
+    List(Vec<Node>),
+    Scalar,
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Node;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any YAML value")
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Node, E> {
+                Ok(Node::Scalar)
+            }
+            fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Node, D::Error> {
+                Node::deserialize(d)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Node, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<Node>()? {
+                    out.push(item);
+                }
+                Ok(Node::List(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Node, A::Error> {
+                let mut out = Vec::new();
+                while let Some(key) = map.next_key::<Spanned<Scalar>>()? {
+                    out.push((key, map.next_value::<Node>()?));
+                }
+                Ok(Node::Map(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Every key of `text` that `shape` does not know, each with the allowed keys. Empty
+/// when the text is not YAML at all (the parse error says so).
+pub fn unknown_keys(file: &str, text: &str, shape: &Shape) -> Vec<Diagnostic> {
+    fn walk(file: &str, node: &Node, shape: &Shape, out: &mut Vec<Diagnostic>) {
+        match (node, shape) {
+            (Node::Map(entries), Shape::Keys(keys)) => {
+                for (key, value) in entries {
+                    match keys.iter().find(|(k, _)| *k == key.value.0) {
+                        Some((_, inner)) => walk(file, value, inner, out),
+                        None => {
+                            let at = Pos::of(key);
+                            let message = unknown_key_message(&key.value.0, &shape.names());
+                            out.push(Diagnostic::error(file, at.line, at.column, message));
+                        }
+                    }
+                }
+            }
+            (Node::List(items), Shape::List(inner)) => {
+                for item in items {
+                    walk(file, item, inner, out);
+                }
+            }
+            // Anything else is a type problem, which serde reports.
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(node) = serde_saphyr::from_str::<Node>(text) {
+        walk(file, &node, shape, &mut out);
+    }
+    out
 }
 
 /// Any YAML scalar, kept as its string form: `80`, `true` and `"x"` are all accepted

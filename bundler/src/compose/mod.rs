@@ -47,7 +47,7 @@ pub use translate::{normalize_relative, parse_expose, parse_image, parse_port, v
 /// are skipped at the top level, in services, networks, volumes, `deploy` and `logging`;
 /// anchors, aliases and merge keys (`<<: *common`) are expanded by the YAML parser.
 pub fn parse_file(file: &str, text: &str) -> Result<ComposeFile, Diagnostic> {
-    crate::yaml::parse::<Ext<ComposeFile>>(file, text).map(|f| f.0)
+    crate::yaml::parse_with::<Ext<ComposeFile>>(file, text, &parse::drop_refused).map(|f| f.0)
 }
 
 /// The containers, networks and volumes of one app on one device.
@@ -212,17 +212,36 @@ volumes:
     #[test]
     fn unknown_keys_are_still_refused_beside_extension_fields() {
         let (_, diags) = check("x-a: 1\nservices:\n  web:\n    x-b: 2\n    image: nginx\n    imagee: x\n");
-        has(&diags, "unknown field `imagee`");
+        has(&diags, "unknown key `imagee`: did you mean `image`?");
         assert!(diags[0].starts_with("6:"), "the error names its line: {diags:?}");
     }
 
     #[test]
+    fn an_unknown_key_does_not_offer_refused_keys_as_allowed() {
+        let (_, diags) = check("services:\n  web:\n    image: nginx\n    biuld: .\n");
+        let message = diags.iter().find(|d| d.contains("biuld")).expect("refused");
+        let allowed = message.split("(allowed keys: ").nth(1).expect("the allowed keys");
+        for refused in ["build", "links", "extends", "volumes_from", "secrets"] {
+            assert!(
+                !allowed.split(", ").any(|k| k.trim_end_matches(')') == refused),
+                "{refused} offered: {message}"
+            );
+        }
+        assert!(allowed.contains("image, container_name"), "{message}");
+        let (_, diags) = check("services:\n  web:\n    image: nginx\n    deploy:\n      placment: {}\n");
+        let message = diags.iter().find(|d| d.contains("placment")).expect("refused");
+        assert!(!message.contains("placement") && message.contains("resources, replicas"), "{message}");
+    }
+
+    #[test]
     fn every_service_key_the_parser_knows_is_in_the_readme_table() {
-        // serde lists the fields it knows when it meets an unknown one.
+        // An unknown key's message lists the accepted keys; the refused ones are listed
+        // in parse.rs.
         let (_, diags) = check("services:\n  web:\n    image: nginx\n    not_a_compose_key: 1\n");
         let message = diags.iter().find(|d| d.contains("not_a_compose_key")).expect("refused");
-        let list = message.split("expected one of ").nth(1).unwrap_or_default();
-        let known: Vec<&str> = list.split(", ").map(|k| k.trim_matches('`').trim()).collect();
+        let list = message.split("(allowed keys: ").nth(1).unwrap_or_default().trim_end_matches(')');
+        let mut known: Vec<&str> = list.split(", ").map(|k| k.trim_matches('`').trim()).collect();
+        known.extend(parse::REFUSED[0].1);
         assert!(known.len() > 60, "the known keys were not read from {message:?}");
         let readme = include_str!("../../README.md");
         let table: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `")).collect();
