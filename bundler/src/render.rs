@@ -24,6 +24,9 @@ use crate::yaml::{self, Pos, Vars};
 
 pub const DEFAULT_FILE_ROOT: &str = "/srv/fleet";
 
+/// How a problem found while rendering starts when `fleet.yaml` is broken.
+pub const CONSEQUENCE: &str = "(maybe because of fleet.yaml) ";
+
 /// The work one template render may do (minijinja fuel: about one unit per instruction
 /// and per 64 bytes of data the template makes). Real configuration templates need a
 /// few thousand; this bounds a runaway loop to well under a second and the memory it
@@ -85,6 +88,9 @@ pub struct Fleet {
     templates: Environment<'static>,
     /// The largest file a template may render (the snapshot's `max_file_size`).
     max_file_size: u64,
+    /// `fleet.yaml` is missing or has errors: devices are not rendered (see
+    /// [`Fleet::not_rendered`]).
+    root_broken: bool,
 }
 
 /// One device file.
@@ -311,7 +317,9 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         }
     }
 
+    let root_broken = diags.iter().any(|d| d.is_error() && d.file == "fleet.yaml");
     let fleet = Fleet {
+        root_broken,
         name,
         topic_prefix,
         bundle_expiry,
@@ -707,13 +715,8 @@ fn undefined_hint(message: &str, names: &serde_json::Value) -> Option<String> {
         node = node.get(part)?;
     }
     let defined = node.as_object()?;
-    let nearest = defined
-        .keys()
-        .map(|k| (strsim::jaro_winkler(k, missing), k))
-        .filter(|(score, _)| *score >= 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0));
-    if let Some((_, name)) = nearest {
-        let path = parent.iter().copied().chain([name.as_str()]).collect::<Vec<_>>().join(".");
+    if let Some(name) = yaml::nearest(missing, defined.keys().map(String::as_str)) {
+        let path = parent.iter().copied().chain([name]).collect::<Vec<_>>().join(".");
         return Some(format!(": did you mean `{path}`?"));
     }
     match parent {
@@ -962,6 +965,25 @@ impl Fleet {
         v.iter().find(|v| v.rule == fleet_spec::policy::Rule::Digest).map(crate::policy::message)
     }
 
+    /// When `fleet.yaml` is broken, devices are rendered with defaults in place of its
+    /// vars, policy and file_root, so a problem found while rendering may be only a
+    /// consequence of it: each is marked as such, after one note that says why.
+    fn mark_consequences(&self, diags: &mut Vec<Diagnostic>) {
+        if !self.root_broken {
+            return;
+        }
+        for d in diags.iter_mut() {
+            d.message = format!("{CONSEQUENCE}{}", d.message);
+        }
+        diags.push(Diagnostic::warning(
+            "devices/",
+            0,
+            0,
+            "fleet.yaml has errors, so devices were rendered without its vars, policy and file_root: \
+             problems marked \"maybe because of fleet.yaml\" may go away once it is fixed; fix it first",
+        ));
+    }
+
     /// Renders every device in parallel to check it, keeping no state (memory stays
     /// flat for large fleets). Returns the merged diagnostics and the image references
     /// that are not pinned by digest.
@@ -980,6 +1002,7 @@ impl Fleet {
             diags.extend(d);
             images.extend(i);
         }
+        self.mark_consequences(&mut diags);
         (crate::diag::merge(diags), images)
     }
 
@@ -1002,6 +1025,7 @@ impl Fleet {
             }
             diags.extend(d);
         }
+        self.mark_consequences(&mut diags);
         (states, crate::diag::merge(diags))
     }
 }

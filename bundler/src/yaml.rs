@@ -84,13 +84,22 @@ pub fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
 
 /// `unknown key `imagee`: did you mean `image`? (allowed keys: ...)`.
 pub fn unknown_key_message(key: &str, allowed: &[String]) -> String {
-    let nearest = allowed
-        .iter()
-        .map(|k| (strsim::jaro_winkler(k, key), k))
-        .filter(|(score, _)| *score >= 0.8)
-        .max_by(|a, b| a.0.total_cmp(&b.0));
-    let hint = nearest.map(|(_, k)| format!(": did you mean `{k}`?")).unwrap_or_default();
+    let hint = nearest(key, allowed.iter().map(String::as_str))
+        .map(|k| format!(": did you mean `{k}`?"))
+        .unwrap_or_default();
     format!("unknown key `{key}`{hint} (allowed keys: {})", allowed.join(", "))
+}
+
+/// The candidate closest to `name` if it is a likely typo of it: at most one edit
+/// (insertion, deletion, substitution or swap of neighbours) per three characters.
+pub fn nearest<'a>(name: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let limit = (name.chars().count() / 3).max(1);
+    // Ties go to the candidate sharing the longer prefix (`prot`: `proto` over `port`).
+    candidates
+        .map(|c| (strsim::damerau_levenshtein(c, name), strsim::jaro_winkler(c, name), c))
+        .filter(|(distance, _, _)| *distance <= limit)
+        .min_by(|a, b| a.0.cmp(&b.0).then(b.1.total_cmp(&a.1)))
+        .map(|(_, _, c)| c)
 }
 
 /// The keys of a YAML mapping and of the mappings below it, for [`parse_all`]. The

@@ -47,7 +47,7 @@ fn validate_worktree_checks_the_files_on_disk() {
     repo.write("fleet.yaml", "name: test\nbogus: 1\n");
     let out = bundler(&["validate", "--repo", repo.path_str(), "--worktree"]);
     out.assert_code(65)
-        .assert_stderr_has("fleet.yaml:2:1: error: unknown")
+        .assert_stderr_has("fleet.yaml:2:1: error: unknown key `bogus`")
         .assert_stderr_has("in the work tree");
     assert!(!out.stderr.contains("work tree differs"), "{}", out.stderr);
 }
@@ -312,4 +312,91 @@ fn every_subcommand_help_lists_its_exit_codes() {
     }
     let top = bundler(&["--help"]);
     assert!(top.stdout.contains("130"), "{}", top.stdout);
+}
+
+// Point 6: every problem of a run at once, root causes first.
+
+#[test]
+fn a_broken_fleet_yaml_comes_first_and_what_it_may_cause_is_marked() {
+    let repo = fleet();
+    repo.write("fleet.yaml", "name: test\nvars: {greeting: hi\n");
+    repo.write("apps/web/app.yaml", "files:\n  - source: files/motd\n    template: true\n");
+    repo.write("apps/web/files/motd", "{{ fleet.vars.greeting }}\n");
+    repo.commit_at("broken", 1_800_000_100);
+    let out = bundler(&["validate", "--repo", repo.path_str()]);
+    out.assert_code(65).assert_stderr_has("fleet.yaml has errors, so devices were rendered without its vars");
+    let first = out.stderr.lines().next().expect("a line");
+    assert!(first.starts_with("fleet.yaml:2:"), "fleet.yaml first: {}", out.stderr);
+    // The template is fine; only a fleet.yaml without its vars makes it fail: marked.
+    out.assert_stderr_has(
+        "apps/web/files/motd:1: error: (maybe because of fleet.yaml) template: undefined value: `fleet.vars.greeting`",
+    );
+    let motd = out.stderr.lines().position(|l| l.contains("motd")).expect("motd");
+    assert!(motd > 0, "after fleet.yaml's error: {}", out.stderr);
+}
+
+#[test]
+fn every_unknown_key_of_every_file_is_reported_in_file_order() {
+    let repo = fleet();
+    repo.write("fleet.yaml", "name: test\nbogus: 1\nvar: {}\n");
+    repo.write(
+        "devices/dev-1.yaml",
+        "lables: {site: a}\npolicy:\n  capabilitis: []\n  allow_everything: true\n",
+    );
+    repo.write("apps/web/app.yaml", "selectr: {}\nfiles:\n  - source: x\n    templat: true\n");
+    repo.commit_at("typos", 1_800_000_100);
+    let out = bundler(&["validate", "--repo", repo.path_str()]);
+    out.assert_code(65);
+    let errors: Vec<&str> = out.stderr.lines().filter(|l| l.contains(": error: ")).collect();
+    let places: Vec<&str> = errors.iter().map(|l| l.split(": error: ").next().expect("place")).collect();
+    assert_eq!(
+        places,
+        [
+            "fleet.yaml:2:1",
+            "fleet.yaml:3:1",
+            "devices/dev-1.yaml:1:1",
+            "devices/dev-1.yaml:3:3",
+            "devices/dev-1.yaml:4:3",
+            "apps/web/app.yaml:1:1",
+            "apps/web/app.yaml:4:5",
+        ],
+        "{}",
+        out.stderr
+    );
+    out.assert_stderr_has("fleet.yaml:3:1: error: unknown key `var`: did you mean `vars`?")
+        .assert_stderr_has("devices/dev-1.yaml:1:1: error: unknown key `lables`: did you mean `labels`?")
+        .assert_stderr_has(
+            "devices/dev-1.yaml:3:3: error: unknown key `capabilitis`: did you mean `capabilities`?",
+        )
+        .assert_stderr_has("apps/web/app.yaml:4:5: error: unknown key `templat`: did you mean `template`?");
+    // No suggestion that is not a likely typo.
+    assert!(!errors[4].contains("did you mean"), "{}", errors[4]);
+}
+
+// Point 7: messages that say what is wrong and what to do.
+
+#[test]
+fn an_undefined_template_variable_is_named_with_the_nearest_defined_one() {
+    let repo = fleet();
+    repo.write("devices/dev-1.yaml", "labels:\n  site: a\nvars:\n  proto: tcp\n");
+    repo.write("apps/web/app.yaml", "files:\n  - source: files/conf\n    template: true\n");
+    repo.write("apps/web/files/conf", "listen\n{{ device.vars.prot }}\n");
+    repo.commit_at("typo", 1_800_000_100);
+    bundler(&["validate", "--repo", repo.path_str()]).assert_code(65).assert_stderr_has(
+        "apps/web/files/conf:2: error: template: undefined value: `device.vars.prot` is undefined: did you mean `device.vars.proto`? (device dev-1)",
+    );
+}
+
+#[test]
+fn a_compose_unknown_key_does_not_offer_refused_keys() {
+    let repo = fleet();
+    repo.write("apps/web/compose.yaml", "services:\n  web:\n    image: nginx\n    imagee: x\n");
+    repo.commit_at("compose", 1_800_000_100);
+    let out = bundler(&["validate", "--repo", repo.path_str()]);
+    out.assert_code(65)
+        .assert_stderr_has("apps/web/compose.yaml:4:5: error: unknown key `imagee`: did you mean `image`?");
+    let line = out.stderr.lines().find(|l| l.contains("imagee")).expect("the error");
+    for refused in ["build", "extends", "links", "volumes_from"] {
+        assert!(!line.contains(&format!(" {refused},")), "{refused} is offered: {line}");
+    }
 }
