@@ -112,6 +112,11 @@ pub fn merge(diagnostics: Vec<Diagnostic>) -> Vec<Diagnostic> {
     out
 }
 
+/// Counts errors.
+pub fn error_count(diagnostics: &[Diagnostic]) -> usize {
+    diagnostics.iter().filter(|d| d.is_error()).count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,9 +136,4 @@ mod tests {
             [("fleet.yaml", 1), ("fleet.yaml", 3), ("devices/b.yaml", 2), ("apps/a/app.yaml", 1)]
         );
     }
-}
-
-/// Counts errors.
-pub fn error_count(diagnostics: &[Diagnostic]) -> usize {
-    diagnostics.iter().filter(|d| d.is_error()).count()
 }
