@@ -200,7 +200,7 @@ fn uncommitted(repo: &Path, snapshot: &repo::Snapshot, quiet: bool) -> Vec<(Stri
         let named: Vec<String> = changes.iter().map(|(path, change)| format!("{path} ({change})")).collect();
         eprintln!(
             "warning: the work tree differs from commit {} (HEAD), which is what was checked: {}; \
-             commit the changes (git add . && git commit) or pass --worktree to check the files on disk",
+             commit the changes (git add . && git commit); validate and plan take --worktree to check the files on disk",
             short(&snapshot.commit),
             some_of(&named),
         );
@@ -305,6 +305,8 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
         eprintln!("reading {} at {}", args.source.repo.display(), args.source.rev);
     }
     let snapshot = repo::read(&args.source.repo, &args.source.rev, args.source.limits.max_file_size)?;
+    // The commit is what is bundled; uncommitted edits are named so they are not lost.
+    uncommitted(&args.source.repo, &snapshot, false);
     let (fleet, mut diags) = render::load(&snapshot);
     if diag::error_count(&diags) == 0 {
         // Before the expensive part: the commit date alone can stop the build.

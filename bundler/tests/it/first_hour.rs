@@ -30,7 +30,7 @@ fn validate_names_the_files_the_commit_does_not_hold_yet() {
         .assert_stderr_has("warning: the work tree differs from commit")
         .assert_stderr_has("fleet.yaml (modified)")
         .assert_stderr_has("devices/dev-2.yaml (not committed)")
-        .assert_stderr_has("pass --worktree");
+        .assert_stderr_has("take --worktree");
 
     let json = bundler(&["validate", "--repo", repo.path_str(), "--json"]);
     json.assert_code(0);
@@ -90,6 +90,17 @@ fn plan_warns_about_uncommitted_changes_and_worktree_plans_them() {
     // --worktree replaces --to.
     bundler(&["plan", "--repo", repo.path_str(), "--from", "HEAD", "--to", "HEAD", "--worktree"])
         .assert_code(64);
+}
+
+#[test]
+fn build_bundles_the_commit_and_names_what_it_leaves_out() {
+    let repo = fleet();
+    repo.write("devices/dev-2.yaml", DEVICE);
+    let keys = crate::common::Keys::new();
+    let out = tempfile::tempdir().expect("tempdir");
+    let o = crate::common::build(repo.path(), "HEAD", &keys, out.path());
+    o.assert_code(0).assert_stderr_has("devices/dev-2.yaml (not committed)");
+    assert_eq!(o.json()["devices"], 1, "the commit's one device is built");
 }
 
 #[test]
