@@ -1,4 +1,8 @@
-//! Reads a fleet repository at one revision through gix, without a checkout.
+//! Reads a fleet repository at one revision through gix, without a checkout; or, for
+//! `validate --worktree` and `plan --worktree`, the same paths from the work tree on
+//! disk, and which of them differ from HEAD's commit ([`worktree_changes`]). The
+//! repository is found at the given path or above it, like `git` finds it. gix's
+//! errors are translated here into what the user should do ([`RepoError`]).
 //!
 //! Works on normal clones, bare repositories and shallow clones: only the one commit
 //! named by the revision and its tree are read, never its parents (but for
