@@ -291,7 +291,11 @@ fn load_keys(args: &BuildArgs) -> anyhow::Result<Vec<SigningKey>> {
     }
     match &args.key_line {
         Some(line) => Ok(vec![line.parse::<SigningKey>().context("FLEET_SIGNING_KEY")?]),
-        None => bail!("no signing key: pass --key FILE or set FLEET_SIGNING_KEY to the key line (make one with `fleet-bundler keygen`)"),
+        None => {
+            // Nothing on the command line or in the environment: a usage error.
+            eprintln!("error: no signing key: pass --key FILE or set FLEET_SIGNING_KEY to the key line (make one with `fleet-bundler keygen`)");
+            Err(Exit(exit::USAGE).into())
+        }
     }
 }
 
