@@ -79,7 +79,7 @@ pub enum RepoError {
     WorkTree { path: PathBuf, source: std::io::Error },
 }
 
-/// What `commit_time` and `subject` are in a [`Snapshot`] of the work tree.
+/// The `commit` of a [`Snapshot`] of the work tree (it has no commit id).
 pub const WORKTREE: &str = "work tree";
 
 /// Finds the repository at `path` or in a directory above it, like `git` does, so that
@@ -277,6 +277,9 @@ impl std::fmt::Display for Change {
 /// attributes and filters), a large dependency for one warning, and what matters here
 /// is exactly "would the files on disk check differently", which a content comparison
 /// answers (the index is not consulted: staged but uncommitted is still uncommitted).
+/// Content filters are not applied either: with `core.autocrlf` checkouts every text
+/// file would show as modified, which a Linux CI or a fleet repository without CRLF
+/// conversion never sees.
 pub fn worktree_changes(
     path: &Path,
     snapshot: &Snapshot,
