@@ -285,9 +285,28 @@ fn some_of(ids: &[String]) -> String {
     text
 }
 
+/// A key file flag given the directory `keygen --out` made: say which file in it to pass.
+fn not_a_directory(path: &Path, flag: &str, file: &str) -> anyhow::Result<()> {
+    if path.is_dir() {
+        bail!(
+            "{flag} {} is a directory: pass the key file in it ({})",
+            path.display(),
+            path.join(file).display()
+        );
+    }
+    Ok(())
+}
+
 fn load_keys(args: &BuildArgs) -> anyhow::Result<Vec<SigningKey>> {
     if !args.keys.is_empty() {
-        return args.keys.iter().map(|p| keyfile::load_signing(p).map_err(anyhow::Error::from)).collect();
+        return args
+            .keys
+            .iter()
+            .map(|p| {
+                not_a_directory(p, "--key", "signing.key")?;
+                keyfile::load_signing(p).map_err(anyhow::Error::from)
+            })
+            .collect();
     }
     match &args.key_line {
         Some(line) => Ok(vec![line.parse::<SigningKey>().context("FLEET_SIGNING_KEY")?]),
@@ -452,9 +471,12 @@ fn check_bundle(
     let refusal = |reason: &str, message: String| Refusal { reason: reason.into(), message };
     let keys: Vec<PublicKey> = pubs
         .iter()
-        .map(|p| keyfile::load_public(p))
+        .map(|p| {
+            not_a_directory(p, "--pub", "signing.pub")?;
+            keyfile::load_public(p).map_err(anyhow::Error::from)
+        })
         .collect::<Result<_, _>>()
-        .map_err(|e| refusal("key_file", chain(&e.into())))?;
+        .map_err(|e| refusal("key_file", chain(&e)))?;
     let trusted = TrustedKeys::new(keys, threshold).map_err(|e| refusal("key_file", e.to_string()))?;
     let bytes = std::fs::read(path)
         .map_err(|e| refusal("unreadable", format!("cannot read {}: {e}", path.display())))?;

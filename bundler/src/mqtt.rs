@@ -642,6 +642,13 @@ impl Scope {
         index: &Option<PathBuf>,
     ) -> Result<Scope, MqttError> {
         let index = match index {
+            Some(p) if p.is_dir() => {
+                return Err(MqttError::Usage(format!(
+                    "--index {} is a directory: pass the build's index.json ({})",
+                    p.display(),
+                    p.join("index.json").display()
+                )))
+            }
             Some(p) => Some(
                 Index::read(p)?.ok_or_else(|| MqttError::Usage(format!("{} does not exist", p.display())))?,
             ),

@@ -411,3 +411,30 @@ fn a_compose_unknown_key_does_not_offer_refused_keys() {
         assert!(!line.contains(&format!(" {refused},")), "{refused} is offered: {line}");
     }
 }
+
+#[test]
+fn a_directory_where_a_file_belongs_names_the_file_to_pass() {
+    let (repo, keys, out) = built();
+    let key_dir =
+        std::path::Path::new(&keys.secret()).parent().expect("keys/").to_str().expect("utf-8").to_string();
+    let o = bundler(&[
+        "build",
+        "--repo",
+        repo.path_str(),
+        "--key",
+        &key_dir,
+        "--out",
+        out.path().to_str().expect("utf-8"),
+    ]);
+    o.assert_code(1).assert_stderr_has(&format!(
+        "--key {key_dir} is a directory: pass the key file in it ({key_dir}/signing.key)"
+    ));
+    let bundle = out.path().join("index.json");
+    bundler(&["verify", "--pub", &key_dir, bundle.to_str().expect("utf-8")])
+        .assert_code(1)
+        .assert_stderr_has(&format!("({key_dir}/signing.pub)"));
+    let dir = out.path().to_str().expect("utf-8");
+    bundler(&["status", "--broker", "mqtt://127.0.0.1:1", "--index", dir]).assert_code(64).assert_stderr_has(
+        &format!("--index {dir} is a directory: pass the build's index.json ({dir}/index.json)"),
+    );
+}
