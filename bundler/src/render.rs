@@ -601,8 +601,8 @@ fn load_app(
         };
         let parsed: ComposeFile = match compose::parse_file(&file, source) {
             Ok(p) => p,
-            Err(d) => {
-                diags.push(d);
+            Err(found) => {
+                diags.extend(found);
                 return None;
             }
         };

@@ -56,6 +56,82 @@ pub fn parse_all<T: DeserializeOwned>(file: &str, text: &str, shape: &Shape) -> 
     })
 }
 
+/// How many unknown keys [`parse_each_unknown_key`] reports in one file.
+const MAX_UNKNOWN_KEYS: usize = 50;
+
+/// Like [`parse_with`], for Compose files (too rich for a [`Shape`]): when serde stops
+/// at an unknown key written in block style, that entry is replaced by an empty
+/// extension field (`x-…:`, which Compose mappings skip; lines kept, so every place
+/// stays right) and the document parsed again, so that every unknown key is reported
+/// at once. A later error that is not an unknown key is dropped: it may be a
+/// consequence of the replacement (a required key that was misspelled), and the next
+/// run reports it.
+pub fn parse_each_unknown_key<T: DeserializeOwned>(
+    file: &str,
+    text: &str,
+    accepted: &dyn Fn(&mut Vec<String>),
+) -> Result<T, Vec<Diagnostic>> {
+    let first = match parse_with::<T>(file, text, accepted) {
+        Ok(v) => return Ok(v),
+        Err(d) => d,
+    };
+    let mut diags = vec![first];
+    let mut text = text.to_string();
+    while diags.len() < MAX_UNKNOWN_KEYS {
+        let last = diags.last().expect("one diagnostic at least");
+        if !last.message.starts_with(UNKNOWN_KEY) {
+            break;
+        }
+        let placeholder = format!("x-fleet-unknown-{}", diags.len());
+        let Some(blanked) = blank_entry(&text, last.line, last.column, &placeholder) else { break };
+        text = blanked;
+        match parse_with::<T>(file, &text, accepted) {
+            // A mapping that does not skip `x-` keys refuses the placeholder: stop there.
+            Err(d)
+                if d.message.starts_with(UNKNOWN_KEY)
+                    && !diags.iter().any(|p| (p.line, p.column) == (d.line, d.column)) =>
+            {
+                diags.push(d)
+            }
+            _ => break,
+        }
+    }
+    Err(diags)
+}
+
+const UNKNOWN_KEY: &str = "unknown key `";
+
+/// `text` with the block-style mapping entry whose key is at `line`:`column` replaced
+/// by `placeholder:` (no value) and empty lines: its value is on the lines below it
+/// that are more indented (or list items at its indentation, which YAML allows for a
+/// key's list). `None` when the key does not start its line (a flow mapping, the
+/// first key of a list item).
+fn blank_entry(text: &str, line: u64, column: u64, placeholder: &str) -> Option<String> {
+    let mut lines: Vec<&str> = text.split('\n').collect();
+    let index = usize::try_from(line).ok()?.checked_sub(1)?;
+    let indent = usize::try_from(column).ok()?.checked_sub(1)?;
+    let own = lines.get(index)?;
+    if own.len() < indent || !own[..indent].chars().all(|c| c == ' ') || own[indent..].starts_with(' ') {
+        return None;
+    }
+    let replaced = format!("{}{placeholder}:", " ".repeat(indent));
+    for l in lines.iter_mut().skip(index + 1) {
+        let spaces = l.len() - l.trim_start_matches(' ').len();
+        let rest = &l[spaces..];
+        if rest.is_empty()
+            || rest.starts_with('#')
+            || spaces > indent
+            || (spaces == indent && (rest == "-" || rest.starts_with("- ")))
+        {
+            *l = "";
+        } else {
+            break;
+        }
+    }
+    lines[index] = &replaced;
+    Some(lines.join("\n"))
+}
+
 fn to_diagnostic(file: &str, e: &serde_saphyr::Error, accepted: &dyn Fn(&mut Vec<String>)) -> Diagnostic {
     let options = serde_saphyr::render_options! { snippets: serde_saphyr::SnippetMode::Off };
     let rendered = e.render_with_options(options);
@@ -87,7 +163,7 @@ pub fn unknown_key_message(key: &str, allowed: &[String]) -> String {
     let hint = nearest(key, allowed.iter().map(String::as_str))
         .map(|k| format!(": did you mean `{k}`?"))
         .unwrap_or_default();
-    format!("unknown key `{key}`{hint} (allowed keys: {})", allowed.join(", "))
+    format!("{UNKNOWN_KEY}{key}`{hint} (allowed keys: {})", allowed.join(", "))
 }
 
 /// The candidate closest to `name` if it is a likely typo of it: at most one edit
@@ -422,5 +498,20 @@ impl<'de> Deserialize<'de> for StringOrListOfScalars {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_is_blanked_with_its_value_and_nothing_else() {
+        let text = "a:\n  b: 1\n  bad:\n    c: 2\n  list:\n  - x\n  d: 3\ne: 4";
+        let blank = |line, column| blank_entry(text, line, column, "x-0");
+        assert_eq!(blank(3, 3).as_deref(), Some("a:\n  b: 1\n  x-0:\n\n  list:\n  - x\n  d: 3\ne: 4"));
+        assert_eq!(blank(5, 3).as_deref(), Some("a:\n  b: 1\n  bad:\n    c: 2\n  x-0:\n\n  d: 3\ne: 4"));
+        assert_eq!(blank_entry("- k: 1\n  v: 2", 1, 3, "x-0"), None, "the first key of a list item");
+        assert_eq!(blank_entry("a: {b: 1, c: 2}", 1, 11, "x-0"), None, "a flow mapping");
     }
 }

@@ -399,6 +399,22 @@ fn an_undefined_template_variable_is_named_with_the_nearest_defined_one() {
 }
 
 #[test]
+fn every_unknown_key_of_a_compose_file_is_reported() {
+    let repo = fleet();
+    repo.write(
+        "apps/web/compose.yaml",
+        "services:\n  web:\n    image: nginx\n    port:\n      - 80:80\n    restrat: always\nvolume: {}\n",
+    );
+    repo.commit_at("compose", 1_800_000_100);
+    let out = bundler(&["validate", "--repo", repo.path_str()]);
+    out.assert_code(65)
+        .assert_stderr_has("apps/web/compose.yaml:4:5: error: unknown key `port`: did you mean `ports`?")
+        .assert_stderr_has("apps/web/compose.yaml:6:5: error: unknown key `restrat`: did you mean `restart`?")
+        .assert_stderr_has("apps/web/compose.yaml:7:1: error: unknown key `volume`: did you mean `volumes`?")
+        .assert_stderr_has("3 error(s)");
+}
+
+#[test]
 fn a_compose_unknown_key_does_not_offer_refused_keys() {
     let repo = fleet();
     repo.write("apps/web/compose.yaml", "services:\n  web:\n    image: nginx\n    imagee: x\n");
