@@ -121,7 +121,7 @@ pub(crate) enum Command {
     Publish(mqtt::PublishArgs),
     /// Check a bundle exactly as a device would and print its manifest.
     #[command(
-        after_help = "Examples:\n  fleet-bundler verify --pub keys/signing.pub out/bundles/<digest>.bundle\n  fleet-bundler verify --pub a.pub --pub b.pub --threshold 2 --json bundle\n\nWith --json a refusal is printed too: {ok: false, bundle, reason, message}.\n\nExit codes: 0 the bundle verifies, 1 it does not or cannot be read (the reason code is printed, e.g. (expired), (unknown_key); key_file, unreadable), 64 usage."
+        after_help = "Examples:\n  fleet-bundler verify --pub keys/signing.pub out/bundles/<digest>.bundle\n  fleet-bundler verify --pub a.pub --pub b.pub --threshold 2 --json bundle\n\nWith --json a refusal is printed too: {ok: false, bundle, reason, message}.\n\nExit codes: 0 the bundle verifies, 1 it does not or cannot be read (the reason code is printed, e.g. (expired), (unknown_key); key_file, unreadable), 64 usage (bad flags; a --threshold above the number of distinct --pub keys)."
     )]
     Verify {
         /// A trusted public key file (repeatable).

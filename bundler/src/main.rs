@@ -454,10 +454,11 @@ fn plan_cmd(
 }
 
 /// Why `verify` refused: a reason code (the bundle's refusal code as a device reports
-/// it, or `key_file`, `unreadable`) and the message.
+/// it, or `key_file`, `unreadable`, `usage`), the message and the exit code.
 struct Refusal {
     reason: String,
     message: String,
+    exit: u8,
 }
 
 /// Reads the trusted keys and the bundle and verifies it as a device would.
@@ -468,7 +469,8 @@ fn check_bundle(
     device: Option<&str>,
     path: &Path,
 ) -> Result<bundle::Verified, Refusal> {
-    let refusal = |reason: &str, message: String| Refusal { reason: reason.into(), message };
+    let refusal =
+        |reason: &str, message: String| Refusal { reason: reason.into(), message, exit: exit::FAILURE };
     let keys: Vec<PublicKey> = pubs
         .iter()
         .map(|p| {
@@ -477,7 +479,11 @@ fn check_bundle(
         })
         .collect::<Result<_, _>>()
         .map_err(|e| refusal("key_file", chain(&e)))?;
-    let trusted = TrustedKeys::new(keys, threshold).map_err(|e| refusal("key_file", e.to_string()))?;
+    // Fewer distinct keys than --threshold is the command line's mistake.
+    let trusted = TrustedKeys::new(keys, threshold).map_err(|e| Refusal {
+        exit: exit::USAGE,
+        ..refusal("usage", format!("{e} (--pub and --threshold)"))
+    })?;
     let bytes = std::fs::read(path)
         .map_err(|e| refusal("unreadable", format!("cannot read {}: {e}", path.display())))?;
     let limits = Limits::default();
@@ -515,7 +521,7 @@ fn verify(
                 println!("{}", serde_json::to_string_pretty(&out)?);
             }
             eprintln!("error: {}", refusal.message);
-            return Err(Exit(exit::FAILURE).into());
+            return Err(Exit(refusal.exit).into());
         }
     };
     let now = timefmt::now();

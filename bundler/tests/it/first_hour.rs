@@ -286,6 +286,19 @@ fn verify_json_reports_a_refusal_with_its_reason() {
     assert!(json["reason"].as_str().is_some_and(|r| !r.is_empty()), "{json}");
     assert!(json["message"].as_str().expect("message").contains("does not verify"), "{json}");
 
+    // More signatures asked than keys given: the command line's mistake.
+    let o = bundler(&[
+        "verify",
+        "--pub",
+        &keys.public(),
+        "--threshold",
+        "2",
+        "--json",
+        garbage.to_str().expect("utf-8"),
+    ]);
+    o.assert_code(64).assert_stderr_has("threshold 2 is impossible with 1 distinct trusted key(s)");
+    assert_eq!(o.json()["reason"], "usage");
+
     let missing = format!("{dir}/missing.pub");
     let o = bundler(&["verify", "--pub", &missing, "--json", garbage.to_str().expect("utf-8")]);
     o.assert_code(1);
