@@ -228,30 +228,48 @@ fn status_usage_errors_exit_64() {
     }
 }
 
-#[test]
-fn ctrl_c_during_status_wait_is_an_interruption_not_a_timeout() {
-    let broker = crate::common::mosquitto("allow_anonymous true");
-    let (_repo, _keys, out) = built();
-    let index = out.path().join("index.json");
+/// Runs `status --wait` (plus `extra`) against `broker`, sends it `signal` after it has
+/// connected, and returns its exit code, stdout and stderr.
+fn interrupted_wait(
+    port: u16,
+    index: &std::path::Path,
+    signal: &str,
+    extra: &[&str],
+) -> (Option<i32>, String, String) {
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_fleet-bundler"))
-        .args(["status", "--broker", &format!("mqtt://127.0.0.1:{}", broker.port), "--index"])
-        .arg(&index)
+        .args(["status", "--broker", &format!("mqtt://127.0.0.1:{port}"), "--index"])
+        .arg(index)
         .args(["--wait", "--timeout", "60s"])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start status --wait");
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let started = std::time::Instant::now();
-    let pid = child.id().to_string();
-    let kill = std::process::Command::new("kill").args(["-INT", &pid]).status().expect("kill -INT");
+    let kill =
+        std::process::Command::new("kill").args([signal, &child.id().to_string()]).status().expect("kill");
     assert!(kill.success());
     let output = child.wait_with_output().expect("status exits");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (output.status.code(), text(&output.stdout), text(&output.stderr))
+}
+
+#[test]
+fn ctrl_c_during_status_wait_is_an_interruption_not_a_timeout() {
+    let broker = crate::common::mosquitto("allow_anonymous true");
+    let (_repo, _keys, out) = built();
+    let index = out.path().join("index.json");
+    let (code, _, stderr) = interrupted_wait(broker.port, &index, "-INT", &[]);
+    assert_eq!(code, Some(130), "{stderr}");
     assert!(stderr.contains("interrupted after"), "{stderr}");
     assert!(!stderr.contains("timeout"), "{stderr}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(5), "took {:?}", started.elapsed());
+    // A cancelled CI job (SIGTERM), with --json: 143 and the outcome on stdout.
+    let (code, stdout, stderr) = interrupted_wait(broker.port, &index, "-TERM", &["--json"]);
+    assert_eq!(code, Some(143), "{stderr}");
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("JSON on stdout");
+    assert_eq!(json["outcome"], "terminated");
 }
 
 #[test]
