@@ -44,9 +44,10 @@ Exit codes:
   3   status --wait: a device failed or rolled back on the indexed version
   4   status --wait: timeout before every device converged
   5   publish: the broker retains a version for a device that this build's is not newer than (nothing published)
-  130 status --wait: interrupted by Ctrl-C (SIGINT); 143: by SIGTERM
-  64  usage error (bad flags, a bad broker URL, a file named by a flag that does not exist)
-  65  the repository is invalid (validation errors are printed with file:line:column)")
+  64  usage error: bad flags; build: no signing key; verify: a threshold above the keys given;
+      publish/status/exporter: a bad broker URL, fleet id or selector, a --index or TLS file that does not exist
+  65  the repository is invalid (validation errors are printed with file:line:column)
+  130 status --wait: interrupted by Ctrl-C (SIGINT); 143: by SIGTERM")
 )]
 pub(crate) struct Cli {
     #[command(subcommand)]
