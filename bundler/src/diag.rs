@@ -77,24 +77,63 @@ impl fmt::Display for Diagnostic {
     }
 }
 
-/// Merges diagnostics that differ only by device, and sorts them by place.
+/// Where a file's problems come in a report: `fleet.yaml` first (every device depends
+/// on it), then the devices, then the apps, so that root causes come before what they
+/// may cause; within a file by line and column.
+fn rank(file: &str) -> u8 {
+    if file == "fleet.yaml" {
+        0
+    } else if file.starts_with("devices/") {
+        1
+    } else if file.starts_with("apps/") {
+        2
+    } else {
+        3
+    }
+}
+
+/// Merges diagnostics that differ only by device, and sorts them by place (see [`rank`]).
 pub fn merge(diagnostics: Vec<Diagnostic>) -> Vec<Diagnostic> {
     let mut merged: BTreeMap<(String, u64, u64, Severity, String), Vec<String>> = BTreeMap::new();
     for d in diagnostics {
         let devices = merged.entry((d.file, d.line, d.column, d.severity, d.message)).or_default();
         devices.extend(d.devices);
     }
-    merged
+    let mut out: Vec<Diagnostic> = merged
         .into_iter()
         .map(|((file, line, column, severity, message), mut devices)| {
             devices.sort();
             devices.dedup();
             Diagnostic { severity, file, line, column, message, devices }
         })
-        .collect()
+        .collect();
+    // Stable: the merged map's order (file, line, column, severity, message) within a rank.
+    out.sort_by_key(|d| rank(&d.file));
+    out
 }
 
 /// Counts errors.
 pub fn error_count(diagnostics: &[Diagnostic]) -> usize {
     diagnostics.iter().filter(|d| d.is_error()).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fleet_yaml_comes_first_then_devices_then_apps_each_in_file_order() {
+        let d = |file: &str, line| Diagnostic::error(file, line, 1, "x");
+        let merged = merge(vec![
+            d("apps/a/app.yaml", 1),
+            d("fleet.yaml", 3),
+            d("devices/b.yaml", 2),
+            d("fleet.yaml", 1),
+        ]);
+        let order: Vec<(&str, u64)> = merged.iter().map(|d| (d.file.as_str(), d.line)).collect();
+        assert_eq!(
+            order,
+            [("fleet.yaml", 1), ("fleet.yaml", 3), ("devices/b.yaml", 2), ("apps/a/app.yaml", 1)]
+        );
+    }
 }

@@ -7,7 +7,40 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::yaml::{Scalar, Spanned, Vars};
+use crate::policy::POLICY_SHAPE;
+use crate::yaml::{Scalar, Shape, Spanned, Vars};
+
+/// The keys of `fleet.yaml`, for reporting every unknown key at once.
+pub const FLEET_SHAPE: Shape = Shape::Keys(&[
+    ("name", Shape::Any),
+    ("topic_prefix", Shape::Any),
+    ("bundle_expiry", Shape::Any),
+    ("file_root", Shape::Any),
+    ("vars", Shape::Any),
+    ("policy", POLICY_SHAPE),
+]);
+
+/// The keys of `devices/<id>.yaml`.
+pub const DEVICE_SHAPE: Shape =
+    Shape::Keys(&[("labels", Shape::Any), ("vars", Shape::Any), ("policy", POLICY_SHAPE)]);
+
+/// The keys of one entry of `files:` in `app.yaml`.
+const FILE_SHAPE: Shape = Shape::Keys(&[
+    ("source", Shape::Any),
+    ("target", Shape::Any),
+    ("mode", Shape::Any),
+    ("owner", Shape::Any),
+    ("template", Shape::Any),
+    ("secret", Shape::Any),
+]);
+
+/// The keys of `apps/<app>/app.yaml`.
+pub const APP_SHAPE: Shape = Shape::Keys(&[
+    ("description", Shape::Any),
+    ("selector", Shape::Any),
+    ("files", Shape::List(&FILE_SHAPE)),
+    ("compose", Shape::Any),
+]);
 
 /// `fleet.yaml` at the repository root.
 #[derive(Debug, Deserialize)]
@@ -101,4 +134,35 @@ pub struct FileEntry {
     /// containing `secret`, `password` or `token` are treated as secret anyway.
     #[serde(default)]
     pub secret: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::yaml::Shape;
+
+    /// The keys serde knows for `T`, from its message for an unknown key.
+    fn serde_keys<T: serde::de::DeserializeOwned>() -> Vec<String> {
+        let e = crate::yaml::parse::<T>("f", "zzz_not_a_key: 1\n").err().expect("refused");
+        let list = e.message.split("(allowed keys: ").nth(1).expect("an unknown-key message");
+        list.trim_end_matches(')').split(", ").map(String::from).collect()
+    }
+
+    fn keys_of(shape: &Shape, key: &str) -> Vec<String> {
+        match shape {
+            Shape::Keys(keys) => {
+                keys.iter().find(|(k, _)| *k == key).map(|(_, s)| s.names()).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_shapes_know_exactly_the_keys_serde_knows() {
+        assert_eq!(FLEET_SHAPE.names(), serde_keys::<FleetFile>());
+        assert_eq!(DEVICE_SHAPE.names(), serde_keys::<DeviceFile>());
+        assert_eq!(APP_SHAPE.names(), serde_keys::<AppFile>());
+        assert_eq!(FILE_SHAPE.names(), serde_keys::<FileEntry>());
+        assert_eq!(keys_of(&FLEET_SHAPE, "policy"), serde_keys::<crate::policy::PolicyFile>());
+    }
 }

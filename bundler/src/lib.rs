@@ -2,7 +2,9 @@
 //!
 //! The pipeline, one module per step:
 //!
-//! - [`repo`]: reads the repository at one revision through gix, without a checkout.
+//! - [`repo`]: finds the repository (upward from `--repo`, like git) and reads it at one
+//!   revision through gix, without a checkout; or reads its work tree (`--worktree`) and
+//!   names the files in which the work tree differs from HEAD.
 //! - [`yaml`] and [`diag`]: location-aware YAML parsing and the diagnostics that name
 //!   file, line and column.
 //! - [`format`]: the repository format (`fleet.yaml`, `devices/*.yaml`, `apps/*/app.yaml`).

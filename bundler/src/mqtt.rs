@@ -135,7 +135,7 @@ pub struct StatusArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
-    #[error("broker URL {0:?} is not mqtt://host[:port] or mqtts://host[:port]")]
+    #[error("broker URL {0:?} is not mqtt://host[:port] or mqtts://host[:port] (--broker or FLEET_BROKER)")]
     Url(String),
     #[error("cannot read {path}: {source}")]
     File { path: PathBuf, source: std::io::Error },
@@ -153,8 +153,11 @@ pub enum MqttError {
     Topic(#[from] fleet_spec::topic::TopicError),
     #[error(transparent)]
     Build(#[from] build::BuildError),
+    /// A problem of the command line found after parsing: exit 64 like a bad flag.
     #[error("{0}")]
     Usage(String),
+    #[error("cannot watch for Ctrl-C: {0}")]
+    Signals(std::io::Error),
     #[error("{}nothing was published: devices refuse a version that is not newer than the one they were announced (not_newer). This happens when a build lost its output directory (CI cache) while the commit is dated before the previous build's: rebuild with `fleet-bundler build --previous <URL or directory of the published build>` so that versions exceed the published ones, then publish again. If the retained announcements are stale (the devices were reset), clear them (`mosquitto_pub -r -n -t TOPIC`).", conflicts.iter().map(|c| format!("{c}; ")).collect::<String>())]
     NotNewer { conflicts: Vec<NotNewer> },
 }
@@ -218,7 +221,13 @@ fn parse_url(url: &str) -> Result<Url, MqttError> {
 }
 
 fn tls_config(args: &BrokerArgs) -> Result<rumqttc::TlsConfiguration, MqttError> {
-    let read = |p: &Path| std::fs::read(p).map_err(|source| MqttError::File { path: p.into(), source });
+    // A file named on the command line that does not exist is a usage error.
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => MqttError::Usage(format!("{} does not exist", p.display())),
+            _ => MqttError::File { path: p.into(), source },
+        })
+    };
     let mut roots = rustls::RootCertStore::empty();
     match &args.ca_file {
         Some(ca) => {
@@ -613,6 +622,10 @@ pub enum StatusOutcome {
     Converged,
     Failed,
     Timeout,
+    /// `--wait` was stopped by SIGINT (Ctrl-C).
+    Interrupted,
+    /// `--wait` was stopped by SIGTERM (e.g. a cancelled CI job).
+    Terminated,
 }
 
 /// Which fleet to watch: `--fleet`/`--prefix`, else the index's.
@@ -629,6 +642,13 @@ impl Scope {
         index: &Option<PathBuf>,
     ) -> Result<Scope, MqttError> {
         let index = match index {
+            Some(p) if p.is_dir() => {
+                return Err(MqttError::Usage(format!(
+                    "--index {} is a directory: pass the build's index.json ({})",
+                    p.display(),
+                    p.join("index.json").display()
+                )))
+            }
             Some(p) => Some(
                 Index::read(p)?.ok_or_else(|| MqttError::Usage(format!("{} does not exist", p.display())))?,
             ),
@@ -682,6 +702,15 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
 
     let status_filter = Topic::fleet_filter(&prefix, &fleet, TopicKind::Status)?;
     let online_filter = Topic::fleet_filter(&prefix, &fleet, TopicKind::Online)?;
+    // --wait can run for minutes: Ctrl-C (or a cancelled CI job's SIGTERM) ends it as
+    // interrupted, not as a timeout. 0 = no signal yet.
+    let signal = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    if args.wait {
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::flag::register_usize(sig, Arc::clone(&signal), sig as usize)
+                .map_err(MqttError::Signals)?;
+        }
+    }
     let mut session = Session::connect(&args.broker, args.connect_timeout, 10)?;
     session.client.subscribe(status_filter, QoS::AtLeastOnce).map_err(|e| lost(&session, e))?;
     session.client.subscribe(online_filter, QoS::AtLeastOnce).map_err(|e| lost(&session, e))?;
@@ -694,16 +723,25 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
     let mut last_message = Instant::now();
     let mut last_progress = String::new();
     let outcome = loop {
-        let now = Instant::now();
         let deadline = if args.wait {
             wait_deadline
         } else if subacks < 2 {
-            now + session.timeout
+            started + session.timeout
         } else {
             (last_message + args.settle).min(started + session.timeout + args.settle)
         };
-        let event = match session.next(deadline, "reading status") {
+        // Waits in short slices, so that a signal is seen within a fraction of a second.
+        let slice = deadline.min(Instant::now() + Duration::from_millis(200));
+        let event = match session.next(slice, "reading status") {
             Ok(e) => e,
+            Err(MqttError::Timeout { .. }) if signal.load(std::sync::atomic::Ordering::Relaxed) != 0 => {
+                if signal.load(std::sync::atomic::Ordering::Relaxed) == signal_hook::consts::SIGTERM as usize
+                {
+                    break StatusOutcome::Terminated;
+                }
+                break StatusOutcome::Interrupted;
+            }
+            Err(MqttError::Timeout { .. }) if Instant::now() < deadline => continue,
             Err(MqttError::Timeout { .. }) if args.wait && subacks >= 2 => break StatusOutcome::Timeout,
             Err(MqttError::Timeout { .. }) if !args.wait && subacks >= 2 => break StatusOutcome::Shown,
             Err(e) => return Err(e),
@@ -764,6 +802,9 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
             StatusOutcome::Failed => eprintln!("a device failed or rolled back on the indexed version"),
             StatusOutcome::Timeout => {
                 eprintln!("timeout after {:?}: not every device converged", args.timeout)
+            }
+            StatusOutcome::Interrupted | StatusOutcome::Terminated => {
+                eprintln!("interrupted after {:.0?}: not every device converged yet", started.elapsed())
             }
             StatusOutcome::Shown => {}
         }

@@ -24,6 +24,23 @@ pub const AGENT_STATE_DIR: &str = "/var/lib/fleet-agent";
 pub const AGENT_CONFIG_DIR: &str = "/etc/fleet-agent";
 pub const ENGINE_SOCKET: &str = "/var/run/docker.sock";
 
+/// The keys of `policy:`, for reporting every unknown key of a file at once.
+pub const POLICY_SHAPE: crate::yaml::Shape = crate::yaml::Shape::Keys(&[
+    ("allowed_roots", crate::yaml::Shape::Any),
+    ("allow_privileged", crate::yaml::Shape::Any),
+    ("allow_host_network", crate::yaml::Shape::Any),
+    ("host_namespaces", crate::yaml::Shape::Any),
+    ("device_cgroup_rules", crate::yaml::Shape::Any),
+    ("allow_unconfined", crate::yaml::Shape::Any),
+    ("allow_gpus", crate::yaml::Shape::Any),
+    ("allow_engine_socket", crate::yaml::Shape::Any),
+    ("bind_roots", crate::yaml::Shape::Any),
+    ("devices", crate::yaml::Shape::Any),
+    ("capabilities", crate::yaml::Shape::Any),
+    ("registries", crate::yaml::Shape::Any),
+    ("require_digest", crate::yaml::Shape::Any),
+]);
+
 /// `policy:` in `fleet.yaml` or `devices/<id>.yaml`. Every key is optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

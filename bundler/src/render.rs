@@ -18,11 +18,14 @@ use serde::Serialize;
 use crate::compose::{self, AppContext, ComposeFile, Translated};
 use crate::diag::Diagnostic;
 use crate::duration::parse_duration_ms;
-use crate::format::{AppFile, DeviceFile, FleetFile};
+use crate::format::{AppFile, DeviceFile, FleetFile, APP_SHAPE, DEVICE_SHAPE, FLEET_SHAPE};
 use crate::repo::Snapshot;
 use crate::yaml::{self, Pos, Vars};
 
 pub const DEFAULT_FILE_ROOT: &str = "/srv/fleet";
+
+/// How a problem found while rendering starts when `fleet.yaml` is broken.
+pub const CONSEQUENCE: &str = "(maybe because of fleet.yaml) ";
 
 /// The work one template render may do (minijinja fuel: about one unit per instruction
 /// and per 64 bytes of data the template makes). Real configuration templates need a
@@ -85,6 +88,9 @@ pub struct Fleet {
     templates: Environment<'static>,
     /// The largest file a template may render (the snapshot's `max_file_size`).
     max_file_size: u64,
+    /// `fleet.yaml` is missing or has errors: devices are not rendered (see
+    /// [`Fleet::not_rendered`]).
+    root_broken: bool,
 }
 
 /// One device file.
@@ -199,8 +205,11 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
             "missing: the repository root needs a fleet.yaml with at least `name: <fleet id>`",
         )),
         Some(bytes) => {
-            match text("fleet.yaml", bytes).and_then(|t| yaml::parse::<FleetFile>("fleet.yaml", t)) {
-                Err(d) => diags.push(d),
+            let parsed = text("fleet.yaml", bytes)
+                .map_err(|d| vec![d])
+                .and_then(|t| yaml::parse_all::<FleetFile>("fleet.yaml", t, &FLEET_SHAPE));
+            match parsed {
+                Err(found) => diags.extend(found),
                 Ok(f) => {
                     let at = Pos::of(&f.name);
                     match validate_id("fleet id", &f.name.value) {
@@ -260,7 +269,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
     // devices/<id>.yaml, parsed in parallel (large fleets have thousands).
     let device_files: Vec<(&String, &Vec<u8>)> =
         snapshot.files.iter().filter(|(p, _)| p.starts_with("devices/")).collect();
-    let parsed: Vec<Result<Device, Diagnostic>> =
+    let parsed: Vec<Result<Device, Vec<Diagnostic>>> =
         device_files.par_iter().map(|(path, bytes)| load_device(path, bytes)).collect();
     let mut devices = BTreeMap::new();
     for r in parsed {
@@ -268,7 +277,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
             Ok(d) => {
                 devices.insert(d.id.clone(), d);
             }
-            Err(d) => diags.push(d),
+            Err(found) => diags.extend(found),
         }
     }
     if devices.is_empty() && !diags.iter().any(|d| d.file.starts_with("devices/")) {
@@ -308,7 +317,9 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         }
     }
 
+    let root_broken = diags.iter().any(|d| d.is_error() && d.file == "fleet.yaml");
     let fleet = Fleet {
+        root_broken,
         name,
         topic_prefix,
         bundle_expiry,
@@ -335,29 +346,32 @@ fn text<'a>(path: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
     std::str::from_utf8(bytes).map_err(|e| Diagnostic::error(path, 0, 0, format!("not UTF-8 text: {e}")))
 }
 
-fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Diagnostic> {
+fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Vec<Diagnostic>> {
     let rest = &path["devices/".len()..];
     let Some(id) = rest.strip_suffix(".yaml").filter(|id| !id.contains('/')) else {
-        return Err(Diagnostic::error(
+        return Err(vec![Diagnostic::error(
             path,
             0,
             0,
             "devices/ holds one <device id>.yaml file per device, nothing else",
-        ));
+        )]);
     };
     validate_id("device id", id)
-        .map_err(|e| Diagnostic::error(path, 0, 0, format!("the file name is the device id: {e}")))?;
-    let text = text(path, bytes)?;
-    let file: DeviceFile =
-        if text.trim().is_empty() { DeviceFile::default() } else { yaml::parse(path, text)? };
+        .map_err(|e| vec![Diagnostic::error(path, 0, 0, format!("the file name is the device id: {e}"))])?;
+    let text = text(path, bytes).map_err(|d| vec![d])?;
+    let file: DeviceFile = if text.trim().is_empty() {
+        DeviceFile::default()
+    } else {
+        yaml::parse_all(path, text, &DEVICE_SHAPE)?
+    };
     let labels = file.labels.into_iter().map(|(k, v)| (k, v.value.0)).collect();
     let mut problems = Vec::new();
     let policy = match &file.policy {
         Some(p) => crate::policy::Settings::from_file(path, p, &mut problems),
         None => crate::policy::Settings::default(),
     };
-    if let Some(first) = problems.into_iter().next() {
-        return Err(first);
+    if !problems.is_empty() {
+        return Err(problems);
     }
     Ok(Device { id: id.to_string(), labels, vars: file.vars, policy })
 }
@@ -390,10 +404,10 @@ fn load_app(
     };
     let parsed: AppFile = match text(&app_yaml, bytes) {
         Ok(t) if t.trim().is_empty() => AppFile::default(),
-        Ok(t) => match yaml::parse(&app_yaml, t) {
+        Ok(t) => match yaml::parse_all(&app_yaml, t, &APP_SHAPE) {
             Ok(a) => a,
-            Err(d) => {
-                diags.push(d);
+            Err(found) => {
+                diags.extend(found);
                 return None;
             }
         },
@@ -587,8 +601,8 @@ fn load_app(
         };
         let parsed: ComposeFile = match compose::parse_file(&file, source) {
             Ok(p) => p,
-            Err(d) => {
-                diags.push(d);
+            Err(found) => {
+                diags.extend(found);
                 return None;
             }
         };
@@ -686,6 +700,32 @@ fn template_diagnostic(repo_path: &str, e: &minijinja::Error) -> Diagnostic {
         0,
         format!("template: {detail}"),
     )
+}
+
+/// What to add to a strict-mode "`device.vars.prot` is undefined" message: the
+/// nearest name defined where the missing one was looked up (`names` holds what the
+/// template sees), or where such a variable is set.
+fn undefined_hint(message: &str, names: &serde_json::Value) -> Option<String> {
+    let (_, rest) = message.split_once('`')?;
+    let (expr, _) = rest.split_once("` is undefined")?;
+    let parts: Vec<&str> = expr.split('.').collect();
+    let (missing, parent) = parts.split_last()?;
+    let mut node = names;
+    for part in parent {
+        node = node.get(part)?;
+    }
+    let defined = node.as_object()?;
+    if let Some(name) = yaml::nearest(missing, defined.keys().map(String::as_str)) {
+        let path = parent.iter().copied().chain([name]).collect::<Vec<_>>().join(".");
+        return Some(format!(": did you mean `{path}`?"));
+    }
+    match parent {
+        ["device", "vars"] => Some(": set it under `vars:` in devices/<id>.yaml or fleet.yaml".into()),
+        ["device", "labels"] => Some(": set it under `labels:` in devices/<id>.yaml".into()),
+        ["fleet", "vars"] => Some(": set it under `vars:` in fleet.yaml".into()),
+        [] => Some(": templates see `device`, `fleet` and `app`".into()),
+        _ => None,
+    }
 }
 
 /// `/a//b/./c/` → `/a/b/c`; `None` for relative paths or `..`.
@@ -801,7 +841,15 @@ impl Fleet {
                         };
                         match self.render_template(&f.repo_path, ctx) {
                             Ok(bytes) => bytes,
-                            Err(d) => {
+                            Err(mut d) => {
+                                let names = serde_json::json!({
+                                    "device": &tdevice,
+                                    "fleet": &tfleet,
+                                    "app": TemplateApp { name: &app.name },
+                                });
+                                if let Some(hint) = undefined_hint(&d.message, &names) {
+                                    d.message.push_str(&hint);
+                                }
                                 diags.push(tag(d));
                                 continue;
                             }
@@ -917,6 +965,25 @@ impl Fleet {
         v.iter().find(|v| v.rule == fleet_spec::policy::Rule::Digest).map(crate::policy::message)
     }
 
+    /// When `fleet.yaml` is broken, devices are rendered with defaults in place of its
+    /// vars, policy and file_root, so a problem found while rendering may be only a
+    /// consequence of it: each is marked as such, after one note that says why.
+    fn mark_consequences(&self, diags: &mut Vec<Diagnostic>) {
+        if !self.root_broken {
+            return;
+        }
+        for d in diags.iter_mut() {
+            d.message = format!("{CONSEQUENCE}{}", d.message);
+        }
+        diags.push(Diagnostic::warning(
+            "devices/",
+            0,
+            0,
+            "fleet.yaml has errors, so devices were rendered without its vars, policy and file_root: \
+             problems marked \"maybe because of fleet.yaml\" may go away once it is fixed; fix it first",
+        ));
+    }
+
     /// Renders every device in parallel to check it, keeping no state (memory stays
     /// flat for large fleets). Returns the merged diagnostics and the image references
     /// that are not pinned by digest.
@@ -935,6 +1002,7 @@ impl Fleet {
             diags.extend(d);
             images.extend(i);
         }
+        self.mark_consequences(&mut diags);
         (crate::diag::merge(diags), images)
     }
 
@@ -957,6 +1025,7 @@ impl Fleet {
             }
             diags.extend(d);
         }
+        self.mark_consequences(&mut diags);
         (states, crate::diag::merge(diags))
     }
 }
@@ -970,6 +1039,33 @@ mod tests {
         assert!(looks_secret("/etc/app/tls.key"));
         assert!(looks_secret("apps/x/files/db-password.txt"));
         assert!(!looks_secret("/etc/nginx/nginx.conf"));
+    }
+
+    #[test]
+    fn an_undefined_variable_gets_the_nearest_defined_name() {
+        let names = serde_json::json!({
+            "device": {"id": "d", "labels": {"site": "a"}, "vars": {"port": 1, "proto": "tcp"}},
+            "fleet": {"name": "f", "topic_prefix": "fleet", "vars": {}},
+            "app": {"name": "web"},
+        });
+        let hint = |m: &str| undefined_hint(m, &names);
+        assert_eq!(
+            hint("undefined value: `device.vars.prot` is undefined").as_deref(),
+            Some(": did you mean `device.vars.proto`?")
+        );
+        assert_eq!(
+            hint("undefined value: `devce` is undefined").as_deref(),
+            Some(": did you mean `device`?")
+        );
+        assert_eq!(
+            hint("undefined value: `device.lables` is undefined").as_deref(),
+            Some(": did you mean `device.labels`?")
+        );
+        assert_eq!(
+            hint("undefined value: `device.vars.zzz` is undefined").as_deref(),
+            Some(": set it under `vars:` in devices/<id>.yaml or fleet.yaml")
+        );
+        assert_eq!(hint("syntax error: unexpected end of input"), None);
     }
 
     #[test]

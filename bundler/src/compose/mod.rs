@@ -46,8 +46,8 @@ pub use translate::{normalize_relative, parse_expose, parse_image, parse_port, v
 /// Parses a Compose file (`file` names it in diagnostics). Extension fields (`x-*`)
 /// are skipped at the top level, in services, networks, volumes, `deploy` and `logging`;
 /// anchors, aliases and merge keys (`<<: *common`) are expanded by the YAML parser.
-pub fn parse_file(file: &str, text: &str) -> Result<ComposeFile, Diagnostic> {
-    crate::yaml::parse::<Ext<ComposeFile>>(file, text).map(|f| f.0)
+pub fn parse_file(file: &str, text: &str) -> Result<ComposeFile, Vec<Diagnostic>> {
+    crate::yaml::parse_each_unknown_key::<Ext<ComposeFile>>(file, text, &parse::drop_refused).map(|f| f.0)
 }
 
 /// The containers, networks and volumes of one app on one device.
@@ -156,9 +156,12 @@ mod tests {
     fn check_full(yaml: &str) -> (Translated, Vec<String>) {
         let file = match parse_file("compose.yaml", yaml) {
             Ok(f) => f,
-            Err(d) => {
+            Err(found) => {
                 let empty = Translated { containers: vec![], networks: vec![], volumes: vec![] };
-                return (empty, vec![format!("{}:{}: {}", d.line, d.column, d.message)]);
+                return (
+                    empty,
+                    found.iter().map(|d| format!("{}:{}: {}", d.line, d.column, d.message)).collect(),
+                );
             }
         };
         let targets = BTreeMap::new();
@@ -212,17 +215,52 @@ volumes:
     #[test]
     fn unknown_keys_are_still_refused_beside_extension_fields() {
         let (_, diags) = check("x-a: 1\nservices:\n  web:\n    x-b: 2\n    image: nginx\n    imagee: x\n");
-        has(&diags, "unknown field `imagee`");
+        has(&diags, "unknown key `imagee`: did you mean `image`?");
         assert!(diags[0].starts_with("6:"), "the error names its line: {diags:?}");
     }
 
     #[test]
+    fn every_unknown_key_of_a_compose_file_is_reported() {
+        let (_, diags) = check(
+            "services:\n  web:\n    imagee: nginx\n    port:\n    - 80:80\n    restrat: always\n  db:\n    image: pg\n    enviroment: {A: b}\nvolume: {}\n",
+        );
+        let places: Vec<&str> = diags.iter().map(|d| d.split(": ").next().expect("place")).collect();
+        assert_eq!(places, ["3:5", "4:5", "6:5", "9:5", "10:1"], "{diags:?}");
+        has(&diags, "unknown key `restrat`: did you mean `restart`?");
+        has(&diags, "unknown key `enviroment`: did you mean `environment`?");
+        // `imagee` was blanked out: that `web` has no image is for the next run to say.
+        assert!(
+            !diags.iter().any(|d| d.contains("image` is required") || d.contains("missing")),
+            "{diags:?}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_does_not_offer_refused_keys_as_allowed() {
+        let (_, diags) = check("services:\n  web:\n    image: nginx\n    biuld: .\n");
+        let message = diags.iter().find(|d| d.contains("biuld")).expect("refused");
+        let allowed = message.split("(allowed keys: ").nth(1).expect("the allowed keys");
+        for refused in ["build", "links", "extends", "volumes_from", "secrets"] {
+            assert!(
+                !allowed.split(", ").any(|k| k.trim_end_matches(')') == refused),
+                "{refused} offered: {message}"
+            );
+        }
+        assert!(allowed.contains("image, container_name"), "{message}");
+        let (_, diags) = check("services:\n  web:\n    image: nginx\n    deploy:\n      placment: {}\n");
+        let message = diags.iter().find(|d| d.contains("placment")).expect("refused");
+        assert!(!message.contains("placement") && message.contains("resources, replicas"), "{message}");
+    }
+
+    #[test]
     fn every_service_key_the_parser_knows_is_in_the_readme_table() {
-        // serde lists the fields it knows when it meets an unknown one.
+        // An unknown key's message lists the accepted keys; the refused ones are listed
+        // in parse.rs.
         let (_, diags) = check("services:\n  web:\n    image: nginx\n    not_a_compose_key: 1\n");
         let message = diags.iter().find(|d| d.contains("not_a_compose_key")).expect("refused");
-        let list = message.split("expected one of ").nth(1).unwrap_or_default();
-        let known: Vec<&str> = list.split(", ").map(|k| k.trim_matches('`').trim()).collect();
+        let list = message.split("(allowed keys: ").nth(1).unwrap_or_default().trim_end_matches(')');
+        let mut known: Vec<&str> = list.split(", ").map(|k| k.trim_matches('`').trim()).collect();
+        known.extend(parse::REFUSED[0].1);
         assert!(known.len() > 60, "the known keys were not read from {message:?}");
         let readme = include_str!("../../README.md");
         let table: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `")).collect();

@@ -225,6 +225,62 @@ pub struct Service {
     pub models: Refused,
 }
 
+/// Keys each Compose mapping knows only to refuse them by name (with the reason, in the
+/// translation): serde lists them among the fields it knows, and an unknown key's
+/// message must not offer them as allowed. Found by the mapping's field list, which
+/// serde gives whole.
+pub(super) const REFUSED: [(&str, &[&str]); 3] = [
+    // A service (the only mapping with `image`).
+    (
+        "image",
+        &[
+            "build",
+            "secrets",
+            "configs",
+            "extends",
+            "links",
+            "external_links",
+            "volumes_from",
+            "scale",
+            "develop",
+            "annotations",
+            "attach",
+            "cpu_count",
+            "cpu_percent",
+            "credential_spec",
+            "isolation",
+            "use_api_socket",
+            "provider",
+            "models",
+        ],
+    ),
+    // `deploy:`.
+    (
+        "replicas",
+        &[
+            "mode",
+            "placement",
+            "endpoint_mode",
+            "update_config",
+            "rollback_config",
+            "restart_policy",
+            "labels",
+        ],
+    ),
+    // The top level.
+    ("services", &["secrets", "configs"]),
+];
+
+/// Drops from `allowed` (the fields serde knows for one mapping) the keys that mapping
+/// refuses by name.
+pub fn drop_refused(allowed: &mut Vec<String>) {
+    for (marker, refused) in REFUSED {
+        if allowed.iter().any(|k| k == marker) {
+            allowed.retain(|k| !refused.contains(&k.as_str()));
+        }
+    }
+}
+
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {

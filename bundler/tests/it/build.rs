@@ -304,7 +304,7 @@ fn the_signing_key_can_come_from_the_environment() {
     out.assert_code(0);
     open_bundle(out_dir.path(), "gw-munich-01", &keys);
     let out = bundler(&["build", "--repo", repo.path_str(), "--out", out_path]);
-    out.assert_code(1);
+    out.assert_code(64);
     out.assert_stderr_has("no signing key: pass --key FILE or set FLEET_SIGNING_KEY");
     let out = bundler_env(
         &["build", "--repo", repo.path_str(), "--out", out_path],

@@ -155,7 +155,7 @@ fn bundles_can_travel_as_retained_blobs() {
 fn publish_needs_a_delivery_route() {
     let (_repo, _keys, out) = built_example();
     let o = publish(out.path(), free_port(), &[]);
-    o.assert_code(1);
+    o.assert_code(64);
     o.assert_stderr_has("pass --base-url URL and/or --blobs-over-mqtt");
 }
 

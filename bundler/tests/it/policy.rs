@@ -92,7 +92,7 @@ fn policy_keys_are_checked_with_file_and_line() {
     let repo = repo_with(&[("devices/dev-1.yaml", "policy:\n  allow_everything: true\n")]);
     validate(&repo)
         .assert_code(65)
-        .assert_stderr_has("devices/dev-1.yaml:2:3: error: unknown field `allow_everything`");
+        .assert_stderr_has("devices/dev-1.yaml:2:3: error: unknown key `allow_everything`");
     let repo = repo_with(&[("fleet.yaml", "name: test\npolicy:\n  bind_roots:\n    - /srv/../etc\n")]);
     validate(&repo).assert_code(65).assert_stderr_has(
         "fleet.yaml:4:7: error: policy.bind_roots: `/srv/../etc` must be an absolute, normalized path",

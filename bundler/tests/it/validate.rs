@@ -65,7 +65,7 @@ fn fleet_yaml_errors() {
     check(&[("fleet.yaml", None)], &["fleet.yaml: error: missing: the repository root needs a fleet.yaml"]);
     check(
         &[("fleet.yaml", Some("name: test\nbogus: 1\n"))],
-        &["fleet.yaml:2:1: error: unknown field `bogus`, expected one of"],
+        &["fleet.yaml:2:1: error: unknown key `bogus` (allowed keys: name,"],
     );
     check(
         &[("fleet.yaml", Some("name: bad/name\n"))],
@@ -94,7 +94,7 @@ fn fleet_yaml_errors() {
 fn device_file_errors() {
     check(
         &[("devices/dev-1.yaml", Some("labels:\n  site: a\ncolour: red\n"))],
-        &["devices/dev-1.yaml:3:1: error: unknown field `colour`, expected one of labels, vars"],
+        &["devices/dev-1.yaml:3:1: error: unknown key `colour` (allowed keys: labels, vars, policy)"],
     );
     check(
         &[("devices/bad+id.yaml", Some("labels: {}\n"))],
@@ -116,7 +116,7 @@ fn app_yaml_errors() {
     );
     check(
         &[("apps/web/app.yaml", Some("files: []\nselect: {}\n"))],
-        &["apps/web/app.yaml:2:1: error: unknown field `select`, expected one of"],
+        &["apps/web/app.yaml:2:1: error: unknown key `select`: did you mean `selector`?"],
     );
     check(
         &[("apps/web/app.yaml", Some("files:\n  - source: files/missing.conf\n"))],
@@ -144,7 +144,7 @@ fn app_yaml_errors() {
     );
     check(
         &[("apps/web/app.yaml", Some("files:\n  - source: files/web.conf\n    templat: true\n"))],
-        &["apps/web/app.yaml:3:5: error: unknown field `templat`, expected one of"],
+        &["apps/web/app.yaml:3:5: error: unknown key `templat`: did you mean `template`?"],
     );
     check(
         &[("apps/web/app.yaml", Some("compose: other.yaml\n"))],
@@ -188,7 +188,7 @@ fn compose_refused_keys_are_named() {
     );
     check(
         &[("apps/web/compose.yaml", Some("services:\n  web:\n    image: x:1\n    imagee: y\n"))],
-        &["apps/web/compose.yaml:4:5: error: unknown field `imagee`, expected one of"],
+        &["apps/web/compose.yaml:4:5: error: unknown key `imagee`: did you mean `image`?"],
     );
     check(
         &[("apps/web/compose.yaml", Some("services:\n  web:\n    image: x:1\nsecrets:\n  a: {file: x}\n"))],
@@ -311,10 +311,10 @@ fn a_missing_revision_is_a_clear_failure() {
     let repo = repo_with(&[]);
     let out = bundler(&["validate", "--repo", repo.path_str(), "--rev", "no-such-branch"]);
     out.assert_code(1);
-    out.assert_stderr_has("revision \"no-such-branch\" not found");
+    out.assert_stderr_has("no branch, tag or commit \"no-such-branch\"");
     let out = bundler(&["validate", "--repo", "/nonexistent/repo"]);
     out.assert_code(1);
-    out.assert_stderr_has("cannot open Git repository /nonexistent/repo");
+    out.assert_stderr_has("no Git repository at or above /nonexistent/repo");
 }
 
 #[test]

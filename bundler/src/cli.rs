@@ -1,0 +1,258 @@
+//! The command line's definition: subcommands, flags, their help texts and the exit
+//! codes they document. Parsing only; `main.rs` runs what is parsed.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use fleet_bundler::{duration, exporter, mqtt};
+/// Exit codes, also listed in `--help` and the README.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const CHANGES: u8 = 2;
+    pub const DEVICE_FAILED: u8 = 3;
+    pub const TIMEOUT: u8 = 4;
+    pub const NOT_NEWER: u8 = 5;
+    pub const USAGE: u8 = 64;
+    /// `status --wait` stopped by SIGINT (Ctrl-C): 128 + 2, as shells report it.
+    pub const INTERRUPTED: u8 = 130;
+    /// `status --wait` stopped by SIGTERM: 128 + 15.
+    pub const TERMINATED: u8 = 143;
+    pub const INVALID_REPO: u8 = 65;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "fleet-bundler",
+    version,
+    about = "Turns a fleet Git repository into signed per-device bundles, announces them over MQTT and gates CI on fleet status.",
+    after_help = concat!("Typical CI flow:
+  fleet-bundler validate --repo .
+  fleet-bundler plan --repo . --from origin/main --to HEAD
+  fleet-bundler build --repo . --rev HEAD --key signing.key --out out/
+  fleet-bundler publish --out out/ --broker mqtts://broker:8883 --base-url https://cdn.example/fleet
+  fleet-bundler status --broker mqtts://broker:8883 --index out/index.json --selector channel=canary --wait --timeout 10m
+
+Repository format and rules: bundler/README.md
+
+Exit codes:
+  0   success (plan: no changes; status --wait: every device converged)
+  1   failure: I/O, Git, keys, registry, broker, or a bundle that does not verify
+  2   plan: there are changes
+  3   status --wait: a device failed or rolled back on the indexed version
+  4   status --wait: timeout before every device converged
+  5   publish: the broker retains a version for a device that this build's is not newer than (nothing published)
+  64  usage error: bad flags; build: no signing key; verify: a threshold above the keys given;
+      publish/status/exporter: a bad broker URL, fleet id or selector, a --index or TLS file that does not exist
+  65  the repository is invalid (validation errors are printed with file:line:column)
+  130 status --wait: interrupted by Ctrl-C (SIGINT); 143: by SIGTERM")
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Create a signing key pair: DIR/signing.key (0600) and DIR/signing.pub.
+    #[command(
+        after_help = "Examples:\n  fleet-bundler keygen --out keys/\n  fleet-bundler keygen --out keys/ --json\n\nPrints the key id on stdout (--json: {key_id, secret, public} with the two paths).\nPut the one line of signing.key into a CI secret (FLEET_SIGNING_KEY) and signing.pub into every agent's trusted keys.\n\nExit codes: 0 ok, 1 failure (e.g. the key files exist already, --out is a file), 64 usage."
+    )]
+    Keygen {
+        /// Directory for the key files (created if needed; existing keys are never overwritten).
+        #[arg(long)]
+        out: PathBuf,
+        /// Print the key id and the two paths as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a repository revision: every file, every device; all problems at once.
+    #[command(
+        after_help = "Examples:\n  fleet-bundler validate\n  fleet-bundler validate --worktree          # the files as they are on disk, before committing\n  fleet-bundler validate --repo /srv/git/fleet.git --rev feature/x --json\n\nA commit is what `build` bundles, so validate checks one (default HEAD). When it checks HEAD and the work tree differs from it, it warns and names the files: commit them, or pass --worktree.\nThe repository is found at --repo or in a directory above it, like git does.\n\nExit codes: 0 valid (warnings allowed), 65 invalid (each problem printed as file:line:column), 1 failure (Git, I/O), 64 usage."
+    )]
+    Validate {
+        #[command(flatten)]
+        source: Source,
+        /// Check the files on disk (fleet.yaml, devices/, apps/ of the work tree,
+        /// uncommitted changes included) instead of a commit.
+        #[arg(long, conflicts_with = "rev")]
+        worktree: bool,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Render, sign and write every device's bundle, DIR/index.json, DIR/devices/<id>.json and the live dashboard DIR/dashboard/.
+    #[command(
+        after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n  fleet-bundler build --repo . --key keys/signing.key --out out/ --previous https://cdn.example/fleet\n  fleet-bundler build --repo . --key keys/signing.key --out out/ --dashboard-broker wss://broker.example.com:8084/mqtt\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.\nWithout it (no CI cache), pass --previous with the published output: versions stay newer than what devices hold.\nA commit dated more than 5 minutes ahead of this machine's clock, or whose bundles would already be expired, is refused (exit 1).\nUpload DIR as is: agents poll DIR/devices/<their id>.json and fetch DIR/bundles/<digest>.bundle.\nDIR/dashboard/index.html is a static live view of the fleet (open it from disk or any static server; it reads the broker over MQTT-over-WebSockets).\nThe signing key may also come from the environment: FLEET_SIGNING_KEY=<the line of signing.key>.\n\nExit codes: 0 built, 65 invalid repository (nothing written), 1 failure (Git, key, registry, I/O, --previous, a commit dated in the future or already expired; nothing written), 64 usage (bad flags; no --key and no FLEET_SIGNING_KEY)."
+    )]
+    Build(BuildArgs),
+    /// Show what changes per device between two revisions (secrets-free).
+    #[command(
+        after_help = "Examples:\n  fleet-bundler plan --repo . --from origin/main --to HEAD\n  fleet-bundler plan --repo . --from v1 --to v2 --json\n  fleet-bundler plan --from HEAD --worktree      # what the uncommitted changes would do\n\nWhen --to is HEAD and the work tree differs from it, plan warns and names the files: commit them, or pass --worktree.\n\nExit codes: 0 no changes, 2 changes, 65 a revision is invalid, 1 failure, 64 usage."
+    )]
+    Plan {
+        /// Repository: a clone, a bare repository or its .git directory.
+        #[arg(long, default_value = ".")]
+        repo: PathBuf,
+        /// The revision deployed now.
+        #[arg(long)]
+        from: String,
+        /// The revision to deploy.
+        #[arg(long, default_value = "HEAD")]
+        to: String,
+        /// Compare --from with the files on disk (the work tree, uncommitted changes
+        /// included) instead of --to.
+        #[arg(long, conflicts_with = "to")]
+        worktree: bool,
+        /// Print the plan as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Lines of context around each change in file diffs.
+        #[arg(long, default_value_t = 3)]
+        context: usize,
+        #[command(flatten)]
+        limits: ReadLimits,
+    },
+    /// Announce changed bundles over MQTT (retained, QoS 1, confirmed).
+    #[command(
+        after_help = "Examples:\n  fleet-bundler publish --out out/ --broker mqtt://127.0.0.1:1883 --base-url http://files.local/fleet\n  fleet-bundler publish --out out/ --broker mqtts://broker:8883 --ca-file ca.pem --username ci --blobs-over-mqtt\n\nOnly devices whose bundle changed since the last publish from this directory (DIR/published.json) are announced; --force announces all.\nThe retained announcements are read first: a device whose retained version is newer than this build's (or equal with another bundle) would refuse it, so nothing is published (exit 5).\n\nExit codes: 0 every announcement acknowledged, 5 a device already has a newer (or equal) version (nothing published; rebuild with --previous), 1 failure (broker unreachable or refused, timeout, an unreadable index or TLS file), 64 usage (bad flags or broker URL, neither --base-url nor --blobs-over-mqtt, no DIR/index.json, a TLS file that does not exist)."
+    )]
+    Publish(mqtt::PublishArgs),
+    /// Check a bundle exactly as a device would and print its manifest.
+    #[command(
+        after_help = "Examples:\n  fleet-bundler verify --pub keys/signing.pub out/bundles/<digest>.bundle\n  fleet-bundler verify --pub a.pub --pub b.pub --threshold 2 --json bundle\n\nWith --json a refusal is printed too: {ok: false, bundle, reason, message}.\n\nExit codes: 0 the bundle verifies, 1 it does not or cannot be read (the reason code is printed, e.g. (expired), (unknown_key); key_file, unreadable), 64 usage (bad flags; a --threshold above the number of distinct --pub keys)."
+    )]
+    Verify {
+        /// A trusted public key file (repeatable).
+        #[arg(long = "pub", required = true)]
+        pubs: Vec<PathBuf>,
+        /// How many distinct trusted keys must have signed.
+        #[arg(long, default_value_t = 1)]
+        threshold: usize,
+        /// Expected fleet (default: the one the manifest names).
+        #[arg(long)]
+        fleet: Option<String>,
+        /// Expected device (default: the one the manifest names).
+        #[arg(long)]
+        device: Option<String>,
+        /// Print the manifest as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// The bundle file.
+        bundle: PathBuf,
+    },
+    /// Show the fleet's status from MQTT; with --wait, gate CI on convergence.
+    #[command(
+        after_help = "Examples:\n  fleet-bundler status --broker mqtt://127.0.0.1:1883 --fleet acme\n  fleet-bundler status --broker mqtt://broker:1883 --index out/index.json --selector channel=canary --wait --timeout 10m\n  fleet-bundler status --broker mqtt://broker:1883 --fleet acme --serve 127.0.0.1:9810   # Prometheus metrics (see `exporter --help`)\n\nWith --wait: exit 0 when every selected device of the index runs its indexed version and is converged, 3 as soon as one failed or rolled back on it, 4 at the timeout.\nCtrl-C during --wait ends it as interrupted (exit 130; SIGTERM: 143), not as a timeout.\nExit codes: 0 ok/converged (--serve: stopped by a signal), 3 failed or rolled back, 4 timeout, 130 --wait interrupted by Ctrl-C (143: by SIGTERM), 1 failure (broker unreachable or refused, unreadable --index or TLS file; --serve: cannot listen), 64 usage (bad flags, broker URL, fleet id, prefix or --selector; --wait without --index; a --index, --ca-file, --client-cert or --client-key that does not exist)."
+    )]
+    Status(mqtt::StatusArgs),
+    /// Serve the fleet's status as Prometheus metrics on http://ADDR/metrics, live from MQTT.
+    #[command(after_help = "Examples:
+  fleet-bundler exporter --broker mqtt://127.0.0.1:1883 --fleet acme
+  fleet-bundler exporter --broker mqtts://broker:8883 --ca-file ca.pem --username metrics --index out/index.json --listen 0.0.0.0:9810
+  fleet-bundler status --broker mqtt://broker:1883 --fleet acme --serve 127.0.0.1:9810     # the same exporter
+  curl -s http://127.0.0.1:9810/metrics | grep '^fleet_devices_by_state'
+
+Subscribes to <prefix>/<fleet>/devices/+/status and .../online (retained) and updates the metrics as messages arrive; nothing is stored, so a restart shows the same fleet. With --index, the build's devices count before they report, and what they should run is the index's.
+A broker that is down or goes away is retried for as long as the exporter runs (fleet_exporter_broker_connected shows it); the metrics keep the last known state meanwhile.
+Metrics (the README has the table): fleet_devices, fleet_devices_by_state{state}, fleet_devices_by_online{online}, fleet_devices_by_desired_commit{commit}, fleet_devices_by_applied_commit{commit}, fleet_devices_outdated, fleet_devices_in_trouble_by_error{code}, per device (unless --no-device-metrics) fleet_device_state{device,state}, fleet_device_online{device}, fleet_device_last_report_timestamp_seconds{device}; and fleet_exporter_build_info, fleet_exporter_broker_connected, fleet_exporter_*_messages_total.
+For a read-only broker account, the ACL needs only: topic read <prefix>/<fleet>/devices/+/status and topic read <prefix>/<fleet>/devices/+/online.
+Prometheus scrape config:
+  scrape_configs:
+    - job_name: fleet
+      static_configs: [{ targets: ['exporter-host:9810'] }]
+
+Runs until Ctrl-C or SIGTERM (then exit 0).
+Exit codes: 0 stopped by a signal, 1 failure at start (cannot listen on ADDR, unreadable --index or TLS files), 64 usage (bad flags, broker URL, fleet or prefix; a --index or TLS file that does not exist).")]
+    Exporter(exporter::ExporterArgs),
+}
+
+/// Where the repository is.
+#[derive(Args)]
+pub(crate) struct Source {
+    /// Repository: a clone, a bare repository or its .git directory.
+    #[arg(long, default_value = ".")]
+    pub(crate) repo: PathBuf,
+    /// Revision: branch, tag, commit id, HEAD~1, ...
+    #[arg(long, default_value = "HEAD")]
+    pub(crate) rev: String,
+    #[command(flatten)]
+    pub(crate) limits: ReadLimits,
+}
+
+/// Limits of what is read from Git.
+#[derive(Args, Clone, Copy)]
+pub(crate) struct ReadLimits {
+    /// Largest file read from Git, in bytes or with k/m/g (powers of 1024). A larger file
+    /// is an error that names it; its size is read from the Git object header first.
+    #[arg(long, default_value = "16MiB", value_parser = parse_size, env = "FLEET_MAX_FILE_SIZE")]
+    pub(crate) max_file_size: u64,
+}
+
+#[derive(Args)]
+pub(crate) struct BuildArgs {
+    #[command(flatten)]
+    pub(crate) source: Source,
+    /// Signing key file (repeatable, for k-of-n signing).
+    #[arg(long = "key")]
+    pub(crate) keys: Vec<PathBuf>,
+    /// The signing key line itself, for CI secrets (used when no --key is given).
+    #[arg(long = "key-env", env = "FLEET_SIGNING_KEY", hide_env_values = true, hide = true)]
+    pub(crate) key_line: Option<String>,
+    /// Output directory: bundles/ and index.json.
+    #[arg(long)]
+    pub(crate) out: PathBuf,
+    /// Pin image tags to digests through the Docker Registry HTTP API v2.
+    #[arg(long)]
+    pub(crate) resolve_digests: bool,
+    /// A registry (host[:port]) spoken to over plain HTTP (loopback ones always are).
+    #[arg(long = "insecure-registry")]
+    pub(crate) insecure_registries: Vec<String>,
+    /// Timeout of each registry request.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub(crate) registry_timeout: Duration,
+    /// zstd compression level (1-22). 19 makes bundles ~10% smaller at ~10x the time.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
+    pub(crate) level: i32,
+    /// The published build (an http(s) URL of the uploaded output, or a directory):
+    /// versions are chosen newer than its index's, and unchanged devices keep its
+    /// bundles. Use it when the output directory is not kept between CI runs.
+    #[arg(long, value_name = "URL|DIR")]
+    pub(crate) previous: Option<String>,
+    /// Timeout of each request to the --previous server.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub(crate) previous_timeout: Duration,
+    /// Check the commit's date against this time (unix seconds) instead of this
+    /// machine's clock; the bundles do not depend on it. For tests and for rebuilding a
+    /// past commit as it was built then.
+    #[arg(long, env = "FLEET_BUILD_NOW", value_name = "UNIX_SECONDS")]
+    pub(crate) now: Option<i64>,
+    /// The broker's MQTT-over-WebSockets URL for the live dashboard written into
+    /// OUT/dashboard/ (e.g. ws://broker:9001 or wss://broker/mqtt); without it the page
+    /// asks for one (`index.html?broker=ws://...` overrides it either way).
+    #[arg(long, value_name = "WS_URL", env = "FLEET_DASHBOARD_BROKER", value_parser = parse_ws_url)]
+    pub(crate) dashboard_broker: Option<String>,
+    /// Do not write OUT/dashboard/.
+    #[arg(long, conflicts_with = "dashboard_broker")]
+    pub(crate) no_dashboard: bool,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Progress on stderr (default: when stderr is a terminal).
+    #[arg(long)]
+    pub(crate) progress: bool,
+}
+
+pub(crate) fn parse_ws_url(s: &str) -> Result<String, String> {
+    fleet_bundler::dashboard::check_broker_url(s).map(|()| s.to_string())
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    duration::parse_duration_ms(s).map(Duration::from_millis)
+}
+
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+    duration::parse_bytes(s)
+}
