@@ -532,7 +532,7 @@ impl<E: Engine> Runner<E> {
     /// for good, backed off when deferred.
     async fn apply(&mut self, source: Source, digest: &str, bytes: &[u8]) -> Result<(), AgentError> {
         let outcome = self.agent.apply_bundle(bytes).await?;
-        tracing::info!(?outcome, digest, "bundle handled");
+        tracing::debug!(digest, outcome = outcome.name(), code = outcome.code(), "bundle handled");
         let refused = self.agent.store().rejected().map(|r| r.contains_key(digest)).unwrap_or(false);
         let settled =
             matches!(outcome, Outcome::Committed { .. } | Outcome::AlreadyApplied | Outcome::Rejected { .. });

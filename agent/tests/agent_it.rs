@@ -624,14 +624,14 @@ fn sideload_apply_and_the_documented_exit_codes() {
     )
     .expect("write");
     let out = Command::new(BIN).args(["check-config", "--config"]).arg(&bad).output().expect("run");
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("bogus"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let out = Command::new(BIN).arg("frobnicate").output().expect("run");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(64));
     let out = Command::new(BIN).arg("--help").output().expect("run");
     assert!(String::from_utf8_lossy(&out.stdout).contains("EXIT CODES"));
 

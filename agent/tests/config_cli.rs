@@ -2,8 +2,8 @@
 //! ways a `stat` does not see (TLS files that do not parse, allowed roots that overlap
 //! the agent's own directories) or that are unwise (a password over plain `mqtt://`):
 //! the real binary, its exit code and its message. `run` must refuse at start with the
-//! same exit code (64) and message as `check-config`, so systemd does not restart it in
-//! a loop (`RestartPreventExitStatus=64`).
+//! same exit code (78, EX_CONFIG) and message as `check-config`, so systemd does not restart it in
+//! a loop (`RestartPreventExitStatus=78`).
 //!
 //! Nothing here needs a broker: `run` either exits before connecting, or is stopped
 //! (SIGTERM) once it has logged what the test looks for.
@@ -115,7 +115,7 @@ fn error_line(out: &Output) -> String {
 
 fn assert_refused(out: &Output, key: &str, paths: &[&Path]) {
     let text = stderr(out);
-    assert_eq!(out.status.code(), Some(64), "exit 64 expected:\n{text}");
+    assert_eq!(out.status.code(), Some(78), "exit 78 expected:\n{text}");
     assert!(text.contains(&format!("`{key}`")), "names {key}:\n{text}");
     for path in paths {
         assert!(text.contains(&path.display().to_string()), "names {}:\n{text}", path.display());
@@ -135,7 +135,7 @@ fn device_with_file(table: &str, key: &str, text: &str) -> (Device, PathBuf) {
 }
 
 #[test]
-fn check_config_refuses_a_garbage_mqtt_ca_file_with_64_naming_key_and_file() {
+fn check_config_refuses_a_garbage_mqtt_ca_file_with_78_naming_key_and_file() {
     let (dev, ca) = device_with_file("mqtt", "ca_file", "garbage, not PEM\n");
     assert_refused(&dev.check_config(), "mqtt.ca_file", &[&ca]);
 }

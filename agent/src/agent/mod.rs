@@ -86,6 +86,28 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome's name, as `apply --json` and the sideload answer spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Committed { .. } => "committed",
+            Outcome::AlreadyApplied => "already_applied",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::Deferred { .. } => "deferred",
+            Outcome::RolledBack { .. } => "rolled_back",
+            Outcome::RollbackIncomplete { .. } => "rollback_incomplete",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Outcome::Committed { .. } | Outcome::AlreadyApplied => None,
+            Outcome::Rejected { reason, .. }
+            | Outcome::Deferred { reason, .. }
+            | Outcome::RolledBack { reason, .. }
+            | Outcome::RollbackIncomplete { reason, .. } => Some(reason),
+        }
+    }
+
     pub fn code(&self) -> Option<&str> {
         match self {
             Outcome::Committed { .. } | Outcome::AlreadyApplied => None,
@@ -96,6 +118,12 @@ impl Outcome {
         }
     }
 }
+
+/// Refusals caused by the device's own config (its roots, its engine, its policy, a
+/// symlink on its disk): remembered with a fingerprint of that config, and judged again
+/// once it changes. Every other rejection is about the bytes and stays.
+pub const CONFIG_CAUSED: [&str; 4] =
+    ["path_not_allowed", "symlink_escape", "engine_disabled", "policy_denied"];
 
 /// Whether to fetch an announced bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,7 +340,7 @@ impl<E: Engine> Agent<E> {
     }
 
     fn event(&self, kind: EventKind) {
-        tracing::info!(event = ?kind, "event");
+        log_event(&kind);
         if let Some(tx) = &self.reports {
             let _ =
                 tx.send(Report::Event(Event { device: self.cfg.device.clone(), at: self.clock.now(), kind }));
@@ -401,8 +429,6 @@ impl<E: Engine> Agent<E> {
     }
 
     fn reject(&mut self, digest: &str, code: &str, reason: &str, version: Option<u64>) {
-        const CONFIG_CAUSED: [&str; 4] =
-            ["path_not_allowed", "symlink_escape", "engine_disabled", "policy_denied"];
         let config = CONFIG_CAUSED.contains(&code).then(|| self.config_fingerprint());
         let rejection =
             Rejection { code: code.into(), reason: reason.into(), version, at: self.clock.now(), config };
@@ -436,7 +462,9 @@ impl<E: Engine> Agent<E> {
             return Ok(self.refuse(digest, e.code(), e.to_string(), permanent, None));
         }
         let (code, reason) = (e.code(), e.to_string());
-        tracing::warn!(digest, code, "bundle refused (not the desired one; state unchanged): {reason}");
+        if !permanent {
+            tracing::warn!(digest, code, reason, "bundle deferred (not the desired one; state unchanged)");
+        }
         self.set_error(code, &reason);
         let outcome = if permanent {
             self.reject(digest, code, &reason, None);
@@ -456,7 +484,10 @@ impl<E: Engine> Agent<E> {
         permanent: bool,
         version: Option<u64>,
     ) -> Outcome {
-        tracing::warn!(digest, code, "bundle refused: {reason}");
+        if !permanent {
+            // A permanent refusal is logged once, as its `bundle_rejected` event.
+            tracing::warn!(digest, code, reason, "bundle deferred");
+        }
         self.set_error(code, &reason);
         if self.machine.state() != ApplyState::Failed {
             let _ = self.on(Command::Refuse);
@@ -470,6 +501,32 @@ impl<E: Engine> Agent<E> {
             }
             self.publish_status();
             Outcome::Deferred { code: code.into(), reason }
+        }
+    }
+}
+
+/// Logs an event once, at INFO, under its documented name (`fleet-spec/MESSAGES.md`) with
+/// its fields: `bundle_rejected digest=... code=... reason=...`, the same in JSON logs.
+fn log_event(kind: &EventKind) {
+    match kind {
+        EventKind::BundleRejected { digest, code, reason } => {
+            tracing::info!(event = "bundle_rejected", digest, code, reason, "bundle_rejected")
+        }
+        EventKind::ApplyStarted { version, commit } => {
+            tracing::info!(event = "apply_started", version, commit, "apply_started")
+        }
+        EventKind::ApplyFinished { version, commit } => {
+            tracing::info!(event = "apply_finished", version, commit, "apply_finished")
+        }
+        EventKind::ApplyFailed { version, code, reason } => {
+            tracing::info!(event = "apply_failed", version, code, reason, "apply_failed")
+        }
+        EventKind::RolledBack { from_version, to_version, reason } => {
+            tracing::info!(event = "rolled_back", from_version, to_version, reason, "rolled_back")
+        }
+        EventKind::DriftRepaired { kind, name } => {
+            let kind = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string));
+            tracing::info!(event = "drift_repaired", kind, name, "drift_repaired")
         }
     }
 }
