@@ -960,12 +960,14 @@ mod schema {
         }
         for f in fields.iter().filter(|f| f.2) {
             if !table.keys().any(|k| k.get_ref().as_ref() == f.0) {
-                out.push(problem(
-                    text,
-                    span.clone(),
-                    format!("{prefix}{}", f.0),
-                    "missing (required)".into(),
-                ));
+                let key = format!("{prefix}{}", f.0);
+                let message = "missing (required)".to_string();
+                out.push(if prefix.is_empty() {
+                    // The whole file: no place to point at.
+                    Problem { line: None, col: None, key, message }
+                } else {
+                    problem(text, span.clone(), key, message)
+                });
             }
         }
     }

@@ -158,7 +158,9 @@ async fn apply(cfg: Config, bundle: &Path, json: bool, retry: bool) -> u8 {
     let engine = Rc::new(engine_for(&cfg));
     if !engine.is_none() {
         if let Err(e) = engine.ping().await {
-            tracing::warn!("{e}");
+            // Said in the outcome if the bundle needs the engine; a files-only bundle
+            // applies without it.
+            tracing::debug!("{e}");
         }
     }
     let mut agent = match Agent::new(cfg, engine, Rc::new(SystemClock), None) {
@@ -281,7 +283,10 @@ fn forget(cfg: &Config, target: &Forget) -> u8 {
     };
     match store.forget_rejected(digest) {
         Ok(0) => {
-            println!("nothing to forget: {} is not in the rejected set", digest.unwrap_or("no bundle"));
+            match digest {
+                Some(d) => println!("nothing to forget: {d} is not in the rejected set"),
+                None => println!("nothing to forget: the rejected set is empty"),
+            }
             exit::OK
         }
         Ok(n) => {

@@ -101,7 +101,14 @@ impl<E: Engine> Agent<E> {
 
         // 2. Preflight: nothing on the device changes before every check passed.
         if let Some((code, reason)) = self.preflight(&verified.state) {
-            return Ok(self.refuse(&digest, code, reason, true, Some(m.version)));
+            // A root that is a file, a directory where a file goes, a disk error: the
+            // device's own state, which its operator fixes; the bundle is not blamed and
+            // is tried again (from its stored copy). The rest is about the bundle.
+            let permanent = code != "file_write_failed";
+            if !permanent {
+                self.keep_deferred(&digest, bytes)?;
+            }
+            return Ok(self.refuse(&digest, code, reason, permanent, Some(m.version)));
         }
         self.keep_deferred(&digest, bytes)?;
         if let Err(e) = self.ensure_images(&verified.state).await {

@@ -119,11 +119,24 @@ impl Outcome {
     }
 }
 
-/// Refusals caused by the device's own config (its roots, its engine, its policy, a
-/// symlink on its disk): remembered with a fingerprint of that config, and judged again
-/// once it changes. Every other rejection is about the bytes and stays.
-pub const CONFIG_CAUSED: [&str; 4] =
-    ["path_not_allowed", "symlink_escape", "engine_disabled", "policy_denied"];
+/// Refusals caused by the device's own config: its roots, its engine, its policy, a
+/// symlink on its disk; and, from verification, what `agent.toml` says about trust and
+/// identity (a key not yet trusted, a threshold, the device or fleet id, the size
+/// limits). Remembered with a fingerprint of that config, and judged again once it
+/// changes: a device set up with the wrong key or id recovers when the config is fixed.
+/// Every other rejection is about the bytes alone and stays (see `fleet-agent forget`).
+pub const CONFIG_CAUSED: [&str; 10] = [
+    "path_not_allowed",
+    "symlink_escape",
+    "engine_disabled",
+    "policy_denied",
+    "unknown_key",
+    "threshold_not_met",
+    "wrong_fleet",
+    "wrong_device",
+    "payload_too_large",
+    "decompression_bomb",
+];
 
 /// Whether to fetch an announced bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -397,15 +410,22 @@ impl<E: Engine> Agent<E> {
     }
 
     /// A fingerprint of what in the config can refuse a bundle by itself: the allowed
-    /// roots, whether there is an engine, the engine policy.
+    /// roots, whether there is an engine, the engine policy, the trusted keys and
+    /// threshold, the device and fleet ids, the size limits.
     fn config_fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
+        let keys: Vec<String> = self.cfg.trusted.keys().iter().map(|k| k.id().to_string()).collect();
         let what = format!(
-            "{:?}|{}|{:?}|{:?}",
+            "{:?}|{}|{:?}|{:?}|{:?}|{}|{}|{}|{:?}",
             self.cfg.allowed_roots,
             self.cfg.engine_socket.is_some(),
             self.cfg.engine_policy.policy,
-            self.cfg.engine_policy.config_dir
+            self.cfg.engine_policy.config_dir,
+            keys,
+            self.cfg.trusted.threshold(),
+            self.cfg.device,
+            self.cfg.fleet,
+            self.cfg.limits,
         );
         hex::encode(Sha256::digest(what.as_bytes()))
     }
@@ -484,8 +504,8 @@ impl<E: Engine> Agent<E> {
         permanent: bool,
         version: Option<u64>,
     ) -> Outcome {
-        if !permanent {
-            // A permanent refusal is logged once, as its `bundle_rejected` event.
+        if !permanent && version.is_none() {
+            // Otherwise it is logged once, as its `bundle_rejected` or `apply_failed` event.
             tracing::warn!(digest, code, reason, "bundle deferred");
         }
         self.set_error(code, &reason);

@@ -1173,3 +1173,23 @@ async fn a_failing_post_start_hook_rolls_the_update_back_and_pre_stop_runs_befor
     assert!(flush.is_some() && flush < removed, "pre_stop of the running v1 before its removal: {calls:?}");
     assert_eq!(agent.status_report().applied.map(|a| a.version), Some(1), "back on v1");
 }
+
+/// Issue 20, point 3: a preflight refusal that comes from the device's disk (its root is
+/// a file) is not the bundle's fault: deferred, not rejected, and the same bundle applies
+/// once the disk is fixed.
+#[tokio::test(start_paused = true)]
+async fn a_root_that_is_not_a_directory_defers_the_bundle_and_the_fix_lets_it_apply() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    std::fs::remove_dir(&h.root).expect("rm root");
+    std::fs::write(&h.root, b"a file where the root should be").expect("plant a file");
+    let bytes = h.bundle(1, &state(vec![h.file("app/a.conf", "a1")], vec![]));
+    let outcome = agent.apply_bundle(&bytes).await.expect("settled");
+    assert!(matches!(&outcome, Outcome::Deferred { code, .. } if code == "file_write_failed"), "{outcome:?}");
+    assert!(agent.store().rejected().expect("rejected").is_empty(), "the bundle is not to blame");
+    std::fs::remove_file(&h.root).expect("rm");
+    std::fs::create_dir(&h.root).expect("mkdir");
+    assert_eq!(agent.apply_bundle(&bytes).await.expect("retry"), Outcome::Committed { version: 1 });
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a1"));
+}
