@@ -387,15 +387,24 @@ fn check_config_says_when_there_is_no_bundle_source() {
 }
 
 /// Issue 20, point 5: a broker that cannot be reached is said once, at WARN, with its
-/// address and the error, not retried silently nor logged at every attempt.
+/// address and the error, not retried silently nor logged at every attempt; the same
+/// for a base URL whose polls fail.
 #[test]
 fn run_says_once_that_the_broker_is_unreachable() {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let dev = Device::new(&format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nreconnect_max_secs = 1\n"));
-    let log = run_for(&dev, 4);
+    let dev = Device::new(&format!(
+        "[mqtt]\nurl = \"mqtt://127.0.0.1:{port}\"\nreconnect_max_secs = 1\n\
+         [fetch]\nbase_url = \"http://127.0.0.1:{port}/fleet\"\npoll_interval_secs = 5\n"
+    ));
+    let log = run_for(&dev, 7);
+    // Two polls (at start and 5 s later), one line, naming the URL once.
+    let polls: Vec<&str> = log.lines().filter(|l| l.contains("polling failed")).collect();
+    assert_eq!(polls.len(), 1, "{log}");
+    assert!(polls[0].contains("WARN"), "{log}");
+    assert_eq!(polls[0].matches(&format!("127.0.0.1:{port}/fleet/devices/gw-01.json")).count(), 1, "{log}");
     let said: Vec<&str> = log.lines().filter(|l| l.contains("unreachable")).collect();
     assert_eq!(said.len(), 1, "once, however many attempts:\n{log}");
     assert!(said[0].contains("WARN"), "{log}");
