@@ -968,7 +968,16 @@ fn another_devices_sideload_leaves_a_converged_device_converged() {
     assert_eq!(status["status"]["state"], "converged", "{status}");
     assert_eq!(status["status"]["last_error"]["code"], "wrong_device", "{status}");
     assert_eq!(status["applied"]["version"], 1, "{status}");
+    assert!(status["applied"]["at"].is_i64(), "JSON keeps Unix seconds: {status}");
     assert_eq!(dev.read("a.conf").as_deref(), Some("one"));
+
+    // Issue 20, point 7: the human view shows times as RFC 3339 UTC with their age.
+    let text = String::from_utf8_lossy(&dev.cli(&["status"]).stdout).into_owned();
+    let applied = text.lines().find(|l| l.starts_with("applied")).unwrap_or_default();
+    let at = applied.split(" at ").nth(1).unwrap_or_default();
+    assert!(at.len() > 20 && at.as_bytes()[10] == b'T' && at[..20].ends_with('Z'), "{text}");
+    assert!(at.ends_with("(just now)") || at.ends_with("s ago)"), "{text}");
+    assert!(text.contains("state     converged"), "{text}");
 }
 
 /// Issue 20, point 5: each event is logged once, under its documented name with its
