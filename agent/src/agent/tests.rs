@@ -1193,3 +1193,20 @@ async fn a_root_that_is_not_a_directory_defers_the_bundle_and_the_fix_lets_it_ap
     assert_eq!(agent.apply_bundle(&bytes).await.expect("retry"), Outcome::Committed { version: 1 });
     assert_eq!(h.read("app/a.conf").as_deref(), Some("a1"));
 }
+
+/// `apply --json` prints `Outcome::name`: the same names as the sideload answer's tag.
+#[test]
+fn outcome_names_are_the_serialized_tags() {
+    let all = [
+        Outcome::Committed { version: 1 },
+        Outcome::AlreadyApplied,
+        Outcome::Rejected { code: "c".into(), reason: "r".into() },
+        Outcome::Deferred { code: "c".into(), reason: "r".into() },
+        Outcome::RolledBack { code: "c".into(), reason: "r".into() },
+        Outcome::RollbackIncomplete { code: "c".into(), reason: "r".into() },
+    ];
+    for o in all {
+        let json = serde_json::to_value(&o).expect("serializes");
+        assert_eq!(json["outcome"], o.name(), "{json}");
+    }
+}
