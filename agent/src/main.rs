@@ -142,14 +142,16 @@ async fn apply(cfg: Config, bundle: &Path, json: bool, retry: bool) -> u8 {
     };
     let digest = fleet_spec::bundle::content_address(&bytes);
     let store = Store::new(&cfg.state_dir);
+    let lock = store.create().and_then(|()| store.lock());
     if retry {
+        // Under the lock, or beside a running agent, which reads rejected.json afresh
+        // for every bundle it is offered.
         match store.forget_rejected(Some(&digest)) {
             Ok(0) => {}
             Ok(_) => eprintln!("fleet-agent: forgot the earlier rejection of {digest}: judging it again"),
             Err(e) => return fail(json, Some(&digest), "state_dir_error", &e.to_string(), exit::FAILURE),
         }
     }
-    let lock = store.create().and_then(|()| store.lock());
     let _lock = match lock {
         Ok(l) => l,
         Err(StoreError::Locked { .. }) => return apply_through_daemon(&cfg, &bytes, &digest, json).await,
@@ -277,6 +279,9 @@ fn report_outcome(outcome: &Outcome, digest: &str, version: Option<u64>, json: b
 /// `forget`: drops entries from `rejected.json`.
 fn forget(cfg: &Config, target: &Forget) -> u8 {
     let store = Store::new(&cfg.state_dir);
+    // Held when no agent runs; a running agent reads rejected.json afresh for every
+    // bundle it is offered, so the change is seen without a restart.
+    let _lock = store.lock().ok();
     let digest = match target {
         Forget::Digest(d) => Some(d.as_str()),
         Forget::All => None,
