@@ -307,7 +307,13 @@ fn forget(cfg: &Config, target: &Forget) -> u8 {
 
 fn status(cfg: &Config, json: bool) -> u8 {
     let store = Store::new(&cfg.state_dir);
-    match fleet_agent::report::collect(&cfg.device, &cfg.fleet, &store) {
+    let current = fleet_agent::agent::config_fingerprint(cfg);
+    let collected = fleet_agent::report::collect(&cfg.device, &cfg.fleet, &store).map(|mut s| {
+        // Refusals of another config no longer hold (the agent forgets them at start).
+        s.rejected.retain(|_, r| r.config.as_ref().is_none_or(|c| *c == current));
+        s
+    });
+    match collected {
         Ok(s) if json => {
             println!("{}", serde_json::to_string_pretty(&s).expect("status serializes"));
             exit::OK

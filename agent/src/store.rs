@@ -194,6 +194,18 @@ impl Store {
         Ok(dropped)
     }
 
+    /// Keeps only the rejections `keep` accepts; returns how many were dropped.
+    pub fn retain_rejected(&self, keep: impl Fn(&Rejection) -> bool) -> Result<usize, StoreError> {
+        let mut all = self.rejected()?;
+        let before = all.len();
+        all.retain(|_, r| keep(r));
+        let dropped = before - all.len();
+        if dropped > 0 {
+            self.save("rejected.json", &all)?;
+        }
+        Ok(dropped)
+    }
+
     /// The last status report saved, or `None` when there is none or it is damaged: it is
     /// only a cache, and must not keep the agent from starting.
     pub fn last_status(&self) -> Result<Option<StatusReport>, StoreError> {

@@ -847,7 +847,14 @@ fn a_config_caused_refusal_is_judged_again_once_the_config_allows_it() {
     assert!(stderr.contains("rejected before"), "under the same config it stays refused: {stderr}");
     assert!(stderr.contains("agent.toml"), "says the config decides: {stderr}");
 
+    let digest_two = json["digest"].as_str().unwrap_or_default().to_string();
+    assert!(json_of(&dev.cli(&["status", "--json"]))["rejected"].get(&digest_two).is_some());
     set_roots(&dev, &[&dev.root, &extra]);
+    let status = json_of(&dev.cli(&["status", "--json"]));
+    assert!(
+        status["rejected"].get(&digest_two).is_none(),
+        "another config's refusal is not listed: {status}"
+    );
     let out = dev.cli(&["apply", "--json", two_arg]);
     assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let json = json_of(&out);

@@ -247,6 +247,16 @@ impl<E: Engine> Agent<E> {
         let journal = Journal::new(store.journal_path());
         let managed = store.managed()?;
         let last_saved_status = store.last_status()?;
+        // Refusals of another config are forgotten: under this one they are judged
+        // again, and `status` no longer lists them with the old config's reason.
+        let current = config_fingerprint(&cfg);
+        let stale = store.retain_rejected(|r| r.config.as_ref().is_none_or(|c| *c == current))?;
+        if stale > 0 {
+            tracing::info!(
+                forgotten = stale,
+                "the config changed: bundles it refused before will be judged again"
+            );
+        }
         Ok(Agent {
             cfg,
             engine,
@@ -409,25 +419,8 @@ impl<E: Engine> Agent<E> {
             .cloned())
     }
 
-    /// A fingerprint of what in the config can refuse a bundle by itself: the allowed
-    /// roots, whether there is an engine, the engine policy, the trusted keys and
-    /// threshold, the device and fleet ids, the size limits.
     fn config_fingerprint(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let keys: Vec<String> = self.cfg.trusted.keys().iter().map(|k| k.id().to_string()).collect();
-        let what = format!(
-            "{:?}|{}|{:?}|{:?}|{:?}|{}|{}|{}|{:?}",
-            self.cfg.allowed_roots,
-            self.cfg.engine_socket.is_some(),
-            self.cfg.engine_policy.policy,
-            self.cfg.engine_policy.config_dir,
-            keys,
-            self.cfg.trusted.threshold(),
-            self.cfg.device,
-            self.cfg.fleet,
-            self.cfg.limits,
-        );
-        hex::encode(Sha256::digest(what.as_bytes()))
+        config_fingerprint(&self.cfg)
     }
 
     /// A download of `digest` starts (or, `None`, ends) beside the main loop.
@@ -523,6 +516,27 @@ impl<E: Engine> Agent<E> {
             Outcome::Deferred { code: code.into(), reason }
         }
     }
+}
+
+/// A fingerprint of what in the config can refuse a bundle by itself: the allowed
+/// roots, whether there is an engine, the engine policy, the trusted keys and threshold,
+/// the device and fleet ids, the size limits.
+pub fn config_fingerprint(cfg: &Config) -> String {
+    use sha2::{Digest, Sha256};
+    let keys: Vec<String> = cfg.trusted.keys().iter().map(|k| k.id().to_string()).collect();
+    let what = format!(
+        "{:?}|{}|{:?}|{:?}|{:?}|{}|{}|{}|{:?}",
+        cfg.allowed_roots,
+        cfg.engine_socket.is_some(),
+        cfg.engine_policy.policy,
+        cfg.engine_policy.config_dir,
+        keys,
+        cfg.trusted.threshold(),
+        cfg.device,
+        cfg.fleet,
+        cfg.limits,
+    );
+    hex::encode(Sha256::digest(what.as_bytes()))
 }
 
 /// Logs an event once, at INFO, under its documented name (`fleet-spec/MESSAGES.md`) with

@@ -572,6 +572,7 @@ async fn a_policy_refusal_is_judged_again_under_a_config_that_allows_it() {
     let mut h = h;
     h.cfg.engine_policy.policy.allow_privileged = true;
     let (mut agent, _rx) = h.agent();
+    assert!(agent.store().rejected().expect("rejected").is_empty(), "forgotten under the new config");
     agent.recover().await.expect("recover");
     assert_eq!(agent.apply_bundle(&bytes).await.expect("allowed now"), Outcome::Committed { version: 2 });
 }
