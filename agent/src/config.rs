@@ -274,9 +274,10 @@ impl Config {
 
     /// Parses config text; relative paths in it are relative to `path`'s directory.
     ///
-    /// Three passes, each reporting every problem it finds: the TOML syntax (with
-    /// recovery), the keys and types of every table against [`schema`], then the values
-    /// ([`Config::from_raw`]). A pass runs only when the one before found nothing.
+    /// Every problem in one run: the TOML syntax (all errors, with recovery; when there
+    /// are any, nothing else is judged), then the keys and types of every table against
+    /// [`schema`], which removes what is wrong, then the values of the rest
+    /// ([`Config::from_raw`]), unless a required key is missing.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
         let fail = |problems: Vec<Problem>| ConfigErrors { path: path.into(), problems };
         let (table, syntax) = toml::de::DeTable::parse_recoverable(text);
@@ -290,20 +291,28 @@ impl Config {
                 .collect();
             return Err(fail(sorted(problems)));
         }
+        // Keys and types; what is wrong is reported and removed, so that the values of
+        // the rest are still checked in this run.
         let mut problems = Vec::new();
-        schema::check(text, table.get_ref(), schema::ROOT, "", table.span(), &mut problems);
-        if !problems.is_empty() {
-            return Err(fail(sorted(problems)));
-        }
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let (line, col) = e.span().map(|s| line_col(text, s.start)).unzip();
-            fail(vec![Problem { line, col, key: String::new(), message: e.message().trim().to_string() }])
-        })?;
+        let mut clean = table.clone();
+        let span = clean.span();
+        schema::check(text, clean.get_mut(), schema::ROOT, "", span, &mut problems);
+        let raw = match RawConfig::deserialize(toml::de::Deserializer::from(clean)) {
+            Ok(raw) => raw,
+            // A required key is missing (or was removed): nothing more to check.
+            Err(_) if !problems.is_empty() => return Err(fail(sorted(problems))),
+            Err(e) => {
+                let (line, col) = e.span().map(|s| line_col(text, s.start)).unzip();
+                let message = e.message().trim().to_string();
+                return Err(fail(vec![Problem { line, col, key: String::new(), message }]));
+            }
+        };
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::from_raw(raw, base).map_err(|errors| {
-            let problems = errors
-                .into_iter()
-                .map(|e| match e {
+        match Config::from_raw(raw, base) {
+            Ok(config) if problems.is_empty() => Ok(config),
+            Ok(_) => Err(fail(sorted(problems))),
+            Err(errors) => {
+                problems.extend(errors.into_iter().map(|e| match e {
                     ConfigError::Key { key, message } => {
                         let (line, col) = schema::locate(text, table.get_ref(), &key).unzip();
                         Problem { line, col, key, message }
@@ -311,10 +320,10 @@ impl Config {
                     other => {
                         Problem { line: None, col: None, key: String::new(), message: other.to_string() }
                     }
-                })
-                .collect();
-            fail(sorted(problems))
-        })
+                }));
+                Err(fail(sorted(problems)))
+            }
+        }
     }
 
     /// Checks every value; returns every problem found (each naming its key).
@@ -934,15 +943,19 @@ mod schema {
     }
 
     /// Checks `table` (at `prefix`, spanning `span`) against `fields`.
+    /// Checks `table` (at `prefix`, spanning `span`) against `fields`, and removes what
+    /// is wrong (unknown keys, values of the wrong type), so that the rest can still be
+    /// deserialized and its values checked in the same run.
     pub fn check(
         text: &str,
-        table: &DeTable<'_>,
+        table: &mut DeTable<'_>,
         fields: &'static [Field],
         prefix: &str,
         span: Range<usize>,
         out: &mut Vec<Problem>,
     ) {
-        for (key, value) in table {
+        let mut wrong: Vec<String> = Vec::new();
+        for (key, value) in table.iter_mut() {
             let name = key.get_ref().as_ref();
             let path = format!("{prefix}{name}");
             let Some(field) = fields.iter().find(|f| f.0 == name) else {
@@ -954,12 +967,19 @@ mod schema {
                     format!("in [{}]", prefix.trim_end_matches('.'))
                 };
                 out.push(problem(text, key.span(), path, format!("unknown key {within}{hint}")));
+                wrong.push(name.to_string());
                 continue;
             };
-            check_value(text, value.get_ref(), field.1, &path, value.span(), out);
+            let at = value.span();
+            if !check_value(text, value.get_mut(), field.1, &path, at, out) {
+                wrong.push(name.to_string());
+            }
+        }
+        for name in &wrong {
+            table.remove(name.as_str());
         }
         for f in fields.iter().filter(|f| f.2) {
-            if !table.keys().any(|k| k.get_ref().as_ref() == f.0) {
+            if !table.keys().any(|k| k.get_ref().as_ref() == f.0) && !wrong.iter().any(|w| w == f.0) {
                 let key = format!("{prefix}{}", f.0);
                 let message = "missing (required)".to_string();
                 out.push(if prefix.is_empty() {
@@ -972,14 +992,15 @@ mod schema {
         }
     }
 
+    /// Whether `v` may stay (problems inside a table are removed there).
     fn check_value(
         text: &str,
-        v: &DeValue<'_>,
+        v: &mut DeValue<'_>,
         ty: Ty,
         path: &str,
         span: Range<usize>,
         out: &mut Vec<Problem>,
-    ) {
+    ) -> bool {
         let expected = match ty {
             Str => "a string",
             Int => "a non-negative integer",
@@ -988,13 +1009,14 @@ mod schema {
             Table(_) => "a table",
             Tables(_) => "an array of tables ([[...]])",
         };
-        let ok = match (ty, v) {
+        let ok = match (ty, &mut *v) {
             (Str, DeValue::String(_)) | (Bool, DeValue::Boolean(_)) => true,
             (Int, DeValue::Integer(i)) => {
                 let digits = i.as_str().trim_start_matches('+').replace('_', "");
                 !digits.starts_with('-')
             }
             (Strs, DeValue::Array(items)) => {
+                let mut all = true;
                 for (i, item) in items.iter().enumerate() {
                     if !matches!(item.get_ref(), DeValue::String(_)) {
                         let found = type_name(item.get_ref());
@@ -1004,29 +1026,33 @@ mod schema {
                             format!("{path}[{i}]"),
                             format!("must be a string, not {found}"),
                         ));
+                        all = false;
                     }
                 }
-                true
+                return all;
             }
             (Table(fields), DeValue::Table(t)) => {
                 check(text, t, fields, &format!("{path}."), span.clone(), out);
                 true
             }
             (Tables(fields), DeValue::Array(items)) => {
-                for (i, item) in items.iter().enumerate() {
-                    match item.get_ref() {
-                        DeValue::Table(t) => {
-                            check(text, t, fields, &format!("{path}[{i}]."), item.span(), out)
+                let mut all = true;
+                for (i, item) in items.iter_mut().enumerate() {
+                    let at = item.span();
+                    match item.get_mut() {
+                        DeValue::Table(t) => check(text, t, fields, &format!("{path}[{i}]."), at, out),
+                        other => {
+                            out.push(problem(
+                                text,
+                                at,
+                                format!("{path}[{i}]"),
+                                format!("must be a table, not {}", type_name(other)),
+                            ));
+                            all = false;
                         }
-                        other => out.push(problem(
-                            text,
-                            item.span(),
-                            format!("{path}[{i}]"),
-                            format!("must be a table, not {}", type_name(other)),
-                        )),
                     }
                 }
-                true
+                return all;
             }
             _ => false,
         };
@@ -1037,6 +1063,7 @@ mod schema {
             };
             out.push(problem(text, span, path.to_string(), format!("must be {expected}, not {found}")));
         }
+        ok
     }
 
     /// Line and column of `key` (`engine.policy.bind_roots[0]`) in the file: of its
@@ -1195,6 +1222,18 @@ mod tests {
             "{err}"
         );
         assert_eq!((err.problems[2].line, err.problems[2].col), (Some(9), Some(15)), "{err}");
+
+        // Types and values together: a wrong type is removed, the rest still judged.
+        let text = "log_format = \"xml\"\nhealth_timeout_secs = true\n".to_string()
+            + &minimal()
+            + "[mqtt]\nurl = \"tcp://x\"\nkeepalive_secs = \"5\"\nbogus = 1\n";
+        let err = parse(&text).expect_err("invalid");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["log_format", "health_timeout_secs", "mqtt.url", "mqtt.keepalive_secs", "mqtt.bogus"],
+            "{err}"
+        );
 
         // A missing required key, and TOML syntax errors (each located).
         let err = parse("device = \"gw\"\n").expect_err("missing");

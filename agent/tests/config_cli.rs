@@ -479,3 +479,42 @@ fn a_missing_file_is_named_and_its_error_said_once() {
     assert!(err.contains("missing.pub"), "names the file: {err}");
     assert_eq!(err.matches("os error 2").count(), 1, "{err}");
 }
+
+/// Issue 20, point 6, literally: twelve mistakes of every kind (unknown keys, types,
+/// values), one run, in file order.
+#[test]
+fn twelve_mistakes_are_reported_in_one_run() {
+    let dev = Device::new("");
+    let text = std::fs::read_to_string(&dev.config).expect("read");
+    let text = text
+        .replace("device = \"gw-01\"", "device = \"gw/01\"\nlog_levle = \"debug\"\nlog_format = \"xml\"")
+        + "\n[mqtt]\nurl = \"tcp://broker\"\nkeepalive_secs = \"30\"\nclientid = \"x\"\n\
+           [fetch]\nbase_url = \"ftp://x\"\npoll_interval_secs = -5\ntimeout_secs = 0\n\
+           [engine.policy]\nallow_privileged = \"yes\"\nbind_roots = [\"relative\"]\ndevice = [\"/dev/x\"]\n";
+    std::fs::write(&dev.config, &text).expect("write");
+    let out = dev.check_config();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    let want = [
+        "device",
+        "log_levle",
+        "log_format",
+        "mqtt.url",
+        "mqtt.keepalive_secs",
+        "mqtt.clientid",
+        "fetch.base_url",
+        "fetch.poll_interval_secs",
+        "fetch.timeout_secs",
+        "engine.policy.allow_privileged",
+        "engine.policy.bind_roots[0]",
+        "engine.policy.device",
+    ];
+    assert!(err.contains("12 problems"), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains(": `")).collect();
+    assert_eq!(lines.len(), want.len(), "{err}");
+    let config = dev.config.display().to_string();
+    for (line, key) in lines.iter().zip(want) {
+        assert!(line.contains(&format!("`{key}`")), "{key} expected in file order, got {line}\n{err}");
+        assert!(line.trim_start().starts_with(&format!("{config}:")), "located: {line}");
+    }
+}
