@@ -1,8 +1,12 @@
-//! The command line: parsing argv into a [`Cli`], the help text, and exit codes.
+//! The command line: parsing argv into a [`Cli`], the help texts, and exit codes.
 //!
 //! Parsed with `lexopt` rather than clap: the agent runs on devices where every
-//! hundred KiB of binary counts, and its few subcommands need no more than this.
-//! This module never does I/O besides returning text to print.
+//! hundred KiB of binary counts, and its few subcommands need no more than this. For
+//! the same reason "did you mean" is a ten-line edit distance ([`suggest`]) rather than
+//! a crate. This module never does I/O besides returning text to print.
+//!
+//! Exit codes follow sysexits, as `fleet-bundler`'s do: 64 (EX_USAGE) a bad command
+//! line, 65 (EX_DATAERR) a bundle refused, 78 (EX_CONFIG) an invalid `agent.toml`.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -14,19 +18,20 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// A runtime failure (including an apply that failed and was rolled back).
     pub const FAILURE: u8 = 1;
-    /// Bad command line.
-    pub const USAGE: u8 = 2;
-    /// Invalid `agent.toml` (sysexits EX_USAGE... EX_CONFIG is 78; we follow linkerd: 64).
-    pub const CONFIG: u8 = 64;
-    /// `apply`: the bundle was rejected (verification or policy); nothing changed.
+    /// Bad command line (sysexits EX_USAGE, as `fleet-bundler`).
+    pub const USAGE: u8 = 64;
+    /// `apply`: the bundle was rejected (verification or policy); nothing changed
+    /// (EX_DATAERR, as `fleet-bundler verify`).
     pub const REJECTED: u8 = 65;
-    /// `apply`: the bundle file cannot be read.
+    /// `apply`: the bundle file cannot be read (EX_NOINPUT).
     pub const NO_INPUT: u8 = 66;
-    /// `apply`: the container engine is unavailable.
+    /// `apply`: the container engine is unavailable (EX_UNAVAILABLE).
     pub const UNAVAILABLE: u8 = 69;
     /// A temporary failure (image pull failed, ...; or the state directory is locked by
-    /// a running agent that takes no sideloads): try again later.
+    /// a running agent that takes no sideloads): try again later (EX_TEMPFAIL).
     pub const TEMPFAIL: u8 = 75;
+    /// Invalid `agent.toml` (sysexits EX_CONFIG).
+    pub const CONFIG: u8 = 78;
 }
 
 pub const HELP: &str = "\
@@ -36,27 +41,27 @@ It verifies signed bundles, applies files and containers atomically, waits for
 health and rolls back when an update fails, repairs drift, and reports over MQTT.
 
 USAGE:
-    fleet-agent run          --config FILE [--log-format human|json]
-    fleet-agent apply        --config FILE BUNDLE
-    fleet-agent status       --config FILE [--json]
-    fleet-agent check-config --config FILE
+    fleet-agent run          [--config FILE] [--log-format human|json]
+    fleet-agent apply        [--config FILE] [--json] [--retry] BUNDLE
+    fleet-agent status       [--config FILE] [--json]
+    fleet-agent check-config [--config FILE] [--json]
+    fleet-agent forget       [--config FILE] DIGEST | --all
+    fleet-agent help COMMAND | COMMAND --help
     fleet-agent --version | --help
 
 COMMANDS:
     run           Run the agent (as a systemd service): listen for announcements,
                   poll <fetch.base_url>/devices/<device>.json, reconcile, report.
     apply         Sideload a bundle file (USB, air-gapped): full verification and the
-                  same apply path as `run`; works without broker or network. When the
-                  service runs, it applies the bundle itself (over <state_dir>/agent.sock)
-                  and `apply` waits for its outcome; otherwise `apply` does it here.
+                  same apply path as `run`; works without broker or network.
     status        Show this device's state from the state directory (no network).
-    check-config  Validate agent.toml and print what it configures.
+    check-config  Validate agent.toml (every problem at once) and print what it
+                  configures.
+    forget        Drop a bundle from the rejected set so that it is judged again.
 
 OPTIONS:
     -c, --config FILE     agent.toml (default: /etc/fleet-agent/agent.toml)
-        --json            `status`: print JSON
-        --log-format F    human (default) or json; overrides log_format in agent.toml
-    -h, --help            Print this help
+    -h, --help            Print help (`fleet-agent COMMAND --help` for a command's)
     -V, --version         Print the version
 
 ENVIRONMENT:
@@ -69,27 +74,191 @@ EXAMPLES:
     fleet-agent apply -c /etc/fleet-agent/agent.toml /media/usb/3f9a...c2.bundle
     fleet-agent status -c /etc/fleet-agent/agent.toml --json | jq .status.state
 
-EXIT CODES:
+EXIT CODES (sysexits, as fleet-bundler):
     0   ok (run: stopped by SIGTERM/SIGINT; apply: applied and healthy, or already so)
     1   runtime failure (apply: applied, failed health, rolled back)
-    2   bad command line
-    64  invalid configuration (the message names the key)
+    64  bad command line
     65  apply: bundle rejected (signature, version, expiry, paths...); nothing changed
     66  apply: bundle file cannot be read
     69  apply: container engine unavailable; nothing changed
     75  temporary failure (apply: image pull failed, ...; or a running agent that
         takes no sideloads): retry
+    78  invalid configuration (every problem listed, with line:col and key)
+";
+
+const HELP_RUN: &str = "\
+fleet-agent run: run the agent (the systemd service).
+
+Listens for announcements on MQTT, polls <fetch.base_url>/devices/<device>.json,
+verifies and applies bundles, repairs drift, and reports status and events. Takes
+sideloads from `fleet-agent apply` over <state_dir>/agent.sock. SIGTERM/SIGINT stop
+it gracefully.
+
+USAGE:
+    fleet-agent run [--config FILE] [--log-format human|json]
+
+OPTIONS:
+    -c, --config FILE     agent.toml (default: /etc/fleet-agent/agent.toml)
+        --log-format F    human or json; overrides log_format in agent.toml
+    -h, --help            Print this help
+
+EXIT CODES:
+    0   stopped by SIGTERM/SIGINT
+    1   runtime failure (the journal cannot be written: restart to recover)
+    64  bad command line
+    75  the state directory is locked by another fleet-agent process
+    78  invalid configuration
+
+EXAMPLE:
+    fleet-agent run -c /etc/fleet-agent/agent.toml --log-format json
+";
+
+const HELP_APPLY: &str = "\
+fleet-agent apply: sideload a bundle file (USB, air-gapped).
+
+Full verification and the same apply path as `run`; works without broker or network.
+When the service runs, it applies the bundle itself (over <state_dir>/agent.sock) and
+`apply` waits for its outcome; otherwise `apply` does it here.
+
+USAGE:
+    fleet-agent apply [--config FILE] [--json] [--retry] BUNDLE
+
+OPTIONS:
+    -c, --config FILE     agent.toml (default: /etc/fleet-agent/agent.toml)
+        --json            Print the outcome as JSON on stdout: outcome, digest,
+                          version, code and reason (on a refusal or failure)
+        --retry           Forget an earlier rejection of this bundle first (see
+                          `fleet-agent forget`), so that it is judged again
+    -h, --help            Print this help
+
+EXIT CODES:
+    0   applied and healthy, or already applied
+    1   applied, failed health, rolled back
+    64  bad command line
+    65  bundle rejected (signature, version, expiry, paths, policy...); nothing changed
+    66  bundle file cannot be read
+    69  container engine unavailable; nothing changed
+    75  temporary failure (image pull failed, ...; or a running agent that takes no
+        sideloads): retry
+    78  invalid configuration
+
+EXAMPLE:
+    fleet-agent apply -c /etc/fleet-agent/agent.toml /media/usb/3f9a...c2.bundle
+";
+
+const HELP_STATUS: &str = "\
+fleet-agent status: this device's state, from the state directory (no network).
+
+USAGE:
+    fleet-agent status [--config FILE] [--json]
+
+OPTIONS:
+    -c, --config FILE     agent.toml (default: /etc/fleet-agent/agent.toml)
+        --json            Print JSON (times as Unix seconds)
+    -h, --help            Print this help
+
+EXIT CODES:
+    0   ok
+    1   the state directory cannot be read
+    64  bad command line
+    78  invalid configuration
+
+EXAMPLE:
+    fleet-agent status -c /etc/fleet-agent/agent.toml --json | jq .status.state
+";
+
+const HELP_CHECK_CONFIG: &str = "\
+fleet-agent check-config: validate agent.toml and print what it configures.
+
+Every problem is reported at once, in file order, as FILE:LINE:COL: `key`: message.
+`run` validates the same way: a config accepted here does not fail `run` at start.
+
+USAGE:
+    fleet-agent check-config [--config FILE] [--json]
+
+OPTIONS:
+    -c, --config FILE     agent.toml (default: /etc/fleet-agent/agent.toml)
+        --json            Print JSON: ok, errors [{line, col, key, message}],
+                          warnings, and what it configures
+    -h, --help            Print this help
+
+EXIT CODES:
+    0   valid (warnings are printed on stderr)
+    64  bad command line
+    78  invalid configuration
+
+EXAMPLE:
+    fleet-agent check-config -c /etc/fleet-agent/agent.toml
+";
+
+const HELP_FORGET: &str = "\
+fleet-agent forget: drop bundles from the rejected set (rejected.json).
+
+A forgotten bundle is judged again at its next announcement, poll or sideload.
+Refusals caused by the device's own config (path_not_allowed, symlink_escape,
+engine_disabled, policy_denied) are forgotten by themselves when that config changes;
+use this for the others, e.g. after fixing a key on the device.
+
+USAGE:
+    fleet-agent forget [--config FILE] DIGEST
+    fleet-agent forget [--config FILE] --all
+
+OPTIONS:
+    -c, --config FILE     agent.toml (default: /etc/fleet-agent/agent.toml)
+        --all             Forget every rejected bundle
+    -h, --help            Print this help
+
+EXIT CODES:
+    0   forgotten (or there was nothing to forget)
+    1   the state directory cannot be written
+    64  bad command line
+    78  invalid configuration
+
+EXAMPLE:
+    fleet-agent status | grep rejected
+    fleet-agent forget 3f9a...c2
 ";
 
 pub const DEFAULT_CONFIG: &str = "/etc/fleet-agent/agent.toml";
 
+/// The subcommands, for `help` and suggestions.
+pub const COMMANDS: [&str; 5] = ["run", "apply", "status", "check-config", "forget"];
+
+/// The help text of a subcommand (`None`: the global help).
+pub fn help(command: Option<&str>) -> &'static str {
+    match command {
+        Some("run") => HELP_RUN,
+        Some("apply") => HELP_APPLY,
+        Some("status") => HELP_STATUS,
+        Some("check-config") => HELP_CHECK_CONFIG,
+        Some("forget") => HELP_FORGET,
+        _ => HELP,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forget {
+    Digest(String),
+    All,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Run,
-    Apply { bundle: PathBuf },
-    Status { json: bool },
-    CheckConfig,
-    Help,
+    Apply {
+        bundle: PathBuf,
+        json: bool,
+        retry: bool,
+    },
+    Status {
+        json: bool,
+    },
+    CheckConfig {
+        json: bool,
+    },
+    Forget(Forget),
+    /// The help of a subcommand, or the global one.
+    Help(Option<&'static str>),
     Version,
 }
 
@@ -100,6 +269,19 @@ pub struct Cli {
     pub log_format: Option<LogFormat>,
 }
 
+/// The long options each subcommand takes (besides `--config` and `--help`).
+fn flags_of(command: &str) -> &'static [&'static str] {
+    match command {
+        "run" => &["log-format"],
+        "apply" => &["json", "retry"],
+        "status" | "check-config" => &["json"],
+        "forget" => &["all"],
+        _ => &[],
+    }
+}
+
+const ALL_FLAGS: [&str; 7] = ["config", "help", "version", "json", "log-format", "retry", "all"];
+
 /// Parses the arguments (without the program name). Errors are usage messages.
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     use lexopt::prelude::*;
@@ -107,18 +289,17 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     let mut command: Option<String> = None;
     let mut config = None;
     let mut log_format = None;
-    let mut json = false;
-    let mut positional: Vec<PathBuf> = Vec::new();
-    let mut help = false;
+    let mut flags: Vec<&'static str> = Vec::new();
+    let mut positional: Vec<OsString> = Vec::new();
+    let mut help_wanted = false;
     let mut version = false;
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
-            Short('h') | Long("help") => help = true,
+            Short('h') | Long("help") => help_wanted = true,
             Short('V') | Long("version") => version = true,
             Short('c') | Long("config") => {
                 config = Some(PathBuf::from(parser.value().map_err(|e| e.to_string())?));
             }
-            Long("json") => json = true,
             Long("log-format") => {
                 let v = parser.value().map_err(|e| e.to_string())?;
                 log_format = Some(match v.to_str() {
@@ -126,59 +307,136 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
                     Some("json") => LogFormat::Json,
                     _ => return Err(format!("--log-format takes human or json, not {v:?}")),
                 });
+                flags.push("log-format");
             }
+            Long("json") => flags.push("json"),
+            Long("retry") => flags.push("retry"),
+            Long("all") => flags.push("all"),
             Value(v) if command.is_none() => {
                 command = Some(v.into_string().map_err(|v| format!("unknown command {v:?}"))?);
             }
-            Value(v) => positional.push(PathBuf::from(v)),
+            Value(v) => positional.push(v),
+            Long(name) => {
+                let name = name.to_string();
+                return Err(format!("unknown option --{name}{}", did_you_mean(&name, &ALL_FLAGS, "--")));
+            }
             _ => return Err(arg.unexpected().to_string()),
         }
     }
-    if help {
-        return Ok(Cli { command: Command::Help, config: PathBuf::new(), log_format });
+    let known = |name: &str| COMMANDS.iter().copied().find(|c| *c == name);
+    if help_wanted || command.as_deref() == Some("help") {
+        // `fleet-agent help apply`, `fleet-agent apply --help`.
+        let topic = match command.as_deref() {
+            Some("help") => positional.first().and_then(|p| p.to_str()).and_then(known),
+            Some(name) => known(name),
+            None => None,
+        };
+        return Ok(Cli { command: Command::Help(topic), config: PathBuf::new(), log_format });
     }
     if version {
         return Ok(Cli { command: Command::Version, config: PathBuf::new(), log_format });
     }
     let config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let Some(name) = command else {
-        return Err("missing command: run, apply, status or check-config (see --help)".into());
+        return Err("missing command: run, apply, status, check-config or forget (see --help)".into());
     };
-    let no_more = |positional: &[PathBuf]| match positional.first() {
-        Some(p) => Err(format!("unexpected argument {p:?} for `{name}`")),
+    let Some(name) = known(&name) else {
+        return Err(format!(
+            "unknown command {name:?}{}: run, apply, status, check-config or forget (see --help)",
+            did_you_mean(&name, &COMMANDS, "")
+        ));
+    };
+    for flag in &flags {
+        if !flags_of(name).contains(flag) {
+            let takes: Vec<String> = flags_of(name).iter().map(|f| format!("--{f}")).collect();
+            let takes = if takes.is_empty() { "only --config".to_string() } else { takes.join(", ") };
+            return Err(format!(
+                "--{flag} is not an option of `{name}` (it takes {takes}; see {name} --help)"
+            ));
+        }
+    }
+    let has = |flag: &str| flags.contains(&flag);
+    let mut positional = positional.into_iter();
+    let no_more = |positional: &mut std::vec::IntoIter<OsString>| match positional.next() {
+        Some(p) => Err(format!("unexpected argument {p:?} for `{name}` (see {name} --help)")),
         None => Ok(()),
     };
-    let command = match name.as_str() {
-        "run" => {
-            no_more(&positional)?;
-            Command::Run
-        }
+    let command = match name {
+        "run" => Command::Run,
         "apply" => {
-            let mut it = positional.into_iter();
-            let bundle =
-                it.next().ok_or("`apply` needs a BUNDLE file: fleet-agent apply --config FILE BUNDLE")?;
-            if let Some(extra) = it.next() {
-                return Err(format!("unexpected argument {extra:?}: `apply` takes one BUNDLE"));
-            }
-            Command::Apply { bundle }
+            let bundle = positional
+                .next()
+                .map(PathBuf::from)
+                .ok_or("`apply` needs a BUNDLE file: fleet-agent apply --config FILE BUNDLE")?;
+            Command::Apply { bundle, json: has("json"), retry: has("retry") }
         }
-        "status" => {
-            no_more(&positional)?;
-            Command::Status { json }
-        }
-        "check-config" => {
-            no_more(&positional)?;
-            Command::CheckConfig
-        }
-        "help" => Command::Help,
-        other => {
-            return Err(format!("unknown command {other:?}: run, apply, status or check-config (see --help)"))
+        "status" => Command::Status { json: has("json") },
+        "check-config" => Command::CheckConfig { json: has("json") },
+        _ => {
+            let target = match (positional.next(), has("all")) {
+                (None, true) => Forget::All,
+                (Some(d), false) => {
+                    let d = d.into_string().map_err(|d| format!("{d:?} is not a digest"))?;
+                    if d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(format!(
+                            "{d:?} is not a bundle digest (64 hex digits, as `fleet-agent status` lists them)"
+                        ));
+                    }
+                    Forget::Digest(d.to_ascii_lowercase())
+                }
+                (Some(_), true) => return Err("`forget` takes a DIGEST or --all, not both".into()),
+                (None, false) => return Err("`forget` needs a DIGEST or --all (see forget --help)".into()),
+            };
+            Command::Forget(target)
         }
     };
-    if json && !matches!(command, Command::Status { .. }) {
-        return Err("--json is only for `status`".into());
-    }
+    no_more(&mut positional)?;
     Ok(Cli { command, config, log_format })
+}
+
+/// `" (did you mean `x`?)"` when one of `candidates` is close to `typed`, else "".
+pub fn did_you_mean(typed: &str, candidates: &[&str], prefix: &str) -> String {
+    match suggest(typed, candidates) {
+        Some(c) => format!(" (did you mean `{prefix}{c}`?)"),
+        None => String::new(),
+    }
+}
+
+/// The candidate closest to `typed` by edit distance, if close enough to be a typo
+/// (at most a third of its length, at least 1; or a prefix of it).
+pub fn suggest<'a>(typed: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    let limit = (typed.chars().count() / 3).max(1);
+    candidates
+        .iter()
+        .map(|c| (edit_distance(typed, c), *c))
+        .filter(|(d, c)| *d <= limit || (typed.len() >= 3 && c.starts_with(typed)))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// Edit distance with adjacent transpositions (optimal string alignment): `jsno` is one
+/// edit from `json`. Full matrix: the strings are command and option names.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let w = b.len() + 1;
+    let mut d = vec![0usize; (a.len() + 1) * w];
+    for i in 0..=a.len() {
+        d[i * w] = i;
+    }
+    for (j, cell) in d.iter_mut().take(w).enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut v = (d[(i - 1) * w + j] + 1).min(d[i * w + j - 1] + 1).min(d[(i - 1) * w + j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                v = v.min(d[(i - 2) * w + j - 2] + 1);
+            }
+            d[i * w + j] = v;
+        }
+    }
+    d[a.len() * w + b.len()]
 }
 
 #[cfg(test)]
@@ -195,14 +453,38 @@ mod tests {
         assert_eq!(p(&["run", "-c", "a.toml"]).expect("ok").config, PathBuf::from("a.toml"));
         assert_eq!(
             p(&["apply", "--config", "a.toml", "x.bundle"]).expect("ok").command,
-            Command::Apply { bundle: "x.bundle".into() }
+            Command::Apply { bundle: "x.bundle".into(), json: false, retry: false }
+        );
+        assert_eq!(
+            p(&["apply", "--json", "--retry", "x.bundle"]).expect("ok").command,
+            Command::Apply { bundle: "x.bundle".into(), json: true, retry: true }
         );
         assert_eq!(p(&["status", "--json", "-c", "a"]).expect("ok").command, Command::Status { json: true });
-        assert_eq!(p(&["check-config", "--config=a"]).expect("ok").command, Command::CheckConfig);
+        assert_eq!(
+            p(&["check-config", "--config=a"]).expect("ok").command,
+            Command::CheckConfig { json: false }
+        );
+        assert_eq!(p(&["check-config", "--json"]).expect("ok").command, Command::CheckConfig { json: true });
+        let digest = "ab".repeat(32);
+        assert_eq!(p(&["forget", &digest]).expect("ok").command, Command::Forget(Forget::Digest(digest)));
+        assert_eq!(p(&["forget", "--all"]).expect("ok").command, Command::Forget(Forget::All));
         assert_eq!(p(&["--version"]).expect("ok").command, Command::Version);
-        assert_eq!(p(&["run", "--help"]).expect("ok").command, Command::Help);
+        assert_eq!(p(&["--help"]).expect("ok").command, Command::Help(None));
+        assert_eq!(p(&["run", "--help"]).expect("ok").command, Command::Help(Some("run")));
+        assert_eq!(p(&["help", "apply"]).expect("ok").command, Command::Help(Some("apply")));
         assert_eq!(p(&["run", "--log-format", "json"]).expect("ok").log_format, Some(LogFormat::Json));
         assert_eq!(p(&["status"]).expect("ok").config, PathBuf::from(DEFAULT_CONFIG));
+    }
+
+    #[test]
+    fn each_command_has_its_own_help() {
+        for c in COMMANDS {
+            let text = help(Some(c));
+            assert!(text.starts_with(&format!("fleet-agent {c}:")), "{c}");
+            for part in ["USAGE:", "OPTIONS:", "EXIT CODES:", "EXAMPLE"] {
+                assert!(text.contains(part), "{c} help lacks {part}");
+            }
+        }
     }
 
     #[test]
@@ -213,5 +495,20 @@ mod tests {
         assert!(p(&["run", "--bogus"]).expect_err("unknown flag").contains("bogus"));
         assert!(p(&["run", "--json"]).expect_err("json").contains("--json"));
         assert!(p(&["run", "--log-format", "xml"]).expect_err("format").contains("human or json"));
+        assert!(p(&["forget", "abc"]).expect_err("digest").contains("64 hex"));
+        assert!(p(&["forget"]).expect_err("nothing").contains("--all"));
+    }
+
+    #[test]
+    fn typos_get_a_suggestion() {
+        assert!(p(&["aply", "x"]).expect_err("typo").contains("did you mean `apply`?"));
+        assert!(p(&["check"]).expect_err("prefix").contains("did you mean `check-config`?"));
+        assert!(p(&["stauts"]).expect_err("swap").contains("did you mean `status`?"));
+        assert!(p(&["status", "--jsn"]).expect_err("flag").contains("did you mean `--json`?"));
+        assert!(p(&["run", "--confg", "a"]).expect_err("flag").contains("did you mean `--config`?"));
+        assert!(!p(&["zzzzzzz"]).expect_err("far").contains("did you mean"));
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("jsno", "json"), 1);
     }
 }

@@ -32,6 +32,45 @@ fn key_err(key: impl Into<String>, message: impl std::fmt::Display) -> ConfigErr
     ConfigError::Key { key: key.into(), message: message.to_string() }
 }
 
+/// Every problem found in `agent.toml`, in file order: `check-config` and `run` report
+/// them all at once instead of one per run.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+/// One problem, located in the file when it can be (1-based line and column).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    pub line: Option<usize>,
+    pub col: Option<usize>,
+    /// The key at fault (`engine.policy.bind_roots[0]`), empty for a syntax error.
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.problems.len();
+        write!(f, "{} is not valid ({n} problem{}):", self.path.display(), if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "\n  {}", self.path.display())?;
+            if let (Some(line), Some(col)) = (p.line, p.col) {
+                write!(f, ":{line}:{col}")?;
+            }
+            if p.key.is_empty() {
+                write!(f, ": {}", p.message)?;
+            } else {
+                write!(f, ": `{}`: {}", p.key, p.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
@@ -220,94 +259,154 @@ pub const DEFAULT_MIN_BYTES_PER_SEC: u64 = 1024;
 
 impl Config {
     /// Reads and validates `agent.toml`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigErrors {
+            path: path.into(),
+            problems: vec![Problem {
+                line: None,
+                col: None,
+                key: String::new(),
+                message: ConfigError::Read { path: path.into(), source }.to_string(),
+            }],
+        })?;
         Config::parse(&text, path)
     }
 
     /// Parses config text; relative paths in it are relative to `path`'s directory.
-    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
-            path: path.into(),
-            message: e.to_string().trim().to_string(),
-        })?;
+    ///
+    /// Every problem in one run: the TOML syntax (all errors, with recovery; when there
+    /// are any, nothing else is judged), then the keys and types of every table against
+    /// [`schema`], which removes what is wrong, then the values of the rest
+    /// ([`Config::from_raw`]), unless a required key is missing.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+        let fail = |problems: Vec<Problem>| ConfigErrors { path: path.into(), problems };
+        let (table, syntax) = toml::de::DeTable::parse_recoverable(text);
+        if !syntax.is_empty() {
+            let problems = syntax
+                .iter()
+                .map(|e| {
+                    let (line, col) = e.span().map(|s| line_col(text, s.start)).unzip();
+                    Problem { line, col, key: String::new(), message: e.message().trim().to_string() }
+                })
+                .collect();
+            return Err(fail(sorted(problems)));
+        }
+        // Keys and types; what is wrong is reported and removed, so that the values of
+        // the rest are still checked in this run.
+        let mut problems = Vec::new();
+        let mut clean = table.clone();
+        let span = clean.span();
+        schema::check(text, clean.get_mut(), schema::ROOT, "", span, &mut problems);
+        let raw = match RawConfig::deserialize(toml::de::Deserializer::from(clean)) {
+            Ok(raw) => raw,
+            // A required key is missing (or was removed): nothing more to check.
+            Err(_) if !problems.is_empty() => return Err(fail(sorted(problems))),
+            Err(e) => {
+                let (line, col) = e.span().map(|s| line_col(text, s.start)).unzip();
+                let message = e.message().trim().to_string();
+                return Err(fail(vec![Problem { line, col, key: String::new(), message }]));
+            }
+        };
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::from_raw(raw, base)
+        match Config::from_raw(raw, base) {
+            Ok(config) if problems.is_empty() => Ok(config),
+            Ok(_) => Err(fail(sorted(problems))),
+            Err(errors) => {
+                problems.extend(errors.into_iter().map(|e| match e {
+                    ConfigError::Key { key, message } => {
+                        let (line, col) = schema::locate(text, table.get_ref(), &key).unzip();
+                        Problem { line, col, key, message }
+                    }
+                    other => {
+                        Problem { line: None, col: None, key: String::new(), message: other.to_string() }
+                    }
+                }));
+                Err(fail(sorted(problems)))
+            }
+        }
     }
 
-    pub fn from_raw(raw: RawConfig, base: &Path) -> Result<Config, ConfigError> {
-        topic::validate_id("device id", &raw.device).map_err(|e| key_err("device", e))?;
-        topic::validate_id("fleet id", &raw.fleet).map_err(|e| key_err("fleet", e))?;
+    /// Checks every value; returns every problem found (each naming its key).
+    pub fn from_raw(raw: RawConfig, base: &Path) -> Result<Config, Vec<ConfigError>> {
+        let mut errs = Vec::new();
+        let e = &mut errs;
+        take(e, topic::validate_id("device id", &raw.device).map_err(|x| key_err("device", x)));
+        take(e, topic::validate_id("fleet id", &raw.fleet).map_err(|x| key_err("fleet", x)));
         let topic_prefix = raw.topic_prefix.unwrap_or_else(|| topic::DEFAULT_PREFIX.to_string());
-        topic::validate_prefix(&topic_prefix).map_err(|e| key_err("topic_prefix", e))?;
+        take(e, topic::validate_prefix(&topic_prefix).map_err(|x| key_err("topic_prefix", x)));
         if !raw.state_dir.is_absolute() {
-            return Err(key_err("state_dir", "must be an absolute path, e.g. \"/var/lib/fleet-agent\""));
+            e.push(key_err("state_dir", "must be an absolute path, e.g. \"/var/lib/fleet-agent\""));
         }
         let mut allowed_roots = Vec::new();
         for (i, root) in raw.allowed_roots.iter().enumerate() {
             let key = format!("allowed_roots[{i}]");
-            let text = root.to_str().ok_or_else(|| key_err(&key, "must be UTF-8"))?;
+            let Some(text) = root.to_str() else {
+                e.push(key_err(&key, "must be UTF-8"));
+                continue;
+            };
             if !root.is_absolute() || text.split('/').skip(1).any(|c| c.is_empty() || c == "." || c == "..") {
-                return Err(key_err(
-                    &key,
-                    format!("{text:?} must be an absolute, normalized directory path"),
-                ));
+                e.push(key_err(&key, format!("{text:?} must be an absolute, normalized directory path")));
+            } else if root == Path::new("/") {
+                e.push(key_err(&key, "\"/\" would let bundles write anywhere: name a dedicated directory"));
+            } else {
+                allowed_roots.push((i, root.clone()));
             }
-            if root == Path::new("/") {
-                return Err(key_err(
-                    &key,
-                    "\"/\" would let bundles write anywhere: name a dedicated directory",
-                ));
-            }
-            allowed_roots.push(root.clone());
         }
-        check_roots_apart(&allowed_roots, &raw.state_dir, base)?;
+        e.extend(check_roots_apart(&allowed_roots, &raw.state_dir, base));
+        let allowed_roots: Vec<PathBuf> = allowed_roots.into_iter().map(|(_, r)| r).collect();
         let log_format = match raw.log_format.as_deref() {
             None | Some("human") => LogFormat::Human,
             Some("json") => LogFormat::Json,
             Some(other) => {
-                return Err(key_err("log_format", format!("{other:?} is not \"human\" or \"json\"")))
+                e.push(key_err("log_format", format!("{other:?} is not \"human\" or \"json\"")));
+                LogFormat::Human
             }
         };
-        let log_level =
-            parse_level(raw.log_level.as_deref().unwrap_or("info")).map_err(|m| key_err("log_level", m))?;
-        let secs = |key: &str, v: Option<u64>, default: u64, min: u64| -> Result<Duration, ConfigError> {
+        let log_level = take(
+            e,
+            parse_level(raw.log_level.as_deref().unwrap_or("info")).map_err(|m| key_err("log_level", m)),
+        )
+        .unwrap_or(tracing::Level::INFO);
+        let secs = |e: &mut Vec<ConfigError>, key: &str, v: Option<u64>, default: u64, min: u64| {
             let v = v.unwrap_or(default);
             if v < min {
-                return Err(key_err(key, format!("{v} is below the minimum of {min}")));
+                e.push(key_err(key, format!("{v} is below the minimum of {min}")));
             }
-            Ok(Duration::from_secs(v))
+            Duration::from_secs(v)
         };
-        let reconcile_interval = secs("reconcile_interval_secs", raw.reconcile_interval_secs, 60, 1)?;
-        let health_timeout = secs("health_timeout_secs", raw.health_timeout_secs, 60, 1)?;
+        let reconcile_interval = secs(e, "reconcile_interval_secs", raw.reconcile_interval_secs, 60, 1);
+        let health_timeout = secs(e, "health_timeout_secs", raw.health_timeout_secs, 60, 1);
         let status_min_interval = Duration::from_millis(raw.status_min_interval_ms.unwrap_or(1000));
 
-        let mqtt = raw.mqtt.map(|m| mqtt_config(m, &raw.device, base)).transpose()?;
+        let mqtt = match raw.mqtt {
+            Some(m) => take_all(e, mqtt_config(m, &raw.device, base)),
+            None => None,
+        };
 
         let mut keys = Vec::new();
         for (i, entry) in raw.trust.public_keys.iter().enumerate() {
             let key = format!("trust.public_keys[{i}]");
             let entry = entry.trim();
-            let parsed: PublicKey = if entry.starts_with("fleet-ed25519-public:") {
-                entry.parse().map_err(|e| key_err(&key, e))?
+            let parsed: Result<PublicKey, ConfigError> = if entry.starts_with("fleet-ed25519-public:") {
+                entry.parse().map_err(|x| key_err(&key, x))
             } else {
                 let path = resolve_path(base, Path::new(entry));
-                fleet_spec::keys::file::load_public(&path).map_err(|e| key_err(&key, e))?
+                fleet_spec::keys::file::load_public(&path).map_err(|x| key_err(&key, x))
             };
-            keys.push(parsed);
+            keys.extend(take(e, parsed));
         }
         let threshold = raw.trust.threshold.unwrap_or(1);
-        let trusted = TrustedKeys::new(keys, threshold).map_err(|e| key_err("trust", e))?;
+        let trusted = if keys.len() == raw.trust.public_keys.len() {
+            take(e, TrustedKeys::new(keys, threshold).map_err(|x| key_err("trust", x)))
+        } else {
+            None
+        };
 
         let fetch_raw = raw.fetch.unwrap_or_default();
         let mut limits = Limits::default();
         let max_bundle = fetch_raw.max_bundle_bytes.unwrap_or(DEFAULT_MAX_BUNDLE);
         if max_bundle < 1024 {
-            return Err(key_err(
-                "fetch.max_bundle_bytes",
-                format!("{max_bundle} is below the minimum of 1024"),
-            ));
+            e.push(key_err("fetch.max_bundle_bytes", format!("{max_bundle} is below the minimum of 1024")));
         }
         limits.max_compressed = max_bundle;
         limits.max_uncompressed = limits.max_uncompressed.max(max_bundle.saturating_mul(4));
@@ -316,26 +415,27 @@ impl Config {
             Some(u) => {
                 let u = u.trim_end_matches('/').to_string();
                 if !(u.starts_with("http://") || u.starts_with("https://")) {
-                    return Err(key_err(
-                        "fetch.base_url",
-                        format!("{u:?} must start with http:// or https://"),
-                    ));
+                    e.push(key_err("fetch.base_url", format!("{u:?} must start with http:// or https://")));
+                } else {
+                    take(
+                        e,
+                        crate::fetch::Url::parse(&crate::fetch::pointer_url(&u, &raw.device))
+                            .map_err(|x| key_err("fetch.base_url", x)),
+                    );
                 }
-                crate::fetch::Url::parse(&crate::fetch::pointer_url(&u, &raw.device))
-                    .map_err(|e| key_err("fetch.base_url", e))?;
                 Some(u)
             }
         };
         let fetch = FetchConfig {
             base_url,
-            poll_interval: secs("fetch.poll_interval_secs", fetch_raw.poll_interval_secs, 300, 5)?,
+            poll_interval: secs(e, "fetch.poll_interval_secs", fetch_raw.poll_interval_secs, 300, 5),
             ca_file: fetch_raw.ca_file.map(|p| resolve_path(base, &p)),
-            timeout: secs("fetch.timeout_secs", fetch_raw.timeout_secs, 60, 1)?,
-            deadline: secs("fetch.deadline_secs", fetch_raw.deadline_secs, DEFAULT_DEADLINE_SECS, 1)?,
+            timeout: secs(e, "fetch.timeout_secs", fetch_raw.timeout_secs, 60, 1),
+            deadline: secs(e, "fetch.deadline_secs", fetch_raw.deadline_secs, DEFAULT_DEADLINE_SECS, 1),
             min_bytes_per_sec: fetch_raw.min_bytes_per_sec.unwrap_or(DEFAULT_MIN_BYTES_PER_SEC),
         };
         if let Some(ca) = &fetch.ca_file {
-            check_ca_file("fetch.ca_file", ca)?;
+            take(e, check_ca_file("fetch.ca_file", ca));
         }
 
         let engine = raw.engine.unwrap_or(RawEngine {
@@ -350,7 +450,7 @@ impl Config {
             Some(s) => {
                 let s = s.strip_prefix("unix://").unwrap_or(s);
                 if !s.starts_with('/') {
-                    return Err(key_err(
+                    e.push(key_err(
                         "engine.socket",
                         format!("{s:?} must be an absolute socket path or \"none\""),
                     ));
@@ -361,11 +461,19 @@ impl Config {
         let mut registry_auth = Vec::new();
         for (i, a) in engine.registry_auth.into_iter().enumerate() {
             let key = format!("engine.registry_auth[{i}]");
-            let password = secret(&key, a.password, a.password_file, base)?
-                .ok_or_else(|| key_err(&key, "needs password or password_file"))?;
-            registry_auth.push(RegistryAuth { username: a.username, password, server: a.server });
+            match take(e, secret(&key, a.password, a.password_file, base)) {
+                Some(Some(password)) => {
+                    registry_auth.push(RegistryAuth { username: a.username, password, server: a.server })
+                }
+                Some(None) => e.push(key_err(&key, "needs password or password_file")),
+                None => {}
+            }
         }
+        let engine_policy = take_all(e, engine_policy(engine.policy.unwrap_or_default(), base));
 
+        let (Some(trusted), Some(engine_policy), true) = (trusted, engine_policy, errs.is_empty()) else {
+            return Err(errs);
+        };
         Ok(Config {
             device: raw.device,
             fleet: raw.fleet,
@@ -384,7 +492,7 @@ impl Config {
             engine_socket,
             registry_auth,
             stop_grace_secs: engine.stop_grace_secs.unwrap_or(10),
-            engine_policy: engine_policy(engine.policy.unwrap_or_default(), base)?,
+            engine_policy,
         })
     }
 
@@ -419,27 +527,27 @@ impl Config {
 }
 
 /// Validates `[engine.policy]`: paths absolute and normalized, names well-formed.
-fn engine_policy(raw: RawEnginePolicy, base: &Path) -> Result<EnginePolicyConfig, ConfigError> {
-    let paths = |key: &str, list: Vec<String>| -> Result<Vec<String>, ConfigError> {
+fn engine_policy(raw: RawEnginePolicy, base: &Path) -> Result<EnginePolicyConfig, Vec<ConfigError>> {
+    let mut errs = Vec::new();
+    let mut paths = |key: &str, list: &[String]| {
         for (i, p) in list.iter().enumerate() {
             let normal = p.starts_with('/')
                 && p != "/"
                 && !p.contains('\0')
                 && p[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
             if !normal {
-                return Err(key_err(
+                errs.push(key_err(
                     format!("engine.policy.{key}[{i}]"),
                     format!("{p:?} must be an absolute, normalized path other than \"/\""),
                 ));
             }
         }
-        Ok(list)
     };
-    let bind_roots = paths("bind_roots", raw.bind_roots)?;
-    let devices = paths("devices", raw.devices)?;
+    paths("bind_roots", &raw.bind_roots);
+    paths("devices", &raw.devices);
     for (i, ns) in raw.host_namespaces.iter().enumerate() {
         if !HOST_NAMESPACES.contains(&ns.trim()) {
-            return Err(key_err(
+            errs.push(key_err(
                 format!("engine.policy.host_namespaces[{i}]"),
                 format!("{ns:?} is not one of {HOST_NAMESPACES:?} (the network's is `allow_host_network`)"),
             ));
@@ -447,7 +555,7 @@ fn engine_policy(raw: RawEnginePolicy, base: &Path) -> Result<EnginePolicyConfig
     }
     for (i, r) in raw.device_cgroup_rules.iter().enumerate() {
         if !fleet_spec::policy::is_device_cgroup_rule(r) {
-            return Err(key_err(
+            errs.push(key_err(
                 format!("engine.policy.device_cgroup_rules[{i}]"),
                 format!("{r:?} is not a device cgroup rule like \"c 189:* rmw\" (type a, b or c; major:minor; r, w, m)"),
             ));
@@ -456,7 +564,7 @@ fn engine_policy(raw: RawEnginePolicy, base: &Path) -> Result<EnginePolicyConfig
     for (i, c) in raw.capabilities.iter().enumerate() {
         let name = c.trim();
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(key_err(
+            errs.push(key_err(
                 format!("engine.policy.capabilities[{i}]"),
                 format!("{c:?} is not a capability name like \"NET_ADMIN\""),
             ));
@@ -464,11 +572,14 @@ fn engine_policy(raw: RawEnginePolicy, base: &Path) -> Result<EnginePolicyConfig
     }
     for (i, r) in raw.registries.iter().enumerate() {
         if r.is_empty() || r.starts_with('/') || r.contains("://") || r.contains(char::is_whitespace) {
-            return Err(key_err(
+            errs.push(key_err(
                 format!("engine.policy.registries[{i}]"),
                 format!("{r:?} must be a registry host[:port], optionally with a repository prefix (\"ghcr.io/acme\")"),
             ));
         }
+    }
+    if !errs.is_empty() {
+        return Err(errs);
     }
     let config_dir = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
     Ok(EnginePolicyConfig {
@@ -480,8 +591,8 @@ fn engine_policy(raw: RawEnginePolicy, base: &Path) -> Result<EnginePolicyConfig
             allow_unconfined: raw.allow_unconfined,
             allow_gpus: raw.allow_gpus,
             allow_engine_socket: raw.allow_engine_socket,
-            bind_roots,
-            devices,
+            bind_roots: raw.bind_roots,
+            devices: raw.devices,
             capabilities: raw.capabilities,
             registries: raw.registries,
             require_digest: raw.require_digest,
@@ -490,51 +601,59 @@ fn engine_policy(raw: RawEnginePolicy, base: &Path) -> Result<EnginePolicyConfig
     })
 }
 
-fn mqtt_config(m: RawMqtt, device: &str, base: &Path) -> Result<MqttConfig, ConfigError> {
+/// Parses `[mqtt]`; every problem found.
+fn mqtt_config(m: RawMqtt, device: &str, base: &Path) -> Result<MqttConfig, Vec<ConfigError>> {
+    let mut errs = Vec::new();
     let (tls, rest) = if let Some(r) = m.url.strip_prefix("mqtts://") {
         (true, r)
     } else if let Some(r) = m.url.strip_prefix("mqtt://") {
         (false, r)
     } else {
-        return Err(key_err("mqtt.url", format!("{:?} must start with mqtt:// or mqtts://", m.url)));
+        errs.push(key_err("mqtt.url", format!("{:?} must start with mqtt:// or mqtts://", m.url)));
+        (false, "")
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-            let port =
-                p.parse::<u16>().map_err(|_| key_err("mqtt.url", format!("port {p:?} is not a number")))?;
+            let port = p.parse::<u16>().unwrap_or_else(|_| {
+                errs.push(key_err("mqtt.url", format!("port {p:?} is not a number")));
+                0
+            });
             (h.trim_start_matches('[').trim_end_matches(']').to_string(), port)
         }
         _ => (rest.to_string(), if tls { 8883 } else { 1883 }),
     };
-    if host.is_empty() || host.contains('/') {
-        return Err(key_err("mqtt.url", format!("{:?} has no valid host", m.url)));
+    if errs.is_empty() && (host.is_empty() || host.contains('/')) {
+        errs.push(key_err("mqtt.url", format!("{:?} has no valid host", m.url)));
     }
     let client_id = m.client_id.unwrap_or_else(|| device.to_string());
     let ca_file = m.ca_file.map(|p| resolve_path(base, &p));
     let client_cert = m.client_cert.map(|p| resolve_path(base, &p));
     let client_key = m.client_key.map(|p| resolve_path(base, &p));
     if !tls && (ca_file.is_some() || client_cert.is_some()) {
-        return Err(key_err("mqtt.url", "ca_file/client_cert need an mqtts:// url"));
+        errs.push(key_err("mqtt.url", "ca_file/client_cert need an mqtts:// url"));
     }
     if client_cert.is_some() != client_key.is_some() {
-        return Err(key_err("mqtt.client_key", "client_cert and client_key go together"));
+        errs.push(key_err("mqtt.client_key", "client_cert and client_key go together"));
     }
     if let Some(ca) = &ca_file {
-        check_ca_file("mqtt.ca_file", ca)?;
+        take(&mut errs, check_ca_file("mqtt.ca_file", ca));
     }
     if let (Some(cert), Some(key)) = (&client_cert, &client_key) {
-        check_client_files(cert, key)?;
+        take(&mut errs, check_client_files(cert, key));
     }
-    let password = secret("mqtt", m.password, m.password_file, base)?;
+    let password = take(&mut errs, secret("mqtt", m.password, m.password_file, base)).flatten();
     if password.is_some() && m.username.is_none() {
-        return Err(key_err("mqtt.username", "a password needs a username"));
+        errs.push(key_err("mqtt.username", "a password needs a username"));
     }
     let keepalive = m.keepalive_secs.unwrap_or(30);
     if !(5..=3600).contains(&keepalive) {
-        return Err(key_err("mqtt.keepalive_secs", format!("{keepalive} is outside 5..=3600")));
+        errs.push(key_err("mqtt.keepalive_secs", format!("{keepalive} is outside 5..=3600")));
     }
     let reconnect_max = m.reconnect_max_secs.unwrap_or(60).max(1);
+    if !errs.is_empty() {
+        return Err(errs);
+    }
     Ok(MqttConfig {
         host,
         port,
@@ -548,6 +667,30 @@ fn mqtt_config(m: RawMqtt, device: &str, base: &Path) -> Result<MqttConfig, Conf
         keepalive: Duration::from_secs(keepalive),
         reconnect_max: Duration::from_secs(reconnect_max),
     })
+}
+
+/// The value of `r`, or `None` with its error recorded.
+fn take<T>(errs: &mut Vec<ConfigError>, r: Result<T, ConfigError>) -> Option<T> {
+    r.map_err(|e| errs.push(e)).ok()
+}
+
+/// The value of `r`, or `None` with its errors recorded.
+fn take_all<T>(errs: &mut Vec<ConfigError>, r: Result<T, Vec<ConfigError>>) -> Option<T> {
+    r.map_err(|e| errs.extend(e)).ok()
+}
+
+/// Problems sorted in file order (unlocated ones last, in the order found).
+fn sorted(mut problems: Vec<Problem>) -> Vec<Problem> {
+    problems.sort_by_key(|p| (p.line.is_none(), p.line, p.col));
+    problems
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
 }
 
 fn secret(
@@ -609,14 +752,15 @@ fn check_client_files(cert: &Path, key: &Path) -> Result<(), ConfigError> {
 /// config directory (`base`, where agent.toml is): a bundle could otherwise rewrite the
 /// agent's trust state, journal, bundles, config or keys. Paths are compared lexically
 /// (after applying `.` and `..`), then with symlinks resolved as far as they exist.
-fn check_roots_apart(roots: &[PathBuf], state_dir: &Path, base: &Path) -> Result<(), ConfigError> {
+fn check_roots_apart(roots: &[(usize, PathBuf)], state_dir: &Path, base: &Path) -> Vec<ConfigError> {
+    let mut errs = Vec::new();
     let base = if base.as_os_str().is_empty() { Path::new(".") } else { base };
     let config_dir = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
     let dirs = [
         ("the state directory", "state_dir", normalize(state_dir)),
         ("the config directory", "the directory of agent.toml", normalize(&config_dir)),
     ];
-    for (i, root) in roots.iter().enumerate() {
+    for (i, root) in roots {
         let root = normalize(root);
         let real_root = resolve_existing(&root);
         for (what, which, dir) in &dirs {
@@ -626,16 +770,17 @@ fn check_roots_apart(roots: &[PathBuf], state_dir: &Path, base: &Path) -> Result
                 (None, Some(r)) => (r, format!(" (through symlinks: {real_root:?} and {real_dir:?})")),
                 (None, None) => continue,
             };
-            return Err(key_err(
+            errs.push(key_err(
                 format!("allowed_roots[{i}]"),
                 format!(
                     "{root:?} {relation} {what} {dir:?} ({which}){via}: bundles could rewrite the \
                      agent's own files; allowed roots must lie apart from state_dir and the config directory"
                 ),
             ));
+            break;
         }
     }
-    Ok(())
+    errs
 }
 
 /// How `root` and `dir` overlap, if they do (component-wise: `/srv/a` does not contain
@@ -688,6 +833,270 @@ fn resolve_existing(path: &Path) -> PathBuf {
     }
 }
 
+/// The keys and types of `agent.toml`, checked on the parsed table before serde sees
+/// it, so that every unknown key and type error is reported at once with its line and
+/// column (serde stops at the first). It mirrors the `Raw*` structs; serde's
+/// `deny_unknown_fields` stays as a backstop, and `the_documented_example_is_valid`
+/// keeps the two in step for every documented key.
+mod schema {
+    use std::ops::Range;
+
+    use toml::de::{DeTable, DeValue};
+
+    use super::{line_col, Problem};
+
+    #[derive(Clone, Copy)]
+    pub enum Ty {
+        Str,
+        Int,
+        Bool,
+        Strs,
+        Table(&'static [Field]),
+        Tables(&'static [Field]),
+    }
+
+    /// A key, its type, and whether it is required.
+    pub struct Field(&'static str, Ty, bool);
+
+    use Ty::*;
+
+    pub const ROOT: &[Field] = &[
+        Field("device", Str, true),
+        Field("fleet", Str, true),
+        Field("topic_prefix", Str, false),
+        Field("state_dir", Str, true),
+        Field("allowed_roots", Strs, false),
+        Field("log_format", Str, false),
+        Field("log_level", Str, false),
+        Field("reconcile_interval_secs", Int, false),
+        Field("health_timeout_secs", Int, false),
+        Field("status_min_interval_ms", Int, false),
+        Field("mqtt", Table(MQTT), false),
+        Field("trust", Table(TRUST), true),
+        Field("fetch", Table(FETCH), false),
+        Field("engine", Table(ENGINE), false),
+    ];
+    const MQTT: &[Field] = &[
+        Field("url", Str, true),
+        Field("client_id", Str, false),
+        Field("ca_file", Str, false),
+        Field("client_cert", Str, false),
+        Field("client_key", Str, false),
+        Field("username", Str, false),
+        Field("password", Str, false),
+        Field("password_file", Str, false),
+        Field("keepalive_secs", Int, false),
+        Field("reconnect_max_secs", Int, false),
+    ];
+    const TRUST: &[Field] = &[Field("public_keys", Strs, true), Field("threshold", Int, false)];
+    const FETCH: &[Field] = &[
+        Field("base_url", Str, false),
+        Field("poll_interval_secs", Int, false),
+        Field("ca_file", Str, false),
+        Field("max_bundle_bytes", Int, false),
+        Field("timeout_secs", Int, false),
+        Field("deadline_secs", Int, false),
+        Field("min_bytes_per_sec", Int, false),
+    ];
+    const ENGINE: &[Field] = &[
+        Field("socket", Str, false),
+        Field("registry_auth", Tables(REGISTRY_AUTH), false),
+        Field("stop_grace_secs", Int, false),
+        Field("policy", Table(POLICY), false),
+    ];
+    const REGISTRY_AUTH: &[Field] = &[
+        Field("server", Str, true),
+        Field("username", Str, true),
+        Field("password", Str, false),
+        Field("password_file", Str, false),
+    ];
+    const POLICY: &[Field] = &[
+        Field("allow_privileged", Bool, false),
+        Field("allow_host_network", Bool, false),
+        Field("host_namespaces", Strs, false),
+        Field("device_cgroup_rules", Strs, false),
+        Field("allow_unconfined", Bool, false),
+        Field("allow_gpus", Bool, false),
+        Field("allow_engine_socket", Bool, false),
+        Field("bind_roots", Strs, false),
+        Field("devices", Strs, false),
+        Field("capabilities", Strs, false),
+        Field("registries", Strs, false),
+        Field("require_digest", Bool, false),
+    ];
+
+    fn problem(text: &str, at: Range<usize>, key: String, message: String) -> Problem {
+        let (line, col) = line_col(text, at.start);
+        Problem { line: Some(line), col: Some(col), key, message }
+    }
+
+    fn type_name(v: &DeValue<'_>) -> &'static str {
+        match v {
+            DeValue::String(_) => "a string",
+            DeValue::Integer(_) => "an integer",
+            DeValue::Float(_) => "a float",
+            DeValue::Boolean(_) => "a boolean",
+            DeValue::Datetime(_) => "a date-time",
+            DeValue::Array(_) => "an array",
+            DeValue::Table(_) => "a table",
+        }
+    }
+
+    /// Checks `table` (at `prefix`, spanning `span`) against `fields`.
+    /// Checks `table` (at `prefix`, spanning `span`) against `fields`, and removes what
+    /// is wrong (unknown keys, values of the wrong type), so that the rest can still be
+    /// deserialized and its values checked in the same run.
+    pub fn check(
+        text: &str,
+        table: &mut DeTable<'_>,
+        fields: &'static [Field],
+        prefix: &str,
+        span: Range<usize>,
+        out: &mut Vec<Problem>,
+    ) {
+        let mut wrong: Vec<String> = Vec::new();
+        for (key, value) in table.iter_mut() {
+            let name = key.get_ref().as_ref();
+            let path = format!("{prefix}{name}");
+            let Some(field) = fields.iter().find(|f| f.0 == name) else {
+                let names: Vec<&str> = fields.iter().map(|f| f.0).collect();
+                let hint = crate::cli::did_you_mean(name, &names, "");
+                let within = if prefix.is_empty() {
+                    "at the top level".to_string()
+                } else {
+                    format!("in [{}]", prefix.trim_end_matches('.'))
+                };
+                out.push(problem(text, key.span(), path, format!("unknown key {within}{hint}")));
+                wrong.push(name.to_string());
+                continue;
+            };
+            let at = value.span();
+            if !check_value(text, value.get_mut(), field.1, &path, at, out) {
+                wrong.push(name.to_string());
+            }
+        }
+        for name in &wrong {
+            table.remove(name.as_str());
+        }
+        for f in fields.iter().filter(|f| f.2) {
+            if !table.keys().any(|k| k.get_ref().as_ref() == f.0) && !wrong.iter().any(|w| w == f.0) {
+                let key = format!("{prefix}{}", f.0);
+                let message = "missing (required)".to_string();
+                out.push(if prefix.is_empty() {
+                    // The whole file: no place to point at.
+                    Problem { line: None, col: None, key, message }
+                } else {
+                    problem(text, span.clone(), key, message)
+                });
+            }
+        }
+    }
+
+    /// Whether `v` may stay (problems inside a table are removed there).
+    fn check_value(
+        text: &str,
+        v: &mut DeValue<'_>,
+        ty: Ty,
+        path: &str,
+        span: Range<usize>,
+        out: &mut Vec<Problem>,
+    ) -> bool {
+        let expected = match ty {
+            Str => "a string",
+            Int => "a non-negative integer",
+            Bool => "true or false",
+            Strs => "an array of strings",
+            Table(_) => "a table",
+            Tables(_) => "an array of tables ([[...]])",
+        };
+        let ok = match (ty, &mut *v) {
+            (Str, DeValue::String(_)) | (Bool, DeValue::Boolean(_)) => true,
+            (Int, DeValue::Integer(i)) => {
+                let digits = i.as_str().trim_start_matches('+').replace('_', "");
+                !digits.starts_with('-')
+            }
+            (Strs, DeValue::Array(items)) => {
+                let mut all = true;
+                for (i, item) in items.iter().enumerate() {
+                    if !matches!(item.get_ref(), DeValue::String(_)) {
+                        let found = type_name(item.get_ref());
+                        out.push(problem(
+                            text,
+                            item.span(),
+                            format!("{path}[{i}]"),
+                            format!("must be a string, not {found}"),
+                        ));
+                        all = false;
+                    }
+                }
+                return all;
+            }
+            (Table(fields), DeValue::Table(t)) => {
+                check(text, t, fields, &format!("{path}."), span.clone(), out);
+                true
+            }
+            (Tables(fields), DeValue::Array(items)) => {
+                let mut all = true;
+                for (i, item) in items.iter_mut().enumerate() {
+                    let at = item.span();
+                    match item.get_mut() {
+                        DeValue::Table(t) => check(text, t, fields, &format!("{path}[{i}]."), at, out),
+                        other => {
+                            out.push(problem(
+                                text,
+                                at,
+                                format!("{path}[{i}]"),
+                                format!("must be a table, not {}", type_name(other)),
+                            ));
+                            all = false;
+                        }
+                    }
+                }
+                return all;
+            }
+            _ => false,
+        };
+        if !ok {
+            let found = match v {
+                DeValue::Integer(i) if matches!(ty, Int) => format!("{i}"),
+                other => type_name(other).to_string(),
+            };
+            out.push(problem(text, span, path.to_string(), format!("must be {expected}, not {found}")));
+        }
+        ok
+    }
+
+    /// Line and column of `key` (`engine.policy.bind_roots[0]`) in the file: of its
+    /// value, or of the nearest enclosing key that is there.
+    pub fn locate(text: &str, root: &DeTable<'_>, key: &str) -> Option<(usize, usize)> {
+        let mut table = root;
+        let mut found: Option<Range<usize>> = None;
+        for part in key.split('.') {
+            let (name, index) = match part.split_once('[') {
+                Some((n, rest)) => (n, rest.trim_end_matches(']').parse::<usize>().ok()),
+                None => (part, None),
+            };
+            let Some((_, value)) = table.iter().find(|(k, _)| k.get_ref().as_ref() == name) else { break };
+            let mut value = value;
+            if let (Some(i), DeValue::Array(items)) = (index, value.get_ref()) {
+                match items.get(i) {
+                    Some(item) => value = item,
+                    None => {
+                        found = Some(value.span());
+                        break;
+                    }
+                }
+            }
+            found = Some(value.span());
+            match value.get_ref() {
+                DeValue::Table(t) => table = t,
+                _ => break,
+            }
+        }
+        found.map(|s| line_col(text, s.start))
+    }
+}
+
 /// Parses a log level name (`error`, `warn`, `info`, `debug`, `trace`).
 pub fn parse_level(s: &str) -> Result<tracing::Level, String> {
     match s.to_ascii_lowercase().as_str() {
@@ -706,7 +1115,7 @@ mod tests {
 
     const KEY: &str = "fleet-ed25519-public:d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
 
-    fn parse(text: &str) -> Result<Config, ConfigError> {
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
         Config::parse(text, Path::new("/etc/fleet-agent/agent.toml"))
     }
 
@@ -737,7 +1146,7 @@ mod tests {
             (minimal() + "threshold = 2\n", "`trust`"),
             (minimal() + "[fetch]\nbase_url = \"ftp://x\"\n", "`fetch.base_url`"),
             (minimal().replace("state_dir = \"/var/lib/fleet-agent\"\n", ""), "state_dir"),
-            (minimal() + "log_format = \"xml\"\n", "`log_format`"),
+            ("log_format = \"xml\"\n".to_string() + &minimal(), "`log_format`"),
             (
                 minimal() + "[engine.policy]\nbind_roots = [\"/srv/../etc\"]\n",
                 "`engine.policy.bind_roots[0]`",
@@ -766,6 +1175,72 @@ mod tests {
             let err = parse(&text).expect_err(key).to_string();
             assert!(err.contains(key), "{key}: {err}");
         }
+    }
+
+    /// Issue 20: a file with many mistakes gets them all in one run, in file order, each
+    /// with its line, column and key: unknown keys (with a suggestion), types, missing
+    /// keys, then (once those are right) every invalid value.
+    #[test]
+    fn every_problem_is_reported_at_once_in_file_order() {
+        let text = format!(
+            "device = \"gw-01\"\nfleet = 7\nstate_dir = \"/var/lib/fleet-agent\"\nalowed_roots = [\"/srv\"]\n\
+             reconcile_interval_secs = \"60\"\n[mqtt]\nurl = \"mqtt://b\"\nkeepalive = 5\n\
+             [trust]\npublic_keys = [\"{KEY}\", 3]\n[engine.policy]\nallow_privileged = \"yes\"\nbind_root = []\n"
+        );
+        let err = parse(&text).expect_err("invalid");
+        let got: Vec<(Option<usize>, String)> =
+            err.problems.iter().map(|p| (p.line, p.key.clone())).collect();
+        let want = [
+            (Some(2), "fleet"),
+            (Some(4), "alowed_roots"),
+            (Some(5), "reconcile_interval_secs"),
+            (Some(8), "mqtt.keepalive"),
+            (Some(10), "trust.public_keys[1]"),
+            (Some(12), "engine.policy.allow_privileged"),
+            (Some(13), "engine.policy.bind_root"),
+        ];
+        let want: Vec<(Option<usize>, String)> = want.iter().map(|(l, k)| (*l, k.to_string())).collect();
+        assert_eq!(got, want, "{err}");
+        let text = err.to_string();
+        assert!(text.contains("7 problems"), "{text}");
+        assert!(text.contains("agent.toml:4:1: `alowed_roots`: unknown key at the top level (did you mean `allowed_roots`?)"), "{text}");
+        assert!(
+            text.contains("`mqtt.keepalive`: unknown key in [mqtt] (did you mean `keepalive_secs`?)"),
+            "{text}"
+        );
+        assert!(text.contains("`fleet`: must be a string, not an integer"), "{text}");
+
+        // Values: all of them too, located.
+        let text = "log_format = \"xml\"\n".to_string()
+            + &minimal().replace("gw-01", "gw/01")
+            + "[engine.policy]\nbind_roots = [\"/\", \"rel\"]\n";
+        let err = parse(&text).expect_err("invalid");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["log_format", "device", "engine.policy.bind_roots[0]", "engine.policy.bind_roots[1]"],
+            "{err}"
+        );
+        assert_eq!((err.problems[2].line, err.problems[2].col), (Some(9), Some(15)), "{err}");
+
+        // Types and values together: a wrong type is removed, the rest still judged.
+        let text = "log_format = \"xml\"\nhealth_timeout_secs = true\n".to_string()
+            + &minimal()
+            + "[mqtt]\nurl = \"tcp://x\"\nkeepalive_secs = \"5\"\nbogus = 1\n";
+        let err = parse(&text).expect_err("invalid");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["log_format", "health_timeout_secs", "mqtt.url", "mqtt.keepalive_secs", "mqtt.bogus"],
+            "{err}"
+        );
+
+        // A missing required key, and TOML syntax errors (each located).
+        let err = parse("device = \"gw\"\n").expect_err("missing");
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["fleet", "state_dir", "trust"], "{err}");
+        let err = parse("device = \"gw\nfleet = = 1\n").expect_err("syntax");
+        assert!(err.problems.iter().all(|p| p.line.is_some()), "{err}");
     }
 
     #[test]
@@ -834,7 +1309,7 @@ mod tests {
         minimal() + "[mqtt]\nurl = \"mqtts://broker\"\n" + lines
     }
 
-    fn assert_key_and_file(err: ConfigError, key: &str, file: &Path) {
+    fn assert_key_and_file(err: ConfigErrors, key: &str, file: &Path) {
         let text = err.to_string();
         assert!(text.contains(&format!("`{key}`")), "names {key}: {text}");
         assert!(text.contains(&file.display().to_string()), "names {}: {text}", file.display());

@@ -1,4 +1,5 @@
-//! `fleet-agent`: parse arguments, load the config (exit 64 when invalid), wire the
+//! `fleet-agent`: parse arguments (exit 64 when wrong), load the config (exit 78 when
+//! invalid, with every problem listed), wire the
 //! adapters, run, and map the outcome to a documented exit code (see `--help`).
 
 #![forbid(unsafe_code)]
@@ -7,8 +8,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::rc::Rc;
 
+use fleet_agent::agent::CONFIG_CAUSED;
 use fleet_agent::agent::{Agent, Outcome};
-use fleet_agent::cli::{self, exit, Command};
+use fleet_agent::cli::{self, exit, Command, Forget};
 use fleet_agent::clock::SystemClock;
 use fleet_agent::config::{Config, LogFormat};
 use fleet_agent::engine::docker::DockerEngine;
@@ -26,8 +28,8 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Help => {
-            print!("{}", cli::HELP);
+        Command::Help(topic) => {
+            print!("{}", cli::help(topic));
             return ExitCode::from(exit::OK);
         }
         Command::Version => {
@@ -39,17 +41,27 @@ fn main() -> ExitCode {
     let cfg = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("fleet-agent: {e}");
+            if matches!(cli.command, Command::CheckConfig { json: true }) {
+                let out = serde_json::json!({
+                    "ok": false,
+                    "config": cli.config.display().to_string(),
+                    "errors": e.problems,
+                });
+                println!("{out:#}");
+            } else {
+                eprintln!("fleet-agent: {e}");
+            }
             return ExitCode::from(exit::CONFIG);
         }
     };
     init_logging(&cfg, cli.log_format);
     let code = match cli.command {
-        Command::CheckConfig => check_config(&cfg, &cli.config),
+        Command::CheckConfig { json } => check_config(&cfg, &cli.config, json),
         Command::Status { json } => status(&cfg, json),
+        Command::Forget(target) => forget(&cfg, &target),
         Command::Run => with_runtime(run(cfg)),
-        Command::Apply { bundle } => with_runtime(apply(cfg, &bundle)),
-        Command::Help | Command::Version => unreachable!("handled above"),
+        Command::Apply { bundle, json, retry } => with_runtime(apply(cfg, &bundle, json, retry)),
+        Command::Help(_) | Command::Version => unreachable!("handled above"),
     };
     ExitCode::from(code)
 }
@@ -120,106 +132,174 @@ async fn run(cfg: Config) -> u8 {
     }
 }
 
-async fn apply(cfg: Config, bundle: &Path) -> u8 {
+async fn apply(cfg: Config, bundle: &Path, json: bool, retry: bool) -> u8 {
     let bytes = match std::fs::read(bundle) {
         Ok(b) => b,
         Err(e) => {
-            eprintln!("fleet-agent: cannot read bundle {}: {e}", bundle.display());
-            return exit::NO_INPUT;
+            let reason = format!("cannot read bundle {}: {e}", bundle.display());
+            return fail(json, None, "no_input", &reason, exit::NO_INPUT);
         }
     };
+    let digest = fleet_spec::bundle::content_address(&bytes);
     let store = Store::new(&cfg.state_dir);
     let lock = store.create().and_then(|()| store.lock());
+    if retry {
+        // Under the lock, or beside a running agent, which reads rejected.json afresh
+        // for every bundle it is offered.
+        match store.forget_rejected(Some(&digest)) {
+            Ok(0) => {}
+            Ok(_) => eprintln!("fleet-agent: forgot the earlier rejection of {digest}: judging it again"),
+            Err(e) => return fail(json, Some(&digest), "state_dir_error", &e.to_string(), exit::FAILURE),
+        }
+    }
     let _lock = match lock {
         Ok(l) => l,
-        Err(StoreError::Locked { .. }) => return apply_through_daemon(&cfg, &bytes).await,
-        Err(e) => {
-            eprintln!("fleet-agent: {e}");
-            return exit::FAILURE;
-        }
+        Err(StoreError::Locked { .. }) => return apply_through_daemon(&cfg, &bytes, &digest, json).await,
+        Err(e) => return fail(json, Some(&digest), "state_dir_error", &e.to_string(), exit::FAILURE),
     };
     let engine = Rc::new(engine_for(&cfg));
     if !engine.is_none() {
         if let Err(e) = engine.ping().await {
-            tracing::warn!("{e}");
+            // Said in the outcome if the bundle needs the engine; a files-only bundle
+            // applies without it.
+            tracing::debug!("{e}");
         }
     }
     let mut agent = match Agent::new(cfg, engine, Rc::new(SystemClock), None) {
         Ok(a) => a,
-        Err(e) => {
-            eprintln!("fleet-agent: {e}");
-            return exit::FAILURE;
-        }
+        Err(e) => return fail(json, Some(&digest), e.code(), &e.to_string(), exit::FAILURE),
     };
     if let Err(e) = agent.recover().await {
-        eprintln!("fleet-agent: recovery before applying failed: {e}");
-        return exit::FAILURE;
+        let reason = format!("recovery before applying failed: {e}");
+        return fail(json, Some(&digest), e.code(), &reason, exit::FAILURE);
     }
     match agent.apply_bundle(&bytes).await {
-        Ok(outcome) => report_outcome(&outcome),
-        Err(e) => {
-            eprintln!("fleet-agent: {e}");
-            exit::FAILURE
+        Ok(outcome) => {
+            let version = agent.store().applied().ok().flatten().map(|a| a.version);
+            report_outcome(&outcome, &digest, version, json)
         }
+        Err(e) => fail(json, Some(&digest), e.code(), &e.to_string(), exit::FAILURE),
     }
+}
+
+/// `apply` ends without an outcome: says why (as JSON with `--json`), returns `code`.
+fn fail(json: bool, digest: Option<&str>, code: &str, reason: &str, exit_code: u8) -> u8 {
+    if json {
+        let out = serde_json::json!({"outcome": "error", "digest": digest, "code": code, "reason": reason});
+        println!("{out}");
+    } else {
+        eprintln!("fleet-agent: {reason}");
+    }
+    exit_code
 }
 
 /// `apply` while `run` holds the state directory: the running agent applies the bundle
 /// (`sideload`), on the same path, and answers with the outcome.
-async fn apply_through_daemon(cfg: &Config, bytes: &[u8]) -> u8 {
+async fn apply_through_daemon(cfg: &Config, bytes: &[u8], digest: &str, json: bool) -> u8 {
     use fleet_agent::sideload::{self, Reply, SideloadError};
     eprintln!("fleet-agent: the agent service is running: handing the bundle to it");
     match sideload::submit(&cfg.state_dir, bytes).await {
-        Ok(Reply::Outcome(outcome)) => report_outcome(&outcome),
+        Ok(Reply::Outcome(outcome)) => {
+            let version = Store::new(&cfg.state_dir).applied().ok().flatten().map(|a| a.version);
+            report_outcome(&outcome, digest, version, json)
+        }
         Ok(Reply::Error(e)) => {
-            eprintln!("fleet-agent: the running agent could not apply the bundle: {e}");
-            exit::FAILURE
+            let reason = format!("the running agent could not apply the bundle: {e}");
+            fail(json, Some(digest), "agent_error", &reason, exit::FAILURE)
         }
         Err(e @ SideloadError::NotListening { .. }) => {
-            eprintln!(
-                "fleet-agent: the state directory {} is locked by a running agent, and {e}; \
+            let reason = format!(
+                "the state directory {} is locked by a running agent, and {e}; \
                  stop the service (systemctl stop fleet-agent) and run apply again",
                 cfg.state_dir.display()
             );
-            exit::TEMPFAIL
+            fail(json, Some(digest), "locked", &reason, exit::TEMPFAIL)
         }
-        Err(e) => {
-            eprintln!("fleet-agent: {e}");
-            exit::FAILURE
-        }
+        Err(e) => fail(json, Some(digest), "sideload_failed", &e.to_string(), exit::FAILURE),
     }
 }
 
 /// Prints how an apply ended and returns its exit code (the same for a local apply and
-/// one made by the running agent).
-fn report_outcome(outcome: &Outcome) -> u8 {
+/// one made by the running agent). `version` is the applied one after the apply.
+fn report_outcome(outcome: &Outcome, digest: &str, version: Option<u64>, json: bool) -> u8 {
+    let code = match outcome {
+        Outcome::Committed { .. } | Outcome::AlreadyApplied => exit::OK,
+        Outcome::Rejected { .. } => exit::REJECTED,
+        Outcome::Deferred { code, .. } if code == "engine_unavailable" => exit::UNAVAILABLE,
+        Outcome::Deferred { .. } => exit::TEMPFAIL,
+        Outcome::RolledBack { .. } | Outcome::RollbackIncomplete { .. } => exit::FAILURE,
+    };
+    if json {
+        let version = match outcome {
+            Outcome::Committed { version } => Some(*version),
+            _ => version,
+        };
+        let out = serde_json::json!({
+            "outcome": outcome.name(),
+            "digest": digest,
+            // committed / already applied: the version now applied; otherwise the one
+            // the device still runs.
+            "version": version,
+            "code": outcome.code(),
+            "reason": outcome.reason(),
+        });
+        println!("{out}");
+        return code;
+    }
     match outcome {
-        Outcome::Committed { version } => {
-            println!("applied version {version}: converged");
-            exit::OK
-        }
-        Outcome::AlreadyApplied => {
-            println!("already applied: nothing to do");
-            exit::OK
-        }
+        Outcome::Committed { version } => println!("applied version {version}: converged"),
+        Outcome::AlreadyApplied => println!("already applied: nothing to do"),
         Outcome::Rejected { code, reason } => {
             eprintln!("fleet-agent: bundle rejected ({code}): {reason}; nothing was changed");
-            exit::REJECTED
+            if CONFIG_CAUSED.contains(&code.as_str()) {
+                eprintln!(
+                    "fleet-agent: this refusal comes from this device's agent.toml: once it allows \
+                     the bundle, the bundle is judged again by itself"
+                );
+            } else {
+                eprintln!("fleet-agent: to judge it again: fleet-agent apply --retry, or fleet-agent forget {digest}");
+            }
         }
         Outcome::Deferred { code, reason } if code == "engine_unavailable" => {
-            eprintln!("fleet-agent: {reason}; nothing was changed");
-            exit::UNAVAILABLE
+            eprintln!("fleet-agent: {reason}; nothing was changed")
         }
         Outcome::Deferred { code, reason } => {
-            eprintln!("fleet-agent: not applied ({code}): {reason}; nothing was changed, try again");
-            exit::TEMPFAIL
+            eprintln!("fleet-agent: not applied ({code}): {reason}; nothing was changed, try again")
         }
-        Outcome::RolledBack { code, reason } => {
-            eprintln!("fleet-agent: the bundle was applied but failed ({code}): {reason}; rolled back to the last good state");
-            exit::FAILURE
+        Outcome::RolledBack { code, reason } => eprintln!(
+            "fleet-agent: the bundle was applied but failed ({code}): {reason}; rolled back to the last good state"
+        ),
+        Outcome::RollbackIncomplete { code, reason } => eprintln!(
+            "fleet-agent: the bundle failed ({code}): {reason}; the rollback is incomplete and resumes on the next start"
+        ),
+    }
+    code
+}
+
+/// `forget`: drops entries from `rejected.json`.
+fn forget(cfg: &Config, target: &Forget) -> u8 {
+    let store = Store::new(&cfg.state_dir);
+    // Held when no agent runs; a running agent reads rejected.json afresh for every
+    // bundle it is offered, so the change is seen without a restart.
+    let _lock = store.lock().ok();
+    let digest = match target {
+        Forget::Digest(d) => Some(d.as_str()),
+        Forget::All => None,
+    };
+    match store.forget_rejected(digest) {
+        Ok(0) => {
+            match digest {
+                Some(d) => println!("nothing to forget: {d} is not in the rejected set"),
+                None => println!("nothing to forget: the rejected set is empty"),
+            }
+            exit::OK
         }
-        Outcome::RollbackIncomplete { code, reason } => {
-            eprintln!("fleet-agent: the bundle failed ({code}): {reason}; the rollback is incomplete and resumes on the next start");
+        Ok(n) => {
+            println!("forgot {n} rejected bundle(s): judged again at the next announcement, poll or apply");
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("fleet-agent: {e}");
             exit::FAILURE
         }
     }
@@ -227,13 +307,22 @@ fn report_outcome(outcome: &Outcome) -> u8 {
 
 fn status(cfg: &Config, json: bool) -> u8 {
     let store = Store::new(&cfg.state_dir);
-    match fleet_agent::report::collect(&cfg.device, &cfg.fleet, &store) {
+    let current = fleet_agent::agent::config_fingerprint(cfg);
+    let collected = fleet_agent::report::collect(&cfg.device, &cfg.fleet, &store).map(|mut s| {
+        // Refusals of another config no longer hold (the agent forgets them at start).
+        s.rejected.retain(|_, r| r.config.as_ref().is_none_or(|c| *c == current));
+        s
+    });
+    match collected {
         Ok(s) if json => {
             println!("{}", serde_json::to_string_pretty(&s).expect("status serializes"));
             exit::OK
         }
         Ok(s) => {
-            print!("{}", fleet_agent::report::render(&s));
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            print!("{}", fleet_agent::report::render(&s, now));
             exit::OK
         }
         Err(e) => {
@@ -243,8 +332,44 @@ fn status(cfg: &Config, json: bool) -> u8 {
     }
 }
 
-fn check_config(cfg: &Config, path: &Path) -> u8 {
-    for warning in cfg.warnings() {
+fn check_config(cfg: &Config, path: &Path, json: bool) -> u8 {
+    let warnings = cfg.warnings();
+    let ids: Vec<String> = cfg.trusted.keys().iter().map(|k| k.id().to_string()).collect();
+    let roots: Vec<String> = cfg.allowed_roots.iter().map(|r| r.display().to_string()).collect();
+    let mqtt = cfg
+        .mqtt
+        .as_ref()
+        .map(|m| format!("{}://{}:{}", if m.tls { "mqtts" } else { "mqtt" }, m.host, m.port));
+    let pointer = cfg.fetch.base_url.as_ref().map(|u| fetch::pointer_url(u, &cfg.device));
+    // Without a broker and a base URL nothing ever tells the agent about a bundle.
+    let sideload_only = cfg.mqtt.is_none() && pointer.is_none();
+    if json {
+        let out = serde_json::json!({
+            "ok": true,
+            "config": path.display().to_string(),
+            "errors": [],
+            "warnings": warnings,
+            "configures": {
+                "device": cfg.device,
+                "fleet": cfg.fleet,
+                "topics": format!("{}/{}/devices/{}/", cfg.topic_prefix, cfg.fleet, cfg.device),
+                "trust": {"threshold": cfg.trusted.threshold(), "keys": ids},
+                "state_dir": cfg.state_dir,
+                "allowed_roots": roots,
+                "mqtt": mqtt,
+                "mqtt_client_id": cfg.mqtt.as_ref().map(|m| &m.client_id),
+                "fetch": pointer,
+                "poll_interval_secs": cfg.fetch.poll_interval.as_secs(),
+                "bundle_source": if sideload_only { "sideload_only" } else { "network" },
+                "engine": cfg.engine_socket,
+                "reconcile_interval_secs": cfg.reconcile_interval.as_secs(),
+                "health_timeout_secs": cfg.health_timeout.as_secs(),
+            },
+        });
+        println!("{out:#}");
+        return exit::OK;
+    }
+    for warning in &warnings {
         eprintln!("fleet-agent: warning: {warning}");
     }
     println!("{}: ok", path.display());
@@ -252,28 +377,20 @@ fn check_config(cfg: &Config, path: &Path) -> u8 {
         "  device        {} (fleet {}, topics {}/{}/devices/{}/...)",
         cfg.device, cfg.fleet, cfg.topic_prefix, cfg.fleet, cfg.device
     );
-    let ids: Vec<String> = cfg.trusted.keys().iter().map(|k| k.id().to_string()).collect();
     println!("  trust         {} of [{}]", cfg.trusted.threshold(), ids.join(", "));
     println!("  state_dir     {}", cfg.state_dir.display());
-    let roots: Vec<String> = cfg.allowed_roots.iter().map(|r| r.display().to_string()).collect();
     println!("  allowed_roots [{}]", roots.join(", "));
-    match &cfg.mqtt {
-        Some(m) => println!(
-            "  mqtt          {}://{}:{} as {}",
-            if m.tls { "mqtts" } else { "mqtt" },
-            m.host,
-            m.port,
-            m.client_id
-        ),
-        None => println!("  mqtt          none (poll only)"),
+    match (&mqtt, &cfg.mqtt) {
+        (Some(url), Some(m)) => println!("  mqtt          {url} as {}", m.client_id),
+        _ => println!("  mqtt          none"),
     }
-    match &cfg.fetch.base_url {
-        Some(u) => println!(
-            "  fetch         {} every {} s",
-            fetch::pointer_url(u, &cfg.device),
-            cfg.fetch.poll_interval.as_secs()
-        ),
-        None => println!("  fetch         announcement URLs only"),
+    match &pointer {
+        Some(u) => println!("  fetch         {u} every {} s", cfg.fetch.poll_interval.as_secs()),
+        None if cfg.mqtt.is_some() => println!("  fetch         announcement URLs only"),
+        None => println!("  fetch         none"),
+    }
+    if sideload_only {
+        println!("  source        no bundle source: only sideloads (fleet-agent apply)");
     }
     match &cfg.engine_socket {
         Some(s) => println!("  engine        {}", s.display()),

@@ -225,11 +225,13 @@ impl Mqtt {
         let pump = tokio::spawn(async move {
             let mut backoff = Backoff::new(Duration::from_millis(500), reconnect_max, seed());
             let mut connected = false;
+            let mut last_error: Option<String> = None;
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Incoming::ConnAck(_))) => {
                         backoff.reset();
                         connected = true;
+                        last_error = None;
                         tracing::info!(%broker, "connected to the MQTT broker");
                         let _ = ctl_tx.send(Ctl::Connected);
                     }
@@ -257,12 +259,18 @@ impl Mqtt {
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        // Said once at WARN, then again only when it changes (connected
+                        // again, another error): a broker down for hours is one line.
+                        let error = e.to_string();
                         if connected {
-                            tracing::warn!(%broker, "MQTT connection lost: {e}");
+                            tracing::warn!(%broker, error, "MQTT connection lost; reconnecting");
                             let _ = ctl_tx.send(Ctl::Disconnected);
+                        } else if last_error.as_deref() != Some(error.as_str()) {
+                            tracing::warn!(%broker, error, "MQTT broker unreachable; retrying (said again only when this changes)");
                         } else {
-                            tracing::debug!(%broker, "MQTT connection failed: {e}");
+                            tracing::debug!(%broker, error, "MQTT connection failed again");
                         }
+                        last_error = Some(error);
                         connected = false;
                         let delay = backoff.next_delay();
                         tracing::debug!(?delay, "reconnecting to the MQTT broker later");

@@ -119,6 +119,8 @@ struct Runner<E: Engine> {
     blob: Option<Vec<u8>>,
     download: Option<Download>,
     poll: Option<Task<Option<Vec<u8>>>>,
+    /// The last poll's error: a poll that keeps failing the same way is said once.
+    poll_error: Option<String>,
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -144,6 +146,7 @@ pub async fn run<E: Engine>(
     let agent = Agent::new(cfg.clone(), engine.clone(), clock, Some(report_tx))?;
     let fetcher = std::sync::Arc::new(Fetcher::new(&cfg.fetch, cfg.limits.max_bundle_len()));
     let mut runner = Runner {
+        poll_error: None,
         agent,
         fetcher,
         mqtt,
@@ -377,6 +380,9 @@ impl<E: Engine> Runner<E> {
                 let cfg = self.agent.config();
                 let base = cfg.fetch.base_url.clone().expect("polling needs a base url");
                 let url = fetch::pointer_url(&base, &cfg.device);
+                if result.is_ok() && self.poll_error.take().is_some() {
+                    tracing::info!(%url, "polling works again");
+                }
                 match result {
                     Ok(Some(bytes)) => {
                         match fetch::announcement_from_pointer(&bytes, &base, &cfg.fleet, &cfg.device) {
@@ -385,7 +391,17 @@ impl<E: Engine> Runner<E> {
                         }
                     }
                     Ok(None) => tracing::debug!("{url}: 404, no bundle for this device"),
-                    Err(e) => tracing::info!("polling {url} failed: {e}"),
+                    Err(e) => {
+                        // Said once at WARN, then only when it changes (the error names
+                        // the URL).
+                        let error = e.to_string();
+                        if self.poll_error.as_deref() == Some(error.as_str()) {
+                            tracing::debug!("polling failed again: {error}");
+                        } else {
+                            tracing::warn!("polling failed (said again only when this changes): {error}");
+                        }
+                        self.poll_error = Some(error);
+                    }
                 }
             }
             Work::Fetched(result) => {
@@ -532,7 +548,7 @@ impl<E: Engine> Runner<E> {
     /// for good, backed off when deferred.
     async fn apply(&mut self, source: Source, digest: &str, bytes: &[u8]) -> Result<(), AgentError> {
         let outcome = self.agent.apply_bundle(bytes).await?;
-        tracing::info!(?outcome, digest, "bundle handled");
+        tracing::debug!(digest, outcome = outcome.name(), code = outcome.code(), "bundle handled");
         let refused = self.agent.store().rejected().map(|r| r.contains_key(digest)).unwrap_or(false);
         let settled =
             matches!(outcome, Outcome::Committed { .. } | Outcome::AlreadyApplied | Outcome::Rejected { .. });

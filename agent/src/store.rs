@@ -176,6 +176,36 @@ impl Store {
         self.save("rejected.json", &all)
     }
 
+    /// Forgets the rejection of `digest` (`None`: of every bundle), so that it is judged
+    /// again; returns how many entries were dropped.
+    pub fn forget_rejected(&self, digest: Option<&str>) -> Result<usize, StoreError> {
+        let mut all = self.rejected()?;
+        let before = all.len();
+        match digest {
+            Some(d) => {
+                all.remove(d);
+            }
+            None => all.clear(),
+        }
+        let dropped = before - all.len();
+        if dropped > 0 {
+            self.save("rejected.json", &all)?;
+        }
+        Ok(dropped)
+    }
+
+    /// Keeps only the rejections `keep` accepts; returns how many were dropped.
+    pub fn retain_rejected(&self, keep: impl Fn(&Rejection) -> bool) -> Result<usize, StoreError> {
+        let mut all = self.rejected()?;
+        let before = all.len();
+        all.retain(|_, r| keep(r));
+        let dropped = before - all.len();
+        if dropped > 0 {
+            self.save("rejected.json", &all)?;
+        }
+        Ok(dropped)
+    }
+
     /// The last status report saved, or `None` when there is none or it is damaged: it is
     /// only a cache, and must not keep the agent from starting.
     pub fn last_status(&self) -> Result<Option<StatusReport>, StoreError> {

@@ -81,7 +81,7 @@ fn the_agent_runs_containers_on_dockerd_rolls_back_and_repairs_drift() {
     dockerd.docker(&["rm", "-f", "app-web"]).expect("docker rm -f app-web");
     wait_until(Duration::from_secs(20), "app-web recreated", || Ok(running(&dockerd, "app-web")))
         .expect("app-web recreated");
-    wait_until(Duration::from_secs(5), "drift reported", || Ok(dev.log().contains("drift repaired")))
+    wait_until(Duration::from_secs(5), "drift reported", || Ok(dev.log().contains("drift_repaired")))
         .expect("drift reported");
     assert_eq!(spec_hash(&dockerd, "app-web"), Some(hash));
 }

@@ -624,14 +624,14 @@ fn sideload_apply_and_the_documented_exit_codes() {
     )
     .expect("write");
     let out = Command::new(BIN).args(["check-config", "--config"]).arg(&bad).output().expect("run");
-    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(out.status.code(), Some(78));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("bogus"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let out = Command::new(BIN).arg("frobnicate").output().expect("run");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(64));
     let out = Command::new(BIN).arg("--help").output().expect("run");
     assert!(String::from_utf8_lossy(&out.stdout).contains("EXIT CODES"));
 
@@ -781,4 +781,239 @@ fn a_bundle_retained_on_mqtt_is_applied() {
     });
     assert_eq!(status_of(&converged).applied.map(|a| a.version), Some(4), "{}", dev.log());
     assert_eq!(dev.read("blob.conf").as_deref(), Some("via mqtt"));
+}
+
+/// Replaces `agent.toml`'s `allowed_roots` line.
+fn set_roots(dev: &Device, roots: &[&std::path::Path]) {
+    let list: Vec<String> = roots.iter().map(|r| format!("{:?}", r.display().to_string())).collect();
+    let text = std::fs::read_to_string(&dev.config).expect("read");
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("allowed_roots") {
+                format!("allowed_roots = [{}]\n", list.join(", "))
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    std::fs::write(&dev.config, text).expect("write");
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: stdout {:?} stderr {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Issue 20, point 3: a refusal caused by the device's own config (here its allowed
+/// roots) holds only under that config. Widened, the same bundle applies: through
+/// `apply`, and in `run` at its next poll after a restart. `apply --json` says what
+/// happened.
+#[test]
+fn a_config_caused_refusal_is_judged_again_once_the_config_allows_it() {
+    let dev = device("");
+    let extra = dev.dir.path().join("extra");
+    let outside = |version: u64, content: &str| {
+        dev.sign(
+            version,
+            DesiredState {
+                files: vec![ManagedFile {
+                    path: format!("{}/x.conf", extra.display()),
+                    mode: 0o644,
+                    owner: None,
+                    content: content.as_bytes().to_vec(),
+                }],
+                ..Default::default()
+            },
+        )
+    };
+    let two = dev.dir.path().join("two.bundle");
+    std::fs::write(&two, outside(2, "two")).expect("write");
+    let two_arg = two.to_str().expect("utf8");
+    let out = dev.cli(&["apply", "--json", two_arg]);
+    assert_eq!(out.status.code(), Some(65), "{}", String::from_utf8_lossy(&out.stderr));
+    let json = json_of(&out);
+    assert_eq!(json["outcome"], "rejected", "{json}");
+    assert_eq!(json["code"], "path_not_allowed", "{json}");
+    assert_eq!(json["digest"].as_str().map(str::len), Some(64), "{json}");
+    let out = dev.cli(&["apply", two_arg]);
+    assert_eq!(out.status.code(), Some(65));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rejected before"), "under the same config it stays refused: {stderr}");
+    assert!(stderr.contains("agent.toml"), "says the config decides: {stderr}");
+
+    let digest_two = json["digest"].as_str().unwrap_or_default().to_string();
+    assert!(json_of(&dev.cli(&["status", "--json"]))["rejected"].get(&digest_two).is_some());
+    set_roots(&dev, &[&dev.root, &extra]);
+    let status = json_of(&dev.cli(&["status", "--json"]));
+    assert!(
+        status["rejected"].get(&digest_two).is_none(),
+        "another config's refusal is not listed: {status}"
+    );
+    let out = dev.cli(&["apply", "--json", two_arg]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let json = json_of(&out);
+    assert_eq!((json["outcome"].as_str(), json["version"].as_u64()), (Some("committed"), Some(2)), "{json}");
+    assert_eq!(std::fs::read_to_string(extra.join("x.conf")).ok().as_deref(), Some("two"));
+
+    // The same through `run`: refused at a poll under a narrow config; after the config
+    // is widened and the service restarted, the next poll applies it.
+    let three = outside(3, "three");
+    let digest = bundle::content_address(&three);
+    let mut pointer = announcement(3, "commit3", &digest, three.len(), vec![], false).to_json();
+    pointer.push(b'\n');
+    let http = http_server(
+        vec![(format!("/bundles/{digest}.bundle"), three), ("/devices/gw-01.json".into(), pointer)],
+        false,
+    );
+    set_roots(&dev, &[&dev.root]);
+    let text = std::fs::read_to_string(&dev.config).expect("read").replace(
+        "[trust]",
+        &format!("[fetch]\nbase_url = \"http://127.0.0.1:{}/\"\npoll_interval_secs = 5\n[trust]", http.port),
+    );
+    std::fs::write(&dev.config, text).expect("write");
+    let rejected = |dev: &Device| {
+        let json = json_of(&dev.cli(&["status", "--json"]));
+        json["rejected"].get(&digest).is_some()
+    };
+    let agent = dev.run();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !rejected(&dev) {
+        assert!(Instant::now() < deadline, "not refused:\n{}", dev.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(agent);
+    set_roots(&dev, &[&dev.root, &extra]);
+    let _agent = dev.run();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(extra.join("x.conf")).ok().as_deref() != Some("three") {
+        assert!(Instant::now() < deadline, "not applied after the config was widened:\n{}", dev.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `fleet-agent forget` drops a rejection that is about the bytes (here a bundle not
+/// newer than the applied one), and `apply --retry` judges a bundle again.
+#[test]
+fn forget_and_apply_retry_judge_a_rejected_bundle_again() {
+    let dev = device("");
+    let good = dev.dir.path().join("good.bundle");
+    std::fs::write(&good, dev.bundle(1, &[("a.conf", "one")])).expect("write");
+    // Not newer than itself: applied once, then v1 again from another build is refused.
+    assert_eq!(dev.cli(&["apply", good.to_str().expect("utf8")]).status.code(), Some(0));
+    let stale = dev.dir.path().join("stale.bundle");
+    std::fs::write(&stale, dev.bundle(1, &[("a.conf", "other one")])).expect("write");
+    let stale_arg = stale.to_str().expect("utf8");
+    let out = dev.cli(&["apply", stale_arg]);
+    assert_eq!(out.status.code(), Some(65));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not_newer"), "{stderr}");
+    assert!(stderr.contains("fleet-agent forget"), "says how to judge it again: {stderr}");
+    let digest = bundle::content_address(&std::fs::read(&stale).expect("read"));
+    let status = json_of(&dev.cli(&["status", "--json"]));
+    assert!(status["rejected"].get(&digest).is_some(), "{status}");
+
+    let out = dev.cli(&["forget", &digest]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("forgot 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let status = json_of(&dev.cli(&["status", "--json"]));
+    assert!(status["rejected"].get(&digest).is_none(), "{status}");
+    let out = dev.cli(&["forget", &digest]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to forget"));
+
+    // Judged again: still not newer, so rejected again (a real rejection is not undone).
+    assert_eq!(dev.cli(&["apply", stale_arg]).status.code(), Some(65));
+    let out = dev.cli(&["apply", "--retry", "--json", stale_arg]);
+    let json = json_of(&out);
+    assert_eq!(json["code"], "not_newer", "judged again, not `rejected before`: {json}");
+    assert!(!json["reason"].as_str().unwrap_or("").contains("rejected before"), "{json}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forgot the earlier rejection"));
+    let out = dev.cli(&["forget", "--all"]);
+    assert_eq!(out.status.code(), Some(0));
+    let status = json_of(&dev.cli(&["status", "--json"]));
+    assert_eq!(status["rejected"].as_object().map(|m| m.len()), Some(0), "{status}");
+}
+
+/// Issue 20, point 4: another device's bundle sideloaded onto a converged device is an
+/// event, not the device's state: `apply` exits 65 with `wrong_device`, and `status`
+/// still says `converged`.
+#[test]
+fn another_devices_sideload_leaves_a_converged_device_converged() {
+    let dev = device("");
+    let good = dev.dir.path().join("good.bundle");
+    std::fs::write(&good, dev.bundle(1, &[("a.conf", "one")])).expect("write");
+    assert_eq!(dev.cli(&["apply", good.to_str().expect("utf8")]).status.code(), Some(0));
+    assert_eq!(json_of(&dev.cli(&["status", "--json"]))["status"]["state"], "converged");
+
+    let mut state = DesiredState::default();
+    state.canonicalize();
+    let meta = BundleMeta {
+        fleet: "acme".into(),
+        device: "gw-02".into(),
+        version: 2,
+        commit: "c2".into(),
+        subject: "for gw-02".into(),
+        created_at: now() - 60,
+        expires_at: now() + 3600,
+    };
+    let other = dev.dir.path().join("gw-02.bundle");
+    std::fs::write(&other, bundle::build(meta, &state, &[&dev.key], 3)).expect("write");
+    let out = dev.cli(&["apply", other.to_str().expect("utf8")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("wrong_device"), "{stderr}");
+    let status = json_of(&dev.cli(&["status", "--json"]));
+    assert_eq!(status["status"]["state"], "converged", "{status}");
+    assert_eq!(status["status"]["last_error"]["code"], "wrong_device", "{status}");
+    assert_eq!(status["applied"]["version"], 1, "{status}");
+    assert!(status["applied"]["at"].is_i64(), "JSON keeps Unix seconds: {status}");
+    assert_eq!(dev.read("a.conf").as_deref(), Some("one"));
+
+    // Issue 20, point 7: the human view shows times as RFC 3339 UTC with their age.
+    let text = String::from_utf8_lossy(&dev.cli(&["status"]).stdout).into_owned();
+    let applied = text.lines().find(|l| l.starts_with("applied")).unwrap_or_default();
+    let at = applied.split(" at ").nth(1).unwrap_or_default();
+    assert!(at.len() > 20 && at.as_bytes()[10] == b'T' && at[..20].ends_with('Z'), "{text}");
+    assert!(at.ends_with("(just now)") || at.ends_with("s ago)"), "{text}");
+    assert!(text.contains("state     converged"), "{text}");
+}
+
+/// Issue 20, point 5: each event is logged once, under its documented name with its
+/// fields, never as Rust debug text, in JSON logs too; a clean journal's recovery is
+/// not logged at INFO.
+#[test]
+fn events_are_logged_once_by_name_in_json_logs() {
+    let dev = device("log_format = \"json\"");
+    let good = dev.dir.path().join("good.bundle");
+    std::fs::write(&good, dev.bundle(1, &[("a.conf", "one")])).expect("write");
+    let out = Command::new(BIN)
+        .args(["apply", "--config"])
+        .arg(&dev.config)
+        .arg(&good)
+        .env("FLEET_LOG", "info")
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let events: Vec<&serde_json::Value> = lines.iter().filter(|l| l["fields"]["event"].is_string()).collect();
+    let names: Vec<&str> = events.iter().filter_map(|e| e["fields"]["event"].as_str()).collect();
+    assert_eq!(names, ["apply_started", "apply_finished"], "each once:\n{log}");
+    assert_eq!(events[1]["fields"]["version"], 1, "{log}");
+    assert_eq!(events[1]["fields"]["commit"], "commit1", "{log}");
+    assert!(!log.contains("ApplyFinished") && !log.contains("ApplyStarted"), "no Rust debug text:\n{log}");
+    assert!(!log.contains("recovery"), "a clean journal is not news at INFO:\n{log}");
+    assert!(!log.contains("Clean"), "{log}");
 }

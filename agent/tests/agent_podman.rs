@@ -112,7 +112,7 @@ fn the_agent_runs_healthchecks_that_podman_without_systemd_does_not() {
     // writes the file again, and the next check passes.
     let conf = dev.root.join("app/app.conf");
     std::fs::remove_file(&conf).expect("rm app.conf");
-    wait_until(Duration::from_secs(20), "drift repaired", || Ok(dev.log().contains("drift repaired")))
+    wait_until(Duration::from_secs(20), "drift repaired", || Ok(dev.log().contains("drift_repaired")))
         .expect("drift repaired");
     assert_eq!(std::fs::read_to_string(&conf).expect("app.conf is back"), "one");
     assert!(dev.log().contains("health_status: unhealthy"), "{}", dev.log());

@@ -31,7 +31,11 @@ impl<E: Engine> Agent<E> {
         }
         let code = e.code();
         let reason = e.to_string();
-        tracing::error!(digest, code, "apply failed: {reason}");
+        let rolls_back = matches!(self.machine.state(), ApplyState::Applying | ApplyState::AwaitingHealth);
+        if !rolls_back {
+            // A rollback logs the reason itself.
+            tracing::error!(digest, code, reason, "apply failed");
+        }
         match self.machine.state() {
             s if s.is_rest() => {
                 self.set_error(code, &reason);
@@ -101,7 +105,14 @@ impl<E: Engine> Agent<E> {
 
         // 2. Preflight: nothing on the device changes before every check passed.
         if let Some((code, reason)) = self.preflight(&verified.state) {
-            return Ok(self.refuse(&digest, code, reason, true, Some(m.version)));
+            // A root that is a file, a directory where a file goes, a disk error: the
+            // device's own state, which its operator fixes; the bundle is not blamed and
+            // is tried again (from its stored copy). The rest is about the bundle.
+            let permanent = code != "file_write_failed";
+            if !permanent {
+                self.keep_deferred(&digest, bytes)?;
+            }
+            return Ok(self.refuse(&digest, code, reason, permanent, Some(m.version)));
         }
         self.keep_deferred(&digest, bytes)?;
         if let Err(e) = self.ensure_images(&verified.state).await {
@@ -243,7 +254,12 @@ impl<E: Engine> Agent<E> {
         reason: &str,
         blame: bool,
     ) -> Result<Outcome, AgentError> {
-        tracing::warn!(digest = from, code, "rolling back: {reason}");
+        if version.is_some() {
+            // Its `apply_failed` event (below) carries the reason.
+            tracing::warn!(digest = from, code, "rolling back to the last good state");
+        } else {
+            tracing::warn!(digest = from, code, reason, "rolling back to the last good state");
+        }
         let to = self.current.as_ref().map(|c| c.record.digest.clone());
         self.journal.append(&Record::RollbackBegin {
             from: from.to_string(),

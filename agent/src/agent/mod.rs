@@ -86,6 +86,28 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The outcome's name, as `apply --json` and the sideload answer spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Committed { .. } => "committed",
+            Outcome::AlreadyApplied => "already_applied",
+            Outcome::Rejected { .. } => "rejected",
+            Outcome::Deferred { .. } => "deferred",
+            Outcome::RolledBack { .. } => "rolled_back",
+            Outcome::RollbackIncomplete { .. } => "rollback_incomplete",
+        }
+    }
+
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Outcome::Committed { .. } | Outcome::AlreadyApplied => None,
+            Outcome::Rejected { reason, .. }
+            | Outcome::Deferred { reason, .. }
+            | Outcome::RolledBack { reason, .. }
+            | Outcome::RollbackIncomplete { reason, .. } => Some(reason),
+        }
+    }
+
     pub fn code(&self) -> Option<&str> {
         match self {
             Outcome::Committed { .. } | Outcome::AlreadyApplied => None,
@@ -96,6 +118,25 @@ impl Outcome {
         }
     }
 }
+
+/// Refusals caused by the device's own config: its roots, its engine, its policy, a
+/// symlink on its disk; and, from verification, what `agent.toml` says about trust and
+/// identity (a key not yet trusted, a threshold, the device or fleet id, the size
+/// limits). Remembered with a fingerprint of that config, and judged again once it
+/// changes: a device set up with the wrong key or id recovers when the config is fixed.
+/// Every other rejection is about the bytes alone and stays (see `fleet-agent forget`).
+pub const CONFIG_CAUSED: [&str; 10] = [
+    "path_not_allowed",
+    "symlink_escape",
+    "engine_disabled",
+    "policy_denied",
+    "unknown_key",
+    "threshold_not_met",
+    "wrong_fleet",
+    "wrong_device",
+    "payload_too_large",
+    "decompression_bomb",
+];
 
 /// Whether to fetch an announced bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +247,16 @@ impl<E: Engine> Agent<E> {
         let journal = Journal::new(store.journal_path());
         let managed = store.managed()?;
         let last_saved_status = store.last_status()?;
+        // Refusals of another config are forgotten: under this one they are judged
+        // again, and `status` no longer lists them with the old config's reason.
+        let current = config_fingerprint(&cfg);
+        let stale = store.retain_rejected(|r| r.config.as_ref().is_none_or(|c| *c == current))?;
+        if stale > 0 {
+            tracing::info!(
+                forgotten = stale,
+                "the config changed: bundles it refused before will be judged again"
+            );
+        }
         Ok(Agent {
             cfg,
             engine,
@@ -312,7 +363,7 @@ impl<E: Engine> Agent<E> {
     }
 
     fn event(&self, kind: EventKind) {
-        tracing::info!(event = ?kind, "event");
+        log_event(&kind);
         if let Some(tx) = &self.reports {
             let _ =
                 tx.send(Report::Event(Event { device: self.cfg.device.clone(), at: self.clock.now(), kind }));
@@ -368,18 +419,8 @@ impl<E: Engine> Agent<E> {
             .cloned())
     }
 
-    /// A fingerprint of what in the config can refuse a bundle by itself: the allowed
-    /// roots, whether there is an engine, the engine policy.
     fn config_fingerprint(&self) -> String {
-        use sha2::{Digest, Sha256};
-        let what = format!(
-            "{:?}|{}|{:?}|{:?}",
-            self.cfg.allowed_roots,
-            self.cfg.engine_socket.is_some(),
-            self.cfg.engine_policy.policy,
-            self.cfg.engine_policy.config_dir
-        );
-        hex::encode(Sha256::digest(what.as_bytes()))
+        config_fingerprint(&self.cfg)
     }
 
     /// A download of `digest` starts (or, `None`, ends) beside the main loop.
@@ -401,8 +442,6 @@ impl<E: Engine> Agent<E> {
     }
 
     fn reject(&mut self, digest: &str, code: &str, reason: &str, version: Option<u64>) {
-        const CONFIG_CAUSED: [&str; 4] =
-            ["path_not_allowed", "symlink_escape", "engine_disabled", "policy_denied"];
         let config = CONFIG_CAUSED.contains(&code).then(|| self.config_fingerprint());
         let rejection =
             Rejection { code: code.into(), reason: reason.into(), version, at: self.clock.now(), config };
@@ -436,7 +475,9 @@ impl<E: Engine> Agent<E> {
             return Ok(self.refuse(digest, e.code(), e.to_string(), permanent, None));
         }
         let (code, reason) = (e.code(), e.to_string());
-        tracing::warn!(digest, code, "bundle refused (not the desired one; state unchanged): {reason}");
+        if !permanent {
+            tracing::warn!(digest, code, reason, "bundle deferred (not the desired one; state unchanged)");
+        }
         self.set_error(code, &reason);
         let outcome = if permanent {
             self.reject(digest, code, &reason, None);
@@ -456,7 +497,10 @@ impl<E: Engine> Agent<E> {
         permanent: bool,
         version: Option<u64>,
     ) -> Outcome {
-        tracing::warn!(digest, code, "bundle refused: {reason}");
+        if !permanent && version.is_none() {
+            // Otherwise it is logged once, as its `bundle_rejected` or `apply_failed` event.
+            tracing::warn!(digest, code, reason, "bundle deferred");
+        }
         self.set_error(code, &reason);
         if self.machine.state() != ApplyState::Failed {
             let _ = self.on(Command::Refuse);
@@ -470,6 +514,53 @@ impl<E: Engine> Agent<E> {
             }
             self.publish_status();
             Outcome::Deferred { code: code.into(), reason }
+        }
+    }
+}
+
+/// A fingerprint of what in the config can refuse a bundle by itself: the allowed
+/// roots, whether there is an engine, the engine policy, the trusted keys and threshold,
+/// the device and fleet ids, the size limits.
+pub fn config_fingerprint(cfg: &Config) -> String {
+    use sha2::{Digest, Sha256};
+    let keys: Vec<String> = cfg.trusted.keys().iter().map(|k| k.id().to_string()).collect();
+    let what = format!(
+        "{:?}|{}|{:?}|{:?}|{:?}|{}|{}|{}|{:?}",
+        cfg.allowed_roots,
+        cfg.engine_socket.is_some(),
+        cfg.engine_policy.policy,
+        cfg.engine_policy.config_dir,
+        keys,
+        cfg.trusted.threshold(),
+        cfg.device,
+        cfg.fleet,
+        cfg.limits,
+    );
+    hex::encode(Sha256::digest(what.as_bytes()))
+}
+
+/// Logs an event once, at INFO, under its documented name (`fleet-spec/MESSAGES.md`) with
+/// its fields: `bundle_rejected digest=... code=... reason=...`, the same in JSON logs.
+fn log_event(kind: &EventKind) {
+    match kind {
+        EventKind::BundleRejected { digest, code, reason } => {
+            tracing::info!(event = "bundle_rejected", digest, code, reason, "bundle_rejected")
+        }
+        EventKind::ApplyStarted { version, commit } => {
+            tracing::info!(event = "apply_started", version, commit, "apply_started")
+        }
+        EventKind::ApplyFinished { version, commit } => {
+            tracing::info!(event = "apply_finished", version, commit, "apply_finished")
+        }
+        EventKind::ApplyFailed { version, code, reason } => {
+            tracing::info!(event = "apply_failed", version, code, reason, "apply_failed")
+        }
+        EventKind::RolledBack { from_version, to_version, reason } => {
+            tracing::info!(event = "rolled_back", from_version, to_version, reason, "rolled_back")
+        }
+        EventKind::DriftRepaired { kind, name } => {
+            let kind = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string));
+            tracing::info!(event = "drift_repaired", kind, name, "drift_repaired")
         }
     }
 }

@@ -39,7 +39,6 @@ impl<E: Engine> Agent<E> {
             if matches!(kind, DriftKind::FileChanged | DriftKind::FileMissing) {
                 self.file_drift_repaired += 1;
             }
-            tracing::info!(?kind, name, "drift repaired");
             self.event(EventKind::DriftRepaired { kind: *kind, name: name.clone() });
         }
         if was_down && self.last_error.as_ref().is_some_and(|e| e.code == "engine_unavailable") {

@@ -22,7 +22,12 @@ impl<E: Engine> Agent<E> {
         }
         let records = self.journal.open()?;
         let decision = journal::decide(&records);
-        tracing::info!(?decision, records = records.len(), "recovery");
+        // The clean case (every start, every `apply`) is not news.
+        if matches!(decision, Recovery::Clean) {
+            tracing::debug!(records = records.len(), "recovery: journal clean");
+        } else {
+            tracing::info!(?decision, records = records.len(), "recovery");
+        }
         let outcome = match decision {
             Recovery::Clean => {
                 self.journal.reset()?;

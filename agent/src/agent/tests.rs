@@ -572,6 +572,7 @@ async fn a_policy_refusal_is_judged_again_under_a_config_that_allows_it() {
     let mut h = h;
     h.cfg.engine_policy.policy.allow_privileged = true;
     let (mut agent, _rx) = h.agent();
+    assert!(agent.store().rejected().expect("rejected").is_empty(), "forgotten under the new config");
     agent.recover().await.expect("recover");
     assert_eq!(agent.apply_bundle(&bytes).await.expect("allowed now"), Outcome::Committed { version: 2 });
 }
@@ -1218,4 +1219,40 @@ fn a_signed_stop_grace_period_cannot_hold_the_agent_for_hours() {
     spec.options.stop_timeout_s = Some(u64::MAX);
     assert_eq!(super::converge::stop_grace_secs(Some(&spec), 10), 15 * 60);
     assert_eq!(super::converge::stop_grace_secs(None, 7), 7);
+
+/// Issue 20, point 3: a preflight refusal that comes from the device's disk (its root is
+/// a file) is not the bundle's fault: deferred, not rejected, and the same bundle applies
+/// once the disk is fixed.
+#[tokio::test(start_paused = true)]
+async fn a_root_that_is_not_a_directory_defers_the_bundle_and_the_fix_lets_it_apply() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    std::fs::remove_dir(&h.root).expect("rm root");
+    std::fs::write(&h.root, b"a file where the root should be").expect("plant a file");
+    let bytes = h.bundle(1, &state(vec![h.file("app/a.conf", "a1")], vec![]));
+    let outcome = agent.apply_bundle(&bytes).await.expect("settled");
+    assert!(matches!(&outcome, Outcome::Deferred { code, .. } if code == "file_write_failed"), "{outcome:?}");
+    assert!(agent.store().rejected().expect("rejected").is_empty(), "the bundle is not to blame");
+    std::fs::remove_file(&h.root).expect("rm");
+    std::fs::create_dir(&h.root).expect("mkdir");
+    assert_eq!(agent.apply_bundle(&bytes).await.expect("retry"), Outcome::Committed { version: 1 });
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a1"));
+}
+
+/// `apply --json` prints `Outcome::name`: the same names as the sideload answer's tag.
+#[test]
+fn outcome_names_are_the_serialized_tags() {
+    let all = [
+        Outcome::Committed { version: 1 },
+        Outcome::AlreadyApplied,
+        Outcome::Rejected { code: "c".into(), reason: "r".into() },
+        Outcome::Deferred { code: "c".into(), reason: "r".into() },
+        Outcome::RolledBack { code: "c".into(), reason: "r".into() },
+        Outcome::RollbackIncomplete { code: "c".into(), reason: "r".into() },
+    ];
+    for o in all {
+        let json = serde_json::to_value(&o).expect("serializes");
+        assert_eq!(json["outcome"], o.name(), "{json}");
+    }
 }
