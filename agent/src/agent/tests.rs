@@ -1219,6 +1219,7 @@ fn a_signed_stop_grace_period_cannot_hold_the_agent_for_hours() {
     spec.options.stop_timeout_s = Some(u64::MAX);
     assert_eq!(super::converge::stop_grace_secs(Some(&spec), 10), 15 * 60);
     assert_eq!(super::converge::stop_grace_secs(None, 7), 7);
+}
 
 /// Issue 20, point 3: a preflight refusal that comes from the device's disk (its root is
 /// a file) is not the bundle's fault: deferred, not rejected, and the same bundle applies
