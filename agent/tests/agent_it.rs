@@ -23,7 +23,7 @@ use fleet_spec::model::{DesiredState, ManagedFile};
 // Only `BIN` and `now` are used here; the rest serves the engine tests.
 #[allow(dead_code)]
 mod common;
-use common::{now, BIN};
+use common::{now, set_allowed_roots, BIN};
 
 /// A child process killed (by its PID) when dropped.
 struct Proc(Child);
@@ -783,23 +783,6 @@ fn a_bundle_retained_on_mqtt_is_applied() {
     assert_eq!(dev.read("blob.conf").as_deref(), Some("via mqtt"));
 }
 
-/// Replaces `agent.toml`'s `allowed_roots` line.
-fn set_roots(dev: &Device, roots: &[&std::path::Path]) {
-    let list: Vec<String> = roots.iter().map(|r| format!("{:?}", r.display().to_string())).collect();
-    let text = std::fs::read_to_string(&dev.config).expect("read");
-    let text: String = text
-        .lines()
-        .map(|l| {
-            if l.starts_with("allowed_roots") {
-                format!("allowed_roots = [{}]\n", list.join(", "))
-            } else {
-                format!("{l}\n")
-            }
-        })
-        .collect();
-    std::fs::write(&dev.config, text).expect("write");
-}
-
 fn json_of(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -849,7 +832,7 @@ fn a_config_caused_refusal_is_judged_again_once_the_config_allows_it() {
 
     let digest_two = json["digest"].as_str().unwrap_or_default().to_string();
     assert!(json_of(&dev.cli(&["status", "--json"]))["rejected"].get(&digest_two).is_some());
-    set_roots(&dev, &[&dev.root, &extra]);
+    set_allowed_roots(&dev.config, &[&dev.root, &extra]);
     let status = json_of(&dev.cli(&["status", "--json"]));
     assert!(
         status["rejected"].get(&digest_two).is_none(),
@@ -871,7 +854,7 @@ fn a_config_caused_refusal_is_judged_again_once_the_config_allows_it() {
         vec![(format!("/bundles/{digest}.bundle"), three), ("/devices/gw-01.json".into(), pointer)],
         false,
     );
-    set_roots(&dev, &[&dev.root]);
+    set_allowed_roots(&dev.config, &[&dev.root]);
     let text = std::fs::read_to_string(&dev.config).expect("read").replace(
         "[trust]",
         &format!("[fetch]\nbase_url = \"http://127.0.0.1:{}/\"\npoll_interval_secs = 5\n[trust]", http.port),
@@ -888,7 +871,7 @@ fn a_config_caused_refusal_is_judged_again_once_the_config_allows_it() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(agent);
-    set_roots(&dev, &[&dev.root, &extra]);
+    set_allowed_roots(&dev.config, &[&dev.root, &extra]);
     let _agent = dev.run();
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(extra.join("x.conf")).ok().as_deref() != Some("three") {

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_fleet-agent");
+mod common;
+use common::{set_allowed_roots, BIN};
+
 const KEY: &str = "fleet-ed25519-public:d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
 const PEM_WRAPPED_GARBAGE: &str =
     "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQ==\n-----END CERTIFICATE-----\n";
@@ -38,23 +40,6 @@ impl Device {
         let config = etc.join("agent.toml");
         std::fs::write(&config, text).expect("write config");
         Device { dir, config }
-    }
-
-    /// Replaces the `allowed_roots` line.
-    fn set_roots(&self, roots: &[&Path]) {
-        let list: Vec<String> = roots.iter().map(|r| format!("{:?}", r.display().to_string())).collect();
-        let toml: String = std::fs::read_to_string(&self.config)
-            .expect("read")
-            .lines()
-            .map(|l| {
-                if l.starts_with("allowed_roots") {
-                    format!("allowed_roots = [{}]\n", list.join(", "))
-                } else {
-                    format!("{l}\n")
-                }
-            })
-            .collect();
-        std::fs::write(&self.config, toml).expect("write");
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -236,7 +221,7 @@ fn check_config_and_run_refuse_an_allowed_root_containing_the_state_dir() {
     let dev = Device::new("");
     // The device's directory as the root: it holds state/ (and etc/).
     let (root, state) = (dev.dir.path().to_path_buf(), dev.path("state"));
-    dev.set_roots(&[&root]);
+    set_allowed_roots(&dev.config, &[&root]);
     let check = dev.check_config();
     assert_refused(&check, "allowed_roots[0]", &[&root, &state]);
     let run = dev.run_expecting_exit();
@@ -249,14 +234,14 @@ fn check_config_and_run_refuse_an_allowed_root_containing_the_state_dir() {
 fn check_config_refuses_an_allowed_root_that_holds_agent_toml() {
     let dev = Device::new("");
     let etc = dev.path("etc");
-    dev.set_roots(&[&dev.path("root"), &etc]);
+    set_allowed_roots(&dev.config, &[&dev.path("root"), &etc]);
     assert_refused(&dev.check_config(), "allowed_roots[1]", &[&etc]);
 }
 
 #[test]
 fn check_config_accepts_roots_beside_the_state_and_config_dirs() {
     let dev = Device::new("");
-    dev.set_roots(&[&dev.path("root"), &dev.path("state2"), &dev.path("etc2")]);
+    set_allowed_roots(&dev.config, &[&dev.path("root"), &dev.path("state2"), &dev.path("etc2")]);
     let out = dev.check_config();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }

@@ -3,7 +3,8 @@
 //! root in a temp dir; signed bundles; `fleet-agent apply` and `run`), the app both
 //! deploy ([`Device::app`]), and what the engine's API says about a container
 //! ([`health`], [`spec_hash`], [`label`]). The engines themselves come from the
-//! fleet-e2e harness. `agent_it.rs` uses only [`BIN`] and [`now`].
+//! fleet-e2e harness. `agent_it.rs` and `config_cli.rs` use only [`BIN`], [`now`] and
+//! [`set_allowed_roots`].
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -19,6 +20,21 @@ use fleet_spec::model::{
 use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_fleet-agent");
+
+/// Replaces the `allowed_roots = [...]` line of the `agent.toml` at `config`.
+#[allow(dead_code)] // the engine tests do not change roots
+pub fn set_allowed_roots(config: &Path, roots: &[&Path]) {
+    let list: Vec<String> = roots.iter().map(|r| format!("{:?}", r.display().to_string())).collect();
+    let toml: String = std::fs::read_to_string(config)
+        .expect("read agent.toml")
+        .lines()
+        .map(|l| match l.starts_with("allowed_roots") {
+            true => format!("allowed_roots = [{}]\n", list.join(", ")),
+            false => format!("{l}\n"),
+        })
+        .collect();
+    std::fs::write(config, toml).expect("write agent.toml");
+}
 
 /// Seconds since the Unix epoch (bundle validity windows).
 pub fn now() -> i64 {
