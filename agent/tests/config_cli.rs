@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(dead_code)] // uses only BIN and set_allowed_roots of the shared helpers
 mod common;
 use common::{set_allowed_roots, BIN};
 
