@@ -20,14 +20,19 @@
 # Rust (`cargo +debian`) compiles std from source for the musl target (-Z build-std), and
 # the C code inside the bundler's dependencies (ring for rustls, zstd-sys for zstd) is
 # compiled by cc-rs with the musl `cc` wrapper that cross/common.sh (musl_toolchain)
-# writes: no other C toolchain, nothing downloaded but LLVM's libunwind .deb. The
-# bundler's release profile is the workspace's with opt-level 3 (Cargo.toml: it runs on
-# big CI machines, where speed matters more than size).
+# writes: no other C toolchain, nothing downloaded but LLVM's libunwind .deb.
+#
+# Profile: the workspace's release profile (the bundler at opt-level 3, Cargo.toml) with
+# thin LTO and 16 codegen units instead of fat LTO and one: fat LTO of the bundler runs
+# on one core for about 6 of the 10 minutes a target takes from clean on a 2-core CI
+# machine (docs/ci.md, "Building a release"). --full-lto builds with the workspace's
+# profile as it is (for a tagged release, when build time does not matter).
 #
 # Each binary is checked: no program interpreter (static), the right ELF machine, and
 # `--version` prints "fleet-bundler <workspace version>" (aarch64 under
 # qemu-aarch64-static). Exit status 0 only when every target built and passed.
-# Options: --targets LIST, --no-build, --unlocked (do not pass --locked), -h/--help.
+# Options: --targets LIST, --no-build, --full-lto, --unlocked (do not pass --locked),
+# -h/--help.
 set -euo pipefail
 
 CROSS_SCRIPT=release
@@ -40,6 +45,7 @@ BUNDLER_PKG=fleet-bundler
 BUNDLER_BIN=fleet-bundler
 TARGETS_ARG="x86_64,aarch64"
 BUILD=1
+FULL_LTO=0
 LOCKED=(--locked)
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -54,6 +60,10 @@ while [ $# -gt 0 ]; do
             ;;
         --no-build)
             BUILD=0
+            shift
+            ;;
+        --full-lto)
+            FULL_LTO=1
             shift
             ;;
         --unlocked)
@@ -102,7 +112,7 @@ SIZES_TSV="$DIST_DIR/fleet-bundler-sizes.tsv"
 printf 'target\tbytes\tmib\tbuild_secs\n' >"$SIZES_TSV.tmp"
 for triple in "${TRIPLES[@]}"; do
     out="$DIST_DIR/$BUNDLER_BIN-$triple"
-    secs=-
+    secs="-"
     if [ "$BUILD" = 1 ]; then
         # A binary from an earlier run must not be released as this run's.
         rm -f "$out"
@@ -112,6 +122,9 @@ for triple in "${TRIPLES[@]}"; do
         if ! (
             env_lines="$(cross_env_lines "$triple")" || exit 1
             eval "$env_lines"
+            if [ "$FULL_LTO" = 0 ]; then
+                export CARGO_PROFILE_RELEASE_LTO=thin CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
+            fi
             exec "${CARGO_CMD[@]}" build --release "${LOCKED[@]}" --target "$triple" \
                 -p "$BUNDLER_PKG" --bin "$BUNDLER_BIN"
         ); then
@@ -155,7 +168,9 @@ for triple in "${TRIPLES[@]}"; do
         continue
     fi
     bytes=$(stat -c %s "$out")
-    ROWS+=("$(printf '%-28s static  %10s  %6s MiB  %5ss  %s' "$triple" "$bytes" "$(mib "$bytes")" "$secs" "$out")")
+    took="$secs"
+    [ "$secs" = - ] || took="${secs}s"
+    ROWS+=("$(printf '%-28s static  %10s  %6s MiB  %6s  %s' "$triple" "$bytes" "$(mib "$bytes")" "$took" "$out")")
     printf '%s\t%s\t%s\t%s\n' "$triple" "$bytes" "$(mib "$bytes")" "$secs" >>"$SIZES_TSV.tmp"
 done
 mv -f "$SIZES_TSV.tmp" "$SIZES_TSV"
@@ -176,7 +191,8 @@ done
 (cd "$DIST_DIR" && sha256sum -- "${NAMES[@]}" >fleet-bundler-SHA256SUMS.tmp && mv -f fleet-bundler-SHA256SUMS.tmp fleet-bundler-SHA256SUMS)
 
 echo
-echo "fleet-bundler $VERSION: stripped static musl release binaries (opt-level 3, fat LTO, panic abort)"
+if [ "$FULL_LTO" = 1 ]; then lto="fat LTO, 1 codegen unit"; else lto="thin LTO, 16 codegen units"; fi
+echo "fleet-bundler $VERSION: stripped static musl release binaries (opt-level 3, $lto, panic abort)"
 printf '%-28s %-7s %10s  %10s  %6s  %s\n' target linkage bytes size build file
 for row in "${ROWS[@]}"; do
     echo "$row"
