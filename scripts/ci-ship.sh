@@ -9,9 +9,9 @@
 #                         saved to dist/fleet-bundler-image-<version>-amd64.tar.gz
 #   3. installers         dist/ served over a loopback HTTP server (python3 -m http.server);
 #                         scripts/install-fleet-bundler.sh installs from it with curl, with
-#                         busybox alone (sh + wget, as on Alpine) and for aarch64 (run under
-#                         qemu); a tampered binary, a wrong --sha256 pin and a missing version
-#                         must fail and install nothing. The run step of the GitHub action
+#                         GNU wget, with busybox alone (sh + wget, as on Alpine) and for
+#                         aarch64 (run under qemu); a tampered binary, a wrong --sha256 pin
+#                         and a missing version must fail and install nothing. The run step of the GitHub action
 #                         (ci/github/setup-fleet-bundler/action.yml) and the before_script of
 #                         the GitLab template (ci/gitlab/fleet-bundler.yml) run as written,
 #                         against the same server
@@ -201,6 +201,14 @@ install_tests() {
     done
     expect_install "busybox sh + wget (no curl): $v" 0 "$T/i4" "" -- \
         env PATH="$bb" sh "$inst" "$v" --base-url "$URL" --dir "$T/i4"
+
+    # GNU wget (and coreutils, dash), no curl: a Debian image without curl.
+    mkdir -p "$T/gnu-bin"
+    for c in sh wget sha256sum awk mktemp uname tr rm mkdir cp mv chmod cat sed tail dirname; do
+        ln -sf "$(command -v "$c")" "$T/gnu-bin/$c"
+    done
+    expect_install "GNU wget (no curl): $v" 0 "$T/i5" "" -- \
+        env PATH="$T/gnu-bin" sh "$inst" "$v" --base-url "$URL" --dir "$T/i5"
 
     expect_install "tampered binary" 1 "$T/f1" "checksum mismatch for [^ ]*" -- \
         sh "$inst" 0.0.0-tampered --base-url "$URL" --dir "$T/f1"

@@ -107,7 +107,14 @@ fi
 if command -v curl >/dev/null 2>&1; then
     fetch() { curl -fsSL --retry 3 --connect-timeout 20 -o "$2" "$1"; }
 elif command -v wget >/dev/null 2>&1; then
-    fetch() { wget -q -T 20 -t 3 -O "$2" "$1"; }
+    # GNU wget, or busybox's: Debian's busybox 1.35 wget has no -T and crashes on it.
+    case "$(wget --help 2>&1)" in
+        *--tries*) wget_opts="-q -T 20 -t 3" ;;
+        *"-T SEC"*) wget_opts="-q -T 20" ;;
+        *) wget_opts="-q" ;;
+    esac
+    # shellcheck disable=SC2086 # wget_opts is a list of options
+    fetch() { wget $wget_opts -O "$2" "$1"; }
 else
     die "neither curl nor wget is installed"
 fi

