@@ -1,5 +1,6 @@
 # shellcheck shell=bash disable=SC2034 # variables here are used by the scripts that source this
-# Shared by cross/build.sh, cross/package.sh and cross/qemu-smoke.sh (sourced, not run).
+# Shared by cross/build.sh, package.sh, qemu-smoke.sh, release.sh and bundler-image.sh
+# (sourced, not run).
 #
 # One table of the targets the agent ships for, the environment each needs for a
 # static cross build, and small helpers. Everything here is a function or a constant:

@@ -114,7 +114,7 @@ Comment:
  (Apache-2.0 WITH LLVM-exception), the Rust standard library (MIT OR Apache-2.0) and
  the Rust crates pinned in the source's Cargo.lock, under their own permissive
  licenses (MIT, Apache-2.0, ISC, BSD, Unicode-3.0, Zlib, CDLA-Permissive-2.0; ring:
- Apache-2.0 AND ISC); `cargo metadata` in the source lists them per crate.
+ Apache-2.0 AND ISC); \`cargo metadata\` in the source lists them per crate.
 EOF
 }
 

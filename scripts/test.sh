@@ -61,6 +61,9 @@ else
     echo "armv7 was not built (the reason is in the table above): its packages are not checked"
 fi
 
+step "ship the bundler to CI: static x86_64 + aarch64 release binaries and checksums, the OCI image, the installer, action and GitLab template (from a loopback server), pipeline syntax"
+bash scripts/ci-ship.sh
+
 step "cargo test (unit, integration, end-to-end on real components)"
 cargo test --workspace --locked --no-fail-fast
 
