@@ -465,7 +465,7 @@ fn delete_stale_pointers(dir: &Path, index: &Index) -> Result<Vec<String>, Build
         return Ok(Vec::new());
     }
     let mut deleted = Vec::new();
-    for file in std::fs::read_dir(&dir).map_err(io)? {
+    for file in std::fs::read_dir(dir).map_err(io)? {
         let file = file.map_err(io)?;
         let name = file.file_name();
         let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else { continue };
