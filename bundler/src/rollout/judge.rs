@@ -156,7 +156,7 @@ impl Target {
             .map(|(i, w)| {
                 let mut ids: Vec<&String> =
                     plan.devices.iter().filter(|(_, wave)| **wave == i).map(|(id, _)| id).collect();
-                ids.sort_by_key(|id| device_hash(fleet, id));
+                ids.sort_by_cached_key(|id| device_hash(fleet, id));
                 let interval_ms = r
                     .pace
                     .devices_per_minute
