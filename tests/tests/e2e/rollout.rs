@@ -340,6 +340,29 @@ fn a_rollout_whose_second_wave_fails_halts_and_the_third_wave_never_sees_the_bun
     let again = s.rollout_cmd(&[])?.output()?;
     assert_eq!(again.status.code(), Some(3), "{}", String::from_utf8_lossy(&again.stderr));
 
+    // Given up on: aborted (the abort itself exits 0); a later run says so (6).
+    let mut abort = Command::new(workspace_bin("fleet-bundler")?);
+    abort.args([
+        "rollout",
+        "--abort",
+        "--broker",
+        &s.broker.url(),
+        "--fleet",
+        "halting",
+        "--reason",
+        "bad release",
+    ]);
+    let aborted = abort.env_remove("FLEET_BROKER").output()?;
+    assert_eq!(aborted.status.code(), Some(0), "{}", String::from_utf8_lossy(&aborted.stderr));
+    let state = s.broker.client().retained("fleet/halting/rollout")?.context("a retained state")?;
+    let state: Value = serde_json::from_str(&state)?;
+    assert_eq!(
+        (state["state"].as_str(), state["reason"].as_str()),
+        (Some("aborted"), Some("aborted: bad release"))
+    );
+    let again = s.rollout_cmd(&[])?.output()?;
+    assert_eq!(again.status.code(), Some(6), "{}", String::from_utf8_lossy(&again.stderr));
+
     // Wave 3: a few poll intervals later, no announcement, no pointer file moved, old bundle.
     std::thread::sleep(Duration::from_secs(6));
     let messages = s.all.messages();
