@@ -366,6 +366,7 @@ pub fn step(
     // 3. Release, then announce what is due.
     if state.waves[w].started_at.is_none() {
         state.waves[w].started_at = Some(now_s);
+        state.waves[w].pending = state.waves[w].devices;
         effects.push(Effect::Release(w));
     }
     let ws = &mut state.waves[w];
@@ -392,6 +393,7 @@ pub fn step(
             } else {
                 state.wave = w + 1;
                 state.waves[w + 1].started_at = Some(now_s);
+                state.waves[w + 1].pending = state.waves[w + 1].devices;
                 effects.push(Effect::Release(w + 1));
             }
         }
