@@ -17,6 +17,7 @@ use fleet_spec::{PublicKey, SigningKey};
 use fleet_bundler::build::{self, BuildOptions};
 use fleet_bundler::diag::{self, Diagnostic};
 use fleet_bundler::registry::{self, Registry};
+use fleet_bundler::rollout::drive;
 use fleet_bundler::{exporter, mqtt, plan, previous, render, repo, timefmt};
 
 mod cli;
@@ -57,6 +58,45 @@ fn main() -> ExitCode {
             ExitCode::from(exit::FAILURE)
         }
     }
+}
+
+fn rollout_cmd(args: &drive::RolloutArgs) -> anyhow::Result<u8> {
+    let (outcome, state) = drive::run(args).map_err(usage_exit)?;
+    if let Some(state) = &state {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(state)?);
+        }
+        let reason = state.reason.as_deref().unwrap_or("no reason given");
+        match outcome {
+            drive::Outcome::Done => eprintln!("the rollout of commit {} is done: every wave soaked", short(&state.commit)),
+            drive::Outcome::Halted => eprintln!(
+                "the rollout of commit {} halted at wave {} ({reason}): no further device gets it; devices that updated \
+                 stay, failed ones rolled back by themselves. Fix the cause and build a new commit: its rollout supersedes \
+                 this one",
+                short(&state.commit),
+                state.wave + 1
+            ),
+            drive::Outcome::Aborted if args.abort => {
+                eprintln!("the rollout of commit {} is aborted: a running `fleet-bundler rollout` stops", short(&state.commit))
+            }
+            drive::Outcome::Aborted => eprintln!(
+                "the rollout of commit {} was aborted ({reason}): nothing more is released; build a new commit to roll out again",
+                short(&state.commit)
+            ),
+            drive::Outcome::Running => eprintln!(
+                "the rollout of commit {} is still running (wave {}): run `fleet-bundler rollout` again to continue",
+                short(&state.commit),
+                state.wave + 1
+            ),
+        }
+    }
+    Ok(match outcome {
+        drive::Outcome::Done => exit::OK,
+        drive::Outcome::Aborted if args.abort => exit::OK,
+        drive::Outcome::Aborted => exit::ABORTED,
+        drive::Outcome::Halted => exit::DEVICE_FAILED,
+        drive::Outcome::Running => exit::TIMEOUT,
+    })
 }
 
 /// The error and its causes, `: `-separated like `{:#}`, but a cause whose text the
@@ -116,6 +156,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             })
         }
         Command::Exporter(args) => export(&args),
+        Command::Rollout(args) => rollout_cmd(&args),
     }
 }
 
