@@ -596,6 +596,7 @@ mod tests {
             containers: Vec::new(),
             files: FileCounts::default(),
             last_error: None,
+            waiting: None,
             timestamp: 1_700_000_000,
         }
     }

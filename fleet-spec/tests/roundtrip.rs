@@ -229,6 +229,7 @@ fn device_state() -> impl Strategy<Value = DeviceState> {
         Just(DeviceState::Failed),
         Just(DeviceState::RolledBack),
         Just(DeviceState::Degraded),
+        Just(DeviceState::Waiting),
     ]
 }
 
@@ -268,6 +269,7 @@ fn status() -> impl Strategy<Value = StatusReport> {
                         .collect(),
                     files: FileCounts { managed: files.0, drift_repaired: files.1 },
                     last_error: err.map(|(code, message, at)| LastError { code, message, at }),
+                    waiting: None,
                     timestamp,
                 }
             },
