@@ -58,6 +58,9 @@ pub const HEALTH_SETTLE: Duration = Duration::from_secs(5);
 const HEALTHCHECK_RETRY: Duration = Duration::from_secs(10);
 
 /// What the agent tells the world.
+// A few hundred bytes per message on a channel that holds a handful: boxing the status
+// would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Report {
     Status(StatusReport),

@@ -102,6 +102,7 @@ impl Device {
             }],
             networks: vec![NetworkSpec { name: "app_default".into(), ..Default::default() }],
             volumes: vec![],
+            maintenance: Default::default(),
         };
         state.canonicalize();
         state

@@ -51,7 +51,9 @@ fn a_maintenance_window_holds_an_apply_until_it_opens() -> Result<()> {
     let (zone, from, to) = window_opening_at(opens);
     fleet_yaml(
         &fleet,
-        &format!("maintenance:\n  windows:\n    - from: \"{from}\"\n      to: \"{to}\"\n  timezone: \"{zone}\"\n"),
+        &format!(
+            "maintenance:\n  windows:\n    - from: \"{from}\"\n      to: \"{to}\"\n  timezone: \"{zone}\"\n"
+        ),
     )?;
     files_app(&fleet, "app", None, &[("files/app.conf", "v=2\n")])?;
     let v2 = ship(&mut fleet, &broker, "v2 in the window")?;
