@@ -199,6 +199,35 @@ impl Settings {
     }
 }
 
+/// A schedule in one line, for `plan`: `any time`, or its windows, zone and bound,
+/// e.g. `mon,tue 22:00-02:00 (Europe/Berlin), update lock at most 6h`.
+pub fn describe(m: &Maintenance) -> String {
+    let hm = |min: u16| format!("{:02}:{:02}", min / 60, min % 60);
+    let mut out = if m.windows.is_empty() {
+        "any time".to_string()
+    } else {
+        let windows: Vec<String> = m
+            .windows
+            .iter()
+            .map(|w| {
+                let days: Vec<&str> = DAY_NAMES
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| w.on_day(*i as u32))
+                    .map(|(_, d)| *d)
+                    .collect();
+                let days = if w.days & EVERY_DAY == EVERY_DAY { "daily".to_string() } else { days.join(",") };
+                format!("{days} {}-{}", hm(w.from_min), hm(w.to_min))
+            })
+            .collect();
+        format!("{} ({})", windows.join("; "), m.timezone)
+    };
+    if let Some(s) = m.max_deferral_s {
+        out.push_str(&format!(", update lock at most {s}s"));
+    }
+    out
+}
+
 /// `mon`, `monday`, a range `mon-fri` (may wrap: `sat-mon`) → bits.
 fn parse_days(text: &str) -> Result<u8, String> {
     let day = |s: &str| {
@@ -406,5 +435,7 @@ mod tests {
         assert_eq!(m.tz_rule, "UTC0", "windows without a zone are UTC");
         let none = Settings::default().resolve("d", &BTreeMap::new()).expect("resolves");
         assert_eq!(none, Maintenance::default(), "nothing set: the bundle stays in its old format");
+        assert_eq!(describe(&none), "any time");
+        assert_eq!(describe(&m), "daily 01:00-02:00 (UTC), update lock at most 7200s");
     }
 }
