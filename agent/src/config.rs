@@ -89,6 +89,15 @@ pub struct RawConfig {
     pub trust: RawTrust,
     pub fetch: Option<RawFetch>,
     pub engine: Option<RawEngine>,
+    pub updates: Option<RawUpdates>,
+}
+
+/// `[updates]`: the apps' update lock.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpdates {
+    pub lock_dir: Option<PathBuf>,
+    pub max_deferral_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -247,7 +256,21 @@ pub struct Config {
     pub registry_auth: Vec<RegistryAuth>,
     pub stop_grace_secs: u32,
     pub engine_policy: EnginePolicyConfig,
+    pub updates: UpdatesConfig,
 }
+
+/// `[updates]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdatesConfig {
+    /// While any entry exists in this directory, applies wait (within a maintenance
+    /// window) up to the maximum deferral. Default `<state_dir>/locks`.
+    pub lock_dir: PathBuf,
+    /// The longest an update lock may hold an apply back; also caps what a bundle asks
+    /// (`update_lock.max_deferral`). Default 24 hours.
+    pub max_deferral: Duration,
+}
+
+pub const DEFAULT_MAX_DEFERRAL_SECS: u64 = 24 * 3600;
 
 pub const DEFAULT_ENGINE_SOCKET: &str = "/var/run/docker.sock";
 pub const DEFAULT_MAX_BUNDLE: u64 = 64 << 20;
@@ -377,6 +400,21 @@ impl Config {
         let reconcile_interval = secs(e, "reconcile_interval_secs", raw.reconcile_interval_secs, 60, 1);
         let health_timeout = secs(e, "health_timeout_secs", raw.health_timeout_secs, 60, 1);
         let status_min_interval = Duration::from_millis(raw.status_min_interval_ms.unwrap_or(1000));
+        let raw_updates = raw.updates.unwrap_or_default();
+        let lock_dir = raw_updates.lock_dir.unwrap_or_else(|| raw.state_dir.join("locks"));
+        if !lock_dir.is_absolute() {
+            e.push(key_err("updates.lock_dir", "must be an absolute path, e.g. \"/run/fleet-agent/locks\""));
+        }
+        let updates = UpdatesConfig {
+            lock_dir,
+            max_deferral: secs(
+                e,
+                "updates.max_deferral_secs",
+                raw_updates.max_deferral_secs,
+                DEFAULT_MAX_DEFERRAL_SECS,
+                0,
+            ),
+        };
 
         let mqtt = match raw.mqtt {
             Some(m) => take_all(e, mqtt_config(m, &raw.device, base)),
@@ -493,6 +531,7 @@ impl Config {
             registry_auth,
             stop_grace_secs: engine.stop_grace_secs.unwrap_or(10),
             engine_policy,
+            updates,
         })
     }
 
@@ -875,7 +914,9 @@ mod schema {
         Field("trust", Table(TRUST), true),
         Field("fetch", Table(FETCH), false),
         Field("engine", Table(ENGINE), false),
+        Field("updates", Table(UPDATES), false),
     ];
+    const UPDATES: &[Field] = &[Field("lock_dir", Str, false), Field("max_deferral_secs", Int, false)];
     const MQTT: &[Field] = &[
         Field("url", Str, true),
         Field("client_id", Str, false),

@@ -32,6 +32,7 @@ pub mod engines;
 pub mod fetch;
 pub mod files;
 pub mod journal;
+pub mod lockdir;
 pub mod mqtt;
 pub mod notify;
 pub mod originals;

@@ -173,7 +173,7 @@ async fn apply(cfg: Config, bundle: &Path, json: bool, retry: bool) -> u8 {
         let reason = format!("recovery before applying failed: {e}");
         return fail(json, Some(&digest), e.code(), &reason, exit::FAILURE);
     }
-    match agent.apply_bundle(&bytes).await {
+    match agent.apply_bundle_now(&bytes).await {
         Ok(outcome) => {
             let version = agent.store().applied().ok().flatten().map(|a| a.version);
             report_outcome(&outcome, &digest, version, json)
@@ -226,7 +226,8 @@ fn report_outcome(outcome: &Outcome, digest: &str, version: Option<u64>, json: b
         Outcome::Committed { .. } | Outcome::AlreadyApplied => exit::OK,
         Outcome::Rejected { .. } => exit::REJECTED,
         Outcome::Deferred { code, .. } if code == "engine_unavailable" => exit::UNAVAILABLE,
-        Outcome::Deferred { .. } => exit::TEMPFAIL,
+        // A sideload applies at once; only the daemon's own fetches wait.
+        Outcome::Deferred { .. } | Outcome::Waiting { .. } => exit::TEMPFAIL,
         Outcome::RolledBack { .. } | Outcome::RollbackIncomplete { .. } => exit::FAILURE,
     };
     if json {
@@ -266,6 +267,11 @@ fn report_outcome(outcome: &Outcome, digest: &str, version: Option<u64>, json: b
         Outcome::Deferred { code, reason } => {
             eprintln!("fleet-agent: not applied ({code}): {reason}; nothing was changed, try again")
         }
+        Outcome::Waiting { .. } => eprintln!(
+            "fleet-agent: verified, waiting ({}): {}; applied by the agent when the wait ends",
+            outcome.code().unwrap_or_default(),
+            outcome.reason().unwrap_or_default()
+        ),
         Outcome::RolledBack { code, reason } => eprintln!(
             "fleet-agent: the bundle was applied but failed ({code}): {reason}; rolled back to the last good state"
         ),

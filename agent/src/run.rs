@@ -133,6 +133,10 @@ pub async fn run<E: Engine>(
     let store = Store::new(&cfg.state_dir);
     store.create()?;
     let _lock = store.lock()?;
+    // Where apps put their update locks (bind-mounted into their containers).
+    if let Err(e) = crate::lockdir::create(&cfg.updates.lock_dir) {
+        tracing::warn!(dir = %cfg.updates.lock_dir.display(), "cannot create the update lock directory: {e}");
+    }
     // Without the socket the daemon still runs; `apply` then asks to stop it first.
     let sideload = match crate::sideload::listen(&cfg.state_dir) {
         Ok(l) => Some(l),
@@ -433,7 +437,7 @@ impl<E: Engine> Runner<E> {
                 let reply = match crate::sideload::read_bundle(&mut stream, max).await {
                     Ok(bytes) => {
                         tracing::info!(bytes = bytes.len(), "sideloaded bundle received");
-                        match self.agent.apply_bundle(&bytes).await {
+                        match self.agent.apply_bundle_now(&bytes).await {
                             Ok(outcome) => crate::sideload::Reply::Outcome(outcome),
                             Err(e) => crate::sideload::Reply::Error(e.to_string()),
                         }
@@ -497,12 +501,21 @@ impl<E: Engine> Runner<E> {
                 }
                 Offer::Skip(why) => {
                     tracing::debug!(%digest, "not fetching: {why}");
+                    if why == "already applied" {
+                        // A bundle that waited for its window is superseded by a return
+                        // to the applied one.
+                        self.agent.release_hold()?;
+                    }
                     self.candidates.done(&digest);
                     continue;
                 }
             }
+            if let Some(wait) = self.agent.still_waiting(&digest) {
+                self.candidates.postpone(c.source, &digest, now + wait);
+                continue;
+            }
             if let Some(bytes) = self.stored_copy(&digest) {
-                tracing::info!(%digest, "retrying the stored copy of a deferred bundle");
+                tracing::info!(%digest, "applying the stored copy of a deferred or waiting bundle");
                 self.apply(c.source, &digest, &bytes).await?;
                 continue;
             }
@@ -552,7 +565,12 @@ impl<E: Engine> Runner<E> {
         let refused = self.agent.store().rejected().map(|r| r.contains_key(digest)).unwrap_or(false);
         let settled =
             matches!(outcome, Outcome::Committed { .. } | Outcome::AlreadyApplied | Outcome::Rejected { .. });
-        if settled || refused {
+        if let Outcome::Waiting { reason, until } = outcome {
+            // Not a failure: looked at again when the wait may end (no bundle is read
+            // until then; see `Agent::still_waiting`).
+            let wait = crate::agent::retry_after(reason, until, self.agent.now());
+            self.candidates.postpone(source, digest, Instant::now() + wait);
+        } else if settled || refused {
             self.candidates.done(digest);
         } else {
             self.candidates.failed(source, digest, Instant::now());

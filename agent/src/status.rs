@@ -135,6 +135,7 @@ mod tests {
             containers: vec![],
             files: FileCounts::default(),
             last_error: None,
+            waiting: None,
             timestamp: ts,
         }
     }

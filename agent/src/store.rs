@@ -206,6 +206,17 @@ impl Store {
         Ok(dropped)
     }
 
+    /// Since when an update lock has held updates back (Unix seconds), kept across
+    /// restarts so a restart does not reset the maximum deferral. A damaged file reads
+    /// as "not held" (the deferral starts over; nothing wedges).
+    pub fn lock_since(&self) -> Option<i64> {
+        self.load::<Option<i64>>("lock_since.json").unwrap_or_default()
+    }
+
+    pub fn save_lock_since(&self, since: Option<i64>) -> Result<(), StoreError> {
+        self.save("lock_since.json", &since)
+    }
+
     /// The last status report saved, or `None` when there is none or it is damaged: it is
     /// only a cache, and must not keep the agent from starting.
     pub fn last_status(&self) -> Result<Option<StatusReport>, StoreError> {
@@ -411,6 +422,7 @@ mod tests {
             containers: vec![],
             files: FileCounts::default(),
             last_error: None,
+            waiting: None,
             timestamp: 7,
         };
         store.save_status(&report).expect("save");

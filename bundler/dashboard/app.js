@@ -18,7 +18,7 @@
   const MAX_DEVICES = 200000; // a flood of made-up device ids cannot exhaust the tab's memory
   const MIN_RENDER_MS = 200; // at most 5 redraws a second
   const KNOWN_STATES = ["failed", "rolled_back", "degraded", "invalid", "downloading", "applying",
-    "awaiting_health", "idle", "converged", "unknown"];
+    "awaiting_health", "waiting", "idle", "converged", "unknown"];
   const BAD = new Set(["failed", "rolled_back", "degraded", "invalid"]);
   const prefix = typeof cfg.topic_prefix === "string" ? cfg.topic_prefix : "fleet";
   const fleet = typeof cfg.fleet === "string" ? cfg.fleet : "";
@@ -319,8 +319,14 @@
     if (!d.valid) parts.push(el("p", "warn", "not a valid device id"));
     if (d.error) parts.push(el("div", "error", errorText(d)));
     const s = obj(d.status), applied = obj(s.applied), desired = obj(s.desired), files = obj(s.files);
+    const waiting = obj(s.waiting);
+    const waitText = d.state === "waiting" && str(waiting.reason)
+      ? (str(waiting.reason) === "window" ? "maintenance window" : str(waiting.reason) === "lock" ? "update lock" : str(waiting.reason))
+        + (num(waiting.until) !== null ? ", applies at " + when(waiting.until) : "")
+        + (num(waiting.since) !== null ? " (since " + when(waiting.since) + ")" : "")
+      : "";
     parts.push(dl([
-      ["state", d.state], ["online", d.online === true ? "yes" : d.online === false ? "no" : "unknown"],
+      ["state", d.state], ["waiting for", waitText], ["online", d.online === true ? "yes" : d.online === false ? "no" : "unknown"],
       ["labels", d.labelText || "(not in the build)"], ["agent", str(s.agent_version)],
       ["built (index)", d.indexCommit ? short(d.indexCommit) + (d.indexVersion !== null ? "  v" + d.indexVersion : "") : ""],
       ["desired", desired.commit ? short(str(desired.commit)) + "  v" + str(desired.version) : ""],

@@ -595,6 +595,7 @@ mod tests {
             labels: BTreeMap::new(),
             vars: Default::default(),
             policy: Default::default(),
+            maintenance: Default::default(),
         };
         fleet.devices.insert(id, device);
         let out = tempfile::tempdir().expect("tempdir");

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::maintenance::MAINTENANCE_SHAPE;
 use crate::policy::POLICY_SHAPE;
 use crate::yaml::{Scalar, Shape, Spanned, Vars};
 
@@ -19,11 +20,16 @@ pub const FLEET_SHAPE: Shape = Shape::Keys(&[
     ("vars", Shape::Any),
     ("policy", POLICY_SHAPE),
     ("rollout", crate::rollout::ROLLOUT_SHAPE),
+    ("maintenance", MAINTENANCE_SHAPE),
 ]);
 
 /// The keys of `devices/<id>.yaml`.
-pub const DEVICE_SHAPE: Shape =
-    Shape::Keys(&[("labels", Shape::Any), ("vars", Shape::Any), ("policy", POLICY_SHAPE)]);
+pub const DEVICE_SHAPE: Shape = Shape::Keys(&[
+    ("labels", Shape::Any),
+    ("vars", Shape::Any),
+    ("policy", POLICY_SHAPE),
+    ("maintenance", MAINTENANCE_SHAPE),
+]);
 
 /// The keys of one entry of `files:` in `app.yaml`.
 const FILE_SHAPE: Shape = Shape::Keys(&[
@@ -70,6 +76,10 @@ pub struct FleetFile {
     /// (`crate::rollout::plan`). Absent: all at once.
     #[serde(default)]
     pub rollout: Option<Spanned<crate::rollout::plan::RolloutFile>>,
+    /// When devices may apply their bundles (windows, zone, update lock); a device's
+    /// own `maintenance:` overrides it key by key. See `crate::maintenance`.
+    #[serde(default)]
+    pub maintenance: Option<crate::maintenance::MaintenanceFile>,
 }
 
 /// `devices/<id>.yaml`; the id is the file name.
@@ -85,6 +95,9 @@ pub struct DeviceFile {
     /// This device's engine policy, key by key over `fleet.yaml`'s.
     #[serde(default)]
     pub policy: Option<crate::policy::PolicyFile>,
+    /// This device's maintenance settings, key by key over `fleet.yaml`'s.
+    #[serde(default)]
+    pub maintenance: Option<crate::maintenance::MaintenanceFile>,
 }
 
 /// `apps/<app>/app.yaml`.

@@ -25,7 +25,7 @@ pub const MAX_STATUS_LEN: usize = 256 * 1024;
 pub const MAX_DEVICES: usize = 200_000;
 
 /// Every state of the documented set, in the order they are rendered.
-pub const STATES: [DeviceState; 8] = [
+pub const STATES: [DeviceState; 9] = [
     DeviceState::Idle,
     DeviceState::Downloading,
     DeviceState::Applying,
@@ -34,6 +34,7 @@ pub const STATES: [DeviceState; 8] = [
     DeviceState::Failed,
     DeviceState::RolledBack,
     DeviceState::Degraded,
+    DeviceState::Waiting,
 ];
 
 /// The state label of a device without a valid status report.
@@ -596,6 +597,7 @@ mod tests {
             containers: Vec::new(),
             files: FileCounts::default(),
             last_error: None,
+            waiting: None,
             timestamp: 1_700_000_000,
         }
     }

@@ -78,6 +78,10 @@ pub struct DevicePlan {
     pub containers: Vec<ContainerChange>,
     pub networks: Vec<NamedChange>,
     pub volumes: Vec<NamedChange>,
+    /// `[from, to]` when the maintenance schedule changed (see
+    /// [`crate::maintenance::describe`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<[String; 2]>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -143,6 +147,9 @@ impl Plan {
             for v in &d.volumes {
                 let _ = writeln!(out, "    {} volume {}", v.change.sign(), v.name);
             }
+            if let Some([a, b]) = &d.maintenance {
+                let _ = writeln!(out, "    ~ maintenance: {a} -> {b}");
+            }
         }
         out
     }
@@ -191,6 +198,9 @@ pub fn plan(
             containers: diff_containers(a, b),
             networks: diff_names(a.networks.iter().map(|n| &n.name), b.networks.iter().map(|n| &n.name)),
             volumes: diff_names(a.volumes.iter().map(|v| &v.name), b.volumes.iter().map(|v| &v.name)),
+            maintenance: (a.maintenance != b.maintenance).then(|| {
+                [crate::maintenance::describe(&a.maintenance), crate::maintenance::describe(&b.maintenance)]
+            }),
         };
         devices.push(d);
     }

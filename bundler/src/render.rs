@@ -83,6 +83,8 @@ pub struct Fleet {
     pub vars: Vars,
     /// `policy:` of `fleet.yaml`: every device's default engine policy.
     pub policy: crate::policy::Settings,
+    /// `maintenance:` of `fleet.yaml`: every device's default schedule.
+    pub maintenance: crate::maintenance::Settings,
     pub devices: BTreeMap<String, Device>,
     pub apps: Vec<App>,
     /// `rollout:` of `fleet.yaml` with each device's wave; `None`: all at once.
@@ -103,6 +105,8 @@ pub struct Device {
     pub vars: Vars,
     /// `policy:` of the device file (keys over `fleet.yaml`'s).
     pub policy: crate::policy::Settings,
+    /// `maintenance:` of the device file (keys over `fleet.yaml`'s).
+    pub maintenance: crate::maintenance::Settings,
 }
 
 /// One app directory.
@@ -199,6 +203,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
     let mut vars = Vars::new();
     let mut policy = crate::policy::Settings::default();
     let mut rollout: Option<(crate::rollout::Rollout, Pos)> = None;
+    let mut maintenance = crate::maintenance::Settings::default();
     match snapshot.files.get("fleet.yaml") {
         None if snapshot.too_large.contains_key("fleet.yaml") => {}
         None => diags.push(Diagnostic::error(
@@ -267,6 +272,9 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
                     if let Some(r) = &f.rollout {
                         rollout = crate::rollout::Rollout::from_file("fleet.yaml", r, &mut diags)
                             .map(|checked| (checked, Pos::of(r)));
+                    }
+                    if let Some(m) = &f.maintenance {
+                        maintenance = crate::maintenance::Settings::from_file("fleet.yaml", m, &mut diags);
                     }
                 }
             }
@@ -354,6 +362,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         file_root,
         vars,
         policy,
+        maintenance,
         devices,
         apps,
         templates,
@@ -398,10 +407,14 @@ fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Vec<Diagnostic>> {
         Some(p) => crate::policy::Settings::from_file(path, p, &mut problems),
         None => crate::policy::Settings::default(),
     };
+    let maintenance = match &file.maintenance {
+        Some(m) => crate::maintenance::Settings::from_file(path, m, &mut problems),
+        None => crate::maintenance::Settings::default(),
+    };
     if !problems.is_empty() {
         return Err(problems);
     }
-    Ok(Device { id: id.to_string(), labels, vars: file.vars, policy })
+    Ok(Device { id: id.to_string(), labels, vars: file.vars, policy, maintenance })
 }
 
 fn load_app(
@@ -948,6 +961,10 @@ impl Fleet {
                     state.volumes.push(v);
                 }
             }
+        }
+        match device.maintenance.over(&self.maintenance).resolve(&device.id, &device.labels) {
+            Ok(m) => state.maintenance = m,
+            Err(d) => diags.push(tag(d)),
         }
         state.canonicalize();
         diags.extend(self.policy_diagnostics(device, &state).into_iter().map(tag));

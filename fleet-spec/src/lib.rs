@@ -16,6 +16,7 @@
 
 pub mod bundle;
 pub mod keys;
+pub mod maintenance;
 pub mod messages;
 pub mod model;
 pub mod policy;

@@ -103,6 +103,9 @@ pub enum DeviceState {
     RolledBack,
     /// The device cannot reach its desired state now (e.g. the engine is down); retrying.
     Degraded,
+    /// A verified bundle waits for its maintenance window or an app's update lock;
+    /// `waiting` in the report says which and until when. The applied state keeps running.
+    Waiting,
 }
 
 impl DeviceState {
@@ -116,8 +119,32 @@ impl DeviceState {
             DeviceState::Failed => "failed",
             DeviceState::RolledBack => "rolled_back",
             DeviceState::Degraded => "degraded",
+            DeviceState::Waiting => "waiting",
         }
     }
+}
+
+/// Why a verified bundle is not applied yet (status `waiting`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaitReason {
+    /// Outside every maintenance window the bundle declares.
+    Window,
+    /// An app holds an update lock (a file in the agent's lock directory).
+    Lock,
+}
+
+/// The `waiting` object of a status report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    pub reason: WaitReason,
+    /// Unix seconds since when the device waits for this reason.
+    pub since: i64,
+    /// Unix seconds when the bundle will be applied, if known: the window's opening, or
+    /// the end of the lock's maximum deferral. `None`: a lock without a bound.
+    pub until: Option<i64>,
+    /// The digest of the bundle that waits.
+    pub digest: String,
 }
 
 /// One version of the desired state, as named in a status report.
@@ -176,6 +203,9 @@ pub struct StatusReport {
     pub containers: Vec<ContainerStatus>,
     pub files: FileCounts,
     pub last_error: Option<LastError>,
+    /// Set while the state is `waiting`; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
     /// Unix seconds when this report was made.
     pub timestamp: i64,
 }
@@ -201,12 +231,41 @@ impl StatusReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
-    BundleRejected { digest: String, code: String, reason: String },
-    ApplyStarted { version: u64, commit: String },
-    ApplyFinished { version: u64, commit: String },
-    ApplyFailed { version: u64, code: String, reason: String },
-    RolledBack { from_version: u64, to_version: Option<u64>, reason: String },
-    DriftRepaired { kind: DriftKind, name: String },
+    BundleRejected {
+        digest: String,
+        code: String,
+        reason: String,
+    },
+    ApplyStarted {
+        version: u64,
+        commit: String,
+    },
+    ApplyFinished {
+        version: u64,
+        commit: String,
+    },
+    ApplyFailed {
+        version: u64,
+        code: String,
+        reason: String,
+    },
+    RolledBack {
+        from_version: u64,
+        to_version: Option<u64>,
+        reason: String,
+    },
+    DriftRepaired {
+        kind: DriftKind,
+        name: String,
+    },
+    /// An update lock still held when its maximum deferral ran out: the apply of
+    /// `version` went ahead anyway. `entry` names one entry of the lock directory (at
+    /// most 64 bytes), `since` is when the lock started holding updates back.
+    UpdateLockOverridden {
+        version: u64,
+        entry: String,
+        since: i64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,6 +23,11 @@ pub struct DesiredState {
     pub networks: Vec<NetworkSpec>,
     /// Named volumes the containers mount, sorted by name.
     pub volumes: Vec<VolumeSpec>,
+    /// When the device may apply this state (maintenance windows, update-lock bound).
+    /// Outside the state's own encoding: written after it in bundle format 3 only when
+    /// set (see [`DesiredState::encode`]).
+    #[serde(skip)]
+    pub maintenance: crate::maintenance::Maintenance,
 }
 
 /// A file the agent writes atomically and keeps in place.
@@ -464,8 +469,12 @@ impl DesiredState {
         self.volumes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.cmp(b)));
     }
 
-    /// The bundle format this state needs: 1 unless a container sets engine options.
+    /// The bundle format this state needs: 1 unless a container sets engine options
+    /// (2) or the state carries a maintenance schedule (3).
     pub fn format(&self) -> u16 {
+        if self.maintenance != crate::maintenance::Maintenance::default() {
+            return 3;
+        }
         let plain = self.containers.iter().all(|c| c.options == ContainerOptions::default())
             && self.networks.iter().all(|n| n.options == NetworkOptions::default());
         if plain {
@@ -481,7 +490,9 @@ impl DesiredState {
     /// and the networks' options, one per container and per network in canonical order: postcard is not self-describing, so a new
     /// field inside `ContainerSpec` would have changed every bundle's bytes and made
     /// every older agent misread them; this way only the bundles that need the new
-    /// fields change, and older agents refuse those by their format version.
+    /// fields change, and older agents refuse those by their format version. Format 3
+    /// appends the maintenance schedule after format 2's trailer (written even when
+    /// every option is default), the same way.
     pub fn encode(&self) -> Vec<u8> {
         let mut canonical = self.clone();
         canonical.canonicalize();
@@ -497,6 +508,9 @@ impl DesiredState {
             out.extend(
                 postcard::to_stdvec(&(containers, networks)).expect("encoding into a Vec cannot fail"),
             );
+        }
+        if self.format() >= 3 {
+            out.extend(postcard::to_stdvec(&self.maintenance).expect("encoding into a Vec cannot fail"));
         }
         out
     }
@@ -516,6 +530,11 @@ impl DesiredState {
             for (network, options) in state.networks.iter_mut().zip(networks) {
                 network.options = options;
             }
+            rest = after;
+        }
+        if format >= 3 {
+            let (maintenance, after) = postcard::take_from_bytes(rest)?;
+            state.maintenance = maintenance;
             rest = after;
         }
         if rest.is_empty() {
@@ -719,6 +738,27 @@ mod tests {
                 "{key} round-trips"
             );
         }
+    }
+
+    #[test]
+    fn maintenance_needs_format_3_and_round_trips_while_older_states_keep_their_bytes() {
+        use crate::maintenance::{Maintenance, Window};
+        let plain = DesiredState { containers: vec![plain_container()], ..Default::default() };
+        let before = plain.encode();
+        assert_eq!(plain.format(), 1);
+        let mut held = plain.clone();
+        held.maintenance = Maintenance {
+            windows: vec![Window { days: 0b0011111, from_min: 22 * 60, to_min: 2 * 60 }],
+            timezone: "Europe/Berlin".into(),
+            tz_rule: "CET-1CEST,M3.5.0,M10.5.0/3".into(),
+            max_deferral_s: Some(6 * 3600),
+        };
+        assert_eq!(held.format(), 3);
+        let bytes = held.encode();
+        assert!(bytes.starts_with(&before), "format 3 only appends");
+        assert_eq!(DesiredState::decode(&bytes, 3).expect("decodes"), held);
+        assert_eq!(DesiredState::decode(&before, 1).expect("format 1 still decodes"), plain);
+        assert!(DesiredState::decode(&bytes, 2).is_err(), "the trailer is not ignored");
     }
 
     #[test]

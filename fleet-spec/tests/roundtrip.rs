@@ -191,9 +191,33 @@ fn options() -> impl Strategy<Value = ContainerOptions> {
         )
 }
 
+fn maintenance() -> impl Strategy<Value = fleet_spec::maintenance::Maintenance> {
+    let window = (any::<u8>(), 0u16..1440, 0u16..1440).prop_map(|(days, from_min, to_min)| {
+        fleet_spec::maintenance::Window { days: days & 0x7f, from_min, to_min }
+    });
+    prop_oneof![
+        Just(fleet_spec::maintenance::Maintenance::default()),
+        (vec(window, 0..3), text(), text(), option::of(any::<u64>())).prop_map(
+            |(windows, timezone, tz_rule, max_deferral_s)| fleet_spec::maintenance::Maintenance {
+                windows,
+                timezone,
+                tz_rule,
+                max_deferral_s,
+            }
+        ),
+    ]
+}
+
 fn desired_state() -> impl Strategy<Value = DesiredState> {
-    (vec(file(), 0..4), vec(container(), 0..3), vec((id(), any::<bool>()), 0..3), vec(id(), 0..3)).prop_map(
-        |(files, containers, networks, volumes)| DesiredState {
+    (
+        vec(file(), 0..4),
+        vec(container(), 0..3),
+        vec((id(), any::<bool>()), 0..3),
+        vec(id(), 0..3),
+        maintenance(),
+    )
+        .prop_map(|(files, containers, networks, volumes, maintenance)| DesiredState {
+            maintenance,
             files,
             containers,
             networks: networks
@@ -201,8 +225,7 @@ fn desired_state() -> impl Strategy<Value = DesiredState> {
                 .map(|(name, internal)| NetworkSpec { name, internal, ..Default::default() })
                 .collect(),
             volumes: volumes.into_iter().map(|name| VolumeSpec { name, labels: BTreeMap::new() }).collect(),
-        },
-    )
+        })
 }
 
 fn meta() -> impl Strategy<Value = BundleMeta> {
@@ -229,6 +252,7 @@ fn device_state() -> impl Strategy<Value = DeviceState> {
         Just(DeviceState::Failed),
         Just(DeviceState::RolledBack),
         Just(DeviceState::Degraded),
+        Just(DeviceState::Waiting),
     ]
 }
 
@@ -268,6 +292,7 @@ fn status() -> impl Strategy<Value = StatusReport> {
                         .collect(),
                     files: FileCounts { managed: files.0, drift_repaired: files.1 },
                     last_error: err.map(|(code, message, at)| LastError { code, message, at }),
+                    waiting: None,
                     timestamp,
                 }
             },

@@ -16,8 +16,18 @@ impl<E: Engine> Agent<E> {
     /// with the machine still mid-flight: the daemon then exits, and journal recovery
     /// finishes the job on the next start.
     pub async fn apply_bundle(&mut self, bytes: &[u8]) -> Result<Outcome, AgentError> {
+        self.apply_gated(bytes, true).await
+    }
+
+    /// [`Agent::apply_bundle`] without waiting for the bundle's maintenance window or an
+    /// update lock: a sideload is an operator at the device, who chose the moment.
+    pub async fn apply_bundle_now(&mut self, bytes: &[u8]) -> Result<Outcome, AgentError> {
+        self.apply_gated(bytes, false).await
+    }
+
+    async fn apply_gated(&mut self, bytes: &[u8], gated: bool) -> Result<Outcome, AgentError> {
         let digest = bundle::content_address(bytes);
-        match self.try_apply(&digest, bytes).await {
+        match self.try_apply(&digest, bytes, gated).await {
             Ok(outcome) => Ok(outcome),
             Err(e) => self.settle(&digest, e).await,
         }
@@ -65,7 +75,7 @@ impl<E: Engine> Agent<E> {
         matches!(journal::decide(&records), Recovery::ResumeApply { digest: d, .. } if d == digest)
     }
 
-    async fn try_apply(&mut self, digest: &str, bytes: &[u8]) -> Result<Outcome, AgentError> {
+    async fn try_apply(&mut self, digest: &str, bytes: &[u8], gated: bool) -> Result<Outcome, AgentError> {
         let digest = digest.to_string();
         // A download beside the loop ends here: `fetching` reports `downloading` too.
         self.downloading = None;
@@ -121,6 +131,14 @@ impl<E: Engine> Agent<E> {
             return Ok(self.refuse(&digest, code, e.to_string(), false, Some(m.version)));
         }
         self.engine_down = false;
+        // 2b. The bundle's own schedule: downloaded, verified and its images present, it
+        //     may still have to wait for its maintenance window or an app's update lock
+        //     (state `waiting`; the stored copy is applied when the wait ends).
+        if gated {
+            if let Some(waiting) = self.hold(&digest, m.version, &verified.state.maintenance)? {
+                return Ok(waiting);
+            }
+        }
         self.on(Command::Stage)?;
 
         // 3. The journal first, then trust (Hardening I, case 6): a crash between the two

@@ -22,7 +22,7 @@ use std::time::Duration;
 use fleet_spec::bundle::{self, Expectation, Manifest, TrustState};
 use fleet_spec::messages::{
     Announcement, ContainerStatus, DeviceState, DriftKind, Event, EventKind, FileCounts, LastError,
-    StatusReport, VersionRef,
+    StatusReport, VersionRef, WaitReason, Waiting,
 };
 use fleet_spec::model::{ContainerSpec, DependencyCondition, DesiredState, PullPolicy};
 use tokio::sync::mpsc::UnboundedSender;
@@ -40,11 +40,13 @@ use crate::store::{AppliedRecord, Rejection, Store, StoreError};
 
 mod apply;
 mod converge;
+mod gate;
 mod healthy;
 mod reconcile;
 mod recover;
 
 use converge::Mode;
+pub use gate::{retry_after, LOCK_POLL, WINDOW_RECHECK};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -56,6 +58,9 @@ pub const HEALTH_SETTLE: Duration = Duration::from_secs(5);
 const HEALTHCHECK_RETRY: Duration = Duration::from_secs(10);
 
 /// What the agent tells the world.
+// A few hundred bytes per message on a channel that holds a handful: boxing the status
+// would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Report {
     Status(StatusReport),
@@ -83,6 +88,9 @@ pub enum Outcome {
     RolledBack { code: String, reason: String },
     /// Applied, failed, and restoring the last good state failed too (retried).
     RollbackIncomplete { code: String, reason: String },
+    /// Verified, and held back by its maintenance window or an update lock; applied
+    /// when `until` (Unix seconds, if known) comes, or the lock goes. Nothing changed.
+    Waiting { reason: WaitReason, until: Option<i64> },
 }
 
 impl Outcome {
@@ -95,12 +103,15 @@ impl Outcome {
             Outcome::Deferred { .. } => "deferred",
             Outcome::RolledBack { .. } => "rolled_back",
             Outcome::RollbackIncomplete { .. } => "rollback_incomplete",
+            Outcome::Waiting { .. } => "waiting",
         }
     }
 
     pub fn reason(&self) -> Option<&str> {
         match self {
             Outcome::Committed { .. } | Outcome::AlreadyApplied => None,
+            Outcome::Waiting { reason: WaitReason::Window, .. } => Some("outside the maintenance window"),
+            Outcome::Waiting { reason: WaitReason::Lock, .. } => Some("an app holds the update lock"),
             Outcome::Rejected { reason, .. }
             | Outcome::Deferred { reason, .. }
             | Outcome::RolledBack { reason, .. }
@@ -111,6 +122,8 @@ impl Outcome {
     pub fn code(&self) -> Option<&str> {
         match self {
             Outcome::Committed { .. } | Outcome::AlreadyApplied => None,
+            Outcome::Waiting { reason: WaitReason::Window, .. } => Some("window"),
+            Outcome::Waiting { reason: WaitReason::Lock, .. } => Some("lock"),
             Outcome::Rejected { code, .. }
             | Outcome::Deferred { code, .. }
             | Outcome::RolledBack { code, .. }
@@ -226,6 +239,8 @@ pub struct Agent<E: Engine> {
     /// The digest of a download in flight beside the main loop that is the device's
     /// state (status `downloading`; see `run`).
     downloading: Option<String>,
+    /// The verified bundle held back by its schedule (state `waiting`), and why.
+    held: Option<gate::Held>,
     reports: Reports,
     last_saved_status: Option<StatusReport>,
     healthchecks: Healthchecks,
@@ -274,6 +289,7 @@ impl<E: Engine> Agent<E> {
             pending_rollback: None,
             last_good_unreadable: None,
             downloading: None,
+            held: None,
             reports,
             last_saved_status,
             healthchecks: Healthchecks::default(),
@@ -298,6 +314,11 @@ impl<E: Engine> Agent<E> {
         &mut self.journal
     }
 
+    /// The agent's clock, Unix seconds.
+    pub fn now(&self) -> i64 {
+        self.clock.now()
+    }
+
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -314,6 +335,9 @@ impl<E: Engine> Agent<E> {
     pub(super) fn on(&mut self, command: Command) -> Result<ApplyState, AgentError> {
         let from = self.machine.state();
         let to = self.machine.on(command)?;
+        if to != ApplyState::Waiting {
+            self.held = None;
+        }
         tracing::debug!(%from, %to, %command, "apply state");
         self.publish_status();
         Ok(to)
@@ -344,6 +368,7 @@ impl<E: Engine> Agent<E> {
                 drift_repaired: self.file_drift_repaired,
             },
             last_error: self.last_error.clone(),
+            waiting: self.held.as_ref().filter(|_| state == DeviceState::Waiting).map(|h| h.waiting.clone()),
             timestamp: self.clock.now(),
         }
     }
@@ -466,9 +491,10 @@ impl<E: Engine> Agent<E> {
         e: bundle::VerifyError,
         permanent: bool,
     ) -> Result<Outcome, AgentError> {
-        let resting_on_applied =
-            matches!(self.machine.state(), ApplyState::Committed | ApplyState::RolledBack)
-                && self.current.is_some();
+        let resting_on_applied = matches!(
+            self.machine.state(),
+            ApplyState::Committed | ApplyState::RolledBack | ApplyState::Waiting
+        ) && self.current.is_some();
         let wanted = self.desired.as_ref().is_some_and(|d| d.digest == digest);
         if wanted || !resting_on_applied {
             self.on(Command::Fetch)?;
@@ -557,6 +583,9 @@ fn log_event(kind: &EventKind) {
         }
         EventKind::RolledBack { from_version, to_version, reason } => {
             tracing::info!(event = "rolled_back", from_version, to_version, reason, "rolled_back")
+        }
+        EventKind::UpdateLockOverridden { version, entry, since } => {
+            tracing::warn!(event = "update_lock_overridden", version, entry, since, "update_lock_overridden")
         }
         EventKind::DriftRepaired { kind, name } => {
             let kind = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string));

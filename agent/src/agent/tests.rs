@@ -126,6 +126,7 @@ fn state(files: Vec<ManagedFile>, containers: Vec<ContainerSpec>) -> DesiredStat
         containers,
         networks: vec![NetworkSpec { name: "app_default".into(), ..Default::default() }],
         volumes: vec![],
+        maintenance: Default::default(),
     };
     s.canonicalize();
     s
@@ -1256,4 +1257,171 @@ fn outcome_names_are_the_serialized_tags() {
         let json = serde_json::to_value(&o).expect("serializes");
         assert_eq!(json["outcome"], o.name(), "{json}");
     }
+}
+
+// ---- maintenance windows and update locks (issue 14) ----------------------------------
+
+/// A window every day from `open_in` to `open_in + len` after [`NOW`] (UTC).
+fn window_in(open_in: i64, len: i64) -> fleet_spec::maintenance::Maintenance {
+    let from = (NOW + open_in).rem_euclid(86400) / 60;
+    let to = (NOW + open_in + len).rem_euclid(86400) / 60;
+    fleet_spec::maintenance::Maintenance {
+        windows: vec![fleet_spec::maintenance::Window {
+            days: fleet_spec::maintenance::EVERY_DAY,
+            from_min: from as u16,
+            to_min: to as u16,
+        }],
+        timezone: "UTC".into(),
+        tz_rule: "UTC0".into(),
+        max_deferral_s: None,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bundle_outside_its_window_waits_verified_and_applies_when_the_window_opens() {
+    let h = H::new();
+    let (mut agent, mut rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let mut v2 = v1(&h);
+    v2.files[0].content = b"a2".to_vec();
+    v2.maintenance = window_in(3600, 1800);
+    let bytes = h.bundle(2, &v2);
+    let digest = bundle::content_address(&bytes);
+    drain(&mut rx);
+
+    let t0 = agent.now();
+    let outcome = agent.apply_bundle(&bytes).await.expect("verify");
+    assert_eq!(outcome, Outcome::Waiting { reason: WaitReason::Window, until: Some(NOW + 3600) });
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a1"), "nothing changed");
+    let status = agent.status_report();
+    assert_eq!(status.state, DeviceState::Waiting);
+    let waiting = status.waiting.expect("waiting object");
+    assert_eq!((waiting.reason, waiting.since, waiting.until), (WaitReason::Window, t0, Some(NOW + 3600)));
+    assert_eq!(waiting.digest, digest);
+    assert_eq!(agent.store().trust().expect("trust").last_version, Some(1), "trust moves only at apply");
+    assert_eq!(agent.still_waiting(&digest), Some(WINDOW_RECHECK));
+
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    assert_eq!(agent.still_waiting(&digest), None, "the window is open");
+    let outcome = agent.apply_bundle(&bytes).await.expect("apply");
+    assert_eq!(outcome, Outcome::Committed { version: 2 });
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a2"));
+    assert_eq!(agent.status_report().waiting, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_newer_bundle_replaces_the_waiting_one_and_a_return_to_the_applied_one_releases_it() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let mut v2 = v1(&h);
+    v2.files[0].content = b"a2".to_vec();
+    v2.maintenance = window_in(3600, 60);
+    let waiting = h.bundle(2, &v2);
+    assert!(matches!(agent.apply_bundle(&waiting).await.expect("v2"), Outcome::Waiting { .. }));
+    // The fix widens its own window: it applies at once.
+    let mut v3 = v2.clone();
+    v3.files[0].content = b"a3".to_vec();
+    v3.maintenance = window_in(-60, 600);
+    assert_eq!(agent.apply_bundle(&h.bundle(3, &v3)).await.expect("v3"), Outcome::Committed { version: 3 });
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a3"));
+
+    let mut v4 = v3.clone();
+    v4.files[0].content = b"a4".to_vec();
+    v4.maintenance = window_in(3600, 60);
+    assert!(matches!(agent.apply_bundle(&h.bundle(4, &v4)).await.expect("v4"), Outcome::Waiting { .. }));
+    agent.release_hold().expect("release");
+    assert_eq!(agent.status_report().state, DeviceState::Converged);
+    assert_eq!(agent.status_report().waiting, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_update_lock_holds_the_apply_until_it_is_removed() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let locks = agent.config().updates.lock_dir.clone();
+    crate::lockdir::create(&locks).expect("lock dir");
+    std::fs::write(locks.join("updates.lock"), b"").expect("lock");
+    let mut v2 = v1(&h);
+    v2.files[0].content = b"a2".to_vec();
+    v2.maintenance.max_deferral_s = Some(600);
+    let bytes = h.bundle(2, &v2);
+    let digest = bundle::content_address(&bytes);
+
+    let t0 = agent.now();
+    let outcome = agent.apply_bundle(&bytes).await.expect("verify");
+    assert_eq!(outcome, Outcome::Waiting { reason: WaitReason::Lock, until: Some(t0 + 600) });
+    assert_eq!(agent.status_report().waiting.map(|w| w.reason), Some(WaitReason::Lock));
+    assert_eq!(agent.still_waiting(&digest), Some(LOCK_POLL));
+    tokio::time::advance(Duration::from_secs(30)).await;
+    std::fs::remove_file(locks.join("updates.lock")).expect("unlock");
+    assert_eq!(agent.still_waiting(&digest), None);
+    assert_eq!(agent.apply_bundle(&bytes).await.expect("apply"), Outcome::Committed { version: 2 });
+    assert_eq!(agent.store().lock_since(), None, "the deferral starts over next time");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lock_held_past_the_maximum_deferral_is_overridden_and_reported() {
+    let h = H::new();
+    let (mut agent, mut rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let locks = agent.config().updates.lock_dir.clone();
+    crate::lockdir::create(&locks).expect("lock dir");
+    std::fs::create_dir(locks.join("a-directory-not-a-file")).expect("hostile lock");
+    let mut v2 = v1(&h);
+    v2.files[0].content = b"a2".to_vec();
+    v2.maintenance.max_deferral_s = Some(300);
+    let bytes = h.bundle(2, &v2);
+    let t0 = agent.now();
+    assert!(matches!(agent.apply_bundle(&bytes).await.expect("verify"), Outcome::Waiting { .. }));
+    drain(&mut rx);
+    // A restart keeps the deferral's start.
+    drop(agent);
+    let (mut agent, mut rx) = h.agent();
+    agent.recover().await.expect("recover");
+    tokio::time::advance(Duration::from_secs(299)).await;
+    assert_eq!(
+        agent.apply_bundle(&bytes).await.expect("still held"),
+        Outcome::Waiting { reason: WaitReason::Lock, until: Some(t0 + 300) }
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(agent.apply_bundle(&bytes).await.expect("apply"), Outcome::Committed { version: 2 });
+    let overridden = events(&drain(&mut rx)).into_iter().find_map(|e| match e {
+        EventKind::UpdateLockOverridden { version, entry, since } => Some((version, entry, since)),
+        _ => None,
+    });
+    assert_eq!(overridden, Some((2, "a-directory-not-a-file".to_string(), t0)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_device_caps_the_deferral_a_bundle_asks_for_and_a_sideload_does_not_wait() {
+    let mut h = H::new();
+    h.cfg.updates.max_deferral = Duration::from_secs(60);
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let locks = agent.config().updates.lock_dir.clone();
+    crate::lockdir::create(&locks).expect("lock dir");
+    std::fs::write(locks.join("l"), b"").expect("lock");
+    let mut v2 = v1(&h);
+    v2.maintenance.max_deferral_s = Some(30 * 86400);
+    v2.files[0].content = b"a2".to_vec();
+    let bytes = h.bundle(2, &v2);
+    let t0 = agent.now();
+    assert_eq!(
+        agent.apply_bundle(&bytes).await.expect("held"),
+        Outcome::Waiting { reason: WaitReason::Lock, until: Some(t0 + 60) }
+    );
+    let mut v3 = v2.clone();
+    v3.maintenance = window_in(3600, 60);
+    v3.files[0].content = b"a3".to_vec();
+    assert_eq!(
+        agent.apply_bundle_now(&h.bundle(3, &v3)).await.expect("sideload"),
+        Outcome::Committed { version: 3 }
+    );
 }

@@ -6,6 +6,8 @@
 //!                  └──── refuse ────────┴──────────────┘→ failed      └──── unhealthy ────────┴→ rolling_back ─rolled_back→ rolled_back
 //!                                                          ↑   └──────── retry_rollback ─────────────────────┘ │
 //!                                                          └──────────── rollback_stuck ───────────────────────┘
+//!   verified ─hold→ waiting (outside the bundle's maintenance window, or an update lock;
+//!                   a rest state: the next `fetch` re-checks it) ─unhold→ committed
 //! ```
 //!
 //! `committed`, `failed` and `rolled_back` are rest states: the next `fetch` starts over.
@@ -35,10 +37,12 @@ pub enum ApplyState {
     RollingBack,
     RolledBack,
     Failed,
+    /// A verified bundle waits for its window or an update lock; nothing changed.
+    Waiting,
 }
 
 impl ApplyState {
-    pub const ALL: [ApplyState; 10] = [
+    pub const ALL: [ApplyState; 11] = [
         ApplyState::Idle,
         ApplyState::Fetching,
         ApplyState::Verified,
@@ -49,6 +53,7 @@ impl ApplyState {
         ApplyState::RollingBack,
         ApplyState::RolledBack,
         ApplyState::Failed,
+        ApplyState::Waiting,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,12 +68,20 @@ impl ApplyState {
             ApplyState::RollingBack => "rolling_back",
             ApplyState::RolledBack => "rolled_back",
             ApplyState::Failed => "failed",
+            ApplyState::Waiting => "waiting",
         }
     }
 
     /// A state in which nothing is in flight and a new bundle may be taken.
     pub fn is_rest(self) -> bool {
-        matches!(self, ApplyState::Idle | ApplyState::Committed | ApplyState::RolledBack | ApplyState::Failed)
+        matches!(
+            self,
+            ApplyState::Idle
+                | ApplyState::Committed
+                | ApplyState::RolledBack
+                | ApplyState::Failed
+                | ApplyState::Waiting
+        )
     }
 
     /// The state reported on MQTT (the documented small set). `verified` and `staged`
@@ -83,6 +96,7 @@ impl ApplyState {
             ApplyState::Committed => DeviceState::Converged,
             ApplyState::RolledBack => DeviceState::RolledBack,
             ApplyState::Failed => DeviceState::Failed,
+            ApplyState::Waiting => DeviceState::Waiting,
         }
     }
 }
@@ -126,6 +140,10 @@ pub enum Command {
     RollbackStuck,
     /// Retry an unfinished rollback.
     RetryRollback,
+    /// The verified bundle may not be applied yet (maintenance window, update lock).
+    Hold,
+    /// The bundle that waited is no longer wanted: the applied one is again.
+    Unhold,
 }
 
 impl fmt::Display for Command {
@@ -162,6 +180,8 @@ pub fn transition(state: ApplyState, command: Command) -> Result<ApplyState, Dis
         (C::Recovered, S::Idle) => S::Committed,
         (C::RollbackStuck, S::RollingBack) => S::Failed,
         (C::RetryRollback, S::Failed) => S::RollingBack,
+        (C::Hold, S::Verified) => S::Waiting,
+        (C::Unhold, S::Waiting) => S::Committed,
         (command, state) => return Err(Disallowed { command, state }),
     };
     Ok(next)
@@ -197,7 +217,7 @@ mod tests {
     use ApplyState as S;
     use Command as C;
 
-    const COMMANDS: [Command; 15] = [
+    const COMMANDS: [Command; 17] = [
         C::Fetch,
         C::Verified,
         C::Stage,
@@ -213,6 +233,8 @@ mod tests {
         C::Recovered,
         C::RollbackStuck,
         C::RetryRollback,
+        C::Hold,
+        C::Unhold,
     ];
 
     /// The whole table, written out: every allowed transition, and nothing else.
@@ -238,6 +260,9 @@ mod tests {
         (S::Idle, C::Recovered, S::Committed),
         (S::RollingBack, C::RollbackStuck, S::Failed),
         (S::Failed, C::RetryRollback, S::RollingBack),
+        (S::Waiting, C::Fetch, S::Fetching),
+        (S::Verified, C::Hold, S::Waiting),
+        (S::Waiting, C::Unhold, S::Committed),
     ];
 
     #[test]

@@ -7,6 +7,7 @@
 //! driver (`agent`) carry the decisions out.
 
 pub mod candidates;
+pub mod gate;
 pub mod health;
 pub mod machine;
 pub mod paths;

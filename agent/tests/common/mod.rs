@@ -118,6 +118,7 @@ impl Device {
             }],
             networks: vec![NetworkSpec { name: "app_default".into(), ..Default::default() }],
             volumes: vec![],
+            maintenance: Default::default(),
         };
         state.canonicalize();
         state

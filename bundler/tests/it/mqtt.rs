@@ -281,6 +281,7 @@ fn report(device: &str, state: DeviceState, applied: Option<(u64, &str)>, desire
             message: "api did not become healthy".into(),
             at: 1,
         }),
+        waiting: None,
         timestamp: fleet_bundler::timefmt::now(),
     };
     String::from_utf8(r.to_json()).expect("utf-8")

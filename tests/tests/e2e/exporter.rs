@@ -288,6 +288,7 @@ fn hostile_report(device: &str) -> StatusReport {
         containers: Vec::new(),
         files: FileCounts::default(),
         last_error: Some(LastError { code: "bad\"code\n".into(), message: "\\\"}\n".into(), at: 1 }),
+        waiting: None,
         timestamp: 1_700_000_000,
     }
 }

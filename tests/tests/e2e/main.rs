@@ -22,6 +22,7 @@
 //! | [`engines`] | (the engines, images and `web` app the container scenarios share) |
 //! | [`attacks`] | 5 attacks and bad input |
 //! | [`exporter`] | `fleet-bundler exporter`: `/metrics` scraped and parsed after agents converge or fail; hostile retained messages (issue 18) |
+//! | [`maintenance`] | a maintenance window and an update lock each hold an apply and release it; a lock past its maximum deferral (issue 14) |
 //! | [`hostile`] | hostile broker and servers: unsigned hints never keep the genuine bundle out; MQTT flood bounds (issue "Hardening I") |
 //! | [`outages`] | 6 broker and bundle server outages, an update never announced (polling) |
 //! | [`crash`] | 7 crash safety, files only and on dockerd (`FLEET_E2E_CRASH_ITERATIONS`, default 5) |
@@ -44,6 +45,7 @@ mod engines;
 mod exporter;
 mod first_deploy;
 mod hostile;
+mod maintenance;
 mod outages;
 mod rollout;
 mod sideload;
