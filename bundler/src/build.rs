@@ -48,7 +48,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fleet_spec::bundle::{self, BundleMeta, Limits};
-use fleet_spec::messages::{pointer_path, Announcement};
+use fleet_spec::messages::Announcement;
 use fleet_spec::topic::{validate_id, TopicError};
 use fleet_spec::{DesiredState, SigningKey};
 use rayon::prelude::*;
@@ -64,7 +64,7 @@ use crate::timefmt;
 pub const MAX_CLOCK_SKEW: i64 = 300;
 
 /// `DIR/index.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Index {
     pub fleet: String,
     /// The commit of the latest build.
@@ -73,7 +73,16 @@ pub struct Index {
     #[serde(default = "default_prefix")]
     pub topic_prefix: String,
     pub devices: BTreeMap<String, IndexEntry>,
+    /// `rollout:` of `fleet.yaml` and each device's wave, when declared: then the
+    /// pointer files of this build are in `devices.next/` until `fleet-bundler rollout`
+    /// releases them wave by wave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::rollout::RolloutPlan>,
 }
+
+/// Where a build with a declared rollout writes its pointer files; `fleet-bundler
+/// rollout` moves them into `devices/` wave by wave.
+pub const NEXT_POINTERS: &str = "devices.next";
 
 fn default_prefix() -> String {
     fleet_spec::topic::DEFAULT_PREFIX.into()
@@ -215,6 +224,9 @@ pub struct BuildSummary {
     pub pointers_deleted: Vec<String>,
     /// Kept bundles taken over from the `--previous` build (copied into `DIR/bundles`).
     pub adopted: usize,
+    /// `fleet.yaml` declares a rollout: the pointer files were written to
+    /// `devices.next/`, for `fleet-bundler rollout` to release wave by wave.
+    pub rollout: bool,
     /// What the build wants people to know (printed on stderr as `warning: ...`).
     pub warnings: Vec<String>,
 }
@@ -396,11 +408,19 @@ pub fn build(
         commit: snapshot.commit.clone(),
         topic_prefix: fleet.topic_prefix.clone(),
         devices,
+        rollout: fleet.rollout.clone(),
     };
     let mut json = serde_json::to_vec(&index).expect("an index always serializes");
     json.push(b'\n');
     write_atomic(&index_path, &json, true)?;
-    (summary.pointers_written, summary.pointers_deleted) = write_pointers(opts.out, &index)?;
+    if index.rollout.is_some() {
+        // Devices keep polling their previous pointer file until their wave is released.
+        (summary.pointers_written, _) = write_pointers(opts.out, NEXT_POINTERS, &index)?;
+        summary.pointers_deleted = delete_stale_pointers(&opts.out.join("devices"), &index)?;
+        summary.rollout = true;
+    } else {
+        (summary.pointers_written, summary.pointers_deleted) = write_pointers(opts.out, "devices", &index)?;
+    }
     Ok(summary)
 }
 
@@ -408,17 +428,16 @@ pub fn build(
 /// its announcement yet, and deletes the pointer files of devices that are not in
 /// `index` (only files named `<valid device id>.json`: nothing else there is touched).
 /// Returns how many files were written and which devices' files were deleted.
-fn write_pointers(out: &Path, index: &Index) -> Result<(usize, Vec<String>), BuildError> {
+fn write_pointers(out: &Path, subdir: &str, index: &Index) -> Result<(usize, Vec<String>), BuildError> {
     // The directory of `pointer_path`.
-    let dir = out.join("devices");
+    let dir = out.join(subdir);
     std::fs::create_dir_all(&dir).map_err(|source| BuildError::Io { path: dir.clone(), source })?;
     let written: Vec<bool> = index
         .devices
         .par_iter()
         .map(|(id, entry)| {
-            let path = out.join(pointer_path(id));
-            let mut json = entry.announcement(&index.fleet, id).to_json();
-            json.push(b'\n');
+            let path = dir.join(format!("{id}.json"));
+            let json = pointer_json(&index.fleet, id, entry);
             if std::fs::read(&path).is_ok_and(|existing| existing == json) {
                 return Ok(false);
             }
@@ -427,9 +446,26 @@ fn write_pointers(out: &Path, index: &Index) -> Result<(usize, Vec<String>), Bui
             Ok(true)
         })
         .collect::<Result<_, BuildError>>()?;
-    let io = |source| BuildError::Io { path: dir.clone(), source };
+    let deleted = delete_stale_pointers(&dir, index)?;
+    Ok((written.into_iter().filter(|w| *w).count(), deleted))
+}
+
+/// The content of `device`'s pointer file.
+pub fn pointer_json(fleet: &str, device: &str, entry: &IndexEntry) -> Vec<u8> {
+    let mut json = entry.announcement(fleet, device).to_json();
+    json.push(b'\n');
+    json
+}
+
+/// Deletes the pointer files in `dir` of devices that are not in `index` (only files
+/// named `<valid device id>.json`: nothing else there is touched).
+fn delete_stale_pointers(dir: &Path, index: &Index) -> Result<Vec<String>, BuildError> {
+    let io = |source| BuildError::Io { path: dir.to_path_buf(), source };
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
     let mut deleted = Vec::new();
-    for file in std::fs::read_dir(&dir).map_err(io)? {
+    for file in std::fs::read_dir(dir).map_err(io)? {
         let file = file.map_err(io)?;
         let name = file.file_name();
         let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")) else { continue };
@@ -443,7 +479,7 @@ fn write_pointers(out: &Path, index: &Index) -> Result<(usize, Vec<String>), Bui
         }
     }
     deleted.sort();
-    Ok((written.into_iter().filter(|w| *w).count(), deleted))
+    Ok(deleted)
 }
 
 /// The canonical postcard encoding of an already canonical state (what

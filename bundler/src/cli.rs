@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use fleet_bundler::{duration, exporter, mqtt};
+use fleet_bundler::{duration, exporter, mqtt, rollout};
 /// Exit codes, also listed in `--help` and the README.
 pub mod exit {
     pub const OK: u8 = 0;
@@ -15,6 +15,8 @@ pub mod exit {
     pub const DEVICE_FAILED: u8 = 3;
     pub const TIMEOUT: u8 = 4;
     pub const NOT_NEWER: u8 = 5;
+    /// `rollout`: the rollout is aborted.
+    pub const ABORTED: u8 = 6;
     pub const USAGE: u8 = 64;
     /// `status --wait` stopped by SIGINT (Ctrl-C): 128 + 2, as shells report it.
     pub const INTERRUPTED: u8 = 130;
@@ -34,6 +36,8 @@ pub mod exit {
   fleet-bundler build --repo . --rev HEAD --key signing.key --out out/
   fleet-bundler publish --out out/ --broker mqtts://broker:8883 --base-url https://cdn.example/fleet
   fleet-bundler status --broker mqtts://broker:8883 --index out/index.json --selector channel=canary --wait --timeout 10m
+With `rollout:` in fleet.yaml, `rollout` replaces `publish` and the gate:
+  fleet-bundler rollout --out out/ --broker mqtts://broker:8883 --base-url https://cdn.example/fleet --sync 'aws s3 sync out/ s3://bucket/fleet/'
 
 Repository format and rules: bundler/README.md
 
@@ -41,9 +45,10 @@ Exit codes:
   0   success (plan: no changes; status --wait: every device converged)
   1   failure: I/O, Git, keys, registry, broker, or a bundle that does not verify
   2   plan: there are changes
-  3   status --wait: a device failed or rolled back on the indexed version
-  4   status --wait: timeout before every device converged
+  3   status --wait: a device failed or rolled back on the indexed version; rollout: halted (a criterion tripped)
+  4   status --wait: timeout before every device converged; rollout: --timeout (or --once) while still running
   5   publish: the broker retains a version for a device that this build's is not newer than (nothing published)
+  6   rollout: the rollout is aborted
   64  usage error: bad flags; build: no signing key; verify: a threshold above the keys given;
       publish/status/exporter: a bad broker URL, fleet id or selector, a --index or TLS file that does not exist
   65  the repository is invalid (validation errors are printed with file:line:column)
@@ -167,6 +172,21 @@ Prometheus scrape config:
 Runs until Ctrl-C or SIGTERM (then exit 0).
 Exit codes: 0 stopped by a signal, 1 failure at start (cannot listen on ADDR, unreadable --index or TLS files), 64 usage (bad flags, broker URL, fleet or prefix; a --index or TLS file that does not exist).")]
     Exporter(exporter::ExporterArgs),
+    /// Release a build wave by wave (fleet.yaml `rollout:`), watch the devices, halt by itself.
+    #[command(after_help = "Examples:
+  fleet-bundler build --repo . --key keys/signing.key --out out/      # with rollout: in fleet.yaml
+  fleet-bundler rollout --out out/ --broker mqtts://broker:8883 --base-url https://cdn.example/fleet \\
+      --sync 'aws s3 sync out/ s3://bucket/fleet/'
+  fleet-bundler rollout --out out/ --broker mqtt://127.0.0.1:1883 --base-url http://files.local/fleet --once   # one step, for cron
+  fleet-bundler rollout --abort --broker mqtt://127.0.0.1:1883 --fleet acme --reason 'bad config'
+  fleet-bundler status --broker mqtt://127.0.0.1:1883 --fleet acme       # shows the rollout line
+
+How it works: when fleet.yaml declares `rollout:`, `build` records the waves in DIR/index.json and writes the new pointer files to DIR/devices.next/ (devices keep polling their previous pointer file). This command releases one wave at a time: it moves the wave's pointer files into DIR/devices/, runs --sync (the upload), announces the wave's devices over MQTT at the declared pace with jitter (as `publish` does), and watches their retained statuses. A wave whose devices all converged (or failed within the halt limits) soaks, then the next wave is released.
+It halts when more devices failed or rolled back than halt.max_failed, when the failed share of the reporting devices exceeds halt.max_failed_rate (once halt.min_reporting reported), or when a wave is not settled within halt.wave_timeout: no further pointer file is moved and no device announced. Devices that updated healthily stay updated; failed ones rolled back by themselves.
+The state is retained on <prefix>/<fleet>/rollout (QoS 1) after every change; nothing is kept elsewhere. Started again with the same DIR, it resumes the running rollout where it was (killed or --timeout); a halted or aborted rollout of the same commit is printed, nothing moved; a build of a newer commit supersedes a running rollout and starts again at wave 1.
+
+Exit codes: 0 done (every wave soaked; --abort: the abort was published), 3 halted (the reason is printed), 4 --timeout reached or --once done while the rollout still runs (a later run resumes), 6 aborted, 1 failure (broker, I/O), 64 usage (bad flags or broker URL, no DIR/index.json, a build without rollout:, neither --base-url nor --blobs-over-mqtt, --abort without a retained rollout).")]
+    Rollout(rollout::drive::RolloutArgs),
 }
 
 /// Where the repository is.

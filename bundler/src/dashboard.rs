@@ -137,6 +137,7 @@ mod tests {
                 },
             )]
             .into(),
+            rollout: None,
         }
     }
 

@@ -18,6 +18,7 @@ pub const FLEET_SHAPE: Shape = Shape::Keys(&[
     ("file_root", Shape::Any),
     ("vars", Shape::Any),
     ("policy", POLICY_SHAPE),
+    ("rollout", crate::rollout::ROLLOUT_SHAPE),
 ]);
 
 /// The keys of `devices/<id>.yaml`.
@@ -65,6 +66,10 @@ pub struct FleetFile {
     /// a device's own `policy:` overrides it key by key. See `crate::policy`.
     #[serde(default)]
     pub policy: Option<crate::policy::PolicyFile>,
+    /// How a new build reaches the devices: waves, halt criteria, pace
+    /// (`crate::rollout::plan`). Absent: all at once.
+    #[serde(default)]
+    pub rollout: Option<Spanned<crate::rollout::plan::RolloutFile>>,
 }
 
 /// `devices/<id>.yaml`; the id is the file name.

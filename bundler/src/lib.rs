@@ -21,9 +21,11 @@
 //! - [`metrics`] and [`exporter`]: the fleet as Prometheus metrics (`exporter`,
 //!   `status --serve`); `metrics` is pure, `exporter` speaks MQTT and HTTP.
 //! - [`dashboard`]: the static live dashboard written next to the build output.
+//! - [`rollout`]: `rollout:` of `fleet.yaml`, the pure rollout core and
+//!   `fleet-bundler rollout`'s driver (MQTT, pointer files, `--sync`).
 //!
 //! Architecture invariant: only [`repo`], [`build`], [`previous`], [`registry`],
-//! [`dashboard`], [`mqtt`] and [`exporter`] do I/O;
+//! [`dashboard`], [`mqtt`], [`exporter`] and [`rollout::drive`] do I/O;
 //! loading and rendering are pure functions of the repository snapshot, so the same
 //! commit always renders the same states.
 
@@ -44,5 +46,6 @@ pub mod previous;
 pub mod registry;
 pub mod render;
 pub mod repo;
+pub mod rollout;
 pub mod timefmt;
 pub mod yaml;

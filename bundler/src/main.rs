@@ -17,6 +17,7 @@ use fleet_spec::{PublicKey, SigningKey};
 use fleet_bundler::build::{self, BuildOptions};
 use fleet_bundler::diag::{self, Diagnostic};
 use fleet_bundler::registry::{self, Registry};
+use fleet_bundler::rollout::drive;
 use fleet_bundler::{exporter, mqtt, plan, previous, render, repo, timefmt};
 
 mod cli;
@@ -57,6 +58,24 @@ fn main() -> ExitCode {
             ExitCode::from(exit::FAILURE)
         }
     }
+}
+
+fn rollout_cmd(args: &drive::RolloutArgs) -> anyhow::Result<u8> {
+    let (outcome, state) = drive::run(args).map_err(usage_exit)?;
+    if let Some(state) = &state {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(state)?);
+        } else {
+            eprintln!("{}", drive::line(state));
+        }
+    }
+    Ok(match outcome {
+        drive::Outcome::Done => exit::OK,
+        drive::Outcome::Aborted if args.abort => exit::OK,
+        drive::Outcome::Aborted => exit::ABORTED,
+        drive::Outcome::Halted => exit::DEVICE_FAILED,
+        drive::Outcome::Running => exit::TIMEOUT,
+    })
 }
 
 /// The error and its causes, `: `-separated like `{:#}`, but a cause whose text the
@@ -116,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             })
         }
         Command::Exporter(args) => export(&args),
+        Command::Rollout(args) => rollout_cmd(&args),
     }
 }
 

@@ -298,15 +298,19 @@ pub(crate) fn client(
 }
 
 /// A connected MQTT session with bounded waits.
-struct Session {
-    client: Client,
+pub(crate) struct Session {
+    pub(crate) client: Client,
     connection: Connection,
-    broker: String,
-    timeout: Duration,
+    pub(crate) broker: String,
+    pub(crate) timeout: Duration,
 }
 
 impl Session {
-    fn connect(args: &BrokerArgs, timeout: Duration, capacity: usize) -> Result<Session, MqttError> {
+    pub(crate) fn connect(
+        args: &BrokerArgs,
+        timeout: Duration,
+        capacity: usize,
+    ) -> Result<Session, MqttError> {
         let (client, connection) = client(args, "fleet-bundler", capacity)?;
         let mut session = Session { client, connection, broker: args.broker.clone(), timeout };
         let deadline = Instant::now() + timeout;
@@ -324,7 +328,7 @@ impl Session {
     }
 
     /// The next event before `deadline`; connection errors are final (no reconnect).
-    fn next(&mut self, deadline: Instant, what: &str) -> Result<Event, MqttError> {
+    pub(crate) fn next(&mut self, deadline: Instant, what: &str) -> Result<Event, MqttError> {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return Err(MqttError::Timeout {
@@ -359,7 +363,7 @@ impl Session {
         }
     }
 
-    fn disconnect(mut self) {
+    pub(crate) fn disconnect(mut self) {
         let _ = self.client.disconnect();
         let deadline = Instant::now() + Duration::from_millis(500);
         while self.next(deadline, "disconnecting").is_ok() {}
@@ -401,11 +405,7 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
             args.out.display()
         ))
     })?;
-    let published_path = args.out.join("published.json");
-    let previous: Published = match std::fs::read(&published_path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-        Err(_) => Published::default(),
-    };
+    let previous = read_published(&args.out);
     let mut next = Published { devices: BTreeMap::new(), blobs: args.blobs_over_mqtt };
 
     // (topic, payload) in order: a blob before its announcement.
@@ -418,17 +418,7 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
         ..Default::default()
     };
     for (device, entry) in &index.devices {
-        let urls = args
-            .base_urls
-            .iter()
-            .map(|base| format!("{}/bundles/{}.bundle", base.trim_end_matches('/'), entry.digest))
-            .collect();
-        let announcement = Announcement {
-            urls,
-            mqtt_blob: args.blobs_over_mqtt,
-            ..entry.announcement(&index.fleet, device)
-        };
-        let payload = announcement.to_json();
+        let payload = announcement_payload(&index, device, entry, &args.base_urls, args.blobs_over_mqtt);
         let hash = hex::encode(Sha256::digest(&payload));
         next.devices.insert(device.clone(), hash.clone());
         if !args.force && previous.devices.get(device) == Some(&hash) {
@@ -436,12 +426,7 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
             continue;
         }
         if args.blobs_over_mqtt {
-            let path = args.out.join("bundles").join(format!("{}.bundle", entry.digest));
-            let bytes = std::fs::read(&path).map_err(|source| MqttError::File { path, source })?;
-            messages.push((
-                Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Bundle)?.to_string(),
-                bytes,
-            ));
+            messages.push(blob_message(&args.out, &index, device, entry)?);
         }
         let topic = Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Desired)?.to_string();
         announcing.insert(topic.clone(), (device.clone(), entry.version, entry.digest.clone()));
@@ -502,9 +487,7 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
         }
         session.disconnect();
     }
-    let mut json = serde_json::to_vec_pretty(&next).expect("published state serializes");
-    json.push(b'\n');
-    build::write_atomic(&published_path, &json, true)?;
+    write_published(&args.out, &next)?;
     eprintln!(
         "published fleet {} to {}: {} announced, {} unchanged, {} cleared",
         summary.fleet,
@@ -514,6 +497,50 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
         summary.cleared.len()
     );
     Ok(summary)
+}
+
+/// `device`'s announcement of its indexed bundle, as `publish` and `rollout` retain it.
+pub(crate) fn announcement_payload(
+    index: &Index,
+    device: &str,
+    entry: &build::IndexEntry,
+    base_urls: &[String],
+    blobs_over_mqtt: bool,
+) -> Vec<u8> {
+    let urls = base_urls
+        .iter()
+        .map(|base| format!("{}/bundles/{}.bundle", base.trim_end_matches('/'), entry.digest))
+        .collect();
+    Announcement { urls, mqtt_blob: blobs_over_mqtt, ..entry.announcement(&index.fleet, device) }.to_json()
+}
+
+/// The retained bundle blob of `device` (`--blobs-over-mqtt`): (topic, bytes).
+pub(crate) fn blob_message(
+    out: &Path,
+    index: &Index,
+    device: &str,
+    entry: &build::IndexEntry,
+) -> Result<(String, Vec<u8>), MqttError> {
+    let path = out.join("bundles").join(format!("{}.bundle", entry.digest));
+    let bytes = std::fs::read(&path).map_err(|source| MqttError::File { path, source })?;
+    Ok((Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Bundle)?.to_string(), bytes))
+}
+
+/// Reads `DIR/published.json` (an unreadable one counts as empty: everything is
+/// announced again).
+pub(crate) fn read_published(out: &Path) -> Published {
+    match std::fs::read(out.join("published.json")) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        Err(_) => Published::default(),
+    }
+}
+
+/// Writes `DIR/published.json` atomically.
+pub(crate) fn write_published(out: &Path, published: &Published) -> Result<(), MqttError> {
+    let mut json = serde_json::to_vec_pretty(published).expect("published state serializes");
+    json.push(b'\n');
+    build::write_atomic(&out.join("published.json"), &json, true)?;
+    Ok(())
 }
 
 /// Reads the retained messages on `filter`: subscribes (QoS 0: retained messages come
@@ -714,6 +741,10 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
     let mut session = Session::connect(&args.broker, args.connect_timeout, 10)?;
     session.client.subscribe(status_filter, QoS::AtLeastOnce).map_err(|e| lost(&session, e))?;
     session.client.subscribe(online_filter, QoS::AtLeastOnce).map_err(|e| lost(&session, e))?;
+    let rollout_topic = crate::rollout::drive::rollout_topic(&prefix, &fleet)?;
+    session.client.subscribe(&rollout_topic, QoS::AtLeastOnce).map_err(|e| lost(&session, e))?;
+    const SUBSCRIPTIONS: usize = 3;
+    let mut rollout: Option<crate::rollout::judge::RolloutState> = None;
 
     let mut reports: BTreeMap<String, StatusReport> = BTreeMap::new();
     let mut online: BTreeMap<String, bool> = BTreeMap::new();
@@ -725,7 +756,7 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
     let outcome = loop {
         let deadline = if args.wait {
             wait_deadline
-        } else if subacks < 2 {
+        } else if subacks < SUBSCRIPTIONS {
             started + session.timeout
         } else {
             (last_message + args.settle).min(started + session.timeout + args.settle)
@@ -742,8 +773,12 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
                 break StatusOutcome::Interrupted;
             }
             Err(MqttError::Timeout { .. }) if Instant::now() < deadline => continue,
-            Err(MqttError::Timeout { .. }) if args.wait && subacks >= 2 => break StatusOutcome::Timeout,
-            Err(MqttError::Timeout { .. }) if !args.wait && subacks >= 2 => break StatusOutcome::Shown,
+            Err(MqttError::Timeout { .. }) if args.wait && subacks >= SUBSCRIPTIONS => {
+                break StatusOutcome::Timeout
+            }
+            Err(MqttError::Timeout { .. }) if !args.wait && subacks >= SUBSCRIPTIONS => {
+                break StatusOutcome::Shown
+            }
             Err(e) => return Err(e),
         };
         match event {
@@ -753,6 +788,10 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
             }
             Event::Incoming(Packet::Publish(p)) => {
                 last_message = Instant::now();
+                if p.topic == rollout_topic {
+                    rollout = serde_json::from_slice(&p.payload).ok();
+                    continue;
+                }
                 let Ok(topic) = Topic::parse(&prefix, &p.topic) else { continue };
                 if topic.fleet != fleet {
                     continue;
@@ -793,10 +832,14 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
 
     let rows = rows(expected.as_ref(), &args.devices, &reports, &online);
     if args.json {
-        let out = serde_json::json!({ "fleet": fleet, "outcome": outcome, "devices": rows });
+        let out =
+            serde_json::json!({ "fleet": fleet, "outcome": outcome, "devices": rows, "rollout": rollout });
         println!("{}", serde_json::to_string_pretty(&out).expect("status serializes"));
     } else {
         print!("{}", table(&rows));
+        if let Some(r) = &rollout {
+            println!("{}", crate::rollout::drive::line(r));
+        }
         match outcome {
             StatusOutcome::Converged => eprintln!("every selected device converged"),
             StatusOutcome::Failed => eprintln!("a device failed or rolled back on the indexed version"),
@@ -812,7 +855,7 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
     Ok(outcome)
 }
 
-fn lost(session: &Session, e: rumqttc::ClientError) -> MqttError {
+pub(crate) fn lost(session: &Session, e: rumqttc::ClientError) -> MqttError {
     MqttError::Lost { broker: session.broker.clone(), what: "subscribing".into(), message: e.to_string() }
 }
 

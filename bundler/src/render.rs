@@ -85,6 +85,8 @@ pub struct Fleet {
     pub policy: crate::policy::Settings,
     pub devices: BTreeMap<String, Device>,
     pub apps: Vec<App>,
+    /// `rollout:` of `fleet.yaml` with each device's wave; `None`: all at once.
+    pub rollout: Option<crate::rollout::RolloutPlan>,
     templates: Environment<'static>,
     /// The largest file a template may render (the snapshot's `max_file_size`).
     max_file_size: u64,
@@ -196,6 +198,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
     let mut file_root = DEFAULT_FILE_ROOT.to_string();
     let mut vars = Vars::new();
     let mut policy = crate::policy::Settings::default();
+    let mut rollout: Option<(crate::rollout::Rollout, Pos)> = None;
     match snapshot.files.get("fleet.yaml") {
         None if snapshot.too_large.contains_key("fleet.yaml") => {}
         None => diags.push(Diagnostic::error(
@@ -261,6 +264,10 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
                     if let Some(p) = &f.policy {
                         policy = crate::policy::Settings::from_file("fleet.yaml", p, &mut diags);
                     }
+                    if let Some(r) = &f.rollout {
+                        rollout = crate::rollout::Rollout::from_file("fleet.yaml", r, &mut diags)
+                            .map(|checked| (checked, Pos::of(r)));
+                    }
                 }
             }
         }
@@ -317,8 +324,29 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         }
     }
 
+    let rollout = rollout.map(|(r, at)| {
+        let (devices_waves, unassigned) =
+            crate::rollout::plan::assign(&name, &r, devices.iter().map(|(id, d)| (id, &d.labels)));
+        if !unassigned.is_empty() {
+            let shown: Vec<&str> = unassigned.iter().take(5).map(String::as_str).collect();
+            diags.push(Diagnostic::error(
+                "fleet.yaml",
+                at.line,
+                at.column,
+                format!(
+                    "{} device(s) are in no wave of rollout: ({}{}): end `waves:` with a wave without selector \
+                     and percent, which takes every remaining device",
+                    unassigned.len(),
+                    shown.join(", "),
+                    if unassigned.len() > 5 { ", ..." } else { "" }
+                ),
+            ));
+        }
+        crate::rollout::RolloutPlan { rollout: r, devices: devices_waves }
+    });
     let root_broken = diags.iter().any(|d| d.is_error() && d.file == "fleet.yaml");
     let fleet = Fleet {
+        rollout,
         root_broken,
         name,
         topic_prefix,
