@@ -537,6 +537,24 @@ def drive_manual(ctx, repo, broker, http, obs, idx, devs, plan, names, soak_s):
     return res
 
 
+def agent_checks(a):
+    """What the rollout must have done for the figures to mean anything."""
+    bad = []
+    r1, r2 = a.get("run1") or {}, a.get("run2")
+    if not r1.get("manual"):
+        if r1.get("rc") != 0:
+            bad.append(f"check: the healthy rollout exited {r1.get('rc')}, not 0 (done): {r1.get('stderr')}")
+        if any(w["converged"] != w["devices"] for w in r1.get("waves", [])):
+            bad.append("check: not every device of the healthy rollout converged on the new bundle")
+    if r2 is not None:
+        if r2.get("rc") != 3:
+            bad.append(f"check: the failing rollout exited {r2.get('rc')}, not 3 (halted): {r2.get('stderr')}")
+        if r2.get("later_announced") or r2.get("later_pointer_new"):
+            bad.append(f"check: devices of waves 3-4 got the halted bundle ({r2.get('later_announced')} "
+                       f"announced, {r2.get('later_pointer_new')} pointer files)")
+    return bad
+
+
 def rss_snapshot(broker, agents):
     b = proc_status(broker.pid)
     rss = sorted(proc_status(a.pid)["VmRSS"] for a in agents if a.poll() is None)
@@ -735,7 +753,7 @@ def report(ctx, scale, agents, errors):
                  f"max {rs['agents_max']:.2f} MB.")
         L.append("")
     for e in errors:
-        L.append(f"- not measured: {e}")
+        L.append(f"- {'' if e.startswith('check:') else 'not measured: '}{e}")
     return "\n".join(L)
 
 
@@ -792,6 +810,7 @@ def main():
                               "`halted`); the agents' waves below are announced by the bench itself")
             try:
                 agents = measure_agents(ctx, n_agents)
+                errors += agent_checks(agents)
             except Exception as e:  # noqa: BLE001
                 log(f"agents failed: {e!r}")
                 errors.append(f"agents {n_agents}: {e}")
@@ -805,7 +824,10 @@ def main():
         with open(a.json_out, "w") as f:
             json.dump({"scale": scale, "agents": agents, "errors": errors}, f, indent=1, default=str)
     print(report(ctx, scale, agents, errors))
-    return 0
+    # Benchmarks are not tests, but a section that could not run (or a rollout that did
+    # not behave: see agent_checks) makes the figures meaningless: say so to CI.
+    real = [e for e in errors if "has no such command" not in e]
+    return 1 if real else 0
 
 
 if __name__ == "__main__":
