@@ -65,8 +65,29 @@ fn rollout_cmd(args: &drive::RolloutArgs) -> anyhow::Result<u8> {
     if let Some(state) = &state {
         if args.json {
             println!("{}", serde_json::to_string_pretty(state)?);
-        } else {
-            eprintln!("{}", drive::line(state));
+        }
+        let reason = state.reason.as_deref().unwrap_or("no reason given");
+        match outcome {
+            drive::Outcome::Done => eprintln!("the rollout of commit {} is done: every wave soaked", short(&state.commit)),
+            drive::Outcome::Halted => eprintln!(
+                "the rollout of commit {} halted at wave {} ({reason}): no further device gets it; devices that updated \
+                 stay, failed ones rolled back by themselves. Fix the cause and build a new commit: its rollout supersedes \
+                 this one",
+                short(&state.commit),
+                state.wave + 1
+            ),
+            drive::Outcome::Aborted if args.abort => {
+                eprintln!("the rollout of commit {} is aborted: a running `fleet-bundler rollout` stops", short(&state.commit))
+            }
+            drive::Outcome::Aborted => eprintln!(
+                "the rollout of commit {} was aborted ({reason}): nothing more is released; build a new commit to roll out again",
+                short(&state.commit)
+            ),
+            drive::Outcome::Running => eprintln!(
+                "the rollout of commit {} is still running (wave {}): run `fleet-bundler rollout` again to continue",
+                short(&state.commit),
+                state.wave + 1
+            ),
         }
     }
     Ok(match outcome {

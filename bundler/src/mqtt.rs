@@ -405,6 +405,17 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
             args.out.display()
         ))
     })?;
+    if index.rollout.is_some() {
+        return Err(MqttError::Usage(format!(
+            "{} declares a rollout (fleet.yaml `rollout:` at commit {}): its pointer files wait in {}/devices.next/; \
+             release them wave by wave with `fleet-bundler rollout --out {}` (same broker flags), or remove `rollout:` \
+             from fleet.yaml and build again to publish all at once",
+            index_path.display(),
+            index.commit,
+            args.out.display(),
+            args.out.display()
+        )));
+    }
     let previous = read_published(&args.out);
     let mut next = Published { devices: BTreeMap::new(), blobs: args.blobs_over_mqtt };
 

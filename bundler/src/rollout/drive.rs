@@ -345,7 +345,7 @@ pub fn run(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttEr
             listener.flush(&mut session)?;
             last_published = Some(state.clone());
             let line = line(&state);
-            if line != last_line && !args.json {
+            if line != last_line {
                 eprintln!("{line}");
                 last_line = line;
             }

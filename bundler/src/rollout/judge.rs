@@ -156,7 +156,7 @@ impl Target {
             .map(|(i, w)| {
                 let mut ids: Vec<&String> =
                     plan.devices.iter().filter(|(_, wave)| **wave == i).map(|(id, _)| id).collect();
-                ids.sort_by_key(|id| device_hash(fleet, id));
+                ids.sort_by_cached_key(|id| device_hash(fleet, id));
                 let interval_ms = r
                     .pace
                     .devices_per_minute
@@ -366,6 +366,7 @@ pub fn step(
     // 3. Release, then announce what is due.
     if state.waves[w].started_at.is_none() {
         state.waves[w].started_at = Some(now_s);
+        state.waves[w].pending = state.waves[w].devices;
         effects.push(Effect::Release(w));
     }
     let ws = &mut state.waves[w];
@@ -392,6 +393,7 @@ pub fn step(
             } else {
                 state.wave = w + 1;
                 state.waves[w + 1].started_at = Some(now_s);
+                state.waves[w + 1].pending = state.waves[w + 1].devices;
                 effects.push(Effect::Release(w + 1));
             }
         }

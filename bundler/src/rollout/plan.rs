@@ -192,15 +192,15 @@ pub fn assign<'a>(
             Some(p) => ((candidates.len() as f64) * p / 100.0 - 1e-9).ceil().max(0.0) as usize,
             None => candidates.len(),
         };
-        let taken: Vec<usize> = candidates.into_iter().take(take).collect();
-        for &k in &taken {
+        let mut taken = vec![false; remaining.len()];
+        for k in candidates.into_iter().take(take) {
+            taken[k] = true;
             assigned.insert(remaining[k].1.clone(), i);
         }
         let mut k = 0;
         remaining.retain(|_| {
-            let keep = !taken.contains(&k);
             k += 1;
-            keep
+            !taken[k - 1]
         });
     }
     let unassigned = remaining.iter().map(|(_, id, _)| (*id).clone()).collect();

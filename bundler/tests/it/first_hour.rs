@@ -346,7 +346,7 @@ fn an_os_error_is_printed_once_and_names_the_file() {
 
 #[test]
 fn every_subcommand_help_lists_its_exit_codes() {
-    for sub in ["keygen", "validate", "build", "plan", "publish", "verify", "status", "exporter"] {
+    for sub in ["keygen", "validate", "build", "plan", "publish", "verify", "status", "exporter", "rollout"] {
         let o = bundler(&[sub, "--help"]);
         o.assert_code(0);
         assert!(o.stdout.contains("Exit codes:"), "{sub} --help has no exit codes:\n{}", o.stdout);

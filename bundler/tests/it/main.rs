@@ -11,4 +11,5 @@ mod mqtt;
 mod plan;
 mod policy;
 mod registry;
+mod rollout;
 mod validate;

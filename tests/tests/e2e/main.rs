@@ -26,6 +26,7 @@
 //! | [`outages`] | 6 broker and bundle server outages, an update never announced (polling) |
 //! | [`crash`] | 7 crash safety, files only and on dockerd (`FLEET_E2E_CRASH_ITERATIONS`, default 5) |
 //! | [`small_fleet`] | 9 twenty devices |
+//! | [`rollout`] | issue 14: a three-wave rollout in order, resumed after SIGKILL; a failing second wave halts it (thirty agents) |
 //! | [`acl`] | 10 broker ACLs |
 //! | [`sideload`] | 11 `fleet-agent apply` without a broker |
 //! | [`dashboard`] | the static live dashboard in headless Chromium: a device converging, a failing one in red, hostile messages as text (issue 18) |
@@ -44,5 +45,6 @@ mod exporter;
 mod first_deploy;
 mod hostile;
 mod outages;
+mod rollout;
 mod sideload;
 mod small_fleet;
