@@ -208,7 +208,7 @@ pub async fn run<E: Engine>(
 
         loop {
             let healthcheck_at = runner.agent.next_healthcheck();
-            let retry_at = runner.candidates.wake_at();
+            let retry_at = runner.retry_at();
             // Not `biased`: a flood on one source (the broker, say) must not starve the
             // timers.
             let work = tokio::select! {
@@ -482,6 +482,17 @@ impl<E: Engine> Runner<E> {
 
     /// Starts on the next due candidate: from its stored copy or the MQTT blob if there
     /// is one (applied now), else a download beside the loop.
+    /// When the loop must wake to try the next candidate. Not while a download runs: its
+    /// end wakes the loop (and tries the next one), and a candidate already due would
+    /// otherwise wake it at once, again and again, for as long as a slow server holds the
+    /// download (a busy loop that burned a core per stalled device).
+    fn retry_at(&self) -> Option<Instant> {
+        if self.download.is_some() {
+            return None;
+        }
+        self.candidates.wake_at()
+    }
+
     async fn try_next(&mut self) -> Result<(), AgentError> {
         // Each pass settles one candidate (applied, dropped, backed off) or returns.
         for _ in 0..4 {

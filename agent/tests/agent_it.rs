@@ -1000,3 +1000,54 @@ fn events_are_logged_once_by_name_in_json_logs() {
     assert!(!log.contains("recovery"), "a clean journal is not news at INFO:\n{log}");
     assert!(!log.contains("Clean"), "{log}");
 }
+
+/// CPU time (user + system, in clock ticks) the process `pid` has used so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..].split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// Found by the rollout benchmark: while a download waited on a server that accepted
+/// the connection and never answered, the agent woke its loop again and again (the
+/// candidate being downloaded was due) and burned a whole core, on every stalled device
+/// at once. Waiting on a download must cost no CPU.
+#[test]
+fn a_download_stalled_by_a_silent_server_costs_no_cpu() {
+    let broker = mosquitto();
+    // Accepts connections and never reads or answers (a hung CDN node).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    std::thread::spawn(move || {
+        for conn in silent.incoming().map_while(Result::ok) {
+            keep.lock().expect("lock").push(conn);
+        }
+    });
+    let dev =
+        device(&format!("[fetch]\ntimeout_secs = 30\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"", broker.port()));
+    let full = dev.bundle(1, &[("a", "1")]);
+    let digest = bundle::content_address(&full);
+    let mut sub = Sub::new(broker.port(), "fleet/acme/devices/gw-01/#");
+    let agent = dev.run();
+    sub.wait("fleet/acme/devices/gw-01/online", Duration::from_secs(10), |p| p == "true");
+    let ann =
+        announcement(1, "commit1", &digest, full.len(), vec![format!("http://127.0.0.1:{port}/b")], false);
+    publish_announcement(broker.port(), &ann);
+    // The download is under way once the server holds its connection.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while held.lock().expect("lock").is_empty() {
+        assert!(std::time::Instant::now() < until, "the agent never connected\n{}", dev.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = agent.0.id();
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(4));
+    let used = cpu_ticks(pid) - before;
+    // 4 s of a busy loop is ~400 ticks (100 per second); waiting is a handful.
+    assert!(used < 100, "{used} clock ticks of CPU in 4 s while waiting on a silent server\n{}", dev.log());
+    assert!(dev.read("a").is_none());
+}
