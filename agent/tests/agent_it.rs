@@ -502,7 +502,7 @@ fn a_deferred_bundle_is_retried_from_its_stored_copy_not_downloaded_again() {
     });
     // The first retry comes after the first backoff (10 s), from disk.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !dev.log().contains("retrying the stored copy") {
+    while !dev.log().contains("applying the stored copy") {
         assert!(Instant::now() < deadline, "no retry from the stored copy\n{}", dev.log());
         std::thread::sleep(Duration::from_millis(200));
     }
