@@ -50,8 +50,8 @@ set +e
     >"$WORK/check.out" 2>&1
 code=$?
 set -e
-[ "$code" = 78 ] || fail "the default config must be refused with 78 (EX_CONFIG) until filled in (got $code): $(cat "$WORK/check.out")"
-ok "packaged binary runs ($version_line); the unfilled default config exits 78"
+[ "$code" = 64 ] || fail "the default config must be refused with 64 until filled in (got $code): $(cat "$WORK/check.out")"
+ok "packaged binary runs ($version_line); the unfilled default config exits 64"
 
 # The tarball: install.sh into a fake root, twice.
 tar -xzf "$TARBALL" -C "$WORK"

@@ -11,8 +11,8 @@
 # Checks, each under qemu-<arch>-static (no -L: the binary is static):
 #   --version                      exit 0, prints "fleet-agent <workspace version>"
 #   --help                         exit 0, documents `run` and `--config`
-#   check-config (default config)  exit 78: the packaged agent.toml is incomplete on
-#                                  purpose, and the unit relies on 78 to stop restarting
+#   check-config (default config)  exit 64: the packaged agent.toml is incomplete on
+#                                  purpose, and the unit relies on 64 to stop restarting
 #   check-config (filled in)       exit 0: the same file with a device id and a key
 #
 # The last line of output is FLEET_AGENT_AARCH64=<absolute path> (eval-able): the
@@ -117,7 +117,7 @@ VERSION="$(agent_version)"
 echo "qemu smoke test of $BINARY:"
 run_check "--version" 0 "^fleet-agent ${VERSION//./\\.}" --version
 run_check "--help" 0 "run.*--config" --help
-run_check "check-config (default)" 78 "." check-config --config "$(default_agent_config)"
+run_check "check-config (default)" 64 "." check-config --config "$(default_agent_config)"
 # The packaged default, filled in (RFC 8032's test key, a scratch state dir): accepted.
 sed -e 's/^device = .*/device = "smoke-01"/' -e 's/^fleet = .*/fleet = "smoke"/' \
     -e "s|^state_dir = .*|state_dir = \"$WORK/state\"|" \

@@ -6,7 +6,8 @@
 //! a crate. This module never does I/O besides returning text to print.
 //!
 //! Exit codes follow sysexits, as `fleet-bundler`'s do: 64 (EX_USAGE) a bad command
-//! line, 65 (EX_DATAERR) a bundle refused, 78 (EX_CONFIG) an invalid `agent.toml`.
+//! line and an invalid `agent.toml` alike (what the agent was given is wrong; systemd does
+//! not restart on it), 65 (EX_DATAERR) a bundle refused.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -30,8 +31,9 @@ pub mod exit {
     /// A temporary failure (image pull failed, ...; or the state directory is locked by
     /// a running agent that takes no sideloads): try again later (EX_TEMPFAIL).
     pub const TEMPFAIL: u8 = 75;
-    /// Invalid `agent.toml` (sysexits EX_CONFIG).
-    pub const CONFIG: u8 = 78;
+    /// Invalid `agent.toml`: the same code as a bad command line, as since the first
+    /// release (scripts and the systemd unit rely on it).
+    pub const CONFIG: u8 = 64;
 }
 
 pub const HELP: &str = "\
@@ -77,13 +79,13 @@ EXAMPLES:
 EXIT CODES (sysexits, as fleet-bundler):
     0   ok (run: stopped by SIGTERM/SIGINT; apply: applied and healthy, or already so)
     1   runtime failure (apply: applied, failed health, rolled back)
-    64  bad command line
+    64  bad command line, or invalid configuration (every problem listed, with
+        line:col and key)
     65  apply: bundle rejected (signature, version, expiry, paths...); nothing changed
     66  apply: bundle file cannot be read
     69  apply: container engine unavailable; nothing changed
     75  temporary failure (apply: image pull failed, ...; or a running agent that
         takes no sideloads): retry
-    78  invalid configuration (every problem listed, with line:col and key)
 ";
 
 const HELP_RUN: &str = "\
@@ -105,9 +107,8 @@ OPTIONS:
 EXIT CODES:
     0   stopped by SIGTERM/SIGINT
     1   runtime failure (the journal cannot be written: restart to recover)
-    64  bad command line
+    64  bad command line or invalid configuration
     75  the state directory is locked by another fleet-agent process
-    78  invalid configuration
 
 EXAMPLE:
     fleet-agent run -c /etc/fleet-agent/agent.toml --log-format json
@@ -134,13 +135,12 @@ OPTIONS:
 EXIT CODES:
     0   applied and healthy, or already applied
     1   applied, failed health, rolled back
-    64  bad command line
+    64  bad command line or invalid configuration
     65  bundle rejected (signature, version, expiry, paths, policy...); nothing changed
     66  bundle file cannot be read
     69  container engine unavailable; nothing changed
     75  temporary failure (image pull failed, ...; or a running agent that takes no
         sideloads): retry
-    78  invalid configuration
 
 EXAMPLE:
     fleet-agent apply -c /etc/fleet-agent/agent.toml /media/usb/3f9a...c2.bundle
@@ -160,8 +160,7 @@ OPTIONS:
 EXIT CODES:
     0   ok
     1   the state directory cannot be read
-    64  bad command line
-    78  invalid configuration
+    64  bad command line or invalid configuration
 
 EXAMPLE:
     fleet-agent status -c /etc/fleet-agent/agent.toml --json | jq .status.state
@@ -184,8 +183,7 @@ OPTIONS:
 
 EXIT CODES:
     0   valid (warnings are printed on stderr)
-    64  bad command line
-    78  invalid configuration
+    64  bad command line or invalid configuration
 
 EXAMPLE:
     fleet-agent check-config -c /etc/fleet-agent/agent.toml
@@ -211,8 +209,7 @@ OPTIONS:
 EXIT CODES:
     0   forgotten (or there was nothing to forget)
     1   the state directory cannot be written
-    64  bad command line
-    78  invalid configuration
+    64  bad command line or invalid configuration
 
 EXAMPLE:
     fleet-agent status | grep rejected

@@ -1,4 +1,4 @@
-//! `fleet-agent`: parse arguments (exit 64 when wrong), load the config (exit 78 when
+//! `fleet-agent`: parse arguments (exit 64 when wrong), load the config (exit 64 when
 //! invalid, with every problem listed), wire the
 //! adapters, run, and map the outcome to a documented exit code (see `--help`).
 

@@ -624,7 +624,7 @@ fn sideload_apply_and_the_documented_exit_codes() {
     )
     .expect("write");
     let out = Command::new(BIN).args(["check-config", "--config"]).arg(&bad).output().expect("run");
-    assert_eq!(out.status.code(), Some(78));
+    assert_eq!(out.status.code(), Some(64));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("bogus"),
         "{}",

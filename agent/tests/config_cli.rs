@@ -2,8 +2,8 @@
 //! ways a `stat` does not see (TLS files that do not parse, allowed roots that overlap
 //! the agent's own directories) or that are unwise (a password over plain `mqtt://`):
 //! the real binary, its exit code and its message. `run` must refuse at start with the
-//! same exit code (78, EX_CONFIG) and message as `check-config`, so systemd does not restart it in
-//! a loop (`RestartPreventExitStatus=78`).
+//! same exit code (64) and message as `check-config`, so systemd does not restart it in
+//! a loop (`RestartPreventExitStatus=64`).
 //!
 //! Nothing here needs a broker: `run` either exits before connecting, or is stopped
 //! (SIGTERM) once it has logged what the test looks for.
@@ -101,7 +101,7 @@ fn error_line(out: &Output) -> String {
 
 fn assert_refused(out: &Output, key: &str, paths: &[&Path]) {
     let text = stderr(out);
-    assert_eq!(out.status.code(), Some(78), "exit 78 expected:\n{text}");
+    assert_eq!(out.status.code(), Some(64), "exit 64 expected:\n{text}");
     assert!(text.contains(&format!("`{key}`")), "names {key}:\n{text}");
     for path in paths {
         assert!(text.contains(&path.display().to_string()), "names {}:\n{text}", path.display());
@@ -121,7 +121,7 @@ fn device_with_file(table: &str, key: &str, text: &str) -> (Device, PathBuf) {
 }
 
 #[test]
-fn check_config_refuses_a_garbage_mqtt_ca_file_with_78_naming_key_and_file() {
+fn check_config_refuses_a_garbage_mqtt_ca_file_with_64_naming_key_and_file() {
     let (dev, ca) = device_with_file("mqtt", "ca_file", "garbage, not PEM\n");
     assert_refused(&dev.check_config(), "mqtt.ca_file", &[&ca]);
 }
@@ -271,7 +271,7 @@ fn run_for(dev: &Device, secs: u64) -> String {
 }
 
 /// Issue 20, point 6: twelve mistakes, one run. Every problem is listed in file order
-/// with line:col and key, and the exit code is 78 (EX_CONFIG), for `check-config` and
+/// with line:col and key, and the exit code is 64, for `check-config` and
 /// `run` alike; `--json` gives the same list.
 #[test]
 fn check_config_reports_every_mistake_at_once_in_file_order() {
@@ -284,7 +284,7 @@ fn check_config_reports_every_mistake_at_once_in_file_order() {
     std::fs::write(&dev.config, &text).expect("write");
     let out = dev.check_config();
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert_eq!(out.status.code(), Some(64), "{err}");
     // Types and keys first (values are judged once those are right): every one of them.
     let keys = [
         "flet",
@@ -309,7 +309,7 @@ fn check_config_reports_every_mistake_at_once_in_file_order() {
     assert!(err.contains(&format!("{config}:2:1: `flet`: unknown key at the top level")), "{err}");
 
     let json = agent(&["check-config", "--json", "--config", &config]);
-    assert_eq!(json.status.code(), Some(78));
+    assert_eq!(json.status.code(), Some(64));
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json");
     assert_eq!(v["ok"], false);
     let errors = v["errors"].as_array().expect("errors");
@@ -317,7 +317,7 @@ fn check_config_reports_every_mistake_at_once_in_file_order() {
     assert_eq!((errors[0]["line"].as_u64(), errors[0]["col"].as_u64()), (Some(2), Some(1)), "{v}");
     assert_eq!(errors[0]["key"], "flet");
     let run = dev.run_expecting_exit();
-    assert_eq!(run.status.code(), Some(78));
+    assert_eq!(run.status.code(), Some(64));
     assert_eq!(stderr(&run).trim_end(), err.trim_end(), "run says the same as check-config");
 
     // Once keys and types are right, every bad value, in one run too.
@@ -332,7 +332,7 @@ fn check_config_reports_every_mistake_at_once_in_file_order() {
     std::fs::write(&dev.config, &text).expect("write");
     let out = dev.check_config();
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert_eq!(out.status.code(), Some(64), "{err}");
     for key in [
         "device",
         "mqtt.url",
@@ -421,7 +421,7 @@ fn each_command_has_its_own_help_and_typos_get_a_suggestion() {
         assert!(!text.contains("COMMANDS:"), "not the global help:\n{text}");
     }
     let global = stdout(&agent(&["--help"]));
-    assert!(global.contains("COMMANDS:") && global.contains("78  invalid configuration"), "{global}");
+    assert!(global.contains("COMMANDS:") && global.contains("64  bad command line, or invalid configuration"), "{global}");
 
     for (args, hint) in [
         (&["aply", "x.bundle"][..], "did you mean `apply`?"),
@@ -445,7 +445,7 @@ fn a_missing_file_is_named_and_its_error_said_once() {
     let missing = dev.path("etc/nope.toml");
     let out = agent(&["check-config", "-c", &missing.display().to_string()]);
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(err.contains(&missing.display().to_string()), "{err}");
     assert_eq!(err.matches("os error 2").count(), 1, "{err}");
     let dev = Device::new("[mqtt]\nurl = \"mqtts://127.0.0.1:1\"\nca_file = \"missing-ca.pem\"\n");
@@ -480,7 +480,7 @@ fn twelve_mistakes_are_reported_in_one_run() {
     std::fs::write(&dev.config, &text).expect("write");
     let out = dev.check_config();
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert_eq!(out.status.code(), Some(64), "{err}");
     let want = [
         "device",
         "log_levle",
