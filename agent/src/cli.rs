@@ -193,8 +193,8 @@ const HELP_FORGET: &str = "\
 fleet-agent forget: drop bundles from the rejected set (rejected.json).
 
 A forgotten bundle is judged again at its next announcement, poll or sideload.
-Refusals caused by the device's own config (path_not_allowed, symlink_escape,
-engine_disabled, policy_denied) are forgotten by themselves when that config changes;
+Refusals caused by the device's own config (path_not_allowed, engine_disabled,
+policy_denied, ...) are forgotten by themselves when that config changes;
 use this for the others, e.g. after fixing a key on the device.
 
 USAGE:

@@ -133,6 +133,26 @@ async fn symlinked_directory_inside_the_root_is_refused_with_symlink_escape() {
     std::os::unix::fs::symlink(d.root.join("real"), d.root.join("alias")).expect("symlink");
     let v1 = d.bundle(1, &[("alias/a.conf", "a1")]);
     let outcome = d.agent.apply_bundle(&v1).await.expect("apply");
-    assert!(matches!(&outcome, Outcome::Rejected { code, .. } if code == "symlink_escape"), "{outcome:?}");
+    assert!(matches!(&outcome, Outcome::Deferred { code, .. } if code == "symlink_escape"), "{outcome:?}");
     assert!(!d.root.join("real/a.conf").exists(), "nothing written through the alias");
+}
+
+/// A container that plants a symlinked directory on a managed path (its app directory
+/// is bind-mounted read-write) defers the bundle; it does not keep the signed bundle out
+/// for good: once the link is gone, the same bytes apply.
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_planted_symlinked_directory_defers_the_bundle_until_it_is_gone() {
+    let mut d = Device::new();
+    d.agent.recover().await.expect("recover");
+    std::os::unix::fs::symlink("/etc", d.root.join("conf")).expect("symlink");
+    let v1 = d.bundle(1, &[("conf/a.conf", "a1")]);
+    let digest = fleet_spec::bundle::content_address(&v1);
+    let outcome = d.agent.apply_bundle(&v1).await.expect("apply");
+    assert!(matches!(&outcome, Outcome::Deferred { code, .. } if code == "symlink_escape"), "{outcome:?}");
+    assert!(!d.agent.store().rejected().expect("rejected").contains_key(&digest), "not rejected");
+    assert!(!std::path::Path::new("/etc/a.conf").exists(), "nothing written through the link");
+
+    std::fs::remove_file(d.root.join("conf")).expect("remove the link");
+    assert_eq!(d.agent.apply_bundle(&v1).await.expect("again"), Outcome::Committed { version: 1 });
+    assert_eq!(d.read("conf/a.conf"), "a1");
 }

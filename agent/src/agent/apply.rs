@@ -115,10 +115,12 @@ impl<E: Engine> Agent<E> {
 
         // 2. Preflight: nothing on the device changes before every check passed.
         if let Some((code, reason)) = self.preflight(&verified.state) {
-            // A root that is a file, a directory where a file goes, a disk error: the
-            // device's own state, which its operator fixes; the bundle is not blamed and
-            // is tried again (from its stored copy). The rest is about the bundle.
-            let permanent = code != "file_write_failed";
+            // A root that is a file, a directory where a file goes, a disk error, a
+            // directory on the way that is a symlink (a container with the directory
+            // bind-mounted can plant one): the device's own state, which its operator
+            // (or the container) changes; the bundle is not blamed and is tried again
+            // from its stored copy, with backoff. The rest is about the bundle.
+            let permanent = !matches!(code, "file_write_failed" | "symlink_escape");
             if !permanent {
                 self.keep_deferred(&digest, bytes)?;
             }

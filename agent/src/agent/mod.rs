@@ -132,15 +132,13 @@ impl Outcome {
     }
 }
 
-/// Refusals caused by the device's own config: its roots, its engine, its policy, a
-/// symlink on its disk; and, from verification, what `agent.toml` says about trust and
+/// Refusals caused by the device's own config: its roots, its engine, its policy; and, from verification, what `agent.toml` says about trust and
 /// identity (a key not yet trusted, a threshold, the device or fleet id, the size
 /// limits). Remembered with a fingerprint of that config, and judged again once it
 /// changes: a device set up with the wrong key or id recovers when the config is fixed.
 /// Every other rejection is about the bytes alone and stays (see `fleet-agent forget`).
-pub const CONFIG_CAUSED: [&str; 10] = [
+pub const CONFIG_CAUSED: [&str; 9] = [
     "path_not_allowed",
-    "symlink_escape",
     "engine_disabled",
     "policy_denied",
     "unknown_key",

@@ -397,10 +397,6 @@ async fn every_rejection_reason_changes_nothing() {
             ),
         ),
         ("path_not_allowed", h.bundle(6, &state(vec![h.file("app/../../etc/passwd", "x")], vec![]))),
-        (
-            "symlink_escape",
-            h.bundle(7, &state(vec![h.file("app/a.conf", "a2"), h.file("escape/passwd", "x")], vec![])),
-        ),
     ];
     let before_files = (h.read("app/a.conf"), h.read("app/b.conf"));
     h.fake.clear_calls();
@@ -423,7 +419,7 @@ async fn every_rejection_reason_changes_nothing() {
         // its config refuses makes it `failed`.
         let seen = states(&reports);
         assert!(!seen.contains(&DeviceState::Applying), "{code}: {seen:?}");
-        let expected = if matches!(code, "path_not_allowed" | "symlink_escape") {
+        let expected = if code == "path_not_allowed" {
             DeviceState::Failed
         } else {
             DeviceState::Converged
@@ -438,6 +434,14 @@ async fn every_rejection_reason_changes_nothing() {
         assert_eq!(status.applied.as_ref().map(|a| a.version), Some(1), "{code}: still on v1");
         assert!(agent.store().rejected().expect("rejected").contains_key(&bundle::content_address(&bytes)));
     }
+    // A symlinked directory on the way is the device's disk, not the bundle: deferred
+    // (tried again once the link is gone), and nothing changes either.
+    let escape = h.bundle(7, &state(vec![h.file("app/a.conf", "a2"), h.file("escape/passwd", "x")], vec![]));
+    let outcome = agent.apply_bundle(&escape).await.expect("apply");
+    assert!(matches!(&outcome, Outcome::Deferred { code, .. } if code == "symlink_escape"), "{outcome:?}");
+    assert_eq!((h.read("app/a.conf"), h.read("app/b.conf")), before_files, "symlink_escape: files unchanged");
+    assert!(h.fake.mutations().is_empty(), "symlink_escape: engine unchanged");
+    assert!(!agent.store().rejected().expect("rejected").contains_key(&bundle::content_address(&escape)));
     assert!(
         std::fs::read_dir(outside.path()).expect("ls").next().is_none(),
         "nothing written outside the root"
