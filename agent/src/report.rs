@@ -120,6 +120,14 @@ pub fn render(s: &LocalStatus, now: i64) -> String {
     if let Some(d) = s.status.as_ref().and_then(|r| r.desired.as_ref()) {
         let _ = writeln!(out, "desired   version {} commit {} digest {}", d.version, d.commit, d.digest);
     }
+    if let Some(w) = s.status.as_ref().and_then(|r| r.waiting.as_ref()) {
+        let reason = match w.reason {
+            fleet_spec::messages::WaitReason::Window => "outside its maintenance window",
+            fleet_spec::messages::WaitReason::Lock => "an app holds the update lock",
+        };
+        let until = w.until.map_or_else(|| "when the lock is released".to_string(), |u| human_time(u, now));
+        let _ = writeln!(out, "waiting   {reason} since {}; applies {until}", human_time(w.since, now));
+    }
     if let Some(e) = s.status.as_ref().and_then(|r| r.last_error.as_ref()) {
         let _ = writeln!(out, "error     {}: {} (at {})", e.code, e.message, human_time(e.at, now));
     }
@@ -158,5 +166,39 @@ mod tests {
         assert_eq!(human_time(951_782_400, 951_782_400 + 7200), "2000-02-29T00:00:00Z (2 h ago)");
         assert_eq!(human_time(100, 40), "1970-01-01T00:01:40Z (1 min in the future)");
         assert_eq!(human_time(0, 3 * 86_400 + 5), "1970-01-01T00:00:00Z (3 days ago)");
+    }
+
+    #[test]
+    fn a_waiting_device_says_why_and_when_it_applies() {
+        let report = |waiting: &str| {
+            let json = format!(
+                r#"{{"device":"gw-1","fleet":"acme","agent_version":"0.1.0","state":"waiting","desired":null,
+                "applied":null,"containers":[],"files":{{"managed":0,"drift_repaired":0}},"last_error":null,
+                "waiting":{waiting},"timestamp":1000}}"#
+            );
+            fleet_spec::messages::StatusReport::from_json(json.as_bytes()).expect("a report")
+        };
+        let status = |r| super::LocalStatus {
+            device: "gw-1".into(),
+            fleet: "acme".into(),
+            status: Some(r),
+            applied: None,
+            trust: fleet_spec::bundle::TrustState::default(),
+            managed_files: Default::default(),
+            rejected: Default::default(),
+            journal: "clean",
+            journal_records: 0,
+        };
+        let window = super::render(
+            &status(report(r#"{"reason":"window","since":900,"until":4600,"digest":"d"}"#)),
+            1000,
+        );
+        assert!(
+            window.contains("waiting   outside its maintenance window since 1970-01-01T00:15:00Z (1 min ago); applies 1970-01-01T01:16:40Z (1 h in the future)"),
+            "{window}"
+        );
+        let lock =
+            super::render(&status(report(r#"{"reason":"lock","since":990,"until":null,"digest":"d"}"#)), 1000);
+        assert!(lock.contains("an app holds the update lock since") && lock.contains("applies when the lock is released"), "{lock}");
     }
 }
