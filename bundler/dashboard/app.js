@@ -23,6 +23,9 @@
   const prefix = typeof cfg.topic_prefix === "string" ? cfg.topic_prefix : "fleet";
   const fleet = typeof cfg.fleet === "string" ? cfg.fleet : "";
   const base = prefix + "/" + fleet + "/devices/";
+  const rolloutTopic = prefix + "/" + fleet + "/rollout"; // `fleet-bundler rollout`'s retained state
+  const ROLLOUT_PHASES = ["running", "halted", "done", "aborted"];
+  const MAX_WAVES = 32; // waves drawn from a rollout state
   const known = cfg.devices && typeof cfg.devices === "object" ? cfg.devices : {};
   const hasOwn = (o, k) => Object.prototype.hasOwnProperty.call(o, k);
   const $ = (id) => document.getElementById(id);
@@ -31,6 +34,7 @@
   const devices = new Map(); // id -> record
   const stats = { messages: 0, reported: 0, firstMessageAt: null, allReportedAt: null, renders: 0,
     longestRenderMs: 0, longestTaskMs: 0, longestTaskAt: null, firstRenderAt: null, handlerMs: 0, ignored: 0, startedAt: performance.now() };
+  let rollout = null; // the retained rollout state, checked field by field; null: none
   let selected = null;
   let sortKey = "state", sortDir = 1;
   let filterText = "";
@@ -84,6 +88,7 @@
   function handle(topic, payload) {
     stats.messages++;
     if (stats.firstMessageAt === null) stats.firstMessageAt = performance.now();
+    if (topic === rolloutTopic) { onRollout(payload); markDirty(); return; }
     if (typeof topic !== "string" || !topic.startsWith(base)) return;
     const rest = topic.slice(base.length);
     const slash = rest.lastIndexOf("/");
@@ -144,6 +149,49 @@
     if (d.events.length > MAX_EVENTS) d.events.length = MAX_EVENTS;
   }
 
+  // The rollout state (bundler/src/rollout/judge.rs `RolloutState`), as untrusted as any
+  // message: every field is checked, strings are clipped, only MAX_WAVES waves are kept.
+  function onRollout(payload) {
+    if (payload.length === 0) { rollout = null; return; } // retained state cleared
+    let v = null;
+    if (payload.length <= MAX_PAYLOAD) { try { v = JSON.parse(decoder.decode(payload)); } catch (e) { v = null; } }
+    if (!v || typeof v !== "object" || Array.isArray(v)) {
+      rollout = { phase: "invalid", commit: "", wave: null, reason: "unreadable rollout state", waves: [] };
+      return;
+    }
+    const phase = str(v.state);
+    const waves = Array.isArray(v.waves) ? v.waves.slice(0, MAX_WAVES).map((w) => {
+      w = obj(w);
+      return { name: str(w.name), devices: num(w.devices), succeeded: num(w.succeeded), failed: num(w.failed),
+        pending: num(w.pending), announced: num(w.announced), started: num(w.started_at) !== null };
+    }) : [];
+    rollout = { phase: ROLLOUT_PHASES.includes(phase) ? phase : "invalid", commit: str(v.commit),
+      wave: num(v.wave), reason: str(v.reason), waves, updated: num(v.updated_at) };
+  }
+
+  function renderRollout() {
+    const box = $("rollout");
+    if (!rollout) { box.hidden = true; return; }
+    box.hidden = false;
+    box.className = "panel " + rollout.phase;
+    const r = rollout;
+    const n = r.waves.length;
+    let head = "rollout of " + (short(r.commit) || "?") + ": " + r.phase;
+    if (r.wave !== null && n && r.phase === "running") head += " \u00b7 wave " + Math.min(r.wave + 1, n) + " of " + n;
+    const parts = [el("h2", "", "rollout"), el("div", "head", head)];
+    if (r.reason) parts.push(el("div", "why", r.reason));
+    const list = el("ol");
+    r.waves.forEach((w, i) => {
+      const count = (x) => (x === null ? "?" : x.toLocaleString("en"));
+      const li = el("li", i === r.wave && r.phase === "running" ? "current" : "",
+        (w.name || "wave " + (i + 1)) + ": " + count(w.devices) + " devices, " + count(w.succeeded) + " updated, " +
+        count(w.failed) + " failed, " + count(w.pending) + " pending" + (w.started ? "" : " (not started)"));
+      list.append(li);
+    });
+    parts.push(list);
+    box.replaceChildren(...parts);
+  }
+
   function expected() {
     const n = Number(params.get("expect"));
     return n > 0 ? n : Math.max(1, Object.keys(known).length);
@@ -189,6 +237,7 @@
 
   function render() {
     const all = Array.from(devices.values());
+    renderRollout();
     renderSummary(all);
     renderTable(all);
     renderDetail();
@@ -427,6 +476,8 @@
         const refused = (granted || []).filter((g) => g.qos === 128);
         if (err || refused.length) setConn("down", "subscription refused by the broker (ACL?): " + (err ? err.message : refused.map((g) => g.topic).join(", ")));
       });
+      // Apart: an account that may not read the rollout state still sees the devices.
+      c.subscribe(rolloutTopic, { qos: 0 }, () => {});
     });
     c.on("message", onMessage);
     c.on("reconnect", () => setConn("", "reconnecting to " + url));
@@ -460,6 +511,7 @@
   window.fleetDashboard = {
     stats: () => Object.assign({ devices: devices.size, expected: expected() }, stats),
     device: (id) => { const d = devices.get(id); return d ? { state: d.state, applied: d.applied, online: d.online, error: errorText(d) } : null; },
+    rollout: () => (rollout ? { state: rollout.phase, text: $("rollout").textContent } : null),
     appliedCount: (commit) => { let n = 0; for (const d of devices.values()) if (d.applied === commit) n++; return n; },
     resetStalls: () => { stats.longestTaskMs = 0; stats.longestRenderMs = 0; },
   };

@@ -179,6 +179,18 @@ fn hostile_retained_messages_are_shown_as_text_never_run_as_html() -> Result<()>
         json!({"state": "<b id=injected3>odd</b>"}).to_string(),
         true,
     )?;
+    // A rollout state from whoever could write it: shown as text, its waves capped.
+    let waves: Vec<Value> = (0..100)
+        .map(|i| json!({"name": format!("<b id=injected4>w{i}</b>"), "devices": 1, "announced": 0,
+            "succeeded": 0, "failed": 0, "pending": 1}))
+        .collect();
+    mqtt.publish(
+        "fleet/acme/rollout",
+        json!({"commit": "<svg onload=window.pwned=10>", "state": "halted", "wave": 1,
+            "reason": html_reason, "waves": waves})
+        .to_string(),
+        true,
+    )?;
     mqtt.publish("fleet/acme/devices/a/b/status", "{}", true)?; // not a device topic
     mqtt.publish("fleet/other/devices/gw-9/status", "{}", true)?; // another fleet
 
@@ -220,12 +232,16 @@ fn hostile_retained_messages_are_shown_as_text_never_run_as_html() -> Result<()>
 
     let verdict = page.eval(
         "({pwned: window.pwned === undefined ? null : window.pwned, \
-          injected: document.querySelectorAll('#injected, #injected2, #injected3').length, \
+          injected: document.querySelectorAll('#injected, #injected2, #injected3, #injected4').length, \
           elements: document.querySelectorAll('img, svg, iframe, object, embed, b#injected').length, \
           scripts: document.scripts.length, polluted: ({}).polluted === undefined ? null : 1, \
           text: document.body.textContent})",
     )?;
     ensure!(verdict["pwned"].is_null(), "a message ran script: {verdict}");
+    let rollout = page.eval("window.fleetDashboard.rollout()")?;
+    ensure!(rollout["state"] == "halted", "the hostile rollout state: {rollout}");
+    let shown = rollout["text"].as_str().unwrap_or_default();
+    ensure!(shown.contains(html_reason) && shown.contains("w31<") && !shown.contains("w32<"), "{shown}");
     ensure!(
         verdict["injected"] == 0 && verdict["elements"] == 0,
         "a message became markup: {}",
@@ -267,7 +283,7 @@ fn page_row(page: &mut Page, device: &str) -> Result<Value> {
 #[test]
 fn a_read_only_dashboard_account_sees_the_fleet_and_can_change_nothing() -> Result<()> {
     let acl = "user bundler\ntopic readwrite fleet/#\n\n\
-               user dashboard\ntopic read fleet/+/devices/+/status\ntopic read fleet/+/devices/+/online\ntopic read fleet/+/devices/+/events\n";
+               user dashboard\ntopic read fleet/+/devices/+/status\ntopic read fleet/+/devices/+/online\ntopic read fleet/+/devices/+/events\ntopic read fleet/+/rollout\n";
     let broker = Mosquitto::builder()
         .allow_anonymous(false)
         .user("bundler", "b-secret")
@@ -311,6 +327,26 @@ fn a_read_only_dashboard_account_sees_the_fleet_and_can_change_nothing() -> Resu
         DESCRIBE,
     )?;
     ensure!(row["applied"].as_str().is_some_and(|a| a.starts_with("aaaaaaaa")), "{row}");
+    // A running rollout (as `fleet-bundler rollout` publishes it) is shown, live.
+    let state = json!({"fleet": "acme", "commit": "b".repeat(40), "state": "running", "wave": 1,
+        "started_at": 1, "updated_at": 2, "halt": {"min_reporting": 1},
+        "waves": [
+            {"name": "canary", "devices": 1, "announced": 1, "succeeded": 1, "failed": 0, "pending": 0, "started_at": 1},
+            {"name": "rest", "devices": 9, "announced": 9, "succeeded": 4, "failed": 0, "pending": 5, "started_at": 2},
+        ]});
+    bundler.publish("fleet/acme/rollout", state.to_string(), true)?;
+    let shown = page.wait_for(
+        secs(20),
+        "the rollout shown",
+        "(() => { const r = window.fleetDashboard.rollout(); return r && r.state === 'running' ? r : null; })()",
+        DESCRIBE,
+    )?;
+    let text = shown["text"].as_str().unwrap_or_default();
+    ensure!(
+        text.contains("rollout of bbbbbbbb: running") && text.contains("wave 2 of 2")
+            && text.contains("rest: 9 devices, 4 updated, 0 failed, 5 pending"),
+        "{text}"
+    );
 
     // The same account writes nothing and reads no announcement.
     let dashboard = broker.client_as("dashboard", "d-secret");
