@@ -197,8 +197,14 @@ mod tests {
             window.contains("waiting   outside its maintenance window since 1970-01-01T00:15:00Z (1 min ago); applies 1970-01-01T01:16:40Z (1 h in the future)"),
             "{window}"
         );
-        let lock =
-            super::render(&status(report(r#"{"reason":"lock","since":990,"until":null,"digest":"d"}"#)), 1000);
-        assert!(lock.contains("an app holds the update lock since") && lock.contains("applies when the lock is released"), "{lock}");
+        let lock = super::render(
+            &status(report(r#"{"reason":"lock","since":990,"until":null,"digest":"d"}"#)),
+            1000,
+        );
+        assert!(
+            lock.contains("an app holds the update lock since")
+                && lock.contains("applies when the lock is released"),
+            "{lock}"
+        );
     }
 }

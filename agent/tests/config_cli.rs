@@ -421,7 +421,10 @@ fn each_command_has_its_own_help_and_typos_get_a_suggestion() {
         assert!(!text.contains("COMMANDS:"), "not the global help:\n{text}");
     }
     let global = stdout(&agent(&["--help"]));
-    assert!(global.contains("COMMANDS:") && global.contains("64  bad command line, or invalid configuration"), "{global}");
+    assert!(
+        global.contains("COMMANDS:") && global.contains("64  bad command line, or invalid configuration"),
+        "{global}"
+    );
 
     for (args, hint) in [
         (&["aply", "x.bundle"][..], "did you mean `apply`?"),

@@ -419,11 +419,7 @@ async fn every_rejection_reason_changes_nothing() {
         // its config refuses makes it `failed`.
         let seen = states(&reports);
         assert!(!seen.contains(&DeviceState::Applying), "{code}: {seen:?}");
-        let expected = if code == "path_not_allowed" {
-            DeviceState::Failed
-        } else {
-            DeviceState::Converged
-        };
+        let expected = if code == "path_not_allowed" { DeviceState::Failed } else { DeviceState::Converged };
         assert_eq!(seen.last(), Some(&expected), "{code}: {seen:?}");
         if expected == DeviceState::Converged {
             assert!(seen.iter().all(|s| *s == expected), "{code}: {seen:?}");

@@ -181,8 +181,10 @@ fn hostile_retained_messages_are_shown_as_text_never_run_as_html() -> Result<()>
     )?;
     // A rollout state from whoever could write it: shown as text, its waves capped.
     let waves: Vec<Value> = (0..100)
-        .map(|i| json!({"name": format!("<b id=injected4>w{i}</b>"), "devices": 1, "announced": 0,
-            "succeeded": 0, "failed": 0, "pending": 1}))
+        .map(|i| {
+            json!({"name": format!("<b id=injected4>w{i}</b>"), "devices": 1, "announced": 0,
+            "succeeded": 0, "failed": 0, "pending": 1})
+        })
         .collect();
     mqtt.publish(
         "fleet/acme/rollout",
@@ -329,11 +331,11 @@ fn a_read_only_dashboard_account_sees_the_fleet_and_can_change_nothing() -> Resu
     ensure!(row["applied"].as_str().is_some_and(|a| a.starts_with("aaaaaaaa")), "{row}");
     // A running rollout (as `fleet-bundler rollout` publishes it) is shown, live.
     let state = json!({"fleet": "acme", "commit": "b".repeat(40), "state": "running", "wave": 1,
-        "started_at": 1, "updated_at": 2, "halt": {"min_reporting": 1},
-        "waves": [
-            {"name": "canary", "devices": 1, "announced": 1, "succeeded": 1, "failed": 0, "pending": 0, "started_at": 1},
-            {"name": "rest", "devices": 9, "announced": 9, "succeeded": 4, "failed": 0, "pending": 5, "started_at": 2},
-        ]});
+    "started_at": 1, "updated_at": 2, "halt": {"min_reporting": 1},
+    "waves": [
+        {"name": "canary", "devices": 1, "announced": 1, "succeeded": 1, "failed": 0, "pending": 0, "started_at": 1},
+        {"name": "rest", "devices": 9, "announced": 9, "succeeded": 4, "failed": 0, "pending": 5, "started_at": 2},
+    ]});
     bundler.publish("fleet/acme/rollout", state.to_string(), true)?;
     let shown = page.wait_for(
         secs(20),
@@ -343,7 +345,8 @@ fn a_read_only_dashboard_account_sees_the_fleet_and_can_change_nothing() -> Resu
     )?;
     let text = shown["text"].as_str().unwrap_or_default();
     ensure!(
-        text.contains("rollout of bbbbbbbb: running") && text.contains("wave 2 of 2")
+        text.contains("rollout of bbbbbbbb: running")
+            && text.contains("wave 2 of 2")
             && text.contains("rest: 9 devices, 4 updated, 0 failed, 5 pending"),
         "{text}"
     );
