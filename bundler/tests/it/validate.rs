@@ -94,7 +94,7 @@ fn fleet_yaml_errors() {
 fn device_file_errors() {
     check(
         &[("devices/dev-1.yaml", Some("labels:\n  site: a\ncolour: red\n"))],
-        &["devices/dev-1.yaml:3:1: error: unknown key `colour` (allowed keys: labels, vars, policy)"],
+        &["devices/dev-1.yaml:3:1: error: unknown key `colour` (allowed keys: labels, vars, policy, maintenance)"],
     );
     check(
         &[("devices/bad+id.yaml", Some("labels: {}\n"))],
