@@ -17,6 +17,7 @@
 //! every such device.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -646,6 +647,9 @@ pub struct DeviceRow {
     pub applied_commit: Option<String>,
     pub state: Option<String>,
     pub last_error: Option<String>,
+    /// In state `waiting`: why and until when (`window until 2026-12-07T02:00:00Z`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     /// Seconds since the agent's last report.
     pub age: Option<i64>,
     pub report: Option<StatusReport>,
@@ -720,14 +724,14 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
         return Err(MqttError::Usage("--selector needs --index (labels come from the build's index)".into()));
     }
     // The devices that count: the index's (filtered), else whatever reports.
-    let expected: Option<BTreeMap<String, build::IndexEntry>> = index.as_ref().map(|i| {
+    let expected: Option<BTreeMap<&str, &build::IndexEntry>> = index.as_ref().map(|i| {
         i.devices
             .iter()
             .filter(|(id, e)| {
                 (args.devices.is_empty() || args.devices.contains(id))
                     && selectors.iter().all(|(k, v)| e.labels.get(k) == Some(v))
             })
-            .map(|(id, e)| (id.clone(), e.clone()))
+            .map(|(id, e)| (id.as_str(), e))
             .collect()
     });
     if let Some(exp) = &expected {
@@ -757,13 +761,35 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
     const SUBSCRIPTIONS: usize = 3;
     let mut rollout: Option<crate::rollout::judge::RolloutState> = None;
 
-    let mut reports: BTreeMap<String, StatusReport> = BTreeMap::new();
+    let mut reports: BTreeMap<String, Seen> = BTreeMap::new();
     let mut online: BTreeMap<String, bool> = BTreeMap::new();
     let started = Instant::now();
     let wait_deadline = started + args.timeout;
     let mut subacks = 0;
     let mut last_message = Instant::now();
     let mut last_progress = String::new();
+    // With --wait, the expected devices are judged at most every JUDGE_EVERY while
+    // messages pour in (each judgement reads them all), and whenever they pause.
+    const JUDGE_EVERY: Duration = Duration::from_millis(100);
+    let judged = std::cell::Cell::new(Instant::now());
+    let mut unjudged = false;
+    let mut verdict = |reports: &BTreeMap<String, Seen>, unjudged: &mut bool| -> Option<StatusOutcome> {
+        *unjudged = false;
+        judged.set(Instant::now());
+        let exp = expected.as_ref()?;
+        match judge(exp, reports) {
+            Judgement::Converged => Some(StatusOutcome::Converged),
+            Judgement::Failed => Some(StatusOutcome::Failed),
+            Judgement::Pending { converged, total } => {
+                let line = format!("waiting: {converged}/{total} device(s) converged");
+                if line != last_progress && !args.json {
+                    eprintln!("{line}");
+                    last_progress = line;
+                }
+                None
+            }
+        }
+    };
     let outcome = loop {
         let deadline = if args.wait {
             wait_deadline
@@ -783,9 +809,19 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
                 }
                 break StatusOutcome::Interrupted;
             }
-            Err(MqttError::Timeout { .. }) if Instant::now() < deadline => continue,
+            Err(MqttError::Timeout { .. }) if Instant::now() < deadline => {
+                if unjudged {
+                    if let Some(outcome) = verdict(&reports, &mut unjudged) {
+                        break outcome;
+                    }
+                }
+                continue;
+            }
             Err(MqttError::Timeout { .. }) if args.wait && subacks >= SUBSCRIPTIONS => {
-                break StatusOutcome::Timeout
+                match verdict(&reports, &mut unjudged) {
+                    Some(outcome) => break outcome,
+                    None => break StatusOutcome::Timeout,
+                }
             }
             Err(MqttError::Timeout { .. }) if !args.wait && subacks >= SUBSCRIPTIONS => {
                 break StatusOutcome::Shown
@@ -810,7 +846,7 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
                 match topic.kind {
                     TopicKind::Status => {
                         if let Ok(r) = StatusReport::from_json(&p.payload) {
-                            reports.insert(topic.device, r);
+                            reports.insert(topic.device, Seen::new(&r, &p.payload));
                         } else if p.payload.is_empty() {
                             reports.remove(&topic.device);
                         }
@@ -821,17 +857,10 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
                     _ => {}
                 }
                 if args.wait {
-                    if let Some(exp) = &expected {
-                        match judge(exp, &reports) {
-                            Judgement::Converged => break StatusOutcome::Converged,
-                            Judgement::Failed => break StatusOutcome::Failed,
-                            Judgement::Pending { converged, total } => {
-                                let line = format!("waiting: {converged}/{total} device(s) converged");
-                                if line != last_progress && !args.json {
-                                    eprintln!("{line}");
-                                    last_progress = line;
-                                }
-                            }
+                    unjudged = true;
+                    if judged.get().elapsed() >= JUDGE_EVERY {
+                        if let Some(outcome) = verdict(&reports, &mut unjudged) {
+                            break outcome;
                         }
                     }
                 }
@@ -841,12 +870,32 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
     };
     session.disconnect();
 
-    let rows = rows(expected.as_ref(), &args.devices, &reports, &online);
     if args.json {
-        let out =
-            serde_json::json!({ "fleet": fleet, "outcome": outcome, "devices": rows, "rollout": rollout });
-        println!("{}", serde_json::to_string_pretty(&out).expect("status serializes"));
+        // Streamed row by row: a tree of every row would take ~10 KB per device. Each
+        // row goes through a `Value` so that its keys come out sorted, as they always have.
+        let out = StatusJson {
+            devices: RowsJson {
+                ids: row_ids(expected.as_ref(), &args.devices, &reports, &online),
+                expected: expected.as_ref(),
+                reports: &reports,
+                online: &online,
+                now: timefmt::now(),
+            },
+            fleet: &fleet,
+            outcome,
+            rollout: rollout.as_ref().map(|r| serde_json::to_value(r).expect("a rollout state serializes")),
+        };
+        let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+        serde_json::to_writer_pretty(&mut stdout, &out)
+            .map_err(std::io::Error::from)
+            .and_then(|()| writeln!(stdout))
+            .and_then(|()| stdout.flush())
+            .map_err(|source| MqttError::File { path: "stdout".into(), source })?;
     } else {
+        let ids = row_ids(expected.as_ref(), &args.devices, &reports, &online);
+        let now = timefmt::now();
+        let rows: Vec<DeviceRow> =
+            ids.into_iter().map(|id| row(id, expected.as_ref(), &reports, &online, now, false)).collect();
         print!("{}", table(&rows));
         if let Some(r) = &rollout {
             println!("{}", crate::rollout::drive::line(r));
@@ -870,6 +919,34 @@ pub(crate) fn lost(session: &Session, e: rumqttc::ClientError) -> MqttError {
     MqttError::Lost { broker: session.broker.clone(), what: "subscribing".into(), message: e.to_string() }
 }
 
+/// A device's last status report as `status` keeps it: what `--wait` judges, and the
+/// message itself, parsed again when its row is printed. A parsed report takes about
+/// 1.4 KB of heap, the message about 0.4 KB: at 100,000 devices, the difference between
+/// fitting in 256 MB or not (BENCHMARKS.md).
+struct Seen {
+    state: DeviceState,
+    /// Version and digest.
+    applied: Option<(u64, Box<str>)>,
+    desired: Option<(u64, Box<str>)>,
+    raw: Box<[u8]>,
+}
+
+impl Seen {
+    fn new(r: &StatusReport, raw: &[u8]) -> Seen {
+        Seen {
+            state: r.state,
+            applied: r.applied.as_ref().map(|a| (a.version, a.digest.as_str().into())),
+            desired: r.desired.as_ref().map(|d| (d.version, d.digest.as_str().into())),
+            raw: raw.into(),
+        }
+    }
+
+    /// The report again (it parsed when it arrived).
+    fn report(&self) -> Option<StatusReport> {
+        StatusReport::from_json(&self.raw).ok()
+    }
+}
+
 enum Judgement {
     Converged,
     Failed,
@@ -879,21 +956,16 @@ enum Judgement {
 /// Converged: every expected device applied its indexed version and is `converged`.
 /// Failed: some expected device is `failed`/`rolled_back` while wanting (or having
 /// tried) its indexed version.
-fn judge(
-    expected: &BTreeMap<String, build::IndexEntry>,
-    reports: &BTreeMap<String, StatusReport>,
-) -> Judgement {
+fn judge(expected: &BTreeMap<&str, &build::IndexEntry>, reports: &BTreeMap<String, Seen>) -> Judgement {
     let mut converged = 0;
     for (id, entry) in expected {
-        let Some(r) = reports.get(id) else { continue };
-        let applied =
-            r.applied.as_ref().is_some_and(|a| a.version == entry.version && a.digest == entry.digest);
+        let Some(r) = reports.get(*id) else { continue };
+        let applied = r.applied.as_ref().is_some_and(|(v, d)| *v == entry.version && **d == *entry.digest);
         if applied && r.state == DeviceState::Converged {
             converged += 1;
             continue;
         }
-        let tried =
-            r.desired.as_ref().is_some_and(|d| d.version == entry.version || d.digest == entry.digest);
+        let tried = r.desired.as_ref().is_some_and(|(v, d)| *v == entry.version || **d == *entry.digest);
         if tried && matches!(r.state, DeviceState::Failed | DeviceState::RolledBack) {
             return Judgement::Failed;
         }
@@ -905,46 +977,100 @@ fn judge(
     }
 }
 
-fn rows(
-    expected: Option<&BTreeMap<String, build::IndexEntry>>,
+/// The devices of the table, in order: the index's (filtered), else whatever reports.
+fn row_ids<'a>(
+    expected: Option<&BTreeMap<&'a str, &build::IndexEntry>>,
     only: &[String],
-    reports: &BTreeMap<String, StatusReport>,
-    online: &BTreeMap<String, bool>,
-) -> Vec<DeviceRow> {
-    let ids: Vec<String> = match expected {
-        Some(e) => e.keys().cloned().collect(),
+    reports: &'a BTreeMap<String, Seen>,
+    online: &'a BTreeMap<String, bool>,
+) -> Vec<&'a str> {
+    match expected {
+        Some(e) => e.keys().copied().collect(),
         None => {
-            let mut all: Vec<String> = reports.keys().chain(online.keys()).cloned().collect();
-            all.sort();
+            let mut all: Vec<&str> = reports.keys().chain(online.keys()).map(String::as_str).collect();
+            all.sort_unstable();
             all.dedup();
-            all.retain(|d| only.is_empty() || only.contains(d));
+            all.retain(|d| only.is_empty() || only.iter().any(|o| o == d));
             all
         }
+    }
+}
+
+/// One device's row; `with_report`: with a copy of its report (only `--json` shows it).
+fn row(
+    id: &str,
+    expected: Option<&BTreeMap<&str, &build::IndexEntry>>,
+    reports: &BTreeMap<String, Seen>,
+    online: &BTreeMap<String, bool>,
+    now: i64,
+    with_report: bool,
+) -> DeviceRow {
+    let parsed = reports.get(id).and_then(Seen::report);
+    let r = parsed.as_ref();
+    let entry = expected.and_then(|e| e.get(id));
+    let mut row = DeviceRow {
+        online: online.get(id).copied(),
+        desired_version: entry
+            .map(|e| e.version)
+            .or_else(|| r.and_then(|r| r.desired.as_ref().map(|d| d.version))),
+        desired_commit: entry
+            .map(|e| e.commit.clone())
+            .or_else(|| r.and_then(|r| r.desired.as_ref().map(|d| d.commit.clone()))),
+        applied_version: r.and_then(|r| r.applied.as_ref().map(|a| a.version)),
+        applied_commit: r.and_then(|r| r.applied.as_ref().map(|a| a.commit.clone())),
+        state: r.map(|r| r.state.as_str().to_string()),
+        waiting: r.and_then(|r| r.waiting.as_ref()).map(waiting_text),
+        last_error: r.and_then(|r| r.last_error.as_ref().map(|e| format!("{}: {}", e.code, e.message))),
+        age: r.map(|r| now - r.timestamp),
+        report: None,
+        device: id.to_string(),
     };
-    let now = timefmt::now();
-    ids.into_iter()
-        .map(|id| {
-            let r = reports.get(&id);
-            let entry = expected.and_then(|e| e.get(&id));
-            DeviceRow {
-                online: online.get(&id).copied(),
-                desired_version: entry
-                    .map(|e| e.version)
-                    .or_else(|| r.and_then(|r| r.desired.as_ref().map(|d| d.version))),
-                desired_commit: entry
-                    .map(|e| e.commit.clone())
-                    .or_else(|| r.and_then(|r| r.desired.as_ref().map(|d| d.commit.clone()))),
-                applied_version: r.and_then(|r| r.applied.as_ref().map(|a| a.version)),
-                applied_commit: r.and_then(|r| r.applied.as_ref().map(|a| a.commit.clone())),
-                state: r.map(|r| r.state.as_str().to_string()),
-                last_error: r
-                    .and_then(|r| r.last_error.as_ref().map(|e| format!("{}: {}", e.code, e.message))),
-                age: r.map(|r| now - r.timestamp),
-                report: r.cloned(),
-                device: id,
-            }
-        })
-        .collect()
+    if with_report {
+        row.report = parsed;
+    }
+    row
+}
+
+/// `status --json`, its keys in sorted order (as a `serde_json::Value` has them).
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    devices: RowsJson<'a>,
+    fleet: &'a str,
+    outcome: StatusOutcome,
+    rollout: Option<serde_json::Value>,
+}
+
+/// The rows, each made and serialized when its turn comes.
+struct RowsJson<'a> {
+    ids: Vec<&'a str>,
+    expected: Option<&'a BTreeMap<&'a str, &'a build::IndexEntry>>,
+    reports: &'a BTreeMap<String, Seen>,
+    online: &'a BTreeMap<String, bool>,
+    now: i64,
+}
+
+impl Serialize for RowsJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeSeq};
+        let mut seq = serializer.serialize_seq(Some(self.ids.len()))?;
+        for id in &self.ids {
+            let row = row(id, self.expected, self.reports, self.online, self.now, true);
+            seq.serialize_element(&serde_json::to_value(&row).map_err(S::Error::custom)?)?;
+        }
+        seq.end()
+    }
+}
+
+/// `window until 2026-12-07T02:00:00Z`, `lock` (no bound), for a `waiting` device.
+fn waiting_text(w: &fleet_spec::messages::Waiting) -> String {
+    let reason = match w.reason {
+        fleet_spec::messages::WaitReason::Window => "window",
+        fleet_spec::messages::WaitReason::Lock => "lock",
+    };
+    match w.until {
+        Some(until) => format!("{reason} until {}", timefmt::rfc3339(until)),
+        None => reason.to_string(),
+    }
 }
 
 fn table(rows: &[DeviceRow]) -> String {
@@ -973,7 +1099,11 @@ fn table(rows: &[DeviceRow]) -> String {
             },
             version(r.desired_version, &r.desired_commit),
             version(r.applied_version, &r.applied_commit),
-            r.state.clone().unwrap_or_else(|| "no report".into()),
+            match (&r.state, &r.waiting) {
+                (Some(s), Some(w)) => format!("{s} ({w})"),
+                (Some(s), None) => s.clone(),
+                (None, _) => "no report".into(),
+            },
             r.age.map(timefmt::age).unwrap_or_else(|| "-".into()),
             r.last_error.clone().unwrap_or_default(),
         ]);

@@ -92,6 +92,9 @@ pub fn rollout_topic(prefix: &str, fleet: &str) -> Result<String, MqttError> {
     Ok(format!("{prefix}/{fleet}/rollout"))
 }
 
+/// Announcements (and blobs) published but not yet acknowledged, at most.
+const MAX_IN_FLIGHT: usize = 100;
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -152,8 +155,13 @@ impl Listener {
 
     /// Waits until every publish so far was acknowledged, each within `timeout`.
     fn flush(&mut self, session: &mut Session) -> Result<(), MqttError> {
+        self.flush_to(session, 0)
+    }
+
+    /// Waits until at most `max` publishes are unacknowledged, each ack within `timeout`.
+    fn flush_to(&mut self, session: &mut Session, max: usize) -> Result<(), MqttError> {
         let mut deadline = Instant::now() + session.timeout;
-        while self.unacked > 0 {
+        while self.unacked > max {
             let before = self.unacked;
             let e = session.next(deadline, "waiting for PUBACKs")?;
             self.handle(e);
@@ -224,7 +232,8 @@ pub fn run(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttEr
         index.devices.iter().map(|(id, e)| (id.clone(), e.digest.clone())).collect();
     let target = Target::new(&index.fleet, &index.commit, &plan, &digests);
 
-    let mut session = Session::connect(&args.broker, args.connect_timeout, index.devices.len() * 2 + 64)?;
+    // Announcements go out with at most MAX_IN_FLIGHT unacknowledged (plus the state).
+    let mut session = Session::connect(&args.broker, args.connect_timeout, 2 * MAX_IN_FLIGHT + 64)?;
     let mut listener = Listener {
         status_prefix: format!("{prefix}/{}/devices/", index.fleet),
         rollout_topic: topic.clone(),
@@ -300,7 +309,7 @@ pub fn run(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttEr
             }
             match effect {
                 Effect::Release(w) => {
-                    release(&out, &index, &target, w)?;
+                    release(&out, &index, &target, w, &mut session, &mut listener)?;
                     eprintln!(
                         "wave {} ({}): {} device(s) released",
                         w + 1,
@@ -321,6 +330,7 @@ pub fn run(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttEr
                         if args.blobs_over_mqtt {
                             let (t, bytes) = mqtt::blob_message(&out, &index, device, entry)?;
                             publish(&mut session, &mut listener, t, bytes)?;
+                            listener.flush_to(&mut session, MAX_IN_FLIGHT)?;
                         }
                         let payload = mqtt::announcement_payload(
                             &index,
@@ -332,6 +342,8 @@ pub fn run(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttEr
                         published.devices.insert(device.clone(), hex::encode(Sha256::digest(&payload)));
                         let t = Topic::new(&prefix, &index.fleet, device, TopicKind::Desired)?.to_string();
                         publish(&mut session, &mut listener, t, payload)?;
+                        // Bounded: one payload built at a time, the broker's acks pace us.
+                        listener.flush_to(&mut session, MAX_IN_FLIGHT)?;
                     }
                     published.blobs = args.blobs_over_mqtt;
                     listener.flush(&mut session)?;
@@ -402,23 +414,48 @@ pub fn line(s: &RolloutState) -> String {
     text
 }
 
-/// Moves wave `w`'s pointer files into `DIR/devices/` (written from the index, so it is
-/// idempotent), then removes them from `DIR/devices.next/`.
-fn release(out: &Path, index: &Index, target: &Target, w: usize) -> Result<(), MqttError> {
+/// Moves wave `w`'s pointer files from `DIR/devices.next/` into `DIR/devices/`: one
+/// rename(2) each, then one fsync of both directories. A file already moved (a run
+/// stopped mid-wave) is written again from the index if it differs, so this is
+/// idempotent. The MQTT session is polled at least every second meanwhile, so that the
+/// broker does not drop it at the keep-alive during a long wave.
+fn release(
+    out: &Path,
+    index: &Index,
+    target: &Target,
+    w: usize,
+    session: &mut Session,
+    listener: &mut Listener,
+) -> Result<(), MqttError> {
     let dir = out.join("devices");
+    let next_dir = out.join(NEXT_POINTERS);
     std::fs::create_dir_all(&dir).map_err(|source| MqttError::File { path: dir.clone(), source })?;
+    let mut polled = Instant::now();
     for d in &target.waves[w].devices {
         let Some(entry) = index.devices.get(&d.id) else { continue };
-        let path = dir.join(format!("{}.json", d.id));
-        let json = build::pointer_json(&index.fleet, &d.id, entry);
-        if std::fs::read(&path).ok().as_deref() != Some(&json[..]) {
-            build::write_atomic(&path, &json, false)?;
+        let name = format!("{}.json", d.id);
+        let path = dir.join(&name);
+        let next = next_dir.join(&name);
+        match std::fs::rename(&next, &path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let json = build::pointer_json(&index.fleet, &d.id, entry);
+                if std::fs::read(&path).ok().as_deref() != Some(&json[..]) {
+                    build::write_atomic(&path, &json, false)?;
+                }
+            }
+            Err(source) => return Err(MqttError::File { path: next, source }),
         }
-        let next = out.join(NEXT_POINTERS).join(format!("{}.json", d.id));
-        match std::fs::remove_file(&next) {
+        if polled.elapsed() >= Duration::from_secs(1) {
+            listener.pump(session, Instant::now() + Duration::from_millis(1))?;
+            polled = Instant::now();
+        }
+    }
+    for d in [&dir, &next_dir] {
+        match std::fs::File::open(d).and_then(|f| f.sync_all()) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(MqttError::File { path: next, source }),
+            Err(source) => return Err(MqttError::File { path: d.clone(), source }),
         }
     }
     Ok(())

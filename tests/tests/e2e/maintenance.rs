@@ -66,7 +66,10 @@ fn a_maintenance_window_holds_an_apply_until_it_opens() -> Result<()> {
     assert_ne!(applied_commit(&status), Some(v2.as_str()));
     assert_file(&device, &conf, "v=1\n");
     let table = fleet.status(&broker.url(), &[])?.check()?;
-    assert!(table.stdout.lines().any(|l| l.starts_with("gw-1") && l.contains("waiting")), "{table}");
+    assert!(
+        table.stdout.lines().any(|l| l.starts_with("gw-1") && l.contains("waiting (window until ")),
+        "the table says why and until when: {table}"
+    );
 
     // No new announcement: the window opening is enough.
     let status = wait_converged(&watch, &device, &v2)?;
