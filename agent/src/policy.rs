@@ -7,8 +7,11 @@
 //! engine socket) and words the refusal. Preflight calls [`refusal`]: a bundle that
 //! exceeds the policy is rejected with `policy_denied` before anything changes.
 //!
-//! Pure: no I/O. The check is lexical (see `fleet_spec::policy`): symlinks below the
-//! roots are not followed here.
+//! The rule is lexical (see `fleet_spec::policy`). The engine, though, follows symlinks
+//! in a bind source, and a container with a writable bind of an allowed root can plant
+//! `root/x -> /var/run/docker.sock` for a later bundle that binds `root/x`. So every
+//! bind source is checked twice: as written, and, where it exists on this device, as the
+//! engine will resolve it (`realpath`; the only I/O here).
 
 use fleet_spec::model::DesiredState;
 use fleet_spec::policy::{self, DevicePaths, KeyStyle};
@@ -44,7 +47,35 @@ const MAX_REASON: usize = 4096;
 /// first [`SHOWN`] spelled out and the text bounded, control characters escaped: the
 /// bundle's names and paths are not to be trusted), or `None` when it does not.
 pub fn refusal(cfg: &Config, state: &DesiredState) -> Option<String> {
-    let violations = policy::check(&cfg.engine_policy.policy, state, &device_paths(cfg));
+    let paths = device_paths(cfg);
+    let mut violations = policy::check(&cfg.engine_policy.policy, state, &paths);
+    if let Some((resolved, links)) = with_binds_resolved(state) {
+        // The device's own paths resolved the same way (a root may be a symlink itself:
+        // `/srv` -> `/data/srv`), besides as written.
+        let real = |p: &String| std::fs::canonicalize(p).map(|r| r.to_string_lossy().into_owned());
+        let both = |list: &[String]| -> Vec<String> {
+            let mut all = list.to_vec();
+            all.extend(list.iter().filter_map(|p| real(p).ok()));
+            all
+        };
+        let real_paths = DevicePaths {
+            allowed_roots: both(&paths.allowed_roots),
+            engine_socket: paths.engine_socket.as_ref().map(|s| real(s).unwrap_or_else(|_| s.clone())),
+            protected: both(&paths.protected),
+        };
+        let mut real_policy = cfg.engine_policy.policy.clone();
+        real_policy.bind_roots = both(&real_policy.bind_roots);
+        for mut v in policy::check(&real_policy, &resolved, &real_paths) {
+            if let Some(real) = v.asked.strip_prefix("bind source ") {
+                if let Some(source) = links.get(real) {
+                    v.asked = format!("bind source {source} (a symlink to {real})");
+                }
+            }
+            if !violations.contains(&v) {
+                violations.push(v);
+            }
+        }
+    }
     if violations.is_empty() {
         return None;
     }
@@ -66,6 +97,33 @@ pub fn refusal(cfg: &Config, state: &DesiredState) -> Option<String> {
         reason.push_str(&format!("; and {} more violation(s)", violations.len() - SHOWN));
     }
     Some(reason)
+}
+
+/// The containers of `state` (with its networks and volumes, which the rule also reads)
+/// with each bind source that exists replaced by the path it resolves to, and which
+/// source each resolved path came from; `None` when no source resolves elsewhere. A
+/// source that does not exist is created by the engine as a directory, as written: the
+/// check as written covers it.
+fn with_binds_resolved(
+    state: &DesiredState,
+) -> Option<(DesiredState, std::collections::BTreeMap<String, String>)> {
+    let mut links = std::collections::BTreeMap::new();
+    let mut containers = state.containers.clone();
+    for mount in containers.iter_mut().flat_map(|c| c.mounts.iter_mut()) {
+        let fleet_spec::model::MountSource::Bind(source) = &mut mount.source else { continue };
+        let Ok(real) = std::fs::canonicalize(&*source) else { continue };
+        let real = real.to_string_lossy().into_owned();
+        if real != *source {
+            links.insert(real.clone(), std::mem::replace(source, real));
+        }
+    }
+    let resolved = DesiredState {
+        containers,
+        networks: state.networks.clone(),
+        volumes: state.volumes.clone(),
+        ..DesiredState::default()
+    };
+    (!links.is_empty()).then_some((resolved, links))
 }
 
 #[cfg(test)]
@@ -100,6 +158,51 @@ mod tests {
             }],
             ..Default::default()
         }
+    }
+
+    fn config_with_root(root: &Path, extra: &str) -> Config {
+        let text = format!(
+            "device = \"gw-01\"\nfleet = \"acme\"\nstate_dir = \"/var/lib/fleet-agent\"\nallowed_roots = [\"{}\"]\n[trust]\npublic_keys = [\"{KEY}\"]\n{extra}",
+            root.display()
+        );
+        Config::parse(&text, Path::new("/etc/fleet-agent/agent.toml")).expect("valid config")
+    }
+
+    /// Hardening II: a container with a writable bind of an allowed root plants a symlink
+    /// there; a later bundle binding it is judged as what the engine would mount.
+    #[test]
+    fn a_bind_source_planted_as_a_symlink_is_judged_where_it_points() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("data")).expect("mkdir");
+        let cfg = config_with_root(&root, "");
+        let link = root.join("x");
+        std::os::unix::fs::symlink("/usr", &link).expect("symlink");
+        let source = link.to_string_lossy().into_owned();
+        let reason = refusal(&cfg, &with_bind(&source)).expect("a link out of the roots is refused");
+        assert!(reason.contains(&format!("bind source {source} (a symlink to /usr)")), "{reason}");
+        assert!(reason.contains("bind_roots"), "says which key would allow it: {reason}");
+        // A link to the state directory is refused even where bind_roots would allow /var.
+        let state_link = root.join("s");
+        std::os::unix::fs::symlink(dir.path(), &state_link).expect("symlink");
+        let cfg_state = Config::parse(
+            &format!(
+                "device = \"gw-01\"\nfleet = \"acme\"\nstate_dir = \"{}\"\nallowed_roots = [\"{}\"]\n[trust]\npublic_keys = [\"{KEY}\"]\n",
+                dir.path().join("state").display(),
+                root.display()
+            ),
+            Path::new("/etc/fleet-agent/agent.toml"),
+        );
+        let cfg_state = cfg_state.expect("valid config");
+        let reason = refusal(&cfg_state, &with_bind(&state_link.to_string_lossy())).expect("refused");
+        assert!(reason.contains("(a symlink to"), "{reason}");
+        // A real directory below the root, and the same through a root that is itself a
+        // symlink (`/srv` -> `/data/srv` on many devices), pass.
+        assert!(refusal(&cfg, &with_bind(&root.join("data").to_string_lossy())).is_none());
+        let root_link = dir.path().join("root-link");
+        std::os::unix::fs::symlink(&root, &root_link).expect("symlink");
+        let cfg_link = config_with_root(&root_link, "");
+        assert!(refusal(&cfg_link, &with_bind(&root_link.join("data").to_string_lossy())).is_none());
     }
 
     #[test]
