@@ -240,7 +240,12 @@ fn hostile_retained_messages_are_shown_as_text_never_run_as_html() -> Result<()>
           text: document.body.textContent})",
     )?;
     ensure!(verdict["pwned"].is_null(), "a message ran script: {verdict}");
-    let rollout = page.eval("window.fleetDashboard.rollout()")?;
+    let rollout = page.wait_for(
+        secs(10),
+        "the hostile rollout state drawn",
+        "(() => { const r = window.fleetDashboard.rollout(); return r && r.text.includes('w31') ? r : null; })()",
+        DESCRIBE,
+    )?;
     ensure!(rollout["state"] == "halted", "the hostile rollout state: {rollout}");
     let shown = rollout["text"].as_str().unwrap_or_default();
     ensure!(shown.contains(html_reason) && shown.contains("w31<") && !shown.contains("w32<"), "{shown}");
@@ -340,7 +345,7 @@ fn a_read_only_dashboard_account_sees_the_fleet_and_can_change_nothing() -> Resu
     let shown = page.wait_for(
         secs(20),
         "the rollout shown",
-        "(() => { const r = window.fleetDashboard.rollout(); return r && r.state === 'running' ? r : null; })()",
+        "(() => { const r = window.fleetDashboard.rollout(); return r && r.state === 'running' && r.text.includes('rest:') ? r : null; })()",
         DESCRIBE,
     )?;
     let text = shown["text"].as_str().unwrap_or_default();
