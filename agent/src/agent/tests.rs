@@ -26,6 +26,8 @@ const NOW: i64 = 1_800_000_000;
 const IMAGE: &str = "registry.local:5000/app:1";
 
 struct H {
+    /// Dropped before `_dir`: unmounts the small disk of [`H::on_small_disk`].
+    _mount: Option<Unmount>,
     _dir: tempfile::TempDir,
     root: PathBuf,
     cfg: Config,
@@ -40,7 +42,28 @@ impl H {
     }
 
     fn with_engine(engine: bool) -> H {
+        H::in_dir(tempfile::tempdir().expect("tempdir"), None, engine)
+    }
+
+    /// A device whose state directory and allowed root share a disk of `kib` KiB (a
+    /// tmpfs: needs root, as CI runs; `None`, said on stderr, where it cannot mount).
+    fn on_small_disk(kib: u64) -> Option<H> {
         let dir = tempfile::tempdir().expect("tempdir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k"), "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a tmpfs here (not root?)");
+            return None;
+        }
+        let mount = Unmount(dir.path().to_path_buf());
+        Some(H::in_dir(dir, Some(mount), true))
+    }
+
+    fn in_dir(dir: tempfile::TempDir, mount: Option<Unmount>, engine: bool) -> H {
         let root = dir.path().join("root");
         std::fs::create_dir_all(&root).expect("mkdir root");
         let key = SigningKey::from_seed(&[9; 32]);
@@ -53,6 +76,7 @@ impl H {
         );
         let cfg = Config::parse(&text, Path::new("/etc/agent.toml")).expect("valid config");
         H {
+            _mount: mount,
             _dir: dir,
             root,
             cfg,
@@ -165,6 +189,26 @@ fn states(reports: &[Report]) -> Vec<DeviceState> {
 
 fn spec_hash(fake: &FakeEngine, name: &str) -> Option<String> {
     fake.container(name).and_then(|c| c.labels.get(LABEL_SPEC_HASH).cloned())
+}
+
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Fills the disk holding `dir` to the last byte; remove the returned file to free it.
+fn fill_disk(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let path = dir.join("ballast");
+    let mut file = std::fs::File::create(&path).expect("create the ballast");
+    for chunk in [64 * 1024, 4096, 512, 1] {
+        let buf = vec![0u8; chunk];
+        while file.write_all(&buf).is_ok() {}
+    }
+    path
 }
 
 fn v1(h: &H) -> DesiredState {
@@ -601,6 +645,73 @@ async fn a_state_dir_error_ends_in_a_rest_state_and_the_same_bundle_applies_late
     std::fs::create_dir(&bundles).expect("mkdir");
     assert_eq!(agent.apply_bundle(&bytes).await.expect("retry"), Outcome::Committed { version: 2 });
     assert_eq!(h.read("app/a.conf").as_deref(), Some("a2"));
+}
+
+/// Hardening I, case 4, on a disk that is really full (not a file planted in the state
+/// directory): the apply ends at rest with a reason, and once space is freed the same
+/// bundle applies.
+#[tokio::test(start_paused = true)]
+async fn a_full_disk_ends_the_apply_at_rest_and_the_same_bundle_applies_once_space_is_freed() {
+    let Some(h) = H::on_small_disk(2048) else { return };
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let ballast = fill_disk(h._dir.path());
+    let big = "x".repeat(64 * 1024);
+    let v2 = state(
+        vec![h.file("app/a.conf", "a2"), h.file("app/b.conf", "b1"), h.file("app/big.bin", &big)],
+        vec![container("app-web", false)],
+    );
+    let bytes = h.bundle(2, &v2);
+    let outcome = agent.apply_bundle(&bytes).await.expect("settled, not an error");
+    assert!(!matches!(outcome, Outcome::Committed { .. }), "{outcome:?}");
+    assert!(agent.state().is_rest(), "{:?}", agent.state());
+    let error = agent.status_report().last_error.expect("reported");
+    assert!(!error.message.contains("not allowed in state"), "{}", error.message);
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a1"), "v1 still in place");
+    assert!(h.read("app/big.bin").is_none());
+    let digest = bundle::content_address(&bytes);
+    assert!(
+        !agent.store().rejected().unwrap_or_default().contains_key(&digest),
+        "the bundle is not to blame"
+    );
+
+    std::fs::remove_file(&ballast).expect("free the disk");
+    assert_eq!(agent.apply_bundle(&bytes).await.expect("retry"), Outcome::Committed { version: 2 });
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a2"));
+}
+
+/// Hardening I, case 5, on a disk that fills up during the update: whatever the rollback
+/// could not finish, the agent rests, and a newer bundle is applied (fix forward) once
+/// there is space again.
+#[tokio::test(start_paused = true)]
+async fn a_rollback_on_a_full_disk_does_not_refuse_the_fix_forward() {
+    let Some(h) = H::on_small_disk(2048) else { return };
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let mut bad = with_failing_container(v1(&h));
+    bad.files[0].content = b"a2".to_vec();
+    let bad_bytes = h.bundle(2, &bad);
+    let ballast = h._dir.path().join("ballast");
+    // The container exits, and the disk is full when the rollback starts.
+    let sabotage = async {
+        exit_once_soon(&h).await;
+        fill_disk(h._dir.path());
+    };
+    let (outcome, ()) = tokio::join!(agent.apply_bundle(&bad_bytes), sabotage);
+    let outcome = outcome.expect("settled, not an error");
+    assert!(!matches!(outcome, Outcome::Committed { .. }), "{outcome:?}");
+    assert!(agent.state().is_rest(), "{:?}", agent.state());
+    std::fs::remove_file(&ballast).expect("free the disk");
+    let fix = state(
+        vec![h.file("app/a.conf", "a3"), h.file("app/b.conf", "b1")],
+        vec![container("app-web", false)],
+    );
+    let outcome = agent.apply_bundle(&h.bundle(3, &fix)).await.expect("fix forward");
+    assert_eq!(outcome, Outcome::Committed { version: 3 });
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a3"));
+    assert!(h.fake.container("app-once").is_none(), "the failed bundle's container is gone");
 }
 
 #[tokio::test(start_paused = true)]
