@@ -61,7 +61,13 @@ fn main() -> ExitCode {
 }
 
 fn rollout_cmd(args: &drive::RolloutArgs) -> anyhow::Result<u8> {
-    let (outcome, state) = drive::run(args).map_err(usage_exit)?;
+    let (outcome, state) = match drive::run(args) {
+        Err(e @ mqtt::MqttError::NotNewer { .. }) => {
+            eprintln!("error: {e}");
+            return Ok(exit::NOT_NEWER);
+        }
+        other => other.map_err(usage_exit)?,
+    };
     if let Some(state) = &state {
         if args.json {
             println!("{}", serde_json::to_string_pretty(state)?);

@@ -159,7 +159,7 @@ pub enum MqttError {
     Usage(String),
     #[error("cannot watch for Ctrl-C: {0}")]
     Signals(std::io::Error),
-    #[error("{}nothing was published: devices refuse a version that is not newer than the one they were announced (not_newer). This happens when a build lost its output directory (CI cache) while the commit is dated before the previous build's: rebuild with `fleet-bundler build --previous <URL or directory of the published build>` so that versions exceed the published ones, then publish again. If the retained announcements are stale (the devices were reset), clear them (`mosquitto_pub -r -n -t TOPIC`).", conflicts.iter().map(|c| format!("{c}; ")).collect::<String>())]
+    #[error("{}nothing was published: devices refuse a version that is not newer than the one they were announced (not_newer). This happens when a build lost its output directory (CI cache) while the commit is dated before the previous build's: rebuild with `fleet-bundler build --previous <URL or directory of the published build>` so that versions exceed the published ones, then publish (or roll out) again. If the retained announcements are stale (the devices were reset), clear them (`mosquitto_pub -r -n -t TOPIC`).", conflicts.iter().map(|c| format!("{c}; ")).collect::<String>())]
     NotNewer { conflicts: Vec<NotNewer> },
 }
 
@@ -473,8 +473,7 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
         let mut session = Session::connect(&args.broker, args.timeout, messages.len() + 10)?;
         if !announcing.is_empty() {
             let filter = Topic::fleet_filter(&index.topic_prefix, &index.fleet, TopicKind::Desired)?;
-            let retained = read_retained(&mut session, &filter, &announcing, args.settle)?;
-            let conflicts = not_newer(&announcing, &retained);
+            let conflicts = retained_not_newer(&mut session, &filter, &announcing, args.settle)?;
             if !conflicts.is_empty() {
                 session.disconnect();
                 return Err(MqttError::NotNewer { conflicts });
@@ -566,10 +565,11 @@ fn read_retained<V>(
     filter: &str,
     expected: &BTreeMap<String, V>,
     settle: Duration,
-) -> Result<BTreeMap<String, Vec<u8>>, MqttError> {
+    mut each: impl FnMut(&str, &[u8]),
+) -> Result<(), MqttError> {
     session.client.subscribe(filter, QoS::AtMostOnce).map_err(|e| lost(session, e))?;
     let what = "reading the retained announcements";
-    let mut retained = BTreeMap::new();
+    let mut retained = std::collections::BTreeSet::new();
     let mut subscribed = false;
     let mut deadline = Instant::now() + session.timeout;
     loop {
@@ -595,7 +595,10 @@ fn read_retained<V>(
             }
             Event::Incoming(Packet::Publish(p)) => {
                 if p.retain && !p.payload.is_empty() {
-                    retained.insert(p.topic.clone(), p.payload.to_vec());
+                    each(&p.topic, &p.payload);
+                    if expected.contains_key(&p.topic) {
+                        retained.insert(p.topic.clone());
+                    }
                 }
                 if subscribed {
                     deadline = Instant::now() + settle;
@@ -603,36 +606,59 @@ fn read_retained<V>(
             }
             _ => {}
         }
-        if subscribed && expected.keys().all(|t| retained.contains_key(t)) {
+        if subscribed && retained.len() == expected.len() {
             break;
         }
     }
     session.client.unsubscribe(filter).map_err(|e| lost(session, e))?;
-    Ok(retained)
+    Ok(())
+}
+
+/// The devices of `announcing` (topic → device, version, digest) whose retained
+/// announcement on `filter` is newer than what is to be announced (see [`not_newer`]),
+/// compared as the retained messages arrive (none of them is kept).
+pub(crate) fn retained_not_newer(
+    session: &mut Session,
+    filter: &str,
+    announcing: &BTreeMap<String, (String, u64, String)>,
+    settle: Duration,
+) -> Result<Vec<NotNewer>, MqttError> {
+    let mut conflicts = Vec::new();
+    read_retained(session, filter, announcing, settle, |topic, payload| {
+        if let Some(new) = announcing.get(topic) {
+            conflicts.extend(conflict(topic, new, payload));
+        }
+    })?;
+    Ok(conflicts)
 }
 
 /// The devices whose retained announcement (topic → payload) has a newer version than
 /// the one to announce, or the same version with another bundle. Payloads that are not
 /// announcements are ignored (they are hints, like every announcement).
+#[cfg(test)]
 fn not_newer(
     announcing: &BTreeMap<String, (String, u64, String)>,
     retained: &BTreeMap<String, Vec<u8>>,
 ) -> Vec<NotNewer> {
-    let mut conflicts = Vec::new();
-    for (topic, (device, version, digest)) in announcing {
-        let Some(old) = retained.get(topic).and_then(|p| Announcement::from_json(p).ok()) else { continue };
-        if old.version > *version || (old.version == *version && old.digest != *digest) {
-            conflicts.push(NotNewer {
-                device: device.clone(),
-                topic: topic.clone(),
-                retained_version: old.version,
-                retained_digest: old.digest,
-                new_version: *version,
-                new_digest: digest.clone(),
-            });
-        }
-    }
-    conflicts
+    announcing.iter().filter_map(|(topic, new)| conflict(topic, new, retained.get(topic)?)).collect()
+}
+
+/// One device's conflict: its retained announcement `payload` on `topic` is newer than
+/// `(device, version, digest)`, or the same version with another bundle.
+fn conflict(
+    topic: &str,
+    (device, version, digest): &(String, u64, String),
+    payload: &[u8],
+) -> Option<NotNewer> {
+    let old = Announcement::from_json(payload).ok()?;
+    (old.version > *version || (old.version == *version && old.digest != *digest)).then(|| NotNewer {
+        device: device.clone(),
+        topic: topic.to_string(),
+        retained_version: old.version,
+        retained_digest: old.digest,
+        new_version: *version,
+        new_digest: digest.clone(),
+    })
 }
 
 /// One device's row in the status table.

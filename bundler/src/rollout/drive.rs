@@ -292,6 +292,23 @@ pub fn run(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttEr
         session.disconnect();
         return Ok((outcome_of(state.state), Some(state)));
     }
+    if state.waves.iter().all(|w| w.started_at.is_none()) {
+        // A rollout that starts checks, as `publish` does, that devices will not refuse
+        // its versions as not newer than what the broker retains for them (a build
+        // that lost its output directory): the canary wave would fail on it. No status
+        // about this commit can arrive yet, so nothing is missed meanwhile.
+        let mut announcing = BTreeMap::new();
+        for (device, entry) in &index.devices {
+            let topic = Topic::new(&prefix, &index.fleet, device, TopicKind::Desired)?.to_string();
+            announcing.insert(topic, (device.clone(), entry.version, entry.digest.clone()));
+        }
+        let filter = Topic::fleet_filter(&prefix, &index.fleet, TopicKind::Desired)?;
+        let conflicts = mqtt::retained_not_newer(&mut session, &filter, &announcing, args.settle)?;
+        if !conflicts.is_empty() {
+            session.disconnect();
+            return Err(MqttError::NotNewer { conflicts });
+        }
+    }
 
     let deadline = args.timeout.map(|t| Instant::now() + t);
     let mut published = mqtt::read_published(&out);

@@ -418,6 +418,71 @@ fn case_12_publish_refuses_a_version_not_newer_than_the_retained_one() {
     assert_eq!(retained_version(broker.port, "gw-munich-01"), (T + 1) as u64);
 }
 
+/// Case 12 for rollouts: `rollout` reads the retained announcements as `publish` does,
+/// before it releases or announces anything.
+#[test]
+fn case_12_a_rollout_does_not_start_with_versions_not_newer_than_the_retained_ones() {
+    let broker = mosquitto("allow_anonymous true");
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+    let (repo, keys, published) = published_then_changed_behind();
+    let out = |dir: &Path| dir.to_str().expect("utf-8").to_string();
+    bundler(&[
+        "publish",
+        "--out",
+        &out(published.path()),
+        "--broker",
+        &url,
+        "--base-url",
+        "http://f/x",
+        "--settle",
+        "300ms",
+    ])
+    .assert_code(0);
+    // The change is rolled out this time, from a build that lost its output directory.
+    let fleet_yaml = std::fs::read_to_string(repo.path().join("fleet.yaml")).expect("fleet.yaml");
+    repo.write("fleet.yaml", &format!("{fleet_yaml}rollout:\n  waves:\n    - name: all\n"));
+    repo.commit_at("roll out", T - 999);
+    let lost_cache = tempfile::tempdir().expect("tempdir");
+    build_at(&repo, &keys, lost_cache.path(), T + 120, &[]).assert_code(0);
+    let o = bundler(&[
+        "rollout",
+        "--out",
+        &out(lost_cache.path()),
+        "--broker",
+        &url,
+        "--base-url",
+        "http://f/x",
+        "--settle",
+        "300ms",
+        "--once",
+    ]);
+    o.assert_code(5);
+    o.assert_stderr_has("device gw-munich-01: the broker retains version");
+    o.assert_stderr_has("then publish (or roll out) again");
+    assert!(!lost_cache.path().join("devices/gw-munich-01.json").exists(), "no wave released");
+    assert_eq!(retained_version(broker.port, "gw-munich-01"), T as u64, "nothing announced");
+    let state = std::process::Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port.to_string(),
+            "-t",
+            "fleet/acme/rollout",
+            "-C",
+            "1",
+            "-W",
+            "1",
+        ])
+        .output()
+        .expect("mosquitto_sub");
+    assert!(
+        state.stdout.is_empty(),
+        "no rollout state published: {}",
+        String::from_utf8_lossy(&state.stdout)
+    );
+}
+
 fn retained_version(port: u16, device: &str) -> u64 {
     let out = std::process::Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
