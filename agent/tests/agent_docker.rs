@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use common::{health, inspect, inspect_str, label, spec_hash, Device};
 use fleet_e2e::{build_busybox_image, wait_until, Dockerd};
-use fleet_spec::model::{DesiredState, Healthcheck, ImageRef, Mount, MountSource, RestartPolicy, VolumeSpec};
+use fleet_spec::model::{
+    DesiredState, DeviceMapping, Healthcheck, ImageRef, Mount, MountSource, RestartPolicy, VolumeSpec,
+};
 
 const IMAGE: &str = "fleet-agent-test/bb:1";
 
@@ -140,4 +142,60 @@ fn a_bundle_beyond_the_engine_policy_is_refused_on_dockerd_and_runs_once_the_pol
     let listing =
         dockerd.docker(&["exec", "app-web", "ls", "-l", "/var/run/docker.sock"]).expect("docker exec");
     assert!(listing.starts_with('s'), "the engine socket is mounted: {listing}");
+}
+
+/// Hardening II on a real engine: each way out of the default policy (host network, host
+/// PID namespace, an added capability, a host device, a bind of `/`, a bind of a symlink a
+/// container planted in an allowed root that leads to the engine socket) is refused in
+/// preflight with `policy_denied` naming the key, and dockerd is never asked for anything.
+#[test]
+fn every_way_out_of_the_default_policy_is_refused_before_dockerd_is_asked() {
+    let dockerd = Dockerd::start().expect("dockerd starts");
+    build_busybox_image(&dockerd, IMAGE, &["/bin/sh", "-c", "sleep 3600"]).expect("image built");
+    let dev = Device::new("gw-q", dockerd.socket_path(), 20);
+    let base = state(&dev, "one", "sleep 3600", RestartPolicy::UnlessStopped);
+    let planted = dev.root.join("app/planted");
+    std::fs::create_dir_all(dev.root.join("app")).expect("mkdir");
+    std::os::unix::fs::symlink(dockerd.socket_path(), &planted).expect("plant the link");
+    let bind = |source: &str| Mount {
+        source: MountSource::Bind(source.into()),
+        target: "/x".into(),
+        read_only: true,
+    };
+    type Breach = (&'static str, Box<dyn Fn(&mut fleet_spec::model::ContainerSpec)>);
+    let planted_text = planted.to_string_lossy().into_owned();
+    let cases: Vec<Breach> = vec![
+        ("engine.policy.allow_host_network = true", Box::new(|c| c.network_mode = Some("host".into()))),
+        ("host_namespaces", Box::new(|c| c.options.pid = Some("host".into()))),
+        ("engine.policy.capabilities", Box::new(|c| c.cap_add.push("SYS_ADMIN".into()))),
+        (
+            "engine.policy.devices",
+            Box::new(|c| {
+                c.devices.push(DeviceMapping {
+                    host_path: "/dev/mem".into(),
+                    container_path: "/dev/mem".into(),
+                    permissions: "rwm".into(),
+                })
+            }),
+        ),
+        ("`bind source /`", Box::new(move |c| c.mounts.push(bind("/")))),
+        ("(a symlink to", Box::new(move |c| c.mounts.push(bind(&planted_text)))),
+    ];
+    for (version, (says, breach)) in (1u64..).zip(cases) {
+        let mut desired = base.clone();
+        breach(&mut desired.containers[0]);
+        let out = dev.apply(&dev.bundle_file(version, &desired));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(65), "{says}: refused, nothing changed:\n{stderr}");
+        assert!(stderr.contains("policy_denied") && stderr.contains(says), "{says}: {stderr}");
+        assert!(inspect(&dockerd, "app-web").is_none(), "{says}: no container was created");
+        let networks =
+            dockerd.docker(&["network", "ls", "--format", "{{.Name}}"]).expect("docker network ls");
+        assert!(!networks.lines().any(|n| n == "app_default"), "{says}: no network: {networks}");
+        assert!(!dev.root.join("app/app.conf").exists(), "{says}: no file was written");
+    }
+    // The same state without the breaches runs.
+    let out = dev.apply(&dev.bundle_file(10, &base));
+    assert_eq!(out.status.code(), Some(0), "applied:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(running(&dockerd, "app-web"));
 }
