@@ -133,9 +133,13 @@ pub fn run(args: &ExporterArgs) -> Result<(), ExporterError> {
             .map_err(|error| ExporterError::Listen { addr: local, error })?;
     }
 
+    // The rollout state too: an account that may not read it still gets the rest (its
+    // SUBACK then carries a failure, which counts as an answer all the same).
+    let rollout_topic = crate::rollout::drive::rollout_topic(&prefix, &fleet)?;
     let filters = [
         (Topic::fleet_filter(&prefix, &fleet, TopicKind::Status).map_err(MqttError::from)?),
         (Topic::fleet_filter(&prefix, &fleet, TopicKind::Online).map_err(MqttError::from)?),
+        rollout_topic.clone(),
     ];
     let broker = &args.broker.broker;
     let mut backoff = MIN_BACKOFF;
@@ -146,7 +150,7 @@ pub fn run(args: &ExporterArgs) -> Result<(), ExporterError> {
     while !shutdown.load(Ordering::Relaxed) {
         match connection.recv_timeout(TICK) {
             Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
-                eprintln!("connected to {broker}; subscribing to {} and {}", filters[0], filters[1]);
+                eprintln!("connected to {broker}; subscribing to {}", filters.join(", "));
                 for filter in &filters {
                     if let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
                         eprintln!("warning: cannot subscribe to {filter}: {e}");
@@ -164,6 +168,10 @@ pub fn run(args: &ExporterArgs) -> Result<(), ExporterError> {
             Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 if let Some(at) = resync_at.as_mut() {
                     *at = Instant::now() + args.settle;
+                }
+                if p.topic == rollout_topic {
+                    view.lock().expect("the view lock is never poisoned").apply_rollout(&p.payload);
+                    continue;
                 }
                 let Ok(topic) = Topic::parse(&prefix, &p.topic) else { continue };
                 let source = match topic.kind {

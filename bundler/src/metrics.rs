@@ -1,6 +1,7 @@
 //! The fleet as Prometheus metrics: [`FleetView`] folds the agents' retained `status`
-//! and `online` messages into per-device state, and [`FleetView::render`] writes it in
-//! the Prometheus text exposition format, version 0.0.4.
+//! and `online` messages into per-device state, and the retained rollout state into
+//! rollout metrics, and [`FleetView::render`] writes it in the Prometheus text
+//! exposition format, version 0.0.4.
 //!
 //! Pure: no I/O, no clock, no MQTT. The exporter ([`crate::exporter`]) feeds it
 //! messages and serves what it renders.
@@ -117,6 +118,24 @@ pub struct FleetView {
     messages: [u64; 2],
     invalid: [u64; 2],
     dropped: u64,
+    /// The retained rollout state (`<prefix>/<fleet>/rollout`), narrowed; `None`: none.
+    rollout: Option<Rollout>,
+    rollout_seen: bool,
+}
+
+/// Waves of a rollout shown at most (a state is untrusted input).
+const MAX_WAVES: usize = 32;
+
+/// A rollout state as metrics show it: every label value narrowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Rollout {
+    commit: String,
+    /// `running`, `halted`, `done`, `aborted`, or `invalid` (not a rollout state).
+    state: &'static str,
+    /// The current wave, 1-based.
+    wave: u64,
+    /// Name and the devices succeeded, failed, pending.
+    waves: Vec<(String, [u64; 3])>,
 }
 
 impl FleetView {
@@ -135,7 +154,36 @@ impl FleetView {
             messages: [0; 2],
             invalid: [0; 2],
             dropped: 0,
+            rollout: None,
+            rollout_seen: false,
         }
+    }
+
+    /// Folds the retained rollout state in (empty: deleted). What does not parse as a
+    /// rollout state shows as state `invalid`.
+    pub fn apply_rollout(&mut self, payload: &[u8]) {
+        self.rollout_seen = true;
+        if payload.is_empty() {
+            self.rollout = None;
+            return;
+        }
+        let parsed = (payload.len() <= MAX_STATUS_LEN)
+            .then(|| serde_json::from_slice::<crate::rollout::judge::RolloutState>(payload).ok())
+            .flatten();
+        self.rollout = Some(match parsed {
+            Some(s) => Rollout {
+                commit: commit_label(&s.commit),
+                state: s.state.as_str(),
+                wave: s.wave as u64 + 1,
+                waves: s
+                    .waves
+                    .iter()
+                    .take(MAX_WAVES)
+                    .map(|w| (name_label(&w.name), [w.succeeded, w.failed, w.pending].map(|n| n as u64)))
+                    .collect(),
+            },
+            None => Rollout { commit: "invalid".into(), state: "invalid", wave: 0, waves: Vec::new() },
+        });
     }
 
     /// Folds one retained message for `device` in. An empty payload clears what the
@@ -183,6 +231,7 @@ impl FleetView {
     /// A new session is about to receive every retained message again: what is not
     /// received before [`FleetView::finish_resync`] was deleted meanwhile.
     pub fn begin_resync(&mut self) {
+        self.rollout_seen = false;
         for d in self.devices.values_mut() {
             d.status_seen = false;
             d.online_seen = false;
@@ -191,6 +240,9 @@ impl FleetView {
 
     /// Drops what the broker no longer retains (see [`FleetView::begin_resync`]).
     pub fn finish_resync(&mut self) {
+        if !self.rollout_seen {
+            self.rollout = None;
+        }
         let stale: Vec<String> = self.devices.keys().cloned().collect();
         for id in stale {
             let d = self.devices.get_mut(&id).expect("listed above");
@@ -333,6 +385,29 @@ impl FleetView {
         );
         out.family_samples("fleet_devices_in_trouble_by_error", "code", by_error);
 
+        if let Some(r) = &self.rollout {
+            out.family(
+                "fleet_rollout_info",
+                "gauge",
+                "The rollout retained on <prefix>/<fleet>/rollout: 1 for its commit and state (running, halted, done, aborted; invalid: not a rollout state).",
+            );
+            out.sample("fleet_rollout_info", &[("commit", &r.commit), ("state", r.state)], 1);
+            out.family("fleet_rollout_wave", "gauge", "The rollout's current wave, 1-based.");
+            out.sample("fleet_rollout_wave", &[], r.wave);
+            out.family(
+                "fleet_rollout_wave_devices",
+                "gauge",
+                "Devices of each wave of the rollout by result: succeeded, failed (or rolled back), pending.",
+            );
+            let mut shown = std::collections::BTreeSet::new();
+            // A name twice (a hostile state) would be a duplicate series: the first counts.
+            for (name, counts) in r.waves.iter().filter(|(name, _)| shown.insert(name.as_str())) {
+                for (result, n) in ["succeeded", "failed", "pending"].into_iter().zip(counts) {
+                    out.sample("fleet_rollout_wave_devices", &[("wave", name), ("result", result)], *n);
+                }
+            }
+        }
+
         if self.per_device {
             out.family("fleet_device_last_report_timestamp_seconds", "gauge", "Unix time of the device's latest status report (the agent's clock). Agents report on change: use fleet_device_online for liveness.");
             for (id, d) in &self.devices {
@@ -397,6 +472,17 @@ pub fn commit_label(commit: &str) -> String {
     let ok = (4..=64).contains(&commit.len()) && commit.bytes().all(|b| b.is_ascii_hexdigit());
     if ok {
         commit.to_ascii_lowercase()
+    } else {
+        "invalid".into()
+    }
+}
+
+/// A wave name as a label value: `[A-Za-z0-9_.-]` up to 64 characters, else `invalid`.
+fn name_label(name: &str) -> String {
+    let ok = (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        name.into()
     } else {
         "invalid".into()
     }
@@ -603,6 +689,74 @@ mod tests {
     }
 
     const INFO: ExporterInfo<'static> = ExporterInfo { version: "0.1.0", broker_connected: true };
+
+    #[test]
+    fn the_retained_rollout_state_is_shown_and_a_hostile_one_never_breaks_the_exposition() {
+        let mut view = FleetView::new("acme", "fleet", BTreeMap::new(), true);
+        let series = parse(&view.render(&INFO));
+        assert!(get(&series, "fleet_rollout_wave", &[]).is_none(), "no rollout, no rollout metrics");
+        let state = serde_json::json!({"fleet": "acme", "commit": "a".repeat(40), "state": "halted", "wave": 1,
+        "reason": "max_failed: 3", "started_at": 1, "updated_at": 2, "halt": {"min_reporting": 1},
+        "waves": [
+            {"name": "canary", "devices": 2, "announced": 2, "succeeded": 2, "failed": 0, "pending": 0},
+            {"name": "rest", "devices": 8, "announced": 8, "succeeded": 4, "failed": 3, "pending": 1},
+        ]});
+        view.apply_rollout(state.to_string().as_bytes());
+        let series = parse(&view.render(&INFO));
+        assert_eq!(
+            get(&series, "fleet_rollout_info", &[("commit", &"a".repeat(40)), ("state", "halted")]),
+            Some(1.0)
+        );
+        assert_eq!(get(&series, "fleet_rollout_wave", &[]), Some(2.0));
+        assert_eq!(
+            get(&series, "fleet_rollout_wave_devices", &[("wave", "rest"), ("result", "failed")]),
+            Some(3.0)
+        );
+        assert_eq!(
+            get(&series, "fleet_rollout_wave_devices", &[("wave", "canary"), ("result", "succeeded")]),
+            Some(2.0)
+        );
+
+        // Names that are no label value, a name twice, a hundred waves, garbage: narrowed,
+        // deduplicated, capped; the exposition still parses (parse() panics otherwise).
+        let waves: Vec<_> = ["a\"b\n", "rest", "rest"]
+            .iter()
+            .map(|n| n.to_string())
+            .chain((0..100).map(|i| format!("w{i}")))
+            .map(|name| serde_json::json!({"name": name, "devices": 1, "announced": 0, "succeeded": 0, "failed": 0, "pending": 1}))
+            .collect();
+        let hostile = serde_json::json!({"commit": "<script>", "state": "running", "wave": 0,
+            "started_at": 1, "updated_at": 2, "halt": {"min_reporting": 1}, "waves": waves});
+        view.apply_rollout(hostile.to_string().as_bytes());
+        let series = parse(&view.render(&INFO));
+        assert_eq!(
+            get(&series, "fleet_rollout_info", &[("commit", "invalid"), ("state", "running")]),
+            Some(1.0)
+        );
+        assert!(get(&series, "fleet_rollout_wave_devices", &[("wave", "invalid"), ("result", "pending")])
+            .is_some());
+        let shown = series
+            .keys()
+            .filter(|(name, l)| name == "fleet_rollout_wave_devices" && l["result"] == "pending")
+            .count();
+        assert_eq!(shown, MAX_WAVES - 1, "32 waves kept, the second `rest` dropped");
+        view.apply_rollout(b"{not json");
+        let series = parse(&view.render(&INFO));
+        assert_eq!(
+            get(&series, "fleet_rollout_info", &[("commit", "invalid"), ("state", "invalid")]),
+            Some(1.0)
+        );
+        view.apply_rollout(b"");
+        assert!(
+            get(
+                &parse(&view.render(&INFO)),
+                "fleet_rollout_info",
+                &[("commit", "invalid"), ("state", "invalid")]
+            )
+            .is_none(),
+            "deleted"
+        );
+    }
 
     #[test]
     fn counts_devices_by_state_online_and_commit_and_the_outdated_ones() {

@@ -304,6 +304,15 @@ fn exporter_survives_garbage_huge_and_hostile_retained_messages() -> Result<()> 
     mqtt.publish("fleet/acme/devices/weird/status", hostile_report("weird").to_json(), true)?;
     // ... a topic whose device id breaks the id rule (quote): not a device topic, ignored.
     mqtt.publish("fleet/acme/devices/we\"ird/status", hostile_report("we\"ird").to_json(), true)?;
+    // ... and a rollout state whose commit and wave name try to smuggle samples in.
+    let rollout = |commit: &str, wave: &str, failed: u64| {
+        format!(
+            r#"{{"fleet":"acme","commit":{},"state":"halted","wave":0,"started_at":1,"updated_at":2,"halt":{{"min_reporting":1}},"waves":[{{"name":{},"devices":9,"announced":9,"succeeded":5,"failed":{failed},"pending":1}}]}}"#,
+            serde_json::to_string(commit).expect("a string"),
+            serde_json::to_string(wave).expect("a string"),
+        )
+    };
+    mqtt.publish("fleet/acme/rollout", rollout("\"} 1\nevil_rollout 1\n", "w\"}\nevil_wave 1", 3), true)?;
     let exporter = Exporter::start(&["--broker", &broker.url(), "--fleet", "acme"])?;
 
     let mut last = String::new();
@@ -312,7 +321,8 @@ fn exporter_survives_garbage_huge_and_hostile_retained_messages() -> Result<()> 
         last = m.text.clone();
         Ok(m.get("fleet_exporter_invalid_messages_total", &[("topic", "status")]) == Some(2.0)
             && m.get("fleet_exporter_invalid_messages_total", &[("topic", "online")]) == Some(1.0)
-            && m.get("fleet_devices_by_state", &[("state", "failed")]) == Some(1.0))
+            && m.get("fleet_devices_by_state", &[("state", "failed")]) == Some(1.0)
+            && m.get("fleet_rollout_info", &[("commit", "invalid"), ("state", "halted")]) == Some(1.0))
     })
     .with_context(|| format!("{last}\n{}", exporter.log()))?;
     let m = exporter.scrape()?;
@@ -333,11 +343,16 @@ fn exporter_survives_garbage_huge_and_hostile_retained_messages() -> Result<()> 
     good.last_error = None;
     mqtt.publish("fleet/acme/devices/junk/status", good.to_json(), true)?;
     mqtt.publish("fleet/acme/devices/big/status", b"", true)?;
-    wait_until(REPORT, "junk converged and big forgotten", || {
+    mqtt.publish("fleet/acme/rollout", rollout(&"c".repeat(40), "rest", 4), true)?;
+    wait_until(REPORT, "junk converged, big forgotten, the rollout updated", || {
         let m = exporter.scrape()?;
         Ok(m.get("fleet_devices_by_state", &[("state", "converged")]) == Some(1.0)
-            && m.get("fleet_devices", &[]) == Some(2.0))
+            && m.get("fleet_devices", &[]) == Some(2.0)
+            && m.get("fleet_rollout_wave_devices", &[("wave", "rest"), ("result", "failed")]) == Some(4.0))
     })?;
+    let m = exporter.scrape()?;
+    assert_eq!(m.must("fleet_rollout_info", &[("commit", &"c".repeat(40)), ("state", "halted")])?, 1.0);
+    assert_eq!(m.must("fleet_rollout_wave", &[])?, 1.0);
     let mut exporter = exporter;
     assert_eq!(exporter.terminate()?, Some(0), "{}", exporter.log());
     Ok(())
