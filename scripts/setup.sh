@@ -27,7 +27,7 @@ BASE_PKGS=(
     time curl git ca-certificates jq
     strace # the benchmark counts the agent's fsyncs
     iproute2 # the test harness gives each dockerd its own bridge (`ip link add`)
-    git-lfs # the bundler's tests make real Git LFS pointer files
+    git-lfs # the bundler's tests track files with the real git-lfs (pointers, its store, `git lfs pull`)
     chromium # headless, driven by the dashboard's browser tests and bench/dashboard.sh
 )
 CROSS_ARCH=arm64

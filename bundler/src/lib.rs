@@ -38,6 +38,7 @@ pub mod diag;
 pub mod duration;
 pub mod exporter;
 pub mod format;
+pub mod lfs;
 pub mod maintenance;
 pub mod metrics;
 pub mod mqtt;

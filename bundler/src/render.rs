@@ -36,30 +36,31 @@ pub const TEMPLATE_FUEL: u64 = 4_000_000;
 /// How every Git LFS pointer file begins (<https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md>).
 const LFS_POINTER_PREFIX: &[u8] = b"version https://git-lfs.github.com/spec/v1";
 
-/// The size the real file of a Git LFS pointer has, if `bytes` is one. Pointer files
-/// are small text files (the spec says under 1024 bytes) with a `size N` line.
-pub fn lfs_pointer(bytes: &[u8]) -> Option<Option<u64>> {
-    if bytes.len() >= 1024 || !bytes.starts_with(LFS_POINTER_PREFIX) {
-        return None;
-    }
-    let text = std::str::from_utf8(bytes).ok()?;
-    Some(text.lines().find_map(|l| l.strip_prefix("size ")).and_then(|n| n.trim().parse().ok()))
+/// Whether `bytes` is a Git LFS pointer (a small text file, the spec says under 1024
+/// bytes, beginning with its version line). Reading the repository replaced every valid
+/// pointer whose object is in the local LFS store by that object ([`crate::lfs`]), so one
+/// seen here is missing its object, or is malformed.
+fn is_lfs_pointer(bytes: &[u8]) -> bool {
+    bytes.len() < 1024 && bytes.starts_with(LFS_POINTER_PREFIX)
 }
 
-/// The diagnostic for a file committed as a Git LFS pointer.
-fn lfs_diagnostic(path: &str, size: Option<u64>, line: u64, column: u64) -> Diagnostic {
-    let real = size.map(|n| format!(" of {}", human_size(n))).unwrap_or_default();
-    Diagnostic::error(
-        path,
-        line,
-        column,
-        format!(
-            "is a Git LFS pointer, not the file{real}: the bundler reads what is committed to Git \
-             and does not fetch LFS objects (`git lfs pull` changes only the working tree, which the \
-             bundler never reads); commit the file itself without LFS (`git lfs untrack` its pattern, \
-             `git add --renormalize .`); large-file delivery as artifacts is not supported yet"
+/// The diagnostic for a file committed as a Git LFS pointer that could not be resolved.
+fn lfs_diagnostic(path: &str, content: &[u8], line: u64, column: u64) -> Diagnostic {
+    let message = match crate::lfs::parse(content) {
+        Ok(Some(pointer)) => format!(
+            "is a Git LFS pointer, and its object (sha256 {}, {}) is not in this clone's LFS store: \
+             fetch the LFS objects before building (`git lfs pull`; in CI, check out with LFS enabled); \
+             a pointer file is never delivered as content",
+            pointer.oid,
+            human_size(pointer.size)
         ),
-    )
+        Err(reason) => format!(
+            "is a malformed Git LFS pointer ({reason}): commit the file again with Git LFS set up \
+             (`git lfs install`, then `git add --renormalize {path}`), or commit its real content without LFS"
+        ),
+        Ok(None) => "is a Git LFS pointer of an unknown version: commit its real content without LFS".into(),
+    };
+    Diagnostic::error(path, line, column, message)
 }
 
 /// `20.0 MiB (20971520 bytes)`.
@@ -377,8 +378,8 @@ fn suggest_limit(size: u64) -> String {
 }
 
 fn text<'a>(path: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
-    if let Some(size) = lfs_pointer(bytes) {
-        return Err(lfs_diagnostic(path, size, 0, 0));
+    if is_lfs_pointer(bytes) {
+        return Err(lfs_diagnostic(path, bytes, 0, 0));
     }
     std::str::from_utf8(bytes).map_err(|e| Diagnostic::error(path, 0, 0, format!("not UTF-8 text: {e}")))
 }
@@ -564,8 +565,8 @@ fn load_app(
                 parsed
             }
         };
-        if let Some(size) = lfs_pointer(content) {
-            diags.push(lfs_diagnostic(&repo_path, size, 0, 0));
+        if is_lfs_pointer(content) {
+            diags.push(lfs_diagnostic(&repo_path, content, 0, 0));
             err(
                 diags,
                 src_pos,

@@ -15,6 +15,10 @@
 //! than the limit ([`DEFAULT_MAX_FILE_SIZE`], `--max-file-size`) is never loaded into
 //! memory and is listed in [`Snapshot::too_large`] instead, so that loading reports it
 //! as a problem of that file.
+//!
+//! Files committed with Git LFS are read as their real content from the repository's
+//! local LFS store ([`crate::lfs`]); a pointer whose object is missing stays a pointer,
+//! which loading reports as that file's problem.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -77,6 +81,14 @@ pub enum RepoError {
     Bare { path: PathBuf },
     #[error("cannot read {path} in the work tree: {source}")]
     WorkTree { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Lfs(#[from] crate::lfs::LfsError),
+}
+
+/// The repository's local Git LFS object store (see [`crate::lfs::store`]).
+fn lfs_store(repo: &gix::Repository) -> PathBuf {
+    let storage = repo.config_snapshot().string("lfs.storage").map(|s| s.to_str_lossy().into_owned());
+    crate::lfs::store(repo.common_dir(), storage.as_deref())
 }
 
 /// The `commit` of a [`Snapshot`] of the work tree (it has no commit id).
@@ -160,6 +172,11 @@ pub fn read(path: &Path, rev: &str, max_file_size: u64) -> Result<Snapshot, Repo
         what: what.into(),
         message: e.to_string(),
     };
+    // An LFS error (a damaged object) names its file and what to do: passed on as it is.
+    let walk_err = |what: &str, e: BoxError| match e.downcast::<crate::lfs::LfsError>() {
+        Ok(lfs) => RepoError::Lfs(*lfs),
+        Err(e) => read_err(what, &e),
+    };
     let commit_time = commit.time().map_err(|e| read_err("the committer time", &e))?.seconds;
     let subject = commit
         .message()
@@ -167,15 +184,20 @@ pub fn read(path: &Path, rev: &str, max_file_size: u64) -> Result<Snapshot, Repo
         .map_err(|e| read_err("the message", &e))?;
     let tree = commit.tree().map_err(|e| read_err("the tree", &e))?;
 
-    let mut out = Files { max_file_size, files: BTreeMap::new(), too_large: BTreeMap::new() };
+    let mut out = Files {
+        max_file_size,
+        lfs_store: lfs_store(&repo),
+        files: BTreeMap::new(),
+        too_large: BTreeMap::new(),
+    };
     for entry in tree.iter() {
         let entry = entry.map_err(|e| read_err("the root tree", &e))?;
         let name = entry.filename().to_str_lossy().into_owned();
         let wanted_dir = name == "devices" || name == "apps";
         if entry.mode().is_tree() && wanted_dir {
-            collect(&repo, entry.object_id(), &name, &mut out).map_err(|e| read_err(&name, &e))?;
+            collect(&repo, entry.object_id(), &name, &mut out).map_err(|e| walk_err(&name, e))?;
         } else if entry.mode().is_blob() && name == "fleet.yaml" {
-            out.blob(&repo, entry.object_id(), name.clone()).map_err(|e| read_err(&name, &e))?;
+            out.blob(&repo, entry.object_id(), name.clone()).map_err(|e| walk_err(&name, e))?;
         }
     }
     Ok(Snapshot {
@@ -193,18 +215,28 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// What [`read`] collects.
 struct Files {
     max_file_size: u64,
+    lfs_store: PathBuf,
     files: BTreeMap<String, Vec<u8>>,
     too_large: BTreeMap<String, u64>,
 }
 
 impl Files {
-    /// Reads the blob `id` as `path` unless its header says it is over the limit.
+    /// Reads the blob `id` as `path` unless its header says it is over the limit; an LFS
+    /// pointer is read as the object it points to, under the same limit.
     fn blob(&mut self, repo: &gix::Repository, id: gix::ObjectId, path: String) -> Result<(), BoxError> {
         let size = repo.find_header(id)?.size();
         if size > self.max_file_size {
             self.too_large.insert(path, size);
-        } else {
-            self.files.insert(path, repo.find_object(id)?.detach().data);
+            return Ok(());
+        }
+        let blob = repo.find_object(id)?.detach().data;
+        match crate::lfs::resolve(&path, blob, &self.lfs_store, self.max_file_size)? {
+            crate::lfs::Resolved::Content(content) => {
+                self.files.insert(path, content);
+            }
+            crate::lfs::Resolved::TooLarge(size) => {
+                self.too_large.insert(path, size);
+            }
         }
         Ok(())
     }
@@ -235,7 +267,7 @@ fn collect(repo: &gix::Repository, id: gix::ObjectId, prefix: &str, out: &mut Fi
 pub fn read_worktree(path: &Path, max_file_size: u64) -> Result<Snapshot, RepoError> {
     let repo = open(path)?;
     let root = repo.workdir().ok_or_else(|| RepoError::Bare { path: path.into() })?.to_path_buf();
-    let (files, too_large) = worktree_files(&root, max_file_size)?;
+    let (files, too_large) = worktree_files(&root, &lfs_store(&repo), max_file_size)?;
     Ok(Snapshot {
         commit: WORKTREE.into(),
         commit_time: 0,
@@ -290,7 +322,7 @@ pub fn worktree_changes(
     if head.is_none_or(|c| c.id() != snapshot.commit.as_str()) {
         return Ok(None);
     }
-    let (files, too_large) = worktree_files(&root, snapshot.max_file_size)?;
+    let (files, too_large) = worktree_files(&root, &lfs_store(&repo), snapshot.max_file_size)?;
     let mut changes = BTreeMap::new();
     for (path, bytes) in &files {
         match snapshot.files.get(path) {
@@ -332,22 +364,24 @@ pub fn worktree_changes(
 type FileMaps = (BTreeMap<String, Vec<u8>>, BTreeMap<String, u64>);
 
 /// `fleet.yaml`, `devices/**` and `apps/**` under the work tree `root`.
-fn worktree_files(root: &Path, max_file_size: u64) -> Result<FileMaps, RepoError> {
+/// Files not pulled from LFS yet (pointers on disk) are read from the LFS store.
+fn worktree_files(root: &Path, lfs_store: &Path, max_file_size: u64) -> Result<FileMaps, RepoError> {
     let mut maps = (BTreeMap::new(), BTreeMap::new());
+    let limits = (lfs_store, max_file_size);
     let fleet = root.join("fleet.yaml");
     if fleet.is_file() && !fleet.is_symlink() {
-        read_disk_file(&fleet, "fleet.yaml".into(), max_file_size, &mut maps)?;
+        read_disk_file(&fleet, "fleet.yaml".into(), limits, &mut maps)?;
     }
     for dir in ["devices", "apps"] {
         let path = root.join(dir);
         if path.is_dir() && !path.is_symlink() {
-            walk(&path, dir, max_file_size, &mut maps)?;
+            walk(&path, dir, limits, &mut maps)?;
         }
     }
     Ok(maps)
 }
 
-fn walk(dir: &Path, prefix: &str, max_file_size: u64, maps: &mut FileMaps) -> Result<(), RepoError> {
+fn walk(dir: &Path, prefix: &str, limits: (&Path, u64), maps: &mut FileMaps) -> Result<(), RepoError> {
     let io = |source| RepoError::WorkTree { path: dir.into(), source };
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
@@ -355,9 +389,9 @@ fn walk(dir: &Path, prefix: &str, max_file_size: u64, maps: &mut FileMaps) -> Re
         let name = entry.file_name().to_string_lossy().into_owned();
         let rel = format!("{prefix}/{name}");
         if kind.is_dir() {
-            walk(&entry.path(), &rel, max_file_size, maps)?;
+            walk(&entry.path(), &rel, limits, maps)?;
         } else if kind.is_file() {
-            read_disk_file(&entry.path(), rel, max_file_size, maps)?;
+            read_disk_file(&entry.path(), rel, limits, maps)?;
         }
         // Symlinks are skipped, as in a commit.
     }
@@ -367,15 +401,23 @@ fn walk(dir: &Path, prefix: &str, max_file_size: u64, maps: &mut FileMaps) -> Re
 fn read_disk_file(
     path: &Path,
     rel: String,
-    max_file_size: u64,
+    (lfs_store, max_file_size): (&Path, u64),
     maps: &mut FileMaps,
 ) -> Result<(), RepoError> {
     let io = |source| RepoError::WorkTree { path: path.into(), source };
     let size = std::fs::metadata(path).map_err(io)?.len();
     if size > max_file_size {
         maps.1.insert(rel, size);
-    } else {
-        maps.0.insert(rel, std::fs::read(path).map_err(io)?);
+        return Ok(());
+    }
+    let content = std::fs::read(path).map_err(io)?;
+    match crate::lfs::resolve(&rel, content, lfs_store, max_file_size)? {
+        crate::lfs::Resolved::Content(content) => {
+            maps.0.insert(rel, content);
+        }
+        crate::lfs::Resolved::TooLarge(size) => {
+            maps.1.insert(rel, size);
+        }
     }
     Ok(())
 }

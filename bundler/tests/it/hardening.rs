@@ -110,31 +110,113 @@ fn a_template_that_renders_more_than_the_file_limit_is_refused() {
     validate(&repo, &["--max-file-size", "4m"]).assert_code(0);
 }
 
-#[test]
-fn git_lfs_pointer_files_are_refused_as_content() {
+/// A fleet whose `apps/web/files/firmware.bin` (4 KiB) is tracked with the real git-lfs;
+/// `None` (test skipped) when git-lfs is not installed.
+fn lfs_fleet(test: &str) -> Option<(Repo, Vec<u8>)> {
     if !have("git-lfs") {
-        eprintln!("SKIPPED git_lfs_pointer_files_are_refused_as_content: git-lfs is not installed (apt-get install -y git-lfs)");
-        return;
+        eprintln!("SKIPPED {test}: git-lfs is not installed (apt-get install -y git-lfs)");
+        return None;
     }
     let app = "files:\n  - source: files/web.conf\n    template: true\n  - source: files/firmware.bin\n";
     let repo = small_fleet(&[("apps/web/app.yaml", app)], 1_800_000_000);
     repo.git(&["lfs", "install", "--local"]);
     repo.git(&["lfs", "track", "*.bin"]);
-    std::fs::write(repo.path().join("apps/web/files/firmware.bin"), vec![7u8; 4096]).expect("write");
+    let firmware: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(repo.path().join("apps/web/files/firmware.bin"), &firmware).expect("write");
     repo.commit_at("firmware through LFS", 1_800_000_100);
     // What Git holds is the pointer, made by git-lfs's clean filter.
     let blob = git_in(repo.path(), &["cat-file", "-p", "HEAD:apps/web/files/firmware.bin"], &[]);
     assert!(blob.starts_with("version https://git-lfs.github.com/spec/v1"), "{blob}");
+    Some((repo, firmware))
+}
 
-    let out = validate(&repo, &[]);
-    out.assert_code(65);
-    out.assert_stderr_has(
-        "apps/web/files/firmware.bin: error: is a Git LFS pointer, not the file of 4.0 KiB (4096 bytes): \
-         the bundler reads what is committed to Git and does not fetch LFS objects",
+fn lfs_objects(repo: &Repo) -> Vec<std::path::PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.path().is_dir() {
+                walk(&entry.path(), out);
+            } else {
+                out.push(entry.path());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&repo.path().join(".git/lfs/objects"), &mut out);
+    out
+}
+
+#[test]
+fn git_lfs_files_are_delivered_as_their_real_content() {
+    let Some((repo, firmware)) = lfs_fleet("git_lfs_files_are_delivered_as_their_real_content") else {
+        return;
+    };
+    validate(&repo, &[]).assert_code(0);
+    let keys = Keys::new();
+    let out = tempfile::tempdir().expect("tempdir");
+    crate::common::build(repo.path(), "HEAD", &keys, out.path()).assert_code(0);
+    let verified = crate::common::open_bundle(out.path(), "dev-1", &keys);
+    let file =
+        verified.state.files.iter().find(|f| f.path.ends_with("/firmware.bin")).expect("firmware delivered");
+    assert_eq!(file.content, firmware, "the LFS object's bytes, not the pointer");
+
+    // A CI clone made without LFS has the pointer only: refused with the file, the object
+    // and what to do; nothing built. After `git lfs pull` it builds the same bundle.
+    let ci = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}", repo.path_str());
+    git_in(ci.path(), &["clone", "-q", &url, "clone"], &[]);
+    let clone = ci.path().join("clone");
+    let clone_str = clone.to_str().expect("utf-8");
+    assert!(!clone.join(".git/lfs/objects").exists(), "the clone fetched LFS objects by itself");
+    let o = bundler(&["validate", "--repo", clone_str]);
+    o.assert_code(65);
+    o.assert_stderr_has("apps/web/files/firmware.bin: error: is a Git LFS pointer, and its object (sha256 ");
+    o.assert_stderr_has(
+        "4.0 KiB (4096 bytes)) is not in this clone's LFS store: fetch the LFS objects before building (`git lfs pull`",
     );
-    out.assert_stderr_has("commit the file itself without LFS");
-    out.assert_stderr_has(
+    o.assert_stderr_has(
         "apps/web/app.yaml:4:13: error: file source `files/firmware.bin` is a Git LFS pointer",
+    );
+    let out2 = tempfile::tempdir().expect("tempdir");
+    crate::common::build(&clone, "HEAD", &keys, out2.path()).assert_code(65);
+    assert!(!out2.path().join("index.json").exists());
+
+    git_in(&clone, &["lfs", "pull"], &[]);
+    crate::common::build(&clone, "HEAD", &keys, out2.path()).assert_code(0);
+    let index = |dir: &Path| crate::common::read_index(dir)["devices"]["dev-1"]["digest"].clone();
+    assert_eq!(index(out2.path()), index(out.path()), "the clone builds the same bundle");
+}
+
+#[test]
+fn a_damaged_or_oversized_git_lfs_object_is_refused() {
+    let Some((repo, _)) = lfs_fleet("a_damaged_or_oversized_git_lfs_object_is_refused") else { return };
+    let objects = lfs_objects(&repo);
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    // Over --max-file-size: the pointer's size is what counts, the object is not read.
+    let o = validate(&repo, &["--max-file-size", "1k"]);
+    o.assert_code(65);
+    o.assert_stderr_has("apps/web/files/firmware.bin");
+    o.assert_stderr_has("4.0 KiB (4096 bytes)");
+    // Damaged: other bytes under the object's name (a broken cache, a tampered store).
+    std::fs::write(&objects[0], vec![0u8; 4096]).expect("write");
+    let o = validate(&repo, &[]);
+    o.assert_code(1);
+    o.assert_stderr_has("apps/web/files/firmware.bin: the Git LFS object ");
+    o.assert_stderr_has("is damaged (its sha256 is ");
+    o.assert_stderr_has("delete it and fetch it again (`git lfs pull`)");
+    // A malformed pointer committed by hand is refused, never delivered.
+    let pointer = git_in(repo.path(), &["cat-file", "-p", "HEAD:apps/web/files/firmware.bin"], &[]);
+    let swapped: String = {
+        let mut lines: Vec<&str> = pointer.lines().collect();
+        lines.swap(1, 2); // size before oid: not in the spec's order
+        lines.join("\n") + "\n"
+    };
+    repo.git(&["lfs", "untrack", "*.bin"]);
+    std::fs::write(repo.path().join("apps/web/files/firmware.bin"), swapped).expect("write");
+    repo.commit_at("a hand-made pointer", 1_800_000_200);
+    let o = validate(&repo, &[]);
+    o.assert_code(65);
+    o.assert_stderr_has(
+        "apps/web/files/firmware.bin: error: is a malformed Git LFS pointer (keys not in sorted order",
     );
 }
 
