@@ -42,6 +42,9 @@ impl Engine for NoEngine {
     ) -> Result<(), EngineError> {
         Err(disabled())
     }
+    async fn remove_image(&self, _reference: &str) -> Result<bool, EngineError> {
+        Err(disabled())
+    }
     async fn exec(&self, _name: &str, _hook: &Hook, _timeout: Duration) -> Result<i64, EngineError> {
         Err(disabled())
     }
@@ -179,6 +182,9 @@ impl Engine for AnyEngine {
     }
     async fn remove_volume(&self, name: &str) -> Result<(), EngineError> {
         delegate!(self, e => e.remove_volume(name))
+    }
+    async fn remove_image(&self, reference: &str) -> Result<bool, EngineError> {
+        delegate!(self, e => e.remove_image(reference))
     }
     async fn next_event(&self) -> Result<Option<EngineEvent>, EngineError> {
         delegate!(self, e => e.next_event())

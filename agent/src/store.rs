@@ -8,6 +8,8 @@
 //!   applied.json              the last good bundle: digest, version, commit, when
 //!   managed.json              files the agent wrote: path → sha256
 //!   rejected.json             bundles never to try again: digest → code, reason
+//!   images.json               images the agent pulled (not on the device before):
+//!                             reference → when pulled, unused since (core::images)
 //!   status.json               the last status report (for `fleet-agent status`; a cache)
 //!   bundles/<digest>.bundle   the last good bundle, and the one being applied or deferred
 //!   partial/<digest>          a download in progress (resumed with Range); at most one
@@ -159,6 +161,17 @@ impl Store {
 
     pub fn save_managed(&self, managed: &BTreeMap<String, String>) -> Result<(), StoreError> {
         self.save("managed.json", managed)
+    }
+
+    pub fn pulled_images(&self) -> Result<BTreeMap<String, crate::core::images::Pulled>, StoreError> {
+        self.load("images.json")
+    }
+
+    pub fn save_pulled_images(
+        &self,
+        images: &BTreeMap<String, crate::core::images::Pulled>,
+    ) -> Result<(), StoreError> {
+        self.save("images.json", images)
     }
 
     pub fn rejected(&self) -> Result<BTreeMap<String, Rejection>, StoreError> {

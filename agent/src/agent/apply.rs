@@ -213,6 +213,7 @@ impl<E: Engine> Agent<E> {
                 // Only now, with no way back needed, are volumes no longer desired deleted
                 // (Hardening I, case 9): a rollback must find its data where it left it.
                 self.remove_stale_volumes(state).await;
+                self.collect_images().await;
                 Ok(Outcome::Committed { version: m.version })
             }
             Verdict::Failed { code, reason } => {
@@ -382,20 +383,22 @@ impl<E: Engine> Agent<E> {
         None
     }
 
-    /// Pulls every image that is not present (never re-pulls a present one).
-    /// Every image of `state` on the device, by each container's `pull_policy`.
+    /// Every image of `state` on the device, by each container's `pull_policy` (a
+    /// present image is pulled again only with `always`).
     pub(super) async fn ensure_images(&self, state: &DesiredState) -> Result<(), EngineError> {
         for c in &state.containers {
             let always = c.options.pull_policy == Some(PullPolicy::Always);
-            if always || !self.engine.image_present(&c.image).await? {
-                self.pull(c).await?;
+            let present = self.engine.image_present(&c.image).await?;
+            if always || !present {
+                self.pull(c, present).await?;
             }
         }
         Ok(())
     }
 
-    /// Pulls a container's image, unless its `pull_policy` is `never`.
-    pub(super) async fn pull(&self, c: &ContainerSpec) -> Result<(), EngineError> {
+    /// Pulls a container's image, unless its `pull_policy` is `never`. The pull of an
+    /// image that was not `present` is recorded for image garbage collection.
+    pub(super) async fn pull(&self, c: &ContainerSpec, present: bool) -> Result<(), EngineError> {
         let image = c.image.pull_reference();
         if c.options.pull_policy == Some(PullPolicy::Never) {
             return Err(EngineError::Pull {
@@ -405,7 +408,11 @@ impl<E: Engine> Agent<E> {
         }
         tracing::info!(image, "pulling image");
         let platform = c.options.platform.as_deref();
-        self.engine.pull(&c.image, platform, self.cfg.auth_for(&c.image.reference)).await
+        self.engine.pull(&c.image, platform, self.cfg.auth_for(&c.image.reference)).await?;
+        if !present {
+            self.record_pull(&image);
+        }
+        Ok(())
     }
 
     /// Deletes managed volumes the committed state no longer wants (best effort: a

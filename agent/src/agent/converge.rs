@@ -147,7 +147,7 @@ impl<E: Engine> Agent<E> {
                 if !journaled {
                     // Drift repair: an image removed behind our back comes back too.
                     if !self.engine.image_present(&spec.image).await? {
-                        self.pull(spec).await?;
+                        self.pull(spec, false).await?;
                     }
                 }
                 if s.need == Need::Recreate {

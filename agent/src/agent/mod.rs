@@ -42,6 +42,7 @@ mod apply;
 mod converge;
 mod gate;
 mod healthy;
+mod images;
 mod reconcile;
 mod recover;
 

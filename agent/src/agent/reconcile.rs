@@ -46,6 +46,7 @@ impl<E: Engine> Agent<E> {
         }
         self.refresh_containers().await;
         self.publish_status();
+        self.collect_images().await;
         Ok(repaired)
     }
 }

@@ -1536,3 +1536,129 @@ async fn the_device_caps_the_deferral_a_bundle_asks_for_and_a_sideload_does_not_
         Outcome::Committed { version: 3 }
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn images_the_agent_pulled_go_once_no_commit_has_used_them_for_the_grace() {
+    let mut h = H::new();
+    h.cfg.image_gc_grace_secs = Some(600);
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let on = |image: &str| {
+        let mut s = v1(&h);
+        s.containers[0].image.reference = image.into();
+        s
+    };
+    let removed = |h: &H| -> Vec<String> {
+        h.fake
+            .calls()
+            .into_iter()
+            .filter_map(|c| if let Call::RemoveImage(r) = c { Some(r) } else { None })
+            .collect()
+    };
+    let commit = |version: u64, image: &'static str| (version, on(image));
+
+    // v1 and v2 each pull an image the device did not have.
+    for (version, state) in [commit(1, "reg/a:1"), commit(2, "reg/b:1")] {
+        let outcome = agent.apply_bundle(&h.bundle(version, &state)).await.expect("apply");
+        assert_eq!(outcome, Outcome::Committed { version });
+    }
+    assert!(h.fake.has_image("reg/a:1") && h.fake.has_image("reg/b:1"));
+    // a is unused since v2's commit: it stays for the grace, then goes; b (in use) stays.
+    tokio::time::advance(Duration::from_secs(599)).await;
+    agent.reconcile().await.expect("reconcile");
+    assert!(h.fake.has_image("reg/a:1"), "removed before its grace: {:?}", removed(&h));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    agent.reconcile().await.expect("reconcile");
+    assert_eq!(removed(&h), ["reg/a:1"]);
+    assert!(!h.fake.has_image("reg/a:1") && h.fake.has_image("reg/b:1"));
+
+    // v3 uses the image the device had before the agent (never recorded): b goes after
+    // its grace; v4 moves on, and IMAGE is never removed however long it is unused.
+    let outcome = agent.apply_bundle(&h.bundle(3, &on(IMAGE))).await.expect("apply v3");
+    assert_eq!(outcome, Outcome::Committed { version: 3 });
+    assert!(!h.fake.calls().iter().any(|c| matches!(c, Call::Pull { image, .. } if image == IMAGE)));
+    tokio::time::advance(Duration::from_secs(600)).await;
+    agent.reconcile().await.expect("reconcile");
+    assert_eq!(removed(&h), ["reg/a:1", "reg/b:1"]);
+    let outcome = agent.apply_bundle(&h.bundle(4, &on("reg/a:1"))).await.expect("apply v4");
+    assert_eq!(outcome, Outcome::Committed { version: 4 });
+    tokio::time::advance(Duration::from_secs(6000)).await;
+    agent.reconcile().await.expect("reconcile");
+    assert!(h.fake.has_image(IMAGE), "an image the device had before the agent was removed");
+    assert_eq!(removed(&h), ["reg/a:1", "reg/b:1"]);
+
+    // With `image_gc = false` nothing is ever removed; records still accumulate, so
+    // turning it on later collects what was pulled meanwhile.
+    let mut h2 = H::new();
+    h2.cfg.image_gc_grace_secs = None;
+    let (mut agent, _rx) = h2.agent();
+    agent.recover().await.expect("recover");
+    for (version, image) in [(1, "reg/a:1"), (2, "reg/b:1")] {
+        let mut s = v1(&h2);
+        s.containers[0].image.reference = image.into();
+        assert_eq!(
+            agent.apply_bundle(&h2.bundle(version, &s)).await.expect("apply"),
+            Outcome::Committed { version }
+        );
+    }
+    tokio::time::advance(Duration::from_secs(100_000)).await;
+    agent.reconcile().await.expect("reconcile");
+    assert!(removed(&h2).is_empty() && h2.fake.has_image("reg/a:1"));
+    assert!(h2.cfg.state_dir.join("images.json").exists());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_image_a_container_still_uses_or_a_damaged_record_is_kept() {
+    let mut h = H::new();
+    h.cfg.image_gc_grace_secs = Some(0);
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let mut v1s = v1(&h);
+    v1s.containers[0].image.reference = "reg/a:1".into();
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(1, &v1s)).await.expect("apply"),
+        Outcome::Committed { version: 1 }
+    );
+    // Someone runs a container of their own on the image (the engine refuses to remove
+    // an image in use without force, which the agent never uses).
+    let mut own = container("by-hand", false);
+    own.image.reference = "reg/a:1".into();
+    h.fake.add_unmanaged_spec(own, BTreeMap::new());
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(2, &v1(&h))).await.expect("apply"),
+        Outcome::Committed { version: 2 }
+    );
+    assert!(h.fake.has_image("reg/a:1"), "an image in use was removed");
+    assert!(h.fake.calls().contains(&Call::RemoveImage("reg/a:1".into())), "it was tried");
+    // Still recorded: once the container is gone, the next reconcile removes it.
+    assert!(h.fake.delete("by-hand"));
+    agent.reconcile().await.expect("reconcile");
+    assert!(!h.fake.has_image("reg/a:1"));
+
+    // A damaged images.json is forgotten, never a reason to remove anything; pulls after
+    // it are recorded again.
+    let mut v3 = v1(&h);
+    v3.containers[0].image.reference = "reg/c:1".into();
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(3, &v3)).await.expect("apply"),
+        Outcome::Committed { version: 3 }
+    );
+    std::fs::write(h.cfg.state_dir.join("images.json"), b"{not json").expect("write");
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(4, &v1(&h))).await.expect("apply"),
+        Outcome::Committed { version: 4 }
+    );
+    agent.reconcile().await.expect("reconcile");
+    assert!(h.fake.has_image("reg/c:1"), "removed on the word of a damaged record");
+    let mut v5 = v1(&h);
+    v5.containers[0].image.reference = "reg/d:1".into();
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(5, &v5)).await.expect("apply"),
+        Outcome::Committed { version: 5 }
+    );
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(6, &v1(&h))).await.expect("apply"),
+        Outcome::Committed { version: 6 }
+    );
+    assert!(!h.fake.has_image("reg/d:1") && h.fake.has_image("reg/c:1"));
+}

@@ -141,6 +141,8 @@ pub struct RawEngine {
     #[serde(default)]
     pub registry_auth: Vec<RawRegistryAuth>,
     pub stop_grace_secs: Option<u32>,
+    pub image_gc: Option<bool>,
+    pub image_gc_grace_secs: Option<u64>,
     pub policy: Option<RawEnginePolicy>,
 }
 
@@ -255,6 +257,9 @@ pub struct Config {
     pub engine_socket: Option<PathBuf>,
     pub registry_auth: Vec<RegistryAuth>,
     pub stop_grace_secs: u32,
+    /// Images the agent pulled are removed this long after no committed state uses them
+    /// (`engine.image_gc_grace_secs`, default 1 hour); `None`: never (`image_gc = false`).
+    pub image_gc_grace_secs: Option<u64>,
     pub engine_policy: EnginePolicyConfig,
     pub updates: UpdatesConfig,
 }
@@ -273,6 +278,8 @@ pub struct UpdatesConfig {
 pub const DEFAULT_MAX_DEFERRAL_SECS: u64 = 24 * 3600;
 
 pub const DEFAULT_ENGINE_SOCKET: &str = "/var/run/docker.sock";
+/// How long an image the agent pulled stays after no committed state uses it.
+pub const DEFAULT_IMAGE_GC_GRACE_SECS: u64 = 3600;
 pub const DEFAULT_MAX_BUNDLE: u64 = 64 << 20;
 /// A whole download from one URL: 15 minutes (64 MiB at 75 KB/s, a poor cellular link).
 pub const DEFAULT_DEADLINE_SECS: u64 = 900;
@@ -480,6 +487,8 @@ impl Config {
             socket: None,
             registry_auth: Vec::new(),
             stop_grace_secs: None,
+            image_gc: None,
+            image_gc_grace_secs: None,
             policy: None,
         });
         let engine_socket = match engine.socket.as_deref() {
@@ -530,6 +539,10 @@ impl Config {
             engine_socket,
             registry_auth,
             stop_grace_secs: engine.stop_grace_secs.unwrap_or(10),
+            image_gc_grace_secs: match engine.image_gc {
+                Some(false) => None,
+                _ => Some(engine.image_gc_grace_secs.unwrap_or(DEFAULT_IMAGE_GC_GRACE_SECS)),
+            },
             engine_policy,
             updates,
         })

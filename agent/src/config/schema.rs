@@ -69,6 +69,8 @@ const ENGINE: &[Field] = &[
     Field("socket", Str, false),
     Field("registry_auth", Tables(REGISTRY_AUTH), false),
     Field("stop_grace_secs", Int, false),
+    Field("image_gc", Bool, false),
+    Field("image_gc_grace_secs", Int, false),
     Field("policy", Table(POLICY), false),
 ];
 const REGISTRY_AUTH: &[Field] = &[

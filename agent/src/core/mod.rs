@@ -9,6 +9,7 @@
 pub mod candidates;
 pub mod gate;
 pub mod health;
+pub mod images;
 pub mod machine;
 pub mod paths;
 pub mod plan;

@@ -481,6 +481,17 @@ impl Engine for DockerEngine {
         self.pull_stream(image, platform, auth).await
     }
 
+    async fn remove_image(&self, reference: &str) -> Result<bool, EngineError> {
+        // No `force`: an image a container uses (409) stays, whoever made the container.
+        let path = format!("/images/{}", enc_path(reference));
+        let reply = self.call("remove image", Method::DELETE, &path, None).await?;
+        match reply.status {
+            s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(true),
+            StatusCode::CONFLICT => Ok(false),
+            _ => Err(reply.api_error("remove image", reference)),
+        }
+    }
+
     async fn exec(&self, name: &str, hook: &Hook, timeout: Duration) -> Result<i64, EngineError> {
         let env: Vec<String> = hook.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut body = json!({

@@ -52,6 +52,7 @@ pub enum Call {
     ListVolumes,
     CreateVolume(String),
     RemoveVolume(String),
+    RemoveImage(String),
     NextEvent,
     RunHealthcheck(String),
 }
@@ -69,6 +70,7 @@ impl Call {
                 | Call::RemoveNetwork(_)
                 | Call::CreateVolume(_)
                 | Call::RemoveVolume(_)
+                | Call::RemoveImage(_)
         )
     }
 }
@@ -253,10 +255,15 @@ impl FakeEngine {
 
     /// A container somebody else runs (no managed label): the agent must leave it alone.
     pub fn add_unmanaged(&self, name: &str, labels: BTreeMap<String, String>) {
+        self.add_unmanaged_spec(ContainerSpec { name: name.to_owned(), ..Default::default() }, labels);
+    }
+
+    /// A container somebody else runs from `spec` (its name, its image).
+    pub fn add_unmanaged_spec(&self, spec: ContainerSpec, labels: BTreeMap<String, String>) {
         let mut state = self.lock();
         state.next_id += 1;
         let id = format!("{:064x}", state.next_id);
-        let spec = ContainerSpec { name: name.to_owned(), ..Default::default() };
+        let name = spec.name.clone();
         let container = FakeContainer {
             id,
             spec,
@@ -266,7 +273,7 @@ impl FakeEngine {
             restart_count: 0,
             exit_code: None,
         };
-        state.containers.insert(name.to_owned(), container);
+        state.containers.insert(name, container);
     }
 
     /// A network somebody else made (no managed label).
@@ -576,6 +583,16 @@ impl Engine for FakeEngine {
         // Like dockerd: an existing volume is kept as it is, data and labels.
         state.volumes.entry(spec.name.clone()).or_insert_with(|| merged_labels(&spec.labels, labels));
         Ok(())
+    }
+
+    async fn remove_image(&self, reference: &str) -> Result<bool, EngineError> {
+        let mut state = self.enter(Call::RemoveImage(reference.to_owned()))?;
+        // Like dockerd without `force`: an image a container uses stays (409).
+        if state.containers.values().any(|c| c.spec.image.pull_reference() == reference) {
+            return Ok(false);
+        }
+        state.images.remove(reference);
+        Ok(true)
     }
 
     async fn remove_volume(&self, name: &str) -> Result<(), EngineError> {

@@ -141,6 +141,11 @@ pub trait Engine {
         auth: Option<&RegistryAuth>,
     ) -> impl Future<Output = Result<(), EngineError>>;
 
+    /// Removes the image `reference` (a pull reference: untags it, and deletes the image
+    /// when nothing else names it), never by force. `Ok(true)`: removed, or already gone;
+    /// `Ok(false)`: a container (any, managed or not) still uses it, so it stays.
+    fn remove_image(&self, reference: &str) -> impl Future<Output = Result<bool, EngineError>>;
+
     /// Runs `hook` in the running container `name` and waits, up to `timeout`, for its
     /// exit code (Compose `post_start` / `pre_stop`).
     fn exec(

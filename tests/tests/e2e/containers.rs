@@ -42,11 +42,19 @@ struct Setup<'e> {
 
 impl<'e> Setup<'e> {
     fn new(engine: &'e TestEngine) -> Result<Setup<'e>> {
+        Setup::with_settings(engine, &[])
+    }
+
+    /// With `(table, key, value)` settings in the device's `agent.toml`.
+    fn with_settings(engine: &'e TestEngine, settings: &[(&str, &str, &str)]) -> Result<Setup<'e>> {
         let broker = Mosquitto::start()?;
         let fleet = FleetRepo::new("acme")?;
         fleet.add_device("gw-1", &[("site", "berlin")])?;
-        let device =
-            Device::builder(&fleet, "gw-1")?.broker(&broker.url()).engine(engine.socket_path()).create()?;
+        let mut builder = Device::builder(&fleet, "gw-1")?.broker(&broker.url()).engine(engine.socket_path());
+        for (table, key, value) in settings {
+            builder = builder.setting(table, key, value);
+        }
+        let device = builder.create()?;
         let watch = DeviceWatch::of(&broker.client(), &device)?;
         Ok(Setup { engine, broker, fleet, device, watch })
     }
@@ -309,6 +317,64 @@ fn drift_is_repaired(engine: &TestEngine, images: &Images) -> Result<()> {
     Ok(())
 }
 
+// ---- image garbage collection (issue 16) ----------------------------------------
+
+/// Whether the engine holds an image by this reference.
+fn has_image(engine: &TestEngine, reference: &str) -> Result<bool> {
+    let (status, body) = engine.get(&format!("/v1.41/images/{reference}/json"))?;
+    match status {
+        200 => Ok(true),
+        404 => Ok(false),
+        _ => anyhow::bail!("inspecting image {reference}: HTTP {status}: {body}"),
+    }
+}
+
+/// Images the agent pulled go at the commit that stops using them (grace 0 here); an
+/// image the device had before the agent stays; a failed update rolls back onto the
+/// last good bundle's image, which is still there.
+fn image_gc(engine: &TestEngine, images: &Images) -> Result<()> {
+    // The device has bb:2 before the agent; bb:1 is only in the registry.
+    engine.docker(&["rmi", &images.tag(1)])?;
+    ensure!(!has_image(engine, &images.pinned(1))?, "bb:1 is still on the engine");
+    ensure!(has_image(engine, &images.pinned(2))?, "bb:2 is not on the engine");
+    let mut s = Setup::with_settings(engine, &[("engine", "image_gc_grace_secs", "0")])?;
+    s.device.start()?;
+
+    web_app(&s.fleet, &images.tag(1), "v = 1\n", Health::Good)?;
+    s.deploy("web on bb:1 (pulled by the agent)")?;
+    ensure!(has_image(engine, &images.pinned(1))?, "bb:1 was not pulled");
+    let records = fs::read_to_string(s.device.state_dir().join("images.json"))?;
+    ensure!(records.contains(&images.pinned(1)), "the pull is not recorded: {records}");
+
+    web_app(&s.fleet, &images.tag(2), "v = 2\n", Health::Good)?;
+    s.deploy("web on bb:2 (the device had it)")?;
+    wait_until(secs(20), "bb:1 removed after the commit that stopped using it", || {
+        Ok(!has_image(engine, &images.pinned(1))?)
+    })
+    .with_context(|| s.device.log_tail())?;
+    ensure!(engine.container("web-web")?.image() == images.pinned(2));
+
+    web_app(&s.fleet, &images.tag(1), "v = 3\n", Health::Good)?;
+    s.deploy("back on bb:1 (pulled again)")?;
+    ensure!(has_image(engine, &images.pinned(1))?, "bb:1 was not pulled again");
+    // Two reconciles later, bb:2 (unused, but never pulled by the agent) is still there.
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(has_image(engine, &images.pinned(2))?, "an image the device had before the agent was removed");
+
+    // A failed update (a broken healthcheck on bb:2) rolls back to bb:1, which the
+    // commit kept: the last good bundle's image is never collected.
+    web_app(&s.fleet, &images.tag(2), "v = 4\n", Health::Broken)?;
+    ship(&mut s.fleet, &s.broker, "broken web")?;
+    s.watch
+        .wait_status(CONVERGE, "rolled_back", |st| state(st) == "rolled_back")
+        .with_context(|| s.device.log_tail())?;
+    let web = engine.container("web-web")?;
+    ensure!(web.running() && web.image() == images.pinned(1), "web-web is not back on bb:1");
+    ensure!(has_image(engine, &images.pinned(1))?);
+    ensure!(s.device.log().contains("removed an image no committed bundle uses"), "{}", s.device.log_tail());
+    Ok(())
+}
+
 // ---- the tests ----------------------------------------------------------------------
 
 /// A container scenario, run on an engine with the test images pushed.
@@ -333,6 +399,11 @@ fn dockerd_failed_update_rolls_back() -> Result<()> {
 #[test]
 fn dockerd_drift_is_repaired() -> Result<()> {
     on_dockerd(drift_is_repaired)
+}
+
+#[test]
+fn dockerd_image_gc_removes_what_the_agent_pulled_and_keeps_the_last_good() -> Result<()> {
+    on_dockerd(image_gc)
 }
 
 /// The three scenarios on one podman service (one podman per machine at a time).
