@@ -73,9 +73,21 @@ impl Nginx {
 
     /// Serves `www` with these lines in its `server` block (locations, headers...).
     pub fn serve_with(www: &Path, server_extra: &str) -> Result<Nginx> {
-        let program = nginx_program()?;
         let dir = crate::short_tempdir("n")?;
         let root = dir.path().to_path_buf();
+        Self::start(www, server_extra, root, Some(dir))
+    }
+
+    /// Like [`Nginx::serve`], with its configuration, logs and temp files in `dir`
+    /// (created; left in place when stopped), e.g. for `fleet-demo --nginx`.
+    pub fn serve_in(www: &Path, dir: &Path) -> Result<Nginx> {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let root = dir.canonicalize().with_context(|| format!("{}", dir.display()))?;
+        Self::start(www, BUNDLE_SERVER_LOCATIONS, root, None)
+    }
+
+    fn start(www: &Path, server_extra: &str, root: PathBuf, dir: Option<TempDir>) -> Result<Nginx> {
+        let program = nginx_program()?;
         let port = free_port();
         let www = www.canonicalize().with_context(|| format!("the directory to serve: {}", www.display()))?;
         let r = root.display();
@@ -91,7 +103,10 @@ impl Nginx {
         for t in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             writeln!(conf, "    {t}_temp_path {r}/tmp/{t};")?;
         }
-        writeln!(conf, "    types {{ application/json json; text/html html; }}")?;
+        writeln!(
+            conf,
+            "    types {{ application/json json; text/html html; text/css css; application/javascript js; }}"
+        )?;
         writeln!(conf, "    default_type application/octet-stream;")?;
         writeln!(conf, "    sendfile on;")?;
         writeln!(
@@ -117,7 +132,7 @@ impl Nginx {
         daemon
             .wait_ready(Duration::from_secs(15), || TcpStream::connect(("127.0.0.1", port)).is_ok())
             .with_context(|| crate::log_tail(&root.join("error.log"), 20))?;
-        Ok(Nginx { daemon: Some(daemon), dir: Some(dir), root, port })
+        Ok(Nginx { daemon: Some(daemon), dir, root, port })
     }
 
     pub fn port(&self) -> u16 {
@@ -152,7 +167,16 @@ impl Nginx {
 
     /// The configuration nginx runs with.
     pub fn config(&self) -> String {
-        fs::read_to_string(self.root.join("nginx.conf")).unwrap_or_default()
+        fs::read_to_string(self.config_path()).unwrap_or_default()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("nginx.conf")
+    }
+
+    /// The prefix directory (`-p`): configuration, logs, pid file, temp files.
+    pub fn dir(&self) -> &Path {
+        &self.root
     }
 }
 
