@@ -6,6 +6,7 @@
 #   scripts/demo.sh                          # in-process MQTT broker, files only, no root needed
 #   scripts/demo.sh --broker mqtt://host:1883
 #   scripts/demo.sh --engine-socket /var/run/docker.sock   # run the containers too
+#   scripts/demo.sh --nginx                  # serve the bundles with nginx (Debian's nginx-light)
 #   scripts/demo.sh --help                   # every option
 #
 # As root it first runs scripts/setup.sh (the test suite's packages; idempotent). Without

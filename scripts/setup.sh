@@ -24,6 +24,7 @@ BASE_PKGS=(
     netavark aardvark-dns # podman's network stack: containers resolve each other by alias
     docker-registry
     busybox-static
+    nginx-light # issue 19: a real web server for the build output (tests, demo --nginx)
     time curl git ca-certificates jq
     strace # the benchmark counts the agent's fsyncs
     iproute2 # the test harness gives each dockerd its own bridge (`ip link add`)

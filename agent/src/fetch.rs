@@ -1,6 +1,11 @@
 //! Getting bundles: HTTP(S) with resumable `Range` downloads, and this device's pointer
 //! file (`<base_url>/devices/<id>.json`, a few hundred bytes) for polling.
 //!
+//! A poll sends `If-None-Match` with the `ETag` of the last `200` (kept in memory by the
+//! caller, only when it is a sane entity tag: [`sane_etag`]), so a poll of an unchanged
+//! pointer file costs a `304 Not Modified` and no body. A server without ETags is polled
+//! as before.
+//!
 //! A download lands in `state_dir/partial/<digest>`; after a dropped connection it
 //! resumes with `Range: bytes=<have>-`. The `Content-Length` and the bytes received are
 //! checked against `fetch.max_bundle_bytes` before they are stored, and the whole file's
@@ -127,6 +132,37 @@ impl Url {
 
 /// Largest pointer file read: what `Announcement::from_json` accepts.
 pub const MAX_POINTER: u64 = MAX_ANNOUNCEMENT_LEN as u64;
+/// Longest `ETag` remembered (nginx's are about 20 bytes, S3's 36, a quoted base64
+/// sha256 46); a longer one is ignored.
+pub const MAX_ETAG_LEN: usize = 128;
+
+/// What a poll of a small document (the pointer file) found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Polled {
+    /// `200 OK`: the body, and its `ETag` when the server sent a sane one ([`sane_etag`]).
+    Body { bytes: Vec<u8>, etag: Option<String> },
+    /// `304 Not Modified`: the document is the one whose `ETag` was sent.
+    NotModified,
+    /// `404 Not Found`.
+    NotFound,
+}
+
+/// `value` as an entity tag worth sending back in `If-None-Match`: `"..."` or `W/"..."`
+/// of at most [`MAX_ETAG_LEN`] bytes, visible ASCII with no quote inside (RFC 9110's
+/// `entity-tag` without obs-text). Anything else is ignored (the poll then simply is
+/// unconditional), so a hostile server cannot make the agent send it arbitrary bytes.
+pub fn sane_etag(value: &[u8]) -> Option<String> {
+    if value.len() > MAX_ETAG_LEN {
+        return None;
+    }
+    let opaque = value.strip_prefix(b"W/").unwrap_or(value);
+    let inner = opaque.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    if !inner.iter().all(|&b| b == 0x21 || (0x23..=0x7e).contains(&b)) {
+        return None;
+    }
+    // Only ASCII was accepted above.
+    String::from_utf8(value.to_vec()).ok()
+}
 /// Reconnects within one download before giving up until the next attempt.
 pub const MAX_RESUMES: u32 = 8;
 
@@ -203,6 +239,7 @@ impl Fetcher {
         &self,
         url: &Url,
         range_from: u64,
+        if_none_match: Option<&str>,
         limit: Duration,
     ) -> Result<Response<Incoming>, FetchError> {
         let text =
@@ -219,29 +256,33 @@ impl Fetcher {
                     .connect(name, tcp)
                     .await
                     .map_err(|e| net(format!("TLS: {e}")))?;
-                request(tls, url, range_from).await.map_err(net)
+                request(tls, url, range_from, if_none_match).await.map_err(net)
             } else {
-                request(tcp, url, range_from).await.map_err(net)
+                request(tcp, url, range_from, if_none_match).await.map_err(net)
             }
         };
         tokio::time::timeout(self.timeout.min(limit), connect).await.map_err(|_| net("timed out".into()))?
     }
 
-    /// GETs a small document (a pointer file) of at most `limit` bytes; `None` when the
-    /// server answers `404 Not Found`. The whole request has `fetch.timeout_secs`.
-    pub async fn get_small(&self, url: &str, limit: u64) -> Result<Option<Vec<u8>>, FetchError> {
+    /// GETs a small document (a pointer file) of at most `limit` bytes. With `etag` (from
+    /// an earlier [`Polled::Body`]) the request is conditional (`If-None-Match`) and a
+    /// `304` is [`Polled::NotModified`]; a `304` to an unconditional request is an error.
+    /// The whole request has `fetch.timeout_secs`.
+    pub async fn get_small(&self, url: &str, limit: u64, etag: Option<&str>) -> Result<Polled, FetchError> {
         let work = async {
             let parsed = Url::parse(url)?;
-            let resp = self.get(&parsed, 0, self.timeout).await?;
+            let resp = self.get(&parsed, 0, etag, self.timeout).await?;
             match resp.status() {
                 StatusCode::OK => {}
-                StatusCode::NOT_FOUND => return Ok(None),
+                StatusCode::NOT_MODIFIED if etag.is_some() => return Ok(Polled::NotModified),
+                StatusCode::NOT_FOUND => return Ok(Polled::NotFound),
                 s => return Err(FetchError::Status { url: url.into(), status: s.as_u16() }),
             }
             let too_large = |size| FetchError::TooLarge { url: url.into(), size, limit };
             if let Some(size) = content_length(&resp).filter(|&l| l > limit) {
                 return Err(too_large(size));
             }
+            let etag = resp.headers().get(hyper::header::ETAG).and_then(|v| sane_etag(v.as_bytes()));
             let mut body = resp.into_body();
             let mut out = Vec::new();
             while let Some(frame) = next_frame(&mut body, url, self.timeout).await? {
@@ -250,7 +291,7 @@ impl Fetcher {
                     return Err(too_large(out.len() as u64));
                 }
             }
-            Ok(Some(out))
+            Ok(Polled::Body { bytes: out, etag })
         };
         tokio::time::timeout(self.timeout, work)
             .await
@@ -311,7 +352,8 @@ impl Fetcher {
             }
             pace.check(url, received, Instant::now())?;
             let attempt = async {
-                let resp = self.get(&parsed, have, pace.wait(received, self.timeout, Instant::now())).await?;
+                let resp =
+                    self.get(&parsed, have, None, pace.wait(received, self.timeout, Instant::now())).await?;
                 let (append, total) = match resp.status() {
                     StatusCode::PARTIAL_CONTENT if have > 0 => {
                         (true, content_length(&resp).map(|l| have + l))
@@ -418,7 +460,12 @@ fn content_length(resp: &Response<Incoming>) -> Option<u64> {
     resp.headers().get(hyper::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-async fn request<S>(io: S, url: &Url, range_from: u64) -> Result<Response<Incoming>, String>
+async fn request<S>(
+    io: S,
+    url: &Url,
+    range_from: u64,
+    if_none_match: Option<&str>,
+) -> Result<Response<Incoming>, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -432,6 +479,9 @@ where
         .header(hyper::header::USER_AGENT, concat!("fleet-agent/", env!("CARGO_PKG_VERSION")));
     if range_from > 0 {
         req = req.header(hyper::header::RANGE, format!("bytes={range_from}-"));
+    }
+    if let Some(etag) = if_none_match {
+        req = req.header(hyper::header::IF_NONE_MATCH, etag);
     }
     let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
     sender.send_request(req).await.map_err(|e| e.to_string())
@@ -501,6 +551,26 @@ mod tests {
     fn serve(
         respond: impl Fn(usize, Option<u64>) -> Vec<u8> + Send + 'static,
     ) -> (u16, Arc<Mutex<Vec<Option<u64>>>>) {
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let log = ranges.clone();
+        let (port, _) = serve_heads(move |n, head| {
+            log.lock().expect("lock").push(head.range);
+            respond(n, head.range)
+        });
+        (port, ranges)
+    }
+
+    /// What [`serve_heads`] read of a request.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    struct Head {
+        range: Option<u64>,
+        if_none_match: Option<String>,
+    }
+
+    /// [`serve`], with the request's `If-None-Match` too; returns each request's head.
+    fn serve_heads(
+        respond: impl Fn(usize, &Head) -> Vec<u8> + Send + 'static,
+    ) -> (u16, Arc<Mutex<Vec<Head>>>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -509,22 +579,26 @@ mod tests {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
                 let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                let mut range = None;
+                let mut head = Head::default();
                 loop {
                     let mut line = String::new();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
                         break;
                     }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("range: bytes=") {
-                        range = v.trim().trim_end_matches('-').parse().ok();
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("range: bytes=") {
+                        head.range = v.trim().trim_end_matches('-').parse().ok();
+                    }
+                    if lower.starts_with("if-none-match:") {
+                        head.if_none_match = Some(line["if-none-match:".len()..].trim().to_string());
                     }
                 }
                 let n = {
                     let mut log = log.lock().expect("lock");
-                    log.push(range);
+                    log.push(head.clone());
                     log.len() - 1
                 };
-                let _ = stream.write_all(&respond(n, range));
+                let _ = stream.write_all(&respond(n, &head));
             }
         });
         (port, seen)
@@ -837,13 +911,105 @@ mod tests {
         });
         let url = format!("http://127.0.0.1:{port}/devices/gw.json");
         let f = fetcher();
-        assert_eq!(f.get_small(&url, MAX_POINTER).await.expect("200"), Some(b"{}".to_vec()));
-        assert_eq!(f.get_small(&url, MAX_POINTER).await.expect("404"), None);
-        let err = f.get_small(&url, MAX_POINTER).await.expect_err("500");
+        assert_eq!(
+            f.get_small(&url, MAX_POINTER, None).await.expect("200"),
+            Polled::Body { bytes: b"{}".to_vec(), etag: None }
+        );
+        assert_eq!(f.get_small(&url, MAX_POINTER, None).await.expect("404"), Polled::NotFound);
+        let err = f.get_small(&url, MAX_POINTER, None).await.expect_err("500");
         assert!(matches!(err, FetchError::Status { status: 500, .. }), "{err}");
         for _ in 0..2 {
-            let err = f.get_small(&url, MAX_POINTER).await.expect_err("too large");
+            let err = f.get_small(&url, MAX_POINTER, None).await.expect_err("too large");
             assert!(matches!(err, FetchError::TooLarge { limit: MAX_POINTER, .. }), "{err}");
+        }
+    }
+
+    fn ok_with_etag(body: &[u8], etag: &[u8]) -> Vec<u8> {
+        let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nETag: ", body.len()).into_bytes();
+        r.extend_from_slice(etag);
+        r.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+        r.extend_from_slice(body);
+        r
+    }
+
+    const NOT_MODIFIED: &[u8] = b"HTTP/1.1 304 Not Modified\r\nETag: \"5f3a-2\"\r\nConnection: close\r\n\r\n";
+
+    /// An unchanged pointer file costs a `304` and no body: the `ETag` of the `200` goes
+    /// back in `If-None-Match` (what nginx, S3 and CDNs answer with `304`).
+    #[tokio::test]
+    async fn a_poll_with_the_last_etag_costs_a_304_and_no_body() {
+        let (port, seen) = serve_heads(|_, head| match head.if_none_match.as_deref() {
+            Some("\"5f3a-2\"") => NOT_MODIFIED.to_vec(),
+            _ => ok_with_etag(b"{}", b"\"5f3a-2\""),
+        });
+        let url = format!("http://127.0.0.1:{port}/devices/gw.json");
+        let f = fetcher();
+        let first = f.get_small(&url, MAX_POINTER, None).await.expect("200");
+        assert_eq!(first, Polled::Body { bytes: b"{}".to_vec(), etag: Some("\"5f3a-2\"".into()) });
+        let second = f.get_small(&url, MAX_POINTER, Some("\"5f3a-2\"")).await.expect("304");
+        assert_eq!(second, Polled::NotModified);
+        // Another tag (the file changed since): the server sends the new file.
+        let third = f.get_small(&url, MAX_POINTER, Some("W/\"old\"")).await.expect("200");
+        assert!(matches!(third, Polled::Body { .. }), "{third:?}");
+        let sent: Vec<_> = seen.lock().expect("lock").iter().map(|h| h.if_none_match.clone()).collect();
+        assert_eq!(sent, [None, Some("\"5f3a-2\"".into()), Some("W/\"old\"".into())]);
+    }
+
+    /// A server that ignores `If-None-Match` (or has no ETags) keeps working: a `200`
+    /// is the file, whatever was asked.
+    #[tokio::test]
+    async fn a_server_that_ignores_if_none_match_still_delivers_the_file() {
+        let (port, seen) = serve_heads(|_, _| ok(b"{}", 2));
+        let url = format!("http://127.0.0.1:{port}/devices/gw.json");
+        let got = fetcher().get_small(&url, MAX_POINTER, Some("\"5f3a-2\"")).await.expect("200");
+        assert_eq!(got, Polled::Body { bytes: b"{}".to_vec(), etag: None });
+        assert_eq!(seen.lock().expect("lock")[0].if_none_match.as_deref(), Some("\"5f3a-2\""));
+    }
+
+    /// A `304` to a request that named no tag says nothing about any file: an error.
+    #[tokio::test]
+    async fn a_304_to_an_unconditional_poll_is_an_error() {
+        let (port, _) = serve_heads(|_, _| NOT_MODIFIED.to_vec());
+        let url = format!("http://127.0.0.1:{port}/devices/gw.json");
+        let err = fetcher().get_small(&url, MAX_POINTER, None).await.expect_err("304 without a tag");
+        assert!(matches!(err, FetchError::Status { status: 304, .. }), "{err}");
+    }
+
+    /// A hostile `ETag` (too long, unquoted, bytes outside visible ASCII, a quote inside)
+    /// is not remembered: the next poll is unconditional, the file still arrives.
+    #[tokio::test]
+    async fn a_hostile_etag_is_ignored_and_the_file_still_arrives() {
+        let long = format!("\"{}\"", "a".repeat(MAX_ETAG_LEN - 1));
+        let hostile: Vec<Vec<u8>> = vec![
+            long.clone().into_bytes(),
+            b"abc".to_vec(),
+            b"\"a\"b\"".to_vec(),
+            b"\"a b\"".to_vec(),
+            b"\"caf\xc3\xa9\"".to_vec(),
+            b"W/abc".to_vec(),
+            b"\"".to_vec(),
+        ];
+        let served = hostile.clone();
+        let (port, _) = serve_heads(move |n, _| ok_with_etag(b"{}", &served[n]));
+        let url = format!("http://127.0.0.1:{port}/devices/gw.json");
+        let f = fetcher();
+        for tag in &hostile {
+            let got = f.get_small(&url, MAX_POINTER, None).await.expect("200");
+            let shown = String::from_utf8_lossy(tag);
+            assert_eq!(got, Polled::Body { bytes: b"{}".to_vec(), etag: None }, "{shown}");
+        }
+        // At the length limit, a tag is kept.
+        let fits = format!("\"{}\"", "a".repeat(MAX_ETAG_LEN - 2));
+        assert_eq!(sane_etag(fits.as_bytes()), Some(fits.clone()));
+    }
+
+    #[test]
+    fn sane_etags_are_quoted_visible_ascii() {
+        for ok in ["\"5f3a-2\"", "W/\"x\"", "\"\"", "\"d41d8cd98f00b204e9800998ecf8427e-3\"", "\"!#~\""] {
+            assert_eq!(sane_etag(ok.as_bytes()).as_deref(), Some(ok));
+        }
+        for bad in ["", "x", "\"x", "x\"", "w/\"x\"", "W/ \"x\"", "\"x\" ", "\"a\tb\"", "\"a\\\"b\""] {
+            assert_eq!(sane_etag(bad.as_bytes()), None, "{bad:?}");
         }
     }
 }

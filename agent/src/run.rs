@@ -12,6 +12,10 @@
 //! reconcile, health or sideloads (Hardening I, case 3); its bytes are applied by the
 //! loop when they are complete.
 //!
+//! The pointer poll is conditional once the server sent a sane `ETag` with the file
+//! ([`PointerSeen`]): a `304 Not Modified` offers the announcement read from that file
+//! again, exactly as re-reading the same bytes would, without a body or a parse.
+//!
 //! Announcements are candidates ([`Candidates`]): one per source, the latest, tried in
 //! order (the pointer file first), backed off when they fail, never ranked by anything
 //! unsigned. A bundle deferred after verification (engine down, pull failed, expired) is
@@ -95,13 +99,21 @@ enum Work {
     Inbound(Inbound),
     Reconcile,
     Poll,
-    Polled(Result<Option<Vec<u8>>, FetchError>),
+    Polled(Result<fetch::Polled, FetchError>),
     Fetched(Result<Vec<u8>, FetchError>),
     Retry,
     EngineEvent(EngineEvent),
     EngineStreamEnded,
     Healthchecks,
     Sideload(tokio::net::UnixStream),
+}
+
+/// The last `200` of the pointer file that came with a sane `ETag`: a `304` to a poll
+/// with that tag means these same bytes.
+struct PointerSeen {
+    etag: String,
+    /// What the file announced (`None`: it was refused, and the same bytes would be again).
+    announcement: Option<Announcement>,
 }
 
 /// The one bundle download in flight.
@@ -118,7 +130,9 @@ struct Runner<E: Engine> {
     candidates: Candidates,
     blob: Option<Vec<u8>>,
     download: Option<Download>,
-    poll: Option<Task<Option<Vec<u8>>>>,
+    poll: Option<Task<fetch::Polled>>,
+    /// The pointer file as last read with an `ETag`, sent back in `If-None-Match`.
+    pointer_seen: Option<PointerSeen>,
     /// The last poll's error: a poll that keeps failing the same way is said once.
     poll_error: Option<String>,
 }
@@ -158,6 +172,7 @@ pub async fn run<E: Engine>(
         blob: None,
         download: None,
         poll: None,
+        pointer_seen: None,
     };
     let mut shutdown = pin!(shutdown);
     let mut result = Ok(());
@@ -375,8 +390,10 @@ impl<E: Engine> Runner<E> {
                     let base = self.agent.config().fetch.base_url.clone().expect("polling needs a base url");
                     let url = fetch::pointer_url(&base, &self.agent.config().device);
                     let fetcher = self.fetcher.clone();
-                    self.poll =
-                        Some(Task::spawn(async move { fetcher.get_small(&url, fetch::MAX_POINTER).await }));
+                    let etag = self.pointer_seen.as_ref().map(|p| p.etag.clone());
+                    self.poll = Some(Task::spawn(async move {
+                        fetcher.get_small(&url, fetch::MAX_POINTER, etag.as_deref()).await
+                    }));
                 }
             }
             Work::Polled(result) => {
@@ -388,13 +405,27 @@ impl<E: Engine> Runner<E> {
                     tracing::info!(%url, "polling works again");
                 }
                 match result {
-                    Ok(Some(bytes)) => {
-                        match fetch::announcement_from_pointer(&bytes, &base, &cfg.fleet, &cfg.device) {
+                    Ok(fetch::Polled::Body { bytes, etag }) => {
+                        let parsed = fetch::announcement_from_pointer(&bytes, &base, &cfg.fleet, &cfg.device);
+                        self.pointer_seen = etag
+                            .map(|etag| PointerSeen { etag, announcement: parsed.as_ref().ok().cloned() });
+                        match parsed {
                             Ok(ann) => self.announced(Source::Pointer, ann).await?,
                             Err(e) => tracing::warn!("{e}"),
                         }
                     }
-                    Ok(None) => tracing::debug!("{url}: 404, no bundle for this device"),
+                    Ok(fetch::Polled::NotModified) => {
+                        tracing::debug!("{url}: 304, unchanged");
+                        // Offered again as the same bytes would be: a candidate dropped
+                        // after failures is retried at the poll's pace, as without ETags.
+                        if let Some(ann) = self.pointer_seen.as_ref().and_then(|p| p.announcement.clone()) {
+                            self.announced(Source::Pointer, ann).await?;
+                        }
+                    }
+                    Ok(fetch::Polled::NotFound) => {
+                        self.pointer_seen = None;
+                        tracing::debug!("{url}: 404, no bundle for this device");
+                    }
                     Err(e) => {
                         // Said once at WARN, then only when it changes (the error names
                         // the URL).

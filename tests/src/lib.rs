@@ -10,6 +10,7 @@
 //! | podman 4.3 Docker-compatible API | [`Podman`] | isolated storage; one instance at a time per machine |
 //! | Docker Distribution 2.8 | [`Registry`] | plain HTTP on 127.0.0.1 |
 //! | static HTTP files | [`StaticHttpServer`] | `Range: bytes=N-`, optional dropped first transfer |
+//! | nginx 1.22 | [`Nginx`] | a build output with the README's cache headers; JSON access log |
 //! | hostile HTTP | [`HostileHttpServer`] | trickling, wrong or no answers; every connection logged |
 //! | Git repositories | [`GitRepo`] | reproducible commit ids |
 //!
@@ -38,6 +39,7 @@ mod http_server;
 mod images;
 mod mosquitto;
 pub mod mqtt;
+pub mod nginx;
 mod podman;
 mod process;
 mod registry;
@@ -62,6 +64,7 @@ pub use http_server::{ServedRequest, StaticHttpOptions, StaticHttpServer};
 pub use images::{build_busybox_image, build_image, push_image, BUSYBOX_APPLETS};
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use mqtt::{Message, Mqtt, Subscription};
+pub use nginx::{Nginx, NginxRequest};
 pub use podman::Podman;
 pub use registry::Registry;
 

@@ -110,14 +110,60 @@ fn demo_runs_the_whole_loop_and_converges_on_the_second_commit() -> Result<()> {
     Ok(())
 }
 
+/// `--nginx`: the same loop with Debian's nginx serving the build output (issue 19), as
+/// the README configures it; the bundles the agent applied came from nginx.
+#[test]
+fn demo_with_nginx_serves_the_bundles_from_nginx() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let work = tmp.path().join("demo-work");
+    let out = demo(&["--nginx", "--timeout", "90"], Some(&work))?;
+    let (stdout, stderr) = text(&out);
+    ensure!(
+        out.status.success(),
+        "fleet-demo --nginx failed ({}):\n{stdout}\n--- stderr ---\n{stderr}",
+        out.status
+    );
+    ensure!(stdout.contains("served by nginx (--nginx)"), "nginx is not announced:\n{stdout}");
+    ensure!(stdout.contains("$ nginx -c "), "no nginx command in the output:\n{stdout}");
+    ensure!(stdout.contains("converged on commit"), "no final summary:\n{stdout}");
+
+    // nginx's access log (the harness's JSON lines): both bundles the device applied were
+    // downloaded from it, with the long-lived cache header of a content-addressed file.
+    let log = std::fs::read_to_string(work.join("nginx/access.log")).context("nginx's access log")?;
+    let bundles: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["uri"].as_str().is_some_and(|u| u.starts_with("/bundles/")) && r["status"] == 200)
+        .collect();
+    ensure!(bundles.len() >= 2, "fewer than two bundle downloads from nginx:\n{log}");
+    ensure!(
+        bundles.iter().all(|r| r["cache_control"] == "public, max-age=31536000, immutable"),
+        "a bundle without the immutable cache header:\n{log}"
+    );
+    let conf = work.join("device/srv/fleet/telemetry/files/telegraf.conf");
+    let conf = std::fs::read_to_string(&conf).with_context(|| format!("reading {}", conf.display()))?;
+    ensure!(conf.contains("[[inputs.net]]"), "telegraf.conf lacks the second commit's line:\n{conf}");
+
+    // nginx (its command line names the work dir) is stopped with the rest.
+    let left = processes_mentioning(&work.to_string_lossy());
+    ensure!(left.is_empty(), "processes left running: {left:?}");
+    Ok(())
+}
+
 #[test]
 fn help_explains_the_options() -> Result<()> {
     let out = demo(&["--help"], None)?;
     let (stdout, _) = text(&out);
     ensure!(out.status.success(), "--help failed: {}", out.status);
-    for option in
-        ["--work-dir", "--device", "--broker", "--dashboard-broker", "--engine-socket", "--keep-running"]
-    {
+    for option in [
+        "--work-dir",
+        "--device",
+        "--broker",
+        "--dashboard-broker",
+        "--engine-socket",
+        "--nginx",
+        "--keep-running",
+    ] {
         ensure!(stdout.contains(option), "--help does not mention {option}:\n{stdout}");
     }
     Ok(())

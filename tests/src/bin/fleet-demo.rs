@@ -6,7 +6,8 @@
 //! Every step is printed as a numbered heading with the command that does the same by
 //! hand. Everything runs on embedded defaults unless told otherwise: an in-process MQTT
 //! broker (rumqttd) on 127.0.0.1 (`--broker URL` for Mosquitto, EMQX, HiveMQ...), the
-//! harness's static HTTP server for the bundles, and a files-only device (no container
+//! harness's static HTTP server for the bundles (`--nginx` for Debian's nginx, configured
+//! as the README says), and a files-only device (no container
 //! engine; `--engine-socket PATH` runs the containers too). All state lives in one work
 //! directory (`./demo-work` by default), which the next run replaces.
 //!
@@ -34,7 +35,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use fleet_e2e::{free_port, log_tail, wait_until, workspace_bin, GitRepo, StaticHttpServer};
+use fleet_e2e::{free_port, log_tail, wait_until, workspace_bin, GitRepo, Nginx, StaticHttpServer};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -61,6 +62,9 @@ Options:
                         images must then be pullable by that engine: with the example, play
                         lab-gateway-01 (one image, localhost:5000/busybox:1.36; acme's own
                         devices name registry.acme.example). Default: files only (no engine).
+  --nginx               Serve the build output with nginx (Debian's nginx-light, on PATH or
+                        /usr/sbin) instead of the in-process static server: the README's
+                        config (cache headers), its files and logs in <work-dir>/nginx/.
   --example DIR         The fleet repository to start from (default examples/fleet).
   --timeout SECS        How long to wait for the device to converge (default 120).
   --keep-running        At the end, leave the broker, bundle server and agent running until
@@ -96,6 +100,7 @@ struct Options {
     broker: Option<String>,
     dashboard_broker: Option<String>,
     engine_socket: Option<PathBuf>,
+    nginx: bool,
     example: Option<PathBuf>,
     timeout: Duration,
     keep_running: bool,
@@ -115,6 +120,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Parsed> {
         broker: None,
         dashboard_broker: None,
         engine_socket: None,
+        nginx: false,
         example: None,
         timeout: Duration::from_secs(120),
         keep_running: false,
@@ -156,6 +162,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Parsed> {
                 opts.dashboard_broker = Some(url);
             }
             "--engine-socket" => opts.engine_socket = Some(value(&flag)?.into()),
+            "--nginx" => opts.nginx = true,
             "--example" => opts.example = Some(value(&flag)?.into()),
             "--timeout" => {
                 let v = value(&flag)?;
@@ -575,6 +582,13 @@ fn check_broker_reachable(url: &str) -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // The demo
 
+/// What serves `<work dir>/www`: the harness's own static server, or nginx (`--nginx`).
+/// Stopped on drop.
+enum BundleServer {
+    Own(StaticHttpServer),
+    Nginx(Nginx),
+}
+
 struct Demo {
     opts: Options,
     ui: Ui,
@@ -588,7 +602,7 @@ struct Demo {
     /// The in-process broker's WebSocket port (chosen before the build, which writes it
     /// into the dashboard).
     ws_port: Option<u16>,
-    server: Option<StaticHttpServer>,
+    server: Option<BundleServer>,
     agent: Option<Child>,
     git_repo: Option<GitRepo>,
     last_commit_time: u64,
@@ -675,6 +689,11 @@ impl Demo {
         match &self.opts.broker {
             Some(url) => println!("  broker      {url} (--broker)"),
             None => println!("  broker      in-process MQTT broker on 127.0.0.1 (--broker URL for Mosquitto, EMQX, HiveMQ)"),
+        }
+        if self.opts.nginx {
+            println!("  bundles     served by nginx (--nginx)");
+        } else {
+            println!("  bundles     served by an in-process static HTTP server (--nginx for nginx)");
         }
         match &self.opts.engine_socket {
             Some(sock) => println!("  containers  run through {} (--engine-socket)", sock.display()),
@@ -943,24 +962,51 @@ impl Demo {
             check_broker_reachable(&self.broker_url)?;
             self.ui.output(&format!("{} (given with --broker): reachable", self.broker_url));
         }
-        let server = StaticHttpServer::start(&self.layout.www).context("starting the bundle server")?;
-        self.ui.command(&[
-            "python3".into(),
-            "-m".into(),
-            "http.server".into(),
-            server.port().to_string(),
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--directory".into(),
-            disp(&self.layout.www),
-        ]);
-        self.ui.output(&format!("{} serves {}/ (in-process)", server.url(""), disp(&self.layout.www)));
-        self.server = Some(server);
+        if self.opts.nginx {
+            let nginx = Nginx::serve_in(&self.layout.www, &self.layout.root.join("nginx"))
+                .context("starting nginx (--nginx)")?;
+            let config = disp(&nginx.config_path());
+            self.ui.command(&["cat".into(), config.clone()]);
+            for line in nginx.config().lines() {
+                self.ui.output(line);
+            }
+            self.ui.command(&[
+                "nginx".into(),
+                "-c".into(),
+                config,
+                "-p".into(),
+                disp(nginx.dir()),
+                "-e".into(),
+                disp(&nginx.dir().join("error.log")),
+                "-g".into(),
+                "daemon off;".into(),
+            ]);
+            self.ui.output(&format!("{} serves {}/ (nginx)", nginx.base_url(), disp(&self.layout.www)));
+            self.server = Some(BundleServer::Nginx(nginx));
+        } else {
+            let server = StaticHttpServer::start(&self.layout.www).context("starting the bundle server")?;
+            self.ui.command(&[
+                "python3".into(),
+                "-m".into(),
+                "http.server".into(),
+                server.port().to_string(),
+                "--bind".into(),
+                "127.0.0.1".into(),
+                "--directory".into(),
+                disp(&self.layout.www),
+            ]);
+            self.ui.output(&format!("{} serves {}/ (in-process)", server.url(""), disp(&self.layout.www)));
+            self.server = Some(BundleServer::Own(server));
+        }
         Ok(())
     }
 
     fn base_url(&self) -> String {
-        self.server.as_ref().map(|s| s.url("")).unwrap_or_default().trim_end_matches('/').to_string()
+        match &self.server {
+            Some(BundleServer::Own(s)) => s.url("").trim_end_matches('/').to_string(),
+            Some(BundleServer::Nginx(n)) => n.base_url(),
+            None => String::new(),
+        }
     }
 
     fn start_agent(&mut self) -> Result<()> {

@@ -24,6 +24,7 @@
 //! | [`exporter`] | `fleet-bundler exporter`: `/metrics` scraped and parsed after agents converge or fail; hostile retained messages (issue 18) |
 //! | [`maintenance`] | a maintenance window and an update lock each hold an apply and release it; a lock past its maximum deferral (issue 14) |
 //! | [`hostile`] | hostile broker and servers: unsigned hints never keep the genuine bundle out; MQTT flood bounds (issue "Hardening I") |
+//! | [`bundle_server`] | nginx as the bundle server: pointer polls answered 304 while unchanged, a new build arrives; a killed download resumed with a 206 (issue 19) |
 //! | [`outages`] | 6 broker and bundle server outages, an update never announced (polling) |
 //! | [`crash`] | 7 crash safety, files only and on dockerd (`FLEET_E2E_CRASH_ITERATIONS`, default 5) |
 //! | [`small_fleet`] | 9 twenty devices |
@@ -36,6 +37,7 @@
 mod aarch64;
 mod acl;
 mod attacks;
+mod bundle_server;
 mod common;
 mod compose_keys;
 mod containers;
