@@ -26,6 +26,7 @@ BASE_PKGS=(
     busybox-static
     nginx-light # issue 19: a real web server for the build output (tests, demo --nginx)
     time curl git ca-certificates jq
+    openssl # the TLS tests make a throwaway CA and certificates (tests/src/pki.rs)
     strace # the benchmark counts the agent's fsyncs
     iproute2 # the test harness gives each dockerd its own bridge (`ip link add`)
     git-lfs # the bundler's tests track files with the real git-lfs (pointers, its store, `git lfs pull`)

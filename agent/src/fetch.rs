@@ -72,6 +72,8 @@ pub enum FetchError {
     AllFailed { digest: String, failures: Vec<String> },
     #[error("pointer file {url}: {reason}")]
     Pointer { url: String, reason: String },
+    #[error("fetch.bearer_token_file {path}: {reason}")]
+    Token { path: String, reason: String },
 }
 
 impl FetchError {
@@ -166,10 +168,55 @@ pub fn sane_etag(value: &[u8]) -> Option<String> {
 /// Reconnects within one download before giving up until the next attempt.
 pub const MAX_RESUMES: u32 = 8;
 
+/// The longest bearer token file read.
+const MAX_TOKEN_FILE: u64 = 4096;
+
+/// The token in a `fetch.bearer_token_file`: its content without the final line break,
+/// which must be one non-empty run of visible ASCII (RFC 6750's token68 and more; no
+/// space, no control character: nothing that could end or add a header line).
+pub fn read_bearer_token(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_TOKEN_FILE + 1).read_to_string(&mut text))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_TOKEN_FILE {
+        return Err(format!("{}: over {MAX_TOKEN_FILE} bytes", path.display()));
+    }
+    let token = text.strip_suffix('\n').unwrap_or(&text);
+    let token = token.strip_suffix('\r').unwrap_or(token);
+    if token.is_empty() || !token.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(format!(
+            "{}: the token must be one line of visible ASCII (no spaces or control characters)",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
+}
+
+/// What the bundle server (`fetch.base_url`'s origin, and only it) is given.
+struct Credentials {
+    https: bool,
+    host: String,
+    port: u16,
+    client_auth: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    bearer_token_file: Option<std::path::PathBuf>,
+    tls: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
+}
+
+impl Credentials {
+    fn for_url(&self, url: &Url) -> bool {
+        url.https == self.https && url.host.eq_ignore_ascii_case(&self.host) && url.port == self.port
+    }
+}
+
 /// An HTTP(S) client for bundles and pointer files.
 pub struct Fetcher {
     ca_file: Option<std::path::PathBuf>,
     tls: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
+    /// For the bundle server only: never for a URL an (unsigned) announcement names
+    /// elsewhere.
+    credentials: Option<Credentials>,
     timeout: Duration,
     deadline: Duration,
     min_bytes_per_sec: u64,
@@ -217,9 +264,20 @@ impl Pace {
 
 impl Fetcher {
     pub fn new(cfg: &FetchConfig, max_bytes: u64) -> Self {
+        let origin = cfg.base_url.as_deref().and_then(|u| Url::parse(u).ok());
+        let wanted = cfg.client_auth.is_some() || cfg.bearer_token_file.is_some();
+        let credentials = origin.filter(|_| wanted).map(|o| Credentials {
+            https: o.https,
+            host: o.host,
+            port: o.port,
+            client_auth: cfg.client_auth.clone(),
+            bearer_token_file: cfg.bearer_token_file.clone(),
+            tls: std::sync::OnceLock::new(),
+        });
         Fetcher {
             ca_file: cfg.ca_file.clone(),
             tls: std::sync::OnceLock::new(),
+            credentials,
             timeout: cfg.timeout,
             deadline: cfg.deadline,
             min_bytes_per_sec: cfg.min_bytes_per_sec,
@@ -227,12 +285,31 @@ impl Fetcher {
         }
     }
 
-    fn tls(&self) -> Result<Arc<rustls::ClientConfig>, FetchError> {
-        if let Some(c) = self.tls.get() {
+    /// The TLS configuration for `url`: with the client certificate for the bundle
+    /// server when one is configured.
+    fn tls(&self, url: &Url) -> Result<Arc<rustls::ClientConfig>, FetchError> {
+        let (slot, client) = match &self.credentials {
+            Some(c) if c.client_auth.is_some() && c.for_url(url) => (&c.tls, c.client_auth.as_ref()),
+            _ => (&self.tls, None),
+        };
+        if let Some(c) = slot.get() {
             return Ok(c.clone());
         }
-        let config = crate::tls::client_config(self.ca_file.as_deref(), None)?;
-        Ok(self.tls.get_or_init(|| config).clone())
+        let client = client.map(|(cert, key)| (cert.as_path(), key.as_path()));
+        let config = crate::tls::client_config(self.ca_file.as_deref(), client)?;
+        Ok(slot.get_or_init(|| config).clone())
+    }
+
+    /// `Authorization` for `url`: the bearer token, read now, for the bundle server only.
+    fn authorization(&self, url: &Url) -> Result<Option<String>, FetchError> {
+        let Some(path) =
+            self.credentials.as_ref().filter(|c| c.for_url(url)).and_then(|c| c.bearer_token_file.as_ref())
+        else {
+            return Ok(None);
+        };
+        let token = read_bearer_token(path)
+            .map_err(|reason| FetchError::Token { path: path.display().to_string(), reason })?;
+        Ok(Some(format!("Bearer {token}")))
     }
 
     async fn get(
@@ -245,6 +322,8 @@ impl Fetcher {
         let text =
             format!("{}://{}{}", if url.https { "https" } else { "http" }, url.host_header(), url.path);
         let net = |reason: String| FetchError::Network { url: text.clone(), reason };
+        let authorization = self.authorization(url)?;
+        let headers = Headers { range_from, if_none_match, authorization: authorization.as_deref() };
         let connect = async {
             let tcp =
                 TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| net(e.to_string()))?;
@@ -252,13 +331,13 @@ impl Fetcher {
             if url.https {
                 let name = rustls::pki_types::ServerName::try_from(url.host.clone())
                     .map_err(|_| net("invalid TLS server name".into()))?;
-                let tls = tokio_rustls::TlsConnector::from(self.tls()?)
+                let tls = tokio_rustls::TlsConnector::from(self.tls(url)?)
                     .connect(name, tcp)
                     .await
                     .map_err(|e| net(format!("TLS: {e}")))?;
-                request(tls, url, range_from, if_none_match).await.map_err(net)
+                request(tls, url, headers).await.map_err(net)
             } else {
-                request(tcp, url, range_from, if_none_match).await.map_err(net)
+                request(tcp, url, headers).await.map_err(net)
             }
         };
         tokio::time::timeout(self.timeout.min(limit), connect).await.map_err(|_| net("timed out".into()))?
@@ -460,12 +539,16 @@ fn content_length(resp: &Response<Incoming>) -> Option<u64> {
     resp.headers().get(hyper::header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
 }
 
-async fn request<S>(
-    io: S,
-    url: &Url,
+/// The request headers that vary.
+#[derive(Clone, Copy)]
+struct Headers<'a> {
     range_from: u64,
-    if_none_match: Option<&str>,
-) -> Result<Response<Incoming>, String>
+    if_none_match: Option<&'a str>,
+    /// Never logged: the header is marked sensitive.
+    authorization: Option<&'a str>,
+}
+
+async fn request<S>(io: S, url: &Url, headers: Headers<'_>) -> Result<Response<Incoming>, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -477,11 +560,16 @@ where
     let mut req = Request::get(url.path.as_str())
         .header(hyper::header::HOST, url.host_header())
         .header(hyper::header::USER_AGENT, concat!("fleet-agent/", env!("CARGO_PKG_VERSION")));
-    if range_from > 0 {
-        req = req.header(hyper::header::RANGE, format!("bytes={range_from}-"));
+    if headers.range_from > 0 {
+        req = req.header(hyper::header::RANGE, format!("bytes={}-", headers.range_from));
     }
-    if let Some(etag) = if_none_match {
+    if let Some(etag) = headers.if_none_match {
         req = req.header(hyper::header::IF_NONE_MATCH, etag);
+    }
+    if let Some(value) = headers.authorization {
+        let mut value = hyper::header::HeaderValue::from_str(value).map_err(|e| e.to_string())?;
+        value.set_sensitive(true);
+        req = req.header(hyper::header::AUTHORIZATION, value);
     }
     let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
     sender.send_request(req).await.map_err(|e| e.to_string())
@@ -565,6 +653,7 @@ mod tests {
     struct Head {
         range: Option<u64>,
         if_none_match: Option<String>,
+        authorization: Option<String>,
     }
 
     /// [`serve`], with the request's `If-None-Match` too; returns each request's head.
@@ -591,6 +680,9 @@ mod tests {
                     }
                     if lower.starts_with("if-none-match:") {
                         head.if_none_match = Some(line["if-none-match:".len()..].trim().to_string());
+                    }
+                    if lower.starts_with("authorization:") {
+                        head.authorization = Some(line["authorization:".len()..].trim().to_string());
                     }
                 }
                 let n = {
@@ -633,7 +725,74 @@ mod tests {
             timeout: Duration::from_secs(timeout),
             deadline: Duration::from_secs(deadline),
             min_bytes_per_sec,
+            client_auth: None,
+            bearer_token_file: None,
         }
+    }
+
+    #[tokio::test]
+    async fn the_bearer_token_goes_to_the_bundle_server_only_and_is_read_at_each_request() {
+        let digest = hex::encode(Sha256::digest(bundle_bytes()));
+        let body = bundle_bytes();
+        let (base, base_heads) =
+            serve_heads(move |n, _| if n == 0 { ok(&body, body.len()) } else { ok(b"{}", 2) });
+        let body = bundle_bytes();
+        let (other, other_heads) = serve_heads(move |_, _| ok(&body, body.len()));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cr3t-1\n").expect("write");
+        let mut cfg = fetch_config(5, 60, 1024);
+        cfg.base_url = Some(format!("http://127.0.0.1:{base}/fleet"));
+        cfg.bearer_token_file = Some(token.clone());
+        let f = Fetcher::new(&cfg, 1 << 20);
+
+        // An announcement naming another server (anyone who can publish can) gets no token.
+        let urls = [format!("http://127.0.0.1:{other}/b.bundle")];
+        f.fetch_bundle(&urls, &digest, &dir.path().join("p1")).await.expect("fetched elsewhere");
+        assert_eq!(other_heads.lock().expect("lock")[0].authorization, None);
+        // The bundle server does, read from the file now: rotated in place, the new one.
+        let urls = [format!("http://127.0.0.1:{base}/fleet/bundles/{digest}.bundle")];
+        f.fetch_bundle(&urls, &digest, &dir.path().join("p2")).await.expect("fetched");
+        std::fs::write(&token, "s3cr3t-2").expect("rotate");
+        f.get_small(&format!("http://127.0.0.1:{base}/fleet/devices/gw.json"), MAX_POINTER, None)
+            .await
+            .expect("polled");
+        let seen: Vec<_> = base_heads.lock().expect("lock").iter().map(|h| h.authorization.clone()).collect();
+        assert_eq!(seen, [Some("Bearer s3cr3t-1".to_string()), Some("Bearer s3cr3t-2".to_string())]);
+
+        // A token file that went bad is this request's failure, sent nowhere.
+        std::fs::write(&token, "two\nlines").expect("write");
+        let err = f
+            .get_small(&format!("http://127.0.0.1:{base}/fleet/devices/gw.json"), MAX_POINTER, None)
+            .await
+            .expect_err("refused");
+        assert!(matches!(err, FetchError::Token { .. }), "{err}");
+        assert_eq!(base_heads.lock().expect("lock").len(), 2, "a request went out with a bad token");
+    }
+
+    #[test]
+    fn hostile_token_files_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t");
+        let read = |content: &[u8]| {
+            std::fs::write(&path, content).expect("write");
+            read_bearer_token(&path)
+        };
+        assert_eq!(read(b"abc.DEF-123_~+/=\n"), Ok("abc.DEF-123_~+/=".to_string()));
+        assert_eq!(read(b"abc\r\n"), Ok("abc".to_string()));
+        for bad in [
+            &b""[..],
+            b"\n",
+            b"a b",
+            b"abc\r\nX-Injected: 1",
+            b"abc\n\n",
+            b"t\x00k",
+            b"t\xc3\xa9",
+            &[b'a'; 5000][..],
+        ] {
+            assert!(read(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert!(read_bearer_token(&dir.path().join("missing")).is_err());
     }
 
     fn fetcher() -> Fetcher {

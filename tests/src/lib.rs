@@ -40,6 +40,7 @@ mod images;
 mod mosquitto;
 pub mod mqtt;
 pub mod nginx;
+pub mod pki;
 mod podman;
 mod process;
 mod registry;

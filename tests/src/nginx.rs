@@ -63,6 +63,7 @@ pub struct Nginx {
     dir: Option<TempDir>,
     root: PathBuf,
     port: u16,
+    https: bool,
 }
 
 impl Nginx {
@@ -75,7 +76,15 @@ impl Nginx {
     pub fn serve_with(www: &Path, server_extra: &str) -> Result<Nginx> {
         let dir = crate::short_tempdir("n")?;
         let root = dir.path().to_path_buf();
-        Self::start(www, server_extra, root, Some(dir))
+        Self::start(www, server_extra, root, Some(dir), false)
+    }
+
+    /// Like [`Nginx::serve_with`] over HTTPS: `server_extra` must name the
+    /// `ssl_certificate` and `ssl_certificate_key` (and may ask for client certificates).
+    pub fn serve_tls(www: &Path, server_extra: &str) -> Result<Nginx> {
+        let dir = crate::short_tempdir("n")?;
+        let root = dir.path().to_path_buf();
+        Self::start(www, server_extra, root, Some(dir), true)
     }
 
     /// Like [`Nginx::serve`], with its configuration, logs and temp files in `dir`
@@ -83,10 +92,16 @@ impl Nginx {
     pub fn serve_in(www: &Path, dir: &Path) -> Result<Nginx> {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let root = dir.canonicalize().with_context(|| format!("{}", dir.display()))?;
-        Self::start(www, BUNDLE_SERVER_LOCATIONS, root, None)
+        Self::start(www, BUNDLE_SERVER_LOCATIONS, root, None, false)
     }
 
-    fn start(www: &Path, server_extra: &str, root: PathBuf, dir: Option<TempDir>) -> Result<Nginx> {
+    fn start(
+        www: &Path,
+        server_extra: &str,
+        root: PathBuf,
+        dir: Option<TempDir>,
+        https: bool,
+    ) -> Result<Nginx> {
         let program = nginx_program()?;
         let port = free_port();
         let www = www.canonicalize().with_context(|| format!("the directory to serve: {}", www.display()))?;
@@ -117,7 +132,12 @@ impl Nginx {
              \"content_range\":\"$sent_http_content_range\",\"cache_control\":\"$sent_http_cache_control\"}}';"
         )?;
         writeln!(conf, "    access_log {r}/access.log fleet;")?;
-        writeln!(conf, "    server {{\n        listen 127.0.0.1:{port};\n        root {};", www.display())?;
+        let ssl = if https { " ssl" } else { "" };
+        writeln!(
+            conf,
+            "    server {{\n        listen 127.0.0.1:{port}{ssl};\n        root {};",
+            www.display()
+        )?;
         for line in server_extra.lines() {
             writeln!(conf, "        {line}")?;
         }
@@ -132,16 +152,17 @@ impl Nginx {
         daemon
             .wait_ready(Duration::from_secs(15), || TcpStream::connect(("127.0.0.1", port)).is_ok())
             .with_context(|| crate::log_tail(&root.join("error.log"), 20))?;
-        Ok(Nginx { daemon: Some(daemon), dir, root, port })
+        Ok(Nginx { daemon: Some(daemon), dir, root, port, https })
     }
 
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// `http://127.0.0.1:PORT` (no trailing slash): a `fetch.base_url`.
+    /// `http://127.0.0.1:PORT` (`https://` for [`Nginx::serve_tls`]; no trailing slash):
+    /// a `fetch.base_url`.
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", if self.https { "https" } else { "http" }, self.port)
     }
 
     /// The requests answered so far, in order (nginx writes each line as it answers).

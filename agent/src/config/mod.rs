@@ -132,6 +132,9 @@ pub struct RawFetch {
     pub timeout_secs: Option<u64>,
     pub deadline_secs: Option<u64>,
     pub min_bytes_per_sec: Option<u64>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub bearer_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -234,6 +237,12 @@ pub struct FetchConfig {
     /// this (bytes per second), or the URL is left for now: a server that trickles a
     /// byte now and then cannot hold the agent for the whole deadline.
     pub min_bytes_per_sec: u64,
+    /// Client certificate and key (PEM) presented to the bundle server (mutual TLS):
+    /// to `base_url`'s origin only.
+    pub client_auth: Option<(PathBuf, PathBuf)>,
+    /// A file holding the token sent as `Authorization: Bearer <token>` to `base_url`'s
+    /// origin only; read again at each request (the token can be rotated in place).
+    pub bearer_token_file: Option<PathBuf>,
 }
 
 /// The validated configuration.
@@ -478,9 +487,41 @@ impl Config {
             timeout: secs(e, "fetch.timeout_secs", fetch_raw.timeout_secs, 60, 1),
             deadline: secs(e, "fetch.deadline_secs", fetch_raw.deadline_secs, DEFAULT_DEADLINE_SECS, 1),
             min_bytes_per_sec: fetch_raw.min_bytes_per_sec.unwrap_or(DEFAULT_MIN_BYTES_PER_SEC),
+            client_auth: None,
+            bearer_token_file: fetch_raw.bearer_token_file.map(|p| resolve_path(base, &p)),
         };
         if let Some(ca) = &fetch.ca_file {
             take(e, check_ca_file("fetch.ca_file", ca));
+        }
+        // Credentials for the bundle server: over TLS only, and only to base_url's origin
+        // (announcements are unsigned: a URL they name elsewhere gets none).
+        let https_base = fetch.base_url.as_deref().is_some_and(|u| u.starts_with("https://"));
+        let client_cert = fetch_raw.client_cert.map(|p| resolve_path(base, &p));
+        let client_key = fetch_raw.client_key.map(|p| resolve_path(base, &p));
+        let mut fetch = fetch;
+        match (client_cert, client_key) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                if !https_base {
+                    e.push(key_err(
+                        "fetch.client_cert",
+                        "needs an https:// fetch.base_url (the certificate is presented to that server only)",
+                    ));
+                } else if take(e, check_client_files("fetch", &cert, &key)).is_some() {
+                    fetch.client_auth = Some((cert, key));
+                }
+            }
+            _ => e.push(key_err("fetch.client_key", "client_cert and client_key go together")),
+        }
+        if let Some(path) = &fetch.bearer_token_file {
+            if !https_base {
+                e.push(key_err(
+                    "fetch.bearer_token_file",
+                    "needs an https:// fetch.base_url: over plain HTTP anyone on the path reads the token",
+                ));
+            } else if let Err(reason) = crate::fetch::read_bearer_token(path) {
+                e.push(key_err("fetch.bearer_token_file", reason));
+            }
         }
 
         let engine = raw.engine.unwrap_or(RawEngine {
@@ -692,7 +733,7 @@ fn mqtt_config(m: RawMqtt, device: &str, base: &Path) -> Result<MqttConfig, Vec<
         take(&mut errs, check_ca_file("mqtt.ca_file", ca));
     }
     if let (Some(cert), Some(key)) = (&client_cert, &client_key) {
-        take(&mut errs, check_client_files(cert, key));
+        take(&mut errs, check_client_files("mqtt", cert, key));
     }
     let password = take(&mut errs, secret("mqtt", m.password, m.password_file, base)).flatten();
     if password.is_some() && m.username.is_none() {
@@ -785,16 +826,17 @@ fn check_ca_file(key: &str, path: &Path) -> Result<(), ConfigError> {
 
 /// The client certificate chain and key, loaded as `run` loads them: at least one
 /// certificate, a key the ring provider can sign with, and the two must go together.
-fn check_client_files(cert: &Path, key: &Path) -> Result<(), ConfigError> {
+fn check_client_files(table: &str, cert: &Path, key: &Path) -> Result<(), ConfigError> {
     use crate::tls::{self, TlsError};
-    let chain = tls::load_certs(cert).map_err(|e| key_err("mqtt.client_cert", e))?;
-    let der = tls::load_key(key).map_err(|e| key_err("mqtt.client_key", e))?;
+    let (cert_key, key_key) = (format!("{table}.client_cert"), format!("{table}.client_key"));
+    let chain = tls::load_certs(cert).map_err(|e| key_err(&cert_key, e))?;
+    let der = tls::load_key(key).map_err(|e| key_err(&key_key, e))?;
     tls::check_client_auth(chain, der).map_err(|e| match e {
         TlsError::Rustls(e @ rustls::Error::InvalidCertificate(_)) => {
-            key_err("mqtt.client_cert", format!("{}: the certificate does not parse ({e})", cert.display()))
+            key_err(&cert_key, format!("{}: the certificate does not parse ({e})", cert.display()))
         }
         e => key_err(
-            "mqtt.client_key",
+            &key_key,
             format!("{} does not go with the certificate in {} ({e})", key.display(), cert.display()),
         ),
     })

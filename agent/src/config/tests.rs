@@ -376,3 +376,38 @@ fn allowed_roots_beside_the_state_and_config_dirs_are_accepted() {
     let c = parse(&text).expect("disjoint roots");
     assert_eq!(c.allowed_roots.len(), 3);
 }
+
+fn fetch_https(lines: &str) -> String {
+    minimal() + "[fetch]\nbase_url = \"https://bundles.example\"\n" + lines
+}
+
+#[test]
+fn bundle_server_credentials_need_https_and_both_files_and_a_sane_token() {
+    let (cert, key) = (fixture("client.pem"), fixture("client-key.pem"));
+    let c = parse(&fetch_https(&format!("client_cert = {cert:?}\nclient_key = {key:?}\n"))).expect("valid");
+    assert_eq!(c.fetch.client_auth, Some((cert.clone(), key.clone())));
+    let (_d, token) = file_with("a-token\n");
+    let c = parse(&fetch_https(&format!("bearer_token_file = {token:?}\n"))).expect("valid");
+    assert_eq!(c.fetch.bearer_token_file.as_deref(), Some(token.as_path()));
+
+    let over_http = |lines: &str| minimal() + "[fetch]\nbase_url = \"http://bundles.example\"\n" + lines;
+    let err = parse(&over_http(&format!("bearer_token_file = {token:?}\n"))).expect_err("plain HTTP");
+    assert!(err.to_string().contains("`fetch.bearer_token_file`: needs an https:// fetch.base_url"), "{err}");
+    let err =
+        parse(&over_http(&format!("client_cert = {cert:?}\nclient_key = {key:?}\n"))).expect_err("http");
+    assert!(err.to_string().contains("`fetch.client_cert`: needs an https:// fetch.base_url"), "{err}");
+    let err = parse(&fetch_https(&format!("client_cert = {cert:?}\n"))).expect_err("no key");
+    assert!(err.to_string().contains("`fetch.client_key`: client_cert and client_key go together"), "{err}");
+    let other = fixture("other-key.pem");
+    let err =
+        parse(&fetch_https(&format!("client_cert = {cert:?}\nclient_key = {other:?}\n"))).expect_err("pair");
+    assert_key_and_file(err, "fetch.client_key", &other);
+    // A token that could smuggle a header line, or none at all.
+    for bad in ["tok\r\nX-Evil: 1\n", "two words\n", "\n"] {
+        let (_d, token) = file_with(bad);
+        let err = parse(&fetch_https(&format!("bearer_token_file = {token:?}\n"))).expect_err("bad token");
+        assert_key_and_file(err, "fetch.bearer_token_file", &token);
+    }
+    let err = parse(&fetch_https("bearer_token_file = \"/nonexistent/token\"\n")).expect_err("missing");
+    assert!(err.to_string().contains("/nonexistent/token"), "{err}");
+}

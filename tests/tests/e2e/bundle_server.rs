@@ -9,6 +9,7 @@ use std::fs;
 use anyhow::{ensure, Context, Result};
 use fleet_e2e::fleet::sha256_hex;
 use fleet_e2e::nginx::BUNDLE_SERVER_LOCATIONS;
+use fleet_e2e::pki::TestPki;
 use fleet_e2e::{wait_until, Device, DeviceWatch, FleetRepo, Mosquitto, Nginx};
 
 use crate::common::{assert_file, files_app, secs, wait_converged};
@@ -130,5 +131,116 @@ fn a_download_cut_by_a_killed_agent_resumes_from_nginx_with_a_206() -> Result<()
     );
     ensure!(resumed.body_bytes == entry.size - have, "{downloads:#?}");
     ensure!(downloads.iter().all(|r| r.status == 200 || r.status == 206), "{downloads:#?}");
+    Ok(())
+}
+
+// ---- an authenticated bundle server (issue 13) --------------------------------------
+
+/// A device polling `nginx` over HTTPS (trusting the test CA), with these `[fetch]`
+/// settings on top.
+fn polling_https(
+    fleet: &FleetRepo,
+    id: &str,
+    broker: &Mosquitto,
+    nginx: &Nginx,
+    pki: &TestPki,
+    fetch: &[(&str, String)],
+) -> Result<Device> {
+    let mut builder = Device::builder(fleet, id)?
+        .broker(&broker.url())
+        .setting("fetch", "base_url", &format!("{:?}", nginx.base_url()))
+        .setting("fetch", "ca_file", &format!("{:?}", pki.file("ca.pem")));
+    for (key, value) in fetch {
+        builder = builder.setting("fetch", key, &format!("{value:?}"));
+    }
+    builder.create()
+}
+
+fn tls_lines(pki: &TestPki) -> String {
+    format!(
+        "ssl_certificate {};\nssl_certificate_key {};\n",
+        pki.file("server.pem").display(),
+        pki.file("server-key.pem").display()
+    )
+}
+
+/// Two devices, one fleet build, `server_extra` for nginx; returns what each needs.
+fn two_devices() -> Result<(Mosquitto, FleetRepo, String)> {
+    let broker = Mosquitto::start()?;
+    let mut fleet = FleetRepo::new("acme")?;
+    fleet.add_device("gw-1", &[])?;
+    fleet.add_device("gw-2", &[])?;
+    files_app(&fleet, "conf", None, &[("app.conf", "release = 1\n")])?;
+    let c1 = fleet.commit("release 1")?;
+    fleet.build()?;
+    Ok((broker, fleet, c1))
+}
+
+#[test]
+fn a_bundle_server_that_wants_a_bearer_token_gets_it_from_the_token_file_and_only_there() -> Result<()> {
+    let (broker, fleet, c1) = two_devices()?;
+    let pki = TestPki::new("gw-1")?;
+    let conf = fleet.app_file("conf", "app.conf");
+    let server = format!(
+        "{}if ($http_authorization != \"Bearer tok-gw-1.sesame\") {{ return 401; }}\n{BUNDLE_SERVER_LOCATIONS}",
+        tls_lines(&pki)
+    );
+    let nginx = Nginx::serve_tls(fleet.out_dir(), &server)?;
+    let tokens = tempfile::tempdir()?;
+    let (good, bad) = (tokens.path().join("good"), tokens.path().join("bad"));
+    fs::write(&good, "tok-gw-1.sesame\n")?;
+    fs::write(&bad, "tok-guessed\n")?;
+    let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let mut with =
+        polling_https(&fleet, "gw-1", &broker, &nginx, &pki, &[("bearer_token_file", path(&good))])?;
+    let mut without =
+        polling_https(&fleet, "gw-2", &broker, &nginx, &pki, &[("bearer_token_file", path(&bad))])?;
+    let watch = DeviceWatch::of(&broker.client(), &with)?;
+    with.start()?;
+    without.start()?;
+    wait_converged(&watch, &with, &c1)?;
+    assert_file(&with, &conf, "release = 1\n");
+    let ok = nginx.requests_for("/devices/gw-1.json")?;
+    ensure!(ok.first().is_some_and(|r| r.status == 200), "{ok:#?}");
+    // The wrong token is refused by the server; that device applies nothing and says why.
+    wait_until(secs(15), "gw-2's poll refused with 401", || {
+        Ok(nginx.requests_for("/devices/gw-2.json")?.iter().any(|r| r.status == 401))
+    })
+    .with_context(|| without.log_tail())?;
+    ensure!(without.log().contains("HTTP 401"), "{}", without.log_tail());
+    let gw2_bundle = format!("/bundles/{}.bundle", fleet.entry("gw-2")?.digest);
+    ensure!(nginx.requests()?.iter().all(|r| r.uri != gw2_bundle), "gw-2's bundle was served");
+    // The token never appears in the agent's logs.
+    ensure!(!with.log().contains("sesame"), "the token was logged:\n{}", with.log());
+    Ok(())
+}
+
+#[test]
+fn a_bundle_server_that_wants_a_client_certificate_gets_the_devices() -> Result<()> {
+    let (broker, fleet, c1) = two_devices()?;
+    let pki = TestPki::new("gw-1")?;
+    let conf = fleet.app_file("conf", "app.conf");
+    let server = format!(
+        "{}ssl_client_certificate {};\nssl_verify_client on;\n{BUNDLE_SERVER_LOCATIONS}",
+        tls_lines(&pki),
+        pki.file("ca.pem").display()
+    );
+    let nginx = Nginx::serve_tls(fleet.out_dir(), &server)?;
+    let path = |p: std::path::PathBuf| p.to_string_lossy().into_owned();
+    let client =
+        [("client_cert", path(pki.file("client.pem"))), ("client_key", path(pki.file("client-key.pem")))];
+    let mut with = polling_https(&fleet, "gw-1", &broker, &nginx, &pki, &client)?;
+    let mut without = polling_https(&fleet, "gw-2", &broker, &nginx, &pki, &[])?;
+    let watch = DeviceWatch::of(&broker.client(), &with)?;
+    with.start()?;
+    without.start()?;
+    wait_converged(&watch, &with, &c1)?;
+    assert_file(&with, &conf, "release = 1\n");
+    // Without a certificate nginx answers 400 ("No required SSL certificate was sent").
+    wait_until(secs(15), "gw-2's poll refused with 400", || {
+        Ok(nginx.requests_for("/devices/gw-2.json")?.iter().any(|r| r.status == 400))
+    })
+    .with_context(|| without.log_tail())?;
+    ensure!(without.log().contains("HTTP 400"), "{}", without.log_tail());
     Ok(())
 }
