@@ -30,6 +30,7 @@ BASE_PKGS=(
     strace # the benchmark counts the agent's fsyncs
     iproute2 # the test harness gives each dockerd its own bridge (`ip link add`)
     git-lfs # the bundler's tests track files with the real git-lfs (pointers, its store, `git lfs pull`)
+    age # the agent's identity is checked against the real age and age-keygen
     chromium # headless, driven by the dashboard's browser tests and bench/dashboard.sh
 )
 CROSS_ARCH=arm64

@@ -48,6 +48,7 @@ USAGE:
     fleet-agent status       [--config FILE] [--json]
     fleet-agent check-config [--config FILE] [--json]
     fleet-agent forget       [--config FILE] DIGEST | --all
+    fleet-agent identity     [--config FILE | --state-dir DIR] [--json]
     fleet-agent help COMMAND | COMMAND --help
     fleet-agent --version | --help
 
@@ -60,6 +61,8 @@ COMMANDS:
     check-config  Validate agent.toml (every problem at once) and print what it
                   configures.
     forget        Drop a bundle from the rejected set so that it is judged again.
+    identity      Print this device's public key (age recipient) and key id; the key
+                  pair is made on first use and never leaves the device.
 
 OPTIONS:
     -c, --config FILE     agent.toml (default: /etc/fleet-agent/agent.toml)
@@ -216,10 +219,39 @@ EXAMPLE:
     fleet-agent forget 3f9a...c2
 ";
 
+const HELP_IDENTITY: &str = "\
+fleet-agent identity: this device's public key, for enrollment and secrets.
+
+Prints the device's age X25519 recipient (age1...) and its key id. The key pair is
+made on first use in <state_dir>/identity.age (0600, the format of age-keygen, so the
+standard `age -d -i` reads it) and never leaves the device; the package's postinst
+makes it at install. Put the recipient in the fleet repository as the device's
+`public_key:` so that secrets can be encrypted to this device only.
+
+USAGE:
+    fleet-agent identity [--config FILE | --state-dir DIR] [--json]
+
+OPTIONS:
+    -c, --config FILE     agent.toml (default: /etc/fleet-agent/agent.toml)
+        --state-dir DIR   Use this state directory and do not read agent.toml (the
+                          postinst does so, before agent.toml is filled in)
+        --json            Print JSON: device (null with --state-dir), recipient,
+                          key_id, created (bool)
+    -h, --help            Print this help
+
+EXIT CODES:
+    0   printed (made now, or read)
+    1   the identity cannot be read or written (a damaged file is never replaced)
+    64  bad command line or invalid configuration
+
+EXAMPLE:
+    fleet-agent identity -c /etc/fleet-agent/agent.toml
+";
+
 pub const DEFAULT_CONFIG: &str = "/etc/fleet-agent/agent.toml";
 
 /// The subcommands, for `help` and suggestions.
-pub const COMMANDS: [&str; 5] = ["run", "apply", "status", "check-config", "forget"];
+pub const COMMANDS: [&str; 6] = ["run", "apply", "status", "check-config", "forget", "identity"];
 
 /// The help text of a subcommand (`None`: the global help).
 pub fn help(command: Option<&str>) -> &'static str {
@@ -229,6 +261,7 @@ pub fn help(command: Option<&str>) -> &'static str {
         Some("status") => HELP_STATUS,
         Some("check-config") => HELP_CHECK_CONFIG,
         Some("forget") => HELP_FORGET,
+        Some("identity") => HELP_IDENTITY,
         _ => HELP,
     }
 }
@@ -254,6 +287,11 @@ pub enum Command {
         json: bool,
     },
     Forget(Forget),
+    Identity {
+        json: bool,
+        /// `--state-dir`: agent.toml is not read.
+        state_dir: Option<PathBuf>,
+    },
     /// The help of a subcommand, or the global one.
     Help(Option<&'static str>),
     Version,
@@ -272,12 +310,13 @@ fn flags_of(command: &str) -> &'static [&'static str] {
         "run" => &["log-format"],
         "apply" => &["json", "retry"],
         "status" | "check-config" => &["json"],
+        "identity" => &["json", "state-dir"],
         "forget" => &["all"],
         _ => &[],
     }
 }
 
-const ALL_FLAGS: [&str; 7] = ["config", "help", "version", "json", "log-format", "retry", "all"];
+const ALL_FLAGS: [&str; 8] = ["config", "help", "version", "json", "log-format", "retry", "all", "state-dir"];
 
 /// Parses the arguments (without the program name). Errors are usage messages.
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
@@ -286,6 +325,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     let mut command: Option<String> = None;
     let mut config = None;
     let mut log_format = None;
+    let mut state_dir = None;
     let mut flags: Vec<&'static str> = Vec::new();
     let mut positional: Vec<OsString> = Vec::new();
     let mut help_wanted = false;
@@ -305,6 +345,10 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
                     _ => return Err(format!("--log-format takes human or json, not {v:?}")),
                 });
                 flags.push("log-format");
+            }
+            Long("state-dir") => {
+                state_dir = Some(PathBuf::from(parser.value().map_err(|e| e.to_string())?));
+                flags.push("state-dir");
             }
             Long("json") => flags.push("json"),
             Long("retry") => flags.push("retry"),
@@ -335,11 +379,13 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     }
     let config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let Some(name) = command else {
-        return Err("missing command: run, apply, status, check-config or forget (see --help)".into());
+        return Err(
+            "missing command: run, apply, status, check-config, forget or identity (see --help)".into()
+        );
     };
     let Some(name) = known(&name) else {
         return Err(format!(
-            "unknown command {name:?}{}: run, apply, status, check-config or forget (see --help)",
+            "unknown command {name:?}{}: run, apply, status, check-config, forget or identity (see --help)",
             did_you_mean(&name, &COMMANDS, "")
         ));
     };
@@ -369,6 +415,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
         }
         "status" => Command::Status { json: has("json") },
         "check-config" => Command::CheckConfig { json: has("json") },
+        "identity" => Command::Identity { json: has("json"), state_dir: state_dir.take() },
         _ => {
             let target = match (positional.next(), has("all")) {
                 (None, true) => Forget::All,
@@ -471,6 +518,14 @@ mod tests {
         assert_eq!(p(&["help", "apply"]).expect("ok").command, Command::Help(Some("apply")));
         assert_eq!(p(&["run", "--log-format", "json"]).expect("ok").log_format, Some(LogFormat::Json));
         assert_eq!(p(&["status"]).expect("ok").config, PathBuf::from(DEFAULT_CONFIG));
+        assert_eq!(
+            p(&["identity", "--json"]).expect("ok").command,
+            Command::Identity { json: true, state_dir: None }
+        );
+        assert_eq!(
+            p(&["identity", "--state-dir", "/var/lib/fleet-agent"]).expect("ok").command,
+            Command::Identity { json: false, state_dir: Some("/var/lib/fleet-agent".into()) }
+        );
     }
 
     #[test]
@@ -494,6 +549,8 @@ mod tests {
         assert!(p(&["run", "--log-format", "xml"]).expect_err("format").contains("human or json"));
         assert!(p(&["forget", "abc"]).expect_err("digest").contains("64 hex"));
         assert!(p(&["forget"]).expect_err("nothing").contains("--all"));
+        assert!(p(&["run", "--state-dir", "/x"]).expect_err("identity only").contains("--state-dir"));
+        assert!(p(&["identity", "--state-dir"]).expect_err("no value").contains("state-dir"));
     }
 
     #[test]

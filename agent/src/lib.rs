@@ -31,6 +31,7 @@ pub mod core;
 pub mod engines;
 pub mod fetch;
 pub mod files;
+pub mod identity;
 pub mod journal;
 pub mod lockdir;
 pub mod mqtt;

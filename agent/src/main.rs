@@ -36,6 +36,9 @@ fn main() -> ExitCode {
             println!("fleet-agent {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::from(exit::OK);
         }
+        Command::Identity { json, state_dir: Some(ref dir) } => {
+            return ExitCode::from(identity(None, dir, json))
+        }
         _ => {}
     }
     let cfg = match Config::load(&cli.config) {
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { json } => check_config(&cfg, &cli.config, json),
         Command::Status { json } => status(&cfg, json),
         Command::Forget(target) => forget(&cfg, &target),
+        Command::Identity { json, .. } => identity(Some(&cfg.device), &cfg.state_dir, json),
         Command::Run => with_runtime(run(cfg)),
         Command::Apply { bundle, json, retry } => with_runtime(apply(cfg, &bundle, json, retry)),
         Command::Help(_) | Command::Version => unreachable!("handled above"),
@@ -283,6 +287,45 @@ fn report_outcome(outcome: &Outcome, digest: &str, version: Option<u64>, json: b
 }
 
 /// `forget`: drops entries from `rejected.json`.
+fn identity(device: Option<&str>, state_dir: &Path, json: bool) -> u8 {
+    let now = fleet_agent::clock::Clock::now(&SystemClock);
+    if let Err(e) = Store::new(state_dir).create() {
+        eprintln!("fleet-agent: {e}");
+        return exit::FAILURE;
+    }
+    match fleet_agent::identity::load_or_create(state_dir, now) {
+        Ok((id, created)) => {
+            if json {
+                let out = serde_json::json!({
+                    "device": device,
+                    "recipient": id.recipient(),
+                    "key_id": id.key_id(),
+                    "created": created,
+                });
+                println!("{out:#}");
+            } else {
+                if created {
+                    eprintln!(
+                        "made a new identity in {}",
+                        state_dir.join(fleet_agent::identity::FILE).display()
+                    );
+                }
+                if let Some(device) = device {
+                    println!("device:    {device}");
+                }
+                println!("recipient: {}\nkey id:    {}", id.recipient(), id.key_id());
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!(
+                "fleet-agent: {e} (the identity file is never replaced: move it away to make a new key)"
+            );
+            exit::FAILURE
+        }
+    }
+}
+
 fn forget(cfg: &Config, target: &Forget) -> u8 {
     let store = Store::new(&cfg.state_dir);
     // Held when no agent runs; a running agent reads rejected.json afresh for every

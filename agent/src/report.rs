@@ -56,6 +56,17 @@ pub fn collect(device: &str, fleet: &str, store: &Store) -> Result<LocalStatus, 
 /// `1764120042` as `2025-11-26T01:20:42Z (3 min ago)`: RFC 3339 UTC and the age at `now`.
 /// The JSON view keeps Unix seconds.
 pub fn human_time(at: i64, now: i64) -> String {
+    let ago = now - at;
+    let age = match ago {
+        i64::MIN..=-1 => format!("{} in the future", span(-ago)),
+        0..=9 => "just now".to_string(),
+        _ => format!("{} ago", span(ago)),
+    };
+    format!("{} ({age})", rfc3339(at))
+}
+
+/// `1764120042` as `2025-11-26T01:20:42Z`.
+pub fn rfc3339(at: i64) -> String {
     let days = at.div_euclid(86_400);
     let secs = at.rem_euclid(86_400);
     // H. Hinnant's civil_from_days.
@@ -68,18 +79,7 @@ pub fn human_time(at: i64, now: i64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let ago = now - at;
-    let age = match ago {
-        i64::MIN..=-1 => format!("{} in the future", span(-ago)),
-        0..=9 => "just now".to_string(),
-        _ => format!("{} ago", span(ago)),
-    };
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z ({age})",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
 }
 
 /// A duration in its largest whole unit: `42 s`, `3 min`, `5 h`, `12 days`.
