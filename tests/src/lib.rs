@@ -8,6 +8,7 @@
 //! | Mosquitto 2.0 | [`Mosquitto`] | ACL/password files, stop/restart on the same port |
 //! | Docker Engine 20.10 | [`Dockerd`] | own data root, bridge and address pool: instances run in parallel |
 //! | podman 4.3 Docker-compatible API | [`Podman`] | isolated storage; one instance at a time per machine |
+//! | RabbitMQ 3.10 + MQTT, N nodes | [`RabbitCluster`] | one cluster on one machine, own epmd and cookie |
 //! | Docker Distribution 2.8 | [`Registry`] | plain HTTP on 127.0.0.1 |
 //! | static HTTP files | [`StaticHttpServer`] | `Range: bytes=N-`, optional dropped first transfer |
 //! | hostile HTTP | [`HostileHttpServer`] | trickling, wrong or no answers; every connection logged |
@@ -40,6 +41,7 @@ mod mosquitto;
 pub mod mqtt;
 mod podman;
 mod process;
+mod rabbitmq;
 mod registry;
 
 use std::collections::HashSet;
@@ -63,6 +65,7 @@ pub use images::{build_busybox_image, build_image, push_image, BUSYBOX_APPLETS};
 pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use mqtt::{Message, Mqtt, Subscription};
 pub use podman::Podman;
+pub use rabbitmq::RabbitCluster;
 pub use registry::Registry;
 
 /// Returns a loopback TCP port that is free right now (bound to `127.0.0.1:0`, then
