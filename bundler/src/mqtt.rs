@@ -15,6 +15,12 @@
 //! equal, with another bundle) has already seen that version and would refuse the new
 //! bundle (`not_newer`), so nothing is published and [`MqttError::NotNewer`] names
 //! every such device.
+//!
+//! Both take `--broker` once per node of a cluster that keeps retained messages per
+//! node and sends none to wildcard filters (RabbitMQ 3.x, measured in
+//! `tests/tests/e2e/cluster.rs`): `publish` checks and retains on every node; `status`
+//! subscribes on every node to each indexed device's exact topics (`Readers`) and
+//! folds the nodes' messages (`Fold`). One broker takes exactly the path it always did.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -1510,6 +1516,103 @@ mod tests {
         assert_eq!((newer[0].retained_version, newer[0].new_version), (11, 10));
         let garbage: BTreeMap<String, Vec<u8>> = [(topic.clone(), b"not json".to_vec())].into();
         assert!(not_newer(&announcing, &garbage).is_empty(), "not an announcement: a hint, ignored");
+    }
+
+    fn report(state: DeviceState, version: u64, timestamp: i64) -> Vec<u8> {
+        StatusReport {
+            device: "d1".into(),
+            fleet: "acme".into(),
+            agent_version: "0".into(),
+            state,
+            desired: None,
+            applied: Some(fleet_spec::messages::Applied {
+                version,
+                digest: "a".repeat(64),
+                commit: "c".repeat(40),
+                at: timestamp,
+            }),
+            containers: Vec::new(),
+            files: Default::default(),
+            last_error: None,
+            waiting: None,
+            timestamp,
+        }
+        .to_json()
+    }
+
+    fn kept(fold: &Fold) -> Option<(u64, i64)> {
+        fold.reports.get("d1").map(|s| (s.applied.as_ref().map_or(0, |a| a.0), s.timestamp))
+    }
+
+    #[test]
+    fn several_nodes_the_newest_report_wins_whatever_the_order() {
+        let mut fold = Fold::new(3);
+        // The device moved from node 0 to node 1: node 1's report is newer.
+        fold.absorb(1, TopicKind::Status, "d1".into(), &report(DeviceState::Converged, 2, 200));
+        fold.absorb(0, TopicKind::Status, "d1".into(), &report(DeviceState::Converged, 1, 100));
+        assert_eq!(kept(&fold), Some((2, 200)), "a stale report of the node it left arrived last");
+        // The same live report, delivered by every node: no change.
+        fold.absorb(2, TopicKind::Status, "d1".into(), &report(DeviceState::Converged, 2, 200));
+        assert_eq!(kept(&fold), Some((2, 200)));
+        // Two reports within one second: the later message wins.
+        fold.absorb(1, TopicKind::Status, "d1".into(), &report(DeviceState::Applying, 3, 200));
+        assert_eq!(fold.reports["d1"].state, DeviceState::Applying);
+    }
+
+    #[test]
+    fn several_nodes_garbage_and_empty_messages_clear_nothing() {
+        let mut fold = Fold::new(2);
+        fold.absorb(0, TopicKind::Status, "d1".into(), &report(DeviceState::Converged, 2, 200));
+        for hostile in [&b""[..], b"not json", b"{\"timestamp\": 999999999999}", &[0xff; 64]] {
+            fold.absorb(1, TopicKind::Status, "d1".into(), hostile);
+            assert_eq!(kept(&fold), Some((2, 200)), "{:?}", String::from_utf8_lossy(hostile));
+        }
+        // One node: an empty retained message clears, as it always did.
+        let mut one = Fold::new(1);
+        one.absorb(0, TopicKind::Status, "d1".into(), &report(DeviceState::Converged, 2, 200));
+        one.absorb(0, TopicKind::Status, "d1".into(), &report(DeviceState::Converged, 1, 100));
+        assert_eq!(kept(&one), Some((1, 100)), "one node: the latest message, whatever its timestamp");
+        one.absorb(0, TopicKind::Status, "d1".into(), b"");
+        assert_eq!(kept(&one), None);
+    }
+
+    #[test]
+    fn several_nodes_online_when_any_node_says_so() {
+        let mut fold = Fold::new(3);
+        fold.absorb(0, TopicKind::Online, "d1".into(), b"false"); // the will on the node it left
+        fold.absorb(1, TopicKind::Online, "d1".into(), b"true");
+        fold.absorb(2, TopicKind::Online, "d1".into(), b"garbage");
+        assert_eq!(fold.online.get("d1"), Some(&true));
+        fold.absorb(1, TopicKind::Online, "d1".into(), b"false"); // its will, live on every node
+        assert_eq!(fold.online.get("d1"), Some(&false));
+        // A node index beyond 63 (refused by --broker's limit) still folds somewhere.
+        fold.absorb(99, TopicKind::Online, "d1".into(), b"true");
+        assert_eq!(fold.online.get("d1"), Some(&true));
+    }
+
+    #[test]
+    fn several_brokers_are_checked_and_only_publish_and_status_take_them() {
+        let args = |urls: &[&str]| BrokerArgs {
+            broker: urls.iter().map(|u| u.to_string()).collect(),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            username: None,
+            password: None,
+            client_id: None,
+        };
+        let two = args(&["mqtt://a:1883", "mqtt://b:1883"]);
+        assert_eq!(two.all().expect("two nodes").len(), 2);
+        let refused = two.single("rollout").expect_err("rollout takes one");
+        assert!(refused.to_string().contains("rollout takes one --broker"), "{refused}");
+        assert!(
+            matches!(args(&["mqtt://a", "mqtt://a"]).all(), Err(MqttError::Usage(m)) if m.contains("twice"))
+        );
+        assert!(matches!(args(&["mqtt://a", "http://b"]).all(), Err(MqttError::Url(_))));
+        let many: Vec<String> = (0..=MAX_BROKERS).map(|i| format!("mqtt://n{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(matches!(args(&many).all(), Err(MqttError::Usage(m)) if m.contains("at most")));
+        assert_eq!(args(&["mqtt://a"]).single("exporter").expect("one"), "mqtt://a");
     }
 
     #[test]
