@@ -37,6 +37,29 @@ fn rabbitmq_cluster_what_crosses_nodes_and_a_fleet_spread_over_it() -> Result<()
     let t = Instant::now();
     fleet_over_the_cluster(&cluster)?;
     eprintln!("rabbitmq: fleet scenario in {:.1?}", t.elapsed());
+
+    // Teardown leaves nothing behind: no process mentions the cluster's directory, no
+    // node answers MQTT.
+    let (dir, ports) =
+        (cluster.dir().to_path_buf(), (0..cluster.len()).map(|i| cluster.port(i)).collect::<Vec<_>>());
+    let t = Instant::now();
+    drop(cluster);
+    eprintln!("rabbitmq: stopped in {:.1?}", t.elapsed());
+    let mut needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    needle.push(b'/');
+    let left: Vec<String> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok().map(|c| (e.file_name(), c)))
+        .filter(|(_, c)| c.windows(needle.len()).any(|w| w == needle))
+        .map(|(pid, c)| {
+            format!("{}: {}", pid.to_string_lossy(), String::from_utf8_lossy(&c).replace('\0', " "))
+        })
+        .collect();
+    assert!(left.is_empty(), "RabbitMQ processes left behind:\n{}", left.join("\n"));
+    for port in ports {
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "a node still listens on {port}");
+    }
     Ok(())
 }
 
