@@ -11,8 +11,9 @@
 //! as root (not Debian's wrapper, which switches to user `rabbitmq`) with `HOME` in the
 //! temp dir (its own Erlang cookie) and its own `epmd` on a free port (`ERL_EPMD_PORT`),
 //! started by the harness in the foreground. Teardown (also on a panic: `Drop`) sends
-//! SIGTERM to every node (RabbitMQ shuts down cleanly on it), then stops epmd, then
-//! SIGKILLs whatever still mentions the temp dir (`erl_child_setup`, `inet_gethost`).
+//! SIGTERM to every node (RabbitMQ shuts down cleanly on it; SIGKILL after 3 s, the data
+//! is thrown away anyway), then stops epmd, then SIGKILLs whatever still mentions the
+//! temp dir (`erl_child_setup`, `inet_gethost`).
 
 use std::fmt::Write as _;
 use std::fs;
@@ -219,11 +220,12 @@ impl RabbitCluster {
                 pids.extend(process_tree(pid));
             }
         }
-        // In parallel: each takes a few seconds to shut down.
+        // In parallel, and briefly: the data dies with the temp dir, so a node that
+        // takes more than a few seconds to shut down cleanly is killed.
         std::thread::scope(|s| {
             for node in &mut self.nodes {
                 if let Some(mut d) = node.daemon.take() {
-                    s.spawn(move || d.stop(Duration::from_secs(30)));
+                    s.spawn(move || d.stop(Duration::from_secs(3)));
                 }
             }
         });

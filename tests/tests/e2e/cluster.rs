@@ -124,7 +124,10 @@ fn findings(cluster: &RabbitCluster) -> Result<()> {
 
     // Topic permissions (RabbitMQ's ACL: users and regular expressions over the routing
     // key, `/` written `.`) are cluster-wide: set through node A, enforced on node C.
-    cluster.add_user("d1", "d1-secret", r"^fleet\.acl\.devices\.d1\.", r"^fleet\.acl\.devices\.d1\.")?;
+    // `{username}` is expanded by RabbitMQ: one pattern string serves every device user
+    // (as `%u` in a Mosquitto ACL).
+    let own = r"^fleet\.acl\.devices\.{username}\.";
+    cluster.add_user("d1", "d1-secret", own, own)?;
     let watch = b.subscribe("fleet/acl/devices/+/status")?;
     let d1 = cluster.client(2).with_credentials("d1", "d1-secret");
     d1.publish("fleet/acl/devices/d1/status", "mine", false)?;
