@@ -2,10 +2,11 @@
 //! with its own node name, AMQP, Erlang distribution and MQTT ports, data and log
 //! directories, all in one temp dir.
 //!
-//! The nodes form the cluster as they boot (`cluster_formation.peer_discovery_backend =
-//! classic_config`, every node listed), so they start in parallel and no `stop_app` /
-//! `join_cluster` round trip is needed; [`RabbitCluster::start`] returns once every node
-//! answers MQTT and `rabbitmqctl cluster_status` shows all of them running.
+//! The nodes form the cluster as they boot: the first boots alone, then the others all at
+//! once, each joining it (`cluster_formation.peer_discovery_backend = classic_config`),
+//! so no `stop_app` / `join_cluster` round trip is needed; [`RabbitCluster::start`] returns once
+//! `rabbitmqctl cluster_status` shows all of them running and every node accepts an MQTT
+//! client.
 //!
 //! Isolation from a system RabbitMQ: the harness runs `/usr/lib/rabbitmq/bin/rabbitmq-server`
 //! as root (not Debian's wrapper, which switches to user `rabbitmq`) with `HOME` in the
@@ -91,9 +92,10 @@ impl RabbitCluster {
             writeln!(conf, "mqtt.listeners.tcp.default = 127.0.0.1:{mqtt_port}")?;
             writeln!(conf, "mqtt.allow_anonymous = true\nloopback_users = none")?;
             writeln!(conf, "management_agent.disable_metrics_collector = true")?;
-            writeln!(conf, "cluster_formation.peer_discovery_backend = classic_config")?;
-            for (k, other) in names.iter().enumerate() {
-                writeln!(conf, "cluster_formation.classic_config.nodes.{} = {other}", k + 1)?;
+            if i > 0 {
+                // The others join the first, which is up by then (see below).
+                writeln!(conf, "cluster_formation.peer_discovery_backend = classic_config")?;
+                writeln!(conf, "cluster_formation.classic_config.nodes.1 = {}", names[0])?;
             }
             fs::write(node_dir.join("rabbitmq.conf"), conf)?;
             fs::write(node_dir.join("enabled_plugins"), "[rabbitmq_mqtt].\n")?;
@@ -105,11 +107,17 @@ impl RabbitCluster {
                 .env("RABBITMQ_MNESIA_BASE", node_dir.join("mnesia"))
                 .env("RABBITMQ_LOG_BASE", node_dir.join("log"))
                 .env("RABBITMQ_DIST_PORT", free_port().to_string());
-            let daemon = Daemon::spawn(&format!("rabbitmq {name}"), cmd, &node_dir.join("server.log"))?;
+            let mut daemon = Daemon::spawn(&format!("rabbitmq {name}"), cmd, &node_dir.join("server.log"))?;
+            if i == 0 {
+                // The first boots alone: nodes that all boot at once each look for a
+                // peer that is up, give up after a few seconds and may boot apart.
+                let addr = format!("127.0.0.1:{mqtt_port}");
+                daemon.wait_ready(BOOT, || TcpStream::connect(&addr).is_ok())?;
+            }
             cluster.nodes.push(Node { name: name.clone(), mqtt_port, daemon: Some(daemon) });
         }
-        // All boot at once; each is ready when its MQTT listener answers (after it
-        // joined the others).
+        // The others boot at once; each is ready when its MQTT listener answers (after
+        // it joined the first).
         for node in &mut cluster.nodes {
             let addr = format!("127.0.0.1:{}", node.mqtt_port);
             let daemon = node.daemon.as_mut().expect("just started");
@@ -124,6 +132,16 @@ impl RabbitCluster {
             Ok(expected.iter().all(|n| running.contains(&n.as_str())))
         })
         .map_err(|e| anyhow::anyhow!("{e:#}\n{}", cluster.logs()))?;
+        // A node's MQTT listener is up before the plugin's client-id tracking (a Raft
+        // cluster over the nodes) has a leader; until then it refuses connections
+        // ("server unavailable"). Ready when every node accepts an MQTT client.
+        for i in 0..cluster.nodes.len() {
+            let client = cluster.client(i);
+            wait_until(Duration::from_secs(60), &format!("node {} accepting MQTT clients", i + 1), || {
+                client.publish("fe2e/ready", "", false).map(|()| true)
+            })
+            .map_err(|e| anyhow::anyhow!("{e:#}\n{}", cluster.logs()))?;
+        }
         Ok(cluster)
     }
 
