@@ -32,6 +32,7 @@ BASE_PKGS=(
     git-lfs # the bundler's tests track files with the real git-lfs (pointers, its store, `git lfs pull`)
     age # the agent's identity is checked against the real age and age-keygen
     chromium # headless, driven by the dashboard's browser tests and bench/dashboard.sh
+    rabbitmq-server # a clustered MQTT broker: tests/src/rabbitmq.rs runs its own nodes
 )
 CROSS_ARCH=arm64
 # The agent is built static against musl, with std compiled from rust-web-src
@@ -223,6 +224,24 @@ setup_ship() {
 }
 # ---- end of --ship ----
 
+# A system RabbitMQ node (started by an install whose maintainer scripts could start
+# services, or by an earlier setup) only takes memory: the tests run their own nodes,
+# with their own epmd port and Erlang cookie. Stop it, and keep it from starting at boot.
+stop_system_rabbitmq() {
+    dpkg -s rabbitmq-server >/dev/null 2>&1 || return 0
+    if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+        if systemctl is-active --quiet rabbitmq-server || systemctl is-enabled --quiet rabbitmq-server 2>/dev/null; then
+            log "stopping and disabling the system rabbitmq-server (the tests start their own nodes)"
+            as_root systemctl disable --now rabbitmq-server >/dev/null 2>&1 ||
+                warn "could not stop the system rabbitmq-server: systemctl disable --now rabbitmq-server"
+        fi
+    elif pgrep -u rabbitmq -x beam.smp >/dev/null 2>&1; then
+        log "stopping the system rabbitmq-server (the tests start their own nodes)"
+        as_root /usr/sbin/rabbitmqctl stop >/dev/null 2>&1 ||
+            warn "could not stop the system rabbitmq-server: rabbitmqctl stop"
+    fi
+}
+
 first_line() { "$@" 2>&1 | head -n 1 || true; }
 
 summary() {
@@ -235,6 +254,7 @@ summary() {
     echo "busybox:         $(first_line busybox)"
     # (Debian's chromium wrapper script complains on stderr about its memory check; not an error)
     echo "chromium:        $(chromium --version 2>/dev/null | head -n 1 || true)"
+    echo "rabbitmq-server: $(dpkg-query -W -f '${Version}' rabbitmq-server 2>/dev/null || echo missing)"
     if [ "$CROSS" = 1 ]; then
         echo "rustc (debian):  $(first_line /usr/bin/rustc --version)"
         echo "aarch64 gcc:     $(first_line aarch64-linux-gnu-gcc --version)"
@@ -255,6 +275,7 @@ if [ "$SHIP" = 1 ] && ! setup_ship; then
     warn "--ship: the checkers could not all be installed (scripts/ci-ship.sh will say which)"
 fi
 restore_service_starts
+stop_system_rabbitmq
 summary
 if [ "$status" -ne 0 ]; then
     echo "setup.sh: base packages missing: $(missing_pkgs "${BASE_PKGS[@]}" | tr '\n' ' ')" >&2

@@ -6,7 +6,7 @@
 #                            # aarch64 agent under qemu), fuzz smoke, quick benchmarks
 #   FUZZ_SECONDS=0 scripts/test.sh    # skip the fuzz smoke run
 #
-# Tests start their own Mosquitto, dockerd, podman and registry on free loopback ports
+# Tests start their own Mosquitto, RabbitMQ cluster, dockerd, podman and registry on free loopback ports
 # and temp dirs; nothing needs to be running beforehand. Run as root (dockerd, podman).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -117,14 +117,12 @@ pub fn run(args: &ExporterArgs) -> Result<(), ExporterError> {
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&shutdown)).map_err(ExporterError::Signals)?;
     }
+    let broker = args.broker.single("exporter")?.to_string();
     let (client, mut connection) = mqtt::client(&args.broker, "fleet-bundler", 10)?;
     let listener =
         TcpListener::bind(args.listen).map_err(|error| ExporterError::Listen { addr: args.listen, error })?;
     let local = listener.local_addr().unwrap_or(args.listen);
-    eprintln!(
-        "serving http://{local}/metrics for fleet {fleet} (prefix {prefix}) from {}",
-        args.broker.broker
-    );
+    eprintln!("serving http://{local}/metrics for fleet {fleet} (prefix {prefix}) from {broker}");
     {
         let (view, connected) = (Arc::clone(&view), Arc::clone(&connected));
         std::thread::Builder::new()
@@ -141,7 +139,7 @@ pub fn run(args: &ExporterArgs) -> Result<(), ExporterError> {
         (Topic::fleet_filter(&prefix, &fleet, TopicKind::Online).map_err(MqttError::from)?),
         rollout_topic.clone(),
     ];
-    let broker = &args.broker.broker;
+    let broker = args.broker.single("exporter")?;
     let mut backoff = MIN_BACKOFF;
     let mut last_error: Option<String> = None;
     let mut resync_at: Option<Instant> = None;

@@ -15,6 +15,12 @@
 //! equal, with another bundle) has already seen that version and would refuse the new
 //! bundle (`not_newer`), so nothing is published and [`MqttError::NotNewer`] names
 //! every such device.
+//!
+//! Both take `--broker` once per node of a cluster that keeps retained messages per
+//! node and sends none to wildcard filters (RabbitMQ 3.x, measured in
+//! `tests/tests/e2e/cluster.rs`): `publish` checks and retains on every node; `status`
+//! subscribes on every node to each indexed device's exact topics (`Readers`) and
+//! folds the nodes' messages (`Fold`). One broker takes exactly the path it always did.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -40,9 +46,12 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// How to reach the broker.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
-    /// Broker URL: mqtt://host[:1883] or mqtts://host[:8883].
-    #[arg(long, env = "FLEET_BROKER")]
-    pub broker: String,
+    /// Broker URL: mqtt://host[:1883] or mqtts://host[:8883]. publish and status take it
+    /// once per node of a broker cluster whose nodes keep retained messages to themselves
+    /// (RabbitMQ): every node then gets each retained message, and status reads every
+    /// node (README "Clustered brokers").
+    #[arg(long, env = "FLEET_BROKER", required = true)]
+    pub broker: Vec<String>,
     /// CA certificate (PEM) for mqtts:// (default: the system's roots).
     #[arg(long)]
     pub ca_file: Option<PathBuf>,
@@ -269,6 +278,45 @@ fn tls_config(args: &BrokerArgs) -> Result<rumqttc::TlsConfiguration, MqttError>
     Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
 }
 
+impl BrokerArgs {
+    /// The one broker of a command that reads or writes a single node (`rollout`,
+    /// `exporter`): several `--broker` are a usage error there.
+    pub(crate) fn single(&self, command: &str) -> Result<&str, MqttError> {
+        match self.broker.as_slice() {
+            [one] => Ok(one),
+            [] => Err(MqttError::Usage("pass --broker URL".into())),
+            _ => Err(MqttError::Usage(format!(
+                "{command} takes one --broker: several (one per node of a cluster that keeps retained messages \
+                 per node) are understood by publish and status only; point {command} at a broker whose retained \
+                 messages every node sees (README \"Clustered brokers\")"
+            ))),
+        }
+    }
+
+    /// The brokers, each URL checked, duplicates refused (at most [`MAX_BROKERS`]).
+    pub(crate) fn all(&self) -> Result<&[String], MqttError> {
+        if self.broker.is_empty() {
+            return Err(MqttError::Usage("pass --broker URL".into()));
+        }
+        if self.broker.len() > MAX_BROKERS {
+            return Err(MqttError::Usage(format!(
+                "{} --broker given: at most {MAX_BROKERS} (one per node of one cluster)",
+                self.broker.len()
+            )));
+        }
+        for (i, url) in self.broker.iter().enumerate() {
+            parse_url(url)?;
+            if self.broker[..i].contains(url) {
+                return Err(MqttError::Usage(format!("--broker {url} is given twice")));
+            }
+        }
+        Ok(&self.broker)
+    }
+}
+
+/// The most `--broker` one command takes (each is one connection; node bits in a u64).
+pub const MAX_BROKERS: usize = 16;
+
 /// A client for the broker `args` names (clean session, TCP_NODELAY), not yet
 /// connected: the connection is made when `Connection` is first polled. The client id
 /// defaults to `<default_id>-<pid>`.
@@ -277,8 +325,25 @@ pub(crate) fn client(
     default_id: &str,
     capacity: usize,
 ) -> Result<(Client, Connection), MqttError> {
-    let url = parse_url(&args.broker)?;
-    let client_id = args.client_id.clone().unwrap_or_else(|| format!("{default_id}-{}", std::process::id()));
+    let url = args.single("this command")?.to_string();
+    client_to(args, &url, 0, default_id, capacity)
+}
+
+/// A client for `broker`, the `node`th of `args`' brokers: nodes after the first get
+/// `-<node>` appended to the client id (one cluster refuses two sessions with one id).
+pub(crate) fn client_to(
+    args: &BrokerArgs,
+    broker: &str,
+    node: usize,
+    default_id: &str,
+    capacity: usize,
+) -> Result<(Client, Connection), MqttError> {
+    let url = parse_url(broker)?;
+    let mut client_id =
+        args.client_id.clone().unwrap_or_else(|| format!("{default_id}-{}", std::process::id()));
+    if node > 0 {
+        client_id = format!("{client_id}-{node}");
+    }
     let mut options = MqttOptions::new(client_id, url.host.clone(), url.port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
@@ -312,8 +377,20 @@ impl Session {
         timeout: Duration,
         capacity: usize,
     ) -> Result<Session, MqttError> {
-        let (client, connection) = client(args, "fleet-bundler", capacity)?;
-        let mut session = Session { client, connection, broker: args.broker.clone(), timeout };
+        let broker = args.single("this command")?.to_string();
+        Session::connect_to(args, &broker, 0, timeout, capacity)
+    }
+
+    /// Connects to `broker`, the `node`th of `args`' brokers (see [`client_to`]).
+    pub(crate) fn connect_to(
+        args: &BrokerArgs,
+        broker: &str,
+        node: usize,
+        timeout: Duration,
+        capacity: usize,
+    ) -> Result<Session, MqttError> {
+        let (client, connection) = client_to(args, broker, node, "fleet-bundler", capacity)?;
+        let mut session = Session { client, connection, broker: broker.to_string(), timeout };
         let deadline = Instant::now() + timeout;
         loop {
             match session.next(deadline, "connecting")? {
@@ -426,7 +503,7 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
     let mut announcing: BTreeMap<String, (String, u64, String)> = BTreeMap::new();
     let mut summary = PublishSummary {
         fleet: index.fleet.clone(),
-        broker: args.broker.broker.clone(),
+        broker: args.broker.broker.join(", "),
         ..Default::default()
     };
     for (device, entry) in &index.devices {
@@ -470,33 +547,62 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
     }
 
     if !messages.is_empty() {
-        let mut session = Session::connect(&args.broker, args.timeout, messages.len() + 10)?;
+        // One session per node: every node must hold every retained announcement (a
+        // cluster that keeps retained messages per node gives a device only its own
+        // node's). All are checked before anything is published anywhere.
+        let brokers = args.broker.all()?;
+        let mut sessions = Vec::with_capacity(brokers.len());
+        // Requests are queued before the connection is polled: room for the
+        // unsubscriptions of the exact topics (several nodes) and every message.
+        let capacity = if brokers.len() > 1 { 2 * messages.len() + 10 } else { messages.len() + 10 };
+        for (node, broker) in brokers.iter().enumerate() {
+            sessions.push(Session::connect_to(&args.broker, broker, node, args.timeout, capacity)?);
+        }
         if !announcing.is_empty() {
-            let filter = Topic::fleet_filter(&index.topic_prefix, &index.fleet, TopicKind::Desired)?;
-            let conflicts = retained_not_newer(&mut session, &filter, &announcing, args.settle)?;
+            let mut conflicts = Vec::new();
+            for session in &mut sessions {
+                // Several nodes: exact topics (a broker that keeps retained messages per
+                // node, RabbitMQ, also sends none to a wildcard filter).
+                let filters = if brokers.len() > 1 {
+                    announcing.keys().cloned().collect()
+                } else {
+                    vec![Topic::fleet_filter(&index.topic_prefix, &index.fleet, TopicKind::Desired)?]
+                };
+                for c in retained_not_newer(session, &filters, &announcing, args.settle)? {
+                    if !conflicts.iter().any(|k: &NotNewer| k.device == c.device) {
+                        conflicts.push(c);
+                    }
+                }
+            }
             if !conflicts.is_empty() {
-                session.disconnect();
+                for session in sessions {
+                    session.disconnect();
+                }
                 return Err(MqttError::NotNewer { conflicts });
             }
         }
-        let total = messages.len();
-        for (topic, payload) in messages {
-            session.client.publish(topic, QoS::AtLeastOnce, true, payload).map_err(|e| MqttError::Lost {
-                broker: session.broker.clone(),
-                what: "queueing announcements".into(),
-                message: e.to_string(),
-            })?;
-        }
-        let mut acked = 0;
-        // Each acknowledgement must come within --timeout of the previous one.
-        let mut deadline = Instant::now() + session.timeout;
-        while acked < total {
-            if let Event::Incoming(Packet::PubAck(_)) = session.next(deadline, "waiting for PUBACKs")? {
-                acked += 1;
-                deadline = Instant::now() + session.timeout;
+        for mut session in sessions {
+            let total = messages.len();
+            for (topic, payload) in &messages {
+                session.client.publish(topic.clone(), QoS::AtLeastOnce, true, payload.clone()).map_err(
+                    |e| MqttError::Lost {
+                        broker: session.broker.clone(),
+                        what: "queueing announcements".into(),
+                        message: e.to_string(),
+                    },
+                )?;
             }
+            let mut acked = 0;
+            // Each acknowledgement must come within --timeout of the previous one.
+            let mut deadline = Instant::now() + session.timeout;
+            while acked < total {
+                if let Event::Incoming(Packet::PubAck(_)) = session.next(deadline, "waiting for PUBACKs")? {
+                    acked += 1;
+                    deadline = Instant::now() + session.timeout;
+                }
+            }
+            session.disconnect();
         }
-        session.disconnect();
     }
     write_published(&args.out, &next)?;
     eprintln!(
@@ -562,14 +668,15 @@ pub(crate) fn write_published(out: &Path, published: &Published) -> Result<(), M
 /// before returning, so the session's own publishes do not come back.
 fn read_retained<V>(
     session: &mut Session,
-    filter: &str,
+    filters: &[String],
     expected: &BTreeMap<String, V>,
     settle: Duration,
     mut each: impl FnMut(&str, &[u8]),
 ) -> Result<(), MqttError> {
-    session.client.subscribe(filter, QoS::AtMostOnce).map_err(|e| lost(session, e))?;
+    let packets = subscribe_chunked(session, filters, QoS::AtMostOnce)?;
     let what = "reading the retained announcements";
     let mut retained = std::collections::BTreeSet::new();
+    let mut subacks = 0;
     let mut subscribed = false;
     let mut deadline = Instant::now() + session.timeout;
     loop {
@@ -585,13 +692,15 @@ fn read_retained<V>(
                         broker: session.broker.clone(),
                         what: what.into(),
                         message: format!(
-                            "the broker refused the subscription to {filter}: publish reads the retained \
-                             announcements first, so its user needs read access there (check the ACL)"
+                            "the broker refused the subscription to {}: publish reads the retained \
+                             announcements first, so its user needs read access there (check the ACL)",
+                            filters.first().map(String::as_str).unwrap_or_default()
                         ),
                     });
                 }
-                subscribed = true;
-                deadline = Instant::now() + settle;
+                subacks += 1;
+                subscribed = subacks == packets;
+                deadline = Instant::now() + if subscribed { settle } else { session.timeout };
             }
             Event::Incoming(Packet::Publish(p)) => {
                 if p.retain && !p.payload.is_empty() {
@@ -610,8 +719,25 @@ fn read_retained<V>(
             break;
         }
     }
-    session.client.unsubscribe(filter).map_err(|e| lost(session, e))?;
+    for filter in filters {
+        session.client.unsubscribe(filter).map_err(|e| lost(session, e))?;
+    }
     Ok(())
+}
+
+/// How many topic filters go into one SUBSCRIBE packet (exact per-device topics).
+const FILTERS_PER_PACKET: usize = 100;
+
+/// Subscribes to `filters`, [`FILTERS_PER_PACKET`] per packet; returns the number of
+/// packets (each gets one SUBACK).
+pub(crate) fn subscribe_chunked(session: &Session, filters: &[String], qos: QoS) -> Result<usize, MqttError> {
+    let mut packets = 0;
+    for chunk in filters.chunks(FILTERS_PER_PACKET) {
+        let subs = chunk.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), qos));
+        session.client.subscribe_many(subs).map_err(|e| lost(session, e))?;
+        packets += 1;
+    }
+    Ok(packets)
 }
 
 /// The devices of `announcing` (topic → device, version, digest) whose retained
@@ -619,12 +745,12 @@ fn read_retained<V>(
 /// compared as the retained messages arrive (none of them is kept).
 pub(crate) fn retained_not_newer(
     session: &mut Session,
-    filter: &str,
+    filters: &[String],
     announcing: &BTreeMap<String, (String, u64, String)>,
     settle: Duration,
 ) -> Result<Vec<NotNewer>, MqttError> {
     let mut conflicts = Vec::new();
-    read_retained(session, filter, announcing, settle, |topic, payload| {
+    read_retained(session, filters, announcing, settle, |topic, payload| {
         if let Some(new) = announcing.get(topic) {
             conflicts.extend(conflict(topic, new, payload));
         }
@@ -784,16 +910,35 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
                 .map_err(MqttError::Signals)?;
         }
     }
-    let mut session = Session::connect(&args.broker, args.connect_timeout, 10)?;
-    session.client.subscribe(status_filter, QoS::AtLeastOnce).map_err(|e| lost(&session, e))?;
-    session.client.subscribe(online_filter, QoS::AtLeastOnce).map_err(|e| lost(&session, e))?;
     let rollout_topic = crate::rollout::drive::rollout_topic(&prefix, &fleet)?;
-    session.client.subscribe(&rollout_topic, QoS::AtLeastOnce).map_err(|e| lost(&session, e))?;
-    const SUBSCRIPTIONS: usize = 3;
+    let brokers = args.broker.all()?;
+    // Several nodes (a cluster that keeps retained messages per node): each device's
+    // exact topics on every node, since such a broker (RabbitMQ) also sends no retained
+    // message to a wildcard filter; the index names the devices.
+    let filters: Vec<String> =
+        match (&expected, brokers.len()) {
+            (_, 1) => vec![status_filter, online_filter, rollout_topic.clone()],
+            (Some(exp), _) => {
+                let mut f = Vec::with_capacity(2 * exp.len() + 1);
+                for id in exp.keys() {
+                    f.push(Topic::new(&prefix, &fleet, id, TopicKind::Status)?.to_string());
+                    f.push(Topic::new(&prefix, &fleet, id, TopicKind::Online)?.to_string());
+                }
+                f.push(rollout_topic.clone());
+                f
+            }
+            (None, _) => return Err(MqttError::Usage(
+                "several --broker need --index: a broker that keeps retained messages per node (RabbitMQ) \
+                 sends them only to exact topics, so status subscribes to each indexed device's topics"
+                    .into(),
+            )),
+        };
+    let mut session = Readers::connect(&args.broker, brokers, args.connect_timeout)?;
+    let subscriptions = session.subscribe(&filters, QoS::AtLeastOnce)?;
+    drop(filters);
     let mut rollout: Option<crate::rollout::judge::RolloutState> = None;
 
-    let mut reports: BTreeMap<String, Seen> = BTreeMap::new();
-    let mut online: BTreeMap<String, bool> = BTreeMap::new();
+    let mut fold = Fold::new(brokers.len());
     let started = Instant::now();
     let wait_deadline = started + args.timeout;
     let mut subacks = 0;
@@ -824,7 +969,7 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
     let outcome = loop {
         let deadline = if args.wait {
             wait_deadline
-        } else if subacks < SUBSCRIPTIONS {
+        } else if subacks < subscriptions {
             started + session.timeout
         } else {
             (last_message + args.settle).min(started + session.timeout + args.settle)
@@ -842,23 +987,24 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
             }
             Err(MqttError::Timeout { .. }) if Instant::now() < deadline => {
                 if unjudged {
-                    if let Some(outcome) = verdict(&reports, &mut unjudged) {
+                    if let Some(outcome) = verdict(&fold.reports, &mut unjudged) {
                         break outcome;
                     }
                 }
                 continue;
             }
-            Err(MqttError::Timeout { .. }) if args.wait && subacks >= SUBSCRIPTIONS => {
-                match verdict(&reports, &mut unjudged) {
+            Err(MqttError::Timeout { .. }) if args.wait && subacks >= subscriptions => {
+                match verdict(&fold.reports, &mut unjudged) {
                     Some(outcome) => break outcome,
                     None => break StatusOutcome::Timeout,
                 }
             }
-            Err(MqttError::Timeout { .. }) if !args.wait && subacks >= SUBSCRIPTIONS => {
+            Err(MqttError::Timeout { .. }) if !args.wait && subacks >= subscriptions => {
                 break StatusOutcome::Shown
             }
             Err(e) => return Err(e),
         };
+        let (node, event) = event;
         match event {
             Event::Incoming(Packet::SubAck(_)) => {
                 subacks += 1;
@@ -867,30 +1013,23 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
             Event::Incoming(Packet::Publish(p)) => {
                 last_message = Instant::now();
                 if p.topic == rollout_topic {
-                    rollout = serde_json::from_slice(&p.payload).ok();
+                    // Several nodes: the newest that arrives (rollout itself takes one broker).
+                    if let Ok(r) = serde_json::from_slice(&p.payload) {
+                        rollout = Some(r);
+                    } else if brokers.len() == 1 {
+                        rollout = None;
+                    }
                     continue;
                 }
                 let Ok(topic) = Topic::parse(&prefix, &p.topic) else { continue };
                 if topic.fleet != fleet {
                     continue;
                 }
-                match topic.kind {
-                    TopicKind::Status => {
-                        if let Ok(r) = StatusReport::from_json(&p.payload) {
-                            reports.insert(topic.device, Seen::new(&r, &p.payload));
-                        } else if p.payload.is_empty() {
-                            reports.remove(&topic.device);
-                        }
-                    }
-                    TopicKind::Online => {
-                        online.insert(topic.device, p.payload.as_ref() == b"true");
-                    }
-                    _ => {}
-                }
+                fold.absorb(node, topic.kind, topic.device, &p.payload);
                 if args.wait {
                     unjudged = true;
                     if judged.get().elapsed() >= JUDGE_EVERY {
-                        if let Some(outcome) = verdict(&reports, &mut unjudged) {
+                        if let Some(outcome) = verdict(&fold.reports, &mut unjudged) {
                             break outcome;
                         }
                     }
@@ -900,6 +1039,7 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
         }
     };
     session.disconnect();
+    let Fold { reports, online, .. } = fold;
 
     if args.json {
         // Streamed row by row: a tree of every row would take ~10 KB per device. Each
@@ -944,6 +1084,198 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
         }
     }
     Ok(outcome)
+}
+
+/// What `status` knows of the devices: each one's report and online flag, folded from
+/// the messages of one or several broker nodes.
+///
+/// One node: the latest message wins, an empty retained message clears. Several nodes
+/// (each keeps the retained messages it was given; live messages reach every node): a
+/// report replaces the kept one only if its `timestamp` is not older, so the stale
+/// report a node still retains for a device that moved to another node loses to the
+/// device's newer one, and an empty message clears nothing (another node may hold the
+/// device's report); a device is online when any node says so (the node it left holds
+/// its last will, `false`, the node it is on `true`).
+pub(crate) struct Fold {
+    nodes: usize,
+    reports: BTreeMap<String, Seen>,
+    online: BTreeMap<String, bool>,
+    /// Several nodes: per device, bit n set when node n last said online.
+    online_nodes: BTreeMap<String, u64>,
+}
+
+impl Fold {
+    pub(crate) fn new(nodes: usize) -> Fold {
+        Fold { nodes, reports: BTreeMap::new(), online: BTreeMap::new(), online_nodes: BTreeMap::new() }
+    }
+
+    /// One message on a device's `kind` topic, as node `node` delivered it.
+    pub(crate) fn absorb(&mut self, node: usize, kind: TopicKind, device: String, payload: &[u8]) {
+        match kind {
+            TopicKind::Status => {
+                if let Ok(r) = StatusReport::from_json(payload) {
+                    if self.nodes == 1 {
+                        self.reports.insert(device, Seen::new(&r, payload));
+                    } else if self
+                        .reports
+                        .get(&device)
+                        .and_then(Seen::report)
+                        .is_none_or(|kept| r.timestamp >= kept.timestamp)
+                    {
+                        // An equal timestamp: the later message (reports in one second).
+                        // The kept report is parsed again rather than its timestamp kept
+                        // beside it: one broker's `status` keeps its memory (BENCHMARKS.md).
+                        self.reports.insert(device, Seen::new(&r, payload));
+                    }
+                } else if payload.is_empty() && self.nodes == 1 {
+                    self.reports.remove(&device);
+                }
+            }
+            TopicKind::Online => {
+                let says = payload == b"true";
+                if self.nodes == 1 {
+                    self.online.insert(device, says);
+                } else {
+                    let bits = self.online_nodes.entry(device.clone()).or_default();
+                    let bit = 1u64 << node.min(63);
+                    if says {
+                        *bits |= bit;
+                    } else {
+                        *bits &= !bit;
+                    }
+                    let any = *bits != 0;
+                    self.online.insert(device, any);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `status`'s connections: one session read in this thread (as it always was), or one
+/// per node, each read by a thread of its own into one channel, every event tagged with
+/// its node.
+pub(crate) struct Readers {
+    one: Option<Session>,
+    many: Vec<(Client, String)>,
+    rx: Option<std::sync::mpsc::Receiver<(usize, Result<Event, MqttError>)>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    pub(crate) timeout: Duration,
+}
+
+impl Readers {
+    pub(crate) fn connect(
+        args: &BrokerArgs,
+        brokers: &[String],
+        timeout: Duration,
+    ) -> Result<Readers, MqttError> {
+        if let [one] = brokers {
+            let session = Session::connect_to(args, one, 0, timeout, 10)?;
+            return Ok(Readers {
+                one: Some(session),
+                many: Vec::new(),
+                rx: None,
+                threads: Vec::new(),
+                timeout,
+            });
+        }
+        let mut sessions = Vec::with_capacity(brokers.len());
+        for (node, broker) in brokers.iter().enumerate() {
+            sessions.push(Session::connect_to(args, broker, node, timeout, 10)?);
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1024);
+        let mut many = Vec::new();
+        let mut threads = Vec::new();
+        for (node, mut session) in sessions.into_iter().enumerate() {
+            many.push((session.client.clone(), session.broker.clone()));
+            let tx = tx.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("mqtt-node-{node}"))
+                .spawn(move || loop {
+                    let event = session.next(Instant::now() + Duration::from_secs(3600), "reading status");
+                    if matches!(event, Err(MqttError::Timeout { .. })) {
+                        continue; // a quiet hour: the caller keeps its own deadlines
+                    }
+                    let end =
+                        event.is_err() || matches!(event, Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)));
+                    if tx.send((node, event)).is_err() || end {
+                        break;
+                    }
+                })
+                .map_err(|e| MqttError::Lost {
+                    broker: brokers[node].clone(),
+                    what: "starting a reader thread".into(),
+                    message: e.to_string(),
+                })?;
+            threads.push(thread);
+        }
+        Ok(Readers { one: None, many, rx: Some(rx), threads, timeout })
+    }
+
+    /// Subscribes every node to `filters`; returns how many SUBACKs will come.
+    pub(crate) fn subscribe(&self, filters: &[String], qos: QoS) -> Result<usize, MqttError> {
+        if let Some(session) = &self.one {
+            for f in filters {
+                session.client.subscribe(f.clone(), qos).map_err(|e| lost(session, e))?;
+            }
+            return Ok(filters.len());
+        }
+        let mut packets = 0;
+        for (client, broker) in &self.many {
+            for chunk in filters.chunks(FILTERS_PER_PACKET) {
+                let subs = chunk.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), qos));
+                client.subscribe_many(subs).map_err(|e| MqttError::Lost {
+                    broker: broker.clone(),
+                    what: "subscribing".into(),
+                    message: e.to_string(),
+                })?;
+                packets += 1;
+            }
+        }
+        Ok(packets)
+    }
+
+    /// The next event of any node before `deadline`, with its node.
+    pub(crate) fn next(&mut self, deadline: Instant, what: &str) -> Result<(usize, Event), MqttError> {
+        if let Some(session) = &mut self.one {
+            return session.next(deadline, what).map(|e| (0, e));
+        }
+        let brokers = || self.many.iter().map(|(_, b)| b.as_str()).collect::<Vec<_>>().join(", ");
+        let timeout = MqttError::Timeout { broker: brokers(), timeout: self.timeout, what: what.into() };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(timeout);
+        }
+        let rx = self.rx.as_ref().expect("several nodes have a channel");
+        match rx.recv_timeout(remaining) {
+            Ok((node, Ok(event))) => Ok((node, event)),
+            Ok((_, Err(e))) => Err(e),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(timeout),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(MqttError::Lost { broker: brokers(), what: what.into(), message: "disconnected".into() })
+            }
+        }
+    }
+
+    pub(crate) fn disconnect(self) {
+        if let Some(session) = self.one {
+            return session.disconnect();
+        }
+        for (client, _) in &self.many {
+            let _ = client.disconnect();
+        }
+        // The readers end at their DISCONNECT (or error); the channel is drained so
+        // none waits on a full one.
+        let rx = self.rx;
+        let deadline = Instant::now() + Duration::from_millis(500);
+        for thread in self.threads {
+            while !thread.is_finished() && Instant::now() < deadline {
+                if let Some(rx) = &rx {
+                    let _ = rx.recv_timeout(Duration::from_millis(10));
+                }
+            }
+        }
+    }
 }
 
 pub(crate) fn lost(session: &Session, e: rumqttc::ClientError) -> MqttError {
@@ -1188,6 +1520,106 @@ mod tests {
         assert_eq!((newer[0].retained_version, newer[0].new_version), (11, 10));
         let garbage: BTreeMap<String, Vec<u8>> = [(topic.clone(), b"not json".to_vec())].into();
         assert!(not_newer(&announcing, &garbage).is_empty(), "not an announcement: a hint, ignored");
+    }
+
+    fn report(state: DeviceState, version: u64, timestamp: i64) -> Vec<u8> {
+        StatusReport {
+            device: "d1".into(),
+            fleet: "acme".into(),
+            agent_version: "0".into(),
+            state,
+            desired: None,
+            applied: Some(fleet_spec::messages::Applied {
+                version,
+                digest: "a".repeat(64),
+                commit: "c".repeat(40),
+                at: timestamp,
+            }),
+            containers: Vec::new(),
+            files: Default::default(),
+            last_error: None,
+            waiting: None,
+            timestamp,
+        }
+        .to_json()
+    }
+
+    fn kept(fold: &Fold) -> Option<(u64, i64)> {
+        fold.reports
+            .get("d1")
+            .and_then(Seen::report)
+            .map(|r| (r.applied.map_or(0, |a| a.version), r.timestamp))
+    }
+
+    #[test]
+    fn several_nodes_the_newest_report_wins_whatever_the_order() {
+        let mut fold = Fold::new(3);
+        // The device moved from node 0 to node 1: node 1's report is newer.
+        fold.absorb(1, TopicKind::Status, "d1".into(), &report(DeviceState::Converged, 2, 200));
+        fold.absorb(0, TopicKind::Status, "d1".into(), &report(DeviceState::Converged, 1, 100));
+        assert_eq!(kept(&fold), Some((2, 200)), "a stale report of the node it left arrived last");
+        // The same live report, delivered by every node: no change.
+        fold.absorb(2, TopicKind::Status, "d1".into(), &report(DeviceState::Converged, 2, 200));
+        assert_eq!(kept(&fold), Some((2, 200)));
+        // Two reports within one second: the later message wins.
+        fold.absorb(1, TopicKind::Status, "d1".into(), &report(DeviceState::Applying, 3, 200));
+        assert_eq!(fold.reports["d1"].state, DeviceState::Applying);
+    }
+
+    #[test]
+    fn several_nodes_garbage_and_empty_messages_clear_nothing() {
+        let mut fold = Fold::new(2);
+        fold.absorb(0, TopicKind::Status, "d1".into(), &report(DeviceState::Converged, 2, 200));
+        for hostile in [&b""[..], b"not json", b"{\"timestamp\": 999999999999}", &[0xff; 64]] {
+            fold.absorb(1, TopicKind::Status, "d1".into(), hostile);
+            assert_eq!(kept(&fold), Some((2, 200)), "{:?}", String::from_utf8_lossy(hostile));
+        }
+        // One node: an empty retained message clears, as it always did.
+        let mut one = Fold::new(1);
+        one.absorb(0, TopicKind::Status, "d1".into(), &report(DeviceState::Converged, 2, 200));
+        one.absorb(0, TopicKind::Status, "d1".into(), &report(DeviceState::Converged, 1, 100));
+        assert_eq!(kept(&one), Some((1, 100)), "one node: the latest message, whatever its timestamp");
+        one.absorb(0, TopicKind::Status, "d1".into(), b"");
+        assert_eq!(kept(&one), None);
+    }
+
+    #[test]
+    fn several_nodes_online_when_any_node_says_so() {
+        let mut fold = Fold::new(3);
+        fold.absorb(0, TopicKind::Online, "d1".into(), b"false"); // the will on the node it left
+        fold.absorb(1, TopicKind::Online, "d1".into(), b"true");
+        fold.absorb(2, TopicKind::Online, "d1".into(), b"garbage");
+        assert_eq!(fold.online.get("d1"), Some(&true));
+        fold.absorb(1, TopicKind::Online, "d1".into(), b"false"); // its will, live on every node
+        assert_eq!(fold.online.get("d1"), Some(&false));
+        // A node index beyond 63 (refused by --broker's limit) still folds somewhere.
+        fold.absorb(99, TopicKind::Online, "d1".into(), b"true");
+        assert_eq!(fold.online.get("d1"), Some(&true));
+    }
+
+    #[test]
+    fn several_brokers_are_checked_and_only_publish_and_status_take_them() {
+        let args = |urls: &[&str]| BrokerArgs {
+            broker: urls.iter().map(|u| u.to_string()).collect(),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            username: None,
+            password: None,
+            client_id: None,
+        };
+        let two = args(&["mqtt://a:1883", "mqtt://b:1883"]);
+        assert_eq!(two.all().expect("two nodes").len(), 2);
+        let refused = two.single("rollout").expect_err("rollout takes one");
+        assert!(refused.to_string().contains("rollout takes one --broker"), "{refused}");
+        assert!(
+            matches!(args(&["mqtt://a", "mqtt://a"]).all(), Err(MqttError::Usage(m)) if m.contains("twice"))
+        );
+        assert!(matches!(args(&["mqtt://a", "http://b"]).all(), Err(MqttError::Url(_))));
+        let many: Vec<String> = (0..=MAX_BROKERS).map(|i| format!("mqtt://n{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(matches!(args(&many).all(), Err(MqttError::Usage(m)) if m.contains("at most")));
+        assert_eq!(args(&["mqtt://a"]).single("exporter").expect("one"), "mqtt://a");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! | Mosquitto 2.0 | [`Mosquitto`] | ACL/password files, stop/restart on the same port |
 //! | Docker Engine 20.10 | [`Dockerd`] | own data root, bridge and address pool: instances run in parallel |
 //! | podman 4.3 Docker-compatible API | [`Podman`] | isolated storage; one instance at a time per machine |
+//! | RabbitMQ 3.10 + MQTT, N nodes | [`RabbitCluster`] | one cluster on one machine, own epmd and cookie |
 //! | Docker Distribution 2.8 | [`Registry`] | plain HTTP on 127.0.0.1 |
 //! | static HTTP files | [`StaticHttpServer`] | `Range: bytes=N-`, optional dropped first transfer |
 //! | nginx 1.22 | [`Nginx`] | a build output with the README's cache headers; JSON access log |
@@ -43,6 +44,7 @@ pub mod nginx;
 pub mod pki;
 mod podman;
 mod process;
+mod rabbitmq;
 mod registry;
 
 use std::collections::HashSet;
@@ -67,6 +69,7 @@ pub use mosquitto::{Mosquitto, MosquittoBuilder};
 pub use mqtt::{Message, Mqtt, Subscription};
 pub use nginx::{Nginx, NginxRequest};
 pub use podman::Podman;
+pub use rabbitmq::RabbitCluster;
 pub use registry::Registry;
 
 /// Returns a loopback TCP port that is free right now (bound to `127.0.0.1:0`, then

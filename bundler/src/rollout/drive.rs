@@ -190,6 +190,7 @@ fn publish(
 
 /// Runs `fleet-bundler rollout`; returns how it ended and the last state.
 pub fn run(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttError> {
+    args.broker.single("rollout")?;
     if args.abort {
         return abort(args);
     }
@@ -303,7 +304,7 @@ pub fn run(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttEr
             announcing.insert(topic, (device.clone(), entry.version, entry.digest.clone()));
         }
         let filter = Topic::fleet_filter(&prefix, &index.fleet, TopicKind::Desired)?;
-        let conflicts = mqtt::retained_not_newer(&mut session, &filter, &announcing, args.settle)?;
+        let conflicts = mqtt::retained_not_newer(&mut session, &[filter], &announcing, args.settle)?;
         if !conflicts.is_empty() {
             session.disconnect();
             return Err(MqttError::NotNewer { conflicts });
