@@ -170,6 +170,34 @@ def rss_by_mapping(pid):
     return out
 
 
+def proc_memory(pid):
+    """{"rss", "pss", "private"} in KiB from /proc/PID/smaps_rollup: RSS counts every page
+    mapped, shared ones (the binary's code, libc) in full in every process; PSS divides each
+    shared page among the processes mapping it; private is what only this process maps
+    (what one more process adds)."""
+    out = {"rss": 0, "pss": 0, "private": 0}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k == "Rss":
+                out["rss"] = int(v.split()[0])
+            elif k == "Pss":
+                out["pss"] = int(v.split()[0])
+            elif k in ("Private_Clean", "Private_Dirty"):
+                out["private"] += int(v.split()[0])
+    return out
+
+
+def meminfo():
+    """/proc/meminfo in KiB."""
+    out = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = int(v.split()[0])
+    return out
+
+
 def cpu_ticks(pid):
     """CPU time a process (all its threads) has used, in clock ticks (1/CLK_TCK s).
 
@@ -273,11 +301,22 @@ class Broker:
         with open(self.conf, "w") as f:
             f.write("\n".join(conf) + "\n")
         self.log = os.path.join(self.dir, "mosquitto.log")
-        self.proc = procs.spawn("mosquitto", ["mosquitto", "-c", self.conf], self.log)
+        self.procs = procs
+        self.start()
+
+    def start(self):
+        self.proc = self.procs.spawn("mosquitto", ["mosquitto", "-c", self.conf], self.log)
         wait_for("mosquitto to listen", 10, lambda: socket.create_connection(("127.0.0.1", self.port), 1).close() or True)
         if self.proc.poll() is not None:
             raise Skip(f"mosquitto exited: {tail(self.log)}")
         self.pid = self.proc.pid
+
+    def restart(self, down_secs):
+        """Stops the broker (its retained messages are gone: no persistence), waits
+        `down_secs`, starts it again on the same ports."""
+        self.procs.stop(self.proc)
+        time.sleep(down_secs)
+        self.start()
 
     @property
     def url(self):
@@ -301,6 +340,9 @@ class HttpServer:
     def url(self):
         return f"http://127.0.0.1:{self.port}"
 
+    def pids(self):
+        return [self.proc.pid]
+
     def requests(self):
         """[(unix time, path, status, request bytes, response bytes)]"""
         out = []
@@ -309,6 +351,50 @@ class HttpServer:
                 for line in f:
                     t, path, status, rin, rout = line.split()
                     out.append((float(t), path, int(status), int(rin), int(rout)))
+        except OSError:
+            pass
+        return out
+
+
+class Nginx:
+    """nginx (Debian's nginx-light) serving `root` on loopback: the bundle server of a
+    real deployment, for fleets the Python server cannot keep up with. Runs in the
+    foreground as a child of the suite; `pids()` are the master and its workers."""
+
+    def __init__(self, procs, workdir, root, workers=2, connections=20000):
+        nginx = need("nginx", "apt-get install -y nginx-light")
+        self.dir = os.path.join(workdir, "nginx")
+        os.makedirs(os.path.join(self.dir, "logs"), exist_ok=True)
+        self.port = free_port()
+        conf = os.path.join(self.dir, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"""user root;
+worker_processes {workers};
+worker_rlimit_nofile {connections + 100};
+error_log {self.dir}/logs/error.log warn;
+pid {self.dir}/nginx.pid;
+events {{ worker_connections {connections}; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    client_body_temp_path {self.dir}/body; proxy_temp_path {self.dir}/proxy;
+    fastcgi_temp_path {self.dir}/fcgi; uwsgi_temp_path {self.dir}/uwsgi; scgi_temp_path {self.dir}/scgi;
+    server {{ listen 127.0.0.1:{self.port} backlog=4096; root {root}; }}
+}}
+""")
+        self.proc = procs.spawn("nginx", [nginx, "-c", conf, "-p", self.dir, "-g", "daemon off;"],
+                                os.path.join(self.dir, "nginx.out"))
+        wait_for("nginx", 10, lambda: socket.create_connection(("127.0.0.1", self.port), 1).close() or True)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def pids(self):
+        out = [self.proc.pid]
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                out += [int(x) for x in f.read().split()]
         except OSError:
             pass
         return out
@@ -620,12 +706,18 @@ class Observer:
 
     def wait_converged(self, want, timeout, since=None):
         """want: {device: version}. Returns {device: mono time converged on >= version}.
-        Fails early when a device reports failed/rolled_back for the wanted version."""
+        Fails early when a device reports failed/rolled_back for the wanted version.
+
+        Only devices not yet done are looked at again, at most every 0.2 s for large
+        fleets: with 10,000 agents a pass per status message would cost O(n²) and starve
+        the observer's own reader thread (the arrival times come from the reader, so a
+        late check does not move them)."""
         deadline = time.monotonic() + timeout
+        done = {}
+        pending = dict(want)
         with self.cv:
             while True:
-                done = {}
-                for dev, ver in want.items():
+                for dev, ver in list(pending.items()):
                     t = self.converged_at.get((dev, ver))
                     if t is None:
                         st = self.status.get(dev) or {}
@@ -634,19 +726,59 @@ class Observer:
                             t = st["_mono"]
                     if t is not None and (since is None or t >= since):
                         done[dev] = t
+                        del pending[dev]
                     elif dev in self.failed:
                         st = self.failed[dev]
                         if ((st.get("desired") or {}).get("version") == ver):
                             raise RuntimeError(f"device {dev} reports {st.get('state')}: {st.get('last_error')}")
-                if len(done) == len(want):
+                if not pending:
                     return done
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    missing = sorted(set(want) - set(done))
+                    missing = sorted(pending)
                     sample = {d: (self.status.get(d) or {}).get("state") for d in missing[:5]}
                     raise TimeoutError(f"{len(missing)} of {len(want)} device(s) not converged after {timeout:.0f} s "
                                        f"(e.g. {sample})")
+                if len(pending) > 500:
+                    self.cv.release()
+                    try:
+                        time.sleep(min(left, 0.2))
+                    finally:
+                        self.cv.acquire()
+                else:
+                    self.cv.wait(min(left, 1.0))
+
+    def close(self):
+        self.client.close()
+
+
+class OnlineCounter:
+    """Counts the devices whose retained `online` flag says true, with the time each was
+    first seen (monotonic)."""
+
+    def __init__(self, broker_port):
+        self.cv = threading.Condition()
+        self.online_at = {}
+        self.client = mqttc.Client("127.0.0.1", broker_port, f"bench-online-{os.getpid()}-{time.monotonic_ns()}",
+                                   self._on)
+        self.client.subscribe(f"{PREFIX}/{FLEET}/devices/+/online")
+
+    def _on(self, m):
+        if m.payload == b"true":
+            with self.cv:
+                self.online_at.setdefault(m.topic.split("/")[-2], m.mono)
+                self.cv.notify_all()
+
+    def wait(self, n, timeout):
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while len(self.online_at) < n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{n - len(self.online_at)} of {n} device(s) not back online after "
+                                       f"{timeout:.0f} s")
                 self.cv.wait(min(left, 1.0))
+            return dict(self.online_at)
 
     def close(self):
         self.client.close()

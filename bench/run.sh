@@ -12,6 +12,12 @@
 #   --out FILE       write the report somewhere else (default: BENCHMARKS.md)
 #   --no-install     do not install packages (scripts/setup.sh, mender-client, openssl)
 #   --only LIST      run only some sections: sizes,cross,bloat,device,bundler,fleet (development)
+#   --fleet-sizes N,N,...   agents per fleet run instead of 100,1000 (quick: 20); up to
+#                    10,000 here, see "10,000 agents" in BENCHMARKS.md
+#   --fleet-rate R   agents started per second (default 250)
+#   --fleet-http python|nginx   the fleet runs' bundle server (default: bench/httpd.py)
+#   --fleet-nice-infra   broker and bundle server at nice -10 (as if on their own machines)
+#   --fleet-restart SECS   then stop the broker for SECS: time until all agents are back online
 #   -h, --help       this help
 #
 # As root it first installs what it measures with (idempotent): scripts/setup.sh
@@ -32,12 +38,15 @@ QUICK=()
 OUT="$ROOT/BENCHMARKS.md"
 INSTALL=1
 ONLY=()
+FLEET=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) QUICK=(--quick); shift ;;
         --out) OUT="$(realpath -m "$2")"; shift 2 ;;
         --no-install) INSTALL=0; shift ;;
         --only) ONLY=(--only "$2"); shift 2 ;;
+        --fleet-sizes | --fleet-rate | --fleet-http | --fleet-restart) FLEET+=("$1" "$2"); shift 2 ;;
+        --fleet-nice-infra) FLEET+=("$1"); shift ;;
         -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench/run.sh: unknown argument: $1 (try --help)" >&2; exit 2 ;;
     esac
@@ -111,6 +120,7 @@ done
 status=0
 export PYTHONDONTWRITEBYTECODE=1
 python3 "$ROOT/bench/suite.py" --agent "$AGENT" --bundler "$BUNDLER" --target-dir "$CARGO_TARGET_DIR" \
-    --out "$OUT" "${QUICK[@]}" "${ONLY[@]}" || status=$?
+    --out "$OUT" "${QUICK[@]}" "${ONLY[@]}" \
+    "${FLEET[@]}" || status=$?
 say "done in $(($(date +%s) - START)) s (report: $OUT)"
 exit "$status"

@@ -197,6 +197,20 @@ pub fn options(cfg: &MqttConfig, topics: &Topics, max_incoming: usize) -> Result
     Ok(opts)
 }
 
+/// The socket options of the session. TCP_NODELAY: small packets go one after another
+/// (status, events); without it each waits for the broker's delayed ACK of the previous
+/// one (~40 ms each). A connection attempt (TCP, TLS, CONNECT → CONNACK) may take as long
+/// as the keep-alive (rumqttc's default is 5 s): a broker that just restarted takes every
+/// device's handshake at once, and 10,000 agents measured here saw attempts time out
+/// after 5 s in the queue, be abandoned after the broker had done the work, and retried,
+/// adding to the queue that made them late (BENCHMARKS.md, "10,000 agents").
+fn network_options(keepalive: Duration) -> rumqttc::NetworkOptions {
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(true);
+    network.set_connection_timeout(keepalive.as_secs().max(5));
+    network
+}
+
 impl Mqtt {
     /// Starts the session. `reports` is the agent's report channel; inbound messages
     /// arrive on the returned receiver.
@@ -211,9 +225,7 @@ impl Mqtt {
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         // Small packets, sent one after another (status, events): without TCP_NODELAY
         // each waits for the broker's delayed ACK of the previous one (~40 ms each).
-        let mut network = rumqttc::NetworkOptions::new();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
+        eventloop.set_network_options(network_options(cfg.keepalive));
         let (in_tx, in_rx) = inbox();
         let (ctl_tx, ctl_rx) = unbounded_channel();
         let want_blob = Arc::new(AtomicBool::new(false));
@@ -418,6 +430,59 @@ mod tests {
         }
         b.reset();
         assert!(b.next_delay() < Duration::from_secs(1));
+    }
+
+    /// A broker that answers CONNECT after 6 s: over rumqttc's default 5 s connect
+    /// timeout, within the 10 s keep-alive. The session must wait for it on its first
+    /// connection rather than give up and connect again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_connack_within_the_keepalive_is_waited_for() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let cfg = MqttConfig {
+            host: "127.0.0.1".into(),
+            port,
+            tls: false,
+            client_id: "gw-01".into(),
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            username: None,
+            password: None,
+            keepalive: Duration::from_secs(10),
+            reconnect_max: Duration::from_secs(1),
+        };
+        let topics = Topics::new("fleet", "acme", "gw-01").expect("valid");
+        let (_reports_tx, reports) = unbounded_channel();
+        let (mqtt, _inbox) =
+            Mqtt::start(&cfg, topics, reports, Duration::from_secs(1), 64 * 1024).expect("start");
+        let started = Instant::now();
+        let (mut conn, _) = listener.accept().await.expect("first connection");
+        let mut buf = [0u8; 512];
+        let n = conn.read(&mut buf).await.expect("CONNECT");
+        assert!(n > 0 && buf[0] == 0x10, "expected CONNECT, got {:?}", &buf[..n]);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        conn.write_all(&[0x20, 0x02, 0x00, 0x00]).await.expect("CONNACK");
+        // After the CONNACK the session subscribes and says it is online on this
+        // connection; a client that gave up at 5 s has closed it (read returns 0).
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("a packet after CONNACK")
+            .expect("read");
+        assert!(n > 0, "the client closed the connection it was waiting on");
+        assert!(matches!(buf[0] >> 4, 3 | 8), "expected PUBLISH or SUBSCRIBE, got {:#04x}", buf[0]);
+        // No second attempt was made meanwhile.
+        let again = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        assert!(again.is_err(), "the client connected again after {:?}", started.elapsed());
+        mqtt.shutdown(Duration::from_millis(100)).await;
+    }
+
+    #[test]
+    fn network_options_wait_a_keepalive_for_the_connection() {
+        assert_eq!(network_options(Duration::from_secs(30)).connection_timeout(), 30);
+        // keepalive_secs is at least 5 (config), and rumqttc's 5 s stays the floor.
+        assert_eq!(network_options(Duration::from_secs(1)).connection_timeout(), 5);
     }
 
     #[test]
