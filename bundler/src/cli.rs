@@ -50,7 +50,7 @@ Exit codes:
   5   publish: the broker retains a version for a device that this build's is not newer than (nothing published)
   6   rollout: the rollout is aborted
   64  usage error: bad flags; build: no signing key; verify: a threshold above the keys given;
-      publish/status/exporter: a bad broker URL, fleet id or selector; a --broker given twice or more than 16; several --broker for rollout/exporter or for status without --index; a --index or TLS file that does not exist
+      publish/status/exporter: a bad broker URL, fleet id or selector; a --broker given twice or more than 16; several --broker for exporter or for status without --index; a --index or TLS file that does not exist
   65  the repository is invalid (validation errors are printed with file:line:column)
   130 status --wait: interrupted by Ctrl-C (SIGINT); 143: by SIGTERM")
 )]
@@ -179,11 +179,13 @@ Exit codes: 0 stopped by a signal, 1 failure at start (cannot listen on ADDR, un
       --sync 'aws s3 sync out/ s3://bucket/fleet/'
   fleet-bundler rollout --out out/ --broker mqtt://127.0.0.1:1883 --base-url http://files.local/fleet --once   # one step, for cron
   fleet-bundler rollout --abort --broker mqtt://127.0.0.1:1883 --fleet acme --reason 'bad config'
+  fleet-bundler rollout --out out/ --broker mqtt://n1:1883 --broker mqtt://n2:1883 --broker mqtt://n3:1883 --base-url http://files.local/fleet   # RabbitMQ: every node
   fleet-bundler status --broker mqtt://127.0.0.1:1883 --fleet acme       # shows the rollout line
 
 How it works: when fleet.yaml declares `rollout:`, `build` records the waves in DIR/index.json and writes the new pointer files to DIR/devices.next/ (devices keep polling their previous pointer file). This command releases one wave at a time: it moves the wave's pointer files into DIR/devices/, runs --sync (the upload), announces the wave's devices over MQTT at the declared pace with jitter (as `publish` does), and watches their retained statuses. A wave whose devices all converged (or failed within the halt limits) soaks, then the next wave is released.
 It halts when more devices failed or rolled back than halt.max_failed, when the failed share of the reporting devices exceeds halt.max_failed_rate (once halt.min_reporting reported), or when a wave is not settled within halt.wave_timeout: no further pointer file is moved and no device announced. Devices that updated healthily stay updated; failed ones rolled back by themselves.
 The state is retained on <prefix>/<fleet>/rollout (QoS 1) after every change; nothing is kept elsewhere. Started again with the same DIR, it resumes the running rollout where it was (killed or --timeout); a halted or aborted rollout of the same commit is printed, nothing moved; a build of a newer commit supersedes a running rollout and starts again at wave 1.
+A clustered broker whose nodes keep retained messages to themselves (RabbitMQ): pass --broker once per node; every retained message (announcements, the state, --abort) goes to every node, each acknowledging it, and statuses and the state are read from every node on exact topics and merged (newest report timestamp, newest state updated_at; README \"Clustered brokers\").
 
 Exit codes: 0 done (every wave soaked; --abort: the abort was published), 3 halted (the reason is printed), 4 --timeout reached or --once done while the rollout still runs (a later run resumes), 5 (as it starts) a device already has a newer (or equal) version retained (nothing released; rebuild with --previous), 6 aborted, 1 failure (broker, I/O), 64 usage (bad flags or broker URL, no DIR/index.json, a build without rollout:, neither --base-url nor --blobs-over-mqtt, --abort without a retained rollout).")]
     Rollout(rollout::drive::RolloutArgs),

@@ -16,11 +16,12 @@
 //! bundle (`not_newer`), so nothing is published and [`MqttError::NotNewer`] names
 //! every such device.
 //!
-//! Both take `--broker` once per node of a cluster that keeps retained messages per
-//! node and sends none to wildcard filters (RabbitMQ 3.x, measured in
+//! Both (and `rollout`) take `--broker` once per node of a cluster that keeps retained
+//! messages per node and sends none to wildcard filters (RabbitMQ 3.x, measured in
 //! `tests/tests/e2e/cluster.rs`): `publish` checks and retains on every node; `status`
 //! subscribes on every node to each indexed device's exact topics (`Readers`) and
-//! folds the nodes' messages (`Fold`). One broker takes exactly the path it always did.
+//! folds the nodes' messages (`Fold`, by [`replaces`]); `rollout` uses the same
+//! `Readers` and rule. One broker takes exactly the path it always did.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -46,10 +47,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// How to reach the broker.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerArgs {
-    /// Broker URL: mqtt://host[:1883] or mqtts://host[:8883]. publish and status take it
-    /// once per node of a broker cluster whose nodes keep retained messages to themselves
-    /// (RabbitMQ): every node then gets each retained message, and status reads every
-    /// node (README "Clustered brokers").
+    /// Broker URL: mqtt://host[:1883] or mqtts://host[:8883]. publish, status and rollout
+    /// take it once per node of a broker cluster whose nodes keep retained messages to
+    /// themselves (RabbitMQ): every node then gets each retained message, and status and
+    /// rollout read every node (README "Clustered brokers"); the exporter takes one.
     #[arg(long, env = "FLEET_BROKER", required = true)]
     pub broker: Vec<String>,
     /// CA certificate (PEM) for mqtts:// (default: the system's roots).
@@ -287,8 +288,8 @@ impl BrokerArgs {
             [] => Err(MqttError::Usage("pass --broker URL".into())),
             _ => Err(MqttError::Usage(format!(
                 "{command} takes one --broker: several (one per node of a cluster that keeps retained messages \
-                 per node) are understood by publish and status only; point {command} at a broker whose retained \
-                 messages every node sees (README \"Clustered brokers\")"
+                 per node) are understood by publish, status and rollout only; point {command} at a broker whose \
+                 retained messages every node sees (README \"Clustered brokers\")"
             ))),
         }
     }
@@ -372,15 +373,6 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn connect(
-        args: &BrokerArgs,
-        timeout: Duration,
-        capacity: usize,
-    ) -> Result<Session, MqttError> {
-        let broker = args.single("this command")?.to_string();
-        Session::connect_to(args, &broker, 0, timeout, capacity)
-    }
-
     /// Connects to `broker`, the `node`th of `args`' brokers (see [`client_to`]).
     pub(crate) fn connect_to(
         args: &BrokerArgs,
@@ -666,30 +658,35 @@ pub(crate) fn write_published(out: &Path, published: &Published) -> Result<(), M
 /// waiting at all), or else until nothing arrived for `settle` (MQTT 3.1.1 does not mark
 /// the end of the retained messages; a device never announced has none). Unsubscribes
 /// before returning, so the session's own publishes do not come back.
+///
+/// On several nodes (a [`Readers`] of several), every node's retained message of every
+/// expected topic is awaited.
 fn read_retained<V>(
-    session: &mut Session,
+    session: &mut impl Link,
     filters: &[String],
     expected: &BTreeMap<String, V>,
     settle: Duration,
     mut each: impl FnMut(&str, &[u8]),
 ) -> Result<(), MqttError> {
-    let packets = subscribe_chunked(session, filters, QoS::AtMostOnce)?;
+    let packets = session.subscribe_to(filters, QoS::AtMostOnce)?;
     let what = "reading the retained announcements";
     let mut retained = std::collections::BTreeSet::new();
+    let all = expected.len() * session.nodes();
     let mut subacks = 0;
     let mut subscribed = false;
-    let mut deadline = Instant::now() + session.timeout;
+    let mut deadline = Instant::now() + session.wait();
     loop {
-        let event = match session.next(deadline, what) {
+        let event = match session.next_on(deadline, what) {
             Ok(e) => e,
             Err(MqttError::Timeout { .. }) if subscribed => break,
             Err(e) => return Err(e),
         };
+        let (node, event) = event;
         match event {
             Event::Incoming(Packet::SubAck(ack)) => {
                 if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
                     return Err(MqttError::Lost {
-                        broker: session.broker.clone(),
+                        broker: session.name(),
                         what: what.into(),
                         message: format!(
                             "the broker refused the subscription to {}: publish reads the retained \
@@ -700,13 +697,13 @@ fn read_retained<V>(
                 }
                 subacks += 1;
                 subscribed = subacks == packets;
-                deadline = Instant::now() + if subscribed { settle } else { session.timeout };
+                deadline = Instant::now() + if subscribed { settle } else { session.wait() };
             }
             Event::Incoming(Packet::Publish(p)) => {
                 if p.retain && !p.payload.is_empty() {
                     each(&p.topic, &p.payload);
                     if expected.contains_key(&p.topic) {
-                        retained.insert(p.topic.clone());
+                        retained.insert((node, p.topic.clone()));
                     }
                 }
                 if subscribed {
@@ -715,14 +712,87 @@ fn read_retained<V>(
             }
             _ => {}
         }
-        if subscribed && retained.len() == expected.len() {
+        if subscribed && retained.len() == all {
             break;
         }
     }
-    for filter in filters {
-        session.client.unsubscribe(filter).map_err(|e| lost(session, e))?;
+    session.unsubscribe_from(filters)
+}
+
+/// What [`read_retained`] needs of a connection: one [`Session`] (`publish` reads each
+/// node's in turn) or [`Readers`] (`rollout` reads all nodes at once).
+pub(crate) trait Link {
+    /// The next event before `deadline`, with the index of the node it came from.
+    fn next_on(&mut self, deadline: Instant, what: &str) -> Result<(usize, Event), MqttError>;
+    /// Subscribes (every node) to `filters`; returns how many SUBACKs will come.
+    fn subscribe_to(&self, filters: &[String], qos: QoS) -> Result<usize, MqttError>;
+    fn unsubscribe_from(&self, filters: &[String]) -> Result<(), MqttError>;
+    /// How many nodes deliver each retained message.
+    fn nodes(&self) -> usize;
+    /// The broker(s), for messages.
+    fn name(&self) -> String;
+    /// The longest wait for an answer.
+    fn wait(&self) -> Duration;
+}
+
+impl Link for Session {
+    fn next_on(&mut self, deadline: Instant, what: &str) -> Result<(usize, Event), MqttError> {
+        self.next(deadline, what).map(|e| (0, e))
     }
-    Ok(())
+    fn subscribe_to(&self, filters: &[String], qos: QoS) -> Result<usize, MqttError> {
+        subscribe_chunked(self, filters, qos)
+    }
+    fn unsubscribe_from(&self, filters: &[String]) -> Result<(), MqttError> {
+        for filter in filters {
+            self.client.unsubscribe(filter).map_err(|e| lost(self, e))?;
+        }
+        Ok(())
+    }
+    fn nodes(&self) -> usize {
+        1
+    }
+    fn name(&self) -> String {
+        self.broker.clone()
+    }
+    fn wait(&self) -> Duration {
+        self.timeout
+    }
+}
+
+impl Link for Readers {
+    fn next_on(&mut self, deadline: Instant, what: &str) -> Result<(usize, Event), MqttError> {
+        self.next(deadline, what)
+    }
+    fn subscribe_to(&self, filters: &[String], qos: QoS) -> Result<usize, MqttError> {
+        match &self.one {
+            Some(session) => subscribe_chunked(session, filters, qos),
+            None => self.subscribe(filters, qos),
+        }
+    }
+    fn unsubscribe_from(&self, filters: &[String]) -> Result<(), MqttError> {
+        if let Some(session) = &self.one {
+            return session.unsubscribe_from(filters);
+        }
+        for (client, broker) in &self.many {
+            for filter in filters {
+                client.unsubscribe(filter).map_err(|e| MqttError::Lost {
+                    broker: broker.clone(),
+                    what: "unsubscribing".into(),
+                    message: e.to_string(),
+                })?;
+            }
+        }
+        Ok(())
+    }
+    fn nodes(&self) -> usize {
+        self.nodes()
+    }
+    fn name(&self) -> String {
+        self.brokers()
+    }
+    fn wait(&self) -> Duration {
+        self.timeout
+    }
 }
 
 /// How many topic filters go into one SUBSCRIBE packet (exact per-device topics).
@@ -744,7 +814,7 @@ pub(crate) fn subscribe_chunked(session: &Session, filters: &[String], qos: QoS)
 /// announcement on `filter` is newer than what is to be announced (see [`not_newer`]),
 /// compared as the retained messages arrive (none of them is kept).
 pub(crate) fn retained_not_newer(
-    session: &mut Session,
+    session: &mut impl Link,
     filters: &[String],
     announcing: &BTreeMap<String, (String, u64, String)>,
     settle: Duration,
@@ -933,7 +1003,7 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
                     .into(),
             )),
         };
-    let mut session = Readers::connect(&args.broker, brokers, args.connect_timeout)?;
+    let mut session = Readers::connect(&args.broker, brokers, args.connect_timeout, 10)?;
     let subscriptions = session.subscribe(&filters, QoS::AtLeastOnce)?;
     drop(filters);
     let mut rollout: Option<crate::rollout::judge::RolloutState> = None;
@@ -1013,9 +1083,13 @@ pub fn status(args: &StatusArgs) -> Result<StatusOutcome, MqttError> {
             Event::Incoming(Packet::Publish(p)) => {
                 last_message = Instant::now();
                 if p.topic == rollout_topic {
-                    // Several nodes: the newest that arrives (rollout itself takes one broker).
+                    // Several nodes: the newest (`updated_at`), as `rollout` merges them.
                     if let Ok(r) = serde_json::from_slice(&p.payload) {
-                        rollout = Some(r);
+                        if brokers.len() == 1 {
+                            rollout = Some(r);
+                        } else {
+                            crate::rollout::drive::keep_newer(&mut rollout, r);
+                        }
                     } else if brokers.len() == 1 {
                         rollout = None;
                     }
@@ -1116,12 +1190,10 @@ impl Fold {
                 if let Ok(r) = StatusReport::from_json(payload) {
                     if self.nodes == 1 {
                         self.reports.insert(device, Seen::new(&r, payload));
-                    } else if self
-                        .reports
-                        .get(&device)
-                        .and_then(Seen::report)
-                        .is_none_or(|kept| r.timestamp >= kept.timestamp)
-                    {
+                    } else if replaces(
+                        self.reports.get(&device).and_then(Seen::report).map(|kept| kept.timestamp),
+                        r.timestamp,
+                    ) {
                         // An equal timestamp: the later message (reports in one second).
                         // The kept report is parsed again rather than its timestamp kept
                         // beside it: one broker's `status` keeps its memory (BENCHMARKS.md).
@@ -1152,7 +1224,14 @@ impl Fold {
     }
 }
 
-/// `status`'s connections: one session read in this thread (as it always was), or one
+/// Several nodes: whether a device's report stamped `timestamp` replaces the one kept
+/// (stamped `kept`, if any): when it is not older. An equal timestamp: the later message
+/// (reports within one second). `status` and `rollout` merge the nodes by this rule.
+pub(crate) fn replaces(kept: Option<i64>, timestamp: i64) -> bool {
+    kept.is_none_or(|kept| timestamp >= kept)
+}
+
+/// `status`'s and `rollout`'s connections: one session read in this thread (as it always was), or one
 /// per node, each read by a thread of its own into one channel, every event tagged with
 /// its node.
 pub(crate) struct Readers {
@@ -1164,13 +1243,16 @@ pub(crate) struct Readers {
 }
 
 impl Readers {
+    /// Connects to every broker; `capacity`: requests each client queues (publishes
+    /// not yet sent).
     pub(crate) fn connect(
         args: &BrokerArgs,
         brokers: &[String],
         timeout: Duration,
+        capacity: usize,
     ) -> Result<Readers, MqttError> {
         if let [one] = brokers {
-            let session = Session::connect_to(args, one, 0, timeout, 10)?;
+            let session = Session::connect_to(args, one, 0, timeout, capacity)?;
             return Ok(Readers {
                 one: Some(session),
                 many: Vec::new(),
@@ -1181,7 +1263,7 @@ impl Readers {
         }
         let mut sessions = Vec::with_capacity(brokers.len());
         for (node, broker) in brokers.iter().enumerate() {
-            sessions.push(Session::connect_to(args, broker, node, timeout, 10)?);
+            sessions.push(Session::connect_to(args, broker, node, timeout, capacity)?);
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1024);
         let mut many = Vec::new();
@@ -1235,12 +1317,52 @@ impl Readers {
         Ok(packets)
     }
 
+    /// How many nodes (connections).
+    pub(crate) fn nodes(&self) -> usize {
+        if self.one.is_some() {
+            1
+        } else {
+            self.many.len()
+        }
+    }
+
+    /// The brokers, for messages.
+    pub(crate) fn brokers(&self) -> String {
+        match &self.one {
+            Some(session) => session.broker.clone(),
+            None => self.many.iter().map(|(_, b)| b.as_str()).collect::<Vec<_>>().join(", "),
+        }
+    }
+
+    /// Publishes a retained QoS 1 message on every node; returns how many PUBACKs will
+    /// come (one per node, each node acknowledging its own copy).
+    pub(crate) fn publish_retained(&self, topic: String, payload: Vec<u8>) -> Result<usize, MqttError> {
+        let failed = |broker: &str, e: rumqttc::ClientError| MqttError::Lost {
+            broker: broker.to_string(),
+            what: "publishing".into(),
+            message: e.to_string(),
+        };
+        if let Some(session) = &self.one {
+            session
+                .client
+                .publish(topic, QoS::AtLeastOnce, true, payload)
+                .map_err(|e| failed(&session.broker, e))?;
+            return Ok(1);
+        }
+        for (client, broker) in &self.many {
+            client
+                .publish(topic.clone(), QoS::AtLeastOnce, true, payload.clone())
+                .map_err(|e| failed(broker, e))?;
+        }
+        Ok(self.many.len())
+    }
+
     /// The next event of any node before `deadline`, with its node.
     pub(crate) fn next(&mut self, deadline: Instant, what: &str) -> Result<(usize, Event), MqttError> {
         if let Some(session) = &mut self.one {
             return session.next(deadline, what).map(|e| (0, e));
         }
-        let brokers = || self.many.iter().map(|(_, b)| b.as_str()).collect::<Vec<_>>().join(", ");
+        let brokers = || self.brokers();
         let timeout = MqttError::Timeout { broker: brokers(), timeout: self.timeout, what: what.into() };
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
@@ -1598,7 +1720,7 @@ mod tests {
     }
 
     #[test]
-    fn several_brokers_are_checked_and_only_publish_and_status_take_them() {
+    fn several_brokers_are_checked_and_the_exporter_takes_one() {
         let args = |urls: &[&str]| BrokerArgs {
             broker: urls.iter().map(|u| u.to_string()).collect(),
             ca_file: None,
@@ -1610,8 +1732,8 @@ mod tests {
         };
         let two = args(&["mqtt://a:1883", "mqtt://b:1883"]);
         assert_eq!(two.all().expect("two nodes").len(), 2);
-        let refused = two.single("rollout").expect_err("rollout takes one");
-        assert!(refused.to_string().contains("rollout takes one --broker"), "{refused}");
+        let refused = two.single("exporter").expect_err("the exporter takes one");
+        assert!(refused.to_string().contains("exporter takes one --broker"), "{refused}");
         assert!(
             matches!(args(&["mqtt://a", "mqtt://a"]).all(), Err(MqttError::Usage(m)) if m.contains("twice"))
         );

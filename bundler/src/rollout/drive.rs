@@ -9,6 +9,13 @@
 //! Effects are idempotent and the state is published after them, so a run killed at
 //! any point and started again redoes at most the last effect (a pointer file written
 //! again with the same bytes, a device announced again with the same payload).
+//!
+//! Several `--broker` (one per node of a cluster that keeps retained messages per node
+//! and sends none to wildcard filters, RabbitMQ 3.x): every retained message goes to
+//! every node, each acknowledging its copy, and everything read comes from every node
+//! on exact topics (the index names every device), merged as `status` merges them
+//! ([`mqtt::replaces`] for a device's reports, [`keep_newer`] for the rollout state).
+//! One `--broker` takes exactly the path it always did.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,7 +28,7 @@ use sha2::{Digest, Sha256};
 
 use super::judge::{self, Effect, Observed, Phase, RolloutState, Target};
 use crate::build::{self, Index, NEXT_POINTERS};
-use crate::mqtt::{self, BrokerArgs, MqttError, Session};
+use crate::mqtt::{self, BrokerArgs, MqttError, Readers};
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::duration::parse_duration_ms(s).map(Duration::from_millis)
@@ -102,21 +109,52 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// What the driver hears from the broker.
+/// Several nodes: keeps in `slot` whichever of it and `new` was updated last (an
+/// equal `updated_at`: `new`, the later message). A node that missed the last state
+/// (a run stopped between two nodes' publishes) loses to the others.
+pub(crate) fn keep_newer(slot: &mut Option<RolloutState>, new: RolloutState) {
+    if slot.as_ref().is_none_or(|kept| new.updated_at >= kept.updated_at) {
+        *slot = Some(new);
+    }
+}
+
+/// What the driver hears from the broker (one node or several, see the module docs).
 struct Listener {
     status_prefix: String,
     rollout_topic: String,
     statuses: BTreeMap<String, Observed>,
+    /// Several nodes: the `timestamp` of each device's kept report.
+    stamps: BTreeMap<String, i64>,
+    nodes: usize,
     retained_state: Option<RolloutState>,
-    /// An `aborted` state for our commit seen on the rollout topic.
+    /// Bit n: node n delivered a rollout state.
+    state_nodes: u64,
+    /// An `aborted` state for our commit seen on the rollout topic (of any node).
     aborted: Option<RolloutState>,
     commit: String,
+    /// PUBACKs still to come (one per node for each message).
     unacked: usize,
     subacks: usize,
 }
 
 impl Listener {
-    fn handle(&mut self, event: Event) {
+    fn new(nodes: usize, status_prefix: String, rollout_topic: String, commit: String) -> Listener {
+        Listener {
+            status_prefix,
+            rollout_topic,
+            statuses: BTreeMap::new(),
+            stamps: BTreeMap::new(),
+            nodes,
+            retained_state: None,
+            state_nodes: 0,
+            aborted: None,
+            commit,
+            unacked: 0,
+            subacks: 0,
+        }
+    }
+
+    fn handle(&mut self, (node, event): (usize, Event)) {
         match event {
             Event::Incoming(Packet::SubAck(_)) => self.subacks += 1,
             Event::Incoming(Packet::PubAck(_)) => self.unacked = self.unacked.saturating_sub(1),
@@ -126,13 +164,25 @@ impl Listener {
                         if s.state == Phase::Aborted && s.commit == self.commit {
                             self.aborted = Some(s.clone());
                         }
-                        self.retained_state = Some(s);
+                        self.state_nodes |= 1 << node.min(63);
+                        if self.nodes == 1 {
+                            self.retained_state = Some(s);
+                        } else {
+                            keep_newer(&mut self.retained_state, s);
+                        }
                     }
                 } else if let Some(rest) = p.topic.strip_prefix(&self.status_prefix) {
                     if let Some(device) = rest.strip_suffix("/status") {
                         if let Ok(r) = StatusReport::from_json(&p.payload) {
-                            self.statuses.insert(device.to_string(), Observed::from_report(&r));
-                        } else if p.payload.is_empty() {
+                            if self.nodes == 1 {
+                                self.statuses.insert(device.to_string(), Observed::from_report(&r));
+                            } else if mqtt::replaces(self.stamps.get(device).copied(), r.timestamp) {
+                                // A node's stale report of a device that moved loses.
+                                self.stamps.insert(device.to_string(), r.timestamp);
+                                self.statuses.insert(device.to_string(), Observed::from_report(&r));
+                            }
+                        } else if p.payload.is_empty() && self.nodes == 1 {
+                            // Several nodes: another node may hold the device's report.
                             self.statuses.remove(device);
                         }
                     }
@@ -143,7 +193,7 @@ impl Listener {
     }
 
     /// Processes events until `deadline` (a quiet broker is no error).
-    fn pump(&mut self, session: &mut Session, deadline: Instant) -> Result<(), MqttError> {
+    fn pump(&mut self, session: &mut Readers, deadline: Instant) -> Result<(), MqttError> {
         loop {
             match session.next(deadline, "reading statuses") {
                 Ok(e) => self.handle(e),
@@ -154,12 +204,12 @@ impl Listener {
     }
 
     /// Waits until every publish so far was acknowledged, each within `timeout`.
-    fn flush(&mut self, session: &mut Session) -> Result<(), MqttError> {
+    fn flush(&mut self, session: &mut Readers) -> Result<(), MqttError> {
         self.flush_to(session, 0)
     }
 
-    /// Waits until at most `max` publishes are unacknowledged, each ack within `timeout`.
-    fn flush_to(&mut self, session: &mut Session, max: usize) -> Result<(), MqttError> {
+    /// Waits until at most `max` PUBACKs are still to come, each within `timeout`.
+    fn flush_to(&mut self, session: &mut Readers, max: usize) -> Result<(), MqttError> {
         let mut deadline = Instant::now() + session.timeout;
         while self.unacked > max {
             let before = self.unacked;
@@ -173,26 +223,22 @@ impl Listener {
     }
 }
 
+/// Retains `payload` on `topic`, on every node.
 fn publish(
-    session: &mut Session,
+    session: &mut Readers,
     listener: &mut Listener,
     topic: String,
     payload: Vec<u8>,
 ) -> Result<(), MqttError> {
-    session.client.publish(topic, QoS::AtLeastOnce, true, payload).map_err(|e| MqttError::Lost {
-        broker: session.broker.clone(),
-        what: "publishing".into(),
-        message: e.to_string(),
-    })?;
-    listener.unacked += 1;
+    listener.unacked += session.publish_retained(topic, payload)?;
     Ok(())
 }
 
 /// Runs `fleet-bundler rollout`; returns how it ended and the last state.
 pub fn run(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttError> {
-    args.broker.single("rollout")?;
+    let brokers = args.broker.all()?;
     if args.abort {
-        return abort(args);
+        return abort(args, brokers);
     }
     let out = args.out.clone().ok_or_else(|| MqttError::Usage("pass --out DIR (the build output)".into()))?;
     if args.base_urls.is_empty() && !args.blobs_over_mqtt {
@@ -233,35 +279,47 @@ pub fn run(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttEr
         index.devices.iter().map(|(id, e)| (id.clone(), e.digest.clone())).collect();
     let target = Target::new(&index.fleet, &index.commit, &plan, &digests);
 
-    // Announcements go out with at most MAX_IN_FLIGHT unacknowledged (plus the state).
-    let mut session = Session::connect(&args.broker, args.connect_timeout, 2 * MAX_IN_FLIGHT + 64)?;
-    let mut listener = Listener {
-        status_prefix: format!("{prefix}/{}/devices/", index.fleet),
-        rollout_topic: topic.clone(),
-        statuses: BTreeMap::new(),
-        retained_state: None,
-        aborted: None,
-        commit: index.commit.clone(),
-        unacked: 0,
-        subacks: 0,
-    };
-    let status_filter = Topic::fleet_filter(&prefix, &index.fleet, TopicKind::Status)?;
-    session.client.subscribe(&topic, QoS::AtLeastOnce).map_err(|e| mqtt::lost(&session, e))?;
-    session.client.subscribe(status_filter, QoS::AtLeastOnce).map_err(|e| mqtt::lost(&session, e))?;
-    // The retained messages: until both subscriptions are acknowledged and nothing
+    // Announcements go out with at most MAX_IN_FLIGHT PUBACKs to come (plus the state).
+    let mut session = Readers::connect(&args.broker, brokers, args.connect_timeout, 2 * MAX_IN_FLIGHT + 64)?;
+    let nodes = brokers.len();
+    let mut listener = Listener::new(
+        nodes,
+        format!("{prefix}/{}/devices/", index.fleet),
+        topic.clone(),
+        index.commit.clone(),
+    );
+    // Several nodes: each device's exact status topic (a broker that keeps retained
+    // messages per node, RabbitMQ, sends none to a wildcard filter).
+    let mut filters = vec![topic.clone()];
+    if nodes == 1 {
+        filters.push(Topic::fleet_filter(&prefix, &index.fleet, TopicKind::Status)?);
+    } else {
+        for device in index.devices.keys() {
+            filters.push(Topic::new(&prefix, &index.fleet, device, TopicKind::Status)?.to_string());
+        }
+    }
+    let subscriptions = session.subscribe(&filters, QoS::AtLeastOnce)?;
+    drop(filters);
+    // The retained messages: until every subscription is acknowledged and nothing
     // arrived for --settle.
     let start = Instant::now();
     loop {
         let seen = listener.statuses.len() + usize::from(listener.retained_state.is_some());
-        let deadline =
-            if listener.subacks < 2 { start + session.timeout } else { Instant::now() + args.settle };
+        let subscribed = listener.subacks >= subscriptions;
+        let deadline = if !subscribed { start + session.timeout } else { Instant::now() + args.settle };
         match session.next(deadline, "reading the retained statuses") {
             Ok(e) => listener.handle(e),
-            Err(MqttError::Timeout { .. }) if listener.subacks >= 2 => break,
+            Err(MqttError::Timeout { .. }) if subscribed => break,
             Err(e) => return Err(e),
         }
         let now_seen = listener.statuses.len() + usize::from(listener.retained_state.is_some());
-        if listener.subacks >= 2 && now_seen == seen && listener.statuses.len() >= index.devices.len() {
+        // Several nodes: always the settle (a device's newer report may be on another
+        // node than the one whose report came first).
+        if nodes == 1
+            && listener.subacks >= subscriptions
+            && now_seen == seen
+            && listener.statuses.len() >= index.devices.len()
+        {
             // Every device reported already: no need to wait for stragglers.
             if listener.retained_state.is_some() {
                 break;
@@ -303,8 +361,12 @@ pub fn run(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttEr
             let topic = Topic::new(&prefix, &index.fleet, device, TopicKind::Desired)?.to_string();
             announcing.insert(topic, (device.clone(), entry.version, entry.digest.clone()));
         }
-        let filter = Topic::fleet_filter(&prefix, &index.fleet, TopicKind::Desired)?;
-        let conflicts = mqtt::retained_not_newer(&mut session, &[filter], &announcing, args.settle)?;
+        let filters = if nodes == 1 {
+            vec![Topic::fleet_filter(&prefix, &index.fleet, TopicKind::Desired)?]
+        } else {
+            announcing.keys().cloned().collect()
+        };
+        let conflicts = mqtt::retained_not_newer(&mut session, &filters, &announcing, args.settle)?;
         if !conflicts.is_empty() {
             session.disconnect();
             return Err(MqttError::NotNewer { conflicts });
@@ -442,7 +504,7 @@ fn release(
     index: &Index,
     target: &Target,
     w: usize,
-    session: &mut Session,
+    session: &mut Readers,
     listener: &mut Listener,
 ) -> Result<(), MqttError> {
     let dir = out.join("devices");
@@ -485,7 +547,7 @@ fn sync(
     cmd: &str,
     out: &Path,
     wave: &str,
-    session: &mut Session,
+    session: &mut Readers,
     listener: &mut Listener,
 ) -> Result<(), String> {
     let mut child = std::process::Command::new("sh")
@@ -512,8 +574,9 @@ fn sync(
     }
 }
 
-/// `--abort`: marks the retained state of the fleet's rollout aborted.
-fn abort(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttError> {
+/// `--abort`: marks the retained state of the fleet's rollout aborted (on every node:
+/// the newest state of any node is the one aborted).
+fn abort(args: &RolloutArgs, brokers: &[String]) -> Result<(Outcome, Option<RolloutState>), MqttError> {
     let index = match &args.out {
         Some(out) => Index::read(&out.join("index.json"))?,
         None => None,
@@ -528,25 +591,19 @@ fn abort(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttErro
         .or_else(|| index.as_ref().map(|i| i.topic_prefix.clone()))
         .unwrap_or_else(|| DEFAULT_PREFIX.into());
     let topic = rollout_topic(&prefix, &fleet)?;
-    let mut session = Session::connect(&args.broker, args.connect_timeout, 16)?;
-    let mut listener = Listener {
-        status_prefix: String::new(),
-        rollout_topic: topic.clone(),
-        statuses: BTreeMap::new(),
-        retained_state: None,
-        aborted: None,
-        commit: String::new(),
-        unacked: 0,
-        subacks: 0,
-    };
-    session.client.subscribe(&topic, QoS::AtLeastOnce).map_err(|e| mqtt::lost(&session, e))?;
+    let mut session = Readers::connect(&args.broker, brokers, args.connect_timeout, 16)?;
+    let nodes = brokers.len();
+    let mut listener = Listener::new(nodes, String::new(), topic.clone(), String::new());
+    let subscriptions = session.subscribe(std::slice::from_ref(&topic), QoS::AtLeastOnce)?;
     let start = Instant::now();
-    while listener.retained_state.is_none() {
-        let deadline =
-            if listener.subacks < 1 { start + session.timeout } else { Instant::now() + args.settle };
+    // Until every node delivered its state, or nothing more came for --settle.
+    let every_node = if nodes >= 64 { u64::MAX } else { (1u64 << nodes) - 1 };
+    while listener.state_nodes != every_node {
+        let subscribed = listener.subacks >= subscriptions;
+        let deadline = if !subscribed { start + session.timeout } else { Instant::now() + args.settle };
         match session.next(deadline, "reading the rollout state") {
             Ok(e) => listener.handle(e),
-            Err(MqttError::Timeout { .. }) if listener.subacks >= 1 => break,
+            Err(MqttError::Timeout { .. }) if subscribed => break,
             Err(e) => return Err(e),
         }
     }
@@ -570,4 +627,131 @@ fn abort(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttErro
     }
     session.disconnect();
     Ok((outcome_of(state.state), Some(state)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_spec::messages::{Applied, DeviceState};
+
+    const TOPIC: &str = "fleet/acme/rollout";
+
+    fn state(phase: Phase, commit: &str, updated_at: i64) -> RolloutState {
+        serde_json::from_value(serde_json::json!({
+            "fleet": "acme", "commit": commit, "state": phase.as_str(), "wave": 0,
+            "started_at": 1, "updated_at": updated_at, "waves": [],
+            "halt": {"max_failed": null, "max_failed_rate": null, "min_reporting": 0}
+        }))
+        .expect("a rollout state")
+    }
+
+    fn report(digest: &str, timestamp: i64) -> Vec<u8> {
+        StatusReport {
+            device: "d1".into(),
+            fleet: "acme".into(),
+            agent_version: "0".into(),
+            state: DeviceState::Converged,
+            desired: None,
+            applied: Some(Applied {
+                version: 1,
+                digest: digest.into(),
+                commit: "c".repeat(40),
+                at: timestamp,
+            }),
+            containers: Vec::new(),
+            files: Default::default(),
+            last_error: None,
+            waiting: None,
+            timestamp,
+        }
+        .to_json()
+    }
+
+    fn message(node: usize, topic: &str, payload: &[u8]) -> (usize, Event) {
+        let mut p = rumqttc::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
+        p.retain = true;
+        (node, Event::Incoming(Packet::Publish(p)))
+    }
+
+    fn listener(nodes: usize) -> Listener {
+        Listener::new(nodes, "fleet/acme/devices/".into(), TOPIC.into(), "c1".into())
+    }
+
+    fn applied(l: &Listener) -> Option<&str> {
+        l.statuses.get("d1").and_then(|o| o.applied_digest.as_deref())
+    }
+
+    #[test]
+    fn several_nodes_the_newest_status_wins_and_nothing_clears_it() {
+        let status = "fleet/acme/devices/d1/status";
+        let mut l = listener(3);
+        // d1 moved from node 0 to node 1: node 0's stale report arrives last and loses.
+        l.handle(message(1, status, &report("new", 200)));
+        l.handle(message(0, status, &report("old", 100)));
+        assert_eq!(applied(&l), Some("new"));
+        // Hostile or empty messages of any node change nothing.
+        for hostile in [&b""[..], b"not json", b"{\"timestamp\": 999999999999}", &[0xff; 32]] {
+            l.handle(message(2, status, hostile));
+            assert_eq!(applied(&l), Some("new"), "{:?}", String::from_utf8_lossy(hostile));
+        }
+        // The same second: the later message.
+        l.handle(message(2, status, &report("later", 200)));
+        assert_eq!(applied(&l), Some("later"));
+        // A topic of another fleet or kind is no status.
+        l.handle(message(0, "fleet/other/devices/d1/status", &report("x", 900)));
+        l.handle(message(0, "fleet/acme/devices/d1/online", &report("x", 900)));
+        assert_eq!(applied(&l), Some("later"));
+
+        // One node: the latest message, whatever its timestamp; an empty one clears.
+        let mut one = listener(1);
+        one.handle(message(0, status, &report("new", 200)));
+        one.handle(message(0, status, &report("old", 100)));
+        assert_eq!(applied(&one), Some("old"));
+        one.handle(message(0, status, b""));
+        assert_eq!(applied(&one), None);
+    }
+
+    #[test]
+    fn several_nodes_the_newest_rollout_state_wins_and_an_abort_on_any_node_counts() {
+        let mut l = listener(3);
+        l.handle(message(2, TOPIC, &serde_json::to_vec(&state(Phase::Running, "c1", 300)).expect("json")));
+        // A node that missed the last publish (a run stopped between nodes) loses.
+        l.handle(message(0, TOPIC, &serde_json::to_vec(&state(Phase::Running, "c0", 100)).expect("json")));
+        l.handle(message(1, TOPIC, b"{not a state"));
+        assert_eq!(l.retained_state.as_ref().map(|s| (s.commit.as_str(), s.updated_at)), Some(("c1", 300)));
+        assert_eq!(l.state_nodes, 0b101, "node 1 delivered no state");
+        assert!(l.aborted.is_none());
+        l.handle(message(1, TOPIC, &serde_json::to_vec(&state(Phase::Aborted, "c1", 400)).expect("json")));
+        assert_eq!(l.aborted.as_ref().map(|s| s.state), Some(Phase::Aborted));
+        assert_eq!(l.retained_state.as_ref().map(|s| s.state), Some(Phase::Aborted));
+        // An abort of another commit is not ours.
+        let mut other = listener(2);
+        other.handle(message(0, TOPIC, &serde_json::to_vec(&state(Phase::Aborted, "c9", 1)).expect("json")));
+        assert!(other.aborted.is_none());
+
+        // keep_newer: an equal updated_at takes the later message.
+        let mut slot = Some(state(Phase::Running, "a", 5));
+        keep_newer(&mut slot, state(Phase::Halted, "b", 5));
+        assert_eq!(slot.as_ref().map(|s| s.commit.as_str()), Some("b"));
+        keep_newer(&mut slot, state(Phase::Running, "c", 4));
+        assert_eq!(slot.as_ref().map(|s| s.commit.as_str()), Some("b"));
+
+        // One node: the latest message, as before.
+        let mut one = listener(1);
+        one.handle(message(0, TOPIC, &serde_json::to_vec(&state(Phase::Running, "c1", 300)).expect("json")));
+        one.handle(message(0, TOPIC, &serde_json::to_vec(&state(Phase::Running, "c0", 100)).expect("json")));
+        assert_eq!(one.retained_state.as_ref().map(|s| s.commit.as_str()), Some("c0"));
+    }
+
+    #[test]
+    fn every_node_acknowledges_its_copy() {
+        let mut l = listener(3);
+        l.unacked = 3;
+        for node in 0..3 {
+            l.handle((node, Event::Incoming(Packet::PubAck(rumqttc::PubAck::new(1)))));
+        }
+        assert_eq!(l.unacked, 0);
+        l.handle((0, Event::Incoming(Packet::PubAck(rumqttc::PubAck::new(1)))));
+        assert_eq!(l.unacked, 0, "a stray PUBACK does not wrap");
+    }
 }

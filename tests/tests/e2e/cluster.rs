@@ -11,7 +11,11 @@
 //! - **the fleet**: three real agents spread over the three nodes (announcements only,
 //!   no polling), `fleet-bundler publish` and `status --wait` with every node listed; one
 //!   node listed shows the documented failure (no retained status at all); an agent
-//!   moved to another node leaves a stale report behind that the merge ignores.
+//!   moved to another node leaves a stale report behind that the merge ignores;
+//! - **a rollout**: a two-wave `rollout` of the same fleet with every node listed, a node
+//!   with no agent first: `--once` releases the canary on every node only, a second run
+//!   resumes from the state every node retains and ends `done`; `--abort` reads every
+//!   node; the exporter still refuses several `--broker`.
 
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -269,9 +273,111 @@ fn fleet_over_the_cluster(cluster: &RabbitCluster) -> Result<()> {
         assert_eq!(row["online"], true, "{row}");
     }
 
-    // rollout and exporter read and write one node: several --broker is a usage error.
-    let rollout = bundler_on(&["rollout", "--out", &out, "--base-url", &base], &urls)?;
-    assert_eq!(rollout.code, Some(64), "{rollout}");
-    assert!(rollout.stderr.contains("takes one --broker"), "{rollout}");
+    rollout_over_the_cluster(&mut fleet, &urls, &devices, &index, &base)?;
+    Ok(())
+}
+
+/// A two-wave rollout of v3 with every node listed, node 0 first: no agent is on node 0
+/// (d1 left it, its stale report on v1 stays there), d1 and d2 are on node 1, d3 on
+/// node 2. The first `--once` step releases the canary (d3) only, on every node; a
+/// second run resumes from the state every node retains and finishes wave 2.
+fn rollout_over_the_cluster(
+    fleet: &mut FleetRepo,
+    urls: &[String],
+    devices: &[Device],
+    index: &str,
+    base: &str,
+) -> Result<()> {
+    let t = Instant::now();
+    let diagnose =
+        || devices.iter().map(|d| format!("{}:\n{}", d.id, d.log_tail())).collect::<Vec<_>>().join("\n");
+    fleet.add_device("d3", &[("ring", "canary")])?;
+    let yaml = format!(
+        "name: {}\nbundle_expiry: 30d\nfile_root: {}\nrollout:\n  waves:\n    - name: canary\n      selector: \
+         {{ring: canary}}\n      soak: 1s\n    - name: rest\n      soak: 1s\n",
+        fleet.name,
+        fleet.file_root().display()
+    );
+    fleet.write("fleet.yaml", yaml)?;
+    files_app(fleet, "base", None, &[("id.conf", "id = {{ device.id }}\nv = 3\n")])?;
+    let v3 = fleet.commit("v3, rolled out")?;
+    let summary = fleet.build()?;
+    ensure!(summary["rollout"] == true, "build did not see the rollout: {summary}");
+    let out = fleet.out_dir().to_string_lossy().into_owned();
+    let version = |id: &str| -> Result<u64> { Ok(fleet.entry(id)?.version) };
+    let order = [urls[0].clone(), urls[2].clone(), urls[1].clone()];
+    let rollout = |extra: &[&str]| {
+        let mut args = vec!["rollout", "--out", &out, "--base-url", base, "--json", "--settle", "500ms"];
+        args.extend(extra);
+        bundler_on(&args, &order)
+    };
+    let announced = |node: &str, id: &str| -> Result<Option<u64>> {
+        let retained = Mqtt::from_url(node)?.retained(&fleet.topic(id, "desired"))?;
+        Ok(retained.and_then(|a| serde_json::from_str::<Value>(&a).ok()).and_then(|a| a["version"].as_u64()))
+    };
+    let state_on = |node: &str| -> Result<Value> {
+        let topic = format!("fleet/{}/rollout", fleet.name);
+        let retained =
+            Mqtt::from_url(node)?.retained(&topic)?.with_context(|| format!("no rollout state on {node}"))?;
+        Ok(serde_json::from_str(&retained)?)
+    };
+
+    // Step 1: the canary wave only, announced on every node.
+    let step = rollout(&["--once"])?;
+    assert_eq!(step.code, Some(4), "one step leaves the rollout running: {step}");
+    for (i, node) in urls.iter().enumerate() {
+        assert_eq!(
+            announced(node, "d3")?,
+            Some(version("d3")?),
+            "node {i}: d3 (canary) not announced\n{step}"
+        );
+        for id in ["d1", "d2"] {
+            assert_ne!(
+                announced(node, id)?,
+                Some(version(id)?),
+                "node {i}: {id} announced in wave 1\n{step}"
+            );
+        }
+        let state = state_on(node)?;
+        assert_eq!(
+            (state["state"].as_str(), state["wave"].as_u64()),
+            (Some("running"), Some(0)),
+            "node {i}: {state}"
+        );
+        assert_eq!(state["commit"], v3.as_str(), "node {i}: {state}");
+    }
+    let canary =
+        bundler_on(&["status", "--index", index, "--device", "d3", "--wait", "--timeout", "60s"], urls)?;
+    assert_eq!(canary.code, Some(0), "{canary}\n{}", diagnose());
+
+    // Step 2: a new run resumes from the retained state, soaks the canary, releases the
+    // rest (d1's stale converged report on node 0 does not count) and ends done.
+    let done = rollout(&["--timeout", "90s"])?;
+    assert_eq!(done.code, Some(0), "{done}\n{}", diagnose());
+    assert!(done.stderr.contains("resuming the rollout"), "{done}");
+    for (i, node) in urls.iter().enumerate() {
+        let state = state_on(node)?;
+        assert_eq!(state["state"], "done", "node {i}: {state}");
+        assert_eq!(state["waves"][1]["succeeded"], 2, "node {i}: {state}");
+        for id in ["d1", "d2", "d3"] {
+            assert_eq!(announced(node, id)?, Some(version(id)?), "node {i}: {id}");
+        }
+    }
+    let shown =
+        bundler_on(&["status", "--index", index, "--json", "--settle", "500ms"], urls)?.check()?.json()?;
+    for row in shown["devices"].as_array().context("devices")? {
+        assert_eq!(row["applied_commit"], v3.as_str(), "{row}");
+    }
+    assert_eq!(shown["rollout"]["state"], "done", "{shown}");
+
+    // --abort reads every node's state: done already, nothing to abort.
+    let abort = bundler_on(&["rollout", "--abort", "--fleet", &fleet.name, "--settle", "500ms"], &order)?;
+    assert_eq!(abort.code, Some(0), "{abort}");
+    assert!(abort.stderr.contains("nothing to abort"), "{abort}");
+    // The exporter reads one node: several --broker is a usage error.
+    let exporter = bundler_on(&["exporter", "--listen", "127.0.0.1:0", "--fleet", &fleet.name], urls)?;
+    assert_eq!(exporter.code, Some(64), "{exporter}");
+    assert!(exporter.stderr.contains("takes one --broker"), "{exporter}");
+    eprintln!("rabbitmq: rollout scenario in {:.1?}", t.elapsed());
     Ok(())
 }

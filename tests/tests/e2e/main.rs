@@ -30,7 +30,7 @@
 //! | [`small_fleet`] | 9 twenty devices |
 //! | [`rollout`] | issue 14: a three-wave rollout in order, resumed after SIGKILL; a failing second wave halts it (thirty agents) |
 //! | [`acl`] | 10 broker ACLs |
-//! | [`cluster`] | issue 19: a three-node RabbitMQ cluster: what crosses nodes; three agents spread over it, publish/status with every node listed |
+//! | [`cluster`] | issue 19: a three-node RabbitMQ cluster: what crosses nodes; three agents spread over it, publish/status with every node listed; a two-wave rollout (`--once`, then resumed to done) with every node listed, the agents' nodes not first |
 //! | [`sideload`] | 11 `fleet-agent apply` without a broker |
 //! | [`dashboard`] | the static live dashboard in headless Chromium: a device converging, a failing one in red, hostile messages as text (issue 18) |
 //! | [`aarch64`] | the cross-built aarch64 agent under qemu, on dockerd (issue 6) |
