@@ -39,6 +39,12 @@ pub enum LfsError {
     Io { path: String, object: PathBuf, source: std::io::Error },
 }
 
+/// Whether `blob` begins like an LFS pointer (either spec version line, and under the
+/// spec's size), valid or not: what must never be delivered as content.
+pub fn looks_like_pointer(blob: &[u8]) -> bool {
+    blob.len() < MAX_POINTER_LEN && VERSION_LINES.iter().any(|v| blob.starts_with(&v[..v.len() - 1]))
+}
+
 /// Parses `blob` as an LFS pointer: `None` when it is not one (it does not start with
 /// the spec's `version` line), an error when it starts like one but is not valid.
 pub fn parse(blob: &[u8]) -> Result<Option<Pointer>, &'static str> {
@@ -143,6 +149,10 @@ mod tests {
         let p = parse(&pointer(&format!("oid sha256:{OID}\nsize 12345\n"))).expect("valid");
         assert_eq!(p, Some(Pointer { oid: OID.into(), size: 12345 }));
         assert_eq!(parse(b"hello\n"), Ok(None));
+        // Either spec version line marks a pointer that must never become content.
+        assert!(looks_like_pointer(b"version https://hawser.github.com/spec/v1\noid sha256:x\n"));
+        assert!(looks_like_pointer(b"version https://git-lfs.github.com/spec/v1\r\n"));
+        assert!(!looks_like_pointer(b"hello\n") && !looks_like_pointer(&[b'v'; 2000]));
         assert_eq!(parse(b""), Ok(None));
         // The version line must start the file: a README quoting a pointer is content.
         assert_eq!(

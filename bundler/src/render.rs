@@ -33,15 +33,12 @@ pub const CONSEQUENCE: &str = "(maybe because of fleet.yaml) ";
 /// can take to about 256 MB.
 pub const TEMPLATE_FUEL: u64 = 4_000_000;
 
-/// How every Git LFS pointer file begins (<https://github.com/git-lfs/git-lfs/blob/main/docs/spec.md>).
-const LFS_POINTER_PREFIX: &[u8] = b"version https://git-lfs.github.com/spec/v1";
-
 /// Whether `bytes` is a Git LFS pointer (a small text file, the spec says under 1024
 /// bytes, beginning with its version line). Reading the repository replaced every valid
 /// pointer whose object is in the local LFS store by that object ([`crate::lfs`]), so one
 /// seen here is missing its object, or is malformed.
 fn is_lfs_pointer(bytes: &[u8]) -> bool {
-    bytes.len() < 1024 && bytes.starts_with(LFS_POINTER_PREFIX)
+    crate::lfs::looks_like_pointer(bytes)
 }
 
 /// The diagnostic for a file committed as a Git LFS pointer that could not be resolved.
