@@ -200,6 +200,9 @@ fn failed_update_rolls_back(engine: &TestEngine, images: &Images) -> Result<()> 
     let apply_failed = events_for_version(&s.watch, "apply_failed", bad_entry.version);
     assert_eq!(apply_failed.len(), 1, "{}", s.watch.describe());
     assert_eq!(apply_failed[0]["code"], expected_code);
+    // The agent reports the state before it publishes the event, and the two topics are
+    // not ordered with respect to each other: wait for the event too.
+    s.watch.wait_event(secs(10), "the rolled_back event", |e| e["event"] == "rolled_back")?;
     let rolled_back = s.watch.events_of("rolled_back");
     assert_eq!(rolled_back.len(), 1, "{}", s.watch.describe());
     assert_eq!(rolled_back[0]["from_version"], bad_entry.version);
