@@ -14,6 +14,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "age")]
+pub mod age;
 pub mod bundle;
 pub mod keys;
 pub mod maintenance;

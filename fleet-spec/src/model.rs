@@ -28,6 +28,40 @@ pub struct DesiredState {
     /// set (see [`DesiredState::encode`]).
     #[serde(skip)]
     pub maintenance: crate::maintenance::Maintenance,
+    /// Secrets in the clear, not yet sealed: the bundler renders them here (never into
+    /// `files` or a container's `env`), so that `plan` can name them without showing
+    /// them; [`DesiredState::seal`] encrypts them into `sealed`. Never encoded.
+    #[serde(skip)]
+    pub secrets: Secrets,
+    /// The [`Secrets`] encrypted (age, X25519) to the device's keys: bundle format 4's
+    /// trailer. Only the device can read them; the agent merges them into the state with
+    /// [`DesiredState::unseal`] after verifying the bundle.
+    #[serde(skip)]
+    pub sealed: Vec<u8>,
+}
+
+/// What only the device may read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Secrets {
+    /// Secret files, whole (path, mode, owner, content).
+    pub files: Vec<ManagedFile>,
+    /// Secret environment variables: container name → variable → value.
+    pub env: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Secrets {
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.env.values().all(BTreeMap::is_empty)
+    }
+}
+
+/// Why a bundle's secrets could not be merged into its state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnsealError {
+    #[error("the bundle's secrets cannot be decrypted: {0}")]
+    Decrypt(String),
+    #[error("the bundle's secrets are not a valid secret set: {0}")]
+    Invalid(String),
 }
 
 /// A file the agent writes atomically and keeps in place.
@@ -470,8 +504,11 @@ impl DesiredState {
     }
 
     /// The bundle format this state needs: 1 unless a container sets engine options
-    /// (2) or the state carries a maintenance schedule (3).
+    /// (2), the state carries a maintenance schedule (3) or sealed secrets (4).
     pub fn format(&self) -> u16 {
+        if !self.sealed.is_empty() {
+            return 4;
+        }
         if self.maintenance != crate::maintenance::Maintenance::default() {
             return 3;
         }
@@ -512,6 +549,9 @@ impl DesiredState {
         if self.format() >= 3 {
             out.extend(postcard::to_stdvec(&self.maintenance).expect("encoding into a Vec cannot fail"));
         }
+        if self.format() >= 4 {
+            out.extend(postcard::to_stdvec(&self.sealed).expect("encoding into a Vec cannot fail"));
+        }
         out
     }
 
@@ -537,11 +577,78 @@ impl DesiredState {
             state.maintenance = maintenance;
             rest = after;
         }
+        if format >= 4 {
+            let (sealed, after) = postcard::take_from_bytes::<Vec<u8>>(rest)?;
+            if sealed.is_empty() {
+                return Err(postcard::Error::DeserializeBadEncoding);
+            }
+            state.sealed = sealed;
+            rest = after;
+        }
         if rest.is_empty() {
             Ok(state)
         } else {
             Err(postcard::Error::DeserializeBadEncoding)
         }
+    }
+
+    /// Encrypts [`DesiredState::secrets`] to `recipients` (age X25519 public keys) into
+    /// `sealed`, deterministically from `seed` (see [`crate::age::encrypt`]), and clears
+    /// them. A state without secrets stays as it is.
+    #[cfg(feature = "age")]
+    pub fn seal(&mut self, recipients: &[[u8; 32]], seed: &[u8; 32]) {
+        let mut secrets = std::mem::take(&mut self.secrets);
+        if secrets.is_empty() {
+            return;
+        }
+        secrets.files.sort_by(|a, b| a.path.cmp(&b.path).then_with(|| a.cmp(b)));
+        let plain = zeroize::Zeroizing::new(postcard::to_stdvec(&secrets).expect("encoding into a Vec cannot fail"));
+        self.sealed = crate::age::encrypt(&plain, recipients, seed);
+        for f in &mut secrets.files {
+            zeroize::Zeroize::zeroize(&mut f.content);
+        }
+    }
+
+    /// Decrypts `sealed` with any of `identities` and merges the secrets into the state:
+    /// secret files join `files`, secret variables their container's `env`. A secret may
+    /// not replace what the state declares in the clear (a file path, a variable), and
+    /// its variables must belong to containers of the state.
+    #[cfg(feature = "age")]
+    pub fn unseal(&mut self, identities: &[crate::age::SecretKey]) -> Result<(), UnsealError> {
+        if self.sealed.is_empty() {
+            return Ok(());
+        }
+        let plain = zeroize::Zeroizing::new(
+            crate::age::decrypt(&self.sealed, identities).map_err(|e| UnsealError::Decrypt(e.to_string()))?,
+        );
+        let secrets: Secrets = match postcard::take_from_bytes(&plain) {
+            Ok((secrets, [])) => secrets,
+            _ => return Err(UnsealError::Invalid("not a secret set of this format".into())),
+        };
+        for file in &secrets.files {
+            if self.file(&file.path).is_some() || secrets.files.iter().filter(|f| f.path == file.path).count() > 1 {
+                return Err(UnsealError::Invalid(format!("{} is declared twice", file.path)));
+            }
+        }
+        for (name, vars) in &secrets.env {
+            let container = self
+                .containers
+                .iter()
+                .find(|c| &c.name == name)
+                .ok_or_else(|| UnsealError::Invalid(format!("no container {name} for its secret variables")))?;
+            if let Some(var) = vars.keys().find(|v| container.env.contains_key(*v)) {
+                return Err(UnsealError::Invalid(format!("{name}: variable {var} is declared twice")));
+            }
+        }
+        for (name, vars) in secrets.env {
+            if let Some(container) = self.containers.iter_mut().find(|c| c.name == name) {
+                container.env.extend(vars);
+            }
+        }
+        self.files.extend(secrets.files);
+        self.canonicalize();
+        self.sealed.clear();
+        Ok(())
     }
 
     /// Hex sha256 of the canonical encoding: "did this device's desired state change?"
@@ -738,6 +845,58 @@ mod tests {
                 "{key} round-trips"
             );
         }
+    }
+
+    #[cfg(feature = "age")]
+    #[test]
+    fn secrets_are_sealed_to_the_device_and_merged_back_only_by_its_key() {
+        use crate::age::SecretKey;
+        let device = SecretKey::from_bytes([1; 32]);
+        let other = SecretKey::from_bytes([2; 32]);
+        let mut state = DesiredState { containers: vec![plain_container()], ..Default::default() };
+        let public = state.encode();
+        let name = state.containers[0].name.clone();
+        state.secrets.files.push(ManagedFile {
+            path: "/etc/app/token".into(),
+            mode: 0o600,
+            owner: None,
+            content: b"s3cr3t-file".to_vec(),
+        });
+        state.secrets.env.insert(name.clone(), BTreeMap::from([("API_TOKEN".into(), "s3cr3t-env".into())]));
+        let mut clear = state.clone();
+        state.seal(&[*device.public_bytes()], &[7; 32]);
+        assert!(state.secrets.is_empty(), "sealing consumes the secrets");
+        assert_eq!(state.format(), 4);
+        let bytes = state.encode();
+        assert!(bytes.starts_with(&public), "format 4 only appends");
+        for needle in [&b"s3cr3t"[..], b"API_TOKEN", b"/etc/app/token"] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "{needle:?} in the clear");
+        }
+        let decoded = DesiredState::decode(&bytes, 4).expect("decodes");
+        assert!(DesiredState::decode(&bytes, 3).is_err(), "the trailer is not ignored");
+
+        let mut wrong = decoded.clone();
+        assert!(matches!(wrong.unseal(&[other]), Err(UnsealError::Decrypt(_))));
+        let mut opened = decoded.clone();
+        opened.unseal(&[device.clone()]).expect("the device's key opens it");
+        assert_eq!(opened.file("/etc/app/token").map(|f| &f.content[..]), Some(&b"s3cr3t-file"[..]));
+        assert_eq!(opened.containers[0].env.get("API_TOKEN").map(String::as_str), Some("s3cr3t-env"));
+        assert!(opened.sealed.is_empty());
+
+        // A secret may not replace what the state says in the clear.
+        clear.files.push(ManagedFile { path: "/etc/app/token".into(), mode: 0o644, owner: None, content: vec![] });
+        clear.seal(&[*device.public_bytes()], &[7; 32]);
+        let mut clash = DesiredState::decode(&clear.encode(), 4).expect("decodes");
+        assert!(matches!(clash.unseal(&[device.clone()]), Err(UnsealError::Invalid(_))));
+        // Variables for a container the state does not have are refused.
+        let mut orphan = DesiredState::default();
+        orphan.secrets.env.insert("ghost".into(), BTreeMap::from([("A".into(), "b".into())]));
+        orphan.seal(&[*device.public_bytes()], &[7; 32]);
+        assert!(matches!(orphan.unseal(&[device]), Err(UnsealError::Invalid(_))));
+        // An empty sealed trailer is not a format-4 payload.
+        let mut empty = public.clone();
+        empty.push(0);
+        assert!(DesiredState::decode(&empty, 4).is_err());
     }
 
     #[test]
