@@ -97,7 +97,7 @@ impl<E: Engine> Agent<E> {
         let trust = self.store.trust()?;
         let now = self.clock.now();
         let expect = Expectation { fleet: &self.cfg.fleet, device: &self.cfg.device };
-        let verified = match bundle::verify(bytes, &self.cfg.trusted, expect, trust, now, &self.cfg.limits) {
+        let mut verified = match bundle::verify(bytes, &self.cfg.trusted, expect, trust, now, &self.cfg.limits) {
             Ok(v) => v,
             Err(e @ bundle::VerifyError::Expired { .. }) => {
                 // Expiry is judged by a clock, and this device's may run fast: defer, and
@@ -112,6 +112,10 @@ impl<E: Engine> Agent<E> {
         let m = verified.manifest.clone();
         self.set_desired(VersionRef { version: m.version, digest: digest.clone(), commit: m.commit.clone() });
         self.on(Command::Verified)?;
+        // Secrets are decrypted in memory only, never written but as their files.
+        if let Err((code, reason)) = self.unseal(&mut verified.state) {
+            return Ok(self.refuse(&digest, code, reason, true, Some(m.version)));
+        }
 
         // 2. Preflight: nothing on the device changes before every check passed.
         if let Some((code, reason)) = self.preflight(&verified.state) {

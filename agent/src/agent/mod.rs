@@ -45,6 +45,7 @@ mod healthy;
 mod images;
 mod reconcile;
 mod recover;
+mod secrets;
 
 use converge::Mode;
 pub use gate::{retry_after, LOCK_POLL, WINDOW_RECHECK};

@@ -138,11 +138,12 @@ impl<E: Engine> Agent<E> {
         if bundle::content_address(&bytes) != digest {
             return Err(bad("its content does not match its digest".into()));
         }
-        let (manifest, state) =
+        let (manifest, mut state) =
             bundle::open_accepted(&bytes, &self.cfg.limits).map_err(|e| bad(e.to_string()))?;
         if manifest.fleet != self.cfg.fleet || manifest.device != self.cfg.device {
             return Err(bad(format!("it is for device {} of fleet {}", manifest.device, manifest.fleet)));
         }
+        self.unseal(&mut state).map_err(|(_, reason)| bad(reason))?;
         Ok((manifest, state))
     }
 }

@@ -150,7 +150,7 @@ fn state(files: Vec<ManagedFile>, containers: Vec<ContainerSpec>) -> DesiredStat
         containers,
         networks: vec![NetworkSpec { name: "app_default".into(), ..Default::default() }],
         volumes: vec![],
-        maintenance: Default::default(),
+        ..Default::default()
     };
     s.canonicalize();
     s
@@ -486,6 +486,53 @@ async fn every_rejection_reason_changes_nothing() {
         std::fs::read_dir(outside.path()).expect("ls").next().is_none(),
         "nothing written outside the root"
     );
+}
+
+// ---- secrets -------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn secrets_sealed_to_this_device_are_written_and_to_another_key_change_nothing() {
+    use fleet_spec::age::SecretKey;
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let (device_key, _) = crate::identity::load_or_create(&h.cfg.state_dir, NOW).expect("identity");
+    let device = fleet_spec::age::parse_recipient(&device_key.recipient()).expect("recipient");
+    let sealed = |to: [u8; 32]| {
+        let mut s = v1(&h);
+        s.secrets.files.push(ManagedFile { mode: 0o600, ..h.file("app/token", "s3cr3t") });
+        s.secrets.env.insert("app-web".into(), BTreeMap::from([("TOKEN".into(), "s3cr3t".into())]));
+        s.seal(&[to], &[5; 32]);
+        s
+    };
+
+    // To another key: refused for good, nothing written, and the reason names this key.
+    h.fake.clear_calls();
+    let other = SecretKey::from_bytes([3; 32]);
+    let bytes = h.bundle(2, &sealed(*other.public_bytes()));
+    let outcome = agent.apply_bundle(&bytes).await.expect("apply");
+    assert!(matches!(&outcome, Outcome::Rejected { code, .. } if code == "secrets_undecryptable"), "{outcome:?}");
+    let reason = agent.status_report().last_error.map(|e| e.message).unwrap_or_default();
+    assert!(reason.contains(&device_key.key_id()), "{reason}");
+    assert_eq!(h.read("app/token"), None);
+    assert!(h.fake.mutations().is_empty(), "engine unchanged");
+
+    // To this device: the file with its mode, the variable in the container.
+    let bytes = h.bundle(3, &sealed(device));
+    assert!(!bytes.windows(6).any(|w| w == b"s3cr3t"), "the bundle holds no plaintext");
+    assert_eq!(agent.apply_bundle(&bytes).await.expect("apply"), Outcome::Committed { version: 3 });
+    assert_eq!(h.read("app/token").as_deref(), Some("s3cr3t"));
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(h.path("app/token")).expect("meta").permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let created = h.fake.container("app-web").expect("app-web");
+    assert_eq!(created.spec.env.get("TOKEN").map(String::as_str), Some("s3cr3t"));
+
+    // After a restart the stored bundle is opened again with the key (recovery).
+    drop(agent);
+    let (mut again, _rx) = h.agent();
+    again.recover().await.expect("recover with secrets");
+    assert_eq!(again.status_report().applied.map(|a| a.version), Some(3));
 }
 
 // ---- Hardening I: clocks (case 10) ------------------------------------------------
