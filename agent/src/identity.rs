@@ -405,9 +405,9 @@ mod tests {
         assert_eq!(all.iter().map(Identity::recipient).collect::<Vec<_>>(), [a.recipient(), b.recipient()]);
         assert_eq!(Identity::parse(&text).expect("newest").recipient(), a.recipient());
         assert_eq!(all[1].secret_bytes(), &[2; 32]);
-        let e = Identity::parse_all(&format!("{text}{}", a.file_text("again"))).err().expect("twice");
+        let e = Identity::parse_all(&format!("{text}{}", a.file_text("again"))).expect_err("twice");
         assert!(e.contains("line 11") && e.contains("twice"), "{e}");
-        let e = Identity::parse_all(&format!("{text}AGE-SECRET-KEY-1QQQ\n")).err().expect("bad line");
+        let e = Identity::parse_all(&format!("{text}AGE-SECRET-KEY-1QQQ\n")).expect_err("bad line");
         assert!(e.starts_with("line 9: "), "{e}");
     }
 
