@@ -48,7 +48,8 @@ USAGE:
     fleet-agent status       [--config FILE] [--json]
     fleet-agent check-config [--config FILE] [--json]
     fleet-agent forget       [--config FILE] DIGEST | --all
-    fleet-agent identity     [--config FILE | --state-dir DIR] [--json]
+    fleet-agent identity     [--config FILE | --state-dir DIR] [--json] [--rotate | --retire KEYID]
+    fleet-agent enroll       [--config FILE] [--json] [--timeout SECS]
     fleet-agent help COMMAND | COMMAND --help
     fleet-agent --version | --help
 
@@ -61,8 +62,11 @@ COMMANDS:
     check-config  Validate agent.toml (every problem at once) and print what it
                   configures.
     forget        Drop a bundle from the rejected set so that it is judged again.
-    identity      Print this device's public key (age recipient) and key id; the key
-                  pair is made on first use and never leaves the device.
+    identity      Print this device's public keys (age recipients) and key ids; the
+                  key pair is made on first use and never leaves the device. Rotates
+                  (--rotate) and retires (--retire) keys.
+    enroll        Publish this device's enrollment claim (its public keys, agent
+                  version, hardware facts) on the broker, for `fleet-bundler enroll`.
 
 OPTIONS:
     -c, --config FILE     agent.toml (default: /etc/fleet-agent/agent.toml)
@@ -78,6 +82,7 @@ EXAMPLES:
     fleet-agent run -c /etc/fleet-agent/agent.toml --log-format json
     fleet-agent apply -c /etc/fleet-agent/agent.toml /media/usb/3f9a...c2.bundle
     fleet-agent status -c /etc/fleet-agent/agent.toml --json | jq .status.state
+    fleet-agent enroll -c /etc/fleet-agent/agent.toml
 
 EXIT CODES (sysexits, as fleet-bundler):
     0   ok (run: stopped by SIGTERM/SIGINT; apply: applied and healthy, or already so)
@@ -88,7 +93,7 @@ EXIT CODES (sysexits, as fleet-bundler):
     66  apply: bundle file cannot be read
     69  apply: container engine unavailable; nothing changed
     75  temporary failure (apply: image pull failed, ...; or a running agent that
-        takes no sideloads): retry
+        takes no sideloads; enroll: the broker did not acknowledge): retry
 ";
 
 const HELP_RUN: &str = "\
@@ -220,38 +225,90 @@ EXAMPLE:
 ";
 
 const HELP_IDENTITY: &str = "\
-fleet-agent identity: this device's public key, for enrollment and secrets.
+fleet-agent identity: this device's public keys, for enrollment and secrets.
 
-Prints the device's age X25519 recipient (age1...) and its key id. The key pair is
-made on first use in <state_dir>/identity.age (0600, the format of age-keygen, so the
-standard `age -d -i` reads it) and never leaves the device; the package's postinst
-makes it at install. Put the recipient in the fleet repository as the device's
-`public_key:` so that secrets can be encrypted to this device only.
+Prints the device's age X25519 recipients (age1...) and key ids, the newest (the
+current one) first. The key pair is made on first use in <state_dir>/identity.age
+(0600, the format of age-keygen, so the standard `age -d -i` reads it) and never
+leaves the device; the package's postinst makes it at install. Compare the key id
+with what `fleet-bundler enroll list` shows before accepting a claim.
+
+Rotating a key: --rotate adds a new key in front of the old one (the file then
+holds both, and secrets encrypted to either open); enroll again, accept the claim
+(the repository lists both keys), and once the device applied a bundle made for
+the new key and the old one left devices/<id>.yaml, --retire the old key.
 
 USAGE:
     fleet-agent identity [--config FILE | --state-dir DIR] [--json]
+    fleet-agent identity [--config FILE | --state-dir DIR] --rotate
+    fleet-agent identity [--config FILE | --state-dir DIR] --retire KEYID
 
 OPTIONS:
     -c, --config FILE     agent.toml (default: /etc/fleet-agent/agent.toml)
         --state-dir DIR   Use this state directory and do not read agent.toml (the
                           postinst does so, before agent.toml is filled in)
+        --rotate          Make a new key and keep the old ones (at most 4 keys)
+        --retire KEYID    Remove an old key (never the current one, the newest)
         --json            Print JSON: device (null with --state-dir), recipient,
-                          key_id, created (bool)
+                          key_id (the current key), created (bool), keys [{recipient,
+                          key_id, current}]
     -h, --help            Print this help
 
 EXIT CODES:
-    0   printed (made now, or read)
+    0   printed (made now, or read), rotated or retired
     1   the identity cannot be read or written (a damaged file is never replaced)
-    64  bad command line or invalid configuration
+    64  bad command line or invalid configuration; --retire of the current key or of
+        a key id the file does not hold; --rotate with 4 keys (nothing changed)
+
+EXAMPLES:
+    fleet-agent identity -c /etc/fleet-agent/agent.toml
+    fleet-agent identity --rotate && fleet-agent enroll
+    fleet-agent identity --retire 3f9a0c2b7d41e5a8
+";
+
+const HELP_ENROLL: &str = "\
+fleet-agent enroll: publish this device's enrollment claim on the broker.
+
+The claim (JSON, see fleet-spec/MESSAGES.md) lists the device's age recipients,
+newest first (two during a key rotation), the current key id, the agent's version
+and facts read from the system: arch, os, kernel release, host name and an id
+derived from /etc/machine-id (never the machine id itself). It is retained (QoS 1)
+on <prefix>/<fleet>/enroll/<device>; the command ends once the broker acknowledged
+it. The identity is made first if there is none.
+
+It connects with its own client id, <mqtt client id>-enroll (a running agent keeps
+its session), with the credentials and TLS settings of [mqtt]. The device's broker
+account needs `pattern write <prefix>/+/enroll/%u` (README \"Enrollment\").
+
+The claim is unsigned: an operator accepts it (fleet-bundler enroll accept) after
+comparing its key id with what `fleet-agent identity` prints here.
+
+USAGE:
+    fleet-agent enroll [--config FILE] [--json] [--timeout SECS]
+
+OPTIONS:
+    -c, --config FILE     agent.toml (default: /etc/fleet-agent/agent.toml)
+        --json            Print JSON: topic and the claim as published
+        --timeout SECS    Longest wait for the broker's acknowledgement (default 30)
+    -h, --help            Print this help
+
+EXIT CODES:
+    0   published and acknowledged
+    1   the identity cannot be read or made; the broker refused the connection
+        (credentials, certificate)
+    64  bad command line or invalid configuration (or no [mqtt])
+    75  the broker did not acknowledge within the timeout: retry
 
 EXAMPLE:
-    fleet-agent identity -c /etc/fleet-agent/agent.toml
+    fleet-agent enroll -c /etc/fleet-agent/agent.toml
+    # then, in the fleet repository:
+    fleet-bundler enroll list --broker mqtts://broker:8883 --repo .
 ";
 
 pub const DEFAULT_CONFIG: &str = "/etc/fleet-agent/agent.toml";
 
 /// The subcommands, for `help` and suggestions.
-pub const COMMANDS: [&str; 6] = ["run", "apply", "status", "check-config", "forget", "identity"];
+pub const COMMANDS: [&str; 7] = ["run", "apply", "status", "check-config", "forget", "identity", "enroll"];
 
 /// The help text of a subcommand (`None`: the global help).
 pub fn help(command: Option<&str>) -> &'static str {
@@ -262,9 +319,23 @@ pub fn help(command: Option<&str>) -> &'static str {
         Some("check-config") => HELP_CHECK_CONFIG,
         Some("forget") => HELP_FORGET,
         Some("identity") => HELP_IDENTITY,
+        Some("enroll") => HELP_ENROLL,
         _ => HELP,
     }
 }
+
+/// What `identity` does besides printing the keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityAction {
+    Show,
+    /// `--rotate`
+    Rotate,
+    /// `--retire KEYID`
+    Retire(String),
+}
+
+/// `enroll`'s default `--timeout`.
+pub const ENROLL_TIMEOUT_SECS: u64 = 30;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Forget {
@@ -291,6 +362,12 @@ pub enum Command {
         json: bool,
         /// `--state-dir`: agent.toml is not read.
         state_dir: Option<PathBuf>,
+        action: IdentityAction,
+    },
+    Enroll {
+        json: bool,
+        /// `--timeout`: the longest wait for the broker's acknowledgement.
+        timeout: std::time::Duration,
     },
     /// The help of a subcommand, or the global one.
     Help(Option<&'static str>),
@@ -310,13 +387,26 @@ fn flags_of(command: &str) -> &'static [&'static str] {
         "run" => &["log-format"],
         "apply" => &["json", "retry"],
         "status" | "check-config" => &["json"],
-        "identity" => &["json", "state-dir"],
+        "identity" => &["json", "state-dir", "rotate", "retire"],
+        "enroll" => &["json", "timeout"],
         "forget" => &["all"],
         _ => &[],
     }
 }
 
-const ALL_FLAGS: [&str; 8] = ["config", "help", "version", "json", "log-format", "retry", "all", "state-dir"];
+const ALL_FLAGS: [&str; 11] = [
+    "config",
+    "help",
+    "version",
+    "json",
+    "log-format",
+    "retry",
+    "all",
+    "state-dir",
+    "rotate",
+    "retire",
+    "timeout",
+];
 
 /// Parses the arguments (without the program name). Errors are usage messages.
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
@@ -326,6 +416,8 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     let mut config = None;
     let mut log_format = None;
     let mut state_dir = None;
+    let mut retire = None;
+    let mut timeout = None;
     let mut flags: Vec<&'static str> = Vec::new();
     let mut positional: Vec<OsString> = Vec::new();
     let mut help_wanted = false;
@@ -350,6 +442,25 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
                 state_dir = Some(PathBuf::from(parser.value().map_err(|e| e.to_string())?));
                 flags.push("state-dir");
             }
+            Long("retire") => {
+                let v = parser.value().map_err(|e| e.to_string())?;
+                let id = v.into_string().map_err(|v| format!("--retire {v:?} is not a key id"))?;
+                if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(format!(
+                        "--retire {id:?} is not a key id (16 hex digits, as `fleet-agent identity` lists them)"
+                    ));
+                }
+                retire = Some(id.to_ascii_lowercase());
+                flags.push("retire");
+            }
+            Long("timeout") => {
+                let v = parser.value().map_err(|e| e.to_string())?;
+                let secs = v.to_str().and_then(|s| s.parse::<u64>().ok()).filter(|s| (1..=3600).contains(s));
+                timeout =
+                    Some(secs.ok_or_else(|| format!("--timeout takes seconds from 1 to 3600, not {v:?}"))?);
+                flags.push("timeout");
+            }
+            Long("rotate") => flags.push("rotate"),
             Long("json") => flags.push("json"),
             Long("retry") => flags.push("retry"),
             Long("all") => flags.push("all"),
@@ -380,12 +491,13 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     let config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let Some(name) = command else {
         return Err(
-            "missing command: run, apply, status, check-config, forget or identity (see --help)".into()
+            "missing command: run, apply, status, check-config, forget, identity or enroll (see --help)"
+                .into(),
         );
     };
     let Some(name) = known(&name) else {
         return Err(format!(
-            "unknown command {name:?}{}: run, apply, status, check-config, forget or identity (see --help)",
+            "unknown command {name:?}{}: run, apply, status, check-config, forget, identity or enroll (see --help)",
             did_you_mean(&name, &COMMANDS, "")
         ));
     };
@@ -415,7 +527,19 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
         }
         "status" => Command::Status { json: has("json") },
         "check-config" => Command::CheckConfig { json: has("json") },
-        "identity" => Command::Identity { json: has("json"), state_dir: state_dir.take() },
+        "identity" => {
+            let action = match (has("rotate"), retire.take()) {
+                (false, None) => IdentityAction::Show,
+                (true, None) => IdentityAction::Rotate,
+                (false, Some(id)) => IdentityAction::Retire(id),
+                (true, Some(_)) => return Err("`identity` takes --rotate or --retire, not both".into()),
+            };
+            Command::Identity { json: has("json"), state_dir: state_dir.take(), action }
+        }
+        "enroll" => Command::Enroll {
+            json: has("json"),
+            timeout: std::time::Duration::from_secs(timeout.unwrap_or(ENROLL_TIMEOUT_SECS)),
+        },
         _ => {
             let target = match (positional.next(), has("all")) {
                 (None, true) => Forget::All,
@@ -520,11 +644,35 @@ mod tests {
         assert_eq!(p(&["status"]).expect("ok").config, PathBuf::from(DEFAULT_CONFIG));
         assert_eq!(
             p(&["identity", "--json"]).expect("ok").command,
-            Command::Identity { json: true, state_dir: None }
+            Command::Identity { json: true, state_dir: None, action: IdentityAction::Show }
         );
         assert_eq!(
             p(&["identity", "--state-dir", "/var/lib/fleet-agent"]).expect("ok").command,
-            Command::Identity { json: false, state_dir: Some("/var/lib/fleet-agent".into()) }
+            Command::Identity {
+                json: false,
+                state_dir: Some("/var/lib/fleet-agent".into()),
+                action: IdentityAction::Show
+            }
+        );
+        assert_eq!(
+            p(&["identity", "--rotate"]).expect("ok").command,
+            Command::Identity { json: false, state_dir: None, action: IdentityAction::Rotate }
+        );
+        assert_eq!(
+            p(&["identity", "--retire", "3F9A0C2B7D41E5A8"]).expect("ok").command,
+            Command::Identity {
+                json: false,
+                state_dir: None,
+                action: IdentityAction::Retire("3f9a0c2b7d41e5a8".into())
+            }
+        );
+        assert_eq!(
+            p(&["enroll", "-c", "a.toml"]).expect("ok").command,
+            Command::Enroll { json: false, timeout: std::time::Duration::from_secs(ENROLL_TIMEOUT_SECS) }
+        );
+        assert_eq!(
+            p(&["enroll", "--json", "--timeout", "5"]).expect("ok").command,
+            Command::Enroll { json: true, timeout: std::time::Duration::from_secs(5) }
         );
     }
 
@@ -551,6 +699,13 @@ mod tests {
         assert!(p(&["forget"]).expect_err("nothing").contains("--all"));
         assert!(p(&["run", "--state-dir", "/x"]).expect_err("identity only").contains("--state-dir"));
         assert!(p(&["identity", "--state-dir"]).expect_err("no value").contains("state-dir"));
+        assert!(p(&["identity", "--rotate", "--retire", "0123456789abcdef"])
+            .expect_err("both")
+            .contains("not both"));
+        assert!(p(&["identity", "--retire", "xyz"]).expect_err("id").contains("16 hex"));
+        assert!(p(&["enroll", "--timeout", "0"]).expect_err("zero").contains("1 to 3600"));
+        assert!(p(&["enroll", "--rotate"]).expect_err("identity only").contains("--rotate"));
+        assert!(p(&["run", "--timeout", "3"]).expect_err("enroll only").contains("--timeout"));
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod engines;
+pub mod enroll;
 pub mod fetch;
 pub mod files;
 pub mod identity;

@@ -10,7 +10,7 @@ use std::rc::Rc;
 
 use fleet_agent::agent::CONFIG_CAUSED;
 use fleet_agent::agent::{Agent, Outcome};
-use fleet_agent::cli::{self, exit, Command, Forget};
+use fleet_agent::cli::{self, exit, Command, Forget, IdentityAction};
 use fleet_agent::clock::SystemClock;
 use fleet_agent::config::{Config, LogFormat};
 use fleet_agent::engine::docker::DockerEngine;
@@ -36,8 +36,8 @@ fn main() -> ExitCode {
             println!("fleet-agent {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::from(exit::OK);
         }
-        Command::Identity { json, state_dir: Some(ref dir) } => {
-            return ExitCode::from(identity(None, dir, json))
+        Command::Identity { json, state_dir: Some(ref dir), ref action } => {
+            return ExitCode::from(identity(None, dir, json, action))
         }
         _ => {}
     }
@@ -62,7 +62,10 @@ fn main() -> ExitCode {
         Command::CheckConfig { json } => check_config(&cfg, &cli.config, json),
         Command::Status { json } => status(&cfg, json),
         Command::Forget(target) => forget(&cfg, &target),
-        Command::Identity { json, .. } => identity(Some(&cfg.device), &cfg.state_dir, json),
+        Command::Identity { json, ref action, .. } => {
+            identity(Some(&cfg.device), &cfg.state_dir, json, action)
+        }
+        Command::Enroll { json, timeout } => with_runtime(enroll(&cfg, json, timeout)),
         Command::Run => with_runtime(run(cfg)),
         Command::Apply { bundle, json, retry } => with_runtime(apply(cfg, &bundle, json, retry)),
         Command::Help(_) | Command::Version => unreachable!("handled above"),
@@ -286,42 +289,113 @@ fn report_outcome(outcome: &Outcome, digest: &str, version: Option<u64>, json: b
     code
 }
 
-/// `forget`: drops entries from `rejected.json`.
-fn identity(device: Option<&str>, state_dir: &Path, json: bool) -> u8 {
+/// `identity`: prints the device's keys, made on first use; `--rotate`, `--retire`.
+fn identity(device: Option<&str>, state_dir: &Path, json: bool, action: &IdentityAction) -> u8 {
+    use fleet_agent::identity::{self as id, IdentityError};
     let now = fleet_agent::clock::Clock::now(&SystemClock);
     if let Err(e) = Store::new(state_dir).create() {
         eprintln!("fleet-agent: {e}");
         return exit::FAILURE;
     }
-    match fleet_agent::identity::load_or_create(state_dir, now) {
-        Ok((id, created)) => {
-            if json {
-                let out = serde_json::json!({
-                    "device": device,
-                    "recipient": id.recipient(),
-                    "key_id": id.key_id(),
-                    "created": created,
-                });
-                println!("{out:#}");
-            } else {
-                if created {
-                    eprintln!(
-                        "made a new identity in {}",
-                        state_dir.join(fleet_agent::identity::FILE).display()
-                    );
-                }
-                if let Some(device) = device {
-                    println!("device:    {device}");
-                }
-                println!("recipient: {}\nkey id:    {}", id.recipient(), id.key_id());
-            }
-            exit::OK
+    let result = match action {
+        IdentityAction::Show => id::load_or_create(state_dir, now)
+            .and_then(|(_, created)| Ok((id::load_all(state_dir)?, created))),
+        IdentityAction::Rotate => id::rotate(state_dir, now).map(|keys| (keys, false)),
+        IdentityAction::Retire(key_id) => id::retire(state_dir, key_id).map(|keys| (keys, false)),
+    };
+    let (keys, created) = match result {
+        Ok(r) => r,
+        Err(e @ IdentityError::Refused { .. }) => {
+            eprintln!("fleet-agent: {e}");
+            return exit::USAGE;
+        }
+        Err(e @ IdentityError::Missing { .. }) => {
+            eprintln!("fleet-agent: {e}");
+            return exit::FAILURE;
         }
         Err(e) => {
             eprintln!(
                 "fleet-agent: {e} (the identity file is never replaced: move it away to make a new key)"
             );
-            exit::FAILURE
+            return exit::FAILURE;
+        }
+    };
+    let current = &keys[0];
+    if json {
+        let list: Vec<serde_json::Value> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| serde_json::json!({"recipient": k.recipient(), "key_id": k.key_id(), "current": i == 0}))
+            .collect();
+        let out = serde_json::json!({
+            "device": device,
+            "recipient": current.recipient(),
+            "key_id": current.key_id(),
+            "created": created,
+            "keys": list,
+        });
+        println!("{out:#}");
+        return exit::OK;
+    }
+    let file = state_dir.join(id::FILE);
+    match action {
+        IdentityAction::Show if created => eprintln!("made a new identity in {}", file.display()),
+        IdentityAction::Show => {}
+        IdentityAction::Rotate => eprintln!(
+            "made a new key in {} and kept the old one: publish both with `fleet-agent enroll`, accept the \
+             claim in the fleet repository (fleet-bundler enroll accept), and retire the old key once \
+             devices/<id>.yaml no longer lists it",
+            file.display()
+        ),
+        IdentityAction::Retire(key_id) => eprintln!("retired key {key_id} from {}", file.display()),
+    }
+    if let Some(device) = device {
+        println!("device:    {device}");
+    }
+    println!("recipient: {}\nkey id:    {}", current.recipient(), current.key_id());
+    if keys.len() > 1 {
+        println!("keys (newest first; the first is the current one):");
+        for (i, k) in keys.iter().enumerate() {
+            println!("  {}  {}{}", k.key_id(), k.recipient(), if i == 0 { "  (current)" } else { "" });
+        }
+    }
+    exit::OK
+}
+
+/// `enroll`: publishes the claim; 75 when the broker does not acknowledge it in time.
+async fn enroll(cfg: &Config, json: bool, timeout: std::time::Duration) -> u8 {
+    use fleet_agent::enroll::{self, EnrollError};
+    if let Err(e) = Store::new(&cfg.state_dir).create() {
+        eprintln!("fleet-agent: {e}");
+        return exit::FAILURE;
+    }
+    let now = fleet_agent::clock::Clock::now(&SystemClock);
+    match enroll::enroll(cfg, now, timeout).await {
+        Ok(done) => {
+            if json {
+                let out = serde_json::json!({"topic": done.topic, "claim": done.claim});
+                println!("{out:#}");
+            } else {
+                println!("published the enrollment claim of {} on {} (retained)", cfg.device, done.topic);
+                println!("key id:     {}", done.claim.key_id);
+                for r in &done.claim.recipients {
+                    println!("recipient:  {r}");
+                }
+                println!(
+                    "next, in the fleet repository: fleet-bundler enroll list --broker URL --repo . (check that \
+                     it shows key id {}), then fleet-bundler enroll accept {} --broker URL --repo .",
+                    done.claim.key_id, cfg.device
+                );
+            }
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("fleet-agent: {e}");
+            match e {
+                EnrollError::Timeout { .. } => exit::TEMPFAIL,
+                EnrollError::NoBroker | EnrollError::Topic(_) => exit::CONFIG,
+                _ => exit::FAILURE,
+            }
         }
     }
 }

@@ -181,11 +181,19 @@ pub struct Mqtt {
 
 /// Builds the rumqttc options: client id, keepalive, credentials, last will, TLS.
 pub fn options(cfg: &MqttConfig, topics: &Topics, max_incoming: usize) -> Result<MqttOptions, TlsError> {
-    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+    let mut opts = base_options(cfg, &cfg.client_id, max_incoming)?;
+    opts.set_last_will(LastWill::new(&topics.online, OFFLINE.to_vec(), QoS::AtLeastOnce, true));
+    Ok(opts)
+}
+
+/// The options every connection of this device shares (keepalive, clean session,
+/// credentials, TLS), under `client_id` and without a last will: `fleet-agent enroll`
+/// connects so, beside a running agent.
+pub fn base_options(cfg: &MqttConfig, client_id: &str, max_incoming: usize) -> Result<MqttOptions, TlsError> {
+    let mut opts = MqttOptions::new(client_id, &cfg.host, cfg.port);
     opts.set_keep_alive(cfg.keepalive);
     opts.set_clean_session(true);
     opts.set_max_packet_size(max_incoming, 256 * 1024);
-    opts.set_last_will(LastWill::new(&topics.online, OFFLINE.to_vec(), QoS::AtLeastOnce, true));
     if let Some(user) = &cfg.username {
         opts.set_credentials(user, cfg.password.clone().unwrap_or_default());
     }
@@ -204,7 +212,7 @@ pub fn options(cfg: &MqttConfig, topics: &Topics, max_incoming: usize) -> Result
 /// device's handshake at once, and 10,000 agents measured here saw attempts time out
 /// after 5 s in the queue, be abandoned after the broker had done the work, and retried,
 /// adding to the queue that made them late (BENCHMARKS.md, "10,000 agents").
-fn network_options(keepalive: Duration) -> rumqttc::NetworkOptions {
+pub(crate) fn network_options(keepalive: Duration) -> rumqttc::NetworkOptions {
     let mut network = rumqttc::NetworkOptions::new();
     network.set_tcp_nodelay(true);
     network.set_connection_timeout(keepalive.as_secs().max(5));

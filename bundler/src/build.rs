@@ -593,6 +593,7 @@ mod tests {
         let device = crate::render::Device {
             id: id.clone(),
             labels: BTreeMap::new(),
+            public_keys: Vec::new(),
             vars: Default::default(),
             policy: Default::default(),
             maintenance: Default::default(),

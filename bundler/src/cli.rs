@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use fleet_bundler::{duration, exporter, mqtt, rollout};
+use fleet_bundler::{duration, enroll, exporter, mqtt, rollout};
 /// Exit codes, also listed in `--help` and the README.
 pub mod exit {
     pub const OK: u8 = 0;
@@ -38,6 +38,9 @@ pub mod exit {
   fleet-bundler status --broker mqtts://broker:8883 --index out/index.json --selector channel=canary --wait --timeout 10m
 With `rollout:` in fleet.yaml, `rollout` replaces `publish` and the gate:
   fleet-bundler rollout --out out/ --broker mqtts://broker:8883 --base-url https://cdn.example/fleet --sync 'aws s3 sync out/ s3://bucket/fleet/'
+Enrolling a device (after `fleet-agent enroll` on it):
+  fleet-bundler enroll list --broker mqtts://broker:8883 --repo .
+  fleet-bundler enroll accept gw-berlin-01 --broker mqtts://broker:8883 --repo . --labels site=berlin && git commit -am 'Enroll gw-berlin-01'
 
 Repository format and rules: bundler/README.md
 
@@ -51,7 +54,7 @@ Exit codes:
   6   rollout: the rollout is aborted
   64  usage error: bad flags; build: no signing key; verify: a threshold above the keys given;
       publish/status/exporter: a bad broker URL, fleet id or selector; a --broker given twice or more than 16; several --broker for exporter or for status without --index; a --index or TLS file that does not exist
-  65  the repository is invalid (validation errors are printed with file:line:column)
+  65  the repository is invalid (validation errors are printed with file:line:column); enroll accept: devices/<id>.yaml or fleet.yaml is
   130 status --wait: interrupted by Ctrl-C (SIGINT); 143: by SIGTERM")
 )]
 pub(crate) struct Cli {
@@ -189,6 +192,45 @@ A clustered broker whose nodes keep retained messages to themselves (RabbitMQ): 
 
 Exit codes: 0 done (every wave soaked; --abort: the abort was published), 3 halted (the reason is printed), 4 --timeout reached or --once done while the rollout still runs (a later run resumes), 5 (as it starts) a device already has a newer (or equal) version retained (nothing released; rebuild with --previous), 6 aborted, 1 failure (broker, I/O), 64 usage (bad flags or broker URL, no DIR/index.json, a build without rollout:, neither --base-url nor --blobs-over-mqtt, --abort without a retained rollout).")]
     Rollout(rollout::drive::RolloutArgs),
+    /// Device enrollment: list the devices' claims (MQTT), accept one into devices/<id>.yaml of the work tree.
+    #[command(subcommand)]
+    Enroll(EnrollCommand),
+}
+
+#[derive(Subcommand)]
+pub(crate) enum EnrollCommand {
+    /// Show the devices' enrollment claims, each checked; with --repo, whether devices/<id>.yaml has its key.
+    #[command(after_help = "Examples:
+  fleet-bundler enroll list --broker mqtts://broker:8883 --repo .
+  fleet-bundler enroll list --broker mqtt://127.0.0.1:1883 --fleet acme --json | jq '.[] | select(.standing == \"pending\")'
+
+A device publishes its claim with `fleet-agent enroll` (retained on <prefix>/<fleet>/enroll/<device>): its age recipients (newest first), key id, agent version, arch, os, kernel, host name, an app-specific machine id, and when it was made.
+Each claim is checked: JSON within 4 KiB, the device and fleet of its topic, every recipient a valid age X25519 recipient (Bech32 checksum), the key id its first recipient's. A claim that fails is listed as invalid with the reason; it is never used.
+With --repo (the fleet repository's work tree; its fleet.yaml also names the fleet and prefix), each claim is compared with devices/<id>.yaml:
+  accepted   the file lists the claim's current key
+  pending    no file, or no public_key: in it (a new device)
+  rotation   the file lists other keys (the device rotated its key; or another device claims this id)
+  file_invalid  the device file does not load (fleet-bundler validate --worktree says why)
+A claim is unsigned: before accepting, compare its key id with what `fleet-agent identity` prints on the device.
+The bundler's broker account needs read access to <prefix>/<fleet>/enroll/+ (README \"Enrollment\").
+
+--json prints an array: {device, topic, valid, reason (invalid), claim (valid: the claim's fields), standing (with --repo)}.
+
+Exit codes: 0 listed (invalid claims included), 1 failure (broker unreachable or refused, the subscription refused, an unreadable file), 64 usage (bad flags or broker URL; no --fleet and no --repo; a bad fleet id or prefix), 65 fleet.yaml of --repo is invalid.")]
+    List(enroll::ListArgs),
+    /// Write a device's claimed key(s) into devices/<ID>.yaml of the work tree (not committed: commit it after review).
+    #[command(after_help = "Examples:
+  fleet-bundler enroll accept gw-berlin-01 --broker mqtts://broker:8883 --repo . --labels site=berlin,channel=canary
+  git add devices/gw-berlin-01.yaml && git commit -m 'Enroll gw-berlin-01 (key id 3f9a0c2b7d41e5a8)'
+  fleet-bundler enroll accept gw-berlin-01 --broker mqtts://broker:8883 --repo .     # after a key rotation on the device
+
+Reads the device's retained claim from the broker and checks it (as `enroll list`); nothing is written for an invalid claim or no claim.
+A new device: writes devices/<ID>.yaml with `public_key: age1...` and the --labels.
+An existing device file: only its public_key: lines change (every other line, comments included, stays byte for byte; --labels is then ignored): `public_key: age1...` for one key, `public_key: [age1new, age1old]` while the device rotates its key (both accepted until the old one is removed from the file).
+Compare the printed key id with `fleet-agent identity` on the device, review the change, and commit it: acceptance is a commit like every other change.
+
+Exit codes: 0 written (or the file listed these keys already), 1 failure (no claim of ID on the broker, an invalid claim, a device file whose public_key cannot be edited line by line, broker or I/O), 64 usage (bad flags, broker URL, device id or --labels), 65 devices/<ID>.yaml or fleet.yaml is invalid (each problem printed as file:line:column).")]
+    Accept(enroll::AcceptArgs),
 }
 
 /// Where the repository is.

@@ -25,6 +25,7 @@ pub const FLEET_SHAPE: Shape = Shape::Keys(&[
 
 /// The keys of `devices/<id>.yaml`.
 pub const DEVICE_SHAPE: Shape = Shape::Keys(&[
+    ("public_key", Shape::Any),
     ("labels", Shape::Any),
     ("vars", Shape::Any),
     ("policy", POLICY_SHAPE),
@@ -86,6 +87,10 @@ pub struct FleetFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceFile {
+    /// The device's age X25519 recipient(s) (`age1…`): one, or a list during a key
+    /// rotation (both accepted). Written by `fleet-bundler enroll accept`.
+    #[serde(default)]
+    pub public_key: Option<Spanned<crate::yaml::StringOrList>>,
     /// Labels apps select on (`site`, `hardware`, `channel`, ...).
     #[serde(default)]
     pub labels: BTreeMap<String, Spanned<Scalar>>,

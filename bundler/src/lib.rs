@@ -23,9 +23,12 @@
 //! - [`dashboard`]: the static live dashboard written next to the build output.
 //! - [`rollout`]: `rollout:` of `fleet.yaml`, the pure rollout core and
 //!   `fleet-bundler rollout`'s driver (MQTT, pointer files, `--sync`).
+//! - [`enroll`]: `enroll list|accept`: devices' enrollment claims from MQTT, checked,
+//!   and their acceptance written into `devices/<id>.yaml` of the work tree (line-level,
+//!   never committed); [`recipient`]: age X25519 recipients (`public_key:`).
 //!
 //! Architecture invariant: only [`repo`], [`build`], [`previous`], [`registry`],
-//! [`dashboard`], [`mqtt`], [`exporter`] and [`rollout::drive`] do I/O;
+//! [`dashboard`], [`mqtt`], [`exporter`], [`enroll`] and [`rollout::drive`] do I/O;
 //! loading and rendering are pure functions of the repository snapshot, so the same
 //! commit always renders the same states.
 
@@ -36,6 +39,7 @@ pub mod compose;
 pub mod dashboard;
 pub mod diag;
 pub mod duration;
+pub mod enroll;
 pub mod exporter;
 pub mod format;
 pub mod lfs;
@@ -45,6 +49,7 @@ pub mod mqtt;
 pub mod plan;
 pub mod policy;
 pub mod previous;
+pub mod recipient;
 pub mod registry;
 pub mod render;
 pub mod repo;

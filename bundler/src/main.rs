@@ -18,7 +18,7 @@ use fleet_bundler::build::{self, BuildOptions};
 use fleet_bundler::diag::{self, Diagnostic};
 use fleet_bundler::registry::{self, Registry};
 use fleet_bundler::rollout::drive;
-use fleet_bundler::{exporter, mqtt, plan, previous, render, repo, timefmt};
+use fleet_bundler::{enroll, exporter, mqtt, plan, previous, render, repo, timefmt};
 
 mod cli;
 
@@ -163,7 +163,82 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Exporter(args) => export(&args),
         Command::Rollout(args) => rollout_cmd(&args),
+        Command::Enroll(cli::EnrollCommand::List(args)) => enroll_list(&args),
+        Command::Enroll(cli::EnrollCommand::Accept(args)) => enroll_accept(&args),
     }
+}
+
+/// `enroll`'s errors with their exit codes: usage 64, an invalid file 65 (each problem
+/// printed), the rest 1.
+fn enroll_exit(e: enroll::EnrollError) -> anyhow::Error {
+    match e {
+        enroll::EnrollError::Mqtt(e) => usage_exit(e),
+        enroll::EnrollError::Usage(message) => {
+            eprintln!("error: {message}");
+            Exit(exit::USAGE).into()
+        }
+        enroll::EnrollError::Repository(diags) => {
+            for d in &diags {
+                eprintln!("{d}");
+            }
+            eprintln!("error: {}", enroll::EnrollError::Repository(diags));
+            Exit(exit::INVALID_REPO).into()
+        }
+        e => e.into(),
+    }
+}
+
+fn enroll_list(args: &enroll::ListArgs) -> anyhow::Result<u8> {
+    let rows = enroll::list(args).map_err(enroll_exit)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", enroll::table(&rows, timefmt::now()));
+        if rows.iter().any(|r| r.valid) {
+            eprintln!(
+                "compare each key id with `fleet-agent identity` on the device, then: fleet-bundler enroll accept ID \
+                 --broker URL --repo DIR"
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn enroll_accept(args: &enroll::AcceptArgs) -> anyhow::Result<u8> {
+    let done = enroll::accept(args).map_err(enroll_exit)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+        return Ok(exit::OK);
+    }
+    let value = |keys: &[String]| match keys {
+        [] => "(none)".to_string(),
+        [one] => one.clone(),
+        many => format!("[{}]", many.join(", ")),
+    };
+    if done.labels_ignored {
+        eprintln!("warning: {} exists: --labels is ignored (edit its labels: there)", done.file);
+    }
+    if !done.changed {
+        println!("{} lists public_key {} already: nothing changed", done.file, value(&done.public_keys));
+        return Ok(exit::OK);
+    }
+    if done.created {
+        println!("{}: new device file, public_key: {}", done.file, value(&done.public_keys));
+    } else {
+        println!("{}: public_key: {} -> {}", done.file, value(&done.previous), value(&done.public_keys));
+    }
+    println!("key id {}: compare it with `fleet-agent identity` on {}", done.key_id, done.device);
+    if done.public_keys.len() > 1 {
+        println!(
+            "both keys are accepted during the rotation: once {} runs a bundle built after this commit, remove \
+             the old key from {} (commit), then `fleet-agent identity --retire OLDID` on the device",
+            done.device, done.file
+        );
+    }
+    let repo = done.repo.display();
+    println!("review and commit it:\n  git -C {repo} add {}", done.file);
+    println!("  git -C {repo} commit -m 'Enroll {} (key id {})'", done.device, done.key_id);
+    Ok(exit::OK)
 }
 
 /// A usage problem found after parsing (no fleet named, a bad fleet id or prefix, a

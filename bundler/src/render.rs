@@ -100,6 +100,9 @@ pub struct Fleet {
 pub struct Device {
     pub id: String,
     pub labels: BTreeMap<String, String>,
+    /// `public_key:` of the device file: its age X25519 recipients (`age1…`), each
+    /// checked, newest first as written; empty when the device has none (not enrolled).
+    pub public_keys: Vec<String>,
     pub vars: Vars,
     /// `policy:` of the device file (keys over `fleet.yaml`'s).
     pub policy: crate::policy::Settings,
@@ -381,7 +384,8 @@ fn text<'a>(path: &str, bytes: &'a [u8]) -> Result<&'a str, Diagnostic> {
     std::str::from_utf8(bytes).map_err(|e| Diagnostic::error(path, 0, 0, format!("not UTF-8 text: {e}")))
 }
 
-fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Vec<Diagnostic>> {
+/// Loads `devices/<id>.yaml` (`path`, repository-relative) from its bytes.
+pub(crate) fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Vec<Diagnostic>> {
     let rest = &path["devices/".len()..];
     let Some(id) = rest.strip_suffix(".yaml").filter(|id| !id.contains('/')) else {
         return Err(vec![Diagnostic::error(
@@ -401,6 +405,10 @@ fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Vec<Diagnostic>> {
     };
     let labels = file.labels.into_iter().map(|(k, v)| (k, v.value.0)).collect();
     let mut problems = Vec::new();
+    let public_keys = match &file.public_key {
+        Some(keys) => public_keys(path, keys, &mut problems),
+        None => Vec::new(),
+    };
     let policy = match &file.policy {
         Some(p) => crate::policy::Settings::from_file(path, p, &mut problems),
         None => crate::policy::Settings::default(),
@@ -412,7 +420,56 @@ fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Vec<Diagnostic>> {
     if !problems.is_empty() {
         return Err(problems);
     }
-    Ok(Device { id: id.to_string(), labels, vars: file.vars, policy, maintenance })
+    Ok(Device { id: id.to_string(), labels, public_keys, vars: file.vars, policy, maintenance })
+}
+
+/// `public_key:` of a device file: one recipient or a list, each a valid age X25519
+/// recipient, none twice, the list not empty.
+fn public_keys(
+    path: &str,
+    value: &yaml::Spanned<yaml::StringOrList>,
+    problems: &mut Vec<Diagnostic>,
+) -> Vec<String> {
+    let at = yaml::Pos::of(value);
+    let items: Vec<(String, yaml::Pos)> = match &value.value {
+        yaml::StringOrList::String(s) => vec![(s.clone(), at)],
+        yaml::StringOrList::List(list) => {
+            list.iter().map(|s| (s.value.0.clone(), yaml::Pos::of(s))).collect()
+        }
+    };
+    if items.is_empty() {
+        problems.push(Diagnostic::error(
+            path,
+            at.line,
+            at.column,
+            "`public_key`: an empty list: give the device's recipient (age1…, `fleet-agent identity` prints \
+             it), or remove the key",
+        ));
+    }
+    let mut keys: Vec<String> = Vec::new();
+    for (key, pos) in items {
+        if let Err(e) = crate::recipient::parse(&key) {
+            problems.push(Diagnostic::error(
+                path,
+                pos.line,
+                pos.column,
+                format!(
+                    "`public_key`: {e}: use the recipient `fleet-agent identity` prints on the device \
+                     (or `fleet-bundler enroll accept` writes)"
+                ),
+            ));
+        } else if keys.contains(&key) {
+            problems.push(Diagnostic::error(
+                path,
+                pos.line,
+                pos.column,
+                format!("`public_key`: {key} is listed twice"),
+            ));
+        } else {
+            keys.push(key);
+        }
+    }
+    keys
 }
 
 fn load_app(

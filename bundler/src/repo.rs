@@ -94,6 +94,13 @@ fn lfs_store(repo: &gix::Repository) -> PathBuf {
 /// The `commit` of a [`Snapshot`] of the work tree (it has no commit id).
 pub const WORKTREE: &str = "work tree";
 
+/// The root of the work tree of the repository at or above `path`: where `enroll
+/// accept` writes `devices/<id>.yaml` (never committed).
+pub fn worktree_root(path: &Path) -> Result<PathBuf, RepoError> {
+    let repo = open(path)?;
+    Ok(repo.workdir().ok_or_else(|| RepoError::Bare { path: path.into() })?.to_path_buf())
+}
+
 /// Finds the repository at `path` or in a directory above it, like `git` does, so that
 /// `--repo .` works from any subdirectory of a clone.
 fn open(path: &Path) -> Result<gix::Repository, RepoError> {

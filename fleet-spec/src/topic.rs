@@ -4,6 +4,11 @@
 //! such as Mosquitto's `pattern readwrite fleet/+/devices/%c/#` confines each device to
 //! its own topics. Ids are checked so that no id can break out of that tree: MQTT
 //! wildcards (`+`, `#`), the level separator `/`, empty and over-long ids are refused.
+//!
+//! One topic per device lies outside that subtree: the enrollment claim,
+//! `<prefix>/<fleet>/enroll/<device>` ([`enroll_topic`]), written by `fleet-agent enroll`
+//! and read by `fleet-bundler enroll`. A device may write its own (`pattern write
+//! fleet/+/enroll/%u`); only the bundler's account reads them.
 
 use std::fmt;
 use std::str::FromStr;
@@ -137,6 +142,39 @@ impl fmt::Display for Topic {
     }
 }
 
+/// The level between fleet and device of the enrollment topics.
+pub const ENROLL: &str = "enroll";
+
+/// `<prefix>/<fleet>/enroll/<device>`: where `device` retains its enrollment claim
+/// ([`crate::messages::EnrollClaim`]).
+pub fn enroll_topic(prefix: &str, fleet: &str, device: &str) -> Result<String, TopicError> {
+    validate_prefix(prefix)?;
+    validate_id("fleet id", fleet)?;
+    validate_id("device id", device)?;
+    Ok(format!("{prefix}/{fleet}/{ENROLL}/{device}"))
+}
+
+/// `<prefix>/<fleet>/enroll/+`: every device's enrollment claim.
+pub fn enroll_filter(prefix: &str, fleet: &str) -> Result<String, TopicError> {
+    validate_prefix(prefix)?;
+    validate_id("fleet id", fleet)?;
+    Ok(format!("{prefix}/{fleet}/{ENROLL}/+"))
+}
+
+/// The device id of an enrollment topic of `fleet` under `prefix`, checked.
+pub fn parse_enroll_topic<'t>(prefix: &str, fleet: &str, topic: &'t str) -> Result<&'t str, TopicError> {
+    let device = topic
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('/'))
+        .and_then(|r| r.strip_prefix(fleet))
+        .and_then(|r| r.strip_prefix('/'))
+        .and_then(|r| r.strip_prefix(ENROLL))
+        .and_then(|r| r.strip_prefix('/'))
+        .ok_or_else(|| TopicError::Shape(topic.into()))?;
+    validate_id("device id", device)?;
+    Ok(device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +213,24 @@ mod tests {
             "fleet//devices/gw/status",
         ] {
             assert!(Topic::parse("fleet", bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn enrollment_topics_name_one_device_each() {
+        assert_eq!(enroll_topic("fleet", "acme", "gw-01").expect("valid"), "fleet/acme/enroll/gw-01");
+        assert_eq!(enroll_filter("corp/iot", "acme").expect("valid"), "corp/iot/acme/enroll/+");
+        assert_eq!(parse_enroll_topic("fleet", "acme", "fleet/acme/enroll/gw-01"), Ok("gw-01"));
+        assert!(enroll_topic("fleet", "acme", "+").is_err());
+        for bad in [
+            "fleet/acme/enroll/",
+            "fleet/acme/enroll/a/b",
+            "fleet/acme/enroll/+",
+            "fleet/other/enroll/gw",
+            "fleet/acme/devices/gw",
+            "fleet/acmeX/enroll/gw",
+        ] {
+            assert!(parse_enroll_topic("fleet", "acme", bad).is_err(), "{bad:?} must be refused");
         }
     }
 }

@@ -195,6 +195,17 @@ impl FleetRepo {
         self.repo.write(path, content)
     }
 
+    /// The repository's work tree (what `fleet-bundler enroll accept --repo` writes into).
+    pub fn repo_dir(&self) -> &Path {
+        self.repo.path()
+    }
+
+    /// Reads a repository file of the work tree (relative path).
+    pub fn read(&self, path: &str) -> Result<String> {
+        let full = self.repo.path().join(path);
+        fs::read_to_string(&full).with_context(|| format!("reading {}", full.display()))
+    }
+
     /// Deletes a repository file or directory.
     pub fn remove(&self, path: &str) -> Result<()> {
         self.repo.remove(path)
@@ -834,6 +845,12 @@ impl Device {
             stderr.push_str(&format!("\n(fleet-e2e: no answer within {limit:?}; killed)"));
         }
         Ok(CmdOutput { command, code: status.and_then(|s| s.code()), stdout, stderr })
+    }
+
+    /// `fleet-agent ARGS --config agent.toml`, e.g. `enroll --json` or `identity --rotate`.
+    pub fn cli(&self, args: &[&str]) -> Result<CmdOutput> {
+        let mut cmd = self.agent_command()?;
+        run_command(cmd.args(args).arg("--config").arg(&self.config).env("FLEET_LOG", "debug"))
     }
 
     /// `fleet-agent status --config agent.toml --json`: the local view of the state dir.

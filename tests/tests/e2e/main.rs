@@ -30,6 +30,7 @@
 //! | [`small_fleet`] | 9 twenty devices |
 //! | [`rollout`] | issue 14: a three-wave rollout in order, resumed after SIGKILL; a failing second wave halts it (thirty agents) |
 //! | [`acl`] | 10 broker ACLs |
+//! | [`enroll`] | issue 13: a device enrolls under the documented ACL (beside its running agent), `enroll list` shows it pending, `enroll accept` writes its key into the work tree, a commit makes it accepted; a key rotation is accepted with both keys, comments kept; hostile claims are listed as invalid; an unreachable broker is exit 75 |
 //! | [`cluster`] | issue 19: a three-node RabbitMQ cluster: what crosses nodes; three agents spread over it, publish/status with every node listed; a two-wave rollout (`--once`, then resumed to done) with every node listed, the agents' nodes not first |
 //! | [`sideload`] | 11 `fleet-agent apply` without a broker |
 //! | [`dashboard`] | the static live dashboard in headless Chromium: a device converging, a failing one in red, hostile messages as text (issue 18) |
@@ -46,6 +47,7 @@ mod containers;
 mod crash;
 mod dashboard;
 mod engines;
+mod enroll;
 mod exporter;
 mod first_deploy;
 mod hostile;
