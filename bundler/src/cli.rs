@@ -122,6 +122,8 @@ pub(crate) enum Command {
         context: usize,
         #[command(flatten)]
         limits: ReadLimits,
+        #[command(flatten)]
+        age: AgeIdentity,
     },
     /// Announce changed bundles over MQTT (retained, QoS 1, confirmed).
     #[command(
@@ -244,6 +246,22 @@ pub(crate) struct Source {
     pub(crate) rev: String,
     #[command(flatten)]
     pub(crate) limits: ReadLimits,
+    #[command(flatten)]
+    pub(crate) age: AgeIdentity,
+}
+
+/// The CI's age identity, which decrypts the repository's secrets.
+#[derive(Args, Clone, Default)]
+pub(crate) struct AgeIdentity {
+    /// The CI's age identity file (as age-keygen writes it): decrypts the repository's
+    /// secret files (`*.age`). Without it, validate and plan check everything else and
+    /// name the secrets they skipped; build refuses a repository with secrets. Never
+    /// pass the key itself on the command line: FLEET_AGE_IDENTITY holds it for CI.
+    #[arg(long = "age-identity", value_name = "FILE", env = "FLEET_AGE_IDENTITY_FILE")]
+    pub(crate) path: Option<PathBuf>,
+    /// The identity's key line(s) themselves, for CI secrets (used when no file is given).
+    #[arg(long = "age-identity-env", env = "FLEET_AGE_IDENTITY", hide_env_values = true, hide = true)]
+    pub(crate) text: Option<String>,
 }
 
 /// Limits of what is read from Git.

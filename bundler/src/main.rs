@@ -12,6 +12,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use fleet_spec::bundle::{self, Expectation, Limits, TrustState, TrustedKeys};
 use fleet_spec::keys::file as keyfile;
+use fleet_spec::age::SecretKey;
 use fleet_spec::{PublicKey, SigningKey};
 
 use fleet_bundler::build::{self, BuildOptions};
@@ -22,7 +23,7 @@ use fleet_bundler::{enroll, exporter, mqtt, plan, previous, render, repo, timefm
 
 mod cli;
 
-use cli::{exit, BuildArgs, Cli, Command, ReadLimits, Source};
+use cli::{exit, AgeIdentity, BuildArgs, Cli, Command, ReadLimits, Source};
 
 /// An error that maps to a specific exit code.
 #[derive(Debug)]
@@ -129,9 +130,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Keygen { out, json } => keygen(&out, json),
         Command::Validate { source, json, worktree } => validate(&source, worktree, json),
         Command::Build(args) => build_cmd(args),
-        Command::Plan { repo, from, to, worktree, json, context, limits } => {
+        Command::Plan { repo, from, to, worktree, json, context, limits, age } => {
             let to = if worktree { None } else { Some(to.as_str()) };
-            plan_cmd(&repo, &from, to, json, context, limits)
+            plan_cmd(&repo, &from, to, json, context, limits, &age_identities(&age)?)
         }
         Command::Publish(args) => {
             let summary = match mqtt::publish(&args) {
@@ -299,10 +300,41 @@ fn read_source(
     repo: &Path,
     rev: Option<&str>,
     limits: ReadLimits,
+    age: &[SecretKey],
 ) -> Result<repo::Snapshot, repo::RepoError> {
-    match rev {
+    let mut snapshot = match rev {
         Some(rev) => repo::read(repo, rev, limits.max_file_size),
         None => repo::read_worktree(repo, limits.max_file_size),
+    }?;
+    snapshot.age_identities = age.to_vec();
+    Ok(snapshot)
+}
+
+/// The CI's age identities from `--age-identity FILE` or `FLEET_AGE_IDENTITY`; none
+/// when neither is set.
+fn age_identities(age: &AgeIdentity) -> anyhow::Result<Vec<SecretKey>> {
+    let (text, origin) = match (&age.path, &age.text) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the age identity {}", path.display()))?;
+            (text, path.display().to_string())
+        }
+        (None, Some(text)) => (text.clone(), "FLEET_AGE_IDENTITY".to_string()),
+        (None, None) => return Ok(Vec::new()),
+    };
+    fleet_spec::age::parse_identities(&text).map_err(|e| {
+        anyhow::anyhow!("{origin}: {e} (an age identity is what age-keygen writes: AGE-SECRET-KEY-1… lines)")
+    })
+}
+
+/// What `validate` and `plan` say when secrets were not decrypted.
+fn skipped_secrets(fleet: &render::Fleet) {
+    if !fleet.undecrypted.is_empty() {
+        eprintln!(
+            "note: {} secret file(s) not decrypted (no --age-identity): their content was not checked: {}",
+            fleet.undecrypted.len(),
+            some_of(&fleet.undecrypted)
+        );
     }
 }
 
@@ -331,9 +363,15 @@ fn uncommitted(repo: &Path, snapshot: &repo::Snapshot, quiet: bool) -> Vec<(Stri
 }
 
 /// Loads and renders a revision (`None`: the work tree), printing diagnostics on stderr.
-fn load_and_render(repo: &Path, rev: Option<&str>, limits: ReadLimits) -> anyhow::Result<Rendered> {
-    let snapshot = read_source(repo, rev, limits)?;
+fn load_and_render(
+    repo: &Path,
+    rev: Option<&str>,
+    limits: ReadLimits,
+    age: &[SecretKey],
+) -> anyhow::Result<Rendered> {
+    let snapshot = read_source(repo, rev, limits, age)?;
     let (fleet, mut diags) = render::load(&snapshot);
+    skipped_secrets(&fleet);
     let (states, render_diags) = fleet.render_all();
     diags.extend(render_diags);
     let diags = diag::merge(diags);
@@ -345,9 +383,12 @@ fn load_and_render(repo: &Path, rev: Option<&str>, limits: ReadLimits) -> anyhow
 
 fn validate(source: &Source, worktree: bool, json: bool) -> anyhow::Result<u8> {
     let rev = (!worktree).then_some(source.rev.as_str());
-    let snapshot = read_source(&source.repo, rev, source.limits)?;
+    let snapshot = read_source(&source.repo, rev, source.limits, &age_identities(&source.age)?)?;
     let changes = if worktree { Vec::new() } else { uncommitted(&source.repo, &snapshot, json) };
     let (fleet, mut diags) = render::load(&snapshot);
+    if !json {
+        skipped_secrets(&fleet);
+    }
     diags.extend(fleet.check_all().0);
     let diags = diag::merge(diags);
     if !json {
@@ -363,6 +404,7 @@ fn validate(source: &Source, worktree: bool, json: bool) -> anyhow::Result<u8> {
             "fleet": fleet.name,
             "commit": snapshot.commit,
             "worktree": worktree,
+            "secrets_not_decrypted": fleet.undecrypted,
             "uncommitted": changes.iter().map(|(path, change)| serde_json::json!({"path": path, "change": change})).collect::<Vec<_>>(),
             "devices": fleet.devices.len(),
             "apps": fleet.apps.len(),
@@ -449,10 +491,19 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     if progress {
         eprintln!("reading {} at {}", args.source.repo.display(), args.source.rev);
     }
-    let snapshot = repo::read(&args.source.repo, &args.source.rev, args.source.limits.max_file_size)?;
+    let mut snapshot = repo::read(&args.source.repo, &args.source.rev, args.source.limits.max_file_size)?;
+    snapshot.age_identities = age_identities(&args.source.age)?;
     // The commit is what is bundled; uncommitted edits are named so they are not lost.
     uncommitted(&args.source.repo, &snapshot, false);
     let (fleet, mut diags) = render::load(&snapshot);
+    if !fleet.undecrypted.is_empty() {
+        eprintln!(
+            "error: the repository has secrets ({}) and no age identity decrypts them: pass --age-identity FILE \
+             (or FLEET_AGE_IDENTITY_FILE, or the key itself in FLEET_AGE_IDENTITY); nothing was written",
+            some_of(&fleet.undecrypted)
+        );
+        return Err(Exit(exit::USAGE).into());
+    }
     if diag::error_count(&diags) == 0 {
         // Before the expensive part: the commit date alone can stop the build.
         build::check_commit_time(&snapshot.commit, snapshot.commit_time, fleet.bundle_expiry, now)?;
@@ -541,10 +592,11 @@ fn plan_cmd(
     json: bool,
     context: usize,
     limits: ReadLimits,
+    age: &[SecretKey],
 ) -> anyhow::Result<u8> {
     let mut states = Vec::new();
     for rev in [Some(from), to] {
-        let r = load_and_render(repo_path, rev, limits)?;
+        let r = load_and_render(repo_path, rev, limits, age)?;
         let errors = diag::error_count(&r.diags);
         if errors > 0 {
             eprintln!("plan stopped: {errors} error(s) in the repository {}", place(&r.snapshot));

@@ -226,8 +226,11 @@ fn diff_files(
     secret: &BTreeSet<String>,
     context: usize,
 ) -> Vec<FileChange> {
-    let a_files: BTreeMap<&str, &ManagedFile> = a.files.iter().map(|f| (f.path.as_str(), f)).collect();
-    let b_files: BTreeMap<&str, &ManagedFile> = b.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    // Secret files (sealed to the device) are listed too; their paths are in `secret`.
+    let a_files: BTreeMap<&str, &ManagedFile> =
+        a.files.iter().chain(&a.secrets.files).map(|f| (f.path.as_str(), f)).collect();
+    let b_files: BTreeMap<&str, &ManagedFile> =
+        b.files.iter().chain(&b.secrets.files).map(|f| (f.path.as_str(), f)).collect();
     let paths: BTreeSet<&str> = a_files.keys().chain(b_files.keys()).copied().collect();
     let mut out = Vec::new();
     for path in paths {

@@ -14,6 +14,7 @@ use minijinja::value::Serde;
 use minijinja::{Environment, UndefinedBehavior};
 use rayon::prelude::*;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::compose::{self, AppContext, ComposeFile, Translated};
 use crate::diag::Diagnostic;
@@ -93,6 +94,12 @@ pub struct Fleet {
     /// `fleet.yaml` is missing or has errors: devices are not rendered (see
     /// [`Fleet::not_rendered`]).
     root_broken: bool,
+    /// Secret (`*.age`) files not decrypted because no age identity was given: their
+    /// repository paths. `validate` and `plan` say they skipped them; `build` refuses.
+    pub undecrypted: Vec<String>,
+    /// Derived from the CI's age identity: makes sealing deterministic (same commit,
+    /// same bundle bytes). `None` without an identity.
+    seal_seed: Option<[u8; 32]>,
 }
 
 /// One device file.
@@ -129,6 +136,9 @@ pub struct FileSpec {
     pub owner: Option<Owner>,
     /// Content hidden from `plan`.
     pub secret: bool,
+    /// A secret file (`*.age` source): decrypted with the CI's identity, sealed to the
+    /// device in its bundle.
+    pub sealed: bool,
     content: FileContent,
 }
 
@@ -302,6 +312,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
 
     // apps/<app>/
     let mut templates = Environment::new();
+    let mut undecrypted = Vec::new();
     templates.set_undefined_behavior(UndefinedBehavior::Strict);
     templates.set_fuel(Some(TEMPLATE_FUEL));
     templates.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
@@ -316,7 +327,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         .collect();
     let mut apps = Vec::new();
     for app in app_names {
-        if let Some(a) = load_app(snapshot, app, &file_root, &vars, &mut templates, &mut diags) {
+        if let Some(a) = load_app(snapshot, app, &file_root, &vars, &mut templates, &mut diags, &mut undecrypted) {
             apps.push(a);
         }
     }
@@ -368,6 +379,13 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         apps,
         templates,
         max_file_size: snapshot.max_file_size,
+        undecrypted,
+        seal_seed: snapshot.age_identities.first().map(|k| {
+            let mut seed = Sha256::new();
+            seed.update(b"fleet-bundler seal seed v1");
+            seed.update(k.secret_bytes());
+            seed.finalize().into()
+        }),
     };
     (fleet, diags)
 }
@@ -479,6 +497,7 @@ fn load_app(
     fleet_vars: &Vars,
     templates: &mut Environment<'static>,
     diags: &mut Vec<Diagnostic>,
+    undecrypted: &mut Vec<String>,
 ) -> Option<App> {
     let dir = format!("apps/{app}");
     let app_yaml = format!("{dir}/app.yaml");
@@ -562,8 +581,10 @@ fn load_app(
             );
             continue;
         };
+        // A `.age` source is a secret: delivered without the suffix, 0600 by default.
+        let sealed = source.ends_with(".age");
         let target = match &e.target {
-            None => format!("{app_root}/{source}"),
+            None => format!("{app_root}/{}", source.strip_suffix(".age").unwrap_or(&source)),
             Some(t) => match normalize_absolute(&t.value) {
                 Some(p) if p != "/" => p,
                 _ => {
@@ -584,6 +605,7 @@ fn load_app(
             );
         }
         let mode = match &e.mode {
+            None if sealed => 0o600,
             None => 0o644,
             Some(m) => match u32::from_str_radix(m.value.0.trim_start_matches("0o"), 8) {
                 Ok(v) if v <= 0o7777 => v,
@@ -628,7 +650,41 @@ fn load_app(
             );
             continue;
         }
-        let content = if e.template {
+        let content = if sealed {
+            if e.template {
+                err(
+                    diags,
+                    src_pos,
+                    format!(
+                        "{repo_path} is a secret (.age) and cannot be a template: drop `template: true`, or \
+                         render a plain template from secret variables"
+                    ),
+                );
+                continue;
+            }
+            if snapshot.age_identities.is_empty() {
+                undecrypted.push(repo_path.clone());
+                FileContent::Static(Vec::new())
+            } else {
+                match fleet_spec::age::decrypt(content, &snapshot.age_identities) {
+                    Ok(plain) => FileContent::Static(plain),
+                    Err(e) => {
+                        let ids: Vec<String> = snapshot.age_identities.iter().map(|k| k.key_id()).collect();
+                        let recipient = snapshot.age_identities[0].recipient();
+                        err(
+                            diags,
+                            src_pos,
+                            format!(
+                                "{repo_path} cannot be decrypted with the CI's age identity (key id {}): {e}; \
+                                 encrypt it to the CI's recipient: age -r {recipient} -o {repo_path} <plain file>",
+                                ids.join(", ")
+                            ),
+                        );
+                        continue;
+                    }
+                }
+            }
+        } else if e.template {
             let Ok(source_text) = std::str::from_utf8(content) else {
                 err(
                     diags,
@@ -649,7 +705,8 @@ fn load_app(
         };
         file_targets.insert(source, target.clone());
         files.push(FileSpec {
-            secret: e.secret || looks_secret(&target) || looks_secret(&repo_path),
+            secret: sealed || e.secret || looks_secret(&target) || looks_secret(&repo_path),
+            sealed,
             repo_path,
             target,
             mode,
@@ -961,12 +1018,12 @@ impl Fleet {
                     )));
                     continue;
                 }
-                state.files.push(ManagedFile {
-                    path: f.target.clone(),
-                    mode: f.mode,
-                    owner: f.owner,
-                    content,
-                });
+                let file = ManagedFile { path: f.target.clone(), mode: f.mode, owner: f.owner, content };
+                if f.sealed {
+                    state.secrets.files.push(file);
+                } else {
+                    state.files.push(file);
+                }
             }
             let Some(c) = &app.compose else { continue };
             let translated = match &c.fixed {
@@ -1024,6 +1081,37 @@ impl Fleet {
         state.canonicalize();
         diags.extend(self.policy_diagnostics(device, &state).into_iter().map(tag));
         (state, diags)
+    }
+
+    /// Seals `state`'s secrets to `device`'s keys (`public_key:`), or says why not.
+    pub fn seal(&self, device: &Device, state: &mut DesiredState) -> Result<(), String> {
+        if state.secrets.is_empty() {
+            return Ok(());
+        }
+        let names = || state.secrets.files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>().join(", ");
+        let Some(seed) = &self.seal_seed else {
+            return Err(format!(
+                "secrets ({}) need the CI's age identity to be decrypted: pass --age-identity FILE \
+                 (or FLEET_AGE_IDENTITY_FILE, or the key itself in FLEET_AGE_IDENTITY)",
+                names()
+            ));
+        };
+        if device.public_keys.is_empty() {
+            return Err(format!(
+                "device {} gets secrets ({}) but has no `public_key:` in devices/{}.yaml to encrypt them to: \
+                 enroll it (fleet-agent enroll, then fleet-bundler enroll accept {})",
+                device.id,
+                names(),
+                device.id,
+                device.id
+            ));
+        }
+        let mut recipients = Vec::new();
+        for key in &device.public_keys {
+            recipients.push(fleet_spec::age::parse_recipient(key).map_err(|e| format!("devices/{}.yaml: {e}", device.id))?);
+        }
+        state.seal(&recipients, seed);
+        Ok(())
     }
 
     /// Where `device`'s engine policy would refuse its `state`, at the Compose service

@@ -40,6 +40,9 @@ pub struct Snapshot {
     pub too_large: BTreeMap<String, u64>,
     /// The limit the snapshot was read with (bytes per file).
     pub max_file_size: u64,
+    /// The CI's age identities, to decrypt the repository's secret (`*.age`) files;
+    /// empty: they are not decrypted (see `render::Fleet::undecrypted`).
+    pub age_identities: Vec<fleet_spec::age::SecretKey>,
 }
 
 /// The default limit of the size of one file read from Git: 16 MiB. Bundles carry
@@ -55,6 +58,7 @@ impl Default for Snapshot {
             files: BTreeMap::new(),
             too_large: BTreeMap::new(),
             max_file_size: DEFAULT_MAX_FILE_SIZE,
+            age_identities: Vec::new(),
         }
     }
 }
@@ -214,6 +218,7 @@ pub fn read(path: &Path, rev: &str, max_file_size: u64) -> Result<Snapshot, Repo
         files: out.files,
         too_large: out.too_large,
         max_file_size,
+        age_identities: Vec::new(),
     })
 }
 
@@ -282,6 +287,7 @@ pub fn read_worktree(path: &Path, max_file_size: u64) -> Result<Snapshot, RepoEr
         files,
         too_large,
         max_file_size,
+        age_identities: Vec::new(),
     })
 }
 

@@ -54,5 +54,6 @@ mod hostile;
 mod maintenance;
 mod outages;
 mod rollout;
+mod secrets;
 mod sideload;
 mod small_fleet;
