@@ -278,7 +278,9 @@ it. The identity is made first if there is none.
 
 It connects with its own client id, <mqtt client id>-enroll (a running agent keeps
 its session), with the credentials and TLS settings of [mqtt]. The device's broker
-account needs `pattern write <prefix>/+/enroll/%u` (README \"Enrollment\").
+account needs `pattern write <prefix>/+/enroll/%u` (README \"Enrollment\"). A broker
+speaking MQTT 3.1.1 acknowledges a publish its ACL dropped too: `fleet-bundler enroll
+list` is where the claim shows.
 
 The claim is unsigned: an operator accepts it (fleet-bundler enroll accept) after
 comparing its key id with what `fleet-agent identity` prints here.
