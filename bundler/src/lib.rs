@@ -54,5 +54,6 @@ pub mod registry;
 pub mod render;
 pub mod repo;
 pub mod rollout;
+pub mod secrets;
 pub mod timefmt;
 pub mod yaml;

@@ -288,6 +288,16 @@ fn diff_containers(a: &DesiredState, b: &DesiredState) -> Vec<ContainerChange> {
             }),
             (Some(x), Some(y)) => {
                 let mut fields = changed_fields(x, y);
+                // Secret variables: named, never shown.
+                let none = BTreeMap::new();
+                let (sa, sb) =
+                    (a.secrets.env.get(name).unwrap_or(&none), b.secrets.env.get(name).unwrap_or(&none));
+                let keys: BTreeSet<&String> = sa.keys().chain(sb.keys()).collect();
+                fields.extend(
+                    keys.into_iter()
+                        .filter(|k| sa.get(*k) != sb.get(*k))
+                        .map(|k| format!("env.{k} (secret)")),
+                );
                 if fields.is_empty() && a.container_hash(x) != b.container_hash(y) {
                     fields.push("mounted_files".into());
                 }

@@ -20,7 +20,9 @@ use crate::compose::{self, AppContext, ComposeFile, Translated};
 use crate::diag::Diagnostic;
 use crate::duration::parse_duration_ms;
 use crate::format::{AppFile, DeviceFile, FleetFile, APP_SHAPE, DEVICE_SHAPE, FLEET_SHAPE};
+use crate::repo;
 use crate::repo::Snapshot;
+use crate::secrets::{self, SecretVars};
 use crate::yaml::{self, Pos, Vars};
 
 pub const DEFAULT_FILE_ROOT: &str = "/srv/fleet";
@@ -97,6 +99,13 @@ pub struct Fleet {
     /// Secret (`*.age`) files not decrypted because no age identity was given: their
     /// repository paths. `validate` and `plan` say they skipped them; `build` refuses.
     pub undecrypted: Vec<String>,
+    /// `secrets.yaml.age`'s variables (empty without one or without the identity).
+    secret_vars: SecretVars,
+    /// `devices/<id>.secrets.yaml.age`'s variables, over the fleet's.
+    device_secret_vars: BTreeMap<String, SecretVars>,
+    /// Secret variable files exist but were not decrypted: names are unknown, so an
+    /// unknown Compose `${VAR}` may be one (it is taken as a secret, not an error).
+    secret_names_unknown: bool,
     /// Derived from the CI's age identity: makes sealing deterministic (same commit,
     /// same bundle bytes). `None` without an identity.
     seal_seed: Option<[u8; 32]>,
@@ -139,6 +148,9 @@ pub struct FileSpec {
     /// A secret file (`*.age` source): decrypted with the CI's identity, sealed to the
     /// device in its bundle.
     pub sealed: bool,
+    /// A template that names `secrets`: its output is sealed (so is any template that
+    /// reads a secret at render time, through an include or a macro).
+    pub uses_secrets: bool,
     content: FileContent,
 }
 
@@ -293,8 +305,11 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
     }
 
     // devices/<id>.yaml, parsed in parallel (large fleets have thousands).
-    let device_files: Vec<(&String, &Vec<u8>)> =
-        snapshot.files.iter().filter(|(p, _)| p.starts_with("devices/")).collect();
+    let device_files: Vec<(&String, &Vec<u8>)> = snapshot
+        .files
+        .iter()
+        .filter(|(p, _)| p.starts_with("devices/") && secrets::device_secrets_id(p).is_none())
+        .collect();
     let parsed: Vec<Result<Device, Vec<Diagnostic>>> =
         device_files.par_iter().map(|(path, bytes)| load_device(path, bytes)).collect();
     let mut devices = BTreeMap::new();
@@ -310,9 +325,47 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         diags.push(Diagnostic::warning("devices/", 0, 0, "no devices: add devices/<id>.yaml files"));
     }
 
+    // Secret variables: the fleet's, then each device's.
+    let mut undecrypted = Vec::new();
+    let mut secret_vars = SecretVars::new();
+    let mut device_secret_vars = BTreeMap::new();
+    let mut secret_names_unknown = false;
+    let ids = &snapshot.age_identities;
+    if let Some(bytes) = snapshot.files.get(repo::FLEET_SECRETS) {
+        match secrets::load_vars(repo::FLEET_SECRETS, bytes, ids) {
+            Ok(Some(vars)) => secret_vars = vars,
+            Ok(None) => {
+                undecrypted.push(repo::FLEET_SECRETS.to_string());
+                secret_names_unknown = true;
+            }
+            Err(d) => diags.push(d),
+        }
+    }
+    for (path, bytes) in &snapshot.files {
+        let Some(id) = secrets::device_secrets_id(path) else { continue };
+        if !devices.contains_key(id) {
+            diags.push(Diagnostic::error(
+                path.as_str(),
+                0,
+                0,
+                format!("no device `{id}`: a device's secret variables go beside its devices/{id}.yaml"),
+            ));
+            continue;
+        }
+        match secrets::load_vars(path, bytes, ids) {
+            Ok(Some(vars)) => {
+                device_secret_vars.insert(id.to_string(), vars);
+            }
+            Ok(None) => {
+                undecrypted.push(path.clone());
+                secret_names_unknown = true;
+            }
+            Err(d) => diags.push(d),
+        }
+    }
+
     // apps/<app>/
     let mut templates = Environment::new();
-    let mut undecrypted = Vec::new();
     templates.set_undefined_behavior(UndefinedBehavior::Strict);
     templates.set_fuel(Some(TEMPLATE_FUEL));
     templates.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
@@ -327,7 +380,9 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         .collect();
     let mut apps = Vec::new();
     for app in app_names {
-        if let Some(a) = load_app(snapshot, app, &file_root, &vars, &mut templates, &mut diags, &mut undecrypted) {
+        if let Some(a) =
+            load_app(snapshot, app, &file_root, &vars, &mut templates, &mut diags, &mut undecrypted)
+        {
             apps.push(a);
         }
     }
@@ -380,6 +435,9 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         templates,
         max_file_size: snapshot.max_file_size,
         undecrypted,
+        secret_vars,
+        device_secret_vars,
+        secret_names_unknown,
         seal_seed: snapshot.age_identities.first().map(|k| {
             let mut seed = Sha256::new();
             seed.update(b"fleet-bundler seal seed v1");
@@ -604,7 +662,7 @@ fn load_app(
                 format!("target {target} is also written by the file at line {}", first.line),
             );
         }
-        let mode = match &e.mode {
+        let mut mode = match &e.mode {
             None if sealed => 0o600,
             None => 0o644,
             Some(m) => match u32::from_str_radix(m.value.0.trim_start_matches("0o"), 8) {
@@ -650,6 +708,7 @@ fn load_app(
             );
             continue;
         }
+        let mut uses_secrets = false;
         let content = if sealed {
             if e.template {
                 err(
@@ -666,20 +725,10 @@ fn load_app(
                 undecrypted.push(repo_path.clone());
                 FileContent::Static(Vec::new())
             } else {
-                match fleet_spec::age::decrypt(content, &snapshot.age_identities) {
+                match secrets::decrypt(&repo_path, content, &snapshot.age_identities) {
                     Ok(plain) => FileContent::Static(plain),
-                    Err(e) => {
-                        let ids: Vec<String> = snapshot.age_identities.iter().map(|k| k.key_id()).collect();
-                        let recipient = snapshot.age_identities[0].recipient();
-                        err(
-                            diags,
-                            src_pos,
-                            format!(
-                                "{repo_path} cannot be decrypted with the CI's age identity (key id {}): {e}; \
-                                 encrypt it to the CI's recipient: age -r {recipient} -o {repo_path} <plain file>",
-                                ids.join(", ")
-                            ),
-                        );
+                    Err(message) => {
+                        err(diags, src_pos, message);
                         continue;
                     }
                 }
@@ -699,14 +748,21 @@ fn load_app(
                 diags.push(template_diagnostic(&repo_path, &te));
                 continue;
             }
+            uses_secrets = templates
+                .get_template(&repo_path)
+                .is_ok_and(|t| t.undeclared_variables(false).contains("secrets"));
+            if uses_secrets && e.mode.is_none() {
+                mode = 0o600;
+            }
             FileContent::Template
         } else {
             FileContent::Static(content.clone())
         };
         file_targets.insert(source, target.clone());
         files.push(FileSpec {
-            secret: sealed || e.secret || looks_secret(&target) || looks_secret(&repo_path),
+            secret: sealed || uses_secrets || e.secret || looks_secret(&target) || looks_secret(&repo_path),
             sealed,
+            uses_secrets,
             repo_path,
             target,
             mode,
@@ -976,6 +1032,11 @@ impl Fleet {
         let tfleet = TemplateFleet { name: &self.name, topic_prefix: &self.topic_prefix, vars: &self.vars };
         let device_value = minijinja::Value::from(Serde(&tdevice));
         let fleet_value = minijinja::Value::from(Serde(&tfleet));
+        let mut device_secrets = self.secret_vars.clone();
+        if let Some(own) = self.device_secret_vars.get(&device.id) {
+            device_secrets.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        let tracker = secrets::Tracker::new(device_secrets.clone());
         let mut file_owner: BTreeMap<String, &str> = BTreeMap::new();
         let mut container_owner: BTreeMap<String, &str> = BTreeMap::new();
         let tag = |mut d: Diagnostic| {
@@ -984,15 +1045,22 @@ impl Fleet {
         };
         for app in self.apps_of(device) {
             for f in &app.files {
+                let mut sealed = f.sealed || f.uses_secrets;
                 let content = match &f.content {
                     FileContent::Static(bytes) => bytes.clone(),
+                    // Secrets not decrypted (validate, plan): named in `undecrypted`.
+                    FileContent::Template if f.uses_secrets && self.secret_names_unknown => Vec::new(),
                     FileContent::Template => {
                         let ctx = minijinja::context! {
                             device => device_value.clone(),
                             fleet => fleet_value.clone(),
                             app => minijinja::Value::from(Serde(TemplateApp { name: &app.name })),
+                            secrets => tracker.value(),
                         };
-                        match self.render_template(&f.repo_path, ctx) {
+                        tracker.take_touched();
+                        let rendered = self.render_template(&f.repo_path, ctx);
+                        sealed |= tracker.take_touched();
+                        match rendered {
                             Ok(bytes) => bytes,
                             Err(mut d) => {
                                 let names = serde_json::json!({
@@ -1019,7 +1087,7 @@ impl Fleet {
                     continue;
                 }
                 let file = ManagedFile { path: f.target.clone(), mode: f.mode, owner: f.owner, content };
-                if f.sealed {
+                if sealed {
                     state.secrets.files.push(file);
                 } else {
                     state.files.push(file);
@@ -1036,14 +1104,34 @@ impl Fleet {
                         file_targets: &c.file_targets,
                         env_files: &c.env_files,
                     };
+                    // A secret interpolates to a marker; `seal_compose_env` puts it where it went.
                     let lookup = |name: &str| {
-                        merged_vars.get(name).and_then(scalar_var).or_else(|| c.dotenv.get(name).cloned())
+                        if device_secrets.contains_key(name) {
+                            return Some(secrets::marker(name));
+                        }
+                        let plain = merged_vars
+                            .get(name)
+                            .and_then(scalar_var)
+                            .or_else(|| c.dotenv.get(name).cloned());
+                        match plain {
+                            None if self.secret_names_unknown => Some(secrets::marker(name)),
+                            found => found,
+                        }
                     };
-                    let (t, found) = compose::translate(&c.parsed, &ctx, &lookup, false);
-                    for d in found {
+                    let (mut t, found) = compose::translate(&c.parsed, &ctx, &lookup, false);
+                    for mut d in found {
+                        d.message = secrets::redact(&d.message);
                         if !c.known.contains(&(d.line, d.column, d.message.clone())) {
                             diags.push(tag(d));
                         }
+                    }
+                    for d in secrets::seal_compose_env(
+                        &c.file,
+                        &mut t.containers,
+                        &device_secrets,
+                        &mut state.secrets,
+                    ) {
+                        diags.push(tag(d));
                     }
                     t
                 }
@@ -1108,7 +1196,10 @@ impl Fleet {
         }
         let mut recipients = Vec::new();
         for key in &device.public_keys {
-            recipients.push(fleet_spec::age::parse_recipient(key).map_err(|e| format!("devices/{}.yaml: {e}", device.id))?);
+            recipients.push(
+                fleet_spec::age::parse_recipient(key)
+                    .map_err(|e| format!("devices/{}.yaml: {e}", device.id))?,
+            );
         }
         state.seal(&recipients, seed);
         Ok(())

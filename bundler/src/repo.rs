@@ -45,6 +45,9 @@ pub struct Snapshot {
     pub age_identities: Vec<fleet_spec::age::SecretKey>,
 }
 
+/// The fleet's secret variables (age-encrypted YAML) beside `fleet.yaml`.
+pub const FLEET_SECRETS: &str = "secrets.yaml.age";
+
 /// The default limit of the size of one file read from Git: 16 MiB. Bundles carry
 /// whole files and devices hold a bundle's payload while they apply it.
 pub const DEFAULT_MAX_FILE_SIZE: u64 = 16 << 20;
@@ -207,7 +210,7 @@ pub fn read(path: &Path, rev: &str, max_file_size: u64) -> Result<Snapshot, Repo
         let wanted_dir = name == "devices" || name == "apps";
         if entry.mode().is_tree() && wanted_dir {
             collect(&repo, entry.object_id(), &name, &mut out).map_err(|e| walk_err(&name, e))?;
-        } else if entry.mode().is_blob() && name == "fleet.yaml" {
+        } else if entry.mode().is_blob() && (name == "fleet.yaml" || name == FLEET_SECRETS) {
             out.blob(&repo, entry.object_id(), name.clone()).map_err(|e| walk_err(&name, e))?;
         }
     }
@@ -381,9 +384,11 @@ type FileMaps = (BTreeMap<String, Vec<u8>>, BTreeMap<String, u64>);
 fn worktree_files(root: &Path, lfs_store: &Path, max_file_size: u64) -> Result<FileMaps, RepoError> {
     let mut maps = (BTreeMap::new(), BTreeMap::new());
     let limits = (lfs_store, max_file_size);
-    let fleet = root.join("fleet.yaml");
-    if fleet.is_file() && !fleet.is_symlink() {
-        read_disk_file(&fleet, "fleet.yaml".into(), limits, &mut maps)?;
+    for name in ["fleet.yaml", FLEET_SECRETS] {
+        let file = root.join(name);
+        if file.is_file() && !file.is_symlink() {
+            read_disk_file(&file, name.into(), limits, &mut maps)?;
+        }
     }
     for dir in ["devices", "apps"] {
         let path = root.join(dir);

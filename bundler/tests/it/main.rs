@@ -12,4 +12,5 @@ mod plan;
 mod policy;
 mod registry;
 mod rollout;
+mod secrets;
 mod validate;
