@@ -758,6 +758,10 @@ fn load_app(
         } else {
             FileContent::Static(content.clone())
         };
+        // Compose bind-mounts a secret file by its name on the device (no `.age`) too.
+        if let Some(plain) = source.strip_suffix(".age").filter(|_| sealed) {
+            file_targets.insert(plain.to_string(), target.clone());
+        }
         file_targets.insert(source, target.clone());
         files.push(FileSpec {
             secret: sealed || uses_secrets || e.secret || looks_secret(&target) || looks_secret(&repo_path),
@@ -1168,6 +1172,10 @@ impl Fleet {
         }
         state.canonicalize();
         diags.extend(self.policy_diagnostics(device, &state).into_iter().map(tag));
+        // A template or Compose error may quote a value it rendered: never a secret's.
+        for d in &mut diags {
+            d.message = secrets::redact_values(&d.message, &device_secrets);
+        }
         (state, diags)
     }
 

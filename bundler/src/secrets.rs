@@ -89,14 +89,16 @@ pub fn load_vars(
             serde_json::Value::String(s) => s,
             serde_json::Value::Number(n) => n.to_string(),
             serde_json::Value::Bool(b) => b.to_string(),
-            _ => return Err(Diagnostic::error(
-                repo_path,
-                0,
-                0,
-                format!(
+            _ => {
+                return Err(Diagnostic::error(
+                    repo_path,
+                    0,
+                    0,
+                    format!(
                     "secret variable `{name}` must be text, a number or a boolean (not a list or mapping)"
                 ),
-            )),
+                ))
+            }
         };
         vars.insert(name, value);
     }
@@ -186,6 +188,18 @@ pub fn redact(text: &str) -> String {
     out
 }
 
+/// `text` with every secret value in it replaced by `<secret NAME>` (values shorter than
+/// 4 characters are left: they would match everywhere and reveal little).
+pub fn redact_values(text: &str, vars: &SecretVars) -> String {
+    let mut out = text.to_string();
+    for (name, value) in vars {
+        if value.len() >= 4 && out.contains(value.as_str()) {
+            out = out.replace(value.as_str(), &format!("<secret {name}>"));
+        }
+    }
+    out
+}
+
 /// Moves every container `environment:` value that uses a secret variable into
 /// `out.env` (sealed at build), and refuses a secret anywhere else in a container.
 pub fn seal_compose_env(
@@ -254,6 +268,12 @@ mod tests {
         assert_eq!(redact(&text), "pre <secret A> mid <secret B_2> post");
         assert_eq!(unmark(&marker("C"), &vars), None);
         assert!(markers_in("no marker \u{1} here").is_empty());
+    }
+
+    #[test]
+    fn values_are_redacted_from_messages() {
+        let vars = SecretVars::from([("T".into(), "hunter22".into()), ("S".into(), "no".into())]);
+        assert_eq!(redact_values("bad value 'hunter22' (no)", &vars), "bad value '<secret T>' (no)");
     }
 
     #[test]

@@ -132,6 +132,8 @@ pub struct FleetRepo {
     file_root: PathBuf,
     server: StaticHttpServer,
     last_commit_time: i64,
+    /// The CI's age identity file every build is given (`--age-identity`), if set.
+    age_identity: Option<PathBuf>,
     tmp: Option<TempDir>,
 }
 
@@ -162,6 +164,7 @@ impl FleetRepo {
             file_root,
             server,
             last_commit_time: 0,
+            age_identity: None,
             tmp: Some(tmp),
         };
         fleet.write(
@@ -244,8 +247,35 @@ impl FleetRepo {
             vec!["build", "--repo", &repo, "--rev", "HEAD", "--out", &out, "--resolve-digests", "--json"];
         let key = key.to_string_lossy();
         args.extend(["--key", &key]);
+        let age = self.age_identity.as_ref().map(|p| p.to_string_lossy().into_owned());
+        if let Some(age) = &age {
+            args.extend(["--age-identity", age]);
+        }
         args.extend(extra);
         bundler(&args)
+    }
+
+    /// Makes a CI age identity (with the real `age-keygen`) that every later build
+    /// decrypts the repository's secrets with; returns its recipient (`age1…`).
+    pub fn use_new_age_identity(&mut self) -> Result<String> {
+        let path = self.root.join("ci-age-identity.txt");
+        run_command(Command::new("age-keygen").arg("-o").arg(&path))?.check()?;
+        let out = run_command(Command::new("age-keygen").arg("-y").arg(&path))?.check()?;
+        self.age_identity = Some(path);
+        Ok(out.stdout.trim().to_string())
+    }
+
+    /// Encrypts `plain` to `recipient` with the real `age` into the repository at `rel`.
+    pub fn write_age(&self, rel: &str, plain: &str, recipient: &str) -> Result<()> {
+        let src = self.root.join("age-plain.tmp");
+        fs::write(&src, plain)?;
+        let dest = self.repo.path().join(rel);
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        run_command(Command::new("age").arg("-r").arg(recipient).arg("-o").arg(&dest).arg(&src))?.check()?;
+        fs::remove_file(&src)?;
+        Ok(())
     }
 
     /// Builds HEAD; fails unless the build succeeds. Returns the `--json` summary.

@@ -45,6 +45,7 @@ mod common;
 mod compose_keys;
 mod containers;
 mod crash;
+mod credentials;
 mod dashboard;
 mod engines;
 mod enroll;
