@@ -272,6 +272,7 @@ fn case_10_a_commit_dated_in_the_future_is_refused() {
         .arg(fresh.path())
         .env_remove("FLEET_BUILD_NOW")
         .env_remove("FLEET_SIGNING_KEY")
+        .env("FLEET_AGE_IDENTITY_FILE", crate::common::example_dir().join("EXAMPLE-ONLY-ci-age.txt"))
         .output()
         .expect("run fleet-bundler");
     assert_eq!(o.status.code(), Some(1));
@@ -314,11 +315,7 @@ fn published_then_changed_behind() -> (Repo, Keys, tempfile::TempDir) {
     let keys = Keys::new();
     let published = tempfile::tempdir().expect("tempdir");
     build_at(&repo, &keys, published.path(), T + 60, &[]).assert_code(0);
-    repo.write(
-        "devices/gw-munich-01.yaml",
-        "labels:\n  site: munich\n  hardware: cm4\n  channel: stable\nvars:\n  location: \"Munich, line 5\"\n  \
-         upstream_port: 9000\n  MODBUS_DEVICE: /dev/ttyUSB0\n  MODBUS_BAUD: 19200\npolicy:\n  devices: [/dev/ttyUSB0]\n",
-    );
+    repo.edit("devices/gw-munich-01.yaml", "Munich, line 3", "Munich, line 5");
     repo.commit_at("munich: line 5 (committer clock behind)", T - 1000);
     (repo, keys, published)
 }

@@ -92,7 +92,7 @@ fn publish_announces_retained_and_only_what_changed() {
     assert_eq!(again.json()["unchanged"], 6);
 
     // One device changed: one announcement.
-    repo.write("devices/gw-munich-01.yaml", "labels:\n  site: munich\n  hardware: cm4\n  channel: stable\nvars:\n  location: \"Munich, line 4\"\n  upstream_port: 9000\n  MODBUS_DEVICE: /dev/ttyUSB0\n  MODBUS_BAUD: 19200\npolicy:\n  devices: [/dev/ttyUSB0]\n");
+    repo.edit("devices/gw-munich-01.yaml", "Munich, line 3", "Munich, line 4");
     repo.commit_at("move", 1_800_000_100);
     build(repo.path(), "HEAD", &keys, out.path()).assert_code(0);
     let third = publish(out.path(), broker.port, &["--base-url", "http://files.local/fleet/"]);

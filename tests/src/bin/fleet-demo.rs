@@ -907,6 +907,11 @@ impl Demo {
         let (repo, key, out) =
             (disp(&self.layout.repo), disp(&self.layout.keys.join("signing.key")), disp(&self.layout.out));
         let mut args = vec!["build", "--repo", &repo, "--rev", "HEAD", "--key", &key, "--out", &out];
+        // The example's secrets decrypt with its published, example-only CI identity.
+        let example_identity = disp(&self.layout.repo.join("EXAMPLE-ONLY-ci-age.txt"));
+        if self.layout.repo.join("EXAMPLE-ONLY-ci-age.txt").is_file() {
+            args.extend(["--age-identity", &example_identity]);
+        }
         let ws = self.dashboard_broker();
         if let Some(ws) = &ws {
             args.extend(["--dashboard-broker", ws]);
