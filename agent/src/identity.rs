@@ -15,20 +15,16 @@
 //! claims it first. Each key keeps the comment lines written above it, so a rotation or
 //! a retirement changes only the lines of the key concerned.
 //!
-//! X25519 comes from curve25519-dalek, which the agent links already (ed25519-dalek);
-//! the encoding is bech32 (BIP 173, as age specifies), from the `bech32` crate.
+//! The key itself (X25519, the bech32 key strings, the key id) is
+//! [`fleet_spec::age::SecretKey`], the same code that decrypts the bundle's secrets;
+//! this module adds the file: its blocks of lines, rotation and retirement.
 
 use std::path::{Path, PathBuf};
 
-use bech32::primitives::decode::CheckedHrpstring;
-use bech32::{Bech32, Hrp};
-use curve25519_dalek::montgomery::MontgomeryPoint;
-use sha2::{Digest, Sha256};
+use fleet_spec::age::SecretKey;
 
 /// The identity's file in the state directory.
 pub const FILE: &str = "identity.age";
-const SECRET_HRP: &str = "AGE-SECRET-KEY-";
-const RECIPIENT_HRP: &str = "age";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -51,11 +47,9 @@ pub enum IdentityError {
 /// ([`fleet_spec::messages::MAX_CLAIM_RECIPIENTS`]).
 pub const MAX_KEYS: usize = fleet_spec::messages::MAX_CLAIM_RECIPIENTS;
 
-/// An X25519 key pair. The secret never leaves this struct but through [`Identity::file_text`].
-pub struct Identity {
-    secret: [u8; 32],
-    public: [u8; 32],
-}
+/// An X25519 key pair. The secret never leaves it but through [`Identity::file_text`]
+/// and [`Identity::into_key`] (to decrypt with).
+pub struct Identity(SecretKey);
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,18 +57,7 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-impl Drop for Identity {
-    fn drop(&mut self) {
-        // The bytes do not linger in freed memory.
-        zeroize::Zeroize::zeroize(&mut self.secret);
-    }
-}
-
 impl Identity {
-    fn from_secret(secret: [u8; 32]) -> Identity {
-        Identity { secret, public: MontgomeryPoint::mul_base_clamped(secret).to_bytes() }
-    }
-
     /// A new key from the system's random source.
     pub fn generate() -> Result<Identity, IdentityError> {
         let mut secret = [0u8; 32];
@@ -84,7 +67,7 @@ impl Identity {
                 .map_err(|e| IdentityError::Random(e.into()))?;
             filled += n;
         }
-        Ok(Identity::from_secret(secret))
+        Ok(Identity(SecretKey::from_bytes(secret)))
     }
 
     /// Parses an age identity file and returns its newest key (the first): see
@@ -100,66 +83,30 @@ impl Identity {
         Ok(parse_blocks(text)?.0.into_iter().map(|b| b.identity).collect())
     }
 
-    fn parse_line(line: &str) -> Result<Identity, String> {
-        if line != line.to_ascii_uppercase() {
-            return Err("the key line must be upper case, as age-keygen writes it".into());
-        }
-        let checked =
-            CheckedHrpstring::new::<Bech32>(line).map_err(|e| format!("not an age secret key: {e}"))?;
-        if checked.hrp().as_str() != SECRET_HRP {
-            return Err(format!("not an age X25519 secret key (prefix {}1)", checked.hrp()));
-        }
-        let secret: [u8; 32] =
-            checked.byte_iter().collect::<Vec<u8>>().try_into().map_err(|_| "not a 32-byte key")?;
-        Ok(Identity::from_secret(secret))
-    }
-
-    /// The secret key's bytes, for decrypting what was encrypted to this recipient.
-    #[allow(dead_code)] // The secrets in bundles (issue 13) decrypt with it.
-    pub(crate) fn secret_bytes(&self) -> &[u8; 32] {
-        &self.secret
+    /// The key, to decrypt what was encrypted to this recipient.
+    pub fn into_key(self) -> SecretKey {
+        self.0
     }
 
     /// The public key as an age recipient, `age1…`.
     pub fn recipient(&self) -> String {
-        encode(RECIPIENT_HRP, &self.public, false)
+        self.0.recipient()
     }
 
     /// The first 16 hex digits of the sha256 of the public key.
     pub fn key_id(&self) -> String {
-        key_id(&self.public)
+        self.0.key_id()
     }
 
     /// The identity file's content (what `age-keygen` writes).
     fn file_text(&self, created: &str) -> String {
-        format!(
-            "# created: {created}\n# public key: {}\n{}\n",
-            self.recipient(),
-            encode(SECRET_HRP, &self.secret, true)
-        )
+        format!("# created: {created}\n# public key: {}\n{}\n", self.recipient(), self.0.to_key_string())
     }
-}
-
-fn encode(hrp: &str, data: &[u8; 32], upper: bool) -> String {
-    // Both HRPs are valid and 32 bytes fit Bech32's length limit: these cannot fail.
-    let hrp = Hrp::parse(hrp).expect("a valid HRP");
-    let encoded =
-        if upper { bech32::encode_upper::<Bech32>(hrp, data) } else { bech32::encode::<Bech32>(hrp, data) };
-    encoded.expect("32 bytes fit Bech32")
-}
-
-fn key_id(public: &[u8; 32]) -> String {
-    hex::encode(&Sha256::digest(public)[..8])
 }
 
 /// The public key of an age recipient (`age1…`, lower case), or why it is not one.
 pub fn parse_recipient(recipient: &str) -> Result<[u8; 32], String> {
-    let checked =
-        CheckedHrpstring::new::<Bech32>(recipient).map_err(|e| format!("not an age recipient: {e}"))?;
-    if checked.hrp().as_str() != RECIPIENT_HRP || recipient != recipient.to_ascii_lowercase() {
-        return Err("not an age X25519 recipient (age1…, lower case)".into());
-    }
-    checked.byte_iter().collect::<Vec<u8>>().try_into().map_err(|_| "not a 32-byte key".into())
+    fleet_spec::age::parse_recipient(recipient).map_err(|e| e.to_string())
 }
 
 /// One key of an identity file with the lines that belong to it: the comment and blank
@@ -181,8 +128,8 @@ fn parse_blocks(text: &str) -> Result<(Vec<Block>, String), String> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let identity = Identity::parse_line(line).map_err(|e| format!("line {}: {e}", n + 1))?;
-        if blocks.iter().any(|b| b.identity.public == identity.public) {
+        let identity = SecretKey::parse(line).map(Identity).map_err(|e| format!("line {}: {e}", n + 1))?;
+        if blocks.iter().any(|b| b.identity.0.public_bytes() == identity.0.public_bytes()) {
             return Err(format!("line {}: key {} is in the file twice", n + 1, identity.key_id()));
         }
         blocks.push(Block { text: std::mem::take(&mut pending), identity });
@@ -311,7 +258,7 @@ mod tests {
         assert!(!new);
         assert_eq!(made.recipient(), read.recipient());
         assert!(made.recipient().starts_with("age1") && made.recipient().len() == 62, "{}", made.recipient());
-        assert_eq!(parse_recipient(&made.recipient()), Ok(made.public));
+        assert_eq!(parse_recipient(&made.recipient()), Ok(*made.0.public_bytes()));
         assert_eq!(made.key_id().len(), 16);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join(FILE)).expect("stat").permissions().mode();
@@ -323,8 +270,10 @@ mod tests {
 
     #[test]
     fn hostile_identity_files_and_recipients_are_refused() {
-        let good = Identity::from_secret([7; 32]);
-        let line = encode(SECRET_HRP, &good.secret, true);
+        use bech32::{Bech32, Hrp};
+        let good = Identity(SecretKey::from_bytes([7; 32]));
+        let line = good.0.to_key_string();
+        let secret_hrp = Hrp::parse("AGE-SECRET-KEY-").expect("hrp");
         assert!(Identity::parse(&format!("# c\n\n{line}\n")).is_ok());
         let mut flipped = line.clone().into_bytes();
         let last = flipped.len() - 1;
@@ -335,10 +284,10 @@ mod tests {
             format!("{line}\n{line}\n"),
             line.to_ascii_lowercase(),
             String::from_utf8(flipped).expect("ascii"),
-            encode("AGE-PLUGIN-YUBIKEY-", &[1; 32], true),
-            bech32::encode_upper::<Bech32>(Hrp::parse(SECRET_HRP).expect("hrp"), &[1; 16]).expect("enc"),
-            bech32::encode_upper::<bech32::Bech32m>(Hrp::parse(SECRET_HRP).expect("hrp"), &[1; 32])
+            bech32::encode_upper::<Bech32>(Hrp::parse("AGE-PLUGIN-YUBIKEY-").expect("hrp"), &[1; 32])
                 .expect("enc"),
+            bech32::encode_upper::<Bech32>(secret_hrp, &[1; 16]).expect("enc"),
+            bech32::encode_upper::<bech32::Bech32m>(secret_hrp, &[1; 32]).expect("enc"),
         ];
         for text in bad {
             assert!(Identity::parse(&text).is_err(), "{text:?}");
@@ -399,12 +348,12 @@ mod tests {
 
     #[test]
     fn an_identity_file_holds_several_keys_newest_first() {
-        let (a, b) = (Identity::from_secret([1; 32]), Identity::from_secret([2; 32]));
+        let (a, b) = (Identity(SecretKey::from_bytes([1; 32])), Identity(SecretKey::from_bytes([2; 32])));
         let text = format!("{}\n# an older key\n{}", a.file_text("now"), b.file_text("before"));
         let all = Identity::parse_all(&text).expect("two keys");
         assert_eq!(all.iter().map(Identity::recipient).collect::<Vec<_>>(), [a.recipient(), b.recipient()]);
         assert_eq!(Identity::parse(&text).expect("newest").recipient(), a.recipient());
-        assert_eq!(all[1].secret_bytes(), &[2; 32]);
+        assert_eq!(all[1].0.secret_bytes(), &[2; 32]);
         let e = Identity::parse_all(&format!("{text}{}", a.file_text("again"))).expect_err("twice");
         assert!(e.contains("line 11") && e.contains("twice"), "{e}");
         let e = Identity::parse_all(&format!("{text}AGE-SECRET-KEY-1QQQ\n")).expect_err("bad line");

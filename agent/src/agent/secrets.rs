@@ -2,11 +2,13 @@
 //! right after the bundle verified, and merged into its state in memory. The identity is
 //! read only when a bundle carries secrets, so an agent without any costs nothing.
 
+use fleet_spec::age::SecretKey;
 use fleet_spec::model::UnsealError;
 use fleet_spec::DesiredState;
 
 use super::Agent;
 use crate::engine::Engine;
+use crate::identity::Identity;
 
 /// Refusal code: the secrets are not encrypted to any key of this device.
 pub const UNDECRYPTABLE: &str = "secrets_undecryptable";
@@ -19,16 +21,16 @@ impl<E: Engine> Agent<E> {
         if state.sealed.is_empty() {
             return Ok(());
         }
-        let path = self.cfg.state_dir.join(crate::identity::FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| {
-            let hint = "run `fleet-agent identity` and list its key in devices/<id>.yaml `public_key:`";
-            (
-                UNDECRYPTABLE,
-                format!("the bundle carries secrets but {} cannot be read ({e}): {hint}", path.display()),
-            )
-        })?;
-        let keys = fleet_spec::age::parse_identities(&text)
-            .map_err(|e| (UNDECRYPTABLE, format!("{}: {e}", path.display())))?;
+        let keys: Vec<SecretKey> = match crate::identity::load_all(&self.cfg.state_dir) {
+            Ok(identities) => identities.into_iter().map(Identity::into_key).collect(),
+            Err(e) => {
+                let hint = format!("list its key in devices/{}.yaml `public_key:`", self.cfg.device);
+                let reason = format!(
+                    "the bundle carries secrets but the device's identity cannot be used: {e}; {hint}"
+                );
+                return Err((UNDECRYPTABLE, reason));
+            }
+        };
         state.unseal(&keys).map_err(|e| match e {
             UnsealError::Decrypt(_) => {
                 let ids: Vec<String> = keys.iter().map(|k| k.key_id()).collect();

@@ -117,8 +117,7 @@ impl Device {
                 ..Default::default()
             }],
             networks: vec![NetworkSpec { name: "app_default".into(), ..Default::default() }],
-            volumes: vec![],
-            maintenance: Default::default(),
+            ..Default::default()
         };
         state.canonicalize();
         state
