@@ -1184,7 +1184,15 @@ impl Fleet {
         if state.secrets.is_empty() {
             return Ok(());
         }
-        let names = || state.secrets.files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>().join(", ");
+        let names = || {
+            let files = state.secrets.files.iter().map(|f| f.path.clone());
+            let env = state
+                .secrets
+                .env
+                .iter()
+                .flat_map(|(c, vars)| vars.keys().map(move |k| format!("{c}: env {k}")));
+            files.chain(env).collect::<Vec<_>>().join(", ")
+        };
         let Some(seed) = &self.seal_seed else {
             return Err(format!(
                 "secrets ({}) need the CI's age identity to be decrypted: pass --age-identity FILE \

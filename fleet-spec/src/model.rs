@@ -879,7 +879,7 @@ mod tests {
         let mut wrong = decoded.clone();
         assert!(matches!(wrong.unseal(&[other]), Err(UnsealError::Decrypt(_))));
         let mut opened = decoded.clone();
-        opened.unseal(&[device.clone()]).expect("the device's key opens it");
+        opened.unseal(std::slice::from_ref(&device)).expect("the device's key opens it");
         assert_eq!(opened.file("/etc/app/token").map(|f| &f.content[..]), Some(&b"s3cr3t-file"[..]));
         assert_eq!(opened.containers[0].env.get("API_TOKEN").map(String::as_str), Some("s3cr3t-env"));
         assert!(opened.sealed.is_empty());
@@ -893,7 +893,7 @@ mod tests {
         });
         clear.seal(&[*device.public_bytes()], &[7; 32]);
         let mut clash = DesiredState::decode(&clear.encode(), 4).expect("decodes");
-        assert!(matches!(clash.unseal(&[device.clone()]), Err(UnsealError::Invalid(_))));
+        assert!(matches!(clash.unseal(std::slice::from_ref(&device)), Err(UnsealError::Invalid(_))));
         // Variables for a container the state does not have are refused.
         let mut orphan = DesiredState::default();
         orphan.secrets.env.insert("ghost".into(), BTreeMap::from([("A".into(), "b".into())]));

@@ -215,9 +215,12 @@ fn desired_state() -> impl Strategy<Value = DesiredState> {
         vec((id(), any::<bool>()), 0..3),
         vec(id(), 0..3),
         maintenance(),
+        // Sealed secrets: opaque bytes to the format (format 4 when present).
+        vec(any::<u8>(), 0..48),
     )
-        .prop_map(|(files, containers, networks, volumes, maintenance)| DesiredState {
+        .prop_map(|(files, containers, networks, volumes, maintenance, sealed)| DesiredState {
             maintenance,
+            sealed,
             files,
             containers,
             networks: networks
@@ -225,6 +228,7 @@ fn desired_state() -> impl Strategy<Value = DesiredState> {
                 .map(|(name, internal)| NetworkSpec { name, internal, ..Default::default() })
                 .collect(),
             volumes: volumes.into_iter().map(|name| VolumeSpec { name, labels: BTreeMap::new() }).collect(),
+            ..Default::default()
         })
 }
 
