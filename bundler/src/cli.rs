@@ -254,14 +254,12 @@ pub(crate) struct Source {
 #[derive(Args, Clone, Default)]
 pub(crate) struct AgeIdentity {
     /// The CI's age identity file (as age-keygen writes it): decrypts the repository's
-    /// secret files (`*.age`). Without it, validate and plan check everything else and
-    /// name the secrets they skipped; build refuses a repository with secrets. Never
-    /// pass the key itself on the command line: FLEET_AGE_IDENTITY holds it for CI.
+    /// secrets (`*.age` files, secrets.yaml.age). Without it, validate and plan check
+    /// everything else and name the secrets they skipped; build refuses a repository with
+    /// secrets. For CI secret stores, FLEET_AGE_IDENTITY may hold the key itself: an
+    /// environment variable only, never a flag (flags show in process listings).
     #[arg(long = "age-identity", value_name = "FILE", env = "FLEET_AGE_IDENTITY_FILE")]
     pub(crate) path: Option<PathBuf>,
-    /// The identity's key line(s) themselves, for CI secrets (used when no file is given).
-    #[arg(long = "age-identity-env", env = "FLEET_AGE_IDENTITY", hide_env_values = true, hide = true)]
-    pub(crate) text: Option<String>,
 }
 
 /// Limits of what is read from Git.

@@ -313,13 +313,14 @@ fn read_source(
 /// The CI's age identities from `--age-identity FILE` or `FLEET_AGE_IDENTITY`; none
 /// when neither is set.
 fn age_identities(age: &AgeIdentity) -> anyhow::Result<Vec<SecretKey>> {
-    let (text, origin) = match (&age.path, &age.text) {
+    let from_env = std::env::var("FLEET_AGE_IDENTITY").ok().filter(|t| !t.trim().is_empty());
+    let (text, origin) = match (&age.path, from_env) {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read the age identity {}", path.display()))?;
             (text, path.display().to_string())
         }
-        (None, Some(text)) => (text.clone(), "FLEET_AGE_IDENTITY".to_string()),
+        (None, Some(text)) => (text, "FLEET_AGE_IDENTITY".to_string()),
         (None, None) => return Ok(Vec::new()),
     };
     fleet_spec::age::parse_identities(&text).map_err(|e| {
