@@ -159,6 +159,10 @@ struct ComposeApp {
     dotenv: BTreeMap<String, String>,
     /// The `env_file:`s the commit holds: repository path → content.
     env_files: BTreeMap<String, Vec<u8>>,
+    /// The `file:`s of `secrets:` and `configs:`, read (and decrypted).
+    sources: BTreeMap<String, compose::SourceFile>,
+    /// Device paths of the Compose secrets (and encrypted configs): hidden from `plan`.
+    secret_targets: Vec<String>,
     /// The translation when the file uses no `${VAR}`: the same for every device.
     fixed: Option<Translated>,
     /// Diagnostics already reported by the device-independent check.
@@ -166,6 +170,13 @@ struct ComposeApp {
 }
 
 impl App {
+    /// Device paths whose content `plan` never shows: files marked or named secret, and
+    /// the Compose secrets (and encrypted configs).
+    pub fn secret_targets(&self) -> impl Iterator<Item = &str> + '_ {
+        let files = self.files.iter().filter(|f| f.secret).map(|f| f.target.as_str());
+        files.chain(self.compose.iter().flat_map(|c| c.secret_targets.iter().map(String::as_str)))
+    }
+
     pub fn selects(&self, device: &Device) -> bool {
         match &self.selector {
             None => true,
@@ -327,7 +338,9 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         .collect();
     let mut apps = Vec::new();
     for app in app_names {
-        if let Some(a) = load_app(snapshot, app, &file_root, &vars, &mut templates, &mut diags, &mut undecrypted) {
+        if let Some(a) =
+            load_app(snapshot, app, &file_root, &vars, &mut templates, &mut diags, &mut undecrypted)
+        {
             apps.push(a);
         }
     }
@@ -662,26 +675,11 @@ fn load_app(
                 );
                 continue;
             }
-            if snapshot.age_identities.is_empty() {
-                undecrypted.push(repo_path.clone());
-                FileContent::Static(Vec::new())
-            } else {
-                match fleet_spec::age::decrypt(content, &snapshot.age_identities) {
-                    Ok(plain) => FileContent::Static(plain),
-                    Err(e) => {
-                        let ids: Vec<String> = snapshot.age_identities.iter().map(|k| k.key_id()).collect();
-                        let recipient = snapshot.age_identities[0].recipient();
-                        err(
-                            diags,
-                            src_pos,
-                            format!(
-                                "{repo_path} cannot be decrypted with the CI's age identity (key id {}): {e}; \
-                                 encrypt it to the CI's recipient: age -r {recipient} -o {repo_path} <plain file>",
-                                ids.join(", ")
-                            ),
-                        );
-                        continue;
-                    }
+            match decrypt_secret(snapshot, &repo_path, content, undecrypted) {
+                Ok(plain) => FileContent::Static(plain),
+                Err(message) => {
+                    err(diags, src_pos, message);
+                    continue;
                 }
             }
         } else if e.template {
@@ -764,6 +762,7 @@ fn load_app(
             .filter_map(|path| snapshot.files.get(&path).map(|bytes| (path, bytes.clone())))
             .collect();
         let dotenv = read_dotenv(snapshot, &file, diags);
+        let sources = compose_sources(snapshot, &parsed, &file, app, diags, undecrypted);
         // Check once for every device: unset variables are not errors here.
         let ctx = AppContext {
             app,
@@ -771,6 +770,7 @@ fn load_app(
             app_root: &app_root,
             file_targets: &file_targets,
             env_files: &env_files,
+            sources: &sources,
         };
         // Per device: `${VAR}`s, env files that use them, and profiles (COMPOSE_PROFILES).
         let has_vars = source.contains('$')
@@ -786,17 +786,73 @@ fn load_app(
             return None;
         }
         Some(ComposeApp {
+            secret_targets: compose::secret_targets(&parsed, &app_root),
             file,
             parsed,
             file_targets: file_targets.clone(),
             app_root: app_root.clone(),
             dotenv,
             env_files,
+            sources,
             fixed: (!has_vars).then_some(translated),
             known,
         })
     });
     Some(App { name: app.to_string(), selector, files, compose })
+}
+
+/// The plain bytes of a secret file (`*.age`) of the commit, decrypted with the CI's age
+/// identity. Without an identity: empty, and `repo_path` is recorded in `undecrypted`
+/// (validate and plan say they skipped it; build refuses). `Err` says what to do.
+fn decrypt_secret(
+    snapshot: &Snapshot,
+    repo_path: &str,
+    content: &[u8],
+    undecrypted: &mut Vec<String>,
+) -> Result<Vec<u8>, String> {
+    let Some(first) = snapshot.age_identities.first() else {
+        undecrypted.push(repo_path.to_string());
+        return Ok(Vec::new());
+    };
+    fleet_spec::age::decrypt(content, &snapshot.age_identities).map_err(|e| {
+        let ids: Vec<String> = snapshot.age_identities.iter().map(|k| k.key_id()).collect();
+        format!(
+            "{repo_path} cannot be decrypted with the CI's age identity (key id {}): {e}; \
+             encrypt it to the CI's recipient: age -r {} -o {repo_path} <plain file>",
+            ids.join(", "),
+            first.recipient()
+        )
+    })
+}
+
+/// The `file:`s of a Compose file's `secrets:` and `configs:` the commit holds, read
+/// (`.age` decrypted with [`decrypt_secret`]); the translation reports the missing ones.
+fn compose_sources(
+    snapshot: &Snapshot,
+    parsed: &ComposeFile,
+    compose_file: &str,
+    app: &str,
+    diags: &mut Vec<Diagnostic>,
+    undecrypted: &mut Vec<String>,
+) -> BTreeMap<String, compose::SourceFile> {
+    let mut out = BTreeMap::new();
+    for path in compose::file_source_paths(parsed, compose_file, app) {
+        let sealed = path.ends_with(".age");
+        let content = match snapshot.files.get(&path) {
+            None if snapshot.too_large.contains_key(&path) => {
+                Err(format!("{path} is larger than the limit for one file read from Git (see its error)"))
+            }
+            None => continue,
+            Some(bytes) if is_lfs_pointer(bytes) => {
+                diags.push(lfs_diagnostic(&path, bytes, 0, 0));
+                Err(format!("{path} is a Git LFS pointer, not the file (see its error)"))
+            }
+            Some(bytes) if sealed => decrypt_secret(snapshot, &path, bytes, undecrypted),
+            Some(bytes) => Ok(bytes.clone()),
+        };
+        out.insert(path, compose::SourceFile { content, sealed });
+    }
+    out
 }
 
 /// The `.env` beside `compose_file` (Compose's default variables), if the commit holds
@@ -1035,6 +1091,7 @@ impl Fleet {
                         app_root: &c.app_root,
                         file_targets: &c.file_targets,
                         env_files: &c.env_files,
+                        sources: &c.sources,
                     };
                     let lookup = |name: &str| {
                         merged_vars.get(name).and_then(scalar_var).or_else(|| c.dotenv.get(name).cloned())
@@ -1048,6 +1105,22 @@ impl Fleet {
                     t
                 }
             };
+            for f in translated.files {
+                if let Some(other) = file_owner.insert(f.file.path.clone(), &app.name) {
+                    diags.push(tag(Diagnostic::error(
+                        c.file.as_str(),
+                        0,
+                        0,
+                        format!("target {} is also delivered by app `{other}` to this device", f.file.path),
+                    )));
+                    continue;
+                }
+                if f.sealed {
+                    state.secrets.files.push(f.file);
+                } else {
+                    state.files.push(f.file);
+                }
+            }
             for spec in translated.containers {
                 if let Some(other) = container_owner.insert(spec.name.clone(), &app.name) {
                     diags.push(tag(Diagnostic::error(
@@ -1108,7 +1181,10 @@ impl Fleet {
         }
         let mut recipients = Vec::new();
         for key in &device.public_keys {
-            recipients.push(fleet_spec::age::parse_recipient(key).map_err(|e| format!("devices/{}.yaml: {e}", device.id))?);
+            recipients.push(
+                fleet_spec::age::parse_recipient(key)
+                    .map_err(|e| format!("devices/{}.yaml: {e}", device.id))?,
+            );
         }
         state.seal(&recipients, seed);
         Ok(())
