@@ -8,7 +8,8 @@
 //!
 //! - `parse`: the file as YAML (serde-saphyr: anchors and merge keys), with places;
 //! - `interpolate`: `${VAR}` forms; `dotenv`: `.env` and `env_file:` lines;
-//! - `translate`: the specs, with every problem as a diagnostic at its line.
+//! - `translate`: the specs, with every problem as a diagnostic at its line;
+//! - `files`: `secrets:` and `configs:`, files delivered and mounted read-only.
 //!
 //! Translation rules (documented in `bundler/README.md`):
 //! - container name `<app>-<service>` unless `container_name`;
@@ -23,8 +24,9 @@
 //!   beside the Compose file; a variable that is not set is an error naming it;
 //! - a service with `profiles:` runs only where `COMPOSE_PROFILES` names one of them.
 //!
-//! This module is pure: no I/O. The caller reads `.env` and the `env_file:`s from the
-//! commit, and pins image tags to digests later.
+//! This module is pure: no I/O. The caller reads `.env`, the `env_file:`s and the
+//! `file:`s of secrets and configs (decrypting `.age`) from the commit, and pins image
+//! tags to digests later.
 
 mod dotenv;
 mod files;
