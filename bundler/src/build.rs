@@ -319,9 +319,7 @@ pub fn build(
             }
             // One canonical encoding serves the state digest and the payload.
             state.canonicalize();
-            fleet
-                .seal(device, &mut state)
-                .map_err(|message| BuildError::Render { device: id.clone(), message })?;
+            fleet.seal(device, &mut state).map_err(|message| BuildError::Render { device: id.clone(), message })?;
             let raw = postcard_encode(&state);
             let format = state.format();
             let state_digest = hex::encode(Sha256::digest(&raw));

@@ -10,9 +10,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use fleet_spec::age::SecretKey;
 use fleet_spec::bundle::{self, Expectation, Limits, TrustState, TrustedKeys};
 use fleet_spec::keys::file as keyfile;
+use fleet_spec::age::SecretKey;
 use fleet_spec::{PublicKey, SigningKey};
 
 use fleet_bundler::build::{self, BuildOptions};

@@ -338,9 +338,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
         .collect();
     let mut apps = Vec::new();
     for app in app_names {
-        if let Some(a) =
-            load_app(snapshot, app, &file_root, &vars, &mut templates, &mut diags, &mut undecrypted)
-        {
+        if let Some(a) = load_app(snapshot, app, &file_root, &vars, &mut templates, &mut diags, &mut undecrypted) {
             apps.push(a);
         }
     }
@@ -1181,10 +1179,7 @@ impl Fleet {
         }
         let mut recipients = Vec::new();
         for key in &device.public_keys {
-            recipients.push(
-                fleet_spec::age::parse_recipient(key)
-                    .map_err(|e| format!("devices/{}.yaml: {e}", device.id))?,
-            );
+            recipients.push(fleet_spec::age::parse_recipient(key).map_err(|e| format!("devices/{}.yaml: {e}", device.id))?);
         }
         state.seal(&recipients, seed);
         Ok(())

@@ -98,10 +98,7 @@ impl SecretKey {
         let checked = CheckedHrpstring::new::<Bech32>(line)
             .map_err(|e| AgeError::BadKey(format!("not an age secret key: {e}")))?;
         if checked.hrp().as_str() != SECRET_HRP {
-            return Err(AgeError::BadKey(format!(
-                "not an age X25519 secret key (prefix {}1)",
-                checked.hrp()
-            )));
+            return Err(AgeError::BadKey(format!("not an age X25519 secret key (prefix {}1)", checked.hrp())));
         }
         let secret: [u8; 32] = checked
             .byte_iter()
@@ -149,11 +146,7 @@ pub fn parse_recipient(recipient: &str) -> Result<[u8; 32], AgeError> {
     if checked.hrp().as_str() != RECIPIENT_HRP || recipient != recipient.to_ascii_lowercase() {
         return Err(AgeError::BadKey("not an age X25519 recipient (age1…, lower case)".into()));
     }
-    checked
-        .byte_iter()
-        .collect::<Vec<u8>>()
-        .try_into()
-        .map_err(|_| AgeError::BadKey("not a 32-byte key".into()))
+    checked.byte_iter().collect::<Vec<u8>>().try_into().map_err(|_| AgeError::BadKey("not a 32-byte key".into()))
 }
 
 /// The key id of a public key (see [`SecretKey::key_id`]).
@@ -204,8 +197,7 @@ pub fn encrypt(plaintext: &[u8], recipients: &[[u8; 32]], seed: &[u8; 32]) -> Ve
         header.push_str(&format!("-> X25519 {}\n{}\n", b64_encode(&share), wrap_lines(&b64_encode(&body))));
     }
     header.push_str("---");
-    let mac =
-        hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &hkdf32(&[], &file_key, b"header")), header.as_bytes());
+    let mac = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &hkdf32(&[], &file_key, b"header")), header.as_bytes());
     let mut out = format!("{header} {}\n", b64_encode(mac.as_ref())).into_bytes();
 
     out.extend_from_slice(&nonce);
@@ -246,9 +238,8 @@ pub fn decrypt(file: &[u8], identities: &[SecretKey]) -> Result<Vec<u8>, AgeErro
         let [share] = stanza.args[..] else {
             return Err(AgeError::Malformed("an X25519 stanza has one argument".into()));
         };
-        let share: [u8; 32] = b64_decode(share)?
-            .try_into()
-            .map_err(|_| AgeError::Malformed("an X25519 share is 32 bytes".into()))?;
+        let share: [u8; 32] =
+            b64_decode(share)?.try_into().map_err(|_| AgeError::Malformed("an X25519 share is 32 bytes".into()))?;
         if stanza.body.len() != 32 {
             return Err(AgeError::Malformed("an X25519 stanza's body is 32 bytes".into()));
         }
@@ -286,8 +277,7 @@ pub fn decrypt(file: &[u8], identities: &[SecretKey]) -> Result<Vec<u8>, AgeErro
         let (chunk, after) = rest.split_at(take);
         let last = after.is_empty();
         let mut buf = chunk.to_vec();
-        let plain =
-            open(&payload_key, chunk_nonce(counter, last), &mut buf).map_err(|()| AgeError::BadPayload)?;
+        let plain = open(&payload_key, chunk_nonce(counter, last), &mut buf).map_err(|()| AgeError::BadPayload)?;
         // Only the first chunk may be empty (an empty file); a full chunk may be last.
         if plain.is_empty() && counter > 0 {
             return Err(AgeError::BadPayload);
@@ -316,8 +306,7 @@ fn split_header(file: &[u8]) -> Result<(&[u8], &str, &[u8]), AgeError> {
     }
     let mut at = 0;
     loop {
-        let end =
-            file[at..].iter().position(|&b| b == b'\n').ok_or_else(|| malformed("the header never ends"))?;
+        let end = file[at..].iter().position(|&b| b == b'\n').ok_or_else(|| malformed("the header never ends"))?;
         let line = &file[at..at + end];
         if let Some(mac) = line.strip_prefix(b"--- ") {
             let mac = std::str::from_utf8(mac).map_err(|_| malformed("the MAC is not text"))?;
@@ -336,8 +325,7 @@ fn parse_stanzas(header: &[u8]) -> Result<Vec<Stanza<'_>>, AgeError> {
         if line == "---" {
             break;
         }
-        let mut words =
-            line.strip_prefix("-> ").ok_or_else(|| malformed("a stanza starts with ->"))?.split(' ');
+        let mut words = line.strip_prefix("-> ").ok_or_else(|| malformed("a stanza starts with ->"))?.split(' ');
         let kind = words.next().filter(|k| !k.is_empty()).ok_or_else(|| malformed("a stanza has a type"))?;
         let args: Vec<&str> = words.collect();
         let mut body = String::new();
@@ -407,9 +395,7 @@ fn seal(key: &[u8; 32], nonce: [u8; 12], buf: &mut Vec<u8>) {
 }
 
 fn open<'a>(key: &[u8; 32], nonce: [u8; 12], buf: &'a mut [u8]) -> Result<&'a mut [u8], ()> {
-    aead_key(key)
-        .open_in_place(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::empty(), buf)
-        .map_err(|_| ())
+    aead_key(key).open_in_place(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::empty(), buf).map_err(|_| ())
 }
 
 // Standard base64 without padding, strict (age rejects non-canonical encodings). Hand
@@ -495,11 +481,7 @@ mod tests {
         for len in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, 2 * CHUNK + 5] {
             let plain: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let sealed = encrypt(&plain, &recipients, &[9; 32]);
-            assert_eq!(
-                decrypt(&sealed, std::slice::from_ref(&a)).expect(&format!("a {len}")),
-                plain,
-                "{len}"
-            );
+            assert_eq!(decrypt(&sealed, std::slice::from_ref(&a)).expect(&format!("a {len}")), plain, "{len}");
             assert_eq!(decrypt(&sealed, std::slice::from_ref(&b)).expect("b"), plain, "{len}");
             assert_eq!(decrypt(&sealed, std::slice::from_ref(&c)), Err(AgeError::NoMatchingKey));
             assert_eq!(decrypt(&sealed, &[c.clone(), b.clone()]).expect("c or b"), plain);

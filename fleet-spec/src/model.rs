@@ -602,8 +602,7 @@ impl DesiredState {
             return;
         }
         secrets.files.sort_by(|a, b| a.path.cmp(&b.path).then_with(|| a.cmp(b)));
-        let plain =
-            zeroize::Zeroizing::new(postcard::to_stdvec(&secrets).expect("encoding into a Vec cannot fail"));
+        let plain = zeroize::Zeroizing::new(postcard::to_stdvec(&secrets).expect("encoding into a Vec cannot fail"));
         self.sealed = crate::age::encrypt(&plain, recipients, seed);
         for f in &mut secrets.files {
             zeroize::Zeroize::zeroize(&mut f.content);
@@ -627,16 +626,16 @@ impl DesiredState {
             _ => return Err(UnsealError::Invalid("not a secret set of this format".into())),
         };
         for file in &secrets.files {
-            if self.file(&file.path).is_some()
-                || secrets.files.iter().filter(|f| f.path == file.path).count() > 1
-            {
+            if self.file(&file.path).is_some() || secrets.files.iter().filter(|f| f.path == file.path).count() > 1 {
                 return Err(UnsealError::Invalid(format!("{} is declared twice", file.path)));
             }
         }
         for (name, vars) in &secrets.env {
-            let container = self.containers.iter().find(|c| &c.name == name).ok_or_else(|| {
-                UnsealError::Invalid(format!("no container {name} for its secret variables"))
-            })?;
+            let container = self
+                .containers
+                .iter()
+                .find(|c| &c.name == name)
+                .ok_or_else(|| UnsealError::Invalid(format!("no container {name} for its secret variables")))?;
             if let Some(var) = vars.keys().find(|v| container.env.contains_key(*v)) {
                 return Err(UnsealError::Invalid(format!("{name}: variable {var} is declared twice")));
             }
@@ -885,12 +884,7 @@ mod tests {
         assert!(opened.sealed.is_empty());
 
         // A secret may not replace what the state says in the clear.
-        clear.files.push(ManagedFile {
-            path: "/etc/app/token".into(),
-            mode: 0o644,
-            owner: None,
-            content: vec![],
-        });
+        clear.files.push(ManagedFile { path: "/etc/app/token".into(), mode: 0o644, owner: None, content: vec![] });
         clear.seal(&[*device.public_bytes()], &[7; 32]);
         let mut clash = DesiredState::decode(&clear.encode(), 4).expect("decodes");
         assert!(matches!(clash.unseal(&[device.clone()]), Err(UnsealError::Invalid(_))));

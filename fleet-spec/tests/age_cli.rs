@@ -11,8 +11,7 @@ use fleet_spec::age::{self, SecretKey};
 
 fn keygen(dir: &Path, name: &str) -> (std::path::PathBuf, Vec<SecretKey>) {
     let path = dir.join(name);
-    let out =
-        Command::new("age-keygen").arg("-o").arg(&path).output().expect("age-keygen runs (apt install age)");
+    let out = Command::new("age-keygen").arg("-o").arg(&path).output().expect("age-keygen runs (apt install age)");
     assert!(out.status.success(), "age-keygen: {}", String::from_utf8_lossy(&out.stderr));
     let keys = age::parse_identities(&std::fs::read_to_string(&path).expect("key file")).expect("parses");
     (path, keys)

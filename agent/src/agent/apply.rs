@@ -97,18 +97,17 @@ impl<E: Engine> Agent<E> {
         let trust = self.store.trust()?;
         let now = self.clock.now();
         let expect = Expectation { fleet: &self.cfg.fleet, device: &self.cfg.device };
-        let mut verified =
-            match bundle::verify(bytes, &self.cfg.trusted, expect, trust, now, &self.cfg.limits) {
-                Ok(v) => v,
-                Err(e @ bundle::VerifyError::Expired { .. }) => {
-                    // Expiry is judged by a clock, and this device's may run fast: defer, and
-                    // keep the bytes so the retry (when time or the bundle changes) reads
-                    // them from disk instead of downloading them again.
-                    self.keep_deferred(&digest, bytes)?;
-                    return self.refuse_unverified(&digest, e, false);
-                }
-                Err(e) => return self.refuse_unverified(&digest, e, true),
-            };
+        let mut verified = match bundle::verify(bytes, &self.cfg.trusted, expect, trust, now, &self.cfg.limits) {
+            Ok(v) => v,
+            Err(e @ bundle::VerifyError::Expired { .. }) => {
+                // Expiry is judged by a clock, and this device's may run fast: defer, and
+                // keep the bytes so the retry (when time or the bundle changes) reads
+                // them from disk instead of downloading them again.
+                self.keep_deferred(&digest, bytes)?;
+                return self.refuse_unverified(&digest, e, false);
+            }
+            Err(e) => return self.refuse_unverified(&digest, e, true),
+        };
         self.on(Command::Fetch)?;
         let m = verified.manifest.clone();
         self.set_desired(VersionRef { version: m.version, digest: digest.clone(), commit: m.commit.clone() });

@@ -22,10 +22,7 @@ impl<E: Engine> Agent<E> {
         let path = self.cfg.state_dir.join(crate::identity::FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| {
             let hint = "run `fleet-agent identity` and list its key in devices/<id>.yaml `public_key:`";
-            (
-                UNDECRYPTABLE,
-                format!("the bundle carries secrets but {} cannot be read ({e}): {hint}", path.display()),
-            )
+            (UNDECRYPTABLE, format!("the bundle carries secrets but {} cannot be read ({e}): {hint}", path.display()))
         })?;
         let keys = fleet_spec::age::parse_identities(&text)
             .map_err(|e| (UNDECRYPTABLE, format!("{}: {e}", path.display())))?;

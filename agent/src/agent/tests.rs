@@ -512,10 +512,7 @@ async fn secrets_sealed_to_this_device_are_written_and_to_another_key_change_not
     let other = SecretKey::from_bytes([3; 32]);
     let bytes = h.bundle(2, &sealed(*other.public_bytes()));
     let outcome = agent.apply_bundle(&bytes).await.expect("apply");
-    assert!(
-        matches!(&outcome, Outcome::Rejected { code, .. } if code == "secrets_undecryptable"),
-        "{outcome:?}"
-    );
+    assert!(matches!(&outcome, Outcome::Rejected { code, .. } if code == "secrets_undecryptable"), "{outcome:?}");
     let reason = agent.status_report().last_error.map(|e| e.message).unwrap_or_default();
     assert!(reason.contains(&device_key.key_id()), "{reason}");
     assert_eq!(h.read("app/token"), None);
@@ -526,9 +523,7 @@ async fn secrets_sealed_to_this_device_are_written_and_to_another_key_change_not
     assert!(!bytes.windows(6).any(|w| w == b"s3cr3t"), "the bundle holds no plaintext");
     assert_eq!(agent.apply_bundle(&bytes).await.expect("apply"), Outcome::Committed { version: 3 });
     assert_eq!(h.read("app/token").as_deref(), Some("s3cr3t"));
-    let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(h.path("app/token")).expect("meta").permissions(),
-    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(h.path("app/token")).expect("meta").permissions());
     assert_eq!(mode & 0o777, 0o600);
     let created = h.fake.container("app-web").expect("app-web");
     assert_eq!(created.spec.env.get("TOKEN").map(String::as_str), Some("s3cr3t"));

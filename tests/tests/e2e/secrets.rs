@@ -53,18 +53,10 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 
 fn assert_no_plaintext(dir: &Path) -> Result<()> {
     let files = files_under(dir);
-    ensure!(
-        files.iter().any(|f| f.extension().is_some_and(|e| e == "bundle")),
-        "no bundle in {}",
-        dir.display()
-    );
+    ensure!(files.iter().any(|f| f.extension().is_some_and(|e| e == "bundle")), "no bundle in {}", dir.display());
     for f in files {
         let bytes = fs::read(&f)?;
-        ensure!(
-            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
-            "{} holds the secret",
-            f.display()
-        );
+        ensure!(!bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()), "{} holds the secret", f.display());
     }
     Ok(())
 }
@@ -93,10 +85,8 @@ fn a_secret_made_with_age_reaches_only_its_device_and_survives_a_key_rotation() 
     fs::write(&plain_file, format!("token = {SECRET}\n"))?;
     let sealed_path = fleet.repo_dir().join("apps/creds/files/token.age");
     fs::create_dir_all(sealed_path.parent().context("parent")?)?;
-    run_command(
-        Command::new("age").arg("-r").arg(&ci_recipient).arg("-o").arg(&sealed_path).arg(&plain_file),
-    )?
-    .check()?;
+    run_command(Command::new("age").arg("-r").arg(&ci_recipient).arg("-o").arg(&sealed_path).arg(&plain_file))?
+        .check()?;
     fleet.write("apps/creds/app.yaml", "files:\n  - source: files/token.age\n")?;
     fleet.commit("a secret")?;
     let repo = fleet.repo_dir().to_string_lossy().into_owned();
@@ -105,10 +95,7 @@ fn a_secret_made_with_age_reaches_only_its_device_and_survives_a_key_rotation() 
     // build refuses (usage) and writes nothing.
     let out = bundler(&["validate", "--repo", &repo])?;
     ensure!(out.code == Some(0), "{out}");
-    ensure!(
-        out.stderr.contains("not decrypted") && out.stderr.contains("apps/creds/files/token.age"),
-        "{out}"
-    );
+    ensure!(out.stderr.contains("not decrypted") && out.stderr.contains("apps/creds/files/token.age"), "{out}");
     let out = fleet.build_output(&[])?;
     ensure!(out.code == Some(64), "{out}");
     ensure!(out.stderr.contains("--age-identity"), "{out}");
@@ -117,30 +104,11 @@ fn a_secret_made_with_age_reaches_only_its_device_and_survives_a_key_rotation() 
     // With it: built, and nothing written holds the plaintext.
     fleet.build_output(&["--age-identity", &ci_key_arg])?.check()?;
     assert_no_plaintext(fleet.out_dir())?;
-    let out = bundler(&[
-        "plan",
-        "--repo",
-        &repo,
-        "--from",
-        &before,
-        "--to",
-        "HEAD",
-        "--age-identity",
-        &ci_key_arg,
-    ])?;
+    let out = bundler(&["plan", "--repo", &repo, "--from", &before, "--to", "HEAD", "--age-identity", &ci_key_arg])?;
     ensure!(out.code == Some(2), "{out}");
     ensure!(out.stdout.contains("/token") && !out.stdout.contains(SECRET), "plan shows the secret: {out}");
     let out = bundler(&[
-        "plan",
-        "--repo",
-        &repo,
-        "--from",
-        &before,
-        "--to",
-        "HEAD",
-        "--age-identity",
-        &ci_key_arg,
-        "--json",
+        "plan", "--repo", &repo, "--from", &before, "--to", "HEAD", "--age-identity", &ci_key_arg, "--json",
     ])?;
     ensure!(!out.stdout.contains(SECRET), "plan --json shows the secret: {out}");
 
@@ -153,8 +121,7 @@ fn a_secret_made_with_age_reaches_only_its_device_and_survives_a_key_rotation() 
     assert_file(&d1, &target, &format!("token = {SECRET}\n"));
     let mode = fs::metadata(d1.host_path(&target))?.permissions();
     ensure!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777 == 0o600, "mode {mode:?}");
-    let d2_keys =
-        fleet_spec::age::parse_identities(&fs::read_to_string(d2.state_dir().join("identity.age"))?)?;
+    let d2_keys = fleet_spec::age::parse_identities(&fs::read_to_string(d2.state_dir().join("identity.age"))?)?;
     let (_, mut state) = bundle::open_accepted(&fleet.bundle_of("gw-1")?, &Limits::default())?;
     ensure!(state.unseal(&d2_keys).is_err(), "gw-2's key opened gw-1's secrets");
     ensure!(state.files.iter().all(|f| f.path != target), "the secret is in the clear part");
@@ -171,14 +138,10 @@ fn a_secret_made_with_age_reaches_only_its_device_and_survives_a_key_rotation() 
     let rotated = d1.cli(&["identity", "--rotate", "--json"])?.check()?.json()?;
     let r1_new = rotated["recipient"].as_str().context("new recipient")?.to_string();
     ensure!(r1_new != r1, "--rotate made no new key: {rotated}");
-    for (step, keys) in
-        [("both keys", vec![r1_new.as_str(), r1.as_str()]), ("new key only", vec![r1_new.as_str()])]
-    {
+    for (step, keys) in [("both keys", vec![r1_new.as_str(), r1.as_str()]), ("new key only", vec![r1_new.as_str()])] {
         fs::write(&plain_file, format!("token = {SECRET} {step}\n"))?;
-        run_command(
-            Command::new("age").arg("-r").arg(&ci_recipient).arg("-o").arg(&sealed_path).arg(&plain_file),
-        )?
-        .check()?;
+        run_command(Command::new("age").arg("-r").arg(&ci_recipient).arg("-o").arg(&sealed_path).arg(&plain_file))?
+            .check()?;
         device_yaml(&fleet, "gw-1", &keys)?;
         fleet.commit(step)?;
         fleet.build_output(&["--age-identity", &ci_key_arg])?.check()?;
