@@ -160,9 +160,8 @@ pub fn secret_paths(from: &Fleet, to: &Fleet) -> BTreeSet<String> {
     [from, to]
         .iter()
         .flat_map(|f| f.apps.iter())
-        .flat_map(|a| a.files.iter())
-        .filter(|f| f.secret)
-        .map(|f| f.target.clone())
+        .flat_map(|a| a.secret_targets())
+        .map(str::to_string)
         .collect()
 }
 

@@ -171,6 +171,10 @@ struct ComposeApp {
     dotenv: BTreeMap<String, String>,
     /// The `env_file:`s the commit holds: repository path → content.
     env_files: BTreeMap<String, Vec<u8>>,
+    /// The `file:`s of `secrets:` and `configs:`, read (and decrypted).
+    sources: BTreeMap<String, compose::SourceFile>,
+    /// Device paths of the Compose secrets (and encrypted configs): hidden from `plan`.
+    secret_targets: Vec<String>,
     /// The translation when the file uses no `${VAR}`: the same for every device.
     fixed: Option<Translated>,
     /// Diagnostics already reported by the device-independent check.
@@ -178,6 +182,13 @@ struct ComposeApp {
 }
 
 impl App {
+    /// Device paths whose content `plan` never shows: files marked or named secret, and
+    /// the Compose secrets (and encrypted configs).
+    pub fn secret_targets(&self) -> impl Iterator<Item = &str> + '_ {
+        let files = self.files.iter().filter(|f| f.secret).map(|f| f.target.as_str());
+        files.chain(self.compose.iter().flat_map(|c| c.secret_targets.iter().map(String::as_str)))
+    }
+
     pub fn selects(&self, device: &Device) -> bool {
         match &self.selector {
             None => true,
@@ -721,16 +732,11 @@ fn load_app(
                 );
                 continue;
             }
-            if snapshot.age_identities.is_empty() {
-                undecrypted.push(repo_path.clone());
-                FileContent::Static(Vec::new())
-            } else {
-                match secrets::decrypt(&repo_path, content, &snapshot.age_identities) {
-                    Ok(plain) => FileContent::Static(plain),
-                    Err(message) => {
-                        err(diags, src_pos, message);
-                        continue;
-                    }
+            match decrypt_secret(snapshot, &repo_path, content, undecrypted) {
+                Ok(plain) => FileContent::Static(plain),
+                Err(message) => {
+                    err(diags, src_pos, message);
+                    continue;
                 }
             }
         } else if e.template {
@@ -824,6 +830,7 @@ fn load_app(
             .filter_map(|path| snapshot.files.get(&path).map(|bytes| (path, bytes.clone())))
             .collect();
         let dotenv = read_dotenv(snapshot, &file, diags);
+        let sources = compose_sources(snapshot, &parsed, &file, app, diags, undecrypted);
         // Check once for every device: unset variables are not errors here.
         let ctx = AppContext {
             app,
@@ -831,6 +838,7 @@ fn load_app(
             app_root: &app_root,
             file_targets: &file_targets,
             env_files: &env_files,
+            sources: &sources,
         };
         // Per device: `${VAR}`s, env files that use them, and profiles (COMPOSE_PROFILES).
         let has_vars = source.contains('$')
@@ -846,17 +854,65 @@ fn load_app(
             return None;
         }
         Some(ComposeApp {
+            secret_targets: compose::secret_targets(&parsed, &app_root),
             file,
             parsed,
             file_targets: file_targets.clone(),
             app_root: app_root.clone(),
             dotenv,
             env_files,
+            sources,
             fixed: (!has_vars).then_some(translated),
             known,
         })
     });
     Some(App { name: app.to_string(), selector, files, compose })
+}
+
+/// The plain bytes of a secret file (`*.age`) of the commit, decrypted with the CI's age
+/// identity. Without an identity: empty, and `repo_path` is recorded in `undecrypted`
+/// (validate and plan say they skipped it; build refuses). `Err` says what to do.
+fn decrypt_secret(
+    snapshot: &Snapshot,
+    repo_path: &str,
+    content: &[u8],
+    undecrypted: &mut Vec<String>,
+) -> Result<Vec<u8>, String> {
+    if snapshot.age_identities.is_empty() {
+        undecrypted.push(repo_path.to_string());
+        return Ok(Vec::new());
+    }
+    secrets::decrypt(repo_path, content, &snapshot.age_identities)
+}
+
+/// The `file:`s of a Compose file's `secrets:` and `configs:` the commit holds, read
+/// (`.age` decrypted with [`decrypt_secret`]); the translation reports the missing ones.
+fn compose_sources(
+    snapshot: &Snapshot,
+    parsed: &ComposeFile,
+    compose_file: &str,
+    app: &str,
+    diags: &mut Vec<Diagnostic>,
+    undecrypted: &mut Vec<String>,
+) -> BTreeMap<String, compose::SourceFile> {
+    let mut out = BTreeMap::new();
+    for path in compose::file_source_paths(parsed, compose_file, app) {
+        let sealed = path.ends_with(".age");
+        let content = match snapshot.files.get(&path) {
+            None if snapshot.too_large.contains_key(&path) => {
+                Err(format!("{path} is larger than the limit for one file read from Git (see its error)"))
+            }
+            None => continue,
+            Some(bytes) if is_lfs_pointer(bytes) => {
+                diags.push(lfs_diagnostic(&path, bytes, 0, 0));
+                Err(format!("{path} is a Git LFS pointer, not the file (see its error)"))
+            }
+            Some(bytes) if sealed => decrypt_secret(snapshot, &path, bytes, undecrypted),
+            Some(bytes) => Ok(bytes.clone()),
+        };
+        out.insert(path, compose::SourceFile { content, sealed });
+    }
+    out
 }
 
 /// The `.env` beside `compose_file` (Compose's default variables), if the commit holds
@@ -1107,6 +1163,7 @@ impl Fleet {
                         app_root: &c.app_root,
                         file_targets: &c.file_targets,
                         env_files: &c.env_files,
+                        sources: &c.sources,
                     };
                     // A secret interpolates to a marker; `seal_compose_env` puts it where it went.
                     let lookup = |name: &str| {
@@ -1140,6 +1197,22 @@ impl Fleet {
                     t
                 }
             };
+            for f in translated.files {
+                if let Some(other) = file_owner.insert(f.file.path.clone(), &app.name) {
+                    diags.push(tag(Diagnostic::error(
+                        c.file.as_str(),
+                        0,
+                        0,
+                        format!("target {} is also delivered by app `{other}` to this device", f.file.path),
+                    )));
+                    continue;
+                }
+                if f.sealed {
+                    state.secrets.files.push(f.file);
+                } else {
+                    state.files.push(f.file);
+                }
+            }
             for spec in translated.containers {
                 if let Some(other) = container_owner.insert(spec.name.clone(), &app.name) {
                     diags.push(tag(Diagnostic::error(

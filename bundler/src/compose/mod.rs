@@ -8,7 +8,8 @@
 //!
 //! - `parse`: the file as YAML (serde-saphyr: anchors and merge keys), with places;
 //! - `interpolate`: `${VAR}` forms; `dotenv`: `.env` and `env_file:` lines;
-//! - `translate`: the specs, with every problem as a diagnostic at its line.
+//! - `translate`: the specs, with every problem as a diagnostic at its line;
+//! - `files`: `secrets:` and `configs:`, files delivered and mounted read-only.
 //!
 //! Translation rules (documented in `bundler/README.md`):
 //! - container name `<app>-<service>` unless `container_name`;
@@ -23,22 +24,25 @@
 //!   beside the Compose file; a variable that is not set is an error naming it;
 //! - a service with `profiles:` runs only where `COMPOSE_PROFILES` names one of them.
 //!
-//! This module is pure: no I/O. The caller reads `.env` and the `env_file:`s from the
-//! commit, and pins image tags to digests later.
+//! This module is pure: no I/O. The caller reads `.env`, the `env_file:`s and the
+//! `file:`s of secrets and configs (decrypting `.age`) from the commit, and pins image
+//! tags to digests later.
 
 mod dotenv;
+mod files;
 mod interpolate;
 mod parse;
 mod translate;
 
 use std::collections::{BTreeMap, HashSet};
 
-use fleet_spec::model::{ContainerSpec, NetworkSpec, VolumeSpec};
+use fleet_spec::model::{ContainerSpec, ManagedFile, NetworkSpec, VolumeSpec};
 
 use crate::diag::Diagnostic;
 use crate::yaml::Pos;
 
 pub use dotenv::{parse_env_file, EnvEntry};
+pub use files::{file_source_paths, secret_targets, DEFAULT_MODE};
 pub use interpolate::{interpolate, InterpError};
 pub use parse::*;
 pub use translate::{normalize_relative, parse_expose, parse_image, parse_port, valid_container_name};
@@ -50,12 +54,33 @@ pub fn parse_file(file: &str, text: &str) -> Result<ComposeFile, Vec<Diagnostic>
     crate::yaml::parse_each_unknown_key::<Ext<ComposeFile>>(file, text, &parse::drop_refused).map(|f| f.0)
 }
 
-/// The containers, networks and volumes of one app on one device.
+/// The containers, networks and volumes of one app on one device, and the files its
+/// `secrets:` and `configs:` deliver.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Translated {
     pub containers: Vec<ContainerSpec>,
     pub networks: Vec<NetworkSpec>,
     pub volumes: Vec<VolumeSpec>,
+    /// One per secret or config some service is granted, by device path.
+    pub files: Vec<DeliveredFile>,
+}
+
+/// A file a secret or config delivers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveredFile {
+    pub file: ManagedFile,
+    /// Its source was encrypted in Git (`.age`): it travels sealed to the device.
+    pub sealed: bool,
+}
+
+/// A `file:` of a secret or config, as the caller read it from the commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceFile {
+    /// The bytes to deliver (decrypted when `sealed`; empty when there was no identity
+    /// to decrypt with), or why there are none (said after the entry's name).
+    pub content: Result<Vec<u8>, String>,
+    /// The file is encrypted in Git (`.age`).
+    pub sealed: bool,
 }
 
 /// Looks a variable up for `${VAR}` interpolation.
@@ -81,6 +106,9 @@ pub struct AppContext<'a> {
     /// The `env_file:` files the commit holds: repository path → content (see
     /// [`env_file_paths`]).
     pub env_files: &'a BTreeMap<String, Vec<u8>>,
+    /// The `file:`s of `secrets:` and `configs:`: repository path → what was read (see
+    /// [`file_source_paths`]).
+    pub sources: &'a BTreeMap<String, SourceFile>,
 }
 
 /// The repository path of an `env_file:` entry: relative to the Compose file's
@@ -123,8 +151,16 @@ pub fn translate(
     vars: &dyn VarLookup,
     lenient: bool,
 ) -> (Translated, Vec<Diagnostic>) {
-    let mut t =
-        Translator { ctx, vars, lenient, diags: Vec::new(), tainted: HashSet::new(), pools: BTreeMap::new() };
+    let mut t = Translator {
+        ctx,
+        vars,
+        lenient,
+        diags: Vec::new(),
+        tainted: HashSet::new(),
+        pools: BTreeMap::new(),
+        file_defs: files::Defs::default(),
+        delivered: BTreeMap::new(),
+    };
     let out = t.run(file);
     (out, t.diags)
 }
@@ -138,6 +174,10 @@ pub(super) struct Translator<'a, 'b> {
     tainted: HashSet<Pos>,
     /// The IPAM pools of each network (by engine name), for static addresses.
     pools: BTreeMap<String, Vec<fleet_spec::model::IpamPool>>,
+    /// The top-level `secrets:` and `configs:`, checked.
+    file_defs: files::Defs,
+    /// The files granted so far, by device path: with the first grant's place and service.
+    delivered: BTreeMap<String, (DeliveredFile, Pos, String)>,
 }
 
 #[cfg(test)]
@@ -157,7 +197,7 @@ mod tests {
         let file = match parse_file("compose.yaml", yaml) {
             Ok(f) => f,
             Err(found) => {
-                let empty = Translated { containers: vec![], networks: vec![], volumes: vec![] };
+                let empty = Translated::default();
                 return (
                     empty,
                     found.iter().map(|d| format!("{}:{}: {}", d.line, d.column, d.message)).collect(),
@@ -178,6 +218,7 @@ mod tests {
             app_root: "/srv/fleet/shop",
             file_targets: &targets,
             env_files: &env_files,
+            sources: &BTreeMap::new(),
         };
         let (t, diags) = translate(&file, &ctx, &vars, false);
         (t, diags.iter().map(|d| format!("{}:{}: {}", d.line, d.column, d.message)).collect())
@@ -240,7 +281,7 @@ volumes:
         let (_, diags) = check("services:\n  web:\n    image: nginx\n    biuld: .\n");
         let message = diags.iter().find(|d| d.contains("biuld")).expect("refused");
         let allowed = message.split("(allowed keys: ").nth(1).expect("the allowed keys");
-        for refused in ["build", "links", "extends", "volumes_from", "secrets"] {
+        for refused in ["build", "links", "extends", "volumes_from", "scale"] {
             assert!(
                 !allowed.split(", ").any(|k| k.trim_end_matches(')') == refused),
                 "{refused} offered: {message}"
@@ -490,6 +531,7 @@ services:
                 app_root: "/srv/fleet/shop",
                 file_targets: &targets,
                 env_files: &env_files,
+                sources: &BTreeMap::new(),
             };
             let (t, diags) = translate(&file, &ctx, &lookup, false);
             let names: Vec<String> = t.containers.into_iter().map(|c| c.service).collect();

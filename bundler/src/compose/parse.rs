@@ -30,9 +30,67 @@ pub struct ComposeFile {
     #[serde(default)]
     pub volumes: SpannedMap<Option<Spanned<Ext<VolumeDef>>>>,
     #[serde(default)]
-    pub secrets: Refused,
+    pub secrets: SpannedMap<Spanned<Ext<FileDef>>>,
     #[serde(default)]
-    pub configs: Refused,
+    pub configs: SpannedMap<Spanned<Ext<FileDef>>>,
+}
+
+/// One top-level `secrets:` or `configs:` entry. Only `file:` (and `content:` for a
+/// config) says where the bytes come from on a device; the other keys are refused by name.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDef {
+    #[serde(default)]
+    pub file: Option<Spanned<String>>,
+    /// A config's inline content (interpolated); refused for a secret.
+    #[serde(default)]
+    pub content: Option<Spanned<String>>,
+    // Refused by name (see [`FileDef::refused`]).
+    #[serde(default)]
+    pub external: Refused,
+    #[serde(default)]
+    pub environment: Refused,
+    #[serde(default)]
+    pub name: Refused,
+    #[serde(default)]
+    pub driver: Refused,
+    #[serde(default)]
+    pub driver_opts: Refused,
+    #[serde(default)]
+    pub template_driver: Refused,
+    #[serde(default)]
+    pub labels: Refused,
+}
+
+impl FileDef {
+    /// The refused keys this entry uses, with their places.
+    pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
+        let all: [(&'static str, &Refused); 7] = [
+            ("external", &self.external),
+            ("environment", &self.environment),
+            ("name", &self.name),
+            ("driver", &self.driver),
+            ("driver_opts", &self.driver_opts),
+            ("template_driver", &self.template_driver),
+            ("labels", &self.labels),
+        ];
+        all.iter().filter_map(|(name, v)| v.as_ref().map(|s| (*name, Pos::of(s)))).collect()
+    }
+}
+
+/// The long syntax of a service's `secrets:` / `configs:` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileGrant {
+    pub source: Spanned<String>,
+    #[serde(default)]
+    pub target: Option<Spanned<String>>,
+    #[serde(default)]
+    pub uid: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub gid: Option<Spanned<Scalar>>,
+    #[serde(default)]
+    pub mode: Option<Spanned<Scalar>>,
 }
 
 /// One service.
@@ -150,13 +208,14 @@ pub struct Service {
     #[serde(default)]
     pub cgroup_parent: Option<Spanned<String>>,
 
+    #[serde(default)]
+    pub secrets: Vec<Spanned<ScalarOrMap<FileGrant>>>,
+    #[serde(default)]
+    pub configs: Vec<Spanned<ScalarOrMap<FileGrant>>>,
+
     // Compose keys the agent cannot apply: refused by name.
     #[serde(default)]
     pub build: Refused,
-    #[serde(default)]
-    pub secrets: Refused,
-    #[serde(default)]
-    pub configs: Refused,
     #[serde(default)]
     pub extends: Refused,
     #[serde(default)]
@@ -235,8 +294,6 @@ pub(super) const REFUSED: [(&str, &[&str]); 3] = [
         "image",
         &[
             "build",
-            "secrets",
-            "configs",
             "extends",
             "links",
             "external_links",
@@ -267,8 +324,8 @@ pub(super) const REFUSED: [(&str, &[&str]); 3] = [
             "labels",
         ],
     ),
-    // The top level.
-    ("services", &["secrets", "configs"]),
+    // A top-level `secrets:` / `configs:` entry.
+    ("file", &["external", "environment", "name", "driver", "driver_opts", "template_driver", "labels"]),
 ];
 
 /// Drops from `allowed` (the fields serde knows for one mapping) the keys that mapping
@@ -284,10 +341,8 @@ pub fn drop_refused(allowed: &mut Vec<String>) {
 impl Service {
     /// The refused keys this service uses, with their places.
     pub(super) fn refused(&self) -> Vec<(&'static str, Pos)> {
-        let all: [(&'static str, &Refused); 18] = [
+        let all: [(&'static str, &Refused); 16] = [
             ("build", &self.build),
-            ("secrets", &self.secrets),
-            ("configs", &self.configs),
             ("extends", &self.extends),
             ("links", &self.links),
             ("external_links", &self.external_links),
@@ -313,7 +368,6 @@ pub(super) fn refusal(key: &str) -> String {
     let why = match key {
         "build" => "devices pull images, build them in CI and set `image:`",
         "develop" => "it is for `docker compose watch` on a developer's machine",
-        "secrets" | "configs" => "deliver the file with `files:` in app.yaml and bind-mount it",
         "extends" => "it reads other files; inline the service (YAML anchors and `<<:` merge keys work)",
         "links" => "services reach each other by service name on the app's network (use `depends_on:` for the start order)",
         "external_links" => "the agent connects only the app's own containers",

@@ -39,19 +39,19 @@ impl Translator<'_, '_> {
     /// Reports an error at `pos`, unless the value there used a variable that is not set
     /// (that was reported, or is not an error in lenient mode): a second message about
     /// the empty value would only hide the first.
-    fn error(&mut self, pos: Pos, message: impl Into<String>) {
+    pub(super) fn error(&mut self, pos: Pos, message: impl Into<String>) {
         if self.tainted.contains(&pos) {
             return;
         }
         self.diags.push(Diagnostic::error(self.ctx.file, pos.line, pos.column, message));
     }
 
-    fn warning(&mut self, pos: Pos, message: impl Into<String>) {
+    pub(super) fn warning(&mut self, pos: Pos, message: impl Into<String>) {
         self.diags.push(Diagnostic::warning(self.ctx.file, pos.line, pos.column, message));
     }
 
     /// Interpolates `${VAR}` forms in `text`, found at `pos`.
-    fn interp(&mut self, text: &str, pos: Pos) -> String {
+    pub(super) fn interp(&mut self, text: &str, pos: Pos) -> String {
         if !text.contains('$') {
             return text.to_string();
         }
@@ -77,22 +77,17 @@ impl Translator<'_, '_> {
         }
     }
 
-    fn s(&mut self, v: &Spanned<String>) -> String {
+    pub(super) fn s(&mut self, v: &Spanned<String>) -> String {
         self.interp(&v.value, Pos::of(v))
     }
 
-    fn scalar(&mut self, v: &Spanned<Scalar>) -> String {
+    pub(super) fn scalar(&mut self, v: &Spanned<Scalar>) -> String {
         self.interp(&v.value.0, Pos::of(v))
     }
 
     pub(super) fn run(&mut self, file: &ComposeFile) -> Translated {
         let app = self.ctx.app;
-        if let Some(s) = &file.secrets {
-            self.error(Pos::of(s), refusal("secrets"));
-        }
-        if let Some(s) = &file.configs {
-            self.error(Pos::of(s), refusal("configs"));
-        }
+        self.file_defs = self.file_defs(file);
 
         // Top-level networks.
         let mut networks: BTreeMap<String, NetworkSpec> = BTreeMap::new();
@@ -249,6 +244,7 @@ impl Translator<'_, '_> {
             containers,
             networks: networks.into_values().collect(),
             volumes: volumes.into_values().collect(),
+            files: std::mem::take(&mut self.delivered).into_values().map(|(f, ..)| f).collect(),
         }
     }
 
@@ -351,6 +347,7 @@ impl Translator<'_, '_> {
                 spec.mounts.push(m);
             }
         }
+        self.file_grants(service, svc, &mut mount_targets, &mut spec.mounts);
         if let Some(tmpfs) = &svc.tmpfs {
             for target in self.words_plain(tmpfs) {
                 let target = target.split(':').next().unwrap_or_default().to_string();

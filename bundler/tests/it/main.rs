@@ -5,6 +5,7 @@ mod awesome;
 mod build;
 mod common;
 mod compose_keys;
+mod compose_secrets;
 mod first_hour;
 mod hardening;
 mod mqtt;

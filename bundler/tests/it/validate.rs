@@ -196,8 +196,8 @@ fn compose_refused_keys_are_named() {
         &["apps/web/compose.yaml:4:5: error: unknown key `imagee`: did you mean `image`?"],
     );
     check(
-        &[("apps/web/compose.yaml", Some("services:\n  web:\n    image: x:1\nsecrets:\n  a: {file: x}\n"))],
-        &["apps/web/compose.yaml:5:3: error: `secrets:` is not supported"],
+        &[("apps/web/compose.yaml", Some("services:\n  web:\n    image: x:1\nsecrets:\n  a: {external: true}\n"))],
+        &["apps/web/compose.yaml:5:17: error: `secrets.NAME.external:` is not supported: the agent delivers every secret from the commit"],
     );
 }
 

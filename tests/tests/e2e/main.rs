@@ -32,6 +32,7 @@
 //! | [`acl`] | 10 broker ACLs |
 //! | [`enroll`] | issue 13: a device enrolls under the documented ACL (beside its running agent), `enroll list` shows it pending, `enroll accept` writes its key into the work tree, a commit makes it accepted; a key rotation is accepted with both keys, comments kept; hostile claims are listed as invalid; an unreachable broker is exit 75 |
 //! | [`cluster`] | issue 19: a three-node RabbitMQ cluster: what crosses nodes; three agents spread over it, publish/status with every node listed; a two-wave rollout (`--once`, then resumed to done) with every node listed, the agents' nodes not first |
+//! | [`secrets`] | issue 13: a secret made with the real age CLI reaches only its device (sideloaded), survives a key rotation; a Compose secret is mounted read-only at `/run/secrets/NAME` on dockerd and a new one recreates the container |
 //! | [`sideload`] | 11 `fleet-agent apply` without a broker |
 //! | [`dashboard`] | the static live dashboard in headless Chromium: a device converging, a failing one in red, hostile messages as text (issue 18) |
 //! | [`aarch64`] | the cross-built aarch64 agent under qemu, on dockerd (issue 6) |

@@ -4,7 +4,8 @@
 //! writes (bundles, index.json, pointer files) and nothing `plan` prints holds the
 //! plaintext; another device's key cannot open the bundle; a device without a
 //! `public_key:` is a build error naming it; and a key rotation keeps the device able to
-//! decrypt at every step.
+//! decrypt at every step. A Compose secret reaches its container read-only at
+//! `/run/secrets/NAME` on a real dockerd, and a new one recreates the container.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -12,10 +13,11 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use fleet_e2e::fleet::{bundler, run_command};
-use fleet_e2e::{free_port, Device, FleetRepo};
+use fleet_e2e::{free_port, Device, DeviceWatch, Dockerd, Engine, FleetRepo, Mosquitto};
 use fleet_spec::bundle::{self, Limits};
 
 use crate::common::*;
+use crate::engines::{Images, TestEngine};
 
 const SECRET: &str = "TOPSECRET-4f1d9c";
 
@@ -192,5 +194,88 @@ fn a_secret_made_with_age_reaches_only_its_device_and_survives_a_key_rotation() 
     // The bundle it runs is still readable with what is left (a restart reopens it).
     let status = d1.local_status()?;
     ensure!(status["status"]["state"] == "converged", "{status}");
+    Ok(())
+}
+
+/// Compose `secrets:` on a real dockerd: a secret encrypted with the real `age` reaches
+/// the container read-only at `/run/secrets/token` (its healthcheck waits for it), a
+/// config at its target; a new secret in Git recreates the container with it.
+#[test]
+fn a_compose_secret_is_mounted_read_only_at_run_secrets_on_dockerd() -> Result<()> {
+    let engine = TestEngine::Dockerd(Dockerd::start()?);
+    let images = Images::push(&engine)?;
+    let broker = Mosquitto::start()?;
+    let mut fleet = FleetRepo::new("acme")?;
+    fleet.add_device("gw-1", &[])?;
+    let mut device =
+        Device::builder(&fleet, "gw-1")?.broker(&broker.url()).engine(engine.socket_path()).create()?;
+    let watch = DeviceWatch::of(&broker.client(), &device)?;
+    let ci_key = fleet.scratch("ci")?.join("ci-identity.txt");
+    let ci_recipient = age_keygen(&ci_key)?;
+    let ci_key_arg = ci_key.to_string_lossy().into_owned();
+    device_yaml(&fleet, "gw-1", &[&recipient(&device)?])?;
+
+    let plain_file = fleet.scratch("plain")?.join("token");
+    let sealed_path = fleet.repo_dir().join("apps/creds/token.age");
+    fs::create_dir_all(sealed_path.parent().context("parent")?)?;
+    let encrypt = |content: &str| -> Result<()> {
+        fs::write(&plain_file, content)?;
+        run_command(
+            Command::new("age").arg("-r").arg(&ci_recipient).arg("-o").arg(&sealed_path).arg(&plain_file),
+        )?
+        .check()?;
+        Ok(())
+    };
+    encrypt(&format!("{SECRET}-1\n"))?;
+    fleet.write("apps/creds/app.yaml", "{}\n")?;
+    fleet.write(
+        "apps/creds/compose.yaml",
+        format!(
+            "services:
+  app:
+    image: {}
+    command: [\"sleep\", \"3600\"]
+    restart: unless-stopped
+    secrets: [token]
+    configs: [{{source: settings, target: /etc/settings.conf}}]
+    healthcheck:
+      test: [\"CMD\", \"test\", \"-s\", \"/run/secrets/token\"]
+      interval: 1s
+      timeout: 1s
+      retries: 2
+secrets:
+  token: {{file: ./token.age}}
+configs:
+  settings: {{content: \"mode = test\\n\"}}
+",
+            images.tag(1)
+        ),
+    )?;
+    let ship = |fleet: &mut FleetRepo, message: &str| -> Result<String> {
+        let commit = fleet.commit(message)?;
+        fleet.build_output(&["--age-identity", &ci_key_arg])?.check()?;
+        fleet.publish(&broker.url())?;
+        Ok(commit)
+    };
+    let c1 = ship(&mut fleet, "creds with a secret")?;
+    device.start()?;
+    wait_converged(&watch, &device, &c1)?;
+    assert_no_plaintext(fleet.out_dir())?;
+    assert_eq!(engine.docker(&["exec", "creds-app", "cat", "/run/secrets/token"])?, format!("{SECRET}-1\n"));
+    assert_eq!(engine.docker(&["exec", "creds-app", "cat", "/etc/settings.conf"])?, "mode = test\n");
+    let write = engine.docker(&["exec", "creds-app", "sh", "-c", "echo x > /run/secrets/token"]);
+    ensure!(write.is_err(), "the secret is writable in the container: {write:?}");
+    let on_device = fleet.app_file("creds", ".compose/secrets/token");
+    assert_file(&device, &on_device, &format!("{SECRET}-1\n"));
+    let before = engine.container("creds-app")?.id().to_string();
+
+    // A new secret in Git: the container is recreated and reads it.
+    encrypt(&format!("{SECRET}-2\n"))?;
+    let c2 = ship(&mut fleet, "rotate the token")?;
+    wait_converged(&watch, &device, &c2)?;
+    let after = engine.container("creds-app")?;
+    ensure!(after.id() != before && after.running(), "creds-app was not recreated with the new secret");
+    assert_eq!(engine.docker(&["exec", "creds-app", "cat", "/run/secrets/token"])?, format!("{SECRET}-2\n"));
+    ensure!(watch.events_of("apply_failed").is_empty(), "{}", watch.describe());
     Ok(())
 }
