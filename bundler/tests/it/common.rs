@@ -65,11 +65,20 @@ pub fn bundler_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         .env_remove("FLEET_DASHBOARD_BROKER")
         .env_remove("FLEET_AGE_IDENTITY")
         .env_remove("FLEET_AGE_IDENTITY_FILE");
-    // Builds decrypt with the example fleet's (published, example-only) CI identity, as
-    // its README says: copies and clones of the example have secrets, other repositories
-    // do not mind. Other commands get no identity unless a test passes one.
+    // A build of the example fleet (a copy or a clone: the revision holds its example-only
+    // CI identity) decrypts with that identity, as its README says. Other repositories
+    // and other commands get no identity unless a test passes one.
     if args.first() == Some(&"build") && !args.contains(&"--age-identity") {
-        cmd.env("FLEET_AGE_IDENTITY_FILE", example_dir().join("EXAMPLE-ONLY-ci-age.txt"));
+        let flag = |name: &str| args.iter().position(|a| *a == name).and_then(|i| args.get(i + 1)).copied();
+        let (repo, rev) = (flag("--repo").unwrap_or("."), flag("--rev").unwrap_or("HEAD"));
+        let holds_example_identity = Command::new("git")
+            .args(["-C", repo, "cat-file", "-e", &format!("{rev}:EXAMPLE-ONLY-ci-age.txt")])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if holds_example_identity {
+            cmd.env("FLEET_AGE_IDENTITY_FILE", example_dir().join("EXAMPLE-ONLY-ci-age.txt"));
+        }
     }
     if args.first() == Some(&"build")
         && !args.contains(&"--now")
