@@ -202,7 +202,10 @@ def measure_cross(ctx):
         res.row("Footprint", "agent binary, x86_64 static (as in the amd64 .deb), stripped",
                 f"{mib(x['bytes'])} ({x['bytes']:,} B, {x['linkage']})", "≤ 3 MiB", x["bytes"] <= 3 * MIB,
                 "`cross/build.sh --targets x86_64` (static musl, std built for size), stripped" + x.get("note", ""))
-        if x["linkage"] == "static" and not x.get("note"):
+        # With --quick, FLEET_BENCH_STATIC_FROM_DIST=1 measures the device with the static
+        # binary found in dist/ too (a re-measure after cross/build.sh, without rebuilding).
+        from_dist = os.environ.get("FLEET_BENCH_STATIC_FROM_DIST") == "1"
+        if x["linkage"] == "static" and (not x.get("note") or from_dist):
             ctx.device_agent = x["path"]
             ctx.device_agent_label = "static x86_64 build (as shipped)"
     else:
@@ -1388,7 +1391,8 @@ def main():
     ctx.device, ctx.fleet_details, ctx.fleet_scale, ctx.wire = None, [], [], None
     ctx.fleet_rate, ctx.fleet_http, ctx.fleet_min_avail_gib = a.fleet_rate, a.fleet_http, a.fleet_min_avail_gib
     ctx.fleet_restart, ctx.fleet_nice_infra = a.fleet_restart, a.fleet_nice_infra
-    ctx.idle_secs = 10 if a.quick else 60
+    # FLEET_BENCH_IDLE_SECS: a full-length idle window with --quick's prebuilt binaries.
+    ctx.idle_secs = int(os.environ.get("FLEET_BENCH_IDLE_SECS") or (10 if a.quick else 60))
     ctx.changes = 10 if a.quick else 50
     sizes = [int(x) for x in a.fleet_sizes.split(",") if x] or ([20] if a.quick else [100, 1000])
     only = set(filter(None, a.only.split(",")))

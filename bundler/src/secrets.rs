@@ -33,7 +33,7 @@ pub fn device_secrets_id(path: &str) -> Option<&str> {
 
 /// Decrypts one `.age` file of the repository with the CI's identities.
 pub fn decrypt(repo_path: &str, bytes: &[u8], identities: &[SecretKey]) -> Result<Vec<u8>, String> {
-    fleet_spec::age::decrypt(bytes, identities).map_err(|e| {
+    fleet_spec::age::decrypt_file(bytes, identities).map_err(|e| {
         let ids: Vec<String> = identities.iter().map(SecretKey::key_id).collect();
         let recipient = identities.first().map(SecretKey::recipient).unwrap_or_default();
         format!(

@@ -229,16 +229,19 @@ pub fn encrypt(plaintext: &[u8], recipients: &[[u8; 32]], seed: &[u8; 32]) -> Ve
 
 // ---- decryption -----------------------------------------------------------------------
 
-/// Decrypts an age file (binary, or ASCII-armored as `age -a` writes it) with any of
-/// `identities`.
-pub fn decrypt(file: &[u8], identities: &[SecretKey]) -> Result<Vec<u8>, AgeError> {
-    let unarmored;
-    let file = if file.starts_with(ARMOR_BEGIN.as_bytes()) {
-        unarmored = dearmor(file)?;
-        &unarmored[..]
+/// Decrypts an age file, binary or ASCII-armored (as `age -a` writes it), with any of
+/// `identities`: what people commit.
+pub fn decrypt_file(file: &[u8], identities: &[SecretKey]) -> Result<Vec<u8>, AgeError> {
+    if file.starts_with(ARMOR_BEGIN.as_bytes()) {
+        decrypt(&dearmor(file)?, identities)
     } else {
-        file
-    };
+        decrypt(file, identities)
+    }
+}
+
+/// Decrypts a binary age file with any of `identities` (what a bundle carries; the
+/// device needs no armor).
+pub fn decrypt(file: &[u8], identities: &[SecretKey]) -> Result<Vec<u8>, AgeError> {
     let (header, mac, payload) = split_header(file)?;
     let stanzas = parse_stanzas(header)?;
     let mut file_key = None;
@@ -549,7 +552,7 @@ mod tests {
             b"age-encryption.org/v2\n-> X25519 AAAA\n--- x\n",
             b"-----BEGIN AGE ENCRYPTED FILE-----\n!!!!\n",
         ] {
-            assert!(decrypt(file, ids).is_err(), "{}", String::from_utf8_lossy(file));
+            assert!(decrypt_file(file, ids).is_err(), "{}", String::from_utf8_lossy(file));
         }
         // An all-zero share (low order point) must not decrypt to a known key.
         let zero = b64_encode(&[0u8; 32]);

@@ -67,9 +67,12 @@ fn what_the_age_cli_encrypts_we_decrypt_binary_and_armored() {
                 cmd.arg("-a");
             }
             let sealed = run(&mut cmd, &plain);
-            assert_eq!(age::decrypt(&sealed, &b).expect("b decrypts"), plain, "armor {armor}");
-            assert_eq!(age::decrypt(&sealed, &a).expect("a decrypts"), plain, "armor {armor}");
-            assert_eq!(age::decrypt(&sealed, &other), Err(age::AgeError::NoMatchingKey));
+            assert_eq!(age::decrypt_file(&sealed, &b).expect("b decrypts"), plain, "armor {armor}");
+            assert_eq!(age::decrypt_file(&sealed, &a).expect("a decrypts"), plain, "armor {armor}");
+            assert_eq!(age::decrypt_file(&sealed, &other), Err(age::AgeError::NoMatchingKey));
+            if armor {
+                assert!(age::decrypt(&sealed, &a).is_err(), "the device's decrypt takes binary files only");
+            }
         }
     }
 }
