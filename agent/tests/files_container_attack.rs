@@ -89,8 +89,18 @@ fn container_racing_its_bind_mount_never_makes_the_agent_touch_anything_outside(
             ATTACK,
         ])
         .expect("the attacker container starts");
+    // The attacker rewrites `count` all the time: a read can land between its truncate and
+    // its write (an empty file), so a read that does not parse is tried again.
     let count = |app: &Path| -> u64 {
-        fs::read_to_string(app.join("count")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+        (0..100)
+            .find_map(|_| {
+                let n = fs::read_to_string(app.join("count")).ok().and_then(|s| s.trim().parse().ok());
+                if n.is_none() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                n
+            })
+            .unwrap_or(0)
     };
     wait_until(Duration::from_secs(30), "the attacker to loop", || Ok(count(&app) > 10))
         .expect("the attacker loops");
@@ -115,7 +125,7 @@ fn container_racing_its_bind_mount_never_makes_the_agent_touch_anything_outside(
             assert!(started.elapsed() < Duration::from_secs(5), "no call blocks (FIFOs at managed names)");
         }
     }
-    let swaps = count(&app) - start_count;
+    let swaps = count(&app).saturating_sub(start_count);
     let _ = dockerd.docker(&["rm", "-f", "attacker"]);
     eprintln!("{ops} agent operations ({failed} refused or failed) against {swaps} attacker rounds");
     assert!(swaps > 20, "the attacker raced the agent ({swaps} rounds)");
