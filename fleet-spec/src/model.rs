@@ -38,6 +38,81 @@ pub struct DesiredState {
     /// [`DesiredState::unseal`] after verifying the bundle.
     #[serde(skip)]
     pub sealed: Vec<u8>,
+    /// Files too large to travel inside the bundle, named by digest and size; their bytes
+    /// are `blobs/<sha256>` beside the bundles (bundle format 5's trailer, sorted by path).
+    #[serde(skip)]
+    pub artifacts: Vec<Artifact>,
+}
+
+/// A managed file whose bytes are not in the bundle: the signed state names them by
+/// sha256 and size, and the device fetches them (`blobs/<sha256>` beside the bundles)
+/// only when it does not hold them already. Written like any managed file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Artifact {
+    /// Absolute path on the device, as [`ManagedFile::path`].
+    pub path: String,
+    /// Unix permission bits.
+    pub mode: u32,
+    /// Owner; `None` keeps the agent's own user.
+    pub owner: Option<Owner>,
+    /// sha256 of the bytes.
+    pub sha256: [u8; 32],
+    /// Length of the bytes.
+    pub size: u64,
+}
+
+impl Artifact {
+    /// The digest in hex: the blob's name and the file's content hash.
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}
+
+/// A managed file of a state, whichever way its bytes travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry<'a> {
+    /// Bytes inside the bundle.
+    Inline(&'a ManagedFile),
+    /// Bytes in a blob (format 5).
+    Artifact(&'a Artifact),
+}
+
+impl<'a> Entry<'a> {
+    pub fn path(&self) -> &'a str {
+        match self {
+            Entry::Inline(f) => &f.path,
+            Entry::Artifact(a) => &a.path,
+        }
+    }
+
+    pub fn mode(&self) -> u32 {
+        match self {
+            Entry::Inline(f) => f.mode,
+            Entry::Artifact(a) => a.mode,
+        }
+    }
+
+    pub fn owner(&self) -> Option<Owner> {
+        match self {
+            Entry::Inline(f) => f.owner,
+            Entry::Artifact(a) => a.owner,
+        }
+    }
+
+    /// Hex sha256 of the file's bytes.
+    pub fn sha256_hex(&self) -> String {
+        match self {
+            Entry::Inline(f) => f.content_sha256(),
+            Entry::Artifact(a) => a.sha256_hex(),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            Entry::Inline(f) => f.content.len() as u64,
+            Entry::Artifact(a) => a.size,
+        }
+    }
 }
 
 /// What only the device may read.
@@ -501,11 +576,26 @@ impl DesiredState {
         self.containers.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.cmp(b)));
         self.networks.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.cmp(b)));
         self.volumes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.cmp(b)));
+        self.artifacts.sort_by(|a, b| a.path.cmp(&b.path).then_with(|| a.cmp(b)));
+    }
+
+    /// Every managed file, inline ones first, then artifacts.
+    pub fn entries(&self) -> impl Iterator<Item = Entry<'_>> {
+        self.files.iter().map(Entry::Inline).chain(self.artifacts.iter().map(Entry::Artifact))
+    }
+
+    /// The managed file at `path`, inline or artifact.
+    pub fn entry(&self, path: &str) -> Option<Entry<'_>> {
+        self.entries().find(|e| e.path() == path)
     }
 
     /// The bundle format this state needs: 1 unless a container sets engine options
-    /// (2), the state carries a maintenance schedule (3) or sealed secrets (4).
+    /// (2), the state carries a maintenance schedule (3), sealed secrets (4) or
+    /// artifacts (5).
     pub fn format(&self) -> u16 {
+        if !self.artifacts.is_empty() {
+            return 5;
+        }
         if !self.sealed.is_empty() {
             return 4;
         }
@@ -552,6 +642,9 @@ impl DesiredState {
         if self.format() >= 4 {
             out.extend(postcard::to_stdvec(&self.sealed).expect("encoding into a Vec cannot fail"));
         }
+        if self.format() >= 5 {
+            out.extend(postcard::to_stdvec(&self.artifacts).expect("encoding into a Vec cannot fail"));
+        }
         out
     }
 
@@ -579,10 +672,23 @@ impl DesiredState {
         }
         if format >= 4 {
             let (sealed, after) = postcard::take_from_bytes::<Vec<u8>>(rest)?;
-            if sealed.is_empty() {
+            // Format 5 writes the trailer even without secrets.
+            if sealed.is_empty() && format == 4 {
                 return Err(postcard::Error::DeserializeBadEncoding);
             }
             state.sealed = sealed;
+            rest = after;
+        }
+        if format >= 5 {
+            let (artifacts, after) = postcard::take_from_bytes::<Vec<Artifact>>(rest)?;
+            // One canonical encoding: sorted by path, never empty, no path twice (an
+            // inline file's included).
+            let sorted = artifacts.windows(2).all(|w| w[0].path < w[1].path);
+            let clash = artifacts.iter().any(|a| state.file(&a.path).is_some());
+            if artifacts.is_empty() || !sorted || clash {
+                return Err(postcard::Error::DeserializeBadEncoding);
+            }
+            state.artifacts = artifacts;
             rest = after;
         }
         if rest.is_empty() {
@@ -627,7 +733,7 @@ impl DesiredState {
             _ => return Err(UnsealError::Invalid("not a secret set of this format".into())),
         };
         for file in &secrets.files {
-            if self.file(&file.path).is_some()
+            if self.entry(&file.path).is_some()
                 || secrets.files.iter().filter(|f| f.path == file.path).count() > 1
             {
                 return Err(UnsealError::Invalid(format!("{} is declared twice", file.path)));
@@ -694,6 +800,14 @@ impl DesiredState {
                     hasher.update(file.path.as_bytes());
                     hasher.update([0]);
                     hasher.update(Sha256::digest(&file.content));
+                }
+                // After the inline files, so a state without artifacts hashes as before.
+                let mounted =
+                    self.artifacts.iter().filter(|a| a.path == *source || is_under(&a.path, source));
+                for artifact in mounted {
+                    hasher.update(artifact.path.as_bytes());
+                    hasher.update([0]);
+                    hasher.update(artifact.sha256);
                 }
             }
         }
@@ -924,6 +1038,65 @@ mod tests {
         assert_eq!(DesiredState::decode(&bytes, 3).expect("decodes"), held);
         assert_eq!(DesiredState::decode(&before, 1).expect("format 1 still decodes"), plain);
         assert!(DesiredState::decode(&bytes, 2).is_err(), "the trailer is not ignored");
+    }
+
+    fn artifact(path: &str, byte: u8) -> Artifact {
+        Artifact { path: path.into(), mode: 0o644, owner: None, sha256: [byte; 32], size: 200 << 20 }
+    }
+
+    #[test]
+    fn artifacts_need_format_5_round_trip_and_hostile_trailers_are_refused() {
+        let mut state = DesiredState { containers: vec![plain_container()], ..Default::default() };
+        state.files.push(ManagedFile { path: "/etc/app/a.conf".into(), mode: 0o644, owner: None, content: b"x".to_vec() });
+        let before = state.encode();
+        assert_eq!(state.format(), 1);
+        state.artifacts = vec![artifact("/var/lib/app/model.bin", 1), artifact("/var/lib/app/fw.bin", 2)];
+        assert_eq!(state.format(), 5);
+        let bytes = state.encode();
+        assert!(bytes.starts_with(&before), "format 5 only appends");
+        let decoded = DesiredState::decode(&bytes, 5).expect("decodes");
+        assert_eq!(decoded.artifacts.len(), 2);
+        assert_eq!(decoded.artifacts[0].path, "/var/lib/app/fw.bin", "sorted by path");
+        assert_eq!(decoded.entry("/var/lib/app/model.bin").map(|e| e.size()), Some(200 << 20));
+        assert_eq!(decoded.entries().count(), 3);
+        assert!(DesiredState::decode(&bytes, 4).is_err(), "the trailer is not ignored");
+
+        // Unsorted, duplicated, empty, or clashing with an inline file: not canonical.
+        let mut canonical = state.clone();
+        canonical.canonicalize();
+        let encode_raw = |s: &DesiredState| s.encode_canonical();
+        let mut unsorted = canonical.clone();
+        unsorted.artifacts.reverse();
+        assert!(DesiredState::decode(&encode_raw(&unsorted), 5).is_err(), "unsorted");
+        let mut twice = canonical.clone();
+        twice.artifacts[1] = twice.artifacts[0].clone();
+        assert!(DesiredState::decode(&encode_raw(&twice), 5).is_err(), "duplicate path");
+        let mut clash = canonical.clone();
+        clash.artifacts[0].path = "/etc/app/a.conf".into();
+        clash.artifacts.sort();
+        assert!(DesiredState::decode(&encode_raw(&clash), 5).is_err(), "clashes with an inline file");
+        let mut empty = canonical.encode_canonical();
+        let trailer = postcard::to_stdvec(&canonical.artifacts).expect("encodes");
+        empty.truncate(empty.len() - trailer.len());
+        empty.push(0);
+        assert!(DesiredState::decode(&empty, 5).is_err(), "an empty artifact list");
+    }
+
+    #[test]
+    fn container_hash_covers_a_mounted_artifact() {
+        let mut c = plain_container();
+        c.mounts = vec![Mount {
+            source: MountSource::Bind("/var/lib/app".into()),
+            target: "/models".into(),
+            read_only: true,
+        }];
+        let mut state = DesiredState { containers: vec![c.clone()], ..Default::default() };
+        let without = state.container_hash(&c);
+        state.artifacts = vec![artifact("/var/lib/app/model.bin", 1)];
+        let one = state.container_hash(&c);
+        state.artifacts = vec![artifact("/var/lib/app/model.bin", 2)];
+        assert_ne!(without, one);
+        assert_ne!(one, state.container_hash(&c), "a new model restarts the container that mounts it");
     }
 
     #[test]
