@@ -409,27 +409,99 @@ impl Fetcher {
     }
 
     async fn fetch_one(&self, url: &str, digest: &str, partial: &Path) -> Result<Vec<u8>, FetchError> {
+        let limit = Limit { max_bytes: self.max_bytes, deadline: self.deadline, resumes: MAX_RESUMES };
+        self.download(url, digest, partial, limit).await?;
+        let io = |source| FetchError::Io { path: partial.display().to_string(), source };
+        let bytes = std::fs::read(partial).map_err(io)?;
+        let _ = std::fs::remove_file(partial);
+        Ok(bytes)
+    }
+
+    /// Downloads artifact blob `sha256` of `size` bytes (both from the signed state) into
+    /// `partial`, resuming, hashing while it streams, and renames it to `dest` only when
+    /// the digest matches. Every URL is tried in order until one delivers. Memory stays
+    /// at one network frame whatever the size.
+    pub async fn fetch_blob(
+        &self,
+        urls: &[String],
+        sha256: &str,
+        size: u64,
+        partial: &Path,
+        dest: &Path,
+    ) -> Result<(), FetchError> {
+        if urls.is_empty() {
+            return Err(FetchError::NoSource { digest: sha256.into() });
+        }
+        // A big blob on a slow link: the deadline grows with the size at the rate floor.
+        let at_floor = Duration::from_secs(size / self.min_bytes_per_sec.max(1));
+        let limit =
+            Limit { max_bytes: size, deadline: self.deadline.max(at_floor), resumes: MAX_BLOB_RESUMES };
+        let mut failures = Vec::new();
+        for url in urls {
+            match self.download(url, sha256, partial, limit).await {
+                Ok(got) if got == size => {
+                    return std::fs::rename(partial, dest)
+                        .map_err(|source| FetchError::Io { path: dest.display().to_string(), source });
+                }
+                Ok(got) => {
+                    // The digest matched but not the size: impossible unless the signed
+                    // state is inconsistent; never taken.
+                    let _ = std::fs::remove_file(partial);
+                    failures.push(format!("{url}: {got} bytes, the state says {size}"));
+                }
+                Err(e) => {
+                    tracing::warn!("download from {url} failed: {e}");
+                    if !matches!(e, FetchError::Network { .. } | FetchError::TooSlow { .. }) {
+                        let _ = std::fs::remove_file(partial);
+                    }
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        Err(FetchError::AllFailed { digest: sha256.into(), failures })
+    }
+
+    /// Downloads `url` into `partial`, resuming with `Range` after dropped connections,
+    /// hashing while it streams; `Ok(size)` when the whole file's sha256 is `digest`
+    /// (the file stays at `partial`).
+    async fn download(
+        &self,
+        url: &str,
+        digest: &str,
+        partial: &Path,
+        limit: Limit,
+    ) -> Result<u64, FetchError> {
         let parsed = Url::parse(url)?;
         let io = |source| FetchError::Io { path: partial.display().to_string(), source };
         let started = Instant::now();
         let pace = Pace {
             started,
-            deadline: started + self.deadline,
+            deadline: started + limit.deadline,
             grace: self.timeout,
             min_bytes_per_sec: self.min_bytes_per_sec,
         };
+        let max_bytes = limit.max_bytes;
         let mut resumes = 0;
         // Bytes received from this URL in this download (the pace is judged on these).
         let mut received: u64 = 0;
         // Whether a mismatching file was already downloaded again from byte 0.
         let mut restarted = false;
+        // The sha256 of the partial file's first `hashed.1` bytes.
+        let mut hashed: Option<(Sha256, u64)> = None;
         loop {
             let have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
-            if have > self.max_bytes {
+            if have > max_bytes {
                 std::fs::remove_file(partial).map_err(io)?;
+                hashed = None;
                 continue;
             }
+            // A leftover from an earlier run (or a file changed under us): hash what is
+            // there, streaming, so the digest covers every byte.
+            if hashed.as_ref().is_none_or(|(_, n)| *n != have) {
+                hashed = Some((hash_prefix(partial).map_err(io)?, have));
+            }
             pace.check(url, received, Instant::now())?;
+            let hasher = &mut hashed;
             let attempt = async {
                 let resp =
                     self.get(&parsed, have, None, pace.wait(received, self.timeout, Instant::now())).await?;
@@ -442,8 +514,8 @@ impl Fetcher {
                     StatusCode::RANGE_NOT_SATISFIABLE if have > 0 => return Ok(true),
                     s => return Err(FetchError::Status { url: url.into(), status: s.as_u16() }),
                 };
-                if let Some(total) = total.filter(|&t| t > self.max_bytes) {
-                    return Err(FetchError::TooLarge { url: url.into(), size: total, limit: self.max_bytes });
+                if let Some(total) = total.filter(|&t| t > max_bytes) {
+                    return Err(FetchError::TooLarge { url: url.into(), size: total, limit: max_bytes });
                 }
                 let mut file = std::fs::OpenOptions::new()
                     .create(true)
@@ -452,6 +524,10 @@ impl Fetcher {
                     .truncate(!append)
                     .open(partial)
                     .map_err(io)?;
+                if !append {
+                    *hasher = Some((Sha256::new(), 0));
+                }
+                let (sha, hashed_len) = hasher.as_mut().expect("set above");
                 let mut written = if append { have } else { 0 };
                 let mut body = resp.into_body();
                 loop {
@@ -467,14 +543,16 @@ impl Fetcher {
                     let Some(data) = frame else { break };
                     written += data.len() as u64;
                     received += data.len() as u64;
-                    if written > self.max_bytes {
+                    if written > max_bytes {
                         return Err(FetchError::TooLarge {
                             url: url.into(),
                             size: written,
-                            limit: self.max_bytes,
+                            limit: max_bytes,
                         });
                     }
                     file.write_all(&data).map_err(io)?;
+                    sha.update(&data);
+                    *hashed_len = written;
                     pace.check(url, received, Instant::now())?;
                 }
                 // The partial file is not fsynced: what a power cut does to it (a short or
@@ -485,7 +563,7 @@ impl Fetcher {
             // leftover from a previous attempt, or all of it on a 416).
             let spliced = match attempt.await {
                 Ok(appended) => appended,
-                Err(e @ FetchError::Network { .. }) if resumes < MAX_RESUMES => {
+                Err(e @ FetchError::Network { .. }) if resumes < limit.resumes => {
                     resumes += 1;
                     let wait = Duration::from_millis(250u64 << resumes.min(6));
                     tracing::info!("download interrupted ({e}); resuming in {wait:?}");
@@ -495,10 +573,15 @@ impl Fetcher {
                 }
                 Err(e) => return Err(e),
             };
-            let bytes = std::fs::read(partial).map_err(io)?;
-            let got = hex::encode(Sha256::digest(&bytes));
-            let _ = std::fs::remove_file(partial);
+            let size = std::fs::metadata(partial).map_err(io)?.len();
+            let (sha, hashed_len) = hashed.take().unwrap_or_else(|| (Sha256::new(), 0));
+            let got = if hashed_len == size {
+                hex::encode(sha.finalize())
+            } else {
+                hex::encode(hash_prefix(partial).map_err(io)?.finalize())
+            };
             if got != digest {
+                let _ = std::fs::remove_file(partial);
                 if spliced && !restarted {
                     tracing::info!(
                         "{url}: resumed download does not match the announced digest; downloading it again from the start"
@@ -510,11 +593,41 @@ impl Fetcher {
                     url: url.into(),
                     expected: digest.into(),
                     got,
-                    got_size: bytes.len() as u64,
+                    got_size: size,
                 });
             }
-            return Ok(bytes);
+            return Ok(size);
         }
+    }
+}
+
+/// How much one download may take.
+#[derive(Debug, Clone, Copy)]
+struct Limit {
+    max_bytes: u64,
+    deadline: Duration,
+    resumes: u32,
+}
+
+/// Resumes of one blob download from one URL (a bundle gets [`MAX_RESUMES`]): a big
+/// file on a flaky link drops more often.
+pub const MAX_BLOB_RESUMES: u32 = 32;
+
+/// The sha256 of a file as it is (empty when missing), read in 64 KiB steps.
+fn hash_prefix(path: &Path) -> std::io::Result<Sha256> {
+    let mut sha = Sha256::new();
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(sha),
+        Err(e) => return Err(e),
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = std::io::Read::read(&mut file, &mut buf)?;
+        if n == 0 {
+            return Ok(sha);
+        }
+        sha.update(&buf[..n]);
     }
 }
 
@@ -594,6 +707,27 @@ pub fn bundle_urls(ann: &Announcement, base_url: Option<&str>) -> Vec<String> {
         let u = format!("{base}/bundles/{}.bundle", ann.digest);
         if !urls.contains(&u) {
             urls.push(u);
+        }
+    }
+    urls
+}
+
+/// Where blob `sha256` is, for a bundle fetched from `bundle_urls`: `blobs/<sha256>`
+/// beside the `bundles/` directory of each (a bundle URL not under `bundles/` has its
+/// blobs in `blobs/` of its own directory), and under `base_url`. Blobs are checked
+/// against the signed state, so an unsigned announcement that names a URL can only
+/// waste a download, never change a byte.
+pub fn blob_urls(bundle_urls: &[String], base_url: Option<&str>, sha256: &str) -> Vec<String> {
+    let mut urls: Vec<String> = Vec::new();
+    let base = base_url.map(|b| format!("{b}/bundles/x.bundle"));
+    for u in bundle_urls.iter().chain(base.as_ref()) {
+        let dir = match u.rsplit_once("/bundles/") {
+            Some((root, _)) => root,
+            None => u.rsplit_once('/').map_or(u.as_str(), |(dir, _)| dir),
+        };
+        let blob = format!("{dir}/blobs/{sha256}");
+        if !urls.contains(&blob) {
+            urls.push(blob);
         }
     }
     urls
@@ -725,6 +859,7 @@ mod tests {
             timeout: Duration::from_secs(timeout),
             deadline: Duration::from_secs(deadline),
             min_bytes_per_sec,
+            disk_reserve_bytes: 0,
             client_auth: None,
             bearer_token_file: None,
         }
@@ -955,6 +1090,58 @@ mod tests {
         assert_eq!(got, full);
         assert_eq!(seen.lock().expect("lock").as_slice(), [Some(11), None]);
         assert!(!partial.exists());
+    }
+
+    #[tokio::test]
+    async fn a_blob_dropped_again_and_again_is_resumed_hashed_and_renamed_only_when_it_matches() {
+        let full: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let sha = hex::encode(Sha256::digest(&full));
+        let served = full.clone();
+        // Each response sends at most 70,000 bytes and drops the connection.
+        let (port, seen) = serve(move |_, range| {
+            let from = range.unwrap_or(0) as usize;
+            let part = if from == 0 { ok(&served, served.len()) } else { partial_content(&served, from) };
+            let head_len = part.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+            part[..(head_len + 70_000).min(part.len())].to_vec()
+        });
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (partial, dest) = (dir.path().join("p"), dir.path().join(&sha));
+        let urls = blob_urls(&[format!("http://127.0.0.1:{port}/fleet/bundles/d.bundle")], None, &sha);
+        assert_eq!(urls, [format!("http://127.0.0.1:{port}/fleet/blobs/{sha}")]);
+        fetcher().fetch_blob(&urls, &sha, full.len() as u64, &partial, &dest).await.expect("resumed");
+        assert_eq!(std::fs::read(&dest).expect("blob"), full);
+        assert!(!partial.exists());
+        let ranges = seen.lock().expect("lock").clone();
+        assert_eq!(ranges, [None, Some(70_000), Some(140_000), Some(210_000), Some(280_000)]);
+
+        // Other bytes of the right size, or more bytes than the state says: never taken.
+        let wrong = vec![0u8; full.len()];
+        let (port, _) = serve(move |_, _| ok(&wrong, wrong.len()));
+        let url = format!("http://127.0.0.1:{port}/blobs/{sha}");
+        let dest2 = dir.path().join("other");
+        let e = fetcher().fetch_blob(std::slice::from_ref(&url), &sha, full.len() as u64, &partial, &dest2).await;
+        assert!(matches!(e, Err(FetchError::AllFailed { .. })), "{e:?}");
+        let e = fetcher().fetch_blob(&[url], &sha, 1000, &partial, &dest2).await.expect_err("too large");
+        assert!(e.to_string().contains("1000"), "{e}");
+        assert!(!dest2.exists() && !partial.exists());
+    }
+
+    #[test]
+    fn blob_urls_sit_beside_the_bundles_directory() {
+        let sha = "ab".repeat(32);
+        let urls = blob_urls(
+            &["https://cdn.example/f/bundles/x.bundle".into(), "http://lan/x.bundle".into()],
+            Some("https://fleet.example/out"),
+            &sha,
+        );
+        assert_eq!(
+            urls,
+            [
+                format!("https://cdn.example/f/blobs/{sha}"),
+                format!("http://lan/blobs/{sha}"),
+                format!("https://fleet.example/out/blobs/{sha}"),
+            ]
+        );
     }
 
     #[test]

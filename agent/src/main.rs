@@ -140,16 +140,29 @@ async fn run(cfg: Config) -> u8 {
 }
 
 async fn apply(cfg: Config, bundle: &Path, json: bool, retry: bool) -> u8 {
-    let bytes = match std::fs::read(bundle) {
-        Ok(b) => b,
-        Err(e) => {
-            let reason = format!("cannot read bundle {}: {e}", bundle.display());
+    let store = Store::new(&cfg.state_dir);
+    let created = store.create();
+    // A bundle, or an export file whose artifacts are stored on the way.
+    let bytes = match fleet_agent::export::open(bundle, &cfg, &store) {
+        Ok(opened) => {
+            if opened.imported > 0 {
+                eprintln!(
+                    "fleet-agent: stored {} artifact(s), {} bytes, from {}",
+                    opened.imported,
+                    opened.imported_bytes,
+                    bundle.display()
+                );
+            }
+            opened.bundle
+        }
+        Err(fleet_agent::export::ExportError::Io { path, source }) => {
+            let reason = format!("cannot read bundle {}: {source}", path.display());
             return fail(json, None, "no_input", &reason, exit::NO_INPUT);
         }
+        Err(e) => return fail(json, None, "bad_export", &e.to_string(), exit::FAILURE),
     };
     let digest = fleet_spec::bundle::content_address(&bytes);
-    let store = Store::new(&cfg.state_dir);
-    let lock = store.create().and_then(|()| store.lock());
+    let lock = created.and_then(|()| store.lock());
     if retry {
         // Under the lock, or beside a running agent, which reads rejected.json afresh
         // for every bundle it is offered.

@@ -100,7 +100,7 @@ enum Work {
     Reconcile,
     Poll,
     Polled(Result<fetch::Polled, FetchError>),
-    Fetched(Result<Vec<u8>, FetchError>),
+    Fetched(Result<Fetched, FetchError>),
     Retry,
     EngineEvent(EngineEvent),
     EngineStreamEnded,
@@ -116,11 +116,19 @@ struct PointerSeen {
     announcement: Option<Announcement>,
 }
 
-/// The one bundle download in flight.
+/// What a download beside the loop brings.
+enum Fetched {
+    /// A bundle's bytes.
+    Bundle(Vec<u8>),
+    /// The artifacts this bundle (its bytes) needs are stored now.
+    Artifacts(Vec<u8>),
+}
+
+/// The one download in flight: a bundle, or the artifacts of one.
 struct Download {
     source: Source,
     digest: String,
-    task: Task<Vec<u8>>,
+    task: Task<Fetched>,
 }
 
 struct Runner<E: Engine> {
@@ -444,7 +452,9 @@ impl<E: Engine> Runner<E> {
                 match result {
                     // Still `downloading` until the apply path takes over (one status
                     // change, one status.json write, less).
-                    Ok(bytes) => self.apply(d.source, &d.digest, &bytes).await?,
+                    Ok(Fetched::Bundle(bytes) | Fetched::Artifacts(bytes)) => {
+                        self.apply(d.source, &d.digest, &bytes).await?
+                    }
                     Err(e) => {
                         self.agent.fetch_failed(&d.digest, e.code(), &e.to_string());
                         self.candidates.failed(d.source, &d.digest, Instant::now());
@@ -586,7 +596,9 @@ impl<E: Engine> Runner<E> {
             let partial = self.agent.store().partial_path(&digest);
             let fetcher = self.fetcher.clone();
             let wanted = digest.clone();
-            let task = Task::spawn(async move { fetcher.fetch_bundle(&urls, &wanted, &partial).await });
+            let task = Task::spawn(async move {
+                fetcher.fetch_bundle(&urls, &wanted, &partial).await.map(Fetched::Bundle)
+            });
             // A download is the device's state only when its own server (the pointer
             // file) asked for it, or when the broker is its only source: a hint on the
             // broker must not keep a converged device from reporting `converged`.
@@ -602,6 +614,9 @@ impl<E: Engine> Runner<E> {
     /// Applies a bundle's bytes, and settles its candidate: done when applied or refused
     /// for good, backed off when deferred.
     async fn apply(&mut self, source: Source, digest: &str, bytes: &[u8]) -> Result<(), AgentError> {
+        if self.fetch_artifacts(source, digest, bytes) {
+            return Ok(());
+        }
         let outcome = self.agent.apply_bundle(bytes).await?;
         tracing::debug!(digest, outcome = outcome.name(), code = outcome.code(), "bundle handled");
         let refused = self.agent.store().rejected().map(|r| r.contains_key(digest)).unwrap_or(false);
@@ -618,6 +633,58 @@ impl<E: Engine> Runner<E> {
             self.candidates.failed(source, digest, Instant::now());
         }
         Ok(())
+    }
+
+    /// Starts the download of the artifacts a verified bundle needs and the device does
+    /// not hold, beside the loop (the bundle is applied when they are stored); `false`
+    /// when there is nothing to download. Too little disk for them defers the bundle
+    /// (`insufficient_space`) before a byte is fetched.
+    fn fetch_artifacts(&mut self, source: Source, digest: &str, bytes: &[u8]) -> bool {
+        let missing = self.agent.missing_artifacts(bytes);
+        if missing.is_empty() {
+            return false;
+        }
+        let cfg = self.agent.config();
+        let store = self.agent.store().clone();
+        let needed: u64 = missing
+            .iter()
+            .map(|a| {
+                let have = std::fs::metadata(store.blob_partial_path(&a.sha256_hex())).map_or(0, |m| m.len());
+                a.size.saturating_sub(have)
+            })
+            .sum();
+        let need = [(store.blobs_dir(), needed)];
+        if let Err(e) = crate::space::check(&need, cfg.fetch.disk_reserve_bytes) {
+            self.agent.fetch_failed(digest, "insufficient_space", &e.to_string());
+            self.candidates.failed(source, digest, Instant::now());
+            return true;
+        }
+        let bundle_urls = match self.candidates.announcement(digest) {
+            Some(ann) => fetch::bundle_urls(ann, cfg.fetch.base_url.as_deref()),
+            None => cfg.fetch.base_url.iter().map(|b| format!("{b}/bundles/{digest}.bundle")).collect(),
+        };
+        let base_url = cfg.fetch.base_url.clone();
+        let total: u64 = missing.iter().map(|a| a.size).sum();
+        tracing::info!(digest, artifacts = missing.len(), bytes = total, "downloading artifacts");
+        let fetcher = self.fetcher.clone();
+        let bytes = bytes.to_vec();
+        let task = Task::spawn(async move {
+            let mut seen = std::collections::BTreeSet::new();
+            for a in missing {
+                let sha = a.sha256_hex();
+                if !seen.insert(sha.clone()) || store.has_blob(&sha, a.size) {
+                    continue;
+                }
+                let urls = fetch::blob_urls(&bundle_urls, base_url.as_deref(), &sha);
+                let (partial, dest) = (store.blob_partial_path(&sha), store.blob_path(&sha));
+                fetcher.fetch_blob(&urls, &sha, a.size, &partial, &dest).await?;
+            }
+            Ok(Fetched::Artifacts(bytes))
+        });
+        let own = source == Source::Pointer || cfg.fetch.base_url.is_none();
+        self.agent.set_downloading(own.then_some(digest));
+        self.download = Some(Download { source, digest: digest.to_string(), task });
+        true
     }
 
     /// The stored copy of a bundle deferred after verification, if it is intact.

@@ -13,6 +13,9 @@
 //!   status.json               the last status report (for `fleet-agent status`; a cache)
 //!   bundles/<digest>.bundle   the last good bundle, and the one being applied or deferred
 //!   partial/<digest>          a download in progress (resumed with Range); at most one
+//!   blobs/<sha256>            artifacts' bytes (bundle format 5), checked when stored;
+//!                             kept while the applied bundle names them (see `prune_blobs`)
+//!   blobs/<sha256>.partial    an artifact download in progress (resumed with Range)
 //!   originals.json            files the device had before a bundle took them over:
 //!                             path → mode, owner, sha256 (restored when the bundle lets go)
 //!   originals/<sha256(path)>  their content
@@ -45,6 +48,15 @@ pub enum StoreError {
     Corrupt { path: PathBuf, source: serde_json::Error },
     #[error("state directory {path} is in use by another fleet-agent process (stop the service first, e.g. `systemctl stop fleet-agent`)")]
     Locked { path: PathBuf },
+}
+
+/// Why a sideloaded blob was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("blob {sha256} is not what the signed state says: {got} bytes with sha256 {digest}, expected {size} bytes; the export file is damaged: export it again")]
+    Mismatch { sha256: String, size: u64, got: u64, digest: String },
 }
 
 /// Why a bundle is never tried again.
@@ -82,9 +94,13 @@ impl Store {
     /// Creates the directory layout (0700: bundles may hold secrets).
     pub fn create(&self) -> Result<(), StoreError> {
         use std::os::unix::fs::DirBuilderExt;
-        for d in
-            [self.dir.clone(), self.dir.join("bundles"), self.dir.join("partial"), self.dir.join("originals")]
-        {
+        for d in [
+            self.dir.clone(),
+            self.dir.join("bundles"),
+            self.dir.join("partial"),
+            self.dir.join("originals"),
+            self.dir.join("blobs"),
+        ] {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -120,6 +136,82 @@ impl Store {
 
     pub fn partial_path(&self, digest: &str) -> PathBuf {
         self.dir.join("partial").join(digest)
+    }
+
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.dir.join("blobs")
+    }
+
+    /// Where artifact `sha256`'s bytes are kept (`sha256` is hex from a signed state).
+    pub fn blob_path(&self, sha256: &str) -> PathBuf {
+        self.blobs_dir().join(sha256)
+    }
+
+    pub fn blob_partial_path(&self, sha256: &str) -> PathBuf {
+        self.blobs_dir().join(format!("{sha256}.partial"))
+    }
+
+    /// Whether the blob is stored. Blobs are hashed when stored and again when copied
+    /// into place, so the size is checked here, the content there.
+    pub fn has_blob(&self, sha256: &str, size: u64) -> bool {
+        fs::symlink_metadata(self.blob_path(sha256)).is_ok_and(|m| m.is_file() && m.len() == size)
+    }
+
+    /// Stores a blob from `reader` (a sideloaded export): streamed into a temp file,
+    /// hashed on the way, renamed into place only when the sha256 and the size match.
+    /// Reads at most `size + 1` bytes.
+    pub fn import_blob(
+        &self,
+        reader: &mut impl std::io::Read,
+        sha256: &str,
+        size: u64,
+    ) -> Result<(), ImportError> {
+        use sha2::{Digest, Sha256};
+        use std::io::{Read, Write};
+        let tmp = self.blobs_dir().join(format!("{sha256}.import"));
+        let io = |source| ImportError::Io { path: tmp.clone(), source };
+        let mut out = fs::File::create(&tmp).map_err(io)?;
+        let mut sha = Sha256::new();
+        let mut got = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut limited = reader.take(size + 1);
+        loop {
+            let n = limited.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+            sha.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io)?;
+        }
+        let digest = hex::encode(sha.finalize());
+        if got != size || digest != sha256 {
+            let _ = fs::remove_file(&tmp);
+            return Err(ImportError::Mismatch { sha256: sha256.into(), size, got, digest });
+        }
+        out.sync_all().map_err(io)?;
+        fs::rename(&tmp, self.blob_path(sha256)).map_err(io)?;
+        Ok(())
+    }
+
+    /// Deletes blobs (and partial blob downloads) that `keep` does not name, unless
+    /// changed within `grace` (a download or a sideload in flight). Returns how many
+    /// bytes were freed.
+    pub fn prune_blobs(&self, keep: &std::collections::BTreeSet<String>, grace: std::time::Duration) -> u64 {
+        let Ok(entries) = fs::read_dir(self.blobs_dir()) else { return 0 };
+        let mut freed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if keep.contains(&name) {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            let recent = meta.modified().ok().and_then(|m| m.elapsed().ok()).is_none_or(|age| age < grace);
+            if !recent && fs::remove_file(entry.path()).is_ok() {
+                freed += meta.len();
+            }
+        }
+        freed
     }
 
     fn load<T: DeserializeOwned + Default>(&self, name: &str) -> Result<T, StoreError> {

@@ -1047,7 +1047,12 @@ mod tests {
     #[test]
     fn artifacts_need_format_5_round_trip_and_hostile_trailers_are_refused() {
         let mut state = DesiredState { containers: vec![plain_container()], ..Default::default() };
-        state.files.push(ManagedFile { path: "/etc/app/a.conf".into(), mode: 0o644, owner: None, content: b"x".to_vec() });
+        state.files.push(ManagedFile {
+            path: "/etc/app/a.conf".into(),
+            mode: 0o644,
+            owner: None,
+            content: b"x".to_vec(),
+        });
         let before = state.encode();
         assert_eq!(state.format(), 1);
         state.artifacts = vec![artifact("/var/lib/app/model.bin", 1), artifact("/var/lib/app/fw.bin", 2)];

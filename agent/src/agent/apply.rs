@@ -132,6 +132,11 @@ impl<E: Engine> Agent<E> {
             return Ok(self.refuse(&digest, code, reason, permanent, Some(m.version)));
         }
         self.keep_deferred(&digest, bytes)?;
+        // 2a. Artifacts: stored (the runner downloads them first; an export brings them),
+        //     and room for their copies. Both may pass: the bundle is tried again.
+        if let Some((code, reason)) = self.artifacts_ready(&verified.state) {
+            return Ok(self.refuse(&digest, code, reason, false, Some(m.version)));
+        }
         if let Err(e) = self.ensure_images(&verified.state).await {
             self.engine_down = matches!(e, EngineError::Unreachable { .. });
             let code = if self.engine_down { "engine_unavailable" } else { "pull_failed" };
@@ -219,6 +224,7 @@ impl<E: Engine> Agent<E> {
                 // (Hardening I, case 9): a rollback must find its data where it left it.
                 self.remove_stale_volumes(state).await;
                 self.collect_images().await;
+                self.collect_blobs();
                 Ok(Outcome::Committed { version: m.version })
             }
             Verdict::Failed { code, reason } => {
@@ -365,8 +371,8 @@ impl<E: Engine> Agent<E> {
 
     /// Checks that would refuse the bundle, before anything changes.
     pub(super) fn preflight(&self, state: &DesiredState) -> Option<(&'static str, String)> {
-        for file in &state.files {
-            if let Err(e) = files::resolve(&file.path, &self.cfg.allowed_roots, false) {
+        for file in state.entries() {
+            if let Err(e) = files::resolve(file.path(), &self.cfg.allowed_roots, false) {
                 return Some((e.code(), e.to_string()));
             }
         }

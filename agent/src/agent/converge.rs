@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::engine::LABEL_SPEC_HASH;
+use fleet_spec::model::Entry;
 
 /// How long a `post_start` hook may run.
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -53,8 +54,8 @@ impl<E: Engine> Agent<E> {
 
         // Files first: containers may mount them.
         let mut on_disk = BTreeMap::new();
-        for f in &state.files {
-            on_disk.insert(f.path.clone(), files::observe(&f.path, &roots)?);
+        for f in state.entries() {
+            on_disk.insert(f.path().to_string(), files::observe(f.path(), &roots)?);
         }
         let file_plan = plan::plan_files(state, &on_disk, &self.managed);
         // Every file is recorded as managed before its write, so a crash never leaves an
@@ -67,8 +68,8 @@ impl<E: Engine> Agent<E> {
             .write
             .iter()
             .map(|w| {
-                let file = state.file(&w.path).expect("planned from the state");
-                (w, file, file.content_sha256())
+                let file = state.entry(&w.path).expect("planned from the state");
+                (w, file, file.sha256_hex())
             })
             .collect();
         let mut recorded = false;
@@ -94,10 +95,13 @@ impl<E: Engine> Agent<E> {
                 crate::originals::keep(&self.store, &w.path, &roots)?;
             }
             if self.managed.get(&w.path) != Some(&sha) {
-                self.managed.insert(w.path.clone(), sha);
+                self.managed.insert(w.path.clone(), sha.clone());
                 self.store.save_managed(&self.managed)?;
             }
-            files::write_managed(file, &roots)?;
+            match file {
+                Entry::Inline(file) => files::write_managed(file, &roots)?,
+                Entry::Artifact(a) => files::write_managed_blob(a, &self.store.blob_path(&sha), &roots)?,
+            };
             self.step(journaled, false, &step)?;
             if let Some(kind) = w.drift {
                 repaired.push((kind, w.path.clone()));

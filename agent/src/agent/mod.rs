@@ -39,6 +39,7 @@ use crate::journal::{self, Journal, Record, Recovery, Step};
 use crate::store::{AppliedRecord, Rejection, Store, StoreError};
 
 mod apply;
+mod artifacts;
 mod converge;
 mod gate;
 mod healthy;

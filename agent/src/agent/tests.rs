@@ -22,6 +22,9 @@ use crate::config::Config;
 use crate::engine::fake::{Call, FakeEngine};
 use crate::engine::{Health, LABEL_SPEC_HASH};
 
+#[path = "artifact_tests.rs"]
+mod artifacts;
+
 const NOW: i64 = 1_800_000_000;
 const IMAGE: &str = "registry.local:5000/app:1";
 

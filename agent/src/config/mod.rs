@@ -132,6 +132,7 @@ pub struct RawFetch {
     pub timeout_secs: Option<u64>,
     pub deadline_secs: Option<u64>,
     pub min_bytes_per_sec: Option<u64>,
+    pub disk_reserve_bytes: Option<u64>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     pub bearer_token_file: Option<PathBuf>,
@@ -237,6 +238,9 @@ pub struct FetchConfig {
     /// this (bytes per second), or the URL is left for now: a server that trickles a
     /// byte now and then cannot hold the agent for the whole deadline.
     pub min_bytes_per_sec: u64,
+    /// Bytes kept free on every filesystem where artifacts land (the blob store and the
+    /// files' own): a bundle that would eat into them waits (`insufficient_space`).
+    pub disk_reserve_bytes: u64,
     /// Client certificate and key (PEM) presented to the bundle server (mutual TLS):
     /// to `base_url`'s origin only.
     pub client_auth: Option<(PathBuf, PathBuf)>,
@@ -294,6 +298,8 @@ pub const DEFAULT_MAX_BUNDLE: u64 = 64 << 20;
 pub const DEFAULT_DEADLINE_SECS: u64 = 900;
 /// 1 KiB/s: slower than any link a device updates over, faster than a server that
 /// trickles bytes to hold the agent.
+/// `fetch.disk_reserve_bytes`: 64 MiB.
+pub const DEFAULT_DISK_RESERVE: u64 = 64 << 20;
 pub const DEFAULT_MIN_BYTES_PER_SEC: u64 = 1024;
 
 impl Config {
@@ -487,6 +493,7 @@ impl Config {
             timeout: secs(e, "fetch.timeout_secs", fetch_raw.timeout_secs, 60, 1),
             deadline: secs(e, "fetch.deadline_secs", fetch_raw.deadline_secs, DEFAULT_DEADLINE_SECS, 1),
             min_bytes_per_sec: fetch_raw.min_bytes_per_sec.unwrap_or(DEFAULT_MIN_BYTES_PER_SEC),
+            disk_reserve_bytes: fetch_raw.disk_reserve_bytes.unwrap_or(DEFAULT_DISK_RESERVE),
             client_auth: None,
             bearer_token_file: fetch_raw.bearer_token_file.map(|p| resolve_path(base, &p)),
         };

@@ -64,6 +64,7 @@ const FETCH: &[Field] = &[
     Field("timeout_secs", Int, false),
     Field("deadline_secs", Int, false),
     Field("min_bytes_per_sec", Int, false),
+    Field("disk_reserve_bytes", Int, false),
     Field("client_cert", Str, false),
     Field("client_key", Str, false),
     Field("bearer_token_file", Str, false),

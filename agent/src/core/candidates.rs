@@ -144,6 +144,11 @@ impl Candidates {
         .is_some_and(|c| c.ann.digest == digest)
     }
 
+    /// The announcement of a candidate naming `digest`, if any.
+    pub fn announcement(&self, digest: &str) -> Option<&Announcement> {
+        [&self.pointer, &self.mqtt].into_iter().flatten().map(|c| &c.ann).find(|a| a.digest == digest)
+    }
+
     /// Digests of every candidate (their partial downloads are worth keeping).
     pub fn digests(&self) -> Vec<&str> {
         [&self.pointer, &self.mqtt].into_iter().flatten().map(|c| c.ann.digest.as_str()).collect()

@@ -45,19 +45,19 @@ pub fn plan_files(
     managed: &BTreeMap<String, String>,
 ) -> FilePlan {
     let mut plan = FilePlan::default();
-    for file in &desired.files {
-        let want = file.content_sha256();
-        let drift = match on_disk.get(&file.path).cloned().flatten() {
+    for file in desired.entries() {
+        let want = file.sha256_hex();
+        let drift = match on_disk.get(file.path()).cloned().flatten() {
             None => Some(DriftKind::FileMissing),
             Some(d) if d.sha256 != want => Some(DriftKind::FileChanged),
-            Some(d) if d.mode & 0o7777 != file.mode & 0o7777 => Some(DriftKind::FileChanged),
+            Some(d) if d.mode & 0o7777 != file.mode() & 0o7777 => Some(DriftKind::FileChanged),
             Some(_) => continue,
         };
         // A file the agent did not manage before is new, not drift.
-        let drift = if managed.contains_key(&file.path) { drift } else { None };
-        plan.write.push(FileWrite { path: file.path.clone(), drift });
+        let drift = if managed.contains_key(file.path()) { drift } else { None };
+        plan.write.push(FileWrite { path: file.path().to_string(), drift });
     }
-    let wanted: BTreeSet<&str> = desired.files.iter().map(|f| f.path.as_str()).collect();
+    let wanted: BTreeSet<&str> = desired.entries().map(|f| f.path()).collect();
     plan.remove = managed.keys().filter(|p| !wanted.contains(p.as_str())).cloned().collect();
     plan
 }

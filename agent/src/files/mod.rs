@@ -38,7 +38,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
 
-use fleet_spec::model::ManagedFile;
+use fleet_spec::model::{Artifact, ManagedFile};
 use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, Uid};
 use rustix::io::Errno;
 use sha2::{Digest, Sha256};
@@ -70,6 +70,12 @@ pub enum FileError {
         "no free temp file name next to {path} after {tries} random names; check what fills that directory"
     )]
     NoTempName { path: PathBuf, tries: u32 },
+    #[error(
+        "the stored artifact for {path} (sha256 {sha256}) is missing; the next apply downloads it again"
+    )]
+    BlobMissing { path: PathBuf, sha256: String },
+    #[error("the stored artifact {blob} for {path} is damaged (not the signed bytes); it was removed and is downloaded again at the next apply; check the disk")]
+    BlobMismatch { path: PathBuf, blob: PathBuf },
     #[error("owner {uid}:{gid} of {path} is not a valid user and group id (4294967295 is reserved): fix the owner in the repository")]
     BadOwner { path: PathBuf, uid: u32, gid: u32 },
 }
@@ -137,8 +143,42 @@ pub fn write_managed(file: &ManagedFile, roots: &[PathBuf]) -> Result<PathBuf, F
     let at = locate(&file.path, roots, true)?.expect("create makes the root and every parent");
     hook::at(Point::AfterResolve, &at.shown);
     let owner = file.owner.map(|o| (o.uid, o.gid));
-    replace(&at.dir, &at.name, &at.shown, &file.content, file.mode, owner, true)?;
+    replace(&at.dir, &at.name, &at.shown, Content::Bytes(&file.content), file.mode, owner, true)?;
     Ok(at.shown)
+}
+
+/// Writes artifact `artifact` atomically like [`write_managed`], its bytes streamed from
+/// `blob` (the agent's blob store) in 64 KiB steps and hashed on the way: a blob that is
+/// not the signed bytes (a damaged card) is never put in place ([`FileError::BlobMismatch`]).
+pub fn write_managed_blob(artifact: &Artifact, blob: &Path, roots: &[PathBuf]) -> Result<PathBuf, FileError> {
+    let at = locate(&artifact.path, roots, true)?.expect("create makes the root and every parent");
+    hook::at(Point::AfterResolve, &at.shown);
+    let owner = artifact.owner.map(|o| (o.uid, o.gid));
+    let source = File::open(blob).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            FileError::BlobMissing { path: at.shown.clone(), sha256: artifact.sha256_hex() }
+        }
+        _ => FileError::Io { op: "open blob", path: blob.into(), source: e },
+    })?;
+    let content = Content::Blob { source, sha256: artifact.sha256, size: artifact.size, blob };
+    let written = replace(&at.dir, &at.name, &at.shown, content, artifact.mode, owner, true);
+    if let Err(FileError::BlobMismatch { .. }) = &written {
+        let _ = std::fs::remove_file(blob);
+    }
+    written?;
+    Ok(at.shown)
+}
+
+/// What a write puts in the temp file.
+enum Content<'a> {
+    Bytes(&'a [u8]),
+    /// Streamed from a blob, checked against the signed digest and size.
+    Blob {
+        source: File,
+        sha256: [u8; 32],
+        size: u64,
+        blob: &'a Path,
+    },
 }
 
 /// Atomic replace in a directory the agent owns (its state directory; the directory's
@@ -152,7 +192,7 @@ pub fn write_atomic(
     owner: Option<(u32, u32)>,
 ) -> Result<(), FileError> {
     let (dir, name) = open_parent(target)?;
-    replace(&dir, &name, target, content, mode, owner, true)
+    replace(&dir, &name, target, Content::Bytes(content), mode, owner, true)
 }
 
 /// [`write_atomic`] without the directory fsync, for caches the agent rewrites often:
@@ -161,7 +201,7 @@ pub fn write_atomic(
 /// come back. One fsync less per write (10-50 ms and some wear on an SD card).
 pub fn write_cache(target: &Path, content: &[u8], mode: u32) -> Result<(), FileError> {
     let (dir, name) = open_parent(target)?;
-    replace(&dir, &name, target, content, mode, None, false)
+    replace(&dir, &name, target, Content::Bytes(content), mode, None, false)
 }
 
 /// Opens the parent of a path in a trusted directory (following symlinks).
@@ -186,7 +226,7 @@ fn replace(
     dir: &OwnedFd,
     name: &OsStr,
     shown: &Path,
-    content: &[u8],
+    content: Content<'_>,
     mode: u32,
     owner: Option<(u32, u32)>,
     durable_rename: bool,
@@ -251,12 +291,31 @@ fn fill_and_rename(
     mut file: &File,
     tmp: &OsStr,
     tmp_shown: &Path,
-    content: &[u8],
+    content: Content<'_>,
     mode: u32,
     owner: Option<(u32, u32)>,
     durable_rename: bool,
 ) -> Result<(), FileError> {
-    file.write_all(content).map_err(io_err("write", tmp_shown))?;
+    match content {
+        Content::Bytes(bytes) => file.write_all(bytes).map_err(io_err("write", tmp_shown))?,
+        Content::Blob { mut source, sha256, size, blob } => {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut copied = 0u64;
+            loop {
+                let n = source.read(&mut buf).map_err(io_err("read", blob))?;
+                if n == 0 {
+                    break;
+                }
+                copied += n as u64;
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n]).map_err(io_err("write", tmp_shown))?;
+            }
+            if copied != size || hasher.finalize()[..] != sha256[..] {
+                return Err(FileError::BlobMismatch { path: shown.into(), blob: blob.into() });
+            }
+        }
+    }
     hook::at(Point::BeforeChmod, tmp_shown);
     // Owner first: a later chown would clear setuid/setgid bits the mode sets.
     if let Some((uid, gid)) = owner {
@@ -636,5 +695,40 @@ mod tests {
         let roots = vec![root.clone()];
         resolve(&format!("{}/a/b/c", root.display()), &roots, false).expect("allowed");
         assert!(!root.exists(), "preflight created nothing");
+    }
+
+    #[test]
+    fn an_artifact_is_streamed_from_its_blob_and_a_damaged_blob_is_never_put_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        fs::create_dir_all(&root).expect("mkdir");
+        let roots = [root.clone()];
+        let bytes: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let blob = dir.path().join("blob");
+        fs::write(&blob, &bytes).expect("blob");
+        let path = format!("{}/models/m.bin", root.display());
+        let artifact = Artifact {
+            path: path.clone(),
+            mode: 0o600,
+            owner: None,
+            sha256: Sha256::digest(&bytes).into(),
+            size: bytes.len() as u64,
+        };
+        write_managed_blob(&artifact, &blob, &roots).expect("written");
+        assert_eq!(fs::read(&path).expect("read"), bytes);
+        assert_eq!(fs::metadata(&path).expect("meta").permissions().mode() & 0o7777, 0o600);
+
+        let mut rotten = bytes.clone();
+        rotten[10] ^= 1;
+        fs::write(&blob, &rotten).expect("rot");
+        fs::write(&path, b"old").expect("old");
+        let e = write_managed_blob(&artifact, &blob, &roots).expect_err("refused");
+        assert!(matches!(e, FileError::BlobMismatch { .. }), "{e}");
+        assert_eq!(fs::read(&path).expect("read"), b"old", "the old content stays");
+        assert!(!blob.exists(), "the damaged blob is dropped");
+        let leftovers: Vec<_> = fs::read_dir(root.join("models")).expect("ls").flatten().collect();
+        assert_eq!(leftovers.len(), 1, "no temp file left behind");
+        let e = write_managed_blob(&artifact, &blob, &roots).expect_err("missing");
+        assert!(matches!(e, FileError::BlobMissing { .. }), "{e}");
     }
 }

@@ -1,0 +1,138 @@
+//! Artifacts (bundle format 5) through the apply path, with the fake engine: written
+//! from the blob store, repaired from it, refused with a reason when a blob is missing
+//! or damaged or the disk too small, and collected after a commit.
+
+use fleet_spec::model::Artifact;
+use sha2::{Digest, Sha256};
+
+use super::*;
+
+/// `v1` plus an artifact at `app/model.bin` holding `bytes`.
+fn with_artifact(h: &H, base: DesiredState, bytes: &[u8]) -> DesiredState {
+    let mut s = base;
+    s.artifacts = vec![Artifact {
+        path: h.path("app/model.bin"),
+        mode: 0o640,
+        owner: None,
+        sha256: Sha256::digest(bytes).into(),
+        size: bytes.len() as u64,
+    }];
+    s.canonicalize();
+    s
+}
+
+fn store_blob(agent: &Agent<FakeEngine>, bytes: &[u8]) -> PathBuf {
+    let sha = hex::encode(Sha256::digest(bytes));
+    agent.store().import_blob(&mut &bytes[..], &sha, bytes.len() as u64).expect("import");
+    agent.store().blob_path(&sha)
+}
+
+fn model(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_artifact_is_written_from_its_blob_and_repaired_from_it() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let bytes = model(1, 300_000);
+    let v1 = with_artifact(&h, v1(&h), &bytes);
+    let bundle = h.bundle(1, &v1);
+    assert_eq!(agent.missing_artifacts(&bundle).len(), 1, "not stored yet");
+    store_blob(&agent, &bytes);
+    assert!(agent.missing_artifacts(&bundle).is_empty());
+    assert_eq!(agent.apply_bundle(&bundle).await.expect("apply"), Outcome::Committed { version: 1 });
+    assert_eq!(std::fs::read(h.path("app/model.bin")).expect("written"), bytes);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(h.path("app/model.bin")).expect("meta").permissions().mode();
+    assert_eq!(mode & 0o7777, 0o640);
+
+    // Drift: changed on disk, put back from the stored blob (no network).
+    std::fs::write(h.path("app/model.bin"), b"tampered").expect("tamper");
+    let repaired = agent.reconcile().await.expect("reconcile");
+    assert_eq!(repaired.len(), 1, "drift repaired: {repaired:?}");
+    assert_eq!(std::fs::read(h.path("app/model.bin")).expect("repaired"), bytes);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missing_or_damaged_blob_changes_nothing_and_says_why() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    let bytes = model(2, 100_000);
+    let mut v2 = with_artifact(&h, v1(&h), &bytes);
+    v2.files[0].content = b"a2".to_vec();
+    let bundle = h.bundle(2, &v2);
+
+    let outcome = agent.apply_bundle(&bundle).await.expect("settled");
+    assert_eq!(outcome.code(), Some("artifacts_missing"), "{outcome:?}");
+    assert!(matches!(outcome, Outcome::Deferred { .. }));
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a1"), "nothing changed");
+    assert!(!Path::new(&h.path("app/model.bin")).exists());
+
+    // A blob that rots on the card after it was stored: found before the apply begins,
+    // dropped (downloaded again), nothing changed, the bundle not blamed.
+    let blob = store_blob(&agent, &bytes);
+    let mut rotten = bytes.clone();
+    rotten[5000] ^= 1;
+    std::fs::write(&blob, &rotten).expect("rot");
+    let outcome = agent.apply_bundle(&bundle).await.expect("settled");
+    assert_eq!(outcome.code(), Some("artifacts_missing"), "{outcome:?}");
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a1"));
+    assert!(!Path::new(&h.path("app/model.bin")).exists(), "never the wrong bytes");
+    assert!(!blob.exists(), "the damaged blob is gone");
+    let digest = bundle::content_address(&bundle);
+    assert!(!agent.store().rejected().unwrap_or_default().contains_key(&digest), "the disk's fault");
+
+    store_blob(&agent, &bytes);
+    assert_eq!(agent.apply_bundle(&bundle).await.expect("apply"), Outcome::Committed { version: 2 });
+    assert_eq!(std::fs::read(h.path("app/model.bin")).expect("written"), bytes);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_artifact_larger_than_the_disk_defers_with_insufficient_space() {
+    let Some(h) = H::on_small_disk(4096) else { return };
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    // The blob fits in the store, its copy does not fit beside it (reserve 0: the
+    // config's default of 64 MiB would refuse anything on a 4 MiB disk).
+    agent.cfg.fetch.disk_reserve_bytes = 0;
+    let bytes = model(3, 2_500_000);
+    store_blob(&agent, &bytes);
+    let v2 = with_artifact(&h, v1(&h), &bytes);
+    let bundle = h.bundle(2, &v2);
+    let outcome = agent.apply_bundle(&bundle).await.expect("settled");
+    assert_eq!(outcome.code(), Some("insufficient_space"), "{outcome:?}");
+    let reason = outcome.reason().unwrap_or_default();
+    assert!(reason.contains("2500000 bytes") && reason.contains("free"), "{reason}");
+    assert!(!Path::new(&h.path("app/model.bin")).exists(), "nothing changed");
+    assert!(agent.state().is_rest());
+}
+
+#[tokio::test(start_paused = true)]
+async fn blobs_the_committed_state_no_longer_names_are_collected() {
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    let (old, new) = (model(4, 10_000), model(5, 10_000));
+    let old_blob = store_blob(&agent, &old);
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(1, &with_artifact(&h, v1(&h), &old))).await.expect("v1"),
+        Outcome::Committed { version: 1 }
+    );
+    let new_blob = store_blob(&agent, &new);
+    // Old enough to be collected (a blob changed in the last hour may be in flight).
+    let long_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    for b in [&old_blob, &new_blob] {
+        std::fs::File::options().write(true).open(b).and_then(|f| f.set_modified(long_ago)).expect("age");
+    }
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(2, &with_artifact(&h, v1(&h), &new))).await.expect("v2"),
+        Outcome::Committed { version: 2 }
+    );
+    assert!(!old_blob.exists(), "no committed state names it");
+    assert!(new_blob.exists(), "the committed state's blob stays: a repair needs no network");
+}

@@ -1,0 +1,120 @@
+//! Artifacts (bundle format 5): files whose bytes are blobs in `state_dir/blobs/`, not
+//! in the bundle. The runner downloads the missing ones beside its loop before it hands
+//! a bundle to the apply path ([`Agent::missing_artifacts`]); a sideloaded export brings
+//! them along. Here the apply path checks they are all there and that their targets'
+//! disks can take them, before anything changes; after a commit, blobs no committed
+//! state names are deleted.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use fleet_spec::model::{Artifact, DesiredState};
+
+use super::*;
+
+/// Blobs changed this recently are never collected: a download or a sideload may be
+/// storing them for a bundle not applied yet.
+const BLOB_GRACE: Duration = Duration::from_secs(3600);
+
+impl<E: Engine> Agent<E> {
+    /// The artifacts of a bundle that verifies and is not applied yet, which are neither
+    /// stored nor already at their path: what must be downloaded before it can apply.
+    /// Empty for anything else (the apply path judges it, and says why).
+    pub fn missing_artifacts(&self, bytes: &[u8]) -> Vec<Artifact> {
+        let digest = bundle::content_address(bytes);
+        if self.applied_digest() == Some(digest.as_str()) {
+            return Vec::new();
+        }
+        let Ok(trust) = self.store.trust() else { return Vec::new() };
+        let expect = Expectation { fleet: &self.cfg.fleet, device: &self.cfg.device };
+        let now = self.clock.now();
+        match bundle::verify(bytes, &self.cfg.trusted, expect, trust, now, &self.cfg.limits) {
+            Ok(v) => self.unfetched(&v.state).into_iter().cloned().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn unfetched<'s>(&self, state: &'s DesiredState) -> Vec<&'s Artifact> {
+        state
+            .artifacts
+            .iter()
+            .filter(|a| !self.store.has_blob(&a.sha256_hex(), a.size) && !self.in_place(a))
+            .collect()
+    }
+
+    /// Hashes the stored blobs the apply will copy, and deletes any that are not the
+    /// signed bytes (a card that rots): found here, they are downloaded again before the
+    /// apply begins, instead of failing it halfway (after which only a newer version
+    /// would be taken).
+    fn drop_damaged_blobs(&self, state: &DesiredState) {
+        for a in state.artifacts.iter().filter(|a| !self.in_place(a)) {
+            let sha = a.sha256_hex();
+            let path = self.store.blob_path(&sha);
+            let Ok(file) = std::fs::File::open(&path) else { continue };
+            if hash_file(file).is_ok_and(|got| got != sha) {
+                tracing::warn!(blob = %path.display(), "a stored artifact is damaged; it is downloaded again");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
+    /// Whether the artifact's bytes are already at its path (hashed, streaming).
+    fn in_place(&self, a: &Artifact) -> bool {
+        matches!(files::observe(&a.path, &self.cfg.allowed_roots), Ok(Some(d)) if d.sha256 == a.sha256_hex())
+    }
+
+    /// Before the apply changes anything: every artifact's blob is stored (or its bytes
+    /// are in place), and the disks where the copies land can take them.
+    pub(super) fn artifacts_ready(&self, state: &DesiredState) -> Option<(&'static str, String)> {
+        self.drop_damaged_blobs(state);
+        let missing = self.unfetched(state);
+        if !missing.is_empty() {
+            let bytes: u64 = missing.iter().map(|a| a.size).sum();
+            let paths: Vec<&str> = missing.iter().take(3).map(|a| a.path.as_str()).collect();
+            return Some((
+                "artifacts_missing",
+                format!(
+                    "{} artifact(s) of {bytes} bytes are not on the device ({}{}): they are downloaded from the bundle server first (fetch.base_url or the announcement's URLs), or come in an export file (fleet-bundler export, then fleet-agent apply FILE)",
+                    missing.len(),
+                    paths.join(", "),
+                    if missing.len() > 3 { ", ..." } else { "" },
+                ),
+            ));
+        }
+        let writes: Vec<(PathBuf, u64)> = state
+            .artifacts
+            .iter()
+            .filter(|a| !self.in_place(a))
+            .map(|a| (PathBuf::from(&a.path), a.size))
+            .collect();
+        match crate::space::check(&writes, self.cfg.fetch.disk_reserve_bytes) {
+            Ok(()) => None,
+            Err(e) => Some(("insufficient_space", e.to_string())),
+        }
+    }
+
+    /// After a commit: deletes the blobs the committed state does not name (the last good
+    /// state is the committed one, so a rollback never needs the network).
+    pub(super) fn collect_blobs(&self) {
+        let Some(current) = self.current.as_ref() else { return };
+        let keep: BTreeSet<String> = current.state.artifacts.iter().map(Artifact::sha256_hex).collect();
+        let freed = self.store.prune_blobs(&keep, BLOB_GRACE);
+        if freed > 0 {
+            tracing::info!(bytes = freed, "removed artifacts no committed bundle names");
+        }
+    }
+}
+
+/// Hex sha256 of a file, read in 64 KiB steps.
+fn hash_file(mut file: std::fs::File) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match file.read(&mut buf)? {
+            0 => return Ok(hex::encode(sha.finalize())),
+            n => sha.update(&buf[..n]),
+        }
+    }
+}
