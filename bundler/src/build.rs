@@ -9,6 +9,7 @@
 //!                   "devices": {"<id>": {"version", "digest", "size", "commit",
 //!                                        "state_digest", "labels"}}}
 //! DIR/devices/<id>.json   the device's fleet_spec Announcement, `urls` empty
+//! DIR/blobs/<sha256>      the bytes of an artifact (bundle format 5), one per content
 //! ```
 //!
 //! `index.json` is for `publish`, `status` and people; agents poll only their own
@@ -37,15 +38,25 @@
 //! `--previous` ([`crate::previous`]) when CI lost `DIR`; per device the entry with
 //! the higher version counts, so versions stay above what devices hold.
 //!
+//! Artifacts: after rendering, before encoding, the files that [`crate::artifacts`]
+//! names (larger than `--artifact-threshold`, or over `--inline-budget`) leave the
+//! state's inline files for its `artifacts`, and their bytes are written once as
+//! `DIR/blobs/<sha256>`: skipped when a file of that name and size exists, otherwise a
+//! temp file in `blobs/`, fsync, rename. Blobs are shared by every device and every
+//! version with the same bytes, and never deleted (a device may still be fetching an
+//! older version's). Since a state names its artifacts by digest, an unchanged large
+//! file keeps its blob and a device that holds it downloads nothing.
+//!
 //! Commit dates are checked against the build's `now` before anything is written
 //! ([`check_commit_time`]): a commit dated in the future or whose bundles would be
 //! expired already is refused.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use fleet_spec::bundle::{self, BundleMeta, Limits};
 use fleet_spec::messages::Announcement;
@@ -55,6 +66,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::artifacts::{self, Blob};
 use crate::previous::Previous;
 use crate::render::Fleet;
 use crate::repo::Snapshot;
@@ -200,7 +212,12 @@ pub struct BuildOptions<'a> {
     pub now: i64,
     /// The published build (`--previous`), when given.
     pub previous: Option<&'a Previous>,
+    /// Which files travel as artifacts (`--artifact-threshold`, `--inline-budget`).
+    pub artifacts: artifacts::Policy,
 }
+
+/// `DIR/blobs`: the bytes of artifacts, beside `bundles/`.
+pub const BLOBS: &str = "blobs";
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BuildSummary {
@@ -224,6 +241,10 @@ pub struct BuildSummary {
     pub pointers_deleted: Vec<String>,
     /// Kept bundles taken over from the `--previous` build (copied into `DIR/bundles`).
     pub adopted: usize,
+    /// Distinct blobs (`DIR/blobs/<sha256>`) the devices' states name.
+    pub blobs: usize,
+    /// Blobs written by this build (the others were there with their size already).
+    pub blobs_written: usize,
     /// `fleet.yaml` declares a rollout: the pointer files were written to
     /// `devices.next/`, for `fleet-bundler rollout` to release wave by wave.
     pub rollout: bool,
@@ -304,6 +325,10 @@ pub fn build(
     let done = AtomicUsize::new(0);
     let total = fleet.devices.len();
     let commit_time = snapshot.commit_time.max(0) as u64;
+    let blobs_dir = opts.out.join(BLOBS);
+    // Each blob is checked or written by the first device that names it.
+    let blobs_seen: Mutex<HashSet<[u8; 32]>> = Mutex::new(HashSet::new());
+    let blobs_written = AtomicUsize::new(0);
 
     let outcomes: Vec<Result<(String, Outcome), BuildError>> = fleet
         .devices
@@ -316,6 +341,15 @@ pub fn build(
             crate::registry::pin(&mut state, opts.digests);
             if let Some(message) = fleet.unpinned_refusal(device, &state) {
                 return Err(BuildError::Render { device: id.clone(), message });
+            }
+            // Large files leave the bundle; every device writes its blobs, kept or not, so
+            // an output directory without them (--previous) is completed.
+            let blobs = artifacts::split(&mut state, &opts.artifacts);
+            for blob in blobs {
+                let first = blobs_seen.lock().expect("no thread panics holding it").insert(blob.sha256);
+                if first && write_blob(&blobs_dir, &blob)? {
+                    blobs_written.fetch_add(1, Ordering::Relaxed);
+                }
             }
             // One canonical encoding serves the state digest and the payload.
             state.canonicalize();
@@ -383,6 +417,8 @@ pub fn build(
         fleet: fleet.name.clone(),
         commit: snapshot.commit.clone(),
         devices: fleet.devices.len(),
+        blobs: blobs_seen.into_inner().expect("no thread panicked holding it").len(),
+        blobs_written: blobs_written.into_inner(),
         warnings,
         ..Default::default()
     };
@@ -561,6 +597,18 @@ fn write_bundle(dir: &Path, digest: &str, bytes: &[u8]) -> Result<bool, BuildErr
     Ok(true)
 }
 
+/// Writes `blobs/<sha256>` unless a file of that name and size exists; returns whether
+/// it wrote. Synced: a blob is written once and then only ever checked by its size.
+fn write_blob(dir: &Path, blob: &Blob) -> Result<bool, BuildError> {
+    let path = dir.join(blob.name());
+    if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == blob.bytes.len() as u64) {
+        return Ok(false);
+    }
+    std::fs::create_dir_all(dir).map_err(|source| BuildError::Io { path: dir.into(), source })?;
+    write_atomic(&path, &blob.bytes, true)?;
+    Ok(true)
+}
+
 /// Temp file in the same directory, write, (fsync,) rename.
 pub fn write_atomic(path: &Path, bytes: &[u8], sync: bool) -> Result<(), BuildError> {
     let io = |source| BuildError::Io { path: path.into(), source };
@@ -613,6 +661,7 @@ mod tests {
             digests: &digests,
             now: snapshot.commit_time,
             previous: None,
+            artifacts: Default::default(),
         };
         let err = build(&fleet, &snapshot, &opts).expect_err("refused");
         assert!(matches!(err, BuildError::DeviceId(_)), "{err}");

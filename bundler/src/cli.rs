@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use fleet_bundler::{duration, enroll, exporter, mqtt, rollout};
+use fleet_bundler::{artifacts, duration, enroll, exporter, mqtt, rollout};
 /// Exit codes, also listed in `--help` and the README.
 pub mod exit {
     pub const OK: u8 = 0;
@@ -46,13 +46,13 @@ Repository format and rules: bundler/README.md
 
 Exit codes:
   0   success (plan: no changes; status --wait: every device converged)
-  1   failure: I/O, Git, keys, registry, broker, or a bundle that does not verify
+  1   failure: I/O, Git, keys, registry, broker, or a bundle that does not verify; export: a bundle or blob missing from the build output
   2   plan: there are changes
   3   status --wait: a device failed or rolled back on the indexed version; rollout: halted (a criterion tripped)
   4   status --wait: timeout before every device converged; rollout: --timeout (or --once) while still running
   5   publish: the broker retains a version for a device that this build's is not newer than (nothing published)
   6   rollout: the rollout is aborted
-  64  usage error: bad flags; build: no signing key; verify: a threshold above the keys given;
+  64  usage error: bad flags; build: no signing key; export: a --device the build output does not hold; verify: a threshold above the keys given;
       publish/status/exporter: a bad broker URL, fleet id or selector; a --broker given twice or more than 16; several --broker for exporter or for status without --index; a --index or TLS file that does not exist
   65  the repository is invalid (validation errors are printed with file:line:column); enroll accept: devices/<id>.yaml or fleet.yaml is
   130 status --wait: interrupted by Ctrl-C (SIGINT); 143: by SIGTERM")
@@ -93,7 +93,7 @@ pub(crate) enum Command {
     },
     /// Render, sign and write every device's bundle, DIR/index.json, DIR/devices/<id>.json and the live dashboard DIR/dashboard/.
     #[command(
-        after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n  fleet-bundler build --repo . --key keys/signing.key --out out/ --previous https://cdn.example/fleet\n  fleet-bundler build --repo . --key keys/signing.key --out out/ --dashboard-broker wss://broker.example.com:8084/mqtt\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.\nWithout it (no CI cache), pass --previous with the published output: versions stay newer than what devices hold.\nA commit dated more than 5 minutes ahead of this machine's clock, or whose bundles would already be expired, is refused (exit 1).\nUpload DIR as is: agents poll DIR/devices/<their id>.json and fetch DIR/bundles/<digest>.bundle.\nDIR/dashboard/index.html is a static live view of the fleet (open it from disk or any static server; it reads the broker over MQTT-over-WebSockets).\nThe signing key may also come from the environment: FLEET_SIGNING_KEY=<the line of signing.key>.\n\nExit codes: 0 built, 65 invalid repository (nothing written), 1 failure (Git, key, registry, I/O, --previous, a commit dated in the future or already expired; nothing written), 64 usage (bad flags; no --key and no FLEET_SIGNING_KEY)."
+        after_help = "Examples:\n  fleet-bundler build --repo . --key keys/signing.key --out out/\n  FLEET_SIGNING_KEY=\"$KEY\" fleet-bundler build --repo . --rev v1.2 --out out/ --resolve-digests --json\n  fleet-bundler build --repo . --key keys/signing.key --out out/ --previous https://cdn.example/fleet\n  fleet-bundler build --repo . --key keys/signing.key --out out/ --dashboard-broker wss://broker.example.com:8084/mqtt\n\nReuse the same --out directory across builds: unchanged devices keep their bundle and version.\nWithout it (no CI cache), pass --previous with the published output: versions stay newer than what devices hold.\nA commit dated more than 5 minutes ahead of this machine's clock, or whose bundles would already be expired, is refused (exit 1).\nUpload DIR as is: agents poll DIR/devices/<their id>.json and fetch DIR/bundles/<digest>.bundle (and DIR/blobs/<sha256> for artifacts).\nLarge files travel beside the bundle as artifacts (bundle format 5): every file over --artifact-threshold, then the largest ones while a device's inline files total more than --inline-budget; their bytes are written once as DIR/blobs/<sha256>, shared by every device and version that uses them. A device decompresses its bundle in memory, so the bundle stays small; artifacts are streamed to disk.\nDIR/dashboard/index.html is a static live view of the fleet (open it from disk or any static server; it reads the broker over MQTT-over-WebSockets).\nThe signing key may also come from the environment: FLEET_SIGNING_KEY=<the line of signing.key>.\n\nExit codes: 0 built, 65 invalid repository (nothing written), 1 failure (Git, key, registry, I/O, --previous, a commit dated in the future or already expired; nothing written), 64 usage (bad flags; no --key and no FLEET_SIGNING_KEY)."
     )]
     Build(BuildArgs),
     /// Show what changes per device between two revisions (secrets-free).
@@ -122,6 +122,8 @@ pub(crate) enum Command {
         context: usize,
         #[command(flatten)]
         limits: ReadLimits,
+        #[command(flatten)]
+        artifacts: ArtifactLimits,
         #[command(flatten)]
         age: AgeIdentity,
     },
@@ -152,6 +154,33 @@ pub(crate) enum Command {
         json: bool,
         /// The bundle file.
         bundle: PathBuf,
+    },
+    /// Write one device's current bundle and the blobs it names into one tar file, for a device without network.
+    #[command(after_help = "Examples:
+  fleet-bundler export --out out/ --device gw-berlin-01 --file gw-berlin-01.tar
+  fleet-bundler export --out out/ --device gw-berlin-01 --file /media/usb/gw-berlin-01.tar --json
+  tar tvf gw-berlin-01.tar       # bundle, then blobs/<sha256> per artifact
+
+DIR is the output directory of `fleet-bundler build`. The device's bundle is the one its pointer file DIR/devices/<ID>.json names (what the device would fetch now), or, without one, its entry of DIR/index.json.
+FILE is a POSIX ustar archive: first the entry `bundle` (the bundle's bytes), then `blobs/<sha256>` for each artifact of the bundle's state (once per content, in the state's order), each mode 0644, mtime 0, uid/gid 0: the same build output gives the same file. Every blob is checked against the sha256 and size the signed state names. FILE is written to a temp file beside it, then renamed. Its format: fleet-spec/FORMAT.md \"Export files\".
+The bundle is not verified here (no key is needed); the device verifies it as it verifies every bundle (`fleet-bundler verify --pub KEY DIR/bundles/<digest>.bundle` checks it beforehand).
+
+--json prints {file, device, version, bundle (its digest), artifacts: [{path, sha256, size}], bytes (the size of FILE)}.
+
+Exit codes: 0 written, 1 failure (the bundle or a blob missing from DIR or damaged (the blob and the file that needs it are named), I/O; nothing written), 64 usage (bad flags or device id; DIR holds neither the device's pointer file nor an index.json that lists it).")]
+    Export {
+        /// The build output directory (bundles/, blobs/, devices/, index.json).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The device whose bundle is exported.
+        #[arg(long, value_name = "ID")]
+        device: String,
+        /// The tar file to write (replaced if it exists).
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// Print what was written as JSON on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the fleet's status from MQTT; with --wait, gate CI on convergence.
     #[command(
@@ -271,10 +300,33 @@ pub(crate) struct ReadLimits {
     pub(crate) max_file_size: u64,
 }
 
+/// Which files leave the bundle for blobs (bundle format 5).
+#[derive(Args, Clone, Copy)]
+pub(crate) struct ArtifactLimits {
+    /// A file larger than this travels as an artifact (its bytes in OUT/blobs/<sha256>,
+    /// its sha256 and size in the signed state): bytes, or with k/m/g (KiB, MiB, GiB),
+    /// at least 1.
+    #[arg(long, value_name = "BYTES", default_value = "256KiB", value_parser = parse_size, env = "FLEET_ARTIFACT_THRESHOLD")]
+    pub(crate) artifact_threshold: u64,
+    /// When a device's inline files still total more than this, its largest ones
+    /// travel as artifacts too, until they fit: the device decompresses its bundle in
+    /// memory, so the bundle stays small whatever the payload.
+    #[arg(long, value_name = "BYTES", default_value = "1MiB", value_parser = parse_size, env = "FLEET_INLINE_BUDGET")]
+    pub(crate) inline_budget: u64,
+}
+
+impl ArtifactLimits {
+    pub(crate) fn policy(&self) -> artifacts::Policy {
+        artifacts::Policy { threshold: self.artifact_threshold, inline_budget: self.inline_budget }
+    }
+}
+
 #[derive(Args)]
 pub(crate) struct BuildArgs {
     #[command(flatten)]
     pub(crate) source: Source,
+    #[command(flatten)]
+    pub(crate) artifacts: ArtifactLimits,
     /// Signing key file (repeatable, for k-of-n signing).
     #[arg(long = "key")]
     pub(crate) keys: Vec<PathBuf>,

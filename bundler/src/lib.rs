@@ -12,8 +12,11 @@
 //! - [`render`]: loads a whole fleet and renders each device's [`fleet_spec::DesiredState`].
 //! - [`policy`]: the devices' engine policy (`policy:`), checked while rendering.
 //! - [`registry`]: pins image tags to digests through the Registry HTTP API v2.
-//! - [`build`]: versioning, signing, content-addressed bundles, `index.json` and the
-//!   per-device pointer files (`devices/<id>.json`) that agents poll.
+//! - [`artifacts`]: which files leave a state for blobs (bundle format 5); pure.
+//! - [`build`]: versioning, signing, content-addressed bundles, `index.json`, the
+//!   per-device pointer files (`devices/<id>.json`) that agents poll, and the blobs of
+//!   artifacts (`blobs/<sha256>`).
+//! - [`export`]: one device's bundle and its blobs as one tar file (sideloads).
 //! - [`plan`]: the per-device difference between two revisions.
 //! - [`previous`]: the published build (`build --previous`), read from a server or a
 //!   directory, so versions stay newer than what devices hold.
@@ -27,19 +30,21 @@
 //!   and their acceptance written into `devices/<id>.yaml` of the work tree (line-level,
 //!   never committed); [`recipient`]: age X25519 recipients (`public_key:`).
 //!
-//! Architecture invariant: only [`repo`], [`build`], [`previous`], [`registry`],
+//! Architecture invariant: only [`repo`], [`build`], [`export`], [`previous`], [`registry`],
 //! [`dashboard`], [`mqtt`], [`exporter`], [`enroll`] and [`rollout::drive`] do I/O;
 //! loading and rendering are pure functions of the repository snapshot, so the same
 //! commit always renders the same states.
 
 #![forbid(unsafe_code)]
 
+pub mod artifacts;
 pub mod build;
 pub mod compose;
 pub mod dashboard;
 pub mod diag;
 pub mod duration;
 pub mod enroll;
+pub mod export;
 pub mod exporter;
 pub mod format;
 pub mod lfs;

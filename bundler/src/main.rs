@@ -19,7 +19,7 @@ use fleet_bundler::build::{self, BuildOptions};
 use fleet_bundler::diag::{self, Diagnostic};
 use fleet_bundler::registry::{self, Registry};
 use fleet_bundler::rollout::drive;
-use fleet_bundler::{enroll, exporter, mqtt, plan, previous, render, repo, timefmt};
+use fleet_bundler::{artifacts, enroll, export, exporter, mqtt, plan, previous, render, repo, timefmt};
 
 mod cli;
 
@@ -130,9 +130,10 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Keygen { out, json } => keygen(&out, json),
         Command::Validate { source, json, worktree } => validate(&source, worktree, json),
         Command::Build(args) => build_cmd(args),
-        Command::Plan { repo, from, to, worktree, json, context, limits, age } => {
+        Command::Plan { repo, from, to, worktree, json, context, limits, artifacts, age } => {
             let to = if worktree { None } else { Some(to.as_str()) };
-            plan_cmd(&repo, &from, to, json, context, limits, &age_identities(&age)?)
+            let how = PlanHow { json, context, limits, artifacts: artifacts.policy() };
+            plan_cmd(&repo, &from, to, &how, &age_identities(&age)?)
         }
         Command::Publish(args) => {
             let summary = match mqtt::publish(&args) {
@@ -162,6 +163,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
                 mqtt::StatusOutcome::Terminated => exit::TERMINATED,
             })
         }
+        Command::Export { out, device, file, json } => export_cmd(&out, &device, &file, json),
         Command::Exporter(args) => export(&args),
         Command::Rollout(args) => rollout_cmd(&args),
         Command::Enroll(cli::EnrollCommand::List(args)) => enroll_list(&args),
@@ -253,6 +255,32 @@ fn usage_exit(e: mqtt::MqttError) -> anyhow::Error {
         }
         e => e.into(),
     }
+}
+
+fn export_cmd(out: &Path, device: &str, file: &Path, json: bool) -> anyhow::Result<u8> {
+    let done = match export::export(out, device, file) {
+        Ok(done) => done,
+        Err(export::ExportError::Usage(message)) => {
+            eprintln!("error: {message}");
+            return Err(Exit(exit::USAGE).into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&done)?);
+    }
+    let blobs: u64 = done.artifacts.iter().map(|a| a.size).sum();
+    eprintln!(
+        "wrote {} ({} bytes): bundle {} of {} (version {}) and {} artifact(s), {}",
+        done.file.display(),
+        done.bytes,
+        short(&done.bundle),
+        done.device,
+        done.version,
+        done.artifacts.len(),
+        artifacts::short_size(blobs)
+    );
+    Ok(exit::OK)
 }
 
 fn export(args: &exporter::ExporterArgs) -> anyhow::Result<u8> {
@@ -554,6 +582,7 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
             digests: &digests,
             now,
             previous: previous.as_ref(),
+            artifacts: args.artifacts.policy(),
         },
     )?;
     for w in &summary.warnings {
@@ -572,8 +601,12 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
             some_of(&summary.pointers_deleted)
         );
     }
+    let blobs = match summary.blobs {
+        0 => String::new(),
+        n => format!(", {n} artifact blob(s) ({} written)", summary.blobs_written),
+    };
     eprintln!(
-        "built fleet {} at {}: {} devices, {} new bundle(s), {} unchanged, {} removed, {} pointer file(s) written, in {:.1?}",
+        "built fleet {} at {}: {} devices, {} new bundle(s), {} unchanged, {} removed, {} pointer file(s) written{blobs}, in {:.1?}",
         summary.fleet,
         short(&summary.commit),
         summary.devices,
@@ -586,18 +619,30 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
+/// How `plan` reads and prints.
+struct PlanHow {
+    json: bool,
+    context: usize,
+    limits: ReadLimits,
+    /// As `build` would split the states, so artifacts are named as such.
+    artifacts: artifacts::Policy,
+}
+
 fn plan_cmd(
     repo_path: &Path,
     from: &str,
     to: Option<&str>,
-    json: bool,
-    context: usize,
-    limits: ReadLimits,
+    how: &PlanHow,
     age: &[SecretKey],
 ) -> anyhow::Result<u8> {
+    let PlanHow { json, context, limits, artifacts: policy } = *how;
     let mut states = Vec::new();
     for rev in [Some(from), to] {
-        let r = load_and_render(repo_path, rev, limits, age)?;
+        let mut r = load_and_render(repo_path, rev, limits, age)?;
+        for state in r.states.values_mut() {
+            artifacts::split(state, &policy);
+            state.canonicalize();
+        }
         let errors = diag::error_count(&r.diags);
         if errors > 0 {
             eprintln!("plan stopped: {errors} error(s) in the repository {}", place(&r.snapshot));
@@ -719,6 +764,7 @@ fn verify(
             "signed_by": verified.signed_by.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
             "state_digest": state.digest(),
             "files": state.files.iter().map(|f| serde_json::json!({"path": f.path, "mode": format!("{:04o}", f.mode), "size": f.content.len(), "sha256": f.content_sha256()})).collect::<Vec<_>>(),
+            "artifacts": state.artifacts.iter().map(|a| serde_json::json!({"path": a.path, "mode": format!("{:04o}", a.mode), "size": a.size, "sha256": a.sha256_hex(), "blob": format!("{}/{}", build::BLOBS, a.sha256_hex())})).collect::<Vec<_>>(),
             "containers": state.containers.iter().map(|c| serde_json::json!({"name": c.name, "app": c.app, "service": c.service, "image": c.image.pull_reference()})).collect::<Vec<_>>(),
             "networks": state.networks.iter().map(|n| n.name.clone()).collect::<Vec<_>>(),
             "volumes": state.volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
@@ -744,6 +790,16 @@ fn verify(
         println!("  files ({})", state.files.len());
         for f in &state.files {
             println!("    {:04o} {:>8} {}", f.mode, f.content.len(), f.path);
+        }
+        if !state.artifacts.is_empty() {
+            println!(
+                "  artifacts ({}): bytes in {}/<sha256> beside bundles/",
+                state.artifacts.len(),
+                build::BLOBS
+            );
+            for a in &state.artifacts {
+                println!("    {:04o} {:>8} {} sha256 {}", a.mode, a.size, a.path, a.sha256_hex());
+            }
         }
         println!("  containers ({})", state.containers.len());
         for c in &state.containers {

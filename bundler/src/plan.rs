@@ -7,15 +7,20 @@
 //! and container changes name fields (`env.DB_PASSWORD`), never values, except the
 //! image reference.
 //!
+//! Files that travel as artifacts (bundle format 5; the caller splits the states as
+//! `build` does, [`crate::artifacts::split`]) are named with their size and short
+//! sha256, never diffed.
+//!
 //! Pure: takes two sets of rendered states, returns a [`Plan`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
-use fleet_spec::model::{ContainerSpec, ManagedFile};
+use fleet_spec::model::{ContainerSpec, Entry};
 use fleet_spec::DesiredState;
 use serde::Serialize;
 
+use crate::artifacts::short_size;
 use crate::render::{looks_secret, Fleet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -50,6 +55,41 @@ pub struct FileChange {
     /// Unified diff of the content, when shown.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub diff: Option<String>,
+    /// `[from, to]` when the file travels as an artifact on either side: how its bytes
+    /// travel there (`null` where the file is absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<[Option<Travel>; 2]>,
+}
+
+/// How a file's bytes travel in one revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Travel {
+    /// True: a blob beside the bundle; false: inside the bundle.
+    pub artifact: bool,
+    pub size: u64,
+    /// Hex sha256 of the bytes; left out for files whose content is hidden.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl Travel {
+    fn of(entry: &Entry<'_>, hidden: bool) -> Travel {
+        Travel {
+            artifact: matches!(entry, Entry::Artifact(_)),
+            size: entry.size(),
+            sha256: (!hidden).then(|| entry.sha256_hex()),
+        }
+    }
+
+    /// `artifact, 200.0 MiB, sha256 ab12cd34ef56…` or `inline, 12.0 KiB`.
+    fn text(&self) -> String {
+        let mut text =
+            format!("{}, {}", if self.artifact { "artifact" } else { "inline" }, short_size(self.size));
+        if let (true, Some(sha)) = (self.artifact, &self.sha256) {
+            let _ = write!(text, ", sha256 {}…", &sha[..sha.len().min(12)]);
+        }
+        text
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -117,8 +157,25 @@ impl Plan {
                 if let Some([a, b]) = &f.mode {
                     let _ = write!(line, " (mode {a} -> {b})");
                 }
-                if f.hidden && f.content_changed {
-                    line.push_str(": content changed (hidden)");
+                match &f.artifact {
+                    Some(sides) => {
+                        match sides {
+                            [Some(a), Some(b)] if a.text() != b.text() => {
+                                let _ = write!(line, " ({} -> {})", a.text(), b.text());
+                            }
+                            [Some(t), None] | [_, Some(t)] => {
+                                let _ = write!(line, " ({})", t.text());
+                            }
+                            [None, None] => {}
+                        }
+                        // A hidden artifact of the same size: its digest is not shown.
+                        let named = sides.iter().flatten().any(|t| t.sha256.is_some());
+                        if f.change == Change::Changed && f.content_changed && !named {
+                            line.push_str(": content changed (hidden)");
+                        }
+                    }
+                    None if f.hidden && f.content_changed => line.push_str(": content changed (hidden)"),
+                    None => {}
                 }
                 let _ = writeln!(out, "{line}");
                 if let Some(diff) = &f.diff {
@@ -219,34 +276,60 @@ fn diff_names<'a>(
     out
 }
 
-fn diff_files(
-    a: &DesiredState,
-    b: &DesiredState,
+fn diff_files<'a>(
+    a: &'a DesiredState,
+    b: &'a DesiredState,
     secret: &BTreeSet<String>,
     context: usize,
 ) -> Vec<FileChange> {
     // Secret files (sealed to the device) are listed too; their paths are in `secret`.
-    let a_files: BTreeMap<&str, &ManagedFile> =
-        a.files.iter().chain(&a.secrets.files).map(|f| (f.path.as_str(), f)).collect();
-    let b_files: BTreeMap<&str, &ManagedFile> =
-        b.files.iter().chain(&b.secrets.files).map(|f| (f.path.as_str(), f)).collect();
+    let entries = |s: &'a DesiredState| -> BTreeMap<&'a str, Entry<'a>> {
+        s.entries().chain(s.secrets.files.iter().map(Entry::Inline)).map(|e| (e.path(), e)).collect()
+    };
+    let (a_files, b_files) = (entries(a), entries(b));
     let paths: BTreeSet<&str> = a_files.keys().chain(b_files.keys()).copied().collect();
     let mut out = Vec::new();
     for path in paths {
         let hidden_by_name = secret.contains(path) || looks_secret(path);
         let (fa, fb) = (a_files.get(path), b_files.get(path));
-        let (change, old, new) = match (fa, fb) {
-            (None, Some(f)) => (Change::Added, &[][..], f.content.as_slice()),
-            (Some(f), None) => (Change::Removed, f.content.as_slice(), &[][..]),
+        let change = match (fa, fb) {
+            (None, Some(_)) => Change::Added,
+            (Some(_), None) => Change::Removed,
             (Some(x), Some(y)) if x == y => continue,
-            (Some(x), Some(y)) => (Change::Changed, x.content.as_slice(), y.content.as_slice()),
+            (Some(_), Some(_)) => Change::Changed,
             (None, None) => continue,
         };
         let mode = match (fa, fb) {
-            (Some(x), Some(y)) if x.mode != y.mode => {
-                Some([format!("{:04o}", x.mode), format!("{:04o}", y.mode)])
+            (Some(x), Some(y)) if x.mode() != y.mode() => {
+                Some([format!("{:04o}", x.mode()), format!("{:04o}", y.mode())])
             }
             _ => None,
+        };
+        let inline = |e: Option<&Entry<'a>>| match e {
+            None => Some(&[][..]),
+            Some(Entry::Inline(f)) => Some(f.content.as_slice()),
+            Some(Entry::Artifact(_)) => None,
+        };
+        let (old, new) = match (inline(fa), inline(fb)) {
+            (Some(old), Some(new)) => (old, new),
+            // An artifact on either side: its bytes are not in the state; named, not diffed.
+            _ => {
+                let content_changed = match (fa, fb) {
+                    (Some(x), Some(y)) => x.size() != y.size() || x.sha256_hex() != y.sha256_hex(),
+                    _ => true,
+                };
+                let travel = |e: Option<&Entry<'a>>| e.map(|e| Travel::of(e, hidden_by_name));
+                out.push(FileChange {
+                    path: path.to_string(),
+                    change,
+                    mode,
+                    content_changed,
+                    hidden: true,
+                    diff: None,
+                    artifact: Some([travel(fa), travel(fb)]),
+                });
+                continue;
+            }
         };
         let content_changed = old != new;
         let text = std::str::from_utf8(old).ok().zip(std::str::from_utf8(new).ok());
@@ -261,7 +344,15 @@ fn diff_files(
             ),
             _ => None,
         };
-        out.push(FileChange { path: path.to_string(), change, mode, content_changed, hidden, diff });
+        out.push(FileChange {
+            path: path.to_string(),
+            change,
+            mode,
+            content_changed,
+            hidden,
+            diff,
+            artifact: None,
+        });
     }
     out
 }
