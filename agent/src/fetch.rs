@@ -1119,7 +1119,8 @@ mod tests {
         let (port, _) = serve(move |_, _| ok(&wrong, wrong.len()));
         let url = format!("http://127.0.0.1:{port}/blobs/{sha}");
         let dest2 = dir.path().join("other");
-        let e = fetcher().fetch_blob(std::slice::from_ref(&url), &sha, full.len() as u64, &partial, &dest2).await;
+        let e =
+            fetcher().fetch_blob(std::slice::from_ref(&url), &sha, full.len() as u64, &partial, &dest2).await;
         assert!(matches!(e, Err(FetchError::AllFailed { .. })), "{e:?}");
         let e = fetcher().fetch_blob(&[url], &sha, 1000, &partial, &dest2).await.expect_err("too large");
         assert!(e.to_string().contains("1000"), "{e}");

@@ -296,7 +296,7 @@ pub(crate) struct AgeIdentity {
 pub(crate) struct ReadLimits {
     /// Largest file read from Git, in bytes or with k/m/g (powers of 1024). A larger file
     /// is an error that names it; its size is read from the Git object header first.
-    #[arg(long, default_value = "16MiB", value_parser = parse_size, env = "FLEET_MAX_FILE_SIZE")]
+    #[arg(long, default_value = "256MiB", value_parser = parse_size, env = "FLEET_MAX_FILE_SIZE")]
     pub(crate) max_file_size: u64,
 }
 

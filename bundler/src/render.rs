@@ -221,7 +221,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
             0,
             format!(
                 "{} is larger than the limit of {} for one file read from Git: pass --max-file-size \
-                 (e.g. --max-file-size {}) to raise it; every device that gets the file holds it in its bundle",
+                 (e.g. --max-file-size {}) to raise it; the bundler holds every file it reads in memory (a file over --artifact-threshold travels as an artifact, beside the bundles)",
                 human_size(*size),
                 human_size(snapshot.max_file_size),
                 suggest_limit(*size)

@@ -50,7 +50,7 @@ pub const FLEET_SECRETS: &str = "secrets.yaml.age";
 
 /// The default limit of the size of one file read from Git: 16 MiB. Bundles carry
 /// whole files and devices hold a bundle's payload while they apply it.
-pub const DEFAULT_MAX_FILE_SIZE: u64 = 16 << 20;
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 256 << 20;
 
 impl Default for Snapshot {
     fn default() -> Self {

@@ -45,12 +45,12 @@ fn a_file_larger_than_the_limit_is_refused_with_its_size_and_how_to_raise_it() {
     let app = "files:\n  - source: files/web.conf\n    template: true\n  - source: files/firmware.img\n";
     let repo = small_fleet(&[], 1_800_000_000);
     repo.write("apps/web/app.yaml", app);
-    // 17 MiB: over the default limit of 16 MiB (zeros: Git stores them compressed).
+    // 17 MiB: over a limit of 16 MiB (zeros: Git stores them compressed).
     let big = vec![0u8; 17 << 20];
     std::fs::write(repo.path().join("apps/web/files/firmware.img"), &big).expect("write");
     repo.commit_at("firmware", 1_800_000_100);
 
-    let out = validate(&repo, &[]);
+    let out = validate(&repo, &["--max-file-size", "16MiB"]);
     out.assert_code(65);
     out.assert_stderr_has(
         "apps/web/files/firmware.img: error: 17.0 MiB (17825792 bytes) is larger than the limit of \
