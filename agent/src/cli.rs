@@ -129,6 +129,12 @@ Full verification and the same apply path as `run`; works without broker or netw
 When the service runs, it applies the bundle itself (over <state_dir>/agent.sock) and
 `apply` waits for its outcome; otherwise `apply` does it here.
 
+BUNDLE may be a bundle, or an export file (`fleet-bundler export`): the bundle and the
+large files (artifacts) it names. Each artifact is hashed and stored in
+<state_dir>/blobs/ first (only those the verified bundle names), then the bundle is
+applied. A bundle that names artifacts the device lacks, sideloaded alone, is deferred
+(`artifacts_missing`) until they are downloaded or an export brings them.
+
 USAGE:
     fleet-agent apply [--config FILE] [--json] [--retry] BUNDLE
 
@@ -144,7 +150,9 @@ EXIT CODES:
     0   applied and healthy, or already applied
     1   applied, failed health, rolled back
     64  bad command line or invalid configuration
-    65  bundle rejected (signature, version, expiry, paths, policy...); nothing changed
+    65  bundle rejected (signature, version, expiry, paths, policy...), or an export
+        file that is damaged (`bad_export`: a blob that is not the signed bytes, a
+        broken archive); nothing changed
     66  bundle file cannot be read
     69  container engine unavailable; nothing changed
     75  temporary failure (image pull failed, ...; or a running agent that takes no
@@ -152,6 +160,7 @@ EXIT CODES:
 
 EXAMPLE:
     fleet-agent apply -c /etc/fleet-agent/agent.toml /media/usb/3f9a...c2.bundle
+    fleet-agent apply /media/usb/gw-munich-01.export    # from `fleet-bundler export`
 ";
 
 const HELP_STATUS: &str = "\

@@ -553,6 +553,10 @@ impl Fetcher {
                     file.write_all(&data).map_err(io)?;
                     sha.update(&data);
                     *hashed_len = written;
+                    // Progress on a long download: a line per 64 MiB.
+                    if written >> 26 != (written - data.len() as u64) >> 26 {
+                        tracing::info!(url, bytes = written, of = max_bytes, "downloading");
+                    }
                     pace.check(url, received, Instant::now())?;
                 }
                 // The partial file is not fsynced: what a power cut does to it (a short or

@@ -159,7 +159,10 @@ async fn apply(cfg: Config, bundle: &Path, json: bool, retry: bool) -> u8 {
             let reason = format!("cannot read bundle {}: {source}", path.display());
             return fail(json, None, "no_input", &reason, exit::NO_INPUT);
         }
-        Err(e) => return fail(json, None, "bad_export", &e.to_string(), exit::FAILURE),
+        Err(e @ fleet_agent::export::ExportError::Import(fleet_agent::store::ImportError::Io { .. })) => {
+            return fail(json, None, "state_dir_error", &e.to_string(), exit::FAILURE)
+        }
+        Err(e) => return fail(json, None, "bad_export", &e.to_string(), exit::REJECTED),
     };
     let digest = fleet_spec::bundle::content_address(&bytes);
     let lock = created.and_then(|()| store.lock());
