@@ -44,8 +44,20 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Hex sha256 of the file at `path`, `None` when it does not exist (or is unreadable).
+/// Read in 1 MiB steps, so a file of hundreds of MB costs no more memory than a small one.
 pub fn file_sha256(path: &Path) -> Option<String> {
-    fs::read(path).ok().map(|b| sha256_hex(&b))
+    use std::io::Read;
+    let mut file = fs::File::open(path).ok()?;
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return Some(hex::encode(sha.finalize())),
+            Ok(n) => sha.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
 }
 
 /// What a command printed and how it exited.

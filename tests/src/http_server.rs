@@ -1,9 +1,10 @@
 //! A static file server on a free loopback port, for download tests: `GET`/`HEAD`,
 //! `Range: bytes=N-` and `bytes=N-M` (206 + `Content-Range`, 416 past the end), one
 //! request per connection, and optionally a connection dropped after K body bytes on the
-//! first request of each path (resumable-download tests). Every request is logged.
+//! first request of each path, or after every N body bytes on the first few requests of
+//! each path (resumable-download tests). Every request is logged.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -21,6 +22,13 @@ pub struct StaticHttpOptions {
     /// Send only this many body bytes, then close the connection, on the first `GET` of
     /// each path (the headers still announce the full length).
     pub drop_first_after: Option<u64>,
+    /// Send only this many body bytes, then close the connection, on each of the first
+    /// [`StaticHttpOptions::drops`] `GET`s of a path whose answer is longer than that
+    /// (the headers still announce the full length): a big file that is cut several
+    /// times, each resume (`Range`) cut again, until the drops are spent.
+    pub drop_every: Option<u64>,
+    /// How many `GET`s of one path [`StaticHttpOptions::drop_every`] cuts.
+    pub drops: u32,
 }
 
 /// One request the server answered.
@@ -41,6 +49,8 @@ struct Shared {
     root: PathBuf,
     opts: StaticHttpOptions,
     dropped_paths: Mutex<HashSet<String>>,
+    /// Path → how many of its answers `drop_every` cut so far.
+    cuts: Mutex<HashMap<String, u32>>,
     log: Mutex<Vec<ServedRequest>>,
 }
 
@@ -66,6 +76,7 @@ impl StaticHttpServer {
             root: dir.into(),
             opts,
             dropped_paths: Mutex::new(HashSet::new()),
+            cuts: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
         });
         let (s, st) = (Arc::clone(&shared), Arc::clone(&stop));
@@ -210,6 +221,15 @@ fn respond(
         if shared.dropped_paths.lock().unwrap_or_else(|e| e.into_inner()).insert(path.to_string())
             && k < limit
         {
+            limit = k;
+            entry.dropped = true;
+        }
+    }
+    if let Some(k) = shared.opts.drop_every.filter(|&k| k < limit) {
+        let mut cuts = shared.cuts.lock().unwrap_or_else(|e| e.into_inner());
+        let cut = cuts.entry(path.to_string()).or_insert(0);
+        if *cut < shared.opts.drops {
+            *cut += 1;
             limit = k;
             entry.dropped = true;
         }

@@ -10,7 +10,7 @@
 //! | podman 4.3 Docker-compatible API | [`Podman`] | isolated storage; one instance at a time per machine |
 //! | RabbitMQ 3.10 + MQTT, N nodes | [`RabbitCluster`] | one cluster on one machine, own epmd and cookie |
 //! | Docker Distribution 2.8 | [`Registry`] | plain HTTP on 127.0.0.1 |
-//! | static HTTP files | [`StaticHttpServer`] | `Range: bytes=N-`, optional dropped first transfer |
+//! | static HTTP files | [`StaticHttpServer`] | `Range: bytes=N-`, optional dropped first transfer or several cuts per path |
 //! | nginx 1.22 | [`Nginx`] | a build output with the README's cache headers; JSON access log |
 //! | hostile HTTP | [`HostileHttpServer`] | trickling, wrong or no answers; every connection logged |
 //! | Git repositories | [`GitRepo`] | reproducible commit ids |

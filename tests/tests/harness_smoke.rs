@@ -385,8 +385,10 @@ fn static_http_server_ranges_and_dropped_first_transfer() -> Result<()> {
     let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
     std::fs::create_dir_all(dir.path().join("blobs"))?;
     std::fs::write(dir.path().join("blobs/big.bin"), &data)?;
-    let server =
-        StaticHttpServer::start_with(dir.path(), StaticHttpOptions { drop_first_after: Some(1000) })?;
+    let server = StaticHttpServer::start_with(
+        dir.path(),
+        StaticHttpOptions { drop_first_after: Some(1000), ..Default::default() },
+    )?;
     let addr = server.addr();
     assert_eq!(server.url("/blobs/big.bin"), format!("http://{addr}/blobs/big.bin"));
 

@@ -34,11 +34,13 @@
 //! | [`cluster`] | issue 19: a three-node RabbitMQ cluster: what crosses nodes; three agents spread over it, publish/status with every node listed; a two-wave rollout (`--once`, then resumed to done) with every node listed, the agents' nodes not first |
 //! | [`secrets`] | issue 13: a secret made with the real age CLI reaches only its device (sideloaded), survives a key rotation; a Compose secret is mounted read-only at `/run/secrets/NAME` on dockerd and a new one recreates the container |
 //! | [`sideload`] | 11 `fleet-agent apply` without a broker |
+//! | [`artifacts`] | bundle format 5: a 200 MB artifact through a server that cuts it, in bounded agent memory, not fetched again for a change beside it; an export file applied offline; a disk too small defers with `insufficient_space` until space is freed |
 //! | [`dashboard`] | the static live dashboard in headless Chromium: a device converging, a failing one in red, hostile messages as text (issue 18) |
 //! | [`aarch64`] | the cross-built aarch64 agent under qemu, on dockerd (issue 6) |
 
 mod aarch64;
 mod acl;
+mod artifacts;
 mod attacks;
 mod bundle_server;
 mod cluster;

@@ -153,7 +153,10 @@ fn an_update_never_announced_arrives_by_polling_the_devices_pointer_file() -> Re
 fn download_dropped_mid_transfer_resumes_with_range_and_converges() -> Result<()> {
     let broker = Mosquitto::start()?;
     // The first transfer of every file stops after 1000 bytes.
-    let mut fleet = FleetRepo::with_server("acme", StaticHttpOptions { drop_first_after: Some(1000) })?;
+    let mut fleet = FleetRepo::with_server(
+        "acme",
+        StaticHttpOptions { drop_first_after: Some(1000), ..Default::default() },
+    )?;
     fleet.add_device("gw-1", &[])?;
     // Enough incompressible content that the bundle is well over 1000 bytes.
     let mut blob = String::new();
