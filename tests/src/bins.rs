@@ -32,6 +32,13 @@ fn target_dir() -> PathBuf {
     }
 }
 
+/// The x86_64 agent as shipped (`cross/build.sh --targets x86_64`: static musl, release,
+/// stripped), if it was built: what memory bounds are about.
+pub fn shipped_agent() -> Option<PathBuf> {
+    let path = workspace_root().join("dist/fleet-agent-x86_64-unknown-linux-musl");
+    path.is_file().then_some(path)
+}
+
 /// `<cargo target dir>/e2e-artifacts/<name>`: where tests leave files for people and
 /// CI to look at (screenshots), never committed.
 pub fn artifact_path(name: &str) -> PathBuf {

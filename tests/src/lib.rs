@@ -56,7 +56,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-pub use bins::{artifact_path, workspace_bin, workspace_bin_of};
+pub use bins::{artifact_path, shipped_agent, workspace_bin, workspace_bin_of};
 pub use chromium::{Chromium, Page};
 pub use dockerd::Dockerd;
 pub use engine::{engine_delete, engine_get, engine_post, engine_request, http_get, Engine, HttpResponse};

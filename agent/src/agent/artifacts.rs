@@ -50,8 +50,7 @@ impl<E: Engine> Agent<E> {
         for a in state.artifacts.iter().filter(|a| !self.in_place(a)) {
             let sha = a.sha256_hex();
             let path = self.store.blob_path(&sha);
-            let Ok(file) = std::fs::File::open(&path) else { continue };
-            if hash_file(file).is_ok_and(|got| got != sha) {
+            if files::sha256_file(&path).is_ok_and(|got| got != sha) {
                 tracing::warn!(blob = %path.display(), "a stored artifact is damaged; it is downloaded again");
                 let _ = std::fs::remove_file(&path);
             }
@@ -101,20 +100,6 @@ impl<E: Engine> Agent<E> {
         let freed = self.store.prune_blobs(&keep, BLOB_GRACE);
         if freed > 0 {
             tracing::info!(bytes = freed, "removed artifacts no committed bundle names");
-        }
-    }
-}
-
-/// Hex sha256 of a file, read in 64 KiB steps.
-fn hash_file(mut file: std::fs::File) -> std::io::Result<String> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let mut sha = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match file.read(&mut buf)? {
-            0 => return Ok(hex::encode(sha.finalize())),
-            n => sha.update(&buf[..n]),
         }
     }
 }

@@ -490,8 +490,12 @@ pub fn sha256_file(path: &Path) -> Result<String, FileError> {
 }
 
 fn hash(mut f: File, shown: &Path) -> Result<String, FileError> {
+    let before = rustix::fs::fstat(&f).ok().map(|st| Stamp::of(&st)).filter(|s| s.size >= HASH_CACHE_MIN);
+    if let Some(sha) = before.and_then(|s| hash_cache::get(&s)) {
+        return Ok(sha);
+    }
     let mut hasher = Sha256::new();
-    let mut buf = [0u8; 16 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = f.read(&mut buf).map_err(io_err("read", shown))?;
         if n == 0 {
@@ -499,7 +503,81 @@ fn hash(mut f: File, shown: &Path) -> Result<String, FileError> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hex::encode(hasher.finalize()))
+    let sha = hex::encode(hasher.finalize());
+    if let Some(before) = before {
+        // Unchanged while it was read, and not changed in the last seconds (a change
+        // within the timestamps' granularity after now would look the same).
+        let after = rustix::fs::fstat(&f).ok().map(|st| Stamp::of(&st));
+        if after == Some(before) && before.settled() {
+            hash_cache::put(before, &sha);
+        }
+    }
+    Ok(sha)
+}
+
+/// Files at least this big have their hash remembered (see [`hash_cache`]).
+const HASH_CACHE_MIN: u64 = 1 << 20;
+
+/// What identifies a file's content without reading it: which inode, its size, and its
+/// modification and change times. The change time (`ctime`) is set by the kernel on
+/// every write, truncate, chmod or rename, and no unprivileged program can set it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    #[allow(clippy::unnecessary_cast, clippy::useless_conversion)] // field types differ per target
+    fn of(st: &rustix::fs::Stat) -> Stamp {
+        Stamp {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
+            ctime: (st.st_ctime as i64, st.st_ctime_nsec as i64),
+        }
+    }
+
+    /// Changed more than 2 s ago (git's "racily clean" rule): a write right after the
+    /// hash, within the filesystem's timestamp granularity, could keep the same stamp.
+    fn settled(&self) -> bool {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.ctime.0.saturating_add(2) < now as i64
+    }
+}
+
+/// The hashes of big managed files and blobs, by [`Stamp`]: drift detection (every
+/// reconcile) and the apply's checks read a 200 MB artifact once, not at every pass, on
+/// the agent's one thread. A file whose stamp changed is hashed again. In memory only,
+/// at most [`HASH_CACHE_ENTRIES`] entries.
+mod hash_cache {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use super::Stamp;
+
+    pub const HASH_CACHE_ENTRIES: usize = 1024;
+
+    static CACHE: Mutex<BTreeMap<(u64, u64), (Stamp, String)>> = Mutex::new(BTreeMap::new());
+
+    pub fn get(stamp: &Stamp) -> Option<String> {
+        let cache = CACHE.lock().ok()?;
+        cache.get(&(stamp.dev, stamp.ino)).filter(|(s, _)| s == stamp).map(|(_, sha)| sha.clone())
+    }
+
+    pub fn put(stamp: Stamp, sha: &str) {
+        if let Ok(mut cache) = CACHE.lock() {
+            if cache.len() >= HASH_CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert((stamp.dev, stamp.ino), (stamp, sha.to_string()));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -730,5 +808,27 @@ mod tests {
         assert_eq!(leftovers.len(), 1, "no temp file left behind");
         let e = write_managed_blob(&artifact, &blob, &roots).expect_err("missing");
         assert!(matches!(e, FileError::BlobMissing { .. }), "{e}");
+    }
+
+    /// The hash cache never hides a change: a settled big file is read once, and a write
+    /// of the same size (even with its mtime put back) is seen at the next look.
+    #[test]
+    fn a_remembered_hash_never_hides_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("model.bin");
+        let one = vec![1u8; HASH_CACHE_MIN as usize];
+        fs::write(&path, &one).expect("write");
+        std::thread::sleep(std::time::Duration::from_millis(3100));
+        let first = sha256_file(&path).expect("hash");
+        assert_eq!(first, hex::encode(Sha256::digest(&one)));
+        let st = rustix::fs::stat(&path).expect("stat");
+        assert_eq!(hash_cache::get(&Stamp::of(&st)).as_deref(), Some(first.as_str()), "remembered");
+        // Same size, mtime put back: the ctime moved, so it is read again.
+        let mtime = fs::metadata(&path).expect("meta").modified().expect("mtime");
+        let mut two = one.clone();
+        two[7] = 2;
+        fs::write(&path, &two).expect("rewrite");
+        fs::File::options().write(true).open(&path).and_then(|f| f.set_modified(mtime)).expect("backdate");
+        assert_eq!(sha256_file(&path).expect("hash"), hex::encode(Sha256::digest(&two)));
     }
 }

@@ -15,9 +15,11 @@
 //! the apply changes anything, and applies by itself once space is freed, without a new
 //! build.
 //!
-//! The big-artifact test runs the workspace's debug agent unless `FLEET_E2E_AGENT_BIN`
-//! names another (`target/release/fleet-agent` measures what ships); its memory bound
-//! (`VmHWM` ≤ 8 MiB) is about the agent as built for devices.
+//! The big-artifact test runs the agent as shipped (`dist/fleet-agent-x86_64-unknown-linux-musl`,
+//! which CI cross-builds before the tests), or the one `FLEET_E2E_AGENT_BIN` names: its
+//! memory bound (`VmHWM` ≤ 8 MiB) is about the agent as built for devices. Without either
+//! it runs the workspace's debug build, whose 96 MB binary alone maps more than that:
+//! then the bound is not asserted (said on stderr), except under CI, where it fails.
 
 use std::fs;
 use std::io::{BufWriter, Write};
@@ -121,14 +123,16 @@ impl std::fmt::Display for Memory {
     }
 }
 
-/// The agent binary the big-artifact test runs: `FLEET_E2E_AGENT_BIN` (e.g. the release
-/// build, `target/release/fleet-agent`, to measure what ships), else the workspace's
-/// debug build.
-fn agent_binary() -> Result<std::path::PathBuf> {
-    match std::env::var_os("FLEET_E2E_AGENT_BIN") {
-        Some(path) => Ok(path.into()),
-        None => workspace_bin("fleet-agent"),
+/// The agent binary the big-artifact test runs, and whether it is built as for devices:
+/// `FLEET_E2E_AGENT_BIN`, else the shipped static build, else the workspace's debug build.
+fn agent_binary() -> Result<(PathBuf, bool)> {
+    if let Some(path) = std::env::var_os("FLEET_E2E_AGENT_BIN") {
+        return Ok((path.into(), true));
     }
+    if let Some(path) = fleet_e2e::shipped_agent() {
+        return Ok((path, true));
+    }
+    Ok((workspace_bin("fleet-agent")?, false))
 }
 
 fn mib(kib: u64) -> f64 {
@@ -173,7 +177,7 @@ fn a_200_mb_artifact_survives_dropped_connections_in_bounded_memory_and_a_small_
     // (30 s), not the harness's quick ones (2 s, 5 s): every reconcile hashes each managed
     // file, the 200 MB one too, on the agent's one thread: at 2 s (debug build) the loop is
     // busy hashing most of the time and the MQTT session lapses at a 5 s keepalive.
-    let binary = agent_binary()?;
+    let (binary, as_shipped) = agent_binary()?;
     let mut device = Device::builder(&fleet, "gw-1")?
         .agent(AgentCommand { binary: binary.clone(), runner: None })
         .broker(&broker.url())
@@ -244,6 +248,14 @@ fn a_200_mb_artifact_survives_dropped_connections_in_bounded_memory_and_a_small_
         log.matches("download interrupted").count()
     );
     eprintln!("test time: {:.1?}", started.elapsed());
+    if !as_shipped {
+        ensure!(
+            std::env::var_os("CI").is_none(),
+            "CI must measure the agent as shipped: build dist/fleet-agent-x86_64-unknown-linux-musl first (cross/build.sh --targets x86_64)"
+        );
+        eprintln!("the 8 MiB bound is not asserted on the debug build ({:.2} MiB); cross/build.sh --targets x86_64 builds the shipped one", mib(memory.hwm));
+        return Ok(());
+    }
     ensure!(
         memory.hwm <= 8 * 1024,
         "the agent's peak RSS is {:.2} MiB (VmHWM), over 8 MiB: {memory} ({})",
