@@ -37,6 +37,7 @@ pub mod identity;
 pub mod journal;
 pub mod lockdir;
 pub mod mqtt;
+pub mod mqtt_blob;
 pub mod notify;
 pub mod originals;
 pub mod policy;

@@ -7,8 +7,9 @@
 //!   connection changes, and sleeps with exponential backoff plus jitter between failed
 //!   connection attempts. Inbound is bounded whatever the broker sends: the inbox keeps
 //!   the latest message per topic (a flood is one message, not a queue), an announcement
-//!   over 16 KiB is dropped, and a bundle payload is taken only while the agent waits for
-//!   one (`want_blob`);
+//!   over 16 KiB is dropped, a bundle payload is taken only while the agent waits for
+//!   one (`want_blob`), and an artifact blob's chunk only on the one chunk topic the
+//!   agent asked for (`want_chunk`), at most [`BLOB_CHUNK`] bytes;
 //! - the *publisher* takes the agent's [`Report`]s: events go out at once (QoS 1, not
 //!   retained), status reports through the [`StatusLimiter`] (retained, on change, a
 //!   burst of a few, then one per `status_min_interval`, always the last). On every (re)connection it
@@ -20,12 +21,12 @@
 //! interprets a message beyond routing it by topic.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleet_spec::messages::MAX_ANNOUNCEMENT_LEN;
 use fleet_spec::messages::{OFFLINE, ONLINE};
-use fleet_spec::topic::{Topic, TopicKind};
+use fleet_spec::topic::{Topic, TopicKind, BLOB_CHUNK};
 use rumqttc::{
     AsyncClient, Event, Incoming, LastWill, MqttOptions, Outgoing, QoS, TlsConfiguration, Transport,
 };
@@ -46,6 +47,8 @@ pub enum Inbound {
     Desired(Vec<u8>),
     /// Payload of the retained bundle on `.../bundle`.
     Bundle(Vec<u8>),
+    /// A chunk of an artifact blob, from the topic [`Mqtt::want_chunk`] asked for.
+    Chunk { topic: String, bytes: Vec<u8> },
 }
 
 /// What the broker sent last on each of the device's inbound topics. Latest wins: a
@@ -53,17 +56,23 @@ pub enum Inbound {
 pub struct Inbox {
     desired: watch::Receiver<Option<Vec<u8>>>,
     bundle: watch::Receiver<Option<Vec<u8>>>,
+    chunk: watch::Receiver<Option<(String, Vec<u8>)>>,
 }
 
 struct InboxSender {
     desired: watch::Sender<Option<Vec<u8>>>,
     bundle: watch::Sender<Option<Vec<u8>>>,
+    chunk: watch::Sender<Option<(String, Vec<u8>)>>,
 }
 
 fn inbox() -> (InboxSender, Inbox) {
     let (desired_tx, desired) = watch::channel(None);
     let (bundle_tx, bundle) = watch::channel(None);
-    (InboxSender { desired: desired_tx, bundle: bundle_tx }, Inbox { desired, bundle })
+    let (chunk_tx, chunk) = watch::channel(None);
+    (
+        InboxSender { desired: desired_tx, bundle: bundle_tx, chunk: chunk_tx },
+        Inbox { desired, bundle, chunk },
+    )
 }
 
 impl Inbox {
@@ -94,6 +103,14 @@ impl Inbox {
                     }
                     if let Some(m) = self.bundle.borrow_and_update().clone() {
                         return Inbound::Bundle(m);
+                    }
+                }
+                r = self.chunk.changed() => {
+                    if r.is_err() {
+                        return std::future::pending().await;
+                    }
+                    if let Some((topic, bytes)) = self.chunk.borrow_and_update().clone() {
+                        return Inbound::Chunk { topic, bytes };
                     }
                 }
             }
@@ -164,6 +181,22 @@ fn seed() -> u64 {
     nanos ^ (u64::from(std::process::id()) << 32)
 }
 
+/// What the agent waits for beyond its announcements (shared by the agent's calls, the
+/// pump's routing and the resubscription on reconnection).
+#[derive(Default)]
+struct Wants {
+    /// The retained bundle (`want_blob`).
+    blob: AtomicBool,
+    /// The one blob chunk topic subscribed to, if any (`want_chunk`).
+    chunk: Mutex<Option<String>>,
+}
+
+impl Wants {
+    fn is_chunk(&self, topic: &str) -> bool {
+        self.chunk.lock().expect("wants lock").as_deref() == Some(topic)
+    }
+}
+
 enum Ctl {
     Connected,
     Disconnected,
@@ -173,7 +206,7 @@ enum Ctl {
 pub struct Mqtt {
     client: AsyncClient,
     topics: Topics,
-    want_blob: Arc<AtomicBool>,
+    wants: Arc<Wants>,
     pump: JoinHandle<()>,
     publisher: JoinHandle<()>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -236,8 +269,8 @@ impl Mqtt {
         eventloop.set_network_options(network_options(cfg.keepalive));
         let (in_tx, in_rx) = inbox();
         let (ctl_tx, ctl_rx) = unbounded_channel();
-        let want_blob = Arc::new(AtomicBool::new(false));
-        let pump_want_blob = want_blob.clone();
+        let wants: Arc<Wants> = Arc::default();
+        let pump_wants = wants.clone();
         let reconnect_max = cfg.reconnect_max;
         let broker = format!("{}:{}", cfg.host, cfg.port);
 
@@ -266,11 +299,21 @@ impl Mqtt {
                             }
                             in_tx.desired.send_replace(Some(p.payload.to_vec()));
                         } else if p.topic == pump_topics.bundle {
-                            if !pump_want_blob.load(Ordering::SeqCst) {
+                            if !pump_wants.blob.load(Ordering::SeqCst) {
                                 tracing::debug!("dropping a bundle payload nobody waits for");
                                 continue;
                             }
                             in_tx.bundle.send_replace(Some(p.payload.to_vec()));
+                        } else if pump_wants.is_chunk(&p.topic) {
+                            if p.payload.len() as u64 > BLOB_CHUNK {
+                                tracing::warn!(
+                                    topic = p.topic,
+                                    bytes = p.payload.len(),
+                                    "dropping a blob chunk over {BLOB_CHUNK} bytes"
+                                );
+                                continue;
+                            }
+                            in_tx.chunk.send_replace(Some((p.topic.clone(), p.payload.to_vec())));
                         }
                     }
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => {
@@ -304,18 +347,18 @@ impl Mqtt {
         let publisher = tokio::spawn(publisher(
             client.clone(),
             topics.clone(),
-            want_blob.clone(),
+            wants.clone(),
             reports,
             ctl_rx,
             stop_rx,
             status_min_interval,
         ));
-        Ok((Mqtt { client, topics, want_blob, pump, publisher, stop: Some(stop_tx) }, in_rx))
+        Ok((Mqtt { client, topics, wants, pump, publisher, stop: Some(stop_tx) }, in_rx))
     }
 
     /// Subscribes to (or leaves) the retained bundle topic.
     pub fn want_blob(&self, want: bool) {
-        if self.want_blob.swap(want, Ordering::SeqCst) != want {
+        if self.wants.blob.swap(want, Ordering::SeqCst) != want {
             let r = if want {
                 self.client.try_subscribe(&self.topics.bundle, QoS::AtLeastOnce)
             } else {
@@ -323,6 +366,27 @@ impl Mqtt {
             };
             if let Err(e) = r {
                 tracing::debug!("bundle topic (un)subscribe queued for reconnection: {e}");
+            }
+        }
+    }
+
+    /// Subscribes to exactly `topic` (a blob chunk's), leaving the one subscribed before;
+    /// `None` leaves it. Only that topic's payloads reach the inbox.
+    pub fn want_chunk(&self, topic: Option<String>) {
+        let mut current = self.wants.chunk.lock().expect("wants lock");
+        if *current == topic {
+            return;
+        }
+        let previous = std::mem::replace(&mut *current, topic.clone());
+        drop(current);
+        if let Some(previous) = previous {
+            if let Err(e) = self.client.try_unsubscribe(previous) {
+                tracing::debug!("blob chunk unsubscribe not queued: {e}");
+            }
+        }
+        if let Some(topic) = topic {
+            if let Err(e) = self.client.try_subscribe(topic, QoS::AtLeastOnce) {
+                tracing::debug!("blob chunk subscribe queued for reconnection: {e}");
             }
         }
     }
@@ -344,7 +408,7 @@ impl Mqtt {
 async fn publisher(
     client: AsyncClient,
     topics: Topics,
-    want_blob: Arc<AtomicBool>,
+    wants: Arc<Wants>,
     mut reports: UnboundedReceiver<Report>,
     mut ctl: UnboundedReceiver<Ctl>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
@@ -363,8 +427,11 @@ async fn publisher(
             c = ctl.recv() => match c {
                 Some(Ctl::Connected) => {
                     let _ = client.try_subscribe(&topics.desired, QoS::AtLeastOnce);
-                    if want_blob.load(Ordering::SeqCst) {
+                    if wants.blob.load(Ordering::SeqCst) {
                         let _ = client.try_subscribe(&topics.bundle, QoS::AtLeastOnce);
+                    }
+                    if let Some(chunk) = wants.chunk.lock().expect("wants lock").clone() {
+                        let _ = client.try_subscribe(chunk, QoS::AtLeastOnce);
                     }
                     let _ = client.try_publish(&topics.online, QoS::AtLeastOnce, true, ONLINE.to_vec());
                     if let Some(latest) = limiter.latest() {

@@ -10,7 +10,9 @@
 //! ([`crate::sideload`]), and the network work that runs *beside* the loop: the pointer
 //! poll and at most one bundle download. A download, however slow, never holds
 //! reconcile, health or sideloads (Hardening I, case 3); its bytes are applied by the
-//! loop when they are complete.
+//! loop when they are complete. The one exception is artifacts over MQTT (no URL, an
+//! announcement with `mqtt_blob`): their chunks arrive through the inbox, so that
+//! download is a [`ChunkFetch`] the loop feeds one chunk at a time, with a timeout.
 //!
 //! The pointer poll is conditional once the server sent a sane `ETag` with the file
 //! ([`PointerSeen`]): a `304 Not Modified` offers the announcement read from that file
@@ -45,6 +47,7 @@ use crate::core::candidates::{Candidates, Source};
 use crate::engine::{Engine, EngineEvent};
 use crate::fetch::{self, FetchError, Fetcher};
 use crate::mqtt::{Inbound, Inbox, Mqtt, Topics};
+use crate::mqtt_blob::{ChunkFetch, Step};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,8 @@ enum Work {
     Poll,
     Polled(Result<fetch::Polled, FetchError>),
     Fetched(Result<Fetched, FetchError>),
+    /// The blob chunk the MQTT download wants did not come in time.
+    ChunkLate,
     Retry,
     EngineEvent(EngineEvent),
     EngineStreamEnded,
@@ -128,7 +133,31 @@ enum Fetched {
 struct Download {
     source: Source,
     digest: String,
-    task: Task<Fetched>,
+    via: Via,
+}
+
+/// How a download makes progress.
+enum Via {
+    /// HTTP, in a task beside the loop.
+    Http(Task<Fetched>),
+    /// Artifact chunks over MQTT, fed by the loop; then `bundle` is applied.
+    Mqtt { fetch: Box<ChunkFetch>, bundle: Vec<u8> },
+}
+
+impl Download {
+    fn task(&mut self) -> Option<&mut Task<Fetched>> {
+        match &mut self.via {
+            Via::Http(task) => Some(task),
+            Via::Mqtt { .. } => None,
+        }
+    }
+
+    fn chunks(&self) -> Option<&ChunkFetch> {
+        match &self.via {
+            Via::Http(_) => None,
+            Via::Mqtt { fetch, .. } => Some(fetch),
+        }
+    }
 }
 
 struct Runner<E: Engine> {
@@ -232,6 +261,8 @@ pub async fn run<E: Engine>(
         loop {
             let healthcheck_at = runner.agent.next_healthcheck();
             let retry_at = runner.retry_at();
+            runner.want_chunk();
+            let chunk_due = runner.download.as_ref().and_then(Download::chunks).map(ChunkFetch::deadline);
             // Not `biased`: a flood on one source (the broker, say) must not starve the
             // timers.
             let work = tokio::select! {
@@ -240,7 +271,8 @@ pub async fn run<E: Engine>(
                     ping(Instant::now());
                     continue;
                 }
-                r = maybe(runner.download.as_mut().map(|d| &mut d.task)) => Work::Fetched(r),
+                r = maybe(runner.download.as_mut().and_then(Download::task)) => Work::Fetched(r),
+                _ = sleep_until(chunk_due.unwrap_or_else(Instant::now)), if chunk_due.is_some() => Work::ChunkLate,
                 r = maybe(runner.poll.as_mut()) => Work::Polled(r),
                 msg = inbound.recv() => Work::Inbound(msg),
                 ev = &mut events => match ev {
@@ -449,18 +481,29 @@ impl<E: Engine> Runner<E> {
             }
             Work::Fetched(result) => {
                 let d = self.download.take().expect("a download was in flight");
-                match result {
-                    // Still `downloading` until the apply path takes over (one status
-                    // change, one status.json write, less).
-                    Ok(Fetched::Bundle(bytes) | Fetched::Artifacts(bytes)) => {
-                        self.apply(d.source, &d.digest, &bytes).await?
-                    }
-                    Err(e) => {
-                        self.agent.fetch_failed(&d.digest, e.code(), &e.to_string());
-                        self.candidates.failed(d.source, &d.digest, Instant::now());
+                let result = result.map(|(Fetched::Bundle(bytes) | Fetched::Artifacts(bytes))| bytes);
+                self.downloaded(d.source, &d.digest, result).await?;
+            }
+            Work::Inbound(Inbound::Chunk { topic, bytes }) => {
+                let now = Instant::now();
+                let Some(Via::Mqtt { fetch, .. }) = self.download.as_mut().map(|d| &mut d.via) else {
+                    return Ok(());
+                };
+                match fetch.on_chunk(&topic, &bytes, now) {
+                    None | Some(Ok(Step::Want(_))) => {}
+                    Some(result) => {
+                        let d = self.download.take().expect("a download was in flight");
+                        let Via::Mqtt { bundle, .. } = d.via else { unreachable!("matched above") };
+                        self.downloaded(d.source, &d.digest, result.map(|_| bundle)).await?;
                     }
                 }
-                self.try_next().await?;
+            }
+            Work::ChunkLate => {
+                if let Some(fetch) = self.download.as_ref().and_then(Download::chunks) {
+                    let e = fetch.timed_out();
+                    let d = self.download.take().expect("checked above");
+                    self.downloaded(d.source, &d.digest, Err(e)).await?;
+                }
             }
             Work::Retry => self.try_next().await?,
             Work::EngineEvent(ev) => {
@@ -491,6 +534,25 @@ impl<E: Engine> Runner<E> {
             }
         }
         Ok(())
+    }
+
+    /// Settles a download that ended: its bundle applied (still `downloading` until the
+    /// apply path takes over: one status change, one status.json write, less), or its
+    /// candidate failed; then the next candidate.
+    async fn downloaded(
+        &mut self,
+        source: Source,
+        digest: &str,
+        result: Result<Vec<u8>, FetchError>,
+    ) -> Result<(), AgentError> {
+        match result {
+            Ok(bytes) => self.apply(source, digest, &bytes).await?,
+            Err(e) => {
+                self.agent.fetch_failed(digest, e.code(), &e.to_string());
+                self.candidates.failed(source, digest, Instant::now());
+            }
+        }
+        self.try_next().await
     }
 
     /// Takes an announcement as a candidate (see `core::candidates`).
@@ -604,7 +666,7 @@ impl<E: Engine> Runner<E> {
             // broker must not keep a converged device from reporting `converged`.
             let own = c.source == Source::Pointer || self.agent.config().fetch.base_url.is_none();
             self.agent.set_downloading(own.then_some(digest.as_str()));
-            self.download = Some(Download { source: c.source, digest, task });
+            self.download = Some(Download { source: c.source, digest, via: Via::Http(task) });
             return Ok(());
         }
         self.want_blob(self.candidates.wants_blob());
@@ -665,6 +727,35 @@ impl<E: Engine> Runner<E> {
         };
         let base_url = cfg.fetch.base_url.clone();
         let total: u64 = missing.iter().map(|a| a.size).sum();
+        let own = source == Source::Pointer || cfg.fetch.base_url.is_none();
+        let over_mqtt = bundle_urls.is_empty()
+            && base_url.is_none()
+            && self.mqtt.is_some()
+            && self.candidates.announcement(digest).is_some_and(|a| a.mqtt_blob);
+        if over_mqtt {
+            tracing::info!(
+                digest,
+                artifacts = missing.len(),
+                bytes = total,
+                "downloading artifacts over MQTT"
+            );
+            let missing = missing.iter().map(|a| (a.sha256_hex(), a.size));
+            let (prefix, fleet, timeout) = (&cfg.topic_prefix, &cfg.fleet, cfg.fetch.timeout);
+            match ChunkFetch::start(store, prefix, fleet, missing, timeout, Instant::now()) {
+                // Complete partial files, stored now: nothing to wait for.
+                Ok((_, Step::Done)) => return false,
+                Ok((fetch, Step::Want(_))) => {
+                    self.agent.set_downloading(own.then_some(digest));
+                    let via = Via::Mqtt { fetch: Box::new(fetch), bundle: bytes.to_vec() };
+                    self.download = Some(Download { source, digest: digest.to_string(), via });
+                }
+                Err(e) => {
+                    self.agent.fetch_failed(digest, e.code(), &e.to_string());
+                    self.candidates.failed(source, digest, Instant::now());
+                }
+            }
+            return true;
+        }
         tracing::info!(digest, artifacts = missing.len(), bytes = total, "downloading artifacts");
         let fetcher = self.fetcher.clone();
         let bytes = bytes.to_vec();
@@ -681,9 +772,8 @@ impl<E: Engine> Runner<E> {
             }
             Ok(Fetched::Artifacts(bytes))
         });
-        let own = source == Source::Pointer || cfg.fetch.base_url.is_none();
         self.agent.set_downloading(own.then_some(digest));
-        self.download = Some(Download { source, digest: digest.to_string(), task });
+        self.download = Some(Download { source, digest: digest.to_string(), via: Via::Http(task) });
         true
     }
 
@@ -692,6 +782,14 @@ impl<E: Engine> Runner<E> {
         let path = self.agent.store().bundle_path(digest);
         let bytes = std::fs::read(path).ok()?;
         (fleet_spec::bundle::content_address(&bytes) == digest).then_some(bytes)
+    }
+
+    /// Subscribes to the blob chunk the download wants, and to none without one.
+    fn want_chunk(&self) {
+        if let Some(m) = &self.mqtt {
+            let wanted = self.download.as_ref().and_then(Download::chunks).and_then(ChunkFetch::wanted);
+            m.want_chunk(wanted.map(str::to_string));
+        }
     }
 
     fn want_blob(&self, want: bool) {

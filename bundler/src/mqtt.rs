@@ -10,6 +10,14 @@
 //! since; `--force` announces every device. Devices that left the index get their
 //! retained topics cleared.
 //!
+//! With `--blobs-over-mqtt`, `publish` also retains the artifact blobs the devices'
+//! bundles name, as chunks on `<prefix>/<fleet>/blobs/<sha256>/<n>` (see
+//! `fleet_spec::topic::blob_chunk_topic`), before the announcements: each distinct blob
+//! once, read from `DIR/blobs/` one chunk at a time with a few chunks in flight, so a
+//! blob of any size costs a few chunks of memory. `published.json` remembers the blobs
+//! retained (`mqtt_blobs`): a later publish sends only new ones (`--force`: all) and
+//! clears the chunks of those no bundle names any more.
+//!
 //! Before announcing, `publish` reads the retained announcements of the devices it is
 //! about to announce: a device whose retained version is newer than the new one (or
 //! equal, with another bundle) has already seen that version and would refuse the new
@@ -30,7 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_spec::messages::{Announcement, DeviceState, StatusReport};
-use fleet_spec::topic::{Topic, TopicKind, DEFAULT_PREFIX};
+use fleet_spec::topic::{blob_chunk_len, blob_chunk_topic, blob_chunks, Topic, TopicKind, DEFAULT_PREFIX};
 use rumqttc::{
     Client, ConnectReturnCode, Connection, Event, MqttOptions, Packet, QoS, RecvTimeoutError, Transport,
 };
@@ -81,7 +89,9 @@ pub struct PublishArgs {
     /// Base URL devices fetch `<base-url>/bundles/<digest>.bundle` from (repeatable: mirrors).
     #[arg(long = "base-url")]
     pub base_urls: Vec<String>,
-    /// Also retain each bundle's bytes on `<prefix>/<fleet>/devices/<id>/bundle`.
+    /// Also retain each bundle's bytes on `<prefix>/<fleet>/devices/<id>/bundle`, and its
+    /// artifact blobs in 256 KiB chunks on `<prefix>/<fleet>/blobs/<sha256>/<n>` (each
+    /// blob once; blobs retained by an earlier publish are not sent again).
     #[arg(long)]
     pub blobs_over_mqtt: bool,
     /// Announce every device, not only those that changed since the last publish.
@@ -448,6 +458,9 @@ pub struct Published {
     /// Whether bundle blobs were retained for the devices.
     #[serde(default)]
     pub blobs: bool,
+    /// Artifact blobs retained as chunks (`--blobs-over-mqtt`): hex sha256 → size.
+    #[serde(default)]
+    pub mqtt_blobs: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -457,6 +470,10 @@ pub struct PublishSummary {
     pub announced: Vec<String>,
     pub unchanged: usize,
     pub cleared: Vec<String>,
+    /// Artifact blobs (hex sha256) whose chunks were retained by this publish.
+    pub blobs_published: Vec<String>,
+    /// Artifact blobs no bundle names any more, their retained chunks cleared.
+    pub blobs_cleared: Vec<String>,
 }
 
 /// Announces every device whose announcement changed since the last publish.
@@ -487,7 +504,8 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
         )));
     }
     let previous = read_published(&args.out);
-    let mut next = Published { devices: BTreeMap::new(), blobs: args.blobs_over_mqtt };
+    let mut next =
+        Published { devices: BTreeMap::new(), blobs: args.blobs_over_mqtt, mqtt_blobs: BTreeMap::new() };
 
     // (topic, payload) in order: a blob before its announcement.
     let mut messages: Vec<(String, Vec<u8>)> = Vec::new();
@@ -528,6 +546,24 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
         }
         summary.cleared.push(device.clone());
     }
+    // Artifact blobs: those the bundles name now and were not retained before go out
+    // (before the announcements); those retained before and named no more are cleared.
+    if args.blobs_over_mqtt {
+        next.mqtt_blobs = artifact_blobs(&args.out, &index)?;
+    }
+    let blobs: Vec<(String, u64)> = next
+        .mqtt_blobs
+        .iter()
+        .filter(|(sha, _)| args.force || !previous.mqtt_blobs.contains_key(*sha))
+        .map(|(sha, size)| (sha.clone(), *size))
+        .collect();
+    summary.blobs_published = blobs.iter().map(|(sha, _)| sha.clone()).collect();
+    for (sha, size) in previous.mqtt_blobs.iter().filter(|(sha, _)| !next.mqtt_blobs.contains_key(*sha)) {
+        for n in 0..blob_chunks(*size) {
+            messages.push((blob_chunk_topic(&index.topic_prefix, &index.fleet, sha, n)?, Vec::new()));
+        }
+        summary.blobs_cleared.push(sha.clone());
+    }
     if previous.blobs && !args.blobs_over_mqtt {
         // Blobs were retained before and are not anymore: remove them.
         for device in index.devices.keys() {
@@ -538,7 +574,7 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
         }
     }
 
-    if !messages.is_empty() {
+    if !messages.is_empty() || !blobs.is_empty() {
         // One session per node: every node must hold every retained announcement (a
         // cluster that keeps retained messages per node gives a device only its own
         // node's). All are checked before anything is published anywhere.
@@ -546,7 +582,8 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
         let mut sessions = Vec::with_capacity(brokers.len());
         // Requests are queued before the connection is polled: room for the
         // unsubscriptions of the exact topics (several nodes) and every message.
-        let capacity = if brokers.len() > 1 { 2 * messages.len() + 10 } else { messages.len() + 10 };
+        let capacity =
+            if brokers.len() > 1 { 2 * messages.len() + 10 } else { messages.len() + 10 } + BLOB_WINDOW;
         for (node, broker) in brokers.iter().enumerate() {
             sessions.push(Session::connect_to(&args.broker, broker, node, args.timeout, capacity)?);
         }
@@ -574,6 +611,7 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
             }
         }
         for mut session in sessions {
+            publish_blobs(&mut session, &args.out, &index, &blobs)?;
             let total = messages.len();
             for (topic, payload) in &messages {
                 session.client.publish(topic.clone(), QoS::AtLeastOnce, true, payload.clone()).map_err(
@@ -598,12 +636,21 @@ pub fn publish(args: &PublishArgs) -> Result<PublishSummary, MqttError> {
     }
     write_published(&args.out, &next)?;
     eprintln!(
-        "published fleet {} to {}: {} announced, {} unchanged, {} cleared",
+        "published fleet {} to {}: {} announced, {} unchanged, {} cleared{}",
         summary.fleet,
         summary.broker,
         summary.announced.len(),
         summary.unchanged,
-        summary.cleared.len()
+        summary.cleared.len(),
+        if args.blobs_over_mqtt || !summary.blobs_cleared.is_empty() {
+            format!(
+                "; artifact blobs: {} published, {} cleared",
+                summary.blobs_published.len(),
+                summary.blobs_cleared.len()
+            )
+        } else {
+            String::new()
+        }
     );
     Ok(summary)
 }
@@ -633,6 +680,105 @@ pub(crate) fn blob_message(
     let path = out.join("bundles").join(format!("{}.bundle", entry.digest));
     let bytes = std::fs::read(&path).map_err(|source| MqttError::File { path, source })?;
     Ok((Topic::new(&index.topic_prefix, &index.fleet, device, TopicKind::Bundle)?.to_string(), bytes))
+}
+
+/// Chunks of artifact blobs queued or unacknowledged at once while `publish` retains
+/// them (the memory a blob costs: this many chunks).
+const BLOB_WINDOW: usize = 8;
+
+/// The artifact blobs (hex sha256 → size) the indexed bundles name, each checked
+/// present in `DIR/blobs/` with its size.
+fn artifact_blobs(out: &Path, index: &Index) -> Result<BTreeMap<String, u64>, MqttError> {
+    let mut blobs = BTreeMap::new();
+    for entry in index.devices.values() {
+        blobs.extend(bundle_artifacts(out, entry)?);
+    }
+    Ok(blobs)
+}
+
+/// The artifact blobs (hex sha256 → size) the bundle of `entry` names, each checked
+/// present in `DIR/blobs/` with its size.
+pub(crate) fn bundle_artifacts(
+    out: &Path,
+    entry: &build::IndexEntry,
+) -> Result<BTreeMap<String, u64>, MqttError> {
+    let path = out.join("bundles").join(format!("{}.bundle", entry.digest));
+    let bytes = std::fs::read(&path).map_err(|source| MqttError::File { path: path.clone(), source })?;
+    let (_, state) = fleet_spec::bundle::open_accepted(&bytes, &fleet_spec::bundle::Limits::default())
+        .map_err(|e| MqttError::Usage(format!("{}: {e} ({}); build again", path.display(), e.code())))?;
+    let blobs: BTreeMap<String, u64> = state.artifacts.iter().map(|a| (a.sha256_hex(), a.size)).collect();
+    for (sha, size) in &blobs {
+        let path = out.join(build::BLOBS).join(sha);
+        let len =
+            std::fs::metadata(&path).map_err(|source| MqttError::File { path: path.clone(), source })?.len();
+        if len != *size {
+            return Err(MqttError::Usage(format!(
+                "{}: {len} bytes, the bundles name {size}: the build output is damaged; build again",
+                path.display()
+            )));
+        }
+    }
+    Ok(blobs)
+}
+
+/// Retains every chunk of each blob on `session`, read from `DIR/blobs/` one chunk at
+/// a time, at most [`BLOB_WINDOW`] chunks unacknowledged; returns when all are
+/// acknowledged (each acknowledgement within the session's timeout of the previous).
+fn publish_blobs(
+    session: &mut Session,
+    out: &Path,
+    index: &Index,
+    blobs: &[(String, u64)],
+) -> Result<(), MqttError> {
+    let what = "waiting for PUBACKs of artifact blob chunks";
+    let mut in_flight = 0usize;
+    let mut deadline = Instant::now() + session.timeout;
+    let mut await_ack = |session: &mut Session, in_flight: &mut usize| -> Result<(), MqttError> {
+        if let Event::Incoming(Packet::PubAck(_)) = session.next(deadline, what)? {
+            *in_flight -= 1;
+            deadline = Instant::now() + session.timeout;
+        }
+        Ok(())
+    };
+    for (sha, size) in blobs {
+        for_each_chunk(out, index, sha, *size, |topic, chunk| {
+            while in_flight >= BLOB_WINDOW {
+                await_ack(session, &mut in_flight)?;
+            }
+            session.client.publish(topic, QoS::AtLeastOnce, true, chunk).map_err(|e| MqttError::Lost {
+                broker: session.broker.clone(),
+                what: "queueing blob chunks".into(),
+                message: e.to_string(),
+            })?;
+            in_flight += 1;
+            Ok(())
+        })?;
+    }
+    while in_flight > 0 {
+        await_ack(session, &mut in_flight)?;
+    }
+    Ok(())
+}
+
+/// Calls `f` with the topic and bytes of each chunk of blob `sha256` (of `size` bytes),
+/// in order, read from `DIR/blobs/` one chunk at a time.
+pub(crate) fn for_each_chunk(
+    out: &Path,
+    index: &Index,
+    sha256: &str,
+    size: u64,
+    mut f: impl FnMut(String, Vec<u8>) -> Result<(), MqttError>,
+) -> Result<(), MqttError> {
+    use std::io::Read;
+    let path = out.join(build::BLOBS).join(sha256);
+    let file_err = |source| MqttError::File { path: path.clone(), source };
+    let mut file = std::fs::File::open(&path).map_err(file_err)?;
+    for n in 0..blob_chunks(size) {
+        let mut chunk = vec![0u8; blob_chunk_len(size, n) as usize];
+        file.read_exact(&mut chunk).map_err(file_err)?;
+        f(blob_chunk_topic(&index.topic_prefix, &index.fleet, sha256, n)?, chunk)?;
+    }
+    Ok(())
 }
 
 /// Reads `DIR/published.json` (an unreadable one counts as empty: everything is

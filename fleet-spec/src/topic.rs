@@ -9,6 +9,12 @@
 //! `<prefix>/<fleet>/enroll/<device>` ([`enroll_topic`]), written by `fleet-agent enroll`
 //! and read by `fleet-bundler enroll`. A device may write its own (`pattern write
 //! fleet/+/enroll/%u`); only the bundler's account reads them.
+//!
+//! Artifact blobs of broker-only fleets are shared by the whole fleet, outside every
+//! device's subtree: chunk `n` of blob `<sha256>` is retained on
+//! `<prefix>/<fleet>/blobs/<sha256>/<n>` ([`blob_chunk_topic`]), [`BLOB_CHUNK`] bytes
+//! each (the last one shorter). Devices read them (`topic read fleet/+/blobs/#`); only
+//! the bundler writes them. A blob is no secret (see `model::Artifact`).
 
 use std::fmt;
 use std::str::FromStr;
@@ -175,6 +181,34 @@ pub fn parse_enroll_topic<'t>(prefix: &str, fleet: &str, topic: &'t str) -> Resu
     Ok(device)
 }
 
+/// The level between fleet and blob digest of the blob chunk topics.
+pub const BLOBS: &str = "blobs";
+
+/// Bytes in one chunk of a blob published over MQTT; the last chunk holds the rest
+/// (1 to `BLOB_CHUNK` bytes). An empty blob has no chunk.
+pub const BLOB_CHUNK: u64 = 256 << 10;
+
+/// How many chunks a blob of `size` bytes is published as.
+pub fn blob_chunks(size: u64) -> u64 {
+    size.div_ceil(BLOB_CHUNK)
+}
+
+/// The length of chunk `n` of a blob of `size` bytes (0 past its last chunk).
+pub fn blob_chunk_len(size: u64, n: u64) -> u64 {
+    size.saturating_sub(n.saturating_mul(BLOB_CHUNK)).min(BLOB_CHUNK)
+}
+
+/// `<prefix>/<fleet>/blobs/<sha256>/<n>`: where chunk `n` (0, 1, 2, ... in decimal) of
+/// the blob whose hex sha256 is `sha256` is retained.
+pub fn blob_chunk_topic(prefix: &str, fleet: &str, sha256: &str, n: u64) -> Result<String, TopicError> {
+    validate_prefix(prefix)?;
+    validate_id("fleet id", fleet)?;
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        return Err(TopicError::Shape(format!("{prefix}/{fleet}/{BLOBS}/{sha256}/{n}")));
+    }
+    Ok(format!("{prefix}/{fleet}/{BLOBS}/{sha256}/{n}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,5 +266,24 @@ mod tests {
         ] {
             assert!(parse_enroll_topic("fleet", "acme", bad).is_err(), "{bad:?} must be refused");
         }
+    }
+
+    #[test]
+    fn blobs_are_chunked_under_the_fleet() {
+        let sha = "ab".repeat(32);
+        assert_eq!(
+            blob_chunk_topic("fleet", "acme", &sha, 12).expect("valid"),
+            format!("fleet/acme/blobs/{sha}/12")
+        );
+        for bad in ["+".repeat(64), "AB".repeat(32), "ab".repeat(31), "ab/".repeat(21) + "a"] {
+            assert!(blob_chunk_topic("fleet", "acme", &bad, 0).is_err(), "{bad:?} must be refused");
+        }
+        assert!(blob_chunk_topic("fleet", "+", &sha, 0).is_err());
+        let c = BLOB_CHUNK;
+        assert_eq!([blob_chunks(0), blob_chunks(1), blob_chunks(c), blob_chunks(c + 1)], [0, 1, 1, 2]);
+        assert_eq!(blob_chunk_len(c + 5, 0), c);
+        assert_eq!(blob_chunk_len(c + 5, 1), 5);
+        assert_eq!(blob_chunk_len(c + 5, 2), 0);
+        assert_eq!(blob_chunk_len(2 * c, 1), c);
     }
 }

@@ -50,7 +50,8 @@ pub struct RolloutArgs {
     /// Base URL devices fetch `<base-url>/bundles/<digest>.bundle` from (repeatable: mirrors).
     #[arg(long = "base-url")]
     pub base_urls: Vec<String>,
-    /// Also retain each announced bundle's bytes on `<prefix>/<fleet>/devices/<id>/bundle`.
+    /// Also retain each announced bundle's bytes on `<prefix>/<fleet>/devices/<id>/bundle`,
+    /// and its artifact blobs not retained yet in chunks on `<prefix>/<fleet>/blobs/<sha256>/<n>`.
     #[arg(long)]
     pub blobs_over_mqtt: bool,
     /// A shell command run (`sh -c`) after each wave's pointer files were moved into
@@ -408,6 +409,17 @@ pub fn run(args: &RolloutArgs) -> Result<(Outcome, Option<RolloutState>), MqttEr
                     for device in &devices {
                         let Some(entry) = index.devices.get(device) else { continue };
                         if args.blobs_over_mqtt {
+                            // Its artifact blobs not retained yet, chunk by chunk.
+                            for (sha, size) in mqtt::bundle_artifacts(&out, entry)? {
+                                if published.mqtt_blobs.contains_key(&sha) {
+                                    continue;
+                                }
+                                mqtt::for_each_chunk(&out, &index, &sha, size, |t, chunk| {
+                                    publish(&mut session, &mut listener, t, chunk)?;
+                                    listener.flush_to(&mut session, MAX_IN_FLIGHT)
+                                })?;
+                                published.mqtt_blobs.insert(sha, size);
+                            }
                             let (t, bytes) = mqtt::blob_message(&out, &index, device, entry)?;
                             publish(&mut session, &mut listener, t, bytes)?;
                             listener.flush_to(&mut session, MAX_IN_FLIGHT)?;

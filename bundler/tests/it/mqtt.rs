@@ -151,6 +151,47 @@ fn bundles_can_travel_as_retained_blobs() {
     assert!(a.urls.is_empty());
 }
 
+/// An artifact's blob is retained in 256 KiB chunks under `<prefix>/<fleet>/blobs/`,
+/// sent once (`published.json` remembers it), and cleared once no bundle names it.
+#[test]
+fn artifact_blobs_travel_as_retained_chunks_once() {
+    let broker = mosquitto("allow_anonymous true");
+    let (repo, keys, out) = built_example();
+    let content: String = (0..600_000).map(|i| char::from(b'a' + (i * 7 % 26) as u8)).collect();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(content.as_bytes()));
+    repo.write(
+        "apps/big/app.yaml",
+        "files:\n  - source: files/big.txt\n    target: /srv/fleet/big/big.txt\n",
+    );
+    repo.write("apps/big/files/big.txt", &content);
+    repo.commit_at("a big file", 1_800_000_100);
+    build(repo.path(), "HEAD", &keys, out.path()).assert_code(0);
+    assert!(out.path().join("blobs").join(&sha).exists(), "the build made no blob");
+
+    let first = publish(out.path(), broker.port, &["--blobs-over-mqtt"]);
+    first.assert_code(0);
+    assert_eq!(first.json()["blobs_published"], serde_json::json!([sha]), "{}", first.stderr);
+    let chunks: Vec<Vec<u8>> =
+        (0..3).map(|n| retained_bytes(broker.port, &format!("fleet/acme/blobs/{sha}/{n}"))).collect();
+    assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), [262_144, 262_144, 600_000 - 2 * 262_144]);
+    assert_eq!(chunks.concat(), content.as_bytes());
+
+    let again = publish(out.path(), broker.port, &["--blobs-over-mqtt"]);
+    again.assert_code(0);
+    assert_eq!(again.json()["blobs_published"], serde_json::json!([]), "sent once");
+
+    repo.remove("apps/big");
+    repo.commit_at("no big file", 1_800_000_200);
+    build(repo.path(), "HEAD", &keys, out.path()).assert_code(0);
+    let cleared = publish(out.path(), broker.port, &["--blobs-over-mqtt"]);
+    cleared.assert_code(0);
+    assert_eq!(cleared.json()["blobs_cleared"], serde_json::json!([sha]));
+    assert!(
+        retained(broker.port, &format!("fleet/acme/blobs/{sha}/#"), 1).is_empty(),
+        "chunks still retained"
+    );
+}
+
 #[test]
 fn publish_needs_a_delivery_route() {
     let (_repo, _keys, out) = built_example();

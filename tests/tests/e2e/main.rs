@@ -25,6 +25,7 @@
 //! | [`maintenance`] | a maintenance window and an update lock each hold an apply and release it; a lock past its maximum deferral (issue 14) |
 //! | [`hostile`] | hostile broker and servers: unsigned hints never keep the genuine bundle out; MQTT flood bounds (issue "Hardening I") |
 //! | [`bundle_server`] | nginx as the bundle server: pointer polls answered 304 while unchanged, a new build arrives; a killed download resumed with a 206 (issue 19) |
+//! | [`artifacts_mqtt`] | a broker-only fleet: an artifact of a few MB in retained 256 KiB chunks reaches the device (`--blobs-over-mqtt`, no URL); a second publish sends no blob again; a wrong chunk gets the blob refused by its digest, nothing applied |
 //! | [`outages`] | 6 broker and bundle server outages, an update never announced (polling) |
 //! | [`crash`] | 7 crash safety, files only and on dockerd (`FLEET_E2E_CRASH_ITERATIONS`, default 5) |
 //! | [`small_fleet`] | 9 twenty devices |
@@ -41,6 +42,7 @@
 mod aarch64;
 mod acl;
 mod artifacts;
+mod artifacts_mqtt;
 mod attacks;
 mod bundle_server;
 mod cluster;
