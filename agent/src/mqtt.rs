@@ -56,21 +56,26 @@ pub enum Inbound {
 pub struct Inbox {
     desired: watch::Receiver<Option<Vec<u8>>>,
     bundle: watch::Receiver<Option<Vec<u8>>>,
-    chunk: watch::Receiver<Option<(String, Vec<u8>)>>,
+    chunk: watch::Receiver<Chunk>,
 }
 
 struct InboxSender {
     desired: watch::Sender<Option<Vec<u8>>>,
     bundle: watch::Sender<Option<Vec<u8>>>,
-    chunk: watch::Sender<Option<(String, Vec<u8>)>>,
+    /// Shared with [`Mqtt`], which empties it when the wanted chunk changes: a chunk
+    /// read is not kept in memory until the next one.
+    chunk: Arc<watch::Sender<Chunk>>,
 }
+
+/// The last blob chunk taken: (topic, payload).
+type Chunk = Option<(String, Vec<u8>)>;
 
 fn inbox() -> (InboxSender, Inbox) {
     let (desired_tx, desired) = watch::channel(None);
     let (bundle_tx, bundle) = watch::channel(None);
     let (chunk_tx, chunk) = watch::channel(None);
     (
-        InboxSender { desired: desired_tx, bundle: bundle_tx, chunk: chunk_tx },
+        InboxSender { desired: desired_tx, bundle: bundle_tx, chunk: Arc::new(chunk_tx) },
         Inbox { desired, bundle, chunk },
     )
 }
@@ -207,6 +212,7 @@ pub struct Mqtt {
     client: AsyncClient,
     topics: Topics,
     wants: Arc<Wants>,
+    chunk_tx: Arc<watch::Sender<Chunk>>,
     pump: JoinHandle<()>,
     publisher: JoinHandle<()>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -268,6 +274,7 @@ impl Mqtt {
         // each waits for the broker's delayed ACK of the previous one (~40 ms each).
         eventloop.set_network_options(network_options(cfg.keepalive));
         let (in_tx, in_rx) = inbox();
+        let chunk_tx = in_tx.chunk.clone();
         let (ctl_tx, ctl_rx) = unbounded_channel();
         let wants: Arc<Wants> = Arc::default();
         let pump_wants = wants.clone();
@@ -353,7 +360,7 @@ impl Mqtt {
             stop_rx,
             status_min_interval,
         ));
-        Ok((Mqtt { client, topics, wants, pump, publisher, stop: Some(stop_tx) }, in_rx))
+        Ok((Mqtt { client, topics, wants, chunk_tx, pump, publisher, stop: Some(stop_tx) }, in_rx))
     }
 
     /// Subscribes to (or leaves) the retained bundle topic.
@@ -377,6 +384,9 @@ impl Mqtt {
         if *current == topic {
             return;
         }
+        // Before the pump may take the new topic's chunk (the lock is held): drops the
+        // chunk already read.
+        self.chunk_tx.send_replace(None);
         let previous = std::mem::replace(&mut *current, topic.clone());
         drop(current);
         if let Some(previous) = previous {

@@ -491,18 +491,13 @@ impl<E: Engine> Runner<E> {
                 };
                 match fetch.on_chunk(&topic, &bytes, now) {
                     None | Some(Ok(Step::Want(_))) => {}
-                    Some(result) => {
-                        let d = self.download.take().expect("a download was in flight");
-                        let Via::Mqtt { bundle, .. } = d.via else { unreachable!("matched above") };
-                        self.downloaded(d.source, &d.digest, result.map(|_| bundle)).await?;
-                    }
+                    Some(result) => self.chunks_ended(result.map(drop)).await?,
                 }
             }
             Work::ChunkLate => {
-                if let Some(fetch) = self.download.as_ref().and_then(Download::chunks) {
-                    let e = fetch.timed_out();
-                    let d = self.download.take().expect("checked above");
-                    self.downloaded(d.source, &d.digest, Err(e)).await?;
+                if let Some(e) = self.download.as_ref().and_then(Download::chunks).map(ChunkFetch::timed_out)
+                {
+                    self.chunks_ended(Err(e)).await?;
                 }
             }
             Work::Retry => self.try_next().await?,
@@ -553,6 +548,23 @@ impl<E: Engine> Runner<E> {
             }
         }
         self.try_next().await
+    }
+
+    /// Ends the download of artifacts over MQTT: every blob stored (the bundle is
+    /// applied), or failed. A failed one keeps the bundle's bytes as the MQTT bundle
+    /// (latest wins): the retained bundle is not sent again while the agent stays
+    /// subscribed, and the retry needs it to resume.
+    async fn chunks_ended(&mut self, result: Result<(), FetchError>) -> Result<(), AgentError> {
+        let d = self.download.take().expect("a download was in flight");
+        let Via::Mqtt { bundle, .. } = d.via else { unreachable!("an MQTT download") };
+        let result = match result {
+            Ok(()) => Ok(bundle),
+            Err(e) => {
+                self.blob = Some(bundle);
+                Err(e)
+            }
+        };
+        self.downloaded(d.source, &d.digest, result).await
     }
 
     /// Takes an announcement as a candidate (see `core::candidates`).

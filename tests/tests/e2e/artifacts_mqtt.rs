@@ -3,7 +3,8 @@
 //! threshold as retained chunks on `<prefix>/<fleet>/blobs/<sha256>/<n>`; the agent
 //! takes them one at a time and applies the bundle once the blob hashed right. A second
 //! publish sends no blob again; a chunk with the wrong bytes gets the blob refused by its
-//! digest, and nothing is applied.
+//! digest, and nothing is applied; a missing chunk times out, and the download resumes
+//! from the partial file once the chunk is there.
 
 use anyhow::{ensure, Result};
 use fleet_e2e::fleet::{bundler, last_error_code, sha256_hex, state};
@@ -85,7 +86,7 @@ fn a_wrong_chunk_gets_the_blob_refused_and_nothing_applied() -> Result<()> {
     let broker = Mosquitto::start()?;
     let bytes = firmware();
     let sha = sha256_hex(&bytes);
-    let (fleet, _commit) = fleet_with_firmware(&bytes)?;
+    let (fleet, commit) = fleet_with_firmware(&bytes)?;
     publish_over_mqtt(&fleet, &broker)?;
     // A hostile (or broken) broker: chunk 3 has the right length, the wrong bytes.
     broker.client().publish(&format!("fleet/acme/blobs/{sha}/3"), vec![0u8; CHUNK], true)?;
@@ -103,5 +104,45 @@ fn a_wrong_chunk_gets_the_blob_refused_and_nothing_applied() -> Result<()> {
     assert_ne!(state(&status), "converged", "{status}");
     assert_no_file(&device, &fleet.app_file("fw", "files/fw.bin"));
     assert!(!device.state_dir().join("blobs").join(&sha).exists(), "a bad blob was stored");
+
+    // The right chunk again: the retry (after the candidate's backoff) takes the blob.
+    broker.client().publish(&format!("fleet/acme/blobs/{sha}/3"), &bytes[3 * CHUNK..4 * CHUNK], true)?;
+    wait_converged(&watch, &device, &commit)?;
+    assert_eq!(device.sha256(&fleet.app_file("fw", "files/fw.bin")).as_deref(), Some(sha.as_str()));
+    Ok(())
+}
+
+#[test]
+fn a_missing_chunk_times_out_and_the_download_resumes() -> Result<()> {
+    let broker = Mosquitto::start()?;
+    let bytes = firmware();
+    let sha = sha256_hex(&bytes);
+    let (fleet, commit) = fleet_with_firmware(&bytes)?;
+    publish_over_mqtt(&fleet, &broker)?;
+    let chunk7 = format!("fleet/acme/blobs/{sha}/7");
+    broker.client().clear_retained(&chunk7)?;
+
+    let mut device = Device::builder(&fleet, "gw-1")?
+        .broker(&broker.url())
+        .no_polling()
+        .setting("fetch", "timeout_secs", "2")
+        .create()?;
+    let watch = DeviceWatch::of(&broker.client(), &device)?;
+    device.start()?;
+    let status = watch.wait_status(REPORT, "the missing chunk to time out", |s| {
+        last_error_code(s) == Some("fetch_failed")
+            && s.pointer("/last_error/message")
+                .and_then(Value::as_str)
+                .is_some_and(|m| m.contains("no blob chunk"))
+    })?;
+    assert!(status["applied"].is_null(), "{status}");
+    // The partial file keeps the chunks before the missing one.
+    let partial = device.state_dir().join("blobs").join(format!("{sha}.partial"));
+    assert_eq!(std::fs::metadata(&partial)?.len(), 7 * CHUNK as u64);
+
+    broker.client().publish(&chunk7, &bytes[7 * CHUNK..8 * CHUNK], true)?;
+    wait_converged(&watch, &device, &commit)?;
+    assert_eq!(device.sha256(&fleet.app_file("fw", "files/fw.bin")).as_deref(), Some(sha.as_str()));
+    assert!(device.log().contains("resuming a partial blob download over MQTT"), "{}", device.log_tail());
     Ok(())
 }
