@@ -25,7 +25,6 @@
 //! | [`maintenance`] | a maintenance window and an update lock each hold an apply and release it; a lock past its maximum deferral (issue 14) |
 //! | [`hostile`] | hostile broker and servers: unsigned hints never keep the genuine bundle out; MQTT flood bounds (issue "Hardening I") |
 //! | [`bundle_server`] | nginx as the bundle server: pointer polls answered 304 while unchanged, a new build arrives; a killed download resumed with a 206 (issue 19) |
-//! | [`artifacts_mqtt`] | a broker-only fleet: an artifact of a few MB in retained 256 KiB chunks reaches the device (`--blobs-over-mqtt`, no URL); a second publish sends no blob again; a wrong chunk gets the blob refused by its digest, nothing applied |
 //! | [`outages`] | 6 broker and bundle server outages, an update never announced (polling) |
 //! | [`crash`] | 7 crash safety, files only and on dockerd (`FLEET_E2E_CRASH_ITERATIONS`, default 5) |
 //! | [`small_fleet`] | 9 twenty devices |
@@ -36,6 +35,7 @@
 //! | [`secrets`] | issue 13: a secret made with the real age CLI reaches only its device (sideloaded), survives a key rotation; a Compose secret is mounted read-only at `/run/secrets/NAME` on dockerd and a new one recreates the container |
 //! | [`sideload`] | 11 `fleet-agent apply` without a broker |
 //! | [`artifacts`] | bundle format 5: a 200 MB artifact through a server that cuts it, in bounded agent memory, not fetched again for a change beside it; an export file applied offline; a disk too small defers with `insufficient_space` until space is freed |
+//! | [`artifacts_mqtt`] | a broker-only fleet: an artifact of a few MB in retained 256 KiB chunks reaches the device (`--blobs-over-mqtt`, no URL); a second publish sends no blob again; a wrong chunk gets the blob refused by its digest, nothing applied, until it is fixed; a missing chunk times out and the download resumes from the partial file |
 //! | [`dashboard`] | the static live dashboard in headless Chromium: a device converging, a failing one in red, hostile messages as text (issue 18) |
 //! | [`aarch64`] | the cross-built aarch64 agent under qemu, on dockerd (issue 6) |
 
