@@ -103,7 +103,9 @@ enum Work {
     Reconcile,
     Poll,
     Polled(Result<fetch::Polled, FetchError>),
-    Fetched(Result<Fetched, FetchError>),
+    /// A bundle's bytes, or (after its artifacts were stored) the bytes of the bundle
+    /// that needed them: either way, what to apply.
+    Fetched(Result<Vec<u8>, FetchError>),
     /// The blob chunk the MQTT download wants did not come in time.
     ChunkLate,
     Retry,
@@ -121,14 +123,6 @@ struct PointerSeen {
     announcement: Option<Announcement>,
 }
 
-/// What a download beside the loop brings.
-enum Fetched {
-    /// A bundle's bytes.
-    Bundle(Vec<u8>),
-    /// The artifacts this bundle (its bytes) needs are stored now.
-    Artifacts(Vec<u8>),
-}
-
 /// The one download in flight: a bundle, or the artifacts of one.
 struct Download {
     source: Source,
@@ -139,13 +133,13 @@ struct Download {
 /// How a download makes progress.
 enum Via {
     /// HTTP, in a task beside the loop.
-    Http(Task<Fetched>),
+    Http(Task<Vec<u8>>),
     /// Artifact chunks over MQTT, fed by the loop; then `bundle` is applied.
     Mqtt { fetch: Box<ChunkFetch>, bundle: Vec<u8> },
 }
 
 impl Download {
-    fn task(&mut self) -> Option<&mut Task<Fetched>> {
+    fn task(&mut self) -> Option<&mut Task<Vec<u8>>> {
         match &mut self.via {
             Via::Http(task) => Some(task),
             Via::Mqtt { .. } => None,
@@ -481,7 +475,6 @@ impl<E: Engine> Runner<E> {
             }
             Work::Fetched(result) => {
                 let d = self.download.take().expect("a download was in flight");
-                let result = result.map(|(Fetched::Bundle(bytes) | Fetched::Artifacts(bytes))| bytes);
                 self.downloaded(d.source, &d.digest, result).await?;
             }
             Work::Inbound(Inbound::Chunk { topic, bytes }) => {
@@ -670,9 +663,7 @@ impl<E: Engine> Runner<E> {
             let partial = self.agent.store().partial_path(&digest);
             let fetcher = self.fetcher.clone();
             let wanted = digest.clone();
-            let task = Task::spawn(async move {
-                fetcher.fetch_bundle(&urls, &wanted, &partial).await.map(Fetched::Bundle)
-            });
+            let task = Task::spawn(async move { fetcher.fetch_bundle(&urls, &wanted, &partial).await });
             // A download is the device's state only when its own server (the pointer
             // file) asked for it, or when the broker is its only source: a hint on the
             // broker must not keep a converged device from reporting `converged`.
@@ -782,7 +773,7 @@ impl<E: Engine> Runner<E> {
                 let (partial, dest) = (store.blob_partial_path(&sha), store.blob_path(&sha));
                 fetcher.fetch_blob(&urls, &sha, a.size, &partial, &dest).await?;
             }
-            Ok(Fetched::Artifacts(bytes))
+            Ok(bytes)
         });
         self.agent.set_downloading(own.then_some(digest));
         self.download = Some(Download { source, digest: digest.to_string(), via: Via::Http(task) });

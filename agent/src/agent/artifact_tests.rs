@@ -39,6 +39,7 @@ async fn an_artifact_is_written_from_its_blob_and_repaired_from_it() {
     let bytes = model(1, 300_000);
     let v1 = with_artifact(&h, v1(&h), &bytes);
     let bundle = h.bundle(1, &v1);
+    assert!(agent.missing_artifacts(&h.bundle(1, &super::v1(&h))).is_empty(), "a bundle without artifacts");
     assert_eq!(agent.missing_artifacts(&bundle).len(), 1, "not stored yet");
     store_blob(&agent, &bytes);
     assert!(agent.missing_artifacts(&bundle).is_empty());

@@ -21,6 +21,11 @@ impl<E: Engine> Agent<E> {
     /// stored nor already at their path: what must be downloaded before it can apply.
     /// Empty for anything else (the apply path judges it, and says why).
     pub fn missing_artifacts(&self, bytes: &[u8]) -> Vec<Artifact> {
+        // Only format 5 names artifacts: every other bundle is verified once, by the
+        // apply path, not here too.
+        if bundle::parse(bytes, &self.cfg.limits).map_or(true, |p| p.format < 5) {
+            return Vec::new();
+        }
         let digest = bundle::content_address(bytes);
         if self.applied_digest() == Some(digest.as_str()) {
             return Vec::new();
@@ -29,25 +34,28 @@ impl<E: Engine> Agent<E> {
         let expect = Expectation { fleet: &self.cfg.fleet, device: &self.cfg.device };
         let now = self.clock.now();
         match bundle::verify(bytes, &self.cfg.trusted, expect, trust, now, &self.cfg.limits) {
-            Ok(v) => self.unfetched(&v.state).into_iter().cloned().collect(),
+            Ok(v) => self.pending(&v.state).into_iter().filter(|a| !self.stored(a)).cloned().collect(),
             Err(_) => Vec::new(),
         }
     }
 
-    fn unfetched<'s>(&self, state: &'s DesiredState) -> Vec<&'s Artifact> {
-        state
-            .artifacts
-            .iter()
-            .filter(|a| !self.store.has_blob(&a.sha256_hex(), a.size) && !self.in_place(a))
-            .collect()
+    /// The artifacts whose bytes are not at their path yet (hashed, streaming): what the
+    /// apply writes.
+    fn pending<'s>(&self, state: &'s DesiredState) -> Vec<&'s Artifact> {
+        let in_place = |a: &Artifact| matches!(files::observe(&a.path, &self.cfg.allowed_roots), Ok(Some(d)) if d.sha256 == a.sha256_hex());
+        state.artifacts.iter().filter(|a| !in_place(a)).collect()
+    }
+
+    fn stored(&self, a: &Artifact) -> bool {
+        self.store.has_blob(&a.sha256_hex(), a.size)
     }
 
     /// Hashes the stored blobs the apply will copy, and deletes any that are not the
     /// signed bytes (a card that rots): found here, they are downloaded again before the
     /// apply begins, instead of failing it halfway (after which only a newer version
     /// would be taken).
-    fn drop_damaged_blobs(&self, state: &DesiredState) {
-        for a in state.artifacts.iter().filter(|a| !self.in_place(a)) {
+    fn drop_damaged_blobs(&self, pending: &[&Artifact]) {
+        for a in pending {
             let sha = a.sha256_hex();
             let path = self.store.blob_path(&sha);
             if files::sha256_file(&path).is_ok_and(|got| got != sha) {
@@ -57,16 +65,12 @@ impl<E: Engine> Agent<E> {
         }
     }
 
-    /// Whether the artifact's bytes are already at its path (hashed, streaming).
-    fn in_place(&self, a: &Artifact) -> bool {
-        matches!(files::observe(&a.path, &self.cfg.allowed_roots), Ok(Some(d)) if d.sha256 == a.sha256_hex())
-    }
-
     /// Before the apply changes anything: every artifact's blob is stored (or its bytes
     /// are in place), and the disks where the copies land can take them.
     pub(super) fn artifacts_ready(&self, state: &DesiredState) -> Option<(&'static str, String)> {
-        self.drop_damaged_blobs(state);
-        let missing = self.unfetched(state);
+        let pending = self.pending(state);
+        self.drop_damaged_blobs(&pending);
+        let missing: Vec<&Artifact> = pending.iter().copied().filter(|a| !self.stored(a)).collect();
         if !missing.is_empty() {
             let bytes: u64 = missing.iter().map(|a| a.size).sum();
             let paths: Vec<&str> = missing.iter().take(3).map(|a| a.path.as_str()).collect();
@@ -80,12 +84,7 @@ impl<E: Engine> Agent<E> {
                 ),
             ));
         }
-        let writes: Vec<(PathBuf, u64)> = state
-            .artifacts
-            .iter()
-            .filter(|a| !self.in_place(a))
-            .map(|a| (PathBuf::from(&a.path), a.size))
-            .collect();
+        let writes: Vec<(PathBuf, u64)> = pending.iter().map(|a| (PathBuf::from(&a.path), a.size)).collect();
         match crate::space::check(&writes, self.cfg.fetch.disk_reserve_bytes) {
             Ok(()) => None,
             Err(e) => Some(("insufficient_space", e.to_string())),
