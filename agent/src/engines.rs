@@ -5,6 +5,7 @@
 //! This module only delegates; it never talks to an engine itself.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fleet_spec::model::{ContainerSpec, Hook, ImageRef, NetworkSpec, VolumeSpec};
@@ -44,6 +45,9 @@ impl Engine for NoEngine {
     }
     async fn remove_image(&self, _reference: &str) -> Result<bool, EngineError> {
         Err(disabled())
+    }
+    async fn storage_root(&self) -> Result<Option<PathBuf>, EngineError> {
+        Ok(None)
     }
     async fn exec(&self, _name: &str, _hook: &Hook, _timeout: Duration) -> Result<i64, EngineError> {
         Err(disabled())
@@ -137,6 +141,9 @@ impl Engine for AnyEngine {
         auth: Option<&RegistryAuth>,
     ) -> Result<(), EngineError> {
         delegate!(self, e => e.pull(image, platform, auth))
+    }
+    async fn storage_root(&self) -> Result<Option<PathBuf>, EngineError> {
+        delegate!(self, e => e.storage_root())
     }
     async fn exec(&self, name: &str, hook: &Hook, timeout: Duration) -> Result<i64, EngineError> {
         delegate!(self, e => e.exec(name, hook, timeout))

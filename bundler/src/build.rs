@@ -205,8 +205,8 @@ pub struct BuildOptions<'a> {
     pub keys: &'a [SigningKey],
     pub level: i32,
     pub progress: bool,
-    /// Image reference → `sha256:` digest, applied to every tag-only image.
-    pub digests: &'a BTreeMap<String, String>,
+    /// Image reference → its pin (digest, download size), applied to every tag-only image.
+    pub digests: &'a BTreeMap<String, crate::registry::Resolved>,
     /// The build machine's clock (unix seconds), for [`check_commit_time`] and to renew
     /// kept bundles that expired. Bundles do not depend on it.
     pub now: i64,

@@ -336,9 +336,14 @@ pub(crate) struct BuildArgs {
     /// Output directory: bundles/ and index.json.
     #[arg(long)]
     pub(crate) out: PathBuf,
-    /// Pin image tags to digests through the Docker Registry HTTP API v2.
+    /// Pin image tags to digests through the Docker Registry HTTP API v2, and record
+    /// each image's download size for the agents' disk check (bundle format 6).
     #[arg(long)]
     pub(crate) resolve_digests: bool,
+    /// With --resolve-digests: pin only (one HEAD per image), record no sizes, so
+    /// bundles stay readable by agents that read bundle format 5 at most.
+    #[arg(long, requires = "resolve_digests")]
+    pub(crate) no_image_sizes: bool,
     /// A registry (host[:port]) spoken to over plain HTTP (loopback ones always are).
     #[arg(long = "insecure-registry")]
     pub(crate) insecure_registries: Vec<String>,

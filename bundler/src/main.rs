@@ -554,7 +554,7 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     let mut digests = std::collections::BTreeMap::new();
     if args.resolve_digests {
         let registry = Registry::new(args.registry_timeout, args.insecure_registries.clone());
-        let (found, failures) = registry::resolve_all(&registry, &images);
+        let (found, failures) = registry::resolve_all(&registry, &images, !args.no_image_sizes);
         if !failures.is_empty() {
             for (image, e) in &failures {
                 eprintln!("error: cannot resolve image {image}: {e}");

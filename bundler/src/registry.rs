@@ -1,8 +1,9 @@
 //! Pins image tags to digests through the Docker Registry HTTP API v2.
 //!
-//! `HEAD /v2/<name>/manifests/<tag>` with the manifest media types in `Accept`, reading
-//! `Docker-Content-Digest` (a `GET` and a sha256 of the body when a registry leaves the
-//! header out). Anonymous bearer tokens (`WWW-Authenticate: Bearer realm=...`) are
+//! `GET /v2/<name>/manifests/<tag>` with the manifest media types in `Accept`, reading
+//! `Docker-Content-Digest` (or the sha256 of the body when a registry leaves the header
+//! out) and the sizes the manifest lists, which the agent checks against its engine's
+//! free space before a pull; with `--no-image-sizes`, a `HEAD` for the digest alone. Anonymous bearer tokens (`WWW-Authenticate: Bearer realm=...`) are
 //! fetched as Docker Hub and most registries require. Loopback registries and those
 //! named with `--insecure-registry` are spoken to over plain HTTP, all others over
 //! HTTPS.
@@ -13,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use fleet_spec::model::ImageSize;
 use fleet_spec::DesiredState;
 use sha2::{Digest, Sha256};
 
@@ -69,6 +71,30 @@ pub fn parse_reference(reference: &str) -> Result<ImageName, RegistryError> {
     Ok(ImageName { registry, repository, tag })
 }
 
+/// An index lists at most this many platforms' manifests that are read for their size.
+const MAX_PLATFORMS: usize = 32;
+
+/// A tag pinned by the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The manifest digest, `sha256:...`.
+    pub digest: String,
+    /// What pulling the image downloads ([`fleet_spec::model::ImageSize`]), when asked
+    /// for and listed.
+    pub bytes: Option<u64>,
+}
+
+/// The config and layer sizes an image manifest lists, added up.
+fn image_bytes(manifest: &[u8]) -> Option<u64> {
+    let json: serde_json::Value = serde_json::from_slice(manifest).ok()?;
+    let size = |v: &serde_json::Value| v.get("size").and_then(|s| s.as_u64());
+    let mut total = size(json.get("config")?)?;
+    for layer in json.get("layers")?.as_array()? {
+        total = total.checked_add(size(layer)?)?;
+    }
+    Some(total)
+}
+
 /// A Registry API v2 client.
 pub struct Registry {
     agent: ureq::Agent,
@@ -92,29 +118,50 @@ impl Registry {
         }
     }
 
-    /// Resolves `reference` (a tag) to its manifest digest `sha256:...`.
-    pub fn resolve(&self, reference: &str) -> Result<String, RegistryError> {
+    /// Resolves `reference` (a tag) to its manifest digest `sha256:...` and, with
+    /// `sizes`, what pulling it downloads (a `GET` of the manifest, and of each
+    /// platform's manifest for an index; without, one `HEAD`, which Docker Hub does not
+    /// count against its pull rate limit).
+    pub fn resolve(&self, reference: &str, sizes: bool) -> Result<Resolved, RegistryError> {
         let name = parse_reference(reference)?;
+        let mut token = None;
+        let (digest, body) = self.manifest(&name, &name.tag, !sizes, &mut token)?;
+        let bytes = match body {
+            Some(body) => self.download_size(&name, &body, &mut token)?,
+            None => None,
+        };
+        Ok(Resolved { digest, bytes })
+    }
+
+    /// The digest of manifest `reference` (a tag or a digest) and, unless `head_only`
+    /// (or when the registry leaves `Docker-Content-Digest` out), its body. A bearer
+    /// token, fetched at the first 401, is kept in `token` for the next requests.
+    fn manifest(
+        &self,
+        name: &ImageName,
+        reference: &str,
+        head_only: bool,
+        token: &mut Option<String>,
+    ) -> Result<(String, Option<Vec<u8>>), RegistryError> {
         let url = format!(
-            "{}://{}/v2/{}/manifests/{}",
+            "{}://{}/v2/{}/manifests/{reference}",
             self.scheme(&name.registry),
             name.registry,
-            name.repository,
-            name.tag
+            name.repository
         );
         let http = |e: ureq::Error| RegistryError::Http { url: url.clone(), message: e.to_string() };
-        let mut token: Option<String> = None;
         for attempt in 0..2 {
-            let mut req = self.agent.head(&url).header("Accept", ACCEPT);
-            if let Some(t) = &token {
+            let mut req = if head_only { self.agent.head(&url) } else { self.agent.get(&url) };
+            req = req.header("Accept", ACCEPT);
+            if let Some(t) = token.as_deref() {
                 req = req.header("Authorization", &format!("Bearer {t}"));
             }
-            let resp = req.call().map_err(http)?;
+            let mut resp = req.call().map_err(http)?;
             let status = resp.status().as_u16();
             if status == 401 && attempt == 0 {
                 let challenge =
                     resp.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or_default();
-                token = Some(self.token(challenge, &name, &url)?);
+                *token = Some(self.token(challenge, name, &url)?);
                 continue;
             }
             if status != 200 {
@@ -125,21 +172,51 @@ impl Registry {
                 };
                 return Err(RegistryError::Status { url, status, hint });
             }
-            if let Some(d) = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()) {
-                if d.starts_with("sha256:") {
-                    return Ok(d.to_string());
+            let header = resp
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .filter(|d| d.starts_with("sha256:"))
+                .map(str::to_string);
+            if head_only {
+                if let Some(d) = header {
+                    return Ok((d, None));
                 }
+                // No digest header: hash the manifest itself.
+                return self.manifest(name, reference, false, token);
             }
-            // No digest header: hash the manifest itself.
-            let mut req = self.agent.get(&url).header("Accept", ACCEPT);
-            if let Some(t) = &token {
-                req = req.header("Authorization", &format!("Bearer {t}"));
-            }
-            let mut resp = req.call().map_err(http)?;
             let body = resp.body_mut().with_config().limit(4 << 20).read_to_vec().map_err(http)?;
-            return Ok(format!("sha256:{}", hex::encode(Sha256::digest(&body))));
+            let digest = header.unwrap_or_else(|| format!("sha256:{}", hex::encode(Sha256::digest(&body))));
+            return Ok((digest, Some(body)));
         }
         Err(RegistryError::Status { url, status: 401, hint: " (the registry refused the token)" })
+    }
+
+    /// What pulling the manifest `body` downloads: its config and layers, or for an
+    /// index the largest of its platforms' (attestation manifests aside). `None` when
+    /// the manifest lists no sizes the bundler can read.
+    fn download_size(
+        &self,
+        name: &ImageName,
+        body: &[u8],
+        token: &mut Option<String>,
+    ) -> Result<Option<u64>, RegistryError> {
+        let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) else { return Ok(None) };
+        if let Some(children) = json.get("manifests").and_then(|m| m.as_array()) {
+            let mut largest = None;
+            for child in children.iter().take(MAX_PLATFORMS) {
+                let attestation = child.pointer("/platform/os").and_then(|o| o.as_str()) == Some("unknown");
+                let Some(digest) = child.get("digest").and_then(|d| d.as_str()) else { continue };
+                if attestation || !digest.starts_with("sha256:") {
+                    continue;
+                }
+                let (_, child_body) = self.manifest(name, digest, false, token)?;
+                let size = child_body.and_then(|b| image_bytes(&b));
+                largest = largest.max(size);
+            }
+            return Ok(largest);
+        }
+        Ok(image_bytes(body))
     }
 
     /// Fetches an anonymous pull token for a `Bearer` challenge.
@@ -191,35 +268,43 @@ pub fn unpinned<'a>(states: impl IntoIterator<Item = &'a DesiredState>) -> BTree
         .collect()
 }
 
-/// Resolves each image reference; returns the digests and the failures.
+/// Resolves each image reference (with its download size when `sizes`); returns the
+/// pins and the failures.
 pub fn resolve_all(
     registry: &Registry,
     images: &BTreeSet<String>,
-) -> (BTreeMap<String, String>, BTreeMap<String, RegistryError>) {
-    let mut digests = BTreeMap::new();
+    sizes: bool,
+) -> (BTreeMap<String, Resolved>, BTreeMap<String, RegistryError>) {
+    let mut pins = BTreeMap::new();
     let mut errors = BTreeMap::new();
     for reference in images {
-        match registry.resolve(reference) {
-            Ok(d) => {
-                digests.insert(reference.clone(), d);
+        match registry.resolve(reference, sizes) {
+            Ok(r) => {
+                pins.insert(reference.clone(), r);
             }
             Err(e) => {
                 errors.insert(reference.clone(), e);
             }
         }
     }
-    (digests, errors)
+    (pins, errors)
 }
 
-/// Pins every tag-only image of `state` that `digests` knows.
-pub fn pin(state: &mut DesiredState, digests: &BTreeMap<String, String>) {
+/// Pins every tag-only image of `state` that `pins` knows, and records the download
+/// sizes the registry listed for them.
+pub fn pin(state: &mut DesiredState, pins: &BTreeMap<String, Resolved>) {
     for c in &mut state.containers {
         if c.image.digest.is_none() {
-            if let Some(d) = digests.get(&c.image.reference) {
-                c.image.digest = Some(d.clone());
+            if let Some(r) = pins.get(&c.image.reference) {
+                c.image.digest = Some(r.digest.clone());
+                if let Some(bytes) = r.bytes {
+                    state.image_sizes.push(ImageSize { digest: r.digest.clone(), bytes });
+                }
             }
         }
     }
+    state.image_sizes.sort();
+    state.image_sizes.dedup_by(|a, b| a.digest == b.digest);
 }
 
 #[cfg(test)]

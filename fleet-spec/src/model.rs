@@ -42,6 +42,22 @@ pub struct DesiredState {
     /// are `blobs/<sha256>` beside the bundles (bundle format 5's trailer, sorted by path).
     #[serde(skip)]
     pub artifacts: Vec<Artifact>,
+    /// What pulling each pinned image downloads, as its registry reported it when
+    /// `build --resolve-digests` pinned it: the agent checks the engine's disk before a
+    /// pull (bundle format 6's trailer, sorted by digest; images without a recorded
+    /// size are not checked).
+    #[serde(skip)]
+    pub image_sizes: Vec<ImageSize>,
+}
+
+/// The download size of one image manifest: its config and layers as the registry
+/// lists them (compressed), the largest platform's for a multi-platform index.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ImageSize {
+    /// The manifest digest a container's image is pinned to (`sha256:<64 hex>`).
+    pub digest: String,
+    /// Bytes the registry lists for the image (compressed layers and config).
+    pub bytes: u64,
 }
 
 /// A managed file whose bytes are not in the bundle: the signed state names them by
@@ -577,6 +593,14 @@ impl DesiredState {
         self.networks.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.cmp(b)));
         self.volumes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.cmp(b)));
         self.artifacts.sort_by(|a, b| a.path.cmp(&b.path).then_with(|| a.cmp(b)));
+        self.image_sizes.sort();
+    }
+
+    /// The recorded download size of `image`, when it is pinned and the bundler knew it.
+    pub fn image_size(&self, image: &ImageRef) -> Option<u64> {
+        let digest = image.digest.as_deref()?;
+        let i = self.image_sizes.binary_search_by(|s| s.digest.as_str().cmp(digest)).ok()?;
+        Some(self.image_sizes[i].bytes)
     }
 
     /// Every managed file, inline ones first, then artifacts.
@@ -591,8 +615,11 @@ impl DesiredState {
 
     /// The bundle format this state needs: 1 unless a container sets engine options
     /// (2), the state carries a maintenance schedule (3), sealed secrets (4) or
-    /// artifacts (5).
+    /// artifacts (5) or image sizes (6).
     pub fn format(&self) -> u16 {
+        if !self.image_sizes.is_empty() {
+            return 6;
+        }
         if !self.artifacts.is_empty() {
             return 5;
         }
@@ -645,6 +672,9 @@ impl DesiredState {
         if self.format() >= 5 {
             out.extend(postcard::to_stdvec(&self.artifacts).expect("encoding into a Vec cannot fail"));
         }
+        if self.format() >= 6 {
+            out.extend(postcard::to_stdvec(&self.image_sizes).expect("encoding into a Vec cannot fail"));
+        }
         out
     }
 
@@ -681,14 +711,29 @@ impl DesiredState {
         }
         if format >= 5 {
             let (artifacts, after) = postcard::take_from_bytes::<Vec<Artifact>>(rest)?;
-            // One canonical encoding: sorted by path, never empty, no path twice (an
-            // inline file's included).
+            // One canonical encoding: sorted by path, never empty (format 6 writes the
+            // trailer even without artifacts), no path twice (an inline file's included).
             let sorted = artifacts.windows(2).all(|w| w[0].path < w[1].path);
             let clash = artifacts.iter().any(|a| state.file(&a.path).is_some());
-            if artifacts.is_empty() || !sorted || clash {
+            if (artifacts.is_empty() && format == 5) || !sorted || clash {
                 return Err(postcard::Error::DeserializeBadEncoding);
             }
             state.artifacts = artifacts;
+            rest = after;
+        }
+        if format >= 6 {
+            let (sizes, after) = postcard::take_from_bytes::<Vec<ImageSize>>(rest)?;
+            // Sorted by digest, never empty, no digest twice, each a sha256 digest.
+            let sorted = sizes.windows(2).all(|w| w[0].digest < w[1].digest);
+            let digests = sizes.iter().all(|s| {
+                s.digest.strip_prefix("sha256:").is_some_and(|h| {
+                    h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                })
+            });
+            if sizes.is_empty() || !sorted || !digests {
+                return Err(postcard::Error::DeserializeBadEncoding);
+            }
+            state.image_sizes = sizes;
             rest = after;
         }
         if rest.is_empty() {
@@ -1085,6 +1130,44 @@ mod tests {
         empty.truncate(empty.len() - trailer.len());
         empty.push(0);
         assert!(DesiredState::decode(&empty, 5).is_err(), "an empty artifact list");
+    }
+
+    #[test]
+    fn image_sizes_need_format_6_round_trip_and_hostile_trailers_are_refused() {
+        let mut c = plain_container();
+        c.image.digest = Some(format!("sha256:{}", "b".repeat(64)));
+        let mut state = DesiredState { containers: vec![c.clone()], ..Default::default() };
+        let before = state.encode();
+        let hash = state.container_hash(&c);
+        let size =
+            |d: char, bytes| ImageSize { digest: format!("sha256:{}", d.to_string().repeat(64)), bytes };
+        state.image_sizes = vec![size('b', 7 << 20), size('a', 1)];
+        assert_eq!(state.format(), 6);
+        let bytes = state.encode();
+        assert!(bytes.starts_with(&before), "format 6 only appends");
+        let decoded = DesiredState::decode(&bytes, 6).expect("decodes");
+        assert_eq!(decoded.image_size(&c.image), Some(7 << 20));
+        assert_eq!(decoded.image_size(&plain_container().image), None, "an unpinned image has no size");
+        assert!(decoded.artifacts.is_empty(), "format 6 without artifacts");
+        assert_eq!(decoded.container_hash(&c), hash, "a size does not restart a container");
+        assert!(DesiredState::decode(&bytes, 5).is_err(), "the trailer is not ignored");
+
+        let mut canonical = state.clone();
+        canonical.canonicalize();
+        let mut unsorted = canonical.clone();
+        unsorted.image_sizes.reverse();
+        assert!(DesiredState::decode(&unsorted.encode_canonical(), 6).is_err(), "unsorted");
+        let mut twice = canonical.clone();
+        twice.image_sizes[1] = twice.image_sizes[0].clone();
+        assert!(DesiredState::decode(&twice.encode_canonical(), 6).is_err(), "duplicate digest");
+        let mut odd = canonical.clone();
+        odd.image_sizes[0].digest = "sha256:../../etc".into();
+        assert!(DesiredState::decode(&odd.encode_canonical(), 6).is_err(), "not a digest");
+        let mut empty = canonical.encode_canonical();
+        let trailer = postcard::to_stdvec(&canonical.image_sizes).expect("encodes");
+        empty.truncate(empty.len() - trailer.len());
+        empty.push(0);
+        assert!(DesiredState::decode(&empty, 6).is_err(), "an empty size list");
     }
 
     #[test]

@@ -1,7 +1,14 @@
 //! The apply path: verify → preflight → stage → apply → await health → commit, or
 //! roll back to the last good state.
 
+use std::path::PathBuf;
+
 use super::*;
+
+/// What an image takes on disk for each byte its registry lists: layers are compressed
+/// (gzip commonly unpacks to 2 to 3 times), and the engine holds a layer's download
+/// while it unpacks it. An estimate on the safe side, for the disk check before a pull.
+const IMAGE_UNPACK_FACTOR: u64 = 3;
 
 impl<E: Engine> Agent<E> {
     // ---- the apply path -------------------------------------------------------------
@@ -133,14 +140,17 @@ impl<E: Engine> Agent<E> {
         }
         self.keep_deferred(&digest, bytes)?;
         // 2a. Artifacts: stored (the runner downloads them first; an export brings them),
-        //     and room for their copies. Both may pass: the bundle is tried again.
-        if let Some((code, reason)) = self.artifacts_ready(&verified.state) {
+        //     and room for their copies and for the images to pull. Both may pass: the
+        //     bundle is tried again.
+        let images = match self.image_room(&verified.state).await {
+            Ok(room) => room,
+            Err(e) => return Ok(self.engine_refusal(&digest, e, m.version)),
+        };
+        if let Some((code, reason)) = self.artifacts_ready(&verified.state, &images) {
             return Ok(self.refuse(&digest, code, reason, false, Some(m.version)));
         }
         if let Err(e) = self.ensure_images(&verified.state).await {
-            self.engine_down = matches!(e, EngineError::Unreachable { .. });
-            let code = if self.engine_down { "engine_unavailable" } else { "pull_failed" };
-            return Ok(self.refuse(&digest, code, e.to_string(), false, Some(m.version)));
+            return Ok(self.engine_refusal(&digest, e, m.version));
         }
         self.engine_down = false;
         // 2b. The bundle's own schedule: downloaded, verified and its images present, it
@@ -392,6 +402,51 @@ impl<E: Engine> Agent<E> {
             return Some(("dependency_cycle", e.to_string()));
         }
         None
+    }
+
+    /// A bundle deferred by the engine: unreachable, or a pull that failed.
+    fn engine_refusal(&mut self, digest: &str, e: EngineError, version: u64) -> Outcome {
+        self.engine_down = matches!(e, EngineError::Unreachable { .. });
+        let code = if self.engine_down { "engine_unavailable" } else { "pull_failed" };
+        self.refuse(digest, code, e.to_string(), false, Some(version))
+    }
+
+    /// Where the images `state` still needs land, and the room they take there: the
+    /// download sizes `build --resolve-digests` recorded (bundle format 6) of the images
+    /// the engine lacks, times [`IMAGE_UNPACK_FACTOR`]. Empty when nothing is to be
+    /// pulled, no size is known, or the engine's storage is not visible from here (an
+    /// agent in a container without it mounted): those pulls are not checked.
+    pub(super) async fn image_room(&self, state: &DesiredState) -> Result<Vec<(PathBuf, u64)>, EngineError> {
+        if state.image_sizes.is_empty() {
+            return Ok(Vec::new());
+        }
+        // By digest: two containers on one image pull it once.
+        let mut missing: BTreeMap<&str, u64> = BTreeMap::new();
+        for c in &state.containers {
+            let (Some(digest), Some(bytes)) = (c.image.digest.as_deref(), state.image_size(&c.image)) else {
+                continue;
+            };
+            if c.options.pull_policy != Some(PullPolicy::Never)
+                && !self.engine.image_present(&c.image).await?
+            {
+                missing.insert(digest, bytes);
+            }
+        }
+        let needed =
+            missing.values().fold(0u64, |sum, b| sum.saturating_add(*b)).saturating_mul(IMAGE_UNPACK_FACTOR);
+        if needed == 0 {
+            return Ok(Vec::new());
+        }
+        match self.engine.storage_root().await? {
+            Some(root) if root.is_dir() => Ok(vec![(root, needed)]),
+            root => {
+                tracing::debug!(
+                    ?root,
+                    "the engine's image storage is not visible here: image sizes are not checked"
+                );
+                Ok(Vec::new())
+            }
+        }
     }
 
     /// Every image of `state` on the device, by each container's `pull_policy` (a

@@ -137,3 +137,55 @@ async fn blobs_the_committed_state_no_longer_names_are_collected() {
     assert!(!old_blob.exists(), "no committed state names it");
     assert!(new_blob.exists(), "the committed state's blob stays: a repair needs no network");
 }
+
+/// `v1` with `app-web` on a pinned image the engine lacks, whose registry listed `bytes`.
+fn with_sized_image(h: &H, bytes: u64) -> DesiredState {
+    let mut s = v1(h);
+    let digest = format!("sha256:{}", "e".repeat(64));
+    s.containers[0].image = fleet_spec::model::ImageRef {
+        reference: "registry.local:5000/app:2".into(),
+        digest: Some(digest.clone()),
+    };
+    s.image_sizes = vec![fleet_spec::model::ImageSize { digest, bytes }];
+    s.canonicalize();
+    s
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_image_larger_than_the_engines_disk_defers_with_insufficient_space() {
+    let Some(h) = H::on_small_disk(4096) else { return };
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    commit_v1(&h, &mut agent).await;
+    agent.cfg.fetch.disk_reserve_bytes = 0;
+    let images = h.path("engine");
+    std::fs::create_dir_all(&images).expect("engine dir");
+    h.fake.set_storage_root(Path::new(&images));
+    let pulls = |h: &H| h.fake.calls().iter().filter(|c| matches!(c, Call::Pull { .. })).count();
+
+    // 2 MiB listed: about 6 MiB unpacked, on a 4 MiB disk.
+    let mut v2 = with_sized_image(&h, 2 << 20);
+    v2.files[0].content = b"a2".to_vec();
+    let outcome = agent.apply_bundle(&h.bundle(2, &v2)).await.expect("settled");
+    assert_eq!(outcome.code(), Some("insufficient_space"), "{outcome:?}");
+    assert!(matches!(outcome, Outcome::Deferred { .. }), "tried again: {outcome:?}");
+    let reason = outcome.reason().unwrap_or_default();
+    assert!(reason.contains(&format!("{} bytes", 3 * (2 << 20))) && reason.contains(&images), "{reason}");
+    assert_eq!(pulls(&h), 0, "nothing pulled");
+    assert_eq!(h.read("app/a.conf").as_deref(), Some("a1"), "nothing changed");
+
+    // A storage the agent cannot see (an agent in a container): not checked, pulled.
+    h.fake.set_storage_root(Path::new("/nonexistent/engine"));
+    let outcome = agent.apply_bundle(&h.bundle(3, &with_sized_image(&h, 2 << 20))).await.expect("settled");
+    assert_eq!(outcome, Outcome::Committed { version: 3 });
+    assert_eq!(pulls(&h), 1);
+
+    // Room enough (300 KiB listed): pulled and committed.
+    h.fake.set_storage_root(Path::new(&images));
+    let mut v4 = with_sized_image(&h, 300 << 10);
+    v4.containers[0].image.digest = Some(format!("sha256:{}", "f".repeat(64)));
+    v4.image_sizes[0].digest = format!("sha256:{}", "f".repeat(64));
+    let outcome = agent.apply_bundle(&h.bundle(4, &v4)).await.expect("settled");
+    assert_eq!(outcome, Outcome::Committed { version: 4 });
+    assert_eq!(pulls(&h), 2);
+}

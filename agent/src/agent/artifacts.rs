@@ -66,8 +66,13 @@ impl<E: Engine> Agent<E> {
     }
 
     /// Before the apply changes anything: every artifact's blob is stored (or its bytes
-    /// are in place), and the disks where the copies land can take them.
-    pub(super) fn artifacts_ready(&self, state: &DesiredState) -> Option<(&'static str, String)> {
+    /// are in place), and the disks where the copies land can take them, with `images`
+    /// (where the images to pull land, and their room) on top.
+    pub(super) fn artifacts_ready(
+        &self,
+        state: &DesiredState,
+        images: &[(PathBuf, u64)],
+    ) -> Option<(&'static str, String)> {
         let pending = self.pending(state);
         self.drop_damaged_blobs(&pending);
         let missing: Vec<&Artifact> = pending.iter().copied().filter(|a| !self.stored(a)).collect();
@@ -84,7 +89,9 @@ impl<E: Engine> Agent<E> {
                 ),
             ));
         }
-        let writes: Vec<(PathBuf, u64)> = pending.iter().map(|a| (PathBuf::from(&a.path), a.size)).collect();
+        let mut writes: Vec<(PathBuf, u64)> =
+            pending.iter().map(|a| (PathBuf::from(&a.path), a.size)).collect();
+        writes.extend_from_slice(images);
         match crate::space::check(&writes, self.cfg.fetch.disk_reserve_bytes) {
             Ok(()) => None,
             Err(e) => Some(("insufficient_space", e.to_string())),

@@ -492,6 +492,12 @@ impl Engine for DockerEngine {
         }
     }
 
+    async fn storage_root(&self) -> Result<Option<PathBuf>, EngineError> {
+        let info = self.get_object("info", "/info", "engine").await?;
+        let root = info.as_ref().and_then(|i| i.get("DockerRootDir")).and_then(Value::as_str);
+        Ok(root.filter(|r| r.starts_with('/')).map(PathBuf::from))
+    }
+
     async fn exec(&self, name: &str, hook: &Hook, timeout: Duration) -> Result<i64, EngineError> {
         let env: Vec<String> = hook.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut body = json!({

@@ -134,6 +134,8 @@ struct State {
     /// report this health (unless `check_results` names the container).
     checks_by_caller: Option<(Health, Duration)>,
     check_results: BTreeMap<String, Health>,
+    /// What `storage_root` answers.
+    storage_root: Option<std::path::PathBuf>,
 }
 
 /// An in-memory container engine; see the module docs.
@@ -382,6 +384,11 @@ impl FakeEngine {
         self.lock().check_results.insert(name.to_owned(), result);
     }
 
+    /// Makes `storage_root` answer `root` (where pulled images would land).
+    pub fn set_storage_root(&self, root: &std::path::Path) {
+        self.lock().storage_root = Some(root.to_owned());
+    }
+
     /// Queues an event for `next_event`.
     pub fn push_event(&self, name: &str, action: &str) {
         let mut state = self.lock();
@@ -410,6 +417,10 @@ impl Engine for FakeEngine {
         let reference = image.pull_reference();
         let state = self.enter(Call::ImagePresent(reference.clone()))?;
         Ok(state.images.contains(&reference))
+    }
+
+    async fn storage_root(&self) -> Result<Option<std::path::PathBuf>, EngineError> {
+        Ok(self.lock().storage_root.clone())
     }
 
     async fn pull(

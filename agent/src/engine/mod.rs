@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use fleet_spec::model::{ContainerSpec, Hook, ImageRef, NetworkSpec, VolumeSpec};
@@ -145,6 +146,10 @@ pub trait Engine {
     /// when nothing else names it), never by force. `Ok(true)`: removed, or already gone;
     /// `Ok(false)`: a container (any, managed or not) still uses it, so it stays.
     fn remove_image(&self, reference: &str) -> impl Future<Output = Result<bool, EngineError>>;
+
+    /// Where the engine stores images (`DockerRootDir` of `GET /info`), for the disk
+    /// check before a pull; `None` when the engine does not say.
+    fn storage_root(&self) -> impl Future<Output = Result<Option<PathBuf>, EngineError>>;
 
     /// Runs `hook` in the running container `name` and waits, up to `timeout`, for its
     /// exit code (Compose `post_start` / `pre_stop`).

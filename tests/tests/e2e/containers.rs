@@ -378,6 +378,46 @@ fn image_gc(engine: &TestEngine, images: &Images) -> Result<()> {
     Ok(())
 }
 
+// ---- disk check before a pull (issue 16) --------------------------------------------
+
+/// The reserve that leaves no room anywhere: every pull of a sized image is refused.
+const NO_ROOM: &str = "1152921504606846976";
+
+/// `build --resolve-digests` records what the registry lists for bb:1; the agent, whose
+/// engine lacks it, checks that size (unpacked) against the engine's `DockerRootDir`
+/// before pulling: with no room beyond the reserve the bundle waits with
+/// `insufficient_space` naming the bytes and that directory, nothing is pulled or
+/// changed; with room (the reserve lowered, the agent restarted) the stored bundle
+/// applies without a new build.
+fn image_space(engine: &TestEngine, images: &Images) -> Result<()> {
+    engine.docker(&["rmi", &images.tag(1)])?;
+    ensure!(!has_image(engine, &images.pinned(1))?, "bb:1 is still on the engine");
+    let mut s = Setup::with_settings(engine, &[("fetch", "disk_reserve_bytes", NO_ROOM)])?;
+    s.device.start()?;
+    web_app(&s.fleet, &images.tag(1), "v = 1\n", Health::Good)?;
+    let commit = ship(&mut s.fleet, &s.broker, "web on bb:1, no room for it")?;
+    let deferred = s
+        .watch
+        .wait_status(CONVERGE, "insufficient_space", |st| last_error_code(st) == Some("insufficient_space"))
+        .with_context(|| s.device.log_tail())?;
+    let message = deferred["last_error"]["message"].as_str().unwrap_or_default().to_string();
+    let root = engine.get_json("/v1.41/info")?["DockerRootDir"].as_str().unwrap_or_default().to_string();
+    ensure!(!root.is_empty() && message.contains(&root), "the message does not name {root:?}: {message}");
+    ensure!(message.contains("bytes") && message.contains("free"), "{message}");
+    ensure!(!has_image(engine, &images.pinned(1))?, "bb:1 was pulled");
+    ensure!(engine.inspect("web-web")?.is_none(), "a container was created");
+
+    s.device.stop();
+    let config = fs::read_to_string(s.device.config_path())?;
+    ensure!(config.contains(NO_ROOM), "{config}");
+    fs::write(s.device.config_path(), config.replace(NO_ROOM, "0"))?;
+    s.device.start()?;
+    wait_converged(&s.watch, &s.device, &commit)?;
+    ensure!(has_image(engine, &images.pinned(1))?, "bb:1 was not pulled");
+    ensure!(engine.container("web-web")?.running());
+    Ok(())
+}
+
 // ---- the tests ----------------------------------------------------------------------
 
 /// A container scenario, run on an engine with the test images pushed.
@@ -407,6 +447,11 @@ fn dockerd_drift_is_repaired() -> Result<()> {
 #[test]
 fn dockerd_image_gc_removes_what_the_agent_pulled_and_keeps_the_last_good() -> Result<()> {
     on_dockerd(image_gc)
+}
+
+#[test]
+fn dockerd_an_image_without_room_on_the_engines_disk_waits_with_insufficient_space() -> Result<()> {
+    on_dockerd(image_space)
 }
 
 /// The three scenarios on one podman service (one podman per machine at a time).
