@@ -136,6 +136,7 @@ mod tests {
             files: FileCounts::default(),
             last_error: None,
             waiting: None,
+            agent_update: None,
             timestamp: ts,
         }
     }

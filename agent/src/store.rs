@@ -528,6 +528,7 @@ mod tests {
             files: FileCounts::default(),
             last_error: None,
             waiting: None,
+            agent_update: None,
             timestamp: 7,
         };
         store.save_status(&report).expect("save");

@@ -684,6 +684,7 @@ mod tests {
             files: FileCounts::default(),
             last_error: None,
             waiting: None,
+            agent_update: None,
             timestamp: 1_700_000_000,
         }
     }

@@ -1807,6 +1807,7 @@ mod tests {
             files: Default::default(),
             last_error: None,
             waiting: None,
+            agent_update: None,
             timestamp,
         }
         .to_json()

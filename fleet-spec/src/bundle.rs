@@ -37,10 +37,11 @@ pub const MAGIC: &[u8; 8] = b"FLEETBDL";
 /// (`fleet_spec::maintenance`); format 4 adds the device's secrets, age-encrypted to its
 /// keys (`DesiredState::seal`); format 5 adds artifacts, files named by digest and size
 /// whose bytes travel beside the bundle (`DesiredState::artifacts`); format 6 adds the
-/// pinned images' download sizes (`DesiredState::image_sizes`). A bundle is written in format 1 whenever its state uses
+/// pinned images' download sizes (`DesiredState::image_sizes`); format 7 the agent
+/// release the device should run (`DesiredState::agent`). A bundle is written in format 1 whenever its state uses
 /// nothing newer, so agents that read only format 1 keep taking it; one that needs
 /// format 2 is refused by them with "upgrade the agent" instead of half applied.
-pub const FORMAT_VERSION: u16 = 6;
+pub const FORMAT_VERSION: u16 = 7;
 /// The oldest bundle format this build reads.
 pub const OLDEST_FORMAT_VERSION: u16 = 1;
 /// Bytes before the manifest: magic, format version, manifest length.

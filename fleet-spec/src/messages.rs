@@ -196,6 +196,22 @@ pub struct LastError {
     pub at: i64,
 }
 
+/// An agent update that did not happen, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentUpdateError {
+    /// Stable snake_case reason code: `agent_update_failed` (the new binary failed its
+    /// check or its trial and is never tried again), `agent_downgrade_refused`,
+    /// `agent_no_binary` (none for this architecture), `agent_not_launched` (the agent
+    /// runs without `fleet-agent launch`, which self-update needs).
+    pub code: String,
+    pub message: String,
+    /// The release version the bundle declares.
+    pub version: String,
+    /// The binary's sha256 (hex), when there is one for this device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
 /// Retained on `<prefix>/<fleet>/devices/<id>/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -211,6 +227,11 @@ pub struct StatusReport {
     /// Set while the state is `waiting`; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<Waiting>,
+    /// Why the agent release the applied bundle declares is not the one running
+    /// (`agent_update_failed`, `agent_downgrade_refused`, ...); absent when it is, or
+    /// when the bundle declares none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_update: Option<AgentUpdateError>,
     /// Unix seconds when this report was made.
     pub timestamp: i64,
 }

@@ -48,6 +48,100 @@ pub struct DesiredState {
     /// size are not checked).
     #[serde(skip)]
     pub image_sizes: Vec<ImageSize>,
+    /// The agent this device should run (bundle format 7's trailer): the binaries of one
+    /// release, one per architecture, as blobs; `None` leaves the agent as it is.
+    #[serde(skip)]
+    pub agent: Option<AgentRelease>,
+}
+
+/// An agent release a fleet declares for a device (`fleet.yaml` `agent:`): the device
+/// takes the binary of its architecture, tries it, and keeps it once it confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AgentRelease {
+    /// The release's version (`MAJOR.MINOR.PATCH[-PRE]`), what `fleet-agent --version`
+    /// prints after `fleet-agent `.
+    pub version: String,
+    /// Lets a device go to an older version than the one it runs.
+    pub allow_downgrade: bool,
+    /// One per architecture, sorted by it.
+    pub binaries: Vec<AgentBinary>,
+}
+
+/// One architecture's agent binary, a blob (`blobs/<sha256>`) like an artifact's.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AgentBinary {
+    /// `std::env::consts::ARCH` of the binary: `aarch64`, `arm`, `x86_64`, ...
+    pub arch: String,
+    /// sha256 of the binary.
+    pub sha256: [u8; 32],
+    /// Its length.
+    pub size: u64,
+}
+
+impl AgentBinary {
+    /// The digest in hex: the blob's name.
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}
+
+impl AgentRelease {
+    /// The binary for architecture `arch`.
+    pub fn binary(&self, arch: &str) -> Option<&AgentBinary> {
+        self.binaries.iter().find(|b| b.arch == arch)
+    }
+}
+
+/// Orders two release versions (`MAJOR.MINOR.PATCH[-PRE][+BUILD]`, as semver: a
+/// pre-release sorts before its release, pre-release fields compare numerically when
+/// both are numbers); `None` when either is not such a version.
+pub fn compare_versions(a: &str, b: &str) -> Option<std::cmp::Ordering> {
+    fn parse(v: &str) -> Option<([u64; 3], Option<&str>)> {
+        let v = v.split_once('+').map_or(v, |(v, _)| v);
+        let (core, pre) = match v.split_once('-') {
+            Some((c, p)) if !p.is_empty() => (c, Some(p)),
+            Some(_) => return None,
+            None => (v, None),
+        };
+        let mut nums = [0u64; 3];
+        let mut parts = core.split('.');
+        for n in &mut nums {
+            let p = parts.next()?;
+            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            *n = p.parse().ok()?;
+        }
+        parts.next().is_none().then_some((nums, pre))
+    }
+    let (a, b) = (parse(a)?, parse(b)?);
+    Some(a.0.cmp(&b.0).then_with(|| match (a.1, b.1) {
+        (None, None) => std::cmp::Ordering::Equal,
+        (None, Some(_)) => std::cmp::Ordering::Greater,
+        (Some(_), None) => std::cmp::Ordering::Less,
+        (Some(x), Some(y)) => {
+            let mut xs = x.split('.');
+            let mut ys = y.split('.');
+            loop {
+                match (xs.next(), ys.next()) {
+                    (None, None) => break std::cmp::Ordering::Equal,
+                    (None, Some(_)) => break std::cmp::Ordering::Less,
+                    (Some(_), None) => break std::cmp::Ordering::Greater,
+                    (Some(p), Some(q)) => {
+                        let o = match (p.parse::<u64>(), q.parse::<u64>()) {
+                            (Ok(m), Ok(n)) => m.cmp(&n),
+                            (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+                            (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+                            (Err(_), Err(_)) => p.cmp(q),
+                        };
+                        if o != std::cmp::Ordering::Equal {
+                            break o;
+                        }
+                    }
+                }
+            }
+        }
+    }))
 }
 
 /// The download size of one image manifest: its config and layers as the registry
@@ -594,6 +688,9 @@ impl DesiredState {
         self.volumes.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.cmp(b)));
         self.artifacts.sort_by(|a, b| a.path.cmp(&b.path).then_with(|| a.cmp(b)));
         self.image_sizes.sort();
+        if let Some(agent) = &mut self.agent {
+            agent.binaries.sort();
+        }
     }
 
     /// The recorded download size of `image`, when it is pinned and the bundler knew it.
@@ -615,8 +712,11 @@ impl DesiredState {
 
     /// The bundle format this state needs: 1 unless a container sets engine options
     /// (2), the state carries a maintenance schedule (3), sealed secrets (4) or
-    /// artifacts (5) or image sizes (6).
+    /// artifacts (5), image sizes (6) or an agent release (7).
     pub fn format(&self) -> u16 {
+        if self.agent.is_some() {
+            return 7;
+        }
         if !self.image_sizes.is_empty() {
             return 6;
         }
@@ -675,6 +775,9 @@ impl DesiredState {
         if self.format() >= 6 {
             out.extend(postcard::to_stdvec(&self.image_sizes).expect("encoding into a Vec cannot fail"));
         }
+        if let Some(agent) = self.agent.as_ref().filter(|_| self.format() >= 7) {
+            out.extend(postcard::to_stdvec(agent).expect("encoding into a Vec cannot fail"));
+        }
         out
     }
 
@@ -730,10 +833,21 @@ impl DesiredState {
                     h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
                 })
             });
-            if sizes.is_empty() || !sorted || !digests {
+            if (sizes.is_empty() && format == 6) || !sorted || !digests {
                 return Err(postcard::Error::DeserializeBadEncoding);
             }
             state.image_sizes = sizes;
+            rest = after;
+        }
+        if format >= 7 {
+            let (agent, after) = postcard::take_from_bytes::<AgentRelease>(rest)?;
+            // Canonical: a version, at least one binary, sorted by architecture, each once.
+            let sorted = agent.binaries.windows(2).all(|w| w[0].arch < w[1].arch);
+            let version = compare_versions(&agent.version, &agent.version).is_some();
+            if agent.binaries.is_empty() || !sorted || !version {
+                return Err(postcard::Error::DeserializeBadEncoding);
+            }
+            state.agent = Some(agent);
             rest = after;
         }
         if rest.is_empty() {
@@ -1168,6 +1282,53 @@ mod tests {
         empty.truncate(empty.len() - trailer.len());
         empty.push(0);
         assert!(DesiredState::decode(&empty, 6).is_err(), "an empty size list");
+    }
+
+    #[test]
+    fn an_agent_release_needs_format_7_and_hostile_trailers_are_refused() {
+        let mut state = DesiredState { containers: vec![plain_container()], ..Default::default() };
+        let before = state.encode();
+        let binary = |arch: &str, b| AgentBinary { arch: arch.into(), sha256: [b; 32], size: 2 << 20 };
+        state.agent = Some(AgentRelease {
+            version: "0.10.0-rc.1".into(),
+            allow_downgrade: false,
+            binaries: vec![binary("x86_64", 1), binary("aarch64", 2)],
+        });
+        assert_eq!(state.format(), 7);
+        let bytes = state.encode();
+        assert!(bytes.starts_with(&before), "format 7 only appends");
+        let decoded = DesiredState::decode(&bytes, 7).expect("decodes");
+        let agent = decoded.agent.as_ref().expect("agent");
+        assert_eq!(agent.binaries[0].arch, "aarch64", "sorted by architecture");
+        assert_eq!(agent.binary("x86_64").map(|b| b.sha256), Some([1; 32]));
+        assert!(agent.binary("arm").is_none());
+        assert!(DesiredState::decode(&bytes, 6).is_err(), "the trailer is not ignored");
+
+        let mut canonical = state.clone();
+        canonical.canonicalize();
+        let hostile = |f: &dyn Fn(&mut AgentRelease)| {
+            let mut s = canonical.clone();
+            f(s.agent.as_mut().expect("agent"));
+            DesiredState::decode(&s.encode_canonical(), 7).is_err()
+        };
+        assert!(hostile(&|a| a.binaries.reverse()), "unsorted");
+        assert!(hostile(&|a| a.binaries[1].arch = "aarch64".into()), "an architecture twice");
+        assert!(hostile(&|a| a.binaries.clear()), "no binary");
+        assert!(hostile(&|a| a.version = "latest".into()), "not a version");
+    }
+
+    #[test]
+    fn versions_order_as_semver() {
+        use std::cmp::Ordering::*;
+        assert_eq!(compare_versions("0.9.0", "0.10.0"), Some(Less));
+        assert_eq!(compare_versions("1.0.0", "1.0.0+build.5"), Some(Equal));
+        assert_eq!(compare_versions("1.0.0-rc.1", "1.0.0"), Some(Less));
+        assert_eq!(compare_versions("1.0.0-rc.2", "1.0.0-rc.10"), Some(Less));
+        assert_eq!(compare_versions("1.0.0-alpha", "1.0.0-alpha.1"), Some(Less));
+        assert_eq!(compare_versions("1.0.0-1", "1.0.0-alpha"), Some(Less));
+        for bad in ["1.0", "1.0.0.0", "v1.0.0", "1.0.0-", "1..0", "", "1.0.x"] {
+            assert_eq!(compare_versions(bad, "1.0.0"), None, "{bad:?}");
+        }
     }
 
     #[test]

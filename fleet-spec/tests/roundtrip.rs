@@ -297,6 +297,7 @@ fn status() -> impl Strategy<Value = StatusReport> {
                     files: FileCounts { managed: files.0, drift_repaired: files.1 },
                     last_error: err.map(|(code, message, at)| LastError { code, message, at }),
                     waiting: None,
+                    agent_update: None,
                     timestamp,
                 }
             },

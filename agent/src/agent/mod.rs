@@ -370,6 +370,7 @@ impl<E: Engine> Agent<E> {
             },
             last_error: self.last_error.clone(),
             waiting: self.held.as_ref().filter(|_| state == DeviceState::Waiting).map(|h| h.waiting.clone()),
+            agent_update: None,
             timestamp: self.clock.now(),
         }
     }

@@ -674,6 +674,7 @@ mod tests {
             files: Default::default(),
             last_error: None,
             waiting: None,
+            agent_update: None,
             timestamp,
         }
         .to_json()

@@ -323,6 +323,7 @@ fn report(device: &str, state: DeviceState, applied: Option<(u64, &str)>, desire
             at: 1,
         }),
         waiting: None,
+        agent_update: None,
         timestamp: fleet_bundler::timefmt::now(),
     };
     String::from_utf8(r.to_json()).expect("utf-8")
