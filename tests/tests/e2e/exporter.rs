@@ -289,6 +289,7 @@ fn hostile_report(device: &str) -> StatusReport {
         files: FileCounts::default(),
         last_error: Some(LastError { code: "bad\"code\n".into(), message: "\\\"}\n".into(), at: 1 }),
         waiting: None,
+        agent_update: None,
         timestamp: 1_700_000_000,
     }
 }
