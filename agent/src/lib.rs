@@ -35,6 +35,7 @@ pub mod fetch;
 pub mod files;
 pub mod identity;
 pub mod journal;
+pub mod launch;
 pub mod lockdir;
 pub mod mqtt;
 pub mod mqtt_blob;
