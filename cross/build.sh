@@ -14,6 +14,13 @@
 # `target`, relative to the repository root), copied to dist/fleet-agent-<triple>, and a
 # size table (also written to dist/sizes.tsv).
 #
+# dist/release.json names the agent's version and the binaries this run built, by
+# architecture as the agent names its own (std::env::consts::ARCH: aarch64, arm, x86_64):
+#   {"version": "0.10.0", "binaries": {"aarch64": "fleet-agent-aarch64-unknown-linux-musl"}}
+# `fleet-bundler build --agent-release dist` delivers them to the devices whose fleet.yaml
+# `agent:` names that version (bundler/README.md, "Agent releases"). It is not written when
+# a required target failed, and lists only this run's binaries (a --targets run too).
+#
 # Options:
 #   --targets LIST   comma- or space-separated targets (default: aarch64,armv7)
 #   --all            aarch64,armv7,x86_64
@@ -193,9 +200,25 @@ is_required() { [ "$1" != armv7-unknown-linux-musleabihf ]; }
 mkdir -p "$DIST_DIR"
 # dist/ holds build outputs only: keep it out of git even without a root .gitignore entry.
 [ -e "$DIST_DIR/.gitignore" ] || printf '*\n' >"$DIST_DIR/.gitignore"
+# An earlier run's release must not be delivered as this run's (its binaries are replaced below).
+RELEASE_JSON="$DIST_DIR/release.json"
+rm -f "$RELEASE_JSON"
+
+# The architecture of a triple as the agent names its own (std::env::consts::ARCH), the
+# key of dist/release.json: what a device picks its binary by.
+triple_rust_arch() {
+    case "$1" in
+        aarch64-*) echo aarch64 ;;
+        armv7-* | arm-*) echo arm ;;
+        x86_64-*) echo x86_64 ;;
+        *) echo "" ;;
+    esac
+}
 
 ROWS=()
 FAILED=()
+# "<arch> <file name in dist/>" of each binary this run built.
+RELEASED=()
 SIZES_TSV="$DIST_DIR/sizes.tsv"
 printf 'target\tarch\tbytes\tmib\tlinkage\tbuild_secs\ttoolchain\n' >"$SIZES_TSV.tmp"
 
@@ -278,9 +301,34 @@ for triple in "${TRIPLES[@]}"; do
         fi
     fi
     ROWS+=("$(printf '%-31s %-6s %-8s %10s  %6s MiB  %-9s  %4ss  %s' "$triple" "$debarch" "$linkage" "$bytes" "$(mib "$bytes")" "$verdict" "$secs" "$out")")
+    if [ "$linkage" = static ]; then
+        RELEASED+=("$(triple_rust_arch "$triple") $AGENT_BIN-$triple")
+    fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$triple" "$debarch" "$bytes" "$(mib "$bytes")" "$linkage" "$secs" "$toolchain" >>"$SIZES_TSV.tmp"
 done
 mv -f "$SIZES_TSV.tmp" "$SIZES_TSV"
+
+# dist/release.json for `fleet-bundler build --agent-release dist`: only when every
+# required target built (a partial release would leave those devices' agents as they are
+# while CI believes they update), and only with this run's binaries.
+write_release_json() {
+    local version entries="" entry arch file
+    version="$(agent_version)"
+    for entry in "${RELEASED[@]}"; do
+        arch="${entry%% *}"
+        file="${entry#* }"
+        [ -n "$arch" ] || continue
+        entries="${entries:+$entries,}
+    \"$arch\": \"$file\""
+    done
+    [ -n "$entries" ] || return 0
+    printf '{\n  "version": "%s",\n  "binaries": {%s\n  }\n}\n' "$version" "$entries" >"$RELEASE_JSON.tmp"
+    mv -f "$RELEASE_JSON.tmp" "$RELEASE_JSON"
+    cross_log "wrote $RELEASE_JSON: fleet-agent $version for ${#RELEASED[@]} architecture(s) (fleet-bundler build --agent-release $DIST_DIR)"
+}
+if [ "${#FAILED[@]}" -eq 0 ]; then
+    write_release_json
+fi
 
 echo
 echo "fleet-agent $(agent_version): stripped static musl release binaries (opt-level z, fat LTO, panic abort, std built for size)"

@@ -9,7 +9,8 @@
 //!                   "devices": {"<id>": {"version", "digest", "size", "commit",
 //!                                        "state_digest", "labels"}}}
 //! DIR/devices/<id>.json   the device's fleet_spec Announcement, `urls` empty
-//! DIR/blobs/<sha256>      the bytes of an artifact (bundle format 5), one per content
+//! DIR/blobs/<sha256>      the bytes of an artifact (bundle format 5) or of an agent
+//!                         binary (bundle format 7), one per content
 //! ```
 //!
 //! `index.json` is for `publish`, `status` and people; agents poll only their own
@@ -47,6 +48,12 @@
 //! older version's). Since a state names its artifacts by digest, an unchanged large
 //! file keeps its blob and a device that holds it downloads nothing.
 //!
+//! Agent releases: a device whose rendered state declares an agent release (`fleet.yaml`
+//! `agent:`) gets the binaries of that version from `--agent-release`
+//! ([`crate::agent_release::Releases::attach`]), one per architecture, named by sha256 and
+//! size in its signed state (bundle format 7); each binary is written once as
+//! `DIR/blobs/<sha256>` like an artifact's bytes, and only when a device names it.
+//!
 //! Commit dates are checked against the build's `now` before anything is written
 //! ([`check_commit_time`]): a commit dated in the future or whose bundles would be
 //! expired already is refused.
@@ -66,7 +73,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::artifacts::{self, Blob};
+use crate::agent_release::Releases;
+use crate::artifacts;
 use crate::previous::Previous;
 use crate::render::Fleet;
 use crate::repo::Snapshot;
@@ -214,9 +222,12 @@ pub struct BuildOptions<'a> {
     pub previous: Option<&'a Previous>,
     /// Which files travel as artifacts (`--artifact-threshold`, `--inline-budget`).
     pub artifacts: artifacts::Policy,
+    /// The agent releases (`--agent-release`) the states' declared versions are taken
+    /// from; every declared version must be among them ([`Releases::missing`] checks).
+    pub agent_releases: &'a Releases,
 }
 
-/// `DIR/blobs`: the bytes of artifacts, beside `bundles/`.
+/// `DIR/blobs`: the bytes of artifacts and agent binaries, beside `bundles/`.
 pub const BLOBS: &str = "blobs";
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -248,8 +259,32 @@ pub struct BuildSummary {
     /// `fleet.yaml` declares a rollout: the pointer files were written to
     /// `devices.next/`, for `fleet-bundler rollout` to release wave by wave.
     pub rollout: bool,
+    /// The agent releases the devices' states name (`fleet.yaml` `agent:`), by version;
+    /// left out of `--json` when there is none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub agent_releases: Vec<AgentReleaseSummary>,
     /// What the build wants people to know (printed on stderr as `warning: ...`).
     pub warnings: Vec<String>,
+}
+
+/// One agent release of a build.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentReleaseSummary {
+    pub version: String,
+    /// The `--agent-release` directory it was read from.
+    pub dir: PathBuf,
+    /// How many devices' states name it (kept bundles included).
+    pub devices: usize,
+    pub binaries: Vec<AgentBinarySummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentBinarySummary {
+    pub arch: String,
+    pub sha256: String,
+    pub size: u64,
+    /// `blobs/<sha256>`.
+    pub blob: String,
 }
 
 enum Outcome {
@@ -329,6 +364,8 @@ pub fn build(
     // Each blob is checked or written by the first device that names it.
     let blobs_seen: Mutex<HashSet<[u8; 32]>> = Mutex::new(HashSet::new());
     let blobs_written = AtomicUsize::new(0);
+    // Agent release version → how many devices name it.
+    let agent_devices: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
 
     let outcomes: Vec<Result<(String, Outcome), BuildError>> = fleet
         .devices
@@ -347,8 +384,26 @@ pub fn build(
             let blobs = artifacts::split(&mut state, &opts.artifacts);
             for blob in blobs {
                 let first = blobs_seen.lock().expect("no thread panics holding it").insert(blob.sha256);
-                if first && write_blob(&blobs_dir, &blob)? {
+                if first && write_blob(&blobs_dir, &blob.sha256, &blob.bytes)? {
                     blobs_written.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            // The declared agent release gets its binaries, each a blob like an artifact's.
+            let release = opts
+                .agent_releases
+                .attach(&mut state)
+                .map_err(|message| BuildError::Render { device: id.clone(), message })?;
+            if let Some(release) = release {
+                *agent_devices
+                    .lock()
+                    .expect("no thread panics holding it")
+                    .entry(release.version.clone())
+                    .or_default() += 1;
+                for binary in &release.binaries {
+                    let first = blobs_seen.lock().expect("no thread panics holding it").insert(binary.sha256);
+                    if first && write_blob(&blobs_dir, &binary.sha256, &binary.bytes)? {
+                        blobs_written.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
             // One canonical encoding serves the state digest and the payload.
@@ -413,6 +468,39 @@ pub fn build(
         })
         .collect();
 
+    let agent_devices = agent_devices.into_inner().expect("no thread panicked holding it");
+    for release in opts.agent_releases.0.values() {
+        if !agent_devices.contains_key(&release.version) {
+            warnings.push(format!(
+                "--agent-release {} (version {}): no device's agent: rule names this version, so its binaries \
+                 were not written",
+                release.dir.display(),
+                release.version
+            ));
+        }
+    }
+    let agent_releases = agent_devices
+        .iter()
+        .filter_map(|(version, devices)| {
+            let release = opts.agent_releases.get(version)?;
+            let binaries = release
+                .binaries
+                .iter()
+                .map(|b| AgentBinarySummary {
+                    arch: b.arch.clone(),
+                    sha256: hex::encode(b.sha256),
+                    size: b.bytes.len() as u64,
+                    blob: format!("{BLOBS}/{}", hex::encode(b.sha256)),
+                })
+                .collect();
+            Some(AgentReleaseSummary {
+                version: version.clone(),
+                dir: release.dir.clone(),
+                devices: *devices,
+                binaries,
+            })
+        })
+        .collect();
     let mut summary = BuildSummary {
         fleet: fleet.name.clone(),
         commit: snapshot.commit.clone(),
@@ -420,6 +508,7 @@ pub fn build(
         blobs: blobs_seen.into_inner().expect("no thread panicked holding it").len(),
         blobs_written: blobs_written.into_inner(),
         warnings,
+        agent_releases,
         ..Default::default()
     };
     let mut devices = BTreeMap::new();
@@ -597,15 +686,16 @@ fn write_bundle(dir: &Path, digest: &str, bytes: &[u8]) -> Result<bool, BuildErr
     Ok(true)
 }
 
-/// Writes `blobs/<sha256>` unless a file of that name and size exists; returns whether
-/// it wrote. Synced: a blob is written once and then only ever checked by its size.
-fn write_blob(dir: &Path, blob: &Blob) -> Result<bool, BuildError> {
-    let path = dir.join(blob.name());
-    if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == blob.bytes.len() as u64) {
+/// Writes `blobs/<sha256>` (an artifact's or an agent binary's bytes) unless a file of
+/// that name and size exists; returns whether it wrote. Synced: a blob is written once
+/// and then only ever checked by its size.
+fn write_blob(dir: &Path, sha256: &[u8; 32], bytes: &[u8]) -> Result<bool, BuildError> {
+    let path = dir.join(hex::encode(sha256));
+    if std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64) {
         return Ok(false);
     }
     std::fs::create_dir_all(dir).map_err(|source| BuildError::Io { path: dir.into(), source })?;
-    write_atomic(&path, &blob.bytes, true)?;
+    write_atomic(&path, bytes, true)?;
     Ok(true)
 }
 
@@ -648,6 +738,7 @@ mod tests {
             vars: Default::default(),
             policy: Default::default(),
             maintenance: Default::default(),
+            agent: None,
         };
         fleet.devices.insert(id, device);
         let out = tempfile::tempdir().expect("tempdir");
@@ -662,6 +753,7 @@ mod tests {
             now: snapshot.commit_time,
             previous: None,
             artifacts: Default::default(),
+            agent_releases: &Releases::default(),
         };
         let err = build(&fleet, &snapshot, &opts).expect_err("refused");
         assert!(matches!(err, BuildError::DeviceId(_)), "{err}");

@@ -3,7 +3,9 @@
 //!
 //! The file is a POSIX ustar archive: first an entry `bundle` (the bundle's bytes), then
 //! one entry `blobs/<sha256>` per distinct artifact content of the bundle's state, in the
-//! state's order (by path). Every entry is a regular file with mode 0644, mtime 0, uid
+//! state's order (by path), then one per binary of the state's agent release (bundle
+//! format 7), by architecture: all of them, since the bundler does not know the device's
+//! architecture (a content already written is not written twice). Every entry is a regular file with mode 0644, mtime 0, uid
 //! and gid 0 and no user or group names, so the same build output gives the same bytes.
 //! `fleet-spec/FORMAT.md` ("Export files") says how a reader takes it.
 //!
@@ -41,8 +43,27 @@ pub struct Exported {
     /// Every artifact of the state, in the state's order (a content shared by two paths
     /// is one entry of the file).
     pub artifacts: Vec<ExportedArtifact>,
+    /// The agent release of the state, whose binaries follow the artifacts' blobs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<ExportedAgent>,
     /// The size of the file.
     pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportedAgent {
+    pub version: String,
+    pub allow_downgrade: bool,
+    /// By architecture.
+    pub binaries: Vec<ExportedBinary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportedBinary {
+    /// `std::env::consts::ARCH` of the binary.
+    pub arch: String,
+    pub sha256: String,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -113,21 +134,39 @@ pub fn export(out: &Path, device: &str, file: &Path) -> Result<Exported, ExportE
         .iter()
         .map(|a| ExportedArtifact { path: a.path.clone(), sha256: a.sha256_hex(), size: a.size })
         .collect();
+    let agent = state.agent.as_ref().map(|r| ExportedAgent {
+        version: r.version.clone(),
+        allow_downgrade: r.allow_downgrade,
+        binaries: r
+            .binaries
+            .iter()
+            .map(|b| ExportedBinary { arch: b.arch.clone(), sha256: b.sha256_hex(), size: b.size })
+            .collect(),
+    });
+    // Every blob in the file's order: (sha256, size, what needs it).
+    let mut blobs: Vec<(&str, u64, String)> =
+        artifacts.iter().map(|a| (a.sha256.as_str(), a.size, a.path.clone())).collect();
+    if let Some(agent) = &agent {
+        for b in &agent.binaries {
+            let what = format!("the agent {} binary for {}", agent.version, b.arch);
+            blobs.push((b.sha256.as_str(), b.size, what));
+        }
+    }
     // Every blob present with its size before anything is written.
-    for a in &artifacts {
-        let blob = out.join(BLOBS).join(&a.sha256);
+    for (sha256, size, what) in &blobs {
+        let blob = out.join(BLOBS).join(sha256);
         match std::fs::metadata(&blob) {
-            Ok(m) if m.is_file() && m.len() == a.size => {}
+            Ok(m) if m.is_file() && m.len() == *size => {}
             Ok(m) => {
                 return Err(ExportError::BadBlob {
                     blob,
-                    file: a.path.clone(),
-                    expected: format!("{} bytes", a.size),
+                    file: what.clone(),
+                    expected: format!("{size} bytes"),
                     got: format!("{} bytes", m.len()),
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ExportError::MissingBlob { blob, file: a.path.clone(), device: device.into() })
+                return Err(ExportError::MissingBlob { blob, file: what.clone(), device: device.into() })
             }
             Err(source) => return Err(ExportError::Io { path: blob, source }),
         }
@@ -138,22 +177,22 @@ pub fn export(out: &Path, device: &str, file: &Path) -> Result<Exported, ExportE
     let mut tar = tar::Builder::new(File::create(&tmp.path).map_err(io)?);
     tar.append(&header(BUNDLE_ENTRY, bytes.len() as u64), bytes.as_slice()).map_err(io)?;
     let mut written = std::collections::HashSet::new();
-    for a in &artifacts {
-        if !written.insert(a.sha256.as_str()) {
+    for (sha256, size, what) in &blobs {
+        if !written.insert(*sha256) {
             continue;
         }
-        let blob = out.join(BLOBS).join(&a.sha256);
+        let blob = out.join(BLOBS).join(sha256);
         let source = File::open(&blob).map_err(|source| ExportError::Io { path: blob.clone(), source })?;
-        let mut reader = Hashing { inner: source.take(a.size), hasher: Sha256::new(), len: 0 };
-        let name = format!("{BLOBS}/{}", a.sha256);
-        tar.append(&header(&name, a.size), &mut reader)
+        let mut reader = Hashing { inner: source.take(*size), hasher: Sha256::new(), len: 0 };
+        let name = format!("{BLOBS}/{sha256}");
+        tar.append(&header(&name, *size), &mut reader)
             .map_err(|source| ExportError::Io { path: blob.clone(), source })?;
         let got = hex::encode(reader.hasher.finalize());
-        if reader.len != a.size || got != a.sha256 {
+        if reader.len != *size || got != *sha256 {
             return Err(ExportError::BadBlob {
                 blob,
-                file: a.path.clone(),
-                expected: format!("sha256 {}", a.sha256),
+                file: what.clone(),
+                expected: format!("sha256 {sha256}"),
                 got: format!("sha256 {got} of {} bytes", reader.len),
             });
         }
@@ -170,6 +209,7 @@ pub fn export(out: &Path, device: &str, file: &Path) -> Result<Exported, ExportE
         version: manifest.version,
         bundle: announcement.digest,
         artifacts,
+        agent,
         bytes: size,
     })
 }

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
+use crate::agent_release::{AGENT_SHAPE, DEVICE_AGENT_SHAPE};
 use crate::maintenance::MAINTENANCE_SHAPE;
 use crate::policy::POLICY_SHAPE;
 use crate::yaml::{Scalar, Shape, Spanned, Vars};
@@ -21,6 +22,7 @@ pub const FLEET_SHAPE: Shape = Shape::Keys(&[
     ("policy", POLICY_SHAPE),
     ("rollout", crate::rollout::ROLLOUT_SHAPE),
     ("maintenance", MAINTENANCE_SHAPE),
+    ("agent", AGENT_SHAPE),
 ]);
 
 /// The keys of `devices/<id>.yaml`.
@@ -30,6 +32,7 @@ pub const DEVICE_SHAPE: Shape = Shape::Keys(&[
     ("vars", Shape::Any),
     ("policy", POLICY_SHAPE),
     ("maintenance", MAINTENANCE_SHAPE),
+    ("agent", DEVICE_AGENT_SHAPE),
 ]);
 
 /// The keys of one entry of `files:` in `app.yaml`.
@@ -81,6 +84,10 @@ pub struct FleetFile {
     /// own `maintenance:` overrides it key by key. See `crate::maintenance`.
     #[serde(default)]
     pub maintenance: Option<crate::maintenance::MaintenanceFile>,
+    /// Which agent version devices run (bundle format 7): one rule or a list, the
+    /// first rule whose selector matches wins. See `crate::agent_release`.
+    #[serde(default)]
+    pub agent: Option<crate::agent_release::AgentFile>,
 }
 
 /// `devices/<id>.yaml`; the id is the file name.
@@ -103,6 +110,9 @@ pub struct DeviceFile {
     /// This device's maintenance settings, key by key over `fleet.yaml`'s.
     #[serde(default)]
     pub maintenance: Option<crate::maintenance::MaintenanceFile>,
+    /// This device's agent version, before every rule of `fleet.yaml`'s `agent:`.
+    #[serde(default)]
+    pub agent: Option<crate::agent_release::DeviceAgentFile>,
 }
 
 /// `apps/<app>/app.yaml`.
@@ -187,5 +197,8 @@ mod tests {
         assert_eq!(APP_SHAPE.names(), serde_keys::<AppFile>());
         assert_eq!(FILE_SHAPE.names(), serde_keys::<FileEntry>());
         assert_eq!(keys_of(&FLEET_SHAPE, "policy"), serde_keys::<crate::policy::PolicyFile>());
+        let Shape::OneOrList(rule) = crate::agent_release::AGENT_SHAPE else { panic!("one or a list") };
+        assert_eq!(rule.names(), serde_keys::<crate::agent_release::RuleFile>());
+        assert_eq!(keys_of(&DEVICE_SHAPE, "agent"), serde_keys::<crate::agent_release::DeviceAgentFile>());
     }
 }

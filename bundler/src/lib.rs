@@ -13,6 +13,8 @@
 //! - [`policy`]: the devices' engine policy (`policy:`), checked while rendering.
 //! - [`registry`]: pins image tags to digests through the Registry HTTP API v2.
 //! - [`artifacts`]: which files leave a state for blobs (bundle format 5); pure.
+//! - [`agent_release`]: `agent:` of `fleet.yaml` (which agent version each device runs)
+//!   and the release directories of `build --agent-release` (bundle format 7).
 //! - [`build`]: versioning, signing, content-addressed bundles, `index.json`, the
 //!   per-device pointer files (`devices/<id>.json`) that agents poll, and the blobs of
 //!   artifacts (`blobs/<sha256>`).
@@ -31,12 +33,14 @@
 //!   never committed); [`recipient`]: age X25519 recipients (`public_key:`).
 //!
 //! Architecture invariant: only [`repo`], [`build`], [`export`], [`previous`], [`registry`],
-//! [`dashboard`], [`mqtt`], [`exporter`], [`enroll`] and [`rollout::drive`] do I/O;
+//! [`dashboard`], [`mqtt`], [`exporter`], [`enroll`], [`rollout::drive`] and the loading of
+//! release directories in [`agent_release`] do I/O;
 //! loading and rendering are pure functions of the repository snapshot, so the same
 //! commit always renders the same states.
 
 #![forbid(unsafe_code)]
 
+pub mod agent_release;
 pub mod artifacts;
 pub mod build;
 pub mod compose;

@@ -19,7 +19,9 @@ use fleet_bundler::build::{self, BuildOptions};
 use fleet_bundler::diag::{self, Diagnostic};
 use fleet_bundler::registry::{self, Registry};
 use fleet_bundler::rollout::drive;
-use fleet_bundler::{artifacts, enroll, export, exporter, mqtt, plan, previous, render, repo, timefmt};
+use fleet_bundler::{
+    agent_release, artifacts, enroll, export, exporter, mqtt, plan, previous, render, repo, timefmt,
+};
 
 mod cli;
 
@@ -270,8 +272,21 @@ fn export_cmd(out: &Path, device: &str, file: &Path, json: bool) -> anyhow::Resu
         println!("{}", serde_json::to_string_pretty(&done)?);
     }
     let blobs: u64 = done.artifacts.iter().map(|a| a.size).sum();
+    let agent = match &done.agent {
+        Some(a) => {
+            let archs: Vec<&str> = a.binaries.iter().map(|b| b.arch.as_str()).collect();
+            let size: u64 = a.binaries.iter().map(|b| b.size).sum();
+            format!(
+                ", and the agent {} binaries for {} ({}; the device takes its own architecture's)",
+                a.version,
+                archs.join(", "),
+                artifacts::short_size(size)
+            )
+        }
+        None => String::new(),
+    };
     eprintln!(
-        "wrote {} ({} bytes): bundle {} of {} (version {}) and {} artifact(s), {}",
+        "wrote {} ({} bytes): bundle {} of {} (version {}) and {} artifact(s), {}{agent}",
         done.file.display(),
         done.bytes,
         short(&done.bundle),
@@ -511,8 +526,27 @@ fn load_keys(args: &BuildArgs) -> anyhow::Result<Vec<SigningKey>> {
     }
 }
 
+/// The `--agent-release` directories, read: a directory that does not exist or two of
+/// the same version are usage errors (64), a bad release.json or binary a failure (1).
+fn load_agent_releases(dirs: &[PathBuf]) -> anyhow::Result<agent_release::Releases> {
+    match agent_release::Releases::load(dirs) {
+        Ok(releases) => {
+            for w in releases.0.values().flat_map(|r| &r.warnings) {
+                eprintln!("warning: {w}");
+            }
+            Ok(releases)
+        }
+        Err(e) if e.is_usage() => {
+            eprintln!("error: {e}");
+            Err(Exit(exit::USAGE).into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     let keys = load_keys(&args)?;
+    let agent_releases = load_agent_releases(&args.agent_releases)?;
     // One reading of the clock for the whole build.
     let now = args.now.unwrap_or_else(timefmt::now);
     let progress = args.progress || std::io::stderr().is_terminal();
@@ -539,6 +573,8 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
     }
     let (render_diags, images) = fleet.check_all();
     diags.extend(render_diags);
+    // Every declared agent version needs its release (binaries) from --agent-release.
+    diags.extend(agent_releases.missing(fleet.agent_rules()));
     let diags = diag::merge(diags);
     for d in &diags {
         eprintln!("{d}");
@@ -583,6 +619,7 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
             now,
             previous: previous.as_ref(),
             artifacts: args.artifacts.policy(),
+            agent_releases: &agent_releases,
         },
     )?;
     for w in &summary.warnings {
@@ -601,10 +638,14 @@ fn build_cmd(args: BuildArgs) -> anyhow::Result<u8> {
             some_of(&summary.pointers_deleted)
         );
     }
-    let blobs = match summary.blobs {
+    let mut blobs = match summary.blobs {
         0 => String::new(),
         n => format!(", {n} artifact blob(s) ({} written)", summary.blobs_written),
     };
+    for r in &summary.agent_releases {
+        let archs: Vec<&str> = r.binaries.iter().map(|b| b.arch.as_str()).collect();
+        blobs.push_str(&format!(", agent {} ({}) for {} device(s)", r.version, archs.join(", "), r.devices));
+    }
     eprintln!(
         "built fleet {} at {}: {} devices, {} new bundle(s), {} unchanged, {} removed, {} pointer file(s) written{blobs}, in {:.1?}",
         summary.fleet,
@@ -748,7 +789,7 @@ fn verify(
     let m = &verified.manifest;
     let state = &verified.state;
     if json {
-        let out = serde_json::json!({
+        let mut out = serde_json::json!({
             "ok": true,
             "digest": verified.digest,
             "fleet": m.fleet,
@@ -769,6 +810,13 @@ fn verify(
             "networks": state.networks.iter().map(|n| n.name.clone()).collect::<Vec<_>>(),
             "volumes": state.volumes.iter().map(|v| v.name.clone()).collect::<Vec<_>>(),
         });
+        if let Some(agent) = &state.agent {
+            out["agent"] = serde_json::json!({
+                "version": agent.version,
+                "allow_downgrade": agent.allow_downgrade,
+                "binaries": agent.binaries.iter().map(|b| serde_json::json!({"arch": b.arch, "size": b.size, "sha256": b.sha256_hex(), "blob": format!("{}/{}", build::BLOBS, b.sha256_hex())})).collect::<Vec<_>>(),
+            });
+        }
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!("OK: {} verifies", path.display());
@@ -804,6 +852,17 @@ fn verify(
         println!("  containers ({})", state.containers.len());
         for c in &state.containers {
             println!("    {} ({}/{}) {}", c.name, c.app, c.service, c.image.pull_reference());
+        }
+        if let Some(agent) = &state.agent {
+            println!(
+                "  agent         {}{}: one binary per architecture, bytes in {}/<sha256>; the device takes its own",
+                agent.version,
+                if agent.allow_downgrade { " (allow_downgrade)" } else { "" },
+                build::BLOBS
+            );
+            for b in &agent.binaries {
+                println!("    {:<8} {:>8} sha256 {}", b.arch, b.size, b.sha256_hex());
+            }
         }
     }
     Ok(exit::OK)

@@ -10,8 +10,8 @@
 //! since; `--force` announces every device. Devices that left the index get their
 //! retained topics cleared.
 //!
-//! With `--blobs-over-mqtt`, `publish` also retains the artifact blobs the devices'
-//! bundles name, as chunks on `<prefix>/<fleet>/blobs/<sha256>/<n>` (see
+//! With `--blobs-over-mqtt`, `publish` also retains the blobs the devices' bundles name
+//! (artifacts, and the agent binaries of every architecture of an agent release), as chunks on `<prefix>/<fleet>/blobs/<sha256>/<n>` (see
 //! `fleet_spec::topic::blob_chunk_topic`), before the announcements: each distinct blob
 //! once, read from `DIR/blobs/` one chunk at a time with a few chunks in flight, so a
 //! blob of any size costs a few chunks of memory. `published.json` remembers the blobs
@@ -686,7 +686,7 @@ pub(crate) fn blob_message(
 /// them (the memory a blob costs: this many chunks).
 const BLOB_WINDOW: usize = 8;
 
-/// The artifact blobs (hex sha256 → size) the indexed bundles name, each checked
+/// The blobs (hex sha256 → size) the indexed bundles name (artifacts, agent binaries), each checked
 /// present in `DIR/blobs/` with its size.
 fn artifact_blobs(out: &Path, index: &Index) -> Result<BTreeMap<String, u64>, MqttError> {
     let mut blobs = BTreeMap::new();
@@ -696,8 +696,9 @@ fn artifact_blobs(out: &Path, index: &Index) -> Result<BTreeMap<String, u64>, Mq
     Ok(blobs)
 }
 
-/// The artifact blobs (hex sha256 → size) the bundle of `entry` names, each checked
-/// present in `DIR/blobs/` with its size.
+/// The blobs (hex sha256 → size) the bundle of `entry` names, each checked present in
+/// `DIR/blobs/` with its size: its artifacts' and its agent release's binaries (every
+/// architecture's: the bundler does not know the device's).
 pub(crate) fn bundle_artifacts(
     out: &Path,
     entry: &build::IndexEntry,
@@ -706,7 +707,10 @@ pub(crate) fn bundle_artifacts(
     let bytes = std::fs::read(&path).map_err(|source| MqttError::File { path: path.clone(), source })?;
     let (_, state) = fleet_spec::bundle::open_accepted(&bytes, &fleet_spec::bundle::Limits::default())
         .map_err(|e| MqttError::Usage(format!("{}: {e} ({}); build again", path.display(), e.code())))?;
-    let blobs: BTreeMap<String, u64> = state.artifacts.iter().map(|a| (a.sha256_hex(), a.size)).collect();
+    let mut blobs: BTreeMap<String, u64> = state.artifacts.iter().map(|a| (a.sha256_hex(), a.size)).collect();
+    if let Some(agent) = &state.agent {
+        blobs.extend(agent.binaries.iter().map(|b| (b.sha256_hex(), b.size)));
+    }
     for (sha, size) in &blobs {
         let path = out.join(build::BLOBS).join(sha);
         let len =

@@ -11,6 +11,10 @@
 //! `build` does, [`crate::artifacts::split`]) are named with their size and short
 //! sha256, never diffed.
 //!
+//! The agent release a device is declared to run (`fleet.yaml` `agent:`) is compared by
+//! version and `allow_downgrade` (rendered states carry no binaries: `build` adds them
+//! from `--agent-release`, so a rebuilt binary of the same version is not seen here).
+//!
 //! Pure: takes two sets of rendered states, returns a [`Plan`].
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -122,6 +126,57 @@ pub struct DevicePlan {
     /// [`crate::maintenance::describe`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<[String; 2]>,
+    /// `[from, to]` when the declared agent release changed (`null`: none declared,
+    /// the device's agent is left as it is).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<[Option<AgentDecl>; 2]>,
+}
+
+/// The agent release a revision declares for a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentDecl {
+    pub version: String,
+    pub allow_downgrade: bool,
+}
+
+impl AgentDecl {
+    fn of(state: &DesiredState) -> Option<AgentDecl> {
+        state
+            .agent
+            .as_ref()
+            .map(|a| AgentDecl { version: a.version.clone(), allow_downgrade: a.allow_downgrade })
+    }
+
+    /// `0.10.0` or `0.9.0 (allow_downgrade)`.
+    fn text(&self) -> String {
+        if self.allow_downgrade {
+            format!("{} (allow_downgrade)", self.version)
+        } else {
+            self.version.clone()
+        }
+    }
+}
+
+/// The plan's line for an agent release change.
+fn agent_line(from: Option<&AgentDecl>, to: Option<&AgentDecl>) -> String {
+    match (from, to) {
+        (None, Some(b)) => format!("    + agent {}", b.text()),
+        (Some(a), None) => {
+            format!("    - agent {} (no rule any more: the device keeps the agent it runs)", a.text())
+        }
+        (Some(a), Some(b)) => {
+            let older =
+                fleet_spec::model::compare_versions(&b.version, &a.version) == Some(std::cmp::Ordering::Less);
+            let note = if older && !b.allow_downgrade {
+                " (older: a device that runs a newer agent refuses it, agent_downgrade_refused, unless \
+                 allow_downgrade: true)"
+            } else {
+                ""
+            };
+            format!("    ~ agent {} -> {}{note}", a.text(), b.text())
+        }
+        (None, None) => String::new(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -207,6 +262,9 @@ impl Plan {
             if let Some([a, b]) = &d.maintenance {
                 let _ = writeln!(out, "    ~ maintenance: {a} -> {b}");
             }
+            if let Some([a, b]) = &d.agent {
+                let _ = writeln!(out, "{}", agent_line(a.as_ref(), b.as_ref()));
+            }
         }
         out
     }
@@ -257,6 +315,10 @@ pub fn plan(
             maintenance: (a.maintenance != b.maintenance).then(|| {
                 [crate::maintenance::describe(&a.maintenance), crate::maintenance::describe(&b.maintenance)]
             }),
+            agent: {
+                let (from, to) = (AgentDecl::of(a), AgentDecl::of(b));
+                (from != to).then_some([from, to])
+            },
         };
         devices.push(d);
     }

@@ -90,6 +90,9 @@ pub struct Fleet {
     pub apps: Vec<App>,
     /// `rollout:` of `fleet.yaml` with each device's wave; `None`: all at once.
     pub rollout: Option<crate::rollout::RolloutPlan>,
+    /// `agent:` of `fleet.yaml`: which agent release devices run, first match wins (a
+    /// device file's own `agent:` comes first; see [`Fleet::agent_rule`]).
+    pub agent: Vec<crate::agent_release::Rule>,
     templates: Environment<'static>,
     /// The largest file a template may render (the snapshot's `max_file_size`).
     max_file_size: u64,
@@ -124,6 +127,8 @@ pub struct Device {
     pub policy: crate::policy::Settings,
     /// `maintenance:` of the device file (keys over `fleet.yaml`'s).
     pub maintenance: crate::maintenance::Settings,
+    /// `agent:` of the device file: its agent release, before `fleet.yaml`'s rules.
+    pub agent: Option<crate::agent_release::Rule>,
 }
 
 /// One app directory.
@@ -238,6 +243,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
     let mut policy = crate::policy::Settings::default();
     let mut rollout: Option<(crate::rollout::Rollout, Pos)> = None;
     let mut maintenance = crate::maintenance::Settings::default();
+    let mut agent = Vec::new();
     match snapshot.files.get("fleet.yaml") {
         None if snapshot.too_large.contains_key("fleet.yaml") => {}
         None => diags.push(Diagnostic::error(
@@ -309,6 +315,9 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
                     }
                     if let Some(m) = &f.maintenance {
                         maintenance = crate::maintenance::Settings::from_file("fleet.yaml", m, &mut diags);
+                    }
+                    if let Some(a) = &f.agent {
+                        agent = crate::agent_release::rules_from_file("fleet.yaml", a, &mut diags);
                     }
                 }
             }
@@ -433,6 +442,7 @@ pub fn load(snapshot: &Snapshot) -> (Fleet, Vec<Diagnostic>) {
     let root_broken = diags.iter().any(|d| d.is_error() && d.file == "fleet.yaml");
     let fleet = Fleet {
         rollout,
+        agent,
         root_broken,
         name,
         topic_prefix,
@@ -504,10 +514,11 @@ pub(crate) fn load_device(path: &str, bytes: &[u8]) -> Result<Device, Vec<Diagno
         Some(m) => crate::maintenance::Settings::from_file(path, m, &mut problems),
         None => crate::maintenance::Settings::default(),
     };
+    let agent = file.agent.as_ref().and_then(|a| crate::agent_release::device_rule(path, a, &mut problems));
     if !problems.is_empty() {
         return Err(problems);
     }
-    Ok(Device { id: id.to_string(), labels, public_keys, vars: file.vars, policy, maintenance })
+    Ok(Device { id: id.to_string(), labels, public_keys, vars: file.vars, policy, maintenance, agent })
 }
 
 /// `public_key:` of a device file: one recipient or a list, each a valid age X25519
@@ -1076,6 +1087,17 @@ impl Fleet {
         }
     }
 
+    /// The agent release rule of `device`: its own `agent:`, else the first rule of
+    /// `fleet.yaml`'s `agent:` its labels match; `None`: its agent is left as it is.
+    pub fn agent_rule<'a>(&'a self, device: &'a Device) -> Option<&'a crate::agent_release::Rule> {
+        device.agent.as_ref().or_else(|| self.agent.iter().find(|r| r.selects(&device.labels)))
+    }
+
+    /// Every agent release rule: `fleet.yaml`'s, then the device files' (by device id).
+    pub fn agent_rules(&self) -> impl Iterator<Item = &crate::agent_release::Rule> + '_ {
+        self.agent.iter().chain(self.devices.values().filter_map(|d| d.agent.as_ref()))
+    }
+
     /// The apps a device runs.
     pub fn apps_of<'a>(&'a self, device: &'a Device) -> impl Iterator<Item = &'a App> + 'a {
         self.apps.iter().filter(move |a| a.selects(device))
@@ -1243,6 +1265,8 @@ impl Fleet {
             Ok(m) => state.maintenance = m,
             Err(d) => diags.push(tag(d)),
         }
+        // The declared release; `build` fills in its binaries (`--agent-release`).
+        state.agent = self.agent_rule(device).map(crate::agent_release::Rule::declared);
         state.canonicalize();
         diags.extend(self.policy_diagnostics(device, &state).into_iter().map(tag));
         // A template or Compose error may quote a value it rendered: never a secret's.

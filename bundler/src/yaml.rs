@@ -188,6 +188,8 @@ pub enum Shape {
     Keys(&'static [(&'static str, Shape)]),
     /// A list whose items have this shape.
     List(&'static Shape),
+    /// One item of this shape, or a list of them (`agent:` of `fleet.yaml`).
+    OneOrList(&'static Shape),
 }
 
 impl Shape {
@@ -275,11 +277,12 @@ pub fn unknown_keys(file: &str, text: &str, shape: &Shape) -> Vec<Diagnostic> {
                     }
                 }
             }
-            (Node::List(items), Shape::List(inner)) => {
+            (Node::List(items), Shape::List(inner) | Shape::OneOrList(inner)) => {
                 for item in items {
                     walk(file, item, inner, out);
                 }
             }
+            (Node::Map(_), Shape::OneOrList(inner)) => walk(file, node, inner, out),
             // Anything else is a type problem, which serde reports.
             _ => {}
         }

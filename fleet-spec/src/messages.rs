@@ -292,6 +292,19 @@ pub enum EventKind {
         entry: String,
         since: i64,
     },
+    /// The agent release a committed bundle declares is not taken: `code` as in
+    /// [`AgentUpdateError`] (`agent_update_failed`: its check or trial failed, and that
+    /// binary is never tried again). Said once per release and reason.
+    AgentUpdateRefused {
+        version: String,
+        code: String,
+        reason: String,
+    },
+    /// This agent switched to release `version` (binary `digest`) and passed its trial.
+    AgentUpdated {
+        version: String,
+        digest: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -66,7 +66,8 @@ pub fn bundler_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         .env_remove("FLEET_AGE_IDENTITY")
         .env_remove("FLEET_AGE_IDENTITY_FILE")
         .env_remove("FLEET_ARTIFACT_THRESHOLD")
-        .env_remove("FLEET_INLINE_BUDGET");
+        .env_remove("FLEET_INLINE_BUDGET")
+        .env_remove("FLEET_AGENT_RELEASE");
     // A build of the example fleet (a copy or a clone: the revision holds its example-only
     // CI identity) decrypts with that identity, as its README says. Other repositories
     // and other commands get no identity unless a test passes one.

@@ -1,6 +1,7 @@
 //! Integration tests of `fleet-bundler` on real components: Git repositories made with
 //! the `git` CLI, Mosquitto, and the Docker registry.
 
+mod agent_release;
 mod artifacts;
 mod awesome;
 mod build;

@@ -94,7 +94,7 @@ fn fleet_yaml_errors() {
 fn device_file_errors() {
     check(
         &[("devices/dev-1.yaml", Some("labels:\n  site: a\ncolour: red\n"))],
-        &["devices/dev-1.yaml:3:1: error: unknown key `colour` (allowed keys: public_key, labels, vars, policy, maintenance)"],
+        &["devices/dev-1.yaml:3:1: error: unknown key `colour` (allowed keys: public_key, labels, vars, policy, maintenance, agent)"],
     );
     // Issue 13: `public_key:` is an age X25519 recipient, checked where it is written.
     check(
