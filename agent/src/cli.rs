@@ -44,6 +44,7 @@ health and rolls back when an update fails, repairs drift, and reports over MQTT
 
 USAGE:
     fleet-agent run          [--config FILE] [--log-format human|json]
+    fleet-agent launch       [--config FILE] [--log-format human|json]
     fleet-agent apply        [--config FILE] [--json] [--retry] BUNDLE
     fleet-agent status       [--config FILE] [--json]
     fleet-agent check-config [--config FILE] [--json]
@@ -56,6 +57,9 @@ USAGE:
 COMMANDS:
     run           Run the agent (as a systemd service): listen for announcements,
                   poll <fetch.base_url>/devices/<device>.json, reconcile, report.
+    launch        Run the agent under the self-update supervisor (the service's
+                  command): runs the current agent binary, tries a new one a
+                  bundle delivers, and restores the previous one if it fails.
     apply         Sideload a bundle file (USB, air-gapped): full verification and the
                   same apply path as `run`; works without broker or network.
     status        Show this device's state from the state directory (no network).
@@ -120,6 +124,42 @@ EXIT CODES:
 
 EXAMPLE:
     fleet-agent run -c /etc/fleet-agent/agent.toml --log-format json
+";
+
+const HELP_LAUNCH: &str = "\
+fleet-agent launch: run the agent under the self-update supervisor (the service).
+
+Runs `fleet-agent run` with the same arguments, from the binary a bundle delivered
+and that passed its trial (<state_dir>/agent/current), else this installed binary.
+When the running agent stages a new binary (a bundle's `agent:` release), it exits
+with code 42 and the launcher starts the new binary on trial: it must connect to the
+broker, report its status and pass a reconcile within updates.agent_trial_secs (300).
+If it exits, hangs or does not confirm in time, the launcher stops it, records the
+binary as failed (never tried again; the status says agent_update_failed with the
+reason) and starts the previous binary again. The launcher itself is never replaced
+by a self-update: a newer package (apt) replaces it, and when the installed package is
+newer than the self-updated binary, the package's binary runs. Any other exit of the
+agent restarts it after a backoff (1 s to 30 s); SIGTERM/SIGINT stop both.
+
+USAGE:
+    fleet-agent launch [--config FILE] [--log-format human|json]
+
+OPTIONS:
+    -c, --config FILE     agent.toml (default: /etc/fleet-agent/agent.toml)
+        --log-format F    human or json; overrides log_format in agent.toml
+    -h, --help            Print this help
+
+EXIT CODES:
+    0   stopped by SIGTERM/SIGINT (the agent stopped cleanly)
+    64  bad command line or invalid configuration (also when the agent says so)
+
+FILES:
+    <state_dir>/agent/slots/<sha256>   delivered agent binaries (at most two kept)
+    <state_dir>/agent/current          the binary that passed its trial (symlink)
+    <state_dir>/agent/failed/<sha256>  binaries that failed, and why
+
+EXAMPLE:
+    fleet-agent launch -c /etc/fleet-agent/agent.toml
 ";
 
 const HELP_APPLY: &str = "\
@@ -319,12 +359,14 @@ EXAMPLE:
 pub const DEFAULT_CONFIG: &str = "/etc/fleet-agent/agent.toml";
 
 /// The subcommands, for `help` and suggestions.
-pub const COMMANDS: [&str; 7] = ["run", "apply", "status", "check-config", "forget", "identity", "enroll"];
+pub const COMMANDS: [&str; 8] =
+    ["run", "launch", "apply", "status", "check-config", "forget", "identity", "enroll"];
 
 /// The help text of a subcommand (`None`: the global help).
 pub fn help(command: Option<&str>) -> &'static str {
     match command {
         Some("run") => HELP_RUN,
+        Some("launch") => HELP_LAUNCH,
         Some("apply") => HELP_APPLY,
         Some("status") => HELP_STATUS,
         Some("check-config") => HELP_CHECK_CONFIG,
@@ -357,6 +399,8 @@ pub enum Forget {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Run,
+    /// `run` under the self-update supervisor.
+    Launch,
     Apply {
         bundle: PathBuf,
         json: bool,
@@ -395,7 +439,7 @@ pub struct Cli {
 /// The long options each subcommand takes (besides `--config` and `--help`).
 fn flags_of(command: &str) -> &'static [&'static str] {
     match command {
-        "run" => &["log-format"],
+        "run" | "launch" => &["log-format"],
         "apply" => &["json", "retry"],
         "status" | "check-config" => &["json"],
         "identity" => &["json", "state-dir", "rotate", "retire"],
@@ -502,13 +546,13 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     let config = config.unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
     let Some(name) = command else {
         return Err(
-            "missing command: run, apply, status, check-config, forget, identity or enroll (see --help)"
+            "missing command: run, launch, apply, status, check-config, forget, identity or enroll (see --help)"
                 .into(),
         );
     };
     let Some(name) = known(&name) else {
         return Err(format!(
-            "unknown command {name:?}{}: run, apply, status, check-config, forget, identity or enroll (see --help)",
+            "unknown command {name:?}{}: run, launch, apply, status, check-config, forget, identity or enroll (see --help)",
             did_you_mean(&name, &COMMANDS, "")
         ));
     };
@@ -529,6 +573,7 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Cli, String> {
     };
     let command = match name {
         "run" => Command::Run,
+        "launch" => Command::Launch,
         "apply" => {
             let bundle = positional
                 .next()

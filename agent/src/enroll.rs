@@ -126,7 +126,7 @@ pub fn claim(device: &str, fleet: &str, keys: &[Identity], facts: &Facts, now: i
         fleet: fleet.into(),
         recipients: keys.iter().map(Identity::recipient).collect(),
         key_id: keys.first().map(Identity::key_id).unwrap_or_default(),
-        agent_version: env!("CARGO_PKG_VERSION").into(),
+        agent_version: crate::agent::version().into(),
         arch: std::env::consts::ARCH.into(),
         os: std::env::consts::OS.into(),
         kernel: facts.kernel.clone(),

@@ -33,7 +33,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::OK);
         }
         Command::Version => {
-            println!("fleet-agent {}", env!("CARGO_PKG_VERSION"));
+            println!("fleet-agent {}", fleet_agent::agent::version());
             return ExitCode::from(exit::OK);
         }
         Command::Identity { json, state_dir: Some(ref dir), ref action } => {
@@ -67,6 +67,7 @@ fn main() -> ExitCode {
         }
         Command::Enroll { json, timeout } => with_runtime(enroll(&cfg, json, timeout)),
         Command::Run => with_runtime(run(cfg)),
+        Command::Launch => launch(&cfg, &cli.config, cli.log_format),
         Command::Apply { bundle, json, retry } => with_runtime(apply(cfg, &bundle, json, retry)),
         Command::Help(_) | Command::Version => unreachable!("handled above"),
     };
@@ -121,13 +122,41 @@ async fn shutdown_signal() {
     }
 }
 
+/// `launch`: the self-update supervisor runs `run` with the same config.
+fn launch(cfg: &Config, config: &Path, log_format: Option<LogFormat>) -> u8 {
+    let fallback = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("fleet-agent: cannot find this executable ({e}): run `fleet-agent run` instead");
+            return exit::FAILURE;
+        }
+    };
+    let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into(), config.into()];
+    if let Some(format) = log_format {
+        let name = match format {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
+        };
+        args.extend(["--log-format".into(), name.into()]);
+    }
+    let opts = fleet_agent::launch::LaunchOptions {
+        dir: fleet_agent::launch::dir(&cfg.state_dir),
+        fallback,
+        fallback_version: fleet_agent::agent::version().to_string(),
+        args,
+        trial: cfg.updates.agent_trial,
+    };
+    fleet_agent::launch::launch(&opts)
+}
+
 async fn run(cfg: Config) -> u8 {
     for warning in cfg.warnings() {
         tracing::warn!("{warning}");
     }
     let engine = Rc::new(engine_for(&cfg));
     match fleet_agent::run::run(cfg, engine, Rc::new(SystemClock), shutdown_signal()).await {
-        Ok(()) => exit::OK,
+        Ok(fleet_agent::run::Stopped::Shutdown) => exit::OK,
+        Ok(fleet_agent::run::Stopped::SwitchAgent) => fleet_agent::launch::EXIT_SWITCH,
         Err(fleet_agent::run::RunError::Store(e @ StoreError::Locked { .. })) => {
             eprintln!("fleet-agent: {e}");
             exit::TEMPFAIL

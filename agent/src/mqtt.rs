@@ -194,6 +194,9 @@ struct Wants {
     blob: AtomicBool,
     /// The one blob chunk topic subscribed to, if any (`want_chunk`).
     chunk: Mutex<Option<String>>,
+    /// The broker acknowledged a publish of this session (the online flag or a status):
+    /// the agent reaches it and reports (a new agent's trial asks for it).
+    acked: AtomicBool,
 }
 
 impl Wants {
@@ -323,6 +326,9 @@ impl Mqtt {
                             in_tx.chunk.send_replace(Some((p.topic.clone(), p.payload.to_vec())));
                         }
                     }
+                    Ok(Event::Incoming(Incoming::PubAck(_))) => {
+                        pump_wants.acked.store(true, Ordering::SeqCst);
+                    }
                     Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                         tracing::debug!("MQTT disconnect sent");
                         return;
@@ -361,6 +367,12 @@ impl Mqtt {
             status_min_interval,
         ));
         Ok((Mqtt { client, topics, wants, chunk_tx, pump, publisher, stop: Some(stop_tx) }, in_rx))
+    }
+
+    /// Whether the broker acknowledged a publish (the online flag, a status) since the
+    /// start.
+    pub fn acknowledged(&self) -> bool {
+        self.wants.acked.load(Ordering::SeqCst)
     }
 
     /// Subscribes to (or leaves) the retained bundle topic.

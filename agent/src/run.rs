@@ -166,6 +166,18 @@ struct Runner<E: Engine> {
     pointer_seen: Option<PointerSeen>,
     /// The last poll's error: a poll that keeps failing the same way is said once.
     poll_error: Option<String>,
+    /// A reconcile passed since the start (a new agent's trial asks for one).
+    reconciled: bool,
+}
+
+/// Why the daemon stopped without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// A shutdown signal.
+    Shutdown,
+    /// A new agent binary is staged: `fleet-agent launch` runs it on trial (exit
+    /// [`crate::launch::EXIT_SWITCH`]).
+    SwitchAgent,
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -174,7 +186,7 @@ pub async fn run<E: Engine>(
     engine: Rc<E>,
     clock: Rc<dyn Clock>,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), RunError> {
+) -> Result<Stopped, RunError> {
     let store = Store::new(&cfg.state_dir);
     store.create()?;
     let _lock = store.lock()?;
@@ -204,9 +216,10 @@ pub async fn run<E: Engine>(
         download: None,
         poll: None,
         pointer_seen: None,
+        reconciled: false,
     };
     let mut shutdown = pin!(shutdown);
-    let mut result = Ok(());
+    let mut result = Ok(Stopped::Shutdown);
 
     // systemd's notify protocol: READY once started, WATCHDOG keep-alives from this loop
     // (a hung loop stops them, and systemd restarts the agent), STOPPING at the end.
@@ -225,7 +238,7 @@ pub async fn run<E: Engine>(
         n.ready();
     }
 
-    tracing::info!(device = %cfg.device, fleet = %cfg.fleet, version = crate::agent::AGENT_VERSION, "fleet-agent starting");
+    tracing::info!(device = %cfg.device, fleet = %cfg.fleet, version = crate::agent::version(), "fleet-agent starting");
     let step_started = Instant::now();
     let started = {
         let mut recovering = pin!(runner.agent.recover());
@@ -241,6 +254,10 @@ pub async fn run<E: Engine>(
         if let Err(e) = r {
             tracing::error!("recovery failed: {e}");
         }
+        runner.agent.check_agent_release().await;
+        // While this binary is on trial: checked every second until it confirms.
+        let mut trial_tick = tokio::time::interval(Duration::from_secs(1));
+        trial_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut reconcile_tick =
             interval_at(Instant::now() + Duration::from_millis(10), cfg.reconcile_interval);
         reconcile_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -253,6 +270,12 @@ pub async fn run<E: Engine>(
         let mut stream_retry = Duration::from_secs(1);
 
         loop {
+            if runner.agent.agent_switch_staged() {
+                tracing::info!("exiting for the launcher, which starts the new agent on trial");
+                result = Ok(Stopped::SwitchAgent);
+                break;
+            }
+            let on_trial = runner.agent.agent_trial().is_some();
             let healthcheck_at = runner.agent.next_healthcheck();
             let retry_at = runner.retry_at();
             runner.want_chunk();
@@ -280,6 +303,10 @@ pub async fn run<E: Engine>(
                     Work::Healthchecks
                 }
                 _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => Work::Retry,
+                _ = trial_tick.tick(), if on_trial => {
+                    runner.trial_step();
+                    continue;
+                }
             };
             match &work {
                 Work::EngineEvent(_) => {
@@ -320,7 +347,11 @@ pub async fn run<E: Engine>(
                     tracing::error!("{e}");
                     false
                 }
-                Some(Ok(())) => false,
+                Some(Ok(())) => {
+                    runner.agent.check_agent_release().await;
+                    runner.trial_step();
+                    false
+                }
             };
             if interrupted {
                 tracing::warn!(
@@ -396,6 +427,15 @@ fn start_mqtt(
 }
 
 impl<E: Engine> Runner<E> {
+    /// On trial: confirms once the agent reconciled and the broker acknowledged its
+    /// status (an agent without MQTT: once it reconciled).
+    fn trial_step(&mut self) {
+        let reported = self.mqtt.as_ref().is_none_or(Mqtt::acknowledged);
+        if self.agent.agent_trial().is_some() && self.reconciled && reported {
+            self.agent.confirm_trial();
+        }
+    }
+
     async fn handle(&mut self, work: Work) -> Result<(), AgentError> {
         match work {
             Work::Inbound(Inbound::Desired(bytes)) => {
@@ -417,6 +457,7 @@ impl<E: Engine> Runner<E> {
             }
             Work::Reconcile => {
                 self.agent.reconcile().await?;
+                self.reconciled = true;
                 self.try_next().await?;
             }
             Work::Poll => {

@@ -535,6 +535,8 @@ pub struct DeviceBuilder {
     agent: Option<AgentCommand>,
     /// `(table, key, TOML value)` set last, over the builder's own keys.
     settings: Vec<(String, String, String)>,
+    /// Started as `fleet-agent launch` (the self-update supervisor) instead of `run`.
+    launcher: bool,
 }
 
 /// Which agent binary runs, and through what (e.g. qemu for a cross-built agent).
@@ -559,6 +561,13 @@ impl AgentCommand {
 }
 
 impl DeviceBuilder {
+    /// Starts the agent as `fleet-agent launch` (the self-update supervisor, which runs
+    /// `fleet-agent run` as its child) instead of `fleet-agent run`.
+    pub fn launcher(mut self) -> Self {
+        self.launcher = true;
+        self
+    }
+
     /// Runs this agent binary (through `runner` when given) instead of the workspace's.
     pub fn agent(mut self, agent: AgentCommand) -> Self {
         self.agent = Some(agent);
@@ -676,6 +685,7 @@ impl DeviceBuilder {
             id: self.id,
             fleet: self.fleet,
             agent: self.agent,
+            launcher: self.launcher,
             config,
             state_dir,
             log: root.join("agent.log"),
@@ -726,6 +736,8 @@ pub struct Device {
     pub id: String,
     fleet: String,
     agent: Option<AgentCommand>,
+    /// `fleet-agent launch`, in a process group of its own (killed as a whole).
+    launcher: bool,
     config: PathBuf,
     state_dir: PathBuf,
     log: PathBuf,
@@ -754,6 +766,7 @@ impl Device {
             private_root: false,
             agent: None,
             settings: Vec::new(),
+            launcher: false,
         })
     }
 
@@ -766,7 +779,11 @@ impl Device {
         let mut cmd = match &self.private_root {
             None => {
                 let mut cmd = self.agent_command()?;
-                cmd.arg("run").arg("--config").arg(&self.config);
+                cmd.arg(if self.launcher { "launch" } else { "run" }).arg("--config").arg(&self.config);
+                if self.launcher {
+                    use std::os::unix::process::CommandExt;
+                    cmd.process_group(0);
+                }
                 cmd
             }
             Some((mount_point, host_dir)) => {
@@ -810,6 +827,12 @@ impl Device {
     /// `kill -9` the agent (a crash or power loss) and reap it.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
+            if self.launcher {
+                // The launcher and the agent it runs: the whole process group, at once.
+                if let Ok(pgid) = i32::try_from(child.id()) {
+                    crate::process::signal_group(pgid, libc::SIGKILL);
+                }
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

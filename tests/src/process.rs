@@ -105,6 +105,14 @@ impl Drop for Daemon {
 }
 
 /// Sends `sig` to `pid` (errors, e.g. an already gone process, are ignored).
+/// Sends `sig` to every process of group `pgid`.
+pub(crate) fn signal_group(pgid: i32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(-pgid, sig);
+    }
+}
+
 pub(crate) fn signal(pid: u32, sig: libc::c_int) {
     if let Ok(pid) = libc::pid_t::try_from(pid) {
         // SAFETY: kill(2) has no memory-safety preconditions.

@@ -34,7 +34,27 @@ impl<E: Engine> Agent<E> {
         let expect = Expectation { fleet: &self.cfg.fleet, device: &self.cfg.device };
         let now = self.clock.now();
         match bundle::verify(bytes, &self.cfg.trusted, expect, trust, now, &self.cfg.limits) {
-            Ok(v) => self.pending(&v.state).into_iter().filter(|a| !self.stored(a)).cloned().collect(),
+            Ok(v) => {
+                let mut missing: Vec<Artifact> =
+                    self.pending(&v.state).into_iter().filter(|a| !self.stored(a)).cloned().collect();
+                // The agent binary this bundle would switch to, fetched like an artifact.
+                if let Some(b) = self.wanted_agent_binary(v.state.agent.as_ref()) {
+                    if !self.store.has_blob(&b.sha256_hex(), b.size) {
+                        missing.push(Artifact {
+                            path: format!(
+                                "(agent {} for {})",
+                                v.state.agent.as_ref().map_or("", |r| r.version.as_str()),
+                                b.arch
+                            ),
+                            mode: 0o755,
+                            owner: None,
+                            sha256: b.sha256,
+                            size: b.size,
+                        });
+                    }
+                }
+                missing
+            }
             Err(_) => Vec::new(),
         }
     }
@@ -102,7 +122,11 @@ impl<E: Engine> Agent<E> {
     /// state is the committed one, so a rollback never needs the network).
     pub(super) fn collect_blobs(&self) {
         let Some(current) = self.current.as_ref() else { return };
-        let keep: BTreeSet<String> = current.state.artifacts.iter().map(Artifact::sha256_hex).collect();
+        let mut keep: BTreeSet<String> = current.state.artifacts.iter().map(Artifact::sha256_hex).collect();
+        // The declared agent binary stays until the next commit (staged from it).
+        if let Some(b) = current.state.agent.as_ref().and_then(|r| r.binary(std::env::consts::ARCH)) {
+            keep.insert(b.sha256_hex());
+        }
         let freed = self.store.prune_blobs(&keep, BLOB_GRACE);
         if freed > 0 {
             tracing::info!(bytes = freed, "removed artifacts no committed bundle names");

@@ -47,11 +47,48 @@ mod images;
 mod reconcile;
 mod recover;
 mod secrets;
+mod update;
 
 use converge::Mode;
 pub use gate::{retry_after, LOCK_POLL, WINDOW_RECHECK};
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The version stamp: a marker, then the version, NUL-padded. A release pipeline (and
+/// the self-update tests) may write another version into a built binary
+/// (`fleet-agent-stamp`-style: find the marker, overwrite the bytes after it) without
+/// rebuilding it; [`version`] reads what is there at run time.
+#[used]
+static VERSION_STAMP: [u8; 64] = stamp();
+
+/// The marker that starts the stamp (16 bytes, unique in the binary).
+pub const STAMP_MARKER: &[u8; 16] = b"\0FLEET-AGENT-VS:";
+
+const fn stamp() -> [u8; 64] {
+    let mut out = [0u8; 64];
+    let mut i = 0;
+    while i < STAMP_MARKER.len() {
+        out[i] = STAMP_MARKER[i];
+        i += 1;
+    }
+    let v = AGENT_VERSION.as_bytes();
+    let mut j = 0;
+    while j < v.len() && 16 + j < 64 {
+        out[16 + j] = v[j];
+        j += 1;
+    }
+    out
+}
+
+/// This binary's version: its stamp (the crate's version unless re-stamped).
+pub fn version() -> &'static str {
+    // Read at run time: the compiler may not fold the stamp into the constant it
+    // started as.
+    let stamp: &'static [u8; 64] = std::hint::black_box(&VERSION_STAMP);
+    let v = &stamp[16..];
+    let end = v.iter().position(|b| *b == 0).unwrap_or(v.len());
+    std::str::from_utf8(&v[..end]).ok().filter(|s| !s.is_empty()).unwrap_or(AGENT_VERSION)
+}
 
 /// How long every container must stay running (and healthy) before an update counts
 /// as healthy (capped at half the health timeout).
@@ -245,6 +282,8 @@ pub struct Agent<E: Engine> {
     reports: Reports,
     last_saved_status: Option<StatusReport>,
     healthchecks: Healthchecks,
+    /// Self-update: what the launcher told this process, and the declared release's fate.
+    update: update::SelfUpdate,
     /// Test hook: the process dies right after the journal's `Begin` (case 6).
     #[cfg(test)]
     crash_after_begin: bool,
@@ -294,6 +333,7 @@ impl<E: Engine> Agent<E> {
             reports,
             last_saved_status,
             healthchecks: Healthchecks::default(),
+            update: update::SelfUpdate::from_env(),
             #[cfg(test)]
             crash_after_begin: false,
         })
@@ -359,7 +399,7 @@ impl<E: Engine> Agent<E> {
         StatusReport {
             device: self.cfg.device.clone(),
             fleet: self.cfg.fleet.clone(),
-            agent_version: AGENT_VERSION.to_string(),
+            agent_version: version().to_string(),
             state,
             desired: self.desired.clone(),
             applied: self.current.as_ref().map(|c| c.record.to_status()),
@@ -370,7 +410,7 @@ impl<E: Engine> Agent<E> {
             },
             last_error: self.last_error.clone(),
             waiting: self.held.as_ref().filter(|_| state == DeviceState::Waiting).map(|h| h.waiting.clone()),
-            agent_update: None,
+            agent_update: self.agent_update_status(),
             timestamp: self.clock.now(),
         }
     }
@@ -588,6 +628,12 @@ fn log_event(kind: &EventKind) {
         }
         EventKind::UpdateLockOverridden { version, entry, since } => {
             tracing::warn!(event = "update_lock_overridden", version, entry, since, "update_lock_overridden")
+        }
+        EventKind::AgentUpdateRefused { version, code, reason } => {
+            tracing::warn!(event = "agent_update_refused", version, code, reason, "agent_update_refused")
+        }
+        EventKind::AgentUpdated { version, digest } => {
+            tracing::info!(event = "agent_updated", version, digest, "agent_updated")
         }
         EventKind::DriftRepaired { kind, name } => {
             let kind = serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_string));

@@ -98,6 +98,7 @@ pub struct RawConfig {
 pub struct RawUpdates {
     pub lock_dir: Option<PathBuf>,
     pub max_deferral_secs: Option<u64>,
+    pub agent_trial_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -252,6 +253,9 @@ pub struct FetchConfig {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The file this config was read from (`check-config` of a new agent binary reads it
+    /// again before a self-update switches to it).
+    pub file: PathBuf,
     pub device: String,
     pub fleet: String,
     pub topic_prefix: String,
@@ -286,7 +290,13 @@ pub struct UpdatesConfig {
     /// The longest an update lock may hold an apply back; also caps what a bundle asks
     /// (`update_lock.max_deferral`). Default 24 hours.
     pub max_deferral: Duration,
+    /// How long a new agent binary has to confirm (connect, report its status, pass a
+    /// reconcile) under `fleet-agent launch` before the previous one is restored.
+    /// Default 5 minutes.
+    pub agent_trial: Duration,
 }
+
+pub const DEFAULT_AGENT_TRIAL_SECS: u64 = 300;
 
 pub const DEFAULT_MAX_DEFERRAL_SECS: u64 = 24 * 3600;
 
@@ -354,7 +364,7 @@ impl Config {
         };
         let base = path.parent().unwrap_or(Path::new("."));
         match Config::from_raw(raw, base) {
-            Ok(config) if problems.is_empty() => Ok(config),
+            Ok(config) if problems.is_empty() => Ok(Config { file: path.to_path_buf(), ..config }),
             Ok(_) => Err(fail(sorted(problems))),
             Err(errors) => {
                 problems.extend(errors.into_iter().map(|e| match e {
@@ -435,6 +445,13 @@ impl Config {
                 raw_updates.max_deferral_secs,
                 DEFAULT_MAX_DEFERRAL_SECS,
                 0,
+            ),
+            agent_trial: secs(
+                e,
+                "updates.agent_trial_secs",
+                raw_updates.agent_trial_secs,
+                DEFAULT_AGENT_TRIAL_SECS,
+                10,
             ),
         };
 
@@ -570,6 +587,7 @@ impl Config {
             return Err(errs);
         };
         Ok(Config {
+            file: PathBuf::new(),
             device: raw.device,
             fleet: raw.fleet,
             topic_prefix,

@@ -42,7 +42,11 @@ pub const ROOT: &[Field] = &[
     Field("engine", Table(ENGINE), false),
     Field("updates", Table(UPDATES), false),
 ];
-const UPDATES: &[Field] = &[Field("lock_dir", Str, false), Field("max_deferral_secs", Int, false)];
+const UPDATES: &[Field] = &[
+    Field("lock_dir", Str, false),
+    Field("max_deferral_secs", Int, false),
+    Field("agent_trial_secs", Int, false),
+];
 const MQTT: &[Field] = &[
     Field("url", Str, true),
     Field("client_id", Str, false),

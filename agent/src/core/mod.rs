@@ -13,5 +13,6 @@ pub mod images;
 pub mod machine;
 pub mod paths;
 pub mod plan;
+pub mod self_update;
 
 pub use machine::{transition, ApplyState, Command, Disallowed, Machine};

@@ -37,6 +37,7 @@
 //! | [`artifacts`] | bundle format 5: a 200 MB artifact through a server that cuts it, in bounded agent memory, not fetched again for a change beside it; an export file applied offline; a disk too small defers with `insufficient_space` until space is freed |
 //! | [`artifacts_mqtt`] | a broker-only fleet: an artifact of a few MB in retained 256 KiB chunks reaches the device (`--blobs-over-mqtt`, no URL); a second publish sends no blob again; a wrong chunk gets the blob refused by its digest, nothing applied, until it is fixed; a missing chunk times out and the download resumes from the partial file |
 //! | [`dashboard`] | the static live dashboard in headless Chromium: a device converging, a failing one in red, hostile messages as text (issue 18) |
+//! | [`self_update`] | issue 15, under `fleet-agent launch`: an update to a newly built agent (the shipped static build, another version) converges and reports it; a binary that crashes, hangs or never reaches the broker is rolled back, reported (`agent_update_failed`) and not tried again; `kill -9` while staged, on trial, and after the promotion leaves one working agent |
 //! | [`aarch64`] | the cross-built aarch64 agent under qemu, on dockerd (issue 6) |
 
 mod aarch64;
@@ -61,5 +62,6 @@ mod maintenance;
 mod outages;
 mod rollout;
 mod secrets;
+mod self_update;
 mod sideload;
 mod small_fleet;
