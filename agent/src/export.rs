@@ -68,14 +68,22 @@ pub fn open(path: &Path, cfg: &Config, store: &Store) -> Result<Opened, ExportEr
     skip(&mut file, padding(first.size)).map_err(io_err)?;
     let mut opened = Opened { bundle, ..Opened::default() };
 
-    // The artifacts the bundle names, if it verifies (replay and expiry are the apply
+    // The artifacts (and agent binary) the bundle names, if it verifies (replay and expiry are the apply
     // path's to judge, with the device's trust state; here only the signature and the
     // address matter). A bundle that does not verify imports nothing; the apply says why.
     let expect = Expectation { fleet: &cfg.fleet, device: &cfg.device };
     let no_trust = TrustState { last_version: None, last_known_time: 0 };
     let named: BTreeMap<String, u64> =
         match bundle::verify(&opened.bundle, &cfg.trusted, expect, no_trust, i64::MIN / 2, &cfg.limits) {
-            Ok(v) => v.state.artifacts.iter().map(|a| (a.sha256_hex(), a.size)).collect(),
+            Ok(v) => {
+                let mut named: BTreeMap<String, u64> =
+                    v.state.artifacts.iter().map(|a| (a.sha256_hex(), a.size)).collect();
+                // The agent binary of this device's architecture (bundle format 7).
+                if let Some(b) = v.state.agent.as_ref().and_then(|r| r.binary(std::env::consts::ARCH)) {
+                    named.insert(b.sha256_hex(), b.size);
+                }
+                named
+            }
             Err(_) => BTreeMap::new(),
         };
     loop {

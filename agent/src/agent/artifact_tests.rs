@@ -189,3 +189,72 @@ async fn an_image_larger_than_the_engines_disk_defers_with_insufficient_space() 
     assert_eq!(outcome, Outcome::Committed { version: 4 });
     assert_eq!(pulls(&h), 2);
 }
+
+/// `v1` declaring agent release `version` whose binary for this architecture is `binary`.
+fn with_agent_release(h: &H, version: &str, binary: &[u8]) -> DesiredState {
+    let mut s = v1(h);
+    s.agent = Some(fleet_spec::model::AgentRelease {
+        version: version.into(),
+        allow_downgrade: false,
+        binaries: vec![fleet_spec::model::AgentBinary {
+            arch: std::env::consts::ARCH.into(),
+            sha256: Sha256::digest(binary).into(),
+            size: binary.len() as u64,
+        }],
+    });
+    s.canonicalize();
+    s
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_declared_agent_release_is_refused_with_a_reason_until_its_binary_checks_out() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = H::new();
+    let (mut agent, _rx) = h.agent();
+    agent.recover().await.expect("recover");
+    // A binary that lies about its version.
+    let liar = b"#!/bin/sh\necho 'fleet-agent 0.0.1'\n".to_vec();
+    let state = with_agent_release(&h, "99.0.0", &liar);
+    let bundle = h.bundle(1, &state);
+
+    // Not started by the launcher: the binary is not even downloaded; refused, said why.
+    assert!(agent.missing_artifacts(&bundle).is_empty());
+    assert_eq!(agent.apply_bundle(&bundle).await.expect("apply"), Outcome::Committed { version: 1 });
+    agent.check_agent_release().await;
+    let refused = agent.agent_update_status().expect("refused");
+    assert_eq!(refused.code, "agent_not_launched", "{refused:?}");
+    assert!(agent.status_report().agent_update.is_some(), "in the status");
+
+    // Launched: the binary is wanted before the apply, then staged, checked, refused.
+    agent.update.launched = true;
+    let bundle = h.bundle(2, &state);
+    let missing = agent.missing_artifacts(&bundle);
+    assert_eq!(missing.len(), 1, "the agent binary is downloaded with the bundle");
+    store_blob(&agent, &liar);
+    assert_eq!(agent.apply_bundle(&bundle).await.expect("apply"), Outcome::Committed { version: 2 });
+    agent.check_agent_release().await;
+    let refused = agent.agent_update_status().expect("refused");
+    assert_eq!(refused.code, "agent_update_failed", "{refused:?}");
+    assert!(refused.message.contains("printed"), "{refused:?}");
+    assert!(!agent.agent_switch_staged(), "not handed to the launcher");
+    let dir = crate::launch::dir(&agent.cfg.state_dir);
+    let sha = hex::encode(Sha256::digest(&liar));
+    assert!(crate::launch::failure(&dir, &sha).is_some(), "recorded: never tried again");
+    assert!(!dir.join("next").exists() && !dir.join("slots").join(&sha).exists());
+
+    // A binary that checks out (its version, and check-config accepting the live
+    // config) is staged as `next` and the daemon is asked to exit for the launcher.
+    let good = b"#!/bin/sh\n[ \"$1\" = --version ] && echo 'fleet-agent 99.0.1'\nexit 0\n".to_vec();
+    let state = with_agent_release(&h, "99.0.1", &good);
+    store_blob(&agent, &good);
+    assert_eq!(
+        agent.apply_bundle(&h.bundle(3, &state)).await.expect("apply"),
+        Outcome::Committed { version: 3 }
+    );
+    agent.check_agent_release().await;
+    assert!(agent.agent_switch_staged(), "{:?}", agent.agent_update_status());
+    let sha = hex::encode(Sha256::digest(&good));
+    assert_eq!(std::fs::read_link(dir.join("next")).expect("next"), Path::new("slots").join(&sha));
+    let mode = std::fs::metadata(dir.join("slots").join(&sha)).expect("slot").permissions().mode();
+    assert_eq!(mode & 0o111, 0o111, "executable");
+}

@@ -6,8 +6,8 @@
 //!
 //! 1. An update to a newly built agent (the shipped static x86_64 build, stamped with
 //!    another version) converges and reports the new version; the launcher keeps it.
-//! 2-4. A binary that crashes at start, one that hangs, and one that starts but never
-//!    reaches the broker (the real agent with its broker address broken) are each
+//! 2. to 4. A binary that crashes at start, one that hangs, and one that starts but
+//!    never reaches the broker (the real agent with its broker address broken) are each
 //!    rolled back to the previous binary by the launcher: the restored agent reports
 //!    `agent_update_failed` with the reason, keeps converging on new commits, and never
 //!    tries that binary again.
@@ -291,21 +291,31 @@ fn a_power_cut_during_the_switch_leaves_one_working_agent() -> Result<()> {
     let sha = sha256_hex(&binary);
     fleet_e2e::wait_until(secs(30), "60.0.2 promoted", || Ok(current_slot(&s.device) == Some(sha.clone())))?;
     s.device.kill9();
+    let cut_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
     s.device.start()?;
     s.watch
         .wait_status(secs(60), "60.0.2 back after a cut", |st| {
-            agent_version(st) == "60.0.2" && st["online"] != false
+            agent_version(st) == "60.0.2" && st["timestamp"].as_i64().is_some_and(|t| t >= cut_at)
         })
         .with_context(|| s.device.log_tail())?;
-    // One agent: the launcher and one `run` child, nothing else of this device.
-    let procs = fs::read_dir("/proc")?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| {
-            let c = String::from_utf8_lossy(c);
-            c.contains(&*s.device.config_path().to_string_lossy()) && c.contains("\0run\0")
-        })
-        .count();
+    // One agent: the launcher's one `run` child, nothing else of this device.
+    let config = s.device.config_path().to_string_lossy().into_owned();
+    let agents = || -> usize {
+        fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| fs::read(e.path().join("cmdline")).ok())
+            .filter(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.get(1) == Some(&&b"run"[..]) && args.contains(&config.as_bytes())
+            })
+            .count()
+    };
+    fleet_e2e::wait_until(secs(10), "one agent runs", || Ok(agents() == 1))
+        .with_context(|| format!("{} agents run for this device\n{}", agents(), s.device.log_tail()))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let procs = agents();
     ensure!(procs == 1, "{procs} agents run for this device");
     Ok(())
 }
