@@ -43,6 +43,10 @@ for script in postinst prerm; do [ -x "$WORK/control/$script" ] || fail "$DEB la
 ok "$DEB: architecture, files, conffile, maintainer scripts"
 
 dpkg-deb -x "$DEB" "$WORK/deb"
+# Self-update needs the launcher as the service's command, and its child's notifications.
+unit="$WORK/deb/lib/systemd/system/fleet-agent.service"
+grep -q '^ExecStart=/usr/bin/fleet-agent launch ' "$unit" || fail "the unit does not run fleet-agent launch"
+grep -qx 'NotifyAccess=all' "$unit" || fail "the unit lacks NotifyAccess=all (the agent is the launcher's child)"
 version_line=$("${RUN[@]}" "$WORK/deb/usr/bin/fleet-agent" --version)
 grep -q "$VERSION" <<<"$version_line" || fail "packaged binary says '$version_line', not $VERSION"
 set +e
