@@ -328,4 +328,27 @@ mod tests {
         let n = parse_reference("localhost/app").expect("valid");
         assert_eq!((n.registry.as_str(), n.tag.as_str()), ("localhost", "latest"));
     }
+
+    #[test]
+    fn manifest_sizes_are_added_up_and_hostile_manifests_give_none() {
+        let ok = br#"{"config": {"size": 100}, "layers": [{"size": 1000}, {"size": 24}]}"#;
+        assert_eq!(image_bytes(ok), Some(1124));
+        assert_eq!(image_bytes(br#"{"config": {"size": 7}, "layers": []}"#), Some(7));
+        let max = u64::MAX;
+        let overflow = format!(r#"{{"config": {{"size": {max}}}, "layers": [{{"size": 1}}]}}"#);
+        for hostile in [
+            &b"not json"[..],
+            br#"{}"#,
+            br#"{"config": {"size": 1}}"#,
+            br#"{"config": {}, "layers": []}"#,
+            br#"{"config": {"size": -5}, "layers": []}"#,
+            br#"{"config": {"size": "12"}, "layers": []}"#,
+            br#"{"config": {"size": 1.5}, "layers": []}"#,
+            br#"{"config": {"size": 1}, "layers": [{"size": 1}, {}]}"#,
+            br#"{"config": {"size": 1}, "layers": {"size": 1}}"#,
+            overflow.as_bytes(),
+        ] {
+            assert_eq!(image_bytes(hostile), None, "{}", String::from_utf8_lossy(hostile));
+        }
+    }
 }

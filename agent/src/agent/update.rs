@@ -96,16 +96,23 @@ impl<E: Engine> Agent<E> {
         }
     }
 
+    /// [`self_update::decide`] for `release` with what this agent is. Without a release
+    /// nothing is looked at (the running binary is hashed only when a release needs it).
+    fn decide_release<'r>(&self, release: Option<&'r AgentRelease>) -> Decision<'r> {
+        if release.is_none() {
+            return Decision::Keep;
+        }
+        let dir = self.launch_dir();
+        self_update::decide(release, &self.running(), |sha| launch::failure(&dir, sha).map(|f| f.reason))
+    }
+
     /// The binary of `release` this agent would switch to, if any: what the runner
     /// downloads beside a verified bundle's artifacts.
     pub(super) fn wanted_agent_binary<'r>(
         &self,
         release: Option<&'r AgentRelease>,
     ) -> Option<&'r AgentBinary> {
-        let dir = self.launch_dir();
-        match self_update::decide(release, &self.running(), |sha| {
-            launch::failure(&dir, sha).map(|f| f.reason)
-        }) {
+        match self.decide_release(release) {
             Decision::Switch(b) => Some(b),
             _ => None,
         }
@@ -156,9 +163,7 @@ impl<E: Engine> Agent<E> {
         self.update.decided = Some(current.record.digest.clone());
         let release = current.state.agent.clone();
         let dir = self.launch_dir();
-        let decision = self_update::decide(release.as_ref(), &self.running(), |sha| {
-            launch::failure(&dir, sha).map(|f| f.reason)
-        });
+        let decision = self.decide_release(release.as_ref());
         let version = release.as_ref().map(|r| r.version.clone()).unwrap_or_default();
         let before = self.update.refused.clone();
         match decision {

@@ -494,8 +494,7 @@ impl Engine for DockerEngine {
 
     async fn storage_root(&self) -> Result<Option<PathBuf>, EngineError> {
         let info = self.get_object("info", "/info", "engine").await?;
-        let root = info.as_ref().and_then(|i| i.get("DockerRootDir")).and_then(Value::as_str);
-        Ok(root.filter(|r| r.starts_with('/')).map(PathBuf::from))
+        Ok(info.as_ref().and_then(storage_root_of))
     }
 
     async fn exec(&self, name: &str, hook: &Hook, timeout: Duration) -> Result<i64, EngineError> {
@@ -1621,6 +1620,13 @@ fn percent_encode(s: &str, keep: &[u8]) -> String {
     out
 }
 
+/// `DockerRootDir` of a `GET /info` answer, when it is an absolute path (anything else:
+/// not checked, as an engine that does not say).
+fn storage_root_of(info: &Value) -> Option<PathBuf> {
+    let root = info.get("DockerRootDir")?.as_str()?;
+    (root.starts_with('/') && !root.contains('\0')).then(|| PathBuf::from(root))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2012,5 +2018,25 @@ mod tests {
         ];
         assert_eq!(names_with_managed_label(Some(&items), "acme"), ["a", "b", "e"]);
         assert!(names_with_managed_label(None, "acme").is_empty());
+    }
+
+    #[test]
+    fn the_engines_storage_root_is_taken_only_as_an_absolute_path() {
+        assert_eq!(
+            storage_root_of(&json!({"DockerRootDir": "/var/lib/docker"})),
+            Some(PathBuf::from("/var/lib/docker"))
+        );
+        for hostile in [
+            json!({}),
+            json!({"DockerRootDir": null}),
+            json!({"DockerRootDir": 42}),
+            json!({"DockerRootDir": ""}),
+            json!({"DockerRootDir": "var/lib/docker"}),
+            json!({"DockerRootDir": "../../etc"}),
+            json!({"DockerRootDir": "/var/lib\0/docker"}),
+            json!(["DockerRootDir"]),
+        ] {
+            assert_eq!(storage_root_of(&hostile), None, "{hostile}");
+        }
     }
 }
