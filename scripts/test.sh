@@ -51,9 +51,12 @@ step "fleet-spec's tests and the agent's unit tests on aarch64 (the musl build, 
     cargo +debian test --locked --target aarch64-unknown-linux-musl -p fleet-agent --lib --bins
 )
 
-step "package the ARM agents (.deb, tarball) and check the packages under qemu"
+step "package the agents (.deb, tarball: arm64, amd64, armhf) and check the packages (ARM under qemu)"
 bash cross/package.sh --no-build --arch arm64
 bash cross/check-packages.sh arm64
+# amd64: the package the systemd e2e tests install in a machine booted by systemd.
+bash cross/package.sh --no-build --arch amd64
+bash cross/check-packages.sh amd64
 if [ -f dist/fleet-agent-armv7-unknown-linux-musleabihf ]; then
     bash cross/package.sh --no-build --arch armhf
     bash cross/check-packages.sh armhf

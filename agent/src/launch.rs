@@ -667,6 +667,10 @@ impl Launcher<'_> {
             .env(ENV_LAUNCHER, "1")
             .env(ENV_SLOT, program.slot.as_deref().unwrap_or(PACKAGE_SLOT))
             .env_remove(ENV_TRIAL)
+            // systemd names the unit's main process (this launcher) in WATCHDOG_PID, but
+            // the keep-alives come from the agent (NotifyAccess=all): without this, the
+            // agent takes the watchdog as another process's and never pings.
+            .env_remove("WATCHDOG_PID")
             .stdin(Stdio::null());
         if let Some(sha) = trial {
             command.env(ENV_TRIAL, sha);

@@ -119,6 +119,28 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+        _ = launcher_gone() => tracing::warn!("the launcher that started this agent is gone: stopping"),
+    }
+}
+
+/// Resolves when this agent was started by `fleet-agent launch` and that launcher has
+/// died (the agent is re-parented): an agent left behind would hold the state
+/// directory, and the launcher started again could run no agent at all. systemd kills
+/// the whole unit anyway; this covers a launcher killed alone under another supervisor.
+/// A poll every 2 s: no signal reaches a child when its parent dies, short of
+/// `PR_SET_PDEATHSIG`, which needs `unsafe` in the child.
+async fn launcher_gone() {
+    if std::env::var_os("FLEET_AGENT_LAUNCHER").is_none_or(|v| v != "1") {
+        return std::future::pending().await;
+    }
+    let launcher = std::os::unix::process::parent_id();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if std::os::unix::process::parent_id() != launcher {
+            return;
+        }
     }
 }
 

@@ -362,7 +362,10 @@ pub async fn run<E: Engine>(
         }
     }
     tracing::info!("fleet-agent stopping");
-    if let Some(n) = &notifier {
+    // Not when handing over to a new binary: the service goes on (the launcher starts
+    // it), and systemd takes STOPPING=1 from any process of the unit as the service
+    // stopping (`deactivating`, then killed after TimeoutStopSec).
+    if let (Some(n), false) = (&notifier, matches!(result, Ok(Stopped::SwitchAgent))) {
         n.stopping();
     }
     if sideload.is_some() {

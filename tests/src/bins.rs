@@ -39,6 +39,43 @@ pub fn shipped_agent() -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
+/// The amd64 `.deb` that `cross/package.sh --arch amd64` makes of the shipped agent,
+/// when it is there.
+pub fn shipped_deb() -> Option<PathBuf> {
+    let dist = workspace_root().join("dist");
+    let mut debs: Vec<PathBuf> = std::fs::read_dir(&dist)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            name.starts_with("fleet-agent_") && name.ends_with("_amd64.deb")
+        })
+        .collect();
+    debs.sort();
+    debs.pop()
+}
+
+/// The marker before the version stamp in an agent binary
+/// (`fleet_agent::agent::VERSION_STAMP`): 16 bytes, then 48 for the version.
+const STAMP_MARKER: &[u8] = b"\0FLEET-AGENT-VS:";
+
+/// An agent binary's bytes with `version` written into its stamp: the same agent,
+/// reporting (and compared as) another version.
+pub fn stamp_version(binary: &[u8], version: &str) -> anyhow::Result<Vec<u8>> {
+    anyhow::ensure!(version.len() <= 48, "a stamp holds 48 bytes: {version}");
+    let mut bytes = binary.to_vec();
+    let at = bytes
+        .windows(STAMP_MARKER.len())
+        .position(|w| w == STAMP_MARKER)
+        .ok_or_else(|| anyhow::anyhow!("the agent binary has no version stamp"))?;
+    let stamp = bytes
+        .get_mut(at + STAMP_MARKER.len()..at + STAMP_MARKER.len() + 48)
+        .ok_or_else(|| anyhow::anyhow!("the agent binary's version stamp is cut short"))?;
+    stamp.fill(0);
+    stamp[..version.len()].copy_from_slice(version.as_bytes());
+    Ok(bytes)
+}
+
 /// `<cargo target dir>/e2e-artifacts/<name>`: where tests leave files for people and
 /// CI to look at (screenshots), never committed.
 pub fn artifact_path(name: &str) -> PathBuf {

@@ -14,6 +14,7 @@
 //! | nginx 1.22 | [`Nginx`] | a build output with the README's cache headers; JSON access log |
 //! | hostile HTTP | [`HostileHttpServer`] | trickling, wrong or no answers; every connection logged |
 //! | Git repositories | [`GitRepo`] | reproducible commit ids |
+//! | a machine booted by systemd | [`systemd::Machine`] | the host's root, copy-on-write, under `systemd-nspawn -b` |
 //!
 //! Helpers: [`free_port`], [`wait_until`], MQTT clients over the `mosquitto_*` CLIs
 //! ([`Mqtt`], [`Subscription`]), HTTP over unix sockets ([`engine_get`], [`engine_post`],
@@ -46,6 +47,7 @@ mod podman;
 mod process;
 mod rabbitmq;
 mod registry;
+pub mod systemd;
 
 use std::collections::HashSet;
 use std::net::TcpListener;
@@ -56,7 +58,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-pub use bins::{artifact_path, shipped_agent, workspace_bin, workspace_bin_of};
+pub use bins::{artifact_path, shipped_agent, shipped_deb, stamp_version, workspace_bin, workspace_bin_of};
 pub use chromium::{Chromium, Page};
 pub use dockerd::Dockerd;
 pub use engine::{engine_delete, engine_get, engine_post, engine_request, http_get, Engine, HttpResponse};

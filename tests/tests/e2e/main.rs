@@ -38,6 +38,7 @@
 //! | [`artifacts_mqtt`] | a broker-only fleet: an artifact of a few MB in retained 256 KiB chunks reaches the device (`--blobs-over-mqtt`, no URL); a second publish sends no blob again; a wrong chunk gets the blob refused by its digest, nothing applied, until it is fixed; a missing chunk times out and the download resumes from the partial file |
 //! | [`dashboard`] | the static live dashboard in headless Chromium: a device converging, a failing one in red, hostile messages as text (issue 18) |
 //! | [`self_update`] | issue 15, under `fleet-agent launch`: an update to a newly built agent (the shipped static build, another version) converges and reports it; a binary that crashes, hangs or never reaches the broker is rolled back, reported (`agent_update_failed`) and not tried again; `kill -9` while staged, on trial, and after the promotion leaves one working agent |
+//! | [`systemd`] | issue 15 under systemd (its PID 1 in a `systemd-nspawn` machine, the real `.deb` and unit): an update switches inside the running service, a crashing binary is rolled back, `dpkg -i` of a newer package takes over; a hanging binary is caught by systemd's watchdog and rolled back |
 //! | [`aarch64`] | the cross-built aarch64 agent under qemu, on dockerd (issue 6) |
 
 mod aarch64;
@@ -65,3 +66,4 @@ mod secrets;
 mod self_update;
 mod sideload;
 mod small_fleet;
+mod systemd;
