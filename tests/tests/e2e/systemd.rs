@@ -19,7 +19,6 @@
 //! `systemd-nspawn`; without them the tests say so and pass, except under CI.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -28,6 +27,7 @@ use fleet_e2e::{shipped_agent, shipped_deb, stamp_version, Device, DeviceWatch, 
 use serde_json::Value;
 
 use crate::common::{secs, ship};
+use crate::self_update::{agent_version, release_dir, script, update_code};
 
 const UNIT: &str = "fleet-agent.service";
 const TRIAL_SECS: u64 = 15;
@@ -92,13 +92,7 @@ impl Setup {
     /// Declares agent `version` (binary `bytes`) for every device, with a file change
     /// `note`, and publishes; returns the commit.
     fn declare(&mut self, version: &str, bytes: &[u8], note: &str) -> Result<String> {
-        let dir = self.fleet.scratch(&format!("release-{version}"))?;
-        fs::write(dir.join("fleet-agent-x86_64"), bytes)?;
-        fs::set_permissions(dir.join("fleet-agent-x86_64"), fs::Permissions::from_mode(0o755))?;
-        fs::write(
-            dir.join("release.json"),
-            format!(r#"{{"version": "{version}", "binaries": {{"x86_64": "fleet-agent-x86_64"}}}}"#),
-        )?;
+        let dir = release_dir(&self.fleet, "x86_64", version, bytes)?;
         self.fleet.write("fleet.yaml", fleet_yaml(Some(version)))?;
         self.fleet.write("apps/app/app.conf", format!("note = {note}\n"))?;
         let commit = self.fleet.commit(&format!("agent {version}: {note}"))?;
@@ -172,22 +166,6 @@ fn setup() -> Result<Option<Setup>> {
         "the service runs {cmdline:?}"
     );
     Ok(Some(s))
-}
-
-fn agent_version(status: &Value) -> &str {
-    status["agent_version"].as_str().unwrap_or_default()
-}
-
-fn update_code(status: &Value) -> Option<&str> {
-    status["agent_update"]["code"].as_str()
-}
-
-/// A `#!/bin/sh` "agent" that passes the checks before the switch and then runs `body`.
-fn script(version: &str, body: &str) -> Vec<u8> {
-    format!(
-        "#!/bin/sh\ncase \"$1\" in\n  --version) echo \"fleet-agent {version}\"; exit 0 ;;\n  check-config) exit 0 ;;\nesac\n{body}\n"
-    )
-    .into_bytes()
 }
 
 /// `deb` repacked as package version `version` around `binary` (an agent stamped with
