@@ -11,7 +11,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+# Each step says when it starts, in minutes since the run began: where CI's time goes.
+RUN_START=$SECONDS
+step() { printf '\n\033[1m==> [%dm%02ds] %s\033[0m\n' $(((SECONDS - RUN_START) / 60)) $(((SECONDS - RUN_START) % 60)) "$*"; }
 
 # CI machines run short of disk before they run short of CPU. Everything here is built
 # once, so incremental caches are dead weight, and line tables are all the debug info a

@@ -15,6 +15,7 @@
 //!   next    -> slots/<sha256>     staged by the agent ([`stage`]), to be tried
 //!   trying  -> slots/<sha256>     the binary on trial (`next`, renamed before it starts)
 //!   confirm                       the digest on trial, written by it once healthy ([`confirm`])
+//!   interrupted                   `<sha256> <n>`: its trial was stopped on request n times
 //!   failed/<sha256>               {"reason","at"}: why that binary was rolled back ([`Failure`])
 //! ```
 //!
@@ -31,7 +32,10 @@
 //! (`recover`, on start): `trying` with a matching `confirm`, or already `current`, is
 //! promoted; `trying` without one means the launcher stopped during the trial, which
 //! counts as a failure, so that a binary that panics the kernel or reboots the device is
-//! not tried again and again. A stop asked for (SIGTERM) during a trial counts the same.
+//! not tried again and again. A stop asked for (SIGTERM: `systemctl restart`, a clean
+//! reboot) during a trial is not the binary's fault: the launcher stops it, renames
+//! `trying` back to `next` and counts the interruption in `interrupted`, and the next
+//! start tries it again; [`MAX_INTERRUPTED_TRIALS`] such stops, and the next one fails it.
 //!
 //! Architecture invariants: the launcher executes only the packaged binary or a
 //! `slots/<sha256>` file named by a link in this directory; it never downloads nor
@@ -71,6 +75,13 @@ const CURRENT: &str = "current";
 const NEXT: &str = "next";
 const TRYING: &str = "trying";
 const CONFIRM: &str = "confirm";
+/// `<sha256> <count>`: how many times the trial of that binary was stopped on request.
+const INTERRUPTED: &str = "interrupted";
+
+/// How many trials of one binary a requested stop (SIGTERM, SIGINT: `systemctl restart`,
+/// a reboot) may interrupt and have tried again at the next start; the next interrupted
+/// trial fails it, so that a binary that shuts the device down is not tried for ever.
+const MAX_INTERRUPTED_TRIALS: u32 = 2;
 
 /// The reason recorded when a trial was cut short by the launcher's own end.
 const LAUNCHER_STOPPED: &str =
@@ -719,11 +730,7 @@ impl Launcher<'_> {
                     (None, None) => Watched::Exited { status, ran: started.elapsed() },
                     (None, Some(sig)) => Watched::Stopped(stop_code(status, sig)),
                     (Some(t), Some(sig)) => {
-                        let reason = format!(
-                            "its trial was interrupted: the launcher was asked to stop ({}) before it confirmed",
-                            sig.name()
-                        );
-                        self.fail(&t.sha, Some(reason));
+                        self.interrupted(&t.sha, sig);
                         Watched::Stopped(stop_code(status, sig))
                     }
                     (Some(t), None) => {
@@ -784,6 +791,7 @@ impl Launcher<'_> {
         }
         self.remove_and_sync(&self.layout.path(TRYING));
         self.remove_and_sync(&self.layout.path(CONFIRM));
+        self.remove_and_sync(&self.layout.path(INTERRUPTED));
         tracing::info!(
             slot = %sha,
             version = self.layout.version(sha).as_deref().unwrap_or("unknown"),
@@ -812,7 +820,49 @@ impl Launcher<'_> {
         }
         self.remove_and_sync(&self.layout.path(TRYING));
         self.remove_and_sync(&self.layout.path(CONFIRM));
+        self.remove_and_sync(&self.layout.path(INTERRUPTED));
         self.remove_slot(sha);
+    }
+
+    /// The trial of `sha` was stopped on request (`sig`) before it confirmed: it is
+    /// tried again at the next start (`trying` back to `next`, the interruption counted
+    /// first, so that a cut in between leaves an unconfirmed `trying`: a failure), unless
+    /// that was one interruption too many, or `next` names a newer binary.
+    fn interrupted(&self, sha: &str, sig: Sig) {
+        let count = self.interruptions(sha).saturating_add(1);
+        let again = if count > MAX_INTERRUPTED_TRIALS {
+            Err(format!(
+                "was stopped {count} times during its trial ({} each time, before it confirmed)",
+                sig.name()
+            ))
+        } else if self.layout.link(NEXT) != Link::Absent {
+            Err(format!("had its trial interrupted ({}) while another binary was staged", sig.name()))
+        } else {
+            let requeue =
+                write_atomic(&self.layout.path(INTERRUPTED), format!("{sha} {count}\n").as_bytes(), 0o600)
+                    .and_then(|()| fs::rename(self.layout.path(TRYING), self.layout.path(NEXT)))
+                    .and_then(|()| sync_dir(&self.layout.dir));
+            requeue.map_err(|e| {
+                format!("had its trial interrupted ({}) and cannot be queued again: {e}", sig.name())
+            })
+        };
+        match again {
+            Ok(()) => tracing::info!(
+                slot = %sha,
+                signal = sig.name(),
+                "the trial was stopped before it confirmed: it is tried again at the next start ({count} of {MAX_INTERRUPTED_TRIALS} such stops)"
+            ),
+            Err(reason) => self.fail(sha, Some(reason)),
+        }
+    }
+
+    /// How many trials of `sha` a requested stop has interrupted (`interrupted`).
+    fn interruptions(&self, sha: &str) -> u32 {
+        let text = fs::read_to_string(self.layout.path(INTERRUPTED)).unwrap_or_default();
+        match text.trim().split_once(' ') {
+            Some((named, count)) if named == sha => count.parse().unwrap_or(MAX_INTERRUPTED_TRIALS),
+            _ => 0,
+        }
     }
 
     /// Writes `failed/<sha>`, durably.
@@ -1585,17 +1635,53 @@ mod tests {
     }
 
     #[test]
-    fn a_stop_during_a_trial_stops_the_agent_and_counts_as_a_failed_trial() {
+    fn a_stop_during_a_trial_is_tried_again_at_the_next_start_twice_at_most() {
         let f = Fixture::new();
         let b = sha('b');
         f.stage(&b, "0.2.0", SERVE);
-        let running = Running::start(f.opts(f.script(SERVE), Duration::from_secs(60)));
-        wait_for("b to start", || !f.starts().is_empty());
+        let package = f.script(SERVE);
+        for stop in 1..=MAX_INTERRUPTED_TRIALS {
+            let running = Running::start(f.opts(package.clone(), Duration::from_secs(60)));
+            wait_for("b on trial", || f.starts().len() == stop as usize);
+            assert_eq!(running.stop(), 0);
+            assert!(failure(&f.dir, &b).is_none(), "stop {stop} failed b");
+            assert!(f.exists(NEXT) && !f.exists(TRYING), "b is not queued again after stop {stop}");
+            assert_eq!(
+                fs::read_to_string(f.dir.join(INTERRUPTED)).expect("counted"),
+                format!("{b} {stop}\n")
+            );
+        }
+        // One stop too many: a binary whose every trial ends in a shutdown is failed.
+        let running = Running::start(f.opts(package, Duration::from_secs(60)));
+        wait_for("b on its last trial", || f.starts().len() == 3);
         assert_eq!(running.stop(), 0);
-        assert_eq!(f.starts(), [starts_of(&b, &b)]);
+        assert_eq!(f.starts(), [starts_of(&b, &b), starts_of(&b, &b), starts_of(&b, &b)]);
         let reason = failure(&f.dir, &b).expect("recorded").reason;
-        assert!(reason.contains("asked to stop (SIGTERM)"), "{reason}");
-        assert!(!f.exists(TRYING) && !f.exists(NEXT));
+        assert!(reason.contains("stopped 3 times during its trial (SIGTERM"), "{reason}");
+        assert!(!f.exists(TRYING) && !f.exists(NEXT) && !f.exists(INTERRUPTED));
+    }
+
+    #[test]
+    fn an_interrupted_trial_that_then_confirms_is_promoted_and_its_count_forgotten() {
+        let f = Fixture::new();
+        let b = sha('b');
+        // Serves without confirming on its first run (stopped then), confirms on the next.
+        f.stage(
+            &b,
+            "0.2.0",
+            &format!("if [ -e \"$MARK\" ]; then\n{GOOD}\nfi\ntouch \"$MARK\"\nexec sleep 120"),
+        );
+        let package = f.script(SERVE);
+        let running = Running::start(f.opts(package.clone(), Duration::from_secs(60)));
+        wait_for("b on trial", || f.starts().len() == 1);
+        assert_eq!(running.stop(), 0);
+        assert!(f.exists(NEXT) && f.exists(INTERRUPTED));
+        let running = Running::start(f.opts(package, Duration::from_secs(60)));
+        wait_for("b promoted", || current(&f.dir).as_deref() == Some(b.as_str()));
+        assert_eq!(running.stop(), 0);
+        assert_eq!(f.starts(), [starts_of(&b, &b), starts_of(&b, &b)]);
+        assert!(failure(&f.dir, &b).is_none());
+        assert!(!f.exists(INTERRUPTED) && !f.exists(TRYING) && !f.exists(NEXT));
     }
 
     #[test]
