@@ -181,6 +181,25 @@ pub enum Stopped {
 }
 
 /// Runs the daemon until `shutdown` completes.
+/// Runs `work` to its end while sending systemd's keep-alives (`ping`, given when the
+/// work began) every tick of `keepalive` when `enabled`: for work on the loop that is not
+/// a step of the apply path but can still take minutes.
+async fn with_keepalive<F: Future>(
+    work: F,
+    keepalive: &mut tokio::time::Interval,
+    enabled: bool,
+    ping: &impl Fn(Instant),
+) -> F::Output {
+    let started = Instant::now();
+    let mut work = pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = keepalive.tick(), if enabled => ping(started),
+        }
+    }
+}
+
 pub async fn run<E: Engine>(
     cfg: Config,
     engine: Rc<E>,
@@ -254,7 +273,8 @@ pub async fn run<E: Engine>(
         if let Err(e) = r {
             tracing::error!("recovery failed: {e}");
         }
-        runner.agent.check_agent_release().await;
+        with_keepalive(runner.agent.check_agent_release(), &mut keepalive, keepalive_every.is_some(), &ping)
+            .await;
         // While this binary is on trial: checked every second until it confirms.
         let mut trial_tick = tokio::time::interval(Duration::from_secs(1));
         trial_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -348,7 +368,14 @@ pub async fn run<E: Engine>(
                     false
                 }
                 Some(Ok(())) => {
-                    runner.agent.check_agent_release().await;
+                    // Checking a staged binary runs it (up to a minute per check).
+                    with_keepalive(
+                        runner.agent.check_agent_release(),
+                        &mut keepalive,
+                        keepalive_every.is_some(),
+                        &ping,
+                    )
+                    .await;
                     runner.trial_step();
                     false
                 }

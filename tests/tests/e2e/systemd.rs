@@ -5,7 +5,8 @@
 //! agent's state in `/var/lib/fleet-agent`.
 //!
 //! 1. An update converges and reports the new version without systemd restarting the
-//!    service (the launcher switches inside it); a binary that crashes is rolled back;
+//!    service (the launcher switches inside it); a binary that crashes is rolled back
+//!    (its `--version` check, slower than the watchdog, does not get the agent killed);
 //!    then `dpkg -i` of a newer package takes over from the self-updated agent, as the
 //!    cross README says `apt install` does.
 //! 2. A new binary that hangs on trial sends no keep-alive: systemd's watchdog (a
@@ -223,7 +224,13 @@ fn under_systemd_the_packaged_agent_updates_itself_rolls_back_and_gives_way_to_a
 
     // A binary that crashes at start: rolled back by the launcher, reported, and the
     // device converges on a later commit with the agent it had.
-    let crashing = script("99.0.1", "echo boom >&2; exit 3");
+    // Its `--version` takes longer than the watchdog: the agent checking it keeps
+    // sending keep-alives meanwhile.
+    let crashing = format!(
+        "#!/bin/sh\ncase \"$1\" in\n  --version) sleep {}; echo \"fleet-agent 99.0.1\"; exit 0 ;;\n  check-config) exit 0 ;;\nesac\necho boom >&2; exit 3\n",
+        WATCHDOG_SECS + 3
+    )
+    .into_bytes();
     s.declare("99.0.1", &crashing, "with a crashing 99.0.1")?;
     let st = s.wait("99.0.1 rolled back", TRIAL_SECS + 90, |st| {
         update_code(st) == Some("agent_update_failed")
@@ -231,6 +238,11 @@ fn under_systemd_the_packaged_agent_updates_itself_rolls_back_and_gives_way_to_a
     })?;
     ensure!(agent_version(&st) == "99.0.0", "{st}");
     ensure!(s.current_slot().as_deref() == Some(&sha), "current moved off 99.0.0\n{}", s.journal());
+    ensure!(
+        s.machine.unit_property(UNIT, "NRestarts")? == "0",
+        "systemd restarted the service\n{}",
+        s.journal()
+    );
     // (The failed release is still declared: it is not tried again.)
     let commit = s.declare("99.0.1", &crashing, "after 99.0.1")?;
     s.wait("converged after the rollback", 60, |st| {
