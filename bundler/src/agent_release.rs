@@ -32,7 +32,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
-use fleet_spec::model::{AgentBinary, AgentRelease};
+use fleet_spec::model::{check_version, AgentBinary, AgentRelease};
 use fleet_spec::DesiredState;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
@@ -211,44 +211,6 @@ fn checked_version(file: &str, v: &Spanned<Scalar>, diags: &mut Vec<Diagnostic>)
             None
         }
     }
-}
-
-/// Whether `v` is `MAJOR.MINOR.PATCH[-PRE]`: three numbers without leading zeros, and
-/// pre-release fields of ASCII letters, digits and `-`. `Err` says what is wrong.
-pub fn check_version(v: &str) -> Result<(), String> {
-    if let Some((_, build)) = v.split_once('+') {
-        return Err(format!("build metadata `+{build}` is not part of it"));
-    }
-    let (core, pre) = match v.split_once('-') {
-        Some((core, pre)) => (core, Some(pre)),
-        None => (v, None),
-    };
-    let parts: Vec<&str> = core.split('.').collect();
-    if parts.len() != 3 {
-        return Err(format!("{} dot-separated number(s) before any `-`, three wanted", parts.len()));
-    }
-    for p in parts {
-        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!("`{p}` is not a number"));
-        }
-        if p.len() > 1 && p.starts_with('0') {
-            return Err(format!("`{p}` has a leading zero"));
-        }
-        if p.parse::<u64>().is_err() {
-            return Err(format!("`{p}` is too large"));
-        }
-    }
-    if let Some(pre) = pre {
-        for field in pre.split('.') {
-            if field.is_empty() || !field.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-                return Err(format!(
-                    "the pre-release `{pre}` has a field `{field}` that is not letters, digits and `-`"
-                ));
-            }
-        }
-    }
-    debug_assert!(fleet_spec::model::compare_versions(v, v).is_some(), "{v}");
-    Ok(())
 }
 
 /// The architectures a release may name (`std::env::consts::ARCH` of Linux targets) and
@@ -593,28 +555,6 @@ impl Releases {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions_are_three_numbers_and_an_optional_pre_release() {
-        for good in ["0.10.0", "1.2.3", "0.10.0-rc.1", "1.0.0-alpha-2.x"] {
-            assert_eq!(check_version(good), Ok(()), "{good}");
-        }
-        for (bad, why) in [
-            ("0.10", "three wanted"),
-            ("1", "three wanted"),
-            ("1.2.3.4", "three wanted"),
-            ("v1.2.3", "not a number"),
-            ("1.02.3", "leading zero"),
-            ("1.2.3+build.5", "build metadata"),
-            ("1.2.3-", "pre-release"),
-            ("1.2.3-rc..1", "pre-release"),
-            ("1.2.3-rc_1", "pre-release"),
-            ("", "three wanted"),
-        ] {
-            let err = check_version(bad).expect_err(bad);
-            assert!(err.contains(why), "{bad}: {err}");
-        }
-    }
 
     fn rules(yaml: &str) -> (Vec<Rule>, Vec<Diagnostic>) {
         #[derive(Deserialize)]

@@ -92,27 +92,61 @@ impl AgentRelease {
     }
 }
 
-/// Orders two release versions (`MAJOR.MINOR.PATCH[-PRE][+BUILD]`, as semver: a
-/// pre-release sorts before its release, pre-release fields compare numerically when
-/// both are numbers); `None` when either is not such a version.
+/// Checks a release version as the fleet writes them (an agent release in `fleet.yaml`,
+/// a bundle's [`AgentRelease::version`], what `fleet-agent --version` prints):
+/// `MAJOR.MINOR.PATCH[-PRE]`, semver 2.0 without build metadata: numbers without leading
+/// zeros, pre-release fields of letters, digits and `-`. The error says what is wrong.
+/// The one parser of versions: the bundler refuses what [`compare_versions`] cannot order.
+pub fn check_version(v: &str) -> Result<(), String> {
+    if let Some((_, build)) = v.split_once('+') {
+        return Err(format!("build metadata `+{build}` is not part of it"));
+    }
+    let (core, pre) = match v.split_once('-') {
+        Some((core, pre)) => (core, Some(pre)),
+        None => (v, None),
+    };
+    let parts: Vec<&str> = core.split('.').collect();
+    if parts.len() != 3 {
+        return Err(format!("{} dot-separated number(s) before any `-`, three wanted", parts.len()));
+    }
+    for p in parts {
+        if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("`{p}` is not a number"));
+        }
+        if p.len() > 1 && p.starts_with('0') {
+            return Err(format!("`{p}` has a leading zero"));
+        }
+        if p.parse::<u64>().is_err() {
+            return Err(format!("`{p}` is too large"));
+        }
+    }
+    if let Some(pre) = pre {
+        for field in pre.split('.') {
+            if field.is_empty() || !field.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return Err(format!(
+                    "the pre-release `{pre}` has a field `{field}` that is not letters, digits and `-`"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Orders two release versions as semver does (a pre-release sorts before its release,
+/// pre-release fields compare numerically when both are numbers); `None` when either
+/// fails [`check_version`].
 pub fn compare_versions(a: &str, b: &str) -> Option<std::cmp::Ordering> {
     fn parse(v: &str) -> Option<([u64; 3], Option<&str>)> {
-        let v = v.split_once('+').map_or(v, |(v, _)| v);
+        check_version(v).ok()?;
         let (core, pre) = match v.split_once('-') {
-            Some((c, p)) if !p.is_empty() => (c, Some(p)),
-            Some(_) => return None,
+            Some((c, p)) => (c, Some(p)),
             None => (v, None),
         };
         let mut nums = [0u64; 3];
-        let mut parts = core.split('.');
-        for n in &mut nums {
-            let p = parts.next()?;
-            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
+        for (n, p) in nums.iter_mut().zip(core.split('.')) {
             *n = p.parse().ok()?;
         }
-        parts.next().is_none().then_some((nums, pre))
+        Some((nums, pre))
     }
     let (a, b) = (parse(a)?, parse(b)?);
     Some(a.0.cmp(&b.0).then_with(|| match (a.1, b.1) {
@@ -1315,13 +1349,37 @@ mod tests {
         assert!(hostile(&|a| a.binaries[1].arch = "aarch64".into()), "an architecture twice");
         assert!(hostile(&|a| a.binaries.clear()), "no binary");
         assert!(hostile(&|a| a.version = "latest".into()), "not a version");
+        assert!(hostile(&|a| a.version = "1.0.0+build.5".into()), "build metadata: the bundler writes none");
+        assert!(hostile(&|a| a.version = "1.02.0".into()), "a leading zero");
+    }
+
+    #[test]
+    fn versions_are_three_numbers_and_an_optional_pre_release() {
+        for good in ["0.10.0", "1.2.3", "0.10.0-rc.1", "1.0.0-alpha-2.x"] {
+            assert_eq!(check_version(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("0.10", "three wanted"),
+            ("1", "three wanted"),
+            ("1.2.3.4", "three wanted"),
+            ("v1.2.3", "not a number"),
+            ("1.02.3", "leading zero"),
+            ("1.2.3+build.5", "build metadata"),
+            ("1.2.3-", "pre-release"),
+            ("1.2.3-rc..1", "pre-release"),
+            ("1.2.3-rc_1", "pre-release"),
+            ("", "three wanted"),
+        ] {
+            let err = check_version(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+        }
     }
 
     #[test]
     fn versions_order_as_semver() {
         use std::cmp::Ordering::*;
         assert_eq!(compare_versions("0.9.0", "0.10.0"), Some(Less));
-        assert_eq!(compare_versions("1.0.0", "1.0.0+build.5"), Some(Equal));
+        assert_eq!(compare_versions("1.0.0", "1.0.0+build.5"), None, "build metadata is not a fleet version");
         assert_eq!(compare_versions("1.0.0-rc.1", "1.0.0"), Some(Less));
         assert_eq!(compare_versions("1.0.0-rc.2", "1.0.0-rc.10"), Some(Less));
         assert_eq!(compare_versions("1.0.0-alpha", "1.0.0-alpha.1"), Some(Less));
