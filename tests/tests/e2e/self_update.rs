@@ -117,22 +117,31 @@ fn emulated_aarch64() -> Result<Option<(PathBuf, PathBuf)>> {
     Ok(Some((binary, interpreter)))
 }
 
-/// The processes that run `binary` (its path among their arguments, as an emulated
-/// program's is): PID, and the program the kernel runs for it (for an emulated binary,
-/// its binfmt_misc interpreter).
-fn programs_running(binary: &Path) -> Vec<(u32, PathBuf)> {
-    let binary = binary.to_string_lossy().into_owned();
+/// Every live process (zombies left out): PID, its `/proc` directory, its arguments.
+fn processes() -> Vec<(u32, PathBuf, Vec<Vec<u8>>)> {
     fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(e.path().join("stat")).ok()?;
+            (stat.rsplit_once(") ")?.1.chars().next()? != 'Z').then_some(())?;
             let cmdline = fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            args.contains(&binary.as_bytes()).then_some(())?;
-            Some((pid, fs::read_link(e.path().join("exe")).ok()?))
+            Some((pid, e.path(), cmdline.split(|b| *b == 0).map(<[u8]>::to_vec).collect()))
         })
+        .collect()
+}
+
+/// The processes that run `binary` (its path among their arguments, as an emulated
+/// program's is): PID, and the program the kernel runs for it (for an emulated binary,
+/// its binfmt_misc interpreter).
+fn programs_running(binary: &Path) -> Vec<(u32, PathBuf)> {
+    let binary = binary.to_string_lossy().as_bytes().to_vec();
+    processes()
+        .into_iter()
+        .filter(|(_, _, args)| args.contains(&binary))
+        .filter_map(|(pid, dir, _)| Some((pid, fs::read_link(dir.join("exe")).ok()?)))
         .collect()
 }
 
@@ -396,20 +405,11 @@ fn a_power_cut_during_the_switch_leaves_one_working_agent() -> Result<()> {
 
 /// The `fleet-agent run` processes of `device` (by its config path), not zombies.
 fn agents_of(device: &Device) -> Vec<u32> {
-    let config = device.config_path().to_string_lossy().into_owned();
-    fs::read_dir("/proc")
+    let config = device.config_path().to_string_lossy().as_bytes().to_vec();
+    processes()
         .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = fs::read_to_string(e.path().join("stat")).ok()?;
-            let state = stat.rsplit_once(") ")?.1.chars().next()?;
-            let cmdline = fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-            (state != 'Z' && args.get(1) == Some(&&b"run"[..]) && args.contains(&config.as_bytes()))
-                .then_some(pid)
-        })
+        .filter(|(_, _, args)| args.get(1).is_some_and(|a| a == b"run") && args.contains(&config))
+        .map(|(pid, _, _)| pid)
         .collect()
 }
 
