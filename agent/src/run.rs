@@ -180,7 +180,6 @@ pub enum Stopped {
     SwitchAgent,
 }
 
-/// Runs the daemon until `shutdown` completes.
 /// Runs `work` to its end while sending systemd's keep-alives (`ping`, given when the
 /// work began) every tick of `keepalive` when `enabled`: for work on the loop that is not
 /// a step of the apply path but can still take minutes.
@@ -200,6 +199,7 @@ async fn with_keepalive<F: Future>(
     }
 }
 
+/// Runs the daemon until `shutdown` completes.
 pub async fn run<E: Engine>(
     cfg: Config,
     engine: Rc<E>,
