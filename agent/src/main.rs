@@ -130,7 +130,7 @@ async fn shutdown_signal() {
 /// A poll every 2 s: no signal reaches a child when its parent dies, short of
 /// `PR_SET_PDEATHSIG`, which needs `unsafe` in the child.
 async fn launcher_gone() {
-    if std::env::var_os("FLEET_AGENT_LAUNCHER").is_none_or(|v| v != "1") {
+    if std::env::var_os(fleet_agent::launch::ENV_LAUNCHER).is_none_or(|v| v != "1") {
         return std::future::pending().await;
     }
     let launcher = std::os::unix::process::parent_id();

@@ -54,9 +54,9 @@ impl SelfUpdate {
     pub(super) fn from_env() -> SelfUpdate {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         SelfUpdate {
-            launched: var("FLEET_AGENT_LAUNCHER").as_deref() == Some("1"),
-            slot: var("FLEET_AGENT_SLOT").filter(|s| is_sha(s)),
-            trial: var("FLEET_AGENT_TRIAL").filter(|s| is_sha(s)),
+            launched: var(launch::ENV_LAUNCHER).as_deref() == Some("1"),
+            slot: var(launch::ENV_SLOT).filter(|s| is_sha(s)),
+            trial: var(launch::ENV_TRIAL).filter(|s| is_sha(s)),
             ..SelfUpdate::default()
         }
     }

@@ -63,6 +63,8 @@ struct Setup {
     machine: Machine,
     watch: DeviceWatch,
     agent: PathBuf,
+    /// The amd64 package installed.
+    deb: PathBuf,
 }
 
 impl Setup {
@@ -150,7 +152,7 @@ fn setup() -> Result<Option<Setup>> {
 
     let watch = DeviceWatch::new(&broker.client(), "acme", "gw-1")?;
     machine.boot()?;
-    let s = Setup { broker, fleet, machine, watch, agent };
+    let s = Setup { broker, fleet, machine, watch, agent, deb };
     s.wait("the packaged agent to converge under systemd", 60, |st| {
         fleet_e2e::fleet::converged_on(st, &commit)
     })?;
@@ -252,12 +254,7 @@ fn under_systemd_the_packaged_agent_updates_itself_rolls_back_and_gives_way_to_a
 
     // `apt install` of a newer package over the self-updated agent: the package's
     // postinst restarts the service and the launcher runs the newer packaged binary.
-    let deb = repacked_deb(
-        &s.fleet,
-        &shipped_deb().context("the amd64 package")?,
-        "100.0.0",
-        &stamp_version(&shipped, "100.0.0")?,
-    )?;
+    let deb = repacked_deb(&s.fleet, &s.deb, "100.0.0", &stamp_version(&shipped, "100.0.0")?)?;
     fs::copy(&deb, s.machine.path("/root/fleet-agent-100.deb"))?;
     s.machine.run(&["dpkg", "-i", "/root/fleet-agent-100.deb"])?.check().context("upgrading the package")?;
     s.wait("the packaged 100.0.0 runs after the upgrade", 60, |st| agent_version(st) == "100.0.0")?;
