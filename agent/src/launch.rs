@@ -1662,6 +1662,29 @@ mod tests {
     }
 
     #[test]
+    fn a_damaged_interruption_count_counts_as_the_most_and_another_binarys_as_none() {
+        let f = Fixture::new();
+        let (b, c) = (sha('b'), sha('c'));
+        let package = f.script(SERVE);
+        // Unreadable for this binary: its next interrupted trial is its last.
+        f.stage(&b, "0.2.0", SERVE);
+        fs::create_dir_all(&f.dir).expect("dir");
+        fs::write(f.dir.join(INTERRUPTED), format!("{b} lots\n")).expect("write");
+        let running = Running::start(f.opts(package.clone(), Duration::from_secs(60)));
+        wait_for("b on trial", || f.starts().len() == 1);
+        assert_eq!(running.stop(), 0);
+        assert!(failure(&f.dir, &b).is_some(), "a damaged count let b be tried again");
+        // A count of another binary: this one's first interruption.
+        f.stage(&c, "0.3.0", SERVE);
+        fs::write(f.dir.join(INTERRUPTED), format!("{b} 2\n")).expect("write");
+        let running = Running::start(f.opts(package, Duration::from_secs(60)));
+        wait_for("c on trial", || f.starts().len() == 2);
+        assert_eq!(running.stop(), 0);
+        assert!(failure(&f.dir, &c).is_none());
+        assert_eq!(fs::read_to_string(f.dir.join(INTERRUPTED)).expect("counted"), format!("{c} 1\n"));
+    }
+
+    #[test]
     fn an_interrupted_trial_that_then_confirms_is_promoted_and_its_count_forgotten() {
         let f = Fixture::new();
         let b = sha('b');
